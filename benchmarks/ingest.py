@@ -1,0 +1,211 @@
+"""C-STORE ingest benchmark: Bastion against Orthanc, over one and over several parallel associations.
+
+For every corpus, server and association count it starts a fresh server (empty storage), splits the corpus into
+disjoint contiguous parts, runs one DCMTK ``storescu`` per part at the same time (``TCP_NODELAY=1``), and times
+the wall clock from the first process start to the last exit. Afterwards it checks that every ``storescu``
+exited 0 and that the server holds exactly the instances sent. It prints the median over ``--repeat`` runs.
+
+Usage: ``python benchmarks/ingest.py [--servers orthanc,bastion] [--count 1000] [--repeat 3] [--json FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import corpus  # noqa: E402
+import servers  # noqa: E402
+
+STORESCU = "/usr/bin/storescu"  # DCMTK's; the venv's bin/ also holds pynetdicom's storescu of the same name
+CALLING_AET = "BENCHSCU"
+
+
+@dataclass
+class Result:
+    """Figures for one (corpus, server, associations) cell; ``seconds`` holds one entry per repeat."""
+
+    corpus: str
+    server: str
+    associations: int
+    instances: int
+    seconds: list[float] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    ok: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        """Median wall-clock time over the repeats."""
+        return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def rate(self) -> float:
+        """Instances per second at the median time."""
+        return self.instances / self.median_s if self.seconds else float("nan")
+
+
+def split(files: list[Path], parts: int) -> list[list[Path]]:
+    """Split ``files`` into ``parts`` disjoint contiguous chunks of near-equal size."""
+    return [files[i * len(files) // parts : (i + 1) * len(files) // parts] for i in range(parts)]
+
+
+def send(server: servers.Server, chunks: list[list[Path]], logdir: Path) -> tuple[float, list[str]]:
+    """Run one ``storescu`` per chunk in parallel; return wall-clock seconds and failure descriptions."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    logs = [logdir / f"storescu-{i}.log" for i in range(len(chunks))]
+    start = time.perf_counter()
+    procs = []
+    for chunk, log in zip(chunks, logs, strict=True):
+        argv = [STORESCU, "-aet", CALLING_AET, "-aec", server.aet, servers.HOST, str(server.dicom_port)]
+        with open(log, "wb") as out:
+            procs.append(
+                subprocess.Popen([*argv, *map(str, chunk)], env=env, stdout=out, stderr=subprocess.STDOUT)
+            )
+    codes = [proc.wait() for proc in procs]
+    elapsed = time.perf_counter() - start
+    failures = [
+        f"storescu #{i} exited {code}: {log.read_text(errors='replace')[-300:].strip()}"
+        for i, (code, log) in enumerate(zip(codes, logs, strict=True))
+        if code != 0
+    ]
+    return elapsed, failures
+
+
+def run_once(result: Result, files: list[Path], args: argparse.Namespace) -> None:
+    """Start a fresh server, send ``files`` over ``result.associations`` associations, record the outcome."""
+    if result.server == "orthanc":
+        context = servers.orthanc(base_dir=args.workdir)
+    else:
+        context = servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir)
+    with context as server, tempfile.TemporaryDirectory(prefix="bench-scu-", dir=args.workdir) as logdir:
+        elapsed, failures = send(server, split(files, result.associations), Path(logdir))
+        held = servers.instance_count(server)
+    result.peak_rss_mb = max(result.peak_rss_mb, server.peak_rss_bytes / 1e6)
+    result.seconds.append(elapsed)
+    if held is not None and held != len(files):
+        failures.append(f"server holds {held} instances, expected {len(files)}")
+    result.ok = result.ok and not failures
+    result.notes.extend(failures)
+    unchecked = "instance count not checked: no usable /api/statistics"
+    if held is None and unchecked not in result.notes:
+        result.notes.append(unchecked)
+
+
+def ratio(numerator: float, denominator: float) -> str:
+    """Format a throughput ratio, or a dash when either side is missing."""
+    if math.isnan(numerator) or math.isnan(denominator) or denominator == 0:
+        return "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def print_table(results: list[Result]) -> None:
+    """Print one row per cell, with bastion/orthanc and N-assoc/1-assoc throughput ratios."""
+    rate = {(r.corpus, r.server, r.associations): r.rate for r in results if r.ok}
+    header = tuple(
+        "corpus server assoc instances seconds inst/s peak_RSS_MB vs_orthanc vs_1_assoc status".split()
+    )
+    rows = [header]
+    for r in results:
+        vs_orthanc = ratio(r.rate, rate.get((r.corpus, "orthanc", r.associations), float("nan")))
+        vs_single = ratio(r.rate, rate.get((r.corpus, r.server, 1), float("nan")))
+        rows.append(
+            (
+                r.corpus,
+                r.server,
+                str(r.associations),
+                str(r.instances),
+                f"{r.median_s:.2f}",
+                f"{r.rate:.1f}",
+                f"{r.peak_rss_mb:.0f}",
+                vs_orthanc if r.server != "orthanc" else "",
+                vs_single if r.associations > 1 else "",
+                "ok" if r.ok else "FAILED",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    for r in results:
+        for note in r.notes:
+            print(f"note: {r.corpus}/{r.server}/{r.associations}: {note}")
+
+
+def parse_args() -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", default="orthanc,bastion", help="comma-separated: orthanc, bastion")
+    parser.add_argument("--corpora", default="small,ct", help=f"comma-separated: {', '.join(corpus.KINDS)}")
+    parser.add_argument("--count", type=int, default=1000, help="instances per corpus")
+    parser.add_argument("--associations", default="1,4", help="comma-separated parallel association counts")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is reported")
+    parser.add_argument("--json", type=Path, help="write the results to this file")
+    parser.add_argument(
+        "--bastion-args", default="", help="extra arguments for 'bastion serve', e.g. '--workers 2'"
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "bastion-benchmarks",
+        help="where the generated corpora are kept between runs",
+    )
+    parser.add_argument("--workdir", type=Path, help="parent of the servers' temporary directories")
+    args = parser.parse_args()
+    args.servers = [s for s in args.servers.split(",") if s]
+    args.corpora = [c for c in args.corpora.split(",") if c]
+    args.associations = [int(n) for n in args.associations.split(",") if n]
+    unknown = set(args.servers) - {"orthanc", "bastion"} | set(args.corpora) - set(corpus.KINDS)
+    if unknown:
+        parser.error(f"unknown server or corpus: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main() -> int:
+    """Run every cell, print the table, optionally write JSON; exit 1 if any cell failed."""
+    args = parse_args()
+    results: list[Result] = []
+    for kind in args.corpora:
+        files = corpus.ensure_corpus(kind, args.count, args.cache / f"{kind}-{args.count}")
+        for server in args.servers:
+            for associations in args.associations:
+                result = Result(kind, server, associations, len(files))
+                for _ in range(args.repeat):
+                    try:
+                        run_once(result, files, args)
+                    except (OSError, RuntimeError) as error:  # server failed to start or to answer
+                        result.ok = False
+                        result.notes.append(f"{type(error).__name__}: {str(error)[-600:]}")
+                        break
+                print(
+                    f"{kind:>5} {server:>7} x{associations}: {result.median_s:.2f} s, {result.rate:.1f} inst/s"
+                    f"{'' if result.ok else '  FAILED'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results.append(result)
+    print_table(results)
+    if args.json:
+        machine = {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        }
+        cells = [{**asdict(r), "median_s": r.median_s, "instances_per_s": r.rate} for r in results]
+        args.json.write_text(json.dumps({"machine": machine, "results": cells}, indent=2) + "\n")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Start and stop the servers under benchmark: Orthanc (the reference) and Bastion.
+
+Each server runs in its own fresh temporary directory on free ports, in its own process group, with
+``TCP_NODELAY=1`` in its environment (DCMTK's network layer, used by Orthanc, enables Nagle otherwise). The
+context managers wait until the server answers over HTTP and accepts DICOM connections, sample the resident
+memory of the server's process group every 50 ms, and kill the whole group on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+BASTION_BINARY = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "bastion")
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 60.0
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+ArgvFactory = Callable[[Path, int, int], list[str]]  # (workdir, dicom_port, http_port) -> argv
+
+
+def free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct ports that are free on all interfaces (Orthanc cannot bind one address)."""
+    with ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Return the summed resident set size of every process in process group ``pgid``."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:  # the process exited meanwhile
+            continue
+        if int(fields[2]) == pgid:  # fields after "comm)": state ppid pgrp ... rss is the 22nd
+            total += int(fields[21]) * PAGE_SIZE
+    return total
+
+
+class PeakRssSampler:
+    """Background thread that records the peak RSS of a process group, sampling every 50 ms."""
+
+    def __init__(self, pgid: int, interval_s: float = 0.05) -> None:
+        self.pgid = pgid
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rss-{pgid}", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak_bytes = max(self.peak_bytes, group_rss_bytes(self.pgid))
+            if self._stop.wait(self.interval_s):
+                return
+
+    def start(self) -> None:
+        """Start sampling."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling after one last sample."""
+        self._stop.set()
+        self._thread.join()
+
+
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    """GET ``url``; return status and body (HTTP errors are returned, not raised)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@dataclass
+class Server:
+    """A running server: where to reach it, and its process group's peak RSS (final once stopped)."""
+
+    name: str
+    aet: str
+    dicom_port: int
+    http_port: int
+    workdir: Path
+    process: subprocess.Popen[bytes]
+    sampler: PeakRssSampler = field(repr=False)
+
+    @property
+    def base_url(self) -> str:
+        """Root URL of the HTTP interface."""
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        """Highest summed RSS of the server process and its children seen so far."""
+        return self.sampler.peak_bytes
+
+    def get_json(self, path: str) -> Any:
+        """GET ``path`` on the HTTP interface and decode JSON; ``None`` if the server answers 404."""
+        status, body = http_get(self.base_url + path)
+        if status == 404:
+            return None
+        if status != 200:
+            raise RuntimeError(f"{self.name}: GET {path} answered {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Return the last lines of the server's combined stdout/stderr."""
+        log = self.workdir / "server.log"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _wait_ready(server: Server, ready_path: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if http_get(server.base_url + ready_path, timeout_s=1.0)[0] == 200 and _port_open(
+                server.dicom_port
+            ):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{server.name} not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate the process group, then kill it if it has not exited within 15 s."""
+    for sig, grace_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=grace_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def _run_server(
+    name: str, aet: str, argv_for: ArgvFactory, ready_path: str, base_dir: Path | None
+) -> Iterator[Server]:
+    """Run ``argv_for(workdir, dicom_port, http_port)`` in a fresh directory until the block exits."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-", dir=base_dir) as tmp:
+        workdir = Path(tmp)
+        dicom_port, http_port = free_ports(2)
+        argv = argv_for(workdir, dicom_port, http_port)
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        with open(workdir / "server.log", "wb") as log:
+            process = subprocess.Popen(
+                argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        sampler = PeakRssSampler(process.pid)
+        sampler.start()
+        server = Server(name, aet, dicom_port, http_port, workdir, process, sampler)
+        try:
+            _wait_ready(server, ready_path)
+            yield server
+        finally:
+            _stop(process)
+            sampler.stop()
+
+
+@contextmanager
+def orthanc(dicomweb: bool = False, base_dir: Path | None = None) -> Iterator[Server]:
+    """Run Debian's Orthanc with an empty storage, optionally with the DICOMweb plugin."""
+
+    def argv_for(workdir: Path, dicom_port: int, http_port: int) -> list[str]:
+        config: dict[str, Any] = {
+            "Name": "bench-orthanc",
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": "ORTHANC",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "RemoteAccessAllowed": False,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomAlwaysAllowMove": True,
+        }
+        if dicomweb:
+            config["Plugins"] = [ORTHANC_DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        (workdir / "config.json").write_text(json.dumps(config, indent=2))
+        return [ORTHANC_BINARY, str(workdir / "config.json")]
+
+    with _run_server("orthanc", "ORTHANC", argv_for, "/system", base_dir) as server:
+        yield server
+
+
+@contextmanager
+def bastion(extra_args: Sequence[str] = (), base_dir: Path | None = None) -> Iterator[Server]:
+    """Run ``bastion serve`` on an empty data directory; ``extra_args`` (e.g. ``--workers 2``) are appended."""
+
+    def argv_for(workdir: Path, dicom_port: int, http_port: int) -> list[str]:
+        return [
+            BASTION_BINARY,
+            "serve",
+            "--data",
+            str(workdir / "data"),
+            "--host",
+            HOST,
+            "--aet",
+            "BASTION",
+            "--dicom-port",
+            str(dicom_port),
+            "--http-port",
+            str(http_port),
+            *extra_args,
+        ]
+
+    with _run_server("bastion", "BASTION", argv_for, "/health", base_dir) as server:
+        yield server
+
+
+def instance_count(server: Server) -> int | None:
+    """Number of instances the server holds, or ``None`` if it does not publish statistics."""
+    if server.name == "orthanc":
+        return int(server.get_json("/statistics")["CountInstances"])
+    stats = server.get_json("/api/statistics")
+    if not isinstance(stats, dict):
+        return None
+    for key in ("CountInstances", "instances", "count_instances"):
+        if isinstance(stats.get(key), int):
+            return int(stats[key])
+    return None

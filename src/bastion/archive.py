@@ -1,0 +1,40 @@
+"""Composition root: builds the index, blob store, ingest, find and retrieve services once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from bastion.blobs import BlobStore, open_blob_store
+from bastion.index import Index, open_index
+from bastion.ingest import Ingest
+from bastion.query.find import Finder
+from bastion.query.retrieve import Retriever
+from bastion.settings import Settings
+
+log = logging.getLogger("bastion")
+
+
+@dataclass
+class Archive:
+    """Everything the adapters (DIMSE, DICOMweb, CLI) use; no adapter builds its own."""
+
+    settings: Settings
+    blobs: BlobStore
+    index: Index
+    ingest: Ingest
+    finder: Finder
+    retriever: Retriever
+
+    @classmethod
+    def open(cls, settings: Settings) -> Archive:
+        """Open (creating if needed) the archive the settings describe."""
+        settings.data.mkdir(parents=True, exist_ok=True)
+        blobs = open_blob_store(settings.blob_location)
+        index = open_index(settings.index_location)
+        return cls(settings, blobs, index, Ingest(blobs, index), Finder(index), Retriever(index, blobs))
+
+    def close(self) -> None:
+        """Flush and close the index and blob store."""
+        self.index.close()
+        self.blobs.close()

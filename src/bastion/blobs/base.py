@@ -1,0 +1,128 @@
+"""The BlobStore interface.
+
+A blob store holds immutable objects under string keys. Writes go through a
+:class:`BlobWriter`: bytes are streamed in (and hashed with SHA-256 on the way), and only
+:meth:`BlobWriter.commit` makes the object visible under its final key, durably (fsync'd)
+and atomically. A writer that is aborted, or a process that dies mid-write, leaves nothing
+visible. Keys are ``/``-separated; a name starting with ``.`` is never a committed object.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+
+class BlobWriter(abc.ABC):
+    """A pending object: write bytes, then commit under a key or abort."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` (hashing it)."""
+        self._sha.update(data)
+        self.size += len(data)
+        self._write(data)
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of everything written so far."""
+        return self._sha.hexdigest()
+
+    @abc.abstractmethod
+    def _write(self, data: bytes | memoryview) -> None: ...
+
+    @abc.abstractmethod
+    def spool_path(self) -> str:
+        """A local file holding what was written so far (flushed), for header parsing."""
+
+    @abc.abstractmethod
+    def commit(self, key: str) -> None:
+        """Make the object durable and visible under ``key``; raises StorageError/StorageFull."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard the pending object. Safe to call twice or after commit."""
+
+
+class BlobStore(abc.ABC):
+    """Where stored objects live (filesystem, S3, memory)."""
+
+    location: str
+
+    @abc.abstractmethod
+    def writer(self) -> BlobWriter:
+        """Start a new pending object."""
+
+    def put(self, key: str, data: bytes) -> str:
+        """Store ``data`` under ``key`` durably; return its SHA-256."""
+        w = self.writer()
+        try:
+            w.write(data)
+            w.commit(key)
+        except BaseException:
+            w.abort()
+            raise
+        return w.sha256
+
+    @abc.abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """Open a committed object for reading; raises NotFound."""
+
+    def get(self, key: str) -> bytes:
+        """The whole object."""
+        with self.open(key) as fh:
+            return fh.read()
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """Size in bytes of a committed object; raises NotFound."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object (missing is fine)."""
+
+    @abc.abstractmethod
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Every committed key under ``prefix``, in no particular order."""
+
+    def exists(self, key: str) -> bool:
+        """True if ``key`` is committed."""
+        try:
+            self.size(key)
+        except Exception:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def local_copy(self, key: str) -> Iterator[str]:
+        """A local file path holding the object, for parsers that need one."""
+        with tempfile.NamedTemporaryFile(prefix="bastion-blob-") as tmp, self.open(key) as src:
+            shutil.copyfileobj(src, tmp, 1 << 20)
+            tmp.flush()
+            yield tmp.name
+
+    def usage(self) -> tuple[int | None, int | None]:
+        """``(used_bytes, free_bytes)``; None where the backend cannot tell."""
+        return (None, None)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+
+def open_blob_store(location: str) -> BlobStore:
+    """Open a blob store from a location: a directory path (default) or ``memory:``."""
+    if location.startswith("memory:"):
+        from bastion.blobs.memory import MemoryBlobStore
+
+        return MemoryBlobStore()
+    from bastion.blobs.filesystem import FileBlobStore
+
+    return FileBlobStore(location)

@@ -1,0 +1,93 @@
+"""``bastion``: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bastion import __version__
+from bastion.errors import BastionError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (also BASTION_CONFIG)")
+    p.add_argument("--data", metavar="DIR", help="data directory (default ./bastion-data; BASTION_DATA)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (the CLI reference in docs/ comes from it)."""
+    parser = argparse.ArgumentParser(prog="bastion", description="Bastion: a PACS that never loses an "
+                                     "acknowledged image.")
+    parser.add_argument("--version", action="version", version=f"bastion {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the DICOM and HTTP listeners",
+                           description="Run the DICOM listener (C-ECHO/STORE/FIND/MOVE/GET) and the HTTP "
+                           "listener (/health, /api, /dicom-web, /admin, viewer). Settings come from the TOML "
+                           "file, then BASTION_* environment variables (BASTION_DATA, BASTION_AET, BASTION_HOST, "
+                           "BASTION_DICOM_PORT, BASTION_HTTP_PORT, BASTION_MAX_PDU, BASTION_REMOTES, "
+                           "BASTION_CORS_ORIGINS, BASTION_LOG_LEVEL), then these flags.")
+    _common(serve)
+    serve.add_argument("--aet", help="our AE title (default BASTION)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--dicom-port", type=int, help="DICOM port (default 11112)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
+    serve.add_argument("--remote", action="append", metavar="AET@HOST:PORT",
+                       help="a C-MOVE destination (repeatable; adds to the config file's [remotes])")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+
+    imp = sub.add_parser("import", help="store DICOM files, folders and zip archives",
+                         description="Store files, folders (recursively) and zip archives through the same "
+                         "ingest path as C-STORE; prints stored / duplicate / superseded / rejected with reasons. "
+                         "Exit status 1 if anything was rejected.")
+    _common(imp)
+    imp.add_argument("paths", nargs="+", metavar="PATH")
+    imp.add_argument("--jobs", type=int, default=4, help="parallel stores (default 4)")
+
+    idx = sub.add_parser("index", help="index maintenance")
+    idx_sub = idx.add_subparsers(dest="index_command", required=True)
+    rebuild = idx_sub.add_parser("rebuild", help="rebuild the whole index from the blob store alone",
+                                 description="Rebuild the index from the stored files alone into a new "
+                                 "index, then swap it in. Stop the server first.")
+    _common(rebuild)
+
+    verify = sub.add_parser("verify", help="re-hash every stored object against its recorded SHA-256",
+                            description="Re-hash every stored object (current and superseded versions) and "
+                            "report missing or corrupt ones; exit status 1 if any.")
+    _common(verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", None) or "INFO",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            from bastion.cli.serve import run_serve
+
+            return run_serve(args)
+        if args.command == "import":
+            from bastion.cli.importer import run_import
+
+            return run_import(args)
+        if args.command == "index":
+            from bastion.cli.maintenance import run_rebuild
+
+            return run_rebuild(args)
+        if args.command == "verify":
+            from bastion.cli.maintenance import run_verify
+
+            return run_verify(args)
+    except BastionError as exc:
+        print(f"bastion: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

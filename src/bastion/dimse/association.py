@@ -1,0 +1,228 @@
+"""One DICOM association over an asyncio stream: PDU I/O, message assembly, fragmentation.
+
+Shared by the acceptor (:mod:`bastion.dimse.server`) and the requestor (:mod:`bastion.dimse.scu`).
+PS3.8 9 (PDUs), PS3.7 E.2 / PS3.8 E (message fragments in PDVs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+from bastion.dimse.messages import decode_command, encode_command, has_dataset
+from bastion.dimse.pdu import (
+    A_ABORT,
+    P_DATA_TF,
+    PDUError,
+    encode_abort,
+    iter_pdvs,
+    pdv_header,
+)
+
+#: Largest PDU we read from a peer regardless of what it claims (guards memory).
+MAX_INCOMING_PDU = 64 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+
+
+class AssociationClosed(Exception):
+    """The peer released, aborted or dropped the connection."""
+
+
+@dataclass
+class AcceptedContext:
+    """A presentation context both sides agreed on."""
+
+    id: int
+    abstract_syntax: str
+    transfer_syntax: str
+    scu_role: bool = True
+    scp_role: bool = True
+
+
+class DatasetSink(Protocol):
+    """Where the fragments of an incoming dataset go."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+
+class BytesSink:
+    """Collects a (small) dataset in memory."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.buffer += data
+
+
+@dataclass
+class Message:
+    """A complete incoming DIMSE message."""
+
+    context: AcceptedContext
+    command: dict[str, Any]
+    sink: DatasetSink | None = None
+
+
+def set_nodelay(writer: asyncio.StreamWriter) -> None:
+    """TCP_NODELAY on the association's socket (a delayed ACK costs 40 ms per message otherwise)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@dataclass
+class Association:
+    """The transport of one association; the caller drives negotiation and services."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    peer_max_pdu: int = 16384
+    contexts: dict[int, AcceptedContext] = field(default_factory=dict)
+    calling_aet: str = ""
+    called_aet: str = ""
+    _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _message_id: int = 0
+    # message assembly state
+    _cmd_buf: bytearray = field(default_factory=bytearray)
+    _pending: Message | None = None
+
+    def next_message_id(self) -> int:
+        """A fresh Message ID for requests we send (PS3.7 9.1.1.1)."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
+
+    @property
+    def peername(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    async def read_pdu(self, timeout: float | None = None) -> tuple[int, bytes]:
+        """Read one PDU: (type, body). Raises AssociationClosed on EOF."""
+        try:
+            header = await asyncio.wait_for(self.reader.readexactly(6), timeout)
+            kind, length = struct.unpack(">BxI", header)
+            if length > MAX_INCOMING_PDU:
+                raise PDUError(f"PDU of {length} bytes exceeds the limit")
+            body = await asyncio.wait_for(self.reader.readexactly(length), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise AssociationClosed(str(exc)) from exc
+        return kind, body
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send an already-encoded PDU."""
+        async with self._send_lock:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def abort(self) -> None:
+        """A-ABORT and close (PS3.8 7.3)."""
+        try:
+            await self.send_raw(encode_abort(2, 0))
+        except Exception:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:
+            pass
+
+    def _max_data(self) -> int:
+        peer = self.peer_max_pdu or MAX_INCOMING_PDU
+        return max(peer - 6, 256)
+
+    async def send_message(self, context_id: int, command: dict[str, Any], dataset: bytes | None = None,
+                           stream: BinaryIO | None = None) -> None:
+        """Send a DIMSE message, fragmenting to the peer's maximum PDU (PS3.8 9.3.5)."""
+        if dataset is not None or stream is not None:
+            command = {**command, "CommandDataSetType": 0x0000}
+        else:
+            command.setdefault("CommandDataSetType", 0x0101)
+        cmd = encode_command(command)
+        limit = self._max_data()
+        async with self._send_lock:
+            w = self.writer
+            for off in range(0, len(cmd), limit):
+                part = cmd[off: off + limit]
+                w.write(pdv_header(context_id, True, off + limit >= len(cmd), len(part)) + part)
+            if dataset is not None:
+                view = memoryview(dataset)
+                total = len(view)
+                if total == 0:
+                    w.write(pdv_header(context_id, False, True, 0))
+                for off in range(0, total, limit):
+                    part = view[off: off + limit]
+                    w.write(pdv_header(context_id, False, off + limit >= total, len(part)))
+                    w.write(part)
+                    if w.transport.get_write_buffer_size() > 4 * READ_CHUNK:
+                        await w.drain()
+            elif stream is not None:
+                chunk = stream.read(limit)
+                while True:
+                    nxt = stream.read(limit)
+                    w.write(pdv_header(context_id, False, not nxt, len(chunk)))
+                    w.write(chunk)
+                    if w.transport.get_write_buffer_size() > 4 * READ_CHUNK:
+                        await w.drain()
+                    if not nxt:
+                        break
+                    chunk = nxt
+            await w.drain()
+
+    def feed_pdata(self, body: bytes, open_sink: Callable[[Message], DatasetSink]) -> list[Message]:
+        """Feed one P-DATA-TF body; return the messages it completed.
+
+        ``open_sink`` is called when a command that carries a dataset is complete, to choose
+        where the dataset's fragments go (a blob writer for C-STORE, memory otherwise).
+        """
+        done: list[Message] = []
+        for ctx_id, is_command, last, data in iter_pdvs(body):
+            context = self.contexts.get(ctx_id)
+            if context is None:
+                raise PDUError(f"PDV on presentation context {ctx_id}, which was not accepted")
+            if is_command:
+                if self._pending is not None:
+                    raise PDUError("command fragment received while a dataset was expected")
+                self._cmd_buf += data
+                if last:
+                    command = decode_command(bytes(self._cmd_buf))
+                    self._cmd_buf.clear()
+                    msg = Message(context, command)
+                    if has_dataset(command):
+                        msg.sink = open_sink(msg)
+                        self._pending = msg
+                    else:
+                        done.append(msg)
+            else:
+                msg = self._pending
+                if msg is None or msg.sink is None:
+                    raise PDUError("dataset fragment without a command")
+                if ctx_id != msg.context.id:
+                    raise PDUError("dataset fragment on a different presentation context")
+                msg.sink.write(data)
+                if last:
+                    self._pending = None
+                    done.append(msg)
+        return done
+
+    def pending_message(self) -> Message | None:
+        """The message whose dataset is still arriving (to abort its sink on failure)."""
+        return self._pending
+
+
+async def read_until_pdata(assoc: Association, timeout: float | None) -> tuple[int, bytes]:
+    """Read PDUs, returning the first non-P-DATA one or a P-DATA one (helper for SCUs)."""
+    kind, body = await assoc.read_pdu(timeout)
+    if kind == A_ABORT:
+        raise AssociationClosed("peer aborted the association")
+    return kind, body
+
+
+__all__ = ["A_ABORT", "P_DATA_TF", "AcceptedContext", "Association", "AssociationClosed", "BytesSink",
+           "Message", "set_nodelay"]

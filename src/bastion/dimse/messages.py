@@ -1,0 +1,120 @@
+"""DIMSE command sets (PS3.7 Annex E): group 0000, always Implicit VR Little Endian.
+
+A command set is a plain ``dict`` keyed by keyword, e.g. ``{"CommandField": 0x0001,
+"MessageID": 7, "AffectedSOPClassUID": "1.2..."}``. Encoding and decoding are table
+driven and do not go through pydicom: this runs for every message on the hot path.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from bastion.dimse.pdu import PDUError
+
+# keyword -> (element number, VR)
+_ELEMENTS: dict[str, tuple[int, str]] = {
+    "CommandGroupLength": (0x0000, "UL"),
+    "AffectedSOPClassUID": (0x0002, "UI"),
+    "RequestedSOPClassUID": (0x0003, "UI"),
+    "CommandField": (0x0100, "US"),
+    "MessageID": (0x0110, "US"),
+    "MessageIDBeingRespondedTo": (0x0120, "US"),
+    "MoveDestination": (0x0600, "AE"),
+    "Priority": (0x0700, "US"),
+    "CommandDataSetType": (0x0800, "US"),
+    "Status": (0x0900, "US"),
+    "OffendingElement": (0x0901, "AT"),
+    "ErrorComment": (0x0902, "LO"),
+    "ErrorID": (0x0903, "US"),
+    "AffectedSOPInstanceUID": (0x1000, "UI"),
+    "RequestedSOPInstanceUID": (0x1001, "UI"),
+    "EventTypeID": (0x1002, "US"),
+    "ActionTypeID": (0x1008, "US"),
+    "NumberOfRemainingSuboperations": (0x1020, "US"),
+    "NumberOfCompletedSuboperations": (0x1021, "US"),
+    "NumberOfFailedSuboperations": (0x1022, "US"),
+    "NumberOfWarningSuboperations": (0x1023, "US"),
+    "MoveOriginatorApplicationEntityTitle": (0x1030, "AE"),
+    "MoveOriginatorMessageID": (0x1031, "US"),
+}
+_BY_ELEMENT = {elem: (kw, vr) for kw, (elem, vr) in _ELEMENTS.items()}
+
+C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
+C_GET_RQ, C_GET_RSP = 0x0010, 0x8010
+C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
+C_MOVE_RQ, C_MOVE_RSP = 0x0021, 0x8021
+C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+C_CANCEL_RQ = 0x0FFF
+
+NO_DATASET = 0x0101
+HAS_DATASET = 0x0000
+
+# Status codes (PS3.7 C, PS3.4 B.2.3, C.4.x)
+SUCCESS = 0x0000
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01
+CANCEL = 0xFE00
+WARNING_SUBOPS = 0xB000
+OUT_OF_RESOURCES_SUBOPS = 0xA702
+UNRECOGNIZED_OPERATION = 0x0211
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+def _encode_value(vr: str, value: Any) -> bytes:
+    if vr == "US":
+        return struct.pack("<H", value)
+    if vr == "UL":
+        return struct.pack("<I", value)
+    if vr == "AT":
+        return b"".join(struct.pack("<HH", v >> 16, v & 0xFFFF) for v in
+                        (value if isinstance(value, (list, tuple)) else [value]))
+    raw = str(value).encode("utf-8" if vr == "LO" else "ascii", "replace")
+    if len(raw) % 2:
+        raw += b"\x00" if vr == "UI" else b" "
+    return raw
+
+
+def encode_command(command: dict[str, Any]) -> bytes:
+    """Encode a command set, computing CommandGroupLength (PS3.7 E.1)."""
+    body = []
+    for elem, kw in sorted((_ELEMENTS[k][0], k) for k in command if k != "CommandGroupLength"):
+        value = command[kw]
+        if value is None:
+            continue
+        raw = _encode_value(_ELEMENTS[kw][1], value)
+        body.append(struct.pack("<HHI", 0x0000, elem, len(raw)) + raw)
+    joined = b"".join(body)
+    return struct.pack("<HHII", 0, 0, 4, len(joined)) + joined
+
+
+def decode_command(data: bytes) -> dict[str, Any]:
+    """Decode a command set; unknown group-0000 elements are skipped."""
+    out: dict[str, Any] = {}
+    pos, end = 0, len(data)
+    while pos + 8 <= end:
+        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > end:
+            raise PDUError("malformed DIMSE command set")
+        raw = bytes(data[pos: pos + length])
+        pos += length
+        kw, vr = _BY_ELEMENT.get(elem, (None, None))
+        if kw is None:
+            continue
+        if vr == "US":
+            out[kw] = struct.unpack("<H", raw[:2])[0] if length >= 2 else 0
+        elif vr == "UL":
+            out[kw] = struct.unpack("<I", raw[:4])[0] if length >= 4 else 0
+        elif vr == "AT":
+            out[kw] = [(g << 16) | e for g, e in struct.iter_unpack("<HH", raw[: length - length % 4])]
+        else:
+            out[kw] = raw.decode("utf-8" if vr == "LO" else "ascii", "replace").strip(" \x00")
+    if "CommandField" not in out:
+        raise PDUError("DIMSE command set has no Command Field")
+    return out
+
+
+def has_dataset(command: dict[str, Any]) -> bool:
+    """True if a dataset follows the command (PS3.7 E.1: CommandDataSetType != 0x0101)."""
+    return command.get("CommandDataSetType", NO_DATASET) != NO_DATASET

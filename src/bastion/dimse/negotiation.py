@@ -1,0 +1,65 @@
+"""Association negotiation policy of the acceptor (PS3.7 D.3.3, PS3.8 9.3.3).
+
+* Verification, Patient/Study Root FIND, MOVE, GET: Explicit VR Little Endian preferred,
+  Implicit VR Little Endian otherwise.
+* Every Storage SOP Class: the first proposed transfer syntax Bastion stores as received
+  (:data:`bastion.model.uids.STORABLE_TRANSFER_SYNTAXES`): the sender's preference wins and
+  nothing is transcoded.
+* SCP/SCU role selection (used by C-GET) is accepted as proposed for storage classes.
+"""
+
+from __future__ import annotations
+
+from bastion.dimse.association import AcceptedContext
+from bastion.dimse.pdu import AssociateRQ, PresentationContext, RoleSelection
+from bastion.model.uids import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    FIND_MODELS,
+    GET_MODELS,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    MOVE_MODELS,
+    STORABLE_TRANSFER_SYNTAXES,
+    VERIFICATION,
+    is_storage_sop_class,
+)
+
+SERVICE_CLASSES = frozenset({VERIFICATION, *FIND_MODELS, *MOVE_MODELS, *GET_MODELS})
+_STORABLE = frozenset(STORABLE_TRANSFER_SYNTAXES)
+
+RESULT_ACCEPT, RESULT_ABSTRACT_SYNTAX, RESULT_TRANSFER_SYNTAX = 0, 3, 4
+
+
+def _choose(pc: PresentationContext) -> tuple[int, str]:
+    proposed = [t for t in pc.transfer_syntaxes if t]
+    if pc.abstract_syntax in SERVICE_CLASSES:
+        for ts in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN):
+            if ts in proposed:
+                return RESULT_ACCEPT, ts
+        return RESULT_TRANSFER_SYNTAX, IMPLICIT_VR_LITTLE_ENDIAN
+    if is_storage_sop_class(pc.abstract_syntax):
+        for ts in proposed:
+            if ts in _STORABLE:
+                return RESULT_ACCEPT, ts
+        return RESULT_TRANSFER_SYNTAX, IMPLICIT_VR_LITTLE_ENDIAN
+    return RESULT_ABSTRACT_SYNTAX, IMPLICIT_VR_LITTLE_ENDIAN
+
+
+def negotiate(rq: AssociateRQ) -> tuple[list[PresentationContext], list[RoleSelection],
+                                         dict[int, AcceptedContext]]:
+    """Answer each proposed presentation context and role selection.
+
+    Returns the AC's presentation contexts, the role selections to echo, and the accepted
+    contexts by ID.
+    """
+    roles = {r.sop_class: r for r in rq.roles if is_storage_sop_class(r.sop_class)}
+    answered: list[PresentationContext] = []
+    accepted: dict[int, AcceptedContext] = {}
+    for pc in rq.contexts:
+        result, ts = _choose(pc)
+        answered.append(PresentationContext(pc.id, pc.abstract_syntax, [ts], result))
+        if result == RESULT_ACCEPT:
+            role = roles.get(pc.abstract_syntax)
+            accepted[pc.id] = AcceptedContext(pc.id, pc.abstract_syntax, ts,
+                                              scu_role=role.scu if role else True,
+                                              scp_role=role.scp if role else False)
+    return answered, list(roles.values()), accepted

@@ -1,0 +1,149 @@
+"""Storage SCU: the requestor side, used for C-MOVE sub-operations (PS3.4 C.4.2.3, PS3.7 9.1.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
+
+from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from bastion.dimse import messages as m
+from bastion.dimse.association import AcceptedContext, Association, AssociationClosed, BytesSink, set_nodelay
+from bastion.dimse.pdu import (
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_RELEASE_RP,
+    P_DATA_TF,
+    AssociateRQ,
+    PDUError,
+    PresentationContext,
+    decode_associate,
+    encode_associate,
+    encode_release,
+)
+from bastion.model.records import InstanceRecord
+from bastion.model.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+from bastion.settings import RemoteAE
+
+if TYPE_CHECKING:
+    from bastion.archive import Archive
+
+log = logging.getLogger("bastion.dimse.scu")
+TIMEOUT = 30.0
+
+
+class SubOperationError(Exception):
+    """A storage sub-operation could not be attempted (no association, no context)."""
+
+
+class StoreSCU:
+    """One outgoing association that sends stored instances to a remote AE."""
+
+    def __init__(self, archive: Archive, executor: Executor, *, calling_aet: str, remote: RemoteAE,
+                 max_pdu: int = 1048576) -> None:
+        self.archive = archive
+        self.executor = executor
+        self.calling_aet = calling_aet
+        self.remote = remote
+        self.max_pdu = max_pdu
+        self.assoc: Association | None = None
+
+    async def connect(self, sop_classes: set[str], stored_syntaxes: set[str]) -> None:
+        """Associate, proposing each SOP class in its stored syntaxes and uncompressed."""
+        contexts: list[PresentationContext] = []
+        next_id = 1
+        for sop_class in sorted(sop_classes):
+            for ts_list in ([t] for t in sorted(stored_syntaxes - {EXPLICIT_VR_LITTLE_ENDIAN,
+                                                                   IMPLICIT_VR_LITTLE_ENDIAN})):
+                contexts.append(PresentationContext(next_id, sop_class, ts_list))
+                next_id += 2
+            contexts.append(PresentationContext(next_id, sop_class,
+                                                [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]))
+            next_id += 2
+        if next_id > 255:
+            raise SubOperationError("too many SOP classes / transfer syntaxes for one association")
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.remote.host, self.remote.port), TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise SubOperationError(f"cannot connect to {self.remote.host}:{self.remote.port}: {exc}") from exc
+        set_nodelay(writer)
+        assoc = Association(reader, writer, calling_aet=self.calling_aet, called_aet=self.remote.aet)
+        rq = AssociateRQ(self.remote.aet, self.calling_aet, contexts, self.max_pdu, IMPLEMENTATION_CLASS_UID,
+                         IMPLEMENTATION_VERSION_NAME)
+        try:
+            await assoc.send_raw(encode_associate(rq, ac=False))
+            kind, body = await assoc.read_pdu(TIMEOUT)
+        except (AssociationClosed, asyncio.TimeoutError, OSError) as exc:
+            assoc.close()
+            raise SubOperationError(f"association with {self.remote.aet} failed: {exc}") from exc
+        if kind == A_ASSOCIATE_RJ:
+            assoc.close()
+            raise SubOperationError(f"{self.remote.aet} rejected the association")
+        if kind != A_ASSOCIATE_AC:
+            await assoc.abort()
+            raise SubOperationError(f"unexpected PDU 0x{kind:02x} from {self.remote.aet}")
+        ac = decode_associate(body)
+        assoc.peer_max_pdu = ac.max_pdu
+        proposed = {pc.id: pc for pc in contexts}
+        for pc in ac.contexts:
+            if pc.result == 0 and pc.id in proposed:
+                assoc.contexts[pc.id] = AcceptedContext(pc.id, proposed[pc.id].abstract_syntax, pc.transfer_syntax)
+        self.assoc = assoc
+
+    def _context_for(self, record: InstanceRecord) -> tuple[int, str] | None:
+        assert self.assoc is not None
+        candidates = [c for c in self.assoc.contexts.values() if c.abstract_syntax == record.sop_class_uid]
+        ts = self.archive.retriever.choose_syntax(record, [c.transfer_syntax for c in candidates])
+        for c in candidates:
+            if c.transfer_syntax == ts:
+                return c.id, ts
+        return None
+
+    async def store(self, record: InstanceRecord, originator: tuple[str, int] | None = None) -> int:
+        """Send one instance; return the peer's C-STORE status."""
+        assoc = self.assoc
+        if assoc is None:
+            raise SubOperationError("not associated")
+        ctx = self._context_for(record)
+        if ctx is None:
+            raise SubOperationError(f"{self.remote.aet} accepted no context for {record.sop_class_uid}")
+        context_id, ts = ctx
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(self.executor, self.archive.retriever.dataset_bytes, record, ts)
+        mid = assoc.next_message_id()
+        cmd: dict[str, Any] = {"CommandField": m.C_STORE_RQ, "MessageID": mid, "Priority": 0,
+                               "AffectedSOPClassUID": record.sop_class_uid,
+                               "AffectedSOPInstanceUID": record.sop_uid}
+        if originator:
+            cmd["MoveOriginatorApplicationEntityTitle"] = originator[0]
+            cmd["MoveOriginatorMessageID"] = originator[1]
+        try:
+            await assoc.send_message(context_id, cmd, body)
+            while True:
+                kind, pdu = await assoc.read_pdu(TIMEOUT)
+                if kind != P_DATA_TF:
+                    raise SubOperationError(f"{self.remote.aet} sent PDU 0x{kind:02x} instead of a response")
+                for msg in assoc.feed_pdata(pdu, lambda _msg: BytesSink()):
+                    if msg.command.get("MessageIDBeingRespondedTo") == mid:
+                        return int(msg.command.get("Status", 0xC000))
+        except (AssociationClosed, PDUError, asyncio.TimeoutError, OSError) as exc:
+            self.assoc = None
+            assoc.close()
+            raise SubOperationError(f"{self.remote.aet}: {exc}") from exc
+
+    async def release(self) -> None:
+        """A-RELEASE (PS3.8 7.2) and close."""
+        assoc, self.assoc = self.assoc, None
+        if assoc is None:
+            return
+        try:
+            await assoc.send_raw(encode_release(rp=False))
+            while True:
+                kind, _ = await assoc.read_pdu(TIMEOUT)
+                if kind == A_RELEASE_RP:
+                    break
+        except Exception:
+            pass
+        assoc.close()

@@ -1,0 +1,126 @@
+"""The DICOM listener: accepts associations and runs the services on one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from bastion.archive import Archive
+from bastion.dimse.association import Association, AssociationClosed, set_nodelay
+from bastion.dimse.negotiation import negotiate
+from bastion.dimse.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RQ,
+    P_DATA_TF,
+    AssociateRQ,
+    PDUError,
+    decode_associate,
+    encode_associate,
+    encode_reject,
+    encode_release,
+)
+from bastion.dimse.services import Services, Session
+
+log = logging.getLogger("bastion.dimse")
+
+ARTIM_TIMEOUT = 30.0  # waiting for A-ASSOCIATE-RQ (PS3.8 9.1.5)
+IDLE_TIMEOUT = 600.0  # an association silent this long is aborted
+
+
+class DicomServer:
+    """Accepts DICOM associations for an :class:`Archive`."""
+
+    def __init__(self, archive: Archive, executor: ThreadPoolExecutor | None = None,
+                 on_count: Any = None) -> None:
+        self.archive = archive
+        self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
+        self.services = Services(archive, self.executor)
+        self.server: asyncio.Server | None = None
+        self.active = 0
+        self._on_count = on_count
+
+    async def start(self, host: str, port: int, sock: Any = None) -> asyncio.Server:
+        """Listen on ``host:port`` (or an already-bound socket)."""
+        if sock is not None:
+            self.server = await asyncio.start_server(self.handle, sock=sock, limit=2**20)
+        else:
+            self.server = await asyncio.start_server(self.handle, host, port, limit=2**20, reuse_address=True)
+        return self.server
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one association from A-ASSOCIATE-RQ to release or abort."""
+        set_nodelay(writer)
+        assoc = Association(reader, writer)
+        session = Session(assoc)
+        self.active += 1
+        try:
+            if await self._negotiate(assoc):
+                await self._serve(assoc, session)
+        except AssociationClosed:
+            log.info("association from %s (%s) closed by peer", assoc.calling_aet or "?", assoc.peername)
+        except (PDUError, asyncio.TimeoutError) as exc:
+            log.warning("aborting association from %s (%s): %s", assoc.calling_aet or "?", assoc.peername, exc)
+            await assoc.abort()
+        except Exception:
+            log.exception("association from %s failed", assoc.calling_aet or "?")
+            await assoc.abort()
+        finally:
+            self.services.abort_sink(assoc.pending_message())
+            for task in session.tasks.values():
+                task.cancel()
+            for fut in session.store_replies.values():
+                fut.cancel()
+            self.active -= 1
+            assoc.close()
+
+    async def _negotiate(self, assoc: Association) -> bool:
+        kind, body = await assoc.read_pdu(ARTIM_TIMEOUT)
+        if kind != A_ASSOCIATE_RQ:
+            raise PDUError(f"expected A-ASSOCIATE-RQ, got PDU 0x{kind:02x}")
+        rq = decode_associate(body)
+        assoc.calling_aet, assoc.called_aet = rq.calling_aet, rq.called_aet
+        answered, roles, accepted = negotiate(rq)
+        if not accepted:
+            log.warning("rejecting association from %s (%s): no presentation context acceptable",
+                        rq.calling_aet, assoc.peername)
+            await assoc.send_raw(encode_reject(1, 1, 1))
+            assoc.close()
+            return False
+        assoc.peer_max_pdu = rq.max_pdu
+        assoc.contexts = accepted
+        ac = AssociateRQ(rq.called_aet, rq.calling_aet, answered, self.archive.settings.max_pdu,
+                         IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles,
+                         async_ops=(1, 1) if rq.async_ops else None)
+        await assoc.send_raw(encode_associate(ac, ac=True))
+        log.info("association from %s (%s) to %s: %d of %d contexts accepted", rq.calling_aet, assoc.peername,
+                 rq.called_aet, len(accepted), len(rq.contexts))
+        return True
+
+    async def _serve(self, assoc: Association, session: Session) -> None:
+        services = self.services
+        while True:
+            kind, body = await assoc.read_pdu(IDLE_TIMEOUT)
+            if kind == P_DATA_TF:
+                for msg in assoc.feed_pdata(body, lambda msg: services.open_sink(session, msg)):
+                    await services.dispatch(session, msg)
+            elif kind == A_RELEASE_RQ:
+                if session.tasks:
+                    await asyncio.gather(*session.tasks.values(), return_exceptions=True)
+                await assoc.send_raw(encode_release(rp=True))
+                assoc.close()
+                return
+            elif kind == A_ABORT:
+                log.info("association from %s aborted by peer", assoc.calling_aet)
+                return
+            else:
+                raise PDUError(f"unexpected PDU 0x{kind:02x} during association")
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -1,0 +1,278 @@
+"""DIMSE service handlers: Verification, Storage, Query/Retrieve FIND, MOVE and GET (PS3.4 A, B, C)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from bastion.archive import Archive
+from bastion.dimse import messages as m
+from bastion.dimse.association import Association, BytesSink, DatasetSink, Message
+from bastion.dimse.identifiers import decode_identifier, encode_failed_uids, encode_response, query_keys, query_level
+from bastion.dimse.scu import StoreSCU, SubOperationError
+from bastion.errors import BastionError, InvalidQuery, UnknownDestination
+from bastion.ingest import PendingObject
+from bastion.model.levels import QueryLevel
+from bastion.model.records import InstanceRecord
+from bastion.model.uids import PATIENT_ROOT_MODELS, is_storage_sop_class
+from bastion.query.find import conditions_for, select_keys
+
+log = logging.getLogger("bastion.dimse")
+
+
+class FailedSink:
+    """Swallows a dataset whose storage could not even start; the error is answered at the end."""
+
+    def __init__(self, error: BastionError) -> None:
+        self.error = error
+
+    def write(self, data: bytes | memoryview) -> None:
+        pass
+
+
+@dataclass
+class Session:
+    """Per-association state: running Q/R operations and our outstanding C-STORE sub-operations."""
+
+    assoc: Association
+    tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    cancelled: set[int] = field(default_factory=set)
+    store_replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+
+
+def _comment(text: str) -> str:
+    return text.replace("\\", "/")[:64]
+
+
+class Services:
+    """Dispatches assembled messages to the archive; one instance per server."""
+
+    def __init__(self, archive: Archive, executor: Executor) -> None:
+        self.archive = archive
+        self.executor = executor
+
+    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+    # -- dataset sinks --------------------------------------------------------------------
+    def open_sink(self, session: Session, msg: Message) -> DatasetSink:
+        """Where an incoming dataset goes: straight into the blob store for C-STORE."""
+        cmd = msg.command
+        if cmd["CommandField"] != m.C_STORE_RQ:
+            return BytesSink()
+        try:
+            return self.archive.ingest.begin_dimse(
+                f"dimse:{session.assoc.calling_aet}", str(cmd.get("AffectedSOPClassUID", "")),
+                str(cmd.get("AffectedSOPInstanceUID", "")), msg.context.transfer_syntax,
+                session.assoc.calling_aet)
+        except BastionError as exc:
+            return FailedSink(exc)
+
+    def abort_sink(self, msg: Message | None) -> None:
+        """Drop a half-received dataset (association aborted or dropped)."""
+        if msg is not None and isinstance(msg.sink, PendingObject):
+            msg.sink.abort()
+
+    # -- dispatch ---------------------------------------------------------------------------
+    async def dispatch(self, session: Session, msg: Message) -> None:
+        """Handle one complete message."""
+        field_ = msg.command["CommandField"]
+        if field_ == m.C_STORE_RQ:
+            await self.c_store(session, msg)
+        elif field_ == m.C_ECHO_RQ:
+            await session.assoc.send_message(msg.context.id, {
+                "CommandField": m.C_ECHO_RSP, "MessageIDBeingRespondedTo": msg.command["MessageID"],
+                "AffectedSOPClassUID": msg.context.abstract_syntax, "Status": m.SUCCESS})
+        elif field_ in (m.C_FIND_RQ, m.C_MOVE_RQ, m.C_GET_RQ):
+            handler = {m.C_FIND_RQ: self.c_find, m.C_MOVE_RQ: self.c_move, m.C_GET_RQ: self.c_get}[field_]
+            mid = msg.command["MessageID"]
+            session.tasks[mid] = asyncio.create_task(self._guard(session, msg, handler))
+        elif field_ == m.C_CANCEL_RQ:
+            session.cancelled.add(msg.command.get("MessageIDBeingRespondedTo", -1))
+        elif field_ == m.C_STORE_RSP:
+            fut = session.store_replies.pop(msg.command.get("MessageIDBeingRespondedTo", -1), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.command)
+        else:
+            await session.assoc.send_message(msg.context.id, {
+                "CommandField": field_ | 0x8000, "MessageIDBeingRespondedTo": msg.command.get("MessageID", 0),
+                "Status": m.UNRECOGNIZED_OPERATION})
+
+    async def _guard(self, session: Session, msg: Message, handler: Any) -> None:
+        rsp_field = msg.command["CommandField"] | 0x8000
+        try:
+            await handler(session, msg)
+        except BastionError as exc:
+            log.warning("%s from %s failed: %s", hex(msg.command["CommandField"]), session.assoc.calling_aet,
+                        exc.message)
+            await self._final(session, msg, rsp_field, exc.dimse_status, comment=exc.message)
+        except Exception as exc:
+            log.exception("query/retrieve from %s failed", session.assoc.calling_aet)
+            await self._final(session, msg, rsp_field, 0xC000, comment=f"internal error: {exc}")
+        finally:
+            session.tasks.pop(msg.command["MessageID"], None)
+            session.cancelled.discard(msg.command["MessageID"])
+
+    async def _final(self, session: Session, msg: Message, rsp_field: int, status: int, *,
+                     comment: str | None = None, counts: dict[str, int] | None = None,
+                     dataset: bytes | None = None) -> None:
+        cmd = {"CommandField": rsp_field, "MessageIDBeingRespondedTo": msg.command["MessageID"],
+               "AffectedSOPClassUID": msg.context.abstract_syntax, "Status": status, **(counts or {})}
+        if comment and status not in (m.SUCCESS, m.PENDING, m.CANCEL):
+            cmd["ErrorComment"] = _comment(comment)
+        try:
+            await session.assoc.send_message(msg.context.id, cmd, dataset)
+        except Exception:
+            log.info("could not answer %s: association gone", hex(rsp_field))
+
+    # -- C-STORE (PS3.4 B.2) --------------------------------------------------------------------
+    async def c_store(self, session: Session, msg: Message) -> None:
+        cmd = msg.command
+        rsp: dict[str, Any] = {"CommandField": m.C_STORE_RSP, "MessageIDBeingRespondedTo": cmd["MessageID"],
+                               "AffectedSOPClassUID": cmd.get("AffectedSOPClassUID", ""),
+                               "AffectedSOPInstanceUID": cmd.get("AffectedSOPInstanceUID", "")}
+        sink = msg.sink
+        try:
+            if isinstance(sink, FailedSink):
+                raise sink.error
+            assert isinstance(sink, PendingObject)
+            if not is_storage_sop_class(msg.context.abstract_syntax):
+                sink.abort()
+                raise InvalidQuery("not a storage presentation context")
+            await self._run(self.archive.ingest.finish, sink, sop_class=cmd.get("AffectedSOPClassUID"),
+                            sop_uid=cmd.get("AffectedSOPInstanceUID"))
+            rsp["Status"] = m.SUCCESS
+        except BastionError as exc:
+            rsp["Status"] = exc.dimse_status
+            rsp["ErrorComment"] = _comment(exc.message)
+        await session.assoc.send_message(msg.context.id, rsp)
+
+    # -- C-FIND (PS3.4 C.4.1) ---------------------------------------------------------------------
+    def _identifier(self, msg: Message) -> tuple[QueryLevel, Any, list[int]]:
+        assert isinstance(msg.sink, BytesSink)
+        ds = decode_identifier(bytes(msg.sink.buffer), msg.context.transfer_syntax)
+        level = query_level(ds)
+        if level is QueryLevel.PATIENT and msg.context.abstract_syntax not in PATIENT_ROOT_MODELS:
+            raise InvalidQuery("the Study Root model has no PATIENT level")
+        keys, tags = query_keys(ds)
+        return level, conditions_for(keys), tags
+
+    async def c_find(self, session: Session, msg: Message) -> None:
+        level, conditions, tags = self._identifier(msg)
+        results = await self._run(self.archive.finder.find, level, conditions)
+        ts = msg.context.transfer_syntax
+        mid = msg.command["MessageID"]
+        for result in results:
+            if mid in session.cancelled:
+                await self._final(session, msg, m.C_FIND_RSP, m.CANCEL)
+                return
+            body = encode_response(select_keys(result, tags, empty_for_missing=True), level, ts,
+                                   self.archive.settings.aet if 0x00080054 in tags else None)
+            await session.assoc.send_message(msg.context.id, {
+                "CommandField": m.C_FIND_RSP, "MessageIDBeingRespondedTo": mid,
+                "AffectedSOPClassUID": msg.context.abstract_syntax, "Status": m.PENDING}, body)
+        await self._final(session, msg, m.C_FIND_RSP, m.SUCCESS)
+
+    # -- C-MOVE (PS3.4 C.4.2) and C-GET (C.4.3) -----------------------------------------------------
+    async def _select(self, msg: Message) -> list[InstanceRecord]:
+        level, conditions, _ = self._identifier(msg)
+        if not any(c.keyword == level.unique_key and c.kind.value != "universal" for c in conditions):
+            raise InvalidQuery(f"a retrieve at {level.value} level needs {level.unique_key}")
+        return list(await self._run(self.archive.retriever.select, level, conditions))
+
+    async def c_move(self, session: Session, msg: Message) -> None:
+        dest = str(msg.command.get("MoveDestination", "")).strip()
+        remote = self.archive.settings.remote(dest)
+        if remote is None:
+            raise UnknownDestination(f"move destination {dest!r} is not a configured remote AE")
+        records = await self._select(msg)
+        scu = StoreSCU(self.archive, self.executor, calling_aet=self.archive.settings.aet, remote=remote)
+        try:
+            await scu.connect({r.sop_class_uid for r in records}, {r.transfer_syntax for r in records})
+        except SubOperationError as exc:
+            raise BastionError(f"cannot reach {dest}: {exc}") from exc
+        try:
+            await self._suboperations(session, msg, records, scu.store)
+        finally:
+            await scu.release()
+
+    async def c_get(self, session: Session, msg: Message) -> None:
+        records = await self._select(msg)
+
+        async def store_here(record: InstanceRecord, originator: tuple[str, int] | None) -> int:
+            ctx = self._get_context(session.assoc, record)
+            if ctx is None:
+                raise SubOperationError(f"no accepted storage context for {record.sop_class_uid}")
+            context_id, ts = ctx
+            body = await self._run(self.archive.retriever.dataset_bytes, record, ts)
+            mid = session.assoc.next_message_id()
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            session.store_replies[mid] = fut
+            await session.assoc.send_message(context_id, {
+                "CommandField": m.C_STORE_RQ, "MessageID": mid, "Priority": 0,
+                "AffectedSOPClassUID": record.sop_class_uid, "AffectedSOPInstanceUID": record.sop_uid}, body)
+            rsp = await fut
+            return int(rsp.get("Status", 0xC000))
+
+        await self._suboperations(session, msg, records, store_here)
+
+    def _get_context(self, assoc: Association, record: InstanceRecord) -> tuple[int, str] | None:
+        candidates = [c for c in assoc.contexts.values()
+                      if c.abstract_syntax == record.sop_class_uid and c.scp_role]
+        accepted = [c.transfer_syntax for c in candidates]
+        ts = self.archive.retriever.choose_syntax(record, accepted)
+        for c in candidates:
+            if c.transfer_syntax == ts:
+                return c.id, ts
+        return None
+
+    async def _suboperations(self, session: Session, msg: Message, records: list[InstanceRecord],
+                             store: Any) -> None:
+        rsp_field = msg.command["CommandField"] | 0x8000
+        mid = msg.command["MessageID"]
+        remaining, completed, failed, warning = len(records), 0, 0, 0
+        failed_uids: list[str] = []
+        originator = (session.assoc.calling_aet, mid)
+        for record in records:
+            if mid in session.cancelled:
+                await self._final(session, msg, rsp_field, m.CANCEL, counts=_counts(remaining, completed,
+                                                                                     failed, warning))
+                return
+            try:
+                status = await store(record, originator)
+            except (SubOperationError, BastionError) as exc:
+                log.warning("sub-operation for %s failed: %s", record.sop_uid, exc)
+                status = 0xC000
+            remaining -= 1
+            if status == m.SUCCESS:
+                completed += 1
+            elif status in (0x0107, 0x0116, 0xB000, 0xB007, 0xB006):
+                warning += 1
+            else:
+                failed += 1
+                failed_uids.append(record.sop_uid)
+            await session.assoc.send_message(msg.context.id, {
+                "CommandField": rsp_field, "MessageIDBeingRespondedTo": mid,
+                "AffectedSOPClassUID": msg.context.abstract_syntax, "Status": m.PENDING,
+                **_counts(remaining, completed, failed, warning)})
+        if failed == 0 and warning == 0:
+            status = m.SUCCESS
+        elif completed == 0 and warning == 0:
+            status = 0xA702  # Refused/failed: unable to perform sub-operations
+        else:
+            status = m.WARNING_SUBOPS
+        dataset = encode_failed_uids(failed_uids, msg.context.transfer_syntax) if failed_uids else None
+        await self._final(session, msg, rsp_field, status, counts=_counts(None, completed, failed, warning),
+                          dataset=dataset, comment=f"{failed} sub-operation(s) failed" if failed else None)
+
+
+def _counts(remaining: int | None, completed: int, failed: int, warning: int) -> dict[str, int]:
+    out = {"NumberOfCompletedSuboperations": completed, "NumberOfFailedSuboperations": failed,
+           "NumberOfWarningSuboperations": warning}
+    if remaining is not None:
+        out["NumberOfRemainingSuboperations"] = remaining
+    return out

@@ -1,0 +1,108 @@
+"""The Index interface: record stored objects, answer queries, keep the change log."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from bastion.model.levels import QueryLevel
+from bastion.model.matching import Condition
+from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the change log (monotonic ``seq``)."""
+
+    seq: int
+    kind: str  # "stored" | "superseded"
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    blob_key: str
+    at: str  # ISO 8601 UTC
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Counts for the admin page and ``/api/statistics``."""
+
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    versions: int
+    stored_bytes: int
+    last_change: int
+
+
+@dataclass(frozen=True)
+class Version:
+    """A stored version of an instance: current or superseded."""
+
+    blob_key: str
+    sha256: str
+    size: int
+    current: bool
+
+
+class Index(abc.ABC):
+    """What the archive remembers about its blobs; rebuildable from them."""
+
+    location: str
+
+    @abc.abstractmethod
+    def record(self, obj: StoredObject) -> tuple[StoreStatus, int | None]:
+        """Record a stored version in one transaction (durable on return).
+
+        Returns the status (stored / duplicate / superseded) and the change-log sequence.
+        """
+
+    def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
+        """Record several versions, in order (rebuild); backends may commit them together."""
+        return [self.record(obj) for obj in objs]
+
+    @abc.abstractmethod
+    def current(self, sop_uid: str) -> InstanceRecord | None:
+        """The current version of an instance, or None."""
+
+    @abc.abstractmethod
+    def find(self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None,
+             offset: int = 0) -> list[JsonDataset]:
+        """Entities at ``level`` matching all ``conditions`` (PS3.4 C.2.2.2), as DICOM JSON.
+
+        Each result holds the level's attributes, those of the levels above it, and the
+        level's computed attributes. Results come in a stable order independent of the
+        order objects were stored in.
+        """
+
+    @abc.abstractmethod
+    def instances(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRecord]:
+        """Current instances under the entities at ``level`` matching ``conditions`` (retrieval)."""
+
+    @abc.abstractmethod
+    def versions(self) -> Iterator[Version]:
+        """Every version the index knows, current and superseded (for ``verify``)."""
+
+    @abc.abstractmethod
+    def changes(self, since: int = 0, limit: int = 100) -> list[Change]:
+        """Change-log entries with ``seq > since``, oldest first."""
+
+    @abc.abstractmethod
+    def statistics(self) -> Statistics:
+        """Counts of what is indexed."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Drop everything (before a rebuild)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads."""
+
+
+def open_index(location: str) -> Index:
+    """Open an index: a SQLite file path (default) or ``:memory:``."""
+    from bastion.index.sqlite import SqliteIndex
+
+    return SqliteIndex(location)

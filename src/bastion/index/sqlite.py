@@ -1,0 +1,366 @@
+"""SQLite index: the embedded default.
+
+All writes go through one writer thread that commits waiting writes together (group
+commit, WAL, ``synchronous=FULL``), so an acknowledged store is durable and concurrent
+associations share fsyncs. Reads use one connection per thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from bastion.errors import IndexFailure
+from bastion.index.base import Change, Index, Statistics, Version
+from bastion.index.schema import DDL, SCHEMA_VERSION, TABLES
+from bastion.index.sqlcompile import compile_conditions
+from bastion.model.attributes import COLUMNS, tag_hex, tag_of
+from bastion.model.levels import QueryLevel
+from bastion.model.matching import Condition, matches
+from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus
+
+T = TypeVar("T")
+_BATCH = 256
+
+_ORDER = {
+    QueryLevel.PATIENT: "p.patient_name, p.patient_id",
+    QueryLevel.STUDY: "s.study_date DESC, s.study_time DESC, s.study_uid",
+    QueryLevel.SERIES: "se.study_uid, se.series_number, se.series_uid",
+    QueryLevel.IMAGE: "i.series_uid, i.instance_number, i.sop_uid",
+}
+_FROM = {
+    QueryLevel.PATIENT: "patients p",
+    QueryLevel.STUDY: "studies s JOIN patients p ON p.patient_id = s.patient_id",
+    QueryLevel.SERIES: "series se JOIN studies s ON s.study_uid = se.study_uid "
+                       "JOIN patients p ON p.patient_id = s.patient_id",
+    QueryLevel.IMAGE: "instances i JOIN series se ON se.series_uid = i.series_uid "
+                      "JOIN studies s ON s.study_uid = i.study_uid JOIN patients p ON p.patient_id = s.patient_id",
+}
+_INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.sha256, i.size"
+
+
+def _first_text(attrs: JsonDataset, keyword: str) -> Any:
+    el = attrs.get(tag_hex(tag_of(keyword)))
+    values = (el or {}).get("Value") or []
+    if not values:
+        return None
+    v = values[0]
+    return v.get("Alphabetic", "") if isinstance(v, dict) else v
+
+
+def _columns(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for keyword, column in COLUMNS[level].items():
+        v = _first_text(attrs, keyword)
+        if column in ("series_number", "instance_number"):
+            try:
+                out[column] = int(v) if v is not None else None
+            except (TypeError, ValueError):
+                out[column] = None
+        else:
+            out[column] = "" if v is None else str(v)
+    return out
+
+
+def _us(tag: str, value: int) -> dict[str, Any]:
+    return {tag: {"vr": "IS", "Value": [value]}}
+
+
+class SqliteIndex(Index):
+    """The index in one SQLite database file (WAL mode)."""
+
+    def __init__(self, path: str) -> None:
+        self.location = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        else:
+            path = "file:bastion-index?mode=memory&cache=shared"
+        self._path = path
+        self._local = threading.local()
+        self._queue: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = queue.Queue()
+        self._writer_conn = self._connect()
+        with self._writer_conn:
+            self._writer_conn.executescript(DDL)
+            self._writer_conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                      (str(SCHEMA_VERSION),))
+        self._thread = threading.Thread(target=self._run_writer, name="bastion-index-writer", daemon=True)
+        self._thread.start()
+
+    # -- connections -------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, timeout=60, isolation_level=None, check_same_thread=False,
+                               uri=self._path.startswith("file:"))
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        conn.execute("PRAGMA cache_size=-65536")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    # -- the writer thread ----------------------------------------------------------------
+    def _run_writer(self) -> None:
+        conn = self._writer_conn
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < _BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            self._commit_batch(conn, batch)
+
+    def _commit_batch(self, conn: sqlite3.Connection,
+                      batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]) -> None:
+        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut in batch:
+                conn.execute("SAVEPOINT one")
+                try:
+                    results.append((fut, fn(conn), None))
+                    conn.execute("RELEASE one")
+                except Exception as exc:  # one bad write must not fail the others
+                    conn.execute("ROLLBACK TO one")
+                    conn.execute("RELEASE one")
+                    results.append((fut, None, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            failure = IndexFailure(f"index commit failed: {exc}")
+            for _, fut in batch:
+                fut.set_exception(failure)
+            return
+        for fut, value, exc in results:
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc if not isinstance(exc, sqlite3.Error)
+                                  else IndexFailure(f"index write failed: {exc}"))
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        fut: Future[T] = Future()
+        self._queue.put((fn, fut))
+        return fut.result()
+
+    # -- recording ---------------------------------------------------------------------------
+    def record(self, obj: StoredObject) -> tuple[StoreStatus, int | None]:
+        return self._write(lambda conn: self._record(conn, obj))
+
+    def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
+        items = list(objs)
+        return self._write(lambda conn: [self._record(conn, obj) for obj in items])
+
+    def _record(self, conn: sqlite3.Connection, obj: StoredObject) -> tuple[StoreStatus, int | None]:
+        inst = obj.instance
+        row = conn.execute("SELECT blob_key, sha256, size, stamp, series_uid, study_uid FROM instances "
+                           "WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
+        status = StoreStatus.STORED
+        if row is not None:
+            if row[1] == inst.sha256:
+                return StoreStatus.DUPLICATE, None
+            status = StoreStatus.SUPERSEDED
+            conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
+                         (row[0], inst.sop_uid, row[1], row[2], row[3], inst.blob_key))
+            self._remove_instance(conn, inst.sop_uid, row[4], row[5])
+            self._change(conn, "superseded", inst.sop_uid, row[4], row[5], row[0])
+        self._add_instance(conn, obj)
+        return status, self._change(conn, "stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
+
+    @staticmethod
+    def _change(conn: sqlite3.Connection, kind: str, sop: str, series: str, study: str, key: str) -> int:
+        at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        cur = conn.execute("INSERT INTO changes (kind, sop_uid, series_uid, study_uid, blob_key, at) "
+                           "VALUES (?,?,?,?,?,?)", (kind, sop, series, study, key, at))
+        return int(cur.lastrowid or 0)
+
+    @staticmethod
+    def _upsert(conn: sqlite3.Connection, table: str, key: str, values: dict[str, Any]) -> None:
+        cols = ", ".join(values)
+        marks = ", ".join("?" * len(values))
+        updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != key)
+        conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) "
+                     f"ON CONFLICT({key}) DO UPDATE SET {updates}", list(values.values()))
+
+    def _add_instance(self, conn: sqlite3.Connection, obj: StoredObject) -> None:
+        inst = obj.instance
+        a = obj.attrs
+        new_series = conn.execute("SELECT 1 FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone() is None
+        new_study = conn.execute("SELECT 1 FROM studies WHERE study_uid = ?", (inst.study_uid,)).fetchone() is None
+        pid = obj.patient_id
+        self._upsert(conn, "patients", "patient_id", {
+            **_columns(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid,
+            "attrs": json.dumps(a[QueryLevel.PATIENT])})
+        self._upsert(conn, "studies", "study_uid", {
+            **_columns(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid, "patient_id": pid,
+            "attrs": json.dumps(a[QueryLevel.STUDY])})
+        self._upsert(conn, "series", "series_uid", {
+            **_columns(QueryLevel.SERIES, a[QueryLevel.SERIES]), "series_uid": inst.series_uid,
+            "study_uid": inst.study_uid, "attrs": json.dumps(a[QueryLevel.SERIES])})
+        conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
+            inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
+            _columns(QueryLevel.IMAGE, a[QueryLevel.IMAGE])["instance_number"], inst.transfer_syntax,
+            inst.blob_key, inst.sha256, inst.size, obj.stamp, json.dumps(a[QueryLevel.IMAGE])))
+        conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
+        conn.execute("UPDATE studies SET num_instances = num_instances + 1, num_series = num_series + ? "
+                     "WHERE study_uid = ?", (int(new_series), inst.study_uid))
+        conn.execute("UPDATE patients SET num_instances = num_instances + 1, num_series = num_series + ?, "
+                     "num_studies = num_studies + ? WHERE patient_id = ?", (int(new_series), int(new_study), pid))
+
+    @staticmethod
+    def _remove_instance(conn: sqlite3.Connection, sop: str, series_uid: str, study_uid: str) -> None:
+        conn.execute("DELETE FROM instances WHERE sop_uid = ?", (sop,))
+        pid = conn.execute("SELECT patient_id FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()[0]
+        conn.execute("UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = ?", (series_uid,))
+        gone_series = conn.execute("DELETE FROM series WHERE series_uid = ? AND num_instances <= 0",
+                                   (series_uid,)).rowcount
+        conn.execute("UPDATE studies SET num_instances = num_instances - 1, num_series = num_series - ? "
+                     "WHERE study_uid = ?", (gone_series, study_uid))
+        gone_study = conn.execute("DELETE FROM studies WHERE study_uid = ? AND num_instances <= 0",
+                                  (study_uid,)).rowcount
+        conn.execute("UPDATE patients SET num_instances = num_instances - 1, num_series = num_series - ?, "
+                     "num_studies = num_studies - ? WHERE patient_id = ?", (gone_series, gone_study, pid))
+        conn.execute("DELETE FROM patients WHERE patient_id = ? AND num_instances <= 0", (pid,))
+
+    def clear(self) -> None:
+        def _clear(conn: sqlite3.Connection) -> None:
+            for table in TABLES:
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'changes'")
+        self._write(_clear)
+
+    # -- reading -------------------------------------------------------------------------------
+    def current(self, sop_uid: str) -> InstanceRecord | None:
+        row = self._reader().execute(f"SELECT {_INSTANCE_COLS} FROM instances i WHERE i.sop_uid = ?",
+                                     (sop_uid,)).fetchone()
+        return InstanceRecord(*row) if row else None
+
+    def _select(self, level: QueryLevel, conditions: Sequence[Condition], columns: str,
+                limit: int | None, offset: int) -> tuple[list[tuple[Any, ...]], list[Condition]]:
+        compiled = compile_conditions(level, conditions)
+        where = " AND ".join(compiled.where) or "1"
+        sql = f"SELECT {columns} FROM {_FROM[level]} WHERE {where} ORDER BY {_ORDER[level]}"
+        params = list(compiled.params)
+        if limit is not None and not compiled.residual:
+            sql += " LIMIT ? OFFSET ?"
+            params += [limit, offset]
+        try:
+            rows = self._reader().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise IndexFailure(f"index query failed: {exc}") from exc
+        return rows, compiled.residual
+
+    def find(self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None,
+             offset: int = 0) -> list[JsonDataset]:
+        cols = {
+            QueryLevel.PATIENT: "p.attrs, p.num_studies, p.num_series, p.num_instances",
+            QueryLevel.STUDY: "p.attrs, s.attrs, s.num_series, s.num_instances, s.study_uid",
+            QueryLevel.SERIES: "p.attrs, s.attrs, se.attrs, se.num_instances, se.series_uid",
+            QueryLevel.IMAGE: "p.attrs, s.attrs, se.attrs, i.attrs, i.transfer_syntax, i.series_uid",
+        }[level]
+        rows, residual = self._select(level, conditions, cols, limit, offset)
+        out: list[JsonDataset] = []
+        for row in rows:
+            ds = self._dataset(level, row)
+            if residual and not all(matches(c, ds.get(tag_hex(c.tag))) for c in residual):
+                continue
+            out.append(ds)
+        if residual and limit is not None:
+            out = out[offset: offset + limit]
+        return out
+
+    def _dataset(self, level: QueryLevel, row: tuple[Any, ...]) -> JsonDataset:
+        ds: JsonDataset = {}
+        if level is QueryLevel.PATIENT:
+            ds.update(json.loads(row[0]))
+            ds.update(_us("00201200", row[1]) | _us("00201202", row[2]) | _us("00201204", row[3]))
+            return ds
+        depth = level.depth
+        for part in row[:depth + 1]:
+            ds.update(json.loads(part))
+        if level is QueryLevel.STUDY:
+            ds.update(_us("00201206", row[2]) | _us("00201208", row[3]))
+            ds.update(self._study_computed(row[4]))
+        elif level is QueryLevel.SERIES:
+            ds.update(_us("00201209", row[3]))
+        else:
+            ds["00083002"] = {"vr": "UI", "Value": [row[4]]}
+        # Each level names its parents' UIDs (PS3.4 C.4.1.2.1: unique keys of higher levels).
+        return ds
+
+    def _study_computed(self, study_uid: str) -> JsonDataset:
+        conn = self._reader()
+        mods = [r[0] for r in conn.execute("SELECT DISTINCT modality FROM series WHERE study_uid = ? "
+                                           "AND modality <> '' ORDER BY modality", (study_uid,))]
+        classes = [r[0] for r in conn.execute("SELECT DISTINCT sop_class_uid FROM instances WHERE study_uid = ? "
+                                              "ORDER BY sop_class_uid", (study_uid,))]
+        out: JsonDataset = {"00080061": {"vr": "CS", "Value": mods} if mods else {"vr": "CS"}}
+        out["00080062"] = {"vr": "UI", "Value": classes} if classes else {"vr": "UI"}
+        return out
+
+    def instances(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRecord]:
+        rows, residual = self._select(QueryLevel.IMAGE, conditions,
+                                      _INSTANCE_COLS + ", p.attrs, s.attrs, se.attrs, i.attrs", None, 0)
+        out = []
+        for row in rows:
+            if residual:
+                ds = self._dataset(QueryLevel.IMAGE, (*row[8:12], row[4], row[2]))
+                if not all(matches(c, ds.get(tag_hex(c.tag))) for c in residual):
+                    continue
+            out.append(InstanceRecord(*row[:8]))
+        return out
+
+    def versions(self) -> Iterator[Version]:
+        conn = self._connect()
+        try:
+            for key, sha, size in conn.execute("SELECT blob_key, sha256, size FROM instances"):
+                yield Version(key, sha, size, True)
+            for key, sha, size in conn.execute("SELECT blob_key, sha256, size FROM versions"):
+                yield Version(key, sha, size, False)
+        finally:
+            conn.close()
+
+    def changes(self, since: int = 0, limit: int = 100) -> list[Change]:
+        rows = self._reader().execute("SELECT seq, kind, sop_uid, series_uid, study_uid, blob_key, at FROM changes "
+                                      "WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)).fetchall()
+        return [Change(*r) for r in rows]
+
+    def statistics(self) -> Statistics:
+        conn = self._reader()
+
+        def one(sql: str) -> int:
+            return int(conn.execute(sql).fetchone()[0] or 0)
+
+        return Statistics(
+            patients=one("SELECT count(*) FROM patients"), studies=one("SELECT count(*) FROM studies"),
+            series=one("SELECT count(*) FROM series"), instances=one("SELECT count(*) FROM instances"),
+            versions=one("SELECT count(*) FROM versions"),
+            stored_bytes=one("SELECT (SELECT coalesce(sum(size),0) FROM instances) + "
+                             "(SELECT coalesce(sum(size),0) FROM versions)"),
+            last_change=one("SELECT coalesce(max(seq), 0) FROM changes"))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        self._writer_conn.close()

@@ -1,0 +1,73 @@
+"""DICOM Part 10 framing (PS3.10 7.1): preamble, ``DICM`` prefix and File Meta Information."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from bastion.errors import InvalidObject
+from bastion.model.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _element(elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_aet: str = "") -> bytes:
+    """Preamble, prefix and File Meta Information group for one object (PS3.10 7.1)."""
+    body = b"".join((
+        _element(0x0001, b"OB", b"\x00\x01", b"\x00"),
+        _element(0x0002, b"UI", sop_class.encode(), b"\x00"),
+        _element(0x0003, b"UI", sop_uid.encode(), b"\x00"),
+        _element(0x0010, b"UI", transfer_syntax.encode(), b"\x00"),
+        _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
+        _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" "),
+        *((_element(0x0016, b"AE", source_aet.strip().encode(), b" "),) if source_aet.strip() else ()),
+    ))
+    return PREAMBLE + _element(0x0000, b"UL", struct.pack("<I", len(body)), b"\x00") + body
+
+
+def dataset_offset(data: bytes) -> int:
+    """Offset of the dataset after the File Meta Information of Part 10 ``data``."""
+    if data[128:132] != b"DICM":
+        return 0
+    pos = 132
+    while pos + 8 <= len(data):
+        group, elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4: pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV"):
+            length = struct.unpack_from("<I", data, pos + 8)[0]
+            pos += 12 + length
+        else:
+            length = struct.unpack_from("<H", data, pos + 6)[0]
+            pos += 8 + length
+    return pos
+
+
+def part10_bytes(data: bytes) -> bytes:
+    """``data`` if it is a Part 10 file; a bare dataset gets File Meta Information added.
+
+    The dataset's own bytes are never changed. Raises InvalidObject if it is not DICOM.
+    """
+    if data[128:132] == b"DICM":
+        return data
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True, defer_size=1024)
+        sop_class = str(ds.SOPClassUID)
+        sop_uid = str(ds.SOPInstanceUID)
+    except (InvalidDicomError, AttributeError, EOFError, ValueError, struct.error, KeyError) as exc:
+        raise InvalidObject(f"not a DICOM object: {exc}") from exc
+    ts = IMPLICIT_VR_LITTLE_ENDIAN if ds.original_encoding[0] else EXPLICIT_VR_LITTLE_ENDIAN
+    return file_meta_bytes(sop_class, sop_uid, ts) + data

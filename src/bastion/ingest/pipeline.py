@@ -1,0 +1,157 @@
+"""The store pipeline shared by DIMSE C-STORE, STOW-RS and ``bastion import``.
+
+Order of work for one object (Orthanc's "instance to store" idea, with Bastion's promise):
+
+1. the adapter streams the Part 10 bytes into a :class:`PendingObject` (hashed on the way);
+2. :meth:`Ingest.finish` parses and validates the header;
+3. an identical current copy makes it a duplicate: nothing new is stored;
+4. the blob is committed (fsync file and directory) under its final key;
+5. the index records it in one transaction (durable on return), with a change-log entry;
+6. only then is success returned. If 4 or 5 fails, nothing is visible and the blob is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from bastion.blobs.base import BlobStore, BlobWriter
+from bastion.errors import BastionError, CommandMismatch, StorageError
+from bastion.index.base import Index
+from bastion.ingest.header import Header, read_header
+from bastion.ingest.part10 import file_meta_bytes, part10_bytes
+from bastion.model.records import (
+    InstanceRecord,
+    StoredObject,
+    StoreResult,
+    StoreStatus,
+    object_key,
+)
+
+log = logging.getLogger("bastion.ingest")
+
+
+class _Stamps:
+    """Strictly increasing 20-digit nanosecond stamps (orders versions of one SOP instance)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns())
+            return f"{self._last:020d}"
+
+
+@dataclass
+class PendingObject:
+    """An object being received: bytes go to a blob writer; nothing is visible yet."""
+
+    writer: BlobWriter
+    origin: str
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append Part 10 bytes."""
+        self.writer.write(data)
+
+    def abort(self) -> None:
+        """Drop the object (association aborted, client gave up)."""
+        self.writer.abort()
+
+
+class Ingest:
+    """Stores objects: one instance per call, thread-safe."""
+
+    def __init__(self, blobs: BlobStore, index: Index) -> None:
+        self.blobs = blobs
+        self.index = index
+        self._stamps = _Stamps()
+        self.stored_count = 0
+        self.failed_count = 0
+        self.recent: list[tuple[float, int]] = []  # (time, bytes) of recent stores, for the ingest rate
+        self.last_errors: list[tuple[float, str, str]] = []  # (time, origin, message)
+
+    def begin(self, origin: str) -> PendingObject:
+        """Start receiving an object from ``origin`` (e.g. ``dimse:MODALITY`` or ``stow``)."""
+        return PendingObject(self.blobs.writer(), origin)
+
+    def begin_dimse(self, origin: str, sop_class: str, sop_uid: str, transfer_syntax: str,
+                    source_aet: str) -> PendingObject:
+        """Start receiving a C-STORE dataset: the file meta (PS3.10 7.1) is written first."""
+        pending = self.begin(origin)
+        pending.write(file_meta_bytes(sop_class, sop_uid, transfer_syntax, source_aet))
+        return pending
+
+    def store_bytes(self, data: bytes, origin: str) -> StoreResult:
+        """Store one Part 10 file (or bare dataset) given as bytes."""
+        pending = self.begin(origin)
+        try:
+            pending.write(part10_bytes(data))
+        except BaseException:
+            pending.abort()
+            raise
+        return self.finish(pending)
+
+    def finish(self, pending: PendingObject, *, sop_class: str | None = None,
+               sop_uid: str | None = None) -> StoreResult:
+        """Validate, commit and index a received object; see the module docstring.
+
+        ``sop_class`` / ``sop_uid`` are the C-STORE command's affected UIDs, which the dataset
+        must repeat (PS3.4 B.2.3: 0xA900 otherwise).
+        """
+        try:
+            header = read_header(pending.writer.spool_path())
+            if sop_uid is not None and header.sop_uid != sop_uid:
+                raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
+                                      f"command's {sop_uid}", uid=header.sop_uid)
+            if sop_class is not None and header.sop_class_uid != sop_class:
+                raise CommandMismatch(f"dataset SOP Class UID {header.sop_class_uid} differs from the "
+                                      f"command's {sop_class}", uid=header.sop_class_uid)
+            result = self._commit(pending, header)
+        except BastionError as exc:
+            pending.abort()
+            self._failed(pending.origin, exc.message)
+            raise
+        except Exception as exc:
+            pending.abort()
+            self._failed(pending.origin, f"unexpected: {exc!r}")
+            log.exception("store from %s failed", pending.origin)
+            raise StorageError(f"store failed: {exc}") from exc
+        self.stored_count += 1
+        now = time.monotonic()
+        self.recent.append((now, pending.writer.size))
+        if len(self.recent) > 4096:
+            del self.recent[:2048]
+        return result
+
+    def _commit(self, pending: PendingObject, header: Header) -> StoreResult:
+        w = pending.writer
+        sha = w.sha256
+        current = self.index.current(header.sop_uid)
+        if current is not None and current.sha256 == sha:
+            w.abort()
+            return StoreResult(StoreStatus.DUPLICATE, current)
+        key = object_key(header.study_uid, header.series_uid, header.sop_uid, self._stamps.next(), sha)
+        record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
+                                header.transfer_syntax, key, sha, w.size)
+        w.commit(key)
+        try:
+            status, seq = self.index.record(StoredObject(record, header.patient_id,
+                                                         key.rsplit("_", 2)[1], header.attrs))
+        except BaseException:
+            self.blobs.delete(key)
+            raise
+        if status is StoreStatus.DUPLICATE:  # an identical copy won a race: keep one
+            self.blobs.delete(key)
+            current = self.index.current(header.sop_uid)
+            return StoreResult(status, current or record)
+        return StoreResult(status, record, seq)
+
+    def _failed(self, origin: str, message: str) -> None:
+        self.failed_count += 1
+        self.last_errors.append((time.time(), origin, message))
+        del self.last_errors[:-20]
+        log.warning("rejected object from %s: %s", origin, message)

@@ -1,0 +1,80 @@
+"""Rebuild the index from the blob store alone (the stored files are the truth).
+
+Every object key carries its ingest stamp (:func:`bastion.model.records.object_key`), so
+replaying all stored versions in stamp order through :meth:`Index.record` reproduces the
+same current versions, superseded versions, counts and change log as live ingest did.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bastion.blobs.base import BlobStore
+from bastion.errors import BastionError
+from bastion.index.base import Index
+from bastion.ingest.header import read_header
+from bastion.model.records import InstanceRecord, StoredObject, parse_object_key
+
+log = logging.getLogger("bastion.rebuild")
+
+
+@dataclass
+class RebuildReport:
+    """What a rebuild found."""
+
+    indexed: int = 0
+    superseded: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+
+
+def stored_keys(blobs: BlobStore) -> list[tuple[str, str]]:
+    """All object keys with their stamps, oldest first; foreign files are left out."""
+    keyed = []
+    for key in blobs.keys():
+        parts = parse_object_key(key)
+        if parts is not None:
+            keyed.append((parts["stamp"], key))
+    keyed.sort()
+    return keyed
+
+
+def read_stored_object(blobs: BlobStore, key: str) -> StoredObject:
+    """Derive the index record of one stored object from its bytes and key."""
+    parts = parse_object_key(key)
+    if parts is None:
+        raise BastionError(f"{key} is not an object key")
+    with blobs.local_copy(key) as path:
+        header = read_header(path)
+    if (header.sop_uid, header.series_uid, header.study_uid) != (parts["sop"], parts["series"], parts["study"]):
+        raise BastionError(f"{key}: UIDs in the object differ from its key")
+    record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
+                            header.transfer_syntax, key, parts["sha"], blobs.size(key))
+    return StoredObject(record, header.patient_id, parts["stamp"], header.attrs)
+
+
+def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None) -> RebuildReport:
+    """Replay every stored object into ``index`` (which should be empty)."""
+    report = RebuildReport()
+    batch: list[StoredObject] = []
+    for _, key in stored_keys(blobs):
+        try:
+            batch.append(read_stored_object(blobs, key))
+        except BastionError as exc:
+            report.skipped.append((key, exc.message))
+            log.warning("rebuild skips %s: %s", key, exc.message)
+        if len(batch) >= 500:
+            _flush(index, batch, report)
+        if progress:
+            progress(1)
+    _flush(index, batch, report)
+    return report
+
+
+def _flush(index: Index, batch: list[StoredObject], report: RebuildReport) -> None:
+    for status, _ in index.record_many(batch):
+        report.indexed += 1
+        if status.value == "superseded":
+            report.superseded += 1
+    batch.clear()

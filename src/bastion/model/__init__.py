@@ -1,0 +1,1 @@
+"""Pure DICOM domain code: query levels, indexed attributes, matching rules. No I/O."""

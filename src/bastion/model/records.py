@@ -1,0 +1,80 @@
+"""Records passed between the ingest pipeline, the index and retrieval. Pure data."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from bastion.model.levels import QueryLevel
+
+#: DICOM JSON model (PS3.18 F.2) of one level's attributes: ``{"0020000D": {"vr": "UI", "Value": [...]}}``.
+JsonDataset = dict[str, Any]
+
+
+class StoreStatus(str, Enum):
+    """What storing one object did. Maps to DIMSE 0x0000 and HTTP 200 in every case."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, identical bytes: nothing new stored
+    SUPERSEDED = "superseded"  # same SOP Instance UID, different bytes: new current version
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """Where one current instance lives, as retrieval needs it."""
+
+    sop_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    blob_key: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """Everything the index records for one stored version of an instance.
+
+    Every field is derived from the stored file and its blob key, which is what makes the
+    index rebuildable (``bastion index rebuild``).
+    """
+
+    instance: InstanceRecord
+    patient_id: str
+    stamp: str  # ingest stamp, orders versions (from the blob key)
+    attrs: dict[QueryLevel, JsonDataset] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The answer of the ingest pipeline for one object."""
+
+    status: StoreStatus
+    record: InstanceRecord
+    seq: int | None = None  # change-log sequence of the change, None for a duplicate
+
+
+_KEY_RE = re.compile(
+    r"^(?P<study>[0-9.]{1,64})/(?P<series>[0-9.]{1,64})/"
+    r"(?P<sop>[0-9.]{1,64})_(?P<stamp>\d{19,20})_(?P<sha>[0-9a-f]{64})\.dcm$"
+)
+
+
+def object_key(study_uid: str, series_uid: str, sop_uid: str, stamp: str, sha256: str) -> str:
+    """The blob key of one stored version: ``study/series/sop_stamp_sha256.dcm``.
+
+    The UIDs must already be validated (digits and dots only), so keys are safe paths. The
+    stamp orders versions of the same SOP Instance UID; the SHA-256 lets ``verify`` detect
+    corruption even after the index was rebuilt.
+    """
+    return f"{study_uid}/{series_uid}/{sop_uid}_{stamp}_{sha256}.dcm"
+
+
+def parse_object_key(key: str) -> dict[str, str] | None:
+    """The parts of a key made by :func:`object_key`, or None for any other key."""
+    m = _KEY_RE.match(key)
+    return m.groupdict() if m else None

@@ -1,0 +1,168 @@
+"""Bastion's settings: one frozen object built once and passed down.
+
+Precedence, lowest first: built-in defaults, a TOML file (``--config`` or
+``BASTION_CONFIG``), environment variables ``BASTION_<NAME>``, command-line flags.
+
+TOML example::
+
+    data = "/var/lib/bastion"
+    aet = "BASTION"
+    host = "0.0.0.0"
+    dicom_port = 11112
+    http_port = 8080
+    max_pdu = 1048576
+    cors_origins = ["https://viewer.example.org"]
+
+    [remotes]
+    WORKSTATION = "10.0.0.5:104"     # AE title = "host:port"
+
+Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICOM_PORT``,
+``BASTION_HTTP_PORT``, ``BASTION_MAX_PDU``, ``BASTION_INDEX`` (index location, default
+``<data>/index.sqlite3``), ``BASTION_BLOBS`` (blob store, default ``<data>/blobs``),
+``BASTION_REMOTES`` (``AET@host:port,AET2@host:port``), ``BASTION_CORS_ORIGINS`` (comma list),
+``BASTION_LOG_LEVEL``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from bastion.errors import BastionError
+
+_AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
+
+
+class SettingsError(BastionError):
+    """A setting has a value Bastion cannot use."""
+
+
+@dataclass(frozen=True)
+class RemoteAE:
+    """A peer application entity that C-MOVE may send to (PS3.4 C.4.2)."""
+
+    aet: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> RemoteAE:
+        """Parse ``AET@host:port``."""
+        m = re.fullmatch(r"\s*([^@]{1,16})@([^:]+):(\d{1,5})\s*", text)
+        if not m:
+            raise SettingsError(f"remote AE {text!r} is not AET@HOST:PORT")
+        return cls(check_aet(m.group(1).strip()), m.group(2), int(m.group(3)))
+
+
+def check_aet(aet: str) -> str:
+    """Return ``aet`` if it is a valid AE title (PS3.5 6.2, AE), else raise."""
+    if not _AET_RE.match(aet) or not aet.strip():
+        raise SettingsError(f"{aet!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return aet.strip()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything Bastion needs to run; immutable once built."""
+
+    data: Path = Path("bastion-data")
+    aet: str = "BASTION"
+    host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    http_port: int = 8080
+    index: str = ""  # default: <data>/index.sqlite3
+    blobs: str = ""  # default: <data>/blobs
+    max_pdu: int = 1048576
+    remotes: tuple[RemoteAE, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    workers: int = 1
+    ohif_dir: str = ""  # default: <repo>/var/ohif when present
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def index_location(self) -> str:
+        """The index location: a SQLite file path (the default)."""
+        return self.index or str(self.data / "index.sqlite3")
+
+    @property
+    def blob_location(self) -> str:
+        """The blob store location: a directory (the default)."""
+        return self.blobs or str(self.data / "blobs")
+
+    def remote(self, aet: str) -> RemoteAE | None:
+        """The configured remote AE called ``aet`` (exact, trailing spaces ignored)."""
+        for r in self.remotes:
+            if r.aet == aet.strip():
+                return r
+        return None
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kinds = {f.name: f.type for f in fields(Settings)}
+    kind = kinds[name]
+    try:
+        if name == "data":
+            return Path(value)
+        if kind == "int":
+            return int(value)
+        if name == "remotes":
+            if isinstance(value, Mapping):
+                out = []
+                for aet, addr in value.items():
+                    out.append(RemoteAE.parse(f"{aet}@{addr}"))
+                return tuple(out)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            return tuple(v if isinstance(v, RemoteAE) else RemoteAE.parse(v) for v in value)
+        if name == "cors_origins":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(value)
+        if name == "aet":
+            return check_aet(str(value))
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"setting {name}: {exc}") from exc
+
+
+def load_settings(config: str | Path | None = None, env: Mapping[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Build :class:`Settings` from defaults, a TOML file, ``BASTION_*`` variables and overrides.
+
+    ``overrides`` whose value is ``None`` are ignored, so CLI flags can be passed straight in.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    names = {f.name for f in fields(Settings)} - {"extra"}
+    path = config or env.get("BASTION_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+        unknown = set(doc) - names
+        if unknown:
+            raise SettingsError(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
+        values.update(doc)
+    for name in names:
+        key = f"BASTION_{name.upper()}"
+        if key in env:
+            values[name] = env[key]
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name == "remotes" and values.get("remotes"):
+            # --remote flags add to the remotes of the file / environment.
+            base = _coerce("remotes", values["remotes"])
+            values[name] = base + _coerce("remotes", value)
+            continue
+        values[name] = value
+    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    return replace(settings, remotes=tuple({r.aet: r for r in settings.remotes}.values()))

@@ -1,0 +1,66 @@
+"""The JSON API under ``/api``: health details, statistics and the change log."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from bastion.archive import Archive
+
+if TYPE_CHECKING:
+    from bastion.web.app import ServerStatus
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer between {lo} and {hi}")
+    return value
+
+
+def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
+    """The ``/api`` routes."""
+
+    async def statistics(request: Request) -> JSONResponse:
+        st = archive.index.statistics()
+        used, free = archive.blobs.usage()
+        now = time.monotonic()
+        recent = [b for t, b in archive.ingest.recent if now - t <= 60]
+        body: dict[str, Any] = {
+            "patients": st.patients, "studies": st.studies, "series": st.series,
+            "instances": st.instances, "versions": st.versions, "stored_bytes": st.stored_bytes,
+            "last_change": st.last_change,
+            "storage": {"location": archive.blobs.location, "used_bytes": used, "free_bytes": free},
+            "ingest": {"stored": archive.ingest.stored_count, "rejected": archive.ingest.failed_count,
+                       "last_minute_instances": len(recent), "last_minute_bytes": sum(recent)},
+            "last_errors": [{"time": t, "origin": o, "message": m} for t, o, m in archive.ingest.last_errors],
+            "associations": status.associations,
+        }
+        return JSONResponse(body)
+
+    async def changes(request: Request) -> JSONResponse:
+        try:
+            since = _int_param(request, "since", 0, 0, 2**62)
+            limit = _int_param(request, "limit", 100, 1, 10_000)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        rows = archive.index.changes(since, limit)
+        return JSONResponse({"changes": [c.__dict__ for c in rows],
+                             "last": rows[-1].seq if rows else since})
+
+    async def remotes(request: Request) -> JSONResponse:
+        return JSONResponse({"remotes": [{"aet": r.aet, "host": r.host, "port": r.port}
+                                         for r in archive.settings.remotes]})
+
+    return [Route("/api/statistics", statistics), Route("/api/changes", changes),
+            Route("/api/remotes", remotes)]

@@ -1,0 +1,63 @@
+"""The ASGI application: ``/health``, ``/api``, ``/admin``, ``/dicom-web``, ``/wado`` and the viewer at ``/``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from bastion import __version__
+from bastion.archive import Archive
+
+
+@dataclass
+class ServerStatus:
+    """Live facts about the running server that the archive itself does not know."""
+
+    started: float = field(default_factory=time.time)
+    dicom_listening: bool = False
+    dicom_address: str = ""
+    associations: int = 0
+
+
+def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlette:
+    """Build the HTTP application around an open :class:`Archive`."""
+    status = status or ServerStatus()
+
+    async def health(request: Request) -> JSONResponse:
+        s = archive.settings
+        body = {
+            "status": "ok" if status.dicom_listening else "starting",
+            "version": __version__,
+            "aet": s.aet,
+            "dicom": {"listening": status.dicom_listening, "address": status.dicom_address},
+            "uptime_seconds": round(time.time() - status.started, 1),
+        }
+        return JSONResponse(body, status_code=200 if status.dicom_listening else 503)
+
+    routes: list[BaseRoute] = [Route("/health", health)]
+    routes += _optional_routes(archive, status)
+    middleware = []
+    if archive.settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(archive.settings.cors_origins),
+                                     allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                     expose_headers=["Content-Type", "Content-Length"]))
+    app = Starlette(routes=routes, middleware=middleware)
+    app.state.archive = archive
+    app.state.status = status
+    return app
+
+
+def _optional_routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
+    """Routes of the other HTTP modules (API, DICOMweb, admin, viewer), added as they exist."""
+    routes: list[BaseRoute] = []
+    from bastion.web import api
+
+    routes += api.routes(archive, status)
+    return routes

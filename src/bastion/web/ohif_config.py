@@ -1,0 +1,85 @@
+"""The OHIF viewer's runtime configuration, served by Bastion at ``/app-config.js``.
+
+The bundled viewer (npm ``@ohif/app`` 3.13.2, unpacked by ``scripts/fetch-ohif.sh`` into
+``var/ohif``) reads ``window.config`` from ``/app-config.js`` before it starts. The file shipped in
+the package points at a public demo server, so the server answers ``/app-config.js`` with the text
+made here instead: one DICOMweb data source on this server (same origin, so no CORS), the study list
+on ``/``, no investigational-use banner and no onboarding tour (the tour's modal overlay catches the
+mouse wheel, so a first-time user cannot scroll a series until it is dismissed).
+
+Keys are the ones of OHIF 3.13's ``dist/app-config.js`` (``investigationalUseDialog.option`` takes
+``'never'``, ``'always'`` or ``'configure'``).
+"""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["app_config_js"]
+
+
+def app_config_js(dicomweb_root: str = "/dicom-web", wado_uri_root: str = "/wado") -> str:
+    """Return the JavaScript text of OHIF's ``app-config.js`` for this server.
+
+    ``dicomweb_root`` is the QIDO-RS / WADO-RS base (path or absolute URL, without a trailing
+    slash), ``wado_uri_root`` the WADO-URI endpoint.
+    """
+    root = dicomweb_root.rstrip("/") or "/"
+    wado_uri = wado_uri_root.rstrip("/") or "/"
+    # json.dumps gives valid, safely quoted JavaScript string literals.
+    q_root = json.dumps(root)
+    q_wado_uri = json.dumps(wado_uri)
+    return f"""/** @type {{AppTypes.Config}} */
+// Served by Bastion in place of the viewer's shipped app-config.js.
+window.config = {{
+  name: 'bastion',
+  routerBasename: '/',
+  extensions: [],
+  modes: [],
+  // No onboarding tour: its modal overlay swallows wheel and mouse input on the first viewer visit.
+  customizationService: {{
+    'ohif.tours': {{ $set: [] }},
+  }},
+  showStudyList: true,
+  maxNumberOfWebWorkers: 3,
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: true,
+  showLoadingIndicator: true,
+  experimentalStudyBrowserSort: false,
+  strictZSpacingForVolumeViewport: true,
+  groupEnabledModesFirst: true,
+  allowMultiSelectExport: false,
+  investigationalUseDialog: {{ option: 'never' }},
+  maxNumRequests: {{
+    interaction: 100,
+    thumbnail: 5,
+    prefetch: 25,
+  }},
+  showErrorDetails: 'always',
+  defaultDataSourceName: 'bastion',
+  dataSources: [
+    {{
+      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+      sourceName: 'bastion',
+      configuration: {{
+        friendlyName: 'Bastion PACS',
+        name: 'bastion',
+        wadoUriRoot: {q_wado_uri},
+        qidoRoot: {q_root},
+        wadoRoot: {q_root},
+        qidoSupportsIncludeField: true,
+        imageRendering: 'wadors',
+        thumbnailRendering: 'wadors',
+        enableStudyLazyLoad: true,
+        supportsFuzzyMatching: false,
+        supportsWildcard: true,
+        bulkDataURI: {{
+          enabled: true,
+          relativeResolution: 'studies',
+        }},
+        omitQuotationForMultipartRequest: true,
+      }},
+    }},
+  ],
+}};
+"""
