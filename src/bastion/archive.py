@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from bastion.blobs import BlobStore, open_blob_store
 from bastion.index import Index, open_index
 from bastion.ingest import Ingest
+from bastion.ingest.rebuild import recover
 from bastion.query.find import Finder
 from bastion.query.retrieve import Retriever
 from bastion.settings import Settings
 
 log = logging.getLogger("bastion")
+
+#: Present while an archive is open; found at start-up it means the last run crashed.
+RUNNING_MARKER = ".running"
 
 
 @dataclass
@@ -32,9 +37,15 @@ class Archive:
         settings.data.mkdir(parents=True, exist_ok=True)
         blobs = open_blob_store(settings.blob_location)
         index = open_index(settings.index_location)
+        marker = settings.data / RUNNING_MARKER
+        if marker.exists():
+            log.warning("the previous run did not shut down cleanly: checking for unindexed objects")
+            recover(blobs, index)
+        marker.write_text(str(os.getpid()))
         return cls(settings, blobs, index, Ingest(blobs, index), Finder(index), Retriever(index, blobs))
 
     def close(self) -> None:
-        """Flush and close the index and blob store."""
+        """Flush and close the index and blob store; mark the shutdown clean."""
         self.index.close()
         self.blobs.close()
+        (self.settings.data / RUNNING_MARKER).unlink(missing_ok=True)

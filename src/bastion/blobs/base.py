@@ -10,10 +10,7 @@ visible. Keys are ``/``-separated; a name starting with ``.`` is never a committ
 from __future__ import annotations
 
 import abc
-import contextlib
 import hashlib
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -40,8 +37,8 @@ class BlobWriter(abc.ABC):
     def _write(self, data: bytes | memoryview) -> None: ...
 
     @abc.abstractmethod
-    def spool_path(self) -> str:
-        """A local file holding what was written so far (flushed), for header parsing."""
+    def reader(self) -> BinaryIO:
+        """What was written so far, readable from the start (for header parsing)."""
 
     @abc.abstractmethod
     def commit(self, key: str) -> None:
@@ -100,14 +97,6 @@ class BlobStore(abc.ABC):
         except Exception:
             return False
         return True
-
-    @contextlib.contextmanager
-    def local_copy(self, key: str) -> Iterator[str]:
-        """A local file path holding the object, for parsers that need one."""
-        with tempfile.NamedTemporaryFile(prefix="bastion-blob-") as tmp, self.open(key) as src:
-            shutil.copyfileobj(src, tmp, 1 << 20)
-            tmp.flush()
-            yield tmp.name
 
     def usage(self) -> tuple[int | None, int | None]:
         """``(used_bytes, free_bytes)``; None where the backend cannot tell."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import io
 import os
 import shutil
 import uuid
@@ -12,6 +12,9 @@ from typing import BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter
 from bastion.errors import NotFound, StorageError, StorageFull
+
+#: Objects up to this size are buffered in memory until commit.
+MEMORY_LIMIT = 8 * 1024 * 1024
 
 
 def _fsync_dir(path: str) -> None:
@@ -29,32 +32,54 @@ def _os_error(exc: OSError, what: str) -> StorageError:
 
 
 class FileWriter(BlobWriter):
-    """Streams into a hidden spool file in the store's ``.spool`` directory."""
+    """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file.
+
+    Small objects (the common case) thus cost one file creation, in :meth:`commit`; a 2 GB
+    multi-frame object never sits in memory.
+    """
 
     def __init__(self, store: FileBlobStore) -> None:
         super().__init__()
         self._store = store
+        self._buf: bytearray | None = bytearray()
+        self._fh: BinaryIO | None = None
         self._path = os.path.join(store.spool_dir, uuid.uuid4().hex)
+
+    def _spill(self) -> None:
         try:
-            self._fh: BinaryIO | None = open(self._path, "wb", buffering=0)  # noqa: SIM115
+            self._fh = open(self._path, "wb", buffering=0)  # noqa: SIM115
+            assert self._buf is not None
+            self._fh.write(self._buf)
         except OSError as exc:
+            self.abort()
             raise _os_error(exc, "cannot create spool file") from exc
+        self._buf = None
 
     def _write(self, data: bytes | memoryview) -> None:
-        assert self._fh is not None, "write after commit/abort"
+        if self._buf is not None:
+            self._buf += data
+            if len(self._buf) > MEMORY_LIMIT:
+                self._spill()
+            return
+        if self._fh is None:
+            raise StorageError("write after commit/abort")
         try:
             self._fh.write(data)
         except OSError as exc:
             self.abort()
             raise _os_error(exc, "cannot write object") from exc
 
-    def spool_path(self) -> str:
-        return self._path
+    def reader(self) -> BinaryIO:
+        if self._buf is not None:
+            return io.BytesIO(self._buf)
+        return open(self._path, "rb")  # noqa: SIM115
 
     def commit(self, key: str) -> None:
-        assert self._fh is not None, "commit after commit/abort"
         final = self._store.path_of(key)
         try:
+            if self._buf is not None:
+                self._spill()
+            assert self._fh is not None, "commit after commit/abort"
             os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
@@ -66,6 +91,7 @@ class FileWriter(BlobWriter):
             raise _os_error(exc, f"cannot commit {key}") from exc
 
     def abort(self) -> None:
+        self._buf = None
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -136,19 +162,14 @@ class FileBlobStore(BlobStore):
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         start = self.root if not prefix else os.path.join(self.root, *prefix.strip("/").split("/"))
+        if not os.path.isdir(start):
+            return
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = os.path.relpath(dirpath, self.root)
             for name in filenames:
                 if not name.startswith("."):
                     yield name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
-
-    @contextlib.contextmanager
-    def local_copy(self, key: str) -> Iterator[str]:
-        path = self.path_of(key)
-        if not os.path.exists(path):
-            raise NotFound(f"object {key} is missing from the blob store")
-        yield path
 
     def usage(self) -> tuple[int | None, int | None]:
         du = shutil.disk_usage(self.root)

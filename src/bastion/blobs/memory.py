@@ -26,10 +26,10 @@ class MemoryWriter(BlobWriter):
         assert self._fh is not None
         self._fh.write(data)
 
-    def spool_path(self) -> str:
+    def reader(self) -> BinaryIO:
         assert self._fh is not None
         self._fh.flush()
-        return self._path
+        return open(self._path, "rb")  # noqa: SIM115
 
     def commit(self, key: str) -> None:
         assert self._fh is not None

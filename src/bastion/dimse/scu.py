@@ -66,7 +66,7 @@ class StoreSCU:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.remote.host, self.remote.port), TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise SubOperationError(f"cannot connect to {self.remote.host}:{self.remote.port}: {exc}") from exc
         set_nodelay(writer)
         assoc = Association(reader, writer, calling_aet=self.calling_aet, called_aet=self.remote.aet)
@@ -75,7 +75,7 @@ class StoreSCU:
         try:
             await assoc.send_raw(encode_associate(rq, ac=False))
             kind, body = await assoc.read_pdu(TIMEOUT)
-        except (AssociationClosed, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, AssociationClosed, OSError) as exc:
             assoc.close()
             raise SubOperationError(f"association with {self.remote.aet} failed: {exc}") from exc
         if kind == A_ASSOCIATE_RJ:
@@ -128,7 +128,7 @@ class StoreSCU:
                 for msg in assoc.feed_pdata(pdu, lambda _msg: BytesSink()):
                     if msg.command.get("MessageIDBeingRespondedTo") == mid:
                         return int(msg.command.get("Status", 0xC000))
-        except (AssociationClosed, PDUError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, AssociationClosed, PDUError, OSError) as exc:
             self.assoc = None
             assoc.close()
             raise SubOperationError(f"{self.remote.aet}: {exc}") from exc

@@ -62,7 +62,7 @@ class DicomServer:
                 await self._serve(assoc, session)
         except AssociationClosed:
             log.info("association from %s (%s) closed by peer", assoc.calling_aet or "?", assoc.peername)
-        except (PDUError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, PDUError) as exc:
             log.warning("aborting association from %s (%s): %s", assoc.calling_aet or "?", assoc.peername, exc)
             await assoc.abort()
         except Exception:

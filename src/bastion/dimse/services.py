@@ -12,7 +12,13 @@ from typing import Any
 from bastion.archive import Archive
 from bastion.dimse import messages as m
 from bastion.dimse.association import Association, BytesSink, DatasetSink, Message
-from bastion.dimse.identifiers import decode_identifier, encode_failed_uids, encode_response, query_keys, query_level
+from bastion.dimse.identifiers import (
+    decode_identifier,
+    encode_failed_uids,
+    encode_response,
+    query_keys,
+    query_level,
+)
 from bastion.dimse.scu import StoreSCU, SubOperationError
 from bastion.errors import BastionError, InvalidQuery, UnknownDestination
 from bastion.ingest import PendingObject
@@ -190,6 +196,9 @@ class Services:
         if remote is None:
             raise UnknownDestination(f"move destination {dest!r} is not a configured remote AE")
         records = await self._select(msg)
+        if not records:  # nothing matches: zero sub-operations, no association with the destination
+            await self._suboperations(session, msg, records, None)
+            return
         scu = StoreSCU(self.archive, self.executor, calling_aet=self.archive.settings.aet, remote=remote)
         try:
             await scu.connect({r.sop_class_uid for r in records}, {r.transfer_syntax for r in records})

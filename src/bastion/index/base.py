@@ -82,6 +82,14 @@ class Index(abc.ABC):
         """Current instances under the entities at ``level`` matching ``conditions`` (retrieval)."""
 
     @abc.abstractmethod
+    def last_stamp(self) -> str | None:
+        """The newest ingest stamp indexed (current or superseded), for crash recovery."""
+
+    @abc.abstractmethod
+    def has_blob(self, blob_key: str) -> bool:
+        """True if ``blob_key`` is indexed as a current or superseded version."""
+
+    @abc.abstractmethod
     def versions(self) -> Iterator[Version]:
         """Every version the index knows, current and superseded (for ``verify``)."""
 

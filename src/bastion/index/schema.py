@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid, instance_number);
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE INDEX IF NOT EXISTS instances_blob ON instances(blob_key);
+CREATE INDEX IF NOT EXISTS instances_stamp ON instances(stamp);
 
 CREATE TABLE IF NOT EXISTS versions (
   blob_key TEXT PRIMARY KEY,
@@ -73,6 +75,7 @@ CREATE TABLE IF NOT EXISTS versions (
   superseded_by TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS versions_sop ON versions(sop_uid);
+CREATE INDEX IF NOT EXISTS versions_stamp ON versions(stamp);
 
 CREATE TABLE IF NOT EXISTS changes (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,

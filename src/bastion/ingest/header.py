@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
-from bastion.errors import InvalidObject, InvalidUID, MissingAttribute, UnsupportedTransferSyntax
-from bastion.model.attributes import LEVEL_KEYWORDS, tag_hex
+from bastion.errors import CommandMismatch, InvalidObject, InvalidUID, MissingAttribute, UnsupportedTransferSyntax
+from bastion.model.attributes import LEVEL_KEYWORDS, tag_hex, tag_of, vr_of
 from bastion.model.levels import QueryLevel
 from bastion.model.records import JsonDataset
 from bastion.model.uids import (
@@ -52,16 +54,77 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return text
 
 
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+_NUMBER_VRS = frozenset({"US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"})
+_LEVEL_TAGS = {level: [(tag_of(k), tag_hex(tag_of(k))) for k in kws] for level, kws in LEVEL_KEYWORDS.items()}
+
+
+def _element_json(el: DataElement) -> dict[str, Any]:
+    """DICOM JSON (PS3.18 F.2) of one element; fast paths for the common VRs."""
+    vr, value = el.VR, el.value
+    if vr in _TEXT_VRS or vr == "PN" or vr in ("IS", "DS") or vr in _NUMBER_VRS:
+        values = list(value) if isinstance(value, (list, MultiValue)) else [value]
+        values = [v for v in values if v is not None and v != ""]
+        if not values:
+            return {"vr": vr}
+        if vr == "PN":
+            return {"vr": vr, "Value": [{"Alphabetic": str(v)} for v in values]}
+        if vr == "IS":
+            return {"vr": vr, "Value": [int(v) for v in values]}
+        if vr == "DS":
+            return {"vr": vr, "Value": [float(v) for v in values]}
+        if vr in _NUMBER_VRS:
+            return {"vr": vr, "Value": values}
+        return {"vr": vr, "Value": [str(v) for v in values]}
+    return el.to_json_dict(None, 4096)
+
+
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "IS", "DS"})
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_BINARY = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d"}
+
+
+def _fast_json(raw: Any, vr: str) -> dict[str, Any] | None:
+    """DICOM JSON straight from a raw element for plain-ASCII and binary values; None otherwise."""
+    value = raw.value
+    if value is None:
+        return {"vr": vr}
+    if vr in _BINARY:
+        fmt = _BINARY[vr]
+        n = len(value) // struct.calcsize(fmt)
+        vals = list(struct.unpack(("<" if raw.is_little_endian else ">") + fmt * n, value[: n * struct.calcsize(fmt)]))
+        return {"vr": vr, "Value": vals} if vals else {"vr": vr}
+    if vr not in _ASCII_VRS and vr not in _CHARSET_VRS:
+        return None
+    if not value.isascii() or b"\x1b" in value:
+        return None  # non-ASCII text: let pydicom apply the Specific Character Set
+    text = value.decode("ascii")
+    parts = [text] if vr in ("LT", "ST", "UT") else text.split("\\")
+    parts = [p.strip(" \x00") if vr != "LT" else p.rstrip(" \x00") for p in parts]
+    parts = [p for p in parts if p]
+    if not parts:
+        return {"vr": vr}
+    if vr == "PN":
+        return {"vr": vr, "Value": [{"Alphabetic": p} for p in parts]}
+    if vr == "IS":
+        return {"vr": vr, "Value": [int(p) for p in parts]}
+    if vr == "DS":
+        return {"vr": vr, "Value": [float(p) for p in parts]}
+    return {"vr": vr, "Value": parts}
+
+
 def _to_json(ds: Dataset, level: QueryLevel) -> JsonDataset:
     out: JsonDataset = {}
-    for keyword in LEVEL_KEYWORDS[level]:
-        if keyword not in ds:
-            continue
-        el = ds.data_element(keyword)
-        if el is None:
+    present = ds._dict
+    for tag, key in _LEVEL_TAGS[level]:
+        elem = present.get(tag)
+        if elem is None:
             continue
         try:
-            out[tag_hex(int(el.tag))] = el.to_json_dict(None, 4096)
+            fast = None
+            if isinstance(elem, RawDataElement) and (elem.VR != "UN" or not elem.value):
+                fast = _fast_json(elem, vr_of(tag) if elem.VR in (None, "UN") else elem.VR)
+            out[key] = fast if fast is not None else _element_json(ds[tag])
         except Exception:  # an unreadable optional attribute is left out, not fatal
             continue
     return out
@@ -108,8 +171,8 @@ def _check_pixel_data_complete(fp: Any, ds: FileDataset, size: int, ts: str) -> 
         item_pos += 8 + n
 
 
-def read_header(path: str) -> Header:
-    """Parse and validate the header of the Part 10 file at ``path``.
+def read_header(fp: BinaryIO) -> Header:
+    """Parse and validate the header of the Part 10 object readable from ``fp`` (at offset 0).
 
     Raises
     ------
@@ -118,9 +181,10 @@ def read_header(path: str) -> Header:
     UnsupportedTransferSyntax
         Its transfer syntax is not one Bastion stores.
     """
-    size = os.path.getsize(path)
+    size = fp.seek(0, os.SEEK_END)
+    fp.seek(0)
     try:
-        with open(path, "rb") as fp:
+        with fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=65536)
             ts = str(ds.file_meta.get("TransferSyntaxUID", "")).strip("\x00 ")
             if not ts:
@@ -134,7 +198,8 @@ def read_header(path: str) -> Header:
     sop_uid = _uid(ds, "SOPInstanceUID")
     meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", sop_uid)).strip("\x00 ")
     if meta_sop != sop_uid:
-        raise InvalidObject(f"file meta SOP Instance UID {meta_sop} differs from the dataset's {sop_uid}")
+        # For C-STORE the file meta carries the command's UID: a mismatch is 0xA900 (PS3.4 B.2.3).
+        raise CommandMismatch(f"file meta SOP Instance UID {meta_sop} differs from the dataset's {sop_uid}")
     try:
         attrs = {level: _to_json(ds, level) for level in QueryLevel}
         patient_id = str(ds.get("PatientID", "") or "").strip()

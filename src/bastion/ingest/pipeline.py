@@ -103,7 +103,7 @@ class Ingest:
         must repeat (PS3.4 B.2.3: 0xA900 otherwise).
         """
         try:
-            header = read_header(pending.writer.spool_path())
+            header = read_header(pending.writer.reader())
             if sop_uid is not None and header.sop_uid != sop_uid:
                 raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
                                       f"command's {sop_uid}", uid=header.sop_uid)
@@ -134,13 +134,13 @@ class Ingest:
         if current is not None and current.sha256 == sha:
             w.abort()
             return StoreResult(StoreStatus.DUPLICATE, current)
-        key = object_key(header.study_uid, header.series_uid, header.sop_uid, self._stamps.next(), sha)
+        stamp = self._stamps.next()
+        key = object_key(header.sop_uid, stamp, sha)
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                                 header.transfer_syntax, key, sha, w.size)
         w.commit(key)
         try:
-            status, seq = self.index.record(StoredObject(record, header.patient_id,
-                                                         key.rsplit("_", 2)[1], header.attrs))
+            status, seq = self.index.record(StoredObject(record, header.patient_id, stamp, header.attrs))
         except BaseException:
             self.blobs.delete(key)
             raise

@@ -8,6 +8,7 @@ same current versions, superseded versions, counts and change log as live ingest
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from bastion.blobs.base import BlobStore
 from bastion.errors import BastionError
 from bastion.index.base import Index
 from bastion.ingest.header import read_header
-from bastion.model.records import InstanceRecord, StoredObject, parse_object_key
+from bastion.model.records import InstanceRecord, StoredObject, parse_object_key, partition_of
 
 log = logging.getLogger("bastion.rebuild")
 
@@ -45,10 +46,9 @@ def read_stored_object(blobs: BlobStore, key: str) -> StoredObject:
     parts = parse_object_key(key)
     if parts is None:
         raise BastionError(f"{key} is not an object key")
-    with blobs.local_copy(key) as path:
-        header = read_header(path)
-    if (header.sop_uid, header.series_uid, header.study_uid) != (parts["sop"], parts["series"], parts["study"]):
-        raise BastionError(f"{key}: UIDs in the object differ from its key")
+    header = read_header(blobs.open(key))
+    if header.sop_uid != parts["sop"]:
+        raise BastionError(f"{key}: the object's SOP Instance UID {header.sop_uid} differs from its key")
     record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                             header.transfer_syntax, key, parts["sha"], blobs.size(key))
     return StoredObject(record, header.patient_id, parts["stamp"], header.attrs)
@@ -69,6 +69,43 @@ def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | No
         if progress:
             progress(1)
     _flush(index, batch, report)
+    return report
+
+
+def recover(blobs: BlobStore, index: Index) -> RebuildReport:
+    """Index objects stored but not indexed, after an unclean shutdown.
+
+    Lists only the hourly partitions from one hour before the newest indexed stamp up to
+    now (see :func:`bastion.model.records.object_key`), so it is quick on a large archive.
+    """
+    report = RebuildReport()
+    last = index.last_stamp()
+    start_ns = (int(last) if last else 0) - 3600 * 1_000_000_000
+    if last is None:
+        prefixes = [""]
+    else:
+        prefixes = []
+        hour_ns = 3600 * 1_000_000_000
+        t = start_ns - start_ns % hour_ns
+        while t <= time.time_ns() + hour_ns:
+            prefixes.append(partition_of(f"{t:020d}") + "/")
+            t += hour_ns
+    found: list[tuple[str, str]] = []
+    for prefix in prefixes:
+        for key in blobs.keys(prefix):
+            parts = parse_object_key(key)
+            if parts and int(parts["stamp"]) >= start_ns and not index.has_blob(key):
+                found.append((parts["stamp"], key))
+    batch: list[StoredObject] = []
+    for _, key in sorted(found):
+        try:
+            batch.append(read_stored_object(blobs, key))
+        except BastionError as exc:
+            report.skipped.append((key, exc.message))
+            log.warning("recovery skips %s: %s", key, exc.message)
+    _flush(index, batch, report)
+    if report.indexed:
+        log.warning("recovered %d stored object(s) that the index had lost", report.indexed)
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -59,19 +60,26 @@ class StoreResult:
 
 
 _KEY_RE = re.compile(
-    r"^(?P<study>[0-9.]{1,64})/(?P<series>[0-9.]{1,64})/"
-    r"(?P<sop>[0-9.]{1,64})_(?P<stamp>\d{19,20})_(?P<sha>[0-9a-f]{64})\.dcm$"
+    r"^(?P<partition>\d{4}/\d{2}/\d{2}/\d{2})/"
+    r"(?P<sop>[0-9.]{1,64})_(?P<stamp>\d{20})_(?P<sha>[0-9a-f]{64})\.dcm$"
 )
 
 
-def object_key(study_uid: str, series_uid: str, sop_uid: str, stamp: str, sha256: str) -> str:
-    """The blob key of one stored version: ``study/series/sop_stamp_sha256.dcm``.
+def object_key(sop_uid: str, stamp: str, sha256: str) -> str:
+    """The blob key of one stored version: ``YYYY/MM/DD/HH/<sop>_<stamp>_<sha256>.dcm``.
 
-    The UIDs must already be validated (digits and dots only), so keys are safe paths. The
-    stamp orders versions of the same SOP Instance UID; the SHA-256 lets ``verify`` detect
-    corruption even after the index was rebuilt.
+    The partition is the UTC hour of the ingest stamp (nanoseconds since the epoch), so the
+    objects stored since a given time can be listed without walking the whole store (crash
+    recovery, incremental backup). The stamp orders versions of the same SOP Instance UID;
+    the SHA-256 lets ``verify`` detect corruption even after the index was rebuilt. The UID
+    must already be validated (digits and dots only), so keys are safe paths.
     """
-    return f"{study_uid}/{series_uid}/{sop_uid}_{stamp}_{sha256}.dcm"
+    return f"{partition_of(stamp)}/{sop_uid}_{stamp}_{sha256}.dcm"
+
+
+def partition_of(stamp: str) -> str:
+    """``YYYY/MM/DD/HH`` (UTC) of a nanosecond stamp."""
+    return time.strftime("%Y/%m/%d/%H", time.gmtime(int(stamp) // 1_000_000_000))
 
 
 def parse_object_key(key: str) -> dict[str, str] | None:
