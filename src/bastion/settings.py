@@ -20,7 +20,7 @@ Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICO
 ``BASTION_HTTP_PORT``, ``BASTION_MAX_PDU``, ``BASTION_INDEX`` (index location, default
 ``<data>/index.sqlite3``), ``BASTION_BLOBS`` (blob store, default ``<data>/blobs``),
 ``BASTION_REMOTES`` (``AET@host:port,AET2@host:port``), ``BASTION_CORS_ORIGINS`` (comma list),
-``BASTION_LOG_LEVEL``.
+``BASTION_WORKERS`` (DICOM worker processes, default 2), ``BASTION_LOG_LEVEL``.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Settings:
     remotes: tuple[RemoteAE, ...] = ()
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
-    workers: int = 1
+    workers: int = 2
     ohif_dir: str = ""  # default: <repo>/var/ohif when present
     extra: Mapping[str, Any] = field(default_factory=dict)
 

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "listener (/health, /api, /dicom-web, /admin, viewer). Settings come from the TOML "
                            "file, then BASTION_* environment variables (BASTION_DATA, BASTION_AET, BASTION_HOST, "
                            "BASTION_DICOM_PORT, BASTION_HTTP_PORT, BASTION_MAX_PDU, BASTION_REMOTES, "
-                           "BASTION_CORS_ORIGINS, BASTION_LOG_LEVEL), then these flags.")
+                           "BASTION_CORS_ORIGINS, BASTION_WORKERS, BASTION_LOG_LEVEL), then these flags.")
     _common(serve)
     serve.add_argument("--aet", help="our AE title (default BASTION)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
     serve.add_argument("--remote", action="append", metavar="AET@HOST:PORT",
                        help="a C-MOVE destination (repeatable; adds to the config file's [remotes])")
+    serve.add_argument("--workers", type=int, help="DICOM worker processes sharing the port (default 2; "
+                       "BASTION_WORKERS)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
 
     imp = sub.add_parser("import", help="store DICOM files, folders and zip archives",

@@ -1,14 +1,24 @@
-"""``bastion serve``: the DICOM listener and the HTTP listener on one asyncio loop."""
+"""``bastion serve``: the DICOM listener and the HTTP listener.
+
+With ``workers = N > 1`` the DICOM listening socket is shared by N processes (forked before
+any thread or database connection exists): the kernel spreads associations over them, so
+parallel senders use every core. The first process also serves HTTP. All processes write
+the same index (SQLite in WAL mode serialises their commits) and the same blob store.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 
 import uvicorn
 
+from bastion import __version__
 from bastion.archive import Archive
 from bastion.dimse.server import DicomServer
 from bastion.settings import Settings, load_settings
@@ -22,38 +32,66 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, data=args.data, aet=getattr(args, "aet", None),
                          host=getattr(args, "host", None), dicom_port=getattr(args, "dicom_port", None),
                          http_port=getattr(args, "http_port", None), remotes=getattr(args, "remote", None),
-                         log_level=getattr(args, "log_level", None))
+                         log_level=getattr(args, "log_level", None), workers=getattr(args, "workers", None))
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM."""
-    archive = Archive.open(settings)
-    status = ServerStatus()
-    dicom = DicomServer(archive)
-    await dicom.start(settings.host, settings.dicom_port)
-    status.dicom_listening = True
-    status.dicom_address = f"{settings.host}:{settings.dicom_port}"
-    app = create_app(archive, status)
-    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="warning",
-                            access_log=False, lifespan="off")
-    http = uvicorn.Server(config)
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+def dicom_socket(settings: Settings) -> socket.socket:
+    """The bound, listening DICOM socket (shared by every worker)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.dicom_port))
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+async def _until_signal(extra: asyncio.Future[None] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    http_task = asyncio.create_task(http.serve())
-    log.info("Bastion %s: DICOM %s@%s:%d, HTTP http://%s:%d, data %s", __import__("bastion").__version__,
-             settings.aet, settings.host, settings.dicom_port, settings.host, settings.http_port, settings.data)
-    stop_task = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    waiters = {asyncio.ensure_future(stop.wait())} | ({extra} if extra else set())
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def serve(settings: Settings, sock: socket.socket) -> None:
+    """The primary process: DICOM and HTTP until SIGINT/SIGTERM."""
+    archive = Archive.open(settings)
+    status = ServerStatus()
+    dicom = DicomServer(archive)
+    await dicom.start(settings.host, settings.dicom_port, sock=sock)
+    status.dicom_listening = True
+    status.dicom_address = f"{settings.host}:{settings.dicom_port}"
+    status.active = lambda: dicom.active  # type: ignore[method-assign]
+    config = uvicorn.Config(create_app(archive, status), host=settings.host, port=settings.http_port,
+                            log_level="warning", access_log=False, lifespan="off")
+    http = uvicorn.Server(config)
+    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    http_task = asyncio.ensure_future(http.serve())
+    log.info("Bastion %s: DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__, settings.aet,
+             settings.host, settings.dicom_port, settings.workers, settings.host, settings.http_port,
+             settings.data)
+    await _until_signal(http_task)
     log.info("shutting down")
     http.should_exit = True
     await dicom.close()
-    if http_task not in done:
-        await http_task
-    elif http_task.exception():
-        raise http_task.exception()  # type: ignore[misc]
+    await http_task
+    archive.close()
+
+
+async def serve_worker(settings: Settings, sock: socket.socket, parent: int) -> None:
+    """An extra DICOM worker process: no HTTP, exits with its parent."""
+    archive = Archive.open(settings, primary=False)
+    dicom = DicomServer(archive)
+    await dicom.start(settings.host, settings.dicom_port, sock=sock)
+
+    async def orphaned() -> None:
+        while os.getppid() == parent:
+            await asyncio.sleep(1)
+
+    await _until_signal(asyncio.ensure_future(orphaned()))
+    await dicom.close()
     archive.close()
 
 
@@ -61,5 +99,30 @@ def run_serve(args: argparse.Namespace) -> int:
     """Entry point of ``bastion serve``."""
     settings = settings_from(args)
     logging.getLogger().setLevel(settings.log_level.upper())
-    asyncio.run(serve(settings))
+    if settings.workers > 1:
+        # Recover before forking so workers start on a consistent index.
+        Archive.open(settings).close()
+    sock = dicom_socket(settings)
+    children: list[int] = []
+    parent = os.getpid()
+    for _ in range(settings.workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                asyncio.run(serve_worker(settings, sock, parent))
+            except BaseException:
+                log.exception("DICOM worker failed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    try:
+        asyncio.run(serve(settings, sock))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
     return 0

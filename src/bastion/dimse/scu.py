@@ -37,6 +37,22 @@ class SubOperationError(Exception):
     """A storage sub-operation could not be attempted (no association, no context)."""
 
 
+async def send_instance(owner: Any, assoc: Association, context_id: int, ts: str, record: InstanceRecord,
+                        command: dict[str, Any]) -> None:
+    """Send a C-STORE-RQ for ``record``: streamed from the blob as stored, or converted."""
+    retriever = owner.archive.retriever
+    if ts == record.transfer_syntax:
+        stream = await owner._run(retriever.open_dataset, record)
+        try:
+            await assoc.send_message(context_id, command, stream=stream)
+        finally:
+            stream.close()
+    else:
+        body = await owner._run(retriever.dataset_bytes, record, ts)
+        await assoc.send_message(context_id, command, body)
+
+
+
 class StoreSCU:
     """One outgoing association that sends stored instances to a remote AE."""
 
@@ -92,6 +108,9 @@ class StoreSCU:
                 assoc.contexts[pc.id] = AcceptedContext(pc.id, proposed[pc.id].abstract_syntax, pc.transfer_syntax)
         self.assoc = assoc
 
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     def _context_for(self, record: InstanceRecord) -> tuple[int, str] | None:
         assert self.assoc is not None
         candidates = [c for c in self.assoc.contexts.values() if c.abstract_syntax == record.sop_class_uid]
@@ -110,8 +129,6 @@ class StoreSCU:
         if ctx is None:
             raise SubOperationError(f"{self.remote.aet} accepted no context for {record.sop_class_uid}")
         context_id, ts = ctx
-        loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(self.executor, self.archive.retriever.dataset_bytes, record, ts)
         mid = assoc.next_message_id()
         cmd: dict[str, Any] = {"CommandField": m.C_STORE_RQ, "MessageID": mid, "Priority": 0,
                                "AffectedSOPClassUID": record.sop_class_uid,
@@ -120,7 +137,7 @@ class StoreSCU:
             cmd["MoveOriginatorApplicationEntityTitle"] = originator[0]
             cmd["MoveOriginatorMessageID"] = originator[1]
         try:
-            await assoc.send_message(context_id, cmd, body)
+            await send_instance(self, assoc, context_id, ts, record, cmd)
             while True:
                 kind, pdu = await assoc.read_pdu(TIMEOUT)
                 if kind != P_DATA_TF:

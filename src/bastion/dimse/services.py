@@ -19,7 +19,7 @@ from bastion.dimse.identifiers import (
     query_keys,
     query_level,
 )
-from bastion.dimse.scu import StoreSCU, SubOperationError
+from bastion.dimse.scu import StoreSCU, SubOperationError, send_instance
 from bastion.errors import BastionError, InvalidQuery, UnknownDestination
 from bastion.ingest import PendingObject
 from bastion.model.levels import QueryLevel
@@ -217,13 +217,12 @@ class Services:
             if ctx is None:
                 raise SubOperationError(f"no accepted storage context for {record.sop_class_uid}")
             context_id, ts = ctx
-            body = await self._run(self.archive.retriever.dataset_bytes, record, ts)
             mid = session.assoc.next_message_id()
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             session.store_replies[mid] = fut
-            await session.assoc.send_message(context_id, {
+            await send_instance(self, session.assoc, context_id, ts, record, {
                 "CommandField": m.C_STORE_RQ, "MessageID": mid, "Priority": 0,
-                "AffectedSOPClassUID": record.sop_class_uid, "AffectedSOPInstanceUID": record.sop_uid}, body)
+                "AffectedSOPClassUID": record.sop_class_uid, "AffectedSOPInstanceUID": record.sop_uid})
             rsp = await fut
             return int(rsp.get("Status", 0xC000))
 

@@ -35,6 +35,7 @@ class Statistics:
     versions: int
     stored_bytes: int
     last_change: int
+    stored_last_minute: int = 0
 
 
 @dataclass(frozen=True)

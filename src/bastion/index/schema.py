@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS changes (
   blob_key TEXT NOT NULL,
   at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS changes_at ON changes(at);
 """
 
 TABLES = ("patients", "studies", "series", "instances", "versions", "changes")

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
@@ -372,7 +372,10 @@ class SqliteIndex(Index):
             versions=one("SELECT count(*) FROM versions"),
             stored_bytes=one("SELECT (SELECT coalesce(sum(size),0) FROM instances) + "
                              "(SELECT coalesce(sum(size),0) FROM versions)"),
-            last_change=one("SELECT coalesce(max(seq), 0) FROM changes"))
+            last_change=one("SELECT coalesce(max(seq), 0) FROM changes"),
+            stored_last_minute=int(conn.execute(
+                "SELECT count(*) FROM changes WHERE kind = 'stored' AND at >= ?",
+                ((datetime.now(UTC) - timedelta(minutes=1)).isoformat(timespec="milliseconds"),)).fetchone()[0]))
 
     def close(self) -> None:
         self._queue.put(None)

@@ -17,7 +17,13 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from bastion.errors import CommandMismatch, InvalidObject, InvalidUID, MissingAttribute, UnsupportedTransferSyntax
+from bastion.errors import (
+    CommandMismatch,
+    InvalidObject,
+    InvalidUID,
+    MissingAttribute,
+    UnsupportedTransferSyntax,
+)
 from bastion.model.attributes import LEVEL_KEYWORDS, tag_hex, tag_of, vr_of
 from bastion.model.levels import QueryLevel
 from bastion.model.records import JsonDataset

@@ -41,6 +41,9 @@ def dataset_offset(data: bytes) -> int:
     """Offset of the dataset after the File Meta Information of Part 10 ``data``."""
     if data[128:132] != b"DICM":
         return 0
+    group, elem = struct.unpack_from("<HH", data, 132)
+    if (group, elem) == (0x0002, 0x0000) and data[136:138] == b"UL":
+        return 144 + struct.unpack_from("<I", data, 140)[0]  # File Meta Information Group Length
     pos = 132
     while pos + 8 <= len(data):
         group, elem = struct.unpack_from("<HH", data, pos)

@@ -22,6 +22,7 @@ from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
 from bastion.ingest.part10 import file_meta_bytes, part10_bytes
+from bastion.ingest.rejections import RejectionLog
 from bastion.model.records import (
     InstanceRecord,
     StoredObject,
@@ -65,14 +66,11 @@ class PendingObject:
 class Ingest:
     """Stores objects: one instance per call, thread-safe."""
 
-    def __init__(self, blobs: BlobStore, index: Index) -> None:
+    def __init__(self, blobs: BlobStore, index: Index, rejections: RejectionLog | None = None) -> None:
         self.blobs = blobs
         self.index = index
+        self.rejections = rejections or RejectionLog(None)
         self._stamps = _Stamps()
-        self.stored_count = 0
-        self.failed_count = 0
-        self.recent: list[tuple[float, int]] = []  # (time, bytes) of recent stores, for the ingest rate
-        self.last_errors: list[tuple[float, str, str]] = []  # (time, origin, message)
 
     def begin(self, origin: str) -> PendingObject:
         """Start receiving an object from ``origin`` (e.g. ``dimse:MODALITY`` or ``stow``)."""
@@ -120,11 +118,6 @@ class Ingest:
             self._failed(pending.origin, f"unexpected: {exc!r}")
             log.exception("store from %s failed", pending.origin)
             raise StorageError(f"store failed: {exc}") from exc
-        self.stored_count += 1
-        now = time.monotonic()
-        self.recent.append((now, pending.writer.size))
-        if len(self.recent) > 4096:
-            del self.recent[:2048]
         return result
 
     def _commit(self, pending: PendingObject, header: Header) -> StoreResult:
@@ -151,7 +144,5 @@ class Ingest:
         return StoreResult(status, record, seq)
 
     def _failed(self, origin: str, message: str) -> None:
-        self.failed_count += 1
-        self.last_errors.append((time.time(), origin, message))
-        del self.last_errors[:-20]
+        self.rejections.record(origin, message)
         log.warning("rejected object from %s: %s", origin, message)

@@ -47,6 +47,17 @@ class Retriever:
         """The stored Part 10 file, for streaming."""
         return self.blobs.open(record.blob_key)
 
+    def open_dataset(self, record: InstanceRecord) -> BinaryIO:
+        """The stored dataset (after the File Meta Information), for streaming as stored."""
+        fh = self.open(record)
+        try:
+            head = fh.read(144)
+            fh.seek(dataset_offset(head) if head[128:132] == b"DICM" and len(head) == 144 else 0)
+        except BaseException:
+            fh.close()
+            raise
+        return fh
+
     def read(self, record: InstanceRecord) -> bytes:
         """The stored Part 10 file, whole."""
         return self.blobs.get(record.blob_key)

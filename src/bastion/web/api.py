@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -34,17 +33,15 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     async def statistics(request: Request) -> JSONResponse:
         st = archive.index.statistics()
         used, free = archive.blobs.usage()
-        now = time.monotonic()
-        recent = [b for t, b in archive.ingest.recent if now - t <= 60]
         body: dict[str, Any] = {
             "patients": st.patients, "studies": st.studies, "series": st.series,
             "instances": st.instances, "versions": st.versions, "stored_bytes": st.stored_bytes,
             "last_change": st.last_change,
             "storage": {"location": archive.blobs.location, "used_bytes": used, "free_bytes": free},
-            "ingest": {"stored": archive.ingest.stored_count, "rejected": archive.ingest.failed_count,
-                       "last_minute_instances": len(recent), "last_minute_bytes": sum(recent)},
-            "last_errors": [{"time": t, "origin": o, "message": m} for t, o, m in archive.ingest.last_errors],
-            "associations": status.associations,
+            "ingest": {"last_minute_instances": st.stored_last_minute,
+                       "rejected": archive.ingest.rejections.count()},
+            "last_errors": archive.ingest.rejections.tail(20),
+            "associations": status.active(),
         }
         return JSONResponse(body)
 

@@ -14,6 +14,8 @@ from starlette.routing import BaseRoute, Route
 
 from bastion import __version__
 from bastion.archive import Archive
+from bastion.dicomweb.routes import routes as dicomweb_routes
+from bastion.web import admin, api, viewer
 
 
 @dataclass
@@ -23,7 +25,10 @@ class ServerStatus:
     started: float = field(default_factory=time.time)
     dicom_listening: bool = False
     dicom_address: str = ""
-    associations: int = 0
+
+    def active(self) -> int:
+        """Associations open in this process (replaced by the server)."""
+        return 0
 
 
 def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlette:
@@ -42,7 +47,7 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
         return JSONResponse(body, status_code=200 if status.dicom_listening else 503)
 
     routes: list[BaseRoute] = [Route("/health", health)]
-    routes += _optional_routes(archive, status)
+    routes += _routes(archive, status)
     middleware = []
     if archive.settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(archive.settings.cors_origins),
@@ -54,10 +59,11 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
     return app
 
 
-def _optional_routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
-    """Routes of the other HTTP modules (API, DICOMweb, admin, viewer), added as they exist."""
-    routes: list[BaseRoute] = []
-    from bastion.web import api
-
-    routes += api.routes(archive, status)
-    return routes
+def _routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
+    """Every HTTP route, in match order; the viewer's catch-all comes last."""
+    return [
+        *api.routes(archive, status),
+        *dicomweb_routes(archive),
+        *admin.routes(),
+        *viewer.routes(archive),
+    ]
