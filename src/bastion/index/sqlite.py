@@ -16,6 +16,7 @@ import os
 import queue
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
@@ -85,7 +86,9 @@ class SqliteIndex(Index):
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         else:
-            path = "file:bastion-index?mode=memory&cache=shared"
+            # A name of its own: shared cache lets this index's connections (one per thread) meet,
+            # but two in-memory indexes in one process must not see each other's data.
+            path = f"file:bastion-index-{uuid.uuid4().hex}?mode=memory&cache=shared"
         self._path = path
         self._local = threading.local()
         self._queue: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = queue.Queue()

@@ -21,8 +21,8 @@ from bastion.blobs.base import BlobStore, BlobWriter
 from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
-from bastion.ingest.part10 import file_meta_bytes, part10_bytes
 from bastion.ingest.rejections import RejectionLog
+from bastion.model.part10 import file_meta_bytes, part10_bytes
 from bastion.model.records import (
     InstanceRecord,
     StoredObject,

@@ -18,9 +18,9 @@ from pydicom.filewriter import write_dataset
 from bastion.blobs.base import BlobStore
 from bastion.errors import NotFound, UnsupportedTransferSyntax
 from bastion.index.base import Index
-from bastion.ingest.part10 import dataset_offset, file_meta_bytes
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition
+from bastion.model.part10 import dataset_offset, file_meta_bytes
 from bastion.model.records import InstanceRecord
 from bastion.model.uids import (
     EXPLICIT_VR_BIG_ENDIAN,

@@ -1,0 +1,191 @@
+"""WADO-RS metadata (PS3.18 10.4.1.1.2): the DICOM JSON model of whole instances, cached.
+
+Each instance's metadata is built once from the stored file (pydicom ``to_json_dict``,
+PS3.18 F.2) and kept as JSON text in two layers of cache keyed by the blob key, which
+names one immutable stored version:
+
+* an in-process LRU of recently served instances;
+* a file per blob key under ``<data>/cache/metadata/`` that survives restarts.
+
+Both are caches, never the truth: deleting ``<data>/cache`` only costs a rebuild. Values
+longer than :data:`BULK_THRESHOLD` bytes, and Pixel Data always, become a ``BulkDataURI``.
+URIs are stored with a placeholder for the server's base URL, substituted per request, so
+a 1,000-instance series costs 1,000 cache reads and one string join.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import struct
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+from bastion.model.attributes import tag_hex
+from bastion.model.records import InstanceRecord
+from bastion.model.uids import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+from bastion.query.retrieve import Retriever
+
+log = logging.getLogger("bastion.dicomweb")
+
+BULK_THRESHOLD = 1024
+BASE = "{{bastion-base}}"
+_VERSION = "1"  # bump to invalidate file caches after a format change
+
+
+def instance_path(record: InstanceRecord) -> str:
+    """``/studies/{s}/series/{se}/instances/{i}`` for ``record``."""
+    return f"/studies/{record.study_uid}/series/{record.series_uid}/instances/{record.sop_uid}"
+
+
+def to_json(ds: Dataset, uri_prefix: str, path: str = "") -> dict[str, Any]:
+    """``ds`` in the DICOM JSON model with bulk data replaced by ``BulkDataURI`` (PS3.18 F.2.6)."""
+    out: dict[str, Any] = {}
+    for elem in ds:
+        key = tag_hex(int(elem.tag))
+        here = f"{path}/{key}" if path else key
+        if elem.VR == "SQ":
+            items = [to_json(item, uri_prefix, f"{here}/{i}") for i, item in enumerate(elem.value)]
+            out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            continue
+        threshold = 0 if int(elem.tag) == 0x7FE00010 else BULK_THRESHOLD
+
+        def handler(_e: DataElement, _here: str = here) -> str:
+            return f"{uri_prefix}/bulkdata/{_here}"
+
+        try:
+            out[key] = elem.to_json_dict(handler, threshold)
+        except Exception as exc:  # an undecodable value is left out, not fatal
+            log.debug("metadata: skipping %s: %s", key, exc)
+    return out
+
+
+def build(retriever: Retriever, record: InstanceRecord) -> str:
+    """The metadata JSON text of one stored instance, with the base-URL placeholder."""
+    prefix = BASE + instance_path(record)
+    with retriever.open(record) as fh:
+        if record.transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            body = to_json(pydicom.dcmread(fh), prefix)
+        else:
+            # Pixel Data is never read: it is always bulk data, and may be gigabytes.
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            body = to_json(ds, prefix)
+            pixel = _pixel_data_element(fh.read(8), record.transfer_syntax, ds)
+            if pixel:
+                tag, vr = pixel
+                body[tag] = {"vr": vr, "BulkDataURI": f"{prefix}/bulkdata/{tag}"}
+    body["00083002"] = {"vr": "UI", "Value": [record.transfer_syntax]}  # AvailableTransferSyntaxUID
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def _pixel_data_element(head: bytes, ts: str, ds: Dataset) -> tuple[str, str] | None:
+    """Tag and VR of the pixel data element whose header is ``head``, or None."""
+    if len(head) < 8:
+        return None
+    big = ts == EXPLICIT_VR_BIG_ENDIAN
+    group, elem = struct.unpack(">HH" if big else "<HH", head[:4])
+    if group != 0x7FE0 or elem not in (0x0008, 0x0009, 0x0010):
+        return None
+    vr = head[4:6].decode("latin-1")
+    if ts == IMPLICIT_VR_LITTLE_ENDIAN or not vr.isalpha():
+        vr = {0x0008: "OF", 0x0009: "OD"}.get(elem, "OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB")
+    return f"{group:04X}{elem:04X}", vr
+
+
+class MetadataCache:
+    """Metadata JSON per stored version: memory LRU over a file cache over the blob store."""
+
+    def __init__(self, retriever: Retriever, directory: Path | None, max_entries: int = 8192) -> None:
+        self.retriever = retriever
+        self.directory = directory
+        self.max_entries = max_entries
+        self._lru: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pending: queue.Queue[InstanceRecord] = queue.Queue(maxsize=100_000)
+        self._warmer: threading.Thread | None = None
+
+    def _file(self, blob_key: str) -> Path | None:
+        if self.directory is None:
+            return None
+        return self.directory / f"v{_VERSION}" / f"{blob_key}.json"
+
+    def get(self, record: InstanceRecord) -> str:
+        """The metadata text of ``record`` (with placeholder), building it if needed."""
+        key = record.blob_key
+        with self._lock:
+            text = self._lru.get(key)
+            if text is not None:
+                self._lru.move_to_end(key)
+                return text
+        path = self._file(key)
+        text = None
+        if path is not None:
+            try:
+                text = path.read_text("utf-8")
+            except (OSError, UnicodeError):
+                text = None
+        if text is None:
+            text = build(self.retriever, record)
+            if path is not None:
+                self._write(path, text)
+        with self._lock:
+            self._lru[key] = text
+            while len(self._lru) > self.max_entries:
+                self._lru.popitem(last=False)
+        return text
+
+    def warm_later(self, records: Iterable[InstanceRecord]) -> None:
+        """Build the metadata of newly stored ``records`` in a background thread.
+
+        Building costs a few milliseconds per instance (pydicom parsing); doing it after a
+        store keeps the first ``/metadata`` request of a large series fast. Best effort:
+        when the queue is full the rest are built on first request instead.
+        """
+        with self._lock:
+            if self._warmer is None or not self._warmer.is_alive():
+                self._warmer = threading.Thread(target=self._warm_loop, name="bastion-metadata-warmer",
+                                                daemon=True)
+                self._warmer.start()
+        for record in records:
+            try:
+                self._pending.put_nowait(record)
+            except queue.Full:
+                return
+
+    def _warm_loop(self) -> None:
+        while True:
+            record = self._pending.get()
+            try:
+                self.get(record)
+            except Exception as exc:  # the object may be gone or unreadable: the request will tell
+                log.debug("metadata warm-up failed for %s: %s", record.blob_key, exc)
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except OSError as exc:  # a cache that cannot be written is only slower
+            log.warning("metadata cache write failed for %s: %s", path, exc)
+
+    def response_text(self, records: Iterable[InstanceRecord], base: str) -> str:
+        """A JSON array of the metadata of ``records`` with BulkDataURIs under ``base``."""
+        texts = [self.get(r) for r in records]
+        return ("[" + ",".join(texts) + "]").replace(BASE, base)

@@ -1,0 +1,212 @@
+"""``multipart/related`` bodies (RFC 2387, RFC 2046 5.1) as DICOMweb uses them (PS3.18 8.6.1.2).
+
+:class:`MultipartParser` is incremental: feed it the request body in chunks of any size and
+it hands back each part as soon as its closing delimiter arrives, so STOW-RS stores one
+instance while the next is still on the wire. :func:`part_header` and :func:`closing`
+build response bodies that start with the boundary line, as OHIF requires.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from bastion.errors import InvalidQuery
+
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class MultipartError(InvalidQuery):
+    """The body is not a well-formed multipart message (HTTP 400)."""
+
+
+@dataclass
+class Part:
+    """One body part: header fields (lower-case names) and content."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @property
+    def content_type(self) -> str:
+        """The part's Content-Type, or ``""`` when it has none."""
+        return self.headers.get("content-type", "")
+
+
+_PREAMBLE, _AFTER_DELIMITER, _HEADERS, _BODY, _END = range(5)
+
+
+class MultipartParser:
+    """Incremental parser of a multipart body with a known boundary.
+
+    Parameters
+    ----------
+    boundary
+        The ``boundary`` parameter of the Content-Type (1-70 characters, RFC 2046 5.1.1).
+    max_part_bytes
+        Parts larger than this raise :class:`MultipartError`; None for no limit.
+
+    Examples
+    --------
+    >>> p = MultipartParser("b")
+    >>> parts = p.feed(b"--b\\r\\nContent-Type: text/plain\\r\\n\\r\\nhi\\r\\n--b--")
+    >>> p.close(); parts[0].body
+    b'hi'
+    """
+
+    def __init__(self, boundary: str, *, max_part_bytes: int | None = None) -> None:
+        if not 1 <= len(boundary) <= 70:
+            raise MultipartError("the multipart boundary must be 1 to 70 characters")
+        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
+        # A CRLF in front lets a body that starts with the boundary line match the delimiter.
+        self._buffer = bytearray(b"\r\n")
+        self._state = _PREAMBLE
+        self._part = Part()
+        self._body = bytearray()
+        self._max = max_part_bytes
+
+    @property
+    def finished(self) -> bool:
+        """True once the closing delimiter has been seen."""
+        return self._state == _END
+
+    def feed(self, data: bytes) -> list[Part]:
+        """Add bytes; return the parts completed by them."""
+        if self._state == _END:
+            return []  # the epilogue is ignored (RFC 2046 5.1.1)
+        self._buffer += data
+        done: list[Part] = []
+        while self._step(done):
+            pass
+        return done
+
+    def close(self) -> None:
+        """Declare the end of the body; raises MultipartError if it ended early."""
+        if self._state == _PREAMBLE:
+            raise MultipartError("the body holds no multipart boundary")
+        if self._state != _END:
+            raise MultipartError("the multipart body ends before its closing boundary")
+
+    def _step(self, done: list[Part]) -> bool:
+        """Advance the state machine once; False when more input is needed."""
+        buf = self._buffer
+        if self._state == _PREAMBLE:
+            idx = buf.find(self._delimiter)
+            if idx < 0:
+                del buf[: max(0, len(buf) - len(self._delimiter))]
+                return False
+            del buf[: idx + len(self._delimiter)]
+            self._state = _AFTER_DELIMITER
+            return True
+        if self._state == _AFTER_DELIMITER:
+            if len(buf) < 2:
+                return False
+            if buf[:2] == b"--":
+                self._state = _END
+                buf.clear()
+                return False
+            eol = buf.find(b"\r\n")
+            if eol < 0:
+                if len(buf) > MAX_HEADER_BYTES:
+                    raise MultipartError("a boundary line is not followed by CRLF")
+                return False
+            if buf[:eol].strip(b" \t"):
+                raise MultipartError("unexpected text after a multipart boundary")
+            del buf[: eol + 2]
+            self._state = _HEADERS
+            return True
+        if self._state == _HEADERS:
+            return self._headers()
+        if self._state == _BODY:
+            return self._body_step(done)
+        return False
+
+    def _headers(self) -> bool:
+        buf = self._buffer
+        if buf[:2] == b"\r\n":  # no header fields at all
+            del buf[:2]
+            self._state = _BODY
+            return True
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEADER_BYTES:
+                raise MultipartError("multipart part headers are too long or not terminated")
+            return False
+        headers: dict[str, str] = {}
+        for line in bytes(buf[:end]).decode("latin-1").split("\r\n"):
+            name, colon, value = line.partition(":")
+            if not colon or not name.strip():
+                raise MultipartError(f"malformed multipart header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        del buf[: end + 4]
+        self._part = Part(headers)
+        self._state = _BODY
+        return True
+
+    def _body_step(self, done: list[Part]) -> bool:
+        buf = self._buffer
+        idx = buf.find(self._delimiter)
+        if idx < 0:
+            keep = len(self._delimiter) - 1  # a delimiter may straddle two chunks
+            if len(buf) > keep:
+                self._body += buf[: len(buf) - keep]
+                del buf[: len(buf) - keep]
+            self._check_size()
+            return False
+        self._body += buf[:idx]
+        self._check_size()
+        del buf[: idx + len(self._delimiter)]
+        self._part.body = bytes(self._body)
+        self._body = bytearray()
+        done.append(self._part)
+        self._part = Part()
+        self._state = _AFTER_DELIMITER
+        return True
+
+    def _check_size(self) -> None:
+        if self._max is not None and len(self._body) > self._max:
+            raise MultipartError(f"a multipart part is larger than {self._max} bytes")
+
+
+def parse_multipart(body: bytes, boundary: str) -> list[Part]:
+    """Parse a whole multipart body (see :class:`MultipartParser`)."""
+    parser = MultipartParser(boundary)
+    parts = parser.feed(body)
+    parser.close()
+    return parts
+
+
+def new_boundary() -> str:
+    """A fresh random boundary."""
+    return "bastion-" + secrets.token_hex(16)
+
+
+def part_header(boundary: str, content_type: str, *, first: bool,
+                extra: dict[str, str] | None = None) -> bytes:
+    """The delimiter and header fields in front of one part's content."""
+    lines = [f"--{boundary}", f"Content-Type: {content_type}"]
+    lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
+    return (b"" if first else b"\r\n") + ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def closing(boundary: str) -> bytes:
+    """The closing delimiter after the last part."""
+    return f"\r\n--{boundary}--\r\n".encode("latin-1")
+
+
+def encode_multipart(parts: list[tuple[str, bytes]], boundary: str) -> bytes:
+    """A whole multipart body from ``(content_type, content)`` pairs."""
+    out = bytearray()
+    for i, (ctype, content) in enumerate(parts):
+        out += part_header(boundary, ctype, first=i == 0)
+        out += content
+    out += closing(boundary)
+    return bytes(out)
+
+
+def content_type(boundary: str, part_type: str, transfer_syntax: str | None = None) -> str:
+    """The response Content-Type ``multipart/related; type="..."; boundary=...``."""
+    value = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    if transfer_syntax:
+        value += f"; transfer-syntax={transfer_syntax}"
+    return value
