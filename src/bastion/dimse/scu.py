@@ -67,6 +67,8 @@ class StoreSCU:
 
     async def connect(self, sop_classes: set[str], stored_syntaxes: set[str]) -> None:
         """Associate, proposing each SOP class in its stored syntaxes and uncompressed."""
+        if not sop_classes:
+            raise SubOperationError("nothing to send: no SOP class to propose")
         contexts: list[PresentationContext] = []
         next_id = 1
         for sop_class in sorted(sop_classes):

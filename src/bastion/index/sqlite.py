@@ -91,6 +91,8 @@ class SqliteIndex(Index):
             path = f"file:bastion-index-{uuid.uuid4().hex}?mode=memory&cache=shared"
         self._path = path
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
         self._queue: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = queue.Queue()
         self._writer_conn = self._connect()
         with self._writer_conn:
@@ -114,6 +116,8 @@ class SqliteIndex(Index):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
+            with self._readers_lock:
+                self._readers.append(conn)
         return conn
 
     # -- the writer thread ----------------------------------------------------------------
@@ -384,3 +388,7 @@ class SqliteIndex(Index):
         self._queue.put(None)
         self._thread.join(timeout=10)
         self._writer_conn.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()

@@ -1,0 +1,364 @@
+"""Shared fixtures: a running Bastion on free ports, a DCMTK storescp destination, DCMTK runners,
+and a generator of small synthetic studies (built on ``benchmarks/corpus.py``).
+
+Everything is a real process on real sockets; ports come from binding port 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+BASTION = str(VENV_BIN / "bastion")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import corpus  # noqa: E402  (benchmarks/corpus.py: the one synthetic-instance generator)
+
+# DCMTK by absolute path: the venv's bin/ holds pynetdicom's tools of the same names.
+DCMTK = {name: f"/usr/bin/{name}" for name in
+         ("storescu", "findscu", "movescu", "getscu", "echoscu", "storescp", "dcmsend")}
+HAVE_DCMTK = all(os.access(p, os.X_OK) for p in DCMTK.values())
+
+#: Skip DCMTK tests only on a developer machine without DCMTK; in CI it is installed and must run.
+requires_dcmtk = pytest.mark.skipif(not HAVE_DCMTK and not os.environ.get("CI"),
+                                    reason="DCMTK not installed (scripts/install-test-deps.sh)")
+
+SERVER_AET = "BASTION"
+DEST_AET = "DEST"
+DOWN_AET = "DOWN"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def dcmtk_env() -> dict[str, str]:
+    """The environment for DCMTK tools: TCP_NODELAY=1 is mandatory (see shared/notes/interop-facts.md)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def run_dcmtk(tool: str, *args: str | os.PathLike[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK tool by absolute path with TCP_NODELAY=1; stdout and stderr merged into ``.stdout``."""
+    return subprocess.run([DCMTK[tool], *map(str, args)], env=dcmtk_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)
+
+
+def run_bastion(*args: str | os.PathLike[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run the ``bastion`` CLI; ``.stdout`` and ``.stderr`` kept apart."""
+    return subprocess.run([BASTION, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+# -- Part 10 helpers ---------------------------------------------------------------------------------
+def dataset_part(data: bytes) -> bytes:
+    """The dataset bytes of a Part 10 file: everything after the File Meta group (PS3.10 7.1).
+
+    Walks the group 0002 elements itself (explicit VR little endian), independent of Bastion's code.
+    """
+    assert data[128:132] == b"DICM", "not a Part 10 file"
+    pos = 132
+    while True:
+        group, _elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            return data[pos:]
+        vr = data[pos + 4: pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV"):
+            pos += 12 + struct.unpack_from("<I", data, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
+
+
+def transfer_syntax_of(path: str | os.PathLike[str]) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+# -- synthetic studies -----------------------------------------------------------------------------
+@dataclass
+class Study:
+    """A generated study: its files and identifying attributes."""
+
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    modalities: tuple[str, ...]  # one per series
+    series: dict[str, list[Path]] = field(default_factory=dict)  # series UID -> files
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for files in self.series.values() for f in files]
+
+    @property
+    def sop_uids(self) -> list[str]:
+        return [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in self.files]
+
+
+def make_study(out: Path, *, series: int = 2, per_series: int = 3, patient_id: str | None = None,
+               patient_name: str | None = None, study_date: str = "20210315",
+               modality: str | Sequence[str] = "CT",
+               description: str = "TEST STUDY", kind: str = "small", accession: str | None = None) -> Study:
+    """Write a study of ``series`` x ``per_series`` instances under ``out`` (fresh UIDs every call).
+
+    Instances come from :func:`corpus.make_instance` (valid CT, explicit VR little endian) with the
+    identifying attributes replaced.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    study_uid = generate_uid(prefix=None)
+    pid = patient_id or f"PID{study_uid[-8:]}"
+    name = patient_name or f"Test^Patient{study_uid[-4:]}"
+    modalities = (modality,) * series if isinstance(modality, str) else tuple(modality)
+    assert len(modalities) == series, "one modality per series"
+    study = Study(study_uid, pid, name, study_date, modalities)
+    kind_ = corpus.KINDS[kind]
+    n = 0
+    for s in range(series):
+        series_uid = f"{study_uid}.{s + 1}"
+        study.series[series_uid] = []
+        for i in range(per_series):
+            ds = corpus.make_instance(kind_, n, max(series * per_series, 1))
+            sop = f"{series_uid}.{i + 1}"
+            ds.file_meta.MediaStorageSOPInstanceUID = sop
+            ds.SOPInstanceUID = sop
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.FrameOfReferenceUID = f"{series_uid}.0"
+            ds.PatientID = pid
+            ds.PatientName = name
+            ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
+            ds.Modality = modalities[s]
+            ds.StudyDescription = description
+            ds.AccessionNumber = accession or f"A{study_uid[-10:]}"
+            ds.SeriesNumber = s + 1
+            ds.InstanceNumber = i + 1
+            path = out / f"{sop}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            study.series[series_uid].append(path)
+            n += 1
+    return study
+
+
+# -- processes -------------------------------------------------------------------------------------
+def _stop(proc: subprocess.Popen[Any], timeout: float = 10.0, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; ``group``: also kill what is left of its process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    if group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # worker processes the server may have left
+
+
+@dataclass
+class StoreSCP:
+    """A DCMTK storescp acting as C-MOVE destination."""
+
+    aet: str
+    port: int
+    directory: Path
+    proc: subprocess.Popen[Any] | None = None
+
+    def start(self) -> StoreSCP:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.directory.parent / f"storescp-{self.port}.log", "w")  # noqa: SIM115
+        # +xa: accept the stored (compressed) syntaxes too, so moved objects arrive as stored.
+        self.proc = subprocess.Popen([DCMTK["storescp"], "-od", str(self.directory), "+B", "+xa",
+                                      "-aet", self.aet, str(self.port)],
+                                     env=dcmtk_env(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+    def clear(self) -> None:
+        for p in self.files():
+            p.unlink()
+
+    def received(self) -> dict[str, Path]:
+        """SOP Instance UID -> received file."""
+        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in self.files()}
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+@dataclass
+class BastionServer:
+    """A ``bastion serve`` subprocess on free ports."""
+
+    data: Path
+    remotes: Sequence[str] = ()
+    aet: str = SERVER_AET
+    host: str = "127.0.0.1"
+    dicom_port: int = 0
+    http_port: int = 0
+    proc: subprocess.Popen[Any] | None = None
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 30.0) -> BastionServer:
+        self.dicom_port, self.http_port = free_port(), free_port()
+        self.log_path = self.data.parent / f"{self.data.name}-server-{self.dicom_port}.log"
+        args = [BASTION, "serve", "--data", str(self.data), "--host", self.host, "--aet", self.aet,
+                "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port)]
+        for remote in self.remotes:
+            args += ["--remote", remote]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        with open(self.log_path, "w") as log:
+            # Own process group (session), so kill9() reaches any worker processes too.
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bastion serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url("/health"), timeout=1) as rsp:
+                    if rsp.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"bastion did not become healthy:\n{self.log()}")
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.http_port}{path}"
+
+    def get_json(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url(path), timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /api/statistics``."""
+        return dict(self.get_json("/api/statistics"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data / "blobs"
+
+    def blob_files(self) -> list[Path]:
+        """Every file under data/blobs except the spool directory."""
+        return sorted(p for p in self.blob_dir.rglob("*") if p.is_file() and ".spool" not in p.parts)
+
+    def spool_files(self) -> list[Path]:
+        spool = self.blob_dir / ".spool"
+        return sorted(spool.iterdir()) if spool.exists() else []
+
+    def blobs_of(self, sop_uid: str) -> list[Path]:
+        """The stored versions of one instance, oldest first (the key's stamp orders them)."""
+        return sorted(self.blob_dir.rglob(f"{sop_uid}_*.dcm"), key=lambda p: p.name.split("_")[1])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, group=True)
+
+    def kill9(self) -> None:
+        """``kill -9`` the server and every process of its group, at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    # DCMTK conveniences
+    def addr(self) -> list[str]:
+        return ["-aec", self.aet, self.host, str(self.dicom_port)]
+
+    def echo(self) -> subprocess.CompletedProcess[str]:
+        return run_dcmtk("echoscu", "-v", *self.addr(), timeout=20)
+
+    def storescu(self, *files: str | os.PathLike[str], options: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+        return run_dcmtk("storescu", "-v", *options, *self.addr(), *files, timeout=120)
+
+    def dcmsend(self, *files: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+        return run_dcmtk("dcmsend", "-v", *self.addr(), *files, timeout=120)
+
+    def find(self, keys: dict[str, str], *, model: str = "-S", out: Path) -> tuple[subprocess.CompletedProcess[str],
+                                                                                    list[pydicom.Dataset]]:
+        """findscu with ``-X -od out``; returns the process and the responses read back."""
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        args: list[str] = ["-v", model, "-X", "-od", str(out)]
+        for k, v in keys.items():
+            args += ["-k", f"{k}={v}" if v is not None else k]
+        proc = run_dcmtk("findscu", *args, *self.addr(), timeout=60)
+        responses = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+        return proc, responses
+
+
+@pytest.fixture(scope="module")
+def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
+    """A DCMTK storescp destination (``-aet DEST``) on a free port, for the module."""
+    if not HAVE_DCMTK:
+        pytest.skip("DCMTK not installed")
+    scp = StoreSCP(DEST_AET, free_port(), tmp_path_factory.mktemp("storescp") / "received").start()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory: pytest.TempPathFactory, storescp: StoreSCP) -> Iterator[BastionServer]:
+    """A Bastion server for the module, with ``DEST`` (the storescp) and ``DOWN`` (nothing listens) remotes."""
+    server = BastionServer(tmp_path_factory.mktemp("bastion") / "data",
+                           remotes=(f"{DEST_AET}@127.0.0.1:{storescp.port}",
+                                    f"{DOWN_AET}@127.0.0.1:{free_port()}")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bastion_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start extra servers (on a given data dir, e.g. to restart one); all are stopped at the end."""
+    started: list[BastionServer] = []
+
+    def start(data: Path | None = None, remotes: Sequence[str] = ()) -> BastionServer:
+        server = BastionServer(data or tmp_path / f"data{len(started)}", remotes=remotes)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

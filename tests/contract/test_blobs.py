@@ -1,0 +1,151 @@
+"""The BlobStore contract, run against every backend (bastion.blobs.base)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bastion.blobs.base import BlobStore
+from bastion.blobs.filesystem import FileBlobStore
+from bastion.blobs.memory import MemoryBlobStore
+from bastion.errors import BastionError, NotFound, StorageError
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
+    s: BlobStore = FileBlobStore(str(tmp_path / "blobs")) if request.param == "file" else MemoryBlobStore()
+    yield s
+    s.close()
+
+
+def test_new_store_is_empty(store: BlobStore) -> None:
+    assert list(store.keys()) == []
+    assert not store.exists("a/b.dcm")
+
+
+def test_commit_makes_the_object_visible(store: BlobStore) -> None:
+    data = os.urandom(10_000)
+    w = store.writer()
+    w.write(data[:3000])
+    w.write(memoryview(data)[3000:])
+    assert w.size == len(data)
+    assert w.sha256 == hashlib.sha256(data).hexdigest()
+    assert list(store.keys()) == [] and not store.exists("x/y/obj.dcm")  # nothing visible before commit
+    w.commit("x/y/obj.dcm")
+    assert store.exists("x/y/obj.dcm")
+    assert list(store.keys()) == ["x/y/obj.dcm"]
+    assert store.get("x/y/obj.dcm") == data
+    assert store.size("x/y/obj.dcm") == len(data)
+    with store.open("x/y/obj.dcm") as fh:
+        assert fh.read(100) == data[:100]
+
+
+def test_writer_reader_sees_what_was_written(store: BlobStore) -> None:
+    w = store.writer()
+    w.write(b"hello ")
+    w.write(b"world")
+    with w.reader() as fh:
+        assert fh.read() == b"hello world"
+    w.abort()
+
+
+def test_large_object(store: BlobStore) -> None:
+    data = os.urandom(9 * 1024 * 1024)  # past in-memory buffering thresholds
+    w = store.writer()
+    for off in range(0, len(data), 1 << 20):
+        w.write(data[off: off + (1 << 20)])
+    with w.reader() as fh:
+        assert fh.read() == data
+    w.commit("big/obj.dcm")
+    assert store.get("big/obj.dcm") == data
+
+
+def test_abort_leaves_nothing(store: BlobStore, tmp_path: Path) -> None:
+    w = store.writer()
+    w.write(b"half an object")
+    w.abort()
+    w.abort()  # safe twice
+    assert list(store.keys()) == []
+    if isinstance(store, FileBlobStore):
+        assert os.listdir(store.spool_dir) == []
+        assert [p for p in Path(store.root).rglob("*") if p.is_file()] == []
+
+
+def test_put_returns_sha256(store: BlobStore) -> None:
+    assert store.put("k/1.dcm", b"abc") == hashlib.sha256(b"abc").hexdigest()
+    assert store.get("k/1.dcm") == b"abc"
+
+
+def test_keys_with_prefix(store: BlobStore) -> None:
+    for key in ("2024/01/a.dcm", "2024/01/b.dcm", "2024/02/c.dcm", "2025/01/d.dcm"):
+        store.put(key, key.encode())
+    assert sorted(store.keys()) == ["2024/01/a.dcm", "2024/01/b.dcm", "2024/02/c.dcm", "2025/01/d.dcm"]
+    assert sorted(store.keys("2024/01")) == ["2024/01/a.dcm", "2024/01/b.dcm"]
+    assert sorted(store.keys("2024")) == ["2024/01/a.dcm", "2024/01/b.dcm", "2024/02/c.dcm"]
+    assert list(store.keys("2026")) == []
+
+
+def test_delete(store: BlobStore) -> None:
+    store.put("d/1.dcm", b"1")
+    store.put("d/2.dcm", b"2")
+    store.delete("d/1.dcm")
+    store.delete("d/1.dcm")  # missing is fine
+    store.delete("never/was.dcm")
+    assert list(store.keys()) == ["d/2.dcm"]
+    assert not store.exists("d/1.dcm")
+
+
+def test_missing_object_is_not_found(store: BlobStore) -> None:
+    with pytest.raises(NotFound):
+        store.open("no/such.dcm")
+    with pytest.raises(NotFound):
+        store.size("no/such.dcm")
+    with pytest.raises(NotFound):
+        store.get("no/such.dcm")
+
+
+def test_not_found_maps_to_protocol_statuses() -> None:
+    exc = NotFound("x")
+    assert isinstance(exc, BastionError) and exc.http_status == 404
+
+
+def test_two_writers_are_independent(store: BlobStore) -> None:
+    a, b = store.writer(), store.writer()
+    a.write(b"A" * 100)
+    b.write(b"B" * 50)
+    b.commit("two/b.dcm")
+    a.abort()
+    assert list(store.keys()) == ["two/b.dcm"] and store.get("two/b.dcm") == b"B" * 50
+
+
+# -- filesystem specifics ----------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["", "../escape.dcm", "a/../../b.dcm", "/abs.dcm", ".spool/x", "a//b", "a/./b"])
+def test_file_store_refuses_keys_that_leave_it(tmp_path: Path, key: str) -> None:
+    store = FileBlobStore(str(tmp_path / "blobs"))
+    with pytest.raises(StorageError):
+        store.put(key, b"x")
+    assert list(store.keys()) == []
+    assert not (tmp_path / "escape.dcm").exists() and not (tmp_path / "b.dcm").exists()
+
+
+def test_file_store_hides_and_clears_spool_leftovers(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    store = FileBlobStore(str(root))
+    store.put("a/1.dcm", b"1")
+    (root / ".spool" / "leftover-of-a-crash").write_bytes(b"partial")
+    assert list(store.keys()) == ["a/1.dcm"]
+    reopened = FileBlobStore(str(root))
+    assert os.listdir(reopened.spool_dir) == []
+    assert list(reopened.keys()) == ["a/1.dcm"]
+
+
+def test_file_store_objects_are_plain_files(tmp_path: Path) -> None:
+    store = FileBlobStore(str(tmp_path / "blobs"))
+    store.put("p/q/r.dcm", b"content")
+    assert (tmp_path / "blobs" / "p" / "q" / "r.dcm").read_bytes() == b"content"

@@ -1,0 +1,242 @@
+"""The Index contract, run against every backend: SQLite on a file and SQLite ``:memory:``."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.index import Index, open_index
+from bastion.model.attributes import tag_hex, tag_of, vr_of
+from bastion.model.levels import QueryLevel
+from bastion.model.matching import Condition, parse_condition
+from bastion.model.records import InstanceRecord, StoredObject, StoreStatus
+
+pytestmark = pytest.mark.timeout(20)
+
+CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+EXPLICIT = "1.2.840.10008.1.2.1"
+_stamp = iter(range(1_700_000_000_000_000_000, 1_800_000_000_000_000_000, 1_000))
+
+
+@pytest.fixture(params=["file", "memory"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
+    idx = open_index(str(tmp_path / "index.sqlite3") if request.param == "file" else ":memory:")
+    yield idx
+    idx.close()
+
+
+def _el(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
+    vr = vr_of(tag_of(keyword))
+    v = {"Alphabetic": value} if vr == "PN" else value
+    return tag_hex(tag_of(keyword)), {"vr": vr, "Value": [v]}
+
+
+def obj(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", *, patient: str = "P1", name: str = "Doe^John",
+        date: str = "20200101", modality: str = "CT", number: int = 1, sop_class: str = CT,
+        content: str = "v1") -> StoredObject:
+    """A StoredObject as ingest would record it; ``content`` stands in for the file's bytes."""
+    sha = hashlib.sha256(f"{sop}:{content}".encode()).hexdigest()
+    stamp = f"{next(_stamp):020d}"
+    key = f"2024/01/01/00/{sop}_{stamp}_{sha}.dcm"
+    attrs = {
+        QueryLevel.PATIENT: dict([_el("PatientID", patient), _el("PatientName", name)]),
+        QueryLevel.STUDY: dict([_el("StudyInstanceUID", study), _el("StudyDate", date),
+                                _el("StudyDescription", f"desc {content}")]),
+        QueryLevel.SERIES: dict([_el("SeriesInstanceUID", series), _el("Modality", modality),
+                                 _el("SeriesNumber", 1)]),
+        QueryLevel.IMAGE: dict([_el("SOPInstanceUID", sop), _el("SOPClassUID", sop_class),
+                                _el("InstanceNumber", number)]),
+    }
+    record = InstanceRecord(sop, sop_class, series, study, EXPLICIT, key, sha, 1000 + len(content))
+    return StoredObject(record, patient, stamp, attrs)
+
+
+def cond(keyword: str, value: str) -> Condition:
+    tag = tag_of(keyword)
+    return parse_condition(keyword, tag, vr_of(tag), value)
+
+
+def _values(results: list[dict[str, Any]], keyword: str) -> list[Any]:
+    out = []
+    for r in results:
+        v = r[tag_hex(tag_of(keyword))].get("Value", [None])
+        out.append(v if len(v) > 1 else v[0])
+    return out
+
+
+def test_new_index_is_empty(index: Index) -> None:
+    st = index.statistics()
+    assert (st.patients, st.studies, st.series, st.instances, st.versions, st.last_change) == (0, 0, 0, 0, 0, 0)
+    assert index.find(QueryLevel.STUDY, []) == []
+    assert index.changes() == []
+
+
+def test_in_memory_indexes_do_not_share_data() -> None:
+    a = open_index(":memory:")
+    try:
+        a.record(obj("9.9.1"))
+        b = open_index(":memory:")
+        try:
+            assert b.statistics().instances == 0, "two in-memory indexes share one database"
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_stored(index: Index) -> None:
+    o = obj("1.2.3.1.1")
+    status, seq = index.record(o)
+    assert status is StoreStatus.STORED and seq is not None and seq > 0
+    assert index.current("1.2.3.1.1") == o.instance
+    assert index.current("1.2.3.1.2") is None
+    st = index.statistics()
+    assert (st.patients, st.studies, st.series, st.instances, st.versions) == (1, 1, 1, 1, 0)
+    assert st.stored_bytes == o.instance.size
+    assert index.has_blob(o.instance.blob_key) and not index.has_blob("nope")
+    assert index.last_stamp() == o.stamp
+
+
+def test_duplicate(index: Index) -> None:
+    o = obj("1.2.3.1.1")
+    index.record(o)
+    last = index.statistics().last_change
+    again = obj("1.2.3.1.1")  # same bytes (same SHA-256), later stamp
+    assert index.record(again) == (StoreStatus.DUPLICATE, None)
+    st = index.statistics()
+    assert (st.instances, st.versions, st.last_change) == (1, 0, last)
+    assert index.current("1.2.3.1.1") == o.instance
+
+
+def test_superseded(index: Index) -> None:
+    old = obj("1.2.3.1.1", content="v1")
+    new = obj("1.2.3.1.1", content="v2")
+    index.record(old)
+    status, seq = index.record(new)
+    assert status is StoreStatus.SUPERSEDED and seq is not None
+    assert index.current("1.2.3.1.1") == new.instance
+    st = index.statistics()
+    assert (st.instances, st.versions) == (1, 1)
+    assert st.stored_bytes == old.instance.size + new.instance.size
+    versions = {v.blob_key: v.current for v in index.versions()}
+    assert versions == {old.instance.blob_key: False, new.instance.blob_key: True}
+    kinds = [(c.kind, c.blob_key) for c in index.changes()]
+    assert kinds == [("stored", old.instance.blob_key), ("superseded", old.instance.blob_key),
+                     ("stored", new.instance.blob_key)]
+    assert index.has_blob(old.instance.blob_key)
+    # The study's attributes are now those of the current version.
+    (study,) = index.find(QueryLevel.STUDY, [])
+    assert _values([study], "StudyDescription") == ["desc v2"]
+
+
+def test_superseded_into_another_series_moves_the_counts(index: Index) -> None:
+    index.record(obj("1.2.3.1.1", series="1.2.3.1"))
+    index.record(obj("1.2.3.1.1", series="1.2.3.2", content="moved"))
+    st = index.statistics()
+    assert (st.series, st.instances, st.versions) == (1, 1, 1)
+    assert _values(index.find(QueryLevel.SERIES, []), "SeriesInstanceUID") == ["1.2.3.2"]
+
+
+def test_counts_across_levels(index: Index) -> None:
+    index.record(obj("1.1.1.1", series="1.1.1", study="1.1", patient="P1", modality="CT"))
+    index.record(obj("1.1.1.2", series="1.1.1", study="1.1", patient="P1", modality="CT", number=2))
+    index.record(obj("1.1.2.1", series="1.1.2", study="1.1", patient="P1", modality="PT", sop_class=MR))
+    index.record(obj("2.1.1.1", series="2.1.1", study="2.1", patient="P1", date="20210101"))
+    index.record(obj("3.1.1.1", series="3.1.1", study="3.1", patient="P2", name="Roe^Jane"))
+    st = index.statistics()
+    assert (st.patients, st.studies, st.series, st.instances) == (2, 3, 4, 5)
+
+    (p1,) = index.find(QueryLevel.PATIENT, [cond("PatientID", "P1")])
+    assert _values([p1], "NumberOfPatientRelatedStudies") == [2]
+    assert _values([p1], "NumberOfPatientRelatedSeries") == [3]
+    assert _values([p1], "NumberOfPatientRelatedInstances") == [4]
+
+    (s11,) = index.find(QueryLevel.STUDY, [cond("StudyInstanceUID", "1.1")])
+    assert _values([s11], "NumberOfStudyRelatedSeries") == [2]
+    assert _values([s11], "NumberOfStudyRelatedInstances") == [3]
+    assert sorted(_values([s11], "ModalitiesInStudy")[0]) == ["CT", "PT"]
+    assert sorted(_values([s11], "SOPClassesInStudy")[0]) == sorted([CT, MR])
+    assert _values([s11], "PatientName") == [{"Alphabetic": "Doe^John"}]  # parents' attributes included
+
+    series = index.find(QueryLevel.SERIES, [cond("StudyInstanceUID", "1.1")])
+    assert dict(zip(_values(series, "SeriesInstanceUID"), _values(series, "NumberOfSeriesRelatedInstances"),
+                    strict=True)) == {"1.1.1": 2, "1.1.2": 1}
+
+
+def test_find_matching(index: Index) -> None:
+    index.record(obj("1.1.1.1", series="1.1.1", study="1.1", date="20191231", name="Doe^John"))
+    index.record(obj("2.1.1.1", series="2.1.1", study="2.1", date="20200101", patient="P2", name="Dole^Jane",
+                     modality="MR"))
+    index.record(obj("3.1.1.1", series="3.1.1", study="3.1", date="20200615", patient="P3", name="Smith^Anna"))
+
+    def studies(*conditions: Condition) -> list[str]:
+        return sorted(_values(index.find(QueryLevel.STUDY, list(conditions)), "StudyInstanceUID"))
+
+    assert studies() == ["1.1", "2.1", "3.1"]
+    assert studies(cond("StudyDate", "20200101")) == ["2.1"]
+    assert studies(cond("StudyDate", "20200101-")) == ["2.1", "3.1"]
+    assert studies(cond("StudyDate", "-20200101")) == ["1.1", "2.1"]
+    assert studies(cond("StudyInstanceUID", "1.1\\3.1")) == ["1.1", "3.1"]
+    assert studies(cond("PatientName", "do*")) == ["1.1", "2.1"]
+    assert studies(cond("PatientName", "D?e^*")) == ["1.1"]
+    assert studies(cond("ModalitiesInStudy", "MR")) == ["2.1"]
+    assert studies(cond("StudyDescription", "desc*")) == ["1.1", "2.1", "3.1"]  # not a column: matched in Python
+    assert studies(cond("StudyDate", "20200101-"), cond("PatientName", "Smith*")) == ["3.1"]
+    # Dates descending is the documented study order.
+    assert _values(index.find(QueryLevel.STUDY, []), "StudyDate") == ["20200615", "20200101", "20191231"]
+    assert len(index.find(QueryLevel.STUDY, [], limit=2)) == 2
+    assert _values(index.find(QueryLevel.STUDY, [], limit=2, offset=2), "StudyInstanceUID") == ["1.1"]
+    assert len(index.find(QueryLevel.STUDY, [cond("StudyDescription", "desc*")], limit=1, offset=1)) == 1
+    images = index.find(QueryLevel.IMAGE, [cond("SOPInstanceUID", "2.1.1.1")])
+    assert _values(images, "AvailableTransferSyntaxUID") == [EXPLICIT]
+
+
+def test_instances_for_retrieval(index: Index) -> None:
+    a = obj("1.1.1.1", series="1.1.1", study="1.1")
+    b = obj("1.1.2.1", series="1.1.2", study="1.1")
+    c = obj("2.1.1.1", series="2.1.1", study="2.1")
+    for o in (a, b, c):
+        index.record(o)
+    assert sorted(index.instances(QueryLevel.STUDY, [cond("StudyInstanceUID", "1.1")]),
+                  key=lambda r: r.sop_uid) == [a.instance, b.instance]
+    assert index.instances(QueryLevel.SERIES, [cond("SeriesInstanceUID", "2.1.1")]) == [c.instance]
+    assert index.instances(QueryLevel.IMAGE, [cond("SOPInstanceUID", "9.9")]) == []
+
+
+def test_changes_paging(index: Index) -> None:
+    for i in range(5):
+        index.record(obj(f"1.2.3.1.{i + 1}"))
+    changes = index.changes()
+    assert [c.seq for c in changes] == sorted(c.seq for c in changes) and len(changes) == 5
+    assert all(c.kind == "stored" and c.study_uid == "1.2.3" for c in changes)
+    page = index.changes(since=changes[1].seq, limit=2)
+    assert [c.sop_uid for c in page] == ["1.2.3.1.3", "1.2.3.1.4"]
+    assert index.statistics().last_change == changes[-1].seq
+
+
+def test_record_many_and_clear(index: Index) -> None:
+    objs = [obj("1.2.3.1.1"), obj("1.2.3.1.2"), obj("1.2.3.1.1", content="v2")]
+    statuses = [s for s, _ in index.record_many(objs)]
+    assert statuses == [StoreStatus.STORED, StoreStatus.STORED, StoreStatus.SUPERSEDED]
+    index.clear()
+    st = index.statistics()
+    assert (st.instances, st.versions, st.last_change) == (0, 0, 0)
+    assert list(index.versions()) == []
+
+
+def test_file_index_survives_reopening(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.sqlite3")
+    idx = open_index(path)
+    o = obj("1.2.3.1.1")
+    idx.record(o)
+    idx.close()
+    idx = open_index(path)
+    try:
+        assert idx.current("1.2.3.1.1") == o.instance
+        assert idx.statistics().instances == 1
+    finally:
+        idx.close()

@@ -1,0 +1,246 @@
+"""C-MOVE (PS3.4 C.4.2) to a DCMTK storescp and C-GET (C.4.3) into getscu, plus C-CANCEL via pynetdicom."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import (
+    DEST_AET,
+    DOWN_AET,
+    BastionServer,
+    StoreSCP,
+    Study,
+    dataset_part,
+    make_study,
+    requires_dcmtk,
+    run_dcmtk,
+    transfer_syntax_of,
+)
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+pytestmark = [requires_dcmtk, pytest.mark.timeout(120)]
+
+JP2K_LOSSLESS = "MR_small_jp2klossless.dcm"
+JP2K = "JPEG2000.dcm"
+
+
+def _sample(name: str) -> Path:
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom sample {name} not available")
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(bastion: BastionServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Study]:
+    root = tmp_path_factory.mktemp("retrieve-corpus")
+    out = {"ct": make_study(root / "ct", series=2, per_series=3),
+           "big": make_study(root / "big", series=1, per_series=120)}
+    files = out["ct"].files + out["big"].files
+    proc = bastion.storescu(*files)
+    assert proc.stdout.count("Received Store Response (Success)") == len(files), proc.stdout
+    for name in (JP2K_LOSSLESS, JP2K):
+        proc = bastion.dcmsend(_sample(name))
+        assert "with status SUCCESS  : 1" in proc.stdout, proc.stdout
+    return out
+
+
+def move_responses(output: str) -> list[dict[str, str]]:
+    """The C-MOVE-RSP messages in ``movescu -d`` output: counts and status per response."""
+    out = []
+    for block in re.findall(r"Message Type\s+: C-MOVE RSP\n(.*?)END DIMSE MESSAGE", output, re.S):
+        fields = dict(re.findall(r"D: ([A-Za-z ]+?)\s+: (.*)", block))
+        out.append({"remaining": fields.get("Remaining Suboperations", ""),
+                    "completed": fields.get("Completed Suboperations", ""),
+                    "failed": fields.get("Failed Suboperations", ""),
+                    "warning": fields.get("Warning Suboperations", ""),
+                    "status": fields.get("DIMSE Status", "")[:6]})
+    return out
+
+
+def movescu(server: BastionServer, dest: str, keys: dict[str, str]) -> tuple[str, list[dict[str, str]]]:
+    args = ["-d", "-S", "-aem", dest]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    proc = run_dcmtk("movescu", *args, *server.addr(), timeout=90)
+    return proc.stdout, move_responses(proc.stdout)
+
+
+def _sop(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _assert_received_exactly(scp: StoreSCP, files: list[Path]) -> None:
+    received = scp.received()
+    assert sorted(received) == sorted(_sop(f) for f in files)
+    for f in files:
+        assert dataset_part(received[_sop(f)].read_bytes()) == dataset_part(f.read_bytes()), f
+
+
+# -- C-MOVE ------------------------------------------------------------------------------------------
+def test_move_study(bastion: BastionServer, storescp: StoreSCP, corpus: dict[str, Study]) -> None:
+    study = corpus["ct"]
+    storescp.clear()
+    output, rsps = movescu(bastion, DEST_AET, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.study_uid})
+    n = len(study.files)
+    pending, final = rsps[:-1], rsps[-1]
+    assert [r["status"] for r in pending] == ["0xff00"] * n
+    assert [int(r["remaining"]) for r in pending] == list(range(n - 1, -1, -1))
+    assert [int(r["completed"]) for r in pending] == list(range(1, n + 1))
+    assert all(r["failed"] == "0" and r["warning"] == "0" for r in pending)
+    assert final["status"] == "0x0000" and int(final["completed"]) == n and final["failed"] == "0"
+    _assert_received_exactly(storescp, study.files)
+
+
+def test_move_series(bastion: BastionServer, storescp: StoreSCP, corpus: dict[str, Study]) -> None:
+    study = corpus["ct"]
+    series_uid, files = list(study.series.items())[1]
+    storescp.clear()
+    output, rsps = movescu(bastion, DEST_AET, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study.study_uid,
+                                               "SeriesInstanceUID": series_uid})
+    assert rsps[-1]["status"] == "0x0000", output
+    assert int(rsps[-1]["completed"]) == len(files)
+    _assert_received_exactly(storescp, files)
+
+
+def test_move_image(bastion: BastionServer, storescp: StoreSCP, corpus: dict[str, Study]) -> None:
+    study = corpus["ct"]
+    series_uid, files = list(study.series.items())[0]
+    storescp.clear()
+    output, rsps = movescu(bastion, DEST_AET, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study.study_uid,
+                                               "SeriesInstanceUID": series_uid, "SOPInstanceUID": _sop(files[1])})
+    assert rsps[-1]["status"] == "0x0000", output
+    assert len(rsps) == 2 and int(rsps[-1]["completed"]) == 1
+    _assert_received_exactly(storescp, [files[1]])
+
+
+@pytest.mark.parametrize("name", [JP2K, JP2K_LOSSLESS])
+def test_move_compressed_as_stored(bastion: BastionServer, storescp: StoreSCP, corpus: dict[str, Study],
+                                   name: str) -> None:
+    meta = pydicom.dcmread(_sample(name), stop_before_pixels=True)
+    storescp.clear()
+    output, _ = movescu(bastion, DEST_AET, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": meta.StudyInstanceUID})
+    assert move_responses(output)[-1]["status"] == "0x0000", output
+    received = storescp.received()
+    sop = str(meta.SOPInstanceUID)
+    assert list(received) == [sop]
+    assert transfer_syntax_of(received[sop]) == str(meta.file_meta.TransferSyntaxUID)
+    stored = bastion.blobs_of(sop)[-1]
+    assert dataset_part(received[sop].read_bytes()) == dataset_part(stored.read_bytes())
+
+
+def test_move_to_unknown_destination(bastion: BastionServer, storescp: StoreSCP, corpus: dict[str, Study]) -> None:
+    storescp.clear()
+    output, rsps = movescu(bastion, "NOSUCHAE", {"QueryRetrieveLevel": "STUDY",
+                                                "StudyInstanceUID": corpus["ct"].study_uid})
+    assert "Refused: MoveDestinationUnknown" in output, output
+    assert [r["status"] for r in rsps] == ["0xa801"]
+    assert storescp.files() == []
+
+
+def test_move_to_destination_down(bastion: BastionServer, storescp: StoreSCP, corpus: dict[str, Study]) -> None:
+    output, rsps = movescu(bastion, DOWN_AET, {"QueryRetrieveLevel": "STUDY",
+                                              "StudyInstanceUID": corpus["ct"].study_uid})
+    final = rsps[-1]["status"]
+    assert final.startswith(("0xa", "0xc", "0xb")), output  # failure or warning, never success
+    assert f"cannot reach {DOWN_AET}" in bastion.log()
+    assert "Received Echo Response (Success)" in bastion.echo().stdout
+
+
+def test_move_without_unique_key_is_refused(bastion: BastionServer, storescp: StoreSCP,
+                                            corpus: dict[str, Study]) -> None:
+    storescp.clear()
+    output, rsps = movescu(bastion, DEST_AET, {"QueryRetrieveLevel": "SERIES",
+                                               "StudyInstanceUID": corpus["ct"].study_uid})
+    assert rsps and rsps[-1]["status"] not in ("0x0000", "0xff00"), output
+    assert storescp.files() == []
+
+
+def test_move_of_nothing_succeeds_with_no_suboperations(bastion: BastionServer, storescp: StoreSCP,
+                                                        corpus: dict[str, Study]) -> None:
+    output, rsps = movescu(bastion, DEST_AET, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.3.4.5.6.7"})
+    assert rsps[-1]["status"] == "0x0000", output
+    assert len(rsps) == 1 and rsps[0]["completed"] == "0"
+
+
+def test_move_cancel(bastion: BastionServer, storescp: StoreSCP, corpus: dict[str, Study]) -> None:
+    """C-CANCEL after the first pending response stops the sub-operations (PS3.4 C.4.2.3.1)."""
+    study = corpus["big"]
+    storescp.clear()
+    ae = AE(ae_title="CANCELSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate(bastion.host, bastion.dicom_port, ae_title=bastion.aet)
+    assert assoc.is_established
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study.study_uid
+    statuses = []
+    try:
+        for status, _identifier in assoc.send_c_move(ds, DEST_AET, StudyRootQueryRetrieveInformationModelMove,
+                                                     msg_id=7):
+            assert status, "no response"
+            statuses.append(status)
+            if len(statuses) == 1:
+                assert status.Status == 0xFF00
+                assoc.send_c_cancel(7, query_model=StudyRootQueryRetrieveInformationModelMove)
+    finally:
+        assoc.release()
+        ae.shutdown()
+    final = statuses[-1]
+    assert final.Status == 0xFE00, f"final status 0x{final.Status:04X} after {len(statuses)} responses"
+    completed = int(final.NumberOfCompletedSuboperations)
+    assert 1 <= completed < len(study.files)
+    assert int(final.NumberOfRemainingSuboperations) == len(study.files) - completed - int(
+        final.NumberOfFailedSuboperations) - int(final.NumberOfWarningSuboperations)
+    assert len(storescp.files()) == completed
+    assert "Received Echo Response (Success)" in bastion.echo().stdout
+
+
+# -- C-GET -------------------------------------------------------------------------------------------
+def getscu(server: BastionServer, out: Path, keys: dict[str, str], *options: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["-v", "-S", *options, "-od", str(out)]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    return run_dcmtk("getscu", *args, *server.addr(), timeout=90).stdout
+
+
+def test_get_study(bastion: BastionServer, corpus: dict[str, Study], tmp_path: Path) -> None:
+    study = corpus["ct"]
+    output = getscu(bastion, tmp_path / "get", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.study_uid})
+    assert "Received C-GET Response (Success)" in output, output
+    received = {_sop(p): p for p in (tmp_path / "get").iterdir()}
+    assert sorted(received) == sorted(_sop(f) for f in study.files)
+    for f in study.files:
+        assert dataset_part(received[_sop(f)].read_bytes()) == dataset_part(f.read_bytes())
+
+
+def test_get_jpeg2000_lossless_as_stored(bastion: BastionServer, corpus: dict[str, Study], tmp_path: Path) -> None:
+    path = _sample(JP2K_LOSSLESS)
+    meta = pydicom.dcmread(path, stop_before_pixels=True)
+    output = getscu(bastion, tmp_path / "get", {"QueryRetrieveLevel": "STUDY",
+                                                "StudyInstanceUID": meta.StudyInstanceUID}, "+xv")
+    assert "Received C-GET Response (Success)" in output, output
+    (received,) = list((tmp_path / "get").iterdir())
+    assert transfer_syntax_of(received) == str(meta.file_meta.TransferSyntaxUID)
+    stored = bastion.blobs_of(str(meta.SOPInstanceUID))[-1]
+    assert dataset_part(received.read_bytes()) == dataset_part(stored.read_bytes())
+
+
+def test_get_jpeg2000_decompressed_when_not_accepted(bastion: BastionServer, corpus: dict[str, Study],
+                                                     tmp_path: Path) -> None:
+    path = _sample(JP2K_LOSSLESS)
+    meta = pydicom.dcmread(path, stop_before_pixels=True)
+    output = getscu(bastion, tmp_path / "get", {"QueryRetrieveLevel": "STUDY",
+                                                "StudyInstanceUID": meta.StudyInstanceUID})
+    assert "Received C-GET Response (Success)" in output, output
+    (received,) = list((tmp_path / "get").iterdir())
+    assert transfer_syntax_of(received) in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+    original = pydicom.dcmread(path)
+    assert (pydicom.dcmread(received).pixel_array == original.pixel_array).all()  # lossless: same pixels

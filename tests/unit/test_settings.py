@@ -1,0 +1,134 @@
+"""Settings: defaults < TOML file < BASTION_* environment < flags (bastion.settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bastion.settings import RemoteAE, Settings, SettingsError, check_aet, load_settings
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bastion.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file_or_environment() -> None:
+    s = load_settings(env={})
+    d = Settings()
+    assert (s.aet, s.host, s.dicom_port, s.http_port, s.remotes) == (d.aet, d.host, d.dicom_port, d.http_port, ())
+    assert s.index_location == str(s.data / "index.sqlite3")
+    assert s.blob_location == str(s.data / "blobs")
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    cfg = _toml(tmp_path, 'aet = "FROMFILE"\ndicom_port = 1001\nhttp_port = 2001\nhost = "10.1.1.1"\n'
+                          'data = "/file/data"\n')
+    env = {"BASTION_DICOM_PORT": "1002", "BASTION_HTTP_PORT": "2002", "BASTION_DATA": "/env/data"}
+    s = load_settings(cfg, env=env, http_port=2003, aet=None)
+    assert s.aet == "FROMFILE"  # only in the file; a None flag is ignored
+    assert s.host == "10.1.1.1"
+    assert s.dicom_port == 1002  # environment beats the file
+    assert s.http_port == 2003  # the flag beats both
+    assert s.data == Path("/env/data")
+    assert s.index_location == "/env/data/index.sqlite3"
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    cfg = _toml(tmp_path, 'aet = "VIAENV"\n')
+    assert load_settings(env={"BASTION_CONFIG": str(cfg)}).aet == "VIAENV"
+
+
+def test_environment_values_are_coerced() -> None:
+    s = load_settings(env={"BASTION_MAX_PDU": "65536", "BASTION_CORS_ORIGINS": "https://a.org, https://b.org",
+                           "BASTION_INDEX": "/x/index.db"})
+    assert s.max_pdu == 65536
+    assert s.cors_origins == ("https://a.org", "https://b.org")
+    assert s.index_location == "/x/index.db"
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(env={})
+    with pytest.raises(AttributeError):
+        s.aet = "OTHER"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("aet", ["", "   ", "SEVENTEEN_CHARS_X", "BACK\\SLASH", "TAB\tAE", "NUL\x00"])
+def test_bad_ae_title_is_refused(aet: str) -> None:
+    with pytest.raises(SettingsError):
+        check_aet(aet)
+    with pytest.raises(SettingsError):
+        load_settings(env={}, aet=aet)
+
+
+def test_bad_ae_title_from_environment_is_refused() -> None:
+    with pytest.raises(SettingsError):
+        load_settings(env={"BASTION_AET": "WAY_TOO_LONG_AE_TITLE"})
+
+
+def test_good_ae_titles() -> None:
+    assert check_aet("A") == "A"
+    assert check_aet("SIXTEEN_CHARS_AE") == "SIXTEEN_CHARS_AE"
+    assert check_aet("PACS ") == "PACS"
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="dicom_prot"):
+        load_settings(_toml(tmp_path, "dicom_prot = 104\n"), env={})
+
+
+def test_unreadable_or_invalid_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError):
+        load_settings(tmp_path / "missing.toml", env={})
+    with pytest.raises(SettingsError):
+        load_settings(_toml(tmp_path, "aet = \n"), env={})
+
+
+def test_bad_integer_is_refused() -> None:
+    with pytest.raises(SettingsError):
+        load_settings(env={"BASTION_DICOM_PORT": "eleven"})
+
+
+# -- remotes --------------------------------------------------------------------------------------------
+def test_remote_parse() -> None:
+    assert RemoteAE.parse("WS1@10.0.0.5:104") == RemoteAE("WS1", "10.0.0.5", 104)
+    assert RemoteAE.parse("  WS1@host.example:11112 ") == RemoteAE("WS1", "host.example", 11112)
+
+
+@pytest.mark.parametrize("text", ["WS1", "WS1@host", "WS1@host:port", "@host:104", "WAY_TOO_LONG_AE_TITLE@h:1",
+                                  "BAD\\AE@h:1"])
+def test_bad_remote_is_refused(text: str) -> None:
+    with pytest.raises(SettingsError):
+        RemoteAE.parse(text)
+
+
+def test_remotes_from_file_environment_and_flags(tmp_path: Path) -> None:
+    cfg = _toml(tmp_path, '[remotes]\nFILEAE = "10.0.0.1:104"\nSHARED = "10.0.0.2:104"\n')
+    s = load_settings(cfg, env={})
+    assert {r.aet: (r.host, r.port) for r in s.remotes} == {"FILEAE": ("10.0.0.1", 104),
+                                                             "SHARED": ("10.0.0.2", 104)}
+    # The environment replaces the file's remotes ...
+    s = load_settings(cfg, env={"BASTION_REMOTES": "ENVAE@10.0.0.3:105, SHARED@10.0.0.4:106"})
+    assert {r.aet: (r.host, r.port) for r in s.remotes} == {"ENVAE": ("10.0.0.3", 105),
+                                                             "SHARED": ("10.0.0.4", 106)}
+    # ... and --remote flags add to them; a repeated AE title takes the later address.
+    s = load_settings(cfg, env={}, remotes=["FLAGAE@127.0.0.1:107", "SHARED@127.0.0.1:108"])
+    assert {r.aet: (r.host, r.port) for r in s.remotes} == {"FILEAE": ("10.0.0.1", 104),
+                                                             "SHARED": ("127.0.0.1", 108),
+                                                             "FLAGAE": ("127.0.0.1", 107)}
+
+
+def test_remote_lookup_ignores_trailing_spaces() -> None:
+    s = load_settings(env={}, remotes=["DEST@127.0.0.1:104"])
+    assert s.remote("DEST  ") == RemoteAE("DEST", "127.0.0.1", 104)
+    assert s.remote("dest") is None
+    assert s.remote("OTHER") is None
+
+
+def test_bad_remote_in_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError):
+        load_settings(_toml(tmp_path, '[remotes]\nWS = "nohostport"\n'), env={})
