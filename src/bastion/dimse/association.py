@@ -7,6 +7,7 @@ PS3.8 9 (PDUs), PS3.7 E.2 / PS3.8 E (message fragments in PDVs).
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import struct
 from collections.abc import Callable
@@ -68,19 +69,136 @@ class Message:
     sink: DatasetSink | None = None
 
 
-def set_nodelay(writer: asyncio.StreamWriter) -> None:
-    """TCP_NODELAY on the association's socket (a delayed ACK costs 40 ms per message otherwise)."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+class PDUStream(asyncio.BufferedProtocol):
+    """The socket of one association: whole PDUs are received straight into their own buffers.
+
+    No intermediate stream buffer: the 6-byte PDU header is read, then the body is received
+    directly into a buffer of exactly its length (PS3.8 9.3.1), and handed over as is. Reading
+    pauses while unread PDUs pile up; writing honours the transport's flow control.
+    """
+
+    def __init__(self, on_connect: Callable[[PDUStream], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._on_connect = on_connect
+        self._header = bytearray(6)
+        self._body: bytearray | None = None
+        self._kind = 0
+        self._pos = 0
+        self._ready: collections.deque[tuple[int, bytearray]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._error: Exception | None = None
+        self._read_paused = False
+        self._write_paused = False
+
+    # -- asyncio.BufferedProtocol ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=4 * READ_CHUNK)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a delayed ACK would cost 40 ms per message otherwise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is None:
+            return memoryview(self._header)[self._pos:]
+        return memoryview(self._body)[self._pos:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._pos += nbytes
+        if self._body is None:
+            if self._pos < 6:
+                return
+            self._kind, length = struct.unpack(">BxI", self._header)
+            if length > MAX_INCOMING_PDU:
+                self._error = PDUError(f"PDU of {length} bytes exceeds the limit")
+                self._wake()
+                assert self.transport is not None
+                self.transport.pause_reading()
+                return
+            self._body = bytearray(length)
+            self._pos = 0
+            if length:
+                return
+        elif self._pos < len(self._body):
+            return
+        self._ready.append((self._kind, self._body))
+        self._body = None
+        self._pos = 0
+        self._wake()
+        if len(self._ready) >= 16 and not self._read_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._read_paused = True
+
+    def eof_received(self) -> bool:
+        self._closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(AssociationClosed("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- used by Association ----------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read_pdu(self, timeout: float | None) -> tuple[int, bytearray]:
+        """The next PDU; raises AssociationClosed, PDUError or TimeoutError."""
+        while not self._ready:
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise AssociationClosed("connection closed by peer")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            finally:
+                self._waiter = None
+        item = self._ready.popleft()
+        if self._read_paused and len(self._ready) < 4 and self.transport is not None:
+            self.transport.resume_reading()
+            self._read_paused = False
+        return item
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise AssociationClosed("connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        if self._closed:
+            raise AssociationClosed("connection closed")
+        if self._write_paused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 @dataclass
 class Association:
     """The transport of one association; the caller drives negotiation and services."""
 
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    stream: PDUStream
     peer_max_pdu: int = 16384
     contexts: dict[int, AcceptedContext] = field(default_factory=dict)
     calling_aet: str = ""
@@ -98,26 +216,18 @@ class Association:
 
     @property
     def peername(self) -> str:
-        peer = self.writer.get_extra_info("peername")
+        peer = self.stream.transport.get_extra_info("peername") if self.stream.transport else None
         return f"{peer[0]}:{peer[1]}" if peer else "?"
 
-    async def read_pdu(self, timeout: float | None = None) -> tuple[int, bytes]:
+    async def read_pdu(self, timeout: float | None = None) -> tuple[int, bytearray]:
         """Read one PDU: (type, body). Raises AssociationClosed on EOF."""
-        try:
-            header = await asyncio.wait_for(self.reader.readexactly(6), timeout)
-            kind, length = struct.unpack(">BxI", header)
-            if length > MAX_INCOMING_PDU:
-                raise PDUError(f"PDU of {length} bytes exceeds the limit")
-            body = await asyncio.wait_for(self.reader.readexactly(length), timeout)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise AssociationClosed(str(exc)) from exc
-        return kind, body
+        return await self.stream.read_pdu(timeout)
 
     async def send_raw(self, data: bytes) -> None:
         """Send an already-encoded PDU."""
         async with self._send_lock:
-            self.writer.write(data)
-            await self.writer.drain()
+            self.stream.write(data)
+            await self.stream.drain()
 
     async def abort(self) -> None:
         """A-ABORT and close (PS3.8 7.3)."""
@@ -128,10 +238,7 @@ class Association:
         self.close()
 
     def close(self) -> None:
-        try:
-            self.writer.close()
-        except Exception:
-            pass
+        self.stream.close()
 
     def _max_data(self) -> int:
         peer = self.peer_max_pdu or MAX_INCOMING_PDU
@@ -147,7 +254,7 @@ class Association:
         cmd = encode_command(command)
         limit = self._max_data()
         async with self._send_lock:
-            w = self.writer
+            w = self.stream
             for off in range(0, len(cmd), limit):
                 part = cmd[off: off + limit]
                 w.write(pdv_header(context_id, True, off + limit >= len(cmd), len(part)) + part)
@@ -160,16 +267,14 @@ class Association:
                     part = view[off: off + limit]
                     w.write(pdv_header(context_id, False, off + limit >= total, len(part)))
                     w.write(part)
-                    if w.transport.get_write_buffer_size() > 4 * READ_CHUNK:
-                        await w.drain()
+                    await w.drain()
             elif stream is not None:
                 chunk = stream.read(limit)
                 while True:
                     nxt = stream.read(limit)
                     w.write(pdv_header(context_id, False, not nxt, len(chunk)))
                     w.write(chunk)
-                    if w.transport.get_write_buffer_size() > 4 * READ_CHUNK:
-                        await w.drain()
+                    await w.drain()
                     if not nxt:
                         break
                     chunk = nxt
@@ -225,4 +330,4 @@ async def read_until_pdata(assoc: Association, timeout: float | None) -> tuple[i
 
 
 __all__ = ["A_ABORT", "P_DATA_TF", "AcceptedContext", "Association", "AssociationClosed", "BytesSink",
-           "Message", "set_nodelay"]
+           "Message", "PDUStream"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.dimse import messages as m
-from bastion.dimse.association import AcceptedContext, Association, AssociationClosed, BytesSink, set_nodelay
+from bastion.dimse.association import AcceptedContext, Association, AssociationClosed, BytesSink, PDUStream
 from bastion.dimse.pdu import (
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
@@ -82,12 +82,11 @@ class StoreSCU:
         if next_id > 255:
             raise SubOperationError("too many SOP classes / transfer syntaxes for one association")
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.remote.host, self.remote.port), TIMEOUT)
+            _, stream = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                PDUStream, self.remote.host, self.remote.port), TIMEOUT)
         except (TimeoutError, OSError) as exc:
             raise SubOperationError(f"cannot connect to {self.remote.host}:{self.remote.port}: {exc}") from exc
-        set_nodelay(writer)
-        assoc = Association(reader, writer, calling_aet=self.calling_aet, called_aet=self.remote.aet)
+        assoc = Association(stream, calling_aet=self.calling_aet, called_aet=self.remote.aet)
         rq = AssociateRQ(self.remote.aet, self.calling_aet, contexts, self.max_pdu, IMPLEMENTATION_CLASS_UID,
                          IMPLEMENTATION_VERSION_NAME)
         try:

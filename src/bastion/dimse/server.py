@@ -9,7 +9,7 @@ from typing import Any
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.archive import Archive
-from bastion.dimse.association import Association, AssociationClosed, set_nodelay
+from bastion.dimse.association import Association, AssociationClosed, PDUStream
 from bastion.dimse.negotiation import negotiate
 from bastion.dimse.pdu import (
     A_ABORT,
@@ -41,20 +41,31 @@ class DicomServer:
         self.services = Services(archive, self.executor)
         self.server: asyncio.Server | None = None
         self.active = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self._on_count = on_count
 
     async def start(self, host: str, port: int, sock: Any = None) -> asyncio.Server:
         """Listen on ``host:port`` (or an already-bound socket)."""
+        loop = asyncio.get_running_loop()
+        tasks = self._tasks
+
+        def on_connect(stream: PDUStream) -> None:
+            task = loop.create_task(self.handle(stream))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def factory() -> PDUStream:
+            return PDUStream(on_connect)
+
         if sock is not None:
-            self.server = await asyncio.start_server(self.handle, sock=sock, limit=2**20)
+            self.server = await loop.create_server(factory, sock=sock)
         else:
-            self.server = await asyncio.start_server(self.handle, host, port, limit=2**20, reuse_address=True)
+            self.server = await loop.create_server(factory, host, port, reuse_address=True)
         return self.server
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, stream: PDUStream) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release or abort."""
-        set_nodelay(writer)
-        assoc = Association(reader, writer)
+        assoc = Association(stream)
         session = Session(assoc)
         self.active += 1
         try:
