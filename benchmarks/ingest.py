@@ -88,6 +88,8 @@ def run_once(result: Result, files: list[Path], args: argparse.Namespace) -> Non
     """Start a fresh server, send ``files`` over ``result.associations`` associations, record the outcome."""
     if result.server == "orthanc":
         context = servers.orthanc(base_dir=args.workdir)
+    elif result.server == "storescp":
+        context = servers.dcmtk_storescp(base_dir=args.workdir)
     else:
         context = servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir)
     with context as server, tempfile.TemporaryDirectory(prefix="bench-scu-", dir=args.workdir) as logdir:
@@ -146,7 +148,7 @@ def print_table(results: list[Result]) -> None:
 def parse_args() -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", default="orthanc,bastion", help="comma-separated: orthanc, bastion")
+    parser.add_argument("--servers", default="orthanc,bastion", help="comma-separated: orthanc, bastion, storescp (DCMTK's storescp: the wire ceiling)")
     parser.add_argument("--corpora", default="small,ct", help=f"comma-separated: {', '.join(corpus.KINDS)}")
     parser.add_argument("--count", type=int, default=1000, help="instances per corpus")
     parser.add_argument("--associations", default="1,4", help="comma-separated parallel association counts")
@@ -166,7 +168,7 @@ def parse_args() -> argparse.Namespace:
     args.servers = [s for s in args.servers.split(",") if s]
     args.corpora = [c for c in args.corpora.split(",") if c]
     args.associations = [int(n) for n in args.associations.split(",") if n]
-    unknown = set(args.servers) - {"orthanc", "bastion"} | set(args.corpora) - set(corpus.KINDS)
+    unknown = set(args.servers) - {"orthanc", "bastion", "storescp"} | set(args.corpora) - set(corpus.KINDS)
     if unknown:
         parser.error(f"unknown server or corpus: {', '.join(sorted(unknown))}")
     return args

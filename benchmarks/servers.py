@@ -145,9 +145,8 @@ def _wait_ready(server: Server, ready_path: str) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
-            if http_get(server.base_url + ready_path, timeout_s=1.0)[0] == 200 and _port_open(
-                server.dicom_port
-            ):
+            http_ok = not ready_path or http_get(server.base_url + ready_path, timeout_s=1.0)[0] == 200
+            if http_ok and _port_open(server.dicom_port):
                 return
         except OSError:
             pass
@@ -246,8 +245,22 @@ def bastion(extra_args: Sequence[str] = (), base_dir: Path | None = None) -> Ite
         yield server
 
 
+@contextmanager
+def dcmtk_storescp(base_dir: Path | None = None) -> Iterator[Server]:
+    """DCMTK's own ``storescp`` (C++, writes files, no index, no fsync): the ceiling of the wire and client."""
+
+    def argv_for(workdir: Path, dicom_port: int, http_port: int) -> list[str]:
+        (workdir / "storage").mkdir()
+        return ["/usr/bin/storescp", "-aet", "STORESCP", "-od", str(workdir / "storage"), str(dicom_port)]
+
+    with _run_server("storescp", "STORESCP", argv_for, "", base_dir) as server:
+        yield server
+
+
 def instance_count(server: Server) -> int | None:
     """Number of instances the server holds, or ``None`` if it does not publish statistics."""
+    if server.name == "storescp":
+        return len(list((server.workdir / "storage").iterdir()))
     if server.name == "orthanc":
         return int(server.get_json("/statistics")["CountInstances"])
     stats = server.get_json("/api/statistics")
