@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml scripts/fetch-ohif.sh
 run: install
 	$(BIN)/bastion serve
 
-# System packages the integration tests drive (DCMTK clients, Orthanc as a peer, Chromium for the viewer).
-test-deps: install
+# System packages the integration tests drive (DCMTK clients, Orthanc as a peer, Chromium and Node.js for
+# the browser checks of the viewer and admin page) and tests/browser's npm packages. First, so that
+# `make install` finds npm for scripts/fetch-ohif.sh on a fresh machine.
+test-deps:
 	./scripts/install-test-deps.sh
 
 test: test-deps
+	$(MAKE) install
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration tests drive: DCMTK's clients, Orthanc (peer and benchmark reference),
-# Chromium (the viewer test) and the npm packages of the browser test. Idempotent; quiet when all is there.
+# Chromium and Node.js (the viewer and admin-page browser checks in tests/browser) and the npm packages
+# of those checks. Idempotent; quiet when all is there. Needs no virtualenv (make test builds it after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,7 +9,9 @@ need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
-command -v chromium >/dev/null || need+=(chromium)
+[ -x /usr/bin/chromium ] || need+=(chromium fonts-liberation)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)  # NodeSource's nodejs ships npm itself; Debian's does not
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2; exit 1; fi
   echo "installing Debian packages: ${need[*]}"
@@ -16,8 +19,18 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# The bundled OHIF viewer and the browser test's driver (npm registry, pinned).
+# playwright-core (tests/browser) needs Node.js >= 20: Debian 13 has it; Debian 12's nodejs is 18.
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+if [ "$node_major" -lt 20 ]; then
+  echo "Node.js $(node --version) is too old for the browser checks (need >= 20): install Node.js 20" \
+       "or newer (Debian 12's own nodejs is 18)" >&2
+  exit 1
+fi
+
+# The bundled OHIF viewer and the browser checks' driver (npm registry, pinned by package-lock.json).
 if [ -x scripts/fetch-ohif.sh ]; then scripts/fetch-ohif.sh; fi
-if [ -f tests/browser/package.json ] && [ ! -d tests/browser/node_modules ]; then
+# npm ci again whenever the lock file is newer than what was installed from it.
+installed=tests/browser/node_modules/.package-lock.json
+if [ -f tests/browser/package.json ] && { [ ! -f "$installed" ] || [ tests/browser/package-lock.json -nt "$installed" ]; }; then
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi

@@ -43,6 +43,54 @@ HAVE_DCMTK = all(os.access(p, os.X_OK) for p in DCMTK.values())
 requires_dcmtk = pytest.mark.skipif(not HAVE_DCMTK and not os.environ.get("CI"),
                                     reason="DCMTK not installed (scripts/install-test-deps.sh)")
 
+#: The headless-browser checks: Node.js scripts in tests/browser driving Debian's Chromium.
+BROWSER_DIR = ROOT / "tests" / "browser"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+
+
+def browser_missing() -> str | None:
+    """Why the browser checks cannot run here (``None`` when Chromium, Node.js and playwright-core are there)."""
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"Chromium not installed at {CHROMIUM}"
+    if shutil.which("node") is None:
+        return "Node.js (node) not on PATH"
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return "tests/browser/node_modules missing (npm ci in tests/browser)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser() -> None:
+    """Skip a browser test on a developer machine without the browser tooling; in CI, fail instead."""
+    missing = browser_missing()
+    if missing:
+        message = f"{missing}: run scripts/install-test-deps.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def start_browser_check(script: str, *args: str | os.PathLike[str]) -> subprocess.Popen[str]:
+    """Start ``node tests/browser/<script> ARGS...`` (it prints one JSON line on stdout)."""
+    return subprocess.Popen(["node", str(BROWSER_DIR / script), *map(str, args)], cwd=BROWSER_DIR,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def browser_check_result(proc: subprocess.Popen[str], timeout: float = 120.0) -> dict[str, Any]:
+    """Wait for a check started by :func:`start_browser_check`; its JSON report plus ``exit_code``."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"browser check timed out after {timeout}s: {out[-2000:]} {err[-2000:]}")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON line from the browser check (exit {proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
+    report: dict[str, Any] = json.loads(lines[-1])
+    report["exit_code"] = proc.returncode
+    return report
+
+
 SERVER_AET = "BASTION"
 DEST_AET = "DEST"
 DOWN_AET = "DOWN"
@@ -169,6 +217,107 @@ def make_study(out: Path, *, series: int = 2, per_series: int = 3, patient_id: s
             ds.save_as(path, enforce_file_format=True)
             study.series[series_uid].append(path)
             n += 1
+    return study
+
+
+def relabel_sample(name: str, out: Path, *, study_uid: str, patient_name: str, patient_id: str,
+                   series_number: int = 1, description: str = "RELABELLED SAMPLE") -> Path:
+    """Copy pydicom's sample ``name`` to ``out`` under new Study/Series/SOP UIDs and patient identity.
+
+    Only header elements change: compressed Pixel Data stays encapsulated exactly as shipped, in the
+    file's own transfer syntax. Skips the test when the sample is not available offline.
+    """
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file(name)
+    if source is None:
+        pytest.skip(f"pydicom sample {name} not available (pydicom-data missing?)")
+    ds = pydicom.dcmread(source)
+    series_uid = f"{study_uid}.{series_number}"
+    sop = f"{series_uid}.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    if "FrameOfReferenceUID" in ds:
+        ds.FrameOfReferenceUID = f"{study_uid}.0"
+    ds.PatientName, ds.PatientID = patient_name, patient_id
+    ds.StudyDescription, ds.SeriesNumber, ds.InstanceNumber = description, series_number, 1
+    ds.AccessionNumber = f"R{study_uid[-10:]}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{sop}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def ct_phantom(size: int, z: float, index: int) -> Any:
+    """A CT-like slice (stored values, intercept -1024) that looks like a body and changes along z.
+
+    An elliptical water body in air with two lungs, a bone "spine", a sphere (radius 40 mm, centred at
+    z = 0) whose disc grows and shrinks from slice to slice, and a bar rotating with the slice index, so
+    both a rendered image and scrolling through the series are easy to tell apart by eye or by pixels.
+    """
+    import numpy as np
+
+    yy, xx = (np.mgrid[0:size, 0:size] - size / 2) / (size / 2)  # -1 .. 1
+    hu = np.full((size, size), -1000.0)
+    hu[(xx / 0.85) ** 2 + (yy / 0.62) ** 2 < 1] = 40.0  # soft tissue
+    for cx in (-0.38, 0.38):
+        hu[((xx - cx) / 0.26) ** 2 + ((yy + 0.05) / 0.36) ** 2 < 1] = -820.0  # lungs
+    hu[xx ** 2 + (yy - 0.42) ** 2 < 0.09 ** 2] = 900.0  # spine
+    r_mm = max(0.0, 40.0 ** 2 - z ** 2) ** 0.5
+    r = r_mm / (size * 0.75)  # PixelSpacing 1.5 mm, half-width size/2 pixels
+    hu[xx ** 2 + (yy + 0.25) ** 2 < r ** 2] = 300.0  # the sphere
+    angle = index * np.pi / 10
+    along = xx * np.cos(angle) + yy * np.sin(angle)
+    across = -xx * np.sin(angle) + yy * np.cos(angle)
+    hu[(np.abs(along) < 0.3) & (np.abs(across) < 0.025)] = 1500.0  # rotating bar
+    noise = np.random.default_rng(index).normal(0.0, 8.0, size=(size, size))
+    return np.clip(hu + 1024.0 + noise, 0, 65535).astype(np.uint16)
+
+
+def make_ct_series(out: Path, *, slices: int = 20, size: int = 256, patient_name: str = "Viewer^CT",
+                   patient_id: str | None = None, description: str = "CT VIEWER CHECK") -> Study:
+    """Write one axial CT series of ``slices`` ``size`` x ``size`` 16-bit slices with full geometry.
+
+    Built on :func:`corpus.make_instance` (the common CT attributes), with consistent
+    ImagePositionPatient / ImageOrientationPatient / PixelSpacing (1.5 mm) / SliceThickness and
+    SpacingBetweenSlices (2.5 mm) / SliceLocation, HU rescale (slope 1, intercept -1024), a soft-tissue
+    window and the :func:`ct_phantom` pattern, so a viewer can stack, window and reconstruct it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    study_uid = generate_uid(prefix=None)
+    series_uid = f"{study_uid}.1"
+    pid = patient_id or f"PID{study_uid[-8:]}"
+    study = Study(study_uid, pid, patient_name, "20220607", ("CT",))
+    study.series[series_uid] = []
+    kind = corpus.Kind(code=3, size=size)
+    spacing, thickness = 1.5, 2.5
+    for i in range(slices):
+        z = (i - (slices - 1) / 2) * thickness
+        ds = corpus.make_instance(kind, i, slices)
+        sop = f"{series_uid}.{i + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, f"{study_uid}.0"
+        ds.PatientID, ds.PatientName = pid, patient_name
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = study.study_date
+        ds.StudyTime = ds.SeriesTime = "093000"
+        ds.ContentTime = f"0930{i % 60:02d}"
+        ds.PatientBirthDate, ds.PatientSex = "19600101", "O"
+        ds.StudyDescription, ds.SeriesDescription = description, f"Axial {thickness} mm"
+        ds.AccessionNumber = f"V{study_uid[-10:]}"
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, i + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-(size - 1) * spacing / 2, -(size - 1) * spacing / 2, z]
+        ds.SliceLocation = z
+        ds.PixelSpacing = [spacing, spacing]
+        ds.SliceThickness = ds.SpacingBetweenSlices = thickness
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = "1", "-1024", "HU"
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        ds.Rows = ds.Columns = size
+        ds.PixelData = ct_phantom(size, z, i).tobytes()
+        path = out / f"{sop}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        study.series[series_uid].append(path)
     return study
 
 

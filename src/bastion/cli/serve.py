@@ -2,7 +2,8 @@
 
 With ``workers = N > 1`` the DICOM listening socket is shared by N processes (forked before
 any thread or database connection exists): the kernel spreads associations over them, so
-parallel senders use every core. The first process also serves HTTP. All processes write
+parallel senders use every core. The first process also serves HTTP. One more process, at
+the lowest CPU priority, builds WADO-RS metadata for new objects from the change log. All processes write
 the same index (SQLite in WAL mode serialises their commits) and the same blob store.
 """
 
@@ -15,11 +16,14 @@ import logging
 import os
 import signal
 import socket
+import time
+from typing import Any
 
 import uvicorn
 
 from bastion import __version__
 from bastion.archive import Archive
+from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
@@ -95,27 +99,48 @@ async def serve_worker(settings: Settings, sock: socket.socket, parent: int) -> 
     archive.close()
 
 
+def run_warmer(settings: Settings, parent: int) -> None:
+    """The metadata warmer process: follows the change log at the lowest CPU priority.
+
+    Building WADO-RS metadata parses whole headers; in its own niced process it never holds
+    the GIL of, nor competes on equal terms with, the processes answering C-STORE.
+    """
+    os.nice(19)
+    archive = Archive.open(settings, primary=False)
+    warmer = start_warmer(archive.index, archive.retriever, settings.data)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    while not stop["now"] and os.getppid() == parent:
+        time.sleep(0.5)
+    warmer.stop()
+    archive.close()
+
+
+def _fork(target: Any, *args: Any) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            target(*args)
+        except BaseException:
+            log.exception("%s failed", getattr(target, "__name__", "child process"))
+            code = 1
+        os._exit(code)
+    return pid
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Entry point of ``bastion serve``."""
     settings = settings_from(args)
     logging.getLogger().setLevel(settings.log_level.upper())
-    if settings.workers > 1:
-        # Recover before forking so workers start on a consistent index.
-        Archive.open(settings).close()
+    # Recover from an unclean shutdown before forking, so every process starts on a consistent index.
+    Archive.open(settings).close()
     sock = dicom_socket(settings)
-    children: list[int] = []
     parent = os.getpid()
-    for _ in range(settings.workers - 1):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                asyncio.run(serve_worker(settings, sock, parent))
-            except BaseException:
-                log.exception("DICOM worker failed")
-                code = 1
-            os._exit(code)
-        children.append(pid)
+    children = [_fork(lambda: asyncio.run(serve_worker(settings, sock, parent)))
+                for _ in range(settings.workers - 1)]
+    children.append(_fork(run_warmer, settings, parent))
     try:
         asyncio.run(serve(settings, sock))
     finally:

@@ -11,6 +11,11 @@ Both are caches, never the truth: deleting ``<data>/cache`` only costs a rebuild
 longer than :data:`BULK_THRESHOLD` bytes, and Pixel Data always, become a ``BulkDataURI``.
 URIs are stored with a placeholder for the server's base URL, substituted per request, so
 a 1,000-instance series costs 1,000 cache reads and one string join.
+
+A :class:`MetadataWarmer`, run by the primary process, follows the index's change log and
+writes the file-cache entry of every newly stored instance whatever its origin (C-STORE in
+any worker process, STOW-RS, import), so a viewer's first ``/metadata`` request for a large
+series reads files instead of parsing every object.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from bastion.index.base import Index
 from bastion.model.attributes import tag_hex
 from bastion.model.records import InstanceRecord
 from bastion.model.uids import (
@@ -41,6 +47,12 @@ from bastion.model.uids import (
 from bastion.query.retrieve import Retriever
 
 log = logging.getLogger("bastion.dicomweb")
+
+
+def cache_directory(data: Path) -> Path:
+    """Where the metadata file cache lives in a data directory."""
+    return data / "cache" / "metadata"
+
 
 BULK_THRESHOLD = 1024
 BASE = "{{bastion-base}}"
@@ -148,6 +160,18 @@ class MetadataCache:
                 self._lru.popitem(last=False)
         return text
 
+    def ensure(self, record: InstanceRecord) -> bool:
+        """Write the file-cache entry of ``record`` unless it exists; True if it was built.
+
+        Unlike :meth:`get` this leaves the memory LRU alone (the warmer must not evict what
+        viewers are using).
+        """
+        path = self._file(record.blob_key)
+        if path is None or path.exists():
+            return False
+        self._write(path, build(self.retriever, record))
+        return True
+
     def warm_later(self, records: Iterable[InstanceRecord]) -> None:
         """Build the metadata of newly stored ``records`` in a background thread.
 
@@ -189,3 +213,101 @@ class MetadataCache:
         """A JSON array of the metadata of ``records`` with BulkDataURIs under ``base``."""
         texts = [self.get(r) for r in records]
         return ("[" + ",".join(texts) + "]").replace(BASE, base)
+
+
+class MetadataWarmer:
+    """Builds the metadata cache entries of newly stored instances in a background thread.
+
+    It reads the index's change log (:meth:`Index.changes`) from a checkpoint kept in a file
+    beside the cache, so entries are built once whichever process stored the object, and
+    restarts resume where they stopped. On a first start (no checkpoint) it begins
+    ``backlog`` changes before the newest, so recent studies are warm without reading the
+    whole archive. Best effort: an entry it cannot build is built on first request instead.
+
+    Parameters
+    ----------
+    index
+        The index whose change log is followed.
+    cache
+        The cache whose file entries are written (it must have a directory).
+    checkpoint
+        File holding the last change-log sequence handled.
+    backlog
+        Changes before the newest to start from when there is no checkpoint.
+    interval_s
+        Pause between polls of the change log when it has nothing new.
+    """
+
+    def __init__(self, index: Index, cache: MetadataCache, checkpoint: Path, *, backlog: int = 10_000,
+                 interval_s: float = 0.5, batch: int = 500) -> None:
+        self.index = index
+        self.cache = cache
+        self.checkpoint = checkpoint
+        self.backlog = backlog
+        self.interval_s = interval_s
+        self.batch = batch
+        self.built = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the background thread (a daemon: it also ends when the index is closed)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bastion-metadata-warmer", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _since(self) -> int:
+        try:
+            return int(self.checkpoint.read_text().strip())
+        except (OSError, ValueError):
+            newest = self.index.changes(0, 1)  # cheap probe; statistics() counts every table
+            if not newest:
+                return 0
+            return max(0, self.index.statistics().last_change - self.backlog)
+
+    def run_once(self, since: int) -> int:
+        """Handle the changes after ``since`` (one batch); return the new checkpoint."""
+        changes = self.index.changes(since, self.batch)
+        for change in changes:
+            if self._stop.is_set():
+                return since
+            since = change.seq
+            if change.kind != "stored":
+                continue
+            record = self.index.current(change.sop_uid)
+            if record is None or record.blob_key != change.blob_key:
+                continue  # superseded since: the current version has its own change
+            try:
+                self.built += int(self.cache.ensure(record))
+            except Exception as exc:  # unreadable or gone: the request will tell
+                log.debug("metadata warm-up failed for %s: %s", record.blob_key, exc)
+        if changes:
+            MetadataCache._write(self.checkpoint, str(since))
+        return since
+
+    def _run(self) -> None:
+        try:
+            since = self._since()
+            while not self._stop.is_set() and not self.index.closed:
+                new = self.run_once(since)
+                if new == since:
+                    self._stop.wait(self.interval_s)
+                since = new
+        except Exception as exc:  # the index was closed under us, or is broken: stop quietly
+            if not self.index.closed:
+                log.warning("metadata warmer stopped: %s", exc)
+
+
+def start_warmer(index: Index, retriever: Retriever, data: Path) -> MetadataWarmer:
+    """Start a :class:`MetadataWarmer` for the archive in ``data`` (primary process only)."""
+    directory = cache_directory(data)
+    warmer = MetadataWarmer(index, MetadataCache(retriever, directory, max_entries=0),
+                            directory.parent / "metadata-warmer.seq")
+    warmer.start()
+    return warmer

@@ -22,7 +22,7 @@ from bastion.errors import InvalidQuery
 from bastion.model.attributes import COMPUTED_KEYWORDS, LEVEL_KEYWORDS, tag_hex, tag_of, vr_of
 from bastion.model.levels import QueryLevel
 from bastion.model.records import JsonDataset
-from bastion.query.find import MAX_LIMIT, Finder, QueryKey, conditions_for, select_keys
+from bastion.query.find import MAX_LIMIT, Finder, QueryKey, conditions_for
 
 RESERVED = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
 
@@ -192,6 +192,7 @@ def search(finder: Finder, query: Search, base: str) -> list[JsonDataset]:
     """Run a parsed search and shape its results (PS3.18 10.6.3)."""
     conditions = conditions_for(query.keys, fuzzy=query.fuzzy, comma_lists=True)
     found = finder.find(query.level, conditions, limit=query.limit, offset=query.offset)
+    keys = sorted({tag_hex(t) for t in query.return_tags})  # once per search, not per result
     out = []
     for result in found:
         url = retrieve_url(query.level, result, base)
@@ -201,5 +202,5 @@ def search(finder: Finder, query: Search, base: str) -> list[JsonDataset]:
         if query.include_all:
             out.append(dict(sorted(result.items())))
         else:
-            out.append(dict(sorted(select_keys(result, query.return_tags, empty_for_missing=False).items())))
+            out.append({k: result[k] for k in keys if k in result})
     return out

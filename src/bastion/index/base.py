@@ -52,6 +52,7 @@ class Index(abc.ABC):
     """What the archive remembers about its blobs; rebuildable from them."""
 
     location: str
+    closed: bool = False  # set by close(): background readers (e.g. the metadata warmer) then stop
 
     @abc.abstractmethod
     def record(self, obj: StoredObject) -> tuple[StoreStatus, int | None]:
@@ -106,8 +107,9 @@ class Index(abc.ABC):
     def clear(self) -> None:
         """Drop everything (before a rebuild)."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release connections and threads."""
+        self.closed = True
 
 
 def open_index(location: str) -> Index:

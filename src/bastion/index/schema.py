@@ -1,6 +1,13 @@
-"""The index schema (SQLite dialect). Everything here is derivable from the blob store."""
+"""The index schema (SQLite dialect). Everything here is derivable from the blob store.
 
-SCHEMA_VERSION = 1
+``studies.modalities`` and ``studies.sop_classes`` hold ModalitiesInStudy and
+SOPClassesInStudy (PS3.4 C.6.2.1.2), sorted and ``\\``-joined: a summary of the study's
+series and instances that the record path keeps current, so a study search does not run
+two subqueries per result. The ordering indexes end with the tie-breaking UID so that
+``ORDER BY ... LIMIT`` walks an index instead of sorting.
+"""
+
+SCHEMA_VERSION = 2
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -15,7 +22,7 @@ CREATE TABLE IF NOT EXISTS patients (
   num_series INTEGER NOT NULL DEFAULT 0,
   num_instances INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS patients_name ON patients(patient_name);
+CREATE INDEX IF NOT EXISTS patients_name_id ON patients(patient_name, patient_id);
 
 CREATE TABLE IF NOT EXISTS studies (
   study_uid TEXT PRIMARY KEY,
@@ -28,10 +35,12 @@ CREATE TABLE IF NOT EXISTS studies (
   referring_physician TEXT NOT NULL DEFAULT '' COLLATE NOCASE,
   attrs TEXT NOT NULL,
   num_series INTEGER NOT NULL DEFAULT 0,
-  num_instances INTEGER NOT NULL DEFAULT 0
+  num_instances INTEGER NOT NULL DEFAULT 0,
+  modalities TEXT NOT NULL DEFAULT '',
+  sop_classes TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_id);
-CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date, study_time);
+CREATE INDEX IF NOT EXISTS studies_patient_order ON studies(patient_id, study_date, study_time, study_uid DESC);
+CREATE INDEX IF NOT EXISTS studies_order ON studies(study_date, study_time, study_uid DESC);
 CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession_number);
 
 CREATE TABLE IF NOT EXISTS series (
@@ -45,7 +54,7 @@ CREATE TABLE IF NOT EXISTS series (
   attrs TEXT NOT NULL,
   num_instances INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS series_study ON series(study_uid, series_number);
+CREATE INDEX IF NOT EXISTS series_order ON series(study_uid, series_number, series_uid);
 CREATE INDEX IF NOT EXISTS series_modality ON series(modality, study_uid);
 
 CREATE TABLE IF NOT EXISTS instances (
@@ -61,8 +70,8 @@ CREATE TABLE IF NOT EXISTS instances (
   stamp TEXT NOT NULL,
   attrs TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid, instance_number);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE INDEX IF NOT EXISTS instances_order ON instances(series_uid, instance_number, sop_uid);
+CREATE INDEX IF NOT EXISTS instances_study_class ON instances(study_uid, sop_class_uid);
 CREATE INDEX IF NOT EXISTS instances_blob ON instances(blob_key);
 CREATE INDEX IF NOT EXISTS instances_stamp ON instances(stamp);
 
@@ -88,5 +97,17 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE INDEX IF NOT EXISTS changes_at ON changes(at);
 """
+
+#: Statements that bring a version-1 index to version 2 (run before :data:`DDL`, in one transaction).
+MIGRATE_1_TO_2 = (
+    "ALTER TABLE studies ADD COLUMN modalities TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE studies ADD COLUMN sop_classes TEXT NOT NULL DEFAULT ''",
+    "DROP INDEX IF EXISTS patients_name",
+    "DROP INDEX IF EXISTS studies_patient",
+    "DROP INDEX IF EXISTS studies_date",
+    "DROP INDEX IF EXISTS series_study",
+    "DROP INDEX IF EXISTS instances_series",
+    "DROP INDEX IF EXISTS instances_study",
+)
 
 TABLES = ("patients", "studies", "series", "instances", "versions", "changes")

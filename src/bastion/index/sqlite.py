@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
 from bastion.index.base import Change, Index, Statistics, Version
-from bastion.index.schema import DDL, SCHEMA_VERSION, TABLES
+from bastion.index.schema import DDL, MIGRATE_1_TO_2, SCHEMA_VERSION, TABLES
 from bastion.index.sqlcompile import compile_conditions
 from bastion.model.attributes import COLUMNS, tag_hex, tag_of
 from bastion.model.levels import QueryLevel
@@ -33,6 +33,9 @@ from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, Sto
 
 T = TypeVar("T")
 _BATCH = 256
+#: Readers map the database file: a new reader thread (the HTTP thread pool has many) then reads pages
+#: from the OS page cache without copying them into a cold per-connection cache first.
+_MMAP_BYTES = 1 << 34
 
 _ORDER = {
     QueryLevel.PATIENT: "p.patient_name, p.patient_id",
@@ -48,6 +51,7 @@ _FROM = {
     QueryLevel.IMAGE: "instances i JOIN series se ON se.series_uid = i.series_uid "
                       "JOIN studies s ON s.study_uid = i.study_uid JOIN patients p ON p.patient_id = s.patient_id",
 }
+_ALIAS = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
 _INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.sha256, i.size"
 
 
@@ -60,7 +64,8 @@ def _first_text(attrs: JsonDataset, keyword: str) -> Any:
     return v.get("Alphabetic", "") if isinstance(v, dict) else v
 
 
-def _columns(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
+def columns_for(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
+    """The index columns of ``level`` derived from that level's DICOM JSON (:data:`COLUMNS`)."""
     out: dict[str, Any] = {}
     for keyword, column in COLUMNS[level].items():
         v = _first_text(attrs, keyword)
@@ -72,6 +77,17 @@ def _columns(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
         else:
             out[column] = "" if v is None else str(v)
     return out
+
+
+_SEP = "\\"  # joins the values of ModalitiesInStudy / SOPClassesInStudy in their columns
+
+
+def _joined(values: set[str]) -> str:
+    return _SEP.join(sorted(v for v in values if v))
+
+
+def _split(text: str) -> set[str]:
+    return set(text.split(_SEP)) if text else set()
 
 
 def _us(tag: str, value: int) -> dict[str, Any]:
@@ -95,12 +111,51 @@ class SqliteIndex(Index):
         self._readers_lock = threading.Lock()
         self._queue: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = queue.Queue()
         self._writer_conn = self._connect()
-        with self._writer_conn:
-            self._writer_conn.executescript(DDL)
-            self._writer_conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                                      (str(SCHEMA_VERSION),))
+        self._create_or_migrate(self._writer_conn)
         self._thread = threading.Thread(target=self._run_writer, name="bastion-index-writer", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def _create_or_migrate(cls, conn: sqlite3.Connection) -> None:
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION` (derived data only)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
+            version = int(row[0]) if row else SCHEMA_VERSION
+            if version > SCHEMA_VERSION:
+                raise IndexFailure(f"the index has schema version {version}, newer than this Bastion's "
+                                   f"{SCHEMA_VERSION}: rebuild it (bastion index rebuild)")
+            if version == 1:
+                for statement in MIGRATE_1_TO_2:
+                    conn.execute(statement)
+            for statement in DDL.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            if version == 1:
+                cls.refresh_study_summaries(conn)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def refresh_study_summaries(conn: sqlite3.Connection, study_uid: str | None = None) -> None:
+        """Recompute ModalitiesInStudy and SOPClassesInStudy of one study (or all) from its series and instances.
+
+        The same derivation the record path maintains incrementally; used after a removal,
+        on migration, and by bulk loaders.
+        """
+        sql = ("UPDATE studies SET "
+               "modalities = coalesce((SELECT group_concat(m, :sep) FROM (SELECT DISTINCT x.modality AS m "
+               "FROM series x WHERE x.study_uid = studies.study_uid AND x.modality <> '' ORDER BY 1)), ''), "
+               "sop_classes = coalesce((SELECT group_concat(c, :sep) FROM (SELECT DISTINCT y.sop_class_uid AS c "
+               "FROM instances y WHERE y.study_uid = studies.study_uid ORDER BY 1)), '')")
+        if study_uid is None:
+            conn.execute(sql, {"sep": _SEP})
+        else:
+            conn.execute(sql + " WHERE study_uid = :uid", {"sep": _SEP, "uid": study_uid})
 
     # -- connections -------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -110,6 +165,7 @@ class SqliteIndex(Index):
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=60000")
         conn.execute("PRAGMA cache_size=-65536")
+        conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
         return conn
 
     def _reader(self) -> sqlite3.Connection:
@@ -217,27 +273,38 @@ class SqliteIndex(Index):
     def _add_instance(self, conn: sqlite3.Connection, obj: StoredObject) -> None:
         inst = obj.instance
         a = obj.attrs
-        new_series = conn.execute("SELECT 1 FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone() is None
-        new_study = conn.execute("SELECT 1 FROM studies WHERE study_uid = ?", (inst.study_uid,)).fetchone() is None
+        old_series = conn.execute("SELECT modality FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+        old_study = conn.execute("SELECT modalities, sop_classes FROM studies WHERE study_uid = ?",
+                                 (inst.study_uid,)).fetchone()
+        new_series, new_study = old_series is None, old_study is None
+        series_columns = columns_for(QueryLevel.SERIES, a[QueryLevel.SERIES])
         pid = obj.patient_id
         self._upsert(conn, "patients", "patient_id", {
-            **_columns(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid,
+            **columns_for(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid,
             "attrs": json.dumps(a[QueryLevel.PATIENT])})
         self._upsert(conn, "studies", "study_uid", {
-            **_columns(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid, "patient_id": pid,
+            **columns_for(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid, "patient_id": pid,
             "attrs": json.dumps(a[QueryLevel.STUDY])})
         self._upsert(conn, "series", "series_uid", {
-            **_columns(QueryLevel.SERIES, a[QueryLevel.SERIES]), "series_uid": inst.series_uid,
+            **series_columns, "series_uid": inst.series_uid,
             "study_uid": inst.study_uid, "attrs": json.dumps(a[QueryLevel.SERIES])})
         conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
             inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
-            _columns(QueryLevel.IMAGE, a[QueryLevel.IMAGE])["instance_number"], inst.transfer_syntax,
+            columns_for(QueryLevel.IMAGE, a[QueryLevel.IMAGE])["instance_number"], inst.transfer_syntax,
             inst.blob_key, inst.sha256, inst.size, obj.stamp, json.dumps(a[QueryLevel.IMAGE])))
         conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
         conn.execute("UPDATE studies SET num_instances = num_instances + 1, num_series = num_series + ? "
                      "WHERE study_uid = ?", (int(new_series), inst.study_uid))
         conn.execute("UPDATE patients SET num_instances = num_instances + 1, num_series = num_series + ?, "
                      "num_studies = num_studies + ? WHERE patient_id = ?", (int(new_series), int(new_study), pid))
+        modality = series_columns["modality"]
+        if old_series is not None and old_series[0] != modality:
+            self.refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
+            return
+        modalities, classes = _split(old_study[0]) if old_study else set(), _split(old_study[1]) if old_study else set()
+        if modality not in modalities and modality or inst.sop_class_uid not in classes:
+            conn.execute("UPDATE studies SET modalities = ?, sop_classes = ? WHERE study_uid = ?",
+                         (_joined(modalities | {modality}), _joined(classes | {inst.sop_class_uid}), inst.study_uid))
 
     @staticmethod
     def _remove_instance(conn: sqlite3.Connection, sop: str, series_uid: str, study_uid: str) -> None:
@@ -253,6 +320,8 @@ class SqliteIndex(Index):
         conn.execute("UPDATE patients SET num_instances = num_instances - 1, num_series = num_series - ?, "
                      "num_studies = num_studies - ? WHERE patient_id = ?", (gone_series, gone_study, pid))
         conn.execute("DELETE FROM patients WHERE patient_id = ? AND num_instances <= 0", (pid,))
+        if not gone_study:
+            SqliteIndex.refresh_study_summaries(conn, study_uid)
 
     def clear(self) -> None:
         def _clear(conn: sqlite3.Connection) -> None:
@@ -271,11 +340,17 @@ class SqliteIndex(Index):
                 limit: int | None, offset: int) -> tuple[list[tuple[Any, ...]], list[Condition]]:
         compiled = compile_conditions(level, conditions)
         where = " AND ".join(compiled.where) or "1"
-        sql = f"SELECT {columns} FROM {_FROM[level]} WHERE {where} ORDER BY {_ORDER[level]}"
         params = list(compiled.params)
         if limit is not None and not compiled.residual:
-            sql += " LIMIT ? OFFSET ?"
+            # Late materialisation: page through the (covering) indexes first, then read the
+            # wide rows (attrs JSON) of that page only.
+            alias = _ALIAS[level]
+            page = (f"SELECT {alias}.rowid FROM {_FROM[level]} WHERE {where} "
+                    f"ORDER BY {_ORDER[level]} LIMIT ? OFFSET ?")
+            sql = f"SELECT {columns} FROM {_FROM[level]} WHERE {alias}.rowid IN ({page}) ORDER BY {_ORDER[level]}"
             params += [limit, offset]
+        else:
+            sql = f"SELECT {columns} FROM {_FROM[level]} WHERE {where} ORDER BY {_ORDER[level]}"
         try:
             rows = self._reader().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -286,7 +361,7 @@ class SqliteIndex(Index):
              offset: int = 0) -> list[JsonDataset]:
         cols = {
             QueryLevel.PATIENT: "p.attrs, p.num_studies, p.num_series, p.num_instances",
-            QueryLevel.STUDY: "p.attrs, s.attrs, s.num_series, s.num_instances, s.study_uid",
+            QueryLevel.STUDY: "p.attrs, s.attrs, s.num_series, s.num_instances, s.modalities, s.sop_classes",
             QueryLevel.SERIES: "p.attrs, s.attrs, se.attrs, se.num_instances, se.series_uid",
             QueryLevel.IMAGE: "p.attrs, s.attrs, se.attrs, i.attrs, i.transfer_syntax, i.series_uid",
         }[level]
@@ -312,23 +387,15 @@ class SqliteIndex(Index):
             ds.update(json.loads(part))
         if level is QueryLevel.STUDY:
             ds.update(_us("00201206", row[2]) | _us("00201208", row[3]))
-            ds.update(self._study_computed(row[4]))
+            mods, classes = row[4].split(_SEP) if row[4] else [], row[5].split(_SEP) if row[5] else []
+            ds["00080061"] = {"vr": "CS", "Value": mods} if mods else {"vr": "CS"}
+            ds["00080062"] = {"vr": "UI", "Value": classes} if classes else {"vr": "UI"}
         elif level is QueryLevel.SERIES:
             ds.update(_us("00201209", row[3]))
         else:
             ds["00083002"] = {"vr": "UI", "Value": [row[4]]}
         # Each level names its parents' UIDs (PS3.4 C.4.1.2.1: unique keys of higher levels).
         return ds
-
-    def _study_computed(self, study_uid: str) -> JsonDataset:
-        conn = self._reader()
-        mods = [r[0] for r in conn.execute("SELECT DISTINCT modality FROM series WHERE study_uid = ? "
-                                           "AND modality <> '' ORDER BY modality", (study_uid,))]
-        classes = [r[0] for r in conn.execute("SELECT DISTINCT sop_class_uid FROM instances WHERE study_uid = ? "
-                                              "ORDER BY sop_class_uid", (study_uid,))]
-        out: JsonDataset = {"00080061": {"vr": "CS", "Value": mods} if mods else {"vr": "CS"}}
-        out["00080062"] = {"vr": "UI", "Value": classes} if classes else {"vr": "UI"}
-        return out
 
     def instances(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRecord]:
         rows, residual = self._select(QueryLevel.IMAGE, conditions,
@@ -385,6 +452,7 @@ class SqliteIndex(Index):
                 ((datetime.now(UTC) - timedelta(minutes=1)).isoformat(timespec="milliseconds"),)).fetchone()[0]))
 
     def close(self) -> None:
+        self.closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
         self._writer_conn.close()

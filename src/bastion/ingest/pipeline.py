@@ -85,9 +85,14 @@ class Ingest:
 
     def store_bytes(self, data: bytes, origin: str) -> StoreResult:
         """Store one Part 10 file (or bare dataset) given as bytes."""
+        try:
+            framed = part10_bytes(data)
+        except BastionError as exc:
+            self._failed(origin, exc.message)
+            raise
         pending = self.begin(origin)
         try:
-            pending.write(part10_bytes(data))
+            pending.write(framed)
         except BaseException:
             pending.abort()
             raise

@@ -68,9 +68,11 @@ def part10_bytes(data: bytes) -> bytes:
         return data
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True, defer_size=1024)
-        sop_class = str(ds.SOPClassUID)
-        sop_uid = str(ds.SOPInstanceUID)
-    except (InvalidDicomError, AttributeError, EOFError, ValueError, struct.error, KeyError) as exc:
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    except (InvalidDicomError, AttributeError, EOFError, ValueError, struct.error, KeyError, TypeError) as exc:
         raise InvalidObject(f"not a DICOM object: {exc}") from exc
+    if not sop_class or not sop_uid:
+        raise InvalidObject("not a DICOM object: no DICM prefix and no SOP Class/Instance UID")
     ts = IMPLICIT_VR_LITTLE_ENDIAN if ds.original_encoding[0] else EXPLICIT_VR_LITTLE_ENDIAN
     return file_meta_bytes(sop_class, sop_uid, ts) + data

@@ -1,27 +1,37 @@
-"""The JSON API under ``/api``: health details, statistics and the change log."""
+"""The JSON API under ``/api``: statistics, the change log, remotes and its OpenAPI document.
+
+Every response body is described in :mod:`bastion.web.openapi` (served at ``/api/openapi.json``).
+"""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
+from bastion import __version__
 from bastion.archive import Archive
+from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
     from bastion.web.app import ServerStatus
 
 
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    """Query parameter ``name`` as an integer in ``[lo, hi]``: plain ASCII digits only.
+
+    (Python's ``int()`` would also take ``" 5"``, ``"+5"``, ``"1_000"`` and non-ASCII digits.)
+    """
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
+    value = int(raw) if _DIGITS.fullmatch(raw) else lo - 1
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer between {lo} and {hi}")
     return value
@@ -59,5 +69,10 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
         return JSONResponse({"remotes": [{"aet": r.aet, "host": r.host, "port": r.port}
                                          for r in archive.settings.remotes]})
 
+    document = openapi_document(__version__)
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(document)
+
     return [Route("/api/statistics", statistics), Route("/api/changes", changes),
-            Route("/api/remotes", remotes)]
+            Route("/api/remotes", remotes), Route("/api/openapi.json", openapi)]

@@ -52,7 +52,9 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
     if archive.settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(archive.settings.cors_origins),
                                      allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
-                                     expose_headers=["Content-Type", "Content-Length"]))
+                                     # Content-Range: bulkdata Range answers; Warning: QIDO-RS limits.
+                                     expose_headers=["Content-Type", "Content-Length", "Content-Range",
+                                                     "Warning"]))
     app = Starlette(routes=routes, middleware=middleware)
     app.state.archive = archive
     app.state.status = status

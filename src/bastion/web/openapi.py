@@ -1,0 +1,175 @@
+"""The OpenAPI 3.1 description of Bastion's own JSON endpoints: ``/health`` and ``/api/*``.
+
+Hand-written so it says exactly what the handlers in :mod:`bastion.web.app` and :mod:`bastion.web.api`
+answer; ``tests/integration/test_api_fuzz.py`` checks every response against it with schemathesis.
+DICOMweb (``/dicom-web``, ``/wado``) is described by PS3.18, not here. Served at ``/api/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["openapi_document"]
+
+_INT = {"type": "integer", "minimum": 0}
+_ERROR = {
+    "type": "object",
+    "description": "A client mistake: what was wrong with the request.",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+_HEALTH = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["status", "version", "aet", "dicom", "uptime_seconds"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "starting"],
+                   "description": "`ok` once the DICOM listener accepts associations."},
+        "version": {"type": "string", "examples": ["0.1.0"]},
+        "aet": {"type": "string", "description": "Bastion's AE title.", "examples": ["BASTION"]},
+        "dicom": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["listening", "address"],
+            "properties": {"listening": {"type": "boolean"},
+                           "address": {"type": "string", "description": "`host:port`, empty until listening.",
+                                       "examples": ["127.0.0.1:11112"]}},
+        },
+        "uptime_seconds": {"type": "number", "minimum": 0},
+    },
+}
+_REJECTION = {
+    "type": "object",
+    "description": "One object Bastion refused (the rejection log).",
+    "required": ["time", "origin", "message"],
+    "properties": {
+        "time": {"type": "number", "description": "Unix time, seconds."},
+        "origin": {"type": "string", "description": "`stow`, `import` or `dimse:<calling AE>`.",
+                   "examples": ["stow", "dimse:MODALITY"]},
+        "message": {"type": "string"},
+    },
+}
+_STATISTICS = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["patients", "studies", "series", "instances", "versions", "stored_bytes", "last_change",
+                 "storage", "ingest", "last_errors", "associations"],
+    "properties": {
+        "patients": _INT, "studies": _INT, "series": _INT, "instances": _INT,
+        "versions": {**_INT, "description": "Superseded versions kept besides the current instances."},
+        "stored_bytes": {**_INT, "description": "Bytes of the current instances."},
+        "last_change": {**_INT, "description": "Sequence number of the newest change-log entry (0: none)."},
+        "storage": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["location", "used_bytes", "free_bytes"],
+            "properties": {"location": {"type": "string"}, "used_bytes": _INT, "free_bytes": _INT},
+        },
+        "ingest": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["last_minute_instances", "rejected"],
+            "properties": {"last_minute_instances": _INT,
+                           "rejected": {**_INT, "description": "Objects refused since the data directory was made."}},
+        },
+        "last_errors": {"type": "array", "maxItems": 20, "items": {"$ref": "#/components/schemas/Rejection"},
+                        "description": "The newest rejections, oldest first."},
+        "associations": {**_INT, "description": "DICOM associations open now (HTTP-serving process)."},
+    },
+}
+_CHANGE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["seq", "kind", "sop_uid", "series_uid", "study_uid", "blob_key", "at"],
+    "properties": {
+        "seq": {"type": "integer", "minimum": 1},
+        "kind": {"type": "string", "enum": ["stored", "superseded"],
+                 "description": "`stored`: a new instance; `superseded`: new bytes for a known SOP Instance UID."},
+        "sop_uid": {"type": "string"}, "series_uid": {"type": "string"}, "study_uid": {"type": "string"},
+        "blob_key": {"type": "string", "description": "Where the stored version lives in the blob store."},
+        "at": {"type": "string", "description": "When it was indexed (ISO 8601, UTC)."},
+    },
+}
+_CHANGES = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["changes", "last"],
+    "properties": {
+        "changes": {"type": "array", "items": {"$ref": "#/components/schemas/Change"}},
+        "last": {**_INT, "description": "`seq` of the last entry returned (else `since`): the next `since`."},
+    },
+}
+_REMOTES = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["remotes"],
+    "properties": {"remotes": {"type": "array", "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["aet", "host", "port"],
+        "properties": {"aet": {"type": "string", "maxLength": 16}, "host": {"type": "string"},
+                       "port": {"type": "integer", "minimum": 1, "maximum": 65535}},
+    }}},
+}
+
+
+def _json(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for ``/health`` and ``/api/*`` (Bastion ``version``)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Bastion JSON API",
+            "version": version,
+            "summary": "Health, statistics, change log and configured remotes of a Bastion PACS.",
+            "description": "DICOMweb (QIDO-RS, WADO-RS, STOW-RS under /dicom-web, WADO-URI at /wado) "
+                           "follows DICOM PS3.18 and is not described here.",
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "paths": {
+            "/health": {"get": {
+                "operationId": "health",
+                "summary": "Liveness: is the DICOM listener up?",
+                "responses": {"200": _json("Serving DICOM and HTTP.", "Health"),
+                              "503": _json("Starting: the DICOM listener is not up yet.", "Health")},
+            }},
+            "/api/statistics": {"get": {
+                "operationId": "statistics",
+                "summary": "Archive counts, storage use, ingest rate and the last rejections.",
+                "responses": {"200": _json("The statistics.", "Statistics")},
+            }},
+            "/api/changes": {"get": {
+                "operationId": "changes",
+                "summary": "The change log after `since`, oldest first (poll with `since` = the last `last`).",
+                "parameters": [
+                    {"name": "since", "in": "query", "required": False,
+                     "description": "Return entries with `seq` greater than this.",
+                     "schema": {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "description": "At most this many entries.",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 100}},
+                ],
+                "responses": {"200": _json("Change-log entries.", "Changes"),
+                              "400": _json("`since` or `limit` is not an integer in range.", "Error")},
+            }},
+            "/api/remotes": {"get": {
+                "operationId": "remotes",
+                "summary": "The configured C-MOVE destinations.",
+                "responses": {"200": _json("The remote AEs.", "Remotes")},
+            }},
+            "/api/openapi.json": {"get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "responses": {"200": {"description": "The OpenAPI 3.1 document.",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }},
+        },
+        "components": {"schemas": {
+            "Health": _HEALTH, "Statistics": _STATISTICS, "Rejection": _REJECTION, "Change": _CHANGE,
+            "Changes": _CHANGES, "Remotes": _REMOTES, "Error": _ERROR,
+        }},
+    }

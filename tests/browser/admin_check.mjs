@@ -1,0 +1,172 @@
+#!/usr/bin/env node
+// Headless check of Bastion's admin page (/admin): search, upload, health.
+//
+//   node admin_check.mjs --base http://127.0.0.1:PORT --out DIR
+//        --search 'PATTERN*' --study <UID>                 (a stored study the search must list)
+//        --upload FILE --upload-search 'PATTERN*' --upload-study <UID>   (a file to upload and find)
+//        [--bad-upload FILE]                                (a non-DICOM file the upload must refuse)
+//        [--timeout MS]
+//
+// Uses Debian's /usr/bin/chromium (CHROMIUM_PATH overrides) with a fresh profile. Steps:
+//   1. open BASE/admin and wait until the health panel says the DICOM listener is "up";
+//   2. type --search into the patient-name field, submit, and wait for the row of --study, which must
+//      hold an "open in viewer" link to /viewer?StudyInstanceUIDs=<study>;
+//   3. give --upload to the file input (#files) and wait until the upload status says "1 stored, 0 failed";
+//   4. search --upload-search and wait for the row of --upload-study;
+//   5. with --bad-upload, upload that file and wait until the status says "0 stored, 1 failed" with a reason
+//      (the STOW-RS answer to it, 409, is expected and not counted as a failed request).
+// Prints ONE JSON line on stdout (also written to DIR/result.json):
+//   {"healthUp":bool,"searchOk":bool,"viewerLink":str|null,"uploadOk":bool,"uploadStatus":str,
+//    "uploadedFound":bool,"badUploadStatus":str,"failedRequests":[...],"consoleErrors":[...],"errors":[...],"timingsMs":{...}}
+// and exits 0 only when every step passed, no request failed (status >= 400 or network error) and the
+// page raised no error. Screenshots go to DIR.
+
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const CHROMIUM_ARGS = [
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--no-first-run',
+];
+const OPTIONS = {
+  '--base': 'base',
+  '--out': 'out',
+  '--search': 'search',
+  '--study': 'study',
+  '--upload': 'upload',
+  '--upload-search': 'uploadSearch',
+  '--upload-study': 'uploadStudy',
+  '--bad-upload': 'badUpload',
+  '--timeout': 'timeout',
+};
+
+function parseArgs(argv) {
+  const opts = { timeout: 30000 };
+  for (let i = 0; i < argv.length; i += 2) {
+    const key = OPTIONS[argv[i]];
+    if (!key || argv[i + 1] === undefined) throw new Error(`bad argument ${argv[i]}`);
+    opts[key] = key === 'timeout' ? Number(argv[i + 1]) : argv[i + 1];
+  }
+  for (const k of ['base', 'out', 'search', 'study', 'upload', 'uploadSearch', 'uploadStudy']) {
+    if (!opts[k]) throw new Error(`missing --${k.replace(/[A-Z]/g, c => '-' + c.toLowerCase())}`);
+  }
+  opts.base = opts.base.replace(/\/+$/, '');
+  return opts;
+}
+
+const rowOf = (page, uid) => page.locator(`#results tbody tr[data-study="${uid}"]`);
+
+async function search(page, pattern) {
+  await page.fill('#search input[name="PatientName"]', pattern);
+  await page.click('#search button[type="submit"]');
+}
+
+async function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  const out = resolve(opts.out);
+  mkdirSync(out, { recursive: true });
+  const report = {
+    healthUp: false,
+    searchOk: false,
+    viewerLink: null,
+    uploadOk: false,
+    uploadStatus: '',
+    uploadedFound: false,
+    badUploadStatus: null,
+    failedRequests: [],
+    consoleErrors: [],
+    errors: [],
+    timingsMs: {},
+  };
+  const started = Date.now();
+  const step = async (name, fn) => {
+    try {
+      await fn();
+      report.timingsMs[name] = Date.now() - started;
+    } catch (e) {
+      report.errors.push(`${name}: ${e.message.split('\n')[0]}`);
+    }
+  };
+
+  let expectRejection = false;
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    page.setDefaultTimeout(opts.timeout);
+    page.on('response', r => {
+      if (expectRejection && r.status() === 409 && r.request().method() === 'POST') return;
+      if (r.status() >= 400) report.failedRequests.push({ url: r.url(), status: r.status() });
+    });
+    page.on('requestfailed', r => report.failedRequests.push({ url: r.url(), failure: r.failure()?.errorText }));
+    page.on('console', m => {
+      if (m.type() !== 'error') return;
+      if (expectRejection && /status of 409/.test(m.text())) return; // Chromium logs the expected 409
+      report.consoleErrors.push(m.text().slice(0, 500));
+    });
+    page.on('pageerror', e => report.consoleErrors.push(`pageerror: ${String(e).slice(0, 500)}`));
+
+    await step('health', async () => {
+      await page.goto(`${opts.base}/admin`, { waitUntil: 'domcontentloaded' });
+      const listener = page.locator('#health dt', { hasText: 'DICOM listener' }).locator('xpath=following-sibling::dd[1]');
+      await listener.locator('.ok', { hasText: /^up$/ }).waitFor({ state: 'visible' });
+      report.healthUp = true;
+    });
+
+    await step('search', async () => {
+      await search(page, opts.search);
+      const link = rowOf(page, opts.study).getByRole('link', { name: 'open in viewer' });
+      await link.waitFor({ state: 'visible' });
+      report.viewerLink = await link.getAttribute('href');
+      const expected = `/viewer?StudyInstanceUIDs=${encodeURIComponent(opts.study)}`;
+      if (report.viewerLink !== expected) throw new Error(`viewer link ${report.viewerLink}, expected ${expected}`);
+      report.searchOk = true;
+    });
+    await page.screenshot({ path: join(out, 'admin-search.png'), fullPage: true }).catch(() => {});
+
+    await step('upload', async () => {
+      await page.setInputFiles('#files', opts.upload);
+      const status = page.locator('#upload-status');
+      await status.getByText(/\bstored\b/).waitFor({ state: 'visible' });
+      report.uploadStatus = (await status.innerText()).trim();
+      if (!/\b1 stored, 0 failed\b/.test(report.uploadStatus)) throw new Error(`upload status: ${report.uploadStatus}`);
+      report.uploadOk = true;
+    });
+
+    await step('find uploaded', async () => {
+      await search(page, opts.uploadSearch);
+      await rowOf(page, opts.uploadStudy).waitFor({ state: 'visible' });
+      report.uploadedFound = true;
+    });
+    await page.screenshot({ path: join(out, 'admin-upload.png'), fullPage: true }).catch(() => {});
+
+    if (opts.badUpload) {
+      await step('bad upload', async () => {
+        expectRejection = true;
+        await page.setInputFiles('#files', opts.badUpload);
+        const status = page.locator('#upload-status');
+        await status.getByText(/0 stored, 1 failed/).waitFor({ state: 'visible' });
+        report.badUploadStatus = (await status.innerText()).trim();
+      });
+      await page.screenshot({ path: join(out, 'admin-bad-upload.png'), fullPage: true }).catch(() => {});
+    }
+  } finally {
+    await browser.close().catch(() => {});
+  }
+
+  const ok = report.healthUp && report.searchOk && report.uploadOk && report.uploadedFound &&
+    !report.errors.length && !report.failedRequests.length && !report.consoleErrors.length;
+  writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 2));
+  process.stdout.write(JSON.stringify(report) + '\n');
+  process.exitCode = ok ? 0 : 1;
+}
+
+main().catch(e => {
+  process.stdout.write(JSON.stringify({ errors: [`fatal: ${e.message}`] }) + '\n');
+  process.exitCode = 2;
+});

@@ -1,0 +1,93 @@
+"""The admin page (``/admin``) in headless Chromium: search, upload through the file input, health.
+
+``tests/browser/admin_check.mjs`` drives the page and prints one JSON line; these tests read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from conftest import BastionServer, browser_check_result, make_study, relabel_sample, start_browser_check
+from pydicom.uid import generate_uid
+
+pytestmark = [pytest.mark.usefixtures("browser"), pytest.mark.timeout(120)]
+
+BOUNDARY = "admin-test-boundary"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
+    srv = BastionServer(tmp_path_factory.mktemp("admin") / "data").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def report(server: BastionServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Store one study (STOW-RS), prepare another file to upload, run admin_check.mjs once."""
+    work = tmp_path_factory.mktemp("admin-work")
+    stored = make_study(work / "stored", series=1, per_series=2, patient_name="Adminsearch^Stored")
+    body = b"".join(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes() + b"\r\n"
+                    for f in stored.files) + f"--{BOUNDARY}--\r\n".encode()
+    r = httpx.post(server.url("/dicom-web/studies"), content=body, timeout=30,
+                   headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'})
+    assert r.status_code == 200, r.text
+    upload_study = generate_uid(prefix=None)
+    upload = relabel_sample("CT_small.dcm", work / "upload", study_uid=upload_study,
+                            patient_name="Uploaded^Throughadmin", patient_id="ADMIN-UP")
+    bad = work / "not-dicom.dcm"
+    bad.write_bytes(b"this is not a DICOM file\n" * 10)
+    out = work / "admin-check"
+    proc = start_browser_check("admin_check.mjs", "--base", server.url(""), "--out", out,
+                               "--search", "adminsearch*", "--study", stored.study_uid,
+                               "--upload", upload, "--upload-search", "UPLOADED*", "--upload-study", upload_study,
+                               "--bad-upload", bad)
+    result = browser_check_result(proc, timeout=90)
+    result["out"] = str(out)
+    result["upload_study"] = upload_study
+    return result
+
+
+def _context(report: dict[str, Any], server: BastionServer) -> str:
+    return f"{report} (screenshots in {report.get('out')})\nserver log tail:\n{server.log()[-2000:]}"
+
+
+def test_health_panel_shows_the_dicom_listener_up(report: dict[str, Any], server: BastionServer) -> None:
+    assert report["healthUp"], _context(report, server)
+
+
+def test_wildcard_patient_search_lists_the_study_with_a_viewer_link(report: dict[str, Any],
+                                                                     server: BastionServer) -> None:
+    assert report["searchOk"], _context(report, server)
+    assert report["viewerLink"].startswith("/viewer?StudyInstanceUIDs="), _context(report, server)
+
+
+def test_upload_through_the_file_input_stores_and_is_found(report: dict[str, Any], server: BastionServer) -> None:
+    assert report["uploadOk"], _context(report, server)
+    assert "1 stored, 0 failed" in report["uploadStatus"]
+    assert report["uploadedFound"], _context(report, server)
+    studies = server.get_json(f"/dicom-web/studies?StudyInstanceUID={report['upload_study']}")
+    assert len(studies) == 1
+
+
+def test_a_refused_upload_says_failed_with_its_reason(report: dict[str, Any], server: BastionServer) -> None:
+    status = report["badUploadStatus"]
+    assert status and status.startswith("HTTP 409: 0 stored, 1 failed"), _context(report, server)
+    assert "0xC000 cannot understand" in status, _context(report, server)
+
+
+def test_page_had_no_failed_request_or_script_error(report: dict[str, Any], server: BastionServer) -> None:
+    assert report["failedRequests"] == [], _context(report, server)
+    assert report["consoleErrors"] == [], _context(report, server)
+    assert report["errors"] == [], _context(report, server)
+    assert report["exit_code"] == 0, _context(report, server)
+
+
+def test_admin_page_is_served_without_caching(server: BastionServer) -> None:
+    r = httpx.get(server.url("/admin"))
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-cache"
+    assert 'id="files"' in r.text
+    assert httpx.get(server.url("/admin/"), follow_redirects=False).status_code in (307, 302)
