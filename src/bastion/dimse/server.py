@@ -38,7 +38,7 @@ class DicomServer:
                  on_count: Any = None) -> None:
         self.archive = archive
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
-        self.services = Services(archive, self.executor)
+        self.services = Services(archive, self.executor, lambda: self.active)
         self.server: asyncio.Server | None = None
         self.active = 0
         self._tasks: set[asyncio.Task[None]] = set()

@@ -57,9 +57,10 @@ def _comment(text: str) -> str:
 class Services:
     """Dispatches assembled messages to the archive; one instance per server."""
 
-    def __init__(self, archive: Archive, executor: Executor) -> None:
+    def __init__(self, archive: Archive, executor: Executor, associations: Any = lambda: 2) -> None:
         self.archive = archive
         self.executor = executor
+        self._associations = associations  # open associations in this process
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
@@ -149,8 +150,12 @@ class Services:
             if not is_storage_sop_class(msg.context.abstract_syntax):
                 sink.abort()
                 raise InvalidQuery("not a storage presentation context")
-            await self._run(self.archive.ingest.finish, sink, sop_class=cmd.get("AffectedSOPClassUID"),
-                            sop_uid=cmd.get("AffectedSOPInstanceUID"))
+            finish = partial(self.archive.ingest.finish, sink, sop_class=cmd.get("AffectedSOPClassUID"),
+                             sop_uid=cmd.get("AffectedSOPInstanceUID"))
+            if self._associations() <= 1:
+                finish()  # the only association here: a thread hand-off would only add latency
+            else:
+                await self._run(finish)
             rsp["Status"] = m.SUCCESS
         except BastionError as exc:
             rsp["Status"] = exc.dimse_status

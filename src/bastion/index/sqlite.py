@@ -109,6 +109,7 @@ class SqliteIndex(Index):
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._queue: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = queue.Queue()
         self._writer_conn = self._connect()
         self._create_or_migrate(self._writer_conn)
@@ -183,30 +184,39 @@ class SqliteIndex(Index):
             item = self._queue.get()
             if item is None:
                 return
-            batch = [item]
-            while len(batch) < _BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            self._commit_batch(conn, batch)
+            with self._write_lock:
+                batch = [item]
+                while len(batch) < _BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self._queue.put(None)
+                        break
+                    batch.append(nxt)
+                self._commit_batch(conn, batch)
 
     def _commit_batch(self, conn: sqlite3.Connection,
                       batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]) -> None:
+        """Run ``batch`` in one transaction; a failing write (in its savepoint) fails only itself."""
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        single = len(batch) == 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, fut in batch:
-                conn.execute("SAVEPOINT one")
+                if not single:
+                    conn.execute("SAVEPOINT one")
                 try:
                     results.append((fut, fn(conn), None))
-                    conn.execute("RELEASE one")
+                    if not single:
+                        conn.execute("RELEASE one")
                 except Exception as exc:  # one bad write must not fail the others
-                    conn.execute("ROLLBACK TO one")
+                    conn.execute("ROLLBACK" if single else "ROLLBACK TO one")
+                    if single:
+                        fut.set_exception(exc if not isinstance(exc, sqlite3.Error)
+                                          else IndexFailure(f"index write failed: {exc}"))
+                        return
                     conn.execute("RELEASE one")
                     results.append((fut, None, exc))
             conn.execute("COMMIT")
@@ -217,17 +227,27 @@ class SqliteIndex(Index):
                 pass
             failure = IndexFailure(f"index commit failed: {exc}")
             for _, fut in batch:
-                fut.set_exception(failure)
+                if not fut.done():
+                    fut.set_exception(failure)
             return
-        for fut, value, exc in results:
-            if exc is None:
+        for fut, value, error in results:
+            if error is None:
                 fut.set_result(value)
             else:
-                fut.set_exception(exc if not isinstance(exc, sqlite3.Error)
-                                  else IndexFailure(f"index write failed: {exc}"))
+                fut.set_exception(error if not isinstance(error, sqlite3.Error)
+                                  else IndexFailure(f"index write failed: {error}"))
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         fut: Future[T] = Future()
+        # Uncontended: commit on the calling thread (a hand-off to the writer thread costs more than
+        # the transaction). Contended: queue it, and the writer thread commits the waiting ones together.
+        if self._write_lock.acquire(blocking=False):
+            try:
+                if self._queue.empty():
+                    self._commit_batch(self._writer_conn, [(fn, fut)])
+                    return fut.result()
+            finally:
+                self._write_lock.release()
         self._queue.put((fn, fut))
         return fut.result()
 
