@@ -24,6 +24,7 @@ from bastion.errors import (
     MissingAttribute,
     UnsupportedTransferSyntax,
 )
+from bastion.ingest.scan import NotSimple, Scan, scan_header
 from bastion.model.attributes import LEVEL_KEYWORDS, tag_hex, tag_of, vr_of
 from bastion.model.levels import QueryLevel
 from bastion.model.records import JsonDataset
@@ -47,17 +48,6 @@ class Header:
     patient_id: str
     transfer_syntax: str
     attrs: dict[QueryLevel, JsonDataset]
-
-
-def _uid(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None or str(value).strip("\x00 ") == "":
-        raise MissingAttribute(f"{keyword} is missing or empty", tag=int(ds.data_element(keyword).tag)
-                               if keyword in ds else None)
-    text = str(value).strip("\x00 ")
-    if not is_valid_uid(text):
-        raise InvalidUID(f"{keyword} {text!r} is not a valid UID", uid=text)
-    return text
 
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
@@ -90,15 +80,14 @@ _CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _BINARY = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d"}
 
 
-def _fast_json(raw: Any, vr: str) -> dict[str, Any] | None:
-    """DICOM JSON straight from a raw element for plain-ASCII and binary values; None otherwise."""
-    value = raw.value
+def raw_json(vr: str, value: bytes | None, little_endian: bool = True) -> dict[str, Any] | None:
+    """DICOM JSON straight from raw bytes for plain-ASCII and binary values; None otherwise."""
     if value is None:
         return {"vr": vr}
     if vr in _BINARY:
         fmt = _BINARY[vr]
         n = len(value) // struct.calcsize(fmt)
-        vals = list(struct.unpack(("<" if raw.is_little_endian else ">") + fmt * n, value[: n * struct.calcsize(fmt)]))
+        vals = list(struct.unpack(("<" if little_endian else ">") + fmt * n, value[: n * struct.calcsize(fmt)]))
         return {"vr": vr, "Value": vals} if vals else {"vr": vr}
     if vr not in _ASCII_VRS and vr not in _CHARSET_VRS:
         return None
@@ -129,14 +118,15 @@ def _to_json(ds: Dataset, level: QueryLevel) -> JsonDataset:
         try:
             fast = None
             if isinstance(elem, RawDataElement) and (elem.VR != "UN" or not elem.value):
-                fast = _fast_json(elem, vr_of(tag) if elem.VR in (None, "UN") else elem.VR)
+                fast = raw_json(vr_of(tag) if elem.VR in (None, "UN") else elem.VR, elem.value,
+                                elem.is_little_endian)
             out[key] = fast if fast is not None else _element_json(ds[tag])
         except Exception:  # an unreadable optional attribute is left out, not fatal
             continue
     return out
 
 
-def _check_pixel_data_complete(fp: Any, ds: FileDataset, size: int, ts: str) -> None:
+def _check_pixel_data_complete(fp: Any, ds: FileDataset | None, size: int, ts: str) -> None:
     """Raise InvalidObject if the Pixel Data element runs past the end of the file."""
     if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         return  # the whole dataset is one deflate stream, parsed in full by pydicom
@@ -177,8 +167,65 @@ def _check_pixel_data_complete(fp: Any, ds: FileDataset, size: int, ts: str) -> 
         item_pos += 8 + n
 
 
+_WANTED = frozenset(tag for tags in _LEVEL_TAGS.values() for tag, _ in tags)
+_SCAN_BLOCK = 256 * 1024
+
+
+def _checked_uid(keyword: str, tag: int, text: str | None) -> str:
+    if text is None or text == "":
+        raise MissingAttribute(f"{keyword} is missing or empty", tag=tag if text is not None else None)
+    if not is_valid_uid(text):
+        raise InvalidUID(f"{keyword} {text!r} is not a valid UID", uid=text)
+    return text
+
+
+def _header(ts: str, meta_sop: str | None, uid_text: Any, patient_id: str,
+            attrs: dict[QueryLevel, JsonDataset]) -> Header:
+    """Validate the UIDs (PS3.4 B.2.3) and assemble the Header: shared by both parsers."""
+    def uid(keyword: str) -> str:
+        return _checked_uid(keyword, tag_of(keyword), uid_text(keyword))
+
+    sop_uid = uid("SOPInstanceUID")
+    if meta_sop is not None and meta_sop != sop_uid:
+        # For C-STORE the file meta carries the command's UID: a mismatch is 0xA900 (PS3.4 B.2.3).
+        raise CommandMismatch(f"file meta SOP Instance UID {meta_sop} differs from the dataset's {sop_uid}")
+    return Header(sop_class_uid=uid("SOPClassUID"), sop_uid=sop_uid, study_uid=uid("StudyInstanceUID"),
+                  series_uid=uid("SeriesInstanceUID"), patient_id=patient_id, transfer_syntax=ts, attrs=attrs)
+
+
+def _from_scan(found: Scan) -> Header:
+    """The Header from a :func:`scan_header` result; NotSimple if a value needs pydicom."""
+    attrs: dict[QueryLevel, JsonDataset] = {}
+    for level, tags in _LEVEL_TAGS.items():
+        out: JsonDataset = {}
+        for tag, key in tags:
+            element = found.elements.get(tag)
+            if element is None:
+                continue
+            try:
+                js = raw_json(element[0] or vr_of(tag), element[1])
+            except ValueError as exc:
+                raise NotSimple(str(exc)) from exc
+            if js is None:
+                raise NotSimple(f"{key} needs the general parser")
+            out[key] = js
+        attrs[level] = out
+
+    def uid_text(keyword: str) -> str | None:
+        element = found.elements.get(tag_of(keyword))
+        return None if element is None else element[1].decode("ascii", "replace").strip("\x00 ")
+
+    patient = found.elements.get(tag_of("PatientID"))
+    patient_id = patient[1].decode("ascii").strip("\x00 ") if patient else ""
+    return _header(found.transfer_syntax, found.meta_sop_uid, uid_text, patient_id, attrs)
+
+
 def read_header(fp: BinaryIO) -> Header:
     """Parse and validate the header of the Part 10 object readable from ``fp`` (at offset 0).
+
+    The common case (Explicit/Implicit VR Little Endian, plain values) takes the fast scan of
+    :mod:`bastion.ingest.scan`; everything else, and any doubt, takes pydicom. Both give the
+    same Header (``tests/unit/test_header_scan.py``).
 
     Raises
     ------
@@ -187,30 +234,51 @@ def read_header(fp: BinaryIO) -> Header:
     UnsupportedTransferSyntax
         Its transfer syntax is not one Bastion stores.
     """
-    size = fp.seek(0, os.SEEK_END)
-    fp.seek(0)
+    with fp:
+        size = fp.seek(0, os.SEEK_END)
+        fp.seek(0)
+        block = fp.read(_SCAN_BLOCK)
+        try:
+            found = scan_header(block, _WANTED)
+            if found.pixel_data_offset is None and len(block) < size:
+                raise NotSimple("Pixel Data not reached in the scanned block")
+            header = _from_scan(found)
+        except NotSimple:
+            fp.seek(0)
+            return read_header_pydicom(fp, size)
+        if found.pixel_data_offset is not None:
+            fp.seek(found.pixel_data_offset)
+            try:
+                _check_pixel_data_complete(fp, None, size, found.transfer_syntax)
+            except struct.error as exc:
+                raise InvalidObject(f"cannot parse the dataset: {exc}") from exc
+        return header
+
+
+def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
+    """:func:`read_header` with pydicom, for every transfer syntax and encoding."""
     try:
-        with fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=65536)
-            ts = str(ds.file_meta.get("TransferSyntaxUID", "")).strip("\x00 ")
-            if not ts:
-                raise InvalidObject("the file meta information has no Transfer Syntax UID")
-            if ts not in STORABLE_TRANSFER_SYNTAXES:
-                raise UnsupportedTransferSyntax(f"transfer syntax {ts} is not supported", uid=ts)
-            _check_pixel_data_complete(fp, ds, size, ts)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=65536)
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "")).strip("\x00 ")
+        if not ts:
+            raise InvalidObject("the file meta information has no Transfer Syntax UID")
+        if ts not in STORABLE_TRANSFER_SYNTAXES:
+            raise UnsupportedTransferSyntax(f"transfer syntax {ts} is not supported", uid=ts)
+        _check_pixel_data_complete(fp, ds, size, ts)
     except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, AttributeError,
             TypeError, NotImplementedError, UnicodeError) as exc:
         raise InvalidObject(f"cannot parse the dataset: {exc}") from exc
-    sop_uid = _uid(ds, "SOPInstanceUID")
-    meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", sop_uid)).strip("\x00 ")
-    if meta_sop != sop_uid:
-        # For C-STORE the file meta carries the command's UID: a mismatch is 0xA900 (PS3.4 B.2.3).
-        raise CommandMismatch(f"file meta SOP Instance UID {meta_sop} differs from the dataset's {sop_uid}")
+    meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
     try:
         attrs = {level: _to_json(ds, level) for level in QueryLevel}
         patient_id = str(ds.get("PatientID", "") or "").strip()
     except Exception as exc:
         raise InvalidObject(f"cannot decode the dataset's attributes: {exc}") from exc
-    return Header(
-        sop_class_uid=_uid(ds, "SOPClassUID"), sop_uid=sop_uid, study_uid=_uid(ds, "StudyInstanceUID"),
-        series_uid=_uid(ds, "SeriesInstanceUID"), patient_id=patient_id, transfer_syntax=ts, attrs=attrs)
+
+    def uid_text(keyword: str) -> str | None:
+        if keyword not in ds:
+            return None
+        value = ds.get(keyword)
+        return "" if value is None else str(value).strip("\x00 ")
+
+    return _header(ts, None if meta_sop is None else str(meta_sop).strip("\x00 "), uid_text, patient_id, attrs)

@@ -1,0 +1,76 @@
+"""The fast header scan and the pydicom parser agree on every sample object (same Header or same error)."""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from pathlib import Path
+
+import pydicom.data
+import pytest
+
+from bastion.errors import BastionError
+from bastion.ingest import header as H
+from bastion.ingest.scan import NotSimple, scan_header
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import corpus  # noqa: E402
+
+SAMPLES = sorted(pydicom.data.get_testdata_files("*.dcm"))
+
+
+def _outcome(fn, data: bytes):  # type: ignore[no-untyped-def]
+    try:
+        return fn(data)
+    except BastionError as exc:
+        return (type(exc).__name__, exc.message)
+
+
+def _fast(data: bytes):  # type: ignore[no-untyped-def]
+    return H.read_header(io.BytesIO(data))
+
+
+def _slow(data: bytes):  # type: ignore[no-untyped-def]
+    return H.read_header_pydicom(io.BytesIO(data), len(data))
+
+
+def _generated(tmp: Path) -> list[bytes]:
+    out = []
+    for kind in ("small", "ct"):
+        ds = corpus.make_instance(corpus.KINDS[kind], 3, 10)
+        path = tmp / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=[Path(p).name for p in SAMPLES])
+def test_scan_agrees_with_pydicom(path: str) -> None:
+    data = Path(path).read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _outcome(_fast, data) == _outcome(_slow, data)
+
+
+def test_scan_agrees_on_generated_and_truncated_objects(tmp_path: Path) -> None:
+    for data in _generated(tmp_path):
+        assert _outcome(_fast, data) == _outcome(_slow, data)
+        for cut in (len(data) - 1, len(data) // 2, 1000, 200):
+            assert _outcome(_fast, data[:cut]) == _outcome(_slow, data[:cut])
+
+
+def test_the_common_case_takes_the_fast_path(tmp_path: Path) -> None:
+    small, ct = _generated(tmp_path)
+    for data in (small, ct):
+        found = scan_header(data[: 256 * 1024], H._WANTED)
+        assert found.pixel_data_offset is not None
+        H._from_scan(found)  # no NotSimple
+
+
+def test_deflated_objects_are_not_scanned() -> None:
+    data = Path(pydicom.data.get_testdata_file("image_dfl.dcm")).read_bytes()
+    with pytest.raises(NotSimple):
+        scan_header(data, H._WANTED)
