@@ -1,0 +1,124 @@
+"""Where the time of one C-STORE goes: per-stage latency of the ingest path, in process.
+
+Two measurements on the benchmark corpora (``benchmarks/corpus.py``):
+
+1. **Stages** of ``Ingest`` for N objects, without the network: buffering + SHA-256, header
+   scan, duplicate check, blob commit (write, fsync, rename, directory fsync), index commit.
+2. **DIMSE**: a ``DicomServer`` in this process receives the corpus from DCMTK's ``storescu``
+   (TCP_NODELAY=1, one association); prints the median time inside the C-STORE handler and the
+   median gap between sending a response and the next command's dataset being complete (the
+   client's own work plus receiving the PDUs).
+
+Usage: ``python benchmarks/ingest_profile.py [--kind small|ct] [--count 300]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import corpus  # noqa: E402
+
+from bastion.archive import Archive  # noqa: E402
+from bastion.dimse import services as dimse_services  # noqa: E402
+from bastion.dimse.server import DicomServer  # noqa: E402
+from bastion.ingest.header import read_header  # noqa: E402
+from bastion.model.records import InstanceRecord, StoredObject, object_key  # noqa: E402
+from bastion.settings import load_settings  # noqa: E402
+
+
+def ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:.2f}"
+
+
+def stages(archive: Archive, files: list[Path]) -> None:
+    ingest, timings = archive.ingest, {k: [] for k in ("buffer+sha256", "header", "duplicate check",
+                                                        "blob commit (fsync x2)", "index commit")}
+    for path in files:
+        data = path.read_bytes()
+        t0 = time.perf_counter()
+        pending = ingest.begin("profile")
+        pending.write(data)
+        t1 = time.perf_counter()
+        header = read_header(pending.writer.reader())
+        t2 = time.perf_counter()
+        ingest.index.current(header.sop_uid)
+        t3 = time.perf_counter()
+        stamp = ingest._stamps.next()
+        sha = pending.writer.sha256
+        key = object_key(header.sop_uid, stamp, sha)
+        pending.writer.commit(key)
+        t4 = time.perf_counter()
+        record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
+                                header.transfer_syntax, key, sha, pending.writer.size)
+        ingest.index.record(StoredObject(record, header.patient_id, stamp, header.attrs))
+        t5 = time.perf_counter()
+        for name, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            timings[name].append(value)
+    total = sum(statistics.median(v) for v in timings.values())
+    print("ingest stages, median ms: " + ", ".join(f"{k} {ms(v)}" for k, v in timings.items())
+          + f"; sum {total * 1000:.2f}")
+
+
+async def over_dimse(archive: Archive, directory: Path, count: int) -> None:
+    inside: list[float] = []
+    gaps: list[float] = []
+    last = [0.0]
+    original = dimse_services.Services.c_store
+
+    async def timed(self, session, msg):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        if last[0]:
+            gaps.append(start - last[0])
+        await original(self, session, msg)
+        last[0] = time.perf_counter()
+        inside.append(last[0] - start)
+
+    dimse_services.Services.c_store = timed  # type: ignore[method-assign]
+    server = DicomServer(archive)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    await server.start("127.0.0.1", port)
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/storescu", "-aec", "BASTION", "127.0.0.1", str(port), "+sd", "+r", str(directory),
+        env={**os.environ, "TCP_NODELAY": "1"})
+    await proc.wait()
+    elapsed = time.perf_counter() - start
+    await server.close()
+    print(f"over DIMSE ({count} instances, one association): {count / elapsed:.0f} instances/s; median ms "
+          f"in the C-STORE handler {ms(inside)}, from response to the next dataset complete {ms(gaps)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", default="small", choices=sorted(corpus.KINDS))
+    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--workdir", type=Path, default=None, help="where the data directories go")
+    args = parser.parse_args()
+    directory = Path.home() / ".cache" / "bastion-benchmarks" / f"{args.kind}-{args.count}"
+    files = corpus.ensure_corpus(args.kind, args.count, directory)
+    for run in ("stages", "dimse"):
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            archive = Archive.open(load_settings(None, env={}, data=tmp))
+            try:
+                if run == "stages":
+                    stages(archive, files)
+                else:
+                    asyncio.run(over_dimse(archive, directory, len(files)))
+            finally:
+                archive.close()
+
+
+if __name__ == "__main__":
+    main()
