@@ -54,16 +54,17 @@ def read_stored_object(blobs: BlobStore, key: str) -> StoredObject:
     return StoredObject(record, header.patient_id, parts["stamp"], header.attrs)
 
 
-def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None) -> RebuildReport:
-    """Replay every stored object into ``index`` (which should be empty)."""
+def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: str,
+            progress: Callable[[int], None] | None = None) -> RebuildReport:
+    """Record the objects ``keys`` ((stamp, key), oldest first) through ``Index.record_many``."""
     report = RebuildReport()
     batch: list[StoredObject] = []
-    for _, key in stored_keys(blobs):
+    for _, key in keys:
         try:
             batch.append(read_stored_object(blobs, key))
         except BastionError as exc:
             report.skipped.append((key, exc.message))
-            log.warning("rebuild skips %s: %s", key, exc.message)
+            log.warning("%s skips %s: %s", what, key, exc.message)
         if len(batch) >= 500:
             _flush(index, batch, report)
         if progress:
@@ -72,13 +73,17 @@ def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | No
     return report
 
 
+def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None) -> RebuildReport:
+    """Replay every stored object into ``index`` (which should be empty)."""
+    return _replay(blobs, index, stored_keys(blobs), "rebuild", progress)
+
+
 def recover(blobs: BlobStore, index: Index) -> RebuildReport:
     """Index objects stored but not indexed, after an unclean shutdown.
 
     Lists only the hourly partitions from one hour before the newest indexed stamp up to
     now (see :func:`bastion.model.records.object_key`), so it is quick on a large archive.
     """
-    report = RebuildReport()
     last = index.last_stamp()
     start_ns = (int(last) if last else 0) - 3600 * 1_000_000_000
     if last is None:
@@ -96,14 +101,7 @@ def recover(blobs: BlobStore, index: Index) -> RebuildReport:
             parts = parse_object_key(key)
             if parts and int(parts["stamp"]) >= start_ns and not index.has_blob(key):
                 found.append((parts["stamp"], key))
-    batch: list[StoredObject] = []
-    for _, key in sorted(found):
-        try:
-            batch.append(read_stored_object(blobs, key))
-        except BastionError as exc:
-            report.skipped.append((key, exc.message))
-            log.warning("recovery skips %s: %s", key, exc.message)
-    _flush(index, batch, report)
+    report = _replay(blobs, index, sorted(found), "recovery")
     if report.indexed:
         log.warning("recovered %d stored object(s) that the index had lost", report.indexed)
     return report

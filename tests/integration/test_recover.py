@@ -1,0 +1,50 @@
+"""After an unclean shutdown, objects whose index commits were lost are indexed again from the blobs.
+
+Simulates a power failure that kept the fsync'd blobs but lost the index's last commits
+(SQLite ``synchronous=NORMAL``): the index file is rolled back to an earlier copy and the
+``.running`` marker is left behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import make_study
+
+from bastion.archive import RUNNING_MARKER, Archive
+from bastion.model.levels import QueryLevel
+from bastion.settings import load_settings
+
+
+def test_recover_indexes_what_the_index_lost(tmp_path: Path) -> None:
+    settings = load_settings(None, env={}, data=tmp_path / "data")
+    study = make_study(tmp_path / "study", series=1, per_series=5)
+    files = study.files
+
+    archive = Archive.open(settings)
+    for path in files[:3]:
+        archive.ingest.store_bytes(path.read_bytes(), "test")
+    archive.close()
+    index_file = Path(settings.index_location)
+    shutil.copy(index_file, tmp_path / "index-before.sqlite3")
+
+    archive = Archive.open(settings)
+    for path in files[3:]:
+        archive.ingest.store_bytes(path.read_bytes(), "test")
+    expected = archive.index.statistics()
+    archive.close()
+
+    # The power fails: the last two index commits are lost, the blobs are not; no clean shutdown.
+    shutil.copy(tmp_path / "index-before.sqlite3", index_file)
+    (settings.data / RUNNING_MARKER).write_text("crashed")
+
+    archive = Archive.open(settings)
+    try:
+        after = archive.index.statistics()
+        assert (after.instances, after.series, after.studies) == (expected.instances, expected.series,
+                                                                  expected.studies) == (5, 1, 1)
+        assert {r.sop_uid for r in archive.retriever.select(QueryLevel.IMAGE, [])} == set(study.sop_uids)
+    finally:
+        archive.close()
+    assert not (settings.data / RUNNING_MARKER).exists()
