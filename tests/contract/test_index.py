@@ -191,6 +191,14 @@ def test_find_matching(index: Index) -> None:
     assert len(index.find(QueryLevel.STUDY, [], limit=2)) == 2
     assert _values(index.find(QueryLevel.STUDY, [], limit=2, offset=2), "StudyInstanceUID") == ["1.1"]
     assert len(index.find(QueryLevel.STUDY, [cond("StudyDescription", "desc*")], limit=1, offset=1)) == 1
+    # Paging a condition matched in Python (fuzzy person name) gives slices of the same order as SQL paging.
+    fuzzy = parse_condition("PatientName", tag_of("PatientName"), "PN", "d", fuzzy=True)
+    whole = _values(index.find(QueryLevel.STUDY, [fuzzy]), "StudyInstanceUID")
+    assert whole == ["2.1", "1.1"]
+    for limit in range(4):
+        for offset in range(4):
+            page = index.find(QueryLevel.STUDY, [fuzzy], limit=limit, offset=offset)
+            assert _values(page, "StudyInstanceUID") == whole[offset: offset + limit]
     images = index.find(QueryLevel.IMAGE, [cond("SOPInstanceUID", "2.1.1.1")])
     assert _values(images, "AvailableTransferSyntaxUID") == [EXPLICIT]
 

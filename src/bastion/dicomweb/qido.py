@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pydicom.datadict import keyword_for_tag
 
 from bastion.errors import InvalidQuery
+from bastion.model import dicom_json
 from bastion.model.attributes import COMPUTED_KEYWORDS, LEVEL_KEYWORDS, tag_hex, tag_of, vr_of
 from bastion.model.levels import QueryLevel
 from bastion.model.records import JsonDataset
@@ -204,3 +205,9 @@ def search(finder: Finder, query: Search, base: str) -> list[JsonDataset]:
         else:
             out.append({k: result[k] for k in keys if k in result})
     return out
+
+
+def search_json(finder: Finder, query: Search, base: str) -> tuple[bytes, int]:
+    """:func:`search`, encoded as a DICOM JSON array (PS3.18 F.2), and the number of results."""
+    results = search(finder, query, base)
+    return dicom_json.dumps(results), len(results)

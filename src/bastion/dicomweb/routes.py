@@ -9,7 +9,6 @@ blob reads, pixel decoding, ingest) runs in the thread pool.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +31,7 @@ from bastion.dicomweb.negotiation import (
     require_multipart_related,
 )
 from bastion.errors import BastionError, NotFound
+from bastion.model.dicom_json import dumps as encode_dicom_json
 from bastion.model.levels import QueryLevel
 from bastion.model.records import InstanceRecord
 from bastion.query.find import MAX_LIMIT
@@ -72,9 +72,9 @@ def base_url(request: Request) -> str:
 
 
 def dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A DICOM JSON response (PS3.18 F.2)."""
-    text = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-    return Response(text, status_code=status, media_type=DICOM_JSON, headers=headers)
+    """A DICOM JSON response (PS3.18 F.2); ``body`` is a value, or its text already encoded."""
+    content = body if isinstance(body, (str, bytes)) else encode_dicom_json(body)
+    return Response(content, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
 class DicomWeb:
@@ -101,11 +101,12 @@ class DicomWeb:
             path_uids = {k: wado.check_uid(p[n], k) for n, k in
                          (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID")) if n in p}
             query = qido.parse_search(level, request.query_params.multi_items(), path_uids)
-            results = await run_in_threadpool(qido.search, self.archive.finder, query, base_url(request))
+            # Search and encode in the thread pool: encoding 100 results must not hold up the event loop.
+            body, count = await run_in_threadpool(qido.search_json, self.archive.finder, query, base_url(request))
             headers = {}
-            if len(results) == query.limit and query.limit == MAX_LIMIT:
+            if count == query.limit and query.limit == MAX_LIMIT:
                 headers["Warning"] = f'299 bastion "results limited to {MAX_LIMIT}"'
-            return dicom_json(results, headers=headers)
+            return dicom_json(body, headers=headers)
 
         return guarded(handler)
 

@@ -26,6 +26,7 @@ from bastion.errors import IndexFailure
 from bastion.index.base import Change, Index, Statistics, Version
 from bastion.index.schema import DDL, MIGRATE_1_TO_2, SCHEMA_VERSION, TABLES
 from bastion.index.sqlcompile import compile_conditions
+from bastion.model import dicom_json
 from bastion.model.attributes import COLUMNS, tag_hex, tag_of
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, matches
@@ -92,6 +93,16 @@ def _split(text: str) -> set[str]:
 
 def _us(tag: str, value: int) -> dict[str, Any]:
     return {tag: {"vr": "IS", "Value": [value]}}
+
+
+def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``cursor`` one at a time; an SQLite error is an IndexFailure, and the cursor is closed."""
+    try:
+        yield from cursor
+    except sqlite3.Error as exc:
+        raise IndexFailure(f"index query failed: {exc}") from exc
+    finally:
+        cursor.close()
 
 
 class SqliteIndex(Index):
@@ -357,7 +368,12 @@ class SqliteIndex(Index):
         return InstanceRecord(*row) if row else None
 
     def _select(self, level: QueryLevel, conditions: Sequence[Condition], columns: str,
-                limit: int | None, offset: int) -> tuple[list[tuple[Any, ...]], list[Condition]]:
+                limit: int | None, offset: int) -> tuple[Iterator[tuple[Any, ...]], list[Condition]]:
+        """Rows of ``columns`` for the SQL part of ``conditions``, and the conditions left for Python.
+
+        Without residual conditions the SQL pages (``limit``/``offset``) and the rows are read at
+        once; with them the rows come lazily, so a caller can stop after ``offset + limit`` matches.
+        """
         compiled = compile_conditions(level, conditions)
         where = " AND ".join(compiled.where) or "1"
         params = list(compiled.params)
@@ -372,10 +388,12 @@ class SqliteIndex(Index):
         else:
             sql = f"SELECT {columns} FROM {_FROM[level]} WHERE {where} ORDER BY {_ORDER[level]}"
         try:
-            rows = self._reader().execute(sql, params).fetchall()
+            cursor = self._reader().execute(sql, params)
+            if not compiled.residual:
+                return iter(cursor.fetchall()), []
         except sqlite3.Error as exc:
             raise IndexFailure(f"index query failed: {exc}") from exc
-        return rows, compiled.residual
+        return _rows(cursor), compiled.residual
 
     def find(self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None,
              offset: int = 0) -> list[JsonDataset]:
@@ -386,25 +404,27 @@ class SqliteIndex(Index):
             QueryLevel.IMAGE: "p.attrs, s.attrs, se.attrs, i.attrs, i.transfer_syntax, i.series_uid",
         }[level]
         rows, residual = self._select(level, conditions, cols, limit, offset)
+        if not residual:
+            return [self._dataset(level, row) for row in rows]
         out: list[JsonDataset] = []
+        wanted = None if limit is None else offset + limit  # rows come in order: stop once a page is full
         for row in rows:
             ds = self._dataset(level, row)
-            if residual and not all(matches(c, ds.get(tag_hex(c.tag))) for c in residual):
-                continue
-            out.append(ds)
-        if residual and limit is not None:
-            out = out[offset: offset + limit]
-        return out
+            if all(matches(c, ds.get(tag_hex(c.tag))) for c in residual):
+                out.append(ds)
+                if wanted is not None and len(out) >= wanted:
+                    break
+        return out if wanted is None else out[offset:wanted]
 
     def _dataset(self, level: QueryLevel, row: tuple[Any, ...]) -> JsonDataset:
         ds: JsonDataset = {}
         if level is QueryLevel.PATIENT:
-            ds.update(json.loads(row[0]))
+            ds.update(dicom_json.loads(row[0]))
             ds.update(_us("00201200", row[1]) | _us("00201202", row[2]) | _us("00201204", row[3]))
             return ds
         depth = level.depth
         for part in row[:depth + 1]:
-            ds.update(json.loads(part))
+            ds.update(dicom_json.loads(part))
         if level is QueryLevel.STUDY:
             ds.update(_us("00201206", row[2]) | _us("00201208", row[3]))
             mods, classes = row[4].split(_SEP) if row[4] else [], row[5].split(_SEP) if row[5] else []
