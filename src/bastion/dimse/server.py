@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,29 +41,47 @@ class DicomServer:
         self.archive = archive
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
         self.services = Services(archive, self.executor, lambda: self.active)
-        self.server: asyncio.Server | None = None
+        self.sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self.active = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_count = on_count
 
-    async def start(self, host: str, port: int, sock: Any = None) -> asyncio.Server:
-        """Listen on ``host:port`` (or an already-bound socket)."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> socket.socket:
+        """Listen on ``host:port``, or on an already-bound socket shared with other worker processes."""
+        if sock is None:
+            sock = socket.create_server((host, port), backlog=256, reuse_port=False)
+            sock.setblocking(False)
+        self.sock = sock
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        return sock
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        """Accept associations one at a time, a busier process a little later.
+
+        Every worker process waits on the same listening socket. A process that already serves
+        associations pauses briefly before accepting, so a burst of connections spreads over the
+        workers instead of landing on whichever woke first.
+        """
         loop = asyncio.get_running_loop()
-        tasks = self._tasks
-
-        def on_connect(stream: PDUStream) -> None:
+        while True:
+            if self.active:
+                await asyncio.sleep(min(0.002 * self.active, 0.02))
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            stream = PDUStream()
+            try:
+                await loop.connect_accepted_socket(lambda s=stream: s, conn)  # type: ignore[misc]
+            except OSError:
+                conn.close()
+                continue
             task = loop.create_task(self.handle(stream))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        def factory() -> PDUStream:
-            return PDUStream(on_connect)
-
-        if sock is not None:
-            self.server = await loop.create_server(factory, sock=sock)
-        else:
-            self.server = await loop.create_server(factory, host, port, reuse_address=True)
-        return self.server
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def handle(self, stream: PDUStream) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release or abort."""
@@ -131,7 +151,8 @@ class DicomServer:
                 raise PDUError(f"unexpected PDU 0x{kind:02x} during association")
 
     async def close(self) -> None:
-        """Stop listening."""
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+        """Stop accepting associations (those in progress are cancelled when the loop ends)."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
