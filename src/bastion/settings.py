@@ -29,7 +29,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,6 @@ class Settings:
     log_level: str = "INFO"
     workers: int = 2
     ohif_dir: str = ""  # default: <repo>/var/ohif when present
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def index_location(self) -> str:
@@ -139,7 +138,7 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
-    names = {f.name for f in fields(Settings)} - {"extra"}
+    names = {f.name for f in fields(Settings)}
     path = config or env.get("BASTION_CONFIG")
     if path:
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import struct
 import tempfile
 import threading
@@ -127,8 +126,6 @@ class MetadataCache:
         self.max_entries = max_entries
         self._lru: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
-        self._pending: queue.Queue[InstanceRecord] = queue.Queue(maxsize=100_000)
-        self._warmer: threading.Thread | None = None
 
     def _file(self, blob_key: str) -> Path | None:
         if self.directory is None:
@@ -171,32 +168,6 @@ class MetadataCache:
             return False
         self._write(path, build(self.retriever, record))
         return True
-
-    def warm_later(self, records: Iterable[InstanceRecord]) -> None:
-        """Build the metadata of newly stored ``records`` in a background thread.
-
-        Building costs a few milliseconds per instance (pydicom parsing); doing it after a
-        store keeps the first ``/metadata`` request of a large series fast. Best effort:
-        when the queue is full the rest are built on first request instead.
-        """
-        with self._lock:
-            if self._warmer is None or not self._warmer.is_alive():
-                self._warmer = threading.Thread(target=self._warm_loop, name="bastion-metadata-warmer",
-                                                daemon=True)
-                self._warmer.start()
-        for record in records:
-            try:
-                self._pending.put_nowait(record)
-            except queue.Full:
-                return
-
-    def _warm_loop(self) -> None:
-        while True:
-            record = self._pending.get()
-            try:
-                self.get(record)
-            except Exception as exc:  # the object may be gone or unreadable: the request will tell
-                log.debug("metadata warm-up failed for %s: %s", record.blob_key, exc)
 
     @staticmethod
     def _write(path: Path, text: str) -> None:

@@ -207,7 +207,6 @@ class DicomWeb:
         outcome = await stow.store_stream(self.archive, request.stream(), ct.params["boundary"], study, base)
         for _cls, sop, reason, why in outcome.failed:
             log.info("STOW-RS rejected %s (0x%04X): %s", sop or "a part", reason, why)
-        self.metadata.warm_later(outcome.records)
         study_url = f"{base}/studies/{study}" if study else None
         return dicom_json(outcome.response(study_url), status=outcome.http_status)
 

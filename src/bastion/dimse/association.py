@@ -321,13 +321,5 @@ class Association:
         return self._pending
 
 
-async def read_until_pdata(assoc: Association, timeout: float | None) -> tuple[int, bytes]:
-    """Read PDUs, returning the first non-P-DATA one or a P-DATA one (helper for SCUs)."""
-    kind, body = await assoc.read_pdu(timeout)
-    if kind == A_ABORT:
-        raise AssociationClosed("peer aborted the association")
-    return kind, body
-
-
 __all__ = ["A_ABORT", "P_DATA_TF", "AcceptedContext", "Association", "AssociationClosed", "BytesSink",
            "Message", "PDUStream"]

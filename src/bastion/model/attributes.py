@@ -97,14 +97,6 @@ def vr_of(tag: int) -> str:
     return vr.split(" or ")[0]
 
 
-def level_of_keyword(keyword: str) -> QueryLevel | None:
-    """The level that stores ``keyword`` (stored or computed), or None."""
-    for level in QueryLevel:
-        if keyword in LEVEL_KEYWORDS[level] or keyword in COMPUTED_KEYWORDS[level]:
-            return level
-    return None
-
-
 LEVEL_TAGS: dict[QueryLevel, frozenset[int]] = {
     level: frozenset(tag_of(k) for k in kws) for level, kws in LEVEL_KEYWORDS.items()
 }

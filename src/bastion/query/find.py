@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bastion.errors import InvalidQuery
@@ -61,14 +61,3 @@ def select_keys(result: JsonDataset, tags: Iterable[int], *, empty_for_missing: 
         elif empty_for_missing:
             out[key] = {"vr": vr_of(tag)}
     return out
-
-
-def unique_key_values(level: QueryLevel, values: Mapping[str, str]) -> dict[str, str]:
-    """Check that the unique keys needed for a retrieve at ``level`` are present (PS3.4 C.4.2.2.1)."""
-    needed = [lvl.unique_key for lvl in (*level.parents(), level) if lvl is not QueryLevel.PATIENT]
-    if level is QueryLevel.PATIENT:
-        needed = ["PatientID"]
-    key = level.unique_key
-    if not values.get(key):
-        raise InvalidQuery(f"a retrieve at {level.value} level needs {key}")
-    return {k: values[k] for k in needed if values.get(k)}

@@ -16,7 +16,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from bastion.blobs.base import BlobStore
-from bastion.errors import NotFound, UnsupportedTransferSyntax
+from bastion.errors import UnsupportedTransferSyntax
 from bastion.index.base import Index
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition
@@ -108,10 +108,3 @@ def encode_dataset(ds: pydicom.Dataset, transfer_syntax: str) -> bytes:
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     write_dataset(fp, ds)
     return fp.getvalue()
-
-
-def require(records: list[InstanceRecord], what: str) -> list[InstanceRecord]:
-    """``records`` or NotFound if empty."""
-    if not records:
-        raise NotFound(f"no such {what}")
-    return records
