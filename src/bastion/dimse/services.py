@@ -29,6 +29,10 @@ from bastion.query.find import conditions_for, select_keys
 
 log = logging.getLogger("bastion.dimse")
 
+#: Objects up to this size are finished on the event loop when their association is alone in the process
+#: (their fsync takes a few milliseconds); larger ones always go to a thread, so HTTP never stalls.
+INLINE_FINISH_BYTES = 2 * 1024 * 1024
+
 
 class FailedSink:
     """Swallows a dataset whose storage could not even start; the error is answered at the end."""
@@ -152,8 +156,8 @@ class Services:
                 raise InvalidQuery("not a storage presentation context")
             finish = partial(self.archive.ingest.finish, sink, sop_class=cmd.get("AffectedSOPClassUID"),
                              sop_uid=cmd.get("AffectedSOPInstanceUID"))
-            if self._associations() <= 1:
-                finish()  # the only association here: a thread hand-off would only add latency
+            if self._associations() <= 1 and sink.writer.size <= INLINE_FINISH_BYTES:
+                finish()  # the only association here, a small object: a thread hand-off only adds latency
             else:
                 await self._run(finish)
             rsp["Status"] = m.SUCCESS
