@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -17,8 +18,51 @@ from bastion.settings import Settings
 
 log = logging.getLogger("bastion")
 
-#: Present while an archive is open; found at start-up it means the last run crashed.
+#: Says "clean" after the last opener shut down cleanly; anything else found by a lone opener means a crash.
 RUNNING_MARKER = ".running"
+
+
+class RunMarker:
+    """Crash detection shared by every process that opens the archive (server, ``bastion import``, ...).
+
+    Each opener holds a shared ``flock`` on the marker while it runs. An opener that can take the lock
+    exclusively is alone: if the marker does not say ``clean``, the last run crashed and it recovers. The
+    last one to close, again alone, writes ``clean``. Locks die with their process, so a ``kill -9``
+    leaves the marker saying ``running``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _set(self, text: str) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text.encode(), 0)
+        os.fsync(self.fd)
+
+    def acquire(self) -> bool:
+        """Register this opener; True if it is alone and the last run did not end cleanly."""
+        crashed = False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another process has the archive open: it owns crash detection
+        else:
+            state = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
+            crashed = state not in ("", "clean")
+            self._set(f"running {os.getpid()}")
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        return crashed
+
+    def release(self) -> None:
+        """Unregister; the last one out marks the shutdown clean."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._set("clean")
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(self.fd)
 
 
 @dataclass
@@ -31,30 +75,34 @@ class Archive:
     ingest: Ingest
     finder: Finder
     retriever: Retriever
+    marker: RunMarker | None = None
 
-    primary: bool = True
+    @property
+    def primary(self) -> bool:
+        """True for an opener that takes part in crash detection (not an extra worker process)."""
+        return self.marker is not None
 
     @classmethod
     def open(cls, settings: Settings, *, primary: bool = True) -> Archive:
         """Open (creating if needed) the archive the settings describe.
 
-        The primary opener (one per data directory) recovers from an unclean shutdown and
-        marks the archive as running; extra worker processes open it with ``primary=False``.
+        Primary openers (the server, CLI commands) take part in crash detection (:class:`RunMarker`)
+        and recover from an unclean shutdown; extra worker processes open it with ``primary=False``.
         """
         settings.data.mkdir(parents=True, exist_ok=True)
         blobs = open_blob_store(settings.blob_location)
         index = open_index(settings.index_location)
-        if primary:
-            marker = settings.data / RUNNING_MARKER
-            if marker.exists():
-                log.warning("the previous run did not shut down cleanly: checking for unindexed objects")
-                recover(blobs, index)
-            marker.write_text(str(os.getpid()))
-        return cls(settings, blobs, index, Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl"))), Finder(index), Retriever(index, blobs), primary)
+        marker = RunMarker(str(settings.data / RUNNING_MARKER)) if primary else None
+        if marker is not None and marker.acquire():
+            log.warning("the previous run did not shut down cleanly: checking for unindexed objects")
+            recover(blobs, index)
+        ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")))
+        return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), marker)
 
     def close(self) -> None:
-        """Flush and close the index and blob store; the primary marks the shutdown clean."""
+        """Flush and close the index and blob store; the last primary out marks the shutdown clean."""
         self.index.close()
         self.blobs.close()
-        if self.primary:
-            (self.settings.data / RUNNING_MARKER).unlink(missing_ok=True)
+        if self.marker is not None:
+            self.marker.release()
+            self.marker = None

@@ -47,4 +47,16 @@ def test_recover_indexes_what_the_index_lost(tmp_path: Path) -> None:
         assert {r.sop_uid for r in archive.retriever.select(QueryLevel.IMAGE, [])} == set(study.sop_uids)
     finally:
         archive.close()
-    assert not (settings.data / RUNNING_MARKER).exists()
+    assert (settings.data / RUNNING_MARKER).read_text() == "clean"
+
+
+def test_a_second_opener_does_not_mark_a_running_archive_clean(tmp_path: Path) -> None:
+    """`bastion import` next to a running server must not hide a later crash of the server."""
+    settings = load_settings(None, env={}, data=tmp_path / "data")
+    marker = settings.data / RUNNING_MARKER
+    server = Archive.open(settings)
+    importer = Archive.open(settings)
+    importer.close()
+    assert marker.read_text().startswith("running"), "the importer marked a running archive clean"
+    server.close()
+    assert marker.read_text() == "clean"
