@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from bastion.blobs import BlobStore, open_blob_store
+from bastion.errors import BastionError
 from bastion.index import Index, open_index
 from bastion.ingest import Ingest
 from bastion.ingest.rebuild import recover
@@ -63,6 +67,25 @@ class RunMarker:
             pass
         finally:
             os.close(self.fd)
+
+
+@contextlib.contextmanager
+def exclusive(data: Path) -> Iterator[None]:
+    """Hold the archive in ``data`` for a maintenance job that must run alone (``index rebuild``).
+
+    Raises BastionError if a server or another command has it open; a server started meanwhile
+    waits until the job is done.
+    """
+    data.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data / RUNNING_MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BastionError(f"the archive in {data} is in use (a running `bastion serve`?): stop it first") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass

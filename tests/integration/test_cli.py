@@ -143,3 +143,14 @@ def test_serve_help_mentions_environment_variables() -> None:
     text = " ".join(proc.stdout.split())
     for name in ("BASTION_DATA", "BASTION_AET", "BASTION_DICOM_PORT", "BASTION_HTTP_PORT", "BASTION_REMOTES"):
         assert name in text, name
+
+
+def test_index_rebuild_refuses_while_the_server_runs(bastion_factory: Any, tmp_path: Path) -> None:
+    server = bastion_factory(tmp_path / "busy")
+    done = run_bastion("index", "rebuild", "--data", str(server.data))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "in use" in done.stderr and "stop it first" in done.stderr
+    assert server.echo().returncode == 0  # the running server was left alone
+    server.stop()
+    done = run_bastion("index", "rebuild", "--data", str(server.data))
+    assert done.returncode == 0, done.stdout + done.stderr

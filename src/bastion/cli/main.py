@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     idx_sub = idx.add_subparsers(dest="index_command", required=True)
     rebuild = idx_sub.add_parser("rebuild", help="rebuild the whole index from the blob store alone",
                                  description="Rebuild the index from the stored files alone into a new "
-                                 "index, then swap it in. Stop the server first.")
+                                 "index, then swap it in. Refuses while a server has the archive open.")
     _common(rebuild)
 
     verify = sub.add_parser("verify", help="re-hash every stored object against its recorded SHA-256",

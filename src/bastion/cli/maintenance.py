@@ -8,16 +8,23 @@ import sys
 
 from tqdm import tqdm
 
+from bastion.archive import exclusive
 from bastion.blobs import open_blob_store
 from bastion.cli.serve import settings_from
 from bastion.index import open_index
 from bastion.ingest.rebuild import rebuild, stored_keys
 from bastion.ingest.verify import verify
+from bastion.settings import Settings
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
-    """Rebuild into a fresh index file, then swap it in atomically."""
+    """Rebuild into a fresh index file, then swap it in atomically; refuses while the archive is in use."""
     settings = settings_from(args)
+    with exclusive(settings.data):
+        return _rebuild(settings)
+
+
+def _rebuild(settings: Settings) -> int:
     blobs = open_blob_store(settings.blob_location)
     target = settings.index_location
     tmp = target + ".rebuild"
