@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from bastion.dicomweb import multipart, pixels
+from bastion.dicomweb.frame_reader import read_frames
 from bastion.dicomweb.negotiation import (
     DICOM,
     IMAGE_MEDIA_TYPES,
@@ -193,8 +194,9 @@ def choose_frames(stored: str, accept: list[MediaRange]) -> FrameChoice:
 def frames_body(retriever: Retriever, record: InstanceRecord, numbers: list[int],
                 choice: FrameChoice, boundary: str) -> bytes:
     """The multipart body of a frames retrieve; each part names its transfer syntax for OHIF."""
-    ds = pixels.load_dataset(retriever, record)
-    data = pixels.frames(ds, numbers, as_stored=choice.as_stored)
+    data = read_frames(retriever, record, numbers, as_stored=choice.as_stored)
+    if data is None:  # needs decoding or an unusual layout: load the whole object
+        data = pixels.frames(pixels.load_dataset(retriever, record), numbers, as_stored=choice.as_stored)
     stored = record.transfer_syntax
     sent_as_is = is_compressed(stored) or stored in pixels.NATIVE_LE
     ts = stored if choice.as_stored and sent_as_is else UNCOMPRESSED[0]
