@@ -150,9 +150,14 @@ class DicomServer:
             else:
                 raise PDUError(f"unexpected PDU 0x{kind:02x} during association")
 
-    async def close(self) -> None:
-        """Stop accepting associations (those in progress are cancelled when the loop ends)."""
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting associations and give those in progress ``grace`` seconds to finish."""
         if self._accepting is not None:
             self._accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accepting
+        if self._tasks:
+            log.info("waiting up to %.0f s for %d association(s) to finish", grace, len(self._tasks))
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
