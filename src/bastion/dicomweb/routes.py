@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from bastion.archive import Archive
 from bastion.dicomweb import multipart, pixels, qido, rendered, stow, wado, wado_uri
-from bastion.dicomweb.metadata import MetadataCache
+from bastion.dicomweb.metadata import MetadataCache, cache_directory
 from bastion.dicomweb.negotiation import (
     DICOM,
     DICOM_JSON,
@@ -82,7 +82,7 @@ class DicomWeb:
 
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
-        self.metadata = MetadataCache(archive.retriever, archive.settings.data / "cache" / "metadata")
+        self.metadata = MetadataCache(archive.retriever, cache_directory(archive.settings.data))
 
     # -- helpers ---------------------------------------------------------------------------------------------
     async def _select(self, request: Request, *, with_instance: bool = True) -> list[InstanceRecord]:

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
@@ -126,7 +126,7 @@ def _to_json(ds: Dataset, level: QueryLevel) -> JsonDataset:
     return out
 
 
-def _check_pixel_data_complete(fp: Any, ds: FileDataset | None, size: int, ts: str) -> None:
+def _check_pixel_data_complete(fp: Any, size: int, ts: str) -> None:
     """Raise InvalidObject if the Pixel Data element runs past the end of the file."""
     if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         return  # the whole dataset is one deflate stream, parsed in full by pydicom
@@ -249,7 +249,7 @@ def read_header(fp: BinaryIO) -> Header:
         if found.pixel_data_offset is not None:
             fp.seek(found.pixel_data_offset)
             try:
-                _check_pixel_data_complete(fp, None, size, found.transfer_syntax)
+                _check_pixel_data_complete(fp, size, found.transfer_syntax)
             except struct.error as exc:
                 raise InvalidObject(f"cannot parse the dataset: {exc}") from exc
         return header
@@ -264,7 +264,7 @@ def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
             raise InvalidObject("the file meta information has no Transfer Syntax UID")
         if ts not in STORABLE_TRANSFER_SYNTAXES:
             raise UnsupportedTransferSyntax(f"transfer syntax {ts} is not supported", uid=ts)
-        _check_pixel_data_complete(fp, ds, size, ts)
+        _check_pixel_data_complete(fp, size, ts)
     except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, AttributeError,
             TypeError, NotImplementedError, UnicodeError) as exc:
         raise InvalidObject(f"cannot parse the dataset: {exc}") from exc
