@@ -99,6 +99,10 @@ class Index(abc.ABC):
     def changes(self, since: int = 0, limit: int = 100) -> list[Change]:
         """Change-log entries with ``seq > since``, oldest first."""
 
+    def last_change_seq(self) -> int:
+        """The ``seq`` of the newest change-log entry (0 if none)."""
+        return self.statistics().last_change
+
     @abc.abstractmethod
     def statistics(self) -> Statistics:
         """Counts of what is indexed."""

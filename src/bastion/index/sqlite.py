@@ -2,8 +2,9 @@
 
 All writes go through one writer thread that commits waiting writes together (group
 commit). WAL mode with ``synchronous=NORMAL``: a commit survives a crash of the process
-(``kill -9``) at once, and the WAL is fsync'd at checkpoints. A power failure can lose the
-last commits of the index, never of the blobs (fsync'd before the commit): after an
+(``kill -9``) at once, and the WAL is fsync'd at checkpoints, which a thread of their own runs once a second
+(never a commit that a C-STORE waits for). A power failure can lose the
+last commits of the index, never of the blobs (durable before the commit): after an
 unclean shutdown :func:`bastion.ingest.rebuild.recover` re-indexes the objects stored since
 the newest indexed stamp, so the index stays a rebuildable cache. Reads use one connection
 per thread.
@@ -12,6 +13,7 @@ per thread.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -31,6 +33,8 @@ from bastion.model.attributes import COLUMNS, tag_hex, tag_of
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, matches
 from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus
+
+log = logging.getLogger("bastion.index")
 
 T = TypeVar("T")
 _BATCH = 256
@@ -126,6 +130,16 @@ class SqliteIndex(Index):
         self._create_or_migrate(self._writer_conn)
         self._thread = threading.Thread(target=self._run_writer, name="bastion-index-writer", daemon=True)
         self._thread.start()
+        self._commits = 0
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if path == self.location:  # a file: WAL checkpoints off the commit path
+            # A commit that fills the WAL past its limit would copy it into the database and fsync both
+            # before returning: a C-STORE waiting tens of milliseconds. A thread of ours does it instead.
+            self._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = threading.Thread(target=self._run_checkpointer, name="bastion-index-checkpoint",
+                                                  daemon=True)
+            self._checkpointer.start()
 
     @classmethod
     def _create_or_migrate(cls, conn: sqlite3.Connection) -> None:
@@ -188,6 +202,22 @@ class SqliteIndex(Index):
                 self._readers.append(conn)
         return conn
 
+    def _run_checkpointer(self, interval_s: float = 1.0) -> None:
+        """Copy the WAL into the database once a second while there are commits (a passive checkpoint:
+        writers and readers carry on meanwhile)."""
+        conn = self._connect()
+        seen = 0
+        try:
+            while not self._stop_checkpoints.wait(interval_s):
+                if self._commits != seen:
+                    seen = self._commits
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error as exc:  # busy with another process's checkpoint: next time
+                        log.debug("index checkpoint: %s", exc)
+        finally:
+            conn.close()
+
     # -- the writer thread ----------------------------------------------------------------
     def _run_writer(self) -> None:
         conn = self._writer_conn
@@ -231,6 +261,7 @@ class SqliteIndex(Index):
                     conn.execute("RELEASE one")
                     results.append((fut, None, exc))
             conn.execute("COMMIT")
+            self._commits += 1
         except sqlite3.Error as exc:
             try:
                 conn.execute("ROLLBACK")
@@ -304,21 +335,30 @@ class SqliteIndex(Index):
     def _add_instance(self, conn: sqlite3.Connection, obj: StoredObject) -> None:
         inst = obj.instance
         a = obj.attrs
-        old_series = conn.execute("SELECT modality FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
-        old_study = conn.execute("SELECT modalities, sop_classes FROM studies WHERE study_uid = ?",
+        old_series = conn.execute("SELECT modality, attrs, study_uid FROM series WHERE series_uid = ?",
+                                  (inst.series_uid,)).fetchone()
+        old_study = conn.execute("SELECT modalities, sop_classes, attrs, patient_id FROM studies WHERE study_uid = ?",
                                  (inst.study_uid,)).fetchone()
         new_series, new_study = old_series is None, old_study is None
         series_columns = columns_for(QueryLevel.SERIES, a[QueryLevel.SERIES])
         pid = obj.patient_id
-        self._upsert(conn, "patients", "patient_id", {
-            **columns_for(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid,
-            "attrs": json.dumps(a[QueryLevel.PATIENT])})
-        self._upsert(conn, "studies", "study_uid", {
-            **columns_for(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid, "patient_id": pid,
-            "attrs": json.dumps(a[QueryLevel.STUDY])})
-        self._upsert(conn, "series", "series_uid", {
-            **series_columns, "series_uid": inst.series_uid,
-            "study_uid": inst.study_uid, "attrs": json.dumps(a[QueryLevel.SERIES])})
+        # Each level's row takes the attributes of the newest instance; most instances repeat what their
+        # series, study and patient rows already hold, and rewriting a row (and all its indexes) with the
+        # same values is the costliest part of a commit, so an unchanged row is left alone.
+        patient_json = json.dumps(a[QueryLevel.PATIENT])
+        old_patient = conn.execute("SELECT attrs FROM patients WHERE patient_id = ?", (pid,)).fetchone()
+        if old_patient is None or old_patient[0] != patient_json:
+            self._upsert(conn, "patients", "patient_id", {
+                **columns_for(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid, "attrs": patient_json})
+        study_json = json.dumps(a[QueryLevel.STUDY])
+        if old_study is None or old_study[2] != study_json or old_study[3] != pid:
+            self._upsert(conn, "studies", "study_uid", {
+                **columns_for(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid,
+                "patient_id": pid, "attrs": study_json})
+        series_json = json.dumps(a[QueryLevel.SERIES])
+        if old_series is None or old_series[1] != series_json or old_series[2] != inst.study_uid:
+            self._upsert(conn, "series", "series_uid", {
+                **series_columns, "series_uid": inst.series_uid, "study_uid": inst.study_uid, "attrs": series_json})
         conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
             inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
             columns_for(QueryLevel.IMAGE, a[QueryLevel.IMAGE])["instance_number"], inst.transfer_syntax,
@@ -474,6 +514,9 @@ class SqliteIndex(Index):
                                       "WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)).fetchall()
         return [Change(*r) for r in rows]
 
+    def last_change_seq(self) -> int:
+        return int(self._reader().execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
     def statistics(self) -> Statistics:
         conn = self._reader()
 
@@ -493,6 +536,9 @@ class SqliteIndex(Index):
 
     def close(self) -> None:
         self.closed = True
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=10)
         self._queue.put(None)
         self._thread.join(timeout=10)
         self._writer_conn.close()
