@@ -26,6 +26,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -207,16 +208,24 @@ class MetadataWarmer:
         Changes before the newest to start from when there is no checkpoint.
     interval_s
         Pause between polls of the change log when it has nothing new.
+    quiet_s, max_lag_s
+        Ingest comes first: while new changes keep arriving (some within the last ``quiet_s``), the
+        warmer waits, for at most ``max_lag_s``; then it works through the backlog whatever the load.
+        A burst from a scanner is thus warmed just after it ends; a viewer asking before that builds
+        what it needs on request. ``quiet_s = 0`` warms at once.
     """
 
     def __init__(self, index: Index, cache: MetadataCache, checkpoint: Path, *, backlog: int = 10_000,
-                 interval_s: float = 0.5, batch: int = 500) -> None:
+                 interval_s: float = 0.5, batch: int = 500, quiet_s: float = 1.0,
+                 max_lag_s: float = 30.0) -> None:
         self.index = index
         self.cache = cache
         self.checkpoint = checkpoint
         self.backlog = backlog
         self.interval_s = interval_s
         self.batch = batch
+        self.quiet_s = quiet_s
+        self.max_lag_s = max_lag_s
         self.built = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -265,11 +274,23 @@ class MetadataWarmer:
     def _run(self) -> None:
         try:
             since = self._since()
+            newest_seen = -1
+            deferred_at: float | None = None
             while not self._stop.is_set() and not self.index.closed:
-                new = self.run_once(since)
-                if new == since:
+                newest = self.index.last_change_seq()
+                if newest <= since:
+                    newest_seen, deferred_at = newest, None
                     self._stop.wait(self.interval_s)
-                since = new
+                    continue
+                # Objects still arriving: ingest has the CPU, unless the backlog has waited max_lag_s.
+                arriving, newest_seen = newest != newest_seen, newest
+                if arriving and self.quiet_s > 0:
+                    now = time.monotonic()
+                    deferred_at = deferred_at or now
+                    if now - deferred_at < self.max_lag_s:
+                        self._stop.wait(self.quiet_s)
+                        continue
+                since = self.run_once(since)
         except Exception as exc:  # the index was closed under us, or is broken: stop quietly
             if not self.index.closed:
                 log.warning("metadata warmer stopped: %s", exc)
