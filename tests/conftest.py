@@ -434,8 +434,9 @@ class BastionServer:
         return sorted(p for p in self.blob_dir.rglob("*") if p.is_file() and ".spool" not in p.parts)
 
     def spool_files(self) -> list[Path]:
+        """Partly received objects left in the spool (the empty files made ahead of time do not count)."""
         spool = self.blob_dir / ".spool"
-        return sorted(spool.iterdir()) if spool.exists() else []
+        return sorted(p for p in spool.iterdir() if "-pool-" not in p.name) if spool.exists() else []
 
     def blobs_of(self, sop_uid: str) -> list[Path]:
         """The stored versions of one instance, oldest first (the key's stamp orders them)."""

@@ -2,7 +2,7 @@
 
 A blob store holds immutable objects under string keys. Writes go through a
 :class:`BlobWriter`: bytes are streamed in (and hashed with SHA-256 on the way), and only
-:meth:`BlobWriter.commit` makes the object visible under its final key, durably (fsync'd)
+:meth:`BlobWriter.commit` makes the object visible under its final key, durably (on disk when it returns)
 and atomically. A writer that is aborted, or a process that dies mid-write, leaves nothing
 visible. Keys are ``/``-separated; a name starting with ``.`` is never a committed object.
 """

@@ -1,34 +1,109 @@
-"""Filesystem blob store: one file per object, fsync'd file and directory before commit returns."""
+"""Filesystem blob store: one file per object, durable before commit returns.
+
+An object buffered in memory (up to :data:`MEMORY_LIMIT`) is made durable by the store's write-ahead
+journal (:mod:`bastion.blobs.journal`): its file is written without a flush and the object is appended
+to the journal with one ``fdatasync``. Larger objects, streamed through a spool file, are made durable
+by ``fsync`` of the file and of its directory.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import io
+import logging
 import os
 import shutil
+import threading
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter
+from bastion.blobs.journal import (
+    OBJECT,
+    TOMBSTONE,
+    Journal,
+    fsync_dir,
+    orphaned_segments,
+    read_segment,
+    record_size,
+    sync_filesystem,
+)
 from bastion.errors import NotFound, StorageError, StorageFull
+
+log = logging.getLogger("bastion.blobs")
 
 #: Objects up to this size are buffered in memory until commit.
 MEMORY_LIMIT = 8 * 1024 * 1024
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _os_error(exc: OSError, what: str) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"{what}: no space left on the blob store")
     return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+class FilePool:
+    """Empty files created ahead of need by a background thread of the process that uses them.
+
+    Giving a new inode a name is the costly part of storing a small object: 1.2 ms of CPU per file on the
+    development VM's ext4 (O_TMPFILE and rename take 0.03 ms). Files are created in the spool directory,
+    named after the process, and renamed into place at commit, so the C-STORE that waits never creates one.
+    """
+
+    def __init__(self, directory: str, target: int = 64) -> None:
+        self.directory = directory
+        self.target = target
+        self.pid = os.getpid()
+        self._names: deque[str] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="bastion-file-pool", daemon=True)
+        self._thread.start()
+
+    def take(self) -> str | None:
+        """The path of an empty file of this process's pool, or None if it ran dry."""
+        with self._cond:
+            name = self._names.popleft() if self._names else None
+            if len(self._names) < self.target // 2:
+                self._cond.notify()
+        return name
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and len(self._names) >= self.target // 2:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                missing = self.target - len(self._names)
+            for _ in range(missing):
+                path = os.path.join(self.directory, f"{self.pid}-pool-{uuid.uuid4().hex}")
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+                except OSError as exc:  # e.g. a full disk: the writers create their own files meanwhile
+                    log.debug("file pool: %s", exc)
+                    with self._cond:
+                        self._cond.wait(1.0)
+                    break
+                with self._cond:
+                    if self._closed:
+                        os.unlink(path)
+                        return
+                    self._names.append(path)
+
+    def close(self) -> None:
+        """Stop refilling and remove the unused files."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        while self._names:
+            with contextlib.suppress(OSError):
+                os.unlink(self._names.popleft())
 
 
 class FileWriter(BlobWriter):
@@ -43,7 +118,7 @@ class FileWriter(BlobWriter):
         self._store = store
         self._buf: bytearray | None = bytearray()
         self._fh: BinaryIO | None = None
-        self._path = os.path.join(store.spool_dir, uuid.uuid4().hex)
+        self._path = os.path.join(store.spool_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
 
     def _spill(self) -> None:
         try:
@@ -76,6 +151,10 @@ class FileWriter(BlobWriter):
 
     def commit(self, key: str) -> None:
         final = self._store.path_of(key)
+        journal = self._store.journal_for(key, len(self._buf)) if self._buf is not None else None
+        if journal is not None:
+            self._commit_journaled(journal, key, final)
+            return
         try:
             if self._buf is not None:
                 self._spill()
@@ -85,10 +164,40 @@ class FileWriter(BlobWriter):
             self._fh = None
             self._store.make_dirs(os.path.dirname(final))
             os.rename(self._path, final)
-            _fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
         except OSError as exc:
             self.abort()
             raise _os_error(exc, f"cannot commit {key}") from exc
+
+    def _commit_journaled(self, journal: Journal, key: str, final: str) -> None:
+        """Write the file (no flush), then make it durable by one journal append."""
+        buf = self._buf
+        assert buf is not None
+        renamed = False
+        try:
+            pooled = self._store.pooled_file()
+            if pooled is not None:
+                self._path = pooled
+                fd = os.open(pooled, os.O_WRONLY | os.O_CLOEXEC)
+            else:
+                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(buf)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            self._store.make_dirs(os.path.dirname(final))
+            os.rename(self._path, final)
+            renamed = True
+            journal.append(key, self._sha.digest(), [buf], len(buf))
+        except OSError as exc:
+            if renamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(final)
+            self.abort()
+            raise _os_error(exc, f"cannot commit {key}") from exc
+        self._buf = None
 
     def abort(self) -> None:
         self._buf = None
@@ -104,17 +213,91 @@ class FileWriter(BlobWriter):
 class FileBlobStore(BlobStore):
     """Objects as files under ``root``; the key is the relative path."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, journal: bool = True) -> None:
         self.location = self.root = os.path.abspath(root)
         self.spool_dir = os.path.join(self.root, ".spool")
+        self.journal_dir = os.path.join(self.root, ".journal")
         os.makedirs(self.spool_dir, exist_ok=True)
         self._known_dirs: set[str] = {self.root}
-        # Spool files left by a crash are never visible objects; clear them.
+        self._use_journal = journal
+        self._journal: Journal | None = None
+        self._journal_failed_pid = 0
+        self._pool: FilePool | None = None
+        # Journals of processes that are gone hold objects whose files may not have reached the disk.
+        self.replayed = self.replay_journal()
+        # Spool files left by processes that are gone are never visible objects; clear them. (They are
+        # named after their process, so a command opening the store beside a live server spares its files.)
         for name in os.listdir(self.spool_dir):
+            if not _process_alive(name.split("-", 1)[0]):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.spool_dir, name))
+
+    def journal_for(self, key: str, size: int) -> Journal | None:
+        """This process's journal if an object of ``size`` bytes goes through it, else None."""
+        if not self._use_journal:
+            return None
+        journal = self._journal
+        pid = os.getpid()
+        if journal is None or journal.pid != pid:  # none yet, or inherited across fork: not ours
+            if self._journal_failed_pid == pid:
+                return None
             try:
-                os.unlink(os.path.join(self.spool_dir, name))
-            except OSError:
-                pass
+                journal = self._journal = Journal(self.journal_dir, lambda: sync_filesystem(self.root))
+            except OSError as exc:
+                self._journal_failed_pid = pid
+                log.warning("blob journal unavailable (%s): objects are fsync'd one by one", exc)
+                return None
+        return journal if record_size(key, size) <= journal.capacity() else None
+
+    def pooled_file(self) -> str | None:
+        """An empty spool file made ahead of time by this process's :class:`FilePool`, if one is ready."""
+        pool = self._pool
+        if pool is None or pool.pid != os.getpid():
+            pool = self._pool = FilePool(self.spool_dir)
+        return pool.take()
+
+    def replay_journal(self) -> int:
+        """Rewrite, from the journals of processes that are gone, objects whose files are missing or incomplete.
+
+        Returns how many files were rewritten. Runs when the store is opened; safe beside live processes.
+        """
+        restored = 0
+        for path, fd in orphaned_segments(self.journal_dir):
+            try:
+                count = rewritten = 0
+                for record in read_segment(path):
+                    count += 1
+                    try:
+                        final = self.path_of(record.key)
+                    except StorageError:
+                        continue
+                    if record.kind == TOMBSTONE:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(final)
+                    elif record.kind == OBJECT and not _holds(final, record.digest, len(record.data)):
+                        self._write_durably(final, record.data)
+                        rewritten += 1
+                sync_filesystem(self.root)
+                os.unlink(path)
+                restored += rewritten
+                (log.warning if rewritten else log.info)(
+                    "blob journal %s replayed: %d record(s), %d file(s) rewritten", os.path.basename(path),
+                    count, rewritten)
+            except OSError as exc:
+                log.error("cannot replay blob journal %s: %s", path, exc)
+            finally:
+                os.close(fd)
+        return restored
+
+    def _write_durably(self, final: str, data: bytes) -> None:
+        tmp = os.path.join(self.spool_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.make_dirs(os.path.dirname(final))
+        os.rename(tmp, final)
+        fsync_dir(os.path.dirname(final))
 
     def path_of(self, key: str) -> str:
         """The file path of ``key``; refuses keys that would leave the store."""
@@ -132,7 +315,7 @@ class FileBlobStore(BlobStore):
             self.make_dirs(parent)
         try:
             os.mkdir(path)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except FileExistsError:
             pass
         self._known_dirs.add(path)
@@ -159,6 +342,24 @@ class FileBlobStore(BlobStore):
             os.unlink(self.path_of(key))
         except FileNotFoundError:
             pass
+        journal = self._journal
+        if journal is not None and journal.pid == os.getpid():
+            # A replay after a crash must not bring the object back.
+            try:
+                journal.append(key, bytes(32), [], 0, kind=TOMBSTONE)
+            except (OSError, ValueError) as exc:
+                log.warning("blob journal: cannot record the deletion of %s: %s", key, exc)
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None and pool.pid == os.getpid():
+            pool.close()
+        journal, self._journal = self._journal, None
+        if journal is not None and journal.pid == os.getpid():
+            try:
+                journal.close()
+            except OSError as exc:  # its segments stay and are replayed on the next open
+                log.error("blob journal: final checkpoint failed: %s", exc)
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         start = self.root if not prefix else os.path.join(self.root, *prefix.strip("/").split("/"))
@@ -174,3 +375,29 @@ class FileBlobStore(BlobStore):
     def usage(self) -> tuple[int | None, int | None]:
         du = shutil.disk_usage(self.root)
         return (du.used, du.free)
+
+
+def _holds(path: str, digest: bytes, size: int) -> bool:
+    """True if the file at ``path`` has exactly ``size`` bytes hashing to ``digest``."""
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size != size:
+                return False
+            return hashlib.file_digest(fh, "sha256").digest() == digest
+    except FileNotFoundError:
+        return False
+
+
+def _process_alive(pid: str) -> bool:
+    """True if ``pid`` (a spool file's prefix) is a running process other than a leftover of ours."""
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

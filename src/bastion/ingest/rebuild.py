@@ -7,6 +7,7 @@ same current versions, superseded versions, counts and change log as live ingest
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -54,13 +55,29 @@ def read_stored_object(blobs: BlobStore, key: str) -> StoredObject:
     return StoredObject(record, header.patient_id, parts["stamp"], header.attrs)
 
 
+def _check_digest(blobs: BlobStore, key: str) -> None:
+    """Raise unless the object's bytes hash to the SHA-256 its key names."""
+    parts = parse_object_key(key)
+    assert parts is not None
+    with blobs.open(key) as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    if digest != parts["sha"]:
+        raise BastionError(f"{key}: the content does not match the SHA-256 in its key (an incomplete write "
+                           "that was never acknowledged); not indexed")
+
+
 def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: str,
-            progress: Callable[[int], None] | None = None) -> RebuildReport:
-    """Record the objects ``keys`` ((stamp, key), oldest first) through ``Index.record_many``."""
+            progress: Callable[[int], None] | None = None, *, verify: bool = False) -> RebuildReport:
+    """Record the objects ``keys`` ((stamp, key), oldest first) through ``Index.record_many``.
+
+    With ``verify`` each object's content is checked against the SHA-256 in its key first.
+    """
     report = RebuildReport()
     batch: list[StoredObject] = []
     for _, key in keys:
         try:
+            if verify:
+                _check_digest(blobs, key)
             batch.append(read_stored_object(blobs, key))
         except BastionError as exc:
             report.skipped.append((key, exc.message))
@@ -101,7 +118,9 @@ def recover(blobs: BlobStore, index: Index) -> RebuildReport:
             parts = parse_object_key(key)
             if parts and int(parts["stamp"]) >= start_ns and not index.has_blob(key):
                 found.append((parts["stamp"], key))
-    report = _replay(blobs, index, sorted(found), "recovery")
+    # These objects were stored just before the crash: an object whose file was written but not yet
+    # made durable when the power went may be incomplete (it was never acknowledged), so each is checked.
+    report = _replay(blobs, index, sorted(found), "recovery", verify=True)
     if report.indexed:
         log.warning("recovered %d stored object(s) that the index had lost", report.indexed)
     return report

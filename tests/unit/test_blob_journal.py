@@ -1,0 +1,171 @@
+"""The filesystem blob store's write-ahead journal (bastion.blobs.journal): what it promises after a crash.
+
+A process that dies without closing its store leaves its journal segments behind. Files whose
+writes had not reached the disk when the power went are simulated by damaging them after the
+process is gone; opening the store again must put every journaled object back byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from bastion.blobs.filesystem import FileBlobStore
+from bastion.blobs.journal import HEADER_SIZE, Journal, read_segment, sync_filesystem
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _payload(i: int, size: int = 5000) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest() * (size // 32) + i.to_bytes(4, "little")
+
+
+def _store_and_die(root: Path, count: int, *, delete: list[int] = ()) -> None:  # type: ignore[assignment]
+    """In a child process: store ``count`` objects (deleting some again) and exit without closing."""
+    code = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / 'src')!r})\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from bastion.blobs import journal\n"
+        "from bastion.blobs.filesystem import FileBlobStore\n"
+        "journal.CHECKPOINT_INTERVAL_S = 600  # no checkpoint in between: every record stays\n"
+        "from test_blob_journal import _payload\n"
+        f"s = FileBlobStore({str(root)!r})\n"
+        f"for i in range({count}):\n"
+        "    s.put(f'd/{i}.dcm', _payload(i))\n"
+        f"for i in {list(delete)!r}:\n"
+        "    s.delete(f'd/{i}.dcm')\n"
+        "os._exit(0)\n"  # no close(): the journal stays, as after kill -9 or a power failure
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _segments(root: Path) -> list[Path]:
+    return sorted((root / ".journal").glob("*.wal"))
+
+
+def test_objects_lost_after_a_crash_are_rewritten_from_the_journal(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    _store_and_die(root, 40)
+    records = [r for seg in _segments(root) for r in read_segment(str(seg))]
+    assert len(records) == 40  # within one checkpoint interval: all still journaled
+    # The power went before the page cache reached the disk: files empty, cut short, gone, or wrong.
+    (root / "d/0.dcm").write_bytes(b"")
+    (root / "d/1.dcm").write_bytes(_payload(1)[:1000])
+    (root / "d/2.dcm").unlink()
+    (root / "d/3.dcm").write_bytes(b"x" * len(_payload(3)))
+    reopened = FileBlobStore(str(root))
+    assert reopened.replayed == 4
+    for i in range(40):
+        assert reopened.get(f"d/{i}.dcm") == _payload(i)
+    assert _segments(root) == []  # replayed once, then removed
+    assert FileBlobStore(str(root)).replayed == 0
+
+
+def test_a_torn_record_ends_the_replay(tmp_path: Path) -> None:
+    """A record whose write did not complete was never acknowledged: it and what follows do not count."""
+    root = tmp_path / "blobs"
+    _store_and_die(root, 10)
+    (seg,) = [s for s in _segments(root) if list(read_segment(str(s)))]
+    records = list(read_segment(str(seg)))
+    assert [r.key for r in records] == [f"d/{i}.dcm" for i in range(10)]
+    # Flip a byte inside the data of record 6 (records are laid out back to back after the header).
+    offset = HEADER_SIZE
+    for r in records[:6]:
+        offset += 4 + 8 + 1 + 2 + 8 + 32 + 4 + len(r.key) + len(r.data)
+    offset += 4 + 8 + 1 + 2 + 8 + 32 + 4 + len(records[6].key) + 100
+    with open(seg, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    assert [r.key for r in read_segment(str(seg))] == [f"d/{i}.dcm" for i in range(6)]
+    for i in range(10):
+        (root / f"d/{i}.dcm").write_bytes(b"")
+    reopened = FileBlobStore(str(root))
+    assert reopened.replayed == 6
+    assert [reopened.size(f"d/{i}.dcm") for i in range(10)] == [len(_payload(0))] * 6 + [0] * 4
+
+
+def test_a_deleted_object_is_not_brought_back(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    _store_and_die(root, 5, delete=[2])
+    reopened = FileBlobStore(str(root))
+    assert not reopened.exists("d/2.dcm")
+    assert sorted(reopened.keys()) == [f"d/{i}.dcm" for i in (0, 1, 3, 4)]
+
+
+def test_a_live_process_keeps_its_journal(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    live = FileBlobStore(str(root))
+    live.put("d/a.dcm", b"alive")
+    segments = _segments(root)
+    assert len(segments) == 2
+    other = FileBlobStore(str(root))  # e.g. a CLI command beside the server
+    assert other.replayed == 0 and _segments(root) == segments
+    live.close()
+    assert _segments(root) == []  # a clean stop checkpoints and removes its journal
+    assert other.get("d/a.dcm") == b"alive"
+
+
+def test_spool_leftovers_of_dead_processes_are_cleared_and_live_ones_kept(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    FileBlobStore(str(root)).close()
+    spool = root / ".spool"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (spool / f"{dead.pid}-0123").write_bytes(b"partial")
+    (spool / "leftover-of-an-older-version").write_bytes(b"partial")
+    live = f"{os.getppid()}-4567"  # pytest's parent process: alive
+    (spool / live).write_bytes(b"being received")
+    FileBlobStore(str(root))
+    assert os.listdir(spool) == [live]
+
+
+def test_rotation_and_group_commit_under_concurrent_writers(tmp_path: Path) -> None:
+    """Tiny segments force many rotations and checkpoints while four threads store at once."""
+    root = tmp_path / "blobs"
+    store = FileBlobStore(str(root))
+    store._journal = Journal(str(root / ".journal"), lambda: sync_filesystem(str(root)),
+                             segment_size=HEADER_SIZE + 64 * 1024, max_segment_size=HEADER_SIZE + 256 * 1024,
+                             interval_s=0.05)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(150):
+                store.put(f"t{t}/{i}.dcm", _payload(t * 1000 + i, 1000 + 97 * (i % 40)))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    journal = store._journal
+    assert journal.checkpoints >= 3
+    assert max(seg.size for seg in journal._segments) > HEADER_SIZE + 64 * 1024  # grew under load
+    for t in range(4):
+        for i in range(150):
+            assert store.get(f"t{t}/{i}.dcm") == _payload(t * 1000 + i, 1000 + 97 * (i % 40))
+    store.close()
+    assert _segments(root) == []
+
+
+def test_objects_too_large_for_the_journal_are_fsynced_directly(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    store = FileBlobStore(str(root))
+    big = os.urandom(9 * 1024 * 1024)  # past the in-memory buffer: streamed through a spool file
+    store.put("d/big.dcm", big)
+    records = [r for seg in _segments(root) for r in read_segment(str(seg))]
+    assert [r.key for r in records] == []
+    assert store.get("d/big.dcm") == big
+    store.close()
