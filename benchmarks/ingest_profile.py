@@ -3,7 +3,7 @@
 Two measurements on the benchmark corpora (``benchmarks/corpus.py``):
 
 1. **Stages** of ``Ingest`` for N objects, without the network: buffering + SHA-256, header
-   scan, duplicate check, blob commit (write, fsync, rename, directory fsync), index commit.
+   scan, duplicate check, blob commit (file written, then made durable by the blob journal: one fdatasync), index commit.
 2. **DIMSE**: a ``DicomServer`` in this process receives the corpus from DCMTK's ``storescu``
    (TCP_NODELAY=1, one association); prints the median time inside the C-STORE handler and the
    median gap between sending a response and the next command's dataset being complete (the
@@ -42,7 +42,7 @@ def ms(values: list[float]) -> str:
 
 def stages(archive: Archive, files: list[Path]) -> None:
     ingest, timings = archive.ingest, {k: [] for k in ("buffer+sha256", "header", "duplicate check",
-                                                        "blob commit (fsync x2)", "index commit")}
+                                                        "blob commit (journal)", "index commit")}
     for path in files:
         data = path.read_bytes()
         t0 = time.perf_counter()

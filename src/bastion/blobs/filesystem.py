@@ -223,6 +223,7 @@ class FileBlobStore(BlobStore):
         self._journal: Journal | None = None
         self._journal_failed_pid = 0
         self._pool: FilePool | None = None
+        self._lazy_lock = threading.Lock()  # the journal and the pool are made on first use, once
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
         # Spool files left by processes that are gone are never visible objects; clear them. (They are
@@ -239,21 +240,27 @@ class FileBlobStore(BlobStore):
         journal = self._journal
         pid = os.getpid()
         if journal is None or journal.pid != pid:  # none yet, or inherited across fork: not ours
-            if self._journal_failed_pid == pid:
-                return None
-            try:
-                journal = self._journal = Journal(self.journal_dir, lambda: sync_filesystem(self.root))
-            except OSError as exc:
-                self._journal_failed_pid = pid
-                log.warning("blob journal unavailable (%s): objects are fsync'd one by one", exc)
-                return None
+            with self._lazy_lock:
+                journal = self._journal
+                if journal is None or journal.pid != pid:
+                    if self._journal_failed_pid == pid:
+                        return None
+                    try:
+                        journal = self._journal = Journal(self.journal_dir, lambda: sync_filesystem(self.root))
+                    except OSError as exc:
+                        self._journal_failed_pid = pid
+                        log.warning("blob journal unavailable (%s): objects are fsync'd one by one", exc)
+                        return None
         return journal if record_size(key, size) <= journal.capacity() else None
 
     def pooled_file(self) -> str | None:
         """An empty spool file made ahead of time by this process's :class:`FilePool`, if one is ready."""
         pool = self._pool
         if pool is None or pool.pid != os.getpid():
-            pool = self._pool = FilePool(self.spool_dir)
+            with self._lazy_lock:
+                pool = self._pool
+                if pool is None or pool.pid != os.getpid():
+                    pool = self._pool = FilePool(self.spool_dir)
         return pool.take()
 
     def replay_journal(self) -> int:

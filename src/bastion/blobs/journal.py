@@ -298,13 +298,16 @@ class Journal:
             try:
                 self._checkpoint()
                 old.start(0)
-                if grow and old.size < self.max_segment_size:
-                    old.grow(min(old.size * 2, self.max_segment_size))
                 self.checkpoints += 1
-                return
+                break
             except OSError as exc:  # records stay in the journal; retry
                 log.error("blob journal checkpoint failed (retrying): %s", exc)
                 time.sleep(1.0)
+        if grow and old.size < self.max_segment_size:
+            try:
+                old.grow(min(old.size * 2, self.max_segment_size))
+            except OSError as exc:  # e.g. a full disk: it keeps its size
+                log.warning("blob journal segment cannot grow: %s", exc)
 
     def close(self) -> None:
         """Checkpoint everything and remove the segments (a clean stop leaves no journal)."""
