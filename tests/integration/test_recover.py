@@ -60,3 +60,34 @@ def test_a_second_opener_does_not_mark_a_running_archive_clean(tmp_path: Path) -
     assert marker.read_text().startswith("running"), "the importer marked a running archive clean"
     server.close()
     assert marker.read_text() == "clean"
+
+
+def test_recover_does_not_index_an_incomplete_unacknowledged_file(tmp_path: Path) -> None:
+    """The power failed after an object's file was written but before it was durable (so before it was
+    acknowledged): the file may be cut short. Recovery checks each object against the SHA-256 in its key."""
+    settings = load_settings(None, env={}, data=tmp_path / "data")
+    study = make_study(tmp_path / "study", series=1, per_series=3)
+    archive = Archive.open(settings)
+    for path in study.files[:2]:
+        archive.ingest.store_bytes(path.read_bytes(), "test")
+    index_file = Path(settings.index_location)
+    archive.close()
+    shutil.copy(index_file, tmp_path / "index-before.sqlite3")
+
+    archive = Archive.open(settings)
+    result = archive.ingest.store_bytes(study.files[2].read_bytes(), "test")
+    archive.close()
+    # Power failure: the last index commit is gone, and the third object's file has its full size but its
+    # second half never reached the disk (zeros): its header still parses and its Pixel Data looks complete.
+    shutil.copy(tmp_path / "index-before.sqlite3", index_file)
+    blob = settings.data / "blobs" / result.record.blob_key
+    data = blob.read_bytes()
+    blob.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+    (settings.data / RUNNING_MARKER).write_text("crashed")
+
+    archive = Archive.open(settings)
+    try:
+        indexed = {r.sop_uid for r in archive.retriever.select(QueryLevel.IMAGE, [])}
+        assert indexed == set(study.sop_uids[:2]), "a damaged, never-acknowledged object was indexed"
+    finally:
+        archive.close()
