@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,9 @@ def test_spool_leftovers_of_dead_processes_are_cleared_and_live_ones_kept(tmp_pa
     (spool / "leftover-of-an-older-version").write_bytes(b"partial")
     live = f"{os.getppid()}-4567"  # pytest's parent process: alive
     (spool / live).write_bytes(b"being received")
+    stale = spool / f"{os.getppid()}-89ab"  # a live pid, but a day old: the pid was reused
+    stale.write_bytes(b"left by an earlier process with the same pid")
+    os.utime(stale, (time.time() - 2 * 86400, time.time() - 2 * 86400))
     FileBlobStore(str(root))
     assert os.listdir(spool) == [live]
 
