@@ -12,7 +12,6 @@ per thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -85,6 +84,11 @@ def columns_for(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
 
 
 _SEP = "\\"  # joins the values of ModalitiesInStudy / SOPClassesInStudy in their columns
+
+
+def _text(attrs: JsonDataset) -> str:
+    """The stored text of one level's DICOM JSON (compact, orjson: several times faster than json.dumps)."""
+    return dicom_json.dumps(attrs).decode()
 
 
 def _joined(values: set[str]) -> str:
@@ -345,24 +349,24 @@ class SqliteIndex(Index):
         # Each level's row takes the attributes of the newest instance; most instances repeat what their
         # series, study and patient rows already hold, and rewriting a row (and all its indexes) with the
         # same values is the costliest part of a commit, so an unchanged row is left alone.
-        patient_json = json.dumps(a[QueryLevel.PATIENT])
+        patient_json = _text(a[QueryLevel.PATIENT])
         old_patient = conn.execute("SELECT attrs FROM patients WHERE patient_id = ?", (pid,)).fetchone()
         if old_patient is None or old_patient[0] != patient_json:
             self._upsert(conn, "patients", "patient_id", {
                 **columns_for(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid, "attrs": patient_json})
-        study_json = json.dumps(a[QueryLevel.STUDY])
+        study_json = _text(a[QueryLevel.STUDY])
         if old_study is None or old_study[2] != study_json or old_study[3] != pid:
             self._upsert(conn, "studies", "study_uid", {
                 **columns_for(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid,
                 "patient_id": pid, "attrs": study_json})
-        series_json = json.dumps(a[QueryLevel.SERIES])
+        series_json = _text(a[QueryLevel.SERIES])
         if old_series is None or old_series[1] != series_json or old_series[2] != inst.study_uid:
             self._upsert(conn, "series", "series_uid", {
                 **series_columns, "series_uid": inst.series_uid, "study_uid": inst.study_uid, "attrs": series_json})
         conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
             inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
             columns_for(QueryLevel.IMAGE, a[QueryLevel.IMAGE])["instance_number"], inst.transfer_syntax,
-            inst.blob_key, inst.sha256, inst.size, obj.stamp, json.dumps(a[QueryLevel.IMAGE])))
+            inst.blob_key, inst.sha256, inst.size, obj.stamp, _text(a[QueryLevel.IMAGE])))
         conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
         conn.execute("UPDATE studies SET num_instances = num_instances + 1, num_series = num_series + ? "
                      "WHERE study_uid = ?", (int(new_series), inst.study_uid))
