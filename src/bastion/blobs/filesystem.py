@@ -221,7 +221,8 @@ class FileBlobStore(BlobStore):
         self.journal_dir = os.path.join(self.root, ".journal")
         os.makedirs(self.spool_dir, exist_ok=True)
         self._known_dirs: set[str] = {self.root}
-        self._use_journal = journal
+        # The journal needs fdatasync and pwritev (Linux; not macOS): elsewhere objects are fsync'd one by one.
+        self._use_journal = journal and hasattr(os, "fdatasync") and hasattr(os, "pwritev")
         self._journal: Journal | None = None
         self._journal_failed_pid = 0
         self._pool: FilePool | None = None
