@@ -120,11 +120,16 @@ class FileWriter(BlobWriter):
         self._store = store
         self._buf: bytearray | None = bytearray()
         self._fh: BinaryIO | None = None
-        self._path = os.path.join(store.spool_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
+        self._path: str | None = None  # the spool file, named when one is needed (not for a pooled file)
+
+    def _spool_path(self) -> str:
+        if self._path is None:
+            self._path = os.path.join(self._store.spool_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
+        return self._path
 
     def _spill(self) -> None:
         try:
-            self._fh = open(self._path, "wb", buffering=0)  # noqa: SIM115
+            self._fh = open(self._spool_path(), "wb", buffering=0)  # noqa: SIM115
             assert self._buf is not None
             self._fh.write(self._buf)
         except OSError as exc:
@@ -149,7 +154,7 @@ class FileWriter(BlobWriter):
     def reader(self) -> BinaryIO:
         if self._buf is not None:
             return io.BytesIO(self._buf)
-        return open(self._path, "rb")  # noqa: SIM115
+        return open(self._spool_path(), "rb")  # noqa: SIM115
 
     def commit(self, key: str) -> None:
         final = self._store.path_of(key)
@@ -165,7 +170,7 @@ class FileWriter(BlobWriter):
             self._fh.close()
             self._fh = None
             self._store.make_dirs(os.path.dirname(final))
-            os.rename(self._path, final)
+            os.rename(self._spool_path(), final)
             fsync_dir(os.path.dirname(final))
         except OSError as exc:
             self.abort()
@@ -182,7 +187,7 @@ class FileWriter(BlobWriter):
                 self._path = pooled
                 fd = os.open(pooled, os.O_WRONLY | os.O_CLOEXEC)
             else:
-                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = os.open(self._spool_path(), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 view = memoryview(buf)
                 while view:
@@ -190,7 +195,7 @@ class FileWriter(BlobWriter):
             finally:
                 os.close(fd)
             self._store.make_dirs(os.path.dirname(final))
-            os.rename(self._path, final)
+            os.rename(self._spool_path(), final)
             renamed = True
             journal.append(key, self._sha.digest(), [buf], len(buf))
         except OSError as exc:
@@ -206,10 +211,9 @@ class FileWriter(BlobWriter):
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        try:
-            os.unlink(self._path)
-        except FileNotFoundError:
-            pass
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
 
 
 class FileBlobStore(BlobStore):
@@ -401,7 +405,7 @@ def _holds(path: str, digest: bytes, size: int) -> bool:
 
 
 def _process_alive(pid: str) -> bool:
-    """True if ``pid`` (a spool file's prefix) is a running process other than a leftover of ours."""
+    """True if ``pid`` (a spool file's prefix) names a running process, this one included."""
     if not pid.isdigit():
         return False
     if int(pid) == os.getpid():

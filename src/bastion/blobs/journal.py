@@ -177,7 +177,7 @@ class Journal:
         self._active.start(self._generation)
         self._segments[1].start(0)
         self._cond = threading.Condition()
-        self._written = 0  # appends written into the active segment so far (all segments)
+        self._written = 0  # records written so far, in either segment
         self._synced = 0  # appends known durable
         self._syncing = False
         self._sync_error: tuple[int, OSError] | None = None  # (appends it covered, error)
@@ -193,7 +193,10 @@ class Journal:
 
     def append(self, key: str, digest: bytes, data: Sequence[bytes | bytearray | memoryview], size: int,
                kind: int = OBJECT) -> None:
-        """Write one record and return once it is durable. Raises OSError (the record may not count)."""
+        """Write one record and return once it is durable.
+
+        Raises OSError (the record may not count), or ValueError if it is larger than :meth:`capacity`.
+        """
         key_bytes = key.encode()
         need = _RECORD.size + _CRC.size + len(key_bytes) + size
         if need > self.capacity():
