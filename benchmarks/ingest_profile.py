@@ -41,7 +41,7 @@ def ms(values: list[float]) -> str:
 
 
 def stages(archive: Archive, files: list[Path]) -> None:
-    ingest, timings = archive.ingest, {k: [] for k in ("buffer+sha256", "header", "duplicate check",
+    ingest, timings = archive.ingest, {k: [] for k in ("buffer+digest", "header", "duplicate check",
                                                         "blob commit (journal)", "index commit")}
     for path in files:
         data = path.read_bytes()
@@ -54,12 +54,12 @@ def stages(archive: Archive, files: list[Path]) -> None:
         ingest.index.current(header.sop_uid)
         t3 = time.perf_counter()
         stamp = ingest._stamps.next()
-        sha = pending.writer.sha256
-        key = object_key(header.sop_uid, stamp, sha)
+        digest = pending.writer.digest
+        key = object_key(header.sop_uid, stamp, digest)
         pending.writer.commit(key)
         t4 = time.perf_counter()
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
-                                header.transfer_syntax, key, sha, pending.writer.size)
+                                header.transfer_syntax, key, digest, pending.writer.size)
         ingest.index.record(StoredObject(record, header.patient_id, stamp, header.attrs))
         t5 = time.perf_counter()
         for name, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
 from bastion.blobs.base import BlobStore
@@ -35,7 +35,7 @@ def test_commit_makes_the_object_visible(store: BlobStore) -> None:
     w.write(data[:3000])
     w.write(memoryview(data)[3000:])
     assert w.size == len(data)
-    assert w.sha256 == hashlib.sha256(data).hexdigest()
+    assert w.digest == "b3-" + blake3.blake3(data).hexdigest()
     assert list(store.keys()) == [] and not store.exists("x/y/obj.dcm")  # nothing visible before commit
     w.commit("x/y/obj.dcm")
     assert store.exists("x/y/obj.dcm")
@@ -77,8 +77,9 @@ def test_abort_leaves_nothing(store: BlobStore, tmp_path: Path) -> None:
         assert [p for p in Path(store.root).rglob("*") if p.is_file()] == []
 
 
-def test_put_returns_sha256(store: BlobStore) -> None:
-    assert store.put("k/1.dcm", b"abc") == hashlib.sha256(b"abc").hexdigest()
+def test_put_returns_the_blake3_digest(store: BlobStore) -> None:
+    # the BLAKE3 known answer for "abc" (what b3sum prints)
+    assert store.put("k/1.dcm", b"abc") == "b3-6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
     assert store.get("k/1.dcm") == b"abc"
 
 

@@ -1,7 +1,7 @@
 """The BlobStore interface.
 
 A blob store holds immutable objects under string keys. Writes go through a
-:class:`BlobWriter`: bytes are streamed in (and hashed with SHA-256 on the way), and only
+:class:`BlobWriter`: bytes are streamed in (and hashed with BLAKE3 on the way, :mod:`bastion.model.digest`), and only
 :meth:`BlobWriter.commit` makes the object visible under its final key, durably (on disk when it returns)
 and atomically. A writer that is aborted, or a process that dies mid-write, leaves nothing
 visible. Keys are ``/``-separated; a name starting with ``.`` is never a committed object.
@@ -10,28 +10,29 @@ visible. Keys are ``/``-separated; a name starting with ``.`` is never a committ
 from __future__ import annotations
 
 import abc
-import hashlib
 from collections.abc import Iterator
 from typing import BinaryIO
+
+from bastion.model import digest as content_digest
 
 
 class BlobWriter(abc.ABC):
     """A pending object: write bytes, then commit under a key or abort."""
 
     def __init__(self) -> None:
-        self._sha = hashlib.sha256()
+        self._hash = content_digest.hasher()
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` (hashing it)."""
-        self._sha.update(data)
+        self._hash.update(data)
         self.size += len(data)
         self._write(data)
 
     @property
-    def sha256(self) -> str:
-        """Hex SHA-256 of everything written so far."""
-        return self._sha.hexdigest()
+    def digest(self) -> str:
+        """The content digest (``b3-<hex>``) of everything written so far."""
+        return content_digest.text(self._hash.digest())
 
     @abc.abstractmethod
     def _write(self, data: bytes | memoryview) -> None: ...
@@ -59,7 +60,7 @@ class BlobStore(abc.ABC):
         """Start a new pending object."""
 
     def put(self, key: str, data: bytes) -> str:
-        """Store ``data`` under ``key`` durably; return its SHA-256."""
+        """Store ``data`` under ``key`` durably; return its content digest."""
         w = self.writer()
         try:
             w.write(data)
@@ -67,7 +68,7 @@ class BlobStore(abc.ABC):
         except BaseException:
             w.abort()
             raise
-        return w.sha256
+        return w.digest
 
     @abc.abstractmethod
     def open(self, key: str) -> BinaryIO:

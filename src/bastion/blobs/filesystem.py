@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import logging
 import os
@@ -197,7 +196,7 @@ class FileWriter(BlobWriter):
             self._store.make_dirs(os.path.dirname(final))
             os.rename(self._spool_path(), final)
             renamed = True
-            journal.append(key, self._sha.digest(), [buf], len(buf))
+            journal.append(key, self._hash.digest(), [buf], len(buf))
         except OSError as exc:
             if renamed:
                 with contextlib.suppress(OSError):
@@ -290,7 +289,7 @@ class FileBlobStore(BlobStore):
                     if record.kind == TOMBSTONE:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(final)
-                    elif record.kind == OBJECT and not _holds(final, record.digest, len(record.data)):
+                    elif record.kind == OBJECT and not _holds(final, record.data):
                         self._write_durably(final, record.data)
                         rewritten += 1
                 sync_filesystem(self.root)
@@ -393,13 +392,13 @@ class FileBlobStore(BlobStore):
         return (du.used, du.free)
 
 
-def _holds(path: str, digest: bytes, size: int) -> bool:
-    """True if the file at ``path`` has exactly ``size`` bytes hashing to ``digest``."""
+def _holds(path: str, data: bytes) -> bool:
+    """True if the file at ``path`` holds exactly ``data``."""
     try:
         with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size != size:
+            if os.fstat(fh.fileno()).st_size != len(data):
                 return False
-            return hashlib.file_digest(fh, "sha256").digest() == digest
+            return fh.read() == data
     except FileNotFoundError:
         return False
 

@@ -17,14 +17,14 @@ of processes that are gone (a live process holds an exclusive ``flock`` on its o
 Concurrent appends in one process share ``fdatasync`` calls (group commit). Each process has its
 own pair of segments: one takes appends while the other is checkpointed.
 
-Segment layout: a 4 KiB header (``BASTION-BLOB-JOURNAL-01``, generation) then records::
+Segment layout: a 4 KiB header (``BASTION-BLOB-JOURNAL-02``, generation) then records::
 
-    "BJR1" | generation u64 | kind u8 | key length u16 | data length u64 | SHA-256 of data | CRC-32
+    "BJR1" | generation u64 | kind u8 | key length u16 | data length u64 | BLAKE3 of data | CRC-32
     key (UTF-8) | data
 
 The CRC covers the fixed fields and the key. A record counts only if its generation is the segment's
 (a reused segment starts a new generation, so older records behind it are ignored), its CRC matches
-and its data hashes to its SHA-256 (a torn write, which was never acknowledged, fails that and ends
+and its data hashes to its digest (a torn write, which was never acknowledged, fails that and ends
 the scan). Kind 1 is a tombstone: the key was deleted after being journaled.
 """
 
@@ -45,9 +45,13 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from bastion.model import digest as content_digest
+
 log = logging.getLogger("bastion.blobs")
 
-SEGMENT_MAGIC = b"BASTION-BLOB-JOURNAL-01\n"  # 24 bytes
+SEGMENT_MAGIC = b"BASTION-BLOB-JOURNAL-02\n"  # 24 bytes; records carry BLAKE3 digests
+#: Segments written before BLAKE3 (their records carry SHA-256 digests): still replayed.
+_SEGMENT_MAGIC_SHA256 = b"BASTION-BLOB-JOURNAL-01\n"
 HEADER_SIZE = 4096
 _SEGMENT_HEADER = struct.Struct("<24sQ")
 _RECORD = struct.Struct("<4sQBHQ32s")
@@ -328,6 +332,10 @@ class Journal:
             seg.remove()
 
 
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 @dataclass
 class Record:
     """One valid record read back from a segment."""
@@ -345,8 +353,9 @@ def read_segment(path: str) -> Iterator[Record]:
         if len(head) < _SEGMENT_HEADER.size:
             return
         magic, generation = _SEGMENT_HEADER.unpack_from(head)
-        if magic != SEGMENT_MAGIC or generation == 0:
+        if magic not in (SEGMENT_MAGIC, _SEGMENT_MAGIC_SHA256) or generation == 0:
             return
+        digest_of = content_digest.of_bytes if magic == SEGMENT_MAGIC else _sha256
         while True:
             fixed = fh.read(_RECORD.size + _CRC.size)
             if len(fixed) < _RECORD.size + _CRC.size:
@@ -359,7 +368,7 @@ def read_segment(path: str) -> Iterator[Record]:
             if len(key_bytes) < key_len or zlib.crc32(key_bytes, zlib.crc32(fixed[:_RECORD.size])) != crc:
                 return
             data = fh.read(size)
-            if len(data) < size or (kind == OBJECT and hashlib.sha256(data).digest() != digest):
+            if len(data) < size or (kind == OBJECT and digest_of(data) != digest):
                 return  # torn: never acknowledged
             try:
                 key = key_bytes.decode()

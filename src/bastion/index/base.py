@@ -43,7 +43,7 @@ class Version:
     """A stored version of an instance: current or superseded."""
 
     blob_key: str
-    sha256: str
+    digest: str
     size: int
     current: bool
 

@@ -7,7 +7,7 @@ two subqueries per result. The ordering indexes end with the tie-breaking UID so
 ``ORDER BY ... LIMIT`` walks an index instead of sorting.
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS instances (
   instance_number INTEGER,
   transfer_syntax TEXT NOT NULL,
   blob_key TEXT NOT NULL,
-  sha256 TEXT NOT NULL,
+  digest TEXT NOT NULL,
   size INTEGER NOT NULL,
   stamp TEXT NOT NULL,
   attrs TEXT NOT NULL
@@ -78,7 +78,7 @@ CREATE INDEX IF NOT EXISTS instances_stamp ON instances(stamp);
 CREATE TABLE IF NOT EXISTS versions (
   blob_key TEXT PRIMARY KEY,
   sop_uid TEXT NOT NULL,
-  sha256 TEXT NOT NULL,
+  digest TEXT NOT NULL,
   size INTEGER NOT NULL,
   stamp TEXT NOT NULL,
   superseded_by TEXT NOT NULL
@@ -109,5 +109,15 @@ MIGRATE_1_TO_2 = (
     "DROP INDEX IF EXISTS instances_series",
     "DROP INDEX IF EXISTS instances_study",
 )
+
+#: Version 3: the content digest columns are named ``digest`` (BLAKE3 for new objects, see
+#: :mod:`bastion.model.digest`; objects stored before keep their SHA-256 there).
+MIGRATE_2_TO_3 = (
+    "ALTER TABLE instances RENAME COLUMN sha256 TO digest",
+    "ALTER TABLE versions RENAME COLUMN sha256 TO digest",
+)
+
+#: Statements that bring an index of version N to N + 1.
+MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3}
 
 TABLES = ("patients", "studies", "series", "instances", "versions", "changes")

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
 from bastion.index.base import Change, Index, Statistics, Version
-from bastion.index.schema import DDL, MIGRATE_1_TO_2, SCHEMA_VERSION, TABLES
+from bastion.index.schema import DDL, MIGRATIONS, SCHEMA_VERSION, TABLES
 from bastion.index.sqlcompile import compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import COLUMNS, tag_hex, tag_of
@@ -56,7 +56,7 @@ _FROM = {
                       "JOIN studies s ON s.study_uid = i.study_uid JOIN patients p ON p.patient_id = s.patient_id",
 }
 _ALIAS = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
-_INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.sha256, i.size"
+_INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.digest, i.size"
 
 
 def _first_text(attrs: JsonDataset, keyword: str) -> Any:
@@ -156,8 +156,8 @@ class SqliteIndex(Index):
             if version > SCHEMA_VERSION:
                 raise IndexFailure(f"the index has schema version {version}, newer than this Bastion's "
                                    f"{SCHEMA_VERSION}: rebuild it (bastion index rebuild)")
-            if version == 1:
-                for statement in MIGRATE_1_TO_2:
+            for step in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[step]:
                     conn.execute(statement)
             for statement in DDL.split(";"):
                 if statement.strip():
@@ -307,11 +307,11 @@ class SqliteIndex(Index):
 
     def _record(self, conn: sqlite3.Connection, obj: StoredObject) -> tuple[StoreStatus, int | None]:
         inst = obj.instance
-        row = conn.execute("SELECT blob_key, sha256, size, stamp, series_uid, study_uid FROM instances "
+        row = conn.execute("SELECT blob_key, digest, size, stamp, series_uid, study_uid FROM instances "
                            "WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
         status = StoreStatus.STORED
         if row is not None:
-            if row[1] == inst.sha256:
+            if row[1] == inst.digest:
                 return StoreStatus.DUPLICATE, None
             status = StoreStatus.SUPERSEDED
             conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
@@ -366,7 +366,7 @@ class SqliteIndex(Index):
         conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
             inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
             columns_for(QueryLevel.IMAGE, a[QueryLevel.IMAGE])["instance_number"], inst.transfer_syntax,
-            inst.blob_key, inst.sha256, inst.size, obj.stamp, _text(a[QueryLevel.IMAGE])))
+            inst.blob_key, inst.digest, inst.size, obj.stamp, _text(a[QueryLevel.IMAGE])))
         conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
         conn.execute("UPDATE studies SET num_instances = num_instances + 1, num_series = num_series + ? "
                      "WHERE study_uid = ?", (int(new_series), inst.study_uid))
@@ -506,10 +506,10 @@ class SqliteIndex(Index):
     def versions(self) -> Iterator[Version]:
         conn = self._connect()
         try:
-            for key, sha, size in conn.execute("SELECT blob_key, sha256, size FROM instances"):
-                yield Version(key, sha, size, True)
-            for key, sha, size in conn.execute("SELECT blob_key, sha256, size FROM versions"):
-                yield Version(key, sha, size, False)
+            for key, digest, size in conn.execute("SELECT blob_key, digest, size FROM instances"):
+                yield Version(key, digest, size, True)
+            for key, digest, size in conn.execute("SELECT blob_key, digest, size FROM versions"):
+                yield Version(key, digest, size, False)
         finally:
             conn.close()
 

@@ -23,6 +23,7 @@ from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
 from bastion.ingest.rejections import RejectionLog
+from bastion.model import digest as content_digest
 from bastion.model.part10 import file_meta_bytes, part10_bytes
 from bastion.model.records import (
     InstanceRecord,
@@ -62,6 +63,14 @@ class PendingObject:
     def abort(self) -> None:
         """Drop the object (association aborted, client gave up)."""
         self.writer.abort()
+
+
+def _same_legacy_content(stored: str, writer: BlobWriter) -> bool:
+    """True if ``stored`` is a pre-BLAKE3 (SHA-256) digest of the bytes ``writer`` holds."""
+    if stored.startswith(content_digest.BLAKE3_PREFIX):
+        return False
+    with writer.reader() as fh:
+        return content_digest.of_file(fh, stored) == stored
 
 
 class Ingest:
@@ -128,15 +137,15 @@ class Ingest:
 
     def _commit(self, pending: PendingObject, header: Header) -> StoreResult:
         w = pending.writer
-        sha = w.sha256
+        digest = w.digest
         current = self.index.current(header.sop_uid)
-        if current is not None and current.sha256 == sha:
+        if current is not None and (current.digest == digest or _same_legacy_content(current.digest, w)):
             w.abort()
             return StoreResult(StoreStatus.DUPLICATE, current)
         stamp = self._stamps.next()
-        key = object_key(header.sop_uid, stamp, sha)
+        key = object_key(header.sop_uid, stamp, digest)
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
-                                header.transfer_syntax, key, sha, w.size)
+                                header.transfer_syntax, key, digest, w.size)
         w.commit(key)
         try:
             status, seq = self.index.record(StoredObject(record, header.patient_id, stamp, header.attrs))

@@ -7,7 +7,6 @@ same current versions, superseded versions, counts and change log as live ingest
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from bastion.blobs.base import BlobStore
 from bastion.errors import BastionError
 from bastion.index.base import Index
 from bastion.ingest.header import read_header
+from bastion.model import digest as content_digest
 from bastion.model.records import InstanceRecord, StoredObject, parse_object_key, partition_of
 
 log = logging.getLogger("bastion.rebuild")
@@ -51,18 +51,18 @@ def read_stored_object(blobs: BlobStore, key: str) -> StoredObject:
     if header.sop_uid != parts["sop"]:
         raise BastionError(f"{key}: the object's SOP Instance UID {header.sop_uid} differs from its key")
     record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
-                            header.transfer_syntax, key, parts["sha"], blobs.size(key))
+                            header.transfer_syntax, key, parts["digest"], blobs.size(key))
     return StoredObject(record, header.patient_id, parts["stamp"], header.attrs)
 
 
 def _check_digest(blobs: BlobStore, key: str) -> None:
-    """Raise unless the object's bytes hash to the SHA-256 its key names."""
+    """Raise unless the object's bytes hash to the digest its key names."""
     parts = parse_object_key(key)
     assert parts is not None
     with blobs.open(key) as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    if digest != parts["sha"]:
-        raise BastionError(f"{key}: the content does not match the SHA-256 in its key (an incomplete write "
+        digest = content_digest.of_file(fh, parts["digest"])
+    if digest != parts["digest"]:
+        raise BastionError(f"{key}: the content does not match the digest in its key (an incomplete write "
                            "that was never acknowledged); not indexed")
 
 

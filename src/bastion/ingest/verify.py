@@ -1,14 +1,14 @@
-"""Verify: re-hash every stored version against its recorded SHA-256."""
+"""Verify: re-hash every stored version against its recorded content digest."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bastion.blobs.base import BlobStore
 from bastion.errors import BastionError
 from bastion.index.base import Index
+from bastion.model import digest as content_digest
 from bastion.model.records import parse_object_key
 
 
@@ -26,13 +26,10 @@ class VerifyReport:
         return not self.missing and not self.corrupt
 
 
-def sha256_of(blobs: BlobStore, key: str) -> str:
-    """The SHA-256 of a stored object, streamed."""
-    h = hashlib.sha256()
+def digest_of(blobs: BlobStore, key: str, like: str) -> str:
+    """The digest of a stored object, streamed, in the algorithm of the digest ``like``."""
     with blobs.open(key) as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return content_digest.of_file(fh, like)
 
 
 def verify(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None) -> VerifyReport:
@@ -43,12 +40,12 @@ def verify(blobs: BlobStore, index: Index, progress: Callable[[int], None] | Non
         known.add(version.blob_key)
         report.checked += 1
         try:
-            actual = sha256_of(blobs, version.blob_key)
+            actual = digest_of(blobs, version.blob_key, version.digest)
         except BastionError:
             report.missing.append(version.blob_key)
         else:
             parts = parse_object_key(version.blob_key)
-            expected = {version.sha256} | ({parts["sha"]} if parts else set())
+            expected = {version.digest} | ({parts["digest"]} if parts else set())
             if {actual} != expected:
                 report.corrupt.append(version.blob_key)
         if progress:

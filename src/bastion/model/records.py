@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from bastion.model.digest import DIGEST_PATTERN
 from bastion.model.levels import QueryLevel
 
 #: DICOM JSON model (PS3.18 F.2) of one level's attributes: ``{"0020000D": {"vr": "UI", "Value": [...]}}``.
@@ -32,7 +33,7 @@ class InstanceRecord:
     study_uid: str
     transfer_syntax: str
     blob_key: str
-    sha256: str
+    digest: str  # of the stored bytes (bastion.model.digest)
     size: int
 
 
@@ -61,20 +62,20 @@ class StoreResult:
 
 _KEY_RE = re.compile(
     r"^(?P<partition>\d{4}/\d{2}/\d{2}/\d{2})/"
-    r"(?P<sop>[0-9.]{1,64})_(?P<stamp>\d{20})_(?P<sha>[0-9a-f]{64})\.dcm$"
+    r"(?P<sop>[0-9.]{1,64})_(?P<stamp>\d{20})_(?P<digest>" + DIGEST_PATTERN + r")\.dcm$"
 )
 
 
-def object_key(sop_uid: str, stamp: str, sha256: str) -> str:
-    """The blob key of one stored version: ``YYYY/MM/DD/HH/<sop>_<stamp>_<sha256>.dcm``.
+def object_key(sop_uid: str, stamp: str, digest: str) -> str:
+    """The blob key of one stored version: ``YYYY/MM/DD/HH/<sop>_<stamp>_<digest>.dcm``.
 
     The partition is the UTC hour of the ingest stamp (nanoseconds since the epoch), so the
     objects stored since a given time can be listed without walking the whole store (crash
     recovery, incremental backup). The stamp orders versions of the same SOP Instance UID;
-    the SHA-256 lets ``verify`` detect corruption even after the index was rebuilt. The UID
+    the content digest (``b3-<hex>``, :mod:`bastion.model.digest`) lets ``verify`` detect corruption even after the index was rebuilt. The UID
     must already be validated (digits and dots only), so keys are safe paths.
     """
-    return f"{partition_of(stamp)}/{sop_uid}_{stamp}_{sha256}.dcm"
+    return f"{partition_of(stamp)}/{sop_uid}_{stamp}_{digest}.dcm"
 
 
 def partition_of(stamp: str) -> str:
