@@ -28,7 +28,7 @@ def _rebuild(settings: Settings) -> int:
     blobs = open_blob_store(settings.blob_location)
     target = settings.index_location
     tmp = target + ".rebuild"
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", "-writer.lock"):
         if os.path.exists(tmp + suffix):
             os.unlink(tmp + suffix)
     total = len(stored_keys(blobs))
@@ -36,6 +36,7 @@ def _rebuild(settings: Settings) -> int:
     with tqdm(total=total, desc="rebuilding index", unit=" objects", file=sys.stderr, disable=None) as bar:
         report = rebuild(blobs, index, bar.update)
     index.close()
+    os.unlink(tmp + "-writer.lock")  # the live index keeps its own
     for suffix in ("-wal", "-shm"):
         if os.path.exists(target + suffix):
             os.unlink(target + suffix)

@@ -1,8 +1,8 @@
 """``bastion serve``: the DICOM listener and the HTTP listener.
 
 With ``workers = N > 1`` the DICOM listening socket is shared by N processes (forked before
-any thread or database connection exists): the kernel spreads associations over them, so
-parallel senders use every core. The first process also serves HTTP. One more process, at
+any thread or database connection exists), which spread associations evenly over themselves
+(:class:`~bastion.dimse.server.LoadBoard`), so parallel senders use every core. The first process also serves HTTP. One more process, at
 the lowest CPU priority, builds WADO-RS metadata for new objects from the change log. All processes write
 the same index (SQLite in WAL mode serialises their commits) and the same blob store.
 """
@@ -24,7 +24,7 @@ import uvicorn
 from bastion import __version__
 from bastion.archive import Archive
 from bastion.dicomweb.metadata import start_warmer
-from bastion.dimse.server import DicomServer
+from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 
@@ -59,15 +59,15 @@ async def _until_signal(extra: asyncio.Future[None] | None = None) -> None:
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
 
 
-async def serve(settings: Settings, sock: socket.socket) -> None:
-    """The primary process: DICOM and HTTP until SIGINT/SIGTERM."""
+async def serve(settings: Settings, sock: socket.socket, board: LoadBoard) -> None:
+    """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM."""
     archive = Archive.open(settings)
     status = ServerStatus()
-    dicom = DicomServer(archive)
+    dicom = DicomServer(archive, board=board, worker=0)
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
     status.dicom_listening = True
     status.dicom_address = f"{settings.host}:{settings.dicom_port}"
-    status.active = lambda: dicom.active  # type: ignore[method-assign]
+    status.per_worker = board.counts  # type: ignore[method-assign]
     config = uvicorn.Config(create_app(archive, status), host=settings.host, port=settings.http_port,
                             log_level="warning", access_log=False, lifespan="off")
     http = uvicorn.Server(config)
@@ -84,10 +84,10 @@ async def serve(settings: Settings, sock: socket.socket) -> None:
     archive.close()
 
 
-async def serve_worker(settings: Settings, sock: socket.socket, parent: int) -> None:
+async def serve_worker(settings: Settings, sock: socket.socket, parent: int, board: LoadBoard, worker: int) -> None:
     """An extra DICOM worker process: no HTTP, exits with its parent."""
     archive = Archive.open(settings, primary=False)
-    dicom = DicomServer(archive)
+    dicom = DicomServer(archive, board=board, worker=worker)
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
 
     async def orphaned() -> None:
@@ -138,11 +138,12 @@ def run_serve(args: argparse.Namespace) -> int:
     Archive.open(settings).close()
     sock = dicom_socket(settings)
     parent = os.getpid()
-    children = [_fork(lambda: asyncio.run(serve_worker(settings, sock, parent)))
-                for _ in range(settings.workers - 1)]
+    board = LoadBoard(settings.workers)
+    children = [_fork(lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w)))
+                for w in range(1, settings.workers)]
     children.append(_fork(run_warmer, settings, parent))
     try:
-        asyncio.run(serve(settings, sock))
+        asyncio.run(serve(settings, sock, board))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):

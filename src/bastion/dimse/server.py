@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,12 +35,48 @@ ARTIM_TIMEOUT = 30.0  # waiting for A-ASSOCIATE-RQ (PS3.8 9.1.5)
 IDLE_TIMEOUT = 600.0  # an association silent this long is aborted
 
 
+class LoadBoard:
+    """How many associations each worker process serves, in memory shared by all of them (made before fork).
+
+    The workers wait on one listening socket, and whichever wakes first would take the next association:
+    with four senders and two workers, three associations often landed on one worker, which then ran them on
+    one core under one GIL. A worker serving more associations than the least busy one leaves the next one
+    to it (:meth:`DicomServer._accept_loop`). Each worker writes only its own slot.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._map = mmap.mmap(-1, max(4 * workers, mmap.PAGESIZE))  # anonymous and shared across fork
+        self._slots = memoryview(self._map).cast("i")
+
+    def set(self, worker: int, active: int) -> None:
+        """Publish how many associations ``worker`` serves."""
+        self._slots[worker] = active
+
+    def least(self) -> int:
+        """The fewest associations any worker serves."""
+        return min(self._slots[: self.workers])
+
+    def counts(self) -> list[int]:
+        """How many associations each worker serves."""
+        return list(self._slots[: self.workers])
+
+
 class DicomServer:
-    """Accepts DICOM associations for an :class:`Archive`."""
+    """Accepts DICOM associations for an :class:`Archive`.
+
+    ``board`` and ``worker``: this process's slot on the :class:`LoadBoard` shared by the worker processes
+    of one listening socket (None when it has the socket to itself).
+    """
+
+    #: A busier worker still accepts once an association has waited this long for a less busy one.
+    BALANCE_WAIT_S = 0.02
 
     def __init__(self, archive: Archive, executor: ThreadPoolExecutor | None = None,
-                 on_count: Any = None) -> None:
+                 on_count: Any = None, board: LoadBoard | None = None, worker: int = 0) -> None:
         self.archive = archive
+        self.board = board
+        self.worker = worker
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
         self.services = Services(archive, self.executor, lambda: self.active)
         self.sock: socket.socket | None = None
@@ -57,37 +95,44 @@ class DicomServer:
         return sock
 
     async def _accept_loop(self, sock: socket.socket) -> None:
-        """Accept associations one at a time, a busier process a little later.
+        """Accept associations one at a time; with a :class:`LoadBoard`, leave them to less busy workers.
 
-        Every worker process waits on the same listening socket. A process that already serves
-        associations pauses briefly before accepting, so a burst of connections spreads over the
-        workers instead of landing on whichever woke first.
+        A worker that serves more associations than the least busy one checks again every millisecond,
+        and accepts anyway after :attr:`BALANCE_WAIT_S` (so a stalled worker cannot hold up new ones).
         """
         loop = asyncio.get_running_loop()
         while True:
-            if self.active:
-                await asyncio.sleep(min(0.002 * self.active, 0.02))
+            if self.board is not None and self.active > self.board.least():
+                deadline = time.monotonic() + self.BALANCE_WAIT_S
+                while self.active > self.board.least() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            self._count(+1)  # at once: the next turn of this loop must see it
             stream = PDUStream()
             try:
                 await loop.connect_accepted_socket(lambda s=stream: s, conn)  # type: ignore[misc]
             except OSError:
                 conn.close()
+                self._count(-1)
                 continue
             task = loop.create_task(self.handle(stream))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _count(self, change: int) -> None:
+        self.active += change
+        if self.board is not None:
+            self.board.set(self.worker, self.active)
+
     async def handle(self, stream: PDUStream) -> None:
-        """Serve one association from A-ASSOCIATE-RQ to release or abort."""
+        """Serve one association from A-ASSOCIATE-RQ to release or abort (the accept loop counted it)."""
         assoc = Association(stream)
         session = Session(assoc)
-        self.active += 1
         try:
             if await self._negotiate(assoc):
                 await self._serve(assoc, session)
@@ -105,7 +150,7 @@ class DicomServer:
                 task.cancel()
             for fut in session.store_replies.values():
                 fut.cancel()
-            self.active -= 1
+            self._count(-1)
             assoc.close()
 
     async def _negotiate(self, assoc: Association) -> bool:

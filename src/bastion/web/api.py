@@ -52,6 +52,7 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
                        "rejected": archive.ingest.rejections.count()},
             "last_errors": archive.ingest.rejections.tail(20),
             "associations": status.active(),
+            "associations_per_worker": status.per_worker(),
         }
         return JSONResponse(body)
 

@@ -26,9 +26,13 @@ class ServerStatus:
     dicom_listening: bool = False
     dicom_address: str = ""
 
+    def per_worker(self) -> list[int]:
+        """Associations open in each DICOM worker process (replaced by the server)."""
+        return [0]
+
     def active(self) -> int:
-        """Associations open in this process (replaced by the server)."""
-        return 0
+        """Associations open in all worker processes."""
+        return sum(self.per_worker())
 
 
 def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlette:

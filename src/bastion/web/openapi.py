@@ -53,7 +53,7 @@ _STATISTICS = {
     "type": "object",
     "additionalProperties": False,
     "required": ["patients", "studies", "series", "instances", "versions", "stored_bytes", "last_change",
-                 "storage", "ingest", "last_errors", "associations"],
+                 "storage", "ingest", "last_errors", "associations", "associations_per_worker"],
     "properties": {
         "patients": _INT, "studies": _INT, "series": _INT, "instances": _INT,
         "versions": {**_INT, "description": "Superseded versions kept besides the current instances."},
@@ -74,7 +74,9 @@ _STATISTICS = {
         },
         "last_errors": {"type": "array", "maxItems": 20, "items": {"$ref": "#/components/schemas/Rejection"},
                         "description": "The newest rejections, oldest first."},
-        "associations": {**_INT, "description": "DICOM associations open now (HTTP-serving process)."},
+        "associations": {**_INT, "description": "DICOM associations open now, in all worker processes."},
+        "associations_per_worker": {"type": "array", "items": _INT,
+                                    "description": "DICOM associations open now in each worker process."},
     },
 }
 _CHANGE = {
