@@ -103,6 +103,9 @@ class BlobStore(abc.ABC):
         """``(used_bytes, free_bytes)``; None where the backend cannot tell."""
         return (None, None)
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Set up, in the calling process, what its first write would otherwise wait for."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import mmap
+import select
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,26 @@ class LoadBoard:
         return list(self._slots[: self.workers])
 
 
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until a connection is pending on the listening ``sock``."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _pending(sock: socket.socket) -> bool:
+    """True while a connection waits on the listening ``sock`` (no other worker took it yet)."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 class DicomServer:
     """Accepts DICOM associations for an :class:`Archive`.
 
@@ -90,6 +111,7 @@ class DicomServer:
         if sock is None:
             sock = socket.create_server((host, port), backlog=256, reuse_port=False)
             sock.setblocking(False)
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.archive.blobs.prepare)
         self.sock = sock
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock))
         return sock
@@ -97,21 +119,26 @@ class DicomServer:
     async def _accept_loop(self, sock: socket.socket) -> None:
         """Accept associations one at a time; with a :class:`LoadBoard`, leave them to less busy workers.
 
-        A worker that serves more associations than the least busy one checks again every millisecond,
-        and accepts anyway after :attr:`BALANCE_WAIT_S` (so a stalled worker cannot hold up new ones).
+        Every worker wakes when a connection is pending. One that serves more associations than the least
+        busy one gives that one :attr:`BALANCE_WAIT_S` to take it (checking every millisecond), then takes
+        it itself (so a stalled worker cannot hold up new associations).
         """
         loop = asyncio.get_running_loop()
         while True:
+            await _readable(loop, sock)
             if self.board is not None and self.active > self.board.least():
                 deadline = time.monotonic() + self.BALANCE_WAIT_S
-                while self.active > self.board.least() and time.monotonic() < deadline:
+                while self.active > self.board.least() and time.monotonic() < deadline and _pending(sock):
                     await asyncio.sleep(0.001)
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another worker took it
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            conn.setblocking(False)
             self._count(+1)  # at once: the next turn of this loop must see it
             stream = PDUStream()
             try:
