@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from conftest import make_study
+from conftest import make_study, run_bastion
 
 from bastion.archive import RUNNING_MARKER, Archive
 from bastion.model.levels import QueryLevel
@@ -64,7 +64,9 @@ def test_a_second_opener_does_not_mark_a_running_archive_clean(tmp_path: Path) -
 
 def test_recover_does_not_index_an_incomplete_unacknowledged_file(tmp_path: Path) -> None:
     """The power failed after an object's file was written but before it was durable (so before it was
-    acknowledged): the file may be cut short. Recovery checks each object against the SHA-256 in its key."""
+    acknowledged): the file may be cut short. Recovery checks each object against the digest in its key, and
+    removes one that does not match (a kill -9 between creating an object's file and its journal record
+    leaves the same: an empty file)."""
     settings = load_settings(None, env={}, data=tmp_path / "data")
     study = make_study(tmp_path / "study", series=1, per_series=3)
     archive = Archive.open(settings)
@@ -91,3 +93,6 @@ def test_recover_does_not_index_an_incomplete_unacknowledged_file(tmp_path: Path
         assert indexed == set(study.sop_uids[:2]), "a damaged, never-acknowledged object was indexed"
     finally:
         archive.close()
+    assert not blob.exists(), "the torn file was left behind for verify to report"
+    verify = run_bastion("verify", "--data", str(settings.data))
+    assert verify.returncode == 0 and "0 stored but not indexed" in verify.stdout, verify.stdout

@@ -29,6 +29,11 @@ class RebuildReport:
     indexed: int = 0
     superseded: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    removed: list[str] = field(default_factory=list)  # torn objects that were never acknowledged
+
+
+class TornObject(BastionError):
+    """A stored file whose bytes do not match the digest in its key."""
 
 
 def stored_keys(blobs: BlobStore) -> list[tuple[str, str]]:
@@ -62,15 +67,18 @@ def _check_digest(blobs: BlobStore, key: str) -> None:
     with blobs.open(key) as fh:
         digest = content_digest.of_file(fh, parts["digest"])
     if digest != parts["digest"]:
-        raise BastionError(f"{key}: the content does not match the digest in its key (an incomplete write "
-                           "that was never acknowledged); not indexed")
+        raise TornObject(f"{key}: the content does not match the digest in its key (a write that a "
+                         "crash cut short, never acknowledged)")
 
 
 def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: str,
             progress: Callable[[int], None] | None = None, *, verify: bool = False) -> RebuildReport:
     """Record the objects ``keys`` ((stamp, key), oldest first) through ``Index.record_many``.
 
-    With ``verify`` each object's content is checked against the SHA-256 in its key first.
+    With ``verify`` (crash recovery) each object's content is checked against the digest in its key first, and
+    one that does not match is removed: it is a write that a crash cut short. It was never acknowledged,
+    since an acknowledged object is durable, and the blob store's journal replay (which runs when the store is
+    opened, before this) has restored every acknowledged object whose file a power failure cut short.
     """
     report = RebuildReport()
     batch: list[StoredObject] = []
@@ -79,6 +87,10 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
             if verify:
                 _check_digest(blobs, key)
             batch.append(read_stored_object(blobs, key))
+        except TornObject as exc:
+            blobs.delete(key)
+            report.removed.append(key)
+            log.warning("%s removes %s: %s", what, key, exc.message)
         except BastionError as exc:
             report.skipped.append((key, exc.message))
             log.warning("%s skips %s: %s", what, key, exc.message)
