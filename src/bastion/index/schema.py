@@ -72,8 +72,6 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_order ON instances(series_uid, instance_number, sop_uid);
 CREATE INDEX IF NOT EXISTS instances_study_class ON instances(study_uid, sop_class_uid);
-CREATE INDEX IF NOT EXISTS instances_blob ON instances(blob_key);
-CREATE INDEX IF NOT EXISTS instances_stamp ON instances(stamp);
 
 CREATE TABLE IF NOT EXISTS versions (
   blob_key TEXT PRIMARY KEY,
@@ -111,10 +109,14 @@ MIGRATE_1_TO_2 = (
 )
 
 #: Version 3: the content digest columns are named ``digest`` (BLAKE3 for new objects, see
-#: :mod:`bastion.model.digest`; objects stored before keep their SHA-256 there).
+#: :mod:`bastion.model.digest`; objects stored before keep their SHA-256 there). Two indexes that every
+#: insert had to update are gone: a blob key holds its SOP Instance UID, so ``has_blob`` looks it up by
+#: that, and the newest stamp comes from the change log (crash recovery asks for it once).
 MIGRATE_2_TO_3 = (
     "ALTER TABLE instances RENAME COLUMN sha256 TO digest",
     "ALTER TABLE versions RENAME COLUMN sha256 TO digest",
+    "DROP INDEX IF EXISTS instances_blob",
+    "DROP INDEX IF EXISTS instances_stamp",
 )
 
 #: Statements that bring an index of version N to N + 1.

@@ -32,7 +32,7 @@ from bastion.model import dicom_json
 from bastion.model.attributes import COLUMNS, tag_hex, tag_of
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, matches
-from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus
+from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus, parse_object_key
 
 log = logging.getLogger("bastion.index")
 
@@ -509,14 +509,26 @@ class SqliteIndex(Index):
         return out
 
     def last_stamp(self) -> str | None:
-        row = self._reader().execute("SELECT max(s) FROM (SELECT max(stamp) AS s FROM instances "
-                                     "UNION ALL SELECT max(stamp) FROM versions)").fetchone()
+        # The newest "stored" change: its stamp is the newest, give or take the milliseconds between taking
+        # a stamp and committing in another process (recovery starts an hour before it anyway).
+        conn = self._reader()
+        for (key,) in conn.execute("SELECT blob_key FROM changes WHERE kind = 'stored' ORDER BY seq DESC LIMIT 1"):
+            parts = parse_object_key(key)
+            if parts is not None:
+                return parts["stamp"]
+        row = conn.execute("SELECT max(s) FROM (SELECT max(stamp) AS s FROM instances "
+                           "UNION ALL SELECT max(stamp) FROM versions)").fetchone()  # no change log: scan
         return row[0] if row and row[0] else None
 
     def has_blob(self, blob_key: str) -> bool:
         conn = self._reader()
-        return bool(conn.execute("SELECT 1 FROM instances WHERE blob_key = ?", (blob_key,)).fetchone()
-                    or conn.execute("SELECT 1 FROM versions WHERE blob_key = ?", (blob_key,)).fetchone())
+        parts = parse_object_key(blob_key)
+        if parts is not None:  # the key names its SOP Instance UID: a primary-key lookup
+            current = conn.execute("SELECT 1 FROM instances WHERE sop_uid = ? AND blob_key = ?",
+                                   (parts["sop"], blob_key)).fetchone()
+        else:
+            current = conn.execute("SELECT 1 FROM instances WHERE blob_key = ?", (blob_key,)).fetchone()
+        return bool(current or conn.execute("SELECT 1 FROM versions WHERE blob_key = ?", (blob_key,)).fetchone())
 
     def versions(self) -> Iterator[Version]:
         conn = self._connect()
