@@ -100,26 +100,53 @@ def _skip_items(buf: bytes, pos: int, explicit: bool, depth: int) -> int:
             pos = _skip_items(buf, pos, explicit, depth + 1) if length == _UNDEFINED else pos + length
 
 
+_TAG = struct.Struct("<HH")
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+
+
 def scan_header(buf: bytes, wanted: frozenset[int]) -> Scan:
-    """Scan ``buf`` (the first bytes of a Part 10 object) for the ``wanted`` top-level elements."""
+    """Scan ``buf`` (the first bytes of a Part 10 object) for the ``wanted`` top-level elements.
+
+    The loop decodes element headers inline (this runs for every stored object): it is
+    :func:`_element` unrolled, and both must agree.
+    """
     ts, meta_sop, pos = _meta(buf)
     if ts not in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN):
         raise NotSimple(f"transfer syntax {ts}")
     explicit = ts == EXPLICIT_VR_LITTLE_ENDIAN
     found: dict[int, tuple[str | None, bytes]] = {}
-    while pos < len(buf):
-        tag, vr, length, hdr = _element(buf, pos, explicit)
+    size = len(buf)
+    tag_of, u32, u16, long_vrs = _TAG.unpack_from, _U32.unpack_from, _U16.unpack_from, _LONG_VRS
+    while pos < size:
+        if pos + 8 > size:
+            raise NotSimple("header runs past the scanned block")
+        group, elem = tag_of(buf, pos)
+        tag = (group << 16) | elem
         if tag in PIXEL_DATA_TAGS:
             return Scan(ts, meta_sop, found, pos)
-        if tag >> 16 == 0xFFFE:
+        if group == 0xFFFE:
             raise NotSimple("item outside a sequence")
+        vr: bytes | None
+        if explicit:
+            vr = buf[pos + 4: pos + 6]
+            if vr in long_vrs:
+                if pos + 12 > size:
+                    raise NotSimple("header runs past the scanned block")
+                length, hdr = u32(buf, pos + 8)[0], 12
+            elif vr.isalpha() and vr.isupper():
+                length, hdr = u16(buf, pos + 6)[0], 8
+            else:
+                raise NotSimple("not explicit VR after all")
+        else:
+            vr, length, hdr = None, u32(buf, pos + 4)[0], 8
         if length == _UNDEFINED:
             if tag in wanted:
                 raise NotSimple("a wanted attribute is a sequence")
             pos = _skip_items(buf, pos + hdr, explicit, 0)
             continue
         end = pos + hdr + length
-        if end > len(buf):
+        if end > size:
             raise NotSimple("value runs past the scanned block")
         if tag in wanted:
             if vr in (b"SQ", b"UN"):
