@@ -45,6 +45,45 @@ def _os_error(exc: OSError, what: str) -> StorageError:
     return StorageError(f"{what}: {exc.strerror or exc}")
 
 
+class _BufferReader(io.RawIOBase):
+    """Reads a buffer in place (``io.BytesIO`` would copy a bytearray: 0.08 ms for a 512 KB CT instance)."""
+
+    def __init__(self, buf: bytearray) -> None:
+        super().__init__()
+        self._view = memoryview(buf)  # the buffer cannot grow while this exists: close() releases it
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
+        data = bytes(self._view[self._pos: end])
+        self._pos = max(self._pos, end)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            self._view.release()
+        super().close()
+
+
 class FileWriter(BlobWriter):
     """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file.
 
@@ -90,7 +129,7 @@ class FileWriter(BlobWriter):
 
     def reader(self) -> BinaryIO:
         if self._buf is not None:
-            return io.BytesIO(self._buf)
+            return _BufferReader(self._buf)  # type: ignore[return-value]
         return open(self._spool_path(), "rb")  # noqa: SIM115
 
     def commit(self, key: str) -> None:
