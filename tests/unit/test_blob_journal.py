@@ -27,19 +27,34 @@ def _payload(i: int, size: int = 5000) -> bytes:
     return hashlib.sha256(str(i).encode()).digest() * (size // 32) + i.to_bytes(4, "little")
 
 
-def _store_and_die(root: Path, count: int, *, delete: list[int] = ()) -> None:  # type: ignore[assignment]
-    """In a child process: store ``count`` objects (deleting some again) and exit without closing."""
+def _store_and_die(root: Path, count: int, *, delete: list[int] = (), size: int = 5000,  # type: ignore[assignment]
+                   fail_file: list[int] = ()) -> None:  # type: ignore[assignment]
+    """In a child process: store ``count`` objects (deleting some again) and exit without closing.
+
+    The file writes of the objects in ``fail_file`` fail (as on a full disk) after their journal record.
+    """
     code = (
-        "import os, sys\n"
+        "import errno, os, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / 'src')!r})\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
         "from bastion.blobs import journal\n"
-        "from bastion.blobs.filesystem import FileBlobStore\n"
+        "from bastion.blobs import filesystem\n"
+        "from bastion.errors import BastionError\n"
         "journal.CHECKPOINT_INTERVAL_S = 600  # no checkpoint in between: every record stays\n"
         "from test_blob_journal import _payload\n"
-        f"s = FileBlobStore({str(root)!r})\n"
+        f"failing = {[f'd/{i}.dcm' for i in fail_file]!r}\n"
+        "real_write = filesystem.FileWriter._write_file\n"
+        "def write_file(self, final, buf):\n"
+        "    if any(final.endswith(k) for k in failing):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return real_write(self, final, buf)\n"
+        "filesystem.FileWriter._write_file = write_file\n"
+        f"s = filesystem.FileBlobStore({str(root)!r})\n"
         f"for i in range({count}):\n"
-        "    s.put(f'd/{i}.dcm', _payload(i))\n"
+        "    try:\n"
+        f"        s.put(f'd/{{i}}.dcm', _payload(i, {size}))\n"
+        "    except BastionError:  # StorageFull\n"
+        "        assert f'd/{i}.dcm' in failing\n"
         f"for i in {list(delete)!r}:\n"
         "    s.delete(f'd/{i}.dcm')\n"
         "os._exit(0)\n"  # no close(): the journal stays, as after kill -9 or a power failure
@@ -173,3 +188,22 @@ def test_objects_too_large_for_the_journal_are_fsynced_directly(tmp_path: Path) 
     assert [r.key for r in records] == []
     assert store.get("d/big.dcm") == big
     store.close()
+
+
+def test_large_objects_written_beside_their_journal_record(tmp_path: Path) -> None:
+    """From 128 KB the file is written by another thread during the journal append: the same promise holds,
+    and an object whose file could not be written (after its record) is not brought back by a replay."""
+    root = tmp_path / "blobs"
+    size = 300 * 1024
+    _store_and_die(root, 12, size=size, fail_file=[4, 9])
+    assert not (root / "d/4.dcm").exists() and not (root / "d/9.dcm").exists()
+    (root / "d/0.dcm").write_bytes(b"")
+    (root / "d/1.dcm").write_bytes(_payload(1, size)[: size // 2])
+    (root / "d/2.dcm").unlink()
+    reopened = FileBlobStore(str(root))
+    assert reopened.replayed == 3
+    for i in range(12):
+        if i in (4, 9):
+            assert not reopened.exists(f"d/{i}.dcm"), f"object {i} failed to store but was replayed"
+        else:
+            assert reopened.get(f"d/{i}.dcm") == _payload(i, size)

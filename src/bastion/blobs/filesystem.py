@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter
@@ -37,6 +38,8 @@ log = logging.getLogger("bastion.blobs")
 
 #: Objects up to this size are buffered in memory until commit.
 MEMORY_LIMIT = 8 * 1024 * 1024
+#: A buffered object of this size or more has its file written by another thread during its journal append.
+PARALLEL_WRITE_BYTES = 128 * 1024
 
 
 def _os_error(exc: OSError, what: str) -> StorageError:
@@ -153,22 +156,58 @@ class FileWriter(BlobWriter):
             raise _os_error(exc, f"cannot commit {key}") from exc
 
     def _commit_journaled(self, journal: Journal, key: str, final: str) -> None:
-        """Write the file in place (no flush), then make it durable by one journal append.
+        """Write the file in place (no flush) and make the object durable by one journal append.
 
-        Until the append returns the object is not acknowledged, so a crash meanwhile may leave its file empty
-        or short: crash recovery finds it does not match the digest in its key and removes it.
+        For an object of :data:`PARALLEL_WRITE_BYTES` or more the file is written by another thread while this
+        one appends to the journal and waits for its ``fdatasync`` (a 512 KB CT instance: 0.3 ms of file write
+        beside 0.6 ms of journal). Until both are done the object is not acknowledged, so a crash meanwhile may
+        leave its file empty or short: crash recovery finds it does not match the digest in its key and removes it.
         """
         buf = self._buf
         assert buf is not None
-        created = False
+        digest = self._hash.digest()
         try:
-            self._store.make_dirs(os.path.dirname(final))
-            try:
-                fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                created, path = True, final
-            except FileExistsError:  # the same key from another process in the same nanosecond: replace it whole
-                path = self._spool_path()
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            if len(buf) < PARALLEL_WRITE_BYTES:
+                created = self._write_file(final, buf)
+                try:
+                    journal.append(key, digest, [buf], len(buf))
+                except OSError:
+                    if created:
+                        with contextlib.suppress(OSError):
+                            os.unlink(final)
+                    raise
+            else:
+                written = self._store.file_writers().submit(self._write_file, final, buf)
+                try:
+                    journal.append(key, digest, [buf], len(buf))
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        if written.result():
+                            os.unlink(final)
+                    raise
+                try:
+                    written.result()
+                except OSError:
+                    self._store.forget(key)  # journaled but not stored: a replay must not bring it back
+                    raise
+        except OSError as exc:
+            self.abort()
+            raise _os_error(exc, f"cannot commit {key}") from exc
+        self._buf = None
+
+    def _write_file(self, final: str, buf: bytearray) -> bool:
+        """Create the file ``final`` holding ``buf``, without a flush; True if this call created it.
+
+        On failure nothing this call made is left behind.
+        """
+        self._store.make_dirs(os.path.dirname(final))
+        try:
+            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            path = final
+        except FileExistsError:  # the same key from another process in the same nanosecond: replace it whole
+            path = self._spool_path()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
             try:
                 view = memoryview(buf)
                 while view:
@@ -177,14 +216,11 @@ class FileWriter(BlobWriter):
                 os.close(fd)
             if path != final:
                 os.rename(path, final)
-            journal.append(key, self._hash.digest(), [buf], len(buf))
-        except OSError as exc:
-            if created:
-                with contextlib.suppress(OSError):
-                    os.unlink(final)
-            self.abort()
-            raise _os_error(exc, f"cannot commit {key}") from exc
-        self._buf = None
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return path == final
 
     def abort(self) -> None:
         self._buf = None
@@ -210,6 +246,8 @@ class FileBlobStore(BlobStore):
         self._journal: Journal | None = None
         self._journal_failed_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
+        self._writers: ThreadPoolExecutor | None = None
+        self._writers_pid = 0
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
         # Spool files left by processes that are gone are never visible objects; clear them. (They are
@@ -241,6 +279,26 @@ class FileBlobStore(BlobStore):
                         return None
         return journal if record_size(key, size) <= journal.capacity() else None
 
+    def file_writers(self) -> ThreadPoolExecutor:
+        """This process's threads that write object files beside the journal appends."""
+        pool = self._writers
+        if pool is None or self._writers_pid != os.getpid():
+            with self._lazy_lock:
+                if self._writers is None or self._writers_pid != os.getpid():
+                    self._writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bastion-blob-write")
+                    self._writers_pid = os.getpid()
+                pool = self._writers
+        return pool
+
+    def forget(self, key: str) -> None:
+        """Record in the journal that ``key`` must not be replayed (deleted, or its commit failed after its record)."""
+        journal = self._journal
+        if journal is not None and journal.pid == os.getpid():
+            try:
+                journal.append(key, bytes(32), [], 0, kind=TOMBSTONE)
+            except (OSError, ValueError) as exc:
+                log.warning("blob journal: cannot record that %s is gone: %s", key, exc)
+
     def prepare(self) -> None:
         """Create this process's journal segments now, not on its first store (~85 ms of zero-filling)."""
         self.journal_for("", 0)
@@ -253,9 +311,13 @@ class FileBlobStore(BlobStore):
         restored = 0
         for path, fd in orphaned_segments(self.journal_dir):
             try:
-                count = rewritten = 0
-                for record in read_segment(path):
-                    count += 1
+                # The last record of a key decides (an object deleted, or whose commit failed, after its record
+                # stays gone), so a first pass finds it and the second applies only that one.
+                last = {record.key: n for n, record in enumerate(read_segment(path))}
+                count, rewritten = len(last), 0
+                for n, record in enumerate(read_segment(path)):
+                    if last.get(record.key) != n:
+                        continue
                     try:
                         final = self.path_of(record.key)
                     except StorageError:
@@ -270,7 +332,7 @@ class FileBlobStore(BlobStore):
                 os.unlink(path)
                 restored += rewritten
                 (log.warning if rewritten else log.info)(
-                    "blob journal %s replayed: %d record(s), %d file(s) rewritten", os.path.basename(path),
+                    "blob journal %s replayed: %d key(s), %d file(s) rewritten", os.path.basename(path),
                     count, rewritten)
             except OSError as exc:
                 log.error("cannot replay blob journal %s: %s", path, exc)
@@ -331,15 +393,12 @@ class FileBlobStore(BlobStore):
             os.unlink(self.path_of(key))
         except FileNotFoundError:
             pass
-        journal = self._journal
-        if journal is not None and journal.pid == os.getpid():
-            # A replay after a crash must not bring the object back.
-            try:
-                journal.append(key, bytes(32), [], 0, kind=TOMBSTONE)
-            except (OSError, ValueError) as exc:
-                log.warning("blob journal: cannot record the deletion of %s: %s", key, exc)
+        self.forget(key)  # a replay after a crash must not bring the object back
 
     def close(self) -> None:
+        writers, self._writers = self._writers, None
+        if writers is not None and self._writers_pid == os.getpid():
+            writers.shutdown()
         journal, self._journal = self._journal, None
         if journal is not None and journal.pid == os.getpid():
             try:
