@@ -99,7 +99,7 @@ class DicomServer:
         self.board = board
         self.worker = worker
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
-        self.services = Services(archive, self.executor, lambda: self.active)
+        self.services = Services(archive, self.executor)
         self.sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self.active = 0
