@@ -31,7 +31,7 @@ def _store_and_die(root: Path, count: int, *, delete: list[int] = (), size: int 
                    fail_file: list[int] = ()) -> None:  # type: ignore[assignment]
     """In a child process: store ``count`` objects (deleting some again) and exit without closing.
 
-    The file writes of the objects in ``fail_file`` fail (as on a full disk) after their journal record.
+    The file writes of the objects in ``fail_file`` fail (as on a full disk).
     """
     code = (
         "import errno, os, sys\n"
@@ -44,10 +44,10 @@ def _store_and_die(root: Path, count: int, *, delete: list[int] = (), size: int 
         "from test_blob_journal import _payload\n"
         f"failing = {[f'd/{i}.dcm' for i in fail_file]!r}\n"
         "real_write = filesystem.FileWriter._write_file\n"
-        "def write_file(self, final, buf):\n"
+        "def write_file(self, final, buf, **kw):\n"
         "    if any(final.endswith(k) for k in failing):\n"
         "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "    return real_write(self, final, buf)\n"
+        "    return real_write(self, final, buf, **kw)\n"
         "filesystem.FileWriter._write_file = write_file\n"
         f"s = filesystem.FileBlobStore({str(root)!r})\n"
         f"for i in range({count}):\n"
@@ -190,20 +190,18 @@ def test_objects_too_large_for_the_journal_are_fsynced_directly(tmp_path: Path) 
     store.close()
 
 
-def test_large_objects_written_beside_their_journal_record(tmp_path: Path) -> None:
-    """From 128 KB the file is written by another thread during the journal append: the same promise holds,
-    and an object whose file could not be written (after its record) is not brought back by a replay."""
+def test_objects_of_128_kb_or_more_are_durable_without_the_journal(tmp_path: Path) -> None:
+    """They are fsync'd in place (file, then directory) before commit returns, so the journal holds nothing of
+    them; one whose file could not be written leaves nothing behind."""
     root = tmp_path / "blobs"
     size = 300 * 1024
     _store_and_die(root, 12, size=size, fail_file=[4, 9])
-    assert not (root / "d/4.dcm").exists() and not (root / "d/9.dcm").exists()
-    (root / "d/0.dcm").write_bytes(b"")
-    (root / "d/1.dcm").write_bytes(_payload(1, size)[: size // 2])
-    (root / "d/2.dcm").unlink()
+    assert [r for seg in _segments(root) for r in read_segment(str(seg))] == []
     reopened = FileBlobStore(str(root))
-    assert reopened.replayed == 3
+    assert reopened.replayed == 0
     for i in range(12):
         if i in (4, 9):
-            assert not reopened.exists(f"d/{i}.dcm"), f"object {i} failed to store but was replayed"
+            assert not reopened.exists(f"d/{i}.dcm"), f"object {i} failed to store but is there"
         else:
             assert reopened.get(f"d/{i}.dcm") == _payload(i, size)
+    assert os.listdir(root / ".spool") == []

@@ -1,9 +1,10 @@
 """Filesystem blob store: one file per object, durable before commit returns.
 
-An object buffered in memory (up to :data:`MEMORY_LIMIT`) is made durable by the store's write-ahead
-journal (:mod:`bastion.blobs.journal`): its file is written without a flush and the object is appended
-to the journal with one ``fdatasync``. Larger objects, streamed through a spool file, are made durable
-by ``fsync`` of the file and of its directory.
+An object buffered in memory and smaller than :data:`JOURNAL_MAX_BYTES` is made durable by the store's
+write-ahead journal (:mod:`bastion.blobs.journal`): its file is written without a flush and the object is
+appended to the journal with one ``fdatasync``. A larger buffered object (up to :data:`MEMORY_LIMIT`) is
+written in place and made durable by ``fdatasync`` of its file and ``fsync`` of its directory; one past that
+is streamed through a spool file, fsync'd and renamed into place.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter
@@ -38,8 +38,10 @@ log = logging.getLogger("bastion.blobs")
 
 #: Objects up to this size are buffered in memory until commit.
 MEMORY_LIMIT = 8 * 1024 * 1024
-#: A buffered object of this size or more has its file written by another thread during its journal append.
-PARALLEL_WRITE_BYTES = 128 * 1024
+#: Buffered objects smaller than this are made durable by the journal; larger ones by fsync of their file and
+#: directory. For a 512 KB CT instance the journal's second copy cost more than the fsyncs it saves: over one
+#: association 338-342/s against 371-382/s, over four 419-437/s against 496-518/s (the development VM, 12:00).
+JOURNAL_MAX_BYTES = 128 * 1024
 
 
 def _os_error(exc: OSError, what: str) -> StorageError:
@@ -137,13 +139,15 @@ class FileWriter(BlobWriter):
 
     def commit(self, key: str) -> None:
         final = self._store.path_of(key)
-        journal = self._store.journal_for(key, len(self._buf)) if self._buf is not None else None
-        if journal is not None:
-            self._commit_journaled(journal, key, final)
+        buf = self._buf
+        if buf is not None:
+            journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
+            if journal is not None:
+                self._commit_journaled(journal, key, final)
+            else:
+                self._commit_in_place(key, final)
             return
         try:
-            if self._buf is not None:
-                self._spill()
             assert self._fh is not None, "commit after commit/abort"
             os.fsync(self._fh.fileno())
             self._fh.close()
@@ -156,49 +160,50 @@ class FileWriter(BlobWriter):
             raise _os_error(exc, f"cannot commit {key}") from exc
 
     def _commit_journaled(self, journal: Journal, key: str, final: str) -> None:
-        """Write the file in place (no flush) and make the object durable by one journal append.
+        """Write the file in place (no flush), then make the object durable by one journal append.
 
-        For an object of :data:`PARALLEL_WRITE_BYTES` or more the file is written by another thread while this
-        one appends to the journal and waits for its ``fdatasync`` (a 512 KB CT instance: 0.3 ms of file write
-        beside 0.6 ms of journal). Until both are done the object is not acknowledged, so a crash meanwhile may
-        leave its file empty or short: crash recovery finds it does not match the digest in its key and removes it.
+        Until the append returns the object is not acknowledged, so a crash meanwhile may leave its file empty
+        or short: crash recovery finds it does not match the digest in its key and removes it.
         """
         buf = self._buf
         assert buf is not None
-        digest = self._hash.digest()
         try:
-            if len(buf) < PARALLEL_WRITE_BYTES:
-                created = self._write_file(final, buf)
-                try:
-                    journal.append(key, digest, [buf], len(buf))
-                except OSError:
-                    if created:
-                        with contextlib.suppress(OSError):
-                            os.unlink(final)
-                    raise
-            else:
-                written = self._store.file_writers().submit(self._write_file, final, buf)
-                try:
-                    journal.append(key, digest, [buf], len(buf))
-                except OSError:
+            created = self._write_file(final, buf)
+            try:
+                journal.append(key, self._hash.digest(), [buf], len(buf))
+            except OSError:
+                if created:
                     with contextlib.suppress(OSError):
-                        if written.result():
-                            os.unlink(final)
-                    raise
-                try:
-                    written.result()
-                except OSError:
-                    self._store.forget(key)  # journaled but not stored: a replay must not bring it back
-                    raise
+                        os.unlink(final)
+                raise
         except OSError as exc:
             self.abort()
             raise _os_error(exc, f"cannot commit {key}") from exc
         self._buf = None
 
-    def _write_file(self, final: str, buf: bytearray) -> bool:
-        """Create the file ``final`` holding ``buf``, without a flush; True if this call created it.
+    def _commit_in_place(self, key: str, final: str) -> None:
+        """Write the file in place and make it durable itself: ``fdatasync`` of the file, ``fsync`` of its directory.
 
-        On failure nothing this call made is left behind.
+        For objects of :data:`JOURNAL_MAX_BYTES` or more, whose data write is most of the cost: the journal would
+        write them twice. A crash before this returns may leave the file short, as in :meth:`_commit_journaled`.
+        """
+        buf = self._buf
+        assert buf is not None
+        created = False
+        try:
+            created = self._write_file(final, buf, sync=True)
+            fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(final)
+            self.abort()
+            raise _os_error(exc, f"cannot commit {key}") from exc
+        self._buf = None
+
+    def _write_file(self, final: str, buf: bytearray, *, sync: bool = False) -> bool:
+        """Create the file ``final`` holding ``buf`` (flushed with ``fdatasync`` if ``sync``); True if this call
+        created it. On failure nothing this call made is left behind.
         """
         self._store.make_dirs(os.path.dirname(final))
         try:
@@ -212,6 +217,8 @@ class FileWriter(BlobWriter):
                 view = memoryview(buf)
                 while view:
                     view = view[os.write(fd, view):]
+                if sync:
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
             if path != final:
@@ -246,8 +253,6 @@ class FileBlobStore(BlobStore):
         self._journal: Journal | None = None
         self._journal_failed_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
-        self._writers: ThreadPoolExecutor | None = None
-        self._writers_pid = 0
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
         # Spool files left by processes that are gone are never visible objects; clear them. (They are
@@ -278,17 +283,6 @@ class FileBlobStore(BlobStore):
                         log.warning("blob journal unavailable (%s): objects are fsync'd one by one", exc)
                         return None
         return journal if record_size(key, size) <= journal.capacity() else None
-
-    def file_writers(self) -> ThreadPoolExecutor:
-        """This process's threads that write object files beside the journal appends."""
-        pool = self._writers
-        if pool is None or self._writers_pid != os.getpid():
-            with self._lazy_lock:
-                if self._writers is None or self._writers_pid != os.getpid():
-                    self._writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bastion-blob-write")
-                    self._writers_pid = os.getpid()
-                pool = self._writers
-        return pool
 
     def forget(self, key: str) -> None:
         """Record in the journal that ``key`` must not be replayed (deleted, or its commit failed after its record)."""
@@ -396,9 +390,6 @@ class FileBlobStore(BlobStore):
         self.forget(key)  # a replay after a crash must not bring the object back
 
     def close(self) -> None:
-        writers, self._writers = self._writers, None
-        if writers is not None and self._writers_pid == os.getpid():
-            writers.shutdown()
         journal, self._journal = self._journal, None
         if journal is not None and journal.pid == os.getpid():
             try:
