@@ -65,8 +65,8 @@ def test_a_second_opener_does_not_mark_a_running_archive_clean(tmp_path: Path) -
 def test_recover_does_not_index_an_incomplete_unacknowledged_file(tmp_path: Path) -> None:
     """The power failed after an object's file was written but before it was durable (so before it was
     acknowledged): the file may be cut short. Recovery checks each object against the digest in its key, and
-    removes one that does not match (a kill -9 between creating an object's file and its journal record
-    leaves the same: an empty file)."""
+    sets one that does not match aside in blobs/.quarantine (a kill -9 between creating an object's file and
+    its journal record leaves the same: an empty file)."""
     settings = load_settings(None, env={}, data=tmp_path / "data")
     study = make_study(tmp_path / "study", series=1, per_series=3)
     archive = Archive.open(settings)
@@ -94,5 +94,7 @@ def test_recover_does_not_index_an_incomplete_unacknowledged_file(tmp_path: Path
     finally:
         archive.close()
     assert not blob.exists(), "the torn file was left behind for verify to report"
+    aside = settings.data / "blobs" / ".quarantine" / result.record.blob_key
+    assert aside.read_bytes()[: len(data) // 2] == data[: len(data) // 2], "the torn file was not kept aside"
     verify = run_bastion("verify", "--data", str(settings.data))
     assert verify.returncode == 0 and "0 stored but not indexed" in verify.stdout, verify.stdout

@@ -87,6 +87,15 @@ class BlobStore(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove an object (missing is fine)."""
 
+    def set_aside(self, key: str) -> str | None:
+        """Take ``key`` out of the store without destroying its bytes where the backend can; return where it went.
+
+        For an object that must be neither served nor indexed but that an operator may want to look at (a write
+        that a crash cut short). This default deletes it.
+        """
+        self.delete(key)
+        return None
+
     @abc.abstractmethod
     def keys(self, prefix: str = "") -> Iterator[str]:
         """Every committed key under ``prefix``, in no particular order."""

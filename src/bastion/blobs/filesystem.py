@@ -163,7 +163,7 @@ class FileWriter(BlobWriter):
         """Write the file in place (no flush), then make the object durable by one journal append.
 
         Until the append returns the object is not acknowledged, so a crash meanwhile may leave its file empty
-        or short: crash recovery finds it does not match the digest in its key and removes it.
+        or short: crash recovery finds it does not match the digest in its key and sets it aside.
         """
         buf = self._buf
         assert buf is not None
@@ -388,6 +388,17 @@ class FileBlobStore(BlobStore):
         except FileNotFoundError:
             pass
         self.forget(key)  # a replay after a crash must not bring the object back
+
+    def set_aside(self, key: str) -> str | None:
+        """Move the object to ``<root>/.quarantine/<key>`` (never served, listed or indexed from there)."""
+        source = self.path_of(key)
+        target = os.path.join(self.root, ".quarantine", *key.split("/"))
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot set {key} aside") from exc
+        return target
 
     def close(self) -> None:
         journal, self._journal = self._journal, None

@@ -29,7 +29,7 @@ class RebuildReport:
     indexed: int = 0
     superseded: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-    removed: list[str] = field(default_factory=list)  # torn objects that were never acknowledged
+    set_aside: list[str] = field(default_factory=list)  # torn objects that were never acknowledged
 
 
 class TornObject(BastionError):
@@ -76,7 +76,7 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
     """Record the objects ``keys`` ((stamp, key), oldest first) through ``Index.record_many``.
 
     With ``verify`` (crash recovery) each object's content is checked against the digest in its key first, and
-    one that does not match is removed: it is a write that a crash cut short. It was never acknowledged,
+    one that does not match is set aside (:meth:`BlobStore.set_aside`): it is a write that a crash cut short. It was never acknowledged,
     since an acknowledged object is durable, and the blob store's journal replay (which runs when the store is
     opened, before this) has restored every acknowledged object whose file a power failure cut short.
     """
@@ -88,9 +88,9 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
                 _check_digest(blobs, key)
             batch.append(read_stored_object(blobs, key))
         except TornObject as exc:
-            blobs.delete(key)
-            report.removed.append(key)
-            log.warning("%s removes %s: %s", what, key, exc.message)
+            where = blobs.set_aside(key)
+            report.set_aside.append(key)
+            log.warning("%s set %s aside%s: %s", what, key, f" in {where}" if where else " (deleted)", exc.message)
         except BastionError as exc:
             report.skipped.append((key, exc.message))
             log.warning("%s skips %s: %s", what, key, exc.message)
