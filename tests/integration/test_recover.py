@@ -98,3 +98,4 @@ def test_recover_does_not_index_an_incomplete_unacknowledged_file(tmp_path: Path
     assert aside.read_bytes()[: len(data) // 2] == data[: len(data) // 2], "the torn file was not kept aside"
     verify = run_bastion("verify", "--data", str(settings.data))
     assert verify.returncode == 0 and "0 stored but not indexed" in verify.stdout, verify.stdout
+    assert "1 torn write(s) that crash recovery set aside" in verify.stdout, verify.stdout
