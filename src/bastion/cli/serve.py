@@ -2,9 +2,10 @@
 
 With ``workers = N > 1`` the DICOM listening socket is shared by N processes (forked before
 any thread or database connection exists), which spread associations evenly over themselves
-(:class:`~bastion.dimse.server.LoadBoard`), so parallel senders use every core. The first process also serves HTTP. One more process, at
-the lowest CPU priority, builds WADO-RS metadata for new objects from the change log. All processes write
-the same index (SQLite in WAL mode serialises their commits) and the same blob store.
+(:class:`~bastion.dimse.server.LoadBoard`), so parallel senders use every core. The first process
+also serves HTTP. One more process, at the lowest CPU priority, builds WADO-RS metadata for new
+objects from the change log. All processes write the same index (their write transactions queue
+on a lock file, see :class:`~bastion.index.sqlite.SqliteIndex`) and the same blob store.
 """
 
 from __future__ import annotations

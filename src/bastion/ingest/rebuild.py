@@ -76,9 +76,10 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
     """Record the objects ``keys`` ((stamp, key), oldest first) through ``Index.record_many``.
 
     With ``verify`` (crash recovery) each object's content is checked against the digest in its key first, and
-    one that does not match is set aside (:meth:`BlobStore.set_aside`): it is a write that a crash cut short. It was never acknowledged,
-    since an acknowledged object is durable, and the blob store's journal replay (which runs when the store is
-    opened, before this) has restored every acknowledged object whose file a power failure cut short.
+    one that does not match is set aside (:meth:`BlobStore.set_aside`): it is a write that a crash cut short.
+    It was never acknowledged, since an acknowledged object is durable, and the blob store's journal replay
+    (which runs when the store is opened, before this) has restored every acknowledged object whose file a
+    power failure cut short.
     """
     report = RebuildReport()
     batch: list[StoredObject] = []
