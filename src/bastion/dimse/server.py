@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import mmap
+import os
 import select
 import socket
 import time
@@ -42,25 +43,43 @@ class LoadBoard:
     The workers wait on one listening socket, and whichever wakes first would take the next association:
     with four senders and two workers, three associations often landed on one worker, which then ran them on
     one core under one GIL. A worker serving more associations than the least busy one leaves the next one
-    to it (:meth:`DicomServer._accept_loop`). Each worker writes only its own slot.
+    to it (:meth:`DicomServer._accept_loop`). Each worker writes only its own slots: its association count and,
+    once it listens, its process id; a worker that is not listening, or whose process is gone, does not count.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._map = mmap.mmap(-1, max(4 * workers, mmap.PAGESIZE))  # anonymous and shared across fork
-        self._slots = memoryview(self._map).cast("i")
+        self._map = mmap.mmap(-1, max(8 * workers, mmap.PAGESIZE))  # anonymous and shared across fork
+        self._slots = memoryview(self._map).cast("i")  # counts, then process ids
+
+    def register(self, worker: int) -> None:
+        """Mark ``worker`` as listening, in this process."""
+        self._slots[self.workers + worker] = os.getpid()
 
     def set(self, worker: int, active: int) -> None:
         """Publish how many associations ``worker`` serves."""
         self._slots[worker] = active
 
     def least(self) -> int:
-        """The fewest associations any worker serves."""
-        return min(self._slots[: self.workers])
+        """The fewest associations any listening worker serves (one that died or never started does not count)."""
+        counts = [self._slots[w] for w in range(self.workers) if _alive(self._slots[self.workers + w])]
+        return min(counts) if counts else 0
 
     def counts(self) -> list[int]:
         """How many associations each worker serves."""
         return list(self._slots[: self.workers])
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -112,6 +131,8 @@ class DicomServer:
             sock = socket.create_server((host, port), backlog=256, reuse_port=False)
             sock.setblocking(False)
         await asyncio.get_running_loop().run_in_executor(self.executor, self.archive.blobs.prepare)
+        if self.board is not None:
+            self.board.register(self.worker)
         self.sock = sock
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock))
         return sock
