@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "index, then swap it in. Refuses while a server has the archive open.")
     _common(rebuild)
 
-    verify = sub.add_parser("verify", help="re-hash every stored object against its recorded SHA-256",
+    verify = sub.add_parser("verify", help="re-hash every stored object against the content digest in its name",
                             description="Re-hash every stored object (current and superseded versions) and "
                             "report missing or corrupt ones; exit status 1 if any.")
     _common(verify)

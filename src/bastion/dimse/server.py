@@ -11,7 +11,6 @@ import select
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.archive import Archive
@@ -113,7 +112,7 @@ class DicomServer:
     BALANCE_WAIT_S = 0.02
 
     def __init__(self, archive: Archive, executor: ThreadPoolExecutor | None = None,
-                 on_count: Any = None, board: LoadBoard | None = None, worker: int = 0) -> None:
+                 board: LoadBoard | None = None, worker: int = 0) -> None:
         self.archive = archive
         self.board = board
         self.worker = worker
@@ -123,7 +122,6 @@ class DicomServer:
         self._accepting: asyncio.Task[None] | None = None
         self.active = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._on_count = on_count
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> socket.socket:
         """Listen on ``host:port``, or on an already-bound socket shared with other worker processes."""
