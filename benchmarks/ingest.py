@@ -5,6 +5,10 @@ disjoint contiguous parts, runs one DCMTK ``storescu`` per part at the same time
 the wall clock from the first process start to the last exit. Afterwards it checks that every ``storescu``
 exited 0 and that the server holds exactly the instances sent. It prints the median over ``--repeat`` runs.
 
+Every server's directory is kept until the whole run is over: deleting thousands of files between cells slows
+file creation in the next cells on an ext4 without a journal (see :func:`servers._run_server`). For the same
+reason, leave a few quiet minutes after anything that deleted many files (a previous run, the test suite).
+
 Usage: ``python benchmarks/ingest.py [--servers orthanc,bastion] [--count 1000] [--repeat 3] [--json FILE]``
 """
 
@@ -163,7 +167,7 @@ def parse_args() -> argparse.Namespace:
         default=Path.home() / ".cache" / "bastion-benchmarks",
         help="where the generated corpora are kept between runs",
     )
-    parser.add_argument("--workdir", type=Path, help="parent of the servers' temporary directories")
+    parser.add_argument("--workdir", type=Path, help="where the run's temporary directory goes (default: the system's)")
     args = parser.parse_args()
     args.servers = [s for s in args.servers.split(",") if s]
     args.corpora = [c for c in args.corpora.split(",") if c]
@@ -175,8 +179,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> int:
-    """Run every cell, print the table, optionally write JSON; exit 1 if any cell failed."""
+    """Run the benchmark; exit 1 if any cell failed."""
     args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.workdir) as run_dir:
+        args.workdir = Path(run_dir)  # the servers' directories, deleted only after the last cell
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every cell, print the table, optionally write JSON."""
     results: list[Result] = []
     for kind in args.corpora:
         files = corpus.ensure_corpus(kind, args.count, args.cache / f"{kind}-{args.count}")
