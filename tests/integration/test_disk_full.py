@@ -35,7 +35,9 @@ def test_store_on_a_full_disk_is_refused_cleanly(small_disk: Path, tmp_path: Pat
     server = bastion_factory(small_disk / "data")
     # 64x64 instances are ~8 KB: start with room, then fill the disk with a ballast file.
     study = make_study(tmp_path / "study", series=1, per_series=6)
-    first, rest = study.files[:2], study.files[2:]
+    # One CT-sized instance too (512 KB): written with O_DIRECT and flushed by a commit thread, not the journal.
+    ct = make_study(tmp_path / "ct", series=1, per_series=1, kind="ct")
+    first, rest = study.files[:2], [*study.files[2:], *ct.files]
     assert server.storescu(*first).returncode == 0
     stored_before = server.stats()["instances"]
     assert stored_before == 2

@@ -10,7 +10,7 @@ visible. Keys are ``/``-separated; a name starting with ``.`` is never a committ
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from bastion.model import digest as content_digest
@@ -45,9 +45,23 @@ class BlobWriter(abc.ABC):
     def commit(self, key: str) -> None:
         """Make the object durable and visible under ``key``; raises StorageError/StorageFull."""
 
+    def start_commit(self, key: str) -> Callable[[], None]:
+        """Begin :meth:`commit`; the function returned waits until the object is durable (raising as commit would).
+
+        The caller may do other work meanwhile (the ingest pipeline runs the index transaction) and must call it,
+        and see it return, before treating the object as stored; if it raises, the object is not stored and
+        nothing of it is left. This default commits at once.
+        """
+        self.commit(key)
+        return already_committed
+
     @abc.abstractmethod
     def abort(self) -> None:
         """Discard the pending object. Safe to call twice or after commit."""
+
+
+def already_committed() -> None:
+    """The waiter of a commit that was complete when it was returned."""
 
 
 class BlobStore(abc.ABC):

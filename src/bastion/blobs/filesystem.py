@@ -3,25 +3,31 @@
 An object buffered in memory and smaller than :data:`JOURNAL_MAX_BYTES` is made durable by the store's
 write-ahead journal (:mod:`bastion.blobs.journal`): its file is written without a flush and the object is
 appended to the journal with one ``fdatasync``. A larger buffered object (up to :data:`MEMORY_LIMIT`) is
-written in place and made durable by ``fdatasync`` of its file and ``fsync`` of its directory; one past that
-is streamed through a spool file, fsync'd and renamed into place.
+written in place (with ``O_DIRECT`` where possible) and made durable by ``fdatasync`` of its file and ``fsync`` of
+its directory; one past that is streamed through a spool file, fsync'd and renamed into place. Buffered objects
+are committed by the store's commit threads (:meth:`FileWriter.start_commit`), so that the ingest pipeline's
+index transaction overlaps the flush.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import functools
 import io
 import logging
+import mmap
 import os
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-from bastion.blobs.base import BlobStore, BlobWriter
+from bastion.blobs.base import BlobStore, BlobWriter, already_committed
 from bastion.blobs.journal import (
     OBJECT,
     TOMBSTONE,
@@ -42,6 +48,50 @@ MEMORY_LIMIT = 8 * 1024 * 1024
 #: directory. For a 512 KB CT instance the journal's second copy cost more than the fsyncs it saves: over one
 #: association 338-342/s against 371-382/s, over four 419-437/s against 496-518/s (the development VM, 12:00).
 JOURNAL_MAX_BYTES = 128 * 1024
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere flushed files go through the page cache
+#: Threads per process that write buffered objects and wait for their flush while the index transaction runs.
+COMMIT_THREADS = 4
+
+
+_direct = threading.local()  # each commit thread's page-aligned buffer for O_DIRECT writes
+
+
+def _write_direct(fd: int, buf: bytearray) -> bool:
+    """Write ``buf`` to the empty file ``fd`` with ``O_DIRECT``; False (nothing written) where that is refused.
+
+    Direct I/O takes the bytes to the disk from a buffer this thread reuses, instead of copying them into page
+    cache pages that must then be written back. On the development VM, where page cache for new files mostly
+    lands in memory the guest had not touched, a durable 512 KB file took 0.53-0.55 ms this way against
+    0.89-1.72 ms buffered (kernel CPU 0.17-0.19 ms against 0.58-1.37 ms). The data is written padded to whole
+    pages, then the file is cut to its length; the caller's ``fdatasync`` makes that length durable.
+    """
+    if not _O_DIRECT:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # the filesystem does not do direct I/O (e.g. some FUSE mounts)
+            return False
+        raise
+    size = len(buf)
+    padded = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    area: mmap.mmap | None = getattr(_direct, "area", None)
+    if area is None or len(area) < padded:
+        if area is not None:
+            with contextlib.suppress(BufferError):  # a view left by a failed write: the collector frees it
+                area.close()
+        area = _direct.area = mmap.mmap(-1, max(padded, 1 << 20))
+    area[:size] = buf
+    area[size:padded] = bytes(padded - size)  # no stale bytes of an earlier object in the last block
+    with memoryview(area) as whole:
+        view = whole[:padded]
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            view.release()
+    os.ftruncate(fd, size)
+    return True
 
 
 def _os_error(exc: OSError, what: str) -> StorageError:
@@ -138,15 +188,24 @@ class FileWriter(BlobWriter):
         return open(self._spool_path(), "rb")  # noqa: SIM115
 
     def commit(self, key: str) -> None:
+        self.start_commit(key)()
+
+    def start_commit(self, key: str) -> Callable[[], None]:
+        """A buffered object is written and made durable by one of the store's commit threads meanwhile."""
         final = self._store.path_of(key)
         buf = self._buf
-        if buf is not None:
-            journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
-            if journal is not None:
-                self._commit_journaled(journal, key, final)
-            else:
-                self._commit_in_place(key, final)
-            return
+        if buf is None:
+            self._commit_spooled(key, final)
+            return already_committed
+        self._buf = None  # the commit thread owns it now
+        journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
+        if journal is not None:
+            task = functools.partial(self._commit_journaled, journal, key, final, buf, self._hash.digest())
+        else:
+            task = functools.partial(self._commit_in_place, key, final, buf)
+        return self._store.committer().submit(task).result
+
+    def _commit_spooled(self, key: str, final: str) -> None:
         try:
             assert self._fh is not None, "commit after commit/abort"
             os.fsync(self._fh.fileno())
@@ -159,36 +218,32 @@ class FileWriter(BlobWriter):
             self.abort()
             raise _os_error(exc, f"cannot commit {key}") from exc
 
-    def _commit_journaled(self, journal: Journal, key: str, final: str) -> None:
+    def _commit_journaled(self, journal: Journal, key: str, final: str, buf: bytearray, digest: bytes) -> None:
         """Write the file in place (no flush), then make the object durable by one journal append.
 
-        Until the append returns the object is not acknowledged, so a crash meanwhile may leave its file empty
-        or short: crash recovery finds it does not match the digest in its key and sets it aside.
+        The file comes first: once the journal holds the record, a checkpoint may void it, and it does so only
+        after a ``syncfs`` that must cover the file. Until the append returns the object is not acknowledged, so a
+        crash meanwhile may leave its file empty or short: crash recovery finds it does not match the digest in
+        its key and sets it aside.
         """
-        buf = self._buf
-        assert buf is not None
         try:
             created = self._write_file(final, buf)
             try:
-                journal.append(key, self._hash.digest(), [buf], len(buf))
+                journal.append(key, digest, [buf], len(buf))
             except OSError:
                 if created:
                     with contextlib.suppress(OSError):
                         os.unlink(final)
                 raise
         except OSError as exc:
-            self.abort()
             raise _os_error(exc, f"cannot commit {key}") from exc
-        self._buf = None
 
-    def _commit_in_place(self, key: str, final: str) -> None:
+    def _commit_in_place(self, key: str, final: str, buf: bytearray) -> None:
         """Write the file in place and make it durable itself: ``fdatasync`` of the file, ``fsync`` of its directory.
 
         For objects of :data:`JOURNAL_MAX_BYTES` or more, whose data write is most of the cost: the journal would
         write them twice. A crash before this returns may leave the file short, as in :meth:`_commit_journaled`.
         """
-        buf = self._buf
-        assert buf is not None
         created = False
         try:
             created = self._write_file(final, buf, sync=True)
@@ -197,13 +252,13 @@ class FileWriter(BlobWriter):
             if created:
                 with contextlib.suppress(OSError):
                     os.unlink(final)
-            self.abort()
             raise _os_error(exc, f"cannot commit {key}") from exc
-        self._buf = None
 
     def _write_file(self, final: str, buf: bytearray, *, sync: bool = False) -> bool:
         """Create the file ``final`` holding ``buf`` (flushed with ``fdatasync`` if ``sync``); True if this call
         created it. On failure nothing this call made is left behind.
+
+        A flushed file is written with ``O_DIRECT`` where the filesystem allows it (:func:`_write_direct`).
         """
         self._store.make_dirs(os.path.dirname(final))
         try:
@@ -214,9 +269,10 @@ class FileWriter(BlobWriter):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
-                view = memoryview(buf)
-                while view:
-                    view = view[os.write(fd, view):]
+                if not (sync and _write_direct(fd, buf)):
+                    view = memoryview(buf)
+                    while view:
+                        view = view[os.write(fd, view):]
                 if sync:
                     os.fdatasync(fd)
             finally:
@@ -252,6 +308,8 @@ class FileBlobStore(BlobStore):
         self._use_journal = journal and hasattr(os, "fdatasync") and hasattr(os, "pwritev")
         self._journal: Journal | None = None
         self._journal_failed_pid = 0
+        self._committer: ThreadPoolExecutor | None = None
+        self._committer_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
@@ -283,6 +341,18 @@ class FileBlobStore(BlobStore):
                         log.warning("blob journal unavailable (%s): objects are fsync'd one by one", exc)
                         return None
         return journal if record_size(key, size) <= journal.capacity() else None
+
+    def committer(self) -> ThreadPoolExecutor:
+        """This process's commit threads: they write buffered objects and wait for the disk while the
+        committing thread goes on (with the index transaction, in the ingest pipeline)."""
+        pool = self._committer
+        if pool is None or self._committer_pid != os.getpid():  # threads do not survive a fork
+            with self._lazy_lock:
+                if self._committer is None or self._committer_pid != os.getpid():
+                    self._committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="bastion-blob-commit")
+                    self._committer_pid = os.getpid()
+                pool = self._committer
+        return pool
 
     def forget(self, key: str) -> None:
         """Record in the journal that ``key`` must not be replayed (deleted, or its commit failed after its record)."""
@@ -401,6 +471,9 @@ class FileBlobStore(BlobStore):
         return target
 
     def close(self) -> None:
+        pool, self._committer = self._committer, None
+        if pool is not None and self._committer_pid == os.getpid():
+            pool.shutdown(wait=True)
         journal, self._journal = self._journal, None
         if journal is not None and journal.pid == os.getpid():
             try:

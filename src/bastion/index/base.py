@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from bastion.model.levels import QueryLevel
@@ -55,8 +55,13 @@ class Index(abc.ABC):
     closed: bool = False  # set by close(): background readers (e.g. the metadata warmer) then stop
 
     @abc.abstractmethod
-    def record(self, obj: StoredObject) -> tuple[StoreStatus, int | None]:
+    def record(self, obj: StoredObject, durable: Callable[[], None] | None = None) -> tuple[StoreStatus, int | None]:
         """Record a stored version in one transaction (durable on return).
+
+        ``durable``, if given, returns once the object's blob is durable (:meth:`BlobWriter.start_commit`): it is
+        called before the transaction commits, so the index never holds an object whose bytes a crash could
+        still lose, while the index's own work overlaps the flush. If it raises, nothing is recorded and the
+        error propagates.
 
         Returns the status (stored / duplicate / superseded) and the change-log sequence.
         """

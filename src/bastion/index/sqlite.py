@@ -251,12 +251,16 @@ class SqliteIndex(Index):
                 self._commit_batch(conn, batch)
 
     def _commit_batch(self, conn: sqlite3.Connection,
-                      batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]) -> None:
-        """Run ``batch`` in one transaction; a failing write (in its savepoint) fails only itself."""
+                      batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
+                      durable: Callable[[], None] | None = None) -> None:
+        """Run ``batch`` in one transaction; a failing write (in its savepoint) fails only itself.
+
+        ``durable`` (a batch of one only) is called before the commit; if it raises, the write is rolled back.
+        """
         if self._lock_fd >= 0:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            results = self._transaction(conn, batch)
+            results = self._transaction(conn, batch, durable)
         finally:
             if self._lock_fd >= 0:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -268,10 +272,12 @@ class SqliteIndex(Index):
                                   else IndexFailure(f"index write failed: {error}"))
 
     def _transaction(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
-                     Future[Any]]]) -> list[tuple[Future[Any], Any, BaseException | None]]:
+                     Future[Any]]], durable: Callable[[], None] | None = None,
+                     ) -> list[tuple[Future[Any], Any, BaseException | None]]:
         """The outcome of each write of ``batch``, run in one transaction."""
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
         single = len(batch) == 1
+        assert durable is None or single
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, fut in batch:
@@ -279,6 +285,8 @@ class SqliteIndex(Index):
                     conn.execute("SAVEPOINT one")
                 try:
                     results.append((fut, fn(conn), None))
+                    if durable is not None:
+                        durable()
                     if not single:
                         conn.execute("RELEASE one")
                 except Exception as exc:  # one bad write must not fail the others
@@ -298,23 +306,26 @@ class SqliteIndex(Index):
             return [(fut, None, failure) for _, fut in batch]
         return results
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _write(self, fn: Callable[[sqlite3.Connection], T], durable: Callable[[], None] | None = None) -> T:
         fut: Future[T] = Future()
         # Uncontended: commit on the calling thread (a hand-off to the writer thread costs more than
-        # the transaction). Contended: queue it, and the writer thread commits the waiting ones together.
+        # the transaction), waiting for ``durable`` inside it. Contended: wait for ``durable`` first, then
+        # queue, and the writer thread commits the waiting ones together.
         if self._write_lock.acquire(blocking=False):
             try:
                 if self._queue.empty():
-                    self._commit_batch(self._writer_conn, [(fn, fut)])
+                    self._commit_batch(self._writer_conn, [(fn, fut)], durable)
                     return fut.result()
             finally:
                 self._write_lock.release()
+        if durable is not None:
+            durable()
         self._queue.put((fn, fut))
         return fut.result()
 
     # -- recording ---------------------------------------------------------------------------
-    def record(self, obj: StoredObject) -> tuple[StoreStatus, int | None]:
-        return self._write(lambda conn: self._record(conn, obj))
+    def record(self, obj: StoredObject, durable: Callable[[], None] | None = None) -> tuple[StoreStatus, int | None]:
+        return self._write(lambda conn: self._record(conn, obj), durable)
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         items = list(objs)

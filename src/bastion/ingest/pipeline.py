@@ -5,14 +5,16 @@ Order of work for one object (Orthanc's "instance to store" idea, with Bastion's
 1. the adapter streams the Part 10 bytes into a :class:`PendingObject` (hashed on the way);
 2. :meth:`Ingest.finish` parses and validates the header;
 3. an identical current copy makes it a duplicate: nothing new is stored;
-4. the blob is committed durably under its final key (the blob store's journal, or fsync of file and directory);
-5. the index records it in one transaction, with a change-log entry (it survives a process crash at once;
-   after a power failure recovery re-indexes it from the blob store);
-6. only then is success returned. If 4 or 5 fails, nothing is visible and the blob is removed.
+4. the blob is committed durably under its final key (the blob store's journal, or fsync of file and directory),
+   by a commit thread of the blob store while
+5. the index records it in one transaction, with a change-log entry, which commits only once step 4 is done (it
+   survives a process crash at once; after a power failure recovery re-indexes it from the blob store);
+6. only then is success returned. If 4 or 5 fails, nothing is indexed and the blob is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -146,10 +148,12 @@ class Ingest:
         key = object_key(header.sop_uid, stamp, digest)
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                                 header.transfer_syntax, key, digest, w.size)
-        w.commit(key)
+        durable = w.start_commit(key)  # the blob is written and flushed while the index transaction runs
         try:
-            status, seq = self.index.record(StoredObject(record, header.patient_id, stamp, header.attrs))
+            status, seq = self.index.record(StoredObject(record, header.patient_id, stamp, header.attrs), durable)
         except BaseException:
+            with contextlib.suppress(Exception):
+                durable()  # let the commit finish (or fail) before removing what it wrote
             self.blobs.delete(key)
             raise
         if status is StoreStatus.DUPLICATE:  # an identical copy won a race: keep one
