@@ -205,3 +205,25 @@ def test_objects_of_128_kb_or_more_are_durable_without_the_journal(tmp_path: Pat
         else:
             assert reopened.get(f"d/{i}.dcm") == _payload(i, size)
     assert os.listdir(root / ".spool") == []
+
+
+def test_records_written_before_a_rotation_are_durable_when_waited_for(tmp_path: Path) -> None:
+    """``write`` then ``wait`` later (the ingest pipeline runs its index statements in between): a checkpoint
+    that rotates the segments meanwhile makes the waiting records durable, and their tickets still resolve."""
+    root = tmp_path / "blobs"
+    root.mkdir()
+    journal = Journal(str(root / ".journal"), lambda: sync_filesystem(str(root)), interval_s=0.05)
+    try:
+        tickets = [journal.write(f"d/{i}.dcm", bytes(32), [_payload(i)], len(_payload(i))) for i in range(5)]
+        assert tickets == sorted(tickets) and len(set(tickets)) == 5
+        deadline = time.monotonic() + 10
+        while journal.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert journal.checkpoints >= 1  # rotated past the records before anyone waited for them
+        later = journal.write("d/late.dcm", bytes(32), [b"x" * 100], 100)
+        for ticket in [*tickets, later]:
+            journal.wait(ticket)
+        journal.wait(later)  # asking again is fine
+        assert journal._synced >= later
+    finally:
+        journal.close()

@@ -4,9 +4,8 @@ An object buffered in memory and smaller than :data:`JOURNAL_MAX_BYTES` is made 
 write-ahead journal (:mod:`bastion.blobs.journal`): its file is written without a flush and the object is
 appended to the journal with one ``fdatasync``. A larger buffered object (up to :data:`MEMORY_LIMIT`) is
 written in place (with ``O_DIRECT`` where possible) and made durable by ``fdatasync`` of its file and ``fsync`` of
-its directory; one past that is streamed through a spool file, fsync'd and renamed into place. Buffered objects
-are committed by the store's commit threads (:meth:`FileWriter.start_commit`), so that the ingest pipeline's
-index transaction overlaps the flush.
+its directory; one past that is streamed through a spool file, fsync'd and renamed into place. The flush of a
+buffered object overlaps the ingest pipeline's index transaction (:meth:`FileWriter.start_commit`).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import io
 import logging
 import mmap
@@ -191,19 +189,23 @@ class FileWriter(BlobWriter):
         self.start_commit(key)()
 
     def start_commit(self, key: str) -> Callable[[], None]:
-        """A buffered object is written and made durable by one of the store's commit threads meanwhile."""
+        """Write a buffered object now and let the disk catch up while the caller goes on.
+
+        A journaled object's file and record are written on this thread and the record's writeback started;
+        the waiter runs the journal's ``fdatasync`` (mostly done by then). A larger buffered object is written
+        and flushed by one of the store's commit threads, whose result the waiter collects. (Handing a small
+        object to a thread cost more in wake-ups than its flush took.)
+        """
         final = self._store.path_of(key)
         buf = self._buf
         if buf is None:
             self._commit_spooled(key, final)
             return already_committed
-        self._buf = None  # the commit thread owns it now
+        self._buf = None
         journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
         if journal is not None:
-            task = functools.partial(self._commit_journaled, journal, key, final, buf, self._hash.digest())
-        else:
-            task = functools.partial(self._commit_in_place, key, final, buf)
-        return self._store.committer().submit(task).result
+            return self._start_journaled(journal, key, final, buf, self._hash.digest())
+        return self._store.committer().submit(self._commit_in_place, key, final, buf).result
 
     def _commit_spooled(self, key: str, final: str) -> None:
         try:
@@ -218,25 +220,36 @@ class FileWriter(BlobWriter):
             self.abort()
             raise _os_error(exc, f"cannot commit {key}") from exc
 
-    def _commit_journaled(self, journal: Journal, key: str, final: str, buf: bytearray, digest: bytes) -> None:
-        """Write the file in place (no flush), then make the object durable by one journal append.
+    def _start_journaled(self, journal: Journal, key: str, final: str, buf: bytearray,
+                         digest: bytes) -> Callable[[], None]:
+        """Write the file in place (no flush), then its journal record; the waiter makes the record durable.
 
         The file comes first: once the journal holds the record, a checkpoint may void it, and it does so only
-        after a ``syncfs`` that must cover the file. Until the append returns the object is not acknowledged, so a
+        after a ``syncfs`` that must cover the file. Until the wait returns the object is not acknowledged, so a
         crash meanwhile may leave its file empty or short: crash recovery finds it does not match the digest in
         its key and sets it aside.
         """
+        created = False
+
+        def undo(exc: OSError) -> StorageError:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(final)
+            return _os_error(exc, f"cannot commit {key}")
+
         try:
             created = self._write_file(final, buf)
-            try:
-                journal.append(key, digest, [buf], len(buf))
-            except OSError:
-                if created:
-                    with contextlib.suppress(OSError):
-                        os.unlink(final)
-                raise
+            ticket = journal.write(key, digest, [buf], len(buf))
         except OSError as exc:
-            raise _os_error(exc, f"cannot commit {key}") from exc
+            raise undo(exc) from exc
+
+        def wait() -> None:
+            try:
+                journal.wait(ticket)
+            except OSError as exc:
+                raise undo(exc) from exc
+
+        return wait
 
     def _commit_in_place(self, key: str, final: str, buf: bytearray) -> None:
         """Write the file in place and make it durable itself: ``fdatasync`` of the file, ``fsync`` of its directory.

@@ -83,6 +83,21 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _syncfs = _load_syncfs()
 
 
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait (Linux)
+
+
 def sync_filesystem(path: str) -> None:
     """Make everything written on the filesystem holding ``path`` durable (``syncfs``; ``sync`` elsewhere)."""
     if _syncfs is None:
@@ -201,6 +216,16 @@ class Journal:
 
         Raises OSError (the record may not count), or ValueError if it is larger than :meth:`capacity`.
         """
+        self.wait(self.write(key, digest, data, size, kind))
+
+    def write(self, key: str, digest: bytes, data: Sequence[bytes | bytearray | memoryview], size: int,
+              kind: int = OBJECT) -> int:
+        """Write one record and start its way to the disk; return the ticket that :meth:`wait` takes.
+
+        The caller may do other work before it waits (the ingest pipeline runs its index statements): the disk
+        writes the record meanwhile, and the ``fdatasync`` that :meth:`wait` needs mostly finds it done. Raises as
+        :meth:`append` does.
+        """
         key_bytes = key.encode()
         need = _RECORD.size + _CRC.size + len(key_bytes) + size
         if need > self.capacity():
@@ -217,17 +242,26 @@ class Journal:
             written = os.pwritev(seg.fd, [header, key_bytes, *data], seg.pos)
             if written != need:
                 raise OSError(errno.EIO, f"short write to the blob journal ({written} of {need} bytes)")
+            if _sync_file_range is not None:
+                _sync_file_range(seg.fd, seg.pos, need, _SYNC_FILE_RANGE_WRITE)  # advisory: errors show in wait
             seg.pos += need
             if seg.first_at == 0.0:
                 seg.first_at = time.monotonic()
             self._written += 1
-            mine = self._written
-            self._wait_durable(mine, seg)
             if seg.pos - HEADER_SIZE >= CHECKPOINT_FILL * (seg.size - HEADER_SIZE):
                 self._cond.notify_all()
+            return self._written
 
-    def _wait_durable(self, mine: int, seg: _Segment) -> None:
-        """Group commit: the first waiter syncs for everyone written so far. Called holding the lock."""
+    def wait(self, ticket: int) -> None:
+        """Return once the record of ``ticket`` is durable; raises OSError if the flush that covers it failed."""
+        with self._cond:
+            self._wait_durable(ticket)
+
+    def _wait_durable(self, mine: int) -> None:
+        """Group commit: the first waiter syncs for everyone written so far. Called holding the lock.
+
+        Records not yet durable are all in the active segment: a rotation makes the old one durable first.
+        """
         while self._synced < mine:
             if self._sync_error is not None and self._sync_error[0] >= mine:
                 raise self._sync_error[1]
@@ -236,6 +270,7 @@ class Journal:
                 continue
             self._syncing = True
             target = self._written
+            seg = self._active  # no rotation while _syncing
             self._cond.release()
             try:
                 os.fdatasync(seg.fd)
