@@ -168,3 +168,31 @@ def test_file_store_objects_are_plain_files(tmp_path: Path) -> None:
     store = FileBlobStore(str(tmp_path / "blobs"))
     store.put("p/q/r.dcm", b"content")
     assert (tmp_path / "blobs" / "p" / "q" / "r.dcm").read_bytes() == b"content"
+
+
+def test_file_store_falls_back_to_the_page_cache_where_direct_io_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some filesystems refuse O_DIRECT (EINVAL from fcntl): large objects are then written buffered."""
+    import errno
+    import fcntl as real_fcntl
+
+    from bastion.blobs import filesystem
+
+    refused: list[int] = []
+    original = real_fcntl.fcntl
+
+    def fcntl(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == real_fcntl.F_SETFL and arg & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return original(fd, cmd, arg)
+
+    monkeypatch.setattr(filesystem.fcntl, "fcntl", fcntl)
+    store = FileBlobStore(str(tmp_path / "blobs"))
+    try:
+        data = os.urandom(600_001)
+        store.put("fallback/obj.dcm", data)
+        assert refused, "the direct write was not attempted"
+        assert store.get("fallback/obj.dcm") == data and store.size("fallback/obj.dcm") == len(data)
+    finally:
+        store.close()
