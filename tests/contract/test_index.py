@@ -248,3 +248,17 @@ def test_file_index_survives_reopening(tmp_path: Path) -> None:
         assert idx.statistics().instances == 1
     finally:
         idx.close()
+
+
+def test_integers_beyond_64_bits_are_refused_in_queries_and_dropped_from_columns(index: Index) -> None:
+    """An InstanceNumber past SQLite's integers (hypothesis found QIDO answering 500 for 2**63)."""
+    from bastion.errors import InvalidQuery
+
+    index.record(obj("1.1.1.1", number=2**64))  # a malformed header: stored, its number not sortable
+    index.record(obj("1.1.1.2", number=7))
+    found = index.find(QueryLevel.IMAGE, [cond("SeriesInstanceUID", "1.2.3.1")])
+    assert sorted(_values(found, "SOPInstanceUID")) == ["1.1.1.1", "1.1.1.2"]
+    assert _values(index.find(QueryLevel.IMAGE, [cond("InstanceNumber", "7")]), "SOPInstanceUID") == ["1.1.1.2"]
+    for value in (str(2**63), str(-(2**63) - 1), f"1\\{2**70}"):
+        with pytest.raises(InvalidQuery, match="out of range"):
+            index.find(QueryLevel.IMAGE, [cond("InstanceNumber", value)])

@@ -47,12 +47,19 @@ def _like_pattern(pattern: str) -> str:
     return "".join(out)
 
 
+#: What an index integer column holds (SQLite's 64-bit integers); an IS value proper stays within 32 bits.
+INTEGER_RANGE = range(-(2**63), 2**63)
+
+
 def _param(column: str, value: str, keyword: str) -> Any:
     if column in INTEGER_COLUMNS:
         try:
-            return int(value)
+            number = int(value)
         except ValueError as exc:
             raise InvalidQuery(f"{keyword}: {value!r} is not an integer") from exc
+        if number not in INTEGER_RANGE:
+            raise InvalidQuery(f"{keyword}: {value!r} is out of range for an Integer String")
+        return number
     return value
 
 

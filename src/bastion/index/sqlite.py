@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from bastion.errors import IndexFailure
 from bastion.index.base import Change, Index, Statistics, Version
 from bastion.index.schema import DDL, MIGRATIONS, SCHEMA_VERSION, TABLES
-from bastion.index.sqlcompile import compile_conditions
+from bastion.index.sqlcompile import INTEGER_COLUMNS, INTEGER_RANGE, compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import COLUMNS, tag_hex, tag_of
 from bastion.model.levels import QueryLevel
@@ -74,11 +74,12 @@ def columns_for(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for keyword, column in COLUMNS[level].items():
         v = _first_text(attrs, keyword)
-        if column in ("series_number", "instance_number"):
+        if column in INTEGER_COLUMNS:
             try:
-                out[column] = int(v) if v is not None else None
+                number = int(v) if v is not None else None
             except (TypeError, ValueError):
-                out[column] = None
+                number = None
+            out[column] = number if number is None or number in INTEGER_RANGE else None  # unsortable: as if absent
         else:
             out[column] = "" if v is None else str(v)
     return out
