@@ -1,11 +1,11 @@
 """``bastion serve``: the DICOM listener and the HTTP listener.
 
-With ``workers = N > 1`` the DICOM listening socket is shared by N processes (forked before
-any thread or database connection exists), which spread associations evenly over themselves
-(:class:`~bastion.dimse.server.LoadBoard`), so parallel senders use every core. The first process
-also serves HTTP. One more process, at the lowest CPU priority, builds WADO-RS metadata for new
-objects from the change log. All processes write the same index (their write transactions queue
-on a lock file, see :class:`~bastion.index.sqlite.SqliteIndex`) and the same blob store.
+The process started runs no server itself: a :class:`Supervisor` (no thread, no database connection) forks
+them and replaces any that dies. With ``workers = N > 1`` the DICOM listening socket is shared by N processes,
+which spread associations evenly over themselves (:class:`~bastion.dimse.server.LoadBoard`), so parallel
+senders use every core. The first also serves HTTP. One more process, at the lowest CPU priority, builds
+WADO-RS metadata for new objects from the change log. All processes write the same index (their write
+transactions queue on a lock file, see :class:`~bastion.index.sqlite.SqliteIndex`) and the same blob store.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import uvicorn
 
 from bastion import __version__
-from bastion.archive import Archive
+from bastion.archive import RUNNING_MARKER, Archive, RunMarker
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.settings import Settings, load_settings
@@ -51,17 +51,23 @@ def dicom_socket(settings: Settings) -> socket.socket:
     return sock
 
 
-async def _until_signal(extra: asyncio.Future[None] | None = None) -> None:
+async def _until_signal(*extra: asyncio.Future[Any]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    waiters = {asyncio.ensure_future(stop.wait())} | ({extra} if extra else set())
+    waiters = {asyncio.ensure_future(stop.wait()), *extra}
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
 
 
-async def serve(settings: Settings, sock: socket.socket, board: LoadBoard) -> None:
-    """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM."""
+async def _orphaned(parent: int) -> None:
+    """Return once the supervisor ``parent`` is gone."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1)
+
+
+async def serve(settings: Settings, sock: socket.socket, board: LoadBoard, parent: int) -> None:
+    """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM or its supervisor is gone."""
     archive = Archive.open(settings)
     status = ServerStatus()
     dicom = DicomServer(archive, board=board, worker=0)
@@ -69,6 +75,7 @@ async def serve(settings: Settings, sock: socket.socket, board: LoadBoard) -> No
     status.dicom_listening = True
     status.dicom_address = f"{settings.host}:{settings.dicom_port}"
     status.per_worker = board.counts  # type: ignore[method-assign]
+    status.worker_pids = board.pids  # type: ignore[method-assign]
     config = uvicorn.Config(create_app(archive, status), host=settings.host, port=settings.http_port,
                             log_level="warning", access_log=False, lifespan="off")
     http = uvicorn.Server(config)
@@ -77,7 +84,7 @@ async def serve(settings: Settings, sock: socket.socket, board: LoadBoard) -> No
     log.info("Bastion %s: DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__, settings.aet,
              settings.host, settings.dicom_port, settings.workers, settings.host, settings.http_port,
              settings.data)
-    await _until_signal(http_task)
+    await _until_signal(http_task, asyncio.ensure_future(_orphaned(parent)))
     log.info("shutting down")
     http.should_exit = True
     await dicom.close()
@@ -90,12 +97,7 @@ async def serve_worker(settings: Settings, sock: socket.socket, parent: int, boa
     archive = Archive.open(settings, primary=False)
     dicom = DicomServer(archive, board=board, worker=worker)
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
-
-    async def orphaned() -> None:
-        while os.getppid() == parent:
-            await asyncio.sleep(1)
-
-    await _until_signal(asyncio.ensure_future(orphaned()))
+    await _until_signal(asyncio.ensure_future(_orphaned(parent)))
     await dicom.close()
     archive.close()
 
@@ -118,11 +120,14 @@ def run_warmer(settings: Settings, parent: int) -> None:
     archive.close()
 
 
-def _fork(target: Any, *args: Any) -> int:
+def _fork(target: Any, *args: Any, close: tuple[int, ...] = ()) -> int:
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the supervisor blocks these for sigtimedwait
+            for fd in close:
+                os.close(fd)
             target(*args)
         except BaseException:
             log.exception("%s failed", getattr(target, "__name__", "child process"))
@@ -131,25 +136,128 @@ def _fork(target: Any, *args: Any) -> int:
     return pid
 
 
+def _ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"was killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"was killed by signal {sig}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+class Supervisor:
+    """The process ``bastion serve`` starts in: it forks the server's processes and replaces any that dies.
+
+    It holds no thread, no database connection and no event loop, so forking from it is safe whenever it
+    happens. A process that dies (a crash, the kernel's OOM killer, ``kill -9``) is replaced at once; one that
+    keeps dying waits longer each time (:data:`RESTART_DELAYS_S`). The listening socket stays open here the
+    whole time, so the port never closes and the other workers keep serving meanwhile. A replacement opens
+    the archive as every process does: the blob journal of the dead process is replayed then (its acknowledged
+    objects are made durable), and crash recovery does not run because this process keeps the run marker
+    held. SIGINT/SIGTERM stop every process and wait for them.
+    """
+
+    #: Wait before a role's replacement, by how many times it died in the last minute.
+    RESTART_DELAYS_S = (0.0, 0.0, 1.0, 5.0, 30.0)
+    #: How long the processes get to finish their associations on shutdown before they are killed.
+    STOP_GRACE_S = 30.0
+
+    def __init__(self, roles: dict[str, tuple[Any, tuple[Any, ...]]], close_in_children: tuple[int, ...] = ()) -> None:
+        self.roles = roles  # name -> (target, args), forked with _fork
+        self.close_in_children = close_in_children
+        self.pids: dict[int, str] = {}
+        self.deaths: dict[str, list[float]] = {}
+        self.due: dict[str, float] = {}  # role -> when its replacement starts
+
+    def _start(self, role: str) -> None:
+        target, args = self.roles[role]
+        self.pids[_fork(target, *args, close=self.close_in_children)] = role
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            role = self.pids.pop(pid, None)
+            if role is None:
+                continue
+            now = time.monotonic()
+            recent = [at for at in self.deaths.get(role, []) if now - at < 60.0] + [now]
+            self.deaths[role] = recent
+            delay = self.RESTART_DELAYS_S[min(len(recent), len(self.RESTART_DELAYS_S)) - 1]
+            log.error("%s (pid %d) %s; %s", role, pid, _ended(status),
+                      f"starting a new one in {delay:.0f} s" if delay else "starting a new one")
+            self.due[role] = now + delay
+
+    def run(self) -> None:
+        """Start every role, keep them running until SIGINT/SIGTERM, then stop them."""
+        wanted = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+        try:
+            for role in self.roles:
+                self._start(role)
+            while True:
+                now = time.monotonic()
+                for role, at in list(self.due.items()):
+                    if at <= now:
+                        del self.due[role]
+                        self._start(role)
+                timeout = max(0.0, min(self.due.values()) - now) if self.due else 60.0
+                info = signal.sigtimedwait(wanted, timeout)
+                if info is not None and info.si_signo in (signal.SIGINT, signal.SIGTERM):
+                    break
+                self._reap()
+        finally:
+            self._stop()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+
+    def _stop(self) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.STOP_GRACE_S
+        while self.pids and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)
+            else:
+                self.pids.pop(pid, None)
+        for pid in self.pids:
+            log.error("pid %d did not stop within %.0f s: killing it", pid, self.STOP_GRACE_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in list(self.pids):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Entry point of ``bastion serve``."""
     settings = settings_from(args)
     logging.getLogger().setLevel(settings.log_level.upper())
     # Recover from an unclean shutdown before forking, so every process starts on a consistent index.
     Archive.open(settings).close()
+    # Held for the whole run: no process started later (a replaced worker, `bastion import`) is ever alone, so
+    # none runs crash recovery beside live ones; the last process to close still marks the shutdown clean.
+    marker = RunMarker(str(settings.data / RUNNING_MARKER))
+    marker.acquire()
     sock = dicom_socket(settings)
     parent = os.getpid()
     board = LoadBoard(settings.workers)
-    children = [_fork(lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w)))
-                for w in range(1, settings.workers)]
-    children.append(_fork(run_warmer, settings, parent))
+    roles: dict[str, tuple[Any, tuple[Any, ...]]] = {
+        "DICOM worker 0 (and HTTP)": (lambda: asyncio.run(serve(settings, sock, board, parent)), ())}
+    for w in range(1, settings.workers):
+        roles[f"DICOM worker {w}"] = (lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w)), ())
+    roles["metadata warmer"] = (run_warmer, (settings, parent))
     try:
-        asyncio.run(serve(settings, sock, board))
+        Supervisor(roles, close_in_children=(marker.fd,)).run()
     finally:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in children:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        marker.release()
     return 0

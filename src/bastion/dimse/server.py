@@ -52,7 +52,8 @@ class LoadBoard:
         self._slots = memoryview(self._map).cast("i")  # counts, then process ids
 
     def register(self, worker: int) -> None:
-        """Mark ``worker`` as listening, in this process."""
+        """Mark ``worker`` as listening, in this process (a replacement for a worker that died starts from 0)."""
+        self._slots[worker] = 0
         self._slots[self.workers + worker] = os.getpid()
 
     def set(self, worker: int, active: int) -> None:
@@ -65,8 +66,13 @@ class LoadBoard:
         return min(counts) if counts else 0
 
     def counts(self) -> list[int]:
-        """How many associations each worker serves."""
-        return list(self._slots[: self.workers])
+        """How many associations each worker serves (0 for one that is not listening or is gone)."""
+        pids = self.pids()
+        return [self._slots[w] if pids[w] else 0 for w in range(self.workers)]
+
+    def pids(self) -> list[int]:
+        """The process id of each listening worker; 0 for one that is not listening or is gone."""
+        return [pid if _alive(pid := self._slots[self.workers + w]) else 0 for w in range(self.workers)]
 
 
 def _alive(pid: int) -> bool:

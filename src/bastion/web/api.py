@@ -53,6 +53,7 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
             "last_errors": archive.ingest.rejections.tail(20),
             "associations": status.active(),
             "associations_per_worker": status.per_worker(),
+            "worker_pids": status.worker_pids(),
         }
         return JSONResponse(body)
 

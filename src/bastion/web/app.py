@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,10 @@ class ServerStatus:
     def per_worker(self) -> list[int]:
         """Associations open in each DICOM worker process (replaced by the server)."""
         return [0]
+
+    def worker_pids(self) -> list[int]:
+        """The process id of each DICOM worker process; 0 for one not listening (replaced by the server)."""
+        return [os.getpid()] if self.dicom_listening else [0]
 
     def active(self) -> int:
         """Associations open in all worker processes."""

@@ -53,7 +53,7 @@ _STATISTICS = {
     "type": "object",
     "additionalProperties": False,
     "required": ["patients", "studies", "series", "instances", "versions", "stored_bytes", "last_change",
-                 "storage", "ingest", "last_errors", "associations", "associations_per_worker"],
+                 "storage", "ingest", "last_errors", "associations", "associations_per_worker", "worker_pids"],
     "properties": {
         "patients": _INT, "studies": _INT, "series": _INT, "instances": _INT,
         "versions": {**_INT, "description": "Superseded versions kept besides the current instances."},
@@ -77,6 +77,9 @@ _STATISTICS = {
         "associations": {**_INT, "description": "DICOM associations open now, in all worker processes."},
         "associations_per_worker": {"type": "array", "items": _INT,
                                     "description": "DICOM associations open now in each worker process."},
+        "worker_pids": {"type": "array", "items": _INT,
+                        "description": "Process id of each DICOM worker process; 0 while one is not listening "
+                                       "(starting, or replaced after it died)."},
     },
 }
 _CHANGE = {
