@@ -12,6 +12,7 @@ per thread.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -157,6 +158,8 @@ class SqliteIndex(Index):
     @classmethod
     def _create_or_migrate(cls, conn: sqlite3.Connection) -> None:
         """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION` (derived data only)."""
+        if cls._schema_version(conn) == SCHEMA_VERSION:  # the common case: every process opening it writes nothing
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
@@ -176,8 +179,17 @@ class SqliteIndex(Index):
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # a failed COMMIT (disk full) may have rolled back already
+                conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> int | None:
+        """The schema version the index records, read without a write lock; None for a new index."""
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else None
 
     @staticmethod
     def refresh_study_summaries(conn: sqlite3.Connection, study_uid: str | None = None) -> None:
