@@ -154,3 +154,24 @@ def test_index_rebuild_refuses_while_the_server_runs(bastion_factory: Any, tmp_p
     server.stop()
     done = run_bastion("index", "rebuild", "--data", str(server.data))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("taken", ["http", "dicom"])
+def test_serve_on_a_port_in_use_fails_at_once_with_one_clear_line(tmp_path: Path, taken: str) -> None:
+    import socket
+
+    from conftest import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = free_port()
+        http, dicom = (port, other) if taken == "http" else (other, port)
+        done = run_bastion("serve", "--data", tmp_path / "data", "--http-port", str(http), "--dicom-port", str(dicom),
+                           timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    what = "HTTP" if taken == "http" else "DICOM"
+    assert f"bastion: cannot listen for {what} on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert (tmp_path / "data" / ".running").read_text() == "clean"  # nothing ran: no recovery next time

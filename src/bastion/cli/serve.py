@@ -26,6 +26,7 @@ from bastion import __version__
 from bastion.archive import RUNNING_MARKER, Archive, RunMarker
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer, LoadBoard
+from bastion.errors import BastionError
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 
@@ -40,15 +41,24 @@ def settings_from(args: argparse.Namespace) -> Settings:
                          log_level=getattr(args, "log_level", None), workers=getattr(args, "workers", None))
 
 
-def dicom_socket(settings: Settings) -> socket.socket:
-    """The bound, listening DICOM socket (shared by every worker)."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+def listening_socket(host: str, port: int, what: str) -> socket.socket:
+    """A bound, listening socket, made by the supervisor and kept open across process replacements."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.dicom_port))
-    sock.listen(256)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(256)
+    except OSError as exc:
+        sock.close()
+        raise BastionError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from exc
     sock.setblocking(False)
     return sock
+
+
+def dicom_socket(settings: Settings) -> socket.socket:
+    """The bound, listening DICOM socket (shared by every worker)."""
+    return listening_socket(settings.host, settings.dicom_port, "DICOM")
 
 
 async def _until_signal(*extra: asyncio.Future[Any]) -> None:
@@ -66,7 +76,8 @@ async def _orphaned(parent: int) -> None:
         await asyncio.sleep(1)
 
 
-async def serve(settings: Settings, sock: socket.socket, board: LoadBoard, parent: int) -> None:
+async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socket, board: LoadBoard,
+                parent: int) -> None:
     """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM or its supervisor is gone."""
     archive = Archive.open(settings)
     status = ServerStatus()
@@ -80,7 +91,7 @@ async def serve(settings: Settings, sock: socket.socket, board: LoadBoard, paren
                             log_level="warning", access_log=False, lifespan="off")
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    http_task = asyncio.ensure_future(http.serve())
+    http_task = asyncio.ensure_future(http.serve(sockets=[http_sock]))
     log.info("Bastion %s: DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__, settings.aet,
              settings.host, settings.dicom_port, settings.workers, settings.host, settings.http_port,
              settings.data)
@@ -248,11 +259,16 @@ def run_serve(args: argparse.Namespace) -> int:
     # none runs crash recovery beside live ones; the last process to close still marks the shutdown clean.
     marker = RunMarker(str(settings.data / RUNNING_MARKER))
     marker.acquire()
-    sock = dicom_socket(settings)
+    try:
+        sock = dicom_socket(settings)
+        http_sock = listening_socket(settings.host, settings.http_port, "HTTP")
+    except BastionError:
+        marker.release()
+        raise
     parent = os.getpid()
     board = LoadBoard(settings.workers)
     roles: dict[str, tuple[Any, tuple[Any, ...]]] = {
-        "DICOM worker 0 (and HTTP)": (lambda: asyncio.run(serve(settings, sock, board, parent)), ())}
+        "DICOM worker 0 (and HTTP)": (lambda: asyncio.run(serve(settings, sock, http_sock, board, parent)), ())}
     for w in range(1, settings.workers):
         roles[f"DICOM worker {w}"] = (lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w)), ())
     roles["metadata warmer"] = (run_warmer, (settings, parent))
