@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from conftest import make_study, run_bastion
+from conftest import BastionServer, make_study, run_bastion
 
 from bastion.archive import RUNNING_MARKER, Archive
 from bastion.model.levels import QueryLevel
@@ -99,3 +99,8 @@ def test_recover_does_not_index_an_incomplete_unacknowledged_file(tmp_path: Path
     verify = run_bastion("verify", "--data", str(settings.data))
     assert verify.returncode == 0 and "0 stored but not indexed" in verify.stdout, verify.stdout
     assert "1 torn write(s) that crash recovery set aside" in verify.stdout, verify.stdout
+    server = BastionServer(settings.data).start()
+    try:
+        assert server.stats()["storage"]["set_aside"] == 1  # on the admin page too, for whoever is on call
+    finally:
+        server.stop()

@@ -122,6 +122,10 @@ class BlobStore(abc.ABC):
             return False
         return True
 
+    def set_aside_count(self) -> int:
+        """How many objects :meth:`set_aside` has kept (0 where the backend deletes them)."""
+        return 0
+
     def usage(self) -> tuple[int | None, int | None]:
         """``(used_bytes, free_bytes)``; None where the backend cannot tell."""
         return (None, None)

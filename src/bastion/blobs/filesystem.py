@@ -475,13 +475,21 @@ class FileBlobStore(BlobStore):
     def set_aside(self, key: str) -> str | None:
         """Move the object to ``<root>/.quarantine/<key>`` (never served, listed or indexed from there)."""
         source = self.path_of(key)
-        target = os.path.join(self.root, ".quarantine", *key.split("/"))
+        target = os.path.join(self.quarantine_dir, *key.split("/"))
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(source, target)
         except OSError as exc:
             raise _os_error(exc, f"cannot set {key} aside") from exc
         return target
+
+    @property
+    def quarantine_dir(self) -> str:
+        """Where :meth:`set_aside` keeps objects: ``<root>/.quarantine``."""
+        return os.path.join(self.root, ".quarantine")
+
+    def set_aside_count(self) -> int:
+        return sum(len(files) for _, _, files in os.walk(self.quarantine_dir))
 
     def close(self) -> None:
         pool, self._committer = self._committer, None

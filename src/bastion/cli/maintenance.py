@@ -66,9 +66,9 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"  CORRUPT {key}")
     for key in report.unindexed[:20]:
         print(f"  not indexed (run `bastion index rebuild`): {key}")
-    quarantine = os.path.join(settings.blob_location, ".quarantine")
-    aside = sum(len(files) for _, _, files in os.walk(quarantine))
+    aside = blobs.set_aside_count()
     if aside:
         print(f"{aside} torn write(s) that crash recovery set aside (never acknowledged; safe to delete once "
-              f"looked at): {quarantine}")
+              f"looked at): {getattr(blobs, 'quarantine_dir', blobs.location)}")
+    blobs.close()
     return 0 if report.ok else 1

@@ -62,8 +62,11 @@ _STATISTICS = {
         "storage": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["location", "used_bytes", "free_bytes"],
-            "properties": {"location": {"type": "string"}, "used_bytes": _INT, "free_bytes": _INT},
+            "required": ["location", "used_bytes", "free_bytes", "set_aside"],
+            "properties": {"location": {"type": "string"}, "used_bytes": _INT, "free_bytes": _INT,
+                           "set_aside": {**_INT, "description": "Torn writes that crash recovery set aside (never "
+                                                                 "acknowledged), in blobs/.quarantine for an "
+                                                                 "operator to look at."}},
         },
         "ingest": {
             "type": "object",
