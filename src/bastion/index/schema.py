@@ -1,4 +1,4 @@
-"""The index schema (SQLite dialect). Everything here is derivable from the blob store.
+"""The index schema (SQLite dialect) and its migrations. Everything here is derivable from the blob store.
 
 ``studies.modalities`` and ``studies.sop_classes`` hold ModalitiesInStudy and
 SOPClassesInStudy (PS3.4 C.6.2.1.2), sorted and ``\\``-joined: a summary of the study's
@@ -7,7 +7,15 @@ two subqueries per result. The ordering indexes end with the tie-breaking UID so
 ``ORDER BY ... LIMIT`` walks an index instead of sorting.
 """
 
+import contextlib
+import sqlite3
+
+from bastion.errors import IndexFailure
+
 SCHEMA_VERSION = 3
+
+#: Joins the values of ModalitiesInStudy / SOPClassesInStudy in their columns.
+SUMMARY_SEP = "\\"
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -123,3 +131,59 @@ MIGRATE_2_TO_3 = (
 MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3}
 
 TABLES = ("patients", "studies", "series", "instances", "versions", "changes")
+
+
+def schema_version(conn: sqlite3.Connection) -> int | None:
+    """The schema version the index records, read without a write lock; None for a new index."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else None
+
+
+def create_or_migrate(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION` (derived data only).
+
+    An index already at this version is only read: every process that opens it would otherwise take the
+    write lock at start.
+    """
+    if schema_version(conn) == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = schema_version(conn)  # again under the lock: another process may have done it meanwhile
+        version = SCHEMA_VERSION if found is None else found
+        if version > SCHEMA_VERSION:
+            raise IndexFailure(f"the index has schema version {version}, newer than this Bastion's "
+                               f"{SCHEMA_VERSION}: rebuild it (bastion index rebuild)")
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+        for statement in DDL.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        if version == 1:
+            refresh_study_summaries(conn)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):  # a failed COMMIT (disk full) may have rolled back already
+            conn.execute("ROLLBACK")
+        raise
+
+
+def refresh_study_summaries(conn: sqlite3.Connection, study_uid: str | None = None) -> None:
+    """Recompute ModalitiesInStudy and SOPClassesInStudy of one study (or all) from its series and instances.
+
+    The same derivation the record path maintains incrementally; used after a removal,
+    on migration, and by bulk loaders.
+    """
+    sql = ("UPDATE studies SET "
+           "modalities = coalesce((SELECT group_concat(m, :sep) FROM (SELECT DISTINCT x.modality AS m "
+           "FROM series x WHERE x.study_uid = studies.study_uid AND x.modality <> '' ORDER BY 1)), ''), "
+           "sop_classes = coalesce((SELECT group_concat(c, :sep) FROM (SELECT DISTINCT y.sop_class_uid AS c "
+           "FROM instances y WHERE y.study_uid = studies.study_uid ORDER BY 1)), '')")
+    if study_uid is None:
+        conn.execute(sql, {"sep": SUMMARY_SEP})
+    else:
+        conn.execute(sql + " WHERE study_uid = :uid", {"sep": SUMMARY_SEP, "uid": study_uid})

@@ -12,7 +12,6 @@ per thread.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
 from bastion.index.base import Change, Index, Statistics, Version
-from bastion.index.schema import DDL, MIGRATIONS, SCHEMA_VERSION, TABLES
+from bastion.index.schema import SUMMARY_SEP, TABLES, create_or_migrate, refresh_study_summaries
 from bastion.index.sqlcompile import INTEGER_COLUMNS, INTEGER_RANGE, compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import COLUMNS, tag_hex, tag_of
@@ -86,7 +85,6 @@ def columns_for(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
     return out
 
 
-_SEP = "\\"  # joins the values of ModalitiesInStudy / SOPClassesInStudy in their columns
 
 
 def _text(attrs: JsonDataset) -> str:
@@ -95,11 +93,11 @@ def _text(attrs: JsonDataset) -> str:
 
 
 def _joined(values: set[str]) -> str:
-    return _SEP.join(sorted(v for v in values if v))
+    return SUMMARY_SEP.join(sorted(v for v in values if v))
 
 
 def _split(text: str) -> set[str]:
-    return set(text.split(_SEP)) if text else set()
+    return set(text.split(SUMMARY_SEP)) if text else set()
 
 
 def _us(tag: str, value: int) -> dict[str, Any]:
@@ -141,7 +139,7 @@ class SqliteIndex(Index):
             self._lock_fd = os.open(f"{os.path.abspath(path)}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                                     0o644)
         self._writer_conn = self._connect()
-        self._create_or_migrate(self._writer_conn)
+        create_or_migrate(self._writer_conn)
         self._thread = threading.Thread(target=self._run_writer, name="bastion-index-writer", daemon=True)
         self._thread.start()
         self._commits = 0
@@ -154,59 +152,6 @@ class SqliteIndex(Index):
             self._checkpointer = threading.Thread(target=self._run_checkpointer, name="bastion-index-checkpoint",
                                                   daemon=True)
             self._checkpointer.start()
-
-    @classmethod
-    def _create_or_migrate(cls, conn: sqlite3.Connection) -> None:
-        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION` (derived data only)."""
-        if cls._schema_version(conn) == SCHEMA_VERSION:  # the common case: every process opening it writes nothing
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
-            version = int(row[0]) if row else SCHEMA_VERSION
-            if version > SCHEMA_VERSION:
-                raise IndexFailure(f"the index has schema version {version}, newer than this Bastion's "
-                                   f"{SCHEMA_VERSION}: rebuild it (bastion index rebuild)")
-            for step in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[step]:
-                    conn.execute(statement)
-            for statement in DDL.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            if version == 1:
-                cls.refresh_study_summaries(conn)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # a failed COMMIT (disk full) may have rolled back already
-                conn.execute("ROLLBACK")
-            raise
-
-    @staticmethod
-    def _schema_version(conn: sqlite3.Connection) -> int | None:
-        """The schema version the index records, read without a write lock; None for a new index."""
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
-            return None
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else None
-
-    @staticmethod
-    def refresh_study_summaries(conn: sqlite3.Connection, study_uid: str | None = None) -> None:
-        """Recompute ModalitiesInStudy and SOPClassesInStudy of one study (or all) from its series and instances.
-
-        The same derivation the record path maintains incrementally; used after a removal,
-        on migration, and by bulk loaders.
-        """
-        sql = ("UPDATE studies SET "
-               "modalities = coalesce((SELECT group_concat(m, :sep) FROM (SELECT DISTINCT x.modality AS m "
-               "FROM series x WHERE x.study_uid = studies.study_uid AND x.modality <> '' ORDER BY 1)), ''), "
-               "sop_classes = coalesce((SELECT group_concat(c, :sep) FROM (SELECT DISTINCT y.sop_class_uid AS c "
-               "FROM instances y WHERE y.study_uid = studies.study_uid ORDER BY 1)), '')")
-        if study_uid is None:
-            conn.execute(sql, {"sep": _SEP})
-        else:
-            conn.execute(sql + " WHERE study_uid = :uid", {"sep": _SEP, "uid": study_uid})
 
     # -- connections -------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -413,7 +358,7 @@ class SqliteIndex(Index):
                      "num_studies = num_studies + ? WHERE patient_id = ?", (int(new_series), int(new_study), pid))
         modality = series_columns["modality"]
         if old_series is not None and old_series[0] != modality:
-            self.refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
+            refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
             return
         modalities, classes = _split(old_study[0]) if old_study else set(), _split(old_study[1]) if old_study else set()
         if modality not in modalities and modality or inst.sop_class_uid not in classes:
@@ -435,7 +380,7 @@ class SqliteIndex(Index):
                      "num_studies = num_studies - ? WHERE patient_id = ?", (gone_series, gone_study, pid))
         conn.execute("DELETE FROM patients WHERE patient_id = ? AND num_instances <= 0", (pid,))
         if not gone_study:
-            SqliteIndex.refresh_study_summaries(conn, study_uid)
+            refresh_study_summaries(conn, study_uid)
 
     def clear(self) -> None:
         def _clear(conn: sqlite3.Connection) -> None:
@@ -510,7 +455,7 @@ class SqliteIndex(Index):
             ds.update(dicom_json.loads(part))
         if level is QueryLevel.STUDY:
             ds.update(_us("00201206", row[2]) | _us("00201208", row[3]))
-            mods, classes = row[4].split(_SEP) if row[4] else [], row[5].split(_SEP) if row[5] else []
+            mods, classes = row[4].split(SUMMARY_SEP) if row[4] else [], row[5].split(SUMMARY_SEP) if row[5] else []
             ds["00080061"] = {"vr": "CS", "Value": mods} if mods else {"vr": "CS"}
             ds["00080062"] = {"vr": "UI", "Value": classes} if classes else {"vr": "UI"}
         elif level is QueryLevel.SERIES:
