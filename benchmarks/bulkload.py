@@ -10,7 +10,7 @@ Two ways to materialise the same plan:
 
 * ``--data DIR``: index rows are written straight into ``DIR/index.sqlite`` with ``executemany`` in big
   transactions, through the schema of :mod:`bastion.index.schema` and the same column derivation and study
-  summaries (:func:`bastion.index.sqlite.columns_for`, :meth:`SqliteIndex.refresh_study_summaries`) as the
+  summaries (:func:`bastion.index.sqlite.columns_for`, :func:`bastion.index.schema.refresh_study_summaries`) as the
   live record path. This is **benchmark-only**: the rows point at blob keys that do not exist (``bastion
   verify`` would report them missing), because QIDO only needs the index. A sample of the rows is checked
   against what the real ingest path (:func:`bastion.ingest.header.read_header`) derives from the equivalent
@@ -46,6 +46,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bastion.index.schema import refresh_study_summaries  # noqa: E402
 from bastion.index.sqlite import SqliteIndex, columns_for  # noqa: E402
 from bastion.ingest.header import read_header  # noqa: E402
 from bastion.model.levels import QueryLevel  # noqa: E402
@@ -182,8 +183,8 @@ def level_attrs(study: Study, series: Series, number: int) -> dict[QueryLevel, d
         QueryLevel.SERIES: {"0020000E": _el("UI", series.uid), "00080060": _el("CS", series.modality),
                             "00200011": _el("IS", series.number), "0008103E": _el("LO", series.description),
                             "00080021": _el("DA", study.date), "00080031": _el("TM", study.time),
-                            "00180015": _el("CS", BODY[series.modality]),
-                            "00080070": _el("LO", "BASTION BENCHMARKS")},
+                            **({"00180015": _el("CS", BODY[series.modality])} if BODY[series.modality] else {}),
+                            "00080070": _el("LO", "BASTION BENCHMARKS")},  # the files leave BodyPartExamined out of SR
         QueryLevel.IMAGE: {"00080018": _el("UI", sop_uid(series, number)), "00080016": _el("UI", series.sop_class),
                            "00200013": _el("IS", number),
                            **({"00080008": _el("CS", "ORIGINAL", "PRIMARY", "AXIAL"),
@@ -354,7 +355,7 @@ def fill_index(index_path: Path, studies: list[Study], batch: int = 50_000) -> N
                  "patients.patient_id), num_series = (SELECT coalesce(sum(num_series), 0) FROM studies s WHERE "
                  "s.patient_id = patients.patient_id), num_instances = (SELECT coalesce(sum(num_instances), 0) "
                  "FROM studies s WHERE s.patient_id = patients.patient_id)")
-    SqliteIndex.refresh_study_summaries(conn)  # ModalitiesInStudy / SOPClassesInStudy, as record() keeps them
+    refresh_study_summaries(conn)  # ModalitiesInStudy / SOPClassesInStudy, as record() keeps them
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
