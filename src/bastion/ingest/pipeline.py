@@ -5,8 +5,8 @@ Order of work for one object (Orthanc's "instance to store" idea, with Bastion's
 1. the adapter streams the Part 10 bytes into a :class:`PendingObject` (hashed on the way);
 2. :meth:`Ingest.finish` parses and validates the header;
 3. an identical current copy makes it a duplicate: nothing new is stored;
-4. the blob is committed durably under its final key (the blob store's journal, or fsync of file and directory),
-   by a commit thread of the blob store while
+4. the blob is committed durably under its final key (the blob store's journal, or fsync of file and directory);
+   :meth:`BlobWriter.start_commit` writes it and starts the flush, which completes while
 5. the index records it in one transaction, with a change-log entry, which commits only once step 4 is done (it
    survives a process crash at once; after a power failure recovery re-indexes it from the blob store);
 6. only then is success returned. If 4 or 5 fails, nothing is indexed and the blob is removed.
