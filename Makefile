@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/fetch-ohif.sh
+$(STAMP): pyproject.toml setup.py src/bastion/ingest/_cscan.c scripts/fetch-ohif.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -33,4 +33,5 @@ lint: install
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) bastion-data
+	rm -rf $(VENV) bastion-data build
+	find src -name '*.so' -delete

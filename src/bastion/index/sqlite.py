@@ -60,21 +60,26 @@ _ALIAS = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se
 _INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.digest, i.size"
 
 
-def _first_text(attrs: JsonDataset, keyword: str) -> Any:
-    el = attrs.get(tag_hex(tag_of(keyword)))
-    values = (el or {}).get("Value") or []
+def _first_value(attrs: JsonDataset, key: str) -> Any:
+    el = attrs.get(key)
+    values = el.get("Value") if el else None
     if not values:
         return None
     v = values[0]
     return v.get("Alphabetic", "") if isinstance(v, dict) else v
 
 
+#: Per level: (DICOM JSON key, column, integer?) of :data:`COLUMNS`, worked out once.
+_COLUMN_KEYS = {level: [(tag_hex(tag_of(keyword)), column, column in INTEGER_COLUMNS)
+                        for keyword, column in columns.items()] for level, columns in COLUMNS.items()}
+
+
 def columns_for(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
     """The index columns of ``level`` derived from that level's DICOM JSON (:data:`COLUMNS`)."""
     out: dict[str, Any] = {}
-    for keyword, column in COLUMNS[level].items():
-        v = _first_text(attrs, keyword)
-        if column in INTEGER_COLUMNS:
+    for key, column, integer in _COLUMN_KEYS[level]:
+        v = _first_value(attrs, key)
+        if integer:
             try:
                 number = int(v) if v is not None else None
             except (TypeError, ValueError):
@@ -85,6 +90,21 @@ def columns_for(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
     return out
 
 
+#: What recording one instance needs to know, in one statement: the instance's current row (if any), then
+#: its series, study and patient rows (all NULL where there is none). SQLite looks each up by its key.
+_LOOKUP = ("SELECT i.blob_key, i.digest, i.size, i.stamp, i.series_uid, i.study_uid, "
+           "se.modality, se.attrs, se.study_uid, st.modalities, st.sop_classes, st.attrs, st.patient_id, p.attrs "
+           "FROM (SELECT 1) LEFT JOIN instances i ON i.sop_uid = ? LEFT JOIN series se ON se.series_uid = ? "
+           "LEFT JOIN studies st ON st.study_uid = ? LEFT JOIN patients p ON p.patient_id = ?")
+
+#: The series row (modality, attrs, study_uid), the study row (modalities, sop_classes, attrs, patient_id) and the
+#: patient row (attrs,) of a :data:`_LOOKUP` result; None where the row does not exist.
+_Levels = tuple[tuple[Any, ...] | None, tuple[Any, ...] | None, tuple[Any, ...] | None]
+
+
+def _levels(row: tuple[Any, ...]) -> _Levels:
+    return (row[6:9] if row[7] is not None else None, row[9:13] if row[11] is not None else None,
+            row[13:14] if row[13] is not None else None)
 
 
 def _text(attrs: JsonDataset) -> str:
@@ -291,10 +311,10 @@ class SqliteIndex(Index):
 
     def _record(self, conn: sqlite3.Connection, obj: StoredObject) -> tuple[StoreStatus, int | None]:
         inst = obj.instance
-        row = conn.execute("SELECT blob_key, digest, size, stamp, series_uid, study_uid FROM instances "
-                           "WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
+        row = conn.execute(_LOOKUP, (inst.sop_uid, inst.series_uid, inst.study_uid, obj.patient_id)).fetchone()
         status = StoreStatus.STORED
-        if row is not None:
+        levels: _Levels | None = _levels(row)
+        if row[0] is not None:  # this SOP instance is indexed already
             if row[1] == inst.digest:
                 return StoreStatus.DUPLICATE, None
             status = StoreStatus.SUPERSEDED
@@ -302,7 +322,8 @@ class SqliteIndex(Index):
                          (row[0], inst.sop_uid, row[1], row[2], row[3], inst.blob_key))
             self._remove_instance(conn, inst.sop_uid, row[4], row[5])
             self._change(conn, "superseded", inst.sop_uid, row[4], row[5], row[0])
-        self._add_instance(conn, obj)
+            levels = None  # the removal may have changed or deleted the level rows: read them again
+        self._add_instance(conn, obj, levels)
         return status, self._change(conn, "stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
 
     @staticmethod
@@ -320,21 +341,23 @@ class SqliteIndex(Index):
         conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) "
                      f"ON CONFLICT({key}) DO UPDATE SET {updates}", list(values.values()))
 
-    def _add_instance(self, conn: sqlite3.Connection, obj: StoredObject) -> None:
+    def _add_instance(self, conn: sqlite3.Connection, obj: StoredObject, levels: _Levels | None) -> None:
+        """Insert the instance and bring its series, study and patient rows up to date.
+
+        ``levels``: those three rows as :data:`_LOOKUP` read them in this transaction (None: read them here).
+        """
         inst = obj.instance
         a = obj.attrs
-        old_series = conn.execute("SELECT modality, attrs, study_uid FROM series WHERE series_uid = ?",
-                                  (inst.series_uid,)).fetchone()
-        old_study = conn.execute("SELECT modalities, sop_classes, attrs, patient_id FROM studies WHERE study_uid = ?",
-                                 (inst.study_uid,)).fetchone()
+        pid = obj.patient_id
+        if levels is None:
+            levels = _levels(conn.execute(_LOOKUP, ("", inst.series_uid, inst.study_uid, pid)).fetchone())
+        old_series, old_study, old_patient = levels
         new_series, new_study = old_series is None, old_study is None
         series_columns = columns_for(QueryLevel.SERIES, a[QueryLevel.SERIES])
-        pid = obj.patient_id
         # Each level's row takes the attributes of the newest instance; most instances repeat what their
         # series, study and patient rows already hold, and rewriting a row (and all its indexes) with the
         # same values is the costliest part of a commit, so an unchanged row is left alone.
         patient_json = _text(a[QueryLevel.PATIENT])
-        old_patient = conn.execute("SELECT attrs FROM patients WHERE patient_id = ?", (pid,)).fetchone()
         if old_patient is None or old_patient[0] != patient_json:
             self._upsert(conn, "patients", "patient_id", {
                 **columns_for(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid, "attrs": patient_json})

@@ -24,7 +24,7 @@ from bastion.errors import (
     MissingAttribute,
     UnsupportedTransferSyntax,
 )
-from bastion.ingest.scan import NotSimple, Scan, scan_header
+from bastion.ingest.scan import SPEEDUPS, NotSimple, Scan, scan_header
 from bastion.model.attributes import LEVEL_KEYWORDS, tag_hex, tag_of, vr_of
 from bastion.model.levels import QueryLevel
 from bastion.model.records import JsonDataset
@@ -80,8 +80,11 @@ _CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _BINARY = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d"}
 
 
-def raw_json(vr: str, value: bytes | None, little_endian: bool = True) -> dict[str, Any] | None:
-    """DICOM JSON straight from raw bytes for plain-ASCII and binary values; None otherwise."""
+def raw_json_py(vr: str, value: bytes | None, little_endian: bool = True) -> dict[str, Any] | None:
+    """DICOM JSON straight from raw bytes for plain-ASCII and binary values; None otherwise.
+
+    :func:`raw_json` is its C twin where that was built (:data:`bastion.ingest.scan.SPEEDUPS`).
+    """
     if value is None:
         return {"vr": vr}
     if vr in _BINARY:
@@ -106,6 +109,9 @@ def raw_json(vr: str, value: bytes | None, little_endian: bool = True) -> dict[s
     if vr == "DS":
         return {"vr": vr, "Value": [float(p) for p in parts]}
     return {"vr": vr, "Value": parts}
+
+
+raw_json = SPEEDUPS.raw_json if SPEEDUPS is not None else raw_json_py
 
 
 def _to_json(ds: Dataset, level: QueryLevel) -> JsonDataset:
@@ -167,6 +173,8 @@ def _check_pixel_data_complete(fp: Any, size: int, ts: str) -> None:
         item_pos += 8 + n
 
 
+_TAGS = {keyword: tag_of(keyword) for keyword in (
+    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")}
 _WANTED = frozenset(tag for tags in _LEVEL_TAGS.values() for tag, _ in tags)
 _SCAN_BLOCK = 256 * 1024
 
@@ -183,7 +191,7 @@ def _header(ts: str, meta_sop: str | None, uid_text: Any, patient_id: str,
             attrs: dict[QueryLevel, JsonDataset]) -> Header:
     """Validate the UIDs (PS3.4 B.2.3) and assemble the Header: shared by both parsers."""
     def uid(keyword: str) -> str:
-        return _checked_uid(keyword, tag_of(keyword), uid_text(keyword))
+        return _checked_uid(keyword, _TAGS[keyword], uid_text(keyword))
 
     sop_uid = uid("SOPInstanceUID")
     if meta_sop is not None and meta_sop != sop_uid:
@@ -212,10 +220,10 @@ def _from_scan(found: Scan) -> Header:
         attrs[level] = out
 
     def uid_text(keyword: str) -> str | None:
-        element = found.elements.get(tag_of(keyword))
+        element = found.elements.get(_TAGS[keyword])
         return None if element is None else element[1].decode("ascii", "replace").strip("\x00 ")
 
-    patient = found.elements.get(tag_of("PatientID"))
+    patient = found.elements.get(_TAGS["PatientID"])
     patient_id = patient[1].decode("ascii").strip("\x00 ") if patient else ""
     return _header(found.transfer_syntax, found.meta_sop_uid, uid_text, patient_id, attrs)
 

@@ -5,12 +5,19 @@ top-level elements are walked without decoding anything else (sequences and thei
 skipped by their lengths or delimiters), up to Pixel Data. Anything else — another transfer
 syntax, a wanted attribute that is a sequence, a header that does not fit the first block —
 raises :class:`NotSimple`, and the caller uses pydicom instead. Pure: no I/O.
+
+:func:`scan_header` is the C twin from ``_cscan.c`` where that extension was built (``SPEEDUPS``), and
+:func:`scan_header_py` otherwise; both give the same results (``tests/unit/test_cscan.py``). Setting
+``BASTION_PURE_PYTHON=1`` in the environment forces the Python versions (to compare them).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
 from dataclasses import dataclass
+from types import ModuleType
 
 from bastion.model.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
@@ -48,6 +55,8 @@ def _meta(buf: bytes) -> tuple[str, str | None, int]:
             break
         vr = buf[pos + 4: pos + 6]
         if vr in _LONG_VRS:
+            if pos + 12 > len(buf):
+                raise NotSimple("file meta runs past the scanned block")
             length, hdr = struct.unpack_from("<I", buf, pos + 8)[0], 12
         else:
             length, hdr = struct.unpack_from("<H", buf, pos + 6)[0], 8
@@ -105,7 +114,7 @@ _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 
 
-def scan_header(buf: bytes, wanted: frozenset[int]) -> Scan:
+def scan_header_py(buf: bytes, wanted: frozenset[int]) -> Scan:
     """Scan ``buf`` (the first bytes of a Part 10 object) for the ``wanted`` top-level elements.
 
     The loop decodes element headers inline (this runs for every stored object): it is
@@ -154,3 +163,32 @@ def scan_header(buf: bytes, wanted: frozenset[int]) -> Scan:
             found[tag] = (vr.decode() if vr else None, buf[pos + hdr: end])
         pos = end
     return Scan(ts, meta_sop, found, None)
+
+
+def _load_speedups() -> ModuleType | None:
+    if os.environ.get("BASTION_PURE_PYTHON"):
+        return None
+    try:
+        from bastion.ingest import _cscan  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _cscan.init(NotSimple)
+    return _cscan
+
+
+#: The compiled twins (``_cscan``), or None where Bastion runs the Python versions.
+SPEEDUPS = _load_speedups()
+
+
+@functools.lru_cache(maxsize=8)
+def _packed(wanted: frozenset[int]) -> bytes:
+    return b"".join(tag.to_bytes(4, "big") for tag in sorted(wanted))
+
+
+def _scan_header_c(buf: bytes, wanted: frozenset[int]) -> Scan:
+    assert SPEEDUPS is not None
+    return Scan(*SPEEDUPS.scan(buf, _packed(wanted)))
+
+
+scan_header = _scan_header_c if SPEEDUPS is not None else scan_header_py
+scan_header.__doc__ = scan_header_py.__doc__
