@@ -27,6 +27,10 @@ from bastion.dimse.pdu import (
 #: Largest PDU we read from a peer regardless of what it claims (guards memory).
 MAX_INCOMING_PDU = 64 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
+#: PDUs up to this size (with their header) are received into one buffer per association, several per
+#: receive; larger ones into their own.
+RECV_BUFFER = 64 * 1024
+_PDU_HEADER = struct.Struct(">BxI")
 
 
 class AssociationClosed(Exception):
@@ -70,22 +74,29 @@ class Message:
 
 
 class PDUStream(asyncio.BufferedProtocol):
-    """The socket of one association: whole PDUs are received straight into their own buffers.
+    """The socket of one association, delivering whole PDUs (PS3.8 9.3.1).
 
-    No intermediate stream buffer: the 6-byte PDU header is read, then the body is received
-    directly into a buffer of exactly its length (PS3.8 9.3.1), and handed over as is. Reading
-    pauses while unread PDUs pile up; writing honours the transport's flow control.
+    Bytes are received into one buffer of :data:`RECV_BUFFER` bytes, and every complete PDU in it is
+    handed over at once: a C-STORE's command and dataset PDUs often arrive in one receive. A PDU too
+    large for that buffer is received straight into a buffer of exactly its length, without a further
+    copy. Reading pauses while unread PDUs pile up; writing honours the transport's flow control.
     """
 
     def __init__(self, on_connect: Callable[[PDUStream], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self._on_connect = on_connect
-        self._header = bytearray(6)
-        self._body: bytearray | None = None
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # the first byte in _buf not yet handed over
+        self._end = 0  # the end of what has been received into _buf
+        self._body: bytearray | None = None  # a large PDU being received into its own buffer
         self._kind = 0
         self._pos = 0
         self._ready: collections.deque[tuple[int, bytearray]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout: float | None = None
+        self._waiting_since = 0.0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._error: Exception | None = None
@@ -104,35 +115,55 @@ class PDUStream(asyncio.BufferedProtocol):
             self._on_connect(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._body is None:
-            return memoryview(self._header)[self._pos:]
-        return memoryview(self._body)[self._pos:]
+        if self._body is not None:
+            return memoryview(self._body)[self._pos:]
+        return self._view[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._pos += nbytes
-        if self._body is None:
-            if self._pos < 6:
-                return
-            self._kind, length = struct.unpack(">BxI", self._header)
-            if length > MAX_INCOMING_PDU:
-                self._error = PDUError(f"PDU of {length} bytes exceeds the limit")
-                self._wake()
-                assert self.transport is not None
-                self.transport.pause_reading()
-                return
-            self._body = bytearray(length)
-            self._pos = 0
-            if length:
-                return
-        elif self._pos < len(self._body):
+        if self._body is not None:
+            self._pos += nbytes
+            if self._pos == len(self._body):
+                body, self._body = self._body, None
+                self._deliver(self._kind, body)
             return
-        self._ready.append((self._kind, self._body))
-        self._body = None
-        self._pos = 0
+        self._end += nbytes
+        buf, start, end = self._buf, self._start, self._end
+        while end - start >= 6:
+            kind, length = _PDU_HEADER.unpack_from(buf, start)
+            if length > MAX_INCOMING_PDU:
+                self._fail(PDUError(f"PDU of {length} bytes exceeds the limit"))
+                return
+            stop = start + 6 + length
+            if stop <= end:
+                self._deliver(kind, buf[start + 6: stop])
+                start = stop
+                continue
+            if 6 + length > len(buf):  # too large for the buffer: the rest goes straight into its own
+                body = bytearray(length)
+                got = end - start - 6
+                body[:got] = self._view[start + 6: end]
+                self._body, self._kind, self._pos = body, kind, got
+                start = end = 0
+            break
+        if start == end:
+            start = end = 0
+        elif start:  # keep the incomplete PDU at the front, so that the buffer can hold all of it
+            buf[: end - start] = self._view[start:end]
+            start, end = 0, end - start
+        self._start, self._end = start, end
+
+    def _deliver(self, kind: int, body: bytearray) -> None:
+        self._ready.append((kind, body))
         self._wake()
         if len(self._ready) >= 16 and not self._read_paused and self.transport is not None:
             self.transport.pause_reading()
             self._read_paused = True
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        self._wake()
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._closed = True
@@ -142,6 +173,9 @@ class PDUStream(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._wake()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(AssociationClosed("connection lost"))
 
@@ -159,15 +193,18 @@ class PDUStream(asyncio.BufferedProtocol):
             self._waiter.set_result(None)
 
     async def read_pdu(self, timeout: float | None) -> tuple[int, bytearray]:
-        """The next PDU; raises AssociationClosed, PDUError or TimeoutError."""
+        """The next PDU; raises AssociationClosed, PDUError or TimeoutError (none within ``timeout`` s)."""
         while not self._ready:
             if self._error is not None:
                 raise self._error
             if self._closed:
                 raise AssociationClosed("connection closed by peer")
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            if timeout is not None:
+                self._arm(loop, timeout)
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                await self._waiter
             finally:
                 self._waiter = None
         item = self._ready.popleft()
@@ -175,6 +212,33 @@ class PDUStream(asyncio.BufferedProtocol):
             self.transport.resume_reading()
             self._read_paused = False
         return item
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Time out the current wait after ``timeout`` s.
+
+        One timer per association, not one per PDU (``asyncio.wait_for`` made two futures and a timer for
+        every PDU): a timer that fires while data keeps arriving finds a newer wait and re-arms itself for
+        what remains of that one.
+        """
+        self._timeout = timeout
+        self._waiting_since = now = loop.time()
+        if self._timer is not None and self._timer.when() > now + timeout:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer = loop.call_at(now + timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        waiter, timeout = self._waiter, self._timeout
+        if waiter is None or waiter.done() or timeout is None:
+            return  # not waiting: the next wait arms it again
+        loop = waiter.get_loop()
+        remaining = self._waiting_since + timeout - loop.time()
+        if remaining > 0.001:
+            self._timer = loop.call_later(remaining, self._check_idle)
+        else:
+            waiter.set_exception(TimeoutError(f"nothing received for {timeout:.0f} s"))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is None or self.transport.is_closing():
