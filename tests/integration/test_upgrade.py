@@ -11,6 +11,7 @@ import pytest
 from conftest import make_study, run_bastion
 
 from bastion.archive import Archive
+from bastion.index.schema import SCHEMA_VERSION
 from bastion.model.levels import QueryLevel
 from bastion.model.records import StoreStatus, parse_object_key
 from bastion.settings import load_settings
@@ -51,7 +52,7 @@ def test_a_sha256_archive_is_migrated_served_verified_and_rebuilt(tmp_path: Path
     data, legacy = _make_legacy(tmp_path, 3)
     settings = load_settings(None, env={}, data=data)
 
-    archive = Archive.open(settings)  # migrates the index to schema 3
+    archive = Archive.open(settings)  # migrates the index to the current schema
     try:
         records = archive.retriever.select(QueryLevel.IMAGE, [])
         assert len(records) == 3
@@ -60,7 +61,7 @@ def test_a_sha256_archive_is_migrated_served_verified_and_rebuilt(tmp_path: Path
         resent = archive.ingest.store_bytes(legacy[1].read_bytes(), "test")
         assert resent.status is StoreStatus.DUPLICATE, resent
         with sqlite3.connect(settings.index_location) as db:
-            assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+            assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     finally:
         archive.close()
 

@@ -12,7 +12,7 @@ import sqlite3
 
 from bastion.errors import IndexFailure
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Joins the values of ModalitiesInStudy / SOPClassesInStudy in their columns.
 SUMMARY_SEP = "\\"
@@ -101,7 +101,6 @@ CREATE TABLE IF NOT EXISTS changes (
   blob_key TEXT NOT NULL,
   at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS changes_at ON changes(at);
 """
 
 #: Statements that bring a version-1 index to version 2 (run before :data:`DDL`, in one transaction).
@@ -128,7 +127,10 @@ MIGRATE_2_TO_3 = (
 )
 
 #: Statements that bring an index of version N to N + 1.
-MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3}
+#: changes_at cost a page write per stored object; the one query that used it now reads the newest rows by seq.
+MIGRATE_3_TO_4 = ("DROP INDEX IF EXISTS changes_at",)
+
+MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4}
 
 TABLES = ("patients", "studies", "series", "instances", "versions", "changes")
 

@@ -107,6 +107,23 @@ def _levels(row: tuple[Any, ...]) -> _Levels:
             row[13:14] if row[13] is not None else None)
 
 
+def _stored_since(conn: sqlite3.Connection, cutoff: str) -> int:
+    """How many objects were stored at or after ``cutoff`` (an ISO time as in ``changes.at``).
+
+    ``at`` has no index (every store would have to update one): the first change at or after ``cutoff`` is
+    found by a binary search over ``seq``, in whose order changes are made, and only the rows after it are read.
+    """
+    lo, hi = 1, int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]) + 1
+    while lo < hi:  # the smallest seq whose change is at or after cutoff (hi: none)
+        mid = (lo + hi) // 2
+        row = conn.execute("SELECT seq, at FROM changes WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,)).fetchone()
+        if row is None or row[1] >= cutoff:
+            hi = mid
+        else:
+            lo = row[0] + 1
+    return int(conn.execute("SELECT count(*) FROM changes WHERE seq >= ? AND kind = 'stored'", (lo,)).fetchone()[0])
+
+
 def _text(attrs: JsonDataset) -> str:
     """The stored text of one level's DICOM JSON (compact, orjson: several times faster than json.dumps)."""
     return dicom_json.dumps(attrs).decode()
@@ -553,9 +570,8 @@ class SqliteIndex(Index):
             stored_bytes=one("SELECT (SELECT coalesce(sum(size),0) FROM instances) + "
                              "(SELECT coalesce(sum(size),0) FROM versions)"),
             last_change=one("SELECT coalesce(max(seq), 0) FROM changes"),
-            stored_last_minute=int(conn.execute(
-                "SELECT count(*) FROM changes WHERE kind = 'stored' AND at >= ?",
-                ((datetime.now(UTC) - timedelta(minutes=1)).isoformat(timespec="milliseconds"),)).fetchone()[0]))
+            stored_last_minute=_stored_since(
+                conn, (datetime.now(UTC) - timedelta(minutes=1)).isoformat(timespec="milliseconds")))
 
     def close(self) -> None:
         self.closed = True
