@@ -1,5 +1,7 @@
 """The C twins of the header scan (``bastion/ingest/_cscan.c``) give exactly what the Python versions give.
 
+Three twins: ``scan_header``, ``raw_json`` and the per-level DICOM JSON of a scan (``header._levels``).
+
 Same results, and the same inputs found "not simple", on pydicom's sample files, generated objects, and
 headers that hypothesis truncates, corrupts and splices; raw_json on every VR with fuzzed values. The
 extension reads bytes from the network, so the fuzzing is also its memory-safety test (run it under
@@ -44,7 +46,12 @@ def _outcome(fn, *args):  # type: ignore[no-untyped-def]
 
 
 def _scans_agree(data: bytes) -> None:
-    assert _outcome(S._scan_header_c, data, H._WANTED) == _outcome(S.scan_header_py, data, H._WANTED)
+    """Both scans agree; where they succeed, both ways of turning the scan into DICOM JSON agree too."""
+    outcome = _outcome(S._scan_header_c, data, H._WANTED)
+    assert outcome == _outcome(S.scan_header_py, data, H._WANTED)
+    if outcome[0] == "ok":
+        found = S.scan_header_py(data, H._WANTED)
+        assert _outcome(H._levels_c, found) == _outcome(H._levels_py, found)
 
 
 def _headers() -> list[bytes]:
@@ -70,6 +77,7 @@ def test_the_extension_is_built() -> None:
     assert S.SPEEDUPS is not None
     assert S.scan_header is S._scan_header_c
     assert H.raw_json is S.SPEEDUPS.raw_json
+    assert H._levels is H._levels_c
 
 
 @pytest.mark.parametrize("index", range(len(HEADERS)))
@@ -185,3 +193,12 @@ def test_nested_sequences_agree_at_the_depth_limit(depth: int) -> None:
     _scans_agree(data)
     outcome = _outcome(S._scan_header_c, data, H._WANTED)
     assert (outcome[0] == "ok") == (depth <= 17)
+
+
+@settings(max_examples=600, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(sorted(H._WANTED)),
+                              st.tuples(st.sampled_from([None, "", "CS", "UI", "IS", "DS", "US", "PN", "LO", "OB"]),
+                                        _TEXTY), max_size=12))
+def test_level_json_twins_agree_on_fuzzed_elements(values: dict[int, tuple[str | None, bytes]]) -> None:
+    found = S.Scan("1.2.840.10008.1.2.1", None, values, None)
+    assert _outcome(H._levels_c, found) == _outcome(H._levels_py, found)

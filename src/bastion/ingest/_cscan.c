@@ -361,6 +361,67 @@ static PyObject *raw_json(PyObject *self, PyObject *args) {
     return with_values(vr_obj, values);
 }
 
+/* levels(elements, specs, vrs) -> {level: {key: json}}: the loop of header._from_scan.
+ * ``elements``: scan()'s dict; ``specs``: [(level, [(tag, key), ...]), ...]; ``vrs``: {tag: dictionary VR}. */
+static PyObject *levels(PyObject *self, PyObject *args) {
+    PyObject *elements, *specs, *vrs;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &elements, &PyList_Type, &specs, &PyDict_Type, &vrs))
+        return NULL;
+    PyObject *result = PyDict_New();
+    if (result == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(specs); i++) {
+        PyObject *spec = PyList_GET_ITEM(specs, i), *level, *tags;
+        if (!PyArg_ParseTuple(spec, "OO!", &level, &PyList_Type, &tags)) goto fail;
+        PyObject *out = PyDict_New();
+        if (out == NULL || PyDict_SetItem(result, level, out) < 0) { Py_XDECREF(out); goto fail; }
+        Py_DECREF(out); /* result holds it */
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(tags); j++) {
+            PyObject *pair = PyList_GET_ITEM(tags, j), *tag, *key;
+            if (!PyArg_ParseTuple(pair, "OU", &tag, &key)) goto fail;
+            PyObject *element = PyDict_GetItemWithError(elements, tag); /* borrowed */
+            if (element == NULL) {
+                if (PyErr_Occurred()) goto fail;
+                continue;
+            }
+            if (!PyTuple_Check(element) || PyTuple_GET_SIZE(element) != 2) {
+                PyErr_SetString(PyExc_TypeError, "levels: elements must map tags to (vr, value)");
+                goto fail;
+            }
+            PyObject *vr = PyTuple_GET_ITEM(element, 0), *value = PyTuple_GET_ITEM(element, 1);
+            if (vr == Py_None || (PyUnicode_Check(vr) && PyUnicode_GET_LENGTH(vr) == 0)) {
+                vr = PyDict_GetItemWithError(vrs, tag);
+                if (vr == NULL) {
+                    if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, tag);
+                    goto fail;
+                }
+            }
+            PyObject *call = Py_BuildValue("(OO)", vr, value);
+            if (call == NULL) goto fail;
+            PyObject *js = raw_json(NULL, call);
+            Py_DECREF(call);
+            if (js == NULL) {
+                if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+                    PyErr_Clear();
+                    PyErr_Format(NotSimple, "%U needs the general parser (bad value)", key);
+                }
+                goto fail;
+            }
+            if (js == Py_None) {
+                Py_DECREF(js);
+                PyErr_Format(NotSimple, "%U needs the general parser", key);
+                goto fail;
+            }
+            int failed = PyDict_SetItem(out, key, js) < 0;
+            Py_DECREF(js);
+            if (failed) goto fail;
+        }
+    }
+    return result;
+fail:
+    Py_DECREF(result);
+    return NULL;
+}
+
 static PyObject *init(PyObject *self, PyObject *exc) {
     if (!PyType_Check(exc) || !PyType_IsSubtype((PyTypeObject *)exc, (PyTypeObject *)PyExc_Exception)) {
         PyErr_SetString(PyExc_TypeError, "init() takes the NotSimple exception class");
@@ -373,6 +434,7 @@ static PyObject *init(PyObject *self, PyObject *exc) {
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "scan(buf, wanted) -> (ts, meta_sop, elements, pixel_offset); see scan.scan_header"},
     {"raw_json", raw_json, METH_VARARGS, "raw_json(vr, value, little_endian=True); see header.raw_json"},
+    {"levels", levels, METH_VARARGS, "levels(elements, specs, vrs) -> {level: {key: json}}; see header._from_scan"},
     {"init", init, METH_O, "init(NotSimple): the exception raised for objects that need the general parser"},
     {NULL, NULL, 0, NULL},
 };

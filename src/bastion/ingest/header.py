@@ -201,8 +201,8 @@ def _header(ts: str, meta_sop: str | None, uid_text: Any, patient_id: str,
                   series_uid=uid("SeriesInstanceUID"), patient_id=patient_id, transfer_syntax=ts, attrs=attrs)
 
 
-def _from_scan(found: Scan) -> Header:
-    """The Header from a :func:`scan_header` result; NotSimple if a value needs pydicom."""
+def _levels_py(found: Scan) -> dict[QueryLevel, JsonDataset]:
+    """Each level's DICOM JSON from a scan (the C twin: ``SPEEDUPS.levels``); NotSimple if a value needs pydicom."""
     attrs: dict[QueryLevel, JsonDataset] = {}
     for level, tags in _LEVEL_TAGS.items():
         out: JsonDataset = {}
@@ -218,6 +218,24 @@ def _from_scan(found: Scan) -> Header:
                 raise NotSimple(f"{key} needs the general parser")
             out[key] = js
         attrs[level] = out
+    return attrs
+
+
+_LEVEL_SPECS = [(level, list(tags)) for level, tags in _LEVEL_TAGS.items()]
+_DICTIONARY_VRS = {tag: vr_of(tag) for tags in _LEVEL_TAGS.values() for tag, _ in tags}
+
+
+def _levels_c(found: Scan) -> dict[QueryLevel, JsonDataset]:
+    assert SPEEDUPS is not None
+    return SPEEDUPS.levels(found.elements, _LEVEL_SPECS, _DICTIONARY_VRS)  # type: ignore[no-any-return]
+
+
+_levels = _levels_c if SPEEDUPS is not None else _levels_py
+
+
+def _from_scan(found: Scan) -> Header:
+    """The Header from a :func:`scan_header` result; NotSimple if a value needs pydicom."""
+    attrs = _levels(found)
 
     def uid_text(keyword: str) -> str | None:
         element = found.elements.get(_TAGS[keyword])
