@@ -4,8 +4,10 @@ Three twins: ``scan_header``, ``raw_json`` and the per-level DICOM JSON of a sca
 
 Same results, and the same inputs found "not simple", on pydicom's sample files, generated objects, and
 headers that hypothesis truncates, corrupts and splices; raw_json on every VR with fuzzed values. The
-extension reads bytes from the network, so the fuzzing is also its memory-safety test (run it under
-``PYTHONMALLOC=debug`` or an ASan build to make a stray read loud).
+extension reads bytes from the network, so the fuzzing is also its memory-safety test. To make a stray read
+loud, build the extension with ``-fsanitize=address,undefined`` into a second checkout and run these tests with
+``PYTHONPATH`` at that checkout's ``src`` and ``LD_PRELOAD`` naming ``libasan.so`` and ``libubsan.so``
+(``ASAN_OPTIONS=detect_leaks=0``); they passed that way when the extension was written.
 """
 
 from __future__ import annotations
