@@ -116,6 +116,8 @@ async function main() {
       const listener = page.locator('#health dt', { hasText: 'DICOM listener' }).locator('xpath=following-sibling::dd[1]');
       await listener.locator('.ok', { hasText: /^up$/ }).waitFor({ state: 'visible' });
       report.healthUp = true;
+      report.headerScan = (await page.locator('#health dt', { hasText: 'Header scan' })
+        .locator('xpath=following-sibling::dd[1]').textContent()).trim();
     });
 
     await step('search', async () => {

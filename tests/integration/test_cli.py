@@ -96,6 +96,7 @@ def test_index_rebuild_gives_identical_answers(imported: dict[str, Any], bastion
     server = bastion_factory(data)
     before = _answers(server, tmp_path / "before")
     stats_before = server.stats()
+    assert stats_before["ingest"]["header_scan"] == "compiled"
     server.stop()
     assert [len(a) for a in before] and all(before), "every query should match something"
     # The superseded instance answers with its current version's description.

@@ -27,6 +27,7 @@ from bastion.archive import RUNNING_MARKER, Archive, RunMarker
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
+from bastion.ingest.scan import SPEEDUPS
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 
@@ -95,6 +96,9 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     log.info("Bastion %s: DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__, settings.aet,
              settings.host, settings.dicom_port, settings.workers, settings.host, settings.http_port,
              settings.data)
+    if SPEEDUPS is None:
+        log.warning("the compiled header scan is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
+                    "install): storing runs its Python twin, about 40 % more CPU per object")
     await _until_signal(http_task, asyncio.ensure_future(_orphaned(parent)))
     log.info("shutting down")
     http.should_exit = True

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from bastion import __version__
 from bastion.archive import Archive
+from bastion.ingest.scan import SPEEDUPS
 from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
             "storage": {"location": archive.blobs.location, "used_bytes": used, "free_bytes": free,
                         "set_aside": archive.blobs.set_aside_count()},
             "ingest": {"last_minute_instances": st.stored_last_minute,
-                       "rejected": archive.ingest.rejections.count()},
+                       "rejected": archive.ingest.rejections.count(),
+                       "header_scan": "compiled" if SPEEDUPS is not None else "python"},
             "last_errors": archive.ingest.rejections.tail(20),
             "associations": status.active(),
             "associations_per_worker": status.per_worker(),

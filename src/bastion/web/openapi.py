@@ -71,9 +71,13 @@ _STATISTICS = {
         "ingest": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["last_minute_instances", "rejected"],
+            "required": ["last_minute_instances", "rejected", "header_scan"],
             "properties": {"last_minute_instances": _INT,
-                           "rejected": {**_INT, "description": "Objects refused since the data directory was made."}},
+                           "rejected": {**_INT, "description": "Objects refused since the data directory was made."},
+                           "header_scan": {"type": "string", "enum": ["compiled", "python"],
+                                           "description": "Whether the store path's header scan runs as the C "
+                                                          "extension built at install, or as its slower Python "
+                                                          "twin (no C compiler at install)."}},
         },
         "last_errors": {"type": "array", "maxItems": 20, "items": {"$ref": "#/components/schemas/Rejection"},
                         "description": "The newest rejections, oldest first."},
