@@ -148,7 +148,7 @@ class PDUStream(asyncio.BufferedProtocol):
         if start == end:
             start = end = 0
         elif start:  # keep the incomplete PDU at the front, so that the buffer can hold all of it
-            buf[: end - start] = self._view[start:end]
+            buf[: end - start] = self._view[start:end].tobytes()  # a copy: the two ranges may overlap
             start, end = 0, end - start
         self._start, self._end = start, end
 
