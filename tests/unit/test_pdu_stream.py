@@ -101,3 +101,17 @@ def test_an_oversized_pdu_is_an_error_not_an_allocation() -> None:
         stream.close()
 
     asyncio.run(main())
+
+
+def test_a_wait_without_timeout_is_not_ended_by_an_earlier_wait_s_timer() -> None:
+    async def main() -> None:
+        stream, peer = await _connected()
+        peer.sendall(_pdu(4, b"a"))
+        assert (await stream.read_pdu(0.2))[0] == 4  # arms a timer for 0.2 s
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.6, peer.sendall, _pdu(4, b"b"))
+        assert await stream.read_pdu(None) == (4, bytearray(b"b"))  # waits 0.6 s, past the old timer
+        peer.close()
+        stream.close()
+
+    asyncio.run(main())

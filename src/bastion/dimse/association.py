@@ -203,6 +203,8 @@ class PDUStream(asyncio.BufferedProtocol):
             self._waiter = loop.create_future()
             if timeout is not None:
                 self._arm(loop, timeout)
+            else:
+                self._timeout = None  # a timer armed by an earlier wait must leave this one alone
             try:
                 await self._waiter
             finally:
