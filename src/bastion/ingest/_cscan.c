@@ -282,11 +282,8 @@ static PyObject *binary_values(char kind, const unsigned char *p, Py_ssize_t len
 
 static int vr_is(const char *vr, const char *name) { return vr[0] == name[0] && vr[1] == name[1] && vr[2] == 0; }
 
-/* raw_json(vr, value, little_endian=True): see bastion.ingest.header.raw_json. */
-static PyObject *raw_json(PyObject *self, PyObject *args) {
-    PyObject *vr_obj, *value;
-    int little = 1;
-    if (!PyArg_ParseTuple(args, "UO|p", &vr_obj, &value, &little)) return NULL;
+/* The JSON of one element: ``vr_obj`` a str, ``value`` bytes or None. */
+static PyObject *element_json(PyObject *vr_obj, PyObject *value, int little) {
     if (value == Py_None) return just_vr(vr_obj);
     if (!PyBytes_Check(value)) {
         PyErr_SetString(PyExc_TypeError, "raw_json: value must be bytes or None");
@@ -361,6 +358,14 @@ static PyObject *raw_json(PyObject *self, PyObject *args) {
     return with_values(vr_obj, values);
 }
 
+/* raw_json(vr, value, little_endian=True): see bastion.ingest.header.raw_json. */
+static PyObject *raw_json(PyObject *self, PyObject *args) {
+    PyObject *vr_obj, *value;
+    int little = 1;
+    if (!PyArg_ParseTuple(args, "UO|p", &vr_obj, &value, &little)) return NULL;
+    return element_json(vr_obj, value, little);
+}
+
 /* levels(elements, specs, vrs) -> {level: {key: json}}: the loop of header._from_scan.
  * ``elements``: scan()'s dict; ``specs``: [(level, [(tag, key), ...]), ...]; ``vrs``: {tag: dictionary VR}. */
 static PyObject *levels(PyObject *self, PyObject *args) {
@@ -370,14 +375,22 @@ static PyObject *levels(PyObject *self, PyObject *args) {
     PyObject *result = PyDict_New();
     if (result == NULL) return NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(specs); i++) {
-        PyObject *spec = PyList_GET_ITEM(specs, i), *level, *tags;
-        if (!PyArg_ParseTuple(spec, "OO!", &level, &PyList_Type, &tags)) goto fail;
+        PyObject *spec = PyList_GET_ITEM(specs, i);
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 2 || !PyList_Check(PyTuple_GET_ITEM(spec, 1))) {
+            PyErr_SetString(PyExc_TypeError, "levels: specs must be (level, [(tag, key), ...]) pairs");
+            goto fail;
+        }
+        PyObject *level = PyTuple_GET_ITEM(spec, 0), *tags = PyTuple_GET_ITEM(spec, 1);
         PyObject *out = PyDict_New();
         if (out == NULL || PyDict_SetItem(result, level, out) < 0) { Py_XDECREF(out); goto fail; }
         Py_DECREF(out); /* result holds it */
         for (Py_ssize_t j = 0; j < PyList_GET_SIZE(tags); j++) {
-            PyObject *pair = PyList_GET_ITEM(tags, j), *tag, *key;
-            if (!PyArg_ParseTuple(pair, "OU", &tag, &key)) goto fail;
+            PyObject *pair = PyList_GET_ITEM(tags, j);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(pair, 1))) {
+                PyErr_SetString(PyExc_TypeError, "levels: tags must be (tag, key) pairs with a str key");
+                goto fail;
+            }
+            PyObject *tag = PyTuple_GET_ITEM(pair, 0), *key = PyTuple_GET_ITEM(pair, 1);
             PyObject *element = PyDict_GetItemWithError(elements, tag); /* borrowed */
             if (element == NULL) {
                 if (PyErr_Occurred()) goto fail;
@@ -395,10 +408,11 @@ static PyObject *levels(PyObject *self, PyObject *args) {
                     goto fail;
                 }
             }
-            PyObject *call = Py_BuildValue("(OO)", vr, value);
-            if (call == NULL) goto fail;
-            PyObject *js = raw_json(NULL, call);
-            Py_DECREF(call);
+            if (!PyUnicode_Check(vr)) {
+                PyErr_SetString(PyExc_TypeError, "levels: a VR must be a str");
+                goto fail;
+            }
+            PyObject *js = element_json(vr, value, 1);
             if (js == NULL) {
                 if (PyErr_ExceptionMatches(PyExc_ValueError)) {
                     PyErr_Clear();
