@@ -75,15 +75,33 @@ def _encode_value(vr: str, value: Any) -> bytes:
     return raw
 
 
+_US_ELEMENT = struct.Struct("<HHIH")
+_ELEMENT_HEADER = struct.Struct("<HHI")
+#: For each set of keywords a command was built with: its elements in tag order, as (keyword, element, VR).
+_PLANS: dict[tuple[str, ...], list[tuple[str, int, str]]] = {}
+
+
+def _plan(keys: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    plan = _PLANS.get(keys)
+    if plan is None:
+        plan = sorted(((k, *_ELEMENTS[k]) for k in keys if k != "CommandGroupLength"), key=lambda p: p[1])
+        if len(_PLANS) < 256:  # commands come in a few shapes; a bound all the same
+            _PLANS[keys] = plan
+    return plan
+
+
 def encode_command(command: dict[str, Any]) -> bytes:
     """Encode a command set, computing CommandGroupLength (PS3.7 E.1)."""
     body = []
-    for elem, kw in sorted((_ELEMENTS[k][0], k) for k in command if k != "CommandGroupLength"):
+    for kw, elem, vr in _plan(tuple(command)):
         value = command[kw]
         if value is None:
             continue
-        raw = _encode_value(_ELEMENTS[kw][1], value)
-        body.append(struct.pack("<HHI", 0x0000, elem, len(raw)) + raw)
+        if vr == "US":
+            body.append(_US_ELEMENT.pack(0x0000, elem, 2, value))
+            continue
+        raw = _encode_value(vr, value)
+        body.append(_ELEMENT_HEADER.pack(0x0000, elem, len(raw)) + raw)
     joined = b"".join(body)
     return struct.pack("<HHII", 0, 0, 4, len(joined)) + joined
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 
@@ -23,18 +24,29 @@ def _element(elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
 
 
-def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_aet: str = "") -> bytes:
-    """Preamble, prefix and File Meta Information group for one object (PS3.10 7.1)."""
-    body = b"".join((
-        _element(0x0001, b"OB", b"\x00\x01", b"\x00"),
-        _element(0x0002, b"UI", sop_class.encode(), b"\x00"),
-        _element(0x0003, b"UI", sop_uid.encode(), b"\x00"),
+@functools.lru_cache(maxsize=256)
+def _meta_around_uid(sop_class: str, transfer_syntax: str, source_aet: str) -> tuple[bytes, bytes]:
+    """The File Meta elements before and after Media Storage SOP Instance UID, which alone changes from one
+    object of a sender to the next (worked out once per SOP class, transfer syntax and sender)."""
+    before = _element(0x0001, b"OB", b"\x00\x01", b"\x00") + _element(0x0002, b"UI", sop_class.encode(), b"\x00")
+    after = b"".join((
         _element(0x0010, b"UI", transfer_syntax.encode(), b"\x00"),
         _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
         _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" "),
         *((_element(0x0016, b"AE", source_aet.strip().encode(), b" "),) if source_aet.strip() else ()),
     ))
-    return PREAMBLE + _element(0x0000, b"UL", struct.pack("<I", len(body)), b"\x00") + body
+    return before, after
+
+
+_GROUP_LENGTH = struct.Struct("<HH2sHI")
+
+
+def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_aet: str = "") -> bytes:
+    """Preamble, prefix and File Meta Information group for one object (PS3.10 7.1)."""
+    before, after = _meta_around_uid(sop_class, transfer_syntax, source_aet)
+    uid = _element(0x0003, b"UI", sop_uid.encode(), b"\x00")
+    length = _GROUP_LENGTH.pack(0x0002, 0x0000, b"UL", 4, len(before) + len(uid) + len(after))
+    return b"".join((PREAMBLE, length, before, uid, after))
 
 
 def dataset_offset(data: bytes) -> int:
