@@ -146,7 +146,8 @@ def test_two_writers_are_independent(store: BlobStore) -> None:
 
 
 # -- filesystem specifics ----------------------------------------------------------------------------
-@pytest.mark.parametrize("key", ["", "../escape.dcm", "a/../../b.dcm", "/abs.dcm", ".spool/x", "a//b", "a/./b"])
+@pytest.mark.parametrize("key", ["", "../escape.dcm", "a/../../b.dcm", "/abs.dcm", ".spool/x", "a//b", "a/./b", "a/",
+                                 "a/.hidden", "..", ".", "a/.."])
 def test_file_store_refuses_keys_that_leave_it(tmp_path: Path, key: str) -> None:
     store = FileBlobStore(str(tmp_path / "blobs"))
     with pytest.raises(StorageError):

@@ -429,10 +429,10 @@ class FileBlobStore(BlobStore):
 
     def path_of(self, key: str) -> str:
         """The file path of ``key``; refuses keys that would leave the store."""
-        parts = key.split("/")
-        if not key or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        # No empty part (a leading, trailing or doubled "/") and no part starting with "." (so no "." or "..").
+        if not key or key[0] in "/." or key[-1] == "/" or "//" in key or "/." in key:
             raise StorageError(f"invalid blob key {key!r}")
-        return os.path.join(self.root, *parts)
+        return os.path.join(self.root, key)
 
     def make_dirs(self, path: str) -> None:
         """Create ``path`` and its parents, fsync'ing each parent that gained an entry."""

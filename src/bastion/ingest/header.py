@@ -179,11 +179,21 @@ _WANTED = frozenset(tag for tags in _LEVEL_TAGS.values() for tag, _ in tags)
 _SCAN_BLOCK = 256 * 1024
 
 
+#: Valid SOP Class, Study and Series Instance UIDs seen lately: they repeat from one object to the next.
+_VALID_UIDS: dict[str, None] = {}
+
+
 def _checked_uid(keyword: str, tag: int, text: str | None) -> str:
+    if text in _VALID_UIDS:
+        return text  # type: ignore[return-value]
     if text is None or text == "":
         raise MissingAttribute(f"{keyword} is missing or empty", tag=tag if text is not None else None)
     if not is_valid_uid(text):
         raise InvalidUID(f"{keyword} {text!r} is not a valid UID", uid=text)
+    if keyword != "SOPInstanceUID":
+        if len(_VALID_UIDS) >= 1024:
+            _VALID_UIDS.clear()
+        _VALID_UIDS[text] = None
     return text
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -80,7 +81,12 @@ def object_key(sop_uid: str, stamp: str, digest: str) -> str:
 
 def partition_of(stamp: str) -> str:
     """``YYYY/MM/DD/HH`` (UTC) of a nanosecond stamp."""
-    return time.strftime("%Y/%m/%d/%H", time.gmtime(int(stamp) // 1_000_000_000))
+    return _partition_of_hour(int(stamp) // 3_600_000_000_000)
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_of_hour(hour: int) -> str:
+    return time.strftime("%Y/%m/%d/%H", time.gmtime(hour * 3600))
 
 
 def parse_object_key(key: str) -> dict[str, str] | None:
