@@ -58,6 +58,7 @@ _FROM = {
 }
 _ALIAS = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
 _INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.digest, i.size"
+_CURRENT = f"SELECT {_INSTANCE_COLS} FROM instances i WHERE i.sop_uid = ?"
 
 
 def _first_value(attrs: JsonDataset, key: str) -> Any:
@@ -431,8 +432,15 @@ class SqliteIndex(Index):
 
     # -- reading -------------------------------------------------------------------------------
     def current(self, sop_uid: str) -> InstanceRecord | None:
-        row = self._reader().execute(f"SELECT {_INSTANCE_COLS} FROM instances i WHERE i.sop_uid = ?",
-                                     (sop_uid,)).fetchone()
+        # The writing connection, when it is free: its page cache holds what this process last committed, which
+        # a reading connection would have to read again (every commit of another connection invalidates it).
+        if self._write_lock.acquire(blocking=False):
+            try:
+                row = self._writer_conn.execute(_CURRENT, (sop_uid,)).fetchone()
+            finally:
+                self._write_lock.release()
+        else:
+            row = self._reader().execute(_CURRENT, (sop_uid,)).fetchone()
         return InstanceRecord(*row) if row else None
 
     def _select(self, level: QueryLevel, conditions: Sequence[Condition], columns: str,
