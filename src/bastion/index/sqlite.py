@@ -13,11 +13,13 @@ per thread.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -75,20 +77,35 @@ _COLUMN_KEYS = {level: [(tag_hex(tag_of(keyword)), column, column in INTEGER_COL
                         for keyword, column in columns.items()] for level, columns in COLUMNS.items()}
 
 
+def _column_value(attrs: JsonDataset, key: str, integer: bool) -> Any:
+    v = _first_value(attrs, key)
+    if integer:
+        try:
+            number = int(v) if v is not None else None
+        except (TypeError, ValueError):
+            number = None
+        return number if number is None or number in INTEGER_RANGE else None  # unsortable: as if absent
+    return "" if v is None else str(v)
+
+
 def columns_for(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
     """The index columns of ``level`` derived from that level's DICOM JSON (:data:`COLUMNS`)."""
-    out: dict[str, Any] = {}
-    for key, column, integer in _COLUMN_KEYS[level]:
-        v = _first_value(attrs, key)
-        if integer:
-            try:
-                number = int(v) if v is not None else None
-            except (TypeError, ValueError):
-                number = None
-            out[column] = number if number is None or number in INTEGER_RANGE else None  # unsortable: as if absent
-        else:
-            out[column] = "" if v is None else str(v)
-    return out
+    return {column: _column_value(attrs, key, integer) for key, column, integer in _COLUMN_KEYS[level]}
+
+
+_MODALITY = tag_hex(tag_of("Modality"))
+_INSTANCE_NUMBER = tag_hex(tag_of("InstanceNumber"))
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def _now_iso() -> str:
+    """Now in UTC as ``datetime.isoformat(timespec="milliseconds")`` writes it (the form of ``changes.at``)."""
+    second, ns = divmod(time.time_ns(), 1_000_000_000)
+    return f"{_iso_second(second)}.{ns // 1_000_000:03d}+00:00"
 
 
 #: What recording one instance needs to know, in one statement: the instance's current row (if any), then
@@ -150,6 +167,11 @@ def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
         raise IndexFailure(f"index query failed: {exc}") from exc
     finally:
         cursor.close()
+
+
+def _write_error(error: BaseException) -> BaseException:
+    """What a failed write raises: an SQLite error as an IndexFailure, anything else as it came."""
+    return IndexFailure(f"index write failed: {error}") if isinstance(error, sqlite3.Error) else error
 
 
 class SqliteIndex(Index):
@@ -253,25 +275,29 @@ class SqliteIndex(Index):
 
         ``durable`` (a batch of one only) is called before the commit; if it raises, the write is rolled back.
         """
-        if self._lock_fd >= 0:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            results = self._transaction(conn, batch, durable)
-        finally:
-            if self._lock_fd >= 0:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        for fut, value, error in results:  # the waiting threads wake once the lock is free
+        for fut, value, error in self._locked_transaction(conn, batch, durable):  # wake them once the lock is free
             if error is None:
                 fut.set_result(value)
             else:
-                fut.set_exception(error if not isinstance(error, sqlite3.Error)
-                                  else IndexFailure(f"index write failed: {error}"))
+                fut.set_exception(_write_error(error))
+
+    def _locked_transaction(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
+                            Future[Any] | None]], durable: Callable[[], None] | None = None,
+                            ) -> list[tuple[Any, Any, BaseException | None]]:
+        """:meth:`_transaction` holding the writer lock that the index's processes share."""
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            return self._transaction(conn, batch, durable)
+        finally:
+            if self._lock_fd >= 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _transaction(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
-                     Future[Any]]], durable: Callable[[], None] | None = None,
-                     ) -> list[tuple[Future[Any], Any, BaseException | None]]:
-        """The outcome of each write of ``batch``, run in one transaction."""
-        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+                     Future[Any] | None]], durable: Callable[[], None] | None = None,
+                     ) -> list[tuple[Any, Any, BaseException | None]]:
+        """The outcome of each write of ``batch`` (with the future it came with), run in one transaction."""
+        results: list[tuple[Any, Any, BaseException | None]] = []
         single = len(batch) == 1
         assert durable is None or single
         try:
@@ -303,19 +329,21 @@ class SqliteIndex(Index):
         return results
 
     def _write(self, fn: Callable[[sqlite3.Connection], T], durable: Callable[[], None] | None = None) -> T:
-        fut: Future[T] = Future()
         # Uncontended: commit on the calling thread (a hand-off to the writer thread costs more than
         # the transaction), waiting for ``durable`` inside it. Contended: wait for ``durable`` first, then
         # queue, and the writer thread commits the waiting ones together.
         if self._write_lock.acquire(blocking=False):
             try:
                 if self._queue.empty():
-                    self._commit_batch(self._writer_conn, [(fn, fut)], durable)
-                    return fut.result()
+                    [(_, value, error)] = self._locked_transaction(self._writer_conn, [(fn, None)], durable)
+                    if error is not None:
+                        raise _write_error(error)
+                    return value  # type: ignore[no-any-return]
             finally:
                 self._write_lock.release()
         if durable is not None:
             durable()
+        fut: Future[T] = Future()
         self._queue.put((fn, fut))
         return fut.result()
 
@@ -346,7 +374,7 @@ class SqliteIndex(Index):
 
     @staticmethod
     def _change(conn: sqlite3.Connection, kind: str, sop: str, series: str, study: str, key: str) -> int:
-        at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        at = _now_iso()
         cur = conn.execute("INSERT INTO changes (kind, sop_uid, series_uid, study_uid, blob_key, at) "
                            "VALUES (?,?,?,?,?,?)", (kind, sop, series, study, key, at))
         return int(cur.lastrowid or 0)
@@ -371,7 +399,6 @@ class SqliteIndex(Index):
             levels = _levels(conn.execute(_LOOKUP, ("", inst.series_uid, inst.study_uid, pid)).fetchone())
         old_series, old_study, old_patient = levels
         new_series, new_study = old_series is None, old_study is None
-        series_columns = columns_for(QueryLevel.SERIES, a[QueryLevel.SERIES])
         # Each level's row takes the attributes of the newest instance; most instances repeat what their
         # series, study and patient rows already hold, and rewriting a row (and all its indexes) with the
         # same values is the costliest part of a commit, so an unchanged row is left alone.
@@ -387,17 +414,18 @@ class SqliteIndex(Index):
         series_json = _text(a[QueryLevel.SERIES])
         if old_series is None or old_series[1] != series_json or old_series[2] != inst.study_uid:
             self._upsert(conn, "series", "series_uid", {
-                **series_columns, "series_uid": inst.series_uid, "study_uid": inst.study_uid, "attrs": series_json})
+                **columns_for(QueryLevel.SERIES, a[QueryLevel.SERIES]), "series_uid": inst.series_uid,
+                "study_uid": inst.study_uid, "attrs": series_json})
         conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
             inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
-            columns_for(QueryLevel.IMAGE, a[QueryLevel.IMAGE])["instance_number"], inst.transfer_syntax,
+            _column_value(a[QueryLevel.IMAGE], _INSTANCE_NUMBER, True), inst.transfer_syntax,
             inst.blob_key, inst.digest, inst.size, obj.stamp, _text(a[QueryLevel.IMAGE])))
         conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
         conn.execute("UPDATE studies SET num_instances = num_instances + 1, num_series = num_series + ? "
                      "WHERE study_uid = ?", (int(new_series), inst.study_uid))
         conn.execute("UPDATE patients SET num_instances = num_instances + 1, num_series = num_series + ?, "
                      "num_studies = num_studies + ? WHERE patient_id = ?", (int(new_series), int(new_study), pid))
-        modality = series_columns["modality"]
+        modality = _column_value(a[QueryLevel.SERIES], _MODALITY, False)
         if old_series is not None and old_series[0] != modality:
             refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
             return
