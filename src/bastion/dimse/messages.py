@@ -77,6 +77,8 @@ def _encode_value(vr: str, value: Any) -> bytes:
 
 _US_ELEMENT = struct.Struct("<HHIH")
 _ELEMENT_HEADER = struct.Struct("<HHI")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
 #: For each set of keywords a command was built with: its elements in tag order, as (keyword, element, VR).
 _PLANS: dict[tuple[str, ...], list[tuple[str, int, str]]] = {}
 
@@ -111,23 +113,24 @@ def decode_command(data: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {}
     pos, end = 0, len(data)
     while pos + 8 <= end:
-        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        group, elem, length = _ELEMENT_HEADER.unpack_from(data, pos)
         pos += 8
-        if group != 0x0000 or pos + length > end:
+        stop = pos + length
+        if group != 0x0000 or stop > end:
             raise PDUError("malformed DIMSE command set")
-        raw = bytes(data[pos: pos + length])
-        pos += length
-        kw, vr = _BY_ELEMENT.get(elem, (None, None))
-        if kw is None:
-            continue
-        if vr == "US":
-            out[kw] = struct.unpack("<H", raw[:2])[0] if length >= 2 else 0
-        elif vr == "UL":
-            out[kw] = struct.unpack("<I", raw[:4])[0] if length >= 4 else 0
-        elif vr == "AT":
-            out[kw] = [(g << 16) | e for g, e in struct.iter_unpack("<HH", raw[: length - length % 4])]
-        else:
-            out[kw] = raw.decode("utf-8" if vr == "LO" else "ascii", "replace").strip(" \x00")
+        spec = _BY_ELEMENT.get(elem)
+        if spec is not None:
+            kw, vr = spec
+            if vr == "US":
+                out[kw] = _U16.unpack_from(data, pos)[0] if length >= 2 else 0
+            elif vr == "UL":
+                out[kw] = _U32.unpack_from(data, pos)[0] if length >= 4 else 0
+            elif vr == "AT":
+                raw = bytes(data[pos: stop - length % 4])
+                out[kw] = [(g << 16) | e for g, e in struct.iter_unpack("<HH", raw)]
+            else:
+                out[kw] = bytes(data[pos: stop]).decode("utf-8" if vr == "LO" else "ascii", "replace").strip(" \x00")
+        pos = stop
     if "CommandField" not in out:
         raise PDUError("DIMSE command set has no Command Field")
     return out
