@@ -1,11 +1,15 @@
-"""The one compiled part of Bastion: C twins of the header scan (everything else is in pyproject.toml).
+"""The compiled parts of Bastion (everything else is in pyproject.toml): C twins of the header scan, and the
+blob store's file write without the GIL.
 
-Optional: where it cannot be built, Bastion runs the Python versions (``bastion.ingest.scan.SPEEDUPS``
-says which).
+Optional: where they cannot be built, Bastion runs the Python versions (``bastion.ingest.scan.SPEEDUPS`` and
+``bastion.blobs.filesystem.CWRITE`` say which).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("bastion.ingest._cscan", ["src/bastion/ingest/_cscan.c"],
-                             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-                             optional=True)])
+_FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+
+setup(ext_modules=[
+    Extension("bastion.ingest._cscan", ["src/bastion/ingest/_cscan.c"], extra_compile_args=_FLAGS, optional=True),
+    Extension("bastion.blobs._cwrite", ["src/bastion/blobs/_cwrite.c"], extra_compile_args=_FLAGS, optional=True),
+])

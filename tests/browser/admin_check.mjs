@@ -118,6 +118,8 @@ async function main() {
       report.healthUp = true;
       report.headerScan = (await page.locator('#health dt', { hasText: 'Header scan' })
         .locator('xpath=following-sibling::dd[1]').textContent()).trim();
+      report.fileWrite = (await page.locator('#health dt', { hasText: 'File write' })
+        .locator('xpath=following-sibling::dd[1]').textContent()).trim();
     });
 
     await step('search', async () => {

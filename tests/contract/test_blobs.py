@@ -17,9 +17,13 @@ from bastion.errors import BastionError, NotFound, StorageError
 pytestmark = pytest.mark.timeout(20)
 
 
-@pytest.fixture(params=["file", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
-    s: BlobStore = FileBlobStore(str(tmp_path / "blobs")) if request.param == "file" else MemoryBlobStore()
+@pytest.fixture(params=["file", "file-python-write", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BlobStore]:
+    """Each backend; the file store also with its Python file write (where the C one, ``_cwrite``, is absent)."""
+    if request.param == "file-python-write":
+        from bastion.blobs import filesystem
+        monkeypatch.setattr(filesystem, "CWRITE", None)
+    s: BlobStore = MemoryBlobStore() if request.param == "memory" else FileBlobStore(str(tmp_path / "blobs"))
     yield s
     s.close()
 
@@ -189,6 +193,7 @@ def test_file_store_falls_back_to_the_page_cache_where_direct_io_is_refused(
         return original(fd, cmd, arg)
 
     monkeypatch.setattr(filesystem.fcntl, "fcntl", fcntl)
+    monkeypatch.setattr(filesystem, "CWRITE", None)  # the Python write (tests/unit/test_cwrite.py: the C one)
     store = FileBlobStore(str(tmp_path / "blobs"))
     try:
         data = os.urandom(600_001)

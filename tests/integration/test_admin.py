@@ -63,6 +63,10 @@ def test_health_panel_says_the_header_scan_is_compiled(report: dict[str, Any], s
     assert report.get("headerScan") == "compiled", _context(report, server)
 
 
+def test_health_panel_says_the_file_write_is_compiled(report: dict[str, Any], server: BastionServer) -> None:
+    assert report.get("fileWrite") == "compiled", _context(report, server)
+
+
 def test_wildcard_patient_search_lists_the_study_with_a_viewer_link(report: dict[str, Any],
                                                                      server: BastionServer) -> None:
     assert report["searchOk"], _context(report, server)

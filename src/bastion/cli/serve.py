@@ -24,6 +24,7 @@ import uvicorn
 
 from bastion import __version__
 from bastion.archive import RUNNING_MARKER, Archive, RunMarker
+from bastion.blobs.filesystem import CWRITE
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
@@ -99,6 +100,9 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     if SPEEDUPS is None:
         log.warning("the compiled header scan is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
                     "install): storing runs its Python twin, about 40 % more CPU per object")
+    if CWRITE is None:
+        log.warning("the compiled file write is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
+                    "install): objects of 128 KB and more are written in Python, about 10 % slower")
     await _until_signal(http_task, asyncio.ensure_future(_orphaned(parent)))
     log.info("shutting down")
     http.should_exit = True

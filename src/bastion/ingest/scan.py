@@ -14,11 +14,11 @@ raises :class:`NotSimple`, and the caller uses pydicom instead. Pure: no I/O.
 from __future__ import annotations
 
 import functools
-import os
 import struct
 from dataclasses import dataclass
 from types import ModuleType
 
+from bastion.model.compiled import load_extension
 from bastion.model.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
@@ -166,14 +166,10 @@ def scan_header_py(buf: bytes, wanted: frozenset[int]) -> Scan:
 
 
 def _load_speedups() -> ModuleType | None:
-    if os.environ.get("BASTION_PURE_PYTHON"):
-        return None
-    try:
-        from bastion.ingest import _cscan  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    _cscan.init(NotSimple)
-    return _cscan
+    module = load_extension("bastion.ingest._cscan")
+    if module is not None:
+        module.init(NotSimple)
+    return module
 
 
 #: The compiled twins (``_cscan``), or None where Bastion runs the Python versions.

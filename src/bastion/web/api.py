@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from bastion import __version__
 from bastion.archive import Archive
+from bastion.blobs.filesystem import CWRITE
 from bastion.ingest.scan import SPEEDUPS
 from bastion.web.openapi import openapi_document
 
@@ -49,7 +50,8 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
             "instances": st.instances, "versions": st.versions, "stored_bytes": st.stored_bytes,
             "last_change": st.last_change,
             "storage": {"location": archive.blobs.location, "used_bytes": used, "free_bytes": free,
-                        "set_aside": archive.blobs.set_aside_count()},
+                        "set_aside": archive.blobs.set_aside_count(),
+                        "file_write": "compiled" if CWRITE is not None else "python"},
             "ingest": {"last_minute_instances": st.stored_last_minute,
                        "rejected": archive.ingest.rejections.count(),
                        "header_scan": "compiled" if SPEEDUPS is not None else "python"},

@@ -62,11 +62,15 @@ _STATISTICS = {
         "storage": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["location", "used_bytes", "free_bytes", "set_aside"],
+            "required": ["location", "used_bytes", "free_bytes", "set_aside", "file_write"],
             "properties": {"location": {"type": "string"}, "used_bytes": _INT, "free_bytes": _INT,
                            "set_aside": {**_INT, "description": "Torn writes that crash recovery set aside (never "
                                                                  "acknowledged), in blobs/.quarantine for an "
-                                                                 "operator to look at."}},
+                                                                 "operator to look at."},
+                           "file_write": {"type": "string", "enum": ["compiled", "python"],
+                                          "description": "Whether objects of 128 KB and more are written by the C "
+                                                         "extension built at install, which runs beside the index "
+                                                         "statements without Python's lock, or in Python."}},
         },
         "ingest": {
             "type": "object",

@@ -1,0 +1,75 @@
+"""The blob store's file write in C (``bastion.blobs._cwrite``): what it leaves on disk, and what it leaves when
+it fails. The contract tests (tests/contract/test_blobs.py) run every blob store test through it as well."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bastion.blobs import filesystem
+
+CWRITE = filesystem.CWRITE
+needs_cwrite = pytest.mark.skipif(CWRITE is None and bool(os.environ.get("BASTION_PURE_PYTHON")),
+                                  reason="BASTION_PURE_PYTHON: the extension is not loaded on purpose")
+pytestmark = needs_cwrite
+
+
+def test_the_extension_is_built() -> None:
+    """CI builds it (``make install``): a missing compiler must fail loudly, not make Bastion quietly slower."""
+    assert CWRITE is not None
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 8191, 128 * 1024, 512 * 1024 + 1234, (1 << 20) + 1,
+                                  3 * (1 << 20) + 7])
+@pytest.mark.parametrize(("sync", "direct"), [(False, False), (True, False), (True, True)])
+def test_files_hold_exactly_what_was_written(tmp_path: Path, size: int, sync: bool, direct: bool) -> None:
+    assert CWRITE is not None
+    first, second = os.urandom(size), os.urandom(size)
+    CWRITE.create_file(str(tmp_path / "a"), bytearray(first), sync, sync, direct)
+    CWRITE.create_file(str(tmp_path / "b"), second, sync, sync, direct)  # the thread's buffer is reused
+    assert (tmp_path / "a").read_bytes() == first and (tmp_path / "b").read_bytes() == second
+
+
+def test_an_existing_file_is_left_alone(tmp_path: Path) -> None:
+    assert CWRITE is not None
+    (tmp_path / "x").write_bytes(b"older")
+    with pytest.raises(FileExistsError):
+        CWRITE.create_file(str(tmp_path / "x"), b"newer" * 10_000, True, True, True)
+    assert (tmp_path / "x").read_bytes() == b"older"
+
+
+def test_a_missing_directory_is_an_os_error_naming_the_path(tmp_path: Path) -> None:
+    assert CWRITE is not None
+    with pytest.raises(FileNotFoundError) as info:
+        CWRITE.create_file(str(tmp_path / "no" / "such"), b"x", True, True, True)
+    assert info.value.filename == str(tmp_path / "no" / "such")
+
+
+_FAILING_WRITE = """
+import os, resource, signal, sys
+from bastion.blobs import filesystem
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    filesystem.CWRITE.create_file(sys.argv[1], os.urandom(int(sys.argv[2])), True, True, sys.argv[3] == "1")
+except OSError as exc:
+    print(type(exc).__name__, exc.errno)
+else:
+    print("written")
+"""
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_write_that_fails_midway_leaves_no_file(tmp_path: Path, direct: bool) -> None:
+    """A file size limit makes the write fail after the file was created (EFBIG), as a full disk would."""
+    target = tmp_path / "cut.dcm"
+    out = subprocess.run([sys.executable, "-c", _FAILING_WRITE, str(target), "600000", "1" if direct else "0"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    # EFBIG; with O_DIRECT the write is cut to the limit, which is not a whole block: EINVAL
+    assert out[0] == "OSError" and int(out[1]) in (errno.EFBIG, errno.EINVAL)
+    assert not target.exists()
