@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +111,32 @@ def test_duplicate(index: Index) -> None:
     st = index.statistics()
     assert (st.instances, st.versions, st.last_change) == (1, 0, last)
     assert index.current("1.2.3.1.1") == o.instance
+
+
+def _with_digest(o: StoredObject, digest: str) -> StoredObject:
+    return dataclasses.replace(o, instance=dataclasses.replace(o.instance, digest=digest))
+
+
+def test_a_version_named_by_an_older_digest_is_compared_by_content(index: Index) -> None:
+    """The version a re-sent object meets may carry a SHA-256 digest (stored before BLAKE3): ``same_content``
+    decides whether the new copy is a duplicate. Against a BLAKE3 digest it is not asked."""
+    legacy = obj("1.2.3.1.1")  # the helper's digests are bare SHA-256, as such objects have
+    index.record(legacy)
+    asked: list[str] = []
+
+    def same(stored: str) -> bool:
+        asked.append(stored)
+        return True
+
+    resent = _with_digest(obj("1.2.3.1.1"), "b3-" + "1" * 64)
+    assert index.record(resent, None, same) == (StoreStatus.DUPLICATE, None)
+    assert asked == [legacy.instance.digest] and index.current("1.2.3.1.1") == legacy.instance
+    changed = _with_digest(obj("1.2.3.1.1", content="v2"), "b3-" + "2" * 64)
+    assert index.record(changed, None, lambda stored: False)[0] is StoreStatus.SUPERSEDED
+    asked.clear()
+    newer = _with_digest(obj("1.2.3.1.1", content="v3"), "b3-" + "3" * 64)
+    assert index.record(newer, None, same)[0] is StoreStatus.SUPERSEDED and asked == []
+    assert index.current("1.2.3.1.1") == newer.instance
 
 
 def test_superseded(index: Index) -> None:

@@ -55,13 +55,18 @@ class Index(abc.ABC):
     closed: bool = False  # set by close(): background readers (e.g. the metadata warmer) then stop
 
     @abc.abstractmethod
-    def record(self, obj: StoredObject, durable: Callable[[], None] | None = None) -> tuple[StoreStatus, int | None]:
+    def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
+               same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
         """Record a stored version in one transaction (durable on return).
 
         ``durable``, if given, returns once the object's blob is durable (:meth:`BlobWriter.start_commit`): it is
         called before the transaction commits, so the index never holds an object whose bytes a crash could
         still lose, while the index's own work overlaps the flush. If it raises, nothing is recorded and the
         error propagates.
+
+        A current version with the same digest makes the object a duplicate (nothing recorded). One whose digest
+        is of another algorithm (SHA-256: stored before BLAKE3) is compared by ``same_content(that digest)``
+        where it is given, and is superseded where it is not.
 
         Returns the status (stored / duplicate / superseded) and the change-log sequence.
         """

@@ -32,6 +32,7 @@ from bastion.index.schema import SUMMARY_SEP, TABLES, create_or_migrate, refresh
 from bastion.index.sqlcompile import INTEGER_COLUMNS, INTEGER_RANGE, compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import COLUMNS, tag_hex, tag_of
+from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, matches
 from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus, parse_object_key
@@ -348,20 +349,23 @@ class SqliteIndex(Index):
         return fut.result()
 
     # -- recording ---------------------------------------------------------------------------
-    def record(self, obj: StoredObject, durable: Callable[[], None] | None = None) -> tuple[StoreStatus, int | None]:
-        return self._write(lambda conn: self._record(conn, obj), durable)
+    def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
+               same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
+        return self._write(lambda conn: self._record(conn, obj, same_content), durable)
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         items = list(objs)
         return self._write(lambda conn: [self._record(conn, obj) for obj in items])
 
-    def _record(self, conn: sqlite3.Connection, obj: StoredObject) -> tuple[StoreStatus, int | None]:
+    def _record(self, conn: sqlite3.Connection, obj: StoredObject,
+                same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
         inst = obj.instance
         row = conn.execute(_LOOKUP, (inst.sop_uid, inst.series_uid, inst.study_uid, obj.patient_id)).fetchone()
         status = StoreStatus.STORED
         levels: _Levels | None = _levels(row)
         if row[0] is not None:  # this SOP instance is indexed already
-            if row[1] == inst.digest:
+            if row[1] == inst.digest or (same_content is not None and not row[1].startswith(BLAKE3_PREFIX)
+                                         and same_content(row[1])):
                 return StoreStatus.DUPLICATE, None
             status = StoreStatus.SUPERSEDED
             conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",

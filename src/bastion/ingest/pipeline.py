@@ -4,12 +4,13 @@ Order of work for one object (Orthanc's "instance to store" idea, with Bastion's
 
 1. the adapter streams the Part 10 bytes into a :class:`PendingObject` (hashed on the way);
 2. :meth:`Ingest.finish` parses and validates the header;
-3. an identical current copy makes it a duplicate: nothing new is stored;
-4. the blob is committed durably under its final key (the blob store's journal, or fsync of file and directory);
+3. the blob is committed durably under its final key (the blob store's journal, or fsync of file and directory);
    :meth:`BlobWriter.start_commit` writes it and starts the flush, which completes while
-5. the index records it in one transaction, with a change-log entry, which commits only once step 4 is done (it
-   survives a process crash at once; after a power failure recovery re-indexes it from the blob store);
-6. only then is success returned. If 4 or 5 fails, nothing is indexed and the blob is removed.
+4. the index records it in one transaction, with a change-log entry, which commits only once step 3 is done (it
+   survives a process crash at once; after a power failure recovery re-indexes it from the blob store). An
+   identical current copy, which that transaction finds, makes it a duplicate: nothing is recorded and the new
+   blob is removed again;
+5. only then is success returned. If 3 or 4 fails, nothing is indexed and the blob is removed.
 """
 
 from __future__ import annotations
@@ -65,14 +66,6 @@ class PendingObject:
     def abort(self) -> None:
         """Drop the object (association aborted, client gave up)."""
         self.writer.abort()
-
-
-def _same_legacy_content(stored: str, writer: BlobWriter) -> bool:
-    """True if ``stored`` is a pre-BLAKE3 (SHA-256) digest of the bytes ``writer`` holds."""
-    if stored.startswith(content_digest.BLAKE3_PREFIX):
-        return False
-    with writer.reader() as fh:
-        return content_digest.of_file(fh, stored) == stored
 
 
 class Ingest:
@@ -140,26 +133,31 @@ class Ingest:
     def _commit(self, pending: PendingObject, header: Header) -> StoreResult:
         w = pending.writer
         digest = w.digest
-        current = self.index.current(header.sop_uid)
-        if current is not None and (current.digest == digest or _same_legacy_content(current.digest, w)):
-            w.abort()
-            return StoreResult(StoreStatus.DUPLICATE, current)
         stamp = self._stamps.next()
         key = object_key(header.sop_uid, stamp, digest)
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                                 header.transfer_syntax, key, digest, w.size)
         durable = w.start_commit(key)  # the blob is written and flushed while the index transaction runs
+
+        def same_legacy_content(stored: str) -> bool:
+            """Whether the new copy holds the bytes of a current version named by a pre-BLAKE3 digest."""
+            durable()  # the copy is complete (the index's own wait for it then returns at once)
+            with self.blobs.open(key) as fh:
+                return content_digest.of_file(fh, stored) == stored
+
         try:
-            status, seq = self.index.record(StoredObject(record, header.patient_id, stamp, header.attrs), durable)
+            status, seq = self.index.record(StoredObject(record, header.patient_id, stamp, header.attrs), durable,
+                                            same_legacy_content)
         except BaseException:
             with contextlib.suppress(Exception):
                 durable()  # let the commit finish (or fail) before removing what it wrote
             self.blobs.delete(key)
             raise
-        if status is StoreStatus.DUPLICATE:  # an identical copy won a race: keep one
+        if status is StoreStatus.DUPLICATE:
+            # The index found this SOP instance with the same content in the transaction that would have recorded
+            # the copy (asking first cost every store a read transaction): the copy goes again.
             self.blobs.delete(key)
-            current = self.index.current(header.sop_uid)
-            return StoreResult(status, current or record)
+            return StoreResult(status, self.index.current(header.sop_uid) or record)
         return StoreResult(status, record, seq)
 
     def _failed(self, origin: str, message: str) -> None:
