@@ -3,7 +3,9 @@
 For every corpus, server and association count it starts a fresh server (empty storage), splits the corpus into
 disjoint contiguous parts, runs one DCMTK ``storescu`` per part at the same time (``TCP_NODELAY=1``), and times
 the wall clock from the first process start to the last exit. Afterwards it checks that every ``storescu``
-exited 0 and that the server holds exactly the instances sent. It prints the median over ``--repeat`` runs.
+exited 0 and that the server holds exactly the instances sent. It prints the median over ``--repeat`` runs,
+taken in rounds: each round runs every (server, associations) cell of a corpus once, so that the shared
+machine's slow spells fall on all servers alike.
 
 Every server's directory is kept until the whole run is over: deleting thousands of files between cells slows
 file creation in the next cells on an ext4 without a journal (see :func:`servers._run_server`). For the same
@@ -191,23 +193,27 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     for kind in args.corpora:
         files = corpus.ensure_corpus(kind, args.count, args.cache / f"{kind}-{args.count}")
-        for server in args.servers:
-            for associations in args.associations:
-                result = Result(kind, server, associations, len(files))
-                for _ in range(args.repeat):
-                    try:
-                        run_once(result, files, args)
-                    except (OSError, RuntimeError) as error:  # server failed to start or to answer
-                        result.ok = False
-                        result.notes.append(f"{type(error).__name__}: {str(error)[-600:]}")
-                        break
-                print(
-                    f"{kind:>5} {server:>7} x{associations}: {result.median_s:.2f} s, {result.rate:.1f} inst/s"
-                    f"{'' if result.ok else '  FAILED'}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                results.append(result)
+        cells = [Result(kind, server, associations, len(files))
+                 for server in args.servers for associations in args.associations]
+        # Rounds: each runs every cell once, so a slow spell of the shared machine hits every cell alike
+        # instead of whichever server happened to run then.
+        for _ in range(args.repeat):
+            for result in cells:
+                if not result.ok:
+                    continue
+                try:
+                    run_once(result, files, args)
+                except (OSError, RuntimeError) as error:  # server failed to start or to answer
+                    result.ok = False
+                    result.notes.append(f"{type(error).__name__}: {str(error)[-600:]}")
+        for result in cells:
+            print(
+                f"{kind:>5} {result.server:>7} x{result.associations}: {result.median_s:.2f} s, "
+                f"{result.rate:.1f} inst/s{'' if result.ok else '  FAILED'}",
+                file=sys.stderr,
+                flush=True,
+            )
+        results.extend(cells)
     print_table(results)
     if args.json:
         machine = {
