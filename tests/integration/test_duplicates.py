@@ -1,0 +1,61 @@
+"""Re-sent objects through the store pipeline, in process: a duplicate is recorded once and leaves one blob,
+whether the index transaction finds it (small objects: the copy is written, then removed) or the pipeline looks
+it up before writing (objects from ``PRECHECK_BYTES``: nothing is written)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_ct_series
+
+from bastion.archive import Archive
+from bastion.blobs import filesystem
+from bastion.ingest import pipeline
+from bastion.model.records import StoreStatus
+from bastion.settings import load_settings
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    opened = Archive.open(load_settings(None, env={}, data=tmp_path / "data"))
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys the blob store was asked to commit."""
+    keys: list[str] = []
+    real = filesystem.FileWriter.start_commit
+
+    def start_commit(self: filesystem.FileWriter, key: str) -> Any:
+        keys.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(filesystem.FileWriter, "start_commit", start_commit)
+    return keys
+
+
+def _blob_files(archive: Archive) -> list[Path]:
+    root = Path(archive.blobs.location)
+    return [p for p in root.rglob("*.dcm") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+@pytest.mark.parametrize("size", [64, 768])  # 64x64: ~9 KB, journaled; 768x768: ~1.2 MB, from PRECHECK_BYTES
+def test_a_resent_object_is_a_duplicate_with_one_blob(archive: Archive, commits: list[str], tmp_path: Path,
+                                                      size: int) -> None:
+    study = make_ct_series(tmp_path / "study", slices=1, size=size)
+    data = study.files[0].read_bytes()
+    large = len(data) >= pipeline.PRECHECK_BYTES
+    assert large == (size == 768)
+    first = archive.ingest.store_bytes(data, "test")
+    again = archive.ingest.store_bytes(data, "test")
+    assert first.status is StoreStatus.STORED
+    assert again.status is StoreStatus.DUPLICATE and again.record == first.record
+    assert len(commits) == (1 if large else 2)  # a large copy is not written again; a small one is, then removed
+    assert [p.name for p in _blob_files(archive)] == [first.record.blob_key.rsplit("/", 1)[1]]
+    stats = archive.index.statistics()
+    assert (stats.instances, stats.versions) == (1, 0)
