@@ -10,7 +10,7 @@ Two ways to materialise the same plan:
 
 * ``--data DIR``: index rows are written straight into ``DIR/index.sqlite`` with ``executemany`` in big
   transactions, through the schema of :mod:`bastion.index.schema` and the same column derivation and study
-  summaries (:func:`bastion.index.sqlite.columns_for`, :func:`bastion.index.schema.refresh_study_summaries`) as the
+  summaries (:func:`bastion.index.columns.columns_for`, :func:`bastion.index.schema.refresh_study_summaries`) as the
   live record path. This is **benchmark-only**: the rows point at blob keys that do not exist (``bastion
   verify`` would report them missing), because QIDO only needs the index. A sample of the rows is checked
   against what the real ingest path (:func:`bastion.ingest.header.read_header`) derives from the equivalent
@@ -46,8 +46,9 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bastion.index.columns import columns_for  # noqa: E402
 from bastion.index.schema import refresh_study_summaries  # noqa: E402
-from bastion.index.sqlite import SqliteIndex, columns_for  # noqa: E402
+from bastion.index.sqlite import SqliteIndex  # noqa: E402
 from bastion.ingest.header import read_header  # noqa: E402
 from bastion.model.levels import QueryLevel  # noqa: E402
 from bastion.model.records import object_key  # noqa: E402

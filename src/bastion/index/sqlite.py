@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
 from bastion.index.base import Change, Index, Statistics, Version
+from bastion.index.columns import INSTANCE_NUMBER, MODALITY, column_value, columns_for
 from bastion.index.schema import SUMMARY_SEP, TABLES, create_or_migrate, refresh_study_summaries
-from bastion.index.sqlcompile import INTEGER_COLUMNS, INTEGER_RANGE, compile_conditions
+from bastion.index.sqlcompile import compile_conditions
 from bastion.model import dicom_json
-from bastion.model.attributes import COLUMNS, tag_hex, tag_of
+from bastion.model.attributes import tag_hex
 from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, matches
@@ -61,41 +62,6 @@ _FROM = {
 }
 _ALIAS = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
 _INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.digest, i.size"
-_CURRENT = f"SELECT {_INSTANCE_COLS} FROM instances i WHERE i.sop_uid = ?"
-
-
-def _first_value(attrs: JsonDataset, key: str) -> Any:
-    el = attrs.get(key)
-    values = el.get("Value") if el else None
-    if not values:
-        return None
-    v = values[0]
-    return v.get("Alphabetic", "") if isinstance(v, dict) else v
-
-
-#: Per level: (DICOM JSON key, column, integer?) of :data:`COLUMNS`, worked out once.
-_COLUMN_KEYS = {level: [(tag_hex(tag_of(keyword)), column, column in INTEGER_COLUMNS)
-                        for keyword, column in columns.items()] for level, columns in COLUMNS.items()}
-
-
-def _column_value(attrs: JsonDataset, key: str, integer: bool) -> Any:
-    v = _first_value(attrs, key)
-    if integer:
-        try:
-            number = int(v) if v is not None else None
-        except (TypeError, ValueError):
-            number = None
-        return number if number is None or number in INTEGER_RANGE else None  # unsortable: as if absent
-    return "" if v is None else str(v)
-
-
-def columns_for(level: QueryLevel, attrs: JsonDataset) -> dict[str, Any]:
-    """The index columns of ``level`` derived from that level's DICOM JSON (:data:`COLUMNS`)."""
-    return {column: _column_value(attrs, key, integer) for key, column, integer in _COLUMN_KEYS[level]}
-
-
-_MODALITY = tag_hex(tag_of("Modality"))
-_INSTANCE_NUMBER = tag_hex(tag_of("InstanceNumber"))
 
 
 @functools.lru_cache(maxsize=4)
@@ -422,14 +388,14 @@ class SqliteIndex(Index):
                 "study_uid": inst.study_uid, "attrs": series_json})
         conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
             inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
-            _column_value(a[QueryLevel.IMAGE], _INSTANCE_NUMBER, True), inst.transfer_syntax,
+            column_value(a[QueryLevel.IMAGE], INSTANCE_NUMBER, True), inst.transfer_syntax,
             inst.blob_key, inst.digest, inst.size, obj.stamp, _text(a[QueryLevel.IMAGE])))
         conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
         conn.execute("UPDATE studies SET num_instances = num_instances + 1, num_series = num_series + ? "
                      "WHERE study_uid = ?", (int(new_series), inst.study_uid))
         conn.execute("UPDATE patients SET num_instances = num_instances + 1, num_series = num_series + ?, "
                      "num_studies = num_studies + ? WHERE patient_id = ?", (int(new_series), int(new_study), pid))
-        modality = _column_value(a[QueryLevel.SERIES], _MODALITY, False)
+        modality = column_value(a[QueryLevel.SERIES], MODALITY, False)
         if old_series is not None and old_series[0] != modality:
             refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
             return
@@ -464,15 +430,8 @@ class SqliteIndex(Index):
 
     # -- reading -------------------------------------------------------------------------------
     def current(self, sop_uid: str) -> InstanceRecord | None:
-        # The writing connection, when it is free: its page cache holds what this process last committed, which
-        # a reading connection would have to read again (every commit of another connection invalidates it).
-        if self._write_lock.acquire(blocking=False):
-            try:
-                row = self._writer_conn.execute(_CURRENT, (sop_uid,)).fetchone()
-            finally:
-                self._write_lock.release()
-        else:
-            row = self._reader().execute(_CURRENT, (sop_uid,)).fetchone()
+        row = self._reader().execute(f"SELECT {_INSTANCE_COLS} FROM instances i WHERE i.sop_uid = ?",
+                                     (sop_uid,)).fetchone()
         return InstanceRecord(*row) if row else None
 
     def _select(self, level: QueryLevel, conditions: Sequence[Condition], columns: str,
