@@ -7,6 +7,7 @@ driven and do not go through pydicom: this runs for every message on the hot pat
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -79,17 +80,10 @@ _US_ELEMENT = struct.Struct("<HHIH")
 _ELEMENT_HEADER = struct.Struct("<HHI")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-#: For each set of keywords a command was built with: its elements in tag order, as (keyword, element, VR).
-_PLANS: dict[tuple[str, ...], list[tuple[str, int, str]]] = {}
-
-
-def _plan(keys: tuple[str, ...]) -> list[tuple[str, int, str]]:
-    plan = _PLANS.get(keys)
-    if plan is None:
-        plan = sorted(((k, *_ELEMENTS[k]) for k in keys if k != "CommandGroupLength"), key=lambda p: p[1])
-        if len(_PLANS) < 256:  # commands come in a few shapes; a bound all the same
-            _PLANS[keys] = plan
-    return plan
+@functools.lru_cache(maxsize=256)  # commands come in a few shapes
+def _plan(keys: tuple[str, ...]) -> tuple[tuple[str, int, str], ...]:
+    """The elements of a command built with ``keys``, in tag order, as (keyword, element, VR)."""
+    return tuple(sorted(((k, *_ELEMENTS[k]) for k in keys if k != "CommandGroupLength"), key=lambda p: p[1]))
 
 
 def encode_command(command: dict[str, Any]) -> bytes:
