@@ -31,9 +31,9 @@ def commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     keys: list[str] = []
     real = filesystem.FileWriter.start_commit
 
-    def start_commit(self: filesystem.FileWriter, key: str) -> Any:
+    def start_commit(self: filesystem.FileWriter, key: str, **options: Any) -> Any:
         keys.append(key)
-        return real(self, key)
+        return real(self, key, **options)
 
     monkeypatch.setattr(filesystem.FileWriter, "start_commit", start_commit)
     return keys

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-from bastion.blobs.base import BlobStore, BlobWriter, already_committed
+from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread, already_committed
 from bastion.blobs.journal import (
     OBJECT,
     TOMBSTONE,
@@ -193,13 +193,14 @@ class FileWriter(BlobWriter):
     def commit(self, key: str) -> None:
         self.start_commit(key)()
 
-    def start_commit(self, key: str) -> Callable[[], None]:
+    def start_commit(self, key: str, *, background: bool = False) -> Callable[[], None]:
         """Write a buffered object now and let the disk catch up while the caller goes on.
 
         A journaled object's file and record are written on this thread and the record's writeback started;
-        the waiter runs the journal's ``fdatasync`` (mostly done by then). A larger buffered object is written
-        and flushed by one of the store's commit threads, whose result the waiter collects. (Handing a small
-        object to a thread cost more in wake-ups than its flush took.)
+        the waiter runs the journal's ``fdatasync`` (mostly done by then), or with ``background`` the store's
+        flush thread does. A larger buffered object is written and flushed by one of the store's commit
+        threads, whose result the waiter collects. (Handing a small object to a thread cost more in wake-ups
+        than its flush took, for a caller with nothing else to do meanwhile.)
         """
         final = self._store.path_of(key)
         buf = self._buf
@@ -209,8 +210,9 @@ class FileWriter(BlobWriter):
         self._buf = None
         journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
         if journal is not None:
-            return self._start_journaled(journal, key, final, buf, self._hash.digest())
-        return self._store.committer().submit(self._commit_in_place, key, final, buf).result
+            wait = self._start_journaled(journal, key, final, buf, self._hash.digest())
+            return CommitInThread(self._store.flusher().submit(wait)) if background else wait
+        return CommitInThread(self._store.committer().submit(self._commit_in_place, key, final, buf))
 
     def _commit_spooled(self, key: str, final: str) -> None:
         try:
@@ -335,8 +337,8 @@ class FileBlobStore(BlobStore):
         self._use_journal = journal and hasattr(os, "fdatasync") and hasattr(os, "pwritev")
         self._journal: Journal | None = None
         self._journal_failed_pid = 0
-        self._committer: ThreadPoolExecutor | None = None
-        self._committer_pid = 0
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # committer() and flusher(), made on first use
+        self._pools_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
@@ -372,13 +374,25 @@ class FileBlobStore(BlobStore):
     def committer(self) -> ThreadPoolExecutor:
         """This process's commit threads: they write buffered objects and wait for the disk while the
         committing thread goes on (with the index transaction, in the ingest pipeline)."""
-        pool = self._committer
-        if pool is None or self._committer_pid != os.getpid():  # threads do not survive a fork
+        return self._pool("bastion-blob-commit", COMMIT_THREADS)
+
+    def flusher(self) -> ThreadPoolExecutor:
+        """This process's flush thread: it waits for the journal's flush of the objects whose commit an event
+        loop does not wait for (:meth:`FileWriter.start_commit` with ``background``). One thread: the waits
+        that meet there share one ``fdatasync`` and wake no other thread."""
+        return self._pool("bastion-blob-flush", 1)
+
+    def _pool(self, name: str, threads: int) -> ThreadPoolExecutor:
+        if self._pools_pid != os.getpid():  # threads do not survive a fork
             with self._lazy_lock:
-                if self._committer is None or self._committer_pid != os.getpid():
-                    self._committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="bastion-blob-commit")
-                    self._committer_pid = os.getpid()
-                pool = self._committer
+                if self._pools_pid != os.getpid():
+                    self._pools, self._pools_pid = {}, os.getpid()
+        pool = self._pools.get(name)
+        if pool is None:
+            with self._lazy_lock:
+                pool = self._pools.get(name)
+                if pool is None:
+                    pool = self._pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=name)
         return pool
 
     def forget(self, key: str) -> None:
@@ -506,9 +520,10 @@ class FileBlobStore(BlobStore):
         return sum(len(files) for _, _, files in os.walk(self.quarantine_dir))
 
     def close(self) -> None:
-        pool, self._committer = self._committer, None
-        if pool is not None and self._committer_pid == os.getpid():
-            pool.shutdown(wait=True)
+        pools, self._pools = self._pools, {}
+        if self._pools_pid == os.getpid():
+            for pool in pools.values():
+                pool.shutdown(wait=True)
         journal, self._journal = self._journal, None
         if journal is not None and journal.pid == os.getpid():
             try:

@@ -65,6 +65,10 @@ class LoadBoard:
         counts = [self._slots[w] for w in range(self.workers) if _alive(self._slots[self.workers + w])]
         return min(counts) if counts else 0
 
+    def total(self) -> int:
+        """How many associations all workers serve (a worker that died may still count its last ones)."""
+        return sum(self._slots[w] for w in range(self.workers))
+
     def counts(self) -> list[int]:
         """How many associations each worker serves (0 for one that is not listening or is gone)."""
         pids = self.pids()
@@ -124,6 +128,7 @@ class DicomServer:
         self.worker = worker
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
         self.services = Services(archive, self.executor)
+        self.services.busy = self._busy
         self.sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self.active = 0
@@ -175,6 +180,10 @@ class DicomServer:
             task = loop.create_task(self.handle(stream))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _busy(self) -> bool:
+        """Whether more than one association is being served, by this process or with the others'."""
+        return self.active > 1 or (self.board is not None and self.board.total() > 1)
 
     def _count(self, change: int) -> None:
         self.active += change

@@ -15,18 +15,19 @@ Order of work for one object (Orthanc's "instance to store" idea, with Bastion's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from bastion.blobs.base import BlobStore, BlobWriter
+from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread
 from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
-from bastion.ingest.header import Header, read_header
+from bastion.ingest.header import read_header
 from bastion.ingest.rejections import RejectionLog
 from bastion.model import digest as content_digest
 from bastion.model.part10 import file_meta_bytes, part10_bytes
@@ -86,6 +87,15 @@ def _same_content(stored: str, open_copy: Callable[[], BinaryIO]) -> bool:
         return content_digest.of_file(fh, stored) == stored
 
 
+@dataclass
+class _Staged:
+    """An object whose blob is being committed, to be recorded in the index."""
+
+    obj: StoredObject
+    durable: Callable[[], None]
+    same_content: Callable[[str], bool]
+
+
 class Ingest:
     """Stores objects: one instance per call, thread-safe."""
 
@@ -128,15 +138,42 @@ class Ingest:
         ``sop_class`` / ``sop_uid`` are the C-STORE command's affected UIDs, which the dataset
         must repeat (PS3.4 B.2.3: 0xA900 otherwise).
         """
+        with self._failing(pending):
+            staged = self._stage(pending, sop_class, sop_uid)
+            if isinstance(staged, StoreResult):
+                return staged
+            return self._record(staged)
+
+    async def finish_async(self, pending: PendingObject, *, sop_class: str | None = None,
+                           sop_uid: str | None = None) -> StoreResult:
+        """:meth:`finish` for an event loop that serves other clients meanwhile.
+
+        The blob's flush runs in a thread of the blob store (:class:`CommitInThread`) and is awaited before the
+        index transaction instead of inside it: the loop receives other associations' data meanwhile, the flushes
+        that meet share one ``fdatasync``, and the lock the index's writers share is not held through a flush.
+        (:meth:`finish`, for a caller with nothing else to do, overlaps the flush with the index statements.)
+        """
+        with self._failing(pending):
+            staged = self._stage(pending, sop_class, sop_uid, background=True)
+            if isinstance(staged, StoreResult):
+                return staged
+            if isinstance(staged.durable, CommitInThread):
+                try:
+                    # shielded: an association that goes away meanwhile does not cancel the commit
+                    await asyncio.shield(asyncio.wrap_future(staged.durable.future))
+                except asyncio.CancelledError:
+                    staged.durable.future.add_done_callback(lambda _: self._discard(staged))
+                    raise
+                except BaseException:
+                    self._discard(staged)
+                    raise
+            return self._record(staged)
+
+    @contextlib.contextmanager
+    def _failing(self, pending: PendingObject) -> Iterator[None]:
+        """Drop ``pending`` and log the rejection if its store fails; unexpected errors become StorageError."""
         try:
-            header = read_header(pending.writer.reader())
-            if sop_uid is not None and header.sop_uid != sop_uid:
-                raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
-                                      f"command's {sop_uid}", uid=header.sop_uid)
-            if sop_class is not None and header.sop_class_uid != sop_class:
-                raise CommandMismatch(f"dataset SOP Class UID {header.sop_class_uid} differs from the "
-                                      f"command's {sop_class}", uid=header.sop_class_uid)
-            result = self._commit(pending, header)
+            yield
         except BastionError as exc:
             pending.abort()
             self._failed(pending.origin, exc.message)
@@ -146,9 +183,17 @@ class Ingest:
             self._failed(pending.origin, f"unexpected: {exc!r}")
             log.exception("store from %s failed", pending.origin)
             raise StorageError(f"store failed: {exc}") from exc
-        return result
 
-    def _commit(self, pending: PendingObject, header: Header) -> StoreResult:
+    def _stage(self, pending: PendingObject, sop_class: str | None, sop_uid: str | None,
+               background: bool = False) -> _Staged | StoreResult:
+        """Check the header and start the blob's commit; a StoreResult for a large duplicate (nothing written)."""
+        header = read_header(pending.writer.reader())
+        if sop_uid is not None and header.sop_uid != sop_uid:
+            raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
+                                  f"command's {sop_uid}", uid=header.sop_uid)
+        if sop_class is not None and header.sop_class_uid != sop_class:
+            raise CommandMismatch(f"dataset SOP Class UID {header.sop_class_uid} differs from the "
+                                  f"command's {sop_class}", uid=header.sop_class_uid)
         w = pending.writer
         digest = w.digest
         if w.size >= PRECHECK_BYTES:  # a re-sent large object is not written again only to be removed
@@ -160,26 +205,35 @@ class Ingest:
         key = object_key(header.sop_uid, stamp, digest)
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                                 header.transfer_syntax, key, digest, w.size)
-        durable = w.start_commit(key)  # the blob is written and flushed while the index transaction runs
+        durable = w.start_commit(key, background=background)  # written now, flushed while the index works
 
         def committed() -> BinaryIO:
             durable()  # the copy is complete (the index's own wait for it then returns at once)
             return self.blobs.open(key)
 
+        return _Staged(StoredObject(record, header.patient_id, stamp, header.attrs), durable,
+                       lambda stored: _same_content(stored, committed))
+
+    def _record(self, staged: _Staged) -> StoreResult:
+        """Record ``staged`` in the index (its flush completing meanwhile); remove its blob if that fails."""
         try:
-            status, seq = self.index.record(StoredObject(record, header.patient_id, stamp, header.attrs), durable,
-                                            lambda stored: _same_content(stored, committed))
+            status, seq = self.index.record(staged.obj, staged.durable, staged.same_content)
         except BaseException:
-            with contextlib.suppress(Exception):
-                durable()  # let the commit finish (or fail) before removing what it wrote
-            self.blobs.delete(key)
+            self._discard(staged)
             raise
+        record = staged.obj.instance
         if status is StoreStatus.DUPLICATE:
             # The index found this SOP instance with the same content in the transaction that would have recorded
             # the copy (asking first cost every store a read transaction): the copy goes again.
-            self.blobs.delete(key)
-            return StoreResult(status, self.index.current(header.sop_uid) or record)
+            self.blobs.delete(record.blob_key)
+            return StoreResult(status, self.index.current(record.sop_uid) or record)
         return StoreResult(status, record, seq)
+
+    def _discard(self, staged: _Staged) -> None:
+        """The index did not record ``staged``: remove its blob once its commit has finished (or failed)."""
+        with contextlib.suppress(Exception):
+            staged.durable()
+        self.blobs.delete(staged.obj.instance.blob_key)
 
     def _failed(self, origin: str, message: str) -> None:
         self.rejections.record(origin, message)
