@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -138,11 +138,14 @@ class Ingest:
         ``sop_class`` / ``sop_uid`` are the C-STORE command's affected UIDs, which the dataset
         must repeat (PS3.4 B.2.3: 0xA900 otherwise).
         """
-        with self._failing(pending):
+        try:
             staged = self._stage(pending, sop_class, sop_uid)
             if isinstance(staged, StoreResult):
                 return staged
             return self._record(staged)
+        except Exception as exc:
+            self._reject(pending, exc)
+            raise
 
     async def finish_async(self, pending: PendingObject, *, sop_class: str | None = None,
                            sop_uid: str | None = None) -> StoreResult:
@@ -153,7 +156,7 @@ class Ingest:
         that meet share one ``fdatasync``, and the lock the index's writers share is not held through a flush.
         (:meth:`finish`, for a caller with nothing else to do, overlaps the flush with the index statements.)
         """
-        with self._failing(pending):
+        try:
             staged = self._stage(pending, sop_class, sop_uid, background=True)
             if isinstance(staged, StoreResult):
                 return staged
@@ -168,21 +171,19 @@ class Ingest:
                     self._discard(staged)
                     raise
             return self._record(staged)
-
-    @contextlib.contextmanager
-    def _failing(self, pending: PendingObject) -> Iterator[None]:
-        """Drop ``pending`` and log the rejection if its store fails; unexpected errors become StorageError."""
-        try:
-            yield
-        except BastionError as exc:
-            pending.abort()
-            self._failed(pending.origin, exc.message)
-            raise
         except Exception as exc:
-            pending.abort()
-            self._failed(pending.origin, f"unexpected: {exc!r}")
-            log.exception("store from %s failed", pending.origin)
-            raise StorageError(f"store failed: {exc}") from exc
+            self._reject(pending, exc)
+            raise
+
+    def _reject(self, pending: PendingObject, exc: Exception) -> None:
+        """Drop ``pending`` and log why its store failed; an unexpected error is raised as a StorageError."""
+        pending.abort()
+        if isinstance(exc, BastionError):
+            self._failed(pending.origin, exc.message)
+            return
+        self._failed(pending.origin, f"unexpected: {exc!r}")
+        log.exception("store from %s failed", pending.origin)
+        raise StorageError(f"store failed: {exc}") from exc
 
     def _stage(self, pending: PendingObject, sop_class: str | None, sop_uid: str | None,
                background: bool = False) -> _Staged | StoreResult:
