@@ -9,7 +9,8 @@ machine's slow spells fall on all servers alike.
 
 Every server's directory is kept until the whole run is over: deleting thousands of files between cells slows
 file creation in the next cells on an ext4 without a journal (see :func:`servers._run_server`). For the same
-reason, leave a few quiet minutes after anything that deleted many files (a previous run, the test suite).
+reason, leave a few quiet minutes after anything that deleted many files (a previous run, the test suite): a run
+started within six minutes of an earlier one's end in the same ``--workdir`` waits for them (:func:`settle`).
 
 Usage: ``python benchmarks/ingest.py [--servers orthanc,bastion] [--count 1000] [--repeat 3] [--json FILE]``
 """
@@ -180,12 +181,42 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+#: How long creating files stays slow after many were deleted, on an ext4 without a journal: the kernel skips
+#: inodes freed in the last 60 s, or 360 s while their inode table block is not yet written back.
+SETTLE_S = 360.0
+#: Touched in the parent of the run's directory once the run has deleted its files.
+CLEANED_MARKER = ".bench-ingest-cleaned"
+
+
+def settle(parent: Path) -> None:
+    """Wait until :data:`SETTLE_S` have passed since an earlier run deleted its servers' files under ``parent``.
+
+    Run back to back, each run's first cells (Bastion's one-association small cell among them: all its files go
+    into one directory, so one block group) paid for the previous run's deletions.
+    """
+    marker = parent / CLEANED_MARKER
+    try:
+        wait = SETTLE_S - (time.time() - marker.stat().st_mtime)
+    except FileNotFoundError:
+        return
+    if wait > 0:
+        print(f"waiting {wait:.0f} s: the previous run deleted its files under {parent} (see SETTLE_S)",
+              file=sys.stderr, flush=True)
+        time.sleep(wait)
+
+
+
 def main() -> int:
     """Run the benchmark; exit 1 if any cell failed."""
     args = parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.workdir) as run_dir:
-        args.workdir = Path(run_dir)  # the servers' directories, deleted only after the last cell
-        return run(args)
+    parent = args.workdir or Path(tempfile.gettempdir())
+    settle(parent)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=parent) as run_dir:
+            args.workdir = Path(run_dir)  # the servers' directories, deleted only after the last cell
+            return run(args)
+    finally:
+        (parent / CLEANED_MARKER).touch()
 
 
 def run(args: argparse.Namespace) -> int:
