@@ -13,6 +13,7 @@ from conftest import make_ct_series
 
 from bastion.archive import Archive
 from bastion.blobs import filesystem
+from bastion.cli import main as cli
 from bastion.ingest import pipeline
 from bastion.model.records import StoreStatus
 from bastion.settings import load_settings
@@ -59,3 +60,20 @@ def test_a_resent_object_is_a_duplicate_with_one_blob(archive: Archive, commits:
     assert [p.name for p in _blob_files(archive)] == [first.record.blob_key.rsplit("/", 1)[1]]
     stats = archive.index.statistics()
     assert (stats.instances, stats.versions) == (1, 0)
+
+
+def test_importing_a_stored_folder_again_writes_nothing(commits: list[str], tmp_path: Path) -> None:
+    """``bastion import`` asks the index first whatever the size: a folder imported twice is not written (and its
+    copies removed) a second time, which would also slow file creation after the mass deletion."""
+    study = make_ct_series(tmp_path / "study", slices=4, size=64)
+    data = tmp_path / "data"
+    assert cli.main(["import", "--data", str(data), str(tmp_path / "study")]) == 0
+    assert len(commits) == len(study.files)
+    assert cli.main(["import", "--data", str(data), str(tmp_path / "study")]) == 0
+    assert len(commits) == len(study.files)  # the second import found every object in the index first
+    archive = Archive.open(load_settings(None, env={}, data=data))
+    try:
+        assert archive.index.statistics().instances == len(study.files)
+        assert len(_blob_files(archive)) == len(study.files)
+    finally:
+        archive.close()

@@ -49,7 +49,9 @@ def _store(ingest: Ingest, source: bytes | str) -> StoreResult:
             source = fh.read()
     if not source:
         raise BastionError("no such file or empty file")
-    return ingest.store_bytes(source, "import")
+    # Imports are often run again over folders stored already: asking the index first costs a read, where
+    # writing and removing each file again would cost a file created and deleted.
+    return ingest.store_bytes(source, "import", lookup_first=True)
 
 
 def run_import(args: argparse.Namespace) -> int:

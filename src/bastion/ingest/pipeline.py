@@ -116,8 +116,13 @@ class Ingest:
         pending.write(file_meta_bytes(sop_class, sop_uid, transfer_syntax, source_aet))
         return pending
 
-    def store_bytes(self, data: bytes, origin: str) -> StoreResult:
-        """Store one Part 10 file (or bare dataset) given as bytes."""
+    def store_bytes(self, data: bytes, origin: str, *, lookup_first: bool = False) -> StoreResult:
+        """Store one Part 10 file (or bare dataset) given as bytes.
+
+        ``lookup_first``: ask the index for an identical current copy before writing the object, whatever its
+        size (see :data:`PRECHECK_BYTES`); for ``bastion import``, which is often run again over files that
+        are stored already.
+        """
         try:
             framed = part10_bytes(data)
         except BastionError as exc:
@@ -129,17 +134,17 @@ class Ingest:
         except BaseException:
             pending.abort()
             raise
-        return self.finish(pending)
+        return self.finish(pending, lookup_first=lookup_first)
 
     def finish(self, pending: PendingObject, *, sop_class: str | None = None,
-               sop_uid: str | None = None) -> StoreResult:
+               sop_uid: str | None = None, lookup_first: bool = False) -> StoreResult:
         """Validate, commit and index a received object; see the module docstring.
 
         ``sop_class`` / ``sop_uid`` are the C-STORE command's affected UIDs, which the dataset
         must repeat (PS3.4 B.2.3: 0xA900 otherwise).
         """
         try:
-            staged = self._stage(pending, sop_class, sop_uid)
+            staged = self._stage(pending, sop_class, sop_uid, lookup_first=lookup_first)
             if isinstance(staged, StoreResult):
                 return staged
             return self._record(staged)
@@ -186,7 +191,7 @@ class Ingest:
         raise StorageError(f"store failed: {exc}") from exc
 
     def _stage(self, pending: PendingObject, sop_class: str | None, sop_uid: str | None,
-               background: bool = False) -> _Staged | StoreResult:
+               background: bool = False, lookup_first: bool = False) -> _Staged | StoreResult:
         """Check the header and start the blob's commit; a StoreResult for a large duplicate (nothing written)."""
         header = read_header(pending.writer.reader())
         if sop_uid is not None and header.sop_uid != sop_uid:
@@ -197,7 +202,7 @@ class Ingest:
                                   f"command's {sop_class}", uid=header.sop_class_uid)
         w = pending.writer
         digest = w.digest
-        if w.size >= PRECHECK_BYTES:  # a re-sent large object is not written again only to be removed
+        if lookup_first or w.size >= PRECHECK_BYTES:  # a re-sent one is not written again only to be removed
             current = self.index.current(header.sop_uid)
             if current is not None and (current.digest == digest or _same_content(current.digest, w.reader)):
                 w.abort()
