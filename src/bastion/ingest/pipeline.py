@@ -192,7 +192,8 @@ class Ingest:
 
     def _stage(self, pending: PendingObject, sop_class: str | None, sop_uid: str | None,
                background: bool = False, lookup_first: bool = False) -> _Staged | StoreResult:
-        """Check the header and start the blob's commit; a StoreResult for a large duplicate (nothing written)."""
+        """Check the header and start the blob's commit; a StoreResult for a duplicate that the lookup before the
+        write found (nothing written)."""
         header = read_header(pending.writer.reader())
         if sop_uid is not None and header.sop_uid != sop_uid:
             raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
