@@ -70,8 +70,9 @@ def already_committed() -> None:
 
 @dataclass(frozen=True)
 class CommitInThread:
-    """The waiter of a commit that a thread of the store carries out: call it to wait, or await ``future`` on an
-    event loop (``asyncio.wrap_future``) to serve others meanwhile."""
+    """The waiter of a commit that a thread of the store completes (writes and flushes, or only waits for the
+    flush): call it to wait, or await ``future`` on an event loop (``asyncio.wrap_future``) to serve others
+    meanwhile."""
 
     future: Future[None]
 

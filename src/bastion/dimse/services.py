@@ -33,8 +33,8 @@ log = logging.getLogger("bastion.dimse")
 #: Objects up to this size are finished on the event loop (about a millisecond each, most of it CPU): handing
 #: them to a thread cost more CPU than it saved waiting, even with eight associations over two workers (small
 #: instances: 800-830/s through threads, 970-1,000/s inline). Larger ones go to a thread, so HTTP never stalls.
-#: While other associations are being served, the loop does not wait for the flush of an object that a thread
-#: writes (:meth:`Ingest.finish_async`); alone, it overlaps that flush with the index transaction instead.
+#: While other associations are being served, the loop does not wait for the blob's flush: the blob store's
+#: threads do (:meth:`Ingest.finish_async`); alone, it overlaps the flush with the index transaction instead.
 INLINE_FINISH_BYTES = 2 * 1024 * 1024
 
 
