@@ -17,6 +17,7 @@ import pytest
 from conftest import make_ct_series
 
 from bastion.archive import Archive
+from bastion.blobs import filesystem
 from bastion.blobs.base import CommitInThread
 from bastion.ingest.pipeline import PendingObject
 from bastion.model.part10 import part10_bytes
@@ -73,8 +74,11 @@ def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[
     data = objects[0] if which == "journaled" else objects[-1]
     release = threading.Event()
     # Hold the thread the flush will wait in: its future stays pending until the test lets go.
-    pool = archive.blobs.flusher() if which == "journaled" else archive.blobs.committer()  # type: ignore[attr-defined]
-    held = [pool.submit(release.wait, 10) for _ in range(pool._max_workers)]
+    if which == "journaled":
+        pool, threads = archive.blobs.flusher(), 1  # type: ignore[attr-defined]
+    else:
+        pool, threads = archive.blobs.committer(), filesystem.COMMIT_THREADS  # type: ignore[attr-defined]
+    held = [pool.submit(release.wait, 10) for _ in range(threads)]
 
     async def scenario() -> StoreStatus:
         store = asyncio.create_task(archive.ingest.finish_async(_pending(archive, data)))
@@ -93,7 +97,7 @@ def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[
 def test_a_store_abandoned_during_its_flush_leaves_nothing(archive: Archive, objects: list[bytes]) -> None:
     release = threading.Event()
     pool = archive.blobs.committer()  # type: ignore[attr-defined]
-    held = [pool.submit(release.wait, 10) for _ in range(pool._max_workers)]
+    held = [pool.submit(release.wait, 10) for _ in range(filesystem.COMMIT_THREADS)]
     captured: list[CommitInThread] = []
     real_stage = archive.ingest._stage
 
@@ -120,8 +124,7 @@ def test_a_store_abandoned_during_its_flush_leaves_nothing(archive: Archive, obj
     flush.future.result(timeout=10)
     assert all(f.result() for f in held)
     # The commit finished after the client had gone: it was not recorded, and its blob is removed again.
-    deadline = asyncio.run(_settled(archive))
-    assert deadline, f"blob left behind: {_blob_files(archive)}"
+    assert asyncio.run(_settled(archive)), f"blob left behind: {_blob_files(archive)}"
     assert archive.index.statistics().instances == 0
 
 
