@@ -74,11 +74,6 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
-def group_rss_bytes(pgid: int) -> int:
-    """Return the summed resident set size of every process in process group ``pgid``."""
-    return rss_bytes(group_pids(pgid))
-
-
 class PeakRssSampler:
     """Background thread that records the peak RSS of a process group, sampling every 50 ms.
 
