@@ -73,3 +73,68 @@ def test_a_write_that_fails_midway_leaves_no_file(tmp_path: Path, direct: bool) 
     # EFBIG; with O_DIRECT the write is cut to the limit, which is not a whole block: EINVAL
     assert out[0] == "OSError" and int(out[1]) in (errno.EFBIG, errno.EINVAL)
     assert not target.exists()
+
+
+# -- the writer thread (submit / barrier): small journaled objects' files, written while the index works -------
+
+def test_submitted_files_hold_what_was_given_even_if_the_buffer_changes_after(tmp_path: Path) -> None:
+    assert CWRITE is not None
+    datas = [os.urandom(n) for n in (0, 1, 9438, 128 * 1024 - 1)]
+    buffers = [bytearray(d) for d in datas]
+    pendings = [CWRITE.submit(str(tmp_path / f"{i}.dcm"), buf) for i, buf in enumerate(buffers)]
+    for buf in buffers:  # the caller's buffer is free at once: the thread writes a copy
+        buf[:] = b"overwritten"
+    for pending in pendings:
+        pending.wait()
+        assert pending.done()
+        pending.wait()  # again: the same answer
+    assert [(tmp_path / f"{i}.dcm").read_bytes() for i in range(len(datas))] == datas
+
+
+def test_a_submitted_write_reports_its_error_on_wait_and_leaves_what_existed(tmp_path: Path) -> None:
+    assert CWRITE is not None
+    (tmp_path / "x").write_bytes(b"older")
+    exists = CWRITE.submit(str(tmp_path / "x"), b"newer")
+    missing = CWRITE.submit(str(tmp_path / "no" / "such"), b"x")
+    with pytest.raises(FileExistsError):
+        exists.wait()
+    with pytest.raises(FileNotFoundError) as info:
+        missing.wait()
+    assert info.value.filename == str(tmp_path / "no" / "such")
+    assert (tmp_path / "x").read_bytes() == b"older"
+
+
+def test_barrier_returns_once_every_file_submitted_before_it_is_written(tmp_path: Path) -> None:
+    """The journal's checkpoint relies on it: its syncfs must cover the files of the records it voids.
+    Pendings dropped without a wait are written all the same."""
+    assert CWRITE is not None
+    data = os.urandom(64 * 1024)
+    for i in range(300):
+        CWRITE.submit(str(tmp_path / f"{i}.dcm"), data)  # dropped at once
+    CWRITE.barrier()
+    assert all((tmp_path / f"{i}.dcm").stat().st_size == len(data) for i in range(300))
+
+
+_FORKED = """
+import os, sys
+from bastion.blobs import filesystem
+C = filesystem.CWRITE
+C.submit(sys.argv[1] + "/parent", b"p").wait()  # the parent's thread is running when it forks
+pid = os.fork()
+if pid == 0:
+    C.submit(sys.argv[1] + "/child", b"c").wait()  # the child starts a thread of its own
+    C.barrier()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+C.submit(sys.argv[1] + "/parent-after", b"q").wait()
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_writes_with_a_thread_of_its_own(tmp_path: Path) -> None:
+    """The server's supervisor forks its workers; a thread does not survive a fork."""
+    out = subprocess.run([sys.executable, "-c", _FORKED, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["0"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
+        "parent": b"p", "child": b"c", "parent-after": b"q"}

@@ -9,6 +9,16 @@
  * the last partial page goes through the page cache; where the filesystem refuses O_DIRECT all of it does.
  * With ``sync`` the file is fdatasync'd, with ``sync_dir`` its directory fsync'd as well. On failure it
  * removes the file it created and raises OSError (FileExistsError if ``path`` existed, untouched).
+ *
+ * submit(path, data) does what create_file(path, data, False, False, False) does, in a thread of this module's
+ * own that never takes the GIL, and returns at once with a Pending whose wait() returns when the file is written
+ * (raising the OSError create_file would have). A journaled object (under 128 KB) is durable once its journal
+ * record is; its file only has to exist before the store answers, and creating a file cost the event loop's
+ * thread 0.05-0.2 ms of kernel time per object (ext4's inode allocation), most of it now spent while that
+ * thread runs the index statements. The data is copied, so the caller's buffer is free at once.
+ *
+ * barrier() returns once every file submitted before the call is written (or failed): the journal's checkpoint
+ * calls it before its syncfs, which must cover the files of the records it is about to void.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -16,6 +26,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -83,6 +95,22 @@ static int sync_parent(const char *path) {
     return rc;
 }
 
+/* create_file's work, without the GIL: 0 or an errno; a file this call created is removed again on failure. */
+static int write_file(const char *path, const unsigned char *bytes, size_t size, int sync, int sync_dir,
+                      int direct) {
+    int err = 0;
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) return errno;
+    int rc = direct ? write_direct(fd, bytes, size) : 1;
+    if (rc == 1) rc = write_all(fd, bytes, size, 0);
+    if (rc == 0 && sync) rc = fdatasync(fd);
+    if (rc != 0) err = errno;
+    if (close(fd) < 0 && err == 0) err = errno;
+    if (err == 0 && sync_dir && sync_parent(path) < 0) err = errno;
+    if (err != 0) unlink(path); /* nothing of a failed write is left behind */
+    return err;
+}
+
 static PyObject *create_file(PyObject *self, PyObject *args) {
     PyObject *path_arg, *path_obj;
     Py_buffer data;
@@ -95,20 +123,9 @@ static PyObject *create_file(PyObject *self, PyObject *args) {
     const char *path = PyBytes_AS_STRING(path_obj);
     const unsigned char *bytes = data.buf;
     size_t size = (size_t)data.len;
-    int err = 0;
+    int err;
     Py_BEGIN_ALLOW_THREADS
-    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        err = errno;
-    } else {
-        int rc = direct ? write_direct(fd, bytes, size) : 1;
-        if (rc == 1) rc = write_all(fd, bytes, size, 0);
-        if (rc == 0 && sync) rc = fdatasync(fd);
-        if (rc != 0) err = errno;
-        if (close(fd) < 0 && err == 0) err = errno;
-        if (err == 0 && sync_dir && sync_parent(path) < 0) err = errno;
-        if (err != 0) unlink(path); /* nothing of a failed write is left behind */
-    }
+    err = write_file(path, bytes, size, sync, sync_dir, direct);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
     if (err != 0) {
@@ -121,12 +138,228 @@ static PyObject *create_file(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+/* -- the writer thread ------------------------------------------------------------------------------------- */
+
+typedef struct job {
+    struct job *next;
+    char *path;
+    unsigned char *data; /* freed by the thread once written */
+    size_t size;
+    int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
+} job;
+
+static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t q_work = PTHREAD_COND_INITIALIZER; /* jobs queued */
+static pthread_cond_t q_done = PTHREAD_COND_INITIALIZER; /* a job finished */
+static job *q_head = NULL, *q_tail = NULL;
+static uint64_t q_submitted = 0, q_completed = 0;
+static int q_running = 0;      /* this process has its thread */
+static uint64_t q_generation = 0; /* bumped in a forked child: the parent's jobs are not this process's */
+
+static void free_job(job *j) {
+    free(j->path);
+    free(j->data);
+    free(j);
+}
+
+static void *writer_main(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&q_lock);
+    for (;;) {
+        while (q_head == NULL) pthread_cond_wait(&q_work, &q_lock);
+        job *batch = q_head;
+        q_head = q_tail = NULL;
+        pthread_mutex_unlock(&q_lock);
+        while (batch != NULL) {
+            job *j = batch;
+            batch = j->next;
+            int err = write_file(j->path, j->data, j->size, 0, 0, 0);
+            free(j->data);
+            j->data = NULL;
+            pthread_mutex_lock(&q_lock);
+            q_completed++;
+            if (j->orphan) {
+                free_job(j);
+            } else {
+                j->err = err;
+                j->done = 1;
+            }
+            pthread_cond_broadcast(&q_done);
+            pthread_mutex_unlock(&q_lock);
+        }
+        pthread_mutex_lock(&q_lock);
+    }
+    return NULL;
+}
+
+/* A forked child has none of its parent's threads: it starts its own on its first submit. */
+static void after_fork_child(void) {
+    pthread_mutex_init(&q_lock, NULL);
+    pthread_cond_init(&q_work, NULL);
+    pthread_cond_init(&q_done, NULL);
+    q_head = q_tail = NULL; /* the parent's jobs: its Pendings here raise instead of waiting */
+    q_submitted = q_completed = 0;
+    q_running = 0;
+    q_generation++;
+}
+
+typedef struct {
+    PyObject_HEAD
+    job *job;
+    uint64_t generation;
+    PyObject *path; /* for the error */
+} Pending;
+
+static void pending_dealloc(Pending *self) {
+    if (self->job != NULL) {
+        pthread_mutex_lock(&q_lock);
+        if (self->generation != q_generation || self->job->done) {
+            if (self->generation == q_generation) free_job(self->job);
+        } else {
+            self->job->orphan = 1;
+        }
+        pthread_mutex_unlock(&q_lock);
+    }
+    Py_XDECREF(self->path);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *pending_wait(Pending *self, PyObject *unused) {
+    if (self->generation != q_generation) {
+        PyErr_SetString(PyExc_RuntimeError, "file write submitted by the parent of this forked process");
+        return NULL;
+    }
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&q_lock);
+    while (!self->job->done) pthread_cond_wait(&q_done, &q_lock);
+    err = self->job->err;
+    pthread_mutex_unlock(&q_lock);
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, self->path);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *pending_done(Pending *self, PyObject *unused) {
+    pthread_mutex_lock(&q_lock);
+    int done = self->generation == q_generation && self->job->done;
+    pthread_mutex_unlock(&q_lock);
+    return PyBool_FromLong(done);
+}
+
+static PyMethodDef pending_methods[] = {
+    {"wait", (PyCFunction)pending_wait, METH_NOARGS,
+     "wait(): return once the file is written; raise the OSError its write met (FileExistsError: it existed)"},
+    {"done", (PyCFunction)pending_done, METH_NOARGS, "done(): whether the write has finished"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PendingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "bastion.blobs._cwrite.Pending",
+    .tp_basicsize = sizeof(Pending),
+    .tp_dealloc = (destructor)pending_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A file being written by the writer thread (submit)",
+    .tp_methods = pending_methods,
+};
+
+static PyObject *submit(PyObject *self, PyObject *args) {
+    PyObject *path_arg, *path_obj;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Oy*", &path_arg, &data)) return NULL;
+    if (!PyUnicode_FSConverter(path_arg, &path_obj)) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    job *j = calloc(1, sizeof(job));
+    if (j != NULL) {
+        j->path = strdup(PyBytes_AS_STRING(path_obj));
+        j->data = malloc(data.len > 0 ? (size_t)data.len : 1);
+    }
+    Py_DECREF(path_obj);
+    if (j == NULL || j->path == NULL || j->data == NULL) {
+        if (j != NULL) free_job(j);
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    memcpy(j->data, data.buf, (size_t)data.len);
+    j->size = (size_t)data.len;
+    PyBuffer_Release(&data);
+    Pending *pending = PyObject_New(Pending, &PendingType);
+    if (pending == NULL) {
+        free_job(j);
+        return NULL;
+    }
+    Py_INCREF(path_arg);
+    pending->path = path_arg;
+    pending->job = j;
+    pthread_mutex_lock(&q_lock);
+    pending->generation = q_generation;
+    if (!q_running) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&thread, &attr, writer_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) {
+            pthread_mutex_unlock(&q_lock);
+            pending->job = NULL;
+            free_job(j);
+            Py_DECREF(pending);
+            errno = rc;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        q_running = 1;
+    }
+    if (q_tail != NULL) q_tail->next = j; else q_head = j;
+    q_tail = j;
+    q_submitted++;
+    pthread_cond_signal(&q_work);
+    pthread_mutex_unlock(&q_lock);
+    return (PyObject *)pending;
+}
+
+static PyObject *barrier(PyObject *self, PyObject *unused) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&q_lock);
+    uint64_t target = q_submitted;
+    while (q_completed < target) pthread_cond_wait(&q_done, &q_lock);
+    pthread_mutex_unlock(&q_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
+    {"submit", submit, METH_VARARGS,
+     "submit(path, data) -> Pending: create path holding a copy of data in the writer thread (see the module)"},
+    {"barrier", barrier, METH_NOARGS, "barrier(): return once every file submitted before the call is written"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cwrite", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__cwrite(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cwrite(void) {
+    if (PyType_Ready(&PendingType) < 0) return NULL;
+    static int atfork_set = 0;
+    if (!atfork_set) {
+        if (pthread_atfork(NULL, NULL, after_fork_child) != 0) return PyErr_NoMemory();
+        atfork_set = 1;
+    }
+    PyObject *mod = PyModule_Create(&module);
+    if (mod == NULL) return NULL;
+    Py_INCREF(&PendingType);
+    if (PyModule_AddObject(mod, "Pending", (PyObject *)&PendingType) < 0) {
+        Py_DECREF(&PendingType);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

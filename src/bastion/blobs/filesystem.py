@@ -210,7 +210,7 @@ class FileWriter(BlobWriter):
         self._buf = None
         journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
         if journal is not None:
-            wait = self._start_journaled(journal, key, final, buf, self._hash.digest())
+            wait = self._start_journaled(journal, key, final, buf, self._hash.digest(), background)
             return CommitInThread(self._store.flusher().submit(wait)) if background else wait
         return CommitInThread(self._store.committer().submit(self._commit_in_place, key, final, buf))
 
@@ -227,31 +227,57 @@ class FileWriter(BlobWriter):
             self.abort()
             raise _os_error(exc, f"cannot commit {key}") from exc
 
-    def _start_journaled(self, journal: Journal, key: str, final: str, buf: bytearray,
-                         digest: bytes) -> Callable[[], None]:
-        """Write the file in place (no flush), then its journal record; the waiter makes the record durable.
+    def _start_journaled(self, journal: Journal, key: str, final: str, buf: bytearray, digest: bytes,
+                         background: bool) -> Callable[[], None]:
+        """Start the file's write, then write its journal record; the waiter makes both complete and the record
+        durable.
 
-        The file comes first: once the journal holds the record, a checkpoint may void it, and it does so only
-        after a ``syncfs`` that must cover the file. Until the wait returns the object is not acknowledged, so a
-        crash meanwhile may leave its file empty or short: crash recovery finds it does not match the digest in
-        its key and sets it aside.
+        For a caller that waits itself (not ``background``), the file is written by ``_cwrite``'s writer thread
+        where that is built: its creation is most of the kernel time of a small store, and is done meanwhile.
+        Otherwise (and beside other associations, whose work keeps both cores busy: the thread's wake-ups cost
+        more than they saved) it is written on this thread. The journal's checkpoint may void the record
+        once it is written, and does so only after a ``syncfs`` that must cover the file: it first waits for
+        every file submitted before it (``_cwrite.barrier``), which includes this one, submitted before its
+        record. Until the wait returns the object is not acknowledged, so a crash meanwhile may leave its file
+        missing, empty or short: crash recovery finds it does not match the digest in its key and sets it aside.
         """
+        self._store.make_dirs(os.path.dirname(final))
+        pending = CWRITE.submit(final, buf) if CWRITE is not None and not background else None
         created = False
 
+        def written() -> None:
+            """Wait for the writer thread's file; a key that exists already (the same object, stored by
+            another process in the same nanosecond) is replaced durably here, the rare way."""
+            nonlocal created, pending
+            if pending is None:
+                return
+            try:
+                pending.wait()
+                created = True
+            except FileExistsError:
+                created = self._write_file(final, buf, sync=True)
+                fsync_dir(os.path.dirname(final))
+            finally:
+                pending = None
+
         def undo(exc: OSError) -> StorageError:
+            with contextlib.suppress(OSError):
+                written()  # the writer thread may still be creating it
             if created:
                 with contextlib.suppress(OSError):
                     os.unlink(final)
             return _os_error(exc, f"cannot commit {key}")
 
         try:
-            created = self._write_file(final, buf)
+            if pending is None:
+                created = self._write_file(final, buf)
             ticket = journal.write(key, digest, [buf], len(buf))
         except OSError as exc:
             raise undo(exc) from exc
 
         def wait() -> None:
             try:
+                written()
                 journal.wait(ticket)
             except OSError as exc:
                 raise undo(exc) from exc
@@ -364,12 +390,18 @@ class FileBlobStore(BlobStore):
                     if self._journal_failed_pid == pid:
                         return None
                     try:
-                        journal = self._journal = Journal(self.journal_dir, lambda: sync_filesystem(self.root))
+                        journal = self._journal = Journal(self.journal_dir, self._checkpoint)
                     except OSError as exc:
                         self._journal_failed_pid = pid
                         log.warning("blob journal unavailable (%s): objects are fsync'd one by one", exc)
                         return None
         return journal if record_size(key, size) <= journal.capacity() else None
+
+    def _checkpoint(self) -> None:
+        """Make every file of the journal's records durable: the files still being written first."""
+        if CWRITE is not None:
+            CWRITE.barrier()
+        sync_filesystem(self.root)
 
     def committer(self) -> ThreadPoolExecutor:
         """This process's commit threads: they write buffered objects and wait for the disk while the
