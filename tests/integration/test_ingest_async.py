@@ -9,8 +9,10 @@ nothing behind.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -69,16 +71,53 @@ def test_concurrent_stores_are_recorded_as_finish_records_them(archive: Archive,
     assert len(_blob_files(archive)) == len(objects)
 
 
+class _HeldC:
+    """``_cwrite`` with its journal flushes held back: each reports not done until ``release``, which then
+    signals the module's eventfd as the writer thread does."""
+
+    def __init__(self, real: object, release: threading.Event) -> None:
+        self._real = real
+        self._release = release
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def submit_sync(self, fd: int) -> object:
+        job, release = self._real.submit_sync(fd), self._release  # type: ignore[attr-defined]
+
+        class Held:
+            def done(self) -> bool:
+                return release.is_set() and job.done()
+
+            def wait(self) -> None:
+                release.wait()
+                job.wait()
+
+        return Held()
+
+    def let_go(self) -> None:
+        self._release.set()
+        os.write(self._real.notify_fd(), (1).to_bytes(8, "little"))  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("which", ["journaled", "commit thread"])
-def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[bytes], which: str) -> None:
+def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[bytes], which: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     data = objects[0] if which == "journaled" else objects[-1]
     release = threading.Event()
-    # Hold the thread the flush will wait in: its future stays pending until the test lets go.
-    if which == "journaled":
-        pool, threads = archive.blobs.flusher(), 1  # type: ignore[attr-defined]
-    else:
-        pool, threads = archive.blobs.committer(), filesystem.COMMIT_THREADS  # type: ignore[attr-defined]
-    held = [pool.submit(release.wait, 10) for _ in range(threads)]
+    held: list[Future[bool]] = []
+    if which == "journaled":  # the writer thread of _cwrite runs the flush, or else the flush thread
+        if filesystem.CWRITE is not None:
+            held_c = _HeldC(filesystem.CWRITE, release)
+            monkeypatch.setattr(filesystem, "CWRITE", held_c)
+            let_go = held_c.let_go
+        else:
+            held = [archive.blobs.flusher().submit(release.wait, 10)]  # type: ignore[attr-defined]
+            let_go = release.set
+    else:  # hold the threads the flush will wait in: its future stays pending until the test lets go
+        pool = archive.blobs.committer()  # type: ignore[attr-defined]
+        held = [pool.submit(release.wait, 10) for _ in range(filesystem.COMMIT_THREADS)]
+        let_go = release.set
 
     async def scenario() -> StoreStatus:
         store = asyncio.create_task(archive.ingest.finish_async(_pending(archive, data)))
@@ -86,7 +125,7 @@ def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[
             await asyncio.sleep(0.005)
         assert not store.done()
         assert archive.index.statistics().instances == 0  # not recorded before its blob is durable
-        release.set()
+        let_go()
         return (await store).status
 
     assert asyncio.run(scenario()) is StoreStatus.STORED
@@ -134,3 +173,25 @@ async def _settled(archive: Archive) -> bool:
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+@pytest.mark.skipif(filesystem.CWRITE is None, reason="the journal's flush on the loop needs _cwrite")
+def test_a_journaled_store_abandoned_during_its_flush_leaves_nothing(
+        archive: Archive, objects: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush that ``_cwrite``'s writer thread runs completes on the loop, which removes the blob then."""
+    held_c = _HeldC(filesystem.CWRITE, threading.Event())
+    monkeypatch.setattr(filesystem, "CWRITE", held_c)
+
+    async def scenario() -> None:
+        store = asyncio.create_task(archive.ingest.finish_async(_pending(archive, objects[0])))
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        assert _blob_files(archive)  # written, its flush held back
+        store.cancel()  # as when the association is aborted while the object is being flushed
+        with pytest.raises(asyncio.CancelledError):
+            await store
+        held_c.let_go()
+        assert await _settled(archive), f"blob left behind: {_blob_files(archive)}"
+
+    asyncio.run(scenario())
+    assert archive.index.statistics().instances == 0

@@ -19,6 +19,12 @@
  *
  * barrier() returns once every file submitted before the call is written (or failed): the journal's checkpoint
  * calls it before its syncfs, which must cover the files of the records it is about to void.
+ *
+ * For an event loop that serves other associations while a store waits: submit(path, data, True) and
+ * submit_sync(fd) (an fdatasync of the journal's segment, submitted after the record is written) signal
+ * notify_fd(), an eventfd the loop watches, when they finish; the loop then finds them done() and goes on with
+ * the store. No Python thread, so no GIL to hand over and back (a ThreadPoolExecutor round trip cost about
+ * 0.1 ms of CPU per store on the development VM).
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -30,6 +36,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -143,9 +150,11 @@ static PyObject *create_file(PyObject *self, PyObject *args) {
 
 typedef struct job {
     struct job *next;
-    char *path;
+    char *path;          /* the file to create; NULL: fdatasync(sync_fd) instead */
     unsigned char *data; /* freed by the thread once written */
     size_t size;
+    int sync_fd;
+    int notify;               /* signal notify_fd when done */
     int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
 } job;
 
@@ -156,6 +165,7 @@ static job *q_head = NULL, *q_tail = NULL;
 static uint64_t q_submitted = 0, q_completed = 0;
 static int q_running = 0;      /* this process has its thread */
 static uint64_t q_generation = 0; /* bumped in a forked child: the parent's jobs are not this process's */
+static int q_eventfd = -1;        /* notify_fd(), made on first use */
 
 static void free_job(job *j) {
     free(j->path);
@@ -174,9 +184,15 @@ static void *writer_main(void *arg) {
         while (batch != NULL) {
             job *j = batch;
             batch = j->next;
-            int err = write_file(j->path, j->data, j->size, 0, 0, 0);
+            int err = 0;
+            if (j->path != NULL) {
+                err = write_file(j->path, j->data, j->size, 0, 0, 0);
+            } else if (fdatasync(j->sync_fd) != 0) {
+                err = errno;
+            }
             free(j->data);
             j->data = NULL;
+            int notify = j->notify;
             pthread_mutex_lock(&q_lock);
             q_completed++;
             if (j->orphan) {
@@ -186,7 +202,13 @@ static void *writer_main(void *arg) {
                 j->done = 1;
             }
             pthread_cond_broadcast(&q_done);
+            int efd = q_eventfd;
             pthread_mutex_unlock(&q_lock);
+            if (notify && efd >= 0) {
+                uint64_t one = 1;
+                ssize_t ignored = write(efd, &one, sizeof one); /* EAGAIN only when the count is huge */
+                (void)ignored;
+            }
         }
         pthread_mutex_lock(&q_lock);
     }
@@ -202,6 +224,8 @@ static void after_fork_child(void) {
     q_submitted = q_completed = 0;
     q_running = 0;
     q_generation++;
+    if (q_eventfd >= 0) close(q_eventfd); /* the parent's loop watches it */
+    q_eventfd = -1;
 }
 
 typedef struct {
@@ -268,34 +292,14 @@ static PyTypeObject PendingType = {
     .tp_methods = pending_methods,
 };
 
-static PyObject *submit(PyObject *self, PyObject *args) {
-    PyObject *path_arg, *path_obj;
-    Py_buffer data;
-    if (!PyArg_ParseTuple(args, "Oy*", &path_arg, &data)) return NULL;
-    if (!PyUnicode_FSConverter(path_arg, &path_obj)) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    job *j = calloc(1, sizeof(job));
-    if (j != NULL) {
-        j->path = strdup(PyBytes_AS_STRING(path_obj));
-        j->data = malloc(data.len > 0 ? (size_t)data.len : 1);
-    }
-    Py_DECREF(path_obj);
-    if (j == NULL || j->path == NULL || j->data == NULL) {
-        if (j != NULL) free_job(j);
-        PyBuffer_Release(&data);
-        return PyErr_NoMemory();
-    }
-    memcpy(j->data, data.buf, (size_t)data.len);
-    j->size = (size_t)data.len;
-    PyBuffer_Release(&data);
+/* Queue ``j`` (the thread started if need be) and return its Pending; frees ``j`` on failure. */
+static PyObject *enqueue(job *j, PyObject *path_arg) {
     Pending *pending = PyObject_New(Pending, &PendingType);
     if (pending == NULL) {
         free_job(j);
         return NULL;
     }
-    Py_INCREF(path_arg);
+    Py_XINCREF(path_arg);
     pending->path = path_arg;
     pending->job = j;
     pthread_mutex_lock(&q_lock);
@@ -325,6 +329,57 @@ static PyObject *submit(PyObject *self, PyObject *args) {
     return (PyObject *)pending;
 }
 
+static PyObject *submit(PyObject *self, PyObject *args) {
+    PyObject *path_arg, *path_obj;
+    Py_buffer data;
+    int notify = 0;
+    if (!PyArg_ParseTuple(args, "Oy*|p", &path_arg, &data, &notify)) return NULL;
+    if (!PyUnicode_FSConverter(path_arg, &path_obj)) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    job *j = calloc(1, sizeof(job));
+    if (j != NULL) {
+        j->path = strdup(PyBytes_AS_STRING(path_obj));
+        j->data = malloc(data.len > 0 ? (size_t)data.len : 1);
+    }
+    Py_DECREF(path_obj);
+    if (j == NULL || j->path == NULL || j->data == NULL) {
+        if (j != NULL) free_job(j);
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    memcpy(j->data, data.buf, (size_t)data.len);
+    j->size = (size_t)data.len;
+    j->sync_fd = -1;
+    j->notify = notify;
+    PyBuffer_Release(&data);
+    return enqueue(j, path_arg);
+}
+
+static PyObject *submit_sync(PyObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
+    job *j = calloc(1, sizeof(job));
+    if (j == NULL) return PyErr_NoMemory();
+    j->sync_fd = fd;
+    j->notify = 1;
+    return enqueue(j, NULL);
+}
+
+static PyObject *notify_fd(PyObject *self, PyObject *unused) {
+    pthread_mutex_lock(&q_lock);
+    if (q_eventfd < 0) q_eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int fd = q_eventfd;
+    int err = errno;
+    pthread_mutex_unlock(&q_lock);
+    if (fd < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(fd);
+}
+
 static PyObject *barrier(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&q_lock);
@@ -339,8 +394,12 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", submit, METH_VARARGS,
-     "submit(path, data) -> Pending: create path holding a copy of data in the writer thread (see the module)"},
-    {"barrier", barrier, METH_NOARGS, "barrier(): return once every file submitted before the call is written"},
+     "submit(path, data, notify=False) -> Pending: create path holding a copy of data in the writer thread"},
+    {"barrier", barrier, METH_NOARGS, "barrier(): return once every job submitted before the call is done"},
+    {"submit_sync", submit_sync, METH_VARARGS,
+     "submit_sync(fd) -> Pending: fdatasync(fd) in the writer thread, signalling notify_fd() when done"},
+    {"notify_fd", notify_fd, METH_NOARGS,
+     "notify_fd(): an eventfd (non-blocking) that the thread signals when a job submitted to notify is done"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -68,7 +68,7 @@ def already_committed() -> None:
     """The waiter of a commit that was complete when it was returned."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class CommitInThread:
     """The waiter of a commit that a thread of the store completes (writes and flushes, or only waits for the
     flush): call it to wait, or await ``future`` on an event loop (``asyncio.wrap_future``) to serve others

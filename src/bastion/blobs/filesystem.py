@@ -10,6 +10,7 @@ buffered object overlaps the ingest pipeline's index transaction (:meth:`FileWri
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -142,6 +143,103 @@ class _BufferReader(io.RawIOBase):
         super().close()
 
 
+class _Completions:
+    """Completes, on an event loop, the commits whose jobs ``_cwrite``'s writer thread runs: it watches the
+    module's eventfd and, when the thread signals, settles each commit whose jobs are all done.
+
+    One per process, bound to the first loop that asks (a DICOM worker's); another loop's commits take the
+    flush thread instead, as two loops reading one eventfd could each miss the other's signal.
+    """
+
+    _current: _Completions | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert CWRITE is not None
+        self.loop = loop
+        self.pid = os.getpid()
+        self.fd = CWRITE.notify_fd()
+        self._waiting: list[tuple[list, Callable[[], None], CommitInThread]] = []  # type: ignore[type-arg]
+        loop.add_reader(self.fd, self._signalled)
+
+    @classmethod
+    def for_running_loop(cls) -> _Completions | None:
+        """This process's instance if it serves the running loop (made for it if none serves a live loop)."""
+        if CWRITE is None:
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        current = cls._current
+        if current is not None and current.loop is loop and current.pid == os.getpid():
+            return current
+        with cls._lock:
+            current = cls._current
+            if current is None or current.pid != os.getpid() or current.loop.is_closed():
+                current = cls._current = cls(loop)
+        return current if current.loop is loop else None
+
+    def watch(self, jobs: list, settle: Callable[[], None]) -> CommitInThread:  # type: ignore[type-arg]
+        """A commit whose ``future`` (an asyncio future of this loop) completes once ``jobs`` are done and
+        ``settle`` has run; calling it waits for the jobs on the calling thread instead."""
+        commit = _CommitOnLoop(self.loop.create_future(), jobs, settle)
+        self._waiting.append((jobs, settle, commit))
+        return commit
+
+    def _signalled(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 8)
+        still = []
+        for item in self._waiting:
+            jobs, _, commit = item
+            if all(job.done() for job in jobs):
+                commit.settle_now()
+            else:
+                still.append(item)
+        self._waiting = still
+
+
+class _CommitOnLoop(CommitInThread):
+    """The waiter :class:`_Completions` hands out: ``future`` is an asyncio future of the loop."""
+
+    def __init__(self, future: asyncio.Future[None], jobs: list, settle: Callable[[], None]) -> None:  # type: ignore[type-arg]
+        self.future = future  # type: ignore[assignment]
+        self._jobs = jobs
+        self._settle = settle
+        self._outcome: BaseException | None = None
+        self._settled = False
+        self._lock = threading.Lock()
+
+    def _run_settle(self) -> BaseException | None:
+        with self._lock:
+            if not self._settled:
+                try:
+                    self._settle()
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                    self._outcome = exc
+                self._settled = True
+            return self._outcome
+
+    def settle_now(self) -> None:
+        """On the loop, with every job done: settle and complete the future."""
+        outcome = self._run_settle()
+        if self.future.done():
+            return
+        if outcome is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(outcome)
+
+    def __call__(self) -> None:
+        for job in self._jobs:  # the jobs' own errors are raised by settle
+            with contextlib.suppress(OSError):
+                job.wait()
+        outcome = self._run_settle()
+        if outcome is not None:
+            raise outcome
+
+
 class FileWriter(BlobWriter):
     """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file.
 
@@ -210,6 +308,9 @@ class FileWriter(BlobWriter):
         self._buf = None
         journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
         if journal is not None:
+            completions = _Completions.for_running_loop() if background else None
+            if completions is not None:
+                return self._start_journaled_on_loop(journal, key, final, buf, self._hash.digest(), completions)
             wait = self._start_journaled(journal, key, final, buf, self._hash.digest(), background)
             return CommitInThread(self._store.flusher().submit(wait)) if background else wait
         return CommitInThread(self._store.committer().submit(self._commit_in_place, key, final, buf))
@@ -283,6 +384,52 @@ class FileWriter(BlobWriter):
                 raise undo(exc) from exc
 
         return wait
+
+    def _start_journaled_on_loop(self, journal: Journal, key: str, final: str, buf: bytearray, digest: bytes,
+                                 completions: _Completions) -> CommitInThread:
+        """:meth:`_start_journaled` for an event loop that serves others meanwhile: the file and the journal's
+        ``fdatasync`` are both done by ``_cwrite``'s writer thread, which signals the loop (no Python thread).
+
+        The file is submitted before the record is written, as in :meth:`_start_journaled`; the flush after.
+        """
+        assert CWRITE is not None
+        self._store.make_dirs(os.path.dirname(final))
+        file_job = CWRITE.submit(final, buf, True)
+        try:
+            ticket = journal.write(key, digest, [buf], len(buf))
+            prepared = journal.pending_sync(ticket)
+            sync_job = CWRITE.submit_sync(prepared[0]) if prepared is not None else None
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                file_job.wait()
+                os.unlink(final)
+            raise _os_error(exc, f"cannot commit {key}") from exc
+
+        def settle() -> None:
+            """Both jobs are done (or, called directly, waited for): raise what kept the object from being
+            durable, having removed its file."""
+            created = False
+            try:
+                try:
+                    file_job.wait()
+                    created = True
+                except FileExistsError:  # the same object from another process, in the same nanosecond
+                    self._write_file(final, buf, sync=True)
+                    fsync_dir(os.path.dirname(final))
+                if sync_job is not None and prepared is not None:
+                    error: OSError | None = None
+                    try:
+                        sync_job.wait()
+                    except OSError as exc:
+                        error = exc
+                    journal.synced(ticket, prepared[1], error)
+            except OSError as exc:
+                if created:
+                    with contextlib.suppress(OSError):
+                        os.unlink(final)
+                raise _os_error(exc, f"cannot commit {key}") from exc
+
+        return completions.watch([file_job, sync_job] if sync_job is not None else [file_job], settle)
 
     def _commit_in_place(self, key: str, final: str, buf: bytearray) -> None:
         """Write the file in place and make it durable itself: ``fdatasync`` of the file, ``fsync`` of its directory.

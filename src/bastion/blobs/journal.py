@@ -256,6 +256,31 @@ class Journal:
                 self._rotator.notify()
             return self._written
 
+    def pending_sync(self, ticket: int) -> tuple[int, int] | None:
+        """For a flush outside this class: the file descriptor whose ``fdatasync`` makes ``ticket`` durable and
+        the appends that flush will cover, or None if it is durable already. Report the flush's outcome with
+        :meth:`synced`. (Records not yet durable are all in the active segment; a segment stays open until
+        :meth:`close`, which waits for such flushes through its checkpoint.)"""
+        with self._cond:
+            if self._synced >= ticket:
+                return None
+            return self._active.fd, self._written
+
+    def synced(self, ticket: int, target: int, error: OSError | None) -> None:
+        """The outcome of a flush that :meth:`pending_sync` prepared: raises ``error``, or one that an earlier
+        flush covering ``ticket`` met (after a failed ``fdatasync`` a later one may succeed without the data)."""
+        with self._cond:
+            if error is not None:
+                if self._sync_error is None or self._sync_error[0] < target:
+                    self._sync_error = (target, error)
+                self._cond.notify_all()
+                raise error
+            if self._sync_error is not None and self._sync_error[0] >= ticket:
+                raise self._sync_error[1]
+            if target > self._synced:
+                self._synced = target
+                self._cond.notify_all()
+
     def wait(self, ticket: int) -> None:
         """Return once the record of ``ticket`` is durable; raises OSError if the flush that covers it failed."""
         with self._cond:

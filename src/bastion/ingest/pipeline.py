@@ -156,9 +156,10 @@ class Ingest:
                            sop_uid: str | None = None) -> StoreResult:
         """:meth:`finish` for an event loop that serves other clients meanwhile.
 
-        The blob's flush runs in a thread of the blob store (:class:`CommitInThread`) and is awaited before the
-        index transaction instead of inside it: the loop receives other associations' data meanwhile, the flushes
-        that meet share one ``fdatasync``, and the lock the index's writers share is not held through a flush.
+        The blob's flush runs off the loop (:class:`CommitInThread`: a thread of the blob store, or for a journaled
+        object the writer thread of ``_cwrite``, which signals the loop without a Python thread) and is awaited
+        before the index transaction instead of inside it: the loop receives other associations' data
+        meanwhile, and the lock the index's writers share is not held through a flush.
         (:meth:`finish`, for a caller with nothing else to do, overlaps the flush with the index statements.)
         """
         try:
