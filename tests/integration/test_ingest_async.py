@@ -72,8 +72,8 @@ def test_concurrent_stores_are_recorded_as_finish_records_them(archive: Archive,
 
 
 class _HeldC:
-    """``_cwrite`` with its journal flushes held back: each reports not done until ``release``, which then
-    signals the module's eventfd as the writer thread does."""
+    """``_cwrite`` with its flushes (the journal's, and those of files flushed on their own) held back: each
+    reports not done until ``let_go``, which then signals the module's eventfd as its threads do."""
 
     def __init__(self, real: object, release: threading.Event) -> None:
         self._real = real
@@ -82,18 +82,25 @@ class _HeldC:
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
 
-    def submit_sync(self, fd: int) -> object:
-        job, release = self._real.submit_sync(fd), self._release  # type: ignore[attr-defined]
+    def _held(self, job: object) -> object:
+        release = self._release
 
         class Held:
             def done(self) -> bool:
-                return release.is_set() and job.done()
+                return release.is_set() and job.done()  # type: ignore[attr-defined]
 
             def wait(self) -> None:
                 release.wait()
-                job.wait()
+                job.wait()  # type: ignore[attr-defined]
 
         return Held()
+
+    def submit_sync(self, fd: int) -> object:
+        return self._held(self._real.submit_sync(fd))  # type: ignore[attr-defined]
+
+    def submit(self, path: str, data: bytes, notify: bool = False, **flags: bool) -> object:
+        job = self._real.submit(path, data, notify, **flags)  # type: ignore[attr-defined]
+        return self._held(job) if flags.get("sync") else job
 
     def let_go(self) -> None:
         self._release.set()
@@ -106,17 +113,16 @@ def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[
     data = objects[0] if which == "journaled" else objects[-1]
     release = threading.Event()
     held: list[Future[bool]] = []
-    if which == "journaled":  # the writer thread of _cwrite runs the flush, or else the flush thread
-        if filesystem.CWRITE is not None:
-            held_c = _HeldC(filesystem.CWRITE, release)
-            monkeypatch.setattr(filesystem, "CWRITE", held_c)
-            let_go = held_c.let_go
-        else:
-            held = [archive.blobs.flusher().submit(release.wait, 10)]  # type: ignore[attr-defined]
-            let_go = release.set
+    if filesystem.CWRITE is not None:  # the writer threads of _cwrite run the flush
+        held_c = _HeldC(filesystem.CWRITE, release)
+        monkeypatch.setattr(filesystem, "CWRITE", held_c)
+        let_go = held_c.let_go
     else:  # hold the threads the flush will wait in: its future stays pending until the test lets go
-        pool = archive.blobs.committer()  # type: ignore[attr-defined]
-        held = [pool.submit(release.wait, 10) for _ in range(filesystem.COMMIT_THREADS)]
+        if which == "journaled":
+            pool, threads = archive.blobs.flusher(), 1  # type: ignore[attr-defined]
+        else:
+            pool, threads = archive.blobs.committer(), filesystem.COMMIT_THREADS  # type: ignore[attr-defined]
+        held = [pool.submit(release.wait, 10) for _ in range(threads)]
         let_go = release.set
 
     async def scenario() -> StoreStatus:
@@ -133,7 +139,11 @@ def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[
     assert archive.index.statistics().instances == 1
 
 
-def test_a_store_abandoned_during_its_flush_leaves_nothing(archive: Archive, objects: list[bytes]) -> None:
+def test_a_store_abandoned_during_its_flush_leaves_nothing(archive: Archive, objects: list[bytes],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit threads of the store (where ``_cwrite`` is not built) finish the commit: one of them removes
+    the blob."""
+    monkeypatch.setattr(filesystem, "CWRITE", None)
     release = threading.Event()
     pool = archive.blobs.committer()  # type: ignore[attr-defined]
     held = [pool.submit(release.wait, 10) for _ in range(filesystem.COMMIT_THREADS)]
@@ -175,15 +185,17 @@ async def _settled(archive: Archive) -> bool:
     return False
 
 
-@pytest.mark.skipif(filesystem.CWRITE is None, reason="the journal's flush on the loop needs _cwrite")
-def test_a_journaled_store_abandoned_during_its_flush_leaves_nothing(
-        archive: Archive, objects: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flush that ``_cwrite``'s writer thread runs completes on the loop, which removes the blob then."""
+@pytest.mark.skipif(filesystem.CWRITE is None, reason="flushes completed on the loop need _cwrite")
+@pytest.mark.parametrize("which", ["journaled", "flushed on its own"])
+def test_a_store_abandoned_during_a_flush_in_c_leaves_nothing(
+        archive: Archive, objects: list[bytes], monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    """The flush that ``_cwrite``'s writer threads run completes on the loop, which removes the blob then."""
     held_c = _HeldC(filesystem.CWRITE, threading.Event())
     monkeypatch.setattr(filesystem, "CWRITE", held_c)
+    data = objects[0] if which == "journaled" else objects[-1]
 
     async def scenario() -> None:
-        store = asyncio.create_task(archive.ingest.finish_async(_pending(archive, objects[0])))
+        store = asyncio.create_task(archive.ingest.finish_async(_pending(archive, data)))
         for _ in range(20):
             await asyncio.sleep(0.005)
         assert _blob_files(archive)  # written, its flush held back

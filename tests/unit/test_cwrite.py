@@ -138,3 +138,27 @@ def test_a_forked_child_writes_with_a_thread_of_its_own(tmp_path: Path) -> None:
     assert out == ["0"]
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
         "parent": b"p", "child": b"c", "parent-after": b"q"}
+
+
+@pytest.mark.parametrize("size", [0, 4095, 4096, 128 * 1024, 512 * 1024 + 1234, 3 * (1 << 20) + 7])
+def test_durable_submits_run_in_parallel_threads_and_hold_what_was_given(tmp_path: Path, size: int) -> None:
+    """Files flushed on their own (from 128 KB: ``sync``, ``sync_dir``, ``direct``), several at once."""
+    assert CWRITE is not None
+    datas = [os.urandom(size) for _ in range(6)]
+    pendings = [CWRITE.submit(str(tmp_path / f"{i}.dcm"), bytearray(d), False, sync=True, sync_dir=True,
+                              direct=True) for i, d in enumerate(datas)]
+    for pending in pendings:
+        pending.wait()
+    assert [(tmp_path / f"{i}.dcm").read_bytes() for i in range(len(datas))] == datas
+    with pytest.raises(FileExistsError):
+        CWRITE.submit(str(tmp_path / "0.dcm"), b"newer", sync=True, sync_dir=True, direct=True).wait()
+    assert (tmp_path / "0.dcm").read_bytes() == datas[0]
+
+
+def test_a_flush_job_reports_its_error(tmp_path: Path) -> None:
+    assert CWRITE is not None
+    with open(tmp_path / "f", "wb") as fh:
+        CWRITE.submit_sync(fh.fileno()).wait()  # a file: flushed
+    with pytest.raises(OSError) as info:
+        CWRITE.submit_sync(-1).wait()
+    assert info.value.errno == errno.EBADF

@@ -69,6 +69,11 @@ static int write_direct(int fd, const unsigned char *data, size_t size) {
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0) return -1;
     if (fcntl(fd, F_SETFL, flags | O_DIRECT) < 0) return errno == EINVAL ? 1 : -1;
+    if (((uintptr_t)data & (PAGE - 1)) == 0) { /* a writer thread's own copy: page-aligned already */
+        if (write_all(fd, data, whole, 0) < 0) return -1;
+        if (fcntl(fd, F_SETFL, flags) < 0) return -1;
+        return write_all(fd, data + whole, size - whole, (off_t)whole);
+    }
     if (aligned_size < whole) {
         size_t want = whole < ((size_t)1 << 20) ? ((size_t)1 << 20) : whole;
         void *p = NULL;
@@ -151,19 +156,27 @@ static PyObject *create_file(PyObject *self, PyObject *args) {
 typedef struct job {
     struct job *next;
     char *path;          /* the file to create; NULL: fdatasync(sync_fd) instead */
-    unsigned char *data; /* freed by the thread once written */
+    unsigned char *data; /* page-aligned; freed by the thread once written */
     size_t size;
     int sync_fd;
+    int sync, sync_dir, direct; /* as create_file's */
     int notify;               /* signal notify_fd when done */
     int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
 } job;
 
+/* Two queues: ORDERED, one thread that runs its jobs in the order submitted (journaled objects' files and the
+ * journal's flushes; barrier() counts them), and DURABLE, up to DURABLE_THREADS threads for files flushed on
+ * their own (from 128 KB), whose flushes overlap. */
+enum { ORDERED = 0, DURABLE = 1, POOLS = 2 };
+#define DURABLE_THREADS 4
+
 static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t q_work = PTHREAD_COND_INITIALIZER; /* jobs queued */
+static pthread_cond_t q_work[POOLS] = {PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER}; /* jobs queued */
 static pthread_cond_t q_done = PTHREAD_COND_INITIALIZER; /* a job finished */
-static job *q_head = NULL, *q_tail = NULL;
-static uint64_t q_submitted = 0, q_completed = 0;
-static int q_running = 0;      /* this process has its thread */
+static job *q_head[POOLS] = {NULL, NULL}, *q_tail[POOLS] = {NULL, NULL};
+static uint64_t q_submitted = 0, q_completed = 0; /* of ORDERED */
+static int q_threads[POOLS] = {0, 0}; /* this process's threads */
+static int q_idle[POOLS] = {0, 0};    /* of them, waiting for work */
 static uint64_t q_generation = 0; /* bumped in a forked child: the parent's jobs are not this process's */
 static int q_eventfd = -1;        /* notify_fd(), made on first use */
 
@@ -173,41 +186,58 @@ static void free_job(job *j) {
     free(j);
 }
 
+static void run_job(job *j) {
+    int err = 0;
+    if (j->path != NULL) {
+        err = write_file(j->path, j->data, j->size, j->sync, j->sync_dir, j->direct);
+    } else if (fdatasync(j->sync_fd) != 0) {
+        err = errno;
+    }
+    free(j->data);
+    j->data = NULL;
+    int notify = j->notify;
+    pthread_mutex_lock(&q_lock);
+    if (j->orphan) {
+        free_job(j);
+    } else {
+        j->err = err;
+        j->done = 1;
+    }
+    pthread_cond_broadcast(&q_done);
+    int efd = q_eventfd;
+    pthread_mutex_unlock(&q_lock);
+    if (notify && efd >= 0) {
+        uint64_t one = 1;
+        ssize_t ignored = write(efd, &one, sizeof one); /* EAGAIN only when the count is huge */
+        (void)ignored;
+    }
+}
+
 static void *writer_main(void *arg) {
-    (void)arg;
+    int pool = (int)(intptr_t)arg;
     pthread_mutex_lock(&q_lock);
     for (;;) {
-        while (q_head == NULL) pthread_cond_wait(&q_work, &q_lock);
-        job *batch = q_head;
-        q_head = q_tail = NULL;
+        q_idle[pool]++;
+        while (q_head[pool] == NULL) pthread_cond_wait(&q_work[pool], &q_lock);
+        q_idle[pool]--;
+        job *batch = q_head[pool];
+        if (pool == ORDERED) { /* all of them, in order */
+            q_head[pool] = q_tail[pool] = NULL;
+        } else { /* one: the other threads take the next */
+            q_head[pool] = batch->next;
+            if (q_head[pool] == NULL) q_tail[pool] = NULL;
+            batch->next = NULL;
+        }
         pthread_mutex_unlock(&q_lock);
         while (batch != NULL) {
             job *j = batch;
             batch = j->next;
-            int err = 0;
-            if (j->path != NULL) {
-                err = write_file(j->path, j->data, j->size, 0, 0, 0);
-            } else if (fdatasync(j->sync_fd) != 0) {
-                err = errno;
-            }
-            free(j->data);
-            j->data = NULL;
-            int notify = j->notify;
-            pthread_mutex_lock(&q_lock);
-            q_completed++;
-            if (j->orphan) {
-                free_job(j);
-            } else {
-                j->err = err;
-                j->done = 1;
-            }
-            pthread_cond_broadcast(&q_done);
-            int efd = q_eventfd;
-            pthread_mutex_unlock(&q_lock);
-            if (notify && efd >= 0) {
-                uint64_t one = 1;
-                ssize_t ignored = write(efd, &one, sizeof one); /* EAGAIN only when the count is huge */
-                (void)ignored;
+            run_job(j);
+            if (pool == ORDERED) {
+                pthread_mutex_lock(&q_lock);
+                q_completed++;
+                pthread_cond_broadcast(&q_done);
+                pthread_mutex_unlock(&q_lock);
             }
         }
         pthread_mutex_lock(&q_lock);
@@ -218,11 +248,13 @@ static void *writer_main(void *arg) {
 /* A forked child has none of its parent's threads: it starts its own on its first submit. */
 static void after_fork_child(void) {
     pthread_mutex_init(&q_lock, NULL);
-    pthread_cond_init(&q_work, NULL);
     pthread_cond_init(&q_done, NULL);
-    q_head = q_tail = NULL; /* the parent's jobs: its Pendings here raise instead of waiting */
+    for (int pool = 0; pool < POOLS; pool++) {
+        pthread_cond_init(&q_work[pool], NULL);
+        q_head[pool] = q_tail[pool] = NULL; /* the parent's jobs: its Pendings here raise instead of waiting */
+        q_threads[pool] = q_idle[pool] = 0;
+    }
     q_submitted = q_completed = 0;
-    q_running = 0;
     q_generation++;
     if (q_eventfd >= 0) close(q_eventfd); /* the parent's loop watches it */
     q_eventfd = -1;
@@ -302,16 +334,18 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
     Py_XINCREF(path_arg);
     pending->path = path_arg;
     pending->job = j;
+    int pool = j->sync ? DURABLE : ORDERED;
     pthread_mutex_lock(&q_lock);
     pending->generation = q_generation;
-    if (!q_running) {
+    int limit = pool == ORDERED ? 1 : DURABLE_THREADS;
+    if (q_threads[pool] < limit && (q_threads[pool] == 0 || q_idle[pool] == 0)) {
         pthread_t thread;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&thread, &attr, writer_main, NULL);
+        int rc = pthread_create(&thread, &attr, writer_main, (void *)(intptr_t)pool);
         pthread_attr_destroy(&attr);
-        if (rc != 0) {
+        if (rc != 0 && q_threads[pool] == 0) {
             pthread_mutex_unlock(&q_lock);
             pending->job = NULL;
             free_job(j);
@@ -319,29 +353,34 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
             errno = rc;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
-        q_running = 1;
+        if (rc == 0) q_threads[pool]++;
     }
-    if (q_tail != NULL) q_tail->next = j; else q_head = j;
-    q_tail = j;
-    q_submitted++;
-    pthread_cond_signal(&q_work);
+    if (q_tail[pool] != NULL) q_tail[pool]->next = j; else q_head[pool] = j;
+    q_tail[pool] = j;
+    if (pool == ORDERED) q_submitted++;
+    pthread_cond_signal(&q_work[pool]);
     pthread_mutex_unlock(&q_lock);
     return (PyObject *)pending;
 }
 
-static PyObject *submit(PyObject *self, PyObject *args) {
+static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", NULL};
     PyObject *path_arg, *path_obj;
     Py_buffer data;
-    int notify = 0;
-    if (!PyArg_ParseTuple(args, "Oy*|p", &path_arg, &data, &notify)) return NULL;
+    int notify = 0, sync = 0, sync_dir = 0, direct = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*|pppp", kwlist, &path_arg, &data, &notify, &sync,
+                                     &sync_dir, &direct))
+        return NULL;
     if (!PyUnicode_FSConverter(path_arg, &path_obj)) {
         PyBuffer_Release(&data);
         return NULL;
     }
     job *j = calloc(1, sizeof(job));
+    void *copy = NULL;
     if (j != NULL) {
         j->path = strdup(PyBytes_AS_STRING(path_obj));
-        j->data = malloc(data.len > 0 ? (size_t)data.len : 1);
+        /* page-aligned, so that O_DIRECT writes the whole pages straight from it */
+        if (posix_memalign(&copy, PAGE, data.len > 0 ? (size_t)data.len : 1) == 0) j->data = copy;
     }
     Py_DECREF(path_obj);
     if (j == NULL || j->path == NULL || j->data == NULL) {
@@ -353,6 +392,9 @@ static PyObject *submit(PyObject *self, PyObject *args) {
     j->size = (size_t)data.len;
     j->sync_fd = -1;
     j->notify = notify;
+    j->sync = sync;
+    j->sync_dir = sync_dir;
+    j->direct = direct;
     PyBuffer_Release(&data);
     return enqueue(j, path_arg);
 }
@@ -393,8 +435,9 @@ static PyObject *barrier(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
-    {"submit", submit, METH_VARARGS,
-     "submit(path, data, notify=False) -> Pending: create path holding a copy of data in the writer thread"},
+    {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
+     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: create_file in a "
+     "writer thread, from a copy of data (see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every job submitted before the call is done"},
     {"submit_sync", submit_sync, METH_VARARGS,
      "submit_sync(fd) -> Pending: fdatasync(fd) in the writer thread, signalling notify_fd() when done"},

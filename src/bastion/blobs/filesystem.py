@@ -49,7 +49,8 @@ MEMORY_LIMIT = 8 * 1024 * 1024
 #: association 338-342/s against 371-382/s, over four 419-437/s against 496-518/s (the development VM, 12:00).
 JOURNAL_MAX_BYTES = 128 * 1024
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere flushed files go through the page cache
-#: Threads per process that write buffered objects and wait for their flush while the index transaction runs.
+#: Threads per process that write buffered objects and wait for their flush while the index transaction runs,
+#: where ``_cwrite`` is not built (its own threads do it otherwise: ``DURABLE_THREADS`` in ``_cwrite.c``).
 COMMIT_THREADS = 4
 
 
@@ -294,11 +295,14 @@ class FileWriter(BlobWriter):
     def start_commit(self, key: str, *, background: bool = False) -> Callable[[], None]:
         """Write a buffered object now and let the disk catch up while the caller goes on.
 
-        A journaled object's file and record are written on this thread and the record's writeback started;
-        the waiter runs the journal's ``fdatasync`` (mostly done by then), or with ``background`` the store's
-        flush thread does. A larger buffered object is written and flushed by one of the store's commit
-        threads, whose result the waiter collects. (Handing a small object to a thread cost more in wake-ups
-        than its flush took, for a caller with nothing else to do meanwhile.)
+        A journaled object's record is written on this thread and its writeback started; its file is created by
+        ``_cwrite``'s writer thread meanwhile (:meth:`_start_journaled`), and the waiter runs the journal's
+        ``fdatasync`` (mostly done by then). A larger buffered object is written and flushed by ``_cwrite``'s
+        threads for durable files, whose result the waiter collects.
+
+        With ``background`` the caller is an event loop serving others: the flushes run in those threads too
+        and signal the loop when done (:class:`_Completions`). Without ``_cwrite``, or for another loop than
+        the one it serves, the store's Python threads do the same work: a flush thread, commit threads.
         """
         final = self._store.path_of(key)
         buf = self._buf
@@ -313,6 +317,8 @@ class FileWriter(BlobWriter):
                 return self._start_journaled_on_loop(journal, key, final, buf, self._hash.digest(), completions)
             wait = self._start_journaled(journal, key, final, buf, self._hash.digest(), background)
             return CommitInThread(self._store.flusher().submit(wait)) if background else wait
+        if CWRITE is not None:
+            return self._start_in_place(key, final, buf, _Completions.for_running_loop() if background else None)
         return CommitInThread(self._store.committer().submit(self._commit_in_place, key, final, buf))
 
     def _commit_spooled(self, key: str, final: str) -> None:
@@ -430,6 +436,26 @@ class FileWriter(BlobWriter):
                 raise _os_error(exc, f"cannot commit {key}") from exc
 
         return completions.watch([file_job, sync_job] if sync_job is not None else [file_job], settle)
+
+    def _start_in_place(self, key: str, final: str, buf: bytearray,
+                        completions: _Completions | None) -> Callable[[], None]:
+        """:meth:`_commit_in_place` by ``_cwrite``'s writer threads for durable files (no Python thread): the
+        waiter waits for it, or with ``completions`` the loop is signalled when it is done."""
+        assert CWRITE is not None
+        self._store.make_dirs(os.path.dirname(final))
+        job = CWRITE.submit(final, buf, completions is not None, sync=True, sync_dir=True, direct=True)
+
+        def settle() -> None:
+            try:
+                job.wait()
+            except FileExistsError:  # the same key in the same nanosecond: the rare way, on this thread
+                self._commit_in_place(key, final, buf)
+            except OSError as exc:
+                raise _os_error(exc, f"cannot commit {key}") from exc
+
+        if completions is not None:
+            return completions.watch([job], settle)
+        return settle
 
     def _commit_in_place(self, key: str, final: str, buf: bytearray) -> None:
         """Write the file in place and make it durable itself: ``fdatasync`` of the file, ``fsync`` of its directory.
