@@ -20,9 +20,12 @@
  * barrier() returns once every file submitted before the call is written (or failed): the journal's checkpoint
  * calls it before its syncfs, which must cover the files of the records it is about to void.
  *
+ * submit_sync(fd) queues an fdatasync of the journal's segment (submitted once the record is written): after
+ * the file in the same thread, or with parallel=True in a thread for durable files, so that the disk's flush
+ * starts at once (for a caller that waits: one wake-up more, but the flush overlaps its index statements).
+ *
  * For an event loop that serves other associations while a store waits: submit(path, data, True) and
- * submit_sync(fd) (an fdatasync of the journal's segment, submitted after the record is written) signal
- * notify_fd(), an eventfd the loop watches, when they finish; the loop then finds them done() and goes on with
+ * submit_sync(fd) signal notify_fd(), an eventfd the loop watches, when they finish; the loop then finds them done() and goes on with
  * the store. No Python thread, so no GIL to hand over and back (a ThreadPoolExecutor round trip cost about
  * 0.1 ms of CPU per store on the development VM).
  */
@@ -160,6 +163,7 @@ typedef struct job {
     size_t size;
     int sync_fd;
     int sync, sync_dir, direct; /* as create_file's */
+    int parallel;             /* a flush that may overlap the ORDERED queue's jobs */
     int notify;               /* signal notify_fd when done */
     int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
 } job;
@@ -334,7 +338,7 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
     Py_XINCREF(path_arg);
     pending->path = path_arg;
     pending->job = j;
-    int pool = j->sync ? DURABLE : ORDERED;
+    int pool = j->sync || j->parallel ? DURABLE : ORDERED;
     pthread_mutex_lock(&q_lock);
     pending->generation = q_generation;
     int limit = pool == ORDERED ? 1 : DURABLE_THREADS;
@@ -400,12 +404,13 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
 }
 
 static PyObject *submit_sync(PyObject *self, PyObject *args) {
-    int fd;
-    if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
+    int fd, notify = 1, parallel = 0;
+    if (!PyArg_ParseTuple(args, "i|pp", &fd, &notify, &parallel)) return NULL;
     job *j = calloc(1, sizeof(job));
     if (j == NULL) return PyErr_NoMemory();
     j->sync_fd = fd;
-    j->notify = 1;
+    j->notify = notify;
+    j->parallel = parallel;
     return enqueue(j, NULL);
 }
 
@@ -440,7 +445,8 @@ static PyMethodDef methods[] = {
      "writer thread, from a copy of data (see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every job submitted before the call is done"},
     {"submit_sync", submit_sync, METH_VARARGS,
-     "submit_sync(fd) -> Pending: fdatasync(fd) in the writer thread, signalling notify_fd() when done"},
+     "submit_sync(fd, notify=True, parallel=False) -> Pending: fdatasync(fd) after the jobs submitted before it, "
+     "or with parallel in a thread for durable files, beside them; notify: signal notify_fd() when done"},
     {"notify_fd", notify_fd, METH_NOARGS,
      "notify_fd(): an eventfd (non-blocking) that the thread signals when a job submitted to notify is done"},
     {NULL, NULL, 0, NULL},
