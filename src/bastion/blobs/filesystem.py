@@ -394,7 +394,7 @@ class FileWriter(BlobWriter):
         self._store.make_dirs(os.path.dirname(final))
         file_job = CWRITE.submit(final, buf, notify)
         try:
-            ticket = journal.write(key, digest, [buf], len(buf))
+            ticket = journal.write(key, digest, [buf], len(buf), writeback=False)  # the fdatasync follows now
             prepared = journal.pending_sync(ticket)
             # alone, the flush starts at once, beside the file's creation; beside others (both cores busy) it
             # follows the file in the same thread: one wake-up, not two (small over four associations: 1,558

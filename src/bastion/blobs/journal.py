@@ -223,12 +223,13 @@ class Journal:
         self.wait(self.write(key, digest, data, size, kind))
 
     def write(self, key: str, digest: bytes, data: Sequence[bytes | bytearray | memoryview], size: int,
-              kind: int = OBJECT) -> int:
+              kind: int = OBJECT, *, writeback: bool = True) -> int:
         """Write one record and start its way to the disk; return the ticket that :meth:`wait` takes.
 
         The caller may do other work before it waits (the ingest pipeline runs its index statements): the disk
         writes the record meanwhile, and the ``fdatasync`` that :meth:`wait` needs mostly finds it done. Raises as
-        :meth:`append` does.
+        :meth:`append` does. ``writeback=False`` skips starting the write (``sync_file_range``), for a caller that
+        starts the ``fdatasync`` itself at once (:meth:`pending_sync`).
         """
         key_bytes = key.encode()
         need = _RECORD.size + _CRC.size + len(key_bytes) + size
@@ -246,7 +247,7 @@ class Journal:
             written = os.pwritev(seg.fd, [header, key_bytes, *data], seg.pos)
             if written != need:
                 raise OSError(errno.EIO, f"short write to the blob journal ({written} of {need} bytes)")
-            if _sync_file_range is not None:
+            if writeback and _sync_file_range is not None:  # not for a caller whose flush starts at once
                 _sync_file_range(seg.fd, seg.pos, need, _SYNC_FILE_RANGE_WRITE)  # advisory: errors show in wait
             seg.pos += need
             if seg.first_at == 0.0:
