@@ -246,3 +246,67 @@ def test_records_written_before_a_rotation_are_durable_when_waited_for(tmp_path:
         assert journal._synced >= later
     finally:
         journal.close()
+
+
+def test_a_failed_outside_flush_fails_every_record_it_covered(tmp_path: Path) -> None:
+    """``pending_sync``/``synced``: after a failed ``fdatasync`` a later one may succeed without the data (the
+    kernel forgets the error), so a record the failed flush covered never counts as durable."""
+    root = tmp_path / "blobs"
+    root.mkdir()
+    journal = Journal(str(root / ".journal"), lambda: sync_filesystem(str(root)), interval_s=600)
+    try:
+        first = journal.write("d/1.dcm", bytes(32), [_payload(1)], len(_payload(1)), writeback=False)
+        second = journal.write("d/2.dcm", bytes(32), [_payload(2)], len(_payload(2)), writeback=False)
+        prepared = journal.pending_sync(first)
+        assert prepared is not None and prepared[1] >= second  # one flush covers both
+        with pytest.raises(OSError, match="lost"):
+            journal.synced(first, prepared[1], OSError(5, "lost"))
+        with pytest.raises(OSError, match="lost"):  # the second's own flush "succeeded" later
+            journal.synced(second, prepared[1], None)
+        with pytest.raises(OSError, match="lost"):
+            journal.wait(second)
+        third = journal.write("d/3.dcm", bytes(32), [_payload(3)], len(_payload(3)), writeback=False)
+        again = journal.pending_sync(third)
+        assert again is not None
+        journal.synced(third, again[1], None)  # written after the failure: it counts
+        assert journal.pending_sync(third) is None
+        journal.wait(third)
+    finally:
+        journal.close()
+
+
+def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush a ``_cwrite`` thread runs fails (EIO): the commit raises and the object's file is removed."""
+    from bastion.blobs import filesystem
+    from bastion.errors import StorageError
+
+    real = filesystem.CWRITE
+    if real is None:
+        pytest.skip("the journal's flush in a thread needs _cwrite")
+
+    class Failed:
+        def done(self) -> bool:
+            return True
+
+        def wait(self) -> None:
+            raise OSError(5, "Input/output error")
+
+    class FailingFlush:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        @staticmethod
+        def submit_sync(fd: int, notify: bool = True, parallel: bool = False) -> Failed:
+            return Failed()
+
+    monkeypatch.setattr(filesystem, "CWRITE", FailingFlush())
+    store = FileBlobStore(str(tmp_path / "blobs"))
+    try:
+        with pytest.raises(StorageError):
+            store.put("d/1.dcm", _payload(1))
+        assert not store.exists("d/1.dcm")
+        monkeypatch.setattr(filesystem, "CWRITE", real)
+        store.put("d/1.dcm", _payload(1))  # sent again: the failure covered only what was written before it
+        assert store.get("d/1.dcm") == _payload(1)
+    finally:
+        store.close()
