@@ -8,7 +8,8 @@ developed on it ranged 0-35 % from one minute to the next, and a run with much s
 per instance of the server's processes and of the ``storescu`` processes (from ``/proc``, at 100 Hz).
 
 Alternating the checkouts round by round is what makes two versions comparable here: rates move by tens of
-percent between minutes. Compare medians, and read the busy and CPU columns too: a change that keeps the
+percent between minutes. Every other round runs them in the reverse order, since the position in a round
+moved a cell's rate by about 10 % (use an even number of rounds). Compare medians, and read the busy and CPU columns too: a change that keeps the
 machine busier at the same CPU per instance is a change in waiting, one that lowers CPU per instance a change in
 work. The server directories are kept (under ``--workdir``) and never deleted by this script: deleting thousands
 of files makes creating files slow for minutes on this VM's filesystem (see ``servers._run_server``).
@@ -116,7 +117,10 @@ def main() -> int:
     results: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
     print(f"{time.strftime('%H:%M')} {args.kind}, {len(files)} instances, servers kept in {args.workdir}")
     for round_no in range(1, args.rounds + 1):
-        for src in sources:
+        # Every other round in the reverse order: the cell that follows another's four-association cell ran
+        # about 10 % faster over one association than the one that follows its own (eighth session), so a
+        # fixed order favours one checkout.
+        for src in sources if round_no % 2 else sources[::-1]:
             for n in counts:
                 cell = measure(src, files, n, args)
                 results[(src, n)].append(cell)
