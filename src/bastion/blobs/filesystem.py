@@ -397,8 +397,7 @@ class FileWriter(BlobWriter):
             ticket = journal.write(key, digest, [buf], len(buf), writeback=False)  # the fdatasync follows now
             prepared = journal.pending_sync(ticket)
             # alone, the flush starts at once, beside the file's creation; beside others (both cores busy) it
-            # follows the file in the same thread: one wake-up, not two (small over four associations: 1,558
-            # against 1,360/s median)
+            # follows the file in the same thread: one wake-up, not two (BENCHMARKS.md, item 45)
             sync_job = CWRITE.submit_sync(prepared[0], notify, not notify) if prepared is not None else None
         except OSError as exc:
             with contextlib.suppress(OSError):
