@@ -190,7 +190,7 @@ static void free_job(job *j) {
     free(j);
 }
 
-static void run_job(job *j) {
+static void run_job(job *j, int pool) {
     int err = 0;
     if (j->path != NULL) {
         err = write_file(j->path, j->data, j->size, j->sync, j->sync_dir, j->direct);
@@ -201,6 +201,7 @@ static void run_job(job *j) {
     j->data = NULL;
     int notify = j->notify;
     pthread_mutex_lock(&q_lock);
+    if (pool == ORDERED) q_completed++;
     if (j->orphan) {
         free_job(j);
     } else {
@@ -236,13 +237,7 @@ static void *writer_main(void *arg) {
         while (batch != NULL) {
             job *j = batch;
             batch = j->next;
-            run_job(j);
-            if (pool == ORDERED) {
-                pthread_mutex_lock(&q_lock);
-                q_completed++;
-                pthread_cond_broadcast(&q_done);
-                pthread_mutex_unlock(&q_lock);
-            }
+            run_job(j, pool);
         }
         pthread_mutex_lock(&q_lock);
     }

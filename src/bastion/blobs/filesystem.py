@@ -10,7 +10,6 @@ buffered object overlaps the ingest pipeline's index transaction (:meth:`FileWri
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread, already_committed
+from bastion.blobs.cjobs import Completions, Once
 from bastion.blobs.journal import (
     OBJECT,
     TOMBSTONE,
@@ -144,114 +144,6 @@ class _BufferReader(io.RawIOBase):
         super().close()
 
 
-class _Completions:
-    """Completes, on an event loop, the commits whose jobs ``_cwrite``'s writer thread runs: it watches the
-    module's eventfd and, when the thread signals, settles each commit whose jobs are all done.
-
-    One per process, bound to the first loop that asks (a DICOM worker's); another loop's commits take the
-    flush thread instead, as two loops reading one eventfd could each miss the other's signal.
-    """
-
-    _current: _Completions | None = None
-    _lock = threading.Lock()
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        assert CWRITE is not None
-        self.loop = loop
-        self.pid = os.getpid()
-        self.fd = CWRITE.notify_fd()
-        self._waiting: list[tuple[list, Callable[[], None], CommitInThread]] = []  # type: ignore[type-arg]
-        loop.add_reader(self.fd, self._signalled)
-
-    @classmethod
-    def for_running_loop(cls) -> _Completions | None:
-        """This process's instance if it serves the running loop (made for it if none serves a live loop)."""
-        if CWRITE is None:
-            return None
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        current = cls._current
-        if current is not None and current.loop is loop and current.pid == os.getpid():
-            return current
-        with cls._lock:
-            current = cls._current
-            if current is None or current.pid != os.getpid() or current.loop.is_closed():
-                current = cls._current = cls(loop)
-        return current if current.loop is loop else None
-
-    def watch(self, jobs: list, settle: Callable[[], None]) -> CommitInThread:  # type: ignore[type-arg]
-        """A commit whose ``future`` (an asyncio future of this loop) completes once ``jobs`` are done and
-        ``settle`` has run; calling it waits for the jobs on the calling thread instead."""
-        commit = _CommitOnLoop(self.loop.create_future(), _Once(jobs, settle))
-        self._waiting.append((jobs, settle, commit))
-        return commit
-
-    def _signalled(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self.fd, 8)
-        still = []
-        for item in self._waiting:
-            jobs, _, commit = item
-            if all(job.done() for job in jobs):
-                commit.settle_now()
-            else:
-                still.append(item)
-        self._waiting = still
-
-
-class _Once:
-    """The waiter of a commit whose jobs ``_cwrite``'s threads run: it waits for them, runs ``settle`` once
-    (whichever caller comes first) and gives every caller its outcome."""
-
-    def __init__(self, jobs: list, settle: Callable[[], None]) -> None:  # type: ignore[type-arg]
-        self.jobs = jobs
-        self._settle: Callable[[], None] | None = settle
-        self._outcome: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def settled(self) -> BaseException | None:
-        """Settle (the jobs must be done) and return the outcome: None, or the error the commit met."""
-        with self._lock:
-            if self._settle is not None:
-                try:
-                    self._settle()
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
-                    self._outcome = exc
-                self._settle = None
-            return self._outcome
-
-    def __call__(self) -> None:
-        for job in self.jobs:  # their errors are settle's to raise
-            with contextlib.suppress(OSError):
-                job.wait()
-        outcome = self.settled()
-        if outcome is not None:
-            raise outcome
-
-
-class _CommitOnLoop(CommitInThread):
-    """The waiter :class:`_Completions` hands out: ``future`` is an asyncio future of the loop it serves."""
-
-    def __init__(self, future: asyncio.Future[None], once: _Once) -> None:
-        self.future = future  # type: ignore[assignment]
-        self.once = once
-
-    def settle_now(self) -> None:
-        """On the loop, with every job done: settle and complete the future."""
-        outcome = self.once.settled()
-        if self.future.done():
-            return
-        if outcome is None:
-            self.future.set_result(None)
-        else:
-            self.future.set_exception(outcome)
-
-    def __call__(self) -> None:
-        self.once()
-
-
 class FileWriter(BlobWriter):
     """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file.
 
@@ -306,13 +198,13 @@ class FileWriter(BlobWriter):
     def start_commit(self, key: str, *, background: bool = False) -> Callable[[], None]:
         """Write a buffered object now and let the disk catch up while the caller goes on.
 
-        A journaled object's record is written on this thread and its writeback started; its file is created by
-        ``_cwrite``'s writer thread meanwhile (:meth:`_start_journaled`), and the waiter runs the journal's
-        ``fdatasync`` (mostly done by then). A larger buffered object is written and flushed by ``_cwrite``'s
-        threads for durable files, whose result the waiter collects.
+        A journaled object's record is written on this thread; ``_cwrite``'s threads create its file and run the
+        journal's ``fdatasync`` meanwhile (:meth:`_start_journaled_in_c`), and the waiter waits for both. A
+        larger buffered object is written and flushed by ``_cwrite``'s threads for durable files, whose result
+        the waiter collects.
 
         With ``background`` the caller is an event loop serving others: the flushes run in those threads too
-        and signal the loop when done (:class:`_Completions`). Without ``_cwrite``, or for another loop than
+        and signal the loop when done (:class:`bastion.blobs.cjobs.Completions`). Without ``_cwrite``, or for another loop than
         the one it serves, the store's Python threads do the same work: a flush thread, commit threads.
         """
         final = self._store.path_of(key)
@@ -323,13 +215,13 @@ class FileWriter(BlobWriter):
         self._buf = None
         journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
         if journal is not None:
-            completions = _Completions.for_running_loop() if background else None
+            completions = Completions.for_running_loop(CWRITE) if background else None
             if CWRITE is not None and (completions is not None or not background):
                 return self._start_journaled_in_c(journal, key, final, buf, self._hash.digest(), completions)
             wait = self._start_journaled(journal, key, final, buf, self._hash.digest())
             return CommitInThread(self._store.flusher().submit(wait)) if background else wait
         if CWRITE is not None:
-            return self._start_in_place(key, final, buf, _Completions.for_running_loop() if background else None)
+            return self._start_in_place(key, final, buf, Completions.for_running_loop(CWRITE) if background else None)
         return CommitInThread(self._store.committer().submit(self._commit_in_place, key, final, buf))
 
     def _commit_spooled(self, key: str, final: str) -> None:
@@ -378,7 +270,7 @@ class FileWriter(BlobWriter):
         return wait
 
     def _start_journaled_in_c(self, journal: Journal, key: str, final: str, buf: bytearray, digest: bytes,
-                              completions: _Completions | None) -> Callable[[], None]:
+                              completions: Completions | None) -> Callable[[], None]:
         """:meth:`_start_journaled` with the work that waits for the disk done by ``_cwrite``'s threads: one
         creates the file (its inode allocation was most of the kernel time of a small store) and the
         ``fdatasync`` of the record's segment is started as soon as the record is written, so that the disk's
@@ -429,10 +321,10 @@ class FileWriter(BlobWriter):
                 raise _os_error(exc, f"cannot commit {key}") from exc
 
         jobs = [file_job, sync_job] if sync_job is not None else [file_job]
-        return completions.watch(jobs, settle) if completions is not None else _Once(jobs, settle)
+        return completions.watch(jobs, settle) if completions is not None else Once(jobs, settle)
 
     def _start_in_place(self, key: str, final: str, buf: bytearray,
-                        completions: _Completions | None) -> Callable[[], None]:
+                        completions: Completions | None) -> Callable[[], None]:
         """:meth:`_commit_in_place` by ``_cwrite``'s writer threads for durable files (no Python thread): the
         waiter waits for it, or with ``completions`` the loop is signalled when it is done."""
         assert CWRITE is not None
@@ -447,7 +339,7 @@ class FileWriter(BlobWriter):
             except OSError as exc:
                 raise _os_error(exc, f"cannot commit {key}") from exc
 
-        return completions.watch([job], settle) if completions is not None else _Once([job], settle)
+        return completions.watch([job], settle) if completions is not None else Once([job], settle)
 
     def _commit_in_place(self, key: str, final: str, buf: bytearray) -> None:
         """Write the file in place and make it durable itself: ``fdatasync`` of the file, ``fsync`` of its directory.
