@@ -162,3 +162,17 @@ def test_a_flush_job_reports_its_error(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         CWRITE.submit_sync(-1).wait()
     assert info.value.errno == errno.EBADF
+
+
+def test_drain_returns_once_no_job_of_either_queue_is_left(tmp_path: Path) -> None:
+    """The blob store calls it before its journal closes the segments that flushes name."""
+    assert CWRITE is not None
+    data = os.urandom(256 * 1024)
+    with open(tmp_path / "segment", "wb") as segment:
+        for i in range(8):  # dropped at once, both queues
+            CWRITE.submit(str(tmp_path / f"{i}.dcm"), data, False, sync=True, sync_dir=True, direct=True)
+            CWRITE.submit(str(tmp_path / f"small-{i}.dcm"), data[:9000])
+            CWRITE.submit_sync(segment.fileno(), False, True)
+        CWRITE.drain()
+    assert all((tmp_path / f"{i}.dcm").read_bytes() == data for i in range(8))
+    assert all((tmp_path / f"small-{i}.dcm").stat().st_size == 9000 for i in range(8))

@@ -179,6 +179,7 @@ static pthread_cond_t q_work[POOLS] = {PTHREAD_COND_INITIALIZER, PTHREAD_COND_IN
 static pthread_cond_t q_done = PTHREAD_COND_INITIALIZER; /* a job finished */
 static job *q_head[POOLS] = {NULL, NULL}, *q_tail[POOLS] = {NULL, NULL};
 static uint64_t q_submitted = 0, q_completed = 0; /* of ORDERED */
+static uint64_t q_inflight = 0; /* jobs of either queue not finished yet */
 static int q_threads[POOLS] = {0, 0}; /* this process's threads */
 static int q_idle[POOLS] = {0, 0};    /* of them, waiting for work */
 static uint64_t q_generation = 0; /* bumped in a forked child: the parent's jobs are not this process's */
@@ -202,6 +203,7 @@ static void run_job(job *j, int pool) {
     int notify = j->notify;
     pthread_mutex_lock(&q_lock);
     if (pool == ORDERED) q_completed++;
+    q_inflight--;
     if (j->orphan) {
         free_job(j);
     } else {
@@ -253,7 +255,7 @@ static void after_fork_child(void) {
         q_head[pool] = q_tail[pool] = NULL; /* the parent's jobs: its Pendings here raise instead of waiting */
         q_threads[pool] = q_idle[pool] = 0;
     }
-    q_submitted = q_completed = 0;
+    q_submitted = q_completed = q_inflight = 0;
     q_generation++;
     if (q_eventfd >= 0) close(q_eventfd); /* the parent's loop watches it */
     q_eventfd = -1;
@@ -357,6 +359,7 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
     if (q_tail[pool] != NULL) q_tail[pool]->next = j; else q_head[pool] = j;
     q_tail[pool] = j;
     if (pool == ORDERED) q_submitted++;
+    q_inflight++;
     pthread_cond_signal(&q_work[pool]);
     pthread_mutex_unlock(&q_lock);
     return (PyObject *)pending;
@@ -432,13 +435,24 @@ static PyObject *barrier(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static PyObject *drain(PyObject *self, PyObject *unused) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&q_lock);
+    while (q_inflight > 0) pthread_cond_wait(&q_done, &q_lock);
+    pthread_mutex_unlock(&q_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
      "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: create_file in a "
      "writer thread, from a copy of data (see the module)"},
-    {"barrier", barrier, METH_NOARGS, "barrier(): return once every job submitted before the call is done"},
+    {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
+    {"drain", drain, METH_NOARGS,
+     "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},
     {"submit_sync", submit_sync, METH_VARARGS,
      "submit_sync(fd, notify=True, parallel=False) -> Pending: fdatasync(fd) after the jobs submitted before it, "
      "or with parallel in a thread for durable files, beside them; notify: signal notify_fd() when done"},

@@ -615,6 +615,8 @@ class FileBlobStore(BlobStore):
                 pool.shutdown(wait=True)
         journal, self._journal = self._journal, None
         if journal is not None and journal.pid == os.getpid():
+            if CWRITE is not None:  # no flush of _cwrite's may still name a segment the journal closes
+                CWRITE.drain()
             try:
                 journal.close()
             except OSError as exc:  # its segments stay and are replayed on the next open

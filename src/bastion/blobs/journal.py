@@ -261,7 +261,7 @@ class Journal:
         """For a flush outside this class: the file descriptor whose ``fdatasync`` makes ``ticket`` durable and
         the appends that flush will cover, or None if it is durable already. Report the flush's outcome with
         :meth:`synced`. (Records not yet durable are all in the active segment; a segment stays open until
-        :meth:`close`, which waits for such flushes through its checkpoint.)"""
+        :meth:`close`: its caller must first wait for such flushes, as the blob store does.)"""
         with self._cond:
             if self._synced >= ticket:
                 return None
