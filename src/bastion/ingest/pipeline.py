@@ -156,8 +156,8 @@ class Ingest:
                            sop_uid: str | None = None) -> StoreResult:
         """:meth:`finish` for an event loop that serves other clients meanwhile.
 
-        The blob's flush runs off the loop (:class:`CommitInThread`: a thread of the blob store, or for a journaled
-        object the writer thread of ``_cwrite``, which signals the loop without a Python thread) and is awaited
+        The blob's flush runs off the loop (:class:`CommitInThread`: the threads of ``_cwrite``, which signal the
+        loop without a Python thread, or where it is not built the blob store's Python threads) and is awaited
         before the index transaction instead of inside it: the loop receives other associations' data
         meanwhile, and the lock the index's writers share is not held through a flush.
         (:meth:`finish`, for a caller with nothing else to do, overlaps the flush with the index statements.)
