@@ -10,12 +10,14 @@
  * With ``sync`` the file is fdatasync'd, with ``sync_dir`` its directory fsync'd as well. On failure it
  * removes the file it created and raises OSError (FileExistsError if ``path`` existed, untouched).
  *
- * submit(path, data) does what create_file(path, data, False, False, False) does, in a thread of this module's
- * own that never takes the GIL, and returns at once with a Pending whose wait() returns when the file is written
- * (raising the OSError create_file would have). A journaled object (under 128 KB) is durable once its journal
- * record is; its file only has to exist before the store answers, and creating a file cost the event loop's
- * thread 0.05-0.2 ms of kernel time per object (ext4's inode allocation), most of it now spent while that
- * thread runs the index statements. The data is copied, so the caller's buffer is free at once.
+ * submit(path, data, notify, sync, sync_dir, direct) does what create_file does, in threads of this module's
+ * own that never take the GIL, and returns at once with a Pending whose wait() returns when the file is written
+ * (raising the OSError create_file would have). Without sync it goes to the ORDERED queue (one thread, in
+ * order): a journaled object (under 128 KB) is durable once its journal record is, its file only has to exist
+ * before the store answers, and creating a file cost the event loop's thread 0.05-0.2 ms of kernel time per
+ * object (ext4's inode allocation). With sync (objects from 128 KB) it goes to the DURABLE queue (up to four
+ * threads). The data is copied (page-aligned, so O_DIRECT writes it as it is): the caller's buffer is free at
+ * once.
  *
  * barrier() returns once every file submitted before the call is written (or failed): the journal's checkpoint
  * calls it before its syncfs, which must cover the files of the records it is about to void.
@@ -25,8 +27,8 @@
  * starts at once (for a caller that waits: one wake-up more, but the flush overlaps its index statements).
  *
  * For an event loop that serves other associations while a store waits: submit(path, data, True) and
- * submit_sync(fd) signal notify_fd(), an eventfd the loop watches, when they finish; the loop then finds them done() and goes on with
- * the store. No Python thread, so no GIL to hand over and back (a ThreadPoolExecutor round trip cost about
+ * submit_sync(fd) signal notify_fd(), an eventfd the loop watches, when they finish; the loop then finds
+ * them done() and goes on with the store. No Python thread, so no GIL to hand over and back (a ThreadPoolExecutor round trip cost about
  * 0.1 ms of CPU per store on the development VM).
  */
 #define PY_SSIZE_T_CLEAN
@@ -72,24 +74,23 @@ static int write_direct(int fd, const unsigned char *data, size_t size) {
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0) return -1;
     if (fcntl(fd, F_SETFL, flags | O_DIRECT) < 0) return errno == EINVAL ? 1 : -1;
-    if (((uintptr_t)data & (PAGE - 1)) == 0) { /* a writer thread's own copy: page-aligned already */
-        if (write_all(fd, data, whole, 0) < 0) return -1;
-        if (fcntl(fd, F_SETFL, flags) < 0) return -1;
-        return write_all(fd, data + whole, size - whole, (off_t)whole);
-    }
-    if (aligned_size < whole) {
-        size_t want = whole < ((size_t)1 << 20) ? ((size_t)1 << 20) : whole;
-        void *p = NULL;
-        if (posix_memalign(&p, PAGE, want) != 0) {
-            errno = ENOMEM;
-            return -1;
+    const unsigned char *source = data; /* a writer thread's own copy is page-aligned already */
+    if (((uintptr_t)data & (PAGE - 1)) != 0) {
+        if (aligned_size < whole) {
+            size_t want = whole < ((size_t)1 << 20) ? ((size_t)1 << 20) : whole;
+            void *p = NULL;
+            if (posix_memalign(&p, PAGE, want) != 0) {
+                errno = ENOMEM;
+                return -1;
+            }
+            free(aligned_buf);
+            aligned_buf = p;
+            aligned_size = want;
         }
-        free(aligned_buf);
-        aligned_buf = p;
-        aligned_size = want;
+        memcpy(aligned_buf, data, whole);
+        source = aligned_buf;
     }
-    memcpy(aligned_buf, data, whole);
-    if (write_all(fd, aligned_buf, whole, 0) < 0) return -1;
+    if (write_all(fd, source, whole, 0) < 0) return -1;
     if (fcntl(fd, F_SETFL, flags) < 0) return -1;
     return write_all(fd, data + whole, size - whole, (off_t)whole);
 }
@@ -154,7 +155,7 @@ static PyObject *create_file(PyObject *self, PyObject *args) {
 }
 
 
-/* -- the writer thread ------------------------------------------------------------------------------------- */
+/* -- the writer threads ------------------------------------------------------------------------------------ */
 
 typedef struct job {
     struct job *next;
