@@ -74,3 +74,25 @@ def test_deflated_objects_are_not_scanned() -> None:
     data = Path(pydicom.data.get_testdata_file("image_dfl.dcm")).read_bytes()
     with pytest.raises(NotSimple):
         scan_header(data, H._WANTED)
+
+
+def _damaged(tmp_path: Path) -> dict[str, bytes]:
+    """Objects pydicom reads up to an element it cannot decode, which it raises only when that element is read
+    (found by tests/integration/test_api_fuzz.py: they escaped as a traceback in the log)."""
+    small = _generated(tmp_path)[0]
+    sop_uid = b"\x08\x00\x18\x00UI"  # (0008,0018) SOP Instance UID, explicit VR
+    at = small.index(sop_uid)
+    unknown_vr = small[:at + 4] + b"U\x27" + small[at + 6:]
+    group_length = small.index(b"\x02\x00\x00\x00UL\x04\x00")  # (0002,0000) File Meta Information Group Length
+    odd_length = small[:group_length + 6] + b"\x03\x00" + small[group_length + 8:]
+    return {"unknown VR": unknown_vr, "odd length": odd_length}
+
+
+@pytest.mark.parametrize("damage", ["unknown VR", "odd length"])
+def test_an_element_pydicom_cannot_decode_makes_the_object_invalid(tmp_path: Path, damage: str) -> None:
+    data = _damaged(tmp_path)[damage]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for read in (_fast, _slow):
+            with pytest.raises(BastionError):  # InvalidObject: the store answers 0xC000, and logs one line
+                read(data)

@@ -14,10 +14,11 @@ from typing import Any, BinaryIO
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 
 from bastion.errors import (
+    BastionError,
     CommandMismatch,
     InvalidObject,
     InvalidUID,
@@ -301,15 +302,9 @@ def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
         if ts not in STORABLE_TRANSFER_SYNTAXES:
             raise UnsupportedTransferSyntax(f"transfer syntax {ts} is not supported", uid=ts)
         _check_pixel_data_complete(fp, size, ts)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, AttributeError,
-            TypeError, NotImplementedError, UnicodeError) as exc:
+    except (InvalidDicomError, BytesLengthException, EOFError, ValueError, KeyError, struct.error, OSError,
+            AttributeError, TypeError, NotImplementedError, UnicodeError) as exc:
         raise InvalidObject(f"cannot parse the dataset: {exc}") from exc
-    meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
-    try:
-        attrs = {level: _to_json(ds, level) for level in QueryLevel}
-        patient_id = str(ds.get("PatientID", "") or "").strip()
-    except Exception as exc:
-        raise InvalidObject(f"cannot decode the dataset's attributes: {exc}") from exc
 
     def uid_text(keyword: str) -> str | None:
         if keyword not in ds:
@@ -317,4 +312,14 @@ def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
         value = ds.get(keyword)
         return "" if value is None else str(value).strip("\x00 ")
 
-    return _header(ts, None if meta_sop is None else str(meta_sop).strip("\x00 "), uid_text, patient_id, attrs)
+    # pydicom decodes an element when it is first read: a damaged one (an unknown VR, a length that is no
+    # multiple of its value's size) raises here, whatever it raises
+    try:
+        meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
+        attrs = {level: _to_json(ds, level) for level in QueryLevel}
+        patient_id = str(ds.get("PatientID", "") or "").strip()
+        return _header(ts, None if meta_sop is None else str(meta_sop).strip("\x00 "), uid_text, patient_id, attrs)
+    except BastionError:
+        raise
+    except Exception as exc:
+        raise InvalidObject(f"cannot decode the dataset's attributes: {exc}") from exc
