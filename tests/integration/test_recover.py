@@ -8,12 +8,16 @@ Simulates a power failure that kept the fsync'd blobs but lost the index's last 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from conftest import BastionServer, make_study, run_bastion
+from pydicom.uid import generate_uid
 
 from bastion.archive import RUNNING_MARKER, Archive
+from bastion.model import digest
 from bastion.model.levels import QueryLevel
+from bastion.model.records import object_key
 from bastion.settings import load_settings
 
 
@@ -98,9 +102,34 @@ def test_recover_does_not_index_an_incomplete_unacknowledged_file(tmp_path: Path
     assert aside.read_bytes()[: len(data) // 2] == data[: len(data) // 2], "the torn file was not kept aside"
     verify = run_bastion("verify", "--data", str(settings.data))
     assert verify.returncode == 0 and "0 stored but not indexed" in verify.stdout, verify.stdout
-    assert "1 torn write(s) that crash recovery set aside" in verify.stdout, verify.stdout
+    assert "1 torn or invalid write(s) that crash recovery set aside" in verify.stdout, verify.stdout
     server = BastionServer(settings.data).start()
     try:
         assert server.stats()["storage"]["set_aside"] == 1  # on the admin page too, for whoever is on call
     finally:
         server.stop()
+
+
+def test_recover_sets_aside_an_object_that_failed_its_checks(tmp_path: Path) -> None:
+    """A C-STORE's object is written under the command's SOP Instance UID before its header is checked, and one
+    that fails is removed again once the check fails. If the power fails in between, recovery finds it
+    unindexed under a key that its content contradicts: it was never acknowledged, and is set aside."""
+    settings = load_settings(None, env={}, data=tmp_path / "data")
+    study = make_study(tmp_path / "study", series=1, per_series=2)
+    archive = Archive.open(settings)
+    archive.ingest.store_bytes(study.files[0].read_bytes(), "test")
+    data = study.files[1].read_bytes()
+    command_uid = generate_uid()  # not the dataset's own
+    key = object_key(command_uid, f"{time.time_ns():020d}", digest.text(digest.of_bytes(data)))
+    archive.blobs.put(key, data)
+    archive.close()
+    (settings.data / RUNNING_MARKER).write_text("crashed")
+
+    archive = Archive.open(settings)
+    try:
+        indexed = {r.sop_uid for r in archive.retriever.select(QueryLevel.IMAGE, [])}
+        assert indexed == {study.sop_uids[0]}, "an object that differs from its key was indexed"
+        assert not archive.blobs.exists(key)
+    finally:
+        archive.close()
+    assert (settings.data / "blobs" / ".quarantine" / key).read_bytes() == data

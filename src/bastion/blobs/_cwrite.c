@@ -24,7 +24,9 @@
  *
  * submit_sync(fd) queues an fdatasync of the journal's segment (submitted once the record is written): after
  * the file in the same thread, or with parallel=True in a thread for durable files, so that the disk's flush
- * starts at once (for a caller that waits: one wake-up more, but the flush overlaps its index statements).
+ * starts at once (for a caller that waits: one wake-up more, but the flush overlaps its index statements). With
+ * yield_cpu=True the caller gives up its CPU once after queuing it, so that the thread starts the flush before
+ * the caller goes on (see submit_sync).
  *
  * For an event loop that serves other associations while a store waits: submit(path, data, True) and
  * submit_sync(fd) signal notify_fd(), an eventfd the loop watches, when they finish; the loop then finds
@@ -38,6 +40,7 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -166,6 +169,7 @@ typedef struct job {
     int sync, sync_dir, direct; /* as create_file's */
     int parallel;             /* a flush that may overlap the ORDERED queue's jobs */
     int notify;               /* signal notify_fd when done */
+    int deferred;             /* queued without waking the thread: see submit's defer */
     int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
 } job;
 
@@ -262,6 +266,11 @@ static void after_fork_child(void) {
     q_eventfd = -1;
 }
 
+/* Wake the ORDERED thread for jobs submitted with defer (q_lock held). */
+static void wake_deferred(void) {
+    if (q_head[ORDERED] != NULL) pthread_cond_signal(&q_work[ORDERED]);
+}
+
 typedef struct {
     PyObject_HEAD
     job *job;
@@ -291,6 +300,7 @@ static PyObject *pending_wait(Pending *self, PyObject *unused) {
     int err;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&q_lock);
+    if (!self->job->done && self->job->deferred) wake_deferred();
     while (!self->job->done) pthread_cond_wait(&q_done, &q_lock);
     err = self->job->err;
     pthread_mutex_unlock(&q_lock);
@@ -361,18 +371,18 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
     q_tail[pool] = j;
     if (pool == ORDERED) q_submitted++;
     q_inflight++;
-    pthread_cond_signal(&q_work[pool]);
+    if (!j->deferred) pthread_cond_signal(&q_work[pool]);
     pthread_mutex_unlock(&q_lock);
     return (PyObject *)pending;
 }
 
 static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", NULL};
+    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", "defer", NULL};
     PyObject *path_arg, *path_obj;
     Py_buffer data;
-    int notify = 0, sync = 0, sync_dir = 0, direct = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*|pppp", kwlist, &path_arg, &data, &notify, &sync,
-                                     &sync_dir, &direct))
+    int notify = 0, sync = 0, sync_dir = 0, direct = 0, defer = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*|ppppp", kwlist, &path_arg, &data, &notify, &sync,
+                                     &sync_dir, &direct, &defer))
         return NULL;
     if (!PyUnicode_FSConverter(path_arg, &path_obj)) {
         PyBuffer_Release(&data);
@@ -398,19 +408,33 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
     j->sync = sync;
     j->sync_dir = sync_dir;
     j->direct = direct;
+    j->deferred = defer && !sync; /* the ORDERED queue's only */
     PyBuffer_Release(&data);
     return enqueue(j, path_arg);
 }
 
-static PyObject *submit_sync(PyObject *self, PyObject *args) {
-    int fd, notify = 1, parallel = 0;
-    if (!PyArg_ParseTuple(args, "i|pp", &fd, &notify, &parallel)) return NULL;
+static PyObject *submit_sync(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"fd", "notify", "parallel", "yield_cpu", NULL};
+    int fd, notify = 1, parallel = 0, yield_cpu = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|ppp", kwlist, &fd, &notify, &parallel, &yield_cpu))
+        return NULL;
     job *j = calloc(1, sizeof(job));
     if (j == NULL) return PyErr_NoMemory();
     j->sync_fd = fd;
     j->notify = notify;
     j->parallel = parallel;
-    return enqueue(j, NULL);
+    PyObject *pending = enqueue(j, NULL);
+    /* The kernel mostly queues the woken thread on this CPU, even with the other one idle (a halted vCPU counts
+     * as busy), where it would wait for this thread to block: the flush would follow the caller's index
+     * statements instead of overlapping them. Yielding once lets it start the fdatasync (a few microseconds)
+     * and sleep on the disk first (BENCHMARKS.md, item 48). */
+    if (pending != NULL && yield_cpu) {
+        sched_yield();
+        pthread_mutex_lock(&q_lock);
+        wake_deferred(); /* a file submitted with defer: its thread comes after the flush's */
+        pthread_mutex_unlock(&q_lock);
+    }
+    return pending;
 }
 
 static PyObject *notify_fd(PyObject *self, PyObject *unused) {
@@ -430,6 +454,7 @@ static PyObject *barrier(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&q_lock);
     uint64_t target = q_submitted;
+    wake_deferred();
     while (q_completed < target) pthread_cond_wait(&q_done, &q_lock);
     pthread_mutex_unlock(&q_lock);
     Py_END_ALLOW_THREADS
@@ -439,6 +464,7 @@ static PyObject *barrier(PyObject *self, PyObject *unused) {
 static PyObject *drain(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&q_lock);
+    wake_deferred();
     while (q_inflight > 0) pthread_cond_wait(&q_done, &q_lock);
     pthread_mutex_unlock(&q_lock);
     Py_END_ALLOW_THREADS
@@ -449,14 +475,16 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
-     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: create_file in a "
-     "writer thread, from a copy of data (see the module)"},
+     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False, defer=False) -> Pending: "
+     "create_file in a writer thread, from a copy of data (see the module); defer (ORDERED): the thread is woken "
+     "by the next submit_sync with yield_cpu, wait(), barrier() or drain()"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
     {"drain", drain, METH_NOARGS,
      "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},
-    {"submit_sync", submit_sync, METH_VARARGS,
-     "submit_sync(fd, notify=True, parallel=False) -> Pending: fdatasync(fd) after the jobs submitted before it, "
-     "or with parallel in a thread for durable files, beside them; notify: signal notify_fd() when done"},
+    {"submit_sync", (PyCFunction)(void (*)(void))submit_sync, METH_VARARGS | METH_KEYWORDS,
+     "submit_sync(fd, notify=True, parallel=False, yield_cpu=False) -> Pending: fdatasync(fd) after the jobs "
+     "submitted before it, or with parallel in a thread for durable files, beside them; notify: signal "
+     "notify_fd() when done; yield_cpu: give the CPU up once, so that the thread starts the flush at once"},
     {"notify_fd", notify_fd, METH_NOARGS,
      "notify_fd(): an eventfd (non-blocking) that the thread signals when a job submitted to notify is done"},
     {NULL, NULL, 0, NULL},

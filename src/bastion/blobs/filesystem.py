@@ -284,13 +284,15 @@ class FileWriter(BlobWriter):
         assert CWRITE is not None
         notify = completions is not None
         self._store.make_dirs(os.path.dirname(final))
-        file_job = CWRITE.submit(final, buf, notify)
+        file_job = CWRITE.submit(final, buf, notify, defer=not notify)  # its thread is woken after the flush's
         try:
             ticket = journal.write(key, digest, [buf], len(buf), writeback=False)  # the fdatasync follows now
             prepared = journal.pending_sync(ticket)
-            # alone, the flush starts at once, beside the file's creation; beside others (both cores busy) it
-            # follows the file in the same thread: one wake-up, not two (BENCHMARKS.md, item 45)
-            sync_job = CWRITE.submit_sync(prepared[0], notify, not notify) if prepared is not None else None
+            # alone, the flush starts at once, beside the file's creation, before this thread goes on (yield_cpu:
+            # BENCHMARKS.md, item 48); beside others (both cores busy) it follows the file in the same thread:
+            # one wake-up, not two (item 45)
+            sync_job = (CWRITE.submit_sync(prepared[0], notify, not notify, yield_cpu=not notify)
+                        if prepared is not None else None)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 file_job.wait()

@@ -68,7 +68,7 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"  not indexed (run `bastion index rebuild`): {key}")
     aside = blobs.set_aside_count()
     if aside:
-        print(f"{aside} torn write(s) that crash recovery set aside (never acknowledged; safe to delete once "
-              f"looked at): {getattr(blobs, 'quarantine_dir', blobs.location)}")
+        print(f"{aside} torn or invalid write(s) that crash recovery set aside (never acknowledged; safe to delete "
+              f"once looked at): {getattr(blobs, 'quarantine_dir', blobs.location)}")
     blobs.close()
     return 0 if report.ok else 1

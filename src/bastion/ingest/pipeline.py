@@ -3,9 +3,11 @@
 Order of work for one object (Orthanc's "instance to store" idea, with Bastion's promise):
 
 1. the adapter streams the Part 10 bytes into a :class:`PendingObject` (hashed on the way);
-2. :meth:`Ingest.finish` parses and validates the header;
-3. the blob is committed durably under its final key (the blob store's journal, or fsync of file and directory);
-   :meth:`BlobWriter.start_commit` writes it and starts the flush, which completes while
+2. :meth:`Ingest.finish` parses and validates the header, and
+3. the blob is committed durably under its final key (the blob store's journal, or fsync of file and directory):
+   :meth:`BlobWriter.start_commit` writes it and starts the flush, which completes while (for a C-STORE, whose
+   command names the SOP Instance UID the key holds, the commit starts before step 2, which runs meanwhile, and
+   an object that fails it is removed again)
 4. the index records it in one transaction, with a change-log entry, which commits only once step 3 is done (it
    survives a process crash at once; after a power failure recovery re-indexes it from the blob store). An
    identical current copy, which that transaction finds, makes it a duplicate: nothing is recorded and the new
@@ -27,7 +29,7 @@ from typing import BinaryIO
 from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread
 from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
-from bastion.ingest.header import read_header
+from bastion.ingest.header import Header, read_header
 from bastion.ingest.rejections import RejectionLog
 from bastion.model import digest as content_digest
 from bastion.model.part10 import file_meta_bytes, part10_bytes
@@ -38,6 +40,7 @@ from bastion.model.records import (
     StoreStatus,
     object_key,
 )
+from bastion.model.uids import is_valid_uid
 
 log = logging.getLogger("bastion.ingest")
 
@@ -171,10 +174,10 @@ class Ingest:
                     # shielded: an association that goes away meanwhile does not cancel the commit
                     await asyncio.shield(asyncio.wrap_future(staged.durable.future))
                 except asyncio.CancelledError:
-                    staged.durable.future.add_done_callback(lambda _: self._discard(staged))
+                    staged.durable.future.add_done_callback(lambda _: self._discard_staged(staged))
                     raise
                 except BaseException:
-                    self._discard(staged)
+                    self._discard_staged(staged)
                     raise
             return self._record(staged)
         except Exception as exc:
@@ -194,26 +197,37 @@ class Ingest:
     def _stage(self, pending: PendingObject, sop_class: str | None, sop_uid: str | None,
                background: bool = False, lookup_first: bool = False) -> _Staged | StoreResult:
         """Check the header and start the blob's commit; a StoreResult for a duplicate that the lookup before the
-        write found (nothing written)."""
-        header = read_header(pending.writer.reader())
-        if sop_uid is not None and header.sop_uid != sop_uid:
-            raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
-                                  f"command's {sop_uid}", uid=header.sop_uid)
-        if sop_class is not None and header.sop_class_uid != sop_class:
-            raise CommandMismatch(f"dataset SOP Class UID {header.sop_class_uid} differs from the "
-                                  f"command's {sop_class}", uid=header.sop_class_uid)
+        write found (nothing written).
+
+        A C-STORE names its SOP Instance UID in the command, which the dataset must repeat: its blob's commit
+        (the disk's flush above all) starts before the header is read, under a key made from the command's UID,
+        and the header is checked while the flush runs. An object that then fails the checks is removed again,
+        before its failure is answered (:meth:`_discard`).
+        """
         w = pending.writer
         digest = w.digest
-        if lookup_first or w.size >= PRECHECK_BYTES:  # a re-sent one is not written again only to be removed
-            current = self.index.current(header.sop_uid)
-            if current is not None and (current.digest == digest or _same_content(current.digest, w.reader)):
-                w.abort()
-                return StoreResult(StoreStatus.DUPLICATE, current)
-        stamp = self._stamps.next()
-        key = object_key(header.sop_uid, stamp, digest)
+        if sop_uid is None or lookup_first or w.size >= PRECHECK_BYTES or not is_valid_uid(sop_uid):
+            header = self._checked_header(w, sop_class, sop_uid)
+            if lookup_first or w.size >= PRECHECK_BYTES:  # a re-sent one is not written again only to be removed
+                current = self.index.current(header.sop_uid)
+                if current is not None and (current.digest == digest or _same_content(current.digest, w.reader)):
+                    w.abort()
+                    return StoreResult(StoreStatus.DUPLICATE, current)
+            stamp = self._stamps.next()
+            key = object_key(header.sop_uid, stamp, digest)
+            durable = w.start_commit(key, background=background)  # written now, flushed while the index works
+        else:
+            reader = w.reader()  # the buffer it reads is handed to the blob store by start_commit
+            stamp = self._stamps.next()
+            key = object_key(sop_uid, stamp, digest)
+            durable = w.start_commit(key, background=background)
+            try:
+                header = self._checked_header(reader, sop_class, sop_uid)
+            except BaseException:
+                self._discard(durable, key)
+                raise
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                                 header.transfer_syntax, key, digest, w.size)
-        durable = w.start_commit(key, background=background)  # written now, flushed while the index works
 
         def committed() -> BinaryIO:
             durable()  # the copy is complete (the index's own wait for it then returns at once)
@@ -222,12 +236,25 @@ class Ingest:
         return _Staged(StoredObject(record, header.patient_id, stamp, header.attrs), durable,
                        lambda stored: _same_content(stored, committed))
 
+    @staticmethod
+    def _checked_header(source: BlobWriter | BinaryIO, sop_class: str | None, sop_uid: str | None) -> Header:
+        """The header of the object ``source`` holds (a writer, or a reader of its bytes), which must repeat the
+        command's UIDs where they are given (PS3.4 B.2.3)."""
+        header = read_header(source.reader() if isinstance(source, BlobWriter) else source)
+        if sop_uid is not None and header.sop_uid != sop_uid:
+            raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
+                                  f"command's {sop_uid}", uid=header.sop_uid)
+        if sop_class is not None and header.sop_class_uid != sop_class:
+            raise CommandMismatch(f"dataset SOP Class UID {header.sop_class_uid} differs from the "
+                                  f"command's {sop_class}", uid=header.sop_class_uid)
+        return header
+
     def _record(self, staged: _Staged) -> StoreResult:
         """Record ``staged`` in the index (its flush completing meanwhile); remove its blob if that fails."""
         try:
             status, seq = self.index.record(staged.obj, staged.durable, staged.same_content)
         except BaseException:
-            self._discard(staged)
+            self._discard_staged(staged)
             raise
         record = staged.obj.instance
         if status is StoreStatus.DUPLICATE:
@@ -237,11 +264,15 @@ class Ingest:
             return StoreResult(status, self.index.current(record.sop_uid) or record)
         return StoreResult(status, record, seq)
 
-    def _discard(self, staged: _Staged) -> None:
-        """The index did not record ``staged``: remove its blob once its commit has finished (or failed)."""
+    def _discard_staged(self, staged: _Staged) -> None:
+        self._discard(staged.durable, staged.obj.instance.blob_key)
+
+    def _discard(self, durable: Callable[[], None], key: str) -> None:
+        """The index will not record the object being committed under ``key``: remove its blob once its commit
+        (``durable``) has finished or failed."""
         with contextlib.suppress(Exception):
-            staged.durable()
-        self.blobs.delete(staged.obj.instance.blob_key)
+            durable()
+        self.blobs.delete(key)
 
     def _failed(self, origin: str, message: str) -> None:
         self.rejections.record(origin, message)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bastion.blobs.base import BlobStore
-from bastion.errors import BastionError
+from bastion.errors import BastionError, InvalidObject, UnsupportedTransferSyntax
 from bastion.index.base import Index
 from bastion.ingest.header import read_header
 from bastion.model import digest as content_digest
@@ -36,6 +36,11 @@ class TornObject(BastionError):
     """A stored file whose bytes do not match the digest in its key."""
 
 
+#: What makes an object that recovery finds unindexed one that was never acknowledged: torn, or failing the
+#: checks a store makes (see :func:`_replay`).
+_NEVER_ACKNOWLEDGED = (TornObject, InvalidObject, UnsupportedTransferSyntax)
+
+
 def stored_keys(blobs: BlobStore) -> list[tuple[str, str]]:
     """All object keys with their stamps, oldest first; foreign files are left out."""
     keyed = []
@@ -54,7 +59,7 @@ def read_stored_object(blobs: BlobStore, key: str) -> StoredObject:
         raise BastionError(f"{key} is not an object key")
     header = read_header(blobs.open(key))
     if header.sop_uid != parts["sop"]:
-        raise BastionError(f"{key}: the object's SOP Instance UID {header.sop_uid} differs from its key")
+        raise InvalidObject(f"{key}: the object's SOP Instance UID {header.sop_uid} differs from its key")
     record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                             header.transfer_syntax, key, parts["digest"], blobs.size(key))
     return StoredObject(record, header.patient_id, parts["stamp"], header.attrs)
@@ -79,7 +84,10 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
     one that does not match is set aside (:meth:`BlobStore.set_aside`): it is a write that a crash cut short.
     It was never acknowledged, since an acknowledged object is durable, and the blob store's journal replay
     (which runs when the store is opened, before this) has restored every acknowledged object whose file a
-    power failure cut short.
+    power failure cut short. One that is whole but cannot be indexed is set aside too: a C-STORE's object is
+    written under the command's SOP Instance UID before its header is checked (:meth:`Ingest._stage`), and
+    the crash came before an object that failed the check was removed again. Its failure was answered, or
+    nothing was.
     """
     report = RebuildReport()
     batch: list[StoredObject] = []
@@ -88,13 +96,15 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
             if verify:
                 _check_digest(blobs, key)
             batch.append(read_stored_object(blobs, key))
-        except TornObject as exc:
-            where = blobs.set_aside(key)
-            report.set_aside.append(key)
-            log.warning("%s set %s aside%s: %s", what, key, f" in {where}" if where else " (deleted)", exc.message)
         except BastionError as exc:
-            report.skipped.append((key, exc.message))
-            log.warning("%s skips %s: %s", what, key, exc.message)
+            if verify and isinstance(exc, _NEVER_ACKNOWLEDGED):
+                where = blobs.set_aside(key)
+                report.set_aside.append(key)
+                log.warning("%s set %s aside%s: %s", what, key, f" in {where}" if where else " (deleted)",
+                            exc.message)
+            else:
+                report.skipped.append((key, exc.message))
+                log.warning("%s skips %s: %s", what, key, exc.message)
         if len(batch) >= 500:
             _flush(index, batch, report)
         if progress:
