@@ -62,7 +62,7 @@ def group_ticks(pgid: int) -> tuple[int, int]:
 def measure(src: str, files: list[Path], associations: int, args: argparse.Namespace) -> dict[str, float]:
     """One cell: a fresh server on ``src``, the corpus over ``associations`` associations."""
     os.environ["PYTHONPATH"] = src  # the server (a child) imports bastion from there
-    ingest.quiet_disk()
+    ingest.quiet_disk(files)
     with (
         servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir) as server,
         tempfile.TemporaryDirectory(dir=args.workdir) as logdir,

@@ -192,7 +192,9 @@ def test_a_deferred_file_waits_for_a_flush_that_yields_or_for_a_waiter(tmp_path:
     """The one-association store path: its file's thread is woken only after the journal's flush has started
     (``submit_sync(..., yield_cpu=True)``), or by whoever needs the file (``wait``, ``barrier``, ``drain``)."""
     assert CWRITE is not None
-    CWRITE.submit(str(tmp_path / "first"), b"f").wait()  # the ORDERED thread exists, and sleeps
+    CWRITE.submit(str(tmp_path / "first"), b"f").wait()  # the ORDERED thread exists,
+    CWRITE.drain()
+    time.sleep(0.1)  # and sleeps: a thread still busy would take a deferred job on its next turn
     held = CWRITE.submit(str(tmp_path / "held"), b"h", defer=True)
     assert not _created_within(tmp_path / "held", 0.2), "a deferred file was written before anything woke its thread"
     held.wait()
@@ -208,3 +210,4 @@ def test_a_deferred_file_waits_for_a_flush_that_yields_or_for_a_waiter(tmp_path:
         CWRITE.submit(str(tmp_path / name), name.encode(), defer=True)  # dropped
         getattr(CWRITE, name)()
         assert (tmp_path / name).read_bytes() == name.encode()
+
