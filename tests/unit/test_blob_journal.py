@@ -248,6 +248,31 @@ def test_records_written_before_a_rotation_are_durable_when_waited_for(tmp_path:
         journal.close()
 
 
+def test_the_checkpoint_waits_for_a_file_its_writer_is_creating(tmp_path: Path) -> None:
+    """One association: the store's thread writes the record (``creating``), then creates the object's file itself.
+    The checkpoint that voids the record must not run its ``syncfs`` before that file exists; a writer that waits
+    for room in the other segment meanwhile holds back no checkpoint."""
+    root = tmp_path / "blobs"
+    root.mkdir()
+    synced_with: list[bool] = []
+    journal = Journal(str(root / ".journal"), lambda: synced_with.append((root / "d.dcm").exists()),
+                      interval_s=0.05)
+    try:
+        ticket = journal.write("d.dcm", bytes(32), [_payload(1)], len(_payload(1)), writeback=False, creating=True)
+        time.sleep(0.5)  # ten checkpoint intervals
+        assert journal.checkpoints == 0 and synced_with == [], "checkpointed before the record's file existed"
+        (root / "d.dcm").write_bytes(_payload(1))
+        journal.file_created(ticket)
+        deadline = time.monotonic() + 10
+        while journal.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert journal.checkpoints == 1 and synced_with == [True]
+        other = journal.write("e.dcm", bytes(32), [b"x"], 1, creating=True)  # the other segment now
+        journal.file_created(other)
+    finally:
+        journal.close()
+
+
 def test_a_failed_outside_flush_fails_every_record_it_covered(tmp_path: Path) -> None:
     """``pending_sync``/``synced``: after a failed ``fdatasync`` a later one may succeed without the data (the
     kernel forgets the error), so a record the failed flush covered never counts as durable."""

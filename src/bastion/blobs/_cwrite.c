@@ -15,7 +15,8 @@
  * (raising the OSError create_file would have). Without sync it goes to the ORDERED queue (one thread, in
  * order): a journaled object (under 128 KB) is durable once its journal record is, its file only has to exist
  * before the store answers, and creating a file cost the event loop's thread 0.05-0.2 ms of kernel time per
- * object (ext4's inode allocation). With sync (objects from 128 KB) it goes to the DURABLE queue (up to four
+ * object (ext4's inode allocation) while it served other associations (alone, the store's thread creates the
+ * file itself: a thread woken for it ran on the same CPU anyway). With sync (objects from 128 KB) it goes to the DURABLE queue (up to four
  * threads). The data is copied (page-aligned, so O_DIRECT writes it as it is): the caller's buffer is free at
  * once.
  *
@@ -169,7 +170,6 @@ typedef struct job {
     int sync, sync_dir, direct; /* as create_file's */
     int parallel;             /* a flush that may overlap the ORDERED queue's jobs */
     int notify;               /* signal notify_fd when done */
-    int deferred;             /* queued without waking the thread: see submit's defer */
     int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
 } job;
 
@@ -266,11 +266,6 @@ static void after_fork_child(void) {
     q_eventfd = -1;
 }
 
-/* Wake the ORDERED thread for jobs submitted with defer (q_lock held). */
-static void wake_deferred(void) {
-    if (q_head[ORDERED] != NULL) pthread_cond_signal(&q_work[ORDERED]);
-}
-
 typedef struct {
     PyObject_HEAD
     job *job;
@@ -300,7 +295,6 @@ static PyObject *pending_wait(Pending *self, PyObject *unused) {
     int err;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&q_lock);
-    if (!self->job->done && self->job->deferred) wake_deferred();
     while (!self->job->done) pthread_cond_wait(&q_done, &q_lock);
     err = self->job->err;
     pthread_mutex_unlock(&q_lock);
@@ -371,18 +365,18 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
     q_tail[pool] = j;
     if (pool == ORDERED) q_submitted++;
     q_inflight++;
-    if (!j->deferred) pthread_cond_signal(&q_work[pool]);
+    pthread_cond_signal(&q_work[pool]);
     pthread_mutex_unlock(&q_lock);
     return (PyObject *)pending;
 }
 
 static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", "defer", NULL};
+    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", NULL};
     PyObject *path_arg, *path_obj;
     Py_buffer data;
-    int notify = 0, sync = 0, sync_dir = 0, direct = 0, defer = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*|ppppp", kwlist, &path_arg, &data, &notify, &sync,
-                                     &sync_dir, &direct, &defer))
+    int notify = 0, sync = 0, sync_dir = 0, direct = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*|pppp", kwlist, &path_arg, &data, &notify, &sync,
+                                     &sync_dir, &direct))
         return NULL;
     if (!PyUnicode_FSConverter(path_arg, &path_obj)) {
         PyBuffer_Release(&data);
@@ -408,7 +402,6 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
     j->sync = sync;
     j->sync_dir = sync_dir;
     j->direct = direct;
-    j->deferred = defer && !sync; /* the ORDERED queue's only */
     PyBuffer_Release(&data);
     return enqueue(j, path_arg);
 }
@@ -424,16 +417,11 @@ static PyObject *submit_sync(PyObject *self, PyObject *args, PyObject *kwargs) {
     j->notify = notify;
     j->parallel = parallel;
     PyObject *pending = enqueue(j, NULL);
-    /* The kernel mostly queues the woken thread on this CPU, even with the other one idle (a halted vCPU counts
-     * as busy), where it would wait for this thread to block: the flush would follow the caller's index
+    /* The kernel mostly queued the woken thread on this CPU, even with the other one idle (90 % of wake-ups on
+     * the development VM), where it waited for this thread to block: the flush followed the caller's index
      * statements instead of overlapping them. Yielding once lets it start the fdatasync (a few microseconds)
      * and sleep on the disk first (BENCHMARKS.md, item 48). */
-    if (pending != NULL && yield_cpu) {
-        sched_yield();
-        pthread_mutex_lock(&q_lock);
-        wake_deferred(); /* a file submitted with defer: its thread comes after the flush's */
-        pthread_mutex_unlock(&q_lock);
-    }
+    if (pending != NULL && yield_cpu) sched_yield();
     return pending;
 }
 
@@ -454,7 +442,6 @@ static PyObject *barrier(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&q_lock);
     uint64_t target = q_submitted;
-    wake_deferred();
     while (q_completed < target) pthread_cond_wait(&q_done, &q_lock);
     pthread_mutex_unlock(&q_lock);
     Py_END_ALLOW_THREADS
@@ -464,7 +451,6 @@ static PyObject *barrier(PyObject *self, PyObject *unused) {
 static PyObject *drain(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&q_lock);
-    wake_deferred();
     while (q_inflight > 0) pthread_cond_wait(&q_done, &q_lock);
     pthread_mutex_unlock(&q_lock);
     Py_END_ALLOW_THREADS
@@ -475,9 +461,8 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
-     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False, defer=False) -> Pending: "
-     "create_file in a writer thread, from a copy of data (see the module); defer (ORDERED): the thread is woken "
-     "by the next submit_sync with yield_cpu, wait(), barrier() or drain()"},
+     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: create_file in a "
+     "writer thread, from a copy of data (see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
     {"drain", drain, METH_NOARGS,
      "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},

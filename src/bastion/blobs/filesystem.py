@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread, already_committed
 from bastion.blobs.cjobs import Completions, Once
@@ -142,6 +142,26 @@ class _BufferReader(io.RawIOBase):
         if not self.closed:
             self._view.release()
         super().close()
+
+
+class _Created:
+    """A file created on the calling thread, with a ``_cwrite.Pending``'s ``wait`` and ``done``: ``wait`` raises
+    the OSError its creation met."""
+
+    def __init__(self, final: str, buf: bytearray) -> None:
+        assert CWRITE is not None
+        self.error: OSError | None = None
+        try:
+            CWRITE.create_file(final, buf, False, False, False)
+        except OSError as exc:
+            self.error = exc
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def done(self) -> bool:
+        return True
 
 
 class FileWriter(BlobWriter):
@@ -271,33 +291,41 @@ class FileWriter(BlobWriter):
 
     def _start_journaled_in_c(self, journal: Journal, key: str, final: str, buf: bytearray, digest: bytes,
                               completions: Completions | None) -> Callable[[], None]:
-        """:meth:`_start_journaled` with the work that waits for the disk done by ``_cwrite``'s threads: one
-        creates the file (its inode allocation was most of the kernel time of a small store) and the
+        """:meth:`_start_journaled` with the work that waits for the disk done by ``_cwrite``'s threads: the
         ``fdatasync`` of the record's segment is started as soon as the record is written, so that the disk's
-        flush overlaps the index statements instead of following them. The waiter waits for both; with
-        ``completions`` (an event loop serving others) the loop is signalled instead.
+        flush overlaps the index statements instead of following them. The waiter waits for it and for the
+        object's file; with ``completions`` (an event loop serving others) the loop is signalled instead.
 
-        The file is submitted before the record is written: the journal's checkpoint, which may void the record
-        once it is written, first waits for every file submitted before it (``_cwrite.barrier``), then runs the
+        Alone (no ``completions``), this thread creates the file itself once the flush has started: the kernel ran
+        a thread woken to create it on this thread's CPU anyway, and the hand-off cost more than it saved
+        (BENCHMARKS.md, item 51). The journal's checkpoint that voids the record waits for it
+        (``Journal.write``'s ``creating``). Beside others, the ordered ``_cwrite`` thread creates it, then runs
+        the flush (one wake-up for both, item 45): it is submitted before the record is written, and the
+        checkpoint first waits for every file submitted before it (``_cwrite.barrier``), then runs the
         ``syncfs`` that must cover them.
         """
         assert CWRITE is not None
         notify = completions is not None
         self._store.make_dirs(os.path.dirname(final))
-        file_job = CWRITE.submit(final, buf, notify, defer=not notify)  # its thread is woken after the flush's
+        file_job: Any = CWRITE.submit(final, buf, True) if notify else None
+        ticket = 0
         try:
-            ticket = journal.write(key, digest, [buf], len(buf), writeback=False)  # the fdatasync follows now
+            ticket = journal.write(key, digest, [buf], len(buf), writeback=False, creating=not notify)
             prepared = journal.pending_sync(ticket)
-            # alone, the flush starts at once, beside the file's creation, before this thread goes on (yield_cpu:
-            # BENCHMARKS.md, item 48); beside others (both cores busy) it follows the file in the same thread:
-            # one wake-up, not two (item 45)
+            # alone, the flush starts before this thread goes on (yield_cpu: BENCHMARKS.md, item 48)
             sync_job = (CWRITE.submit_sync(prepared[0], notify, not notify, yield_cpu=not notify)
                         if prepared is not None else None)
+            if file_job is None:
+                file_job = _Created(final, buf)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                file_job.wait()
-                os.unlink(final)
+            if file_job is not None:
+                with contextlib.suppress(OSError):
+                    file_job.wait()
+                    os.unlink(final)
             raise _os_error(exc, f"cannot commit {key}") from exc
+        finally:
+            if ticket and not notify:  # whatever happened, the checkpoint must not wait for it
+                journal.file_created(ticket)
 
         def settle() -> None:
             """Both jobs are done: raise what kept the object from being durable, having removed its file."""
