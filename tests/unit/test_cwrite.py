@@ -188,3 +188,21 @@ def test_a_flush_that_yields_the_cpu_reports_as_any_other(tmp_path: Path) -> Non
     with pytest.raises(OSError) as info:
         CWRITE.submit_sync(-1, False, True, yield_cpu=True).wait()
     assert info.value.errno == errno.EBADF
+
+
+def test_durable_files_in_several_directories_are_written_and_their_directories_synced(tmp_path: Path) -> None:
+    """A durable file's directory is fsync'd by another thread while its data is written and flushed, once for
+    all the files of a directory queued together: files in different directories, submitted at once, each end
+    up whole (and a directory that is gone by then fails only its own file)."""
+    assert CWRITE is not None
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    datas = {d / f"{i}.dcm": os.urandom(200_000 + i) for d in dirs for i in range(4)}
+    pendings = [CWRITE.submit(str(path), data, False, sync=True, sync_dir=True, direct=True)
+                for path, data in datas.items()]
+    for pending in pendings:
+        pending.wait()
+    assert all(path.read_bytes() == data for path, data in datas.items())
+    with pytest.raises(FileNotFoundError):
+        CWRITE.submit(str(tmp_path / "missing" / "x.dcm"), b"x" * 5000, sync=True, sync_dir=True, direct=True).wait()

@@ -116,16 +116,22 @@ static int sync_parent(const char *path) {
 }
 
 /* create_file's work, without the GIL: 0 or an errno; a file this call created is removed again on failure. */
-static int write_file(const char *path, const unsigned char *bytes, size_t size, int sync, int sync_dir,
-                      int direct) {
+/* Write ``bytes`` into the new, empty file ``fd`` (flushed if ``sync``) and close it: 0 or an errno. */
+static int fill_file(int fd, const unsigned char *bytes, size_t size, int sync, int direct) {
     int err = 0;
-    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) return errno;
     int rc = direct ? write_direct(fd, bytes, size) : 1;
     if (rc == 1) rc = write_all(fd, bytes, size, 0);
     if (rc == 0 && sync) rc = fdatasync(fd);
     if (rc != 0) err = errno;
     if (close(fd) < 0 && err == 0) err = errno;
+    return err;
+}
+
+static int write_file(const char *path, const unsigned char *bytes, size_t size, int sync, int sync_dir,
+                      int direct) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) return errno;
+    int err = fill_file(fd, bytes, size, sync, direct);
     if (err == 0 && sync_dir && sync_parent(path) < 0) err = errno;
     if (err != 0) unlink(path); /* nothing of a failed write is left behind */
     return err;
@@ -170,23 +176,28 @@ typedef struct job {
     int sync, sync_dir, direct; /* as create_file's */
     int parallel;             /* a flush that may overlap the ORDERED queue's jobs */
     int notify;               /* signal notify_fd when done */
+    int dir_sync;             /* path is a directory to fsync (DIRSYNC; a file job's, which frees it) */
     int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
 } job;
 
-/* Two queues: ORDERED, one thread that runs its jobs in the order submitted (journaled objects' files and the
- * journal's flushes; barrier() counts them), and DURABLE, up to DURABLE_THREADS threads for files flushed on
- * their own (from 128 KB), whose flushes overlap. */
-enum { ORDERED = 0, DURABLE = 1, POOLS = 2 };
+/* Three queues: ORDERED, one thread that runs its jobs in the order submitted (journaled objects' files and the
+ * journal's flushes; barrier() counts them), DURABLE, up to DURABLE_THREADS threads for files flushed on their
+ * own (from 128 KB), whose flushes overlap, and DIRSYNC, one thread that fsyncs those files' directories while
+ * their data is written and flushed (one flush of the disk's cache instead of two in a row: a 520 KB file took
+ * 0.59-0.61 ms instead of 0.75-0.77 ms on the development VM), once for all the jobs of a directory queued
+ * together. A DIRSYNC job waits for nothing, so the DURABLE threads waiting for them cannot deadlock. */
+enum { ORDERED = 0, DURABLE = 1, DIRSYNC = 2, POOLS = 3 };
 #define DURABLE_THREADS 4
 
 static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t q_work[POOLS] = {PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER}; /* jobs queued */
+static pthread_cond_t q_work[POOLS] = {PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+                                       PTHREAD_COND_INITIALIZER}; /* jobs queued */
 static pthread_cond_t q_done = PTHREAD_COND_INITIALIZER; /* a job finished */
-static job *q_head[POOLS] = {NULL, NULL}, *q_tail[POOLS] = {NULL, NULL};
+static job *q_head[POOLS] = {NULL, NULL, NULL}, *q_tail[POOLS] = {NULL, NULL, NULL};
 static uint64_t q_submitted = 0, q_completed = 0; /* of ORDERED */
 static uint64_t q_inflight = 0; /* jobs of either queue not finished yet */
-static int q_threads[POOLS] = {0, 0}; /* this process's threads */
-static int q_idle[POOLS] = {0, 0};    /* of them, waiting for work */
+static int q_threads[POOLS] = {0, 0, 0}; /* this process's threads */
+static int q_idle[POOLS] = {0, 0, 0};    /* of them, waiting for work */
 static uint64_t q_generation = 0; /* bumped in a forked child: the parent's jobs are not this process's */
 static int q_eventfd = -1;        /* notify_fd(), made on first use */
 
@@ -196,13 +207,79 @@ static void free_job(job *j) {
     free(j);
 }
 
-static void run_job(job *j, int pool) {
-    int err = 0;
-    if (j->path != NULL) {
-        err = write_file(j->path, j->data, j->size, j->sync, j->sync_dir, j->direct);
-    } else if (fdatasync(j->sync_fd) != 0) {
+static void *writer_main(void *arg);
+
+/* With q_lock held: start another thread for ``pool`` if all of its threads are busy and it may have more; an
+ * error only if the pool has no thread at all. */
+static int start_thread(int pool) {
+    int limit = pool == DURABLE ? DURABLE_THREADS : 1;
+    if (q_threads[pool] >= limit || (q_threads[pool] > 0 && q_idle[pool] > 0)) return 0;
+    pthread_t thread;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&thread, &attr, writer_main, (void *)(intptr_t)pool);
+    pthread_attr_destroy(&attr);
+    if (rc == 0) q_threads[pool]++;
+    return q_threads[pool] == 0 ? rc : 0;
+}
+
+/* With q_lock held: queue ``j`` on ``pool`` (0, or an errno if no thread could be started). */
+static int push_job(job *j, int pool) {
+    int rc = start_thread(pool);
+    if (rc != 0) return rc;
+    if (q_tail[pool] != NULL) q_tail[pool]->next = j; else q_head[pool] = j;
+    q_tail[pool] = j;
+    if (pool == ORDERED) q_submitted++;
+    q_inflight++;
+    pthread_cond_signal(&q_work[pool]);
+    return 0;
+}
+
+/* A durable file whose directory is fsync'd by the DIRSYNC thread while this one writes and flushes the data
+ * (write_file's work otherwise): 0 or an errno, the file removed on failure. */
+static int write_file_dir_beside(job *j) {
+    int fd = open(j->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) return errno;
+    job *d = calloc(1, sizeof(job));
+    char *copy = d != NULL ? strdup(j->path) : NULL;
+    int queued = 0;
+    if (copy != NULL) {
+        d->path = strdup(dirname(copy));
+        d->dir_sync = 1;
+        d->sync_fd = -1;
+        if (d->path != NULL) {
+            pthread_mutex_lock(&q_lock);
+            queued = push_job(d, DIRSYNC) == 0;
+            pthread_mutex_unlock(&q_lock);
+        }
+    }
+    free(copy);
+    if (!queued && d != NULL) free_job(d);
+    int err = fill_file(fd, j->data, j->size, j->sync, j->direct);
+    if (queued) {
+        pthread_mutex_lock(&q_lock);
+        while (!d->done) pthread_cond_wait(&q_done, &q_lock);
+        pthread_mutex_unlock(&q_lock);
+        if (err == 0) err = d->err;
+        free_job(d);
+    } else if (err == 0 && sync_parent(j->path) < 0) {
         err = errno;
     }
+    if (err != 0) unlink(j->path);
+    return err;
+}
+
+static int sync_dir_path(const char *path) {
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return errno;
+    int err = fsync(dfd) != 0 ? errno : 0;
+    close(dfd);
+    return err;
+}
+
+/* Record the outcome of ``j`` (its work done) and signal whoever waits. */
+static void finish_job(job *j, int pool, int err) {
     free(j->data);
     j->data = NULL;
     int notify = j->notify;
@@ -225,6 +302,48 @@ static void run_job(job *j, int pool) {
     }
 }
 
+static void run_job(job *j, int pool) {
+    int err = 0;
+    if (j->dir_sync) {
+        err = sync_dir_path(j->path);
+    } else if (j->path != NULL) {
+        err = j->sync_dir && j->sync ? write_file_dir_beside(j)
+                                     : write_file(j->path, j->data, j->size, j->sync, j->sync_dir, j->direct);
+    } else if (fdatasync(j->sync_fd) != 0) {
+        err = errno;
+    }
+    finish_job(j, pool, err);
+}
+
+/* The DIRSYNC batch: one fsync per directory for all of its jobs. Each job's file was created before its job was
+ * queued, so before the batch was taken: one fsync that starts now covers them all. */
+static void run_dir_syncs(job *batch) {
+    while (batch != NULL) {
+        char *path = strdup(batch->path);
+        if (path == NULL) { /* one at a time */
+            job *j = batch;
+            batch = j->next;
+            finish_job(j, DIRSYNC, sync_dir_path(j->path));
+            continue;
+        }
+        int err = sync_dir_path(path);
+        job *rest = NULL, **tail = &rest;
+        while (batch != NULL) {
+            job *j = batch;
+            batch = j->next;
+            j->next = NULL;
+            if (strcmp(j->path, path) == 0) {
+                finish_job(j, DIRSYNC, err);
+            } else {
+                *tail = j;
+                tail = &j->next;
+            }
+        }
+        free(path);
+        batch = rest;
+    }
+}
+
 static void *writer_main(void *arg) {
     int pool = (int)(intptr_t)arg;
     pthread_mutex_lock(&q_lock);
@@ -233,7 +352,7 @@ static void *writer_main(void *arg) {
         while (q_head[pool] == NULL) pthread_cond_wait(&q_work[pool], &q_lock);
         q_idle[pool]--;
         job *batch = q_head[pool];
-        if (pool == ORDERED) { /* all of them, in order */
+        if (pool != DURABLE) { /* all of them, in order */
             q_head[pool] = q_tail[pool] = NULL;
         } else { /* one: the other threads take the next */
             q_head[pool] = batch->next;
@@ -241,10 +360,14 @@ static void *writer_main(void *arg) {
             batch->next = NULL;
         }
         pthread_mutex_unlock(&q_lock);
-        while (batch != NULL) {
-            job *j = batch;
-            batch = j->next;
-            run_job(j, pool);
+        if (pool == DIRSYNC) {
+            run_dir_syncs(batch);
+        } else {
+            while (batch != NULL) {
+                job *j = batch;
+                batch = j->next;
+                run_job(j, pool);
+            }
         }
         pthread_mutex_lock(&q_lock);
     }
@@ -343,29 +466,15 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
     int pool = j->sync || j->parallel ? DURABLE : ORDERED;
     pthread_mutex_lock(&q_lock);
     pending->generation = q_generation;
-    int limit = pool == ORDERED ? 1 : DURABLE_THREADS;
-    if (q_threads[pool] < limit && (q_threads[pool] == 0 || q_idle[pool] == 0)) {
-        pthread_t thread;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&thread, &attr, writer_main, (void *)(intptr_t)pool);
-        pthread_attr_destroy(&attr);
-        if (rc != 0 && q_threads[pool] == 0) {
-            pthread_mutex_unlock(&q_lock);
-            pending->job = NULL;
-            free_job(j);
-            Py_DECREF(pending);
-            errno = rc;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        if (rc == 0) q_threads[pool]++;
+    int rc = push_job(j, pool);
+    if (rc != 0) {
+        pthread_mutex_unlock(&q_lock);
+        pending->job = NULL;
+        free_job(j);
+        Py_DECREF(pending);
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
-    if (q_tail[pool] != NULL) q_tail[pool]->next = j; else q_head[pool] = j;
-    q_tail[pool] = j;
-    if (pool == ORDERED) q_submitted++;
-    q_inflight++;
-    pthread_cond_signal(&q_work[pool]);
     pthread_mutex_unlock(&q_lock);
     return (PyObject *)pending;
 }
