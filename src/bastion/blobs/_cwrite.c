@@ -16,9 +16,9 @@
  * order): a journaled object (under 128 KB) is durable once its journal record is, its file only has to exist
  * before the store answers, and creating a file cost the event loop's thread 0.05-0.2 ms of kernel time per
  * object (ext4's inode allocation) while it served other associations (alone, the store's thread creates the
- * file itself: a thread woken for it ran on the same CPU anyway). With sync (objects from 128 KB) it goes to the DURABLE queue (up to four
- * threads). The data is copied (page-aligned, so O_DIRECT writes it as it is): the caller's buffer is free at
- * once.
+ * file itself: a thread woken for it ran on the same CPU anyway). With sync (objects from 128 KB) it goes to
+ * the DURABLE queue (up to four threads; the file's directory is fsync'd by the DIRSYNC thread meanwhile).
+ * The data is copied (page-aligned, so O_DIRECT writes it as it is): the caller's buffer is free at once.
  *
  * barrier() returns once every file submitted before the call is written (or failed): the journal's checkpoint
  * calls it before its syncfs, which must cover the files of the records it is about to void.

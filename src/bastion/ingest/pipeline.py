@@ -207,7 +207,7 @@ class Ingest:
         w = pending.writer
         digest = w.digest
         if sop_uid is None or lookup_first or w.size >= PRECHECK_BYTES or not is_valid_uid(sop_uid):
-            header = self._checked_header(w, sop_class, sop_uid)
+            header = self._checked_header(w.reader(), sop_class, sop_uid)
             if lookup_first or w.size >= PRECHECK_BYTES:  # a re-sent one is not written again only to be removed
                 current = self.index.current(header.sop_uid)
                 if current is not None and (current.digest == digest or _same_content(current.digest, w.reader)):
@@ -237,10 +237,10 @@ class Ingest:
                        lambda stored: _same_content(stored, committed))
 
     @staticmethod
-    def _checked_header(source: BlobWriter | BinaryIO, sop_class: str | None, sop_uid: str | None) -> Header:
-        """The header of the object ``source`` holds (a writer, or a reader of its bytes), which must repeat the
-        command's UIDs where they are given (PS3.4 B.2.3)."""
-        header = read_header(source.reader() if isinstance(source, BlobWriter) else source)
+    def _checked_header(reader: BinaryIO, sop_class: str | None, sop_uid: str | None) -> Header:
+        """The header of the object ``reader`` reads, which must repeat the command's UIDs where they are given
+        (PS3.4 B.2.3)."""
+        header = read_header(reader)
         if sop_uid is not None and header.sop_uid != sop_uid:
             raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
                                   f"command's {sop_uid}", uid=header.sop_uid)
@@ -265,6 +265,7 @@ class Ingest:
         return StoreResult(status, record, seq)
 
     def _discard_staged(self, staged: _Staged) -> None:
+        """:meth:`_discard` for a staged object."""
         self._discard(staged.durable, staged.obj.instance.blob_key)
 
     def _discard(self, durable: Callable[[], None], key: str) -> None:
