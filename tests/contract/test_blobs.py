@@ -195,7 +195,7 @@ def test_file_store_falls_back_to_the_page_cache_where_direct_io_is_refused(
     import errno
     import fcntl as real_fcntl
 
-    from bastion.blobs import filesystem
+    from bastion.blobs import fileio, filesystem
 
     refused: list[int] = []
     original = real_fcntl.fcntl
@@ -206,7 +206,7 @@ def test_file_store_falls_back_to_the_page_cache_where_direct_io_is_refused(
             raise OSError(errno.EINVAL, "Invalid argument")
         return original(fd, cmd, arg)
 
-    monkeypatch.setattr(filesystem.fcntl, "fcntl", fcntl)
+    monkeypatch.setattr(fileio.fcntl, "fcntl", fcntl)
     monkeypatch.setattr(filesystem, "CWRITE", None)  # the Python write (tests/unit/test_cwrite.py: the C one)
     store = FileBlobStore(str(tmp_path / "blobs"))
     try:

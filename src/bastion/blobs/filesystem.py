@@ -11,11 +11,7 @@ buffered object overlaps the ingest pipeline's index transaction (:meth:`FileWri
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import io
 import logging
-import mmap
 import os
 import shutil
 import threading
@@ -27,6 +23,7 @@ from typing import Any, BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread, already_committed
 from bastion.blobs.cjobs import Completions, Once
+from bastion.blobs.fileio import BufferReader, holds, os_error, write_direct
 from bastion.blobs.journal import (
     OBJECT,
     TOMBSTONE,
@@ -37,7 +34,7 @@ from bastion.blobs.journal import (
     record_size,
     sync_filesystem,
 )
-from bastion.errors import NotFound, StorageError, StorageFull
+from bastion.errors import NotFound, StorageError
 from bastion.model.compiled import load_extension
 
 log = logging.getLogger("bastion.blobs")
@@ -48,100 +45,13 @@ MEMORY_LIMIT = 8 * 1024 * 1024
 #: directory. For a 512 KB CT instance the journal's second copy cost more than the fsyncs it saves: over one
 #: association 338-342/s against 371-382/s, over four 419-437/s against 496-518/s (the development VM, 12:00).
 JOURNAL_MAX_BYTES = 128 * 1024
-_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere flushed files go through the page cache
 #: Threads per process that write buffered objects and wait for their flush while the index transaction runs,
 #: where ``_cwrite`` is not built (its own threads do it otherwise: ``DURABLE_THREADS`` in ``_cwrite.c``).
 COMMIT_THREADS = 4
 
 
-_direct = threading.local()  # each commit thread's page-aligned buffer for O_DIRECT writes
-
-
 #: The file write in C without the GIL (``_cwrite.c``), or None where the Python one runs.
 CWRITE = load_extension("bastion.blobs._cwrite")
-
-
-def _write_direct(fd: int, buf: bytearray) -> bool:
-    """Write ``buf`` to the empty file ``fd`` with ``O_DIRECT``; False (nothing written) where that is refused.
-
-    Direct I/O takes the bytes to the disk from a buffer this thread reuses, instead of copying them into page
-    cache pages that must then be written back. On the development VM, where page cache for new files mostly
-    lands in memory the guest had not touched, a durable 512 KB file took 0.53-0.55 ms this way against
-    0.89-1.72 ms buffered (kernel CPU 0.17-0.19 ms against 0.58-1.37 ms). The data is written padded to whole
-    pages, then the file is cut to its length; the caller's ``fdatasync`` makes that length durable.
-    """
-    if not _O_DIRECT:
-        return False
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:  # the filesystem does not do direct I/O (e.g. some FUSE mounts)
-            return False
-        raise
-    size = len(buf)
-    padded = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-    area: mmap.mmap | None = getattr(_direct, "area", None)
-    if area is None or len(area) < padded:
-        if area is not None:
-            with contextlib.suppress(BufferError):  # a view left by a failed write: the collector frees it
-                area.close()
-        area = _direct.area = mmap.mmap(-1, max(padded, 1 << 20))
-    area[:size] = buf
-    area[size:padded] = bytes(padded - size)  # no stale bytes of an earlier object in the last block
-    with memoryview(area) as whole:
-        view = whole[:padded]
-        try:
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            view.release()
-    os.ftruncate(fd, size)
-    return True
-
-
-def _os_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFull(f"{what}: no space left on the blob store")
-    return StorageError(f"{what}: {exc.strerror or exc}")
-
-
-class _BufferReader(io.RawIOBase):
-    """Reads a buffer in place (``io.BytesIO`` would copy a bytearray: 0.08 ms for a 512 KB CT instance)."""
-
-    def __init__(self, buf: bytearray) -> None:
-        super().__init__()
-        self._view = memoryview(buf)  # the buffer cannot grow while this exists: close() releases it
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
-        data = bytes(self._view[self._pos: end])
-        self._pos = max(self._pos, end)
-        return data
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        if not self.closed:
-            self._view.release()
-        super().close()
 
 
 class _Created:
@@ -190,7 +100,7 @@ class FileWriter(BlobWriter):
             self._fh.write(self._buf)
         except OSError as exc:
             self.abort()
-            raise _os_error(exc, "cannot create spool file") from exc
+            raise os_error(exc, "cannot create spool file") from exc
         self._buf = None
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -205,11 +115,11 @@ class FileWriter(BlobWriter):
             self._fh.write(data)
         except OSError as exc:
             self.abort()
-            raise _os_error(exc, "cannot write object") from exc
+            raise os_error(exc, "cannot write object") from exc
 
     def reader(self) -> BinaryIO:
         if self._buf is not None:
-            return _BufferReader(self._buf)  # type: ignore[return-value]
+            return BufferReader(self._buf)  # type: ignore[return-value]
         return open(self._spool_path(), "rb")  # noqa: SIM115
 
     def commit(self, key: str) -> None:
@@ -255,7 +165,7 @@ class FileWriter(BlobWriter):
             fsync_dir(os.path.dirname(final))
         except OSError as exc:
             self.abort()
-            raise _os_error(exc, f"cannot commit {key}") from exc
+            raise os_error(exc, f"cannot commit {key}") from exc
 
     def _start_journaled(self, journal: Journal, key: str, final: str, buf: bytearray,
                          digest: bytes) -> Callable[[], None]:
@@ -273,7 +183,7 @@ class FileWriter(BlobWriter):
             if created:
                 with contextlib.suppress(OSError):
                     os.unlink(final)
-            return _os_error(exc, f"cannot commit {key}")
+            return os_error(exc, f"cannot commit {key}")
 
         try:
             created = self._write_file(final, buf)
@@ -322,7 +232,7 @@ class FileWriter(BlobWriter):
                 with contextlib.suppress(OSError):
                     file_job.wait()
                     os.unlink(final)
-            raise _os_error(exc, f"cannot commit {key}") from exc
+            raise os_error(exc, f"cannot commit {key}") from exc
         finally:
             if ticket and not notify:  # whatever happened, the checkpoint must not wait for it
                 journal.file_created(ticket)
@@ -348,7 +258,7 @@ class FileWriter(BlobWriter):
                 if created:
                     with contextlib.suppress(OSError):
                         os.unlink(final)
-                raise _os_error(exc, f"cannot commit {key}") from exc
+                raise os_error(exc, f"cannot commit {key}") from exc
 
         jobs = [file_job, sync_job] if sync_job is not None else [file_job]
         return completions.watch(jobs, settle) if completions is not None else Once(jobs, settle)
@@ -367,7 +277,7 @@ class FileWriter(BlobWriter):
             except FileExistsError:  # the same key in the same nanosecond: the rare way, on this thread
                 self._commit_in_place(key, final, buf)
             except OSError as exc:
-                raise _os_error(exc, f"cannot commit {key}") from exc
+                raise os_error(exc, f"cannot commit {key}") from exc
 
         return completions.watch([job], settle) if completions is not None else Once([job], settle)
 
@@ -390,13 +300,13 @@ class FileWriter(BlobWriter):
             if created:
                 with contextlib.suppress(OSError):
                     os.unlink(final)
-            raise _os_error(exc, f"cannot commit {key}") from exc
+            raise os_error(exc, f"cannot commit {key}") from exc
 
     def _write_file(self, final: str, buf: bytearray, *, sync: bool = False) -> bool:
         """Create the file ``final`` holding ``buf`` (flushed with ``fdatasync`` if ``sync``); True if this call
         created it. On failure nothing this call made is left behind.
 
-        A flushed file is written with ``O_DIRECT`` where the filesystem allows it (:func:`_write_direct`).
+        A flushed file is written with ``O_DIRECT`` where the filesystem allows it (:func:`bastion.blobs.fileio.write_direct`).
         """
         self._store.make_dirs(os.path.dirname(final))
         if CWRITE is not None and not sync:
@@ -411,7 +321,7 @@ class FileWriter(BlobWriter):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
-                if not (sync and _write_direct(fd, buf)):
+                if not (sync and write_direct(fd, buf)):
                     view = memoryview(buf)
                     while view:
                         view = view[os.write(fd, view):]
@@ -549,7 +459,7 @@ class FileBlobStore(BlobStore):
                     if record.kind == TOMBSTONE:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(final)
-                    elif record.kind == OBJECT and not _holds(final, record.data):
+                    elif record.kind == OBJECT and not holds(final, record.data):
                         self._write_durably(final, record.data)
                         rewritten += 1
                 sync_filesystem(self.root)
@@ -604,7 +514,7 @@ class FileBlobStore(BlobStore):
         except FileNotFoundError as exc:
             raise NotFound(f"object {key} is missing from the blob store") from exc
         except OSError as exc:
-            raise _os_error(exc, f"cannot read {key}") from exc
+            raise os_error(exc, f"cannot read {key}") from exc
 
     def size(self, key: str) -> int:
         try:
@@ -627,7 +537,7 @@ class FileBlobStore(BlobStore):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(source, target)
         except OSError as exc:
-            raise _os_error(exc, f"cannot set {key} aside") from exc
+            raise os_error(exc, f"cannot set {key} aside") from exc
         return target
 
     @property
@@ -666,17 +576,6 @@ class FileBlobStore(BlobStore):
     def usage(self) -> tuple[int | None, int | None]:
         du = shutil.disk_usage(self.root)
         return (du.used, du.free)
-
-
-def _holds(path: str, data: bytes) -> bool:
-    """True if the file at ``path`` holds exactly ``data``."""
-    try:
-        with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size != len(data):
-                return False
-            return fh.read() == data
-    except FileNotFoundError:
-        return False
 
 
 def _process_alive(pid: str) -> bool:

@@ -1,0 +1,112 @@
+"""The filesystem blob store's plain file helpers: a durable write with ``O_DIRECT``, a reader over a buffered
+object, the comparison the journal replay makes, and the error a failed write becomes."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import mmap
+import os
+import threading
+
+from bastion.errors import StorageError, StorageFull
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere flushed files go through the page cache
+
+_direct = threading.local()  # each commit thread's page-aligned buffer for O_DIRECT writes
+
+
+def write_direct(fd: int, buf: bytearray) -> bool:
+    """Write ``buf`` to the empty file ``fd`` with ``O_DIRECT``; False (nothing written) where that is refused.
+
+    Direct I/O takes the bytes to the disk from a buffer this thread reuses, instead of copying them into page
+    cache pages that must then be written back. On the development VM, where page cache for new files mostly
+    lands in memory the guest had not touched, a durable 512 KB file took 0.53-0.55 ms this way against
+    0.89-1.72 ms buffered (kernel CPU 0.17-0.19 ms against 0.58-1.37 ms). The data is written padded to whole
+    pages, then the file is cut to its length; the caller's ``fdatasync`` makes that length durable.
+    """
+    if not _O_DIRECT:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # the filesystem does not do direct I/O (e.g. some FUSE mounts)
+            return False
+        raise
+    size = len(buf)
+    padded = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    area: mmap.mmap | None = getattr(_direct, "area", None)
+    if area is None or len(area) < padded:
+        if area is not None:
+            with contextlib.suppress(BufferError):  # a view left by a failed write: the collector frees it
+                area.close()
+        area = _direct.area = mmap.mmap(-1, max(padded, 1 << 20))
+    area[:size] = buf
+    area[size:padded] = bytes(padded - size)  # no stale bytes of an earlier object in the last block
+    with memoryview(area) as whole:
+        view = whole[:padded]
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            view.release()
+    os.ftruncate(fd, size)
+    return True
+
+
+def os_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"{what}: no space left on the blob store")
+    return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+class BufferReader(io.RawIOBase):
+    """Reads a buffer in place (``io.BytesIO`` would copy a bytearray: 0.08 ms for a 512 KB CT instance)."""
+
+    def __init__(self, buf: bytearray) -> None:
+        super().__init__()
+        self._view = memoryview(buf)  # the buffer cannot grow while this exists: close() releases it
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
+        data = bytes(self._view[self._pos: end])
+        self._pos = max(self._pos, end)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            self._view.release()
+        super().close()
+
+
+def holds(path: str, data: bytes) -> bool:
+    """True if the file at ``path`` holds exactly ``data``."""
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size != len(data):
+                return False
+            return fh.read() == data
+    except FileNotFoundError:
+        return False
