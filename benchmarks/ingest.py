@@ -229,6 +229,7 @@ def main() -> int:
     """Run the benchmark; exit 1 if any cell failed."""
     args = parse_args()
     parent = args.workdir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
     settle(parent)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=parent) as run_dir:
