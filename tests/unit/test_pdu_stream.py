@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
 import struct
@@ -11,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from bastion.dimse.association import RECV_BUFFER, PDUStream
+from bastion.dimse.association import MESSAGE, RECV_BUFFER, SHARED_PDU_MAX, PDUStream
 from bastion.dimse.pdu import PDUError
 
 
@@ -107,5 +108,103 @@ def test_a_wait_without_timeout_is_not_ended_by_an_earlier_wait_s_timer() -> Non
         loop = asyncio.get_running_loop()
         loop.call_later(0.6, peer.sendall, _pdu(4, b"b"))
         assert await stream.read_pdu(None) == (4, bytearray(b"b"))  # waits 0.6 s, past the old timer
+
+    _run(scenario)
+
+
+def _assemble(body: bytes | bytearray | memoryview) -> list[bytes]:
+    """A stand-in for the association's message assembly: each body becomes one 'message', its bytes copied at
+    once (as the real one copies them into its sinks); ``b"boom"`` is a protocol error."""
+    data = bytes(body)
+    if data == b"boom":
+        raise PDUError("bad PDV")
+    return [data]
+
+
+@pytest.mark.parametrize("chunk", [5, 4096, 65536, 10 ** 7])
+def test_p_data_goes_to_the_assembly_as_it_arrives_and_the_reader_gets_its_messages(chunk: int) -> None:
+    """P-DATA-TF bodies of every size around the buffer's, and past the size that grows it, arrive whole and in
+    order among other PDUs; the assembly's messages come to the reader, the other PDUs as they were."""
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        sizes = (1, 100, RECV_BUFFER - 7, RECV_BUFFER - 6, RECV_BUFFER - 5, 131066, 131066, 131066, 960,
+                 SHARED_PDU_MAX, SHARED_PDU_MAX + 1, 3 * RECV_BUFFER + 11, 2000)
+        pdus = [(4, os.urandom(n)) for n in sizes] + [(5, b"\0" * 4)]
+        wire = b"".join(_pdu(kind, body) for kind, body in pdus)
+        stream.deliver_pdata_to(_assemble)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+
+        def send() -> None:
+            for off in range(0, len(wire), chunk):
+                peer.sendall(wire[off: off + chunk])
+
+        sending = loop.run_in_executor(None, send)
+        got = [await stream.read_pdu(10) for _ in pdus]
+        await sending
+        assert got == [(MESSAGE, body) for _, body in pdus[:-1]] + [(5, bytearray(b"\0" * 4))]
+
+    _run(scenario)
+
+
+def test_p_data_queued_before_the_assembly_is_set_goes_to_it_first_in_order() -> None:
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        peer.sendall(_pdu(1, b"rq") + _pdu(4, b"first") + _pdu(4, b"second"))
+        assert await stream.read_pdu(5) == (1, bytearray(b"rq"))
+        while len(stream._ready) < 2:  # both P-DATA PDUs received, not read
+            await asyncio.sleep(0.01)
+        stream.deliver_pdata_to(_assemble)  # type: ignore[arg-type]
+        peer.sendall(_pdu(4, b"third"))
+        assert [await stream.read_pdu(5) for _ in range(3)] == [(MESSAGE, b"first"), (MESSAGE, b"second"),
+                                                                 (MESSAGE, b"third")]
+
+    _run(scenario)
+
+
+def test_an_assembly_error_reaches_the_reader_after_the_messages_before_it() -> None:
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        stream.deliver_pdata_to(_assemble)  # type: ignore[arg-type]
+        peer.sendall(_pdu(4, b"ok") + _pdu(4, b"boom") + _pdu(4, b"never"))
+        assert await stream.read_pdu(5) == (MESSAGE, b"ok")
+        with pytest.raises(PDUError, match="bad PDV"):
+            await stream.read_pdu(5)
+
+    _run(scenario)
+
+
+def test_reading_pauses_while_messages_wait_and_unread_ones_can_be_taken_back() -> None:
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        stream.deliver_pdata_to(_assemble)  # type: ignore[arg-type]
+        peer.sendall(_pdu(4, b"m0") + _pdu(4, b"m1"))  # one receive
+        while len(stream._ready) < 2:
+            await asyncio.sleep(0.01)
+        peer.sendall(_pdu(4, b"m2"))
+        await asyncio.sleep(0.2)
+        assert len(stream._ready) == 2  # paused: m2 waits in the socket
+        assert await stream.read_pdu(5) == (MESSAGE, b"m0")  # one left: reading resumes
+        assert await stream.read_pdu(5) == (MESSAGE, b"m1")
+        peer.sendall(_pdu(4, b"m3"))
+        while len(stream._ready) < 2:
+            await asyncio.sleep(0.01)
+        assert stream.queued_messages() == [b"m2", b"m3"]
+        assert stream._ready == collections.deque()
+
+    _run(scenario)
+
+
+def test_a_dataset_still_arriving_keeps_the_wait_for_its_message_alive() -> None:
+    """The idle timeout counts from the last byte received, not from the start of the wait: a message whose
+    PDUs take longer than the timeout to arrive, but never pause that long, is not cut off."""
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        stream.deliver_pdata_to(lambda body: [bytes(body)] if bytes(body).endswith(b"!") else [])  # type: ignore
+        loop = asyncio.get_running_loop()
+
+        def trickle() -> None:
+            for _ in range(8):
+                time.sleep(0.1)
+                peer.sendall(_pdu(4, b"part"))
+            peer.sendall(_pdu(4, b"end!"))
+
+        sending = loop.run_in_executor(None, trickle)
+        assert await stream.read_pdu(0.3) == (MESSAGE, b"end!")  # 0.8 s of PDUs, never 0.3 s without one
+        await sending
 
     _run(scenario)

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
@@ -27,9 +28,15 @@ from bastion.dimse.pdu import (
 #: Largest PDU we read from a peer regardless of what it claims (guards memory).
 MAX_INCOMING_PDU = 64 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
-#: PDUs up to this size (with their header) are received into one buffer per association, several per
-#: receive; larger ones into their own.
+#: The receive buffer each association starts with: PDUs that fit (with their header) are received into it,
+#: several per receive.
 RECV_BUFFER = 64 * 1024
+#: A PDU up to this size that does not fit grows the buffer to four such PDUs (DCMTK sends 128 KB ones:
+#: ten receives and five 128 KB allocations per 512 KB CT instance in a 64 KB buffer, three receives in a
+#: 512 KB one); a larger PDU is received straight into a buffer of its own.
+SHARED_PDU_MAX = 256 * 1024
+#: The kind :meth:`PDUStream.read_pdu` gives a complete DIMSE message (see :meth:`PDUStream.deliver_pdata_to`).
+MESSAGE = -1
 _PDU_HEADER = struct.Struct(">BxI")
 
 
@@ -76,10 +83,14 @@ class Message:
 class PDUStream(asyncio.BufferedProtocol):
     """The socket of one association, delivering whole PDUs (PS3.8 9.3.1).
 
-    Bytes are received into one buffer of :data:`RECV_BUFFER` bytes, and every complete PDU in it is
-    handed over at once: a C-STORE's command and dataset PDUs often arrive in one receive. A PDU too
-    large for that buffer is received straight into a buffer of exactly its length, without a further
-    copy. Reading pauses while unread PDUs pile up; writing honours the transport's flow control.
+    Bytes are received into one buffer, and every complete PDU in it is handed over at once: a C-STORE's
+    command and dataset PDUs often arrive in one receive. The buffer grows for PDUs up to
+    :data:`SHARED_PDU_MAX`; a larger PDU is received straight into a buffer of exactly its length, without a
+    further copy. Reading pauses while unread PDUs pile up; writing honours the transport's flow control.
+
+    Once the association is established, :meth:`deliver_pdata_to` hands each P-DATA-TF body to the
+    association's message assembly as it arrives, still in the receive buffer (no copy, no wake-up of the
+    reading task per PDU), and the reader gets whole messages.
     """
 
     def __init__(self, on_connect: Callable[[PDUStream], None] | None = None) -> None:
@@ -92,11 +103,14 @@ class PDUStream(asyncio.BufferedProtocol):
         self._body: bytearray | None = None  # a large PDU being received into its own buffer
         self._kind = 0
         self._pos = 0
-        self._ready: collections.deque[tuple[int, bytearray]] = collections.deque()
+        self._ready: collections.deque[tuple[int, Any]] = collections.deque()
+        self._messages = 0  # of the items in _ready, complete messages
+        self._on_pdata: Callable[[bytes | bytearray | memoryview], list[Message]] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timeout: float | None = None
         self._waiting_since = 0.0
+        self._received_at = 0.0  # time.monotonic() of the last receive (the loop's clock)
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._error: Exception | None = None
@@ -109,8 +123,8 @@ class PDUStream(asyncio.BufferedProtocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=4 * READ_CHUNK)
         sock = transport.get_extra_info("socket")
-        if sock is not None:  # a delayed ACK would cost 40 ms per message otherwise
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a delayed ACK: 40 ms per message
         if self._on_connect is not None:
             self._on_connect(self)
 
@@ -120,44 +134,98 @@ class PDUStream(asyncio.BufferedProtocol):
         return self._view[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._body is not None:
-            self._pos += nbytes
-            if self._pos == len(self._body):
-                body, self._body = self._body, None
-                self._deliver(self._kind, body)
-            return
-        self._end += nbytes
-        buf, start, end = self._buf, self._start, self._end
+        self._received_at = time.monotonic()
+        try:
+            if self._body is not None:
+                self._pos += nbytes
+                if self._pos == len(self._body):
+                    body, self._body = self._body, None
+                    self._deliver(self._kind, body)
+                return
+            self._end += nbytes
+            self._split()
+        except Exception as exc:  # the message assembly's: it ends the association, as its reader learns
+            self._fail(exc)
+
+    def _split(self) -> None:
+        """Hand over every complete PDU in the buffer; keep the incomplete one where the rest of it fits."""
+        buf, view, start, end = self._buf, self._view, self._start, self._end
+        need = 6
         while end - start >= 6:
             kind, length = _PDU_HEADER.unpack_from(buf, start)
             if length > MAX_INCOMING_PDU:
                 self._fail(PDUError(f"PDU of {length} bytes exceeds the limit"))
                 return
-            stop = start + 6 + length
-            if stop <= end:
-                self._deliver(kind, buf[start + 6: stop])
-                start = stop
+            need = 6 + length
+            if start + need <= end:
+                if kind == P_DATA_TF and self._on_pdata is not None:
+                    self._take(self._on_pdata(view[start + 6: start + need]))  # used before the next receive
+                else:
+                    self._deliver(kind, buf[start + 6: start + need])
+                start += need
+                need = 6
                 continue
-            if 6 + length > len(buf):  # too large for the buffer: the rest goes straight into its own
+            if need > len(buf) and length > SHARED_PDU_MAX:  # the rest goes straight into its own buffer
                 body = bytearray(length)
                 got = end - start - 6
-                body[:got] = self._view[start + 6: end]
+                body[:got] = view[start + 6: end]
                 self._body, self._kind, self._pos = body, kind, got
                 start = end = 0
+            elif need > len(buf):  # a new buffer (a reader may still hold a view of the old one)
+                grown = bytearray(4 * need)
+                grown[: end - start] = view[start:end]
+                self._buf, self._view = buf, view = grown, memoryview(grown)
+                start, end = 0, end - start
             break
         if start == end:
             start = end = 0
-        elif start:  # keep the incomplete PDU at the front, so that the buffer can hold all of it
-            buf[: end - start] = self._view[start:end].tobytes()  # a copy: the two ranges may overlap
+        elif start + need > len(buf):  # move the incomplete PDU to the front, where all of it fits
+            buf[: end - start] = view[start:end].tobytes()  # a copy: the two ranges may overlap
             start, end = 0, end - start
         self._start, self._end = start, end
 
     def _deliver(self, kind: int, body: bytearray) -> None:
+        if kind == P_DATA_TF and self._on_pdata is not None:
+            self._take(self._on_pdata(body))
+            return
         self._ready.append((kind, body))
+        self._queued()
+
+    def _take(self, messages: list[Message]) -> None:
+        """Queue the messages a P-DATA-TF body completed."""
+        for msg in messages:
+            self._ready.append((MESSAGE, msg))
+            self._messages += 1
+        if messages:
+            self._queued()
+
+    def _queued(self) -> None:
         self._wake()
-        if len(self._ready) >= 16 and not self._read_paused and self.transport is not None:
+        # Two complete messages (a peer that does not wait for answers) or many PDUs: stop reading until the
+        # reader catches up.
+        if (self._messages >= 2 or len(self._ready) >= 16) and not self._read_paused and self.transport is not None:
             self.transport.pause_reading()
             self._read_paused = True
+
+    def deliver_pdata_to(self, assemble: Callable[[bytes | bytearray | memoryview], list[Message]]) -> None:
+        """From now on, give each P-DATA-TF body to ``assemble`` as it arrives, and the reader the messages it
+        returns (kind :data:`MESSAGE`). ``assemble`` must not keep the body: it may be a view of the receive
+        buffer. An exception it raises ends the stream: the reader gets it once the items before are read.
+        P-DATA-TF PDUs already queued go to it now, in order."""
+        self._on_pdata = assemble
+        queued, self._ready, self._messages = self._ready, collections.deque(), 0
+        for kind, body in queued:
+            if kind == P_DATA_TF:
+                self._take(assemble(body))
+            else:
+                self._ready.append((kind, body))
+
+    def queued_messages(self) -> list[Message]:
+        """Remove and return the complete messages nobody read (their datasets' sinks are the caller's)."""
+        messages = [body for kind, body in self._ready if kind == MESSAGE]
+        self._ready = collections.deque((kind, body) for kind, body in self._ready if kind != MESSAGE)
+        self._messages = 0
+        return messages
 
     def _fail(self, error: Exception) -> None:
         self._error = error
@@ -192,8 +260,10 @@ class PDUStream(asyncio.BufferedProtocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def read_pdu(self, timeout: float | None) -> tuple[int, bytearray]:
-        """The next PDU; raises AssociationClosed, PDUError or TimeoutError (none within ``timeout`` s)."""
+    async def read_pdu(self, timeout: float | None) -> tuple[int, Any]:
+        """The next PDU (kind, body), or a complete message (:data:`MESSAGE`, :class:`Message`) once P-DATA-TF
+        goes to :meth:`deliver_pdata_to`'s ``assemble``; raises AssociationClosed, PDUError or TimeoutError
+        (nothing received for ``timeout`` s)."""
         while not self._ready:
             if self._error is not None:
                 raise self._error
@@ -210,7 +280,9 @@ class PDUStream(asyncio.BufferedProtocol):
             finally:
                 self._waiter = None
         item = self._ready.popleft()
-        if self._read_paused and len(self._ready) < 4 and self.transport is not None:
+        if item[0] == MESSAGE:
+            self._messages -= 1
+        if self._read_paused and self._messages < 2 and len(self._ready) < 4 and self.transport is not None:
             self.transport.resume_reading()
             self._read_paused = False
         return item
@@ -236,7 +308,8 @@ class PDUStream(asyncio.BufferedProtocol):
         if waiter is None or waiter.done() or timeout is None:
             return  # not waiting: the next wait arms it again
         loop = waiter.get_loop()
-        remaining = self._waiting_since + timeout - loop.time()
+        # from the last byte received: a dataset still arriving keeps its association alive
+        remaining = max(self._waiting_since, self._received_at) + timeout - loop.time()
         if remaining > 0.001:
             self._timer = loop.call_later(remaining, self._check_idle)
         else:
@@ -285,8 +358,9 @@ class Association:
         peer = self.stream.transport.get_extra_info("peername") if self.stream.transport else None
         return f"{peer[0]}:{peer[1]}" if peer else "?"
 
-    async def read_pdu(self, timeout: float | None = None) -> tuple[int, bytearray]:
-        """Read one PDU: (type, body). Raises AssociationClosed on EOF."""
+    async def read_pdu(self, timeout: float | None = None) -> tuple[int, Any]:
+        """Read one PDU: (type, body), or a message (see :meth:`PDUStream.read_pdu`). Raises AssociationClosed
+        on EOF."""
         return await self.stream.read_pdu(timeout)
 
     async def send_raw(self, data: bytes) -> None:
@@ -346,7 +420,7 @@ class Association:
                     chunk = nxt
             await w.drain()
 
-    def feed_pdata(self, body: bytes, open_sink: Callable[[Message], DatasetSink]) -> list[Message]:
+    def feed_pdata(self, body: bytes | bytearray | memoryview, open_sink: Callable[[Message], DatasetSink]) -> list[Message]:
         """Feed one P-DATA-TF body; return the messages it completed.
 
         ``open_sink`` is called when a command that carries a dataset is complete, to choose
@@ -387,5 +461,5 @@ class Association:
         return self._pending
 
 
-__all__ = ["A_ABORT", "P_DATA_TF", "AcceptedContext", "Association", "AssociationClosed", "BytesSink",
+__all__ = ["A_ABORT", "MESSAGE", "P_DATA_TF", "AcceptedContext", "Association", "AssociationClosed", "BytesSink",
            "Message", "PDUStream"]

@@ -178,7 +178,7 @@ def pdv_header(context_id: int, command: bool, last: bool, length: int) -> bytes
     return struct.pack(">BxIIBB", P_DATA_TF, length + 6, length + 2, context_id, mch)
 
 
-def iter_pdvs(body: bytes) -> list[tuple[int, bool, bool, memoryview]]:
+def iter_pdvs(body: bytes | bytearray | memoryview) -> list[tuple[int, bool, bool, memoryview]]:
     """The PDV items of a P-DATA-TF body: (context id, is_command, is_last, data)."""
     out = []
     view = memoryview(body)

@@ -14,13 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.archive import Archive
-from bastion.dimse.association import Association, AssociationClosed, PDUStream
+from bastion.dimse.association import MESSAGE, Association, AssociationClosed, PDUStream
 from bastion.dimse.negotiation import negotiate
 from bastion.dimse.pdu import (
     A_ABORT,
     A_ASSOCIATE_RQ,
     A_RELEASE_RQ,
-    P_DATA_TF,
     AssociateRQ,
     PDUError,
     decode_associate,
@@ -196,6 +195,9 @@ class DicomServer:
         session = Session(assoc)
         try:
             if await self._negotiate(assoc):
+                services = self.services
+                # P-DATA-TF is assembled as it is received; the messages come to _serve whole
+                stream.deliver_pdata_to(lambda body: assoc.feed_pdata(body, lambda m: services.open_sink(session, m)))
                 await self._serve(assoc, session)
         except AssociationClosed:
             log.info("association from %s (%s) closed by peer", assoc.calling_aet or "?", assoc.peername)
@@ -207,6 +209,8 @@ class DicomServer:
             await assoc.abort()
         finally:
             self.services.abort_sink(assoc.pending_message())
+            for msg in stream.queued_messages():  # received whole, never served
+                self.services.abort_sink(msg)
             for task in session.tasks.values():
                 task.cancel()
             for fut in session.store_replies.values():
@@ -241,9 +245,8 @@ class DicomServer:
         services = self.services
         while True:
             kind, body = await assoc.read_pdu(IDLE_TIMEOUT)
-            if kind == P_DATA_TF:
-                for msg in assoc.feed_pdata(body, lambda msg: services.open_sink(session, msg)):
-                    await services.dispatch(session, msg)
+            if kind == MESSAGE:
+                await services.dispatch(session, body)
             elif kind == A_RELEASE_RQ:
                 if session.tasks:
                     await asyncio.gather(*session.tasks.values(), return_exceptions=True)
