@@ -96,3 +96,37 @@ def test_an_element_pydicom_cannot_decode_makes_the_object_invalid(tmp_path: Pat
         for read in (_fast, _slow):
             with pytest.raises(BastionError):  # InvalidObject: the store answers 0xC000, and logs one line
                 read(data)
+
+
+def test_instances_of_one_series_share_its_level_dicts_and_a_change_makes_new_ones(tmp_path: Path) -> None:
+    """``_cscan.levels`` hands the next instance of a series the previous one's patient, study and series dicts
+    (they are never changed after the scan); an attribute that differs, or an element that comes or goes, makes a
+    new dict, equal to what pydicom makes of the same object."""
+    if H.SPEEDUPS is None:
+        pytest.skip("the C scan is not built")
+
+    def instance(number: int, **changes: str) -> bytes:
+        ds = corpus.make_instance(corpus.KINDS["small"], number, 1000)  # one series
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        path = tmp_path / f"{number}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path.read_bytes()
+
+    first, second = _fast(instance(1)), _fast(instance(2))
+    for level in (H.QueryLevel.PATIENT, H.QueryLevel.STUDY, H.QueryLevel.SERIES):
+        assert second.attrs[level] is first.attrs[level]
+    assert second.attrs[H.QueryLevel.IMAGE] is not first.attrs[H.QueryLevel.IMAGE]
+
+    described = instance(3, StudyDescription="ANOTHER")
+    third = _fast(described)
+    assert third.attrs[H.QueryLevel.STUDY] is not first.attrs[H.QueryLevel.STUDY]
+    assert third.attrs[H.QueryLevel.STUDY]["00081030"] == {"vr": "LO", "Value": ["ANOTHER"]}
+    assert third.attrs[H.QueryLevel.PATIENT] is first.attrs[H.QueryLevel.PATIENT]
+    assert third == _slow(described)
+
+    added = instance(4, StudyDescription="ANOTHER", InstitutionName="ELSEWHERE")  # an element more
+    fourth = _fast(added)
+    assert fourth.attrs[H.QueryLevel.STUDY]["00080080"] == {"vr": "LO", "Value": ["ELSEWHERE"]}
+    assert fourth == _slow(added)
+    assert _fast(instance(5)).attrs[H.QueryLevel.STUDY] == first.attrs[H.QueryLevel.STUDY]  # and back

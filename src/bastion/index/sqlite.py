@@ -116,9 +116,22 @@ def _stored_since(conn: sqlite3.Connection, cutoff: str) -> int:
     return int(conn.execute("SELECT count(*) FROM changes WHERE seq >= ? AND kind = 'stored'", (lo,)).fetchone()[0])
 
 
+#: The texts of the level dicts made last: the header scan hands consecutive instances of one series the same
+#: patient, study and series dicts (``_cscan.levels``' cache). Each entry holds its dict, so that no other dict
+#: can take its ``id`` while it is here.
+_TEXTS: dict[int, tuple[JsonDataset, str]] = {}
+
+
 def _text(attrs: JsonDataset) -> str:
     """The stored text of one level's DICOM JSON (compact, orjson: several times faster than json.dumps)."""
-    return dicom_json.dumps(attrs).decode()
+    known = _TEXTS.get(id(attrs))
+    if known is not None and known[0] is attrs:
+        return known[1]
+    text = dicom_json.dumps(attrs).decode()
+    if len(_TEXTS) >= 16:
+        _TEXTS.clear()
+    _TEXTS[id(attrs)] = (attrs, text)
+    return text
 
 
 def _joined(values: set[str]) -> str:

@@ -366,13 +366,61 @@ static PyObject *raw_json(PyObject *self, PyObject *args) {
     return element_json(vr_obj, value, little);
 }
 
+/* The last result of each level, with the elements it was made from: an instance mostly repeats its
+ * predecessor's patient, study and series attributes, and building their JSON again was most of levels()'s
+ * work (70k instructions per small C-STORE, then 28k more to serialize it). A level whose elements all equal
+ * the cached ones gets the cached dict itself: the callers never change it. */
+#define LEVEL_CACHE 8
+static PyObject *cache_specs = NULL; /* the specs list the cache was made for */
+static struct {
+    Py_ssize_t n;
+    PyObject **elements; /* n entries, NULL for an absent element */
+    PyObject *out;
+} level_cache[LEVEL_CACHE];
+
+static void cache_clear(int i) {
+    for (Py_ssize_t j = 0; j < level_cache[i].n; j++) Py_XDECREF(level_cache[i].elements[j]);
+    PyMem_Free(level_cache[i].elements);
+    level_cache[i].elements = NULL;
+    level_cache[i].n = 0;
+    Py_CLEAR(level_cache[i].out);
+}
+
+/* Whether level ``i``'s cache was made from exactly ``got`` (n elements). -1 on error. */
+static int cache_hit(int i, PyObject **got, Py_ssize_t n) {
+    if (level_cache[i].out == NULL || level_cache[i].n != n) return 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *a = got[j], *b = level_cache[i].elements[j];
+        if (a == b) continue;
+        if (a == NULL || b == NULL) return 0;
+        int same = PyObject_RichCompareBool(a, b, Py_EQ);
+        if (same <= 0) return same;
+    }
+    return 1;
+}
+
+static void cache_store(int i, PyObject **got, Py_ssize_t n, PyObject *out) {
+    cache_clear(i);
+    PyObject **copy = PyMem_Malloc(sizeof(PyObject *) * (size_t)(n > 0 ? n : 1));
+    if (copy == NULL) return; /* no cache, no harm */
+    for (Py_ssize_t j = 0; j < n; j++) copy[j] = Py_XNewRef(got[j]);
+    level_cache[i].elements = copy;
+    level_cache[i].n = n;
+    level_cache[i].out = Py_NewRef(out);
+}
+
 /* levels(elements, specs, vrs) -> {level: {key: json}}: the loop of header._from_scan.
  * ``elements``: scan()'s dict; ``specs``: [(level, [(tag, key), ...]), ...]; ``vrs``: {tag: dictionary VR}. */
 static PyObject *levels(PyObject *self, PyObject *args) {
     PyObject *elements, *specs, *vrs;
     if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &elements, &PyList_Type, &specs, &PyDict_Type, &vrs))
         return NULL;
+    if (specs != cache_specs) { /* another caller's specs (tests): start over */
+        for (int i = 0; i < LEVEL_CACHE; i++) cache_clear(i);
+        Py_XSETREF(cache_specs, Py_NewRef(specs));
+    }
     PyObject *result = PyDict_New();
+    PyObject **got = NULL;
     if (result == NULL) return NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(specs); i++) {
         PyObject *spec = PyList_GET_ITEM(specs, i);
@@ -381,21 +429,33 @@ static PyObject *levels(PyObject *self, PyObject *args) {
             goto fail;
         }
         PyObject *level = PyTuple_GET_ITEM(spec, 0), *tags = PyTuple_GET_ITEM(spec, 1);
-        PyObject *out = PyDict_New();
-        if (out == NULL || PyDict_SetItem(result, level, out) < 0) { Py_XDECREF(out); goto fail; }
-        Py_DECREF(out); /* result holds it */
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(tags); j++) {
+        Py_ssize_t ntags = PyList_GET_SIZE(tags);
+        PyMem_Free(got);
+        got = PyMem_Malloc(sizeof(PyObject *) * (size_t)(ntags > 0 ? ntags : 1)); /* borrowed */
+        if (got == NULL) { PyErr_NoMemory(); goto fail; }
+        for (Py_ssize_t j = 0; j < ntags; j++) {
             PyObject *pair = PyList_GET_ITEM(tags, j);
             if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(pair, 1))) {
                 PyErr_SetString(PyExc_TypeError, "levels: tags must be (tag, key) pairs with a str key");
                 goto fail;
             }
-            PyObject *tag = PyTuple_GET_ITEM(pair, 0), *key = PyTuple_GET_ITEM(pair, 1);
-            PyObject *element = PyDict_GetItemWithError(elements, tag); /* borrowed */
-            if (element == NULL) {
-                if (PyErr_Occurred()) goto fail;
-                continue;
-            }
+            got[j] = PyDict_GetItemWithError(elements, PyTuple_GET_ITEM(pair, 0));
+            if (got[j] == NULL && PyErr_Occurred()) goto fail;
+        }
+        int hit = i < LEVEL_CACHE ? cache_hit((int)i, got, ntags) : 0;
+        if (hit < 0) goto fail;
+        if (hit) {
+            if (PyDict_SetItem(result, level, level_cache[i].out) < 0) goto fail;
+            continue;
+        }
+        PyObject *out = PyDict_New();
+        if (out == NULL || PyDict_SetItem(result, level, out) < 0) { Py_XDECREF(out); goto fail; }
+        Py_DECREF(out); /* result holds it */
+        for (Py_ssize_t j = 0; j < ntags; j++) {
+            PyObject *tag = PyTuple_GET_ITEM(PyList_GET_ITEM(tags, j), 0);
+            PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(tags, j), 1);
+            PyObject *element = got[j];
+            if (element == NULL) continue;
             if (!PyTuple_Check(element) || PyTuple_GET_SIZE(element) != 2) {
                 PyErr_SetString(PyExc_TypeError, "levels: elements must map tags to (vr, value)");
                 goto fail;
@@ -429,9 +489,12 @@ static PyObject *levels(PyObject *self, PyObject *args) {
             Py_DECREF(js);
             if (failed) goto fail;
         }
+        if (i < LEVEL_CACHE) cache_store((int)i, got, ntags, out);
     }
+    PyMem_Free(got);
     return result;
 fail:
+    PyMem_Free(got);
     Py_DECREF(result);
     return NULL;
 }

@@ -40,7 +40,12 @@ from bastion.model.uids import (
 
 @dataclass(frozen=True)
 class Header:
-    """What the index needs from one object's header."""
+    """What the index needs from one object's header.
+
+    ``attrs`` holds each level's DICOM JSON. Nobody changes these dicts after the header is read: the C scan
+    hands consecutive instances of one series the same patient, study and series dicts, and the index keeps
+    their stored text by identity (``index.sqlite._text``).
+    """
 
     sop_class_uid: str
     sop_uid: str
