@@ -54,6 +54,7 @@ def _store_and_die(root: Path, count: int, *, delete: list[int] = (), size: int 
         "    def wait(self):\n"
         "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "class FailingC:  # the C writes (the writer thread's, and from 128 KB) fail for them too\n"
+        "    Buffer = real_c.Buffer\n"
         "    barrier = staticmethod(real_c.barrier)\n"
         "    submit_sync = staticmethod(real_c.submit_sync)\n"
         "    @staticmethod\n"

@@ -206,3 +206,36 @@ def test_durable_files_in_several_directories_are_written_and_their_directories_
     assert all(path.read_bytes() == data for path, data in datas.items())
     with pytest.raises(FileNotFoundError):
         CWRITE.submit(str(tmp_path / "missing" / "x.dcm"), b"x" * 5000, sync=True, sync_dir=True, direct=True).wait()
+
+
+def test_a_buffer_holds_what_was_appended_and_cannot_grow_under_a_view() -> None:
+    assert CWRITE is not None
+    buf = CWRITE.Buffer(16)
+    data = os.urandom(300_000)
+    for off in range(0, len(data), 70_000):  # past its capacity several times
+        buf += data[off: off + 70_000]
+    assert len(buf) == len(data) and bytes(buf) == data
+    view = memoryview(buf)
+    assert view.readonly
+    with pytest.raises(BufferError):
+        buf.extend(b"x" * (1 << 20))
+    view.release()
+    buf.extend(b"tail")
+    assert bytes(buf)[-4:] == b"tail" and len(CWRITE.Buffer()) == 0
+
+
+@pytest.mark.parametrize("size", [0, 10, 200_000, 530_000])
+def test_a_submitted_buffer_is_written_from_its_own_memory_even_once_it_is_gone(tmp_path: Path, size: int) -> None:
+    """submit() takes a share of a Buffer's memory instead of copying it: the job still writes the right bytes
+    when the Buffer is dropped at once, and the memory, given back, serves the next Buffer."""
+    assert CWRITE is not None
+    data = [os.urandom(size) for _ in range(6)]
+    jobs = []
+    for i, payload in enumerate(data):
+        buf = CWRITE.Buffer(size)
+        buf += payload
+        jobs.append(CWRITE.submit(str(tmp_path / str(i)), buf, False, sync=True, sync_dir=True, direct=True))
+        del buf
+    for job in jobs:
+        job.wait()
+    assert [(tmp_path / str(i)).read_bytes() for i in range(len(data))] == data

@@ -171,8 +171,9 @@ static PyObject *create_file(PyObject *self, PyObject *args) {
 typedef struct job {
     struct job *next;
     char *path;          /* the file to create; NULL: fdatasync(sync_fd) instead */
-    unsigned char *data; /* page-aligned, from take_buffer; given back by the thread once written */
-    size_t size, cap;
+    struct block *blk;   /* the data's memory: a reference the thread drops once the file is written */
+    unsigned char *data; /* blk's, page-aligned */
+    size_t size;
     int sync_fd;
     int sync, sync_dir, direct; /* as create_file's */
     int parallel;             /* a flush that may overlap the ORDERED queue's jobs */
@@ -259,9 +260,36 @@ static void give_buffer(unsigned char *buf, size_t cap) {
     free(buf);
 }
 
+/* Page-aligned memory shared by a Buffer (below) and the jobs that write it: the last one to let go gives it
+ * back (give_buffer), from whichever thread. */
+typedef struct block {
+    unsigned char *data;
+    size_t cap;
+    int refs;
+} block;
+
+static block *block_new(size_t size) {
+    block *b = malloc(sizeof(block));
+    if (b == NULL) return NULL;
+    b->data = take_buffer(size, &b->cap);
+    if (b->data == NULL) {
+        free(b);
+        return NULL;
+    }
+    b->refs = 1;
+    return b;
+}
+
+static void block_release(block *b) {
+    if (b != NULL && __atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        give_buffer(b->data, b->cap);
+        free(b);
+    }
+}
+
 static void free_job(job *j) {
     free(j->path);
-    give_buffer(j->data, j->cap);
+    block_release(j->blk);
     free(j);
 }
 
@@ -338,7 +366,8 @@ static int sync_dir_path(const char *path) {
 
 /* Record the outcome of ``j`` (its work done) and signal whoever waits. */
 static void finish_job(job *j, int pool, int err) {
-    give_buffer(j->data, j->cap);
+    block_release(j->blk);
+    j->blk = NULL;
     j->data = NULL;
     int notify = j->notify;
     pthread_mutex_lock(&q_lock);
@@ -538,40 +567,155 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
     return (PyObject *)pending;
 }
 
+static PyTypeObject BufferType;
+typedef struct {
+    PyObject_HEAD
+    block *blk; /* NULL until the first byte */
+    Py_ssize_t len;
+    Py_ssize_t exports;
+} Buffer;
+
 static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", NULL};
-    PyObject *path_arg, *path_obj;
-    Py_buffer data;
+    PyObject *path_arg, *path_obj, *data_arg;
     int notify = 0, sync = 0, sync_dir = 0, direct = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*|pppp", kwlist, &path_arg, &data, &notify, &sync,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|pppp", kwlist, &path_arg, &data_arg, &notify, &sync,
                                      &sync_dir, &direct))
         return NULL;
-    if (!PyUnicode_FSConverter(path_arg, &path_obj)) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
+    if (!PyUnicode_FSConverter(path_arg, &path_obj)) return NULL;
     job *j = calloc(1, sizeof(job));
-    if (j != NULL) {
-        j->path = strdup(PyBytes_AS_STRING(path_obj));
-        /* page-aligned, so that O_DIRECT writes the whole pages straight from it */
-        j->data = take_buffer((size_t)data.len, &j->cap);
-    }
+    if (j != NULL) j->path = strdup(PyBytes_AS_STRING(path_obj));
     Py_DECREF(path_obj);
-    if (j == NULL || j->path == NULL || j->data == NULL) {
+    if (j == NULL || j->path == NULL) {
         if (j != NULL) free_job(j);
-        PyBuffer_Release(&data);
         return PyErr_NoMemory();
     }
-    memcpy(j->data, data.buf, (size_t)data.len);
-    j->size = (size_t)data.len;
+    if (PyObject_TypeCheck(data_arg, &BufferType) && ((Buffer *)data_arg)->blk != NULL) {
+        /* its memory as it is: the Buffer is not written to once its object is committed */
+        Buffer *buf = (Buffer *)data_arg;
+        __atomic_add_fetch(&buf->blk->refs, 1, __ATOMIC_ACQ_REL);
+        j->blk = buf->blk;
+        j->size = (size_t)buf->len;
+    } else {
+        Py_buffer data;
+        if (PyObject_GetBuffer(data_arg, &data, PyBUF_SIMPLE) < 0) {
+            free_job(j);
+            return NULL;
+        }
+        /* a page-aligned copy, so that O_DIRECT writes the whole pages straight from it */
+        j->blk = block_new((size_t)data.len);
+        if (j->blk != NULL) memcpy(j->blk->data, data.buf, (size_t)data.len);
+        j->size = (size_t)data.len;
+        PyBuffer_Release(&data);
+        if (j->blk == NULL) {
+            free_job(j);
+            return PyErr_NoMemory();
+        }
+    }
+    j->data = j->blk->data;
     j->sync_fd = -1;
     j->notify = notify;
     j->sync = sync;
     j->sync_dir = sync_dir;
     j->direct = direct;
-    PyBuffer_Release(&data);
     return enqueue(j, path_arg);
 }
+
+/* -- Buffer: an object's bytes as they arrive, in memory submit() writes without copying ------------------- */
+
+static int buffer_reserve(Buffer *self, size_t need) {
+    if (self->blk != NULL && need <= self->blk->cap) return 0;
+    if (self->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "Buffer: cannot grow while a view of it exists");
+        return -1;
+    }
+    size_t cap = self->blk != NULL ? self->blk->cap * 2 : 0;
+    if (cap < need) cap = need;
+    block *grown = block_new(cap);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (self->blk != NULL) {
+        memcpy(grown->data, self->blk->data, (size_t)self->len);
+        block_release(self->blk);
+    }
+    self->blk = grown;
+    return 0;
+}
+
+static int buffer_init(Buffer *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"capacity", NULL};
+    Py_ssize_t capacity = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|n", kwlist, &capacity)) return -1;
+    if (self->blk != NULL || self->exports > 0) {
+        PyErr_SetString(PyExc_TypeError, "Buffer: already initialised");
+        return -1;
+    }
+    self->len = 0;
+    return capacity > 0 ? buffer_reserve(self, (size_t)capacity) : 0;
+}
+
+static void buffer_dealloc(Buffer *self) {
+    block_release(self->blk);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *buffer_extend(Buffer *self, PyObject *arg) {
+    Py_buffer data;
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) return NULL;
+    int rc = buffer_reserve(self, (size_t)self->len + (size_t)data.len);
+    if (rc == 0 && data.len > 0) {
+        memcpy(self->blk->data + self->len, data.buf, (size_t)data.len);
+        self->len += data.len;
+    }
+    PyBuffer_Release(&data);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *buffer_iadd(PyObject *self, PyObject *arg) {
+    PyObject *done = buffer_extend((Buffer *)self, arg);
+    if (done == NULL) return NULL;
+    Py_DECREF(done);
+    return Py_NewRef(self);
+}
+
+static Py_ssize_t buffer_length(PyObject *self) { return ((Buffer *)self)->len; }
+
+static int buffer_getbuffer(PyObject *obj, Py_buffer *view, int flags) {
+    Buffer *self = (Buffer *)obj;
+    static unsigned char empty[1];
+    if (PyBuffer_FillInfo(view, obj, self->blk != NULL ? self->blk->data : empty, self->len, 1, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void buffer_releasebuffer(PyObject *obj, Py_buffer *view) { ((Buffer *)obj)->exports--; }
+
+static PyMethodDef buffer_methods[] = {
+    {"extend", (PyCFunction)buffer_extend, METH_O, "extend(data): append data's bytes"},
+    {NULL, NULL, 0, NULL},
+};
+static PyNumberMethods buffer_as_number = {.nb_inplace_add = buffer_iadd};
+static PySequenceMethods buffer_as_sequence = {.sq_length = buffer_length};
+static PyBufferProcs buffer_as_buffer = {buffer_getbuffer, buffer_releasebuffer};
+
+static PyTypeObject BufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "bastion.blobs._cwrite.Buffer",
+    .tp_basicsize = sizeof(Buffer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Buffer(capacity=0): bytes appended with += or extend(), read through the buffer protocol "
+              "(read-only); submit() writes them without a copy. It cannot grow while a view of it exists.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)buffer_init,
+    .tp_dealloc = (destructor)buffer_dealloc,
+    .tp_methods = buffer_methods,
+    .tp_as_number = &buffer_as_number,
+    .tp_as_sequence = &buffer_as_sequence,
+    .tp_as_buffer = &buffer_as_buffer,
+};
 
 static PyObject *submit_sync(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"fd", "notify", "parallel", "yield_cpu", NULL};
@@ -629,7 +773,7 @@ static PyMethodDef methods[] = {
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
      "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: create_file in a "
-     "writer thread, from a copy of data (see the module)"},
+     "writer thread, from a copy of data, or a Buffer's own memory (see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
     {"drain", drain, METH_NOARGS,
      "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},
@@ -645,7 +789,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cwrite", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__cwrite(void) {
-    if (PyType_Ready(&PendingType) < 0) return NULL;
+    if (PyType_Ready(&PendingType) < 0 || PyType_Ready(&BufferType) < 0) return NULL;
     static int atfork_set = 0;
     if (!atfork_set) {
         if (pthread_atfork(NULL, NULL, after_fork_child) != 0) return PyErr_NoMemory();
@@ -656,6 +800,12 @@ PyMODINIT_FUNC PyInit__cwrite(void) {
     Py_INCREF(&PendingType);
     if (PyModule_AddObject(mod, "Pending", (PyObject *)&PendingType) < 0) {
         Py_DECREF(&PendingType);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    Py_INCREF(&BufferType);
+    if (PyModule_AddObject(mod, "Buffer", (PyObject *)&BufferType) < 0) {
+        Py_DECREF(&BufferType);
         Py_DECREF(mod);
         return NULL;
     }

@@ -84,7 +84,11 @@ class FileWriter(BlobWriter):
     def __init__(self, store: FileBlobStore) -> None:
         super().__init__()
         self._store = store
-        self._buf: bytearray | None = bytearray()
+        # In memory that _cwrite's threads write without a copy, as large as the last such object and a little
+        # more (instances of one series come in one size): growing a bytearray by the PDVs of a 512 KB CT
+        # instance copied it again and again, and submit() copied it once more.
+        self._buf: bytearray | Any | None = (CWRITE.Buffer(store.buffer_hint) if CWRITE is not None
+                                             else bytearray())
         self._fh: BinaryIO | None = None
         self._path: str | None = None  # the spool file, named when one is needed
 
@@ -143,6 +147,7 @@ class FileWriter(BlobWriter):
             self._commit_spooled(key, final)
             return already_committed
         self._buf = None
+        self._store.buffer_hint = len(buf) + len(buf) // 16 + 4096
         journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
         if journal is not None:
             completions = Completions.for_running_loop(CWRITE) if background else None
@@ -352,6 +357,8 @@ class FileBlobStore(BlobStore):
 
     def __init__(self, root: str, *, journal: bool = True) -> None:
         self.location = self.root = os.path.abspath(root)
+        #: The capacity a new writer's buffer starts with: about the size of the last object committed from one.
+        self.buffer_hint = 64 * 1024
         self.spool_dir = os.path.join(self.root, ".spool")
         self.journal_dir = os.path.join(self.root, ".journal")
         os.makedirs(self.spool_dir, exist_ok=True)
