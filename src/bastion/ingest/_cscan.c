@@ -121,6 +121,39 @@ static int wanted_tag(const unsigned char *wanted, Py_ssize_t n, uint32_t tag) {
 
 /* scan(buf, wanted) -> (transfer_syntax, meta_sop_uid | None, {tag: (vr | None, value)}, pixel_offset | None)
  * ``wanted``: the wanted tags as sorted big-endian uint32s. */
+/* (vr, value) for scan()'s dict: the VR a str shared by every element of that VR (None: implicit VR). */
+static PyObject *vr_names[26 * 26];
+
+static PyObject *element_tuple(const unsigned char *vr, const unsigned char *value, Py_ssize_t length) {
+    PyObject *name = Py_None;
+    if (vr != NULL) {
+        if (vr[0] < 'A' || vr[0] > 'Z' || vr[1] < 'A' || vr[1] > 'Z') {
+            name = PyUnicode_FromStringAndSize((const char *)vr, 2); /* scan() checked upper_alpha; defensive */
+            if (name == NULL) return NULL;
+        } else {
+            PyObject **slot = &vr_names[(vr[0] - 'A') * 26 + (vr[1] - 'A')];
+            if (*slot == NULL) {
+                *slot = PyUnicode_FromStringAndSize((const char *)vr, 2);
+                if (*slot == NULL) return NULL;
+                PyUnicode_InternInPlace(slot);
+            }
+            name = Py_NewRef(*slot);
+        }
+    } else {
+        Py_INCREF(name);
+    }
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)value, length);
+    PyObject *pair = bytes != NULL ? PyTuple_New(2) : NULL;
+    if (pair == NULL) {
+        Py_DECREF(name);
+        Py_XDECREF(bytes);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, name);
+    PyTuple_SET_ITEM(pair, 1, bytes);
+    return pair;
+}
+
 static PyObject *scan(PyObject *self, PyObject *args) {
     Py_buffer view, want;
     if (!PyArg_ParseTuple(args, "y*y*", &view, &want)) return NULL;
@@ -200,9 +233,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
                 goto done;
             }
             PyObject *key = PyLong_FromUnsignedLong(tag);
-            PyObject *value = vr != NULL
-                ? Py_BuildValue("(s#y#)", (const char *)vr, (Py_ssize_t)2, (const char *)buf + pos + hdr, (Py_ssize_t)length)
-                : Py_BuildValue("(Oy#)", Py_None, (const char *)buf + pos + hdr, (Py_ssize_t)length);
+            PyObject *value = element_tuple(vr, buf + pos + hdr, (Py_ssize_t)length);
             int failed = key == NULL || value == NULL || PyDict_SetItem(found, key, value) < 0;
             Py_XDECREF(key);
             Py_XDECREF(value);
