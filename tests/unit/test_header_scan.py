@@ -130,3 +130,24 @@ def test_instances_of_one_series_share_its_level_dicts_and_a_change_makes_new_on
     assert fourth.attrs[H.QueryLevel.STUDY]["00080080"] == {"vr": "LO", "Value": ["ELSEWHERE"]}
     assert fourth == _slow(added)
     assert _fast(instance(5)).attrs[H.QueryLevel.STUDY] == first.attrs[H.QueryLevel.STUDY]  # and back
+
+
+@pytest.mark.parametrize("comment_bytes", [100, 16 * 1024 - 900, 16 * 1024, 40_000])
+def test_a_header_longer_than_the_first_block_is_scanned_from_the_larger_one(
+        tmp_path: Path, comment_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan reads 16 KB first, then 256 KB if the Pixel Data was not in them: a header of any size up to
+    that is still read without pydicom, and gives what pydicom gives."""
+    ds = corpus.make_instance(corpus.KINDS["ct"], 7, 1000)
+    ds.ImageComments = "x" * comment_bytes  # LT, level IMAGE: before the Pixel Data, in the index's attributes
+    path = tmp_path / "long.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+
+    def no_pydicom(fp, size):  # type: ignore[no-untyped-def]
+        raise AssertionError("the header went to pydicom")
+
+    fast = _fast(data)
+    assert fast.attrs[H.QueryLevel.IMAGE]["00204000"] == {"vr": "LT", "Value": ["x" * comment_bytes]}
+    assert fast == _slow(data)
+    monkeypatch.setattr(H, "read_header_pydicom", no_pydicom)
+    assert _fast(data) == fast
