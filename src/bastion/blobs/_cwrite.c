@@ -18,8 +18,9 @@
  * object (ext4's inode allocation) while it served other associations (alone, the store's thread creates the
  * file itself: a thread woken for it ran on the same CPU anyway). With sync (objects from 128 KB) it goes to
  * the DURABLE queue (up to four threads; the file's directory is fsync'd by the DIRSYNC thread meanwhile).
- * The data is copied (page-aligned, so O_DIRECT writes it as it is): the caller's buffer is free at once. The
- * copies' buffers are reused (take_buffer, give_buffer).
+ * The data is copied (page-aligned, so O_DIRECT writes it as it is), and the caller's buffer is free at once;
+ * a Buffer (this module's type, in which the blob store collects an object) is not copied: the job shares its
+ * memory, which is page-aligned already. Both come from a pool of reused buffers (take_buffer, give_buffer).
  *
  * barrier() returns once every file submitted before the call is written (or failed): the journal's checkpoint
  * calls it before its syncfs, which must cover the files of the records it is about to void.
