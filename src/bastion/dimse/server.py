@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.archive import Archive
-from bastion.dimse.association import MESSAGE, Association, AssociationClosed, PDUStream
+from bastion.dimse.association import MESSAGE, Association, AssociationClosed, DatasetSink, Message, PDUStream
 from bastion.dimse.negotiation import negotiate
 from bastion.dimse.pdu import (
     A_ABORT,
@@ -196,8 +196,12 @@ class DicomServer:
         try:
             if await self._negotiate(assoc):
                 services = self.services
+
+                def open_sink(msg: Message) -> DatasetSink:
+                    return services.open_sink(session, msg)
+
                 # P-DATA-TF is assembled as it is received; the messages come to _serve whole
-                stream.deliver_pdata_to(lambda body: assoc.feed_pdata(body, lambda m: services.open_sink(session, m)))
+                stream.deliver_pdata_to(lambda body: assoc.feed_pdata(body, open_sink))
                 await self._serve(assoc, session)
         except AssociationClosed:
             log.info("association from %s (%s) closed by peer", assoc.calling_aet or "?", assoc.peername)

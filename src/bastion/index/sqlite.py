@@ -116,24 +116,6 @@ def _stored_since(conn: sqlite3.Connection, cutoff: str) -> int:
     return int(conn.execute("SELECT count(*) FROM changes WHERE seq >= ? AND kind = 'stored'", (lo,)).fetchone()[0])
 
 
-#: The texts of the level dicts made last: the header scan hands consecutive instances of one series the same
-#: patient, study and series dicts (``_cscan.levels``' cache). Each entry holds its dict, so that no other dict
-#: can take its ``id`` while it is here.
-_TEXTS: dict[int, tuple[JsonDataset, str]] = {}
-
-
-def _text(attrs: JsonDataset) -> str:
-    """The stored text of one level's DICOM JSON (compact, orjson: several times faster than json.dumps)."""
-    known = _TEXTS.get(id(attrs))
-    if known is not None and known[0] is attrs:
-        return known[1]
-    text = dicom_json.dumps(attrs).decode()
-    if len(_TEXTS) >= 16:
-        _TEXTS.clear()
-    _TEXTS[id(attrs)] = (attrs, text)
-    return text
-
-
 def _joined(values: set[str]) -> str:
     return SUMMARY_SEP.join(sorted(v for v in values if v))
 
@@ -393,16 +375,16 @@ class SqliteIndex(Index):
         # Each level's row takes the attributes of the newest instance; most instances repeat what their
         # series, study and patient rows already hold, and rewriting a row (and all its indexes) with the
         # same values is the costliest part of a commit, so an unchanged row is left alone.
-        patient_json = _text(a[QueryLevel.PATIENT])
+        patient_json = dicom_json.level_text(a[QueryLevel.PATIENT])
         if old_patient is None or old_patient[0] != patient_json:
             self._upsert(conn, "patients", "patient_id", {
                 **columns_for(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid, "attrs": patient_json})
-        study_json = _text(a[QueryLevel.STUDY])
+        study_json = dicom_json.level_text(a[QueryLevel.STUDY])
         if old_study is None or old_study[2] != study_json or old_study[3] != pid:
             self._upsert(conn, "studies", "study_uid", {
                 **columns_for(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid,
                 "patient_id": pid, "attrs": study_json})
-        series_json = _text(a[QueryLevel.SERIES])
+        series_json = dicom_json.level_text(a[QueryLevel.SERIES])
         if old_series is None or old_series[1] != series_json or old_series[2] != inst.study_uid:
             self._upsert(conn, "series", "series_uid", {
                 **columns_for(QueryLevel.SERIES, a[QueryLevel.SERIES]), "series_uid": inst.series_uid,
@@ -410,7 +392,7 @@ class SqliteIndex(Index):
         conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
             inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
             column_value(a[QueryLevel.IMAGE], INSTANCE_NUMBER, True), inst.transfer_syntax,
-            inst.blob_key, inst.digest, inst.size, obj.stamp, _text(a[QueryLevel.IMAGE])))
+            inst.blob_key, inst.digest, inst.size, obj.stamp, dicom_json.level_text(a[QueryLevel.IMAGE])))
         conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
         conn.execute("UPDATE studies SET num_instances = num_instances + 1, num_series = num_series + ? "
                      "WHERE study_uid = ?", (int(new_series), inst.study_uid))

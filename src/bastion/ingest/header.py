@@ -44,7 +44,7 @@ class Header:
 
     ``attrs`` holds each level's DICOM JSON. Nobody changes these dicts after the header is read: the C scan
     hands consecutive instances of one series the same patient, study and series dicts, and the index keeps
-    their stored text by identity (``index.sqlite._text``).
+    their stored text by identity (``model.dicom_json.level_text``).
     """
 
     sop_class_uid: str

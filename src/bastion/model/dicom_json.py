@@ -40,3 +40,24 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError:  # orjson.JSONEncodeError: an integer wider than 64 bits, a non-str key
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+#: The texts of the level dicts made last: the header scan hands consecutive instances of one series the same
+#: patient, study and series dicts (``_cscan.levels``' cache). Each entry holds its dict, so that no other dict
+#: can take its ``id`` while it is here.
+_LEVEL_TEXTS: dict[int, tuple[Any, str]] = {}
+
+
+def level_text(attrs: dict[str, Any]) -> str:
+    """The stored text of one level's DICOM JSON (as :func:`dumps`, decoded), kept for the dicts made last.
+
+    The dicts must not be changed once their text was asked for (``bastion.ingest.header.Header``).
+    """
+    known = _LEVEL_TEXTS.get(id(attrs))
+    if known is not None and known[0] is attrs:
+        return known[1]
+    text = dumps(attrs).decode()
+    if len(_LEVEL_TEXTS) >= 16:
+        _LEVEL_TEXTS.clear()
+    _LEVEL_TEXTS[id(attrs)] = (attrs, text)
+    return text
