@@ -42,21 +42,26 @@ def _bodies() -> list[tuple[int, bytes]]:
                                          3 * RECV_BUFFER + 11, 2000)] + [(5, b"\0" * 4)]
 
 
+async def _send_cut_and_read(stream: PDUStream, peer: socket.socket, wire: bytes, chunk: int,
+                             count: int) -> list[tuple[int, object]]:
+    """Send ``wire`` in pieces of ``chunk`` bytes from another thread; read ``count`` items meanwhile."""
+    def send() -> None:
+        for off in range(0, len(wire), chunk):
+            peer.sendall(wire[off: off + chunk])
+
+    sending = asyncio.get_running_loop().run_in_executor(None, send)
+    got = [await stream.read_pdu(10) for _ in range(count)]
+    await sending
+    return got
+
+
 @pytest.mark.parametrize("chunk", [5, 4096, 65536, 10 ** 7])
 def test_pdus_arrive_whole_and_in_order_however_the_bytes_are_cut(chunk: int) -> None:
     async def scenario(stream: PDUStream, peer: socket.socket) -> None:
         expected = _bodies()
         wire = b"".join(_pdu(kind, body) for kind, body in expected)
-        loop = asyncio.get_running_loop()
-
-        def send() -> None:
-            for off in range(0, len(wire), chunk):
-                peer.sendall(wire[off: off + chunk])
-
-        sending = loop.run_in_executor(None, send)
-        got = [await stream.read_pdu(10) for _ in expected]
-        await sending
-        assert [(k, bytes(b)) for k, b in got] == expected
+        got = await _send_cut_and_read(stream, peer, wire, chunk, len(expected))
+        assert [(k, bytes(b)) for k, b in got] == expected  # type: ignore[arg-type]
 
     _run(scenario)
 
@@ -131,15 +136,7 @@ def test_p_data_goes_to_the_assembly_as_it_arrives_and_the_reader_gets_its_messa
         pdus = [(4, os.urandom(n)) for n in sizes] + [(5, b"\0" * 4)]
         wire = b"".join(_pdu(kind, body) for kind, body in pdus)
         stream.deliver_pdata_to(_assemble)  # type: ignore[arg-type]
-        loop = asyncio.get_running_loop()
-
-        def send() -> None:
-            for off in range(0, len(wire), chunk):
-                peer.sendall(wire[off: off + chunk])
-
-        sending = loop.run_in_executor(None, send)
-        got = [await stream.read_pdu(10) for _ in pdus]
-        await sending
+        got = await _send_cut_and_read(stream, peer, wire, chunk, len(pdus))
         assert got == [(MESSAGE, body) for _, body in pdus[:-1]] + [(5, bytearray(b"\0" * 4))]
 
     _run(scenario)
