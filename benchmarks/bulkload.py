@@ -293,7 +293,7 @@ def _rows(studies: list[Study], stamp0: int) -> Iterator[tuple[str, tuple[Any, .
         sc = columns_for(QueryLevel.STUDY, attrs[QueryLevel.STUDY])
         yield "studies", (study.uid, pid, sc["study_date"], sc["study_time"], sc["accession_number"],
                           sc["study_id"], sc["study_description"], sc["referring_physician"],
-                          dumps(attrs[QueryLevel.STUDY]), len(study.series), sum(s.count for s in study.series))
+                          dumps(attrs[QueryLevel.STUDY]), len(study.series))
         for series in study.series:
             a = level_attrs(study, series, 1)[QueryLevel.SERIES]
             c = columns_for(QueryLevel.SERIES, a)
@@ -314,8 +314,8 @@ INSERTS = {
     "patients": "INSERT INTO patients (patient_id, patient_name, patient_birth_date, patient_sex, attrs) "
                 "VALUES (?,?,?,?,?)",
     "studies": "INSERT INTO studies (study_uid, patient_id, study_date, study_time, accession_number, study_id, "
-               "study_description, referring_physician, attrs, num_series, num_instances) "
-               "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+               "study_description, referring_physician, attrs, num_series) "
+               "VALUES (?,?,?,?,?,?,?,?,?,?)",
     "series": "INSERT INTO series (series_uid, study_uid, modality, series_number, series_description, "
               "series_date, body_part, attrs, num_instances) VALUES (?,?,?,?,?,?,?,?,?)",
     "instances": "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -354,8 +354,7 @@ def fill_index(index_path: Path, studies: list[Study], batch: int = 50_000) -> N
     conn.execute("BEGIN")
     conn.execute("UPDATE patients SET num_studies = (SELECT count(*) FROM studies s WHERE s.patient_id = "
                  "patients.patient_id), num_series = (SELECT coalesce(sum(num_series), 0) FROM studies s WHERE "
-                 "s.patient_id = patients.patient_id), num_instances = (SELECT coalesce(sum(num_instances), 0) "
-                 "FROM studies s WHERE s.patient_id = patients.patient_id)")
+                 "s.patient_id = patients.patient_id)")
     refresh_study_summaries(conn)  # ModalitiesInStudy / SOPClassesInStudy, as record() keeps them
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -42,10 +42,59 @@ def _make_legacy(tmp_path: Path, count: int) -> tuple[Path, list[Path]]:
             new_key = new_path.relative_to(blobs).as_posix()
             db.execute("UPDATE instances SET blob_key = ?, digest = ? WHERE blob_key = ?", (new_key, sha, old_key))
             db.execute("UPDATE changes SET blob_key = ? WHERE blob_key = ?", (new_key, old_key))
+        _as_schema_4(db)
         db.execute("ALTER TABLE instances RENAME COLUMN digest TO sha256")
         db.execute("ALTER TABLE versions RENAME COLUMN digest TO sha256")
         db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     return data, renamed
+
+
+def _as_schema_4(db: sqlite3.Connection) -> None:
+    """Give a current index the tables of schema 4: instance counts kept on studies and patients, the change
+    log's ``seq`` an AUTOINCREMENT key."""
+    db.execute("ALTER TABLE studies ADD COLUMN num_instances INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE patients ADD COLUMN num_instances INTEGER NOT NULL DEFAULT 0")
+    db.execute("UPDATE studies SET num_instances = (SELECT sum(num_instances) FROM series x "
+               "WHERE x.study_uid = studies.study_uid)")
+    db.execute("UPDATE patients SET num_instances = (SELECT sum(num_instances) FROM studies y "
+               "WHERE y.patient_id = patients.patient_id)")
+    db.execute("ALTER TABLE changes RENAME TO changes_v5")
+    db.execute("CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, "
+               "sop_uid TEXT NOT NULL, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, blob_key TEXT NOT NULL, "
+               "at TEXT NOT NULL)")
+    db.execute("INSERT INTO changes SELECT * FROM changes_v5")
+    db.execute("DROP TABLE changes_v5")
+    db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+
+
+def test_a_schema_4_index_keeps_its_counts_and_change_log(tmp_path: Path) -> None:
+    study = make_study(tmp_path / "study", series=2, per_series=3)
+    settings = load_settings(None, env={}, data=tmp_path / "data")
+    archive = Archive.open(settings)
+    for path in study.files[:-1]:
+        archive.ingest.store_bytes(path.read_bytes(), "test")
+    archive.close()
+    with sqlite3.connect(settings.index_location) as db:
+        _as_schema_4(db)
+        assert db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone() == (5,)
+
+    archive = Archive.open(settings)  # migrates schema 4 to the current one
+    try:
+        [patient] = archive.index.find(QueryLevel.PATIENT, [])
+        [found] = archive.index.find(QueryLevel.STUDY, [])
+        assert [patient[t]["Value"] for t in ("00201200", "00201202", "00201204")] == [[1], [2], [5]]
+        assert [found[t]["Value"] for t in ("00201206", "00201208")] == [[2], [5]]
+        result = archive.ingest.store_bytes(study.files[-1].read_bytes(), "test")
+        assert result.seq == 6  # the change log goes on from where it was
+        [found] = archive.index.find(QueryLevel.STUDY, [])
+        assert found["00201208"]["Value"] == [6]
+        with sqlite3.connect(settings.index_location) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(studies)")}
+            assert "num_instances" not in columns
+    finally:
+        archive.close()
 
 
 def test_a_sha256_archive_is_migrated_served_verified_and_rebuilt(tmp_path: Path) -> None:

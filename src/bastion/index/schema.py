@@ -3,7 +3,12 @@
 ``studies.modalities`` and ``studies.sop_classes`` hold ModalitiesInStudy and
 SOPClassesInStudy (PS3.4 C.6.2.1.2), sorted and ``\\``-joined: a summary of the study's
 series and instances that the record path keeps current, so a study search does not run
-two subqueries per result. The ordering indexes end with the tie-breaking UID so that
+two subqueries per result.
+
+Of the counts, only ``series.num_instances`` changes with every stored instance; the study's and the patient's
+numbers of instances are summed from their series rows when a search returns them (:data:`INSTANCE_COUNTS`),
+and their numbers of series and studies change only when one is added or removed. A commit that records an
+instance thus writes one level page, not three. The ordering indexes end with the tie-breaking UID so that
 ``ORDER BY ... LIMIT`` walks an index instead of sorting.
 """
 
@@ -12,7 +17,7 @@ import sqlite3
 
 from bastion.errors import IndexFailure
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Joins the values of ModalitiesInStudy / SOPClassesInStudy in their columns.
 SUMMARY_SEP = "\\"
@@ -27,8 +32,7 @@ CREATE TABLE IF NOT EXISTS patients (
   patient_sex TEXT NOT NULL DEFAULT '',
   attrs TEXT NOT NULL,
   num_studies INTEGER NOT NULL DEFAULT 0,
-  num_series INTEGER NOT NULL DEFAULT 0,
-  num_instances INTEGER NOT NULL DEFAULT 0
+  num_series INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS patients_name_id ON patients(patient_name, patient_id);
 
@@ -43,7 +47,6 @@ CREATE TABLE IF NOT EXISTS studies (
   referring_physician TEXT NOT NULL DEFAULT '' COLLATE NOCASE,
   attrs TEXT NOT NULL,
   num_series INTEGER NOT NULL DEFAULT 0,
-  num_instances INTEGER NOT NULL DEFAULT 0,
   modalities TEXT NOT NULL DEFAULT '',
   sop_classes TEXT NOT NULL DEFAULT ''
 );
@@ -93,7 +96,7 @@ CREATE INDEX IF NOT EXISTS versions_sop ON versions(sop_uid);
 CREATE INDEX IF NOT EXISTS versions_stamp ON versions(stamp);
 
 CREATE TABLE IF NOT EXISTS changes (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  seq INTEGER PRIMARY KEY,
   kind TEXT NOT NULL,
   sop_uid TEXT NOT NULL,
   series_uid TEXT NOT NULL,
@@ -130,7 +133,29 @@ MIGRATE_2_TO_3 = (
 #: changes_at cost a page write per stored object; the one query that used it now reads the newest rows by seq.
 MIGRATE_3_TO_4 = ("DROP INDEX IF EXISTS changes_at",)
 
-MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4}
+#: Version 5: a stored instance writes one level row, not three. The study's and the patient's numbers of
+#: instances are summed from their series (:data:`INSTANCE_COUNTS`); the change log's ``seq`` is an alias of the
+#: rowid without AUTOINCREMENT, whose ``sqlite_sequence`` row was one more page per commit (changes are never
+#: deleted but all at once, so the largest ``seq`` is never handed out twice).
+MIGRATE_4_TO_5 = (
+    "ALTER TABLE studies DROP COLUMN num_instances",
+    "ALTER TABLE patients DROP COLUMN num_instances",
+    "CREATE TABLE changes_v5 (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, sop_uid TEXT NOT NULL, "
+    "series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, blob_key TEXT NOT NULL, at TEXT NOT NULL)",
+    "INSERT INTO changes_v5 SELECT seq, kind, sop_uid, series_uid, study_uid, blob_key, at FROM changes",
+    "DROP TABLE changes",
+    "ALTER TABLE changes_v5 RENAME TO changes",
+)
+
+MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4, 4: MIGRATE_4_TO_5}
+
+#: NumberOf{Study,Patient}RelatedInstances of the study ``s`` or patient ``p`` a search returns: the sum of their
+#: series' counts (a few series per study, found through ``series_order`` and ``studies_patient_order``).
+INSTANCE_COUNTS = {
+    "study": "(SELECT coalesce(sum(x.num_instances), 0) FROM series x WHERE x.study_uid = s.study_uid)",
+    "patient": "(SELECT coalesce(sum(x.num_instances), 0) FROM studies y JOIN series x ON x.study_uid = y.study_uid "
+               "WHERE y.patient_id = p.patient_id)",
+}
 
 TABLES = ("patients", "studies", "series", "instances", "versions", "changes")
 

@@ -29,7 +29,13 @@ from typing import Any, TypeVar
 from bastion.errors import IndexFailure
 from bastion.index.base import Change, Index, Statistics, Version
 from bastion.index.columns import INSTANCE_NUMBER, MODALITY, column_value, columns_for
-from bastion.index.schema import SUMMARY_SEP, TABLES, create_or_migrate, refresh_study_summaries
+from bastion.index.schema import (
+    INSTANCE_COUNTS,
+    SUMMARY_SEP,
+    TABLES,
+    create_or_migrate,
+    refresh_study_summaries,
+)
 from bastion.index.sqlcompile import compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import tag_hex
@@ -83,14 +89,16 @@ def _now_iso() -> str:
 
 
 #: What recording one instance needs to know, in one statement: the instance's current row (if any), then
-#: its series, study and patient rows (all NULL where there is none). SQLite looks each up by its key.
+#: its series, study and patient rows (all NULL where there is none), each with whether its ``attrs`` equal the
+#: text given for it (compared by SQLite: the texts are not read back). SQLite looks each up by its key.
 _LOOKUP = ("SELECT i.blob_key, i.digest, i.size, i.stamp, i.series_uid, i.study_uid, "
-           "se.modality, se.attrs, se.study_uid, st.modalities, st.sop_classes, st.attrs, st.patient_id, p.attrs "
-           "FROM (SELECT 1) LEFT JOIN instances i ON i.sop_uid = ? LEFT JOIN series se ON se.series_uid = ? "
-           "LEFT JOIN studies st ON st.study_uid = ? LEFT JOIN patients p ON p.patient_id = ?")
+           "se.modality, se.attrs = ?, se.study_uid, st.modalities, st.sop_classes, st.attrs = ?, st.patient_id, "
+           "p.attrs = ? FROM (SELECT 1) LEFT JOIN instances i ON i.sop_uid = ? "
+           "LEFT JOIN series se ON se.series_uid = ? LEFT JOIN studies st ON st.study_uid = ? "
+           "LEFT JOIN patients p ON p.patient_id = ?")
 
-#: The series row (modality, attrs, study_uid), the study row (modalities, sop_classes, attrs, patient_id) and the
-#: patient row (attrs,) of a :data:`_LOOKUP` result; None where the row does not exist.
+#: The series row (modality, same attrs, study_uid), the study row (modalities, sop_classes, same attrs,
+#: patient_id) and the patient row (same attrs,) of a :data:`_LOOKUP` result; None where the row does not exist.
 _Levels = tuple[tuple[Any, ...] | None, tuple[Any, ...] | None, tuple[Any, ...] | None]
 
 
@@ -329,7 +337,11 @@ class SqliteIndex(Index):
     def _record(self, conn: sqlite3.Connection, obj: StoredObject,
                 same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
         inst = obj.instance
-        row = conn.execute(_LOOKUP, (inst.sop_uid, inst.series_uid, inst.study_uid, obj.patient_id)).fetchone()
+        a = obj.attrs
+        texts = (dicom_json.level_text(a[QueryLevel.SERIES]), dicom_json.level_text(a[QueryLevel.STUDY]),
+                 dicom_json.level_text(a[QueryLevel.PATIENT]))
+        keys = (inst.series_uid, inst.study_uid, obj.patient_id)
+        row = conn.execute(_LOOKUP, (*texts, inst.sop_uid, *keys)).fetchone()
         status = StoreStatus.STORED
         levels: _Levels | None = _levels(row)
         if row[0] is not None:  # this SOP instance is indexed already
@@ -341,8 +353,9 @@ class SqliteIndex(Index):
                          (row[0], inst.sop_uid, row[1], row[2], row[3], inst.blob_key))
             self._remove_instance(conn, inst.sop_uid, row[4], row[5])
             self._change(conn, "superseded", inst.sop_uid, row[4], row[5], row[0])
-            levels = None  # the removal may have changed or deleted the level rows: read them again
-        self._add_instance(conn, obj, levels)
+            # the removal may have changed or deleted the level rows: read them again
+            levels = _levels(conn.execute(_LOOKUP, (*texts, "", *keys)).fetchone())
+        self._add_instance(conn, obj, levels, texts)
         return status, self._change(conn, "stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
 
     @staticmethod
@@ -360,32 +373,30 @@ class SqliteIndex(Index):
         conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) "
                      f"ON CONFLICT({key}) DO UPDATE SET {updates}", list(values.values()))
 
-    def _add_instance(self, conn: sqlite3.Connection, obj: StoredObject, levels: _Levels | None) -> None:
+    def _add_instance(self, conn: sqlite3.Connection, obj: StoredObject, levels: _Levels,
+                      texts: tuple[str, str, str]) -> None:
         """Insert the instance and bring its series, study and patient rows up to date.
 
-        ``levels``: those three rows as :data:`_LOOKUP` read them in this transaction (None: read them here).
+        ``levels``: those three rows as :data:`_LOOKUP` read them in this transaction, compared with ``texts``,
+        their attributes as this instance has them (series, study, patient).
         """
         inst = obj.instance
         a = obj.attrs
         pid = obj.patient_id
-        if levels is None:
-            levels = _levels(conn.execute(_LOOKUP, ("", inst.series_uid, inst.study_uid, pid)).fetchone())
         old_series, old_study, old_patient = levels
         new_series, new_study = old_series is None, old_study is None
+        series_json, study_json, patient_json = texts
         # Each level's row takes the attributes of the newest instance; most instances repeat what their
         # series, study and patient rows already hold, and rewriting a row (and all its indexes) with the
         # same values is the costliest part of a commit, so an unchanged row is left alone.
-        patient_json = dicom_json.level_text(a[QueryLevel.PATIENT])
-        if old_patient is None or old_patient[0] != patient_json:
+        if old_patient is None or not old_patient[0]:
             self._upsert(conn, "patients", "patient_id", {
                 **columns_for(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid, "attrs": patient_json})
-        study_json = dicom_json.level_text(a[QueryLevel.STUDY])
-        if old_study is None or old_study[2] != study_json or old_study[3] != pid:
+        if old_study is None or not old_study[2] or old_study[3] != pid:
             self._upsert(conn, "studies", "study_uid", {
                 **columns_for(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid,
                 "patient_id": pid, "attrs": study_json})
-        series_json = dicom_json.level_text(a[QueryLevel.SERIES])
-        if old_series is None or old_series[1] != series_json or old_series[2] != inst.study_uid:
+        if old_series is None or not old_series[1] or old_series[2] != inst.study_uid:
             self._upsert(conn, "series", "series_uid", {
                 **columns_for(QueryLevel.SERIES, a[QueryLevel.SERIES]), "series_uid": inst.series_uid,
                 "study_uid": inst.study_uid, "attrs": series_json})
@@ -394,10 +405,10 @@ class SqliteIndex(Index):
             column_value(a[QueryLevel.IMAGE], INSTANCE_NUMBER, True), inst.transfer_syntax,
             inst.blob_key, inst.digest, inst.size, obj.stamp, dicom_json.level_text(a[QueryLevel.IMAGE])))
         conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
-        conn.execute("UPDATE studies SET num_instances = num_instances + 1, num_series = num_series + ? "
-                     "WHERE study_uid = ?", (int(new_series), inst.study_uid))
-        conn.execute("UPDATE patients SET num_instances = num_instances + 1, num_series = num_series + ?, "
-                     "num_studies = num_studies + ? WHERE patient_id = ?", (int(new_series), int(new_study), pid))
+        if new_series:  # the study's and patient's instances are counted by their series (schema.INSTANCE_COUNTS)
+            conn.execute("UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?", (inst.study_uid,))
+            conn.execute("UPDATE patients SET num_series = num_series + 1, num_studies = num_studies + ? "
+                         "WHERE patient_id = ?", (int(new_study), pid))
         modality = column_value(a[QueryLevel.SERIES], MODALITY, False)
         if old_series is not None and old_series[0] != modality:
             refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
@@ -414,13 +425,14 @@ class SqliteIndex(Index):
         conn.execute("UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = ?", (series_uid,))
         gone_series = conn.execute("DELETE FROM series WHERE series_uid = ? AND num_instances <= 0",
                                    (series_uid,)).rowcount
-        conn.execute("UPDATE studies SET num_instances = num_instances - 1, num_series = num_series - ? "
-                     "WHERE study_uid = ?", (gone_series, study_uid))
-        gone_study = conn.execute("DELETE FROM studies WHERE study_uid = ? AND num_instances <= 0",
-                                  (study_uid,)).rowcount
-        conn.execute("UPDATE patients SET num_instances = num_instances - 1, num_series = num_series - ?, "
-                     "num_studies = num_studies - ? WHERE patient_id = ?", (gone_series, gone_study, pid))
-        conn.execute("DELETE FROM patients WHERE patient_id = ? AND num_instances <= 0", (pid,))
+        gone_study = 0
+        if gone_series:
+            conn.execute("UPDATE studies SET num_series = num_series - 1 WHERE study_uid = ?", (study_uid,))
+            gone_study = conn.execute("DELETE FROM studies WHERE study_uid = ? AND num_series <= 0",
+                                      (study_uid,)).rowcount
+            conn.execute("UPDATE patients SET num_series = num_series - 1, num_studies = num_studies - ? "
+                         "WHERE patient_id = ?", (gone_study, pid))
+            conn.execute("DELETE FROM patients WHERE patient_id = ? AND num_studies <= 0", (pid,))
         if not gone_study:
             refresh_study_summaries(conn, study_uid)
 
@@ -428,7 +440,6 @@ class SqliteIndex(Index):
         def _clear(conn: sqlite3.Connection) -> None:
             for table in TABLES:
                 conn.execute(f"DELETE FROM {table}")
-            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'changes'")
         self._write(_clear)
 
     # -- reading -------------------------------------------------------------------------------
@@ -468,8 +479,8 @@ class SqliteIndex(Index):
     def find(self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None,
              offset: int = 0) -> list[JsonDataset]:
         cols = {
-            QueryLevel.PATIENT: "p.attrs, p.num_studies, p.num_series, p.num_instances",
-            QueryLevel.STUDY: "p.attrs, s.attrs, s.num_series, s.num_instances, s.modalities, s.sop_classes",
+            QueryLevel.PATIENT: f"p.attrs, p.num_studies, p.num_series, {INSTANCE_COUNTS['patient']}",
+            QueryLevel.STUDY: f"p.attrs, s.attrs, s.num_series, {INSTANCE_COUNTS['study']}, s.modalities, s.sop_classes",
             QueryLevel.SERIES: "p.attrs, s.attrs, se.attrs, se.num_instances, se.series_uid",
             QueryLevel.IMAGE: "p.attrs, s.attrs, se.attrs, i.attrs, i.transfer_syntax, i.series_uid",
         }[level]
