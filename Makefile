@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py src/bastion/ingest/_cscan.c scripts/fetch-ohif.sh
+$(STAMP): pyproject.toml setup.py src/bastion/ingest/_cscan.c src/bastion/blobs/_cwrite.c src/bastion/index/_crecord.c \
+		scripts/fetch-ohif.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

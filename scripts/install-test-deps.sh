@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the integration tests drive: DCMTK's clients, Orthanc (peer and benchmark reference),
-# Chromium and Node.js (the viewer and admin-page browser checks in tests/browser) and the npm packages
+# SQLite's headers (for the compiled record path), Chromium and Node.js (the viewer and admin-page browser checks in tests/browser) and the npm packages
 # of those checks. Idempotent; quiet when all is there. Needs no virtualenv (make test builds it after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,8 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 [ -x /usr/bin/chromium ] || need+=(chromium fonts-liberation)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)  # NodeSource's nodejs ships npm itself; Debian's does not
+# SQLite's headers: the index's common record in C (setup.py) is built, and tested, against them
+[ -e /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2; exit 1; fi
   echo "installing Debian packages: ${need[*]}"

@@ -98,6 +98,7 @@ def test_index_rebuild_gives_identical_answers(imported: dict[str, Any], bastion
     stats_before = server.stats()
     assert stats_before["ingest"]["header_scan"] == "compiled"
     assert stats_before["storage"]["file_write"] == "compiled"
+    assert stats_before["ingest"]["index_record"] == "compiled"
     server.stop()
     assert [len(a) for a in before] and all(before), "every query should match something"
     # The superseded instance answers with its current version's description.

@@ -28,6 +28,7 @@ from bastion.blobs.filesystem import CWRITE
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
+from bastion.index.sqlite import CRECORD
 from bastion.ingest.scan import SPEEDUPS
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
@@ -103,6 +104,9 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     if CWRITE is None:
         log.warning("the compiled file write is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
                     "install): objects of 128 KB and more are written in Python, about 10 % slower")
+    if CRECORD is None:
+        log.warning("the compiled index record is not loaded (BASTION_PURE_PYTHON set, or no C compiler or "
+                    "SQLite headers (libsqlite3-dev) at install): the index records in Python, more CPU per object")
     await _until_signal(http_task, asyncio.ensure_future(_orphaned(parent)))
     log.info("shutting down")
     http.should_exit = True

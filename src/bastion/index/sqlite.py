@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
 from bastion.index.base import Change, Index, Statistics, Version
-from bastion.index.columns import INSTANCE_NUMBER, MODALITY, column_value, columns_for
+from bastion.index.columns import columns_for
+from bastion.index.rows import IndexRow
 from bastion.index.schema import (
     INSTANCE_COUNTS,
     SUMMARY_SEP,
@@ -39,6 +40,7 @@ from bastion.index.schema import (
 from bastion.index.sqlcompile import compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import tag_hex
+from bastion.model.compiled import load_extension
 from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, matches
@@ -58,6 +60,11 @@ _MMAP_BYTES = 1 << 34
 #: grown to 125 MB and whose earlier pages the VM's memory reclaim had written out. Past this size the WAL
 #: grows into new file pages instead, which are not read.
 _WAL_KEEP_BYTES = 4 * 1024 * 1024
+
+#: The index's common record in C (``_crecord.c``), or None where the Python one runs.
+CRECORD = load_extension("bastion.index._crecord")
+_RECORDER_PRAGMAS = (f"PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; PRAGMA mmap_size={_MMAP_BYTES}; "
+                     f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}; PRAGMA wal_autocheckpoint=0")
 
 _ORDER = {
     QueryLevel.PATIENT: "p.patient_name, p.patient_id",
@@ -96,6 +103,11 @@ _LOOKUP = ("SELECT i.blob_key, i.digest, i.size, i.stamp, i.series_uid, i.study_
            "p.attrs = ? FROM (SELECT 1) LEFT JOIN instances i ON i.sop_uid = ? "
            "LEFT JOIN series se ON se.series_uid = ? LEFT JOIN studies st ON st.study_uid = ? "
            "LEFT JOIN patients p ON p.patient_id = ?")
+
+#: The statements that record an instance whose level rows stay as they are (also run by :data:`CRECORD`).
+_INSERT_INSTANCE = "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_COUNT_INSTANCE = "UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?"
+_INSERT_CHANGE = "INSERT INTO changes (kind, sop_uid, series_uid, study_uid, blob_key, at) VALUES (?,?,?,?,?,?)"
 
 #: The series row (modality, same attrs, study_uid), the study row (modalities, sop_classes, same attrs,
 #: patient_id) and the patient row (same attrs,) of a :data:`_LOOKUP` result; None where the row does not exist.
@@ -177,6 +189,10 @@ class SqliteIndex(Index):
                                     0o644)
         self._writer_conn = self._connect()
         create_or_migrate(self._writer_conn)
+        # the common record in C, on a connection of its own (a file only: it shares the writer lock)
+        self._recorder = (CRECORD.Recorder(path, self._lock_fd, _LOOKUP, _INSERT_INSTANCE, _COUNT_INSTANCE,
+                                           _INSERT_CHANGE, _RECORDER_PRAGMAS)
+                          if CRECORD is not None and self._lock_fd >= 0 else None)
         self._thread = threading.Thread(target=self._run_writer, name="bastion-index-writer", daemon=True)
         self._thread.start()
         self._commits = 0
@@ -328,41 +344,73 @@ class SqliteIndex(Index):
     # -- recording ---------------------------------------------------------------------------
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
                same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
-        return self._write(lambda conn: self._record(conn, obj, same_content), durable)
+        row = IndexRow.of(obj)
+        if self._recorder is not None:
+            recorded = self._record_in_c(self._recorder, row, durable)
+            if recorded is not None:
+                return recorded
+        return self._write(lambda conn: self._record(conn, row, same_content), durable)
+
+    def _record_in_c(self, recorder: Any, row: IndexRow, durable: Callable[[], None] | None,
+                     ) -> tuple[StoreStatus, int] | None:
+        """``row`` recorded by :data:`CRECORD` (waiting for ``durable`` before the commit, as :meth:`_write`); None
+        where this thread should not (another one writes) or it is not the common case (nothing written)."""
+        if not self._write_lock.acquire(blocking=False):
+            return None
+        try:
+            if not self._queue.empty():
+                return None
+            i = row.instance
+            try:
+                seq = recorder.begin(i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax,
+                                     i.blob_key, i.digest, i.size, row.patient_id, row.stamp, *row.texts,
+                                     row.instance_number, row.modality, _now_iso())
+                if seq is None:
+                    return None
+                try:
+                    if durable is not None:
+                        durable()
+                except BaseException:
+                    recorder.rollback()
+                    raise
+                recorder.commit()
+            except CRECORD.RecordError as exc:  # type: ignore[union-attr]
+                raise IndexFailure(str(exc)) from exc
+            self._commits += 1
+            return StoreStatus.STORED, seq
+        finally:
+            self._write_lock.release()
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
-        items = list(objs)
-        return self._write(lambda conn: [self._record(conn, obj) for obj in items])
+        rows = [IndexRow.of(obj) for obj in objs]
+        return self._write(lambda conn: [self._record(conn, row) for row in rows])
 
-    def _record(self, conn: sqlite3.Connection, obj: StoredObject,
+    def _record(self, conn: sqlite3.Connection, row: IndexRow,
                 same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
-        inst = obj.instance
-        a = obj.attrs
-        texts = (dicom_json.level_text(a[QueryLevel.SERIES]), dicom_json.level_text(a[QueryLevel.STUDY]),
-                 dicom_json.level_text(a[QueryLevel.PATIENT]))
-        keys = (inst.series_uid, inst.study_uid, obj.patient_id)
-        row = conn.execute(_LOOKUP, (*texts, inst.sop_uid, *keys)).fetchone()
+        inst = row.instance
+        texts = row.texts[:3]
+        keys = (inst.series_uid, inst.study_uid, row.patient_id)
+        found = conn.execute(_LOOKUP, (*texts, inst.sop_uid, *keys)).fetchone()
         status = StoreStatus.STORED
-        levels: _Levels | None = _levels(row)
-        if row[0] is not None:  # this SOP instance is indexed already
-            if row[1] == inst.digest or (same_content is not None and not row[1].startswith(BLAKE3_PREFIX)
-                                         and same_content(row[1])):
+        levels: _Levels = _levels(found)
+        if found[0] is not None:  # this SOP instance is indexed already
+            if found[1] == inst.digest or (same_content is not None and not found[1].startswith(BLAKE3_PREFIX)
+                                           and same_content(found[1])):
                 return StoreStatus.DUPLICATE, None
             status = StoreStatus.SUPERSEDED
             conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
-                         (row[0], inst.sop_uid, row[1], row[2], row[3], inst.blob_key))
-            self._remove_instance(conn, inst.sop_uid, row[4], row[5])
-            self._change(conn, "superseded", inst.sop_uid, row[4], row[5], row[0])
+                         (found[0], inst.sop_uid, found[1], found[2], found[3], inst.blob_key))
+            self._remove_instance(conn, inst.sop_uid, found[4], found[5])
+            self._change(conn, "superseded", inst.sop_uid, found[4], found[5], found[0])
             # the removal may have changed or deleted the level rows: read them again
             levels = _levels(conn.execute(_LOOKUP, (*texts, "", *keys)).fetchone())
-        self._add_instance(conn, obj, levels, texts)
+        self._add_instance(conn, row, levels)
         return status, self._change(conn, "stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
 
     @staticmethod
     def _change(conn: sqlite3.Connection, kind: str, sop: str, series: str, study: str, key: str) -> int:
         at = _now_iso()
-        cur = conn.execute("INSERT INTO changes (kind, sop_uid, series_uid, study_uid, blob_key, at) "
-                           "VALUES (?,?,?,?,?,?)", (kind, sop, series, study, key, at))
+        cur = conn.execute(_INSERT_CHANGE, (kind, sop, series, study, key, at))
         return int(cur.lastrowid or 0)
 
     @staticmethod
@@ -373,43 +421,41 @@ class SqliteIndex(Index):
         conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) "
                      f"ON CONFLICT({key}) DO UPDATE SET {updates}", list(values.values()))
 
-    def _add_instance(self, conn: sqlite3.Connection, obj: StoredObject, levels: _Levels,
-                      texts: tuple[str, str, str]) -> None:
+    def _add_instance(self, conn: sqlite3.Connection, row: IndexRow, levels: _Levels) -> None:
         """Insert the instance and bring its series, study and patient rows up to date.
 
-        ``levels``: those three rows as :data:`_LOOKUP` read them in this transaction, compared with ``texts``,
-        their attributes as this instance has them (series, study, patient).
+        ``levels``: those three rows as :data:`_LOOKUP` read them in this transaction, compared with the row's
+        texts.
         """
-        inst = obj.instance
-        a = obj.attrs
-        pid = obj.patient_id
+        inst = row.instance
+        pid = row.patient_id
         old_series, old_study, old_patient = levels
         new_series, new_study = old_series is None, old_study is None
-        series_json, study_json, patient_json = texts
+        series_json, study_json, patient_json, image_json = row.texts
         # Each level's row takes the attributes of the newest instance; most instances repeat what their
         # series, study and patient rows already hold, and rewriting a row (and all its indexes) with the
         # same values is the costliest part of a commit, so an unchanged row is left alone.
         if old_patient is None or not old_patient[0]:
             self._upsert(conn, "patients", "patient_id", {
-                **columns_for(QueryLevel.PATIENT, a[QueryLevel.PATIENT]), "patient_id": pid, "attrs": patient_json})
+                **columns_for(QueryLevel.PATIENT, row.level(QueryLevel.PATIENT)), "patient_id": pid,
+                "attrs": patient_json})
         if old_study is None or not old_study[2] or old_study[3] != pid:
             self._upsert(conn, "studies", "study_uid", {
-                **columns_for(QueryLevel.STUDY, a[QueryLevel.STUDY]), "study_uid": inst.study_uid,
+                **columns_for(QueryLevel.STUDY, row.level(QueryLevel.STUDY)), "study_uid": inst.study_uid,
                 "patient_id": pid, "attrs": study_json})
         if old_series is None or not old_series[1] or old_series[2] != inst.study_uid:
             self._upsert(conn, "series", "series_uid", {
-                **columns_for(QueryLevel.SERIES, a[QueryLevel.SERIES]), "series_uid": inst.series_uid,
+                **columns_for(QueryLevel.SERIES, row.level(QueryLevel.SERIES)), "series_uid": inst.series_uid,
                 "study_uid": inst.study_uid, "attrs": series_json})
-        conn.execute("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
-            inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
-            column_value(a[QueryLevel.IMAGE], INSTANCE_NUMBER, True), inst.transfer_syntax,
-            inst.blob_key, inst.digest, inst.size, obj.stamp, dicom_json.level_text(a[QueryLevel.IMAGE])))
-        conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?", (inst.series_uid,))
+        conn.execute(_INSERT_INSTANCE, (
+            inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid, row.instance_number,
+            inst.transfer_syntax, inst.blob_key, inst.digest, inst.size, row.stamp, image_json))
+        conn.execute(_COUNT_INSTANCE, (inst.series_uid,))
         if new_series:  # the study's and patient's instances are counted by their series (schema.INSTANCE_COUNTS)
             conn.execute("UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?", (inst.study_uid,))
             conn.execute("UPDATE patients SET num_series = num_series + 1, num_studies = num_studies + ? "
                          "WHERE patient_id = ?", (int(new_study), pid))
-        modality = column_value(a[QueryLevel.SERIES], MODALITY, False)
+        modality = row.modality
         if old_series is not None and old_series[0] != modality:
             refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
             return
@@ -588,6 +634,8 @@ class SqliteIndex(Index):
 
     def close(self) -> None:
         self.closed = True
+        if self._recorder is not None:
+            self._recorder.close()
         self._stop_checkpoints.set()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout=10)

@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 from bastion import __version__
 from bastion.archive import Archive
 from bastion.blobs.filesystem import CWRITE
+from bastion.index.sqlite import CRECORD
 from bastion.ingest.scan import SPEEDUPS
 from bastion.web.openapi import openapi_document
 
@@ -54,7 +55,8 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
                         "file_write": "compiled" if CWRITE is not None else "python"},
             "ingest": {"last_minute_instances": st.stored_last_minute,
                        "rejected": archive.ingest.rejections.count(),
-                       "header_scan": "compiled" if SPEEDUPS is not None else "python"},
+                       "header_scan": "compiled" if SPEEDUPS is not None else "python",
+                       "index_record": "compiled" if CRECORD is not None else "python"},
             "last_errors": archive.ingest.rejections.tail(20),
             "associations": status.active(),
             "associations_per_worker": status.per_worker(),

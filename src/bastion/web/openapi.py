@@ -75,13 +75,17 @@ _STATISTICS = {
         "ingest": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["last_minute_instances", "rejected", "header_scan"],
+            "required": ["last_minute_instances", "rejected", "header_scan", "index_record"],
             "properties": {"last_minute_instances": _INT,
                            "rejected": {**_INT, "description": "Objects refused since the data directory was made."},
                            "header_scan": {"type": "string", "enum": ["compiled", "python"],
                                            "description": "Whether the store path's header scan runs as the C "
                                                           "extension built at install, or as its slower Python "
-                                                          "twin (no C compiler at install)."}},
+                                                          "twin (no C compiler at install)."},
+                           "index_record": {"type": "string", "enum": ["compiled", "python"],
+                                            "description": "Whether the index records an instance that changes no "
+                                                           "level row in C, or all in Python (no C compiler or "
+                                                           "SQLite headers at install)."}},
         },
         "last_errors": {"type": "array", "maxItems": 20, "items": {"$ref": "#/components/schemas/Rejection"},
                         "description": "The newest rejections, oldest first."},
