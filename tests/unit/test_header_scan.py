@@ -132,6 +132,29 @@ def test_instances_of_one_series_share_its_level_dicts_and_a_change_makes_new_on
     assert _fast(instance(5)).attrs[H.QueryLevel.STUDY] == first.attrs[H.QueryLevel.STUDY]  # and back
 
 
+def test_series_stored_at_once_each_keep_their_level_dicts(tmp_path: Path) -> None:
+    """Associations storing different series take turns on one event loop: each series still finds its own
+    patient, study and series dicts of a few instances before (``LEVEL_WAYS`` per level in ``_cscan.c``)."""
+    if H.SPEEDUPS is None:
+        pytest.skip("the C scan is not built")
+
+    def instance(number: int) -> bytes:  # the corpus gives every few instances a patient, study and series
+        path = tmp_path / f"{number}.dcm"
+        corpus.make_instance(corpus.KINDS["small"], number, 1000).save_as(path, enforce_file_format=True)
+        return path.read_bytes()
+
+    quarters = [0, 250, 500, 750]  # four associations' first instances: four series of four patients
+    first = [_fast(instance(q)) for q in quarters]
+    assert len({id(h.attrs[H.QueryLevel.SERIES]) for h in first}) == 4
+    for q, before in zip(quarters, first, strict=True):
+        raw = instance(q + 1)
+        after = _fast(raw)
+        assert after.attrs[H.QueryLevel.SERIES]["0020000E"] == before.attrs[H.QueryLevel.SERIES]["0020000E"]
+        for level in (H.QueryLevel.PATIENT, H.QueryLevel.STUDY, H.QueryLevel.SERIES):
+            assert after.attrs[level] is before.attrs[level], (q, level)
+        assert after == _slow(raw)
+
+
 @pytest.mark.parametrize("comment_bytes", [100, 16 * 1024 - 900, 16 * 1024, 40_000])
 def test_a_header_longer_than_the_first_block_is_scanned_from_the_larger_one(
         tmp_path: Path, comment_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,8 +33,9 @@ class IndexRow:
     @classmethod
     def of(cls, obj: StoredObject) -> IndexRow:
         a = obj.attrs
+        # the image level is the instance's own: remembering its text would only push out its series' and study's
         texts = (dicom_json.level_text(a[QueryLevel.SERIES]), dicom_json.level_text(a[QueryLevel.STUDY]),
-                 dicom_json.level_text(a[QueryLevel.PATIENT]), dicom_json.level_text(a[QueryLevel.IMAGE]))
+                 dicom_json.level_text(a[QueryLevel.PATIENT]), dicom_json.dumps(a[QueryLevel.IMAGE]).decode())
         return cls(obj.instance, obj.patient_id, obj.stamp, texts,
                    column_value(a[QueryLevel.IMAGE], INSTANCE_NUMBER, True),
                    column_value(a[QueryLevel.SERIES], MODALITY, False), a)

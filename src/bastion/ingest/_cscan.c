@@ -397,31 +397,35 @@ static PyObject *raw_json(PyObject *self, PyObject *args) {
     return element_json(vr_obj, value, little);
 }
 
-/* The last result of each level, with the elements it was made from: an instance mostly repeats its
+/* The last results of each level, with the elements they were made from: an instance mostly repeats its
  * predecessor's patient, study and series attributes, and building their JSON again was most of levels()'s
  * work (70k instructions per small C-STORE, then 28k more to serialize it). A level whose elements all equal
- * the cached ones gets the cached dict itself: the callers never change it. */
+ * a cached result's gets that dict itself: the callers never change it. Each level keeps its LEVEL_WAYS most
+ * recently used results: associations storing different series at once take turns on one event loop, and with
+ * one result per level each instance found the other series' (BENCHMARKS.md, item 60). */
 #define LEVEL_CACHE 8
+#define LEVEL_WAYS 4
 static PyObject *cache_specs = NULL; /* the specs list the cache was made for */
-static struct {
+typedef struct {
     Py_ssize_t n;
     PyObject **elements; /* n entries, NULL for an absent element */
     PyObject *out;
-} level_cache[LEVEL_CACHE];
+} cached_level;
+static cached_level level_cache[LEVEL_CACHE][LEVEL_WAYS]; /* [level][0] the most recently used */
 
-static void cache_clear(int i) {
-    for (Py_ssize_t j = 0; j < level_cache[i].n; j++) Py_XDECREF(level_cache[i].elements[j]);
-    PyMem_Free(level_cache[i].elements);
-    level_cache[i].elements = NULL;
-    level_cache[i].n = 0;
-    Py_CLEAR(level_cache[i].out);
+static void cache_clear(cached_level *c) {
+    for (Py_ssize_t j = 0; j < c->n; j++) Py_XDECREF(c->elements[j]);
+    PyMem_Free(c->elements);
+    c->elements = NULL;
+    c->n = 0;
+    Py_CLEAR(c->out);
 }
 
-/* Whether level ``i``'s cache was made from exactly ``got`` (n elements). -1 on error. */
-static int cache_hit(int i, PyObject **got, Py_ssize_t n) {
-    if (level_cache[i].out == NULL || level_cache[i].n != n) return 0;
+/* Whether ``c`` was made from exactly ``got`` (n elements). -1 on error. */
+static int cache_match(cached_level *c, PyObject **got, Py_ssize_t n) {
+    if (c->out == NULL || c->n != n) return 0;
     for (Py_ssize_t j = 0; j < n; j++) {
-        PyObject *a = got[j], *b = level_cache[i].elements[j];
+        PyObject *a = got[j], *b = c->elements[j];
         if (a == b) continue;
         if (a == NULL || b == NULL) return 0;
         int same = PyObject_RichCompareBool(a, b, Py_EQ);
@@ -430,14 +434,34 @@ static int cache_hit(int i, PyObject **got, Py_ssize_t n) {
     return 1;
 }
 
+/* The cached dict of level ``i`` made from ``got`` (borrowed, moved to the front), NULL if none; -1 in *err on
+ * error. */
+static PyObject *cache_hit(int i, PyObject **got, Py_ssize_t n, int *err) {
+    cached_level *ways = level_cache[i];
+    for (int w = 0; w < LEVEL_WAYS && ways[w].out != NULL; w++) {
+        int same = cache_match(&ways[w], got, n);
+        if (same < 0) { *err = 1; return NULL; }
+        if (same) {
+            cached_level found = ways[w];
+            memmove(&ways[1], &ways[0], sizeof(cached_level) * (size_t)w);
+            ways[0] = found;
+            return found.out;
+        }
+    }
+    return NULL;
+}
+
+/* Remember ``out``, made from ``got``, as level ``i``'s most recent result (the least recent one goes). */
 static void cache_store(int i, PyObject **got, Py_ssize_t n, PyObject *out) {
-    cache_clear(i);
     PyObject **copy = PyMem_Malloc(sizeof(PyObject *) * (size_t)(n > 0 ? n : 1));
     if (copy == NULL) return; /* no cache, no harm */
+    cached_level *ways = level_cache[i];
+    cache_clear(&ways[LEVEL_WAYS - 1]);
+    memmove(&ways[1], &ways[0], sizeof(cached_level) * (LEVEL_WAYS - 1));
     for (Py_ssize_t j = 0; j < n; j++) copy[j] = Py_XNewRef(got[j]);
-    level_cache[i].elements = copy;
-    level_cache[i].n = n;
-    level_cache[i].out = Py_NewRef(out);
+    ways[0].elements = copy;
+    ways[0].n = n;
+    ways[0].out = Py_NewRef(out);
 }
 
 /* levels(elements, specs, vrs) -> {level: {key: json}}: the loop of header._from_scan.
@@ -447,7 +471,8 @@ static PyObject *levels(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &elements, &PyList_Type, &specs, &PyDict_Type, &vrs))
         return NULL;
     if (specs != cache_specs) { /* another caller's specs (tests): start over */
-        for (int i = 0; i < LEVEL_CACHE; i++) cache_clear(i);
+        for (int i = 0; i < LEVEL_CACHE; i++)
+            for (int w = 0; w < LEVEL_WAYS; w++) cache_clear(&level_cache[i][w]);
         Py_XSETREF(cache_specs, Py_NewRef(specs));
     }
     PyObject *result = PyDict_New();
@@ -473,10 +498,11 @@ static PyObject *levels(PyObject *self, PyObject *args) {
             got[j] = PyDict_GetItemWithError(elements, PyTuple_GET_ITEM(pair, 0));
             if (got[j] == NULL && PyErr_Occurred()) goto fail;
         }
-        int hit = i < LEVEL_CACHE ? cache_hit((int)i, got, ntags) : 0;
-        if (hit < 0) goto fail;
-        if (hit) {
-            if (PyDict_SetItem(result, level, level_cache[i].out) < 0) goto fail;
+        int err = 0;
+        PyObject *hit = i < LEVEL_CACHE ? cache_hit((int)i, got, ntags, &err) : NULL;
+        if (err) goto fail;
+        if (hit != NULL) {
+            if (PyDict_SetItem(result, level, hit) < 0) goto fail;
             continue;
         }
         PyObject *out = PyDict_New();

@@ -57,7 +57,7 @@ def level_text(attrs: dict[str, Any]) -> str:
     if known is not None and known[0] is attrs:
         return known[1]
     text = dumps(attrs).decode()
-    if len(_LEVEL_TEXTS) >= 16:
+    if len(_LEVEL_TEXTS) >= 32:
         _LEVEL_TEXTS.clear()
     _LEVEL_TEXTS[id(attrs)] = (attrs, text)
     return text
