@@ -8,7 +8,8 @@ two subqueries per result.
 Of the counts, only ``series.num_instances`` changes with every stored instance; the study's and the patient's
 numbers of instances are summed from their series rows when a search returns them (:data:`INSTANCE_COUNTS`),
 and their numbers of series and studies change only when one is added or removed. A commit that records an
-instance thus writes one level page, not three. The ordering indexes end with the tie-breaking UID so that
+instance thus writes one level page, not three (an index made before schema 5 keeps two unused count columns:
+:data:`MIGRATE_4_TO_5`). The ordering indexes end with the tie-breaking UID so that
 ``ORDER BY ... LIMIT`` walks an index instead of sorting.
 """
 
@@ -134,18 +135,13 @@ MIGRATE_2_TO_3 = (
 MIGRATE_3_TO_4 = ("DROP INDEX IF EXISTS changes_at",)
 
 #: Version 5: a stored instance writes one level row, not three. The study's and the patient's numbers of
-#: instances are summed from their series (:data:`INSTANCE_COUNTS`); the change log's ``seq`` is an alias of the
-#: rowid without AUTOINCREMENT, whose ``sqlite_sequence`` row was one more page per commit (changes are never
-#: deleted but all at once, so the largest ``seq`` is never handed out twice).
-MIGRATE_4_TO_5 = (
-    "ALTER TABLE studies DROP COLUMN num_instances",
-    "ALTER TABLE patients DROP COLUMN num_instances",
-    "CREATE TABLE changes_v5 (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, sop_uid TEXT NOT NULL, "
-    "series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, blob_key TEXT NOT NULL, at TEXT NOT NULL)",
-    "INSERT INTO changes_v5 SELECT seq, kind, sop_uid, series_uid, study_uid, blob_key, at FROM changes",
-    "DROP TABLE changes",
-    "ALTER TABLE changes_v5 RENAME TO changes",
-)
+#: instances are summed from their series (:data:`INSTANCE_COUNTS`); a new index's change log has ``seq`` as an
+#: alias of the rowid without AUTOINCREMENT, whose ``sqlite_sequence`` row was one more page per commit (changes
+#: are never deleted but all at once, so the largest ``seq`` is never handed out twice). Nothing is rewritten: an
+#: index made before keeps its two count columns, no longer read or written, and its AUTOINCREMENT, as copying an
+#: archive's change log (one row per stored object) would hold the server up for as long as it takes; `bastion
+#: index rebuild` makes the new tables.
+MIGRATE_4_TO_5: tuple[str, ...] = ()
 
 MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4, 4: MIGRATE_4_TO_5}
 

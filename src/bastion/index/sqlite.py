@@ -486,6 +486,8 @@ class SqliteIndex(Index):
         def _clear(conn: sqlite3.Connection) -> None:
             for table in TABLES:
                 conn.execute(f"DELETE FROM {table}")
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+                conn.execute("DELETE FROM sqlite_sequence")  # an index made before schema 5 (AUTOINCREMENT)
         self._write(_clear)
 
     # -- reading -------------------------------------------------------------------------------
