@@ -2,7 +2,7 @@
 blob store's file write without the GIL, and the index's common record (needs SQLite's headers: libsqlite3-dev).
 
 Optional: where they cannot be built, Bastion runs the Python versions (``bastion.ingest.scan.SPEEDUPS`` and
-``bastion.blobs.filesystem.CWRITE``, ``bastion.index.sqlite.CRECORD`` say which).
+``bastion.blobs.filesystem.CWRITE``, ``bastion.index.sqlite_record.CRECORD`` say which).
 """
 
 from setuptools import Extension, setup

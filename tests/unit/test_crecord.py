@@ -10,14 +10,14 @@ import pytest
 from contract.test_index import CT, MR, obj
 
 from bastion.errors import IndexFailure
-from bastion.index import sqlite as sqlite_index
+from bastion.index import sqlite_record
 from bastion.index.sqlite import SqliteIndex
 from bastion.model.records import StoredObject, StoreStatus
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 
 pytestmark = [pytest.mark.timeout(30),
-              pytest.mark.skipif(sqlite_index.CRECORD is None, reason="_crecord is not built")]
+              pytest.mark.skipif(sqlite_record.CRECORD is None, reason="_crecord is not built")]
 
 
 @pytest.fixture
@@ -79,9 +79,9 @@ def test_the_c_record_writes_what_the_python_record_writes(tmp_path: Path, index
 def test_the_c_record_takes_the_instances_that_change_no_level_row(index: SqliteIndex,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     in_python = []
-    record = SqliteIndex._record
-    monkeypatch.setattr(SqliteIndex, "_record", lambda self, conn, row, same_content=None: (
-        in_python.append(row.instance.sop_uid), record(self, conn, row, same_content))[1])
+    record = sqlite_record.record
+    monkeypatch.setattr(sqlite_record, "record", lambda conn, row, same_content=None: (
+        in_python.append(row.instance.sop_uid), record(conn, row, same_content))[1])
     for o in _story():
         index.record(o)
     # new rows, changed attributes, versions and new SOP classes or modalities go through Python

@@ -28,7 +28,7 @@ from bastion.blobs.filesystem import CWRITE
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
-from bastion.index.sqlite import CRECORD
+from bastion.index.sqlite_record import CRECORD
 from bastion.ingest.scan import SPEEDUPS
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app

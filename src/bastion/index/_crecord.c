@@ -1,13 +1,15 @@
 /* The common case of recording a stored instance in the SQLite index, in C and without the GIL.
  *
- * bastion.index.sqlite.SqliteIndex records an instance with five statements run from Python: a lookup of the
+ * bastion.index.sqlite_record.record records an instance with five statements run from Python: a lookup of the
  * instance and its series, study and patient rows, the instance's row, its series' count, the change log.
  * Through Python each cost a few microseconds more than the statement itself, and the writer lock that the
  * index's processes share was held meanwhile (BENCHMARKS.md, item 59). A Recorder runs the same statements
  * (their SQL comes from Python: one definition) on a connection of its own, for the case that writes nothing
  * else: a SOP instance not yet indexed whose series, study and patient rows already hold what it would write.
  * Anything else (a new series, changed attributes, a re-sent or superseding object, a new modality or SOP
- * class in the study) makes begin() return None having written nothing, and Python records it.
+ * class in the study) makes begin() return None having written nothing, and Python records it. The conditions
+ * below are the Python record's for writing no level row (sqlite_record._add_instance): change both together;
+ * tests/unit/test_crecord.py compares every table the two write.
  *
  * begin() takes the writer lock (flock of the fd Python shares with it), starts the transaction and runs the
  * statements; the caller then waits for the object's blob to be durable and calls commit() or rollback(), as

@@ -13,13 +13,11 @@ per thread.
 from __future__ import annotations
 
 import fcntl
-import functools
 import logging
 import os
 import queue
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -27,21 +25,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
+from bastion.index import sqlite_record
 from bastion.index.base import Change, Index, Statistics, Version
-from bastion.index.columns import columns_for
 from bastion.index.rows import IndexRow
 from bastion.index.schema import (
     INSTANCE_COUNTS,
     SUMMARY_SEP,
     TABLES,
     create_or_migrate,
-    refresh_study_summaries,
 )
 from bastion.index.sqlcompile import compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import tag_hex
-from bastion.model.compiled import load_extension
-from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, matches
 from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus, parse_object_key
@@ -61,8 +56,7 @@ _MMAP_BYTES = 1 << 34
 #: grows into new file pages instead, which are not read.
 _WAL_KEEP_BYTES = 4 * 1024 * 1024
 
-#: The index's common record in C (``_crecord.c``), or None where the Python one runs.
-CRECORD = load_extension("bastion.index._crecord")
+#: The C Recorder's connection (:mod:`bastion.index.sqlite_record`), set as :meth:`SqliteIndex._connect` sets its.
 _RECORDER_PRAGMAS = (f"PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; PRAGMA mmap_size={_MMAP_BYTES}; "
                      f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}; PRAGMA wal_autocheckpoint=0")
 
@@ -84,41 +78,6 @@ _ALIAS = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se
 _INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.digest, i.size"
 
 
-@functools.lru_cache(maxsize=4)
-def _iso_second(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-
-
-def _now_iso() -> str:
-    """Now in UTC as ``datetime.isoformat(timespec="milliseconds")`` writes it (the form of ``changes.at``)."""
-    second, ns = divmod(time.time_ns(), 1_000_000_000)
-    return f"{_iso_second(second)}.{ns // 1_000_000:03d}+00:00"
-
-
-#: What recording one instance needs to know, in one statement: the instance's current row (if any), then
-#: its series, study and patient rows (all NULL where there is none), each with whether its ``attrs`` equal the
-#: text given for it (compared by SQLite: the texts are not read back). SQLite looks each up by its key.
-_LOOKUP = ("SELECT i.blob_key, i.digest, i.size, i.stamp, i.series_uid, i.study_uid, "
-           "se.modality, se.attrs = ?, se.study_uid, st.modalities, st.sop_classes, st.attrs = ?, st.patient_id, "
-           "p.attrs = ? FROM (SELECT 1) LEFT JOIN instances i ON i.sop_uid = ? "
-           "LEFT JOIN series se ON se.series_uid = ? LEFT JOIN studies st ON st.study_uid = ? "
-           "LEFT JOIN patients p ON p.patient_id = ?")
-
-#: The statements that record an instance whose level rows stay as they are (also run by :data:`CRECORD`).
-_INSERT_INSTANCE = "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-_COUNT_INSTANCE = "UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?"
-_INSERT_CHANGE = "INSERT INTO changes (kind, sop_uid, series_uid, study_uid, blob_key, at) VALUES (?,?,?,?,?,?)"
-
-#: The series row (modality, same attrs, study_uid), the study row (modalities, sop_classes, same attrs,
-#: patient_id) and the patient row (same attrs,) of a :data:`_LOOKUP` result; None where the row does not exist.
-_Levels = tuple[tuple[Any, ...] | None, tuple[Any, ...] | None, tuple[Any, ...] | None]
-
-
-def _levels(row: tuple[Any, ...]) -> _Levels:
-    return (row[6:9] if row[7] is not None else None, row[9:13] if row[11] is not None else None,
-            row[13:14] if row[13] is not None else None)
-
-
 def _stored_since(conn: sqlite3.Connection, cutoff: str) -> int:
     """How many objects were stored at or after ``cutoff`` (an ISO time as in ``changes.at``).
 
@@ -134,14 +93,6 @@ def _stored_since(conn: sqlite3.Connection, cutoff: str) -> int:
         else:
             lo = row[0] + 1
     return int(conn.execute("SELECT count(*) FROM changes WHERE seq >= ? AND kind = 'stored'", (lo,)).fetchone()[0])
-
-
-def _joined(values: set[str]) -> str:
-    return SUMMARY_SEP.join(sorted(v for v in values if v))
-
-
-def _split(text: str) -> set[str]:
-    return set(text.split(SUMMARY_SEP)) if text else set()
 
 
 def _us(tag: str, value: int) -> dict[str, Any]:
@@ -190,9 +141,8 @@ class SqliteIndex(Index):
         self._writer_conn = self._connect()
         create_or_migrate(self._writer_conn)
         # the common record in C, on a connection of its own (a file only: it shares the writer lock)
-        self._recorder = (CRECORD.Recorder(path, self._lock_fd, _LOOKUP, _INSERT_INSTANCE, _COUNT_INSTANCE,
-                                           _INSERT_CHANGE, _RECORDER_PRAGMAS)
-                          if CRECORD is not None and self._lock_fd >= 0 else None)
+        self._recorder = (sqlite_record.open_recorder(path, self._lock_fd, _RECORDER_PRAGMAS)
+                          if self._lock_fd >= 0 else None)
         self._thread = threading.Thread(target=self._run_writer, name="bastion-index-writer", daemon=True)
         self._thread.start()
         self._commits = 0
@@ -345,142 +295,19 @@ class SqliteIndex(Index):
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
                same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
         row = IndexRow.of(obj)
-        if self._recorder is not None:
-            recorded = self._record_in_c(self._recorder, row, durable)
-            if recorded is not None:
-                return recorded
-        return self._write(lambda conn: self._record(conn, row, same_content), durable)
-
-    def _record_in_c(self, recorder: Any, row: IndexRow, durable: Callable[[], None] | None,
-                     ) -> tuple[StoreStatus, int] | None:
-        """``row`` recorded by :data:`CRECORD` (waiting for ``durable`` before the commit, as :meth:`_write`); None
-        where this thread should not (another one writes) or it is not the common case (nothing written)."""
-        if not self._write_lock.acquire(blocking=False):
-            return None
-        try:
-            if not self._queue.empty():
-                return None
-            i = row.instance
-            try:
-                seq = recorder.begin(i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax,
-                                     i.blob_key, i.digest, i.size, row.patient_id, row.stamp, *row.texts,
-                                     row.instance_number, row.modality, _now_iso())
-                if seq is None:
-                    return None
-                try:
-                    if durable is not None:
-                        durable()
-                except BaseException:
-                    recorder.rollback()
-                    raise
-                recorder.commit()
-            except CRECORD.RecordError as exc:  # type: ignore[union-attr]
-                raise IndexFailure(str(exc)) from exc
-            self._commits += 1
-            return StoreStatus.STORED, seq
-        finally:
-            self._write_lock.release()
+        if self._recorder is not None and self._write_lock.acquire(blocking=False):
+            try:  # uncontended here: the common case in C (None: not the common case, nothing written)
+                recorded = sqlite_record.record_in_c(self._recorder, row, durable) if self._queue.empty() else None
+                if recorded is not None:
+                    self._commits += 1
+                    return recorded
+            finally:
+                self._write_lock.release()
+        return self._write(lambda conn: sqlite_record.record(conn, row, same_content), durable)
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         rows = [IndexRow.of(obj) for obj in objs]
-        return self._write(lambda conn: [self._record(conn, row) for row in rows])
-
-    def _record(self, conn: sqlite3.Connection, row: IndexRow,
-                same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
-        inst = row.instance
-        texts = row.texts[:3]
-        keys = (inst.series_uid, inst.study_uid, row.patient_id)
-        found = conn.execute(_LOOKUP, (*texts, inst.sop_uid, *keys)).fetchone()
-        status = StoreStatus.STORED
-        levels: _Levels = _levels(found)
-        if found[0] is not None:  # this SOP instance is indexed already
-            if found[1] == inst.digest or (same_content is not None and not found[1].startswith(BLAKE3_PREFIX)
-                                           and same_content(found[1])):
-                return StoreStatus.DUPLICATE, None
-            status = StoreStatus.SUPERSEDED
-            conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
-                         (found[0], inst.sop_uid, found[1], found[2], found[3], inst.blob_key))
-            self._remove_instance(conn, inst.sop_uid, found[4], found[5])
-            self._change(conn, "superseded", inst.sop_uid, found[4], found[5], found[0])
-            # the removal may have changed or deleted the level rows: read them again
-            levels = _levels(conn.execute(_LOOKUP, (*texts, "", *keys)).fetchone())
-        self._add_instance(conn, row, levels)
-        return status, self._change(conn, "stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
-
-    @staticmethod
-    def _change(conn: sqlite3.Connection, kind: str, sop: str, series: str, study: str, key: str) -> int:
-        at = _now_iso()
-        cur = conn.execute(_INSERT_CHANGE, (kind, sop, series, study, key, at))
-        return int(cur.lastrowid or 0)
-
-    @staticmethod
-    def _upsert(conn: sqlite3.Connection, table: str, key: str, values: dict[str, Any]) -> None:
-        cols = ", ".join(values)
-        marks = ", ".join("?" * len(values))
-        updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != key)
-        conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) "
-                     f"ON CONFLICT({key}) DO UPDATE SET {updates}", list(values.values()))
-
-    def _add_instance(self, conn: sqlite3.Connection, row: IndexRow, levels: _Levels) -> None:
-        """Insert the instance and bring its series, study and patient rows up to date.
-
-        ``levels``: those three rows as :data:`_LOOKUP` read them in this transaction, compared with the row's
-        texts.
-        """
-        inst = row.instance
-        pid = row.patient_id
-        old_series, old_study, old_patient = levels
-        new_series, new_study = old_series is None, old_study is None
-        series_json, study_json, patient_json, image_json = row.texts
-        # Each level's row takes the attributes of the newest instance; most instances repeat what their
-        # series, study and patient rows already hold, and rewriting a row (and all its indexes) with the
-        # same values is the costliest part of a commit, so an unchanged row is left alone.
-        if old_patient is None or not old_patient[0]:
-            self._upsert(conn, "patients", "patient_id", {
-                **columns_for(QueryLevel.PATIENT, row.level(QueryLevel.PATIENT)), "patient_id": pid,
-                "attrs": patient_json})
-        if old_study is None or not old_study[2] or old_study[3] != pid:
-            self._upsert(conn, "studies", "study_uid", {
-                **columns_for(QueryLevel.STUDY, row.level(QueryLevel.STUDY)), "study_uid": inst.study_uid,
-                "patient_id": pid, "attrs": study_json})
-        if old_series is None or not old_series[1] or old_series[2] != inst.study_uid:
-            self._upsert(conn, "series", "series_uid", {
-                **columns_for(QueryLevel.SERIES, row.level(QueryLevel.SERIES)), "series_uid": inst.series_uid,
-                "study_uid": inst.study_uid, "attrs": series_json})
-        conn.execute(_INSERT_INSTANCE, (
-            inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid, row.instance_number,
-            inst.transfer_syntax, inst.blob_key, inst.digest, inst.size, row.stamp, image_json))
-        conn.execute(_COUNT_INSTANCE, (inst.series_uid,))
-        if new_series:  # the study's and patient's instances are counted by their series (schema.INSTANCE_COUNTS)
-            conn.execute("UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?", (inst.study_uid,))
-            conn.execute("UPDATE patients SET num_series = num_series + 1, num_studies = num_studies + ? "
-                         "WHERE patient_id = ?", (int(new_study), pid))
-        modality = row.modality
-        if old_series is not None and old_series[0] != modality:
-            refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
-            return
-        modalities, classes = _split(old_study[0]) if old_study else set(), _split(old_study[1]) if old_study else set()
-        if modality not in modalities and modality or inst.sop_class_uid not in classes:
-            conn.execute("UPDATE studies SET modalities = ?, sop_classes = ? WHERE study_uid = ?",
-                         (_joined(modalities | {modality}), _joined(classes | {inst.sop_class_uid}), inst.study_uid))
-
-    @staticmethod
-    def _remove_instance(conn: sqlite3.Connection, sop: str, series_uid: str, study_uid: str) -> None:
-        conn.execute("DELETE FROM instances WHERE sop_uid = ?", (sop,))
-        pid = conn.execute("SELECT patient_id FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()[0]
-        conn.execute("UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = ?", (series_uid,))
-        gone_series = conn.execute("DELETE FROM series WHERE series_uid = ? AND num_instances <= 0",
-                                   (series_uid,)).rowcount
-        gone_study = 0
-        if gone_series:
-            conn.execute("UPDATE studies SET num_series = num_series - 1 WHERE study_uid = ?", (study_uid,))
-            gone_study = conn.execute("DELETE FROM studies WHERE study_uid = ? AND num_series <= 0",
-                                      (study_uid,)).rowcount
-            conn.execute("UPDATE patients SET num_series = num_series - 1, num_studies = num_studies - ? "
-                         "WHERE patient_id = ?", (gone_study, pid))
-            conn.execute("DELETE FROM patients WHERE patient_id = ? AND num_studies <= 0", (pid,))
-        if not gone_study:
-            refresh_study_summaries(conn, study_uid)
+        return self._write(lambda conn: [sqlite_record.record(conn, row) for row in rows])
 
     def clear(self) -> None:
         def _clear(conn: sqlite3.Connection) -> None:

@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Route
 from bastion import __version__
 from bastion.archive import Archive
 from bastion.blobs.filesystem import CWRITE
-from bastion.index.sqlite import CRECORD
+from bastion.index.sqlite_record import CRECORD
 from bastion.ingest.scan import SPEEDUPS
 from bastion.web.openapi import openapi_document
 
