@@ -111,3 +111,12 @@ def test_an_sqlite_error_is_an_index_failure_and_lets_the_lock_go(index: SqliteI
     with sqlite3.connect(index.location) as db:
         db.execute("DROP TRIGGER no_more")
     assert index.record(obj("1.9.2", number=2))[0] is StoreStatus.STORED
+
+
+def test_an_index_the_c_record_cannot_open_is_recorded_in_python(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The compiled record only makes recording faster: a Recorder that cannot be made leaves the Python one."""
+    idx = SqliteIndex(str(tmp_path / "index.sqlite3"))
+    idx.close()
+    assert sqlite_record.open_recorder(str(tmp_path / "index.sqlite3"), -1, "PRAGMA no_such_thing = (") is None
+    assert "records in Python" in caplog.text

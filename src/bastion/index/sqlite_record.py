@@ -11,6 +11,7 @@ same SQL; it writes nothing for any other, and :func:`record` records it.
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from bastion.model.compiled import load_extension
 from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
 from bastion.model.records import StoreStatus
+
+log = logging.getLogger("bastion.index")
 
 #: The index's common record in C (``_crecord.c``), or None where the Python one runs.
 CRECORD = load_extension("bastion.index._crecord")
@@ -60,10 +63,15 @@ def now_iso() -> str:
 
 def open_recorder(path: str, lock_fd: int, pragmas: str) -> Any | None:
     """A C ``Recorder`` for the index file ``path`` (sharing its writers' lock ``lock_fd``), or None where
-    :data:`CRECORD` is not built."""
+    :data:`CRECORD` is not built or cannot open it (the Python record does everything then: the C one is only
+    faster, never needed)."""
     if CRECORD is None:
         return None
-    return CRECORD.Recorder(path, lock_fd, LOOKUP, INSERT_INSTANCE, COUNT_INSTANCE, INSERT_CHANGE, pragmas)
+    try:
+        return CRECORD.Recorder(path, lock_fd, LOOKUP, INSERT_INSTANCE, COUNT_INSTANCE, INSERT_CHANGE, pragmas)
+    except (CRECORD.RecordError, OSError) as exc:
+        log.warning("the compiled index record cannot open %s (%s): the index records in Python", path, exc)
+        return None
 
 
 def record_in_c(recorder: Any, row: IndexRow, durable: Callable[[], None] | None) -> tuple[StoreStatus, int] | None:
