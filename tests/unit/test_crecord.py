@@ -47,7 +47,7 @@ def _tables(path: str) -> dict[str, list[tuple[object, ...]]]:
 def _story() -> list[StoredObject]:
     """Instances that take every way through the record: new patient, study and series; the common case; a
     changed study description; a re-sent and a superseding copy; a second SOP class and modality in the study;
-    a series of another study of the same patient."""
+    a series of another study of the same patient; a patient whose name is not ASCII."""
     first = obj("1.9.1", number=1)
     return [first, obj("1.9.2", number=2), obj("1.9.3", number=3),
             obj("1.9.4", number=4, content="v2"),  # the study's description changes
@@ -60,7 +60,9 @@ def _story() -> list[StoredObject]:
             obj("1.9.12", series="1.2.3.2", modality="MR", sop_class=SC, number=4, content="v2"),
             obj("1.9.9", series="1.2.4.1", study="1.2.4", number=1),
             obj("1.9.10", series="1.2.4.1", study="1.2.4", number=None),  # type: ignore[arg-type]
-            obj("1.9.11", series="1.2.4.1", study="1.2.4", number=3)]
+            obj("1.9.11", series="1.2.4.1", study="1.2.4", number=3),
+            obj("1.9.13", series="1.2.5.1", study="1.2.5", patient="P2", name="Müller^Jürgen", number=1),
+            obj("1.9.14", series="1.2.5.1", study="1.2.5", patient="P2", name="Müller^Jürgen", number=2)]
 
 
 def test_the_c_record_writes_what_the_python_record_writes(tmp_path: Path, index: SqliteIndex) -> None:
@@ -85,7 +87,7 @@ def test_the_c_record_takes_the_instances_that_change_no_level_row(index: Sqlite
     for o in _story():
         index.record(o)
     # new rows, changed attributes, versions and new SOP classes or modalities go through Python
-    assert in_python == ["1.9.1", "1.9.4", "1.9.1", "1.9.2", "1.9.6", "1.9.12", "1.9.9"]
+    assert in_python == ["1.9.1", "1.9.4", "1.9.1", "1.9.2", "1.9.6", "1.9.12", "1.9.9", "1.9.13"]
 
 
 def test_an_object_that_is_not_durable_is_not_recorded(index: SqliteIndex) -> None:
