@@ -14,9 +14,6 @@ from bastion.model import dicom_json
 from bastion.model.levels import QueryLevel
 from bastion.model.records import InstanceRecord, JsonDataset, StoredObject
 
-#: The levels whose text an :class:`IndexRow` holds, in the order of :attr:`IndexRow.texts`.
-TEXT_LEVELS = (QueryLevel.SERIES, QueryLevel.STUDY, QueryLevel.PATIENT, QueryLevel.IMAGE)
-
 
 @dataclass(frozen=True, slots=True)
 class IndexRow:
@@ -28,7 +25,7 @@ class IndexRow:
     texts: tuple[str, str, str, str]  # the DICOM JSON of its series, study, patient and image levels
     instance_number: int | None
     modality: str
-    attrs: dict[QueryLevel, JsonDataset] | None = None  # the level dicts where they are at hand
+    attrs: dict[QueryLevel, JsonDataset]  # the level dicts, for a level row that is (re)written
 
     @classmethod
     def of(cls, obj: StoredObject) -> IndexRow:
@@ -39,9 +36,3 @@ class IndexRow:
         return cls(obj.instance, obj.patient_id, obj.stamp, texts,
                    column_value(a[QueryLevel.IMAGE], INSTANCE_NUMBER, True),
                    column_value(a[QueryLevel.SERIES], MODALITY, False), a)
-
-    def level(self, level: QueryLevel) -> JsonDataset:
-        """One level's DICOM JSON (parsed from its text for a row that came over the wire)."""
-        if self.attrs is not None:
-            return self.attrs[level]
-        return dicom_json.loads(self.texts[TEXT_LEVELS.index(level)])  # type: ignore[no-any-return]

@@ -161,15 +161,15 @@ def _add_instance(conn: sqlite3.Connection, row: IndexRow, levels: _Levels) -> N
     # same values is the costliest part of a commit, so an unchanged row is left alone.
     if old_patient is None or not old_patient[0]:
         _upsert(conn, "patients", "patient_id", {
-            **columns_for(QueryLevel.PATIENT, row.level(QueryLevel.PATIENT)), "patient_id": pid,
+            **columns_for(QueryLevel.PATIENT, row.attrs[QueryLevel.PATIENT]), "patient_id": pid,
             "attrs": patient_json})
     if old_study is None or not old_study[2] or old_study[3] != pid:
         _upsert(conn, "studies", "study_uid", {
-            **columns_for(QueryLevel.STUDY, row.level(QueryLevel.STUDY)), "study_uid": inst.study_uid,
+            **columns_for(QueryLevel.STUDY, row.attrs[QueryLevel.STUDY]), "study_uid": inst.study_uid,
             "patient_id": pid, "attrs": study_json})
     if old_series is None or not old_series[1] or old_series[2] != inst.study_uid:
         _upsert(conn, "series", "series_uid", {
-            **columns_for(QueryLevel.SERIES, row.level(QueryLevel.SERIES)), "series_uid": inst.series_uid,
+            **columns_for(QueryLevel.SERIES, row.attrs[QueryLevel.SERIES]), "series_uid": inst.series_uid,
             "study_uid": inst.study_uid, "attrs": series_json})
     conn.execute(INSERT_INSTANCE, (
         inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid, row.instance_number,
