@@ -28,12 +28,7 @@ from bastion.errors import IndexFailure
 from bastion.index import sqlite_record
 from bastion.index.base import Change, Index, Statistics, Version
 from bastion.index.rows import IndexRow
-from bastion.index.schema import (
-    INSTANCE_COUNTS,
-    SUMMARY_SEP,
-    TABLES,
-    create_or_migrate,
-)
+from bastion.index.schema import INSTANCE_COUNTS, SUMMARY_SEP, TABLES, create_or_migrate
 from bastion.index.sqlcompile import compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import tag_hex
@@ -56,9 +51,11 @@ _MMAP_BYTES = 1 << 34
 #: grows into new file pages instead, which are not read.
 _WAL_KEEP_BYTES = 4 * 1024 * 1024
 
-#: The C Recorder's connection (:mod:`bastion.index.sqlite_record`), set as :meth:`SqliteIndex._connect` sets its.
-_RECORDER_PRAGMAS = (f"PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; PRAGMA mmap_size={_MMAP_BYTES}; "
-                     f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}; PRAGMA wal_autocheckpoint=0")
+#: The settings of every connection (after ``journal_mode=WAL``, which the file keeps).
+_PRAGMAS = ("synchronous=NORMAL", "busy_timeout=60000", "cache_size=-65536", f"mmap_size={_MMAP_BYTES}",
+            f"journal_size_limit={_WAL_KEEP_BYTES}")
+#: The C Recorder's connection (:mod:`bastion.index.sqlite_record`): the same, and it commits without checkpoints.
+_RECORDER_PRAGMAS = "; ".join(f"PRAGMA {p}" for p in (*_PRAGMAS, "wal_autocheckpoint=0"))
 
 _ORDER = {
     QueryLevel.PATIENT: "p.patient_name, p.patient_id",
@@ -161,11 +158,8 @@ class SqliteIndex(Index):
         conn = sqlite3.connect(self._path, timeout=60, isolation_level=None, check_same_thread=False,
                                uri=self._path.startswith("file:"))
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=60000")
-        conn.execute("PRAGMA cache_size=-65536")
-        conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
-        conn.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}")
+        for pragma in _PRAGMAS:
+            conn.execute(f"PRAGMA {pragma}")
         return conn
 
     def _reader(self) -> sqlite3.Connection:
