@@ -1,15 +1,17 @@
 """Instructions per C-STORE in the serving worker: a measure of the store path's CPU that a noisy VM does not move.
 
 Runs ``bastion serve --workers 1`` under ``valgrind --tool=callgrind`` (every process of it: the supervisor, the
-worker, the metadata warmer), sends ``--more`` instances with DCMTK ``storescu`` over one association, stops the
-server, and does the same with ``--fewer``; the worker is the process with the most instructions. The
-difference between the two runs, divided by the difference in instances, leaves out start-up and shutdown.
+worker, the metadata warmer), sends ``--more`` instances with DCMTK ``storescu`` over one association (or
+``--associations N`` at once, each with its share: the worker then serves them as it serves several peers, its
+flushes awaited off the loop), stops the server, and does the same with ``--fewer``; the worker is the process
+with the most instructions. The difference between the two runs, divided by the difference in instances, leaves
+out start-up and shutdown.
 
 Identical runs differ by up to about ±50k instructions per C-STORE (the event loop's turns depend on timing), so
 compare two versions of the code measured in the same hour: ``--src`` points the server at another checkout's
 ``src`` (build its extensions there first: ``python setup.py build_ext --inplace``).
 
-Usage: ``python benchmarks/instructions.py [--kind small] [--more 550] [--fewer 50] [--src DIR]``
+Usage: ``python benchmarks/instructions.py [--kind small] [--more 550] [--fewer 50] [--associations 1] [--src DIR]``
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def _instructions(profile: Path) -> int:
     return 0
 
 
-def worker_instructions(files: list[Path], src: Path, workdir: Path) -> int:
-    """Start the server under callgrind, store ``files``, stop it; the busiest process's instruction count."""
+def worker_instructions(files: list[Path], src: Path, workdir: Path, associations: int = 1) -> int:
+    """Start the server under callgrind, store ``files`` over ``associations`` at once (disjoint parts), stop it;
+    the busiest process's instruction count."""
     run_dir = Path(tempfile.mkdtemp(prefix="instructions-", dir=workdir))
     dicom_port, http_port = servers.free_ports(2)
     env = {**os.environ, "PYTHONPATH": str(src), "TCP_NODELAY": "1"}
@@ -60,10 +63,14 @@ def worker_instructions(files: list[Path], src: Path, workdir: Path) -> int:
                 raise RuntimeError(f"the server did not start: {(run_dir / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
         time.sleep(2)  # let the worker finish setting up its journal before the timed part
-        sent = subprocess.run([STORESCU, "-aec", "BASTION", servers.HOST, str(dicom_port), *map(str, files)],
-                              env=env, capture_output=True, text=True, timeout=3600)
-        if sent.returncode != 0:
-            raise RuntimeError(f"storescu failed: {sent.stdout[-1000:]}{sent.stderr[-1000:]}")
+        parts = [files[i::associations] for i in range(associations)]
+        clients = [subprocess.Popen([STORESCU, "-aec", "BASTION", servers.HOST, str(dicom_port), *map(str, part)],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for part in parts]
+        for client in clients:
+            output, _ = client.communicate(timeout=3600)
+            if client.returncode != 0:
+                raise RuntimeError(f"storescu failed: {output[-2000:]}")
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=600)
@@ -77,6 +84,8 @@ def main() -> int:
     parser.add_argument("--kind", choices=sorted(corpus.KINDS), default="small")
     parser.add_argument("--more", type=int, default=550, help="instances in the longer run")
     parser.add_argument("--fewer", type=int, default=50, help="instances in the shorter run")
+    parser.add_argument("--associations", type=int, default=1,
+                        help="storescu processes at once, each sending its share (the served mode differs from one)")
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1] / "src",
                         help="the bastion source tree the server runs (default: this checkout's)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "bastion-benchmarks")
@@ -89,13 +98,13 @@ def main() -> int:
     files = corpus.ensure_corpus(args.kind, args.more, args.cache / f"{args.kind}-{args.more}")
     workdir = Path(tempfile.mkdtemp(prefix="bench-instructions-", dir=args.workdir))
     try:
-        more = worker_instructions(files[: args.more], args.src, workdir)
-        fewer = worker_instructions(files[: args.fewer], args.src, workdir)
+        more = worker_instructions(files[: args.more], args.src, workdir, args.associations)
+        fewer = worker_instructions(files[: args.fewer], args.src, workdir, args.associations)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     per_store = (more - fewer) / (args.more - args.fewer)
-    print(f"{args.kind}, source {args.src}: {more:,} - {fewer:,} instructions over {args.more} and {args.fewer} "
-          f"C-STOREs => {per_store / 1000:,.0f}k instructions per C-STORE")
+    print(f"{args.kind} x{args.associations}, source {args.src}: {more:,} - {fewer:,} instructions over {args.more} "
+          f"and {args.fewer} C-STOREs => {per_store / 1000:,.0f}k instructions per C-STORE")
     return 0
 
 
