@@ -331,6 +331,7 @@ def test_the_wal_file_is_cut_back_when_it_starts_over(tmp_path: Path) -> None:
     otherwise, in a server that had run for minutes)."""
     import sqlite3
     import time
+    from contextlib import closing
 
     from bastion.index import sqlite as sqlite_index
 
@@ -339,7 +340,7 @@ def test_the_wal_file_is_cut_back_when_it_starts_over(tmp_path: Path) -> None:
     wal = Path(f"{path}-wal")
     try:
         idx.record(obj("1.2.3.1.0", number=0))
-        with sqlite3.connect(path, isolation_level=None) as reader:
+        with closing(sqlite3.connect(path, isolation_level=None)) as reader:
             reader.execute("BEGIN")
             assert reader.execute("SELECT count(*) FROM instances").fetchone() == (1,)  # a snapshot in the WAL
             i = 1
@@ -348,7 +349,7 @@ def test_the_wal_file_is_cut_back_when_it_starts_over(tmp_path: Path) -> None:
                 i += 1
             assert reader.execute("SELECT count(*) FROM instances").fetchone() == (1,)
             reader.execute("COMMIT")
-        with sqlite3.connect(path) as other:
+        with closing(sqlite3.connect(path)) as other:
             for _ in range(200):  # the index's checkpoint thread may be at it too (busy): until one has copied all
                 busy, frames, copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if busy == 0 and copied == frames:
