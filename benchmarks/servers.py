@@ -62,13 +62,18 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
-def rss_bytes(pids: list[int]) -> int:
-    """The summed resident set size of ``pids`` (those that have exited count 0)."""
+def rss_bytes(pids: list[int], anonymous: bool = False) -> int:
+    """The summed resident set size of ``pids`` (those that have exited count 0); with ``anonymous``, only their
+    anonymous memory (``RssAnon``: not the pages of files they map)."""
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/statm", "rb") as statm:
-                total += int(statm.read().split()[1]) * PAGE_SIZE
+            if anonymous:
+                with open(f"/proc/{pid}/status", "rb") as status:
+                    total += next((int(line.split()[1]) * 1024 for line in status if line.startswith(b"RssAnon:")), 0)
+            else:
+                with open(f"/proc/{pid}/statm", "rb") as statm:
+                    total += int(statm.read().split()[1]) * PAGE_SIZE
         except (OSError, IndexError, ValueError):
             continue
     return total

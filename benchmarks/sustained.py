@@ -46,20 +46,6 @@ def linked_shares(files: list[Path], parts: int, into: Path) -> list[Path]:
     return shares
 
 
-def anonymous_bytes(pids: list[int]) -> int:
-    """The summed anonymous resident memory (``RssAnon``) of ``pids``."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status", "rb") as status:
-                for line in status:
-                    if line.startswith(b"RssAnon:"):
-                        total += int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            continue
-    return total
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", default="small", choices=sorted(corpus.KINDS))
@@ -92,24 +78,29 @@ def main() -> int:
         held, at = 0, start
         print(f"{args.count} {args.kind} instances over {args.associations} association(s), data in {server.workdir}")
         print(f"{'seconds':>8} {'inst/s':>8} {'held':>8} {'WAL MB':>8} {'RSS MB':>8} {'anon MB':>8}")
-        while any(c.poll() is None for c in clients):
-            time.sleep(args.window)
+        finished = 0.0  # when the last client exited
+        while not finished:
+            while time.perf_counter() < at + args.window and not finished:
+                time.sleep(0.01)
+                if all(c.poll() is not None for c in clients):
+                    finished = time.perf_counter()
             now, count = time.perf_counter(), servers.instance_count(server) or held
             wal_size = wal.stat().st_size if wal.exists() else 0
             pids = servers.group_pids(pgid)
-            rss, anon = servers.rss_bytes(pids), anonymous_bytes(pids)
+            rss, anon = servers.rss_bytes(pids), servers.rss_bytes(pids, anonymous=True)
             wal_peak, rss_peak, anon_peak = max(wal_peak, wal_size), max(rss_peak, rss), max(anon_peak, anon)
             rates.append((count - held) / (now - at))
             print(f"{now - start:8.1f} {rates[-1]:8.1f} {count:8d} {wal_size / 1e6:8.1f} {rss / 1e6:8.1f} "
                   f"{anon / 1e6:8.1f}", flush=True)
             held, at = count, now
-        elapsed = time.perf_counter() - start
+        elapsed = finished - start
         for log in logs:
             log.close()
         failed = [i for i, c in enumerate(clients) if c.returncode != 0]
         held = servers.instance_count(server) or 0
     print(f"overall {args.count / elapsed:.1f} inst/s in {elapsed:.1f} s; windows: first {rates[0]:.1f}, "
-          f"median {statistics.median(rates):.1f}, last full {rates[-2] if len(rates) > 1 else rates[0]:.1f} inst/s; "
+          f"median {statistics.median(rates):.1f}, last whole {rates[-2] if len(rates) > 1 else rates[0]:.1f} "
+          f"inst/s; "
           f"largest WAL {wal_peak / 1e6:.1f} MB, RSS {rss_peak / 1e6:.1f} MB, anonymous {anon_peak / 1e6:.1f} MB; "
           f"{held} instances held")
     if failed or held != args.count:
