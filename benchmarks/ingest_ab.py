@@ -4,8 +4,9 @@ For each round, each checkout (``--src``, a ``src`` directory: this one's and an
 count, it starts a fresh ``bastion serve`` on that code, sends the corpus with DCMTK ``storescu`` as
 ``benchmarks/ingest.py`` does, and prints one line: instances per second, how busy the machine was (user + system
 over both cores), its iowait and **steal** (time the hypervisor gave to other guests: on the shared VMs this is
-developed on it ranged 0-35 % from one minute to the next, and a run with much steal says little), and the CPU
-per instance of the server's processes and of the ``storescu`` processes (from ``/proc``, at 100 Hz).
+developed on it ranged 0-35 % from one minute to the next, and a run with much steal says little), the CPU
+per instance of the server's processes and of the ``storescu`` processes (from ``/proc``, at 100 Hz), and how often per
+instance the scheduler took the CPU from a server thread that could have gone on (involuntary context switches).
 
 Alternating the checkouts round by round is what makes two versions comparable here: rates move by tens of
 percent between minutes. Every other round runs them in the reverse order, since the position in a round
@@ -46,6 +47,24 @@ def machine_ticks() -> list[int]:
         return [int(x) for x in stat.readline().split()[1:9]]
 
 
+def group_preemptions(pgid: int) -> int:
+    """Involuntary context switches of every thread of the processes in process group ``pgid`` so far."""
+    total = 0
+    for pid in servers.group_pids(pgid):
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as status:
+                    total += next(int(line.split()[1]) for line in status
+                                  if line.startswith("nonvoluntary_ctxt_switches"))
+            except (OSError, StopIteration):
+                continue
+    return total
+
+
 def group_ticks(pgid: int) -> tuple[int, int]:
     """User and system ticks of the processes in process group ``pgid``."""
     user = system = 0
@@ -69,7 +88,9 @@ def measure(src: str, files: list[Path], associations: int, args: argparse.Names
     ):
         pgid = os.getpgid(server.process.pid)
         before, server_before, clients_before = machine_ticks(), group_ticks(pgid), os.times()
+        preempted_before = group_preemptions(pgid)
         elapsed, failures = ingest.send(server, ingest.split(files, associations), Path(logdir))
+        preempted = group_preemptions(pgid) - preempted_before
         after, server_after, clients_after = machine_ticks(), group_ticks(pgid), os.times()
         held = servers.instance_count(server)
     if failures or (held is not None and held != len(files)):
@@ -91,6 +112,7 @@ def measure(src: str, files: list[Path], associations: int, args: argparse.Names
             - clients_before.children_system
         )
         * per_instance_ms,
+        "preempted": preempted / len(files),
     }
 
 
@@ -127,7 +149,8 @@ def main() -> int:
                 print(
                     f"round {round_no} {src} x{n}: {cell['rate']:7.1f}/s  busy {cell['busy']:4.1f}%  "
                     f"iowait {cell['iowait']:4.1f}%  steal {cell['steal']:4.1f}%  server {cell['server_user']:.2f} "
-                    f"user + {cell['server_system']:.2f} system ms/inst  clients {cell['clients']:.2f} ms/inst",
+                    f"user + {cell['server_system']:.2f} system ms/inst  clients {cell['clients']:.2f} ms/inst  "
+                    f"server preempted {cell['preempted']:.2f}/inst",
                     flush=True,
                 )
     print("medians:")
