@@ -7,6 +7,7 @@ process is gone; opening the store again must put every journaled object back by
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bastion.blobs import filesystem
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.blobs.journal import HEADER_SIZE, Journal, read_segment, sync_filesystem
 
@@ -249,29 +251,45 @@ def test_records_written_before_a_rotation_are_durable_when_waited_for(tmp_path:
         journal.close()
 
 
-def test_the_checkpoint_waits_for_a_file_its_writer_is_creating(tmp_path: Path) -> None:
-    """One association: the store's thread writes the record (``creating``), then creates the object's file itself.
-    The checkpoint that voids the record must not run its ``syncfs`` before that file exists; a writer that waits
-    for room in the other segment meanwhile holds back no checkpoint."""
-    root = tmp_path / "blobs"
-    root.mkdir()
-    synced_with: list[bool] = []
-    journal = Journal(str(root / ".journal"), lambda: synced_with.append((root / "d.dcm").exists()),
-                      interval_s=0.05)
+@pytest.mark.skipif(filesystem.CWRITE is None, reason="the compiled writer is not loaded")
+@pytest.mark.parametrize("background", [False, True])
+def test_a_journaled_file_goes_to_the_ordered_writer_before_its_record_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool) -> None:
+    """The checkpoint that voids a record waits for every file the ordered ``_cwrite`` thread was given before it
+    (``barrier``), then runs the ``syncfs`` that must cover the record's file: so the file must be handed over
+    before the record is written. Alone (no event loop), with ``away``: the thread creates it on another CPU."""
+    real = filesystem.CWRITE
+    order: list[tuple[str, object]] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def submit(self, path: str, data: object, notify: bool = False, **options: bool) -> object:
+            order.append(("file", options.get("away", False)))
+            return real.submit(path, data, notify, **options)
+
+    journal_write = Journal.write
+
+    def write(self: Journal, key: str, *args: object, **options: object) -> int:
+        order.append(("record", key))
+        return journal_write(self, key, *args, **options)
+
+    monkeypatch.setattr(filesystem, "CWRITE", Recording())
+    monkeypatch.setattr(Journal, "write", write)
+    store = FileBlobStore(str(tmp_path / "blobs"))
     try:
-        ticket = journal.write("d.dcm", bytes(32), [_payload(1)], len(_payload(1)), writeback=False, creating=True)
-        time.sleep(0.5)  # ten checkpoint intervals
-        assert journal.checkpoints == 0 and synced_with == [], "checkpointed before the record's file existed"
-        (root / "d.dcm").write_bytes(_payload(1))
-        journal.file_created(ticket)
-        deadline = time.monotonic() + 10
-        while journal.checkpoints == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert journal.checkpoints == 1 and synced_with == [True]
-        other = journal.write("e.dcm", bytes(32), [b"x"], 1, creating=True)  # the other segment now
-        journal.file_created(other)
+        async def commit() -> None:
+            w = store.writer()
+            w.write(_payload(3))
+            waiter = w.start_commit("d/3.dcm", background=background)
+            await asyncio.wrap_future(waiter.future) if background else waiter()
+
+        asyncio.run(commit())
+        assert order == [("file", not background), ("record", "d/3.dcm")]
+        assert store.get("d/3.dcm") == _payload(3)
     finally:
-        journal.close()
+        store.close()
 
 
 def test_a_failed_outside_flush_fails_every_record_it_covered(tmp_path: Path) -> None:

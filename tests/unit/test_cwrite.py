@@ -239,3 +239,70 @@ def test_a_submitted_buffer_is_written_from_its_own_memory_even_once_it_is_gone(
     for job in jobs:
         job.wait()
     assert [(tmp_path / str(i)).read_bytes() for i in range(len(data))] == data
+
+
+_AWAY = """
+import os, sys, time
+from bastion.blobs.filesystem import CWRITE
+
+here = int(sys.argv[2])  # the CPU this process's submitting thread is kept on
+os.sched_setaffinity(0, {here})
+everywhere = set(range(os.cpu_count()))
+
+
+def others():
+    '''The CPUs each thread but the main one may run on.'''
+    sets = []
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != os.getpid():
+            with open(f"/proc/self/task/{tid}/status") as status:
+                line = next(x for x in status if x.startswith("Cpus_allowed_list"))
+            sets.append(line.split()[1])
+    return sets
+
+
+def write(name, away):
+    CWRITE.submit(os.path.join(sys.argv[1], name), name.encode(), False, away=away).wait()
+
+
+for i in range(3):  # the first submit starts the ordered thread
+    write(f"away-{i}", True)
+print(sorted(others()))
+if sys.argv[3] == "fork":
+    pid = os.fork()
+    if pid == 0:  # the parent's ordered thread is not the child's to move
+        os.sched_setaffinity(0, {1 - here})
+        for i in range(3):
+            write(f"child-{i}", True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print(sorted(others()))
+write("anywhere", False)
+print(sorted(others()))
+"""
+
+
+def _cpus(cpus: set[int]) -> str:
+    """``cpus`` as /proc's Cpus_allowed_list writes a range (they are contiguous here)."""
+    return f"{min(cpus)}-{max(cpus)}" if len(cpus) > 1 else str(min(cpus))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("fork", [False, True])
+def test_away_keeps_the_ordered_thread_off_the_callers_cpu_until_a_submit_without_it(tmp_path: Path,
+                                                                                    fork: bool) -> None:
+    """Alone, a store hands its file to the ordered thread with ``away``: woken on the store's CPU it would wait
+    there instead of creating the file beside the store (BENCHMARKS.md, item 62). A submit without ``away`` lets
+    it run anywhere again; a forked child's submits leave its parent's thread where it is."""
+    everywhere = set(range(os.cpu_count() or 1))
+    out = subprocess.run([sys.executable, "-c", _AWAY, str(tmp_path), "0", "fork" if fork else "-"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    away, anywhere = eval(out[0]), eval(out[-1])  # noqa: S307 - lists of strings printed by the script above
+    assert _cpus(everywhere - {0}) in away  # the ordered thread
+    assert set(anywhere) == {_cpus(everywhere)}
+    if fork:
+        assert eval(out[1]) == away  # noqa: S307
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("child")) == [
+            "child-0", "child-1", "child-2"]
+    assert (tmp_path / "away-2").read_bytes() == b"away-2"
+    assert (tmp_path / "anywhere").read_bytes() == b"anywhere"

@@ -10,13 +10,16 @@
  * With ``sync`` the file is fdatasync'd, with ``sync_dir`` its directory fsync'd as well. On failure it
  * removes the file it created and raises OSError (FileExistsError if ``path`` existed, untouched).
  *
- * submit(path, data, notify, sync, sync_dir, direct) does what create_file does, in threads of this module's
- * own that never take the GIL, and returns at once with a Pending whose wait() returns when the file is written
- * (raising the OSError create_file would have). Without sync it goes to the ORDERED queue (one thread, in
+ * submit(path, data, notify, sync, sync_dir, direct, away) does what create_file does, in threads of this
+ * module's own that never take the GIL, and returns at once with a Pending whose wait() returns when the file is
+ * written (raising the OSError create_file would have). Without sync it goes to the ORDERED queue (one thread, in
  * order): a journaled object (under 128 KB) is durable once its journal record is, its file only has to exist
- * before the store answers, and creating a file cost the event loop's thread 0.05-0.2 ms of kernel time per
- * object (ext4's inode allocation) while it served other associations (alone, the store's thread creates the
- * file itself: a thread woken for it ran on the same CPU anyway). With sync (objects from 128 KB) it goes to
+ * before the store answers, and creating a file costs 0.05-0.2 ms of kernel time per object (ext4's inode
+ * allocation), which the caller's thread spends on its index statements meanwhile. With away=True the ORDERED
+ * thread is kept off the caller's CPU (its affinity excludes it until a submit without away): the kernel queues
+ * a thread it wakes on the waker's CPU even with the other one idle (a halted vCPU does not count as idle in a
+ * guest), where it would wait for the caller to block instead of running beside it (BENCHMARKS.md, items 51 and
+ * 62). With sync (objects from 128 KB) it goes to
  * the DURABLE queue (up to four threads; the file's directory is fsync'd by the DIRSYNC thread meanwhile).
  * The data is copied (page-aligned, so O_DIRECT writes it as it is), and the caller's buffer is free at once;
  * a Buffer (this module's type, in which the blob store collects an object) is not copied: the job shares its
@@ -48,6 +51,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -432,8 +436,24 @@ static void run_dir_syncs(job *batch) {
     }
 }
 
+static volatile pid_t ordered_tid = 0; /* the ORDERED thread, once it runs */
+static int ordered_away_from = -1;     /* the CPU its affinity excludes, or -1: none; under the GIL */
+
+/* Keep the ORDERED thread off CPU ``cpu``, or with -1 let it run anywhere again (one system call when that
+ * changes, none otherwise). Advisory: on failure it stays where the kernel puts it. */
+static void ordered_affinity(int cpu) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (ordered_tid == 0 || cpu == ordered_away_from || n < 2) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (long c = 0; c < n && c < CPU_SETSIZE; c++)
+        if (c != cpu) CPU_SET(c, &set);
+    if (sched_setaffinity(ordered_tid, sizeof set, &set) == 0) ordered_away_from = cpu;
+}
+
 static void *writer_main(void *arg) {
     int pool = (int)(intptr_t)arg;
+    if (pool == ORDERED) ordered_tid = (pid_t)syscall(SYS_gettid);
     pthread_mutex_lock(&q_lock);
     for (;;) {
         q_idle[pool]++;
@@ -474,6 +494,8 @@ static void after_fork_child(void) {
     }
     q_submitted = q_completed = q_inflight = 0;
     q_generation++;
+    ordered_tid = 0; /* the parent's thread: its affinity is not this process's to change */
+    ordered_away_from = -1;
     if (q_eventfd >= 0) close(q_eventfd); /* the parent's loop watches it */
     q_eventfd = -1;
 }
@@ -577,12 +599,13 @@ typedef struct {
 } Buffer;
 
 static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", NULL};
+    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", "away", NULL};
     PyObject *path_arg, *path_obj, *data_arg;
-    int notify = 0, sync = 0, sync_dir = 0, direct = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|pppp", kwlist, &path_arg, &data_arg, &notify, &sync,
-                                     &sync_dir, &direct))
+    int notify = 0, sync = 0, sync_dir = 0, direct = 0, away = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|ppppp", kwlist, &path_arg, &data_arg, &notify, &sync,
+                                     &sync_dir, &direct, &away))
         return NULL;
+    if (!sync) ordered_affinity(away ? sched_getcpu() : -1);
     if (!PyUnicode_FSConverter(path_arg, &path_obj)) return NULL;
     job *j = calloc(1, sizeof(job));
     if (j != NULL) j->path = strdup(PyBytes_AS_STRING(path_obj));
@@ -773,8 +796,9 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
-     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: create_file in a "
-     "writer thread, from a copy of data, or a Buffer's own memory (see the module)"},
+     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False, away=False) -> Pending: "
+     "create_file in a writer thread, from a copy of data, or a Buffer's own memory; away: the ordered thread "
+     "runs on another CPU than the caller's (see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
     {"drain", drain, METH_NOARGS,
      "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},

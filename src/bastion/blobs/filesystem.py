@@ -54,26 +54,6 @@ COMMIT_THREADS = 4
 CWRITE = load_extension("bastion.blobs._cwrite")
 
 
-class _Created:
-    """A file created on the calling thread, with a ``_cwrite.Pending``'s ``wait`` and ``done``: ``wait`` raises
-    the OSError its creation met."""
-
-    def __init__(self, final: str, buf: bytearray) -> None:
-        assert CWRITE is not None
-        self.error: OSError | None = None
-        try:
-            CWRITE.create_file(final, buf, False, False, False)
-        except OSError as exc:
-            self.error = exc
-
-    def wait(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def done(self) -> bool:
-        return True
-
-
 class FileWriter(BlobWriter):
     """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file.
 
@@ -211,36 +191,28 @@ class FileWriter(BlobWriter):
         flush overlaps the index statements instead of following them. The waiter waits for it and for the
         object's file; with ``completions`` (an event loop serving others) the loop is signalled instead.
 
-        Alone (no ``completions``), this thread creates the file itself once the flush has started: the kernel ran
-        a thread woken to create it on this thread's CPU anyway, and the hand-off cost more than it saved
-        (BENCHMARKS.md, item 51). The journal's checkpoint that voids the record waits for it
-        (``Journal.write``'s ``creating``). Beside others, the ordered ``_cwrite`` thread creates it, then runs
-        the flush (one wake-up for both, item 45): it is submitted before the record is written, and the
-        checkpoint first waits for every file submitted before it (``_cwrite.barrier``), then runs the
-        ``syncfs`` that must cover them.
+        The ordered ``_cwrite`` thread creates the file: it is submitted before the record is written, and the
+        journal's checkpoint first waits for every file submitted before it (``_cwrite.barrier``), then runs the
+        ``syncfs`` that must cover them. Beside others, that thread then runs the flush too (one wake-up for
+        both, item 45). Alone, the flush runs in a thread of its own, started before this thread goes on
+        (``yield_cpu``, item 48), and the file's thread is kept off this thread's CPU (``away``): woken on it, it
+        waited for this thread to block instead of creating the file while this one reads the header and runs
+        the index statements (items 51 and 62).
         """
         assert CWRITE is not None
         notify = completions is not None
         self._store.make_dirs(os.path.dirname(final))
-        file_job: Any = CWRITE.submit(final, buf, True) if notify else None
-        ticket = 0
+        file_job: Any = CWRITE.submit(final, buf, notify, away=not notify)
         try:
-            ticket = journal.write(key, digest, [buf], len(buf), writeback=False, creating=not notify)
+            ticket = journal.write(key, digest, [buf], len(buf), writeback=False)
             prepared = journal.pending_sync(ticket)
-            # alone, the flush starts before this thread goes on (yield_cpu: BENCHMARKS.md, item 48)
             sync_job = (CWRITE.submit_sync(prepared[0], notify, not notify, yield_cpu=not notify)
                         if prepared is not None else None)
-            if file_job is None:
-                file_job = _Created(final, buf)
         except OSError as exc:
-            if file_job is not None:
-                with contextlib.suppress(OSError):
-                    file_job.wait()
-                    os.unlink(final)
+            with contextlib.suppress(OSError):
+                file_job.wait()
+                os.unlink(final)
             raise os_error(exc, f"cannot commit {key}") from exc
-        finally:
-            if ticket and not notify:  # whatever happened, the checkpoint must not wait for it
-                journal.file_created(ticket)
 
         def settle() -> None:
             """Both jobs are done: raise what kept the object from being durable, having removed its file."""

@@ -142,7 +142,6 @@ class _Segment:
         self.generation = 0
         self.pos = HEADER_SIZE
         self.first_at = 0.0  # monotonic time of the first record since it became active
-        self.creating = 0  # records whose files their writers are creating (Journal.write's creating)
 
     def grow(self, size: int) -> None:
         """Zero-fill up to ``size`` bytes: blocks allocated and written, so data writes change no metadata."""
@@ -207,7 +206,6 @@ class Journal:
         self._sync_error: tuple[int, OSError] | None = None  # (appends it covered, error)
         self._rotate_wanted = False
         self._closed = False
-        self._creating: dict[int, _Segment] = {}  # ticket -> segment, for file_created
         self.checkpoints = 0
         self._thread = threading.Thread(target=self._run, name="bastion-blob-journal", daemon=True)
         self._thread.start()
@@ -225,15 +223,16 @@ class Journal:
         self.wait(self.write(key, digest, data, size, kind))
 
     def write(self, key: str, digest: bytes, data: Sequence[bytes | bytearray | memoryview], size: int,
-              kind: int = OBJECT, *, writeback: bool = True, creating: bool = False) -> int:
+              kind: int = OBJECT, *, writeback: bool = True) -> int:
         """Write one record and start its way to the disk; return the ticket that :meth:`wait` takes.
 
         The caller may do other work before it waits (the ingest pipeline runs its index statements): the disk
         writes the record meanwhile, and the ``fdatasync`` that :meth:`wait` needs mostly finds it done. Raises as
         :meth:`append` does. ``writeback=False`` skips starting the write (``sync_file_range``), for a caller that
-        starts the ``fdatasync`` itself at once (:meth:`pending_sync`). ``creating``: the caller creates the
-        record's file itself after this returns, and calls :meth:`file_created` with the ticket once it has (or
-        failed): the checkpoint that voids the record waits for it, so that its ``syncfs`` covers the file.
+        starts the ``fdatasync`` itself at once (:meth:`pending_sync`). The record's file must be written, or
+        handed to a writer that the ``checkpoint`` callable waits for (the blob store's: ``_cwrite.barrier``),
+        before this is called: the checkpoint that voids the record runs after it, and its ``syncfs`` must cover
+        the file.
         """
         key_bytes = key.encode()
         need = _RECORD.size + _CRC.size + len(key_bytes) + size
@@ -257,9 +256,6 @@ class Journal:
             if seg.first_at == 0.0:
                 seg.first_at = time.monotonic()
             self._written += 1
-            if creating:
-                seg.creating += 1
-                self._creating[self._written] = seg
             if seg.pos - HEADER_SIZE >= CHECKPOINT_FILL * (seg.size - HEADER_SIZE):
                 self._rotator.notify()
             return self._written
@@ -273,15 +269,6 @@ class Journal:
             if self._synced >= ticket:
                 return None
             return self._active.fd, self._written
-
-    def file_created(self, ticket: int) -> None:
-        """The file of the record :meth:`write` (with ``creating``) returned ``ticket`` for is written, or will
-        not be: the checkpoint of its segment may go on."""
-        with self._cond:
-            seg = self._creating.pop(ticket)
-            seg.creating -= 1
-            if seg.creating == 0:
-                self._cond.notify_all()
 
     def synced(self, ticket: int, target: int, error: OSError | None) -> None:
         """The outcome of a flush that :meth:`pending_sync` prepared: raises ``error``, or one that an earlier
@@ -382,9 +369,6 @@ class Journal:
         A segment that filled up before the checkpoint interval is doubled (up to the maximum), so a
         high ingest rate checkpoints less often.
         """
-        with self._cond:  # files their writers are still creating: the syncfs must find them
-            while old.creating:
-                self._cond.wait()
         while True:
             try:
                 self._checkpoint()
@@ -410,7 +394,7 @@ class Journal:
             self._rotator.notify_all()
         self._thread.join()
         with self._cond:
-            while self._syncing or any(seg.creating for seg in self._segments):
+            while self._syncing:
                 self._cond.wait()
         self._checkpoint()
         for seg in self._segments:
