@@ -15,12 +15,12 @@
  * written (raising the OSError create_file would have). Without sync it goes to the ORDERED queue (one thread, in
  * order): a journaled object (under 128 KB) is durable once its journal record is, its file only has to exist
  * before the store answers, and creating a file costs 0.05-0.2 ms of kernel time per object (ext4's inode
- * allocation), which the caller's thread spends on its index statements meanwhile. With away=True the ORDERED
- * thread is kept off the caller's CPU (its affinity excludes it until a submit without away): the kernel queues
- * a thread it wakes on the waker's CPU even with the other one idle (a halted vCPU does not count as idle in a
- * guest), where it would wait for the caller to block instead of running beside it (BENCHMARKS.md, items 51 and
- * 62). With sync (objects from 128 KB) it goes to
- * the DURABLE queue (up to four threads; the file's directory is fsync'd by the DIRSYNC thread meanwhile).
+ * allocation), which the caller's thread spends on its index statements meanwhile. With sync (objects from 128
+ * KB) it goes to the DURABLE queue (up to four threads; the file's directory is fsync'd by the DIRSYNC thread
+ * meanwhile). With away=True the queue's threads are kept off the caller's CPU (their affinity excludes it until
+ * a submit to that queue without away; the CPUs are the process's at import): the kernel queues a thread it
+ * wakes on the waker's CPU even with the other one idle (a halted vCPU does not count as idle in a guest), where
+ * it would wait for the caller to block instead of running beside it (BENCHMARKS.md, items 51 and 62).
  * The data is copied (page-aligned, so O_DIRECT writes it as it is), and the caller's buffer is free at once;
  * a Buffer (this module's type, in which the blob store collects an object) is not copied: the job shares its
  * memory, which is page-aligned already. Both come from a pool of reused buffers (take_buffer, give_buffer).
@@ -436,25 +436,36 @@ static void run_dir_syncs(job *batch) {
     }
 }
 
-static volatile pid_t ordered_tid = 0; /* the ORDERED thread, once it runs */
-static int ordered_away_from = -1;     /* the CPU its affinity excludes, or -1: none; under the GIL */
+/* Where each pool's threads may run (submit's away): the CPU their affinity excludes, -1 for none; and their
+ * thread ids. Under q_lock. */
+static int pool_away[POOLS] = {-1, -1, -1};
+static pid_t pool_tid[POOLS][DURABLE_THREADS];
+static int pool_ntid[POOLS];
+static cpu_set_t process_cpus; /* the CPUs this process may use, read at import */
 
-/* Keep the ORDERED thread off CPU ``cpu``, or with -1 let it run anywhere again (one system call when that
- * changes, none otherwise). Advisory: on failure it stays where the kernel puts it. */
-static void ordered_affinity(int cpu) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    if (ordered_tid == 0 || cpu == ordered_away_from || n < 2) return;
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    for (long c = 0; c < n && c < CPU_SETSIZE; c++)
-        if (c != cpu) CPU_SET(c, &set);
-    if (sched_setaffinity(ordered_tid, sizeof set, &set) == 0) ordered_away_from = cpu;
+/* Let thread ``tid`` (0: the calling one) run on every CPU of the process but ``away`` (-1: on every one).
+ * Advisory: on failure it runs where the kernel puts it. */
+static void set_affinity(pid_t tid, int away) {
+    cpu_set_t set = process_cpus;
+    if (away >= 0 && away < CPU_SETSIZE) CPU_CLR(away, &set);
+    sched_setaffinity(tid, sizeof set, &set);
+}
+
+/* With q_lock held: keep ``pool``'s threads off CPU ``away``, or let them run anywhere (-1); a system call per
+ * thread when that changes, none otherwise. Not with a single CPU, or a CPU outside the process's. */
+static void pool_affinity(int pool, int away) {
+    if (away == pool_away[pool] || CPU_COUNT(&process_cpus) < 2) return;
+    if (away >= 0 && (away >= CPU_SETSIZE || !CPU_ISSET(away, &process_cpus))) away = -1;
+    if (away == pool_away[pool]) return;
+    pool_away[pool] = away;
+    for (int i = 0; i < pool_ntid[pool]; i++) set_affinity(pool_tid[pool][i], away);
 }
 
 static void *writer_main(void *arg) {
     int pool = (int)(intptr_t)arg;
-    if (pool == ORDERED) ordered_tid = (pid_t)syscall(SYS_gettid);
     pthread_mutex_lock(&q_lock);
+    if (pool_ntid[pool] < DURABLE_THREADS) pool_tid[pool][pool_ntid[pool]++] = (pid_t)syscall(SYS_gettid);
+    if (pool_away[pool] >= 0) set_affinity(0, pool_away[pool]);
     for (;;) {
         q_idle[pool]++;
         while (q_head[pool] == NULL) pthread_cond_wait(&q_work[pool], &q_lock);
@@ -494,8 +505,10 @@ static void after_fork_child(void) {
     }
     q_submitted = q_completed = q_inflight = 0;
     q_generation++;
-    ordered_tid = 0; /* the parent's thread: its affinity is not this process's to change */
-    ordered_away_from = -1;
+    for (int pool = 0; pool < POOLS; pool++) { /* the parent's threads: not this process's to move */
+        pool_ntid[pool] = 0;
+        pool_away[pool] = -1;
+    }
     if (q_eventfd >= 0) close(q_eventfd); /* the parent's loop watches it */
     q_eventfd = -1;
 }
@@ -564,8 +577,9 @@ static PyTypeObject PendingType = {
     .tp_methods = pending_methods,
 };
 
-/* Queue ``j`` (the thread started if need be) and return its Pending; frees ``j`` on failure. */
-static PyObject *enqueue(job *j, PyObject *path_arg) {
+/* Queue ``j`` (the thread started if need be) and return its Pending; frees ``j`` on failure. ``away``: keep the
+ * pool's threads off that CPU, -1 let them run anywhere, -2 leave them as they are. */
+static PyObject *enqueue(job *j, PyObject *path_arg, int away) {
     Pending *pending = PyObject_New(Pending, &PendingType);
     if (pending == NULL) {
         free_job(j);
@@ -577,6 +591,7 @@ static PyObject *enqueue(job *j, PyObject *path_arg) {
     int pool = j->sync || j->parallel ? DURABLE : ORDERED;
     pthread_mutex_lock(&q_lock);
     pending->generation = q_generation;
+    if (away != -2) pool_affinity(pool, away);
     int rc = push_job(j, pool);
     if (rc != 0) {
         pthread_mutex_unlock(&q_lock);
@@ -605,7 +620,6 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|ppppp", kwlist, &path_arg, &data_arg, &notify, &sync,
                                      &sync_dir, &direct, &away))
         return NULL;
-    if (!sync) ordered_affinity(away ? sched_getcpu() : -1);
     if (!PyUnicode_FSConverter(path_arg, &path_obj)) return NULL;
     job *j = calloc(1, sizeof(job));
     if (j != NULL) j->path = strdup(PyBytes_AS_STRING(path_obj));
@@ -642,7 +656,7 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
     j->sync = sync;
     j->sync_dir = sync_dir;
     j->direct = direct;
-    return enqueue(j, path_arg);
+    return enqueue(j, path_arg, away ? sched_getcpu() : -1);
 }
 
 /* -- Buffer: an object's bytes as they arrive, in memory submit() writes without copying ------------------- */
@@ -751,7 +765,7 @@ static PyObject *submit_sync(PyObject *self, PyObject *args, PyObject *kwargs) {
     j->sync_fd = fd;
     j->notify = notify;
     j->parallel = parallel;
-    PyObject *pending = enqueue(j, NULL);
+    PyObject *pending = enqueue(j, NULL, -2);
     /* The kernel mostly queued the woken thread on this CPU, even with the other one idle (90 % of wake-ups on
      * the development VM), where it waited for this thread to block: the flush followed the caller's index
      * statements instead of overlapping them. Yielding once lets it start the fdatasync (a few microseconds)
@@ -815,6 +829,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cwrite", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__cwrite(void) {
     if (PyType_Ready(&PendingType) < 0 || PyType_Ready(&BufferType) < 0) return NULL;
+    CPU_ZERO(&process_cpus);
+    if (sched_getaffinity(0, sizeof process_cpus, &process_cpus) != 0) CPU_ZERO(&process_cpus); /* no away then */
     static int atfork_set = 0;
     if (!atfork_set) {
         if (pthread_atfork(NULL, NULL, after_fork_child) != 0) return PyErr_NoMemory();
