@@ -58,6 +58,7 @@ def _store_and_die(root: Path, count: int, *, delete: list[int] = (), size: int 
         "class FailingC:  # the C writes (the writer thread's, and from 128 KB) fail for them too\n"
         "    Buffer = real_c.Buffer\n"
         "    barrier = staticmethod(real_c.barrier)\n"
+        "    ordered_idle = staticmethod(real_c.ordered_idle)\n"
         "    submit_sync = staticmethod(real_c.submit_sync)\n"
         "    @staticmethod\n"
         "    def create_file(path, *args):\n"
@@ -252,12 +253,13 @@ def test_records_written_before_a_rotation_are_durable_when_waited_for(tmp_path:
 
 
 @pytest.mark.skipif(filesystem.CWRITE is None, reason="the compiled writer is not loaded")
-@pytest.mark.parametrize("background", [False, True])
-def test_a_journaled_file_goes_to_the_ordered_writer_before_its_record_is_written(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool) -> None:
+@pytest.mark.parametrize(("background", "ordered_busy"), [(False, False), (True, False), (False, True)])
+def test_a_journaled_file_is_handed_over_or_created_before_its_record_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool, ordered_busy: bool) -> None:
     """The checkpoint that voids a record waits for every file the ordered ``_cwrite`` thread was given before it
-    (``barrier``), then runs the ``syncfs`` that must cover the record's file: so the file must be handed over
-    before the record is written. Alone (no event loop), with ``away``: the thread creates it on another CPU."""
+    (``barrier``), then runs the ``syncfs`` that must cover the record's file: so the file must be handed over, or
+    created, before the record is written. Alone (no event loop), with ``away``: the thread creates it on another
+    CPU; if that thread is busy with another store's file (an import's jobs), the store's own thread creates it."""
     real = filesystem.CWRITE
     order: list[tuple[str, object]] = []
 
@@ -268,6 +270,13 @@ def test_a_journaled_file_goes_to_the_ordered_writer_before_its_record_is_writte
         def submit(self, path: str, data: object, notify: bool = False, **options: bool) -> object:
             order.append(("file", options.get("away", False)))
             return real.submit(path, data, notify, **options)
+
+        def create_file(self, path: str, *args: object) -> None:
+            order.append(("created here", os.path.basename(path)))
+            real.create_file(path, *args)
+
+        def ordered_idle(self) -> bool:
+            return not ordered_busy and bool(real.ordered_idle())
 
     journal_write = Journal.write
 
@@ -286,7 +295,8 @@ def test_a_journaled_file_goes_to_the_ordered_writer_before_its_record_is_writte
             await asyncio.wrap_future(waiter.future) if background else waiter()
 
         asyncio.run(commit())
-        assert order == [("file", not background), ("record", "d/3.dcm")]
+        first = ("created here", "3.dcm") if ordered_busy else ("file", not background)
+        assert order == [first, ("record", "d/3.dcm")]
         assert store.get("d/3.dcm") == _payload(3)
     finally:
         store.close()

@@ -797,6 +797,13 @@ static PyObject *barrier(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static PyObject *ordered_idle(PyObject *self, PyObject *unused) {
+    pthread_mutex_lock(&q_lock);
+    int idle = q_completed == q_submitted;
+    pthread_mutex_unlock(&q_lock);
+    return PyBool_FromLong(idle);
+}
+
 static PyObject *drain(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&q_lock);
@@ -814,6 +821,8 @@ static PyMethodDef methods[] = {
      "create_file in a writer thread, from a copy of data, or a Buffer's own memory; away: the ordered thread "
      "runs on another CPU than the caller's (see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
+    {"ordered_idle", ordered_idle, METH_NOARGS,
+     "ordered_idle(): whether every ORDERED job submitted so far is done (no other store's file is waiting there)"},
     {"drain", drain, METH_NOARGS,
      "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},
     {"submit_sync", (PyCFunction)(void (*)(void))submit_sync, METH_VARARGS | METH_KEYWORDS,

@@ -54,6 +54,26 @@ COMMIT_THREADS = 4
 CWRITE = load_extension("bastion.blobs._cwrite")
 
 
+class _Created:
+    """A file created on the calling thread, with a ``_cwrite.Pending``'s ``wait`` and ``done``: ``wait`` raises
+    the OSError its creation met."""
+
+    def __init__(self, final: str, buf: bytearray) -> None:
+        assert CWRITE is not None
+        self.error: OSError | None = None
+        try:
+            CWRITE.create_file(final, buf, False, False, False)
+        except OSError as exc:
+            self.error = exc
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def done(self) -> bool:
+        return True
+
+
 class FileWriter(BlobWriter):
     """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file.
 
@@ -197,12 +217,16 @@ class FileWriter(BlobWriter):
         both, item 45). Alone, the flush runs in a thread of its own, started before this thread goes on
         (``yield_cpu``, item 48), and the file's thread is kept off this thread's CPU (``away``): woken on it, it
         waited for this thread to block instead of creating the file while this one reads the header and runs
-        the index statements (items 51 and 62).
+        the index statements (items 51 and 62). Where that thread is busy with another thread's file already
+        (``bastion import``'s jobs), this thread creates its own before writing the record, as they all can at once.
         """
         assert CWRITE is not None
         notify = completions is not None
         self._store.make_dirs(os.path.dirname(final))
-        file_job: Any = CWRITE.submit(final, buf, notify, away=not notify)
+        if notify or CWRITE.ordered_idle():
+            file_job: Any = CWRITE.submit(final, buf, notify, away=not notify)
+        else:
+            file_job = _Created(final, buf)
         try:
             ticket = journal.write(key, digest, [buf], len(buf), writeback=False)
             prepared = journal.pending_sync(ticket)
