@@ -364,3 +364,20 @@ def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path, monkeyp
         assert store.get("d/1.dcm") == _payload(1)
     finally:
         store.close()
+
+
+def test_stores_stop_handing_files_to_another_cpu_while_it_is_too_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 62 pays only while the other CPU is free: two stores in a row that waited for their handed-over file
+    (a viewer's renderings on the other CPU) make stores create their files themselves for a while."""
+    now = [100.0]
+    monkeypatch.setattr(filesystem.time, "monotonic", lambda: now[0])
+    away = filesystem._Away()
+    assert away.ok()
+    away.waited(away.LATE_S * 5)
+    away.waited(0.0)  # on time: the run of late stores starts over
+    away.waited(away.LATE_S * 5)
+    assert away.ok()
+    away.waited(away.LATE_S * 5)
+    assert not away.ok()
+    now[0] += away.OFF_S
+    assert away.ok()

@@ -74,6 +74,36 @@ class _Created:
         return True
 
 
+class _Away:
+    """Whether a store alone in its process hands its file to the ordered ``_cwrite`` thread on another CPU (item
+    62): only while that CPU proves free. A store that waited for its file longer than :attr:`LATE_S` was late;
+    :attr:`LATE_RUN` late stores in a row (the other CPU busy: a viewer's renderings in the HTTP worker, another
+    process) turn it off for :attr:`OFF_S`, and stores create their files themselves meanwhile (one association
+    under such load stored 282-365 small instances/s handing them over, against 338-583 creating them itself)."""
+
+    LATE_S = 0.0002
+    LATE_RUN = 2
+    OFF_S = 1.0
+
+    def __init__(self) -> None:
+        self._late = 0
+        self._off_until = 0.0
+
+    def ok(self) -> bool:
+        return not self._off_until or time.monotonic() >= self._off_until
+
+    def waited(self, seconds: float) -> None:
+        """A store handed its file over and then waited ``seconds`` for it."""
+        if seconds < self.LATE_S:
+            self._late = 0
+            return
+        self._late += 1
+        if self._late >= self.LATE_RUN:
+            self._late = 0
+            self._off_until = time.monotonic() + self.OFF_S
+            log.debug("files handed to another CPU came late: stores create them themselves for %.0f s", self.OFF_S)
+
+
 class FileWriter(BlobWriter):
     """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file.
 
@@ -218,13 +248,15 @@ class FileWriter(BlobWriter):
         (``yield_cpu``, item 48), and the file's thread is kept off this thread's CPU (``away``): woken on it, it
         waited for this thread to block instead of creating the file while this one reads the header and runs
         the index statements (items 51 and 62). Where that thread is busy with another thread's file already
-        (``bastion import``'s jobs), this thread creates its own before writing the record, as they all can at once.
+        (``bastion import``'s jobs), or the other CPU has lately been too busy to create it in time (:class:`_Away`),
+        this thread creates its own before writing the record.
         """
         assert CWRITE is not None
         notify = completions is not None
         self._store.make_dirs(os.path.dirname(final))
-        if notify or CWRITE.ordered_idle():
-            file_job: Any = CWRITE.submit(final, buf, notify, away=not notify)
+        away = not notify and CWRITE.ordered_idle() and self._store.away.ok()
+        if notify or away:
+            file_job: Any = CWRITE.submit(final, buf, notify, away=away)
         else:
             file_job = _Created(final, buf)
         try:
@@ -262,7 +294,20 @@ class FileWriter(BlobWriter):
                 raise os_error(exc, f"cannot commit {key}") from exc
 
         jobs = [file_job, sync_job] if sync_job is not None else [file_job]
-        return completions.watch(jobs, settle) if completions is not None else Once(jobs, settle)
+        if completions is not None:
+            return completions.watch(jobs, settle)
+        once = Once(jobs, settle)
+        if not away:
+            return once
+
+        def waiter() -> None:
+            start = time.perf_counter()
+            with contextlib.suppress(OSError):  # settle raises it
+                file_job.wait()
+            self._store.away.waited(time.perf_counter() - start)
+            once()
+
+        return waiter
 
     def _start_in_place(self, key: str, final: str, buf: bytearray,
                         completions: Completions | None) -> Callable[[], None]:
@@ -366,6 +411,7 @@ class FileBlobStore(BlobStore):
         self._pools: dict[str, ThreadPoolExecutor] = {}  # committer() and flusher(), made on first use
         self._pools_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
+        self.away = _Away()
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
         # Spool files left by processes that are gone are never visible objects; clear them. (They are
