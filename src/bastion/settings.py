@@ -38,6 +38,10 @@ from bastion.errors import BastionError
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
 
 
+#: The logging levels ``log_level`` takes (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 class SettingsError(BastionError):
     """A setting has a value Bastion cannot use."""
 
@@ -125,6 +129,11 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(value)
         if name == "aet":
             return check_aet(str(value))
+        if name == "log_level":
+            level = str(value).strip().upper()
+            if level not in LOG_LEVELS:
+                raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+            return level
         return str(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"setting {name}: {exc}") from exc

@@ -132,3 +132,19 @@ def test_remote_lookup_ignores_trailing_spaces() -> None:
 def test_bad_remote_in_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError):
         load_settings(_toml(tmp_path, '[remotes]\nWS = "nohostport"\n'), env={})
+
+
+def test_log_level_takes_any_case_and_refuses_others() -> None:
+    """``--log-level debug`` crashed the CLI (``logging`` knows only upper-case names)."""
+    assert load_settings(env={"BASTION_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    assert load_settings(env={}, log_level="Warning").log_level == "WARNING"
+    with pytest.raises(SettingsError, match="log_level"):
+        load_settings(env={"BASTION_LOG_LEVEL": "verbose"})
+
+
+def test_the_log_level_flag_takes_any_case() -> None:
+    from bastion.cli.main import build_parser
+
+    assert build_parser().parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--log-level", "verbose"])

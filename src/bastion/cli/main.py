@@ -8,6 +8,7 @@ import sys
 
 from bastion import __version__
 from bastion.errors import BastionError
+from bastion.settings import LOG_LEVELS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a C-MOVE destination (repeatable; adds to the config file's [remotes])")
     serve.add_argument("--workers", type=int, help="DICOM worker processes sharing the port (default 2; "
                        "BASTION_WORKERS)")
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    serve.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                       help=f"{', '.join(LOG_LEVELS)}, any case (default INFO)")
 
     imp = sub.add_parser("import", help="store DICOM files, folders and zip archives",
                          description="Store files, folders (recursively) and zip archives through the same "
