@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.blobs import filesystem
+from bastion.blobs import cjobs, filesystem
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.blobs.journal import HEADER_SIZE, Journal, read_segment, sync_filesystem
 
@@ -370,8 +370,8 @@ def test_stores_stop_handing_files_to_another_cpu_while_it_is_too_busy(monkeypat
     """Item 62 pays only while the other CPU is free: two stores in a row that waited for their handed-over file
     (a viewer's renderings on the other CPU) make stores create their files themselves for a while."""
     now = [100.0]
-    monkeypatch.setattr(filesystem.time, "monotonic", lambda: now[0])
-    away = filesystem._Away()
+    monkeypatch.setattr(cjobs.time, "monotonic", lambda: now[0])
+    away = cjobs.Away()
     assert away.ok()
     away.waited(away.LATE_S * 5)
     away.waited(0.0)  # on time: the run of late stores starts over

@@ -818,8 +818,8 @@ static PyMethodDef methods[] = {
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
      "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False, away=False) -> Pending: "
-     "create_file in a writer thread, from a copy of data, or a Buffer's own memory; away: the ordered thread "
-     "runs on another CPU than the caller's (see the module)"},
+     "create_file in a writer thread, from a copy of data, or a Buffer's own memory; away: the queue's threads "
+     "run on other CPUs than the caller's (see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
     {"ordered_idle", ordered_idle, METH_NOARGS,
      "ordered_idle(): whether every ORDERED job submitted so far is done (no other store's file is waiting there)"},

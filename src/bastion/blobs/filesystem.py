@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread, already_committed
-from bastion.blobs.cjobs import Completions, Once
+from bastion.blobs.cjobs import Away, Completions, CreatedHere, Once
 from bastion.blobs.fileio import BufferReader, holds, os_error, write_direct
 from bastion.blobs.journal import (
     OBJECT,
@@ -52,56 +52,6 @@ COMMIT_THREADS = 4
 
 #: The file write in C without the GIL (``_cwrite.c``), or None where the Python one runs.
 CWRITE = load_extension("bastion.blobs._cwrite")
-
-
-class _Created:
-    """A file created on the calling thread, with a ``_cwrite.Pending``'s ``wait`` and ``done``: ``wait`` raises
-    the OSError its creation met."""
-
-    def __init__(self, final: str, buf: bytearray) -> None:
-        assert CWRITE is not None
-        self.error: OSError | None = None
-        try:
-            CWRITE.create_file(final, buf, False, False, False)
-        except OSError as exc:
-            self.error = exc
-
-    def wait(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def done(self) -> bool:
-        return True
-
-
-class _Away:
-    """Whether a store alone in its process hands its file to the ordered ``_cwrite`` thread on another CPU (item
-    62): only while that CPU proves free. A store that waited for its file longer than :attr:`LATE_S` was late;
-    :attr:`LATE_RUN` late stores in a row (the other CPU busy: a viewer's renderings in the HTTP worker, another
-    process) turn it off for :attr:`OFF_S`, and stores create their files themselves meanwhile (one association
-    under such load stored 282-365 small instances/s handing them over, against 338-583 creating them itself)."""
-
-    LATE_S = 0.0002
-    LATE_RUN = 2
-    OFF_S = 1.0
-
-    def __init__(self) -> None:
-        self._late = 0
-        self._off_until = 0.0
-
-    def ok(self) -> bool:
-        return not self._off_until or time.monotonic() >= self._off_until
-
-    def waited(self, seconds: float) -> None:
-        """A store handed its file over and then waited ``seconds`` for it."""
-        if seconds < self.LATE_S:
-            self._late = 0
-            return
-        self._late += 1
-        if self._late >= self.LATE_RUN:
-            self._late = 0
-            self._off_until = time.monotonic() + self.OFF_S
-            log.debug("files handed to another CPU came late: stores create them themselves for %.0f s", self.OFF_S)
 
 
 class FileWriter(BlobWriter):
@@ -248,7 +198,7 @@ class FileWriter(BlobWriter):
         (``yield_cpu``, item 48), and the file's thread is kept off this thread's CPU (``away``): woken on it, it
         waited for this thread to block instead of creating the file while this one reads the header and runs
         the index statements (items 51 and 62). Where that thread is busy with another thread's file already
-        (``bastion import``'s jobs), or the other CPU has lately been too busy to create it in time (:class:`_Away`),
+        (``bastion import``'s jobs), or the other CPU has lately been too busy to create it in time (:class:`Away`),
         this thread creates its own before writing the record.
         """
         assert CWRITE is not None
@@ -258,7 +208,7 @@ class FileWriter(BlobWriter):
         if notify or away:
             file_job: Any = CWRITE.submit(final, buf, notify, away=away)
         else:
-            file_job = _Created(final, buf)
+            file_job = CreatedHere(CWRITE, final, buf)
         try:
             ticket = journal.write(key, digest, [buf], len(buf), writeback=False)
             prepared = journal.pending_sync(ticket)
@@ -411,7 +361,7 @@ class FileBlobStore(BlobStore):
         self._pools: dict[str, ThreadPoolExecutor] = {}  # committer() and flusher(), made on first use
         self._pools_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
-        self.away = _Away()
+        self.away = Away()
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
         # Spool files left by processes that are gone are never visible objects; clear them. (They are
