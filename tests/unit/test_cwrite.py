@@ -4,6 +4,7 @@ it fails. The contract tests (tests/contract/test_blobs.py) run every blob store
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -242,12 +243,11 @@ def test_a_submitted_buffer_is_written_from_its_own_memory_even_once_it_is_gone(
 
 
 _AWAY = """
-import os, sys, time
+import json, os, sys
 from bastion.blobs.filesystem import CWRITE
 
 here = int(sys.argv[2])  # the CPU this process's submitting thread is kept on
 os.sched_setaffinity(0, {here})
-everywhere = set(range(os.cpu_count()))
 
 
 def others():
@@ -267,7 +267,7 @@ def write(name, away):
 
 for i in range(3):  # the first submit starts the ordered thread
     write(f"away-{i}", True)
-print(sorted(others()))
+print(json.dumps(sorted(others())))
 if sys.argv[3] == "fork":
     pid = os.fork()
     if pid == 0:  # the parent's ordered thread is not the child's to move
@@ -276,9 +276,9 @@ if sys.argv[3] == "fork":
             write(f"child-{i}", True)
         os._exit(0)
     os.waitpid(pid, 0)
-    print(sorted(others()))
+    print(json.dumps(sorted(others())))
 write("anywhere", False)
-print(sorted(others()))
+print(json.dumps(sorted(others())))
 """
 
 
@@ -297,11 +297,11 @@ def test_away_keeps_the_ordered_thread_off_the_callers_cpu_until_a_submit_withou
     everywhere = set(range(os.cpu_count() or 1))
     out = subprocess.run([sys.executable, "-c", _AWAY, str(tmp_path), "0", "fork" if fork else "-"],
                          capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    away, anywhere = eval(out[0]), eval(out[-1])  # noqa: S307 - lists of strings printed by the script above
+    away, anywhere = json.loads(out[0]), json.loads(out[-1])
     assert _cpus(everywhere - {0}) in away  # the ordered thread
     assert set(anywhere) == {_cpus(everywhere)}
     if fork:
-        assert eval(out[1]) == away  # noqa: S307
+        assert json.loads(out[1]) == away
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("child")) == [
             "child-0", "child-1", "child-2"]
     assert (tmp_path / "away-2").read_bytes() == b"away-2"
