@@ -246,7 +246,7 @@ _AWAY = """
 import json, os, sys
 from bastion.blobs.filesystem import CWRITE
 
-here = int(sys.argv[2])  # the CPU this process's submitting thread is kept on
+here, other = int(sys.argv[2]), int(sys.argv[3])  # the CPU this process's submitting thread is kept on, another
 os.sched_setaffinity(0, {here})
 
 
@@ -268,10 +268,10 @@ def write(name, away):
 for i in range(3):  # the first submit starts the ordered thread
     write(f"away-{i}", True)
 print(json.dumps(sorted(others())))
-if sys.argv[3] == "fork":
+if sys.argv[4] == "fork":
     pid = os.fork()
     if pid == 0:  # the parent's ordered thread is not the child's to move
-        os.sched_setaffinity(0, {1 - here})
+        os.sched_setaffinity(0, {other})
         for i in range(3):
             write(f"child-{i}", True)
         os._exit(0)
@@ -283,22 +283,30 @@ print(json.dumps(sorted(others())))
 
 
 def _cpus(cpus: set[int]) -> str:
-    """``cpus`` as /proc's Cpus_allowed_list writes a range (they are contiguous here)."""
-    return f"{min(cpus)}-{max(cpus)}" if len(cpus) > 1 else str(min(cpus))
+    """``cpus`` as /proc's Cpus_allowed_list writes them: ranges joined by commas."""
+    ranges: list[str] = []
+    for cpu in sorted(cpus):
+        if ranges and int(ranges[-1].split("-")[-1]) == cpu - 1:
+            ranges[-1] = f"{ranges[-1].split('-')[0]}-{cpu}"
+        else:
+            ranges.append(str(cpu))
+    return ",".join(ranges)
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 @pytest.mark.parametrize("fork", [False, True])
 def test_away_keeps_the_ordered_thread_off_the_callers_cpu_until_a_submit_without_it(tmp_path: Path,
                                                                                     fork: bool) -> None:
     """Alone, a store hands its file to the ordered thread with ``away``: woken on the store's CPU it would wait
     there instead of creating the file beside the store (BENCHMARKS.md, item 62). A submit without ``away`` lets
     it run anywhere again; a forked child's submits leave its parent's thread where it is."""
-    everywhere = set(range(os.cpu_count() or 1))
-    out = subprocess.run([sys.executable, "-c", _AWAY, str(tmp_path), "0", "fork" if fork else "-"],
+    everywhere = os.sched_getaffinity(0)
+    here, other = sorted(everywhere)[:2]
+    out = subprocess.run([sys.executable, "-c", _AWAY, str(tmp_path), str(here), str(other),
+                          "fork" if fork else "-"],
                          capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
     away, anywhere = json.loads(out[0]), json.loads(out[-1])
-    assert _cpus(everywhere - {0}) in away  # the ordered thread
+    assert _cpus(everywhere - {here}) in away  # the ordered thread
     assert set(anywhere) == {_cpus(everywhere)}
     if fork:
         assert json.loads(out[1]) == away
