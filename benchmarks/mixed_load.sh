@@ -35,6 +35,12 @@ series, sop = inst["0020000E"]["Value"][0], inst["00080018"]["Value"][0]
 print(f"{base}/studies/{study}/series/{series}/instances/{sop}/frames/1/rendered")
 PY
 )
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Accept: image/png" "$url")
+  if [ "$code" != 200 ]; then  # the viewers' loops would spin on errors: no load, a meaningless figure
+    echo "$src: the rendered frame answered HTTP $code; nothing measured" >&2
+    kill -TERM "$server"
+    exit 1
+  fi
   viewers=()
   for _ in 1 2; do
     (while [ ! -e "$d/stop" ]; do curl -sf -o /dev/null -H "Accept: image/png" "$url"; done) &
