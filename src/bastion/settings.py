@@ -20,7 +20,10 @@ Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICO
 ``BASTION_HTTP_PORT``, ``BASTION_MAX_PDU``, ``BASTION_INDEX`` (index location, default
 ``<data>/index.sqlite3``), ``BASTION_BLOBS`` (blob store, default ``<data>/blobs``),
 ``BASTION_REMOTES`` (``AET@host:port,AET2@host:port``), ``BASTION_CORS_ORIGINS`` (comma list),
-``BASTION_WORKERS`` (DICOM worker processes, default 2), ``BASTION_LOG_LEVEL``.
+``BASTION_WORKERS`` (DICOM worker processes, default 2), ``BASTION_LOG_LEVEL``, and the limits
+``BASTION_DICOM_ARTIM_TIMEOUT``, ``BASTION_DICOM_IDLE_TIMEOUT``, ``BASTION_MAX_ASSOCIATIONS``,
+``BASTION_MAX_ASSOCIATIONS_PER_PEER``, ``BASTION_HTTP_HEADER_TIMEOUT``, ``BASTION_HTTP_BODY_TIMEOUT``,
+``BASTION_STORAGE_DENY`` (comma list of SOP Class UIDs).
 """
 
 from __future__ import annotations
@@ -87,6 +90,20 @@ class Settings:
     log_level: str = "INFO"
     workers: int = 2
     ohif_dir: str = ""  # default: <repo>/var/ohif when present
+    #: A-ASSOCIATE-RQ must arrive whole within this many seconds of the connection (ARTIM, PS3.8 9.1.5).
+    dicom_artim_timeout: float = 30.0
+    #: An established association that receives nothing for this many seconds is aborted.
+    dicom_idle_timeout: float = 30.0
+    #: Associations served at once, over all worker processes; more are rejected (PS3.8 9.3.4, transient).
+    max_associations: int = 64
+    #: Associations served at once from one peer IP address.
+    max_associations_per_peer: int = 16
+    #: An HTTP request's line and headers must arrive within this many seconds.
+    http_header_timeout: float = 30.0
+    #: An HTTP request body that receives less than 1 KiB in any window of this many seconds is abandoned.
+    http_body_timeout: float = 60.0
+    #: Storage SOP Class UIDs refused at association negotiation (every other storage class is accepted).
+    storage_deny: tuple[str, ...] = ()
 
     @property
     def index_location(self) -> str:
@@ -114,6 +131,11 @@ def _coerce(name: str, value: Any) -> Any:
             return Path(value)
         if kind == "int":
             return int(value)
+        if kind == "float":
+            number = float(value)
+            if not number > 0:
+                raise ValueError(f"{value!r} is not a positive number of seconds")
+            return number
         if name == "remotes":
             if isinstance(value, Mapping):
                 out = []
@@ -123,7 +145,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
             return tuple(v if isinstance(v, RemoteAE) else RemoteAE.parse(v) for v in value)
-        if name == "cors_origins":
+        if name in ("cors_origins", "storage_deny"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             return tuple(value)
