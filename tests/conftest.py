@@ -384,6 +384,8 @@ class BastionServer:
     http_port: int = 0
     proc: subprocess.Popen[Any] | None = None
     log_path: Path | None = None
+    #: Extra ``BASTION_*`` settings for this server (e.g. ``{"BASTION_DICOM_IDLE_TIMEOUT": "2"}``).
+    settings: dict[str, str] = field(default_factory=dict)
 
     def start(self, timeout: float = 30.0) -> BastionServer:
         self.dicom_port, self.http_port = free_port(), free_port()
@@ -392,7 +394,7 @@ class BastionServer:
                 "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port)]
         for remote in self.remotes:
             args += ["--remote", remote]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")} | self.settings
         with open(self.log_path, "w") as log:
             # Own process group (session), so kill9() reaches any worker processes too.
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -525,8 +527,10 @@ def bastion_factory(tmp_path: Path) -> Iterator[Any]:
     """Start extra servers (on a given data dir, e.g. to restart one); all are stopped at the end."""
     started: list[BastionServer] = []
 
-    def start(data: Path | None = None, remotes: Sequence[str] = ()) -> BastionServer:
-        server = BastionServer(data or tmp_path / f"data{len(started)}", remotes=remotes)
+    def start(data: Path | None = None, remotes: Sequence[str] = (),
+              settings: dict[str, str] | None = None) -> BastionServer:
+        server = BastionServer(data or tmp_path / f"data{len(started)}", remotes=remotes,
+                               settings=dict(settings or {}))
         started.append(server)
         return server.start()
 
