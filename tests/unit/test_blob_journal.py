@@ -381,3 +381,29 @@ def test_stores_stop_handing_files_to_another_cpu_while_it_is_too_busy(monkeypat
     assert not away.ok()
     now[0] += away.OFF_S
     assert away.ok()
+
+
+def test_a_segment_being_created_is_never_taken_by_another_process_opening_the_store(tmp_path: Path) -> None:
+    """Another process opening the store removes the ``.tmp-`` files of segments whose creator died; one
+    still being created (opened, not yet locked) must not be taken from its creator (a race that once left a
+    worker without its journal until restart)."""
+    journal_dir = tmp_path / ".journal"
+    journal_dir.mkdir()
+    stop = tmp_path / "stop"
+    cleaner = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / 'src')!r})\n"
+        "from bastion.blobs.journal import orphaned_segments\n"
+        f"while not os.path.exists({str(stop)!r}):\n"
+        f"    for _path, fd in orphaned_segments({str(journal_dir)!r}):\n"
+        "        os.close(fd)\n"
+    )])
+    try:
+        for _ in range(1500):
+            journal = Journal(str(journal_dir), lambda: None, segment_size=2 * HEADER_SIZE)
+            journal.close()
+    finally:
+        stop.touch()
+        cleaner.wait(30)
+    assert cleaner.returncode == 0
+    assert sorted(os.listdir(journal_dir)) == []

@@ -122,15 +122,33 @@ def record_size(key: str, size: int) -> int:
     return _RECORD.size + _CRC.size + len(key.encode()) + size
 
 
+def _locked_temporary(directory: str, attempts: int = 100) -> tuple[int, str]:
+    """A new ``.tmp-`` file in ``directory``, open and ``flock``-ed by this process: ``(fd, path)``.
+
+    Another process opening the store removes every ``.tmp-`` file it can lock (:func:`orphaned_segments`):
+    between this process's ``open`` and ``flock`` it may lock and remove ours, or hold its lock. The file is
+    ours only once we hold the lock *and* it is still the file at its path; otherwise another name is tried.
+    """
+    for _ in range(attempts):
+        path = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd, path
+        except (BlockingIOError, FileNotFoundError):
+            pass  # a cleaner holds it, or removed it: it will remove it if it is still there
+        os.close(fd)
+    raise OSError(f"could not create a journal segment in {directory}: {attempts} attempts were taken away")
+
+
 class _Segment:
     """One preallocated segment file, locked by this process."""
 
     def __init__(self, directory: str, size: int) -> None:
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd, tmp = _locked_temporary(directory)
         self.size = 0
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.grow(size)
             self.path = os.path.join(directory, f"{uuid.uuid4().hex}.wal")
             os.rename(tmp, self.path)
