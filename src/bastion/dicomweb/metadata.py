@@ -210,14 +210,20 @@ class MetadataWarmer:
         Pause between polls of the change log when it has nothing new.
     quiet_s, max_lag_s
         Ingest comes first: while new changes keep arriving (some within the last ``quiet_s``), the
-        warmer waits, for at most ``max_lag_s``; then it works through the backlog whatever the load.
-        A burst from a scanner is thus warmed just after it ends; a viewer asking before that builds
-        what it needs on request. ``quiet_s = 0`` warms at once.
+        warmer waits, for at most ``max_lag_s``. A burst from a scanner is thus warmed just after it
+        ends; a viewer asking before that builds what it needs on request. ``quiet_s = 0`` warms at once.
+    busy_batch, busy_share
+        Ingest that goes on past ``max_lag_s`` (a migration, a long multi-frame series) still comes
+        first: the warmer then handles at most ``busy_batch`` changes at a time and rests after each
+        batch for as long as the batch took times ``(1 - busy_share) / busy_share``, so it takes at most
+        ``busy_share`` of the time of one CPU, whatever the machine, until the changes stop arriving.
     """
 
     def __init__(self, index: Index, cache: MetadataCache, checkpoint: Path, *, backlog: int = 10_000,
                  interval_s: float = 0.5, batch: int = 500, quiet_s: float = 1.0,
-                 max_lag_s: float = 30.0) -> None:
+                 max_lag_s: float = 30.0, busy_batch: int = 20, busy_share: float = 0.1) -> None:
+        if not 0 < busy_share <= 1:
+            raise ValueError("busy_share must be in (0, 1]")
         self.index = index
         self.cache = cache
         self.checkpoint = checkpoint
@@ -226,6 +232,8 @@ class MetadataWarmer:
         self.batch = batch
         self.quiet_s = quiet_s
         self.max_lag_s = max_lag_s
+        self.busy_batch = busy_batch
+        self.busy_share = busy_share
         self.built = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -251,9 +259,9 @@ class MetadataWarmer:
                 return 0
             return max(0, self.index.statistics().last_change - self.backlog)
 
-    def run_once(self, since: int) -> int:
-        """Handle the changes after ``since`` (one batch); return the new checkpoint."""
-        changes = self.index.changes(since, self.batch)
+    def run_once(self, since: int, limit: int | None = None) -> int:
+        """Handle the changes after ``since`` (one batch, at most ``limit``); return the new checkpoint."""
+        changes = self.index.changes(since, min(self.batch, limit or self.batch))
         for change in changes:
             if self._stop.is_set():
                 return since
@@ -271,6 +279,11 @@ class MetadataWarmer:
             MetadataCache._write(self.checkpoint, str(since))
         return since
 
+    def rest_after(self, worked_s: float) -> float:
+        """Seconds to rest after ``worked_s`` of work while ingest is busy: the warmer's time is then at most
+        :attr:`busy_share` of the whole."""
+        return worked_s * (1 - self.busy_share) / self.busy_share
+
     def _run(self) -> None:
         try:
             since = self._since()
@@ -282,7 +295,8 @@ class MetadataWarmer:
                     newest_seen, deferred_at = newest, None
                     self._stop.wait(self.interval_s)
                     continue
-                # Objects still arriving: ingest has the CPU, unless the backlog has waited max_lag_s.
+                # Objects still arriving: ingest has the CPU; once the backlog has waited max_lag_s, the
+                # warmer takes a bounded share of it until they stop.
                 arriving, newest_seen = newest != newest_seen, newest
                 if arriving and self.quiet_s > 0:
                     now = time.monotonic()
@@ -290,6 +304,9 @@ class MetadataWarmer:
                     if now - deferred_at < self.max_lag_s:
                         self._stop.wait(self.quiet_s)
                         continue
+                    since = self.run_once(since, self.busy_batch)
+                    self._stop.wait(self.rest_after(time.monotonic() - now))
+                    continue
                 since = self.run_once(since)
         except Exception as exc:  # the index was closed under us, or is broken: stop quietly
             if not self.index.closed:
