@@ -136,14 +136,10 @@ def run_warmer(settings: Settings, parent: int) -> None:
     """The metadata warmer process: follows the change log at the lowest CPU priority.
 
     Building WADO-RS metadata parses whole headers; in its own niced process it never holds
-    the GIL of, nor competes on equal terms with, the processes answering C-STORE. Where the kernel has an
-    idle scheduling class (Linux's ``SCHED_IDLE``) it runs only on CPU time nothing else wants; and while
-    objects keep arriving it takes at most a bounded share of one CPU (:class:`MetadataWarmer`).
+    the GIL of, nor competes on equal terms with, the processes answering C-STORE; while objects keep
+    arriving it takes at most a bounded share of one CPU (:class:`MetadataWarmer`).
     """
     os.nice(19)
-    if hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     archive = Archive.open(settings, primary=False)
     warmer = start_warmer(archive.index, archive.retriever, settings.data)
     stop = {"now": False}
