@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -407,3 +408,41 @@ def test_a_segment_being_created_is_never_taken_by_another_process_opening_the_s
         cleaner.wait(30)
     assert cleaner.returncode == 0
     assert sorted(os.listdir(journal_dir)) == []
+
+
+def test_a_delete_journaled_in_another_segment_stays_deleted_whatever_the_segment_names(tmp_path: Path) -> None:
+    """An object's record in one segment and its tombstone in the next (the first not yet checkpointed when
+    the process died): replay must not bring the object back, whichever segment it reads first."""
+    root = tmp_path / "blobs"
+    journal_dir = root / ".journal"
+    code = (
+        "import os, sys, threading\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / 'src')!r})\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from bastion.blobs.journal import HEADER_SIZE, TOMBSTONE, Journal\n"
+        "from bastion.model.digest import of_bytes as digest_bytes\n"
+        "from test_blob_journal import _payload\n"
+        "never = threading.Event()\n"
+        f"j = Journal({str(journal_dir)!r}, lambda: never.wait(), segment_size=HEADER_SIZE + 64 * 1024)\n"
+        "x, y = _payload(1, 40_000), _payload(2, 40_000)\n"
+        "j.append('d/x.dcm', digest_bytes(x), [x], len(x))\n"
+        "j.append('d/y.dcm', digest_bytes(y), [y], len(y))  # does not fit: the other segment takes it\n"
+        "j.append('d/x.dcm', bytes(32), [], 0, kind=TOMBSTONE)\n"
+        "os._exit(0)\n"  # the first segment's checkpoint never finished: both segments count
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    segments = _segments(root)
+    assert len(segments) == 2
+    kinds = {seg: [(r.key, r.kind) for r in read_segment(str(seg))] for seg in segments}
+    tombstoned = next(seg for seg, records in kinds.items() if ("d/x.dcm", 1) in records)
+    other = next(seg for seg in segments if seg != tombstoned)
+    assert ("d/x.dcm", 0) in kinds[other]
+    for first, second in ((tombstoned, other), (other, tombstoned)):  # both orders of the random names
+        case = tmp_path / f"case-{first == tombstoned}"
+        shutil.copytree(root, case)
+        (case / ".journal" / first.name).rename(case / ".journal" / "0.wal")
+        (case / ".journal" / second.name).rename(case / ".journal" / "f.wal")
+        reopened = FileBlobStore(str(case))
+        assert not (case / "d/x.dcm").exists()
+        assert reopened.get("d/y.dcm") == _payload(2, 40_000)
+        assert _segments(case) == []

@@ -440,38 +440,64 @@ class FileBlobStore(BlobStore):
         """Rewrite, from the journals of processes that are gone, objects whose files are missing or incomplete.
 
         Returns how many files were rewritten. Runs when the store is opened; safe beside live processes.
+        Keys are written once (a new version gets a new key), so a tombstone in any segment replayed together
+        is final: an object deleted after its record stays deleted even when the tombstone went to another
+        segment than the record, whichever segment is read first. The segments are removed only once all of
+        them are applied and the files are durable.
         """
+        segments = list(orphaned_segments(self.journal_dir))
         restored = 0
-        for path, fd in orphaned_segments(self.journal_dir):
-            try:
-                # The last record of a key decides (an object deleted, or whose commit failed, after its record
-                # stays gone), so a first pass finds it and the second applies only that one.
-                last = {record.key: n for n, record in enumerate(read_segment(path))}
-                count, rewritten = len(last), 0
-                for n, record in enumerate(read_segment(path)):
-                    if last.get(record.key) != n:
-                        continue
-                    try:
-                        final = self.path_of(record.key)
-                    except StorageError:
-                        continue
-                    if record.kind == TOMBSTONE:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(final)
-                    elif record.kind == OBJECT and not holds(final, record.data):
-                        self._write_durably(final, record.data)
-                        rewritten += 1
-                sync_filesystem(self.root)
-                os.unlink(path)
+        try:
+            deleted: set[str] = set()
+            for path, _fd in segments:
+                try:
+                    deleted.update(r.key for r in read_segment(path) if r.kind == TOMBSTONE)
+                except OSError as exc:
+                    log.error("cannot read blob journal %s: %s", path, exc)
+            replayed = []
+            for path, _fd in segments:
+                try:
+                    rewritten, count = self._replay_segment(path, deleted)
+                except OSError as exc:
+                    log.error("cannot replay blob journal %s: %s", path, exc)
+                    continue
+                replayed.append(path)
                 restored += rewritten
                 (log.warning if rewritten else log.info)(
                     "blob journal %s replayed: %d key(s), %d file(s) rewritten", os.path.basename(path),
                     count, rewritten)
-            except OSError as exc:
-                log.error("cannot replay blob journal %s: %s", path, exc)
-            finally:
+            if replayed:
+                sync_filesystem(self.root)
+                for path in replayed:
+                    os.unlink(path)
+        except OSError as exc:
+            log.error("cannot finish the blob journal replay: %s", exc)
+        finally:
+            for _path, fd in segments:
                 os.close(fd)
         return restored
+
+    def _replay_segment(self, path: str, deleted: set[str]) -> tuple[int, int]:
+        """Apply one segment: keys in ``deleted`` are removed, other objects rewritten where their file does not
+        hold them. Returns (files rewritten, keys seen)."""
+        # Within a segment the last record of a key decides (an object whose commit failed after its record
+        # stays gone), so a first pass finds it and the second applies only that one.
+        last = {record.key: n for n, record in enumerate(read_segment(path))}
+        rewritten = 0
+        for n, record in enumerate(read_segment(path)):
+            if last.get(record.key) != n:
+                continue
+            try:
+                final = self.path_of(record.key)
+            except StorageError:
+                continue
+            if record.kind == TOMBSTONE or record.key in deleted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+            elif record.kind == OBJECT and not holds(final, record.data):
+                self._write_durably(final, record.data)
+                rewritten += 1
+        return rewritten, len(last)
 
     def _write_durably(self, final: str, data: bytes) -> None:
         tmp = os.path.join(self.spool_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
