@@ -1,8 +1,8 @@
 """STOW-RS: store instances (PS3.18 10.5).
 
-Each ``application/dicom`` part of a ``multipart/related`` request goes through
-``archive.ingest.store_bytes`` -- the one store pipeline C-STORE also uses -- as soon as it
-has arrived. The response (PS3.18 10.5.3, Table 10.5.3-1) lists stored instances in the
+Each ``application/dicom`` part of a ``multipart/related`` request is streamed into the one store
+pipeline C-STORE also uses (``archive.ingest.begin`` / ``finish``) while it arrives, and stored as
+soon as its closing delimiter has come: memory per request stays bounded whatever the parts' sizes. The response (PS3.18 10.5.3, Table 10.5.3-1) lists stored instances in the
 ReferencedSOPSequence and rejected ones in the FailedSOPSequence with a FailureReason:
 
 ==========  =============================================================
@@ -22,13 +22,13 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from starlette.concurrency import run_in_threadpool
 
 from bastion.archive import Archive
-from bastion.dicomweb.multipart import MultipartError, MultipartParser, Part
+from bastion.dicomweb.multipart import MultipartError, MultipartStream, PartStart
 from bastion.dicomweb.negotiation import DICOM, parse_media_type
 from bastion.errors import (
     BastionError,
@@ -39,6 +39,8 @@ from bastion.errors import (
     StorageFull,
     UnsupportedTransferSyntax,
 )
+from bastion.ingest.pipeline import PendingObject
+from bastion.model.part10 import part10_bytes
 from bastion.model.records import InstanceRecord
 
 PROCESSING_FAILURE = 0x0110
@@ -48,6 +50,9 @@ CANNOT_UNDERSTAND = 0xC000
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 STUDY_MISMATCH = 0xC409
 MAX_PART_BYTES = 4 * 1024**3
+#: The first bytes of each part kept in memory beside the stream (see :class:`_PartSink`).
+HEAD_BYTES = 256 * 1024
+ORIGIN = "stow"
 
 
 def failure_reason(exc: BastionError) -> int:
@@ -100,10 +105,11 @@ class StowOutcome:
         return body
 
 
-def _uids(data: bytes) -> tuple[str, str, str]:
-    """SOP Class, SOP Instance and Study Instance UIDs of a part, ``""`` when unreadable."""
+def _uids(data: bytes | BinaryIO) -> tuple[str, str, str]:
+    """SOP Class, SOP Instance and Study Instance UIDs of a part (or of its first bytes), ``""`` when unreadable."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True,
+        fp = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True,
                              specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
         return (str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or ""),
                 str(ds.get("StudyInstanceUID", "") or ""))
@@ -111,49 +117,133 @@ def _uids(data: bytes) -> tuple[str, str, str]:
         return "", "", ""
 
 
-def store_part(archive: Archive, part: Part, study: str | None, base: str, outcome: StowOutcome) -> None:
-    """Store one part (blocking) and record the outcome."""
-    ctype = parse_media_type(part.content_type).media_type if part.content_type else DICOM
-    if ctype != DICOM:
-        outcome.failed.append(("", "", CANNOT_UNDERSTAND, f"part of type {ctype} is not application/dicom"))
-        return
-    if study is not None:
-        sop_class, sop, part_study = _uids(part.body)
-        if part_study != study:
-            outcome.failed.append((sop_class, sop, STUDY_MISMATCH,
-                                   f"Study Instance UID {part_study or '(none)'} differs from {study}"))
+class _PartSink:
+    """One part being received, streamed into the store pipeline as it arrives (PS3.18 10.5.1).
+
+    A Part 10 part goes into a :class:`~bastion.ingest.pipeline.PendingObject` piece by piece: the blob writer
+    keeps it in memory up to its limit and spools the rest, so no part is ever held whole here. The first
+    :data:`HEAD_BYTES` are kept besides, to name a failed instance by its UIDs and to frame a bare dataset
+    (no File Meta Information), which is buffered only that far. A part that is refused before its end
+    (wrong type, not DICOM, too large) is read to its end and dropped.
+    """
+
+    def __init__(self, archive: Archive, part: PartStart, outcome: StowOutcome) -> None:
+        self.archive = archive
+        self.outcome = outcome
+        self.head = bytearray()
+        self.size = 0
+        self.pending: PendingObject | None = None
+        self.refused = False
+        ctype = parse_media_type(part.content_type).media_type if part.content_type else DICOM
+        if ctype != DICOM:
+            self._refuse(CANNOT_UNDERSTAND, f"part of type {ctype} is not application/dicom")
+
+    def _refuse(self, reason: int, why: str, uids: tuple[str, str, str] | None = None) -> None:
+        sop_class, sop, _ = uids or (_uids(bytes(self.head)) if self.head else ("", "", ""))
+        self.outcome.failed.append((sop_class, sop, reason, why))
+        self.abort()
+        self.refused = True
+
+    def write(self, data: bytes) -> None:
+        """Append a piece of the part's content."""
+        if self.refused:
             return
-    try:
-        result = archive.ingest.store_bytes(part.body, origin="stow")
-    except BastionError as exc:
-        sop_class, sop, _ = _uids(part.body)  # parsed again only to name the failed instance
-        outcome.failed.append((sop_class, sop, failure_reason(exc), exc.message))
-        return
-    r = result.record
-    url = f"{base}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_uid}"
-    outcome.stored.append((r.sop_class_uid, r.sop_uid, url))
-    outcome.records.append(r)
+        self.size += len(data)
+        if self.size > MAX_PART_BYTES:
+            self._refuse(CANNOT_UNDERSTAND, f"the part is larger than {MAX_PART_BYTES} bytes")
+            return
+        taken = min(len(data), HEAD_BYTES - len(self.head))
+        if taken > 0:
+            self.head += data[:taken]
+        if self.pending is not None:
+            self.pending.write(data)
+        elif len(self.head) >= HEAD_BYTES or (len(self.head) >= 132 and self.head[128:132] == b"DICM"):
+            self._begin(data[taken:])  # everything before is in the head
+
+    def _begin(self, rest: bytes) -> None:
+        """Open the pending object with the head, framed as Part 10 if it is a bare dataset, then ``rest``."""
+        head = bytes(self.head)
+        try:
+            framed = part10_bytes(head)
+        except BastionError as exc:
+            self.archive.ingest.rejections.record(ORIGIN, exc.message)
+            self._refuse(failure_reason(exc), exc.message)
+            return
+        self.pending = self.archive.ingest.begin(ORIGIN)
+        self.pending.write(framed)
+        if rest:
+            self.pending.write(rest)
+
+    def finish(self, study: str | None, base: str) -> None:
+        """Validate, commit and index the part (blocking: run it in a thread) and record the outcome."""
+        if self.refused:
+            return
+        if self.pending is None:
+            self._begin(b"")
+            if self.pending is None:
+                return
+        pending = self.pending
+        if study is not None:
+            with pending.writer.reader() as fh:
+                uids = _uids(fh)
+            if uids[2] != study:
+                self._refuse(STUDY_MISMATCH, f"Study Instance UID {uids[2] or '(none)'} differs from {study}", uids)
+                return
+        self.pending = None  # finish takes it over: it is committed, or aborted on failure
+        try:
+            result = self.archive.ingest.finish(pending)
+        except BastionError as exc:
+            sop_class, sop, _ = _uids(bytes(self.head))  # parsed again only to name the failed instance
+            self.outcome.failed.append((sop_class, sop, failure_reason(exc), exc.message))
+            return
+        r = result.record
+        url = f"{base}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_uid}"
+        self.outcome.stored.append((r.sop_class_uid, r.sop_uid, url))
+        self.outcome.records.append(r)
+
+    def abort(self) -> None:
+        """Drop what was received of the part (the request failed or was abandoned)."""
+        if self.pending is not None:
+            self.pending.abort()
+            self.pending = None
 
 
 async def store_stream(archive: Archive, chunks: AsyncIterator[bytes], boundary: str,
                        study: str | None, base: str) -> StowOutcome:
-    """Parse a multipart body as it arrives and store each part as soon as it is complete.
+    """Parse a multipart body as it arrives, streaming each part into the store pipeline (:class:`_PartSink`)
+    and storing it as soon as it is complete.
+
+    Memory per request stays bounded whatever the parts' sizes. If the body fails (a malformed body, the client
+    gone, a body timeout), the part being received is aborted: nothing of it is stored, and no spool file stays.
 
     Raises
     ------
     MultipartError
         The body is not a well-formed multipart message, or holds no part (HTTP 400).
     """
-    parser = MultipartParser(boundary, max_part_bytes=MAX_PART_BYTES)
+    parser = MultipartStream(boundary)
     outcome = StowOutcome()
     count = 0
-    async for chunk in chunks:
-        for part in parser.feed(chunk):
-            count += 1
-            await run_in_threadpool(store_part, archive, part, study, base, outcome)
-        if parser.finished:
-            break
-    parser.close()
+    sink: _PartSink | None = None
+    try:
+        async for chunk in chunks:
+            for event in parser.feed(chunk):
+                if isinstance(event, PartStart):
+                    count += 1
+                    sink = _PartSink(archive, event, outcome)
+                elif isinstance(event, bytes):
+                    assert sink is not None
+                    sink.write(event)
+                else:
+                    assert sink is not None
+                    done, sink = sink, None
+                    await run_in_threadpool(done.finish, study, base)
+            if parser.finished:
+                break
+        parser.close()
+    finally:
+        if sink is not None:
+            sink.abort()
     if count == 0:
         raise MultipartError("the multipart body holds no parts")
     return outcome
