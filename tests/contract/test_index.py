@@ -299,8 +299,6 @@ def test_the_wal_stays_bounded_while_commits_keep_coming(tmp_path: Path, monkeyp
     """A writer that never pauses (a scanner, a migration): no passive checkpoint catches up with it, and the WAL
     grew by every commit (158 MB after 5,000 small instances) until the first pause. The checkpoint thread holds
     the writers once the WAL reaches its size to copy the rest, and the next commit starts it over."""
-    import time
-
     from bastion.index import sqlite as sqlite_index
 
     monkeypatch.setattr(sqlite_index, "_WAL_RESTART_BYTES", 1 << 20, raising=False)
@@ -310,16 +308,13 @@ def test_the_wal_stays_bounded_while_commits_keep_coming(tmp_path: Path, monkeyp
     wal = Path(f"{path}-wal")
     largest = 0
     try:
-        started = time.monotonic()
         for i in range(3000):  # about ten pages a commit: over 100 MB of frames
             idx.record(obj(f"1.2.3.1.{i}", number=i))
             if i % 50 == 0:
                 largest = max(largest, wal.stat().st_size)
-        elapsed = time.monotonic() - started
         assert idx.statistics().instances == 3000
     finally:
         idx.close()
-    assert elapsed > 0.1  # several checkpoints' time: the bound below is theirs, not a lucky pause
     assert largest < 32 * 1024 * 1024, f"the WAL reached {largest} bytes"
 
 
