@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pydicom
 import pytest
@@ -42,6 +42,14 @@ HAVE_DCMTK = all(os.access(p, os.X_OK) for p in DCMTK.values())
 #: Skip DCMTK tests only on a developer machine without DCMTK; in CI it is installed and must run.
 requires_dcmtk = pytest.mark.skipif(not HAVE_DCMTK and not os.environ.get("CI"),
                                     reason="DCMTK not installed (scripts/install-test-deps.sh)")
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip on a developer machine that lacks a tool, a sample or a privilege; fail under ``CI=true``, where
+    ``scripts/install-test-deps.sh`` installs everything and a skip would hide a missing install step."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (under CI=true this fails instead of skipping)")
+    pytest.skip(reason)
+
 
 #: The headless-browser checks: Node.js scripts in tests/browser driving Debian's Chromium.
 BROWSER_DIR = ROOT / "tests" / "browser"
@@ -231,7 +239,7 @@ def relabel_sample(name: str, out: Path, *, study_uid: str, patient_name: str, p
 
     source = get_testdata_file(name)
     if source is None:
-        pytest.skip(f"pydicom sample {name} not available (pydicom-data missing?)")
+        unavailable(f"pydicom sample {name} not available (pydicom-data missing?)")
     ds = pydicom.dcmread(source)
     series_uid = f"{study_uid}.{series_number}"
     sop = f"{series_uid}.1"
@@ -506,7 +514,7 @@ class BastionServer:
 def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
     """A DCMTK storescp destination (``-aet DEST``) on a free port, for the module."""
     if not HAVE_DCMTK:
-        pytest.skip("DCMTK not installed")
+        unavailable("DCMTK not installed")
     scp = StoreSCP(DEST_AET, free_port(), tmp_path_factory.mktemp("storescp") / "received").start()
     yield scp
     scp.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import BastionServer, dataset_part, make_study, requires_dcmtk, transfer_syntax_of
+from conftest import BastionServer, dataset_part, make_study, requires_dcmtk, transfer_syntax_of, unavailable
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -43,7 +43,7 @@ STORED_AS_IS = [
 def _sample(name: str) -> str:
     path = get_testdata_file(name)
     if path is None:
-        pytest.skip(f"pydicom sample {name} not available (pydicom-data missing?)")
+        unavailable(f"pydicom sample {name} not available (pydicom-data missing?)")
     return str(path)
 
 
@@ -180,7 +180,7 @@ def test_htj2k_stored_as_received(bastion: BastionServer) -> None:
 
     files = get_testdata_files("*htj2k*")
     if not files:
-        pytest.skip("this pydicom ships no HTJ2K sample")
+        unavailable("this pydicom ships no HTJ2K sample")
     path = files[0]
     proc = bastion.dcmsend(path)
     assert "with status SUCCESS  : 1" in proc.stdout, proc.stdout
