@@ -7,7 +7,8 @@ names one immutable stored version:
 * an in-process LRU of recently served instances;
 * a file per blob key under ``<data>/cache/metadata/`` that survives restarts.
 
-Both are caches, never the truth: deleting ``<data>/cache`` only costs a rebuild. Values
+Person names are split into their component groups (PS3.18 F.2.2); an entry written before they
+were is split when it is read from the file cache, and rewritten. Both are caches, never the truth: deleting ``<data>/cache`` only costs a rebuild. Values
 longer than :data:`BULK_THRESHOLD` bytes, and Pixel Data always, become a ``BulkDataURI``.
 URIs are stored with a placeholder for the server's base URL, substituted per request, so
 a 1,000-instance series costs 1,000 cache reads and one string join.
@@ -38,6 +39,7 @@ from pydicom.dataset import Dataset
 
 from bastion.index.base import Index
 from bastion.model.attributes import tag_hex
+from bastion.model.dicom_json import needs_person_name_split, split_person_names_in
 from bastion.model.records import InstanceRecord
 from bastion.model.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -101,7 +103,22 @@ def build(retriever: Retriever, record: InstanceRecord) -> str:
                 tag, vr = pixel
                 body[tag] = {"vr": vr, "BulkDataURI": f"{prefix}/bulkdata/{tag}"}
     body["00083002"] = {"vr": "UI", "Value": [record.transfer_syntax]}  # AvailableTransferSyntaxUID
+    return _encode(split_person_names_in(body))
+
+
+def _encode(body: dict[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def split_person_names_text(text: str) -> str:
+    """Cached metadata ``text`` with every person name split into component groups (PS3.18 F.2.2).
+
+    Entries written before names were split hold a PN value whole in ``Alphabetic``, or empty groups: they are
+    decoded and encoded again. Any other text is returned as it is, after one search of it.
+    """
+    if not needs_person_name_split(text):
+        return text
+    return _encode(split_person_names_in(json.loads(text)))
 
 
 def _pixel_data_element(head: bytes, ts: str, ds: Dataset) -> tuple[str, str] | None:
@@ -148,6 +165,11 @@ class MetadataCache:
                 text = path.read_text("utf-8")
             except (OSError, UnicodeError):
                 text = None
+            if text is not None:
+                fixed = split_person_names_text(text)
+                if fixed is not text:  # an entry from before PN values were split: fixed once
+                    self._write(path, fixed)
+                    text = fixed
         if text is None:
             text = build(self.retriever, record)
             if path is not None:

@@ -8,7 +8,8 @@ matching engine C-FIND uses. Attributes are named by keyword or by tag (``Patien
 ``fuzzymatching=true`` turns on the engine's person-name fuzzy matching (every word of the
 value must start a name component). Results carry the default attributes of PS3.18 Tables
 10.6.3-3/4/5, the ``includefield`` attributes (or ``all``), the matching keys and a
-RetrieveURL.
+RetrieveURL. Person names are answered split into their component groups (PS3.18 F.2.2), whatever
+form the index holds them in.
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ def search(finder: Finder, query: Search, base: str) -> list[JsonDataset]:
     conditions = conditions_for(query.keys, fuzzy=query.fuzzy, comma_lists=True)
     found = finder.find(query.level, conditions, limit=query.limit, offset=query.offset)
     keys = sorted({tag_hex(t) for t in query.return_tags})  # once per search, not per result
+    split = dicom_json.split_person_names  # the index keeps PN values whole (PS3.18 F.2.2 splits them)
     out = []
     for result in found:
         url = retrieve_url(query.level, result, base)
@@ -201,9 +203,9 @@ def search(finder: Finder, query: Search, base: str) -> list[JsonDataset]:
             result[tag_hex(RETRIEVE_URL)] = {"vr": "UR", "Value": [url]}
         result[tag_hex(INSTANCE_AVAILABILITY)] = {"vr": "CS", "Value": ["ONLINE"]}
         if query.include_all:
-            out.append(dict(sorted(result.items())))
+            out.append({k: split(e) for k, e in sorted(result.items())})
         else:
-            out.append({k: result[k] for k in keys if k in result})
+            out.append({k: split(result[k]) for k in keys if k in result})
     return out
 
 

@@ -18,6 +18,7 @@ b'[{"00100020":{"vr":"LO","Value":["\\xc3\\x85"]}}]'
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -61,3 +62,86 @@ def level_text(attrs: dict[str, Any]) -> str:
         _LEVEL_TEXTS.clear()
     _LEVEL_TEXTS[id(attrs)] = (attrs, text)
     return text
+
+
+#: The component groups of a person name, in the order of its ``=``-separated value (PS3.5 6.2.1.1).
+PERSON_NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def person_name(value: str) -> dict[str, str]:
+    """A PN value's DICOM JSON object: one member per non-empty component group (PS3.18 F.2.2).
+
+    Examples
+    --------
+    >>> person_name("Yamada^Tarou=山田^太郎=やまだ^たろう")["Ideographic"]
+    '山田^太郎'
+    >>> person_name("Wang^XiaoDong=王^小東=")
+    {'Alphabetic': 'Wang^XiaoDong', 'Ideographic': '王^小東'}
+    >>> person_name("=山田^太郎")
+    {'Ideographic': '山田^太郎'}
+    """
+    return {name: group for name, group in zip(PERSON_NAME_GROUPS, value.split("=", 2), strict=False) if group}
+
+
+def _person_name_value(value: Any) -> Any:
+    """``value`` as PS3.18 F.2.2 wants it; the same object when it is already so."""
+    if isinstance(value, str):
+        return person_name(value)
+    if not isinstance(value, dict):
+        return value
+    alphabetic = value.get("Alphabetic")
+    if isinstance(alphabetic, str) and "=" in alphabetic:  # the whole value in one member
+        return {**person_name(alphabetic), **{k: v for k, v in value.items() if k != "Alphabetic" and v}}
+    if all(value.values()):
+        return value
+    return {k: v for k, v in value.items() if v}
+
+
+def split_person_names(element: dict[str, Any]) -> dict[str, Any]:
+    """One DICOM JSON element with its person names split into component groups (PS3.18 F.2.2), also inside
+    sequence items; the same object when nothing needed changing.
+
+    The index keeps each PN value whole, ``=`` separators included, in its ``Alphabetic`` member: matching and
+    the C-FIND identifiers read it there. Whatever answers DICOM JSON to a client passes its elements through
+    this function, which also drops empty component groups.
+
+    Examples
+    --------
+    >>> split_person_names({"vr": "PN", "Value": [{"Alphabetic": "Hong^Gildong=洪^吉洞=홍^길동"}]})["Value"]
+    [{'Alphabetic': 'Hong^Gildong', 'Ideographic': '洪^吉洞', 'Phonetic': '홍^길동'}]
+    """
+    vr = element.get("vr")
+    if vr != "PN" and vr != "SQ":
+        return element
+    values = element.get("Value")
+    if not values:
+        return element
+    if vr == "PN":
+        fixed = [_person_name_value(v) for v in values]
+    else:
+        fixed = [split_person_names_in(item) if isinstance(item, dict) else item for item in values]
+    if all(a is b for a, b in zip(fixed, values, strict=True)):
+        return element
+    return {**element, "Value": fixed}
+
+
+def split_person_names_in(dataset: dict[str, Any]) -> dict[str, Any]:
+    """:func:`split_person_names` of every element of a DICOM JSON dataset; the same object if none changed."""
+    fixed = {key: split_person_names(element) if isinstance(element, dict) else element
+             for key, element in dataset.items()}
+    if all(fixed[key] is element for key, element in dataset.items()):
+        return dataset
+    return fixed
+
+
+#: Where a person name in DICOM JSON text is not split as PS3.18 F.2.2 wants: a group separator inside the
+#: ``Alphabetic`` member, or an empty member.
+_UNSPLIT_PERSON_NAME = re.compile(r'"Alphabetic"\s*:\s*"(?:[^"\\=]|\\.)*=|"(?:Alphabetic|Ideographic|Phonetic)"\s*:\s*""')
+
+
+def needs_person_name_split(text: str) -> bool:
+    """Whether DICOM JSON ``text`` holds a person name that :func:`split_person_names` would change.
+
+    A search of the text, far cheaper than decoding it: text that passes is served as it is.
+    """
+    return _UNSPLIT_PERSON_NAME.search(text) is not None
