@@ -32,6 +32,7 @@ from bastion.index.sqlite_record import CRECORD
 from bastion.ingest.scan import SPEEDUPS
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
+from bastion.web.timeouts import header_deadline_protocol
 
 log = logging.getLogger("bastion")
 
@@ -98,7 +99,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     status.per_worker = board.counts  # type: ignore[method-assign]
     status.worker_pids = board.pids  # type: ignore[method-assign]
     config = uvicorn.Config(create_app(archive, status), host=settings.host, port=settings.http_port,
-                            log_level="warning", access_log=False, lifespan="off")
+                            log_level="warning", access_log=False, lifespan="off",
+                            http=header_deadline_protocol(settings.http_header_timeout))
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     http_task = asyncio.ensure_future(http.serve(sockets=[http_sock]))
@@ -286,7 +288,7 @@ def run_serve(args: argparse.Namespace) -> int:
         marker.release()
         raise
     parent = os.getpid()
-    board = LoadBoard(settings.workers)
+    board = LoadBoard(settings.workers, peers=settings.max_associations)
     roles: dict[str, tuple[Any, tuple[Any, ...]]] = {
         "DICOM worker 0 (and HTTP)": (lambda: asyncio.run(serve(settings, sock, http_sock, board, parent)), ())}
     for w in range(1, settings.workers):

@@ -1,4 +1,8 @@
-"""The ASGI application: ``/health``, ``/api``, ``/admin``, ``/dicom-web``, ``/wado`` and the viewer at ``/``."""
+"""The ASGI application: ``/health``, ``/api``, ``/admin``, ``/dicom-web``, ``/wado`` and the viewer at ``/``.
+
+Request bodies have a deadline (``http_body_timeout``, :class:`~bastion.web.timeouts.BodyDeadline`); the request
+head's deadline is the server protocol's (:func:`~bastion.web.timeouts.header_deadline_protocol`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from bastion import __version__
 from bastion.archive import Archive
 from bastion.dicomweb.routes import routes as dicomweb_routes
 from bastion.web import admin, api, viewer
+from bastion.web.timeouts import BodyDeadline
 
 
 @dataclass
@@ -57,7 +62,8 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
 
     routes: list[BaseRoute] = [Route("/health", health)]
     routes += _routes(archive, status)
-    middleware = []
+    # Outermost but for Starlette's error handler: a stalled body is answered 408 whichever route read it.
+    middleware = [Middleware(BodyDeadline, timeout=archive.settings.http_body_timeout)]
     if archive.settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(archive.settings.cors_origins),
                                      allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
