@@ -95,8 +95,8 @@ class _HeldC:
 
         return Held()
 
-    def submit_sync(self, fd: int, notify: bool = True, parallel: bool = False, yield_cpu: bool = False) -> object:
-        return self._held(self._real.submit_sync(fd, notify, parallel, yield_cpu))  # type: ignore[attr-defined]
+    def submit_sync(self, fd: int, notify: bool = True, parallel: bool = False) -> object:
+        return self._held(self._real.submit_sync(fd, notify, parallel))  # type: ignore[attr-defined]
 
     def submit(self, path: str, data: bytes, notify: bool = False, **flags: bool) -> object:
         job = self._real.submit(path, data, notify, **flags)  # type: ignore[attr-defined]

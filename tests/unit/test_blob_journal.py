@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.blobs import cjobs, filesystem
+from bastion.blobs import filesystem
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.blobs.journal import HEADER_SIZE, Journal, read_segment, sync_filesystem
 
@@ -259,8 +259,8 @@ def test_a_journaled_file_is_handed_over_or_created_before_its_record_is_written
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool, ordered_busy: bool) -> None:
     """The checkpoint that voids a record waits for every file the ordered ``_cwrite`` thread was given before it
     (``barrier``), then runs the ``syncfs`` that must cover the record's file: so the file must be handed over, or
-    created, before the record is written. Alone (no event loop), with ``away``: the thread creates it on another
-    CPU; if that thread is busy with another store's file (an import's jobs), the store's own thread creates it."""
+    created, before the record is written. The ordered thread creates it; if that thread is busy with another
+    store's file (an import's jobs), the store's own thread creates it."""
     real = filesystem.CWRITE
     order: list[tuple[str, object]] = []
 
@@ -269,7 +269,7 @@ def test_a_journaled_file_is_handed_over_or_created_before_its_record_is_written
             return getattr(real, name)
 
         def submit(self, path: str, data: object, notify: bool = False, **options: bool) -> object:
-            order.append(("file", options.get("away", False)))
+            order.append(("file", "handed over"))
             return real.submit(path, data, notify, **options)
 
         def create_file(self, path: str, *args: object) -> None:
@@ -296,7 +296,7 @@ def test_a_journaled_file_is_handed_over_or_created_before_its_record_is_written
             await asyncio.wrap_future(waiter.future) if background else waiter()
 
         asyncio.run(commit())
-        first = ("created here", "3.dcm") if ordered_busy else ("file", not background)
+        first = ("created here", "3.dcm") if ordered_busy else ("file", "handed over")
         assert order == [first, ("record", "d/3.dcm")]
         assert store.get("d/3.dcm") == _payload(3)
     finally:
@@ -351,7 +351,7 @@ def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path, monkeyp
             return getattr(real, name)
 
         @staticmethod
-        def submit_sync(fd: int, notify: bool = True, parallel: bool = False, yield_cpu: bool = False) -> Failed:
+        def submit_sync(fd: int, notify: bool = True, parallel: bool = False) -> Failed:
             return Failed()
 
     monkeypatch.setattr(filesystem, "CWRITE", FailingFlush())
@@ -365,23 +365,6 @@ def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path, monkeyp
         assert store.get("d/1.dcm") == _payload(1)
     finally:
         store.close()
-
-
-def test_stores_stop_handing_files_to_another_cpu_while_it_is_too_busy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Item 62 pays only while the other CPU is free: two stores in a row that waited for their handed-over file
-    (a viewer's renderings on the other CPU) make stores create their files themselves for a while."""
-    now = [100.0]
-    monkeypatch.setattr(cjobs.time, "monotonic", lambda: now[0])
-    away = cjobs.Away()
-    assert away.ok()
-    away.waited(away.LATE_S * 5)
-    away.waited(0.0)  # on time: the run of late stores starts over
-    away.waited(away.LATE_S * 5)
-    assert away.ok()
-    away.waited(away.LATE_S * 5)
-    assert not away.ok()
-    now[0] += away.OFF_S
-    assert away.ok()
 
 
 def test_a_segment_being_created_is_never_taken_by_another_process_opening_the_store(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ it fails. The contract tests (tests/contract/test_blobs.py) run every blob store
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -180,14 +179,13 @@ def test_drain_returns_once_no_job_of_either_queue_is_left(tmp_path: Path) -> No
 
 
 
-def test_a_flush_that_yields_the_cpu_reports_as_any_other(tmp_path: Path) -> None:
-    """``yield_cpu`` (the one-association store path) only gives the CPU up once after queuing the flush."""
+def test_a_failed_flush_reports_its_error(tmp_path: Path) -> None:
     assert CWRITE is not None
     with open(tmp_path / "segment", "wb") as segment:
         segment.write(b"x")
-        CWRITE.submit_sync(segment.fileno(), False, True, yield_cpu=True).wait()
+        CWRITE.submit_sync(segment.fileno(), False, True).wait()
     with pytest.raises(OSError) as info:
-        CWRITE.submit_sync(-1, False, True, yield_cpu=True).wait()
+        CWRITE.submit_sync(-1, False, True).wait()
     assert info.value.errno == errno.EBADF
 
 
@@ -242,75 +240,29 @@ def test_a_submitted_buffer_is_written_from_its_own_memory_even_once_it_is_gone(
     assert [(tmp_path / str(i)).read_bytes() for i in range(len(data))] == data
 
 
-_AWAY = """
-import json, os, sys
+_FORK = """
+import os, sys
 from bastion.blobs.filesystem import CWRITE
 
-here, other = int(sys.argv[2]), int(sys.argv[3])  # the CPU this process's submitting thread is kept on, another
-os.sched_setaffinity(0, {here})
+
+def write(name):
+    CWRITE.submit(os.path.join(sys.argv[1], name), name.encode(), False).wait()
 
 
-def others():
-    '''The CPUs each thread but the main one may run on.'''
-    sets = []
-    for tid in os.listdir("/proc/self/task"):
-        if int(tid) != os.getpid():
-            with open(f"/proc/self/task/{tid}/status") as status:
-                line = next(x for x in status if x.startswith("Cpus_allowed_list"))
-            sets.append(line.split()[1])
-    return sets
-
-
-def write(name, away):
-    CWRITE.submit(os.path.join(sys.argv[1], name), name.encode(), False, away=away).wait()
-
-
-for i in range(3):  # the first submit starts the ordered thread
-    write(f"away-{i}", True)
-print(json.dumps(sorted(others())))
-if sys.argv[4] == "fork":
-    pid = os.fork()
-    if pid == 0:  # the parent's ordered thread is not the child's to move
-        os.sched_setaffinity(0, {other})
-        for i in range(3):
-            write(f"child-{i}", True)
-        os._exit(0)
-    os.waitpid(pid, 0)
-    print(json.dumps(sorted(others())))
-write("anywhere", False)
-print(json.dumps(sorted(others())))
+write("parent-0")  # starts the parent's ordered thread
+pid = os.fork()
+if pid == 0:  # the child has none of its parent's threads: its first submit starts its own
+    for i in range(3):
+        write(f"child-{i}")
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+write("parent-1")
+sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def _cpus(cpus: set[int]) -> str:
-    """``cpus`` as /proc's Cpus_allowed_list writes them: ranges joined by commas."""
-    ranges: list[str] = []
-    for cpu in sorted(cpus):
-        if ranges and int(ranges[-1].split("-")[-1]) == cpu - 1:
-            ranges[-1] = f"{ranges[-1].split('-')[0]}-{cpu}"
-        else:
-            ranges.append(str(cpu))
-    return ",".join(ranges)
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-@pytest.mark.parametrize("fork", [False, True])
-def test_away_keeps_the_ordered_thread_off_the_callers_cpu_until_a_submit_without_it(tmp_path: Path,
-                                                                                    fork: bool) -> None:
-    """Alone, a store hands its file to the ordered thread with ``away``: woken on the store's CPU it would wait
-    there instead of creating the file beside the store (BENCHMARKS.md, item 62). A submit without ``away`` lets
-    it run anywhere again; a forked child's submits leave its parent's thread where it is."""
-    everywhere = os.sched_getaffinity(0)
-    here, other = sorted(everywhere)[:2]
-    out = subprocess.run([sys.executable, "-c", _AWAY, str(tmp_path), str(here), str(other),
-                          "fork" if fork else "-"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    away, anywhere = json.loads(out[0]), json.loads(out[-1])
-    assert _cpus(everywhere - {here}) in away  # the ordered thread
-    assert set(anywhere) == {_cpus(everywhere)}
-    if fork:
-        assert json.loads(out[1]) == away
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("child")) == [
-            "child-0", "child-1", "child-2"]
-    assert (tmp_path / "away-2").read_bytes() == b"away-2"
-    assert (tmp_path / "anywhere").read_bytes() == b"anywhere"
+def test_a_forked_child_writes_with_threads_of_its_own(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-c", _FORK, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                   check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child-0", "child-1", "child-2", "parent-0", "parent-1"]
+    assert (tmp_path / "child-2").read_bytes() == b"child-2"

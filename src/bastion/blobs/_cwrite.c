@@ -10,17 +10,14 @@
  * With ``sync`` the file is fdatasync'd, with ``sync_dir`` its directory fsync'd as well. On failure it
  * removes the file it created and raises OSError (FileExistsError if ``path`` existed, untouched).
  *
- * submit(path, data, notify, sync, sync_dir, direct, away) does what create_file does, in threads of this
+ * submit(path, data, notify, sync, sync_dir, direct) does what create_file does, in threads of this
  * module's own that never take the GIL, and returns at once with a Pending whose wait() returns when the file is
  * written (raising the OSError create_file would have). Without sync it goes to the ORDERED queue (one thread, in
  * order): a journaled object (under 128 KB) is durable once its journal record is, its file only has to exist
  * before the store answers, and creating a file costs 0.05-0.2 ms of kernel time per object (ext4's inode
  * allocation), which the caller's thread spends on its index statements meanwhile. With sync (objects from 128
  * KB) it goes to the DURABLE queue (up to four threads; the file's directory is fsync'd by the DIRSYNC thread
- * meanwhile). With away=True the queue's threads are kept off the caller's CPU (their affinity excludes it until
- * a submit to that queue without away; the CPUs are the process's at import): the kernel queues a thread it
- * wakes on the waker's CPU even with the other one idle (a halted vCPU does not count as idle in a guest), where
- * it would wait for the caller to block instead of running beside it (BENCHMARKS.md, items 51 and 62).
+ * meanwhile). Where the threads run is the kernel's choice: nothing here places them on CPUs.
  * The data is copied (page-aligned, so O_DIRECT writes it as it is), and the caller's buffer is free at once;
  * a Buffer (this module's type, in which the blob store collects an object) is not copied: the job shares its
  * memory, which is page-aligned already. Both come from a pool of reused buffers (take_buffer, give_buffer).
@@ -30,9 +27,7 @@
  *
  * submit_sync(fd) queues an fdatasync of the journal's segment (submitted once the record is written): after
  * the file in the same thread, or with parallel=True in a thread for durable files, so that the disk's flush
- * starts at once (for a caller that waits: one wake-up more, but the flush overlaps its index statements). With
- * yield_cpu=True the caller gives up its CPU once after queuing it, so that the thread starts the flush before
- * the caller goes on (see submit_sync).
+ * starts at once (for a caller that waits: one wake-up more, but the flush overlaps its index statements).
  *
  * For an event loop that serves other associations while a store waits: submit(path, data, True) and
  * submit_sync(fd) signal notify_fd(), an eventfd the loop watches, when they finish; the loop then finds
@@ -46,12 +41,10 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -436,36 +429,9 @@ static void run_dir_syncs(job *batch) {
     }
 }
 
-/* Where each pool's threads may run (submit's away): the CPU their affinity excludes, -1 for none; and their
- * thread ids. Under q_lock. */
-static int pool_away[POOLS] = {-1, -1, -1};
-static pid_t pool_tid[POOLS][DURABLE_THREADS];
-static int pool_ntid[POOLS];
-static cpu_set_t process_cpus; /* the CPUs this process may use, read at import */
-
-/* Let thread ``tid`` (0: the calling one) run on every CPU of the process but ``away`` (-1: on every one).
- * Advisory: on failure it runs where the kernel puts it. */
-static void set_affinity(pid_t tid, int away) {
-    cpu_set_t set = process_cpus;
-    if (away >= 0 && away < CPU_SETSIZE) CPU_CLR(away, &set);
-    sched_setaffinity(tid, sizeof set, &set);
-}
-
-/* With q_lock held: keep ``pool``'s threads off CPU ``away``, or let them run anywhere (-1); a system call per
- * thread when that changes, none otherwise. Not with a single CPU, or a CPU outside the process's. */
-static void pool_affinity(int pool, int away) {
-    if (away == pool_away[pool] || CPU_COUNT(&process_cpus) < 2) return;
-    if (away >= 0 && (away >= CPU_SETSIZE || !CPU_ISSET(away, &process_cpus))) away = -1;
-    if (away == pool_away[pool]) return;
-    pool_away[pool] = away;
-    for (int i = 0; i < pool_ntid[pool]; i++) set_affinity(pool_tid[pool][i], away);
-}
-
 static void *writer_main(void *arg) {
     int pool = (int)(intptr_t)arg;
     pthread_mutex_lock(&q_lock);
-    if (pool_ntid[pool] < DURABLE_THREADS) pool_tid[pool][pool_ntid[pool]++] = (pid_t)syscall(SYS_gettid);
-    if (pool_away[pool] >= 0) set_affinity(0, pool_away[pool]);
     for (;;) {
         q_idle[pool]++;
         while (q_head[pool] == NULL) pthread_cond_wait(&q_work[pool], &q_lock);
@@ -505,10 +471,6 @@ static void after_fork_child(void) {
     }
     q_submitted = q_completed = q_inflight = 0;
     q_generation++;
-    for (int pool = 0; pool < POOLS; pool++) { /* the parent's threads: not this process's to move */
-        pool_ntid[pool] = 0;
-        pool_away[pool] = -1;
-    }
     if (q_eventfd >= 0) close(q_eventfd); /* the parent's loop watches it */
     q_eventfd = -1;
 }
@@ -577,9 +539,8 @@ static PyTypeObject PendingType = {
     .tp_methods = pending_methods,
 };
 
-/* Queue ``j`` (the thread started if need be) and return its Pending; frees ``j`` on failure. ``away``: keep the
- * pool's threads off that CPU, -1 let them run anywhere, -2 leave them as they are. */
-static PyObject *enqueue(job *j, PyObject *path_arg, int away) {
+/* Queue ``j`` (the thread started if need be) and return its Pending; frees ``j`` on failure. */
+static PyObject *enqueue(job *j, PyObject *path_arg) {
     Pending *pending = PyObject_New(Pending, &PendingType);
     if (pending == NULL) {
         free_job(j);
@@ -591,7 +552,6 @@ static PyObject *enqueue(job *j, PyObject *path_arg, int away) {
     int pool = j->sync || j->parallel ? DURABLE : ORDERED;
     pthread_mutex_lock(&q_lock);
     pending->generation = q_generation;
-    if (away != -2) pool_affinity(pool, away);
     int rc = push_job(j, pool);
     if (rc != 0) {
         pthread_mutex_unlock(&q_lock);
@@ -614,11 +574,11 @@ typedef struct {
 } Buffer;
 
 static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", "away", NULL};
+    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", NULL};
     PyObject *path_arg, *path_obj, *data_arg;
-    int notify = 0, sync = 0, sync_dir = 0, direct = 0, away = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|ppppp", kwlist, &path_arg, &data_arg, &notify, &sync,
-                                     &sync_dir, &direct, &away))
+    int notify = 0, sync = 0, sync_dir = 0, direct = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|pppp", kwlist, &path_arg, &data_arg, &notify, &sync,
+                                     &sync_dir, &direct))
         return NULL;
     if (!PyUnicode_FSConverter(path_arg, &path_obj)) return NULL;
     job *j = calloc(1, sizeof(job));
@@ -656,7 +616,7 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
     j->sync = sync;
     j->sync_dir = sync_dir;
     j->direct = direct;
-    return enqueue(j, path_arg, away ? sched_getcpu() : -1);
+    return enqueue(j, path_arg);
 }
 
 /* -- Buffer: an object's bytes as they arrive, in memory submit() writes without copying ------------------- */
@@ -756,22 +716,15 @@ static PyTypeObject BufferType = {
 };
 
 static PyObject *submit_sync(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"fd", "notify", "parallel", "yield_cpu", NULL};
-    int fd, notify = 1, parallel = 0, yield_cpu = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|ppp", kwlist, &fd, &notify, &parallel, &yield_cpu))
-        return NULL;
+    static char *kwlist[] = {"fd", "notify", "parallel", NULL};
+    int fd, notify = 1, parallel = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|pp", kwlist, &fd, &notify, &parallel)) return NULL;
     job *j = calloc(1, sizeof(job));
     if (j == NULL) return PyErr_NoMemory();
     j->sync_fd = fd;
     j->notify = notify;
     j->parallel = parallel;
-    PyObject *pending = enqueue(j, NULL, -2);
-    /* The kernel mostly queued the woken thread on this CPU, even with the other one idle (90 % of wake-ups on
-     * the development VM), where it waited for this thread to block: the flush followed the caller's index
-     * statements instead of overlapping them. Yielding once lets it start the fdatasync (a few microseconds)
-     * and sleep on the disk first (BENCHMARKS.md, item 48). */
-    if (pending != NULL && yield_cpu) sched_yield();
-    return pending;
+    return enqueue(j, NULL);
 }
 
 static PyObject *notify_fd(PyObject *self, PyObject *unused) {
@@ -817,18 +770,17 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
-     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False, away=False) -> Pending: "
-     "create_file in a writer thread, from a copy of data, or a Buffer's own memory; away: the queue's threads "
-     "run on other CPUs than the caller's (see the module)"},
+     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: "
+     "create_file in a writer thread, from a copy of data, or a Buffer's own memory (see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
     {"ordered_idle", ordered_idle, METH_NOARGS,
      "ordered_idle(): whether every ORDERED job submitted so far is done (no other store's file is waiting there)"},
     {"drain", drain, METH_NOARGS,
      "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},
     {"submit_sync", (PyCFunction)(void (*)(void))submit_sync, METH_VARARGS | METH_KEYWORDS,
-     "submit_sync(fd, notify=True, parallel=False, yield_cpu=False) -> Pending: fdatasync(fd) after the jobs "
+     "submit_sync(fd, notify=True, parallel=False) -> Pending: fdatasync(fd) after the jobs "
      "submitted before it, or with parallel in a thread for durable files, beside them; notify: signal "
-     "notify_fd() when done; yield_cpu: give the CPU up once, so that the thread starts the flush at once"},
+     "notify_fd() when done"},
     {"notify_fd", notify_fd, METH_NOARGS,
      "notify_fd(): an eventfd (non-blocking) that the thread signals when a job submitted to notify is done"},
     {NULL, NULL, 0, NULL},
@@ -838,8 +790,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cwrite", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__cwrite(void) {
     if (PyType_Ready(&PendingType) < 0 || PyType_Ready(&BufferType) < 0) return NULL;
-    CPU_ZERO(&process_cpus);
-    if (sched_getaffinity(0, sizeof process_cpus, &process_cpus) != 0) CPU_ZERO(&process_cpus); /* no away then */
     static int atfork_set = 0;
     if (!atfork_set) {
         if (pthread_atfork(NULL, NULL, after_fork_child) != 0) return PyErr_NoMemory();

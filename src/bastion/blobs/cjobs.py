@@ -4,7 +4,7 @@ the journal's ``fdatasync``), on the calling thread or on an event loop.
 A job is a ``_cwrite.Pending`` (``wait()``, ``done()``), or a :class:`CreatedHere`. :class:`Once` waits for a
 commit's jobs and settles it once; :class:`Completions` lets an event loop that serves other associations
 meanwhile learn, through the module's ``eventfd``, that a commit's jobs are done, without a Python thread (and so
-without GIL hand-offs). :class:`Away` decides whether a store alone hands its file to a thread on another CPU.
+without GIL hand-offs).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -152,33 +151,3 @@ class CreatedHere:
 
     def done(self) -> bool:
         return True
-
-
-class Away:
-    """Whether a store alone in its process hands its file to the ordered ``_cwrite`` thread on another CPU (item
-    62): only while that CPU proves free. A store that waited for its file longer than :attr:`LATE_S` was late;
-    :attr:`LATE_RUN` late stores in a row (the other CPU busy: a viewer's renderings in the HTTP worker, another
-    process) turn it off for :attr:`OFF_S`, and stores create their files themselves meanwhile (one association
-    under such load stored 282-365 small instances/s handing them over, against 338-583 creating them itself)."""
-
-    LATE_S = 0.0002
-    LATE_RUN = 2
-    OFF_S = 1.0
-
-    def __init__(self) -> None:
-        self._late = 0
-        self._off_until = 0.0
-
-    def ok(self) -> bool:
-        return not self._off_until or time.monotonic() >= self._off_until
-
-    def waited(self, seconds: float) -> None:
-        """A store handed its file over and then waited ``seconds`` for it."""
-        if seconds < self.LATE_S:
-            self._late = 0
-            return
-        self._late += 1
-        if self._late >= self.LATE_RUN:
-            self._late = 0
-            self._off_until = time.monotonic() + self.OFF_S
-            log.debug("files handed to another CPU came late: stores create them themselves for %.0f s", self.OFF_S)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread, already_committed
-from bastion.blobs.cjobs import Away, Completions, CreatedHere, Once
+from bastion.blobs.cjobs import Completions, CreatedHere, Once
 from bastion.blobs.fileio import BufferReader, holds, os_error, write_direct
 from bastion.blobs.journal import (
     OBJECT,
@@ -194,26 +194,21 @@ class FileWriter(BlobWriter):
         The ordered ``_cwrite`` thread creates the file: it is submitted before the record is written, and the
         journal's checkpoint first waits for every file submitted before it (``_cwrite.barrier``), then runs the
         ``syncfs`` that must cover them. Beside others, that thread then runs the flush too (one wake-up for
-        both, item 45). Alone, the flush runs in a thread of its own, started before this thread goes on
-        (``yield_cpu``, item 48), and the file's thread is kept off this thread's CPU (``away``): woken on it, it
-        waited for this thread to block instead of creating the file while this one reads the header and runs
-        the index statements (items 51 and 62). Where that thread is busy with another thread's file already
-        (``bastion import``'s jobs), or the other CPU has lately been too busy to create it in time (:class:`Away`),
-        this thread creates its own before writing the record.
+        both). Alone, the flush runs in a thread of its own, so that it overlaps the file's creation. Where the
+        ordered thread is still busy with another store's file (``bastion import``'s jobs), this thread creates
+        its own before writing the record rather than queue behind it.
         """
         assert CWRITE is not None
         notify = completions is not None
         self._store.make_dirs(os.path.dirname(final))
-        away = not notify and CWRITE.ordered_idle() and self._store.away.ok()
-        if notify or away:
-            file_job: Any = CWRITE.submit(final, buf, notify, away=away)
+        if notify or CWRITE.ordered_idle():
+            file_job: Any = CWRITE.submit(final, buf, notify)
         else:
             file_job = CreatedHere(CWRITE, final, buf)
         try:
             ticket = journal.write(key, digest, [buf], len(buf), writeback=False)
             prepared = journal.pending_sync(ticket)
-            sync_job = (CWRITE.submit_sync(prepared[0], notify, not notify, yield_cpu=not notify)
-                        if prepared is not None else None)
+            sync_job = (CWRITE.submit_sync(prepared[0], notify, not notify) if prepared is not None else None)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 file_job.wait()
@@ -246,18 +241,7 @@ class FileWriter(BlobWriter):
         jobs = [file_job, sync_job] if sync_job is not None else [file_job]
         if completions is not None:
             return completions.watch(jobs, settle)
-        once = Once(jobs, settle)
-        if not away:
-            return once
-
-        def waiter() -> None:
-            start = time.perf_counter()
-            with contextlib.suppress(OSError):  # settle raises it
-                file_job.wait()
-            self._store.away.waited(time.perf_counter() - start)
-            once()
-
-        return waiter
+        return Once(jobs, settle)
 
     def _start_in_place(self, key: str, final: str, buf: bytearray,
                         completions: Completions | None) -> Callable[[], None]:
@@ -361,7 +345,6 @@ class FileBlobStore(BlobStore):
         self._pools: dict[str, ThreadPoolExecutor] = {}  # committer() and flusher(), made on first use
         self._pools_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
-        self.away = Away()
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
         # Spool files left by processes that are gone are never visible objects; clear them. (They are
