@@ -14,6 +14,27 @@ import threading
 from bastion.errors import StorageError, StorageFull
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere flushed files go through the page cache
+#: macOS: ``fsync`` hands the data to the drive, whose cache may still lose it; ``F_FULLFSYNC`` flushes that too.
+_F_FULLFSYNC: int | None = getattr(fcntl, "F_FULLFSYNC", None)
+
+
+def sync_data(fd: int) -> None:
+    """Make the data of file ``fd`` (and its size) durable: ``fdatasync`` where there is one, ``F_FULLFSYNC`` on
+    macOS, ``fsync`` elsewhere."""
+    if _F_FULLFSYNC is not None:
+        fcntl.fcntl(fd, _F_FULLFSYNC)
+    elif hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+def sync_all(fd: int) -> None:
+    """Make file (or directory) ``fd`` durable, data and metadata: ``fsync``, or ``F_FULLFSYNC`` on macOS."""
+    if _F_FULLFSYNC is not None:
+        fcntl.fcntl(fd, _F_FULLFSYNC)
+    else:
+        os.fsync(fd)
 
 _direct = threading.local()  # each commit thread's page-aligned buffer for O_DIRECT writes
 

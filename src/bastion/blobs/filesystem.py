@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread, already_committed
 from bastion.blobs.cjobs import Completions, CreatedHere, Once
-from bastion.blobs.fileio import BufferReader, holds, os_error, write_direct
+from bastion.blobs.fileio import BufferReader, holds, os_error, sync_all, sync_data, write_direct
 from bastion.blobs.journal import (
     OBJECT,
     TOMBSTONE,
@@ -142,7 +142,7 @@ class FileWriter(BlobWriter):
     def _commit_spooled(self, key: str, final: str) -> None:
         try:
             assert self._fh is not None, "commit after commit/abort"
-            os.fsync(self._fh.fileno())
+            sync_all(self._fh.fileno())
             self._fh.close()
             self._fh = None
             self._store.make_dirs(os.path.dirname(final))
@@ -306,7 +306,7 @@ class FileWriter(BlobWriter):
                     while view:
                         view = view[os.write(fd, view):]
                 if sync:
-                    os.fdatasync(fd)
+                    sync_data(fd)
             finally:
                 os.close(fd)
             if path != final:
@@ -487,7 +487,7 @@ class FileBlobStore(BlobStore):
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            sync_all(fh.fileno())
         self.make_dirs(os.path.dirname(final))
         os.rename(tmp, final)
         fsync_dir(os.path.dirname(final))

@@ -45,6 +45,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from bastion.blobs.fileio import sync_all, sync_data
 from bastion.model import digest as content_digest
 
 log = logging.getLogger("bastion.blobs")
@@ -166,14 +167,14 @@ class _Segment:
         zeros = bytes(1024 * 1024)
         for offset in range(self.size, size, len(zeros)):
             os.pwrite(self.fd, zeros[: size - offset], offset)
-        os.fsync(self.fd)
+        sync_all(self.fd)
         self.size = max(self.size, size)
 
     def start(self, generation: int) -> None:
         """Begin a new generation: records of earlier ones no longer count."""
         self.generation = generation
         os.pwrite(self.fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, generation), 0)
-        os.fdatasync(self.fd)
+        sync_data(self.fd)
         self.pos = HEADER_SIZE
         self.first_at = 0.0
 
@@ -186,7 +187,7 @@ def fsync_dir(path: str) -> None:
     """Make the entries of directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        sync_all(fd)
     finally:
         os.close(fd)
 
@@ -324,7 +325,7 @@ class Journal:
             seg = self._active  # no rotation while _syncing
             self._cond.release()
             try:
-                os.fdatasync(seg.fd)
+                sync_data(seg.fd)
                 error = None
             except OSError as exc:
                 error = exc
@@ -356,7 +357,7 @@ class Journal:
             self._cond.wait()
         old = self._active
         filled = self._filled(old)
-        os.fdatasync(old.fd)  # every record in it is durable before new ones go elsewhere
+        sync_data(old.fd)  # every record in it is durable before new ones go elsewhere
         self._synced = self._written
         self._generation += 1
         new = self._segments[1] if old is self._segments[0] else self._segments[0]
