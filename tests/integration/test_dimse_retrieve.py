@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -14,15 +18,18 @@ from conftest import (
     StoreSCP,
     Study,
     dataset_part,
+    dcmtk_env,
+    free_port,
     make_study,
     requires_dcmtk,
     run_dcmtk,
     transfer_syntax_of,
+    wait_for_port,
 )
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
 
 pytestmark = [requires_dcmtk, pytest.mark.timeout(120)]
 
@@ -64,8 +71,8 @@ def move_responses(output: str) -> list[dict[str, str]]:
     return out
 
 
-def movescu(server: BastionServer, dest: str, keys: dict[str, str]) -> tuple[str, list[dict[str, str]]]:
-    args = ["-d", "-S", "-aem", dest]
+def movescu(server: BastionServer, dest: str, keys: dict[str, str], *options: str) -> tuple[str, list[dict[str, str]]]:
+    args = ["-d", "-S", *options, "-aem", dest]
     for k, v in keys.items():
         args += ["-k", f"{k}={v}"]
     proc = run_dcmtk("movescu", *args, *server.addr(), timeout=90)
@@ -200,6 +207,82 @@ def test_move_cancel(bastion: BastionServer, storescp: StoreSCP, corpus: dict[st
         final.NumberOfFailedSuboperations) - int(final.NumberOfWarningSuboperations)
     assert len(storescp.files()) == completed
     assert "Received Echo Response (Success)" in bastion.echo().stdout
+
+
+def start_storescp(aet: str, directory: Path, *options: str) -> StoreSCP:
+    """A DCMTK storescp with its own ``options`` (the fixture's accepts every syntax and never aborts)."""
+    scp = StoreSCP(aet, free_port(), directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f"storescp-{scp.port}.log", "w") as log:
+        scp.proc = subprocess.Popen(["/usr/bin/storescp", "-od", str(directory), "+B", *options, "-aet", aet,
+                                     str(scp.port)], env=dcmtk_env(), stdout=log, stderr=subprocess.STDOUT)
+    wait_for_port(scp.port, proc=scp.proc)
+    return scp
+
+
+@pytest.fixture
+def aborting_destination(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreSCP]:
+    """A storescp that aborts its association (``--abort-after`` or ``--abort-during`` a C-STORE-RQ)."""
+    scp = start_storescp("ABORTER", tmp_path / "aborter", str(request.param))
+    yield scp
+    scp.stop()
+
+
+@pytest.mark.parametrize("aborting_destination", ["--abort-after", "--abort-during"], indirect=True)
+def test_move_to_destination_that_aborts(bastion_factory: Any, aborting_destination: StoreSCP,
+                                         tmp_path: Path) -> None:
+    """An A-ABORT from the destination ends the sub-operations at once: the final C-MOVE-RSP reports every
+    sub-operation failed, 0xA702 (PS3.4 C.4.2.1.4), before the requesting SCU's DIMSE timeout (10 s; the
+    association with the destination would otherwise have been waited on for 30 s)."""
+    server = bastion_factory(remotes=[f"ABORTER@127.0.0.1:{aborting_destination.port}"])
+    study = make_study(tmp_path / "study", series=1, per_series=3)
+    proc = server.storescu(*study.files)
+    assert proc.stdout.count("Received Store Response (Success)") == 3, proc.stdout
+    output, rsps = movescu(server, "ABORTER", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.study_uid},
+                           "-td", "10")
+    assert rsps, output
+    final = rsps[-1]
+    assert final["status"] == "0xa702", output
+    assert (final["completed"], final["failed"], final["warning"]) == ("0", "3", "0"), output
+    assert final["remaining"] in ("", "none", "0"), output
+    assert "Received Echo Response (Success)" in server.echo().stdout
+
+
+#: A-ABORT (PS3.8 9.3.8), source 0 (service-user), reason 0.
+A_ABORT_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+
+
+def test_move_to_destination_that_aborts_and_keeps_the_connection(bastion_factory: Any, tmp_path: Path) -> None:
+    """A destination that sends A-ABORT on the first C-STORE-RQ and leaves closing the connection to us (the
+    receiver of an A-ABORT closes it, PS3.8 9.2 AA-3): the sub-operations end on the A-ABORT, not on a timeout."""
+    release = threading.Event()
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        event.assoc.dul.socket.send(A_ABORT_PDU)  # the raw PDU: pynetdicom's own abort() closes at once
+        release.wait(60)  # hold the connection open
+        return 0x0000
+
+    ae = AE(ae_title="HALFOPEN")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        server = bastion_factory(remotes=[f"HALFOPEN@127.0.0.1:{port}"])
+        study = make_study(tmp_path / "study", series=1, per_series=3)
+        proc = server.storescu(*study.files)
+        assert proc.stdout.count("Received Store Response (Success)") == 3, proc.stdout
+        output, rsps = movescu(server, "HALFOPEN", {"QueryRetrieveLevel": "STUDY",
+                                                   "StudyInstanceUID": study.study_uid}, "-td", "10")
+    finally:
+        release.set()
+        scp.shutdown()
+    assert rsps, output
+    final = rsps[-1]
+    assert final["status"] == "0xa702", output
+    assert (final["completed"], final["failed"], final["warning"]) == ("0", "3", "0"), output
+    assert len(received) == 1  # nothing was sent after the A-ABORT
 
 
 # -- C-GET -------------------------------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Storage SCU: the requestor side, used for C-MOVE sub-operations (PS3.4 C.4.2.3, PS3.7 9.1.1)."""
+"""Storage SCU: the requestor side, used for C-MOVE sub-operations (PS3.4 C.4.2.3, PS3.7 9.1.1).
+
+An A-ABORT from the destination, its closing the connection, a PDU other than P-DATA-TF where a C-STORE-RSP
+was due, or no response within :data:`TIMEOUT` ends the association at once: the connection is closed (the
+receiver of an A-ABORT closes it, PS3.8 9.2 AA-3, so a peer that leaves it open is not waited for) and
+:class:`DestinationLost` tells the caller that no further sub-operation can go there.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.dimse import messages as m
 from bastion.dimse.association import AcceptedContext, Association, AssociationClosed, BytesSink, PDUStream
 from bastion.dimse.pdu import (
+    A_ABORT,
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
     A_RELEASE_RP,
@@ -37,19 +44,20 @@ class SubOperationError(Exception):
     """A storage sub-operation could not be attempted (no association, no context)."""
 
 
+class DestinationLost(SubOperationError):
+    """The association with the destination ended (aborted, dropped, released by it, or silent past
+    :data:`TIMEOUT`): this sub-operation and every one after it fail (PS3.4 C.4.2.3.1)."""
+
+
 async def send_instance(owner: Any, assoc: Association, context_id: int, ts: str, record: InstanceRecord,
                         command: dict[str, Any]) -> None:
-    """Send a C-STORE-RQ for ``record``: streamed from the blob as stored, or converted."""
-    retriever = owner.archive.retriever
-    if ts == record.transfer_syntax:
-        stream = await owner._run(retriever.open_dataset, record)
-        try:
-            await assoc.send_message(context_id, command, stream=stream)
-        finally:
-            stream.close()
-    else:
-        body = await owner._run(retriever.dataset_bytes, record, ts)
-        await assoc.send_message(context_id, command, body)
+    """Send a C-STORE-RQ for ``record`` in ``ts``: streamed from the blob as stored, or converted; either way a
+    dataset of even length (:meth:`Retriever.open_for_dimse`), so every PDV fragment has even length."""
+    stream = await owner._run(owner.archive.retriever.open_for_dimse, record, ts)
+    try:
+        await assoc.send_message(context_id, command, stream=stream)
+    finally:
+        stream.close()
 
 
 
@@ -122,10 +130,14 @@ class StoreSCU:
         return None
 
     async def store(self, record: InstanceRecord, originator: tuple[str, int] | None = None) -> int:
-        """Send one instance; return the peer's C-STORE status."""
+        """Send one instance; return the peer's C-STORE status.
+
+        Raises SubOperationError when no accepted context fits ``record`` (the next instance may still go), and
+        :class:`DestinationLost` when the association ended (none can).
+        """
         assoc = self.assoc
         if assoc is None:
-            raise SubOperationError("not associated")
+            raise DestinationLost(f"no association with {self.remote.aet}")
         ctx = self._context_for(record)
         if ctx is None:
             raise SubOperationError(f"{self.remote.aet} accepted no context for {record.sop_class_uid}")
@@ -141,18 +153,25 @@ class StoreSCU:
             await send_instance(self, assoc, context_id, ts, record, cmd)
             while True:
                 kind, pdu = await assoc.read_pdu(TIMEOUT)
+                if kind == A_ABORT:
+                    raise AssociationClosed("aborted (A-ABORT)")
                 if kind != P_DATA_TF:
-                    raise SubOperationError(f"{self.remote.aet} sent PDU 0x{kind:02x} instead of a response")
+                    raise PDUError(f"PDU 0x{kind:02x} instead of a C-STORE response")
                 for msg in assoc.feed_pdata(pdu, lambda _msg: BytesSink()):
                     if msg.command.get("MessageIDBeingRespondedTo") == mid:
                         return int(msg.command.get("Status", 0xC000))
-        except (TimeoutError, AssociationClosed, PDUError, OSError) as exc:
+        except AssociationClosed as exc:
             self.assoc = None
             assoc.close()
-            raise SubOperationError(f"{self.remote.aet}: {exc}") from exc
+            raise DestinationLost(f"{self.remote.aet}: {exc}") from exc
+        except (TimeoutError, PDUError, OSError) as exc:
+            self.assoc = None
+            await assoc.abort()
+            raise DestinationLost(f"{self.remote.aet}: {exc}") from exc
 
     async def release(self) -> None:
-        """A-RELEASE (PS3.8 7.2) and close."""
+        """A-RELEASE (PS3.8 7.2) and close; an A-ABORT or a closed connection instead of A-RELEASE-RP ends it
+        too, and a peer silent for :data:`TIMEOUT` is aborted. Nothing to do once the association ended."""
         assoc, self.assoc = self.assoc, None
         if assoc is None:
             return
@@ -160,8 +179,10 @@ class StoreSCU:
             await assoc.send_raw(encode_release(rp=False))
             while True:
                 kind, _ = await assoc.read_pdu(TIMEOUT)
-                if kind == A_RELEASE_RP:
+                if kind in (A_RELEASE_RP, A_ABORT):
                     break
+        except TimeoutError:
+            await assoc.abort()
         except Exception:
             pass
         assoc.close()

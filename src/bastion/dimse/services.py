@@ -20,7 +20,7 @@ from bastion.dimse.identifiers import (
     query_keys,
     query_level,
 )
-from bastion.dimse.scu import StoreSCU, SubOperationError, send_instance
+from bastion.dimse.scu import DestinationLost, StoreSCU, SubOperationError, send_instance
 from bastion.errors import BastionError, InvalidQuery, UnknownDestination
 from bastion.ingest import PendingObject
 from bastion.model.levels import QueryLevel
@@ -255,18 +255,31 @@ class Services:
 
     async def _suboperations(self, session: Session, msg: Message, records: list[InstanceRecord],
                              store: Any) -> None:
+        """Run one C-STORE sub-operation per record, a pending response after each, then the final response
+        (PS3.4 C.4.2.1.4, C.4.3.1.4): success; 0xB000 if some failed or had warnings; 0xA702 if none succeeded.
+
+        When the association the sub-operations go over ends (:class:`DestinationLost`: the C-MOVE destination
+        aborted or dropped it), the current and every remaining sub-operation count as failed and the final
+        response is sent at once.
+        """
         rsp_field = msg.command["CommandField"] | 0x8000
         mid = msg.command["MessageID"]
         remaining, completed, failed, warning = len(records), 0, 0, 0
         failed_uids: list[str] = []
         originator = (session.assoc.calling_aet, mid)
-        for record in records:
+        for i, record in enumerate(records):
             if mid in session.cancelled:
                 await self._final(session, msg, rsp_field, m.CANCEL, counts=_counts(remaining, completed,
                                                                                      failed, warning))
                 return
             try:
                 status = await store(record, originator)
+            except DestinationLost as exc:
+                log.warning("sub-operations for %s ended after %d of %d: %s", session.assoc.calling_aet, i,
+                            len(records), exc)
+                failed += remaining
+                failed_uids += [r.sop_uid for r in records[i:]]
+                break
             except (SubOperationError, BastionError) as exc:
                 log.warning("sub-operation for %s failed: %s", record.sop_uid, exc)
                 status = 0xC000
