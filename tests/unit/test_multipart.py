@@ -7,8 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.dicomweb.multipart import (
+    MAX_BOUNDARY,
+    PART_END,
     MultipartError,
     MultipartParser,
+    MultipartStream,
+    PartStart,
     encode_multipart,
     parse_multipart,
     part_header,
@@ -16,7 +20,7 @@ from bastion.dicomweb.multipart import (
 from bastion.dicomweb.negotiation import multipart_syntaxes, parse_accept, parse_media_type
 
 BOUNDARY_CHARS = st.characters(whitelist_categories=("Lu", "Ll", "Nd"), max_codepoint=127)
-boundaries = st.text(BOUNDARY_CHARS, min_size=1, max_size=70)
+boundaries = st.text(BOUNDARY_CHARS, min_size=1, max_size=MAX_BOUNDARY)
 # Bodies are drawn from bytes that often form near-delimiters: CR, LF, dashes and boundary-ish letters.
 bodies = st.binary(max_size=300) | st.lists(
     st.sampled_from([b"\r", b"\n", b"-", b"--", b"\r\n--", b"a", b"b", b"\x00"]), max_size=60
@@ -122,3 +126,74 @@ def test_media_type_parameters_with_and_without_quotes() -> None:
     a = parse_media_type('multipart/related; type="application/octet-stream"; transfer-syntax="*"')
     b = parse_media_type("Multipart/Related; Type=application/octet-stream; transfer-syntax=*")
     assert (a.media_type, a.related_type, a.transfer_syntax) == (b.media_type, b.related_type, b.transfer_syntax)
+
+
+def _parts_from_events(events: list[object]) -> list[tuple[str, bytes]]:
+    """(content type, content) of each part, from a stream's events, checking their order."""
+    out: list[tuple[str, bytes]] = []
+    current: bytearray | None = None
+    ctype = ""
+    for event in events:
+        if isinstance(event, PartStart):
+            assert current is None, "a part started inside another"
+            current, ctype = bytearray(), event.content_type
+        elif isinstance(event, bytes):
+            assert current is not None, "content outside a part"
+            current += event
+        else:
+            assert event is PART_END and current is not None
+            out.append((ctype, bytes(current)))
+            current = None
+    assert current is None
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(boundary=boundaries, parts=st.lists(bodies, min_size=1, max_size=5),
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=20))
+def test_stream_events_round_trip_any_chunking(boundary: str, parts: list[bytes], cuts: list[int]) -> None:
+    delimiter = b"\r\n--" + boundary.encode()
+    parts = [p for p in parts if delimiter not in b"\r\n" + p + b"\r\n"]
+    if not parts:
+        return
+    body = encode_multipart([("application/dicom", p) for p in parts], boundary)
+    stream = MultipartStream(boundary)
+    events: list[object] = []
+    for chunk in _chunked(body, cuts):
+        events += stream.feed(chunk)
+    stream.close()
+    assert _parts_from_events(events) == [("application/dicom", p) for p in parts]
+
+
+def test_a_large_part_is_handed_on_as_it_arrives_never_held() -> None:
+    """Each chunk's content comes back from the feed that brought it, less at most a delimiter's length that may
+    straddle two chunks: what the stream keeps stays that small whatever the part's size."""
+    boundary = "x" * 73
+    content = bytes(range(256)) * (40 * 1024 * 1024 // 256)  # 40 MiB
+    body = encode_multipart([("application/dicom", content)], boundary)
+    stream = MultipartStream(boundary)
+    got = bytearray()
+    chunk = 64 * 1024
+    held_most = 0
+    for start in range(0, len(body), chunk):
+        fed = min(start + chunk, len(body))
+        for event in stream.feed(body[start:fed]):
+            if isinstance(event, bytes):
+                got += event
+        if stream.in_part:
+            held_most = max(held_most, fed - len(got))  # bytes fed but not handed on (headers included)
+    stream.close()
+    assert bytes(got) == content
+    assert held_most < 200 + len(boundary) + 8
+
+
+@pytest.mark.parametrize("length", [1, 70, 73, MAX_BOUNDARY])
+def test_boundaries_up_to_the_bound_are_accepted(length: int) -> None:
+    boundary = "b" * length
+    assert [p.body for p in parse_multipart(encode_multipart([("a/b", b"x")], boundary), boundary)] == [b"x"]
+
+
+@pytest.mark.parametrize("length", [0, MAX_BOUNDARY + 1, 10_000])
+def test_boundaries_past_the_bound_are_refused(length: int) -> None:
+    with pytest.raises(MultipartError, match=f"1 to {MAX_BOUNDARY} characters"):
+        MultipartStream("b" * length)
