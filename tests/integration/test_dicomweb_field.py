@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pydicom
-from conftest import BastionServer, _stop, corpus, free_port, unavailable, wait_for_port
+from conftest import BastionServer, _stop, corpus, dataset_part, free_port, unavailable, wait_for_port
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset
@@ -375,3 +375,24 @@ def test_a_slow_but_steady_body_is_not_dropped(bastion_factory: Any) -> None:
         sock.settimeout(DEADLINE_S)
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_bare_datasets_are_framed_whatever_their_size(bastion_factory: Any, tmp_path: Path) -> None:
+    """A part holding a dataset without File Meta Information is stored with File Meta added, whether it fits
+    the head the stream keeps (CT_small.dcm) or runs past it (a 2 MiB multi-frame object)."""
+    server = bastion_factory()
+    big = tmp_path / "big.dcm"
+    big_ds = big_multiframe(big, frames=4)
+    small_ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    small_ds.SOPInstanceUID = small_ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    small = tmp_path / "small.dcm"
+    small_ds.save_as(small, enforce_file_format=True)
+    parts = [dataset_part(p.read_bytes()) for p in (small, big)]
+    boundary = "bare"
+    with httpx.Client(timeout=60) as http:
+        r = http.post(server.url("/dicom-web/studies"), content=multipart(parts, boundary),
+                      headers={"Content-Type": stow_type(boundary)})
+    assert r.status_code == 200, r.text
+    for ds, part in ((small_ds, parts[0]), (big_ds, parts[1])):
+        [stored] = server.blobs_of(ds.SOPInstanceUID)
+        assert dataset_part(stored.read_bytes()) == part
