@@ -228,7 +228,7 @@ class DicomServer:
             raise PDUError(f"expected A-ASSOCIATE-RQ, got PDU 0x{kind:02x}")
         rq = decode_associate(body)
         assoc.calling_aet, assoc.called_aet = rq.calling_aet, rq.called_aet
-        answered, roles, accepted = negotiate(rq)
+        answered, roles, accepted = negotiate(rq, self.archive.settings.storage_deny)
         if not accepted:
             log.warning("rejecting association from %s (%s): no presentation context acceptable",
                         rq.calling_aet, assoc.peername)
