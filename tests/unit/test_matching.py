@@ -188,10 +188,17 @@ def test_uid_list_with_commas_only_for_qido() -> None:
         cond(UID, "1.2.3,1.2.4")  # in DIMSE a comma makes it an invalid UID
 
 
-@pytest.mark.parametrize("raw", ["1.2.abc", "1.02.3", "1.2.", "1" * 65, "1.2.3\\x"])
+@pytest.mark.parametrize("raw", ["1.2.abc", "1..3", "1.2.", "1" * 129, "1.2.3\\x"])
 def test_invalid_uid_is_an_error(raw: str) -> None:
     with pytest.raises(InvalidQuery):
         cond(UID, raw)
+
+
+@pytest.mark.parametrize("raw", ["1.02.3", "1." + "2" * 68])
+def test_a_uid_breaking_ps3_5_that_ingest_accepts_can_be_matched(raw: str) -> None:
+    """Ingest stores objects whose UIDs have a leading zero or exceed 64 characters (with a warning): a query
+    must be able to name them."""
+    assert cond(UID, raw).values == (raw,)
 
 
 def test_value_list_of_codes() -> None:

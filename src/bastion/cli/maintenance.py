@@ -42,7 +42,8 @@ def _rebuild(settings: Settings) -> int:
             os.unlink(target + suffix)
     os.replace(tmp, target)
     print(f"index rebuilt from {total} stored object(s): {report.indexed} indexed "
-          f"({report.superseded} superseding an older version), {len(report.skipped)} skipped")
+          f"({report.superseded} superseding an older version), {len(report.skipped)} skipped, "
+          f"{len(report.warned)} with warnings")
     for key, reason in report.skipped[:20]:
         print(f"  skipped {key}: {reason}")
     return 0

@@ -14,7 +14,13 @@ ReferencedSOPSequence and rejected ones in the FailedSOPSequence with a FailureR
 0x0110      processing failure (blob store or index error)
 ==========  =============================================================
 
-HTTP status: 200 all stored, 202 some failed, 409 all failed (PS3.18 10.5.3).
+An instance stored with warnings (``StoreResult.warnings``: a UID breaking PS3.5 9.1 that still identifies it, a
+File Meta naming another SOP instance) is listed in the ReferencedSOPSequence with a Warning Reason (0008,1196)
+of :data:`STORED_WITH_WARNINGS` (0x0116, the status C-STORE answers for it); the reasons in words go to the
+ingest warnings log.
+
+HTTP status: 200 all stored without warnings, 202 some failed or were stored with warnings, 409 all failed
+(PS3.18 10.5.3).
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ SOP_CLASS_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 STUDY_MISMATCH = 0xC409
+#: Warning Reason of an instance stored with warnings: 0116H, Attribute Value Out of Range (PS3.7 Annex C), the
+#: warning C-STORE answers for it (``bastion.dimse.services.STORED_WITH_WARNINGS``). The Storage warnings of
+#: PS3.4 B.2.3 (B000 coercion, B006 elements discarded, B007 data set does not match SOP class) do not describe
+#: it: nothing was changed or left out.
+STORED_WITH_WARNINGS = 0x0116
 MAX_PART_BYTES = 4 * 1024**3
 #: The first bytes of each part kept in memory beside the stream (see :class:`_PartSink`).
 HEAD_BYTES = 256 * 1024
@@ -77,11 +88,12 @@ class StowOutcome:
     stored: list[tuple[str, str, str]] = field(default_factory=list)  # class, instance, retrieve URL
     failed: list[tuple[str, str, int, str]] = field(default_factory=list)  # class, instance, reason, why
     records: list[InstanceRecord] = field(default_factory=list)  # what was stored, for cache warm-up
+    warned: dict[str, tuple[str, ...]] = field(default_factory=dict)  # SOP Instance UID: warnings, if stored so
 
     @property
     def http_status(self) -> int:
-        """200 all stored, 202 some failed, 409 all failed (PS3.18 10.5.3)."""
-        if not self.failed:
+        """200 all stored without warnings, 202 some failed or had warnings, 409 all failed (PS3.18 10.5.3)."""
+        if not self.failed and not self.warned:
             return 200
         return 202 if self.stored else 409
 
@@ -101,6 +113,7 @@ class StowOutcome:
                 "00081150": {"vr": "UI", "Value": [cls]},
                 "00081155": {"vr": "UI", "Value": [sop]},
                 "00081190": {"vr": "UR", "Value": [url]},
+                **({"00081196": {"vr": "US", "Value": [STORED_WITH_WARNINGS]}} if sop in self.warned else {}),
             } for cls, sop, url in self.stored]}
         return body
 
@@ -200,6 +213,8 @@ class _PartSink:
         url = f"{base}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_uid}"
         self.outcome.stored.append((r.sop_class_uid, r.sop_uid, url))
         self.outcome.records.append(r)
+        if result.warnings:
+            self.outcome.warned[r.sop_uid] = result.warnings
 
     def abort(self) -> None:
         """Drop what was received of the part (the request failed or was abandoned)."""

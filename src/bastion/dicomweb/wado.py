@@ -29,7 +29,7 @@ from bastion.dicomweb.negotiation import (
 from bastion.errors import InvalidQuery, NotFound
 from bastion.model.levels import QueryLevel
 from bastion.model.records import InstanceRecord
-from bastion.model.uids import EXPLICIT_VR_BIG_ENDIAN, UNCOMPRESSED, is_compressed, is_valid_uid
+from bastion.model.uids import EXPLICIT_VR_BIG_ENDIAN, UNCOMPRESSED, is_compressed, is_identifiable_uid
 from bastion.query.find import QueryKey, conditions_for
 from bastion.query.retrieve import Retriever
 
@@ -43,8 +43,9 @@ _UID_TAGS = {"StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E, "S
 
 
 def check_uid(uid: str, what: str) -> str:
-    """``uid`` if valid (PS3.5 9.1), else InvalidQuery (400)."""
-    if not is_valid_uid(uid):
+    """``uid`` if it can name a stored object (:func:`bastion.model.uids.is_identifiable_uid`: PS3.5 9.1 UIDs, and
+    the ones breaking it that ingest accepts with a warning), else InvalidQuery (400)."""
+    if not is_identifiable_uid(uid):
         raise InvalidQuery(f"{what} {uid[:80]!r} is not a valid UID")
     return uid
 

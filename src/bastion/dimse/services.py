@@ -37,6 +37,14 @@ log = logging.getLogger("bastion.dimse")
 #: threads do (:meth:`Ingest.finish_async`); alone, it overlaps the flush with the index transaction instead.
 INLINE_FINISH_BYTES = 2 * 1024 * 1024
 
+#: The C-STORE status of an object stored with warnings: Warning 0116H, Attribute Value Out of Range ("the
+#: attribute value specified was out of range or otherwise inappropriate", PS3.7 Annex C), which is what a UID
+#: breaking PS3.5 9.1 or a File Meta naming another SOP instance is. None of PS3.4 B.2.3's own warnings fits:
+#: nothing was coerced (B000) or discarded (B006), and the data set is not found to mismatch its SOP class
+#: (B007). An SCU counts any warning status as stored (PS3.4 B.2.3); C-MOVE and C-GET count 0116H as a warning
+#: sub-operation.
+STORED_WITH_WARNINGS = 0x0116
+
 
 class FailedSink:
     """Swallows a dataset whose storage could not even start; the error is answered at the end."""
@@ -147,6 +155,9 @@ class Services:
 
     # -- C-STORE (PS3.4 B.2) --------------------------------------------------------------------
     async def c_store(self, session: Session, msg: Message) -> None:
+        """Store one object and answer (PS3.4 B.2.3): success, a failure with its status and an ErrorComment,
+        or, for an object stored with warnings (``StoreResult.warnings``), :data:`STORED_WITH_WARNINGS` with an
+        ErrorComment naming the first problems."""
         cmd = msg.command
         rsp: dict[str, Any] = {"CommandField": m.C_STORE_RSP, "MessageIDBeingRespondedTo": cmd["MessageID"],
                                "AffectedSOPClassUID": cmd.get("AffectedSOPClassUID", ""),
@@ -161,12 +172,14 @@ class Services:
                 raise InvalidQuery("not a storage presentation context")
             uids = {"sop_class": cmd.get("AffectedSOPClassUID"), "sop_uid": cmd.get("AffectedSOPInstanceUID")}
             if sink.writer.size > INLINE_FINISH_BYTES:
-                await self._run(partial(self.archive.ingest.finish, sink, **uids))
+                result = await self._run(partial(self.archive.ingest.finish, sink, **uids))
             elif self.busy():  # others' data flows, and other processes commit, while this one's flush runs
-                await self.archive.ingest.finish_async(sink, **uids)
+                result = await self.archive.ingest.finish_async(sink, **uids)
             else:
-                self.archive.ingest.finish(sink, **uids)
-            rsp["Status"] = m.SUCCESS
+                result = self.archive.ingest.finish(sink, **uids)
+            rsp["Status"] = STORED_WITH_WARNINGS if result.warnings else m.SUCCESS
+            if result.warnings:
+                rsp["ErrorComment"] = _comment("; ".join(result.warnings))
         except BastionError as exc:
             rsp["Status"] = exc.dimse_status
             rsp["ErrorComment"] = _comment(exc.message)

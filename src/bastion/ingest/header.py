@@ -2,6 +2,18 @@
 
 Only the header is parsed (``stop_before_pixels``); pixel data is checked for completeness
 without being read, so a 2 GB multi-frame object costs no more memory than a small one.
+
+What is refused and what is accepted with a warning (:attr:`Header.warnings`, answered as a warning status and
+recorded in the ingest warnings log, :mod:`bastion.ingest.rejections`):
+
+* Refused (:class:`InvalidObject` and subclasses, 0xC000): not DICOM, truncated (Pixel Data included), a SOP
+  Class, SOP Instance, Study or Series Instance UID that is missing, empty or not identifiable
+  (:func:`bastion.model.uids.is_identifiable_uid`: 1-128 characters, digits and dots, no empty component), and
+  sequences nested more than :data:`MAX_SEQUENCE_DEPTH` deep.
+* Accepted with a warning: such a UID that breaks PS3.5 9.1 but is identifiable (a component with a leading
+  zero, more than 64 characters), and a File Meta Media Storage SOP Instance UID (PS3.10 7.1) that differs from
+  the dataset's SOP Instance UID, which is the one that identifies the object. Every warning is derived from the
+  object's bytes alone, so re-reading a stored object (``bastion index rebuild``) finds the same ones.
 """
 
 from __future__ import annotations
@@ -19,21 +31,31 @@ from pydicom.multival import MultiValue
 
 from bastion.errors import (
     BastionError,
-    CommandMismatch,
     InvalidObject,
     InvalidUID,
     MissingAttribute,
     UnsupportedTransferSyntax,
 )
+from bastion.ingest.nesting import (
+    ITEM_TAG_BYTES,
+    MAX_SEQUENCE_DEPTH,
+    TOO_DEEP,
+    dataset_nested_too_deep,
+    raw_nested_too_deep,
+)
 from bastion.ingest.scan import SPEEDUPS, NotSimple, Scan, scan_header
 from bastion.model.attributes import LEVEL_KEYWORDS, tag_hex, tag_of, vr_of
 from bastion.model.levels import QueryLevel
+from bastion.model.part10 import dataset_offset
 from bastion.model.records import JsonDataset
 from bastion.model.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     STORABLE_TRANSFER_SYNTAXES,
+    UID_MAX_LENGTH,
+    is_identifiable_uid,
     is_valid_uid,
 )
 
@@ -54,6 +76,9 @@ class Header:
     patient_id: str
     transfer_syntax: str
     attrs: dict[QueryLevel, JsonDataset]
+    #: What is wrong with an object that is accepted all the same (see the module docstring), each a short
+    #: sentence naming the attribute and the problem; empty for a conformant object.
+    warnings: tuple[str, ...] = ()
 
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
@@ -193,32 +218,55 @@ _SCAN_BLOCK = 256 * 1024
 _VALID_UIDS: dict[str, None] = {}
 
 
-def _checked_uid(keyword: str, tag: int, text: str | None) -> str:
+def uid_problem(uid: str) -> str:
+    """Why an identifiable ``uid`` breaks PS3.5 9.1, in a few words; ``""`` if it does not."""
+    if is_valid_uid(uid):
+        return ""
+    if len(uid) > UID_MAX_LENGTH:
+        return f"is longer than {UID_MAX_LENGTH} characters"
+    return "has a component with a leading zero"
+
+
+def _checked_uid(keyword: str, tag: int, text: str | None, warnings: list[str]) -> str:
+    """``text`` if it identifies an object; a warning appended to ``warnings`` if it breaks PS3.5 9.1."""
     if text in _VALID_UIDS:
         return text  # type: ignore[return-value]
     if text is None or text == "":
         raise MissingAttribute(f"{keyword} is missing or empty", tag=tag if text is not None else None)
-    if not is_valid_uid(text):
-        raise InvalidUID(f"{keyword} {text!r} is not a valid UID", uid=text)
-    if keyword != "SOPInstanceUID":
+    if not is_identifiable_uid(text):
+        raise InvalidUID(f"{keyword} {text[:80]!r} is not a UID", uid=text[:128])
+    problem = uid_problem(text)
+    if problem:
+        warnings.append(f"{keyword} {problem} (PS3.5 9.1)")
+    elif keyword != "SOPInstanceUID":
         if len(_VALID_UIDS) >= 1024:
             _VALID_UIDS.clear()
         _VALID_UIDS[text] = None
     return text
 
 
+#: The warning for a File Meta that names another SOP Instance than its dataset (PS3.10 7.1).
+META_SOP_MISMATCH = "MediaStorageSOPInstanceUID differs from SOPInstanceUID"
+
+
 def _header(ts: str, meta_sop: str | None, uid_text: Any, patient_id: str,
             attrs: dict[QueryLevel, JsonDataset]) -> Header:
-    """Validate the UIDs (PS3.4 B.2.3) and assemble the Header: shared by both parsers."""
+    """Validate the UIDs (PS3.4 B.2.3) and assemble the Header: shared by both parsers.
+
+    The dataset's SOP Instance UID identifies the object; a File Meta naming another one is a warning. (A
+    C-STORE's File Meta is built from its command, whose UID the dataset must repeat: the pipeline checks that.)
+    """
+    warnings: list[str] = []
+
     def uid(keyword: str) -> str:
-        return _checked_uid(keyword, _TAGS[keyword], uid_text(keyword))
+        return _checked_uid(keyword, _TAGS[keyword], uid_text(keyword), warnings)
 
     sop_uid = uid("SOPInstanceUID")
+    sop_class, study, series = uid("SOPClassUID"), uid("StudyInstanceUID"), uid("SeriesInstanceUID")
     if meta_sop is not None and meta_sop != sop_uid:
-        # For C-STORE the file meta carries the command's UID: a mismatch is 0xA900 (PS3.4 B.2.3).
-        raise CommandMismatch(f"file meta SOP Instance UID {meta_sop} differs from the dataset's {sop_uid}")
-    return Header(sop_class_uid=uid("SOPClassUID"), sop_uid=sop_uid, study_uid=uid("StudyInstanceUID"),
-                  series_uid=uid("SeriesInstanceUID"), patient_id=patient_id, transfer_syntax=ts, attrs=attrs)
+        warnings.append(META_SOP_MISMATCH)
+    return Header(sop_class_uid=sop_class, sop_uid=sop_uid, study_uid=study, series_uid=series,
+                  patient_id=patient_id, transfer_syntax=ts, attrs=attrs, warnings=tuple(warnings))
 
 
 def _levels_py(found: Scan) -> dict[QueryLevel, JsonDataset]:
@@ -285,7 +333,8 @@ def read_header(fp: BinaryIO) -> Header:
     Raises
     ------
     InvalidObject, MissingAttribute, InvalidUID
-        The object is not DICOM, is truncated, or lacks a required UID.
+        The object is not DICOM, is truncated, nests sequences more than :data:`MAX_SEQUENCE_DEPTH` deep, or
+        lacks an identifiable SOP Class, SOP Instance, Study or Series Instance UID.
     UnsupportedTransferSyntax
         Its transfer syntax is not one Bastion stores.
     """
@@ -306,6 +355,7 @@ def read_header(fp: BinaryIO) -> Header:
         except NotSimple:
             fp.seek(0)
             return read_header_pydicom(fp, size)
+        _check_nesting(block, found)
         if found.pixel_data_offset is not None:
             fp.seek(found.pixel_data_offset)
             try:
@@ -315,8 +365,28 @@ def read_header(fp: BinaryIO) -> Header:
         return header
 
 
+
+
+def _check_nesting(block: bytes, found: Scan) -> None:
+    """Raise InvalidObject if the scanned object nests sequences more than :data:`MAX_SEQUENCE_DEPTH` deep.
+
+    The scan skips sequences of defined length whole, so their depth is checked here; only where the header
+    holds as many items as the bound, the least a nesting that deep needs, are the element headers walked.
+    """
+    end = found.pixel_data_offset if found.pixel_data_offset is not None else len(block)
+    if block.count(ITEM_TAG_BYTES, 0, end) < MAX_SEQUENCE_DEPTH:
+        return
+    explicit = found.transfer_syntax == EXPLICIT_VR_LITTLE_ENDIAN
+    if raw_nested_too_deep(block, dataset_offset(block), end, explicit):
+        raise InvalidObject(f"cannot parse the dataset: {TOO_DEEP}")
+
+
 def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
-    """:func:`read_header` with pydicom, for every transfer syntax and encoding."""
+    """:func:`read_header` with pydicom, for every transfer syntax and encoding.
+
+    pydicom parses nested sequences recursively: an object nested deeper than Python's stack allows is refused
+    like one nested more than :data:`MAX_SEQUENCE_DEPTH` deep (InvalidObject, 0xC000), never a RecursionError.
+    """
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=65536)
         ts = str(ds.file_meta.get("TransferSyntaxUID", "")).strip("\x00 ")
@@ -325,6 +395,8 @@ def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
         if ts not in STORABLE_TRANSFER_SYNTAXES:
             raise UnsupportedTransferSyntax(f"transfer syntax {ts} is not supported", uid=ts)
         _check_pixel_data_complete(fp, size, ts)
+    except RecursionError:
+        raise InvalidObject(f"cannot parse the dataset: {TOO_DEEP}") from None
     except (InvalidDicomError, BytesLengthException, EOFError, ValueError, KeyError, struct.error, OSError,
             AttributeError, TypeError, NotImplementedError, UnicodeError) as exc:
         raise InvalidObject(f"cannot parse the dataset: {exc}") from exc
@@ -338,11 +410,15 @@ def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
     # pydicom decodes an element when it is first read: a damaged one (an unknown VR, a length that is no
     # multiple of its value's size) raises here, whatever it raises
     try:
+        if dataset_nested_too_deep(ds):
+            raise InvalidObject(f"cannot parse the dataset: {TOO_DEEP}")
         meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
         attrs = {level: _to_json(ds, level) for level in QueryLevel}
         patient_id = str(ds.get("PatientID", "") or "").strip()
         return _header(ts, None if meta_sop is None else str(meta_sop).strip("\x00 "), uid_text, patient_id, attrs)
     except BastionError:
         raise
+    except RecursionError:
+        raise InvalidObject(f"cannot parse the dataset: {TOO_DEEP}") from None
     except Exception as exc:
         raise InvalidObject(f"cannot decode the dataset's attributes: {exc}") from exc

@@ -13,6 +13,11 @@ Order of work for one object (Orthanc's "instance to store" idea, with Bastion's
    identical current copy, which that transaction finds, makes it a duplicate: nothing is recorded and the new
    blob is removed again (an object from :data:`PRECHECK_BYTES` is looked up before step 3 instead);
 5. only then is success returned. If 3 or 4 fails, nothing is indexed and the blob is removed.
+
+An object accepted with warnings (:attr:`bastion.ingest.header.Header.warnings`: a UID that breaks PS3.5 9.1 but
+identifies it, a File Meta that names another SOP instance) is stored like any other; its
+:class:`StoreResult` carries the warnings, which are appended to the ingest warnings log
+(:class:`bastion.ingest.rejections.IngestWarningLog`) for the admin.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread
 from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
-from bastion.ingest.rejections import RejectionLog
+from bastion.ingest.rejections import IngestWarningLog, RejectionLog
 from bastion.model import digest as content_digest
-from bastion.model.part10 import file_meta_bytes, part10_bytes
+from bastion.model.part10 import dataset_offset, file_meta_bytes, part10_bytes
 from bastion.model.records import (
     InstanceRecord,
     StoredObject,
@@ -40,9 +45,15 @@ from bastion.model.records import (
     StoreStatus,
     object_key,
 )
-from bastion.model.uids import is_valid_uid
+from bastion.model.uids import UID_MAX_LENGTH, is_identifiable_uid
 
 log = logging.getLogger("bastion.ingest")
+
+
+def _cut_to_fit(command_uid: str, dataset_uid: str) -> bool:
+    """Whether ``command_uid`` is ``dataset_uid`` (longer than a UI value may be) cut to 64 characters."""
+    return (len(command_uid) == UID_MAX_LENGTH and len(dataset_uid) > UID_MAX_LENGTH
+            and dataset_uid.startswith(command_uid))
 
 
 class _Stamps:
@@ -64,6 +75,8 @@ class PendingObject:
 
     writer: BlobWriter
     origin: str
+    #: The sending AE title written into a C-STORE's File Meta (Source Application Entity Title, PS3.10 7.1).
+    source_aet: str = ""
 
     def write(self, data: bytes | memoryview) -> None:
         """Append Part 10 bytes."""
@@ -97,15 +110,19 @@ class _Staged:
     obj: StoredObject
     durable: Callable[[], None]
     same_content: Callable[[str], bool]
+    warnings: tuple[str, ...] = ()
 
 
 class Ingest:
     """Stores objects: one instance per call, thread-safe."""
 
-    def __init__(self, blobs: BlobStore, index: Index, rejections: RejectionLog | None = None) -> None:
+    def __init__(self, blobs: BlobStore, index: Index, rejections: RejectionLog | None = None,
+                 warnings: IngestWarningLog | None = None) -> None:
+        """``warnings`` defaults to ``warnings.jsonl`` beside the rejection log's file (in memory without one)."""
         self.blobs = blobs
         self.index = index
         self.rejections = rejections or RejectionLog(None)
+        self.warnings = warnings or IngestWarningLog.beside(self.rejections)
         self._stamps = _Stamps()
 
     def begin(self, origin: str) -> PendingObject:
@@ -116,6 +133,7 @@ class Ingest:
                     source_aet: str) -> PendingObject:
         """Start receiving a C-STORE dataset: the file meta (PS3.10 7.1) is written first."""
         pending = self.begin(origin)
+        pending.source_aet = source_aet
         pending.write(file_meta_bytes(sop_class, sop_uid, transfer_syntax, source_aet))
         return pending
 
@@ -144,13 +162,13 @@ class Ingest:
         """Validate, commit and index a received object; see the module docstring.
 
         ``sop_class`` / ``sop_uid`` are the C-STORE command's affected UIDs, which the dataset
-        must repeat (PS3.4 B.2.3: 0xA900 otherwise).
+        must repeat (PS3.4 B.2.3: 0xA900 otherwise; see :meth:`_checked_header` for the one leniency).
         """
         try:
             staged = self._stage(pending, sop_class, sop_uid, lookup_first=lookup_first)
             if isinstance(staged, StoreResult):
-                return staged
-            return self._record(staged)
+                return self._noted(pending, staged)
+            return self._noted(pending, self._record(staged))
         except Exception as exc:
             self._reject(pending, exc)
             raise
@@ -168,7 +186,7 @@ class Ingest:
         try:
             staged = self._stage(pending, sop_class, sop_uid, background=True)
             if isinstance(staged, StoreResult):
-                return staged
+                return self._noted(pending, staged)
             if isinstance(staged.durable, CommitInThread):
                 try:
                     # shielded: an association that goes away meanwhile does not cancel the commit
@@ -179,10 +197,18 @@ class Ingest:
                 except BaseException:
                     self._discard_staged(staged)
                     raise
-            return self._record(staged)
+            return self._noted(pending, self._record(staged))
         except Exception as exc:
             self._reject(pending, exc)
             raise
+
+    def _noted(self, pending: PendingObject, result: StoreResult) -> StoreResult:
+        """``result``, its warnings (if any) appended to the ingest warnings log and the server's log."""
+        if result.warnings:
+            self.warnings.record(pending.origin, result)
+            log.warning("accepted object %s from %s with warnings: %s", result.record.sop_uid, pending.origin,
+                        "; ".join(result.warnings))
+        return result
 
     def _reject(self, pending: PendingObject, exc: Exception) -> None:
         """Drop ``pending`` and log why its store failed; an unexpected error is raised as a StorageError."""
@@ -203,29 +229,46 @@ class Ingest:
         (the disk's flush above all) starts before the header is read, under a key made from the command's UID,
         and the header is checked while the flush runs. An object that then fails the checks is removed again,
         before its failure is answered (:meth:`_discard`).
+
+        A C-STORE whose command named the dataset's SOP Instance UID cut to 64 characters (see
+        :meth:`_checked_header`) is stored under the dataset's UID, its File Meta made again to name it.
         """
         w = pending.writer
-        digest = w.digest
-        if sop_uid is None or lookup_first or w.size >= PRECHECK_BYTES or not is_valid_uid(sop_uid):
+        if sop_uid is None or lookup_first or w.size >= PRECHECK_BYTES or not is_identifiable_uid(sop_uid):
             header = self._checked_header(w.reader(), sop_class, sop_uid)
+            if sop_uid is not None and header.sop_uid != sop_uid:
+                w, header = self._reframed(pending, w.reader(), header)
+                pending.writer.abort()
+                pending.writer = w
+            digest = w.digest
             if lookup_first or w.size >= PRECHECK_BYTES:  # a re-sent one is not written again only to be removed
                 current = self.index.current(header.sop_uid)
                 if current is not None and (current.digest == digest or _same_content(current.digest, w.reader)):
                     w.abort()
-                    return StoreResult(StoreStatus.DUPLICATE, current)
+                    return StoreResult(StoreStatus.DUPLICATE, current, warnings=header.warnings)
             stamp = self._stamps.next()
             key = object_key(header.sop_uid, stamp, digest)
             durable = w.start_commit(key, background=background)  # written now, flushed while the index works
         else:
+            digest = w.digest
             reader = w.reader()  # the buffer it reads is handed to the blob store by start_commit
             stamp = self._stamps.next()
             key = object_key(sop_uid, stamp, digest)
             durable = w.start_commit(key, background=background)
             try:
                 header = self._checked_header(reader, sop_class, sop_uid)
+                if header.sop_uid != sop_uid:  # committed under the command's cut UID: again under the dataset's
+                    durable()
+                    w, header = self._reframed(pending, self.blobs.open(key), header)
             except BaseException:
                 self._discard(durable, key)
                 raise
+            if header.sop_uid != sop_uid:
+                self.blobs.delete(key)
+                pending.writer = w
+                digest = w.digest
+                key = object_key(header.sop_uid, stamp, digest)
+                durable = w.start_commit(key, background=background)
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                                 header.transfer_syntax, key, digest, w.size)
 
@@ -234,14 +277,39 @@ class Ingest:
             return self.blobs.open(key)
 
         return _Staged(StoredObject(record, header.patient_id, stamp, header.attrs), durable,
-                       lambda stored: _same_content(stored, committed))
+                       lambda stored: _same_content(stored, committed), header.warnings)
+
+    def _reframed(self, pending: PendingObject, read: BinaryIO, header: Header) -> tuple[BlobWriter, Header]:
+        """A new writer holding the object ``read`` reads (a C-STORE's: File Meta, then the dataset) with its File
+        Meta (PS3.10 7.1) made again to name ``header``'s SOP Instance UID, and the header of what it holds.
+
+        The dataset's bytes are copied unchanged.
+        """
+        w = self.blobs.writer()
+        try:
+            with read:
+                head = read.read(256 * 1024)
+                w.write(file_meta_bytes(header.sop_class_uid, header.sop_uid, header.transfer_syntax,
+                                        pending.source_aet))
+                w.write(head[dataset_offset(head):])
+                while chunk := read.read(1024 * 1024):
+                    w.write(chunk)
+            return w, read_header(w.reader())
+        except BaseException:
+            w.abort()
+            raise
 
     @staticmethod
     def _checked_header(reader: BinaryIO, sop_class: str | None, sop_uid: str | None) -> Header:
         """The header of the object ``reader`` reads, which must repeat the command's UIDs where they are given
-        (PS3.4 B.2.3)."""
+        (PS3.4 B.2.3).
+
+        One leniency: a command's Affected SOP Instance UID of 64 characters that the dataset's longer SOP
+        Instance UID starts with names it (the command's UI element holds at most 64 characters, PS3.7 E.1, and
+        DCMTK's SCUs cut a longer UID to fit); the dataset's UID identifies the object.
+        """
         header = read_header(reader)
-        if sop_uid is not None and header.sop_uid != sop_uid:
+        if sop_uid is not None and header.sop_uid != sop_uid and not _cut_to_fit(sop_uid, header.sop_uid):
             raise CommandMismatch(f"dataset SOP Instance UID {header.sop_uid} differs from the "
                                   f"command's {sop_uid}", uid=header.sop_uid)
         if sop_class is not None and header.sop_class_uid != sop_class:
@@ -261,8 +329,8 @@ class Ingest:
             # The index found this SOP instance with the same content in the transaction that would have recorded
             # the copy (asking first cost every store a read transaction): the copy goes again.
             self.blobs.delete(record.blob_key)
-            return StoreResult(status, self.index.current(record.sop_uid) or record)
-        return StoreResult(status, record, seq)
+            return StoreResult(status, self.index.current(record.sop_uid) or record, warnings=staged.warnings)
+        return StoreResult(status, record, seq, staged.warnings)
 
     def _discard_staged(self, staged: _Staged) -> None:
         """:meth:`_discard` for a staged object."""

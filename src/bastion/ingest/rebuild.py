@@ -2,7 +2,9 @@
 
 Every object key carries its ingest stamp (:func:`bastion.model.records.object_key`), so
 replaying all stored versions in stamp order through :meth:`Index.record` reproduces the
-same current versions, superseded versions, counts and change log as live ingest did.
+same current versions, superseded versions, counts and change log as live ingest did. An object that was stored
+with warnings (``bastion.ingest.header.Header.warnings``, derived from its bytes) is indexed as it was, and its
+warnings are listed in the report again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class RebuildReport:
     indexed: int = 0
     superseded: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    warned: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # (key, warnings): indexed all the same
     set_aside: list[str] = field(default_factory=list)  # torn objects that were never acknowledged
 
 
@@ -54,6 +57,11 @@ def stored_keys(blobs: BlobStore) -> list[tuple[str, str]]:
 
 def read_stored_object(blobs: BlobStore, key: str) -> StoredObject:
     """Derive the index record of one stored object from its bytes and key."""
+    return _read_stored_object(blobs, key)[0]
+
+
+def _read_stored_object(blobs: BlobStore, key: str) -> tuple[StoredObject, tuple[str, ...]]:
+    """:func:`read_stored_object` and the object's warnings."""
     parts = parse_object_key(key)
     if parts is None:
         raise BastionError(f"{key} is not an object key")
@@ -62,7 +70,7 @@ def read_stored_object(blobs: BlobStore, key: str) -> StoredObject:
         raise InvalidObject(f"{key}: the object's SOP Instance UID {header.sop_uid} differs from its key")
     record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                             header.transfer_syntax, key, parts["digest"], blobs.size(key))
-    return StoredObject(record, header.patient_id, parts["stamp"], header.attrs)
+    return StoredObject(record, header.patient_id, parts["stamp"], header.attrs), header.warnings
 
 
 def _check_digest(blobs: BlobStore, key: str) -> None:
@@ -95,7 +103,10 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
         try:
             if verify:
                 _check_digest(blobs, key)
-            batch.append(read_stored_object(blobs, key))
+            obj, warnings = _read_stored_object(blobs, key)
+            batch.append(obj)
+            if warnings:
+                report.warned.append((key, warnings))
         except BastionError as exc:
             if verify and isinstance(exc, _NEVER_ACKNOWLEDGED):
                 where = blobs.set_aside(key)

@@ -26,7 +26,7 @@ from enum import Enum
 from typing import Any
 
 from bastion.errors import InvalidQuery
-from bastion.model.uids import is_valid_uid
+from bastion.model.uids import is_identifiable_uid
 
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 RANGE_VRS = frozenset({"DA", "TM", "DT"})
@@ -130,7 +130,7 @@ def parse_condition(keyword: str, tag: int, vr: str, raw: str, *, fuzzy: bool = 
         parts = [p.strip() for p in value.split("\\")]
     parts = [p for p in parts if p]
     if vr == "UI":
-        bad = [p for p in parts if not is_valid_uid(p)]
+        bad = [p for p in parts if not is_identifiable_uid(p)]  # a stored object's UID may break PS3.5 9.1
         if bad:
             raise InvalidQuery(f"{keyword}: {bad[0]!r} is not a valid UID")
     if vr in ("DA",):

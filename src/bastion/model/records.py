@@ -59,11 +59,13 @@ class StoreResult:
     status: StoreStatus
     record: InstanceRecord
     seq: int | None = None  # change-log sequence of the change, None for a duplicate
+    #: Why the object was accepted only with a warning (``bastion.ingest.header.Header.warnings``).
+    warnings: tuple[str, ...] = ()
 
 
 _KEY_RE = re.compile(
     r"^(?P<partition>\d{4}/\d{2}/\d{2}/\d{2})/"
-    r"(?P<sop>[0-9.]{1,64})_(?P<stamp>\d{20})_(?P<digest>" + DIGEST_PATTERN + r")\.dcm$"
+    r"(?P<sop>[0-9.]{1,128})_(?P<stamp>\d{20})_(?P<digest>" + DIGEST_PATTERN + r")\.dcm$"
 )
 
 
@@ -74,7 +76,8 @@ def object_key(sop_uid: str, stamp: str, digest: str) -> str:
     objects stored since a given time can be listed without walking the whole store (crash
     recovery, incremental backup). The stamp orders versions of the same SOP Instance UID;
     the content digest (``b3-<hex>``, :mod:`bastion.model.digest`) lets ``verify`` detect corruption even after the index was rebuilt. The UID
-    must already be validated (digits and dots only), so keys are safe paths.
+    must already be checked identifiable (:func:`bastion.model.uids.is_identifiable_uid`: digits and dots, at
+    most 128 characters), so keys are safe paths and a file name stays under 255 bytes.
     """
     return f"{partition_of(stamp)}/{sop_uid}_{stamp}_{digest}.dcm"
 

@@ -49,11 +49,28 @@ _REJECTION = {
         "message": {"type": "string"},
     },
 }
+_INGEST_WARNING = {
+    "type": "object",
+    "description": "One object Bastion stored with warnings (the ingest warnings log, `warnings.jsonl` in the data "
+                   "directory): identifiable, but breaking a rule of the standard. Derived from the stored bytes.",
+    "required": ["time", "origin", "status", "sop_instance_uid", "sop_class_uid", "study_instance_uid", "blob_key",
+                 "warnings"],
+    "properties": {
+        "time": {"type": "number", "description": "Unix time, seconds."},
+        "origin": {"type": "string", "description": "`stow`, `import` or `dimse:<calling AE>`."},
+        "status": {"type": "string", "enum": ["stored", "duplicate", "superseded"]},
+        "sop_instance_uid": {"type": "string"}, "sop_class_uid": {"type": "string"},
+        "study_instance_uid": {"type": "string"}, "blob_key": {"type": "string"},
+        "warnings": {"type": "array", "items": {"type": "string"},
+                     "examples": [["SOPInstanceUID has a component with a leading zero (PS3.5 9.1)"]]},
+    },
+}
 _STATISTICS = {
     "type": "object",
     "additionalProperties": False,
     "required": ["patients", "studies", "series", "instances", "versions", "stored_bytes", "last_change",
-                 "storage", "ingest", "last_errors", "associations", "associations_per_worker", "worker_pids"],
+                 "storage", "ingest", "last_errors", "last_warnings", "associations", "associations_per_worker",
+                 "worker_pids"],
     "properties": {
         "patients": _INT, "studies": _INT, "series": _INT, "instances": _INT,
         "versions": {**_INT, "description": "Superseded versions kept besides the current instances."},
@@ -75,9 +92,12 @@ _STATISTICS = {
         "ingest": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["last_minute_instances", "rejected", "header_scan", "index_record"],
+            "required": ["last_minute_instances", "rejected", "warned", "header_scan", "index_record"],
             "properties": {"last_minute_instances": _INT,
                            "rejected": {**_INT, "description": "Objects refused since the data directory was made."},
+                           "warned": {**_INT, "description": "Objects stored with warnings since the data directory "
+                                                             "was made (a UID breaking PS3.5 9.1, a File Meta "
+                                                             "naming another SOP instance)."},
                            "header_scan": {"type": "string", "enum": ["compiled", "python"],
                                            "description": "Whether the store path's header scan runs as the C "
                                                           "extension built at install, or as its slower Python "
@@ -89,6 +109,8 @@ _STATISTICS = {
         },
         "last_errors": {"type": "array", "maxItems": 20, "items": {"$ref": "#/components/schemas/Rejection"},
                         "description": "The newest rejections, oldest first."},
+        "last_warnings": {"type": "array", "maxItems": 20, "items": {"$ref": "#/components/schemas/IngestWarning"},
+                          "description": "The newest objects stored with warnings, oldest first."},
         "associations": {**_INT, "description": "DICOM associations open now, in all worker processes."},
         "associations_per_worker": {"type": "array", "items": _INT,
                                     "description": "DICOM associations open now in each worker process."},
@@ -189,7 +211,8 @@ def openapi_document(version: str) -> dict[str, Any]:
             }},
         },
         "components": {"schemas": {
-            "Health": _HEALTH, "Statistics": _STATISTICS, "Rejection": _REJECTION, "Change": _CHANGE,
+            "Health": _HEALTH, "Statistics": _STATISTICS, "Rejection": _REJECTION, "IngestWarning": _INGEST_WARNING,
+            "Change": _CHANGE,
             "Changes": _CHANGES, "Remotes": _REMOTES, "Error": _ERROR,
         }},
     }
