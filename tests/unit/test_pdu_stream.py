@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from bastion.dimse.association import MESSAGE, RECV_BUFFER, SHARED_PDU_MAX, PDUStream
-from bastion.dimse.pdu import PDUError
+from bastion.dimse.pdu import PDUError, PDURefused
 
 
 def _pdu(kind: int, body: bytes) -> bytes:
@@ -203,5 +203,79 @@ def test_a_dataset_still_arriving_keeps_the_wait_for_its_message_alive() -> None
         sending = loop.run_in_executor(None, trickle)
         assert await stream.read_pdu(0.3) == (MESSAGE, b"end!")  # 0.8 s of PDUs, never 0.3 s without one
         await sending
+
+    _run(scenario)
+
+
+def test_a_pdu_of_a_kind_not_accepted_is_refused_from_its_header() -> None:
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        stream.set_limits(1024, 1024, frozenset({1, 7}))
+        peer.sendall(struct.pack(">BxI", 4, 10) + b"abc")
+        with pytest.raises(PDURefused) as refused:
+            await stream.read_pdu(5)
+        assert (refused.value.kind, refused.value.length) == (4, 10)
+
+    _run(scenario)
+
+
+def test_a_pdu_longer_than_the_limit_is_refused_and_one_within_it_arrives_whole() -> None:
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        stream.set_limits(RECV_BUFFER * 2, RECV_BUFFER, None)
+        body = os.urandom(RECV_BUFFER * 2)
+        peer.sendall(_pdu(1, body))
+        assert await stream.read_pdu(5) == (1, bytearray(body))
+        peer.sendall(struct.pack(">BxI", 1, RECV_BUFFER * 2 + 1))
+        with pytest.raises(PDURefused):
+            await stream.read_pdu(5)
+
+    _run(scenario)
+
+
+def test_a_claimed_length_is_allocated_only_as_its_bytes_arrive() -> None:
+    """A PDU longer than the stream's reserve gets a buffer of the reserve at first, grown as the rest of it
+    arrives; it is delivered whole, of its exact length."""
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        reserve = SHARED_PDU_MAX + 1
+        stream.set_limits(64 * 1024 * 1024, reserve, None)
+        body = os.urandom(8 * reserve + 123)
+        wire = _pdu(4, body)
+        peer.sendall(wire[:1000])
+        while stream._body is None:
+            await asyncio.sleep(0.01)
+        assert len(stream._body) == reserve  # not the 2 MB the header claims
+        got = await _send_cut_and_read(stream, peer, wire[1000:], 65536, 1)
+        assert got == [(4, bytearray(body))]
+
+    _run(scenario)
+
+
+def test_a_working_association_is_not_idle() -> None:
+    """While ``working`` says so, a wait receives nothing for several of its timeouts and is not ended; once the
+    work is done, the timeout runs again."""
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        busy = {"now": True}
+        stream.working = lambda: busy["now"]
+        loop = asyncio.get_running_loop()
+
+        def done() -> None:
+            busy["now"] = False
+            stream.note_activity()
+
+        loop.call_later(1.6, done)  # working for over three timeouts, receiving nothing
+        loop.call_later(1.7, peer.sendall, _pdu(4, b"late"))  # well within a timeout of the end of the work
+        assert await stream.read_pdu(0.5) == (4, bytearray(b"late"))
+        with pytest.raises(TimeoutError):
+            await stream.read_pdu(0.5)  # idle, not working: times out
+
+    _run(scenario)
+
+
+def test_a_peer_that_reads_nothing_fails_the_send_after_the_send_timeout() -> None:
+    async def scenario(stream: PDUStream, peer: socket.socket) -> None:
+        stream.send_timeout = 0.3
+        with pytest.raises(TimeoutError):
+            for _ in range(1000):  # far more than the socket buffers and the transport's high-water mark
+                stream.write(b"x" * 65536)
+                await stream.drain()
 
     _run(scenario)

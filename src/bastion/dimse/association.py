@@ -20,17 +20,26 @@ from bastion.dimse.pdu import (
     A_ABORT,
     P_DATA_TF,
     PDUError,
+    PDURefused,
     encode_abort,
     iter_pdvs,
     pdv_header,
 )
 
-#: Largest PDU we read from a peer regardless of what it claims (guards memory).
+#: Largest PDU a stream accepts unless told otherwise (:meth:`PDUStream.set_limits`).
 MAX_INCOMING_PDU = 64 * 1024 * 1024
+#: The most a stream allocates up front for one PDU unless told otherwise: the rest of a longer PDU's
+#: buffer grows as its bytes arrive, so a claimed length costs nothing until it is sent.
+RESERVE = 1024 * 1024
 READ_CHUNK = 1024 * 1024
 #: The receive buffer each association starts with: PDUs that fit (with their header) are received into it,
 #: several per receive.
 RECV_BUFFER = 64 * 1024
+#: What a connection's receive buffers may hold before its association is accepted: the longest
+#: A-ASSOCIATE-RQ accepted (:data:`MAX_ASSOCIATE_RQ`) fits beside the receive buffer within it.
+UNASSOCIATED_MEMORY = 1024 * 1024
+#: The longest A-ASSOCIATE-RQ (PDU length, PS3.8 9.3.2) an acceptor reads; a longer one is refused from its header.
+MAX_ASSOCIATE_RQ = UNASSOCIATED_MEMORY - RECV_BUFFER - 6
 #: A PDU up to this size that does not fit grows the buffer to four such PDUs (DCMTK sends 128 KB ones:
 #: ten receives and five 128 KB allocations per 512 KB CT instance in a 64 KB buffer, three receives in a
 #: 512 KB one); a larger PDU is received straight into a buffer of its own.
@@ -85,17 +94,30 @@ class PDUStream(asyncio.BufferedProtocol):
 
     Bytes are received into one buffer, and every complete PDU in it is handed over at once: a C-STORE's
     command and dataset PDUs often arrive in one receive. The buffer grows for PDUs up to
-    :data:`SHARED_PDU_MAX`; a larger PDU is received straight into a buffer of exactly its length, without a
-    further copy. Reading pauses while unread PDUs pile up; writing honours the transport's flow control.
+    :data:`SHARED_PDU_MAX`; a larger PDU is received straight into a buffer of its own, without a further copy.
+    Reading pauses while unread PDUs pile up; writing honours the transport's flow control.
+
+    Memory follows the bytes received, not the lengths claimed (PS3.8 9.3.1): a PDU whose type is not in
+    ``kinds`` or whose length exceeds ``limit`` is refused from its 6-byte header (:class:`PDURefused`, raised
+    to the reader; reading stops), and a PDU's own buffer starts at no more than ``reserve`` bytes and grows
+    as its bytes arrive.
 
     Once the association is established, :meth:`deliver_pdata_to` hands each P-DATA-TF body to the
     association's message assembly as it arrives, still in the receive buffer (no copy, no wake-up of the
     reading task per PDU), and the reader gets whole messages.
     """
 
-    def __init__(self, on_connect: Callable[[PDUStream], None] | None = None) -> None:
+    def __init__(self, on_connect: Callable[[PDUStream], None] | None = None, *, limit: int = MAX_INCOMING_PDU,
+                 reserve: int = RESERVE, kinds: frozenset[int] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self._on_connect = on_connect
+        self._limit, self._reserve, self._kinds = limit, max(reserve, RECV_BUFFER), kinds
+        self._length = 0  # the claimed length of the PDU in _body
+        #: While this returns True the association is not idle, whatever it receives (see :meth:`read_pdu`).
+        self.working: Callable[[], bool] | None = None
+        #: A wait for the peer to read what we send fails after this many seconds without progress.
+        self.send_timeout: float | None = None
+        self._active_at = 0.0  # time.monotonic() when the server last reported work done (note_activity)
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0  # the first byte in _buf not yet handed over
@@ -128,8 +150,17 @@ class PDUStream(asyncio.BufferedProtocol):
         if self._on_connect is not None:
             self._on_connect(self)
 
+    def set_limits(self, limit: int, reserve: int, kinds: frozenset[int] | None) -> None:
+        """Accept PDUs of ``kinds`` (None: any) up to ``limit`` bytes long, allocating no more than ``reserve``
+        bytes for one before its bytes arrive. Applies from the next PDU header received."""
+        self._limit, self._reserve, self._kinds = limit, max(reserve, RECV_BUFFER), kinds
+
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._body is not None:
+            if self._pos == len(self._body):  # received as far as allocated: grow towards the claimed length
+                grown = bytearray(min(self._length, 2 * len(self._body)))
+                grown[: self._pos] = self._body
+                self._body = grown
             return memoryview(self._body)[self._pos:]
         return self._view[self._end:]
 
@@ -138,7 +169,7 @@ class PDUStream(asyncio.BufferedProtocol):
         try:
             if self._body is not None:
                 self._pos += nbytes
-                if self._pos == len(self._body):
+                if self._pos == self._length:
                     body, self._body = self._body, None
                     self._deliver(self._kind, body)
                 return
@@ -153,8 +184,11 @@ class PDUStream(asyncio.BufferedProtocol):
         need = 6
         while end - start >= 6:
             kind, length = _PDU_HEADER.unpack_from(buf, start)
-            if length > MAX_INCOMING_PDU:
-                self._fail(PDUError(f"PDU of {length} bytes exceeds the limit"))
+            if self._kinds is not None and kind not in self._kinds:
+                self._fail(PDURefused(kind, length, "not expected in this state of the association"))
+                return
+            if length > self._limit:
+                self._fail(PDURefused(kind, length, f"longer than the {self._limit} bytes accepted"))
                 return
             need = 6 + length
             if start + need <= end:
@@ -166,13 +200,13 @@ class PDUStream(asyncio.BufferedProtocol):
                 need = 6
                 continue
             if need > len(buf) and length > SHARED_PDU_MAX:  # the rest goes straight into its own buffer
-                body = bytearray(length)
                 got = end - start - 6
+                body = bytearray(max(got, min(length, self._reserve)))  # grows as the rest arrives
                 body[:got] = view[start + 6: end]
-                self._body, self._kind, self._pos = body, kind, got
+                self._body, self._length, self._kind, self._pos = body, length, kind, got
                 start = end = 0
             elif need > len(buf):  # a new buffer (a reader may still hold a view of the old one)
-                grown = bytearray(4 * need)
+                grown = bytearray(max(need, min(4 * need, self._limit + 6)))
                 grown[: end - start] = view[start:end]
                 self._buf, self._view = buf, view = grown, memoryview(grown)
                 start, end = 0, end - start
@@ -252,6 +286,7 @@ class PDUStream(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._active_at = time.monotonic()  # the peer reads what we send
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -262,8 +297,12 @@ class PDUStream(asyncio.BufferedProtocol):
 
     async def read_pdu(self, timeout: float | None) -> tuple[int, Any]:
         """The next PDU (kind, body), or a complete message (:data:`MESSAGE`, :class:`Message`) once P-DATA-TF
-        goes to :meth:`deliver_pdata_to`'s ``assemble``; raises AssociationClosed, PDUError or TimeoutError
-        (nothing received for ``timeout`` s)."""
+        goes to :meth:`deliver_pdata_to`'s ``assemble``; raises AssociationClosed, PDUError or TimeoutError.
+
+        The timeout is an idle timeout: it counts from the start of the wait, the last byte received or the
+        last :meth:`note_activity`, whichever is latest, and never runs out while :attr:`working` returns True
+        (the server still answers a request of the peer's).
+        """
         while not self._ready:
             if self._error is not None:
                 raise self._error
@@ -308,12 +347,23 @@ class PDUStream(asyncio.BufferedProtocol):
         if waiter is None or waiter.done() or timeout is None:
             return  # not waiting: the next wait arms it again
         loop = waiter.get_loop()
+        if self.working is not None and self.working():
+            self._active_at = loop.time()
         # from the last byte received: a dataset still arriving keeps its association alive
-        remaining = max(self._waiting_since, self._received_at) + timeout - loop.time()
+        remaining = max(self._waiting_since, self._received_at, self._active_at) + timeout - loop.time()
         if remaining > 0.001:
             self._timer = loop.call_later(remaining, self._check_idle)
         else:
             waiter.set_exception(TimeoutError(f"nothing received for {timeout:.0f} s"))
+
+    def note_activity(self) -> None:
+        """Count the association as active now: an idle timeout counts from here (see :meth:`read_pdu`)."""
+        self._active_at = time.monotonic()
+
+    @property
+    def write_blocked(self) -> bool:
+        """Whether what we send waits for the peer to read (the transport's buffer is above its high-water mark)."""
+        return self._write_paused
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -321,16 +371,27 @@ class PDUStream(asyncio.BufferedProtocol):
         self.transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the transport's write buffer is above its high-water mark."""
+        """Wait while the transport's write buffer is above its high-water mark; raises TimeoutError when the
+        peer reads nothing for :attr:`send_timeout` s."""
         if self._closed:
             raise AssociationClosed("connection closed")
         if self._write_paused:
             self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
+            if self.send_timeout is None:
+                await self._drain_waiter
+                return
+            try:
+                await asyncio.wait_for(self._drain_waiter, self.send_timeout)
+            except TimeoutError:
+                raise TimeoutError(f"the peer read nothing we sent for {self.send_timeout:.0f} s") from None
 
-    def close(self) -> None:
+    def close(self, hard: bool = False) -> None:
+        """Close the connection once what was written is sent; ``hard``: at once, dropping it."""
         if self.transport is not None:
-            self.transport.close()
+            if hard:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 @dataclass
@@ -370,10 +431,15 @@ class Association:
             await self.stream.drain()
 
     async def abort(self) -> None:
-        """A-ABORT and close (PS3.8 7.3)."""
+        """A-ABORT (service-provider, PS3.8 7.3, 9.3.8) and close. While another PDU of ours is half sent, or the
+        peer no longer reads what we send, the connection is dropped without it: an A-ABORT must not land inside
+        another PDU, and a peer that does not read would hold the connection open."""
+        if self._send_lock.locked() or self.stream.write_blocked:
+            self.stream.close(hard=True)
+            return
         try:
-            await self.send_raw(encode_abort(2, 0))
-        except Exception:
+            self.stream.write(encode_abort(2, 0))
+        except AssociationClosed:
             pass
         self.close()
 

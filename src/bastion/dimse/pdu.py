@@ -19,8 +19,31 @@ A_ABORT = 0x07
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
 
+#: A-ASSOCIATE-RJ fields (PS3.8 9.3.4, Table 9-21).
+REJECTED_PERMANENT = 1
+REJECTED_TRANSIENT = 2
+SOURCE_SERVICE_USER = 1
+SOURCE_PROVIDER_PRESENTATION = 3
+REASON_NO_REASON = 1  # with source 1
+REASON_LOCAL_LIMIT_EXCEEDED = 2  # with source 3
+
+
 class PDUError(Exception):
     """A PDU that breaks PS3.8 9.3."""
+
+
+class PDURefused(PDUError):
+    """A PDU refused from its 6-byte header alone, before any of its body is received or stored.
+
+    Its type is not one this end accepts in the association's state, or its length (PS3.8 9.3.1) is larger
+    than this end accepts: an invalid PDU to the state machine (PS3.8 9.2, Evt19), answered with
+    A-ASSOCIATE-RJ or A-ABORT.
+    """
+
+    def __init__(self, kind: int, length: int, why: str) -> None:
+        super().__init__(f"PDU 0x{kind:02x} of {length} bytes refused: {why}")
+        self.kind = kind
+        self.length = length
 
 
 @dataclass
