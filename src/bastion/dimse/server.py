@@ -4,24 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import logging
 import mmap
 import os
 import select
 import socket
+import struct
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.archive import Archive
-from bastion.dimse.association import MESSAGE, Association, AssociationClosed, DatasetSink, Message, PDUStream
+from bastion.dimse.association import (
+    MAX_ASSOCIATE_RQ,
+    MAX_INCOMING_PDU,
+    MESSAGE,
+    Association,
+    AssociationClosed,
+    DatasetSink,
+    Message,
+    PDUStream,
+)
 from bastion.dimse.negotiation import negotiate
 from bastion.dimse.pdu import (
     A_ABORT,
     A_ASSOCIATE_RQ,
     A_RELEASE_RQ,
+    P_DATA_TF,
+    REASON_LOCAL_LIMIT_EXCEEDED,
+    REJECTED_PERMANENT,
+    REJECTED_TRANSIENT,
+    SOURCE_PROVIDER_PRESENTATION,
     AssociateRQ,
     PDUError,
+    PDURefused,
     decode_associate,
     encode_associate,
     encode_reject,
@@ -31,8 +50,14 @@ from bastion.dimse.services import Services, Session
 
 log = logging.getLogger("bastion.dimse")
 
-ARTIM_TIMEOUT = 30.0  # waiting for A-ASSOCIATE-RQ (PS3.8 9.1.5)
-IDLE_TIMEOUT = 600.0  # an association silent this long is aborted
+#: The PDUs an acceptor takes before its association is established (PS3.8 9.2, Sta2).
+UNASSOCIATED_PDUS = frozenset({A_ASSOCIATE_RQ, A_ABORT})
+#: The PDUs an acceptor takes once established (it never requests a release itself).
+ASSOCIATED_PDUS = frozenset({P_DATA_TF, A_RELEASE_RQ, A_ABORT})
+#: A P-DATA-TF PDU may be this many times longer than the maximum length we advertise (PS3.8 D.1) before it is
+#: refused with A-ABORT: some peers send longer ones than they were told. The buffer for the part beyond the
+#: advertised length grows only as its bytes arrive.
+PDU_TOLERANCE = 4
 
 
 class LoadBoard:
@@ -41,19 +66,88 @@ class LoadBoard:
     The workers wait on one listening socket, and whichever wakes first would take the next association:
     with four senders and two workers, three associations often landed on one worker, which then ran them on
     one core under one GIL. A worker serving more associations than the least busy one leaves the next one
-    to it (:meth:`DicomServer._accept_loop`). Each worker writes only its own slots: its association count and,
-    once it listens, its process id; a worker that is not listening, or whose process is gone, does not count.
+    to it (:meth:`DicomServer._accept_loop`). Each worker writes only its own slots: its association count,
+    how many of them come from each peer address (``peers`` slots per worker) and, once it listens, its
+    process id; a worker that is not listening, or whose process is gone, does not count.
+
+    :meth:`admit` checks the limits on associations, in all and per peer address, and counts the new one in
+    one step under a lock on the board (a POSIX record lock, which the kernel releases if its holder dies), so
+    the limits hold over all workers even when several accept at once.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, peers: int = 64) -> None:
         self.workers = workers
-        self._map = mmap.mmap(-1, max(8 * workers, mmap.PAGESIZE))  # anonymous and shared across fork
-        self._slots = memoryview(self._map).cast("i")  # counts, then process ids
+        self.peers = peers
+        size = 4 * 2 * workers + _PEER_SLOT.size * workers * peers
+        self._fd = os.memfd_create("bastion-load-board")  # shared across fork; its lock is the board's lock
+        os.ftruncate(self._fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        self._map = mmap.mmap(self._fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        self._slots = memoryview(self._map).cast("i")  # counts, then process ids, then the peer slots
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _peer_offsets(self, worker: int) -> range:
+        """The byte offsets of ``worker``'s peer slots (16-byte address, then its association count)."""
+        first = 4 * 2 * self.workers + _PEER_SLOT.size * self.peers * worker
+        return range(first, first + _PEER_SLOT.size * self.peers, _PEER_SLOT.size)
 
     def register(self, worker: int) -> None:
         """Mark ``worker`` as listening, in this process (a replacement for a worker that died starts from 0)."""
-        self._slots[worker] = 0
-        self._slots[self.workers + worker] = os.getpid()
+        with self._locked():
+            self._slots[worker] = 0
+            for offset in self._peer_offsets(worker):
+                _PEER_SLOT.pack_into(self._map, offset, bytes(16), 0)
+            self._slots[self.workers + worker] = os.getpid()
+
+    def admit(self, worker: int, peer: str, max_total: int, max_per_peer: int) -> str | None:
+        """Count one more association on ``worker`` from ``peer`` (an IP address) unless that passes a limit:
+        ``max_total`` associations over all live workers, ``max_per_peer`` from one address.
+
+        Returns None when it was counted (:meth:`release` uncounts it), else which limit was reached.
+        """
+        key = _address_key(peer)
+        with self._locked():
+            pids = self.pids()
+            live = [w for w in range(self.workers) if pids[w] or w == worker]
+            total = sum(self._slots[w] for w in live)
+            if total >= max_total:
+                return f"{total} associations already, the most allowed (max_associations = {max_total})"
+            from_peer, free = 0, -1
+            for w in live:
+                for offset in self._peer_offsets(w):
+                    address, count = _PEER_SLOT.unpack_from(self._map, offset)
+                    if address == key:
+                        from_peer += count
+                        if w == worker:
+                            free = offset
+                    elif w == worker and free < 0 and count == 0:
+                        free = offset
+            if from_peer >= max_per_peer:
+                return (f"{from_peer} associations from {peer} already, the most allowed "
+                        f"(max_associations_per_peer = {max_per_peer})")
+            if free < 0:
+                return f"this worker serves {self.peers} peers already (max_associations = {max_total})"
+            _, count = _PEER_SLOT.unpack_from(self._map, free)
+            _PEER_SLOT.pack_into(self._map, free, key, count + 1)
+            self._slots[worker] += 1
+            return None
+
+    def release(self, worker: int, peer: str) -> None:
+        """Uncount an association :meth:`admit` counted."""
+        key = _address_key(peer)
+        with self._locked():
+            self._slots[worker] = max(0, self._slots[worker] - 1)
+            for offset in self._peer_offsets(worker):
+                address, count = _PEER_SLOT.unpack_from(self._map, offset)
+                if address == key:
+                    _PEER_SLOT.pack_into(self._map, offset, key if count > 1 else bytes(16), max(0, count - 1))
+                    return
 
     def set(self, worker: int, active: int) -> None:
         """Publish how many associations ``worker`` serves."""
@@ -76,6 +170,27 @@ class LoadBoard:
     def pids(self) -> list[int]:
         """The process id of each listening worker; 0 for one that is not listening or is gone."""
         return [pid if _alive(pid := self._slots[self.workers + w]) else 0 for w in range(self.workers)]
+
+
+#: A peer slot of the :class:`LoadBoard`: an IPv6 (or IPv4-mapped) address and how many associations from it.
+_PEER_SLOT = struct.Struct("=16si")
+
+
+def _address_key(peer: str) -> bytes:
+    """``peer``'s address as 16 bytes, an IPv4 address mapped into IPv6 (``::ffff:a.b.c.d``), so both forms
+    of one address are one peer."""
+    try:
+        return socket.inet_pton(socket.AF_INET6, peer.split("%")[0])
+    except OSError:
+        try:
+            return b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, peer)
+        except OSError:
+            return hashlib.blake2b(peer.encode(), digest_size=16).digest()
+
+
+def _where(address: object) -> str:
+    """``host:port`` of a peer's socket address."""
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
 
 
 def _alive(pid: int) -> bool:
@@ -115,6 +230,19 @@ class DicomServer:
 
     ``board`` and ``worker``: this process's slot on the :class:`LoadBoard` shared by the worker processes
     of one listening socket (None when it has the socket to itself).
+
+    What one client can hold is bounded by the archive's settings:
+
+    * a connection is counted against ``max_associations`` (over all workers) and ``max_associations_per_peer``
+      (per IP address, over all workers) from the moment it is accepted; one beyond either is answered
+      A-ASSOCIATE-RJ rejected-transient, service-provider (presentation), local-limit-exceeded (PS3.8 9.3.4);
+    * until A-ASSOCIATE-AC is sent, a connection's receive buffers hold at most 1 MB: a longer A-ASSOCIATE-RQ is
+      answered A-ASSOCIATE-RJ, any other PDU but A-ABORT with A-ABORT, from its header alone;
+    * the whole A-ASSOCIATE-RQ must arrive within ``dicom_artim_timeout`` of the connection (ARTIM, PS3.8 9.1.5);
+    * once established, a PDU longer than :data:`PDU_TOLERANCE` times ``max_pdu`` is refused with A-ABORT, and
+      no more than ``max_pdu`` is allocated for one before its bytes arrive;
+    * an association that receives nothing for ``dicom_idle_timeout`` while no request of its peer is in
+      progress (:attr:`Session.tasks`), or whose peer reads nothing we send for that long, is aborted.
     """
 
     #: A busier worker still accepts once an association has waited this long for a less busy one.
@@ -123,14 +251,16 @@ class DicomServer:
     def __init__(self, archive: Archive, executor: ThreadPoolExecutor | None = None,
                  board: LoadBoard | None = None, worker: int = 0) -> None:
         self.archive = archive
-        self.board = board
-        self.worker = worker
+        self.settings = settings = archive.settings
+        self.board = board or LoadBoard(1, settings.max_associations)
+        self.worker = worker if board is not None else 0
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
         self.services = Services(archive, self.executor)
         self.services.busy = self._busy
         self.sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self.active = 0
+        self.active = 0  # associations counted on the board
+        self._refusing = 0  # connections being answered A-ASSOCIATE-RJ for a limit
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> socket.socket:
@@ -139,8 +269,7 @@ class DicomServer:
             sock = socket.create_server((host, port), backlog=256, reuse_port=False)
             sock.setblocking(False)
         await asyncio.get_running_loop().run_in_executor(self.executor, self.archive.blobs.prepare)
-        if self.board is not None:
-            self.board.register(self.worker)
+        self.board.register(self.worker)
         self.sock = sock
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock))
         return sock
@@ -151,50 +280,75 @@ class DicomServer:
         Every worker wakes when a connection is pending. One that serves more associations than the least
         busy one gives that one :attr:`BALANCE_WAIT_S` to take it (checking every millisecond), then takes
         it itself (so a stalled worker cannot hold up new associations).
+
+        A connection beyond the association limits is still read, to answer its A-ASSOCIATE-RQ with
+        A-ASSOCIATE-RJ; while as many such connections are being refused as ``max_associations``, a further one
+        is closed at once.
         """
         loop = asyncio.get_running_loop()
+        settings = self.settings
         while True:
             await _readable(loop, sock)
-            if self.board is not None and self.active > self.board.least():
+            if self.active > self.board.least():
                 deadline = time.monotonic() + self.BALANCE_WAIT_S
                 while self.active > self.board.least() and time.monotonic() < deadline and _pending(sock):
                     await asyncio.sleep(0.001)
             try:
-                conn, _ = sock.accept()
+                conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another worker took it
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            accepted_at = loop.time()
             conn.setblocking(False)
-            self._count(+1)  # at once: the next turn of this loop must see it
-            stream = PDUStream()
+            peer = str(address[0]) if isinstance(address, tuple) else str(address)
+            # counted at once: the next turn of this loop, and the other workers, must see it
+            refused = self.board.admit(self.worker, peer, settings.max_associations,
+                                       settings.max_associations_per_peer)
+            if refused is None:
+                self.active += 1
+            elif self._refusing >= settings.max_associations:
+                log.warning("closing connection from %s at once: %s, and %d connections over the limits are "
+                            "being refused already", _where(address), refused, self._refusing)
+                conn.close()
+                continue
+            else:
+                self._refusing += 1
+            stream = PDUStream(limit=MAX_ASSOCIATE_RQ, reserve=MAX_ASSOCIATE_RQ, kinds=UNASSOCIATED_PDUS)
             try:
                 await loop.connect_accepted_socket(lambda s=stream: s, conn)  # type: ignore[misc]
             except OSError:
                 conn.close()
-                self._count(-1)
+                self._uncount(peer, refused)
                 continue
-            task = loop.create_task(self.handle(stream))
+            task = loop.create_task(self.handle(stream, peer, accepted_at, refused))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     def _busy(self) -> bool:
         """Whether more than one association is being served, by this process or with the others'."""
-        return self.active > 1 or (self.board is not None and self.board.total() > 1)
+        return self.active > 1 or self.board.total() > 1
 
-    def _count(self, change: int) -> None:
-        self.active += change
-        if self.board is not None:
-            self.board.set(self.worker, self.active)
+    def _uncount(self, peer: str, refused: str | None) -> None:
+        if refused is None:
+            self.active -= 1
+            self.board.release(self.worker, peer)
+        else:
+            self._refusing -= 1
 
-    async def handle(self, stream: PDUStream) -> None:
-        """Serve one association from A-ASSOCIATE-RQ to release or abort (the accept loop counted it)."""
+    async def handle(self, stream: PDUStream, peer: str, accepted_at: float, refused: str | None = None) -> None:
+        """Serve one connection from A-ASSOCIATE-RQ to release or abort; the accept loop counted it at
+        ``accepted_at`` (the loop's clock), or found it over a limit, ``refused`` saying which."""
         assoc = Association(stream)
         session = Session(assoc)
+        established = False
         try:
-            if await self._negotiate(assoc):
+            if refused is not None:
+                await self._refuse(assoc, accepted_at, refused)
+            elif await self._negotiate(assoc, accepted_at):
+                established = True
                 services = self.services
 
                 def open_sink(msg: Message) -> DatasetSink:
@@ -205,7 +359,25 @@ class DicomServer:
                 await self._serve(assoc, session)
         except AssociationClosed:
             log.info("association from %s (%s) closed by peer", assoc.calling_aet or "?", assoc.peername)
-        except (TimeoutError, PDUError) as exc:
+        except TimeoutError as exc:
+            if established:
+                log.warning("aborting association from %s (%s): %s", assoc.calling_aet or "?", assoc.peername, exc)
+                await assoc.abort()
+            else:  # ARTIM expired before the association: close the connection, nothing else (PS3.8 9.2, AA-2)
+                log.warning("closing connection from %s: %s", assoc.peername, exc)
+        except PDURefused as exc:
+            if not established and exc.kind == A_ASSOCIATE_RQ:
+                log.warning("rejecting association from %s: %s", assoc.peername, exc)
+                with contextlib.suppress(AssociationClosed):
+                    stream.write(encode_reject(REJECTED_PERMANENT, SOURCE_PROVIDER_PRESENTATION,
+                                               REASON_LOCAL_LIMIT_EXCEEDED))
+            elif exc.kind == A_ABORT:
+                log.warning("closing connection from %s: %s", assoc.peername, exc)
+            else:
+                log.warning("aborting %s from %s (%s): %s", "association" if established else "connection",
+                            assoc.calling_aet or "?", assoc.peername, exc)
+                await assoc.abort()
+        except PDUError as exc:
             log.warning("aborting association from %s (%s): %s", assoc.calling_aet or "?", assoc.peername, exc)
             await assoc.abort()
         except Exception:
@@ -219,16 +391,38 @@ class DicomServer:
                 task.cancel()
             for fut in session.store_replies.values():
                 fut.cancel()
-            self._count(-1)
+            self._uncount(peer, refused)
             assoc.close()
 
-    async def _negotiate(self, assoc: Association) -> bool:
-        kind, body = await assoc.read_pdu(ARTIM_TIMEOUT)
+    async def _request(self, assoc: Association, accepted_at: float) -> AssociateRQ:
+        """The A-ASSOCIATE-RQ, whole within the ARTIM timeout of the connection (PS3.8 9.1.5): a deadline
+        however the bytes trickle in. Raises TimeoutError, or AssociationClosed for an A-ABORT instead."""
+        artim = self.settings.dicom_artim_timeout
+        try:
+            async with asyncio.timeout_at(accepted_at + artim):
+                kind, body = await assoc.read_pdu(None)
+        except TimeoutError:
+            raise TimeoutError(f"no whole A-ASSOCIATE-RQ within the ARTIM timeout ({artim:g} s)") from None
+        if kind == A_ABORT:
+            raise AssociationClosed("A-ABORT before the association")
         if kind != A_ASSOCIATE_RQ:
             raise PDUError(f"expected A-ASSOCIATE-RQ, got PDU 0x{kind:02x}")
         rq = decode_associate(body)
         assoc.calling_aet, assoc.called_aet = rq.calling_aet, rq.called_aet
-        answered, roles, accepted = negotiate(rq, self.archive.settings.storage_deny)
+        return rq
+
+    async def _refuse(self, assoc: Association, accepted_at: float, why: str) -> None:
+        """Answer the A-ASSOCIATE-RQ of a connection beyond an association limit with A-ASSOCIATE-RJ
+        rejected-transient, service-provider (presentation), local-limit-exceeded (PS3.8 9.3.4), and close."""
+        rq = await self._request(assoc, accepted_at)
+        log.warning("rejecting association from %s (%s): %s", rq.calling_aet, assoc.peername, why)
+        await assoc.send_raw(encode_reject(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION,
+                                           REASON_LOCAL_LIMIT_EXCEEDED))
+        assoc.close()
+
+    async def _negotiate(self, assoc: Association, accepted_at: float) -> bool:
+        rq = await self._request(assoc, accepted_at)
+        answered, roles, accepted = negotiate(rq)
         if not accepted:
             log.warning("rejecting association from %s (%s): no presentation context acceptable",
                         rq.calling_aet, assoc.peername)
@@ -237,7 +431,10 @@ class DicomServer:
             return False
         assoc.peer_max_pdu = rq.max_pdu
         assoc.contexts = accepted
-        ac = AssociateRQ(rq.called_aet, rq.calling_aet, answered, self.archive.settings.max_pdu,
+        advertised = self.settings.max_pdu  # 0: no limit (PS3.8 D.1)
+        limit = min(PDU_TOLERANCE * advertised, MAX_INCOMING_PDU) if advertised > 0 else MAX_INCOMING_PDU
+        assoc.stream.set_limits(limit, advertised or limit, ASSOCIATED_PDUS)
+        ac = AssociateRQ(rq.called_aet, rq.calling_aet, answered, advertised,
                          IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles,
                          async_ops=(1, 1) if rq.async_ops else None)
         await assoc.send_raw(encode_associate(ac, ac=True))
@@ -246,11 +443,31 @@ class DicomServer:
         return True
 
     async def _serve(self, assoc: Association, session: Session) -> None:
+        """Serve the messages of an established association until it is released or aborted.
+
+        Idle means no byte received for ``dicom_idle_timeout`` while none of the peer's requests is in
+        progress (:attr:`Session.tasks`: a C-FIND streaming results, C-MOVE / C-GET sub-operations); the time
+        counts from the end of the last one. A peer that reads nothing we send for that long fails the send.
+        """
         services = self.services
+        stream = assoc.stream
+        idle = self.settings.dicom_idle_timeout
+        stream.working = lambda: bool(session.tasks)
+        stream.send_timeout = idle
+        watched: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            watched.discard(task)
+            stream.note_activity()
+
         while True:
-            kind, body = await assoc.read_pdu(IDLE_TIMEOUT)
+            kind, body = await assoc.read_pdu(idle)
             if kind == MESSAGE:
                 await services.dispatch(session, body)
+                for task in session.tasks.values():
+                    if task not in watched:
+                        watched.add(task)
+                        task.add_done_callback(done)
             elif kind == A_RELEASE_RQ:
                 if session.tasks:
                     await asyncio.gather(*session.tasks.values(), return_exceptions=True)

@@ -1,0 +1,344 @@
+"""Hostile DICOM clients meet the listener's bounds: memory before negotiation, ARTIM as a deadline, the idle
+timeout (and what is not idle), and the association limits (PS3.8 9.1.5, 9.3.4).
+
+Raw-socket clients written here, independent of Bastion's own PDU code; pynetdicom where a well-behaved peer
+is needed. Every wait is on a condition with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BastionServer, make_study, requires_dcmtk
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.association import Association as PynetdicomAssociation
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
+
+pytestmark = [requires_dcmtk, pytest.mark.timeout(180)]
+
+SIXTY_MB = 60 * 1024 * 1024
+A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 0x02, 0x03, 0x07
+
+
+def _pdu(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BxI", kind, len(body)) + body
+
+
+def _item(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BxH", kind, len(payload)) + payload
+
+
+def _associate_rq(calling: str = "HOSTILE", called: str = "BASTION") -> bytes:
+    """A valid A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing Verification in Implicit VR Little Endian."""
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1") + _item(0x40, b"1.2.840.10008.1.2"))
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1"))
+    body = (struct.pack(">H2x", 1) + called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
+            + _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+    return _pdu(0x01, body)
+
+
+def _connect(server: BastionServer, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((source, 0))
+    sock.connect((server.host, server.dicom_port))
+    return sock
+
+
+def _until_closed(sock: socket.socket, timeout: float = 30.0) -> bytes | None:
+    """Everything the server sends until it closes the connection; None if it is still open after ``timeout``."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([sock], [], [], 0.2)[0]:
+            continue
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    return None
+
+
+def _group_rss_kb(pgid: int) -> int:
+    """The resident memory of every process in process group ``pgid`` (the server and its workers), in KiB."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:
+                continue
+            with open(f"/proc/{entry}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or a kernel thread
+    return total
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def _rj(result: int, source: int, reason: int) -> bytes:
+    return struct.pack(">BxIxBBB", A_ASSOCIATE_RJ, 4, result, source, reason)
+
+
+# -- memory before negotiation ---------------------------------------------------------------------------
+def test_claimed_pdu_lengths_cost_no_memory_before_the_association(bastion_factory: Any) -> None:
+    """Eight connections claim 60 MB PDUs (A-ASSOCIATE-RQ and P-DATA-TF) and send a few bytes: the server's
+    processes grow by at most 40 MB all along, each connection is answered (A-ASSOCIATE-RJ for the request,
+    A-ABORT for the P-DATA) and closed, and the server keeps serving."""
+    server: BastionServer = bastion_factory()
+    assert server.proc is not None
+    pgid = server.proc.pid
+    assert server.echo().returncode == 0  # the baseline includes having served an association
+    before = _group_rss_kb(pgid)
+
+    kinds = [0x01, 0x04] * 4
+    socks = [_connect(server) for _ in kinds]
+    for sock, kind in zip(socks, kinds, strict=True):
+        sock.sendall(struct.pack(">BxI", kind, SIXTY_MB) + b"\x00\x01" * 8)
+
+    answers: dict[int, bytes | None] = {}
+    threads = [threading.Thread(target=lambda i=i, s=s: answers.__setitem__(i, _until_closed(s)))
+               for i, s in enumerate(socks)]
+    for t in threads:
+        t.start()
+    peak = before
+    while any(t.is_alive() for t in threads):  # each ends within its own 30 s deadline
+        peak = max(peak, _group_rss_kb(pgid))
+        time.sleep(0.02)
+    peak = max(peak, _group_rss_kb(pgid))
+    for sock in socks:
+        sock.close()
+
+    assert (peak - before) <= 40 * 1024, f"the server grew by {(peak - before) / 1024:.0f} MB"
+    for i, kind in enumerate(kinds):
+        assert answers[i] is not None, f"connection {i} (PDU 0x{kind:02x}) still open"
+        if kind == 0x01:  # rejected-permanent, service-provider (presentation), local-limit-exceeded
+            assert answers[i] == _rj(1, 3, 2), answers[i]
+        else:  # A-ABORT from the service provider
+            assert answers[i] == struct.pack(">BxIxxBB", A_ABORT, 4, 2, 0), answers[i]
+    assert server.echo().returncode == 0
+    log = server.log()
+    assert sum(f"of {SIXTY_MB} bytes refused" in line and "WARNING" in line for line in log.splitlines()) == 8, log
+    assert "Traceback" not in log
+
+
+# -- ARTIM -------------------------------------------------------------------------------------------------
+def test_a_trickled_associate_request_is_dropped_at_the_artim_deadline(bastion_factory: Any) -> None:
+    """One byte a second of a valid A-ASSOCIATE-RQ never completes it within ARTIM (3 s): the server closes the
+    connection (PS3.8 9.1.5) long before the last byte would come, without a restart of the timer per byte."""
+    server: BastionServer = bastion_factory(settings={"BASTION_DICOM_ARTIM_TIMEOUT": "3"})
+    rq = _associate_rq()
+    assert len(rq) > 60  # the whole request would take longer than the test's deadline
+    sock = _connect(server)
+    closed_after: int | None = None
+    deadline = time.monotonic() + 60
+    try:
+        for sent in range(1, len(rq) + 1):
+            try:
+                sock.sendall(rq[sent - 1: sent])
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = sent
+                break
+            if select.select([sock], [], [], 1.0)[0]:
+                try:
+                    data = sock.recv(100)
+                except ConnectionResetError:
+                    data = b""
+                assert data == b"", f"expected the connection closed, got {data!r}"
+                closed_after = sent
+                break
+            if time.monotonic() > deadline:
+                break
+    finally:
+        sock.close()
+    assert closed_after is not None and closed_after < len(rq), "the trickling connection was kept"
+    assert "ARTIM" in server.log()
+    assert server.echo().returncode == 0
+
+
+# -- idle ------------------------------------------------------------------------------------------------
+def test_an_idle_association_is_aborted(bastion_factory: Any) -> None:
+    server: BastionServer = bastion_factory(settings={"BASTION_DICOM_IDLE_TIMEOUT": "2"})
+    ae = AE(ae_title="IDLER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(server.host, server.dicom_port, ae_title=server.aet)
+    try:
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assert _wait(lambda: assoc.is_aborted, timeout=60), "the idle association was kept"
+        assert _wait(lambda: server.stats()["associations"] == 0)
+        lines = [line for line in server.log().splitlines() if "aborting association from IDLER" in line]
+        assert len(lines) == 1 and "WARNING" in lines[0], lines
+    finally:
+        if assoc.is_alive():
+            assoc.abort()
+        ae.shutdown()
+
+
+class SlowStoreSCP:
+    """A pynetdicom Storage SCP that takes ``delay`` s to answer each C-STORE (a slow destination)."""
+
+    def __init__(self, aet: str, delay: float) -> None:
+        self.delay = delay
+        self.received: list[str] = []
+        self.ae = AE(ae_title=aet)
+        self.ae.supported_contexts = StoragePresentationContexts
+        self.server: Any = None
+        self.port = 0
+
+    def _on_store(self, event: Any) -> int:
+        time.sleep(self.delay)
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    @classmethod
+    def running(cls, aet: str, delay: float) -> Iterator[SlowStoreSCP]:
+        scp = cls(aet, delay)
+        scp.server = scp.ae.start_server(("127.0.0.1", 0), block=False,
+                                         evt_handlers=[(evt.EVT_C_STORE, scp._on_store)])
+        scp.port = scp.server.server_address[1]
+        try:
+            yield scp
+        finally:
+            scp.server.shutdown()
+            scp.ae.shutdown()
+
+
+@pytest.fixture
+def slow_scp() -> Iterator[SlowStoreSCP]:
+    yield from SlowStoreSCP.running("SLOW", delay=0.5)
+
+
+def test_a_c_move_longer_than_the_idle_timeout_is_not_aborted(bastion_factory: Any, slow_scp: SlowStoreSCP,
+                                                               tmp_path: Path) -> None:
+    """A C-MOVE to a destination that takes 0.5 s per instance runs 3 s on an association that receives nothing
+    meanwhile, with an idle timeout of 1 s: it completes, and only once it is done does the association count
+    as idle (and is then aborted, which shows the timeout was in force)."""
+    server: BastionServer = bastion_factory(remotes=[f"SLOW@127.0.0.1:{slow_scp.port}"],
+                                            settings={"BASTION_DICOM_IDLE_TIMEOUT": "1"})
+    study = make_study(tmp_path / "study", series=1, per_series=6)
+    assert server.storescu(*study.files).returncode == 0
+
+    ae = AE(ae_title="MOVER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc: PynetdicomAssociation = ae.associate(server.host, server.dicom_port, ae_title=server.aet)
+    try:
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study.study_uid
+        statuses = [int(status.Status) for status, _ in
+                    assoc.send_c_move(query, "SLOW", StudyRootQueryRetrieveInformationModelMove) if status]
+        assert not assoc.is_aborted, "aborted during the C-MOVE"
+        assert statuses and statuses[-1] == 0x0000, [hex(s) for s in statuses]
+        assert sorted(slow_scp.received) == sorted(study.sop_uids)
+        assert _wait(lambda: assoc.is_aborted, timeout=60), "idle after the C-MOVE, yet kept"
+    finally:
+        if assoc.is_alive():
+            assoc.abort()
+        ae.shutdown()
+
+
+# -- association limits ------------------------------------------------------------------------------------
+def _rq_answer(server: BastionServer, source: str) -> tuple[socket.socket, bytes]:
+    """Send an A-ASSOCIATE-RQ from ``source``; the connection and the first 10 bytes of the answer."""
+    sock = _connect(server, source)
+    sock.settimeout(30)
+    sock.sendall(_associate_rq())
+    got = b""
+    while len(got) < 10:
+        chunk = sock.recv(10 - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return sock, got
+
+
+def _release(sock: socket.socket) -> None:
+    """A-RELEASE-RQ, wait for the A-RELEASE-RP and the close."""
+    sock.sendall(struct.pack(">BxI4x", 0x05, 4))
+    assert _until_closed(sock) is not None
+    sock.close()
+
+
+def _admitted_again(server: BastionServer, source: str) -> bool:
+    def attempt() -> bool:
+        sock, answer = _rq_answer(server, source)
+        if answer[:1] == bytes([A_ASSOCIATE_AC]):
+            _release(sock)
+            return True
+        sock.close()
+        return False
+    return _wait(attempt, timeout=30, interval=0.2)
+
+
+def test_associations_beyond_the_per_peer_limit_are_rejected_transient(bastion_factory: Any) -> None:
+    """With two associations per peer address allowed (over both worker processes), a third from 127.0.0.1 is
+    rejected transient, service-provider (presentation), local-limit-exceeded; one from 127.0.0.2 is another
+    peer's; once one is released, 127.0.0.1 is admitted again."""
+    server: BastionServer = bastion_factory(settings={"BASTION_MAX_ASSOCIATIONS_PER_PEER": "2"})
+    held = [_rq_answer(server, "127.0.0.1") for _ in range(2)]
+    try:
+        assert [answer[:1] for _, answer in held] == [bytes([A_ASSOCIATE_AC])] * 2
+        assert _wait(lambda: server.stats()["associations"] == 2)
+        assert server.stats()["associations_per_worker"] == [1, 1]  # the limit holds across the workers
+
+        sock, answer = _rq_answer(server, "127.0.0.1")
+        assert answer == _rj(2, 3, 2)
+        assert _until_closed(sock) == b""
+        sock.close()
+
+        other, answer = _rq_answer(server, "127.0.0.2")
+        assert answer[:1] == bytes([A_ASSOCIATE_AC])
+        _release(other)
+
+        _release(held.pop()[0])
+        assert _admitted_again(server, "127.0.0.1")
+    finally:
+        for sock, _ in held:
+            sock.close()
+    lines = [line for line in server.log().splitlines() if "max_associations_per_peer" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0] and "127.0.0.1" in lines[0], lines
+
+
+def test_associations_beyond_the_total_limit_are_rejected_transient(bastion_factory: Any) -> None:
+    server: BastionServer = bastion_factory(settings={"BASTION_MAX_ASSOCIATIONS": "2"})
+    held = [_rq_answer(server, source) for source in ("127.0.0.1", "127.0.0.2")]
+    try:
+        assert [answer[:1] for _, answer in held] == [bytes([A_ASSOCIATE_AC])] * 2
+        sock, answer = _rq_answer(server, "127.0.0.3")
+        assert answer == _rj(2, 3, 2)
+        sock.close()
+        _release(held.pop()[0])
+        assert _admitted_again(server, "127.0.0.3")
+    finally:
+        for sock, _ in held:
+            sock.close()
+    lines = [line for line in server.log().splitlines() if "(max_associations = 2)" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0] and "127.0.0.3" in lines[0], lines
