@@ -1,7 +1,8 @@
 """Objects stored with odd lengths go out over DIMSE as valid encodings (PS3.5 7.1.1, A.5; PS3.8 9.3.5.1).
 
-Two kinds of real files: a private OB element of length 5 (so the dataset has odd length), and a Deflated
-Explicit VR Little Endian dataset whose deflated stream has odd length. Both are stored exactly as received
+Real files of three kinds: a private OB element of length 5 (so the dataset has odd length), two of them (a
+dataset of even length with odd elements), and a Deflated Explicit VR Little Endian dataset whose deflated
+stream has odd length. Both are stored exactly as received
 (STOW-RS) and WADO-RS serves those bytes; C-MOVE to DCMTK's storescp and C-GET into DCMTK's getscu, which
 refuse an odd-length PDV fragment ("Odd Fragment Length"), receive the same object with even lengths.
 """
@@ -27,6 +28,7 @@ pytestmark = [requires_dcmtk, pytest.mark.timeout(180)]
 
 PRIVATE_CREATOR = Tag(0x0009, 0x0010)
 PRIVATE_OB = Tag(0x0009, 0x1001)
+PRIVATE_OB_2 = Tag(0x0009, 0x1002)
 ODD_VALUE = b"\x01\x02\x03\x04\x05"
 BOUNDARY = "odd-lengths-boundary"
 
@@ -46,21 +48,23 @@ def _base(tmp: Path) -> Dataset:
     return pydicom.dcmread(study.files[0])
 
 
-def odd_ob_object(tmp: Path) -> OddObject:
-    """Explicit VR Little Endian with a private OB of 5 bytes: written by pydicom with 6 (it pads), then the
-    element's length and value cut to 5 in the file's bytes, as a careless writer would have written it."""
-    ds = _base(tmp / "ob")
+def odd_ob_object(tmp: Path, tags: tuple[Tag, ...]) -> OddObject:
+    """Explicit VR Little Endian with private OBs of 5 bytes: written by pydicom with 6 (it pads), then each
+    element's length and value cut to 5 in the file's bytes, as a careless writer would have written them."""
+    name = f"ob{len(tags)}"
+    ds = _base(tmp / name)
     ds.add_new(PRIVATE_CREATOR, "LO", "BASTION ODD")
-    ds.add_new(PRIVATE_OB, "OB", ODD_VALUE + b"\xaa")
-    path = tmp / "odd-ob.dcm"
+    for tag in tags:
+        ds.add_new(tag, "OB", ODD_VALUE + b"\xaa")
+    path = tmp / f"odd-{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
     even = b"OB\x00\x00\x06\x00\x00\x00" + ODD_VALUE + b"\xaa"
     data = path.read_bytes()
-    assert data.count(even) == 1
+    assert data.count(even) == len(tags)
     data = data.replace(even, b"OB\x00\x00\x05\x00\x00\x00" + ODD_VALUE)
     path.write_bytes(data)
-    assert pydicom.dcmread(path)[PRIVATE_OB].value == ODD_VALUE
-    assert len(dataset_part(data)) % 2 == 1, "the test file must have a dataset of odd length"
+    assert all(pydicom.dcmread(path)[tag].value == ODD_VALUE for tag in tags)
+    assert len(dataset_part(data)) % 2 == len(tags) % 2, "odd: one odd element; even: two"
     assert b"OB\x00\x00\x05\x00\x00\x00" + ODD_VALUE in data
     return OddObject(path, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
 
@@ -106,7 +110,8 @@ def stow(server: BastionServer, path: Path) -> None:
 def objects(bastion: BastionServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, OddObject]:
     """Both odd files, stored through STOW-RS; the stored bytes are the file's."""
     tmp = tmp_path_factory.mktemp("odd")
-    out = {"ob": odd_ob_object(tmp), "deflated": odd_deflated_object(tmp)}
+    out = {"ob": odd_ob_object(tmp, (PRIVATE_OB,)), "two-ob": odd_ob_object(tmp, (PRIVATE_OB, PRIVATE_OB_2)),
+           "deflated": odd_deflated_object(tmp)}
     for obj in out.values():
         stow(bastion, obj.path)
         (stored,) = bastion.blobs_of(obj.sop_uid)
@@ -125,12 +130,13 @@ def assert_same_dataset(received: Path, original: Path, odd: str, *, as_sent: bo
     assert got.file_meta.MediaStorageSOPInstanceUID == want.SOPInstanceUID
     assert sorted(got.keys()) == sorted(want.keys())
     for tag in want.keys():
-        if tag == PRIVATE_OB:
+        if tag in (PRIVATE_OB, PRIVATE_OB_2):
             assert got[tag].value == ODD_VALUE + b"\x00"  # padded with 00H (PS3.5 7.1.1)
         else:
             assert got[tag].value == want[tag].value, tag
-    if odd == "ob" and as_sent:
-        assert b"OB\x00\x00\x06\x00\x00\x00" + ODD_VALUE + b"\x00" in data
+    if odd != "deflated" and as_sent:
+        assert data.count(b"OB\x00\x00\x06\x00\x00\x00" + ODD_VALUE + b"\x00") == (2 if odd == "two-ob" else 1)
+        assert b"\x05\x00\x00\x00" + ODD_VALUE not in data
 
 
 def movescu(server: BastionServer, dest: str, study_uid: str) -> str:
@@ -139,7 +145,7 @@ def movescu(server: BastionServer, dest: str, study_uid: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("odd", ["ob", "deflated"])
+@pytest.mark.parametrize("odd", ["ob", "two-ob", "deflated"])
 def test_c_move_to_storescp(bastion: BastionServer, storescp: StoreSCP, objects: dict[str, OddObject],
                             odd: str) -> None:
     """The fixture's storescp accepts every syntax (``+xa``): the object goes in its stored syntax, the deflated
@@ -156,7 +162,7 @@ def test_c_move_to_storescp(bastion: BastionServer, storescp: StoreSCP, objects:
     assert_same_dataset(received, obj.path, odd, as_sent=True)
 
 
-@pytest.mark.parametrize("odd", ["ob", "deflated"])
+@pytest.mark.parametrize("odd", ["ob", "two-ob", "deflated"])
 @pytest.mark.parametrize("options", [(), ("+xd",)], ids=["uncompressed", "deflated"])
 def test_c_get_into_getscu(bastion: BastionServer, objects: dict[str, OddObject], odd: str,
                            options: tuple[str, ...], tmp_path: Path) -> None:
@@ -172,7 +178,7 @@ def test_c_get_into_getscu(bastion: BastionServer, objects: dict[str, OddObject]
     assert_same_dataset(received, obj.path, odd, as_sent=False)  # getscu writes its own encoding
 
 
-@pytest.mark.parametrize("odd", ["ob", "deflated"])
+@pytest.mark.parametrize("odd", ["ob", "two-ob", "deflated"])
 def test_wado_rs_serves_the_stored_bytes(bastion: BastionServer, objects: dict[str, OddObject], odd: str) -> None:
     obj = objects[odd]
     request = urllib.request.Request(bastion.url(f"/dicom-web/studies/{obj.study_uid}"), headers={
@@ -184,4 +190,3 @@ def test_wado_rs_serves_the_stored_bytes(bastion: BastionServer, objects: dict[s
     (part,) = [p for p in body.split(b"--" + boundary.group(1).encode())[1:] if not p.startswith(b"--")]
     served = part.partition(b"\r\n\r\n")[2][:-2]
     assert dataset_part(served) == dataset_part(obj.path.read_bytes())
-    assert len(dataset_part(served)) % 2 == 1

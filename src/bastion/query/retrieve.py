@@ -6,9 +6,9 @@ changes the transfer syntax and the pixel encoding only: the SOP Instance UID an
 identifying attribute stay those of the stored object.
 
 What goes out over DIMSE is a valid encoding even where the stored bytes are not: a dataset
-of odd length (an element of odd length, PS3.5 7.1.1; a deflated stream of odd length) is
-re-encoded with every value padded to even length, or, deflated, padded with one trailing
-zero byte (PS3.5 A.5), because a PDV fragment must have even length (PS3.8 9.3.5.1). The
+with an element of odd length (PS3.5 7.1.1) is re-encoded with those values padded to even
+length, and a deflated stream of odd length gets one trailing zero byte (PS3.5 A.5), so that
+every PDV fragment has even length too (PS3.8 9.3.5.1). The
 stored bytes are never changed, and WADO serves them as stored.
 """
 
@@ -41,6 +41,7 @@ from bastion.model.uids import (
     IMPLICIT_VR_LITTLE_ENDIAN,
     UNCOMPRESSED,
 )
+from bastion.query.odd_lengths import has_odd_length_element
 
 log = logging.getLogger("bastion.retrieve")
 
@@ -105,10 +106,11 @@ class Retriever:
     def open_for_dimse(self, record: InstanceRecord, transfer_syntax: str) -> BinaryIO:
         """The dataset of a C-STORE-RQ sending ``record`` in ``transfer_syntax``, ready to stream.
 
-        Its length is even, so every PDV fragment is (PS3.8 9.3.5.1). In the stored syntax it is the stored
-        file's dataset, streamed, whenever that has even length (one ``seek`` tells); a stored dataset of odd
-        length is re-encoded by :func:`even_dataset`. In another syntax it is converted (:func:`convert`),
-        which pads every value to even length.
+        Its length is even, so every PDV fragment is (PS3.8 9.3.5.1), and so is every element's (PS3.5 7.1.1).
+        In the stored syntax it is the stored file's dataset, streamed, when that has even length and none of
+        its elements has odd length (:func:`~bastion.query.odd_lengths.has_odd_length_element` reads the element
+        headers only); otherwise it is re-encoded by :func:`even_dataset`. In another syntax it is converted
+        (:func:`convert`), which pads every value to even length.
         """
         if transfer_syntax != record.transfer_syntax:
             return io.BytesIO(self.dataset_bytes(record, transfer_syntax))
@@ -118,14 +120,16 @@ class Retriever:
             odd = (fh.seek(0, io.SEEK_END) - start) % 2
             fh.seek(start)
             if not odd:
-                return fh
+                odd = has_odd_length_element(fh, transfer_syntax)
+                fh.seek(start)
+                if not odd:
+                    return fh
             data = fh.read()
         except BaseException:
             fh.close()
             raise
         fh.close()
-        log.info("instance %s has a dataset of odd length (%d bytes): re-encoded to send it", record.sop_uid,
-                 len(data))
+        log.info("instance %s has an element or a dataset of odd length: re-encoded to send it", record.sop_uid)
         return io.BytesIO(even_dataset(data, transfer_syntax))
 
     def part10_bytes(self, record: InstanceRecord, transfer_syntax: str | None = None) -> bytes:
@@ -170,7 +174,8 @@ def pad_odd_lengths(ds: pydicom.Dataset) -> None:
     """Make pydicom write every element of ``ds`` with an even value length (PS3.5 7.1.1), nested ones too.
 
     pydicom writes an element it has not decoded exactly as read, odd length included, and pads a decoded
-    one (OB/UN with 00H, text with a space, UIDs with 00H). Only the elements of odd length are decoded here,
+    one (text with a space, UIDs and OB with 00H); a binary value of odd length (UN, and so any private value
+    in Implicit VR) is padded with 00H here. Only the elements of odd length are decoded here,
     and sequences to reach their items: every other element keeps its stored bytes. Encapsulated Pixel Data
     (undefined length) is left alone.
     """
@@ -189,6 +194,8 @@ def pad_odd_lengths(ds: pydicom.Dataset) -> None:
             if not (length % 2 or vr == "SQ" or length == _UNDEFINED_LENGTH):
                 continue
             elem = ds[tag]  # decoded: written padded, or a sequence whose items are walked next
+            if isinstance(elem.value, bytes) and len(elem.value) % 2:
+                elem.value += b"\x00"  # pydicom pads OB but writes UN (and a private tag in Implicit VR) as is
         if elem is not None and elem.VR == "SQ":
             for item in elem.value:
                 pad_odd_lengths(item)
