@@ -77,7 +77,8 @@ def write_direct(fd: int, buf: bytearray) -> bool:
     return True
 
 
-def os_error(exc: OSError, what: str) -> StorageError:
+def os_error(exc: OSError, what: str) -> StorageError | StorageFull:
+    """The storage error an OSError becomes: :class:`StorageFull` for a full disk or quota."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"{what}: no space left on the blob store")
     return StorageError(f"{what}: {exc.strerror or exc}")

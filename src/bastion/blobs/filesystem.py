@@ -34,7 +34,7 @@ from bastion.blobs.journal import (
     record_size,
     sync_filesystem,
 )
-from bastion.errors import NotFound, StorageError
+from bastion.errors import NotFound, StorageError, StorageFull
 from bastion.model.compiled import load_extension
 
 log = logging.getLogger("bastion.blobs")
@@ -164,7 +164,7 @@ class FileWriter(BlobWriter):
         """
         created = False
 
-        def undo(exc: OSError) -> StorageError:
+        def undo(exc: OSError) -> StorageError | StorageFull:
             if created:
                 with contextlib.suppress(OSError):
                     os.unlink(final)

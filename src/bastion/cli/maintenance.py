@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -15,6 +17,15 @@ from bastion.index import open_index
 from bastion.ingest.rebuild import rebuild, stored_keys
 from bastion.ingest.verify import verify
 from bastion.settings import Settings
+
+
+def _progress(bar: tqdm[Any]) -> Callable[[int], None]:
+    """A progress callback that advances ``bar``."""
+
+    def advance(count: int) -> None:
+        bar.update(count)
+
+    return advance
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
@@ -34,7 +45,7 @@ def _rebuild(settings: Settings) -> int:
     total = len(stored_keys(blobs))
     index = open_index(tmp)
     with tqdm(total=total, desc="rebuilding index", unit=" objects", file=sys.stderr, disable=None) as bar:
-        report = rebuild(blobs, index, bar.update)
+        report = rebuild(blobs, index, _progress(bar))
     index.close()
     os.unlink(tmp + "-writer.lock")  # the live index keeps its own
     for suffix in ("-wal", "-shm"):
@@ -57,7 +68,7 @@ def run_verify(args: argparse.Namespace) -> int:
     total = index.statistics()
     with tqdm(total=total.instances + total.versions, desc="verifying", unit=" objects", file=sys.stderr,
               disable=None) as bar:
-        report = verify(blobs, index, bar.update)
+        report = verify(blobs, index, _progress(bar))
     index.close()
     print(f"verified {report.checked} object(s): {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
           f"{len(report.unindexed)} stored but not indexed")

@@ -102,7 +102,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
                             log_level="warning", access_log=False, lifespan="off",
                             http=header_deadline_protocol(settings.http_header_timeout))
     http = uvicorn.Server(config)
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     http_task = asyncio.ensure_future(http.serve(sockets=[http_sock]))
     log.info("Bastion %s: DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__, settings.aet,
              settings.host, settings.dicom_port, settings.workers, settings.host, settings.http_port,

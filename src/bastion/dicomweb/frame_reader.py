@@ -42,7 +42,7 @@ def _pixel_value_offset(fh: BinaryIO, ts: str) -> tuple[int, int] | None:
 
 def _fragments(fh: BinaryIO, start: int) -> list[tuple[int, int]] | None:
     """(offset, length) of every item of an encapsulated value, the Basic Offset Table first."""
-    out = []
+    out: list[tuple[int, int]] = []
     pos = start
     while True:
         fh.seek(pos)

@@ -254,7 +254,7 @@ class SqliteIndex(Index):
                 self._commit_batch(conn, batch)
 
     def _commit_batch(self, conn: sqlite3.Connection,
-                      batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
+                      batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
                       durable: Callable[[], None] | None = None) -> None:
         """Run ``batch`` in one transaction; a failing write (in its savepoint) fails only itself.
 
@@ -266,7 +266,7 @@ class SqliteIndex(Index):
             else:
                 fut.set_exception(_write_error(error))
 
-    def _locked_transaction(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
+    def _locked_transaction(self, conn: sqlite3.Connection, batch: Sequence[tuple[Callable[[sqlite3.Connection], Any],
                             Future[Any] | None]], durable: Callable[[], None] | None = None,
                             ) -> list[tuple[Any, Any, BaseException | None]]:
         """:meth:`_transaction` holding the writer lock that the index's processes share."""
@@ -278,7 +278,7 @@ class SqliteIndex(Index):
             if self._lock_fd >= 0:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _transaction(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
+    def _transaction(self, conn: sqlite3.Connection, batch: Sequence[tuple[Callable[[sqlite3.Connection], Any],
                      Future[Any] | None]], durable: Callable[[], None] | None = None,
                      ) -> list[tuple[Any, Any, BaseException | None]]:
         """The outcome of each write of ``batch`` (with the future it came with), run in one transaction."""

@@ -55,7 +55,8 @@ def dataset_offset(data: bytes) -> int:
         return 0
     group, elem = struct.unpack_from("<HH", data, 132)
     if (group, elem) == (0x0002, 0x0000) and data[136:138] == b"UL":
-        return 144 + struct.unpack_from("<I", data, 140)[0]  # File Meta Information Group Length
+        length: int = struct.unpack_from("<I", data, 140)[0]  # File Meta Information Group Length
+        return 144 + length
     pos = 132
     while pos + 8 <= len(data):
         group, elem = struct.unpack_from("<HH", data, pos)
