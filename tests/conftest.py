@@ -402,7 +402,9 @@ class BastionServer:
                 "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port)]
         for remote in self.remotes:
             args += ["--remote", remote]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")} | self.settings
+        # The settings come from the flags and ``settings`` alone; BASTION_PURE_PYTHON (the pure-Python leg) stays.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("BASTION_") or k == "BASTION_PURE_PYTHON"} | self.settings
         with open(self.log_path, "w") as log:
             # Own process group (session), so kill9() reaches any worker processes too.
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
