@@ -470,9 +470,9 @@ class Association:
                 if total == 0:
                     w.write(pdv_header(context_id, False, True, 0))
                 for off in range(0, total, limit):
-                    part = view[off: off + limit]
-                    w.write(pdv_header(context_id, False, off + limit >= total, len(part)))
-                    w.write(part)
+                    fragment = view[off: off + limit]
+                    w.write(pdv_header(context_id, False, off + limit >= total, len(fragment)))
+                    w.write(fragment)
                     await w.drain()
             elif stream is not None:
                 chunk = stream.read(limit)
@@ -511,15 +511,15 @@ class Association:
                     else:
                         done.append(msg)
             else:
-                msg = self._pending
-                if msg is None or msg.sink is None:
+                pending = self._pending
+                if pending is None or pending.sink is None:
                     raise PDUError("dataset fragment without a command")
-                if ctx_id != msg.context.id:
+                if ctx_id != pending.context.id:
                     raise PDUError("dataset fragment on a different presentation context")
-                msg.sink.write(data)
+                pending.sink.write(data)
                 if last:
                     self._pending = None
-                    done.append(msg)
+                    done.append(pending)
         return done
 
     def pending_message(self) -> Message | None:
