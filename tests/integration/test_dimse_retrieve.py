@@ -248,6 +248,42 @@ def test_move_to_destination_that_aborts(bastion_factory: Any, aborting_destinat
     assert "Received Echo Response (Success)" in server.echo().stdout
 
 
+def test_move_to_destination_with_odd_maximum_pdu(bastion_factory: Any, tmp_path: Path) -> None:
+    """A destination whose maximum PDU length is odd still gets fragments of even length (PS3.8 9.3.5.1; DCMTK
+    refuses an odd one, "Odd Fragment Length", but rounds its own odd maximum down, so pynetdicom is the peer
+    here and every PDV it receives is measured)."""
+    data_lengths: list[int] = []
+    stored: list[str] = []
+
+    def on_pdu(event: Any) -> None:
+        for pdv in getattr(event.pdu, "presentation_data_value_items", []):
+            data_lengths.append(len(pdv.presentation_data_value) - 1)  # less the message control header
+
+    def on_store(event: Any) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="ODDPDU")
+    ae.maximum_pdu_size = 16385
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False,
+                          evt_handlers=[(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_C_STORE, on_store)])
+    try:
+        server = bastion_factory(remotes=[f"ODDPDU@127.0.0.1:{port}"])
+        study = make_study(tmp_path / "study", series=1, per_series=2, kind="ct")
+        assert all(f.stat().st_size > 3 * 16385 for f in study.files)  # several fragments each
+        proc = server.storescu(*study.files)
+        assert proc.stdout.count("Received Store Response (Success)") == 2, proc.stdout
+        output, rsps = movescu(server, "ODDPDU", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.study_uid})
+    finally:
+        scp.shutdown()
+    assert rsps and rsps[-1]["status"] == "0x0000", output
+    assert sorted(stored) == sorted(_sop(f) for f in study.files)
+    assert len(data_lengths) > 6 and max(data_lengths) <= 16385 - 6
+    assert [n for n in data_lengths if n % 2] == []
+
+
 #: A-ABORT (PS3.8 9.3.8), source 0 (service-user), reason 0.
 A_ABORT_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 

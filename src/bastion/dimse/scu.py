@@ -110,7 +110,7 @@ class StoreSCU:
             await assoc.abort()
             raise SubOperationError(f"unexpected PDU 0x{kind:02x} from {self.remote.aet}")
         ac = decode_associate(body)
-        assoc.peer_max_pdu = ac.max_pdu
+        assoc.peer_max_pdu = ac.max_pdu - ac.max_pdu % 2  # fragments of even length (PS3.8 9.3.5.1)
         proposed = {pc.id: pc for pc in contexts}
         for pc in ac.contexts:
             if pc.result == 0 and pc.id in proposed:
