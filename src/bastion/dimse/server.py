@@ -422,7 +422,7 @@ class DicomServer:
 
     async def _negotiate(self, assoc: Association, accepted_at: float) -> bool:
         rq = await self._request(assoc, accepted_at)
-        answered, roles, accepted = negotiate(rq)
+        answered, roles, accepted = negotiate(rq, self.archive.settings.storage_deny)
         if not accepted:
             log.warning("rejecting association from %s (%s): no presentation context acceptable",
                         rq.calling_aet, assoc.peername)

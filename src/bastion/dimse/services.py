@@ -24,7 +24,7 @@ from bastion.dimse.scu import DestinationLost, StoreSCU, SubOperationError, send
 from bastion.errors import BastionError, InvalidQuery, UnknownDestination
 from bastion.ingest import PendingObject
 from bastion.model.levels import QueryLevel
-from bastion.model.records import InstanceRecord
+from bastion.model.records import InstanceRecord, StoreResult
 from bastion.model.uids import PATIENT_ROOT_MODELS, is_storage_sop_class
 from bastion.query.find import conditions_for, select_keys
 
@@ -170,13 +170,16 @@ class Services:
             if not is_storage_sop_class(msg.context.abstract_syntax):
                 sink.abort()
                 raise InvalidQuery("not a storage presentation context")
-            uids = {"sop_class": cmd.get("AffectedSOPClassUID"), "sop_uid": cmd.get("AffectedSOPInstanceUID")}
+            sop_class: str | None = cmd.get("AffectedSOPClassUID")
+            sop_uid: str | None = cmd.get("AffectedSOPInstanceUID")
+            ingest = self.archive.ingest
+            result: StoreResult
             if sink.writer.size > INLINE_FINISH_BYTES:
-                result = await self._run(partial(self.archive.ingest.finish, sink, **uids))
+                result = await self._run(partial(ingest.finish, sink, sop_class=sop_class, sop_uid=sop_uid))
             elif self.busy():  # others' data flows, and other processes commit, while this one's flush runs
-                result = await self.archive.ingest.finish_async(sink, **uids)
+                result = await ingest.finish_async(sink, sop_class=sop_class, sop_uid=sop_uid)
             else:
-                result = self.archive.ingest.finish(sink, **uids)
+                result = ingest.finish(sink, sop_class=sop_class, sop_uid=sop_uid)
             rsp["Status"] = STORED_WITH_WARNINGS if result.warnings else m.SUCCESS
             if result.warnings:
                 rsp["ErrorComment"] = _comment("; ".join(result.warnings))

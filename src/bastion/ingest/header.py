@@ -28,6 +28,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from bastion.errors import (
     BastionError,
@@ -149,7 +150,7 @@ def _to_json(ds: Dataset, level: QueryLevel) -> JsonDataset:
     out: JsonDataset = {}
     present = ds._dict
     for tag, key in _LEVEL_TAGS[level]:
-        elem = present.get(tag)
+        elem = present.get(BaseTag(tag))
         if elem is None:
             continue
         try:
@@ -230,7 +231,7 @@ def uid_problem(uid: str) -> str:
 def _checked_uid(keyword: str, tag: int, text: str | None, warnings: list[str]) -> str:
     """``text`` if it identifies an object; a warning appended to ``warnings`` if it breaks PS3.5 9.1."""
     if text in _VALID_UIDS:
-        return text  # type: ignore[return-value]
+        return text
     if text is None or text == "":
         raise MissingAttribute(f"{keyword} is missing or empty", tag=tag if text is not None else None)
     if not is_identifiable_uid(text):
