@@ -447,8 +447,10 @@ class Association:
         self.stream.close()
 
     def _max_data(self) -> int:
+        """The most dataset or command bytes one PDV carries: what the peer's maximum PDU length leaves after the
+        PDV's header, rounded down to even (PS3.8 Annex E: fragments of even length, whatever the peer offers)."""
         peer = self.peer_max_pdu or MAX_INCOMING_PDU
-        return max(peer - 6, 256)
+        return max((peer - 6) & ~1, 256)
 
     async def send_message(self, context_id: int, command: dict[str, Any], dataset: bytes | None = None,
                            stream: BinaryIO | None = None) -> None:
