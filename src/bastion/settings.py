@@ -23,7 +23,7 @@ Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICO
 ``BASTION_WORKERS`` (DICOM worker processes, default 2), ``BASTION_LOG_LEVEL``, and the limits
 ``BASTION_DICOM_ARTIM_TIMEOUT``, ``BASTION_DICOM_IDLE_TIMEOUT``, ``BASTION_MAX_ASSOCIATIONS``,
 ``BASTION_MAX_ASSOCIATIONS_PER_PEER``, ``BASTION_HTTP_HEADER_TIMEOUT``, ``BASTION_HTTP_BODY_TIMEOUT``,
-``BASTION_STORAGE_DENY`` (comma list of SOP Class UIDs).
+``BASTION_STORAGE_DENY`` (comma list of SOP Class UIDs), ``BASTION_NODE_ID``.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ class Settings:
     http_body_timeout: float = 60.0
     #: Storage SOP Class UIDs refused at association negotiation (every other storage class is accepted).
     storage_deny: tuple[str, ...] = ()
+    #: This node's identity among the nodes sharing an archive (default: generated once, kept in <data>/node-id).
+    node_id: str = ""
 
     @property
     def index_location(self) -> str:
