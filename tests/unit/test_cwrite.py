@@ -4,6 +4,7 @@ it fails. The contract tests (tests/contract/test_blobs.py) run every blob store
 from __future__ import annotations
 
 import errno
+import io
 import os
 import subprocess
 import sys
@@ -238,6 +239,48 @@ def test_a_submitted_buffer_is_written_from_its_own_memory_even_once_it_is_gone(
     for job in jobs:
         job.wait()
     assert [(tmp_path / str(i)).read_bytes() for i in range(len(data))] == data
+
+
+@pytest.mark.parametrize("size", [0, 10, 200_000])
+def test_a_submitted_buffer_is_frozen_and_its_file_holds_what_was_submitted(tmp_path: Path, size: int) -> None:
+    """The job shares the Buffer's memory, so submit() freezes it: every later write raises, reads still work,
+    and the file holds exactly the bytes submitted."""
+    assert CWRITE is not None
+    payload = os.urandom(size)
+    buf = CWRITE.Buffer(size)
+    buf += payload
+    assert not buf.frozen
+    job = CWRITE.submit(str(tmp_path / "x.dcm"), buf, False, sync=True, sync_dir=True, direct=True)
+    assert buf.frozen
+    with pytest.raises(BufferError):
+        buf += b"more"
+    with pytest.raises(BufferError):
+        buf.extend(b"more")
+    with pytest.raises(BufferError):
+        buf.extend(b"")  # not even nothing
+    with pytest.raises(BufferError):
+        buf.__init__(1 << 20)  # re-initialising would drop or grow its memory
+    with pytest.raises((BufferError, TypeError)):  # no writable view either (it never had one)
+        io.BytesIO(b"overwrite").readinto(buf)
+    with memoryview(buf) as view:  # reading is what the blob store still does (journal record, fallbacks)
+        assert view.readonly and bytes(view) == payload
+    assert len(buf) == size
+    job.wait()
+    assert (tmp_path / "x.dcm").read_bytes() == payload
+    again = CWRITE.submit(str(tmp_path / "y.dcm"), buf)  # a frozen Buffer may be written out again
+    again.wait()
+    assert (tmp_path / "y.dcm").read_bytes() == payload
+
+
+def test_a_buffer_given_to_create_file_stays_writable(tmp_path: Path) -> None:
+    """create_file writes before it returns: nothing shares the Buffer afterwards."""
+    assert CWRITE is not None
+    buf = CWRITE.Buffer()
+    buf += b"head"
+    CWRITE.create_file(str(tmp_path / "x"), buf, False, False, False)
+    buf += b"tail"
+    assert not buf.frozen and bytes(buf) == b"headtail"
+    assert (tmp_path / "x").read_bytes() == b"head"
 
 
 _FORK = """

@@ -20,7 +20,10 @@
  * meanwhile). Where the threads run is the kernel's choice: nothing here places them on CPUs.
  * The data is copied (page-aligned, so O_DIRECT writes it as it is), and the caller's buffer is free at once;
  * a Buffer (this module's type, in which the blob store collects an object) is not copied: the job shares its
- * memory, which is page-aligned already. Both come from a pool of reused buffers (take_buffer, give_buffer).
+ * memory, which is page-aligned already, and submit() freezes the Buffer: from then on it can be read but never
+ * written (extend, +=, __init__ raise BufferError; its buffer protocol was read-only from the start), so the
+ * bytes a writer thread reads are the bytes that were submitted. Both come from a pool of reused buffers
+ * (take_buffer, give_buffer).
  *
  * barrier() returns once every file submitted before the call is written (or failed): the journal's checkpoint
  * calls it before its syncfs, which must cover the files of the records it is about to void.
@@ -571,6 +574,7 @@ typedef struct {
     block *blk; /* NULL until the first byte */
     Py_ssize_t len;
     Py_ssize_t exports;
+    int frozen; /* set by submit(): blk is shared with a writer thread, never written again */
 } Buffer;
 
 static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -588,8 +592,10 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
         if (j != NULL) free_job(j);
         return PyErr_NoMemory();
     }
-    if (PyObject_TypeCheck(data_arg, &BufferType) && ((Buffer *)data_arg)->blk != NULL) {
-        /* its memory as it is: the Buffer is not written to once its object is committed */
+    int is_buffer = PyObject_TypeCheck(data_arg, &BufferType);
+    if (is_buffer) ((Buffer *)data_arg)->frozen = 1; /* before the job shares it: no write can come after */
+    if (is_buffer && ((Buffer *)data_arg)->blk != NULL) {
+        /* its memory as it is, shared with the job: the Buffer is frozen */
         Buffer *buf = (Buffer *)data_arg;
         __atomic_add_fetch(&buf->blk->refs, 1, __ATOMIC_ACQ_REL);
         j->blk = buf->blk;
@@ -621,7 +627,15 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
 
 /* -- Buffer: an object's bytes as they arrive, in memory submit() writes without copying ------------------- */
 
+/* 0, or -1 with BufferError set if ``self`` was submitted: its memory is a writer thread's to read. */
+static int buffer_check_writable(Buffer *self) {
+    if (!self->frozen) return 0;
+    PyErr_SetString(PyExc_BufferError, "Buffer: submitted to a writer thread, it cannot be written any more");
+    return -1;
+}
+
 static int buffer_reserve(Buffer *self, size_t need) {
+    if (buffer_check_writable(self) < 0) return -1;
     if (self->blk != NULL && need <= self->blk->cap) return 0;
     if (self->exports > 0) {
         PyErr_SetString(PyExc_BufferError, "Buffer: cannot grow while a view of it exists");
@@ -646,6 +660,7 @@ static int buffer_init(Buffer *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"capacity", NULL};
     Py_ssize_t capacity = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|n", kwlist, &capacity)) return -1;
+    if (buffer_check_writable(self) < 0) return -1;
     if (self->blk != NULL || self->exports > 0) {
         PyErr_SetString(PyExc_TypeError, "Buffer: already initialised");
         return -1;
@@ -661,6 +676,7 @@ static void buffer_dealloc(Buffer *self) {
 
 static PyObject *buffer_extend(Buffer *self, PyObject *arg) {
     Py_buffer data;
+    if (buffer_check_writable(self) < 0) return NULL; /* even for no bytes: a frozen Buffer takes no write */
     if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) return NULL;
     int rc = buffer_reserve(self, (size_t)self->len + (size_t)data.len);
     if (rc == 0 && data.len > 0) {
@@ -692,9 +708,17 @@ static int buffer_getbuffer(PyObject *obj, Py_buffer *view, int flags) {
 
 static void buffer_releasebuffer(PyObject *obj, Py_buffer *view) { ((Buffer *)obj)->exports--; }
 
+static PyObject *buffer_get_frozen(PyObject *self, void *closure) { return PyBool_FromLong(((Buffer *)self)->frozen); }
+
 static PyMethodDef buffer_methods[] = {
-    {"extend", (PyCFunction)buffer_extend, METH_O, "extend(data): append data's bytes"},
+    {"extend", (PyCFunction)buffer_extend, METH_O,
+     "extend(data): append data's bytes; BufferError once the Buffer was submitted"},
     {NULL, NULL, 0, NULL},
+};
+static PyGetSetDef buffer_getset[] = {
+    {"frozen", buffer_get_frozen, NULL, "whether submit() took the Buffer: it can be read, never written again",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 static PyNumberMethods buffer_as_number = {.nb_inplace_add = buffer_iadd};
 static PySequenceMethods buffer_as_sequence = {.sq_length = buffer_length};
@@ -705,11 +729,13 @@ static PyTypeObject BufferType = {
     .tp_basicsize = sizeof(Buffer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Buffer(capacity=0): bytes appended with += or extend(), read through the buffer protocol "
-              "(read-only); submit() writes them without a copy. It cannot grow while a view of it exists.",
+              "(read-only); submit() writes them without a copy and freezes the Buffer: any later write raises "
+              "BufferError. It cannot grow while a view of it exists.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)buffer_init,
     .tp_dealloc = (destructor)buffer_dealloc,
     .tp_methods = buffer_methods,
+    .tp_getset = buffer_getset,
     .tp_as_number = &buffer_as_number,
     .tp_as_sequence = &buffer_as_sequence,
     .tp_as_buffer = &buffer_as_buffer,
@@ -771,7 +797,8 @@ static PyMethodDef methods[] = {
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
      "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: "
-     "create_file in a writer thread, from a copy of data, or a Buffer's own memory (see the module)"},
+     "create_file in a writer thread, from a copy of data, or a Buffer's own memory, the Buffer frozen "
+     "(see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
     {"ordered_idle", ordered_idle, METH_NOARGS,
      "ordered_idle(): whether every ORDERED job submitted so far is done (no other store's file is waiting there)"},
