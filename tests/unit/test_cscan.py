@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from types import MappingProxyType
 
 import pydicom.data
 import pytest
@@ -38,9 +39,19 @@ VRS = ["AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "
        "OB or OW", "US or SS", ""]
 
 
+def _contents(value: object) -> object:
+    """``value`` with the read-only level mappings ``_cscan.levels`` hands out shown as the dicts they show: the
+    twins agree on contents (the C one's are views, so that no caller can change the ones it shares)."""
+    if isinstance(value, dict):
+        return {key: _contents(item) for key, item in value.items()}
+    if isinstance(value, MappingProxyType):
+        return dict(value)
+    return value
+
+
 def _outcome(fn, *args):  # type: ignore[no-untyped-def]
     try:
-        return ("ok", repr(fn(*args)))  # repr: NaN compares equal to itself this way
+        return ("ok", repr(_contents(fn(*args))))  # repr: NaN compares equal to itself this way
     except S.NotSimple:
         return ("not simple",)
     except ValueError:
@@ -195,6 +206,23 @@ def test_nested_sequences_agree_at_the_depth_limit(depth: int) -> None:
     _scans_agree(data)
     outcome = _outcome(S._scan_header_c, data, H._WANTED)
     assert (outcome[0] == "ok") == (depth <= 17)
+
+
+def test_the_c_level_dicts_are_read_only_views() -> None:
+    """The dicts the C twin shares between instances cannot be changed through what it hands out."""
+    found = S.scan_header_py(HEADERS[-1], H._WANTED)
+    levels = H._levels_c(found)
+    assert _contents(levels) == H._levels_py(found)
+    for attrs in levels.values():
+        assert isinstance(attrs, MappingProxyType)
+        with pytest.raises(TypeError):
+            attrs["00100010"] = {"vr": "PN"}  # type: ignore[index]
+        with pytest.raises(TypeError):
+            del attrs["0020000D"]  # type: ignore[attr-defined]
+        assert not hasattr(attrs, "update") and not hasattr(attrs, "pop") and not hasattr(attrs, "clear")
+    again = H._levels_c(found)
+    for level in (H.QueryLevel.PATIENT, H.QueryLevel.STUDY, H.QueryLevel.SERIES):
+        assert again[level] is levels[level]
 
 
 @settings(max_examples=600, deadline=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import MappingProxyType
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,3 +38,24 @@ def test_integers_wider_than_64_bits_fall_back() -> None:
 def test_non_ascii_is_utf8() -> None:
     assert dicom_json.dumps({"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Åström^Ærø"}]}}) == \
         '{"00100010":{"vr":"PN","Value":[{"Alphabetic":"Åström^Ærø"}]}}'.encode()
+
+
+def test_a_read_only_mapping_is_written_as_the_dict_it_shows() -> None:
+    attrs = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00100020": {"vr": "LO", "Value": [2**70]}}
+    assert dicom_json.dumps(MappingProxyType(attrs)) == dicom_json.dumps(attrs)  # json's way (the wide int)
+    assert dicom_json.dumps({"x": MappingProxyType({"a": 1})}) == b'{"x":{"a":1}}'  # nested: orjson's default
+    assert dicom_json.level_text(MappingProxyType(attrs)) == dicom_json.dumps(attrs).decode()
+
+
+def test_the_text_of_a_level_is_its_current_text_whatever_the_cache_held() -> None:
+    """The texts of read-only level mappings are kept by identity: a mapping made after another died (which may
+    take its ``id``) gets its own text, and a mutable dict is never answered from the cache."""
+    for i in range(200):  # more than the cache keeps: it is emptied on the way
+        attrs = MappingProxyType({"0020000E": {"vr": "UI", "Value": [f"1.2.{i}"]}})
+        assert dicom_json.level_text(attrs) == dicom_json.dumps(dict(attrs)).decode()
+        assert dicom_json.level_text(attrs) is dicom_json.level_text(attrs)
+        del attrs
+    mutable = {"00080060": {"vr": "CS", "Value": ["CT"]}}
+    assert '"CT"' in dicom_json.level_text(mutable)
+    mutable["00080060"] = {"vr": "CS", "Value": ["MR"]}
+    assert '"MR"' in dicom_json.level_text(mutable)

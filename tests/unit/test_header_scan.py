@@ -99,9 +99,9 @@ def test_an_element_pydicom_cannot_decode_makes_the_object_invalid(tmp_path: Pat
 
 
 def test_instances_of_one_series_share_its_level_dicts_and_a_change_makes_new_ones(tmp_path: Path) -> None:
-    """``_cscan.levels`` hands the next instance of a series the previous one's patient, study and series dicts
-    (they are never changed after the scan); an attribute that differs, or an element that comes or goes, makes a
-    new dict, equal to what pydicom makes of the same object."""
+    """``_cscan.levels`` hands the next instance of a series the previous one's patient, study and series dicts,
+    as read-only views: no instance can change another's; an attribute that differs, or an element that comes or
+    goes, makes a new dict, equal to what pydicom makes of the same object."""
     if H.SPEEDUPS is None:
         pytest.skip("the C scan is not built")
 
@@ -116,6 +116,8 @@ def test_instances_of_one_series_share_its_level_dicts_and_a_change_makes_new_on
     first, second = _fast(instance(1)), _fast(instance(2))
     for level in (H.QueryLevel.PATIENT, H.QueryLevel.STUDY, H.QueryLevel.SERIES):
         assert second.attrs[level] is first.attrs[level]
+        with pytest.raises(TypeError):
+            second.attrs[level]["00081030"] = {"vr": "LO", "Value": ["CHANGED"]}
     assert second.attrs[H.QueryLevel.IMAGE] is not first.attrs[H.QueryLevel.IMAGE]
 
     described = instance(3, StudyDescription="ANOTHER")

@@ -399,17 +399,18 @@ static PyObject *raw_json(PyObject *self, PyObject *args) {
 
 /* The last results of each level, with the elements they were made from: an instance mostly repeats its
  * predecessor's patient, study and series attributes, and building their JSON again was most of levels()'s
- * work (70k instructions per small C-STORE, then 28k more to serialize it). A level whose elements all equal
- * a cached result's gets that dict itself: the callers never change it. Each level keeps its LEVEL_WAYS most
+ * work. A level whose elements all equal a cached result's gets that result itself. Every result is a read-only
+ * view (types.MappingProxyType) of a dict that nothing else holds: no caller can change what another instance
+ * is handed (the element dicts inside are the caller's to leave alone). Each level keeps its LEVEL_WAYS most
  * recently used results: associations storing different series at once take turns on one event loop, and with
- * one result per level each instance found the other series' (BENCHMARKS.md, item 60). */
+ * one result per level each instance would find the other series'. */
 #define LEVEL_CACHE 8
 #define LEVEL_WAYS 4
 static PyObject *cache_specs = NULL; /* the specs list the cache was made for */
 typedef struct {
     Py_ssize_t n;
     PyObject **elements; /* n entries, NULL for an absent element */
-    PyObject *out;
+    PyObject *out;       /* the read-only view handed out */
 } cached_level;
 static cached_level level_cache[LEVEL_CACHE][LEVEL_WAYS]; /* [level][0] the most recently used */
 
@@ -464,7 +465,56 @@ static void cache_store(int i, PyObject **got, Py_ssize_t n, PyObject *out) {
     ways[0].out = Py_NewRef(out);
 }
 
-/* levels(elements, specs, vrs) -> {level: {key: json}}: the loop of header._from_scan.
+/* One level's DICOM JSON, a new dict: ``tags`` its [(tag, key), ...], ``got`` their elements (NULL: absent).
+ * NULL with NotSimple set where a value needs the general parser. */
+static PyObject *level_dict(PyObject *tags, PyObject **got, Py_ssize_t ntags, PyObject *vrs) {
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    for (Py_ssize_t j = 0; j < ntags; j++) {
+        PyObject *tag = PyTuple_GET_ITEM(PyList_GET_ITEM(tags, j), 0);
+        PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(tags, j), 1);
+        PyObject *element = got[j];
+        if (element == NULL) continue;
+        if (!PyTuple_Check(element) || PyTuple_GET_SIZE(element) != 2) {
+            PyErr_SetString(PyExc_TypeError, "levels: elements must map tags to (vr, value)");
+            goto fail;
+        }
+        PyObject *vr = PyTuple_GET_ITEM(element, 0), *value = PyTuple_GET_ITEM(element, 1);
+        if (vr == Py_None || (PyUnicode_Check(vr) && PyUnicode_GET_LENGTH(vr) == 0)) {
+            vr = PyDict_GetItemWithError(vrs, tag);
+            if (vr == NULL) {
+                if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, tag);
+                goto fail;
+            }
+        }
+        if (!PyUnicode_Check(vr)) {
+            PyErr_SetString(PyExc_TypeError, "levels: a VR must be a str");
+            goto fail;
+        }
+        PyObject *js = element_json(vr, value, 1);
+        if (js == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+                PyErr_Clear();
+                PyErr_Format(NotSimple, "%U needs the general parser (bad value)", key);
+            }
+            goto fail;
+        }
+        if (js == Py_None) {
+            Py_DECREF(js);
+            PyErr_Format(NotSimple, "%U needs the general parser", key);
+            goto fail;
+        }
+        int failed = PyDict_SetItem(out, key, js) < 0;
+        Py_DECREF(js);
+        if (failed) goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* levels(elements, specs, vrs) -> {level: mappingproxy({key: json})}: the loop of header._from_scan.
  * ``elements``: scan()'s dict; ``specs``: [(level, [(tag, key), ...]), ...]; ``vrs``: {tag: dictionary VR}. */
 static PyObject *levels(PyObject *self, PyObject *args) {
     PyObject *elements, *specs, *vrs;
@@ -505,48 +555,14 @@ static PyObject *levels(PyObject *self, PyObject *args) {
             if (PyDict_SetItem(result, level, hit) < 0) goto fail;
             continue;
         }
-        PyObject *out = PyDict_New();
-        if (out == NULL || PyDict_SetItem(result, level, out) < 0) { Py_XDECREF(out); goto fail; }
-        Py_DECREF(out); /* result holds it */
-        for (Py_ssize_t j = 0; j < ntags; j++) {
-            PyObject *tag = PyTuple_GET_ITEM(PyList_GET_ITEM(tags, j), 0);
-            PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(tags, j), 1);
-            PyObject *element = got[j];
-            if (element == NULL) continue;
-            if (!PyTuple_Check(element) || PyTuple_GET_SIZE(element) != 2) {
-                PyErr_SetString(PyExc_TypeError, "levels: elements must map tags to (vr, value)");
-                goto fail;
-            }
-            PyObject *vr = PyTuple_GET_ITEM(element, 0), *value = PyTuple_GET_ITEM(element, 1);
-            if (vr == Py_None || (PyUnicode_Check(vr) && PyUnicode_GET_LENGTH(vr) == 0)) {
-                vr = PyDict_GetItemWithError(vrs, tag);
-                if (vr == NULL) {
-                    if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, tag);
-                    goto fail;
-                }
-            }
-            if (!PyUnicode_Check(vr)) {
-                PyErr_SetString(PyExc_TypeError, "levels: a VR must be a str");
-                goto fail;
-            }
-            PyObject *js = element_json(vr, value, 1);
-            if (js == NULL) {
-                if (PyErr_ExceptionMatches(PyExc_ValueError)) {
-                    PyErr_Clear();
-                    PyErr_Format(NotSimple, "%U needs the general parser (bad value)", key);
-                }
-                goto fail;
-            }
-            if (js == Py_None) {
-                Py_DECREF(js);
-                PyErr_Format(NotSimple, "%U needs the general parser", key);
-                goto fail;
-            }
-            int failed = PyDict_SetItem(out, key, js) < 0;
-            Py_DECREF(js);
-            if (failed) goto fail;
-        }
-        if (i < LEVEL_CACHE) cache_store((int)i, got, ntags, out);
+        PyObject *out = level_dict(tags, got, ntags, vrs);
+        if (out == NULL) goto fail;
+        PyObject *view = PyDictProxy_New(out);
+        Py_DECREF(out); /* the view holds it, and nothing else does */
+        if (view == NULL) goto fail;
+        if (PyDict_SetItem(result, level, view) < 0) { Py_DECREF(view); goto fail; }
+        if (i < LEVEL_CACHE) cache_store((int)i, got, ntags, view);
+        Py_DECREF(view); /* result (and the cache) hold it */
     }
     PyMem_Free(got);
     return result;
@@ -568,7 +584,8 @@ static PyObject *init(PyObject *self, PyObject *exc) {
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "scan(buf, wanted) -> (ts, meta_sop, elements, pixel_offset); see scan.scan_header"},
     {"raw_json", raw_json, METH_VARARGS, "raw_json(vr, value, little_endian=True); see header.raw_json"},
-    {"levels", levels, METH_VARARGS, "levels(elements, specs, vrs) -> {level: {key: json}}; see header._from_scan"},
+    {"levels", levels, METH_VARARGS,
+     "levels(elements, specs, vrs) -> {level: read-only {key: json}}; see header._from_scan"},
     {"init", init, METH_O, "init(NotSimple): the exception raised for objects that need the general parser"},
     {NULL, NULL, 0, NULL},
 };

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -32,33 +34,47 @@ def loads(text: str | bytes) -> Any:
         return json.loads(text)
 
 
+def _plain(value: Any) -> Any:
+    """A read-only mapping (the header scan's level attributes) as the dict it shows; TypeError otherwise."""
+    if isinstance(value, MappingProxyType):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON of ``value``: the JSON value ``json.dumps(..., ensure_ascii=False)`` gives.
 
-    A NaN or infinite float becomes ``null`` (``json.dumps`` writes ``NaN``, which is not JSON).
+    A NaN or infinite float becomes ``null`` (``json.dumps`` writes ``NaN``, which is not JSON). A
+    :class:`types.MappingProxyType` is written as the mapping it shows.
     """
+    if type(value) is MappingProxyType:  # the common one, copied: cheaper than orjson's call of ``default``
+        value = value.copy()
     try:
-        return orjson.dumps(value)
+        return orjson.dumps(value, default=_plain)
     except TypeError:  # orjson.JSONEncodeError: an integer wider than 64 bits, a non-str key
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_plain).encode()
 
 
-#: The texts of the level dicts made last: the header scan hands consecutive instances of one series the same
-#: patient, study and series dicts (``_cscan.levels``' cache). Each entry holds its dict, so that no other dict
-#: can take its ``id`` while it is here.
-_LEVEL_TEXTS: dict[int, tuple[Any, str]] = {}
+#: The texts of the read-only level mappings seen last: the header scan hands consecutive instances of one series
+#: the same patient, study and series mappings. Keyed by ``id``, each entry holds its mapping, so no other object
+#: can take that ``id`` while the entry exists, and a hit is checked by identity.
+_LEVEL_TEXTS: dict[int, tuple[Mapping[str, Any], str]] = {}
+_LEVEL_TEXTS_MAX = 32
 
 
-def level_text(attrs: dict[str, Any]) -> str:
-    """The stored text of one level's DICOM JSON (as :func:`dumps`, decoded), kept for the dicts made last.
+def level_text(attrs: Mapping[str, Any]) -> str:
+    """The stored text of one level's DICOM JSON (as :func:`dumps`, decoded).
 
-    The dicts must not be changed once their text was asked for (``bastion.ingest.header.Header``).
+    The text of a read-only mapping (:class:`types.MappingProxyType`, what the header scan hands out) is kept
+    for the mappings seen last, which cannot change at the top level; a mutable dict is written every time.
     """
+    if type(attrs) is not MappingProxyType:
+        return dumps(attrs).decode()
     known = _LEVEL_TEXTS.get(id(attrs))
     if known is not None and known[0] is attrs:
         return known[1]
     text = dumps(attrs).decode()
-    if len(_LEVEL_TEXTS) >= 32:
+    if len(_LEVEL_TEXTS) >= _LEVEL_TEXTS_MAX:
         _LEVEL_TEXTS.clear()
     _LEVEL_TEXTS[id(attrs)] = (attrs, text)
     return text
