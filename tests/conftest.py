@@ -464,27 +464,6 @@ class BastionServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    @contextlib.contextmanager
-    def held_association(self) -> Iterator[None]:
-        """An idle association (pynetdicom, Verification) kept open meanwhile: the server then serves more than
-        one, and its C-STOREs take the path for that (``Ingest.finish_async``: the flush awaited in a thread)."""
-        from pynetdicom import AE
-        from pynetdicom.sop_class import Verification
-
-        ae = AE(ae_title="HOLDER")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate(self.host, self.dicom_port, ae_title=self.aet)
-        try:
-            assert assoc.is_established
-            deadline = time.monotonic() + 10
-            while self.stats()["associations"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert self.stats()["associations"] == 1
-            yield
-        finally:
-            assoc.abort()
-            ae.shutdown()
-
     # DCMTK conveniences
     def addr(self) -> list[str]:
         return ["-aec", self.aet, self.host, str(self.dicom_port)]

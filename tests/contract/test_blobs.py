@@ -91,15 +91,14 @@ def test_start_commit_returns_a_waiter_that_confirms_durability(store: BlobStore
 
 
 @pytest.mark.parametrize("size", [9_000, 300_000])
-@pytest.mark.parametrize("background", [False, True])
-def test_a_key_committed_again_holds_the_object(store: BlobStore, size: int, background: bool) -> None:
+def test_a_key_committed_again_holds_the_object(store: BlobStore, size: int) -> None:
     """Two processes may commit the same key (the same object, in the same nanosecond): the second commit
     replaces the first's copy whole, small objects (journaled, their file written by a thread) as large."""
     data = os.urandom(size)
     for _ in range(2):
         w = store.writer()
         w.write(data)
-        w.start_commit("same/obj.dcm", background=background)()
+        w.start_commit("same/obj.dcm")()
     assert store.get("same/obj.dcm") == data
     assert list(store.keys()) == ["same/obj.dcm"]
 

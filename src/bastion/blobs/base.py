@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from bastion.model import digest as content_digest
@@ -47,14 +45,12 @@ class BlobWriter(abc.ABC):
     def commit(self, key: str) -> None:
         """Make the object durable and visible under ``key``; raises StorageError/StorageFull."""
 
-    def start_commit(self, key: str, *, background: bool = False) -> Callable[[], None]:
+    def start_commit(self, key: str) -> Callable[[], None]:
         """Begin :meth:`commit`; the function returned waits until the object is durable (raising as commit would).
 
         The caller may do other work meanwhile (the ingest pipeline runs the index transaction) and must call it,
         and see it return, before treating the object as stored; if it raises, the object is not stored and
-        nothing of it is left. With ``background`` the caller is an event loop that would rather await the
-        flush: a store whose commit takes time then returns a :class:`CommitInThread`. This default commits at
-        once.
+        nothing of it is left. This default commits at once.
         """
         self.commit(key)
         return already_committed
@@ -66,18 +62,6 @@ class BlobWriter(abc.ABC):
 
 def already_committed() -> None:
     """The waiter of a commit that was complete when it was returned."""
-
-
-@dataclass
-class CommitInThread:
-    """The waiter of a commit that a thread of the store completes (writes and flushes, or only waits for the
-    flush): call it to wait, or await ``future`` on an event loop (``asyncio.wrap_future``) to serve others
-    meanwhile."""
-
-    future: Future[None]
-
-    def __call__(self) -> None:
-        self.future.result()
 
 
 class BlobStore(abc.ABC):

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread, already_committed
-from bastion.blobs.cjobs import Completions, CreatedHere, Once
+from bastion.blobs.base import BlobStore, BlobWriter, already_committed
+from bastion.blobs.cjobs import CreatedHere, Once
 from bastion.blobs.fileio import BufferReader, holds, os_error, sync_all, sync_data, write_direct
 from bastion.blobs.journal import (
     OBJECT,
@@ -109,17 +109,13 @@ class FileWriter(BlobWriter):
     def commit(self, key: str) -> None:
         self.start_commit(key)()
 
-    def start_commit(self, key: str, *, background: bool = False) -> Callable[[], None]:
+    def start_commit(self, key: str) -> Callable[[], None]:
         """Write a buffered object now and let the disk catch up while the caller goes on.
 
         A journaled object's record is written on this thread; ``_cwrite``'s threads create its file and run the
         journal's ``fdatasync`` meanwhile (:meth:`_start_journaled_in_c`), and the waiter waits for both. A
         larger buffered object is written and flushed by ``_cwrite``'s threads for durable files, whose result
-        the waiter collects.
-
-        With ``background`` the caller is an event loop serving others: the flushes run in those threads too
-        and signal the loop when done (:class:`bastion.blobs.cjobs.Completions`). Without ``_cwrite``, or for another loop than
-        the one it serves, the store's Python threads do the same work: a flush thread, commit threads.
+        the waiter collects. Without ``_cwrite`` the store's Python commit threads write and flush a larger one.
         """
         final = self._store.path_of(key)
         buf = self._buf
@@ -130,14 +126,12 @@ class FileWriter(BlobWriter):
         self._store.buffer_hint = len(buf) + len(buf) // 16 + 4096
         journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
         if journal is not None:
-            completions = Completions.for_running_loop(CWRITE) if background else None
-            if CWRITE is not None and (completions is not None or not background):
-                return self._start_journaled_in_c(journal, key, final, buf, self._hash.digest(), completions)
-            wait = self._start_journaled(journal, key, final, buf, self._hash.digest())
-            return CommitInThread(self._store.flusher().submit(wait)) if background else wait
+            if CWRITE is not None:
+                return self._start_journaled_in_c(journal, key, final, buf, self._hash.digest())
+            return self._start_journaled(journal, key, final, buf, self._hash.digest())
         if CWRITE is not None:
-            return self._start_in_place(key, final, buf, Completions.for_running_loop(CWRITE) if background else None)
-        return CommitInThread(self._store.committer().submit(self._commit_in_place, key, final, buf))
+            return self._start_in_place(key, final, buf)
+        return self._store.committer().submit(self._commit_in_place, key, final, buf).result
 
     def _commit_spooled(self, key: str, final: str) -> None:
         try:
@@ -184,31 +178,29 @@ class FileWriter(BlobWriter):
 
         return wait
 
-    def _start_journaled_in_c(self, journal: Journal, key: str, final: str, buf: bytearray, digest: bytes,
-                              completions: Completions | None) -> Callable[[], None]:
+    def _start_journaled_in_c(self, journal: Journal, key: str, final: str, buf: bytearray,
+                              digest: bytes) -> Callable[[], None]:
         """:meth:`_start_journaled` with the work that waits for the disk done by ``_cwrite``'s threads: the
         ``fdatasync`` of the record's segment is started as soon as the record is written, so that the disk's
         flush overlaps the index statements instead of following them. The waiter waits for it and for the
-        object's file; with ``completions`` (an event loop serving others) the loop is signalled instead.
+        object's file.
 
         The ordered ``_cwrite`` thread creates the file: it is submitted before the record is written, and the
         journal's checkpoint first waits for every file submitted before it (``_cwrite.barrier``), then runs the
-        ``syncfs`` that must cover them. Beside others, that thread then runs the flush too (one wake-up for
-        both). Alone, the flush runs in a thread of its own, so that it overlaps the file's creation. Where the
-        ordered thread is still busy with another store's file (``bastion import``'s jobs), this thread creates
-        its own before writing the record rather than queue behind it.
+        ``syncfs`` that must cover them. The flush runs in another thread, so that it overlaps the file's
+        creation. Where the ordered thread is still busy with another store's file (concurrent stores), this
+        thread creates its own before writing the record rather than queue behind it.
         """
         assert CWRITE is not None
-        notify = completions is not None
         self._store.make_dirs(os.path.dirname(final))
-        if notify or CWRITE.ordered_idle():
-            file_job: Any = CWRITE.submit(final, buf, notify)
+        if CWRITE.ordered_idle():
+            file_job: Any = CWRITE.submit(final, buf, False)
         else:
             file_job = CreatedHere(CWRITE, final, buf)
         try:
             ticket = journal.write(key, digest, [buf], len(buf), writeback=False)
             prepared = journal.pending_sync(ticket)
-            sync_job = (CWRITE.submit_sync(prepared[0], notify, not notify) if prepared is not None else None)
+            sync_job = CWRITE.submit_sync(prepared[0], False, True) if prepared is not None else None
         except OSError as exc:
             with contextlib.suppress(OSError):
                 file_job.wait()
@@ -238,18 +230,14 @@ class FileWriter(BlobWriter):
                         os.unlink(final)
                 raise os_error(exc, f"cannot commit {key}") from exc
 
-        jobs = [file_job, sync_job] if sync_job is not None else [file_job]
-        if completions is not None:
-            return completions.watch(jobs, settle)
-        return Once(jobs, settle)
+        return Once([file_job, sync_job] if sync_job is not None else [file_job], settle)
 
-    def _start_in_place(self, key: str, final: str, buf: bytearray,
-                        completions: Completions | None) -> Callable[[], None]:
+    def _start_in_place(self, key: str, final: str, buf: bytearray) -> Callable[[], None]:
         """:meth:`_commit_in_place` by ``_cwrite``'s writer threads for durable files (no Python thread): the
-        waiter waits for it, or with ``completions`` the loop is signalled when it is done."""
+        waiter waits for it."""
         assert CWRITE is not None
         self._store.make_dirs(os.path.dirname(final))
-        job = CWRITE.submit(final, buf, completions is not None, sync=True, sync_dir=True, direct=True)
+        job = CWRITE.submit(final, buf, False, sync=True, sync_dir=True, direct=True)
 
         def settle() -> None:
             try:
@@ -259,7 +247,7 @@ class FileWriter(BlobWriter):
             except OSError as exc:
                 raise os_error(exc, f"cannot commit {key}") from exc
 
-        return completions.watch([job], settle) if completions is not None else Once([job], settle)
+        return Once([job], settle)
 
     def _commit_in_place(self, key: str, final: str, buf: bytearray) -> None:
         """Write the file in place and make it durable itself: ``fdatasync`` of the file, ``fsync`` of its directory.
@@ -342,7 +330,7 @@ class FileBlobStore(BlobStore):
         self._use_journal = journal and hasattr(os, "fdatasync") and hasattr(os, "pwritev")
         self._journal: Journal | None = None
         self._journal_failed_pid = 0
-        self._pools: dict[str, ThreadPoolExecutor] = {}  # committer() and flusher(), made on first use
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # committer(), made on first use
         self._pools_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
         # Journals of processes that are gone hold objects whose files may not have reached the disk.
@@ -386,12 +374,6 @@ class FileBlobStore(BlobStore):
         """This process's commit threads: they write buffered objects and wait for the disk while the
         committing thread goes on (with the index transaction, in the ingest pipeline)."""
         return self._pool("bastion-blob-commit", COMMIT_THREADS)
-
-    def flusher(self) -> ThreadPoolExecutor:
-        """This process's flush thread: it waits for the journal's flush of the objects whose commit an event
-        loop does not wait for (:meth:`FileWriter.start_commit` with ``background``). One thread: the waits
-        that meet there share one ``fdatasync`` and wake no other thread."""
-        return self._pool("bastion-blob-flush", 1)
 
     def _pool(self, name: str, threads: int) -> ThreadPoolExecutor:
         if self._pools_pid != os.getpid():  # threads do not survive a fork

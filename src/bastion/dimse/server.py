@@ -256,7 +256,6 @@ class DicomServer:
         self.worker = worker if board is not None else 0
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
         self.services = Services(archive, self.executor)
-        self.services.busy = self._busy
         self.sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self.active = 0  # associations counted on the board
@@ -326,10 +325,6 @@ class DicomServer:
             task = loop.create_task(self.handle(stream, peer, accepted_at, refused))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def _busy(self) -> bool:
-        """Whether more than one association is being served, by this process or with the others'."""
-        return self.active > 1 or self.board.total() > 1
 
     def _uncount(self, peer: str, refused: str | None) -> None:
         if refused is None:

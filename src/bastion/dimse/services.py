@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,13 +28,6 @@ from bastion.model.uids import PATIENT_ROOT_MODELS, is_storage_sop_class
 from bastion.query.find import conditions_for, select_keys
 
 log = logging.getLogger("bastion.dimse")
-
-#: Objects up to this size are finished on the event loop (about a millisecond each, most of it CPU): handing
-#: them to a thread cost more CPU than it saved waiting, even with eight associations over two workers (small
-#: instances: 800-830/s through threads, 970-1,000/s inline). Larger ones go to a thread, so HTTP never stalls.
-#: While other associations are being served, the loop does not wait for the blob's flush: the blob store's
-#: threads do (:meth:`Ingest.finish_async`); alone, it overlaps the flush with the index transaction instead.
-INLINE_FINISH_BYTES = 2 * 1024 * 1024
 
 #: The C-STORE status of an object stored with warnings: Warning 0116H, Attribute Value Out of Range ("the
 #: attribute value specified was out of range or otherwise inappropriate", PS3.7 Annex C), which is what a UID
@@ -76,8 +68,6 @@ class Services:
     def __init__(self, archive: Archive, executor: Executor) -> None:
         self.archive = archive
         self.executor = executor
-        #: Whether other associations are being served (by this process or another): set by the server.
-        self.busy: Callable[[], bool] = lambda: False
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
@@ -172,14 +162,10 @@ class Services:
                 raise InvalidQuery("not a storage presentation context")
             sop_class: str | None = cmd.get("AffectedSOPClassUID")
             sop_uid: str | None = cmd.get("AffectedSOPInstanceUID")
-            ingest = self.archive.ingest
-            result: StoreResult
-            if sink.writer.size > INLINE_FINISH_BYTES:
-                result = await self._run(partial(ingest.finish, sink, sop_class=sop_class, sop_uid=sop_uid))
-            elif self.busy():  # others' data flows, and other processes commit, while this one's flush runs
-                result = await ingest.finish_async(sink, sop_class=sop_class, sop_uid=sop_uid)
-            else:
-                result = ingest.finish(sink, sop_class=sop_class, sop_uid=sop_uid)
+            # One path for every object: the store's header parsing, the disk's flush and the index transaction
+            # run in a thread, and the loop serves the other associations meanwhile.
+            result: StoreResult = await self._run(self.archive.ingest.finish, sink, sop_class=sop_class,
+                                                  sop_uid=sop_uid)
             rsp["Status"] = STORED_WITH_WARNINGS if result.warnings else m.SUCCESS
             if result.warnings:
                 rsp["ErrorComment"] = _comment("; ".join(result.warnings))

@@ -22,7 +22,6 @@ identifies it, a File Meta that names another SOP instance) is stored like any o
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from bastion.blobs.base import BlobStore, BlobWriter, CommitInThread
+from bastion.blobs.base import BlobStore, BlobWriter
 from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
@@ -173,35 +172,6 @@ class Ingest:
             self._reject(pending, exc)
             raise
 
-    async def finish_async(self, pending: PendingObject, *, sop_class: str | None = None,
-                           sop_uid: str | None = None) -> StoreResult:
-        """:meth:`finish` for an event loop that serves other clients meanwhile.
-
-        The blob's flush runs off the loop (:class:`CommitInThread`: the threads of ``_cwrite``, which signal the
-        loop without a Python thread, or where it is not built the blob store's Python threads) and is awaited
-        before the index transaction instead of inside it: the loop receives other associations' data
-        meanwhile, and the lock the index's writers share is not held through a flush.
-        (:meth:`finish`, for a caller with nothing else to do, overlaps the flush with the index statements.)
-        """
-        try:
-            staged = self._stage(pending, sop_class, sop_uid, background=True)
-            if isinstance(staged, StoreResult):
-                return self._noted(pending, staged)
-            if isinstance(staged.durable, CommitInThread):
-                try:
-                    # shielded: an association that goes away meanwhile does not cancel the commit
-                    await asyncio.shield(asyncio.wrap_future(staged.durable.future))
-                except asyncio.CancelledError:
-                    staged.durable.future.add_done_callback(lambda _: self._discard_staged(staged))
-                    raise
-                except BaseException:
-                    self._discard_staged(staged)
-                    raise
-            return self._noted(pending, self._record(staged))
-        except Exception as exc:
-            self._reject(pending, exc)
-            raise
-
     def _noted(self, pending: PendingObject, result: StoreResult) -> StoreResult:
         """``result``, its warnings (if any) appended to the ingest warnings log and the server's log."""
         if result.warnings:
@@ -221,7 +191,7 @@ class Ingest:
         raise StorageError(f"store failed: {exc}") from exc
 
     def _stage(self, pending: PendingObject, sop_class: str | None, sop_uid: str | None,
-               background: bool = False, lookup_first: bool = False) -> _Staged | StoreResult:
+               lookup_first: bool = False) -> _Staged | StoreResult:
         """Check the header and start the blob's commit; a StoreResult for a duplicate that the lookup before the
         write found (nothing written).
 
@@ -248,13 +218,13 @@ class Ingest:
                     return StoreResult(StoreStatus.DUPLICATE, current, warnings=header.warnings)
             stamp = self._stamps.next()
             key = object_key(header.sop_uid, stamp, digest)
-            durable = w.start_commit(key, background=background)  # written now, flushed while the index works
+            durable = w.start_commit(key)  # written now, flushed while the index works
         else:
             digest = w.digest
             reader = w.reader()  # the buffer it reads is handed to the blob store by start_commit
             stamp = self._stamps.next()
             key = object_key(sop_uid, stamp, digest)
-            durable = w.start_commit(key, background=background)
+            durable = w.start_commit(key)
             try:
                 header = self._checked_header(reader, sop_class, sop_uid)
                 if header.sop_uid != sop_uid:  # committed under the command's cut UID: again under the dataset's
@@ -268,7 +238,7 @@ class Ingest:
                 pending.writer = w
                 digest = w.digest
                 key = object_key(header.sop_uid, stamp, digest)
-                durable = w.start_commit(key, background=background)
+                durable = w.start_commit(key)
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                                 header.transfer_syntax, key, digest, w.size)
 
