@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from conftest import make_study
 
-from bastion.index import Index, open_index
+from bastion.blobs.memory import MemoryBlobStore
+from bastion.index import Change, Index, LogPosition, log_floor, open_index
+from bastion.ingest.pipeline import Ingest
+from bastion.ingest.rebuild import rebuild
 from bastion.model.attributes import tag_hex, tag_of, vr_of
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, parse_condition
@@ -261,10 +269,11 @@ def test_record_many_and_clear(index: Index) -> None:
     objs = [obj("1.2.3.1.1"), obj("1.2.3.1.2"), obj("1.2.3.1.1", content="v2")]
     statuses = [s for s, _ in index.record_many(objs)]
     assert statuses == [StoreStatus.STORED, StoreStatus.STORED, StoreStatus.SUPERSEDED]
+    last = index.statistics().last_change
     index.clear()
     st = index.statistics()
-    assert (st.instances, st.versions, st.last_change) == (0, 0, 0)
-    assert list(index.versions()) == []
+    assert (st.instances, st.versions) == (0, 0) and st.last_change >= last  # the log never goes back
+    assert list(index.versions()) == [] and index.changes() == []
 
 
 def test_file_index_survives_reopening(tmp_path: Path) -> None:
@@ -324,9 +333,7 @@ def test_the_wal_file_is_cut_back_when_it_starts_over(tmp_path: Path) -> None:
     its beginning and cut the file back (``journal_size_limit``), so that later frames go to new file pages, which
     the kernel does not read before writing into them (BENCHMARKS.md, item 49: one 4 KB read per C-STORE
     otherwise, in a server that had run for minutes)."""
-    import sqlite3
     import time
-    from contextlib import closing
 
     from bastion.index import sqlite as sqlite_index
 
@@ -353,5 +360,222 @@ def test_the_wal_file_is_cut_back_when_it_starts_over(tmp_path: Path) -> None:
             assert busy == 0 and copied == frames
         idx.record(obj(f"1.2.3.1.{i}", number=i))
         assert wal.stat().st_size <= sqlite_index._WAL_KEEP_BYTES
+    finally:
+        idx.close()
+
+
+# -- the change log: positions that stay valid (see bastion.index.base) ------------------------------------------
+
+class Consumer:
+    """A change-log consumer as the metadata warmer (and replication later) is one: it keeps a position and
+    reads on from it in small pages, starting the new log from its start when told its log is gone."""
+
+    def __init__(self, position: LogPosition) -> None:
+        self.position = position
+        self.seen: list[Change] = []
+        self.resets = 0
+
+    def follow(self, index: Index) -> list[Change]:
+        """Read everything after the position; the changes read this time."""
+        before = len(self.seen)
+        while True:
+            read = index.changes_after(self.position, limit=2)
+            if read.reset:
+                assert read.changes == () and read.position == index.log_start()
+                self.resets += 1
+            elif not read.changes:
+                return self.seen[before:]
+            self.seen.extend(read.changes)
+            self.position = read.position
+
+
+def test_a_position_is_written_and_read_back() -> None:
+    position = LogPosition("0f" * 16, 12345)
+    assert LogPosition.parse(str(position)) == position
+    for bad in ("", "12", ":12", "abc:", "a:b:1"):
+        with pytest.raises(ValueError):
+            LogPosition.parse(bad)
+
+
+def test_a_consumer_reads_every_change_once_in_order(index: Index) -> None:
+    consumer = Consumer(index.log_start())
+    for i in range(5):
+        index.record(obj(f"1.2.3.1.{i + 1}"))
+    assert [c.sop_uid for c in consumer.follow(index)] == [f"1.2.3.1.{i + 1}" for i in range(5)]
+    assert consumer.follow(index) == [] and consumer.position == index.log_end()
+    index.record(obj("1.2.3.1.1", content="v2"))
+    assert [c.kind for c in consumer.follow(index)] == ["superseded", "stored"]
+    assert consumer.resets == 0
+
+
+def test_seq_never_goes_backwards_after_clear(index: Index) -> None:
+    for i in range(3):
+        index.record(obj(f"1.2.3.1.{i + 1}"))
+    consumer = Consumer(index.log_start())
+    consumer.follow(index)
+    old = index.log_end()
+    index.clear()
+    start = index.log_start()
+    assert start.epoch != old.epoch and start.seq >= old.seq and index.log_end() == start
+    _, seq = index.record(obj("1.2.3.1.1"))
+    assert seq is not None and seq > old.seq
+    [again] = consumer.follow(index)  # told that its log is gone, it reads the new one from its start
+    assert (consumer.resets, again.seq, again.sop_uid) == (1, seq, "1.2.3.1.1")
+    index.clear()
+    index.clear()  # an empty log cleared again starts after the same floor: still never back
+    assert index.log_start().seq >= seq and index.record(obj("1.2.3.1.2"))[1] > seq  # type: ignore[operator]
+
+
+def test_a_position_past_the_end_of_the_log_is_a_reset(index: Index) -> None:
+    index.record(obj("1.2.3.1.1"))
+    end = index.log_end()
+    read = index.changes_after(LogPosition(end.epoch, end.seq + 10))
+    assert read.reset and read.position == index.log_start() and read.changes == ()
+    read = index.changes_after(LogPosition("no-such-epoch", 0))
+    assert read.reset and read.position == index.log_start()
+    assert not index.changes_after(end).reset
+
+
+def test_deleted_is_recorded(index: Index) -> None:
+    a1, a2 = obj("1.2.3.1.1", content="v1"), obj("1.2.3.1.1", content="v2")
+    b = obj("1.2.3.1.2")
+    other = obj("7.7.7.1.1", series="7.7.7.1", study="7.7.7", patient="P7")
+    for o in (a1, a2, b, other):
+        index.record(o)
+    consumer = Consumer(index.log_start())
+    consumer.follow(index)
+    deleted = index.delete_instance("1.2.3.1.1")
+    assert deleted is not None
+    assert (deleted.kind, deleted.sop_uid, deleted.series_uid, deleted.study_uid, deleted.blob_key) == (
+        "deleted", "1.2.3.1.1", "1.2.3.1", "1.2.3", a2.instance.blob_key)
+    assert deleted.seq > consumer.position.seq and index.log_end().seq == deleted.seq
+    assert consumer.follow(index) == [deleted]
+    assert index.current("1.2.3.1.1") is None
+    assert not index.has_blob(a1.instance.blob_key) and not index.has_blob(a2.instance.blob_key)
+    assert {v.blob_key for v in index.versions()} == {b.instance.blob_key, other.instance.blob_key}
+    st = index.statistics()
+    assert (st.patients, st.studies, st.series, st.instances, st.versions) == (2, 2, 2, 2, 0)
+    assert index.delete_instance("1.2.3.1.1") is None  # not indexed (any more): nothing recorded
+    assert index.log_end().seq == deleted.seq
+    last = index.delete_instance("1.2.3.1.2")
+    assert last is not None and last.kind == "deleted" and last.seq > deleted.seq
+    st = index.statistics()
+    assert (st.patients, st.studies, st.series, st.instances) == (1, 1, 1, 1)  # the empty levels went too
+    assert _values(index.find(QueryLevel.STUDY, []), "StudyInstanceUID") == ["7.7.7"]
+    index.record(b)  # stored again: a new change after the deletion
+    assert [c.kind for c in consumer.follow(index)] == ["deleted", "stored"]
+
+
+def _blob_store_with_study(tmp_path: Path, index: Index, files: int) -> tuple[MemoryBlobStore, list[bytes]]:
+    """A blob store and ``index`` holding a study's first ``files`` instances stored through ingest, and the
+    Part 10 bytes of them all."""
+    study = make_study(tmp_path / "study", series=1, per_series=files + 4)
+    data = [f.read_bytes() for f in study.files]
+    blobs = MemoryBlobStore()
+    ingest = Ingest(blobs, index)
+    for blob in data[:files]:
+        assert ingest.store_bytes(blob, "test").status is StoreStatus.STORED
+    return blobs, data
+
+
+def _rebuild_as_the_cli_does(blobs: MemoryBlobStore, old: Index, where: str) -> Index:
+    """A new index at ``where`` filled by :func:`bastion.ingest.rebuild.rebuild`, its log after the old one's:
+    `bastion index rebuild` reads the old index's file (and its mark) with ``log_floor``; an in-memory index
+    is asked."""
+    after = max(log_floor(old.location), old.log_end().seq)
+    new = open_index(where)
+    report = rebuild(blobs, new, after=after)
+    assert report.skipped == []
+    return new
+
+
+def test_a_consumer_across_a_rebuild_skips_and_repeats_nothing(index: Index, tmp_path: Path,
+                                                               request: pytest.FixtureRequest) -> None:
+    blobs, data = _blob_store_with_study(tmp_path, index, 4)
+    changed = pydicom.dcmread(BytesIO(data[0]))
+    changed.StudyDescription = "A CORRECTED COPY"  # a new version of the first instance
+    out = BytesIO()
+    changed.save_as(out, enforce_file_format=True)
+    ingest = Ingest(blobs, index)
+    assert ingest.store_bytes(out.getvalue(), "test").status is StoreStatus.SUPERSEDED
+    consumer = Consumer(index.log_start())
+    before = consumer.follow(index)
+    assert len(before) == 6  # four stored, one superseded and its new version
+    assert ingest.store_bytes(data[4], "test").status is StoreStatus.STORED  # the consumer lags behind this one
+
+    where = ":memory:" if index.location == ":memory:" else str(tmp_path / "rebuilt.sqlite3")
+    rebuilt = _rebuild_as_the_cli_does(blobs, index, where)
+    request.addfinalizer(rebuilt.close)
+    for blob in data[5:7]:  # stored after the rebuild
+        assert Ingest(blobs, rebuilt).store_bytes(blob, "test").status is StoreStatus.STORED
+
+    after = consumer.follow(rebuilt)
+    assert consumer.resets == 1
+    # no seq handed out twice, none going back: across both logs every seq the consumer saw is larger
+    seqs = [c.seq for c in consumer.seen]
+    assert seqs == sorted(set(seqs)) and after[0].seq > before[-1].seq
+    # the new log read once, whole: every change in it, none twice
+    assert after == rebuilt.changes(0, 1000)
+    stored = [c.blob_key for c in after if c.kind == "stored"]
+    assert len(stored) == len(set(stored))
+    current = {r.blob_key for r in rebuilt.instances(QueryLevel.STUDY, [])}
+    assert len(current) == 7 and current <= set(stored)  # the lagging object and those stored after it too
+    # a restart: the position, written and read back, goes on with what comes next and nothing else
+    again = Consumer(LogPosition.parse(str(consumer.position)))
+    assert again.follow(rebuilt) == []
+    assert Ingest(blobs, rebuilt).store_bytes(data[7], "test").status is StoreStatus.STORED
+    assert [c.kind for c in again.follow(rebuilt)] == ["stored"] and again.resets == 0
+
+
+def test_a_file_index_keeps_positions_valid_across_reopening(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.sqlite3")
+    idx = open_index(path)
+    idx.record(obj("1.2.3.1.1"))
+    consumer = Consumer(idx.log_start())
+    consumer.follow(idx)
+    idx.close()
+    idx = open_index(path)
+    try:
+        _, seq = idx.record(obj("1.2.3.1.2"))
+        assert [c.seq for c in consumer.follow(idx)] == [seq] and consumer.resets == 0
+    finally:
+        idx.close()
+
+
+def test_seqs_lost_with_a_power_failure_are_not_handed_out_again(tmp_path: Path) -> None:
+    """SQLite with synchronous=NORMAL may lose its last commits in a power failure, which a consumer may have
+    read: after crash recovery's resume_log_after_crash the log goes on after the durable mark."""
+    path = str(tmp_path / "index.sqlite3")
+    idx = open_index(path)
+    for i in range(4):
+        idx.record(obj(f"1.2.3.1.{i + 1}"))
+    consumer = Consumer(idx.log_start())
+    consumer.follow(idx)
+    idx.close()
+    with closing(sqlite3.connect(path)) as db, db:  # the last two commits never reached the disk
+        db.execute("DELETE FROM changes WHERE seq > (SELECT max(seq) - 2 FROM changes)")
+    idx = open_index(path)
+    try:
+        idx.resume_log_after_crash()
+        assert idx.log_end().seq >= consumer.position.seq and idx.log_end().epoch == consumer.position.epoch
+        _, seq = idx.record(obj("1.2.3.1.9"))
+        assert seq is not None and seq > consumer.position.seq
+        assert [c.seq for c in consumer.follow(idx)] == [seq] and consumer.resets == 0
+    finally:
+        idx.close()
+
+
+def test_a_new_index_beside_the_mark_of_a_lost_one_goes_on_after_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.sqlite3")
+    idx = open_index(path)
+    _, seq = idx.record(obj("1.2.3.1.1"))
+    idx.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(path + suffix).unlink(missing_ok=True)  # the index is lost; its mark is not
+    assert log_floor(path) > (seq or 0)
+    idx = open_index(path)
+    try:
+        _, again = idx.record(obj("1.2.3.1.1"))
+        assert again is not None and seq is not None and again > seq
     finally:
         idx.close()

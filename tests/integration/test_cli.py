@@ -178,3 +178,50 @@ def test_serve_on_a_port_in_use_fails_at_once_with_one_clear_line(tmp_path: Path
     assert f"bastion: cannot listen for {what} on 127.0.0.1:{port}: Address already in use" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert (tmp_path / "data" / ".running").read_text() == "clean"  # nothing ran: no recovery next time
+
+
+def test_a_change_log_consumer_across_index_rebuild_skips_and_repeats_nothing(tmp_path: Path) -> None:
+    """A consumer (the metadata warmer; replication later) keeps its position in the change log across
+    `bastion index rebuild`: told that its log is gone, it reads the rebuilt one from its start, and every seq it
+    sees, across both logs, is larger than the one before."""
+    from bastion.archive import Archive
+    from bastion.index import Change, Index, LogPosition
+    from bastion.settings import load_settings
+
+    def follow(index: Index, position: LogPosition) -> tuple[list[Change], LogPosition, int]:
+        seen, resets = [], 0
+        while True:
+            read = index.changes_after(position, limit=3)
+            resets += read.reset
+            if not read.reset and not read.changes:
+                return seen, position, resets
+            seen.extend(read.changes)
+            position = read.position
+
+    study = make_study(tmp_path / "s", series=2, per_series=4)
+    settings = load_settings(None, env={}, data=tmp_path / "data")
+    archive = Archive.open(settings)
+    try:
+        for f in study.files[:5]:
+            archive.ingest.store_bytes(f.read_bytes(), "test")
+        before, position, _ = follow(archive.index, archive.index.log_start())
+        archive.ingest.store_bytes(study.files[5].read_bytes(), "test")  # not read before the rebuild
+    finally:
+        archive.close()
+    saved = str(position)  # as a consumer keeps it in a file
+
+    proc = run_bastion("index", "rebuild", "--data", str(settings.data))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    archive = Archive.open(settings)
+    try:
+        for f in study.files[6:]:
+            archive.ingest.store_bytes(f.read_bytes(), "test")
+        after, end, resets = follow(archive.index, LogPosition.parse(saved))
+        assert resets == 1 and end == archive.index.log_end()
+        seqs = [c.seq for c in before + after]
+        assert seqs == sorted(set(seqs))
+        assert after == archive.index.changes(0, 1000)  # the whole new log, each change once
+        assert sorted(c.sop_uid for c in after if c.kind == "stored") == sorted(study.sop_uids)
+    finally:
+        archive.close()

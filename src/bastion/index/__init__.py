@@ -3,6 +3,6 @@
 Every backend implements :class:`bastion.index.base.Index`.
 """
 
-from bastion.index.base import Change, Index, Statistics, open_index
+from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, log_floor, open_index
 
-__all__ = ["Change", "Index", "Statistics", "open_index"]
+__all__ = ["Change", "Index", "LogPosition", "LogRead", "Statistics", "log_floor", "open_index"]

@@ -1,4 +1,28 @@
-"""The Index interface: record stored objects, answer queries, keep the change log."""
+"""The Index interface: record stored objects, answer queries, keep the change log.
+
+The change log
+--------------
+Every change to what is indexed appends one :class:`Change`: ``stored`` (a new current version),
+``superseded`` (a current version replaced by newer bytes under the same SOP Instance UID) or ``deleted``
+(an instance removed, :meth:`Index.delete_instance`). Consumers (the metadata warmer; replication and
+forwarding later) follow it and remember a :class:`LogPosition`: the log's ``epoch`` and the ``seq`` of the
+last entry they handled. The index guarantees:
+
+* **A seq is never reused and never goes backwards**, across restarts, :meth:`Index.clear` and ``bastion index
+  rebuild``: a new log continues after every seq the index handed out before (the rebuild starts the new
+  index's log after the old one's, :meth:`Index.start_log_after`), and a durable high-water mark kept beside
+  the index (:mod:`bastion.index.seqmark`) carries the floor across a power failure that lost the index's last
+  commits (:meth:`Index.resume_log_after_crash`, run by crash recovery) and across an old index that can no
+  longer be read. The mark is only a floor: the stored files stay the truth.
+* **A log has an identity.** A new index, :meth:`Index.clear` and a rebuild start a new log with a new epoch:
+  it describes the objects indexed from then on afresh (a rebuild records every stored object again, oldest
+  first). :meth:`Index.changes_after` returns the entries after a position of the current log; for a position
+  of a log that is gone (another epoch, or past the end of this one) it returns none, with ``reset`` set and
+  the new log's start as the position to go on from. The consumer decides what a reset means to it: one whose
+  work is idempotent (the metadata warmer) reads the new log from its start and skips what it already did.
+  Within one epoch a consumer that resumes from its stored position after a restart sees every change after it
+  once, in order, none skipped or repeated.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +34,59 @@ from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition
 from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus
 
+#: The kinds of change-log entries: a new current version, a current version replaced by newer bytes, an
+#: instance removed from the index.
+STORED, SUPERSEDED, DELETED = "stored", "superseded", "deleted"
+CHANGE_KINDS = (STORED, SUPERSEDED, DELETED)
+
 
 @dataclass(frozen=True)
 class Change:
-    """One entry of the change log (monotonic ``seq``)."""
+    """One entry of the change log (``seq`` increases, never reused; see the module docstring)."""
 
     seq: int
-    kind: str  # "stored" | "superseded"
+    kind: str  # one of CHANGE_KINDS
     sop_uid: str
     series_uid: str
     study_uid: str
     blob_key: str
     at: str  # ISO 8601 UTC
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """A place in the change log: the log's ``epoch`` and the ``seq`` of the last entry handled there.
+
+    Written as ``<epoch>:<seq>`` (:meth:`parse` reads it back), so a consumer can keep it in a file.
+    """
+
+    epoch: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> LogPosition:
+        """The position written as ``<epoch>:<seq>``; ValueError for anything else."""
+        epoch, sep, seq = text.strip().rpartition(":")
+        if not sep or not epoch or ":" in epoch:
+            raise ValueError(f"not a change-log position: {text!r}")
+        return cls(epoch, int(seq))
+
+
+@dataclass(frozen=True)
+class LogRead:
+    """What :meth:`Index.changes_after` found after a position.
+
+    ``changes``: the entries after it, oldest first. ``position``: where to go on from (the last entry returned,
+    else the position asked for). ``reset``: the position belongs to a log that is gone (cleared, rebuilt, or it
+    lies past this log's end); ``changes`` is then empty and ``position`` is the start of the current log.
+    """
+
+    changes: tuple[Change, ...]
+    position: LogPosition
+    reset: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,11 +172,47 @@ class Index(abc.ABC):
 
     @abc.abstractmethod
     def changes(self, since: int = 0, limit: int = 100) -> list[Change]:
-        """Change-log entries with ``seq > since``, oldest first."""
+        """Entries of the current change log with ``seq > since``, oldest first (whatever log ``since`` came
+        from: a consumer that must notice a new log uses :meth:`changes_after`)."""
+
+    @abc.abstractmethod
+    def changes_after(self, position: LogPosition, limit: int = 100) -> LogRead:
+        """At most ``limit`` entries after ``position``, oldest first, or a reset if its log is gone.
+
+        Within one epoch, reading from the position each read returns sees every entry once, in ``seq`` order.
+        """
+
+    @abc.abstractmethod
+    def log_start(self) -> LogPosition:
+        """The current log's epoch and the ``seq`` it starts after (its entries' are all greater)."""
+
+    @abc.abstractmethod
+    def log_end(self) -> LogPosition:
+        """The current log's epoch and its newest ``seq`` (its start's if it has no entries)."""
 
     def last_change_seq(self) -> int:
-        """The ``seq`` of the newest change-log entry (0 if none)."""
-        return self.statistics().last_change
+        """The ``seq`` the current change log has reached (:meth:`log_end`)."""
+        return self.log_end().seq
+
+    @abc.abstractmethod
+    def start_log_after(self, seq: int) -> LogPosition:
+        """Drop the change log and start a new one (a new epoch) whose entries' ``seq`` are greater than ``seq``
+        and than any this index handed out; its start. For an index about to be filled
+        (``bastion index rebuild``): the entries that describe what it holds are recorded afterwards."""
+
+    @abc.abstractmethod
+    def resume_log_after_crash(self) -> None:
+        """After an unclean shutdown, before anything is recorded: the log continues after its durable mark, so
+        that no ``seq`` that the commits a power failure lost had handed out is handed out again (the epoch
+        stays: positions up to the mark stay valid, and the objects those commits recorded are recorded again
+        by crash recovery, after them)."""
+
+    @abc.abstractmethod
+    def delete_instance(self, sop_uid: str) -> Change | None:
+        """Remove an instance from the index, its current and superseded versions alike (and its series, study
+        and patient once they hold nothing), recording a ``deleted`` change; that change, or None if the
+        instance is not indexed. The blob store is not touched: the caller tombstones the versions' blobs
+        (a rebuild indexes whatever the blob store still holds)."""
 
     @abc.abstractmethod
     def statistics(self) -> Statistics:
@@ -119,7 +220,8 @@ class Index(abc.ABC):
 
     @abc.abstractmethod
     def clear(self) -> None:
-        """Drop everything (before a rebuild)."""
+        """Drop everything (before a rebuild); the change log starts again as by :meth:`start_log_after`, so no
+        ``seq`` is handed out twice."""
 
     def close(self) -> None:
         """Release connections and threads."""
@@ -131,3 +233,12 @@ def open_index(location: str) -> Index:
     from bastion.index.sqlite import SqliteIndex
 
     return SqliteIndex(location)
+
+
+def log_floor(location: str) -> int:
+    """The ``seq`` after which the change log of an index replacing the one at ``location`` must start: the
+    highest that one handed out, read from it where it can be read (without changing it) and from its durable
+    mark, which survives an index that cannot be read. 0 for ``:memory:``."""
+    from bastion.index.sqlite import log_floor as sqlite_log_floor
+
+    return 0 if location == ":memory:" else sqlite_log_floor(location)

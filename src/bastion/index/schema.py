@@ -11,6 +11,11 @@ and their numbers of series and studies change only when one is added or removed
 instance thus writes one level page, not three (an index made before schema 5 keeps two unused count columns:
 :data:`MIGRATE_4_TO_5`). The ordering indexes end with the tie-breaking UID so that
 ``ORDER BY ... LIMIT`` walks an index instead of sorting.
+
+The change log's identity lives in ``meta``: ``log_epoch`` (a random id a new log gets) and ``log_start`` (the
+``seq`` it starts after). A row of kind :data:`FLOOR_KIND` holds a ``seq`` the log continues after (SQLite
+gives a new row the largest rowid plus one); it is no change and is never returned (see
+:mod:`bastion.index.base` for what the log guarantees).
 """
 
 import contextlib
@@ -18,7 +23,10 @@ import sqlite3
 
 from bastion.errors import IndexFailure
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+
+#: The kind of the change-log rows that only hold a floor for ``seq`` (never returned as changes).
+FLOOR_KIND = "floor"
 
 #: Joins the values of ModalitiesInStudy / SOPClassesInStudy in their columns.
 SUMMARY_SEP = "\\"
@@ -105,6 +113,9 @@ CREATE TABLE IF NOT EXISTS changes (
   blob_key TEXT NOT NULL,
   at TEXT NOT NULL
 );
+
+INSERT OR IGNORE INTO meta VALUES ('log_epoch', lower(hex(randomblob(16))));
+INSERT OR IGNORE INTO meta VALUES ('log_start', '0');
 """
 
 #: Statements that bring a version-1 index to version 2 (run before :data:`DDL`, in one transaction).
@@ -143,7 +154,11 @@ MIGRATE_3_TO_4 = ("DROP INDEX IF EXISTS changes_at",)
 #: index rebuild` makes the new tables.
 MIGRATE_4_TO_5: tuple[str, ...] = ()
 
-MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4, 4: MIGRATE_4_TO_5}
+#: Version 6: the change log has an identity (``log_epoch``, ``log_start`` in ``meta``, written by :data:`DDL`).
+#: The log an index has continues as the new epoch's, from its start: positions read from it stay valid.
+MIGRATE_5_TO_6: tuple[str, ...] = ()
+
+MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4, 4: MIGRATE_4_TO_5, 5: MIGRATE_5_TO_6}
 
 #: NumberOf{Study,Patient}RelatedInstances of the study ``s`` or patient ``p`` a search returns: the sum of their
 #: series' counts (a few series per study, found through ``series_order`` and ``studies_patient_order``).

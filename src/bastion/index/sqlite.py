@@ -9,6 +9,12 @@ last commits of the index, never of the blobs (durable before the commit): after
 unclean shutdown :func:`bastion.ingest.rebuild.recover` re-indexes the objects stored since
 the newest indexed stamp, so the index stays a rebuildable cache. Reads use one connection
 per thread.
+
+The change log (see :mod:`bastion.index.base`): ``changes.seq`` is the rowid, so SQLite hands out the largest
+plus one; a new log (new index, :meth:`SqliteIndex.clear`, :meth:`SqliteIndex.start_log_after`) and the
+continuation after a crash insert a row of kind :data:`~bastion.index.schema.FLOOR_KIND` at the ``seq`` to go on
+after, which no read returns. Its durable high-water mark is the file ``<index>-seqmark``
+(:mod:`bastion.index.seqmark`), covered after every commit that hands out a ``seq``.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
 from bastion.index import sqlite_record
-from bastion.index.base import Change, Index, Statistics, Version
+from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version
 from bastion.index.rows import IndexRow
-from bastion.index.schema import INSTANCE_COUNTS, SUMMARY_SEP, TABLES, create_or_migrate
+from bastion.index.schema import FLOOR_KIND, INSTANCE_COUNTS, SUMMARY_SEP, TABLES, create_or_migrate
+from bastion.index.seqmark import SeqMark
 from bastion.index.sqlcompile import compile_conditions
 from bastion.model import dicom_json
 from bastion.model.attributes import tag_hex
@@ -105,6 +112,16 @@ def _stored_since(conn: sqlite3.Connection, cutoff: str) -> int:
     return int(conn.execute("SELECT count(*) FROM changes WHERE seq >= ? AND kind = 'stored'", (lo,)).fetchone()[0])
 
 
+_CHANGE_COLS = "seq, kind, sop_uid, series_uid, study_uid, blob_key, at"
+
+
+def _changes(conn: sqlite3.Connection, since: int, limit: int) -> list[Change]:
+    """Entries of the log with ``seq > since`` (the floor rows left out), oldest first."""
+    rows = conn.execute(f"SELECT {_CHANGE_COLS} FROM changes WHERE seq > ? AND kind <> ? ORDER BY seq LIMIT ?",
+                        (since, FLOOR_KIND, limit)).fetchall()
+    return [Change(*r) for r in rows]
+
+
 def _us(tag: str, value: int) -> dict[str, Any]:
     return {tag: {"vr": "IS", "Value": [value]}}
 
@@ -122,6 +139,53 @@ def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
 def _write_error(error: BaseException) -> BaseException:
     """What a failed write raises: an SQLite error as an IndexFailure, anything else as it came."""
     return IndexFailure(f"index write failed: {error}") if isinstance(error, sqlite3.Error) else error
+
+
+def _log_meta(conn: sqlite3.Connection) -> tuple[str, int]:
+    """The current change log's epoch and the ``seq`` it starts after."""
+    found = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('log_epoch', 'log_start')").fetchall())
+    return found["log_epoch"], int(found["log_start"])
+
+
+def _log_end(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
+
+def _insert_floor(conn: sqlite3.Connection, seq: int) -> None:
+    """A row that makes SQLite hand out ``seq + 1`` next (never returned as a change)."""
+    conn.execute("INSERT INTO changes VALUES (?, ?, '', '', '', '', ?)", (seq, FLOOR_KIND, sqlite_record.now_iso()))
+
+
+def _start_log(conn: sqlite3.Connection, after: int, *, new_epoch: bool = True) -> LogPosition:
+    """Drop the change log and start one whose entries' ``seq`` are greater than ``after`` and than every
+    ``seq`` it held (in the transaction open on ``conn``)."""
+    floor = max(after, _log_end(conn), _log_meta(conn)[1])
+    conn.execute("DELETE FROM changes")
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+        conn.execute("DELETE FROM sqlite_sequence")  # an index made before schema 5 (AUTOINCREMENT)
+    _insert_floor(conn, floor)
+    epoch = uuid.uuid4().hex if new_epoch else _log_meta(conn)[0]
+    conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", (("log_epoch", epoch), ("log_start", str(floor))))
+    return LogPosition(epoch, floor)
+
+
+def log_floor(path: str) -> int:
+    """:func:`bastion.index.base.log_floor` for the SQLite index file ``path`` (opened read-only)."""
+    floor = SeqMark(path).read()
+    if not os.path.exists(path):
+        return floor
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True, timeout=60)
+        try:
+            floor = max(floor, _log_end(conn))
+            start = conn.execute("SELECT value FROM meta WHERE key = 'log_start'").fetchone()
+            return max(floor, int(start[0])) if start else floor
+        finally:
+            conn.close()
+    except (sqlite3.Error, ValueError) as exc:
+        log.warning("the index %s cannot be read (%s): its change log is taken to end at its mark, %d",
+                    path, exc, floor)
+        return floor
 
 
 class SqliteIndex(Index):
@@ -149,6 +213,7 @@ class SqliteIndex(Index):
             self._lock_fd = self._open_writer_lock()
         self._writer_conn = self._connect()
         create_or_migrate(self._writer_conn)
+        self._mark = SeqMark(path if path == self.location else None)
         # the common record in C, on a connection of its own (a file only: it shares the writer lock)
         self._recorder = (sqlite_record.open_recorder(path, self._lock_fd, _RECORDER_PRAGMAS)
                           if self._lock_fd >= 0 else None)
@@ -164,6 +229,20 @@ class SqliteIndex(Index):
             self._checkpointer = threading.Thread(target=self._run_checkpointer, name="bastion-index-checkpoint",
                                                   daemon=True)
             self._checkpointer.start()
+        self._open_log()
+
+    def _open_log(self) -> None:
+        """Keep the durable mark ahead of the log; a new, empty log starts after the mark (an index file made
+        again beside the mark of the one it replaces)."""
+        conn = self._reader()
+        if not conn.execute("SELECT 1 FROM changes LIMIT 1").fetchone():
+            mark = self._mark.read()
+            if mark > _log_end(conn):
+                def _start(conn: sqlite3.Connection) -> None:
+                    if not conn.execute("SELECT 1 FROM changes LIMIT 1").fetchone():  # again, under the lock
+                        _start_log(conn, mark, new_epoch=False)
+                self._write(_start)
+        self._mark.cover(_log_end(conn))
 
     # -- connections -------------------------------------------------------------------
     def _open_writer_lock(self) -> int:
@@ -341,22 +420,54 @@ class SqliteIndex(Index):
                 recorded = sqlite_record.record_in_c(self._recorder, row, durable) if self._queue.empty() else None
                 if recorded is not None:
                     self._commits += 1
-                    return recorded
             finally:
                 self._write_lock.release()
-        return self._write(lambda conn: sqlite_record.record(conn, row, same_content), durable)
+            if recorded is not None:
+                self._mark.cover(recorded[1])
+                return recorded
+        status, seq = self._write(lambda conn: sqlite_record.record(conn, row, same_content), durable)
+        if seq is not None:
+            self._mark.cover(seq)
+        return status, seq
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         rows = [IndexRow.of(obj) for obj in objs]
-        return self._write(lambda conn: [sqlite_record.record(conn, row) for row in rows])
+        recorded = self._write(lambda conn: [sqlite_record.record(conn, row) for row in rows])
+        self._mark.cover(max((seq for _, seq in recorded if seq is not None), default=0))
+        return recorded
+
+    def delete_instance(self, sop_uid: str) -> Change | None:
+        def _delete(conn: sqlite3.Connection) -> Change | None:
+            seq = sqlite_record.delete(conn, sop_uid)
+            if seq is None:
+                return None
+            return Change(*conn.execute(f"SELECT {_CHANGE_COLS} FROM changes WHERE seq = ?", (seq,)).fetchone())
+        change = self._write(_delete)
+        if change is not None:
+            self._mark.cover(change.seq)
+        return change
 
     def clear(self) -> None:
-        def _clear(conn: sqlite3.Connection) -> None:
+        def _clear(conn: sqlite3.Connection) -> LogPosition:
             for table in TABLES:
-                conn.execute(f"DELETE FROM {table}")
-            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
-                conn.execute("DELETE FROM sqlite_sequence")  # an index made before schema 5 (AUTOINCREMENT)
-        self._write(_clear)
+                if table != "changes":
+                    conn.execute(f"DELETE FROM {table}")
+            return _start_log(conn, 0)
+        self._mark.cover(self._write(_clear).seq)
+
+    def start_log_after(self, seq: int) -> LogPosition:
+        start = self._write(lambda conn: _start_log(conn, seq))
+        self._mark.cover(start.seq)
+        return start
+
+    def resume_log_after_crash(self) -> None:
+        mark = self._mark.read()
+
+        def _resume(conn: sqlite3.Connection) -> None:
+            if mark > _log_end(conn):
+                _insert_floor(conn, mark)
+        self._write(_resume)
+        self._mark.cover(mark)
 
     # -- reading -------------------------------------------------------------------------------
     def current(self, sop_uid: str) -> InstanceRecord | None:
@@ -479,12 +590,33 @@ class SqliteIndex(Index):
             conn.close()
 
     def changes(self, since: int = 0, limit: int = 100) -> list[Change]:
-        rows = self._reader().execute("SELECT seq, kind, sop_uid, series_uid, study_uid, blob_key, at FROM changes "
-                                      "WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)).fetchall()
-        return [Change(*r) for r in rows]
+        return _changes(self._reader(), since, limit)
+
+    def changes_after(self, position: LogPosition, limit: int = 100) -> LogRead:
+        conn = self._reader()
+        conn.execute("BEGIN")  # one snapshot: the epoch and the entries of the same log
+        try:
+            epoch, start = _log_meta(conn)
+            if position.epoch != epoch or position.seq > _log_end(conn):
+                return LogRead((), LogPosition(epoch, start), reset=True)
+            found = tuple(_changes(conn, position.seq, limit))
+        finally:
+            conn.execute("COMMIT")
+        return LogRead(found, LogPosition(epoch, found[-1].seq) if found else position)
+
+    def log_start(self) -> LogPosition:
+        return LogPosition(*_log_meta(self._reader()))
+
+    def log_end(self) -> LogPosition:
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            return LogPosition(_log_meta(conn)[0], _log_end(conn))
+        finally:
+            conn.execute("COMMIT")
 
     def last_change_seq(self) -> int:
-        return int(self._reader().execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+        return _log_end(self._reader())
 
     def statistics(self) -> Statistics:
         conn = self._reader()

@@ -120,6 +120,20 @@ def record(conn: sqlite3.Connection, row: IndexRow,
     return status, _change(conn, "stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
 
 
+def delete(conn: sqlite3.Connection, sop_uid: str) -> int | None:
+    """Remove instance ``sop_uid`` and its superseded versions in the transaction open on ``conn`` (its series,
+    study and patient too once they hold nothing): the seq of the ``deleted`` change, or None if it is not
+    indexed."""
+    found = conn.execute("SELECT blob_key, series_uid, study_uid FROM instances WHERE sop_uid = ?",
+                         (sop_uid,)).fetchone()
+    if found is None:
+        return None
+    key, series_uid, study_uid = found
+    conn.execute("DELETE FROM versions WHERE sop_uid = ?", (sop_uid,))
+    _remove_instance(conn, sop_uid, series_uid, study_uid)
+    return _change(conn, "deleted", sop_uid, series_uid, study_uid, key)
+
+
 def _levels(row: tuple[Any, ...]) -> _Levels:
     return (row[6:9] if row[7] is not None else None, row[9:13] if row[11] is not None else None,
             row[13:14] if row[13] is not None else None)

@@ -124,8 +124,16 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
     return report
 
 
-def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None) -> RebuildReport:
-    """Replay every stored object into ``index`` (which should be empty)."""
+def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None, *,
+            after: int = 0) -> RebuildReport:
+    """Replay every stored object into ``index`` (which should be empty), as a new change log.
+
+    The log gets a new epoch and starts after ``after``: the highest ``seq`` the index being replaced handed
+    out (:func:`bastion.index.log_floor`), so no ``seq`` is handed out twice, and a consumer that follows the log
+    is told that the log it read is gone (:meth:`Index.changes_after`) and reads this one from its start, where
+    every stored object is recorded again.
+    """
+    index.start_log_after(after)
     return _replay(blobs, index, stored_keys(blobs), "rebuild", progress)
 
 
@@ -154,6 +162,7 @@ def recover(blobs: BlobStore, index: Index) -> RebuildReport:
                 found.append((parts["stamp"], key))
     # These objects were stored just before the crash: an object whose file was written but not yet
     # made durable when the power went may be incomplete (it was never acknowledged), so each is checked.
+    index.resume_log_after_crash()  # no seq that the lost commits handed out is handed out again
     report = _replay(blobs, index, sorted(found), "recovery", verify=True)
     if report.indexed:
         log.warning("recovered %d stored object(s) that the index had lost", report.indexed)
