@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_study
+from conftest import make_study, run_bastion
 
 from bastion.archive import Archive
 from bastion.dicomweb.metadata import MetadataCache, MetadataWarmer, cache_directory
+from bastion.index import LogPosition
 from bastion.settings import load_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,10 +36,10 @@ class RecordingWarmer(MetadataWarmer):
         self.arriving = arriving
         self.batches_while_arriving: list[int] = []
 
-    def run_once(self, since: int, limit: int | None = None) -> int:
+    def run_once(self, since: LogPosition, limit: int | None = None) -> LogPosition:
         after = super().run_once(since, limit)
-        if self.arriving.is_set() and after > since:
-            self.batches_while_arriving.append(after - since)
+        if self.arriving.is_set() and after.seq > since.seq:
+            self.batches_while_arriving.append(after.seq - since.seq)
         return after
 
 
@@ -83,3 +84,74 @@ def test_under_long_ingest_the_warmer_works_in_small_batches_and_catches_up_afte
     assert max(warmer.batches_while_arriving) <= 3
     cached = list(directory.rglob("*.json"))
     assert len(cached) >= len(data) - 1  # everything after the first change it saw, once arrivals stopped
+
+
+def _caught_up(warmer: MetadataWarmer) -> LogPosition:
+    """Run the warmer's batches (as its thread does) until the change log has nothing more for it."""
+    position = warmer.position()
+    while True:
+        after = warmer.run_once(position)
+        if after == position:
+            return position
+        position = after
+
+
+def test_after_an_index_rebuild_the_warmer_warms_what_is_stored_next(tmp_path: Path) -> None:
+    """`bastion index rebuild` makes a new change log. The warmer kept its position in the old one; before the
+    log had epochs and a floor, the rebuilt log's seq started over at 1, and the warmer skipped every object
+    stored after the rebuild until the new log passed its old position (here the old log is longer: objects
+    whose files were removed are not in the rebuilt one)."""
+    study = make_study(tmp_path / "study", series=1, per_series=12)
+    data = tmp_path / "data"
+    settings = load_settings(None, env={}, data=data)
+    directory = cache_directory(data)
+    checkpoint = directory.parent / "metadata-warmer.seq"
+
+    def warmer_of(archive: Archive) -> MetadataWarmer:  # a new one per process, as `bastion serve` starts it
+        return MetadataWarmer(archive.index, MetadataCache(archive.retriever, directory, max_entries=0),
+                              checkpoint, quiet_s=0)
+
+    archive = Archive.open(settings)
+    try:
+        stored = [archive.ingest.store_bytes(f.read_bytes(), "test").record for f in study.files[:10]]
+        warmer = warmer_of(archive)
+        position = _caught_up(warmer)
+        assert warmer.built == 10 and LogPosition.parse(checkpoint.read_text()) == position
+    finally:
+        archive.close()
+    for record in stored[:6]:  # their files are gone: the rebuilt index does not have them
+        (data / "blobs" / record.blob_key).unlink()
+    proc = run_bastion("index", "rebuild", "--data", str(data))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    archive = Archive.open(settings)
+    try:
+        assert archive.index.statistics().instances == 4
+        later = [archive.ingest.store_bytes(f.read_bytes(), "test").record for f in study.files[10:]]
+        warmer = warmer_of(archive)
+        assert warmer.position() == position  # its old position, in a log that is gone
+        after = _caught_up(warmer)
+        assert after.epoch != position.epoch and after == archive.index.log_end()
+        assert warmer.built == 2  # the four it had written already cost a stat each
+    finally:
+        archive.close()
+    cache = MetadataCache.__new__(MetadataCache)
+    cache.directory = directory
+    for record in [*stored[6:], *later]:
+        path = cache._file(record.blob_key)
+        assert path is not None and path.exists(), record.sop_uid
+
+
+def test_a_deleted_instance_loses_its_cache_entry(archive: Archive, tmp_path: Path) -> None:
+    study = make_study(tmp_path / "study", series=1, per_series=2)
+    records = [archive.ingest.store_bytes(f.read_bytes(), "test").record for f in study.files]
+    directory = cache_directory(tmp_path / "data")
+    cache = MetadataCache(archive.retriever, directory, max_entries=0)
+    warmer = MetadataWarmer(archive.index, cache, directory.parent / "metadata-warmer.seq", quiet_s=0)
+    _caught_up(warmer)
+    entries = [cache._file(r.blob_key) for r in records]
+    assert all(p is not None and p.exists() for p in entries)
+    assert archive.index.delete_instance(records[0].sop_uid) is not None
+    _caught_up(warmer)
+    assert entries[0] is not None and not entries[0].exists()
+    assert entries[1] is not None and entries[1].exists()

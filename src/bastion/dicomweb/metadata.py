@@ -16,7 +16,9 @@ a 1,000-instance series costs 1,000 cache reads and one string join.
 A :class:`MetadataWarmer`, run by the primary process, follows the index's change log and
 writes the file-cache entry of every newly stored instance whatever its origin (C-STORE in
 any worker process, STOW-RS, import), so a viewer's first ``/metadata`` request for a large
-series reads files instead of parsing every object.
+series reads files instead of parsing every object. It keeps its position in the log (epoch and
+``seq``) in a file: after a restart it goes on from there, and after ``bastion index rebuild`` (a new
+log) it reads the new log from its start, skipping the entries it has already written.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from bastion.index.base import Index
+from bastion.index.base import DELETED, STORED, Index, LogPosition
 from bastion.model.attributes import tag_hex
 from bastion.model.dicom_json import needs_person_name_split, split_person_names_in
 from bastion.model.records import InstanceRecord
@@ -212,11 +214,14 @@ class MetadataCache:
 class MetadataWarmer:
     """Builds the metadata cache entries of newly stored instances in a background thread.
 
-    It reads the index's change log (:meth:`Index.changes`) from a checkpoint kept in a file
-    beside the cache, so entries are built once whichever process stored the object, and
-    restarts resume where they stopped. On a first start (no checkpoint) it begins
-    ``backlog`` changes before the newest, so recent studies are warm without reading the
-    whole archive. Best effort: an entry it cannot build is built on first request instead.
+    It reads the index's change log (:meth:`Index.changes_after`) from a position (epoch and ``seq``) kept
+    in a file beside the cache, so entries are built once whichever process stored the object, and
+    restarts resume where they stopped: every change after the position is handled once. When the log it
+    followed is gone (``bastion index rebuild``, :meth:`Index.clear`), it reads the new one from its start:
+    building an entry is idempotent, and one that exists costs a ``stat``. A ``deleted`` change removes the
+    version's file-cache entry. On a first start (no checkpoint) it begins ``backlog`` changes before the
+    newest, so recent studies are warm without reading the whole archive. Best effort: an entry it cannot
+    build is built on first request instead.
 
     Parameters
     ----------
@@ -225,7 +230,8 @@ class MetadataWarmer:
     cache
         The cache whose file entries are written (it must have a directory).
     checkpoint
-        File holding the last change-log sequence handled.
+        File holding the change-log position handled (``<epoch>:<seq>``; a bare ``seq`` written before the
+        log had epochs is taken as a position in the current log).
     backlog
         Changes before the newest to start from when there is no checkpoint.
     interval_s
@@ -272,23 +278,37 @@ class MetadataWarmer:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def _since(self) -> int:
+    def position(self) -> LogPosition:
+        """Where the warmer goes on from: its stored position, else ``backlog`` before the log's end."""
         try:
-            return int(self.checkpoint.read_text().strip())
-        except (OSError, ValueError):
-            newest = self.index.changes(0, 1)  # cheap probe; statistics() counts every table
-            if not newest:
-                return 0
-            return max(0, self.index.statistics().last_change - self.backlog)
+            text = self.checkpoint.read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit():  # written before the change log had epochs: a seq of the log the index has
+            return LogPosition(self.index.log_start().epoch, int(text))
+        try:
+            return LogPosition.parse(text)
+        except ValueError:
+            start, end = self.index.log_start(), self.index.log_end()
+            return LogPosition(end.epoch, max(start.seq, end.seq - self.backlog))
 
-    def run_once(self, since: int, limit: int | None = None) -> int:
-        """Handle the changes after ``since`` (one batch, at most ``limit``); return the new checkpoint."""
-        changes = self.index.changes(since, min(self.batch, limit or self.batch))
-        for change in changes:
+    def run_once(self, since: LogPosition, limit: int | None = None) -> LogPosition:
+        """Handle the changes after ``since`` (one batch, at most ``limit``); return the new position, which is
+        stored in the checkpoint file. If the log ``since`` belongs to is gone, the new position is the start
+        of the log the index has now, and nothing else is done."""
+        read = self.index.changes_after(since, min(self.batch, limit or self.batch))
+        if read.reset:
+            log.info("metadata warmer: the index has a new change log (rebuilt or cleared): reading it from "
+                     "its start")
+            MetadataCache._write(self.checkpoint, str(read.position))
+            return read.position
+        for change in read.changes:
             if self._stop.is_set():
                 return since
-            since = change.seq
-            if change.kind != "stored":
+            since = LogPosition(read.position.epoch, change.seq)
+            if change.kind == DELETED:
+                self._forget(change.blob_key)
+            if change.kind != STORED:
                 continue
             record = self.index.current(change.sop_uid)
             if record is None or record.blob_key != change.blob_key:
@@ -297,9 +317,18 @@ class MetadataWarmer:
                 self.built += int(self.cache.ensure(record))
             except Exception as exc:  # unreadable or gone: the request will tell
                 log.debug("metadata warm-up failed for %s: %s", record.blob_key, exc)
-        if changes:
+        if read.changes:
             MetadataCache._write(self.checkpoint, str(since))
         return since
+
+    def _forget(self, blob_key: str) -> None:
+        """Remove the file-cache entry of a deleted version (a viewer can no longer ask for it)."""
+        path = self.cache._file(blob_key)
+        if path is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.debug("metadata cache entry of %s not removed: %s", blob_key, exc)
 
     def rest_after(self, worked_s: float) -> float:
         """Seconds to rest after ``worked_s`` of work while ingest is busy: the warmer's time is then at most
@@ -308,12 +337,12 @@ class MetadataWarmer:
 
     def _run(self) -> None:
         try:
-            since = self._since()
-            newest_seen = -1
+            since = self.position()
+            newest_seen: LogPosition | None = None
             deferred_at: float | None = None
             while not self._stop.is_set() and not self.index.closed:
-                newest = self.index.last_change_seq()
-                if newest <= since:
+                newest = self.index.log_end()
+                if newest.epoch == since.epoch and newest.seq <= since.seq:
                     newest_seen, deferred_at = newest, None
                     self._stop.wait(self.interval_s)
                     continue
