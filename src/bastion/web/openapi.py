@@ -125,8 +125,9 @@ _CHANGE = {
     "required": ["seq", "kind", "sop_uid", "series_uid", "study_uid", "blob_key", "at"],
     "properties": {
         "seq": {"type": "integer", "minimum": 1},
-        "kind": {"type": "string", "enum": ["stored", "superseded"],
-                 "description": "`stored`: a new instance; `superseded`: new bytes for a known SOP Instance UID."},
+        "kind": {"type": "string", "enum": ["stored", "superseded", "deleted"],
+                 "description": "`stored`: a new instance; `superseded`: new bytes for a known SOP Instance UID; "
+                                "`deleted`: an instance removed."},
         "sop_uid": {"type": "string"}, "series_uid": {"type": "string"}, "study_uid": {"type": "string"},
         "blob_key": {"type": "string", "description": "Where the stored version lives in the blob store."},
         "at": {"type": "string", "description": "When it was indexed (ISO 8601, UTC)."},
