@@ -137,12 +137,15 @@ class BlobStore(abc.ABC):
         """Release resources."""
 
 
-def open_blob_store(location: str) -> BlobStore:
-    """Open a blob store from a location: a directory path (default) or ``memory:``."""
+def open_blob_store(location: str, *, node_id: str = "") -> BlobStore:
+    """Open a blob store from a location: a directory path (default) or ``memory:``.
+
+    ``node_id`` names the node opening it among those sharing it (see :class:`bastion.blobs.filesystem.FileBlobStore`).
+    """
     if location.startswith("memory:"):
         from bastion.blobs.memory import MemoryBlobStore
 
         return MemoryBlobStore()
     from bastion.blobs.filesystem import FileBlobStore
 
-    return FileBlobStore(location)
+    return FileBlobStore(location, node_id=node_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -36,6 +37,7 @@ from bastion.blobs.journal import (
 )
 from bastion.errors import NotFound, StorageError, StorageFull
 from bastion.model.compiled import load_extension
+from bastion.model.records import is_node_id
 
 log = logging.getLogger("bastion.blobs")
 
@@ -74,7 +76,7 @@ class FileWriter(BlobWriter):
 
     def _spool_path(self) -> str:
         if self._path is None:
-            self._path = os.path.join(self._store.spool_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
+            self._path = self._store.spool_path()
         return self._path
 
     def _spill(self) -> None:
@@ -316,9 +318,17 @@ class FileWriter(BlobWriter):
 
 
 class FileBlobStore(BlobStore):
-    """Objects as files under ``root``; the key is the relative path."""
+    """Objects as files under ``root``; the key is the relative path.
 
-    def __init__(self, root: str, *, journal: bool = True) -> None:
+    ``node_id`` names the node this store belongs to when several share ``root``: its spool files and journal
+    segments carry it, and opening the store clears or replays only its own (and those named in the single-node
+    form, without a node id, which come from an archive that had one node). ``""``: that single-node form.
+    """
+
+    def __init__(self, root: str, *, journal: bool = True, node_id: str = "") -> None:
+        if node_id and not is_node_id(node_id):
+            raise ValueError(f"invalid node id {node_id!r}")
+        self.node_id = node_id
         self.location = self.root = os.path.abspath(root)
         #: The capacity a new writer's buffer starts with: about the size of the last object committed from one.
         self.buffer_hint = 64 * 1024
@@ -333,16 +343,25 @@ class FileBlobStore(BlobStore):
         self._pools: dict[str, ThreadPoolExecutor] = {}  # committer(), made on first use
         self._pools_pid = 0
         self._lazy_lock = threading.Lock()  # the journal is made on first use (or prepare), once
-        # Journals of processes that are gone hold objects whose files may not have reached the disk.
+        # Journals of this node's processes that are gone hold objects whose files may not have reached the disk.
         self.replayed = self.replay_journal()
-        # Spool files left by processes that are gone are never visible objects; clear them. (They are
-        # named after their process, so a command opening the store beside a live server spares its files.)
+        # Spool files left by this node's processes that are gone are never visible objects; clear them. (They
+        # are named after their node and process, so a command opening the store beside a live server spares its
+        # files, and a node never takes another's: whether that one's process lives is not known on this host.)
         # A day-old file goes whatever its name says (a process id can be reused, e.g. 1 in a container).
         for name in os.listdir(self.spool_dir):
             path = os.path.join(self.spool_dir, name)
+            node, pid = _spool_owner(name)
             with contextlib.suppress(OSError):
-                if not _process_alive(name.split("-", 1)[0]) or time.time() - os.stat(path).st_mtime > 86400:
+                if ((node in ("", node_id) and not _process_alive(pid))
+                        or time.time() - os.stat(path).st_mtime > 86400):
                     os.unlink(path)
+
+    def spool_path(self) -> str:
+        """A new spool file's path, named after this node and process: ``<node>-<pid>-<uuid>``
+        (``<pid>-<uuid>`` without a node id)."""
+        name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        return os.path.join(self.spool_dir, f"{self.node_id}-{name}" if self.node_id else name)
 
     def journal_for(self, key: str, size: int) -> Journal | None:
         """This process's journal if an object of ``size`` bytes goes through it, else None."""
@@ -357,7 +376,7 @@ class FileBlobStore(BlobStore):
                     if self._journal_failed_pid == pid:
                         return None
                     try:
-                        journal = self._journal = Journal(self.journal_dir, self._checkpoint)
+                        journal = self._journal = Journal(self.journal_dir, self._checkpoint, node_id=self.node_id)
                     except OSError as exc:
                         self._journal_failed_pid = pid
                         log.warning("blob journal unavailable (%s): objects are fsync'd one by one", exc)
@@ -402,15 +421,18 @@ class FileBlobStore(BlobStore):
         self.journal_for("", 0)
 
     def replay_journal(self) -> int:
-        """Rewrite, from the journals of processes that are gone, objects whose files are missing or incomplete.
+        """Rewrite, from the journals of this node's processes that are gone, objects whose files are missing or
+        incomplete.
 
-        Returns how many files were rewritten. Runs when the store is opened; safe beside live processes.
+        Returns how many files were rewritten. Runs when the store is opened; safe beside live processes, and
+        beside other nodes sharing the store: their segments are theirs to replay
+        (:func:`bastion.blobs.journal.orphaned_segments`).
         Keys are written once (a new version gets a new key), so a tombstone in any segment replayed together
         is final: an object deleted after its record stays deleted even when the tombstone went to another
         segment than the record, whichever segment is read first. The segments are removed only once all of
         them are applied and the files are durable.
         """
-        segments = list(orphaned_segments(self.journal_dir))
+        segments = list(orphaned_segments(self.journal_dir, self.node_id))
         restored = 0
         try:
             deleted: set[str] = set()
@@ -465,7 +487,7 @@ class FileBlobStore(BlobStore):
         return rewritten, len(last)
 
     def _write_durably(self, final: str, data: bytes) -> None:
-        tmp = os.path.join(self.spool_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
+        tmp = self.spool_path()
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -568,8 +590,20 @@ class FileBlobStore(BlobStore):
         return (du.used, du.free)
 
 
+_UUID_HEX = re.compile(r"[0-9a-f]{32}")
+
+
+def _spool_owner(name: str) -> tuple[str, str]:
+    """``(node id, process id)`` that a spool file's name gives: ``<node>-<pid>-<uuid>``; for the single-node
+    form ``<pid>-<uuid>``, or a name of neither form, ``("", <the text before the first "-">)``."""
+    parts = name.rsplit("-", 2)  # a uuid's hex holds no "-"; a node id may
+    if len(parts) == 3 and is_node_id(parts[0]) and parts[1].isdigit() and _UUID_HEX.fullmatch(parts[2]):
+        return parts[0], parts[1]
+    return "", name.split("-", 1)[0]
+
+
 def _process_alive(pid: str) -> bool:
-    """True if ``pid`` (a spool file's prefix) names a running process, this one included."""
+    """True if ``pid`` (a spool file's process id) names a running process on this host, this one included."""
     if not pid.isdigit():
         return False
     if int(pid) == os.getpid():

@@ -12,7 +12,13 @@ data (0.2 ms for 8 KB, 1.0 ms for 512 KB). The object is also written to its fin
 flush. A background checkpoint makes those files durable in bulk (one ``syncfs``) and then retires
 the segment. After a crash or a power failure :func:`replay` rewrites, from the journal, every object
 whose final file is missing or incomplete; it runs whenever a blob store is opened, on the segments
-of processes that are gone (a live process holds an exclusive ``flock`` on its own segments).
+of this node's processes that are gone (a live process holds an exclusive ``flock`` on its own segments).
+
+Segments are named after the node that writes them, ``<node>-<uuid>.wal`` (and ``.tmp-<node>-<uuid>``
+while being made): nodes sharing a blob store never replay or remove each other's segments, whether or
+not their filesystem carries ``flock`` between hosts; a node's segments wait for that node's next start.
+Segments named in the single-node form, ``<uuid>.wal``, are taken by any node (they come from an archive
+that had one).
 
 Concurrent appends in one process share ``fdatasync`` calls (group commit). Each process has its
 own pair of segments: one takes appends while the other is checkpointed.
@@ -123,15 +129,29 @@ def record_size(key: str, size: int) -> int:
     return _RECORD.size + _CRC.size + len(key.encode()) + size
 
 
-def _locked_temporary(directory: str, attempts: int = 100) -> tuple[int, str]:
-    """A new ``.tmp-`` file in ``directory``, open and ``flock``-ed by this process: ``(fd, path)``.
+def segment_name(node_id: str, suffix: str = ".wal", prefix: str = "") -> str:
+    """A new segment's file name: ``<prefix><node>-<uuid><suffix>``, or without the node for ``node_id`` ``""``."""
+    return f"{prefix}{node_id}-{uuid.uuid4().hex}{suffix}" if node_id else f"{prefix}{uuid.uuid4().hex}{suffix}"
 
-    Another process opening the store removes every ``.tmp-`` file it can lock (:func:`orphaned_segments`):
-    between this process's ``open`` and ``flock`` it may lock and remove ours, or hold its lock. The file is
-    ours only once we hold the lock *and* it is still the file at its path; otherwise another name is tried.
+
+def segment_owner(name: str) -> str:
+    """The node id in a segment's (or its ``.tmp-`` file's) name; ``""`` for a name of the single-node form."""
+    stem = name.removeprefix(".tmp-").removesuffix(".wal")
+    node, _, _ = stem.rpartition("-")  # a uuid's hex holds no "-"; a node id may
+    return node
+
+
+def _locked_temporary(directory: str, node_id: str = "", attempts: int = 100) -> tuple[int, str]:
+    """A new ``.tmp-`` file of node ``node_id`` in ``directory``, open and ``flock``-ed by this process:
+    ``(fd, path)``.
+
+    Another process of the node opening the store removes every ``.tmp-`` file of the node it can lock
+    (:func:`orphaned_segments`): between this process's ``open`` and ``flock`` it may lock and remove ours, or
+    hold its lock. The file is ours only once we hold the lock *and* it is still the file at its path;
+    otherwise another name is tried.
     """
     for _ in range(attempts):
-        path = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        path = os.path.join(directory, segment_name(node_id, "", ".tmp-"))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,14 +164,14 @@ def _locked_temporary(directory: str, attempts: int = 100) -> tuple[int, str]:
 
 
 class _Segment:
-    """One preallocated segment file, locked by this process."""
+    """One preallocated segment file of node ``node_id``, locked by this process."""
 
-    def __init__(self, directory: str, size: int) -> None:
-        self.fd, tmp = _locked_temporary(directory)
+    def __init__(self, directory: str, size: int, node_id: str = "") -> None:
+        self.fd, tmp = _locked_temporary(directory, node_id)
         self.size = 0
         try:
             self.grow(size)
-            self.path = os.path.join(directory, f"{uuid.uuid4().hex}.wal")
+            self.path = os.path.join(directory, segment_name(node_id))
             os.rename(tmp, self.path)
             fsync_dir(directory)
         except BaseException:
@@ -197,11 +217,12 @@ class Journal:
 
     ``checkpoint`` must make every final file written so far durable (the blob store passes a
     ``syncfs`` of its root). Create it in the process that uses it; :meth:`close` checkpoints and
-    removes its segments.
+    removes its segments. Its segments are named after ``node_id`` (:func:`segment_name`).
     """
 
     def __init__(self, directory: str, checkpoint: Callable[[], None], *, segment_size: int = SEGMENT_SIZE,
-                 max_segment_size: int = MAX_SEGMENT_SIZE, interval_s: float | None = None) -> None:
+                 max_segment_size: int = MAX_SEGMENT_SIZE, interval_s: float | None = None,
+                 node_id: str = "") -> None:
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.segment_size = segment_size
@@ -209,7 +230,8 @@ class Journal:
         self.interval_s = CHECKPOINT_INTERVAL_S if interval_s is None else interval_s
         self._checkpoint = checkpoint
         self.pid = os.getpid()
-        self._segments = [_Segment(directory, segment_size), _Segment(directory, segment_size)]
+        self.node_id = node_id
+        self._segments = [_Segment(directory, segment_size, node_id), _Segment(directory, segment_size, node_id)]
         self._generation = 1
         self._active = self._segments[0]
         self._active.start(self._generation)
@@ -465,10 +487,14 @@ def read_segment(path: str) -> Iterator[Record]:
             yield Record(kind, key, digest, data)
 
 
-def orphaned_segments(directory: str) -> Iterator[tuple[str, int]]:
-    """``(path, locked fd)`` of each segment in ``directory`` whose process is gone; the caller closes the fd.
+def orphaned_segments(directory: str, node_id: str = "") -> Iterator[tuple[str, int]]:
+    """``(path, locked fd)`` of each segment of node ``node_id`` in ``directory`` whose process is gone; the
+    caller closes the fd.
 
-    Also removes the temporary files of segments that died while being created.
+    Also removes the node's temporary files of segments that died while being created. A segment is the node's
+    if its name says so (:func:`segment_owner`) or names no node (the single-node form); another node's are
+    never opened. Among the node's own processes, which share one host, a live one holds its segments'
+    ``flock``.
     """
     try:
         names = sorted(os.listdir(directory))
@@ -476,7 +502,7 @@ def orphaned_segments(directory: str) -> Iterator[tuple[str, int]]:
         return
     for name in names:
         path = os.path.join(directory, name)
-        if not (name.endswith(".wal") or name.startswith(".tmp-")):
+        if not (name.endswith(".wal") or name.startswith(".tmp-")) or segment_owner(name) not in ("", node_id):
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
