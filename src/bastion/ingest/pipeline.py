@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -35,6 +33,7 @@ from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
 from bastion.ingest.rejections import IngestWarningLog, RejectionLog
+from bastion.ingest.stamps import IngestStamps
 from bastion.model import digest as content_digest
 from bastion.model.part10 import dataset_offset, file_meta_bytes, part10_bytes
 from bastion.model.records import (
@@ -53,19 +52,6 @@ def _cut_to_fit(command_uid: str, dataset_uid: str) -> bool:
     """Whether ``command_uid`` is ``dataset_uid`` (longer than a UI value may be) cut to 64 characters."""
     return (len(command_uid) == UID_MAX_LENGTH and len(dataset_uid) > UID_MAX_LENGTH
             and dataset_uid.startswith(command_uid))
-
-
-class _Stamps:
-    """Strictly increasing 20-digit nanosecond stamps (orders versions of one SOP instance)."""
-
-    def __init__(self) -> None:
-        self._last = 0
-        self._lock = threading.Lock()
-
-    def next(self) -> str:
-        with self._lock:
-            self._last = max(self._last + 1, time.time_ns())
-            return f"{self._last:020d}"
 
 
 @dataclass
@@ -116,13 +102,20 @@ class Ingest:
     """Stores objects: one instance per call, thread-safe."""
 
     def __init__(self, blobs: BlobStore, index: Index, rejections: RejectionLog | None = None,
-                 warnings: IngestWarningLog | None = None) -> None:
-        """``warnings`` defaults to ``warnings.jsonl`` beside the rejection log's file (in memory without one)."""
+                 warnings: IngestWarningLog | None = None, *, node_id: str = "",
+                 stamps: IngestStamps | None = None) -> None:
+        """``warnings`` defaults to ``warnings.jsonl`` beside the rejection log's file (in memory without one).
+
+        ``node_id`` names this node in the blob keys it makes (:func:`bastion.model.records.object_key`; none: a
+        single-node archive's keys). ``stamps`` orders the versions it stores (default: the clock, above every
+        stamp this process issued; the archive passes one that stays above those of earlier runs).
+        """
         self.blobs = blobs
         self.index = index
         self.rejections = rejections or RejectionLog(None)
         self.warnings = warnings or IngestWarningLog.beside(self.rejections)
-        self._stamps = _Stamps()
+        self.node_id = node_id
+        self._stamps = stamps if stamps is not None else IngestStamps()
 
     def begin(self, origin: str) -> PendingObject:
         """Start receiving an object from ``origin`` (e.g. ``dimse:MODALITY`` or ``stow``)."""
@@ -217,13 +210,13 @@ class Ingest:
                     w.abort()
                     return StoreResult(StoreStatus.DUPLICATE, current, warnings=header.warnings)
             stamp = self._stamps.next()
-            key = object_key(header.sop_uid, stamp, digest)
+            key = object_key(header.sop_uid, stamp, digest, self.node_id)
             durable = w.start_commit(key)  # written now, flushed while the index works
         else:
             digest = w.digest
             reader = w.reader()  # the buffer it reads is handed to the blob store by start_commit
             stamp = self._stamps.next()
-            key = object_key(sop_uid, stamp, digest)
+            key = object_key(sop_uid, stamp, digest, self.node_id)
             durable = w.start_commit(key)
             try:
                 header = self._checked_header(reader, sop_class, sop_uid)
@@ -237,7 +230,7 @@ class Ingest:
                 self.blobs.delete(key)
                 pending.writer = w
                 digest = w.digest
-                key = object_key(header.sop_uid, stamp, digest)
+                key = object_key(header.sop_uid, stamp, digest, self.node_id)
                 durable = w.start_commit(key)
         record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
                                 header.transfer_syntax, key, digest, w.size)

@@ -63,14 +63,24 @@ class StoreResult:
     warnings: tuple[str, ...] = ()
 
 
+#: A node id: the identity of one node among those sharing an archive's blob store (the ``node_id`` setting).
+NODE_ID_PATTERN = r"[A-Za-z0-9-]{1,32}"
+_NODE_ID_RE = re.compile(NODE_ID_PATTERN)
+
 _KEY_RE = re.compile(
     r"^(?P<partition>\d{4}/\d{2}/\d{2}/\d{2})/"
-    r"(?P<sop>[0-9.]{1,128})_(?P<stamp>\d{20})_(?P<digest>" + DIGEST_PATTERN + r")\.dcm$"
+    r"(?P<sop>[0-9.]{1,128})_(?P<stamp>\d{20})(?:_(?P<node>" + NODE_ID_PATTERN + r"))?"
+    r"_(?P<digest>" + DIGEST_PATTERN + r")\.dcm$"
 )
 
 
-def object_key(sop_uid: str, stamp: str, digest: str) -> str:
-    """The blob key of one stored version: ``YYYY/MM/DD/HH/<sop>_<stamp>_<digest>.dcm``.
+def is_node_id(text: str) -> bool:
+    """Whether ``text`` is a valid node id: 1-32 characters ``A-Z a-z 0-9 -``."""
+    return _NODE_ID_RE.fullmatch(text) is not None
+
+
+def object_key(sop_uid: str, stamp: str, digest: str, node: str = "") -> str:
+    """The blob key of one stored version: ``YYYY/MM/DD/HH/<sop>_<stamp>_<node>_<digest>.dcm``.
 
     The partition is the UTC hour of the ingest stamp (nanoseconds since the epoch), so the
     objects stored since a given time can be listed without walking the whole store (crash
@@ -78,7 +88,13 @@ def object_key(sop_uid: str, stamp: str, digest: str) -> str:
     the content digest (``b3-<hex>``, :mod:`bastion.model.digest`) lets ``verify`` detect corruption even after the index was rebuilt. The UID
     must already be checked identifiable (:func:`bastion.model.uids.is_identifiable_uid`: digits and dots, at
     most 128 characters), so keys are safe paths and a file name stays under 255 bytes.
+
+    ``node`` is the id of the node that stored it (:func:`is_node_id`), so crash recovery on one node never
+    takes up another node's objects in a shared blob store; without one the key has the form of a single-node
+    archive, ``<sop>_<stamp>_<digest>.dcm``, which :func:`parse_object_key` reads as well.
     """
+    if node:
+        return f"{partition_of(stamp)}/{sop_uid}_{stamp}_{node}_{digest}.dcm"
     return f"{partition_of(stamp)}/{sop_uid}_{stamp}_{digest}.dcm"
 
 
@@ -93,6 +109,9 @@ def _partition_of_hour(hour: int) -> str:
 
 
 def parse_object_key(key: str) -> dict[str, str] | None:
-    """The parts of a key made by :func:`object_key`, or None for any other key."""
+    """The parts of a key made by :func:`object_key` (``partition``, ``sop``, ``stamp``, ``node``, ``digest``),
+    or None for any other key. ``node`` is ``""`` for a key without one (a single-node archive's)."""
     m = _KEY_RE.match(key)
-    return m.groupdict() if m else None
+    if m is None:
+        return None
+    return {name: value or "" for name, value in m.groupdict().items()}
