@@ -6,7 +6,9 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,33 +18,124 @@ from bastion.index import Index, open_index
 from bastion.ingest import Ingest
 from bastion.ingest.rebuild import recover
 from bastion.ingest.rejections import RejectionLog
+from bastion.ingest.stamps import IngestStamps
+from bastion.model.records import is_node_id
 from bastion.query.find import Finder
 from bastion.query.retrieve import Retriever
-from bastion.settings import Settings
+from bastion.settings import Settings, SettingsError
 
 log = logging.getLogger("bastion")
 
 #: Says "clean" after the last opener shut down cleanly; anything else found by a lone opener means a crash.
+#: The node's own state is kept beside it, in ``.running-<node id>`` (:class:`RunMarker`).
 RUNNING_MARKER = ".running"
+#: Where a node id generated for this data directory is kept (when the ``node_id`` setting is empty).
+NODE_ID_FILE = "node-id"
+#: Where the node keeps the ceiling of the ingest stamps it has issued (:mod:`bastion.ingest.stamps`).
+STAMP_CEILING_FILE = "stamp-ceiling"
+
+
+def node_identity(settings: Settings) -> str:
+    """This node's id: the ``node_id`` setting, else the one kept in ``<data>/node-id``, generated (12 hex
+    digits of a random UUID) and kept there on the first start.
+
+    Raises SettingsError for a configured or kept id that is not 1-32 characters ``A-Z a-z 0-9 -``.
+    """
+    rule = "1-32 characters A-Z a-z 0-9 -"
+    if settings.node_id:
+        if not is_node_id(settings.node_id):
+            raise SettingsError(f"setting node_id: {settings.node_id!r} is not a node id ({rule})")
+        return settings.node_id
+    path = settings.data / NODE_ID_FILE
+    try:
+        kept = path.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        kept = _keep_new_node_id(path)
+    if not is_node_id(kept):
+        raise SettingsError(f"{path} holds {kept!r}, not a node id ({rule}): correct it, or set node_id")
+    return kept
+
+
+def _keep_new_node_id(path: Path) -> str:
+    """Generate a node id and keep it in ``path``, durably; the id in ``path`` if another process was first.
+
+    The file is written and flushed under a temporary name, then linked to ``path``: ``link`` never replaces an
+    existing file, so two processes starting at once both end up with the one that was linked first.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.write(fd, f"{uuid.uuid4().hex[:12]}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path.read_text(encoding="ascii", errors="replace").strip()
 
 
 class RunMarker:
     """Crash detection shared by every process that opens the archive (server, ``bastion import``, ...).
 
-    Each opener holds a shared ``flock`` on the marker while it runs. An opener that can take the lock
-    exclusively is alone: if the marker does not say ``clean``, the last run crashed and it recovers. The
-    last one to close, again alone, writes ``clean``. Locks die with their process, so a ``kill -9``
-    leaves the marker saying ``running``.
+    Each opener holds a shared ``flock`` on ``path`` (``<data>/.running``) while it runs: the processes of one
+    data directory, which all run on its node's host. An opener that can take the lock exclusively is alone:
+    if the last run did not end ``clean``, it crashed and the opener recovers. The last one to close, again
+    alone, writes ``clean``. Locks die with their process, so a ``kill -9`` leaves the marker saying
+    ``running``.
+
+    With ``node_id`` the node's state is its own: it is kept in ``<path>-<node id>`` as well, and ``path``'s
+    text names the node (``running <node> <pid>``). The last run crashed if the node's file does not say
+    ``clean``, or if ``path`` does not and speaks for this node: names it, or names no node (an archive of one
+    node before node ids, or an opener without one). Another node's ``running`` in ``path`` is not this node's
+    crash.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, node_id: str = "") -> None:
         self.path = path
+        self.node_id = node_id
+        self.node_path = f"{path}-{node_id}" if node_id else None
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
+    @staticmethod
+    def _write(fd: int, text: str) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+        os.fsync(fd)
+
     def _set(self, text: str) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, text.encode(), 0)
-        os.fsync(self.fd)
+        """Write ``text`` as this node's state: into ``path`` and the node's own file."""
+        self._write(self.fd, text)
+        if self.node_path is not None:
+            fd = os.open(self.node_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._write(fd, text)
+            finally:
+                os.close(fd)
+
+    def _crashed(self) -> bool:
+        """Whether the last run of this node did not end cleanly (see the class docstring)."""
+        shared = os.pread(self.fd, 128, 0).decode(errors="replace").split()
+        words = shared if shared else ["clean"]
+        speaks_for_us = not (len(words) == 3 and words[0] == "running" and words[1] != self.node_id)
+        if words != ["clean"] and speaks_for_us:
+            return True
+        if self.node_path is None:
+            return False
+        try:
+            with open(self.node_path, "rb") as fh:
+                own = fh.read(128).decode(errors="replace").split()
+        except FileNotFoundError:
+            return False  # the first run with node ids: the shared marker said all there was
+        return own not in ([], ["clean"])
 
     def acquire(self) -> bool:
         """Register this opener; True if it is alone and the last run did not end cleanly."""
@@ -52,9 +145,8 @@ class RunMarker:
         except BlockingIOError:
             pass  # another process has the archive open: it owns crash detection
         else:
-            state = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
-            crashed = state not in ("", "clean")
-            self._set(f"running {os.getpid()}")
+            crashed = self._crashed()
+            self._set(f"running {self.node_id} {os.getpid()}" if self.node_id else f"running {os.getpid()}")
         fcntl.flock(self.fd, fcntl.LOCK_SH)
         return crashed
 
@@ -99,6 +191,8 @@ class Archive:
     finder: Finder
     retriever: Retriever
     marker: RunMarker | None = None
+    #: This node's id among the nodes sharing the blob store (:func:`node_identity`).
+    node_id: str = ""
 
     @property
     def primary(self) -> bool:
@@ -106,21 +200,30 @@ class Archive:
         return self.marker is not None
 
     @classmethod
-    def open(cls, settings: Settings, *, primary: bool = True) -> Archive:
+    def open(cls, settings: Settings, *, primary: bool = True, clock: Callable[[], int] = time.time_ns) -> Archive:
         """Open (creating if needed) the archive the settings describe.
 
         Primary openers (the server, CLI commands) take part in crash detection (:class:`RunMarker`)
         and recover from an unclean shutdown; extra worker processes open it with ``primary=False``.
+        The node's id (:func:`node_identity`) names its spool files, journal segments, run marker and blob keys,
+        so that nodes sharing one blob store never take up each other's. ``clock`` (nanoseconds since the
+        epoch) times the ingest stamps, which never go below those of earlier runs (:mod:`bastion.ingest.stamps`).
+        Raises SettingsError for an invalid node id.
         """
         settings.data.mkdir(parents=True, exist_ok=True)
-        blobs = open_blob_store(settings.blob_location)
+        node_id = node_identity(settings)
+        blobs = open_blob_store(settings.blob_location, node_id=node_id)
         index = open_index(settings.index_location)
-        marker = RunMarker(str(settings.data / RUNNING_MARKER)) if primary else None
+        marker = RunMarker(str(settings.data / RUNNING_MARKER), node_id) if primary else None
         if marker is not None and marker.acquire():
             log.warning("the previous run did not shut down cleanly: checking for unindexed objects")
-            recover(blobs, index)
-        ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")))
-        return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), marker)
+            recover(blobs, index, node_id)
+        newest = index.last_stamp()
+        stamps = IngestStamps(clock=clock, floor=int(newest) if newest else 0,
+                              ceiling_file=str(settings.data / STAMP_CEILING_FILE))
+        ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
+                        stamps=stamps)
+        return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), marker, node_id)
 
     def close(self) -> None:
         """Flush and close the index and blob store; the last primary out marks the shutdown clean."""

@@ -104,9 +104,9 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     http_task = asyncio.ensure_future(http.serve(sockets=[http_sock]))
-    log.info("Bastion %s: DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__, settings.aet,
-             settings.host, settings.dicom_port, settings.workers, settings.host, settings.http_port,
-             settings.data)
+    log.info("Bastion %s: node %s, DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__,
+             archive.node_id, settings.aet, settings.host, settings.dicom_port, settings.workers, settings.host,
+             settings.http_port, settings.data)
     if SPEEDUPS is None:
         log.warning("the compiled header scan is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
                     "install): storing runs its Python twin, about 40 % more CPU per object")

@@ -137,11 +137,14 @@ def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | No
     return _replay(blobs, index, stored_keys(blobs), "rebuild", progress)
 
 
-def recover(blobs: BlobStore, index: Index) -> RebuildReport:
+def recover(blobs: BlobStore, index: Index, node_id: str | None = None) -> RebuildReport:
     """Index objects stored but not indexed, after an unclean shutdown.
 
-    Lists only the hourly partitions from one hour before the newest indexed stamp up to
-    now (see :func:`bastion.model.records.object_key`), so it is quick on a large archive.
+    Lists only the hourly partitions from one hour before the newest indexed stamp up to an hour past
+    now or that stamp, whichever is later (stamps run ahead of a clock that went back:
+    :mod:`bastion.ingest.stamps`; see :func:`bastion.model.records.object_key`), so it is quick on a large
+    archive. With ``node_id`` only that node's objects (and those of a single-node archive, whose keys name no
+    node) are taken up: another node sharing the blob store may be writing its own right now.
     """
     last = index.last_stamp()
     start_ns = (int(last) if last else 0) - 3600 * 1_000_000_000
@@ -151,14 +154,15 @@ def recover(blobs: BlobStore, index: Index) -> RebuildReport:
         prefixes = []
         hour_ns = 3600 * 1_000_000_000
         t = start_ns - start_ns % hour_ns
-        while t <= time.time_ns() + hour_ns:
+        while t <= max(time.time_ns(), int(last)) + hour_ns:
             prefixes.append(partition_of(f"{t:020d}") + "/")
             t += hour_ns
     found: list[tuple[str, str]] = []
     for prefix in prefixes:
         for key in blobs.keys(prefix):
             parts = parse_object_key(key)
-            if parts and int(parts["stamp"]) >= start_ns and not index.has_blob(key):
+            if (parts and int(parts["stamp"]) >= start_ns and (node_id is None or parts["node"] in ("", node_id))
+                    and not index.has_blob(key)):
                 found.append((parts["stamp"], key))
     # These objects were stored just before the crash: an object whose file was written but not yet
     # made durable when the power went may be incomplete (it was never acknowledged), so each is checked.

@@ -47,6 +47,7 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
         st = archive.index.statistics()
         used, free = archive.blobs.usage()
         body: dict[str, Any] = {
+            "node_id": archive.node_id,
             "patients": st.patients, "studies": st.studies, "series": st.series,
             "instances": st.instances, "versions": st.versions, "stored_bytes": st.stored_bytes,
             "last_change": st.last_change,

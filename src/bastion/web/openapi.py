@@ -68,10 +68,13 @@ _INGEST_WARNING = {
 _STATISTICS = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["patients", "studies", "series", "instances", "versions", "stored_bytes", "last_change",
-                 "storage", "ingest", "last_errors", "last_warnings", "associations", "associations_per_worker",
-                 "worker_pids"],
+    "required": ["node_id", "patients", "studies", "series", "instances", "versions", "stored_bytes",
+                 "last_change", "storage", "ingest", "last_errors", "last_warnings", "associations",
+                 "associations_per_worker", "worker_pids"],
     "properties": {
+        "node_id": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,32}$",
+                    "description": "This node's id among the nodes sharing the blob store (the `node_id` setting, "
+                                   "or the one generated and kept in `<data>/node-id`)."},
         "patients": _INT, "studies": _INT, "series": _INT, "instances": _INT,
         "versions": {**_INT, "description": "Superseded versions kept besides the current instances."},
         "stored_bytes": {**_INT, "description": "Bytes of the current instances."},
