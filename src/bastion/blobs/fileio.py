@@ -43,10 +43,9 @@ def write_direct(fd: int, buf: bytearray) -> bool:
     """Write ``buf`` to the empty file ``fd`` with ``O_DIRECT``; False (nothing written) where that is refused.
 
     Direct I/O takes the bytes to the disk from a buffer this thread reuses, instead of copying them into page
-    cache pages that must then be written back. On the development VM, where page cache for new files mostly
-    lands in memory the guest had not touched, a durable 512 KB file took 0.53-0.55 ms this way against
-    0.89-1.72 ms buffered (kernel CPU 0.17-0.19 ms against 0.58-1.37 ms). The data is written padded to whole
-    pages, then the file is cut to its length; the caller's ``fdatasync`` makes that length durable.
+    cache pages that must then be written back (see BENCHMARKS.md, "O_DIRECT for objects from 128 KB"). The data
+    is written padded to whole pages, then the file is cut to its length; the caller's ``fdatasync`` makes that
+    length durable.
     """
     if not _O_DIRECT:
         return False
@@ -85,7 +84,7 @@ def os_error(exc: OSError, what: str) -> StorageError | StorageFull:
 
 
 class BufferReader(io.RawIOBase):
-    """Reads a buffer in place (``io.BytesIO`` would copy a bytearray: 0.08 ms for a 512 KB CT instance)."""
+    """Reads a buffer in place, without a copy (``io.BytesIO`` would copy a bytearray)."""
 
     def __init__(self, buf: bytearray) -> None:
         super().__init__()

@@ -44,8 +44,8 @@ log = logging.getLogger("bastion.blobs")
 #: Objects up to this size are buffered in memory until commit.
 MEMORY_LIMIT = 8 * 1024 * 1024
 #: Buffered objects smaller than this are made durable by the journal; larger ones by fsync of their file and
-#: directory. For a 512 KB CT instance the journal's second copy cost more than the fsyncs it saves: over one
-#: association 338-342/s against 371-382/s, over four 419-437/s against 496-518/s (the development VM, 12:00).
+#: directory: from here on the data write is most of the cost, and the journal would write the object twice
+#: (see BENCHMARKS.md, "Why 128 KB").
 JOURNAL_MAX_BYTES = 128 * 1024
 #: Threads per process that write buffered objects and wait for their flush while the index transaction runs,
 #: where ``_cwrite`` is not built (its own threads do it otherwise: ``DURABLE_THREADS`` in ``_cwrite.c``).
@@ -417,7 +417,7 @@ class FileBlobStore(BlobStore):
                 log.warning("blob journal: cannot record that %s is gone: %s", key, exc)
 
     def prepare(self) -> None:
-        """Create this process's journal segments now, not on its first store (~85 ms of zero-filling)."""
+        """Create this process's journal segments now, so that its first store does not wait for their zero-filling."""
         self.journal_for("", 0)
 
     def replay_journal(self) -> int:

@@ -49,9 +49,9 @@ def listening_socket(host: str, port: int, what: str) -> socket.socket:
     """A bound, listening socket, made by the supervisor and kept open across process replacements.
 
     Its connections do not wait for the peer's ACK before sending a small write (``TCP_NODELAY``, which they
-    inherit): asyncio sets it only on sockets it made itself (``proto`` IPPROTO_TCP), and uvicorn, given this one,
-    wrote a small response's headers and body in two sends, the second held until the browser's delayed ACK —
-    40 ms on every QIDO answer of a few results after the first on a kept-alive connection.
+    inherit): asyncio sets it only on sockets it made itself (``proto`` IPPROTO_TCP), and uvicorn writes a small
+    response's headers and body in two sends, so without it the second waits for the client's delayed ACK on
+    every answer after the first on a kept-alive connection.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)

@@ -2,5 +2,5 @@
 
 Bastion speaks the DICOM Upper Layer itself (``pdu``, ``association``) rather than through
 pynetdicom's threaded reactor: the storage path streams P-DATA straight into the blob
-store, and every socket gets TCP_NODELAY. See BENCHMARKS.md for why.
+store, and every socket gets TCP_NODELAY (see BENCHMARKS.md, "DICOM networking").
 """

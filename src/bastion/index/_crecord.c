@@ -3,7 +3,7 @@
  * bastion.index.sqlite_record.record records an instance with five statements run from Python: a lookup of the
  * instance and its series, study and patient rows, the instance's row, its series' count, the change log.
  * Through Python each cost a few microseconds more than the statement itself, and the writer lock that the
- * index's processes share was held meanwhile (BENCHMARKS.md, item 59). A Recorder runs the same statements
+ * index's processes share was held meanwhile. A Recorder runs the same statements
  * (their SQL comes from Python: one definition) on a connection of its own, for the case that writes nothing
  * else: a SOP instance not yet indexed whose series, study and patient rows already hold what it would write.
  * Anything else (a new series, changed attributes, a re-sent or superseding object, a new modality or SOP

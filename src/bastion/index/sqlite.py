@@ -206,8 +206,8 @@ class SqliteIndex(Index):
         self._write_lock = threading.Lock()
         self._queue: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = queue.Queue()
         # Writers of other processes (the server's workers, a CLI import beside it) queue on this lock in the
-        # kernel. SQLite's own busy handler sleeps 1 ms, then longer, each time it finds the database locked:
-        # with two workers storing at once, commits waited a median 0.06 ms but a p90 of 5 ms and up to 54 ms.
+        # kernel, woken as soon as it is free; SQLite's own busy handler sleeps 1 ms, then longer, each time it
+        # finds the database locked (see BENCHMARKS.md, "The SQLite index").
         self._lock_fd = -1
         if path == self.location:
             self._lock_fd = self._open_writer_lock()

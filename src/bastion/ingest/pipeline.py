@@ -72,10 +72,9 @@ class PendingObject:
         self.writer.abort()
 
 
-#: From this size the pipeline asks the index for a current copy before it writes the object: a read transaction
-#: (about 0.03-0.05 ms) against writing and removing again a re-sent object that may be gigabytes. Smaller objects
-#: skip it: the index transaction that records them finds a duplicate itself, and the read cost more than
-#: the rare re-send (1,072k -> 1,017k instructions per small C-STORE without it).
+#: From this size the pipeline asks the index for a current copy before it writes the object, so that a re-sent
+#: object that may be gigabytes is not written and removed again. Smaller objects skip that read: the index
+#: transaction that records them finds a duplicate itself (see BENCHMARKS.md, "The duplicate check").
 PRECHECK_BYTES = 1024 * 1024
 
 

@@ -3,10 +3,9 @@
 Every stored object is named by a digest of its bytes (its blob key ends with it), which ``verify`` and
 crash recovery check the bytes against, and which tells an identical re-send from a new version.
 
-New objects are hashed with BLAKE3 (256-bit output): a cryptographic hash like SHA-256 but about ten
-times faster in software. On the development VM (a Xeon without the SHA extensions) hashing a 512 KB CT
-instance took 1.34 ms with SHA-256 and 0.10 ms with BLAKE3, and the hash is on the path of every
-C-STORE. ``b3sum`` computes the same digest from the command line.
+New objects are hashed with BLAKE3 (256-bit output): a cryptographic hash like SHA-256, much faster in
+software on CPUs without SHA instructions, and the hash is on the path of every store (see BENCHMARKS.md,
+"Content digests"). ``b3sum`` computes the same digest from the command line.
 
 Objects stored by earlier versions of Bastion carry a bare 64-digit SHA-256; they are still checked
 with SHA-256. The form of a digest names its algorithm, so no other record is needed.
