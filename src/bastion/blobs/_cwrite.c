@@ -1,8 +1,8 @@
 /* The blob store's file write without the GIL: bastion.blobs.filesystem.FileWriter writes an object that is
  * made durable on its own (128 KB to 8 MB: CT, MR, small multi-frame) from one of its commit threads while the
- * ingest pipeline runs the object's index statements on the event loop's thread. In Python the commit thread
- * needed the GIL back after every system call and for the copy into its aligned buffer, and waited for it while
- * the other thread ran Python code: a 512 KB CT instance took 1.13-1.18 ms that way against 0.75 ms alone.
+ * ingest pipeline runs the object's index statements. In Python the commit thread needs the GIL back after every
+ * system call and for the copy into its aligned buffer, and waits for it while other threads run Python code;
+ * these threads never take it (see BENCHMARKS.md, "_cwrite").
  *
  * create_file(path, data, sync, sync_dir, direct) creates ``path`` (it must not exist) holding ``data``. With
  * ``direct``, the whole pages go to the disk with O_DIRECT from a buffer this thread keeps (no page cache) and
@@ -14,8 +14,8 @@
  * module's own that never take the GIL, and returns at once with a Pending whose wait() returns when the file is
  * written (raising the OSError create_file would have). Without sync it goes to the ORDERED queue (one thread, in
  * order): a journaled object (under 128 KB) is durable once its journal record is, its file only has to exist
- * before the store answers, and creating a file costs 0.05-0.2 ms of kernel time per object (ext4's inode
- * allocation), which the caller's thread spends on its index statements meanwhile. With sync (objects from 128
+ * before the store answers, and creating a file costs kernel time (the filesystem's inode allocation), which
+ * runs in this thread while the caller's thread runs its index statements. With sync (objects from 128
  * KB) it goes to the DURABLE queue (up to four threads; the file's directory is fsync'd by the DIRSYNC thread
  * meanwhile). Where the threads run is the kernel's choice: nothing here places them on CPUs.
  * The data is copied (page-aligned, so O_DIRECT writes it as it is), and the caller's buffer is free at once;
@@ -34,8 +34,7 @@
  *
  * For an event loop that serves other associations while a store waits: submit(path, data, True) and
  * submit_sync(fd) signal notify_fd(), an eventfd the loop watches, when they finish; the loop then finds
- * them done() and goes on with the store. No Python thread, so no GIL to hand over and back (a ThreadPoolExecutor round trip cost about
- * 0.1 ms of CPU per store on the development VM).
+ * them done() and goes on with the store. No Python thread, so no GIL to hand over and back.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -186,9 +185,9 @@ typedef struct job {
 /* Three queues: ORDERED, one thread that runs its jobs in the order submitted (journaled objects' files and the
  * journal's flushes; barrier() counts them), DURABLE, up to DURABLE_THREADS threads for files flushed on their
  * own (from 128 KB), whose flushes overlap, and DIRSYNC, one thread that fsyncs those files' directories while
- * their data is written and flushed (one flush of the disk's cache instead of two in a row: a 520 KB file took
- * 0.59-0.61 ms instead of 0.75-0.77 ms on the development VM), once for all the jobs of a directory queued
- * together. A DIRSYNC job waits for nothing, so the DURABLE threads waiting for them cannot deadlock. */
+ * their data is written and flushed (the two flushes of the disk's cache overlap instead of following each
+ * other), once for all the jobs of a directory queued together. A DIRSYNC job waits for nothing, so the DURABLE
+ * threads waiting for them cannot deadlock. */
 enum { ORDERED = 0, DURABLE = 1, DIRSYNC = 2, POOLS = 3 };
 #define DURABLE_THREADS 4
 
@@ -204,11 +203,10 @@ static int q_idle[POOLS] = {0, 0, 0};    /* of them, waiting for work */
 static uint64_t q_generation = 0; /* bumped in a forked child: the parent's jobs are not this process's */
 static int q_eventfd = -1;        /* notify_fd(), made on first use */
 
-/* The copies of submitted objects, reused. A fresh 512 KB buffer came from mmap (malloc's choice for that size):
- * the copy into it faulted in and zeroed every page, and the thread's free() unmapped them again, with a TLB
- * shootdown on the other CPU: submit() took 0.24 ms of the event loop's thread for a CT instance, against
- * 0.01 ms for the copy into a buffer used before (development VM, 2026-11-29). Buffers from SPARE_MIN are kept,
- * up to SPARE_BYTES in all. */
+/* The copies of submitted objects, reused. A fresh buffer of that size comes from mmap (malloc's choice): the
+ * copy into it faults in and zeroes every page, and the thread's free() unmaps them again, with a TLB shootdown
+ * on the other CPUs; a buffer used before costs only the copy (see BENCHMARKS.md, "_cwrite"). Buffers from
+ * SPARE_MIN are kept, up to SPARE_BYTES in all. */
 #define SPARE_MIN ((size_t)64 << 10)
 #define SPARE_BYTES ((size_t)16 << 20)
 #define SPARES 16

@@ -1,14 +1,12 @@
 """Write-ahead journal of the filesystem blob store: an object made durable by one ``fdatasync``.
 
 Making a new file durable costs a journaling filesystem two journal commits: ``fsync`` of the file (its
-blocks and inode) and ``fsync`` of its directory (its name). Measured on the development VM (ext4 on
-virtio): 0.62 ms for an 8 KB object, 2.1 ms for 512 KB, and each commit also waits for whatever else
-the filesystem has pending. A C-STORE must not be acknowledged before the object is durable, so this
-was the largest cost of ingest.
+blocks and inode) and ``fsync`` of its directory (its name), each also waiting for whatever else the
+filesystem has pending; a store must not be acknowledged before its object is durable.
 
 The journal makes an object durable with one write into a *segment*, a file whose blocks were
 allocated and zero-filled up front: the write changes no metadata, so ``fdatasync`` only flushes the
-data (0.2 ms for 8 KB, 1.0 ms for 512 KB). The object is also written to its final file, without a
+data (see BENCHMARKS.md, "The journal"). The object is also written to its final file, without a
 flush. A background checkpoint makes those files durable in bulk (one ``syncfs``) and then retires
 the segment. After a crash or a power failure :func:`replay` rewrites, from the journal, every object
 whose final file is missing or incomplete; it runs whenever a blob store is opened, on the segments
@@ -238,8 +236,8 @@ class Journal:
         self._segments[1].start(0)
         lock = threading.RLock()
         self._cond = threading.Condition(lock)  # appends, flushes and rotations wait on it
-        # The checkpoint thread waits on its own: waking it on every flush cost each C-STORE about four futex
-        # calls and a GIL hand-off to a thread that only found nothing to do.
+        # The checkpoint thread waits on a condition of its own, so that a flush never wakes a thread that
+        # has nothing to do.
         self._rotator = threading.Condition(lock)
         self._written = 0  # records written so far, in either segment
         self._synced = 0  # appends known durable
