@@ -54,16 +54,15 @@ _BATCH = 256
 _MMAP_BYTES = 1 << 34
 #: What the WAL keeps of its file when a writer starts it over from the beginning (SQLite truncates the rest). A
 #: frame (24-byte header, then the page) never fills whole file pages, so the kernel reads any file page it
-#: writes that is no longer cached before writing into it: in a server that had run for minutes, every
-#: commit waited for such a read (one 4 KB read per C-STORE on the event loop's thread), into a WAL that had
-#: grown to 125 MB and whose earlier pages the VM's memory reclaim had written out. Past this size the WAL
-#: grows into new file pages instead, which are not read. (During a long ingest it starts over before, below.)
+#: writes that is no longer cached before writing into it, and a commit into a large old WAL waits for such
+#: reads. Past this size the WAL grows into new file pages instead, which are not read (see BENCHMARKS.md,
+#: "The SQLite index"). (During a long ingest it starts over before, below.)
 _WAL_KEEP_BYTES = 32 * 1024 * 1024
 #: A WAL that holds this much is started over (:meth:`SqliteIndex._restart_wal`). While a scanner or a migration
-#: keeps sending, commits never stop, so no checkpoint caught up with them and the WAL grew by every commit's
-#: frames (about 31 KB per small instance: 158 MB after 5,000; a migration at 1,000 instances a second, over
-#: 100 GB an hour) until the first pause, and a crash meanwhile left all of it to read at the next start. Below
-#: :data:`_WAL_KEEP_BYTES` with what comes in before the restart, so that SQLite does not truncate the file.
+#: keeps sending, commits never stop, so no checkpoint catches up with them: without the restart the WAL would
+#: grow by every commit's frames until the first pause, and a crash meanwhile would leave all of it to read at
+#: the next start. Below :data:`_WAL_KEEP_BYTES` with what comes in before the restart, so that SQLite does not
+#: truncate the file.
 _WAL_RESTART_BYTES = 16 * 1024 * 1024
 #: How often the checkpoint thread copies the WAL into the database while there are commits.
 _CHECKPOINT_S = 0.25
