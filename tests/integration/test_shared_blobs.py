@@ -8,13 +8,14 @@ and left its files; neither takes the liveness of another node's processes from 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import make_study
+from conftest import BastionServer, make_study
 
 from bastion.archive import RUNNING_MARKER, Archive
 from bastion.blobs.filesystem import FileBlobStore
@@ -171,3 +172,12 @@ def test_crash_recovery_takes_up_only_the_nodes_own_objects(tmp_path: Path) -> N
     finally:
         a.close()
         b.close()
+
+
+def test_a_server_names_its_node_in_its_log_and_statistics(tmp_path: Path) -> None:
+    server = BastionServer(tmp_path / "data", settings={"BASTION_NODE_ID": "ward-3-a"}).start()
+    try:
+        assert server.stats()["node_id"] == "ward-3-a"
+    finally:
+        server.stop()
+    assert re.search(r"Bastion \S+: node ward-3-a, DICOM", server.log()), server.log()
