@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,9 +12,9 @@ from tqdm import tqdm
 from bastion.archive import exclusive
 from bastion.blobs import open_blob_store
 from bastion.cli.serve import settings_from
-from bastion.index import log_floor, open_index
-from bastion.index.seqmark import SUFFIX as SEQMARK_SUFFIX
-from bastion.ingest.rebuild import rebuild, stored_keys
+from bastion.index import Index, log_floor, open_index
+from bastion.index.sqlite_files import rebuild_into
+from bastion.ingest.rebuild import RebuildReport, rebuild, stored_keys
 from bastion.ingest.verify import verify
 from bastion.settings import Settings
 
@@ -39,22 +38,14 @@ def run_rebuild(args: argparse.Namespace) -> int:
 def _rebuild(settings: Settings) -> int:
     blobs = open_blob_store(settings.blob_location)
     target = settings.index_location
-    tmp = target + ".rebuild"
-    for suffix in ("", "-wal", "-shm", "-writer.lock", SEQMARK_SUFFIX):
-        if os.path.exists(tmp + suffix):
-            os.unlink(tmp + suffix)
     total = len(stored_keys(blobs))
     after = log_floor(target)  # the new change log goes on after the old one's
-    index = open_index(tmp)
-    with tqdm(total=total, desc="rebuilding index", unit=" objects", file=sys.stderr, disable=None) as bar:
-        report = rebuild(blobs, index, _progress(bar), after=after)
-    index.close()
-    os.unlink(tmp + "-writer.lock")  # the live index keeps its own
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(target + suffix):
-            os.unlink(target + suffix)
-    os.replace(tmp + SEQMARK_SUFFIX, target + SEQMARK_SUFFIX)  # at least the old mark: it never goes down
-    os.replace(tmp, target)
+
+    def build(index: Index) -> RebuildReport:
+        with tqdm(total=total, desc="rebuilding index", unit=" objects", file=sys.stderr, disable=None) as bar:
+            return rebuild(blobs, index, _progress(bar), after=after)
+
+    report = rebuild_into(target, build)  # a new index beside the live one, swapped in atomically
     print(f"index rebuilt from {total} stored object(s): {report.indexed} indexed "
           f"({report.superseded} superseding an older version), {len(report.skipped)} skipped, "
           f"{len(report.warned)} with warnings")

@@ -39,6 +39,7 @@ from bastion.index.rows import IndexRow
 from bastion.index.schema import FLOOR_KIND, INSTANCE_COUNTS, SUMMARY_SEP, TABLES, create_or_migrate
 from bastion.index.seqmark import SeqMark
 from bastion.index.sqlcompile import compile_conditions
+from bastion.index.sqlite_files import WRITER_LOCK_SUFFIX
 from bastion.model import dicom_json
 from bastion.model.attributes import tag_hex
 from bastion.model.levels import QueryLevel
@@ -246,7 +247,7 @@ class SqliteIndex(Index):
     # -- connections -------------------------------------------------------------------
     def _open_writer_lock(self) -> int:
         """A new file description of the lock file that the index's writers ``flock`` (a file index only)."""
-        return os.open(f"{os.path.abspath(self._path)}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return os.open(os.path.abspath(self._path) + WRITER_LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, timeout=60, isolation_level=None, check_same_thread=False,
