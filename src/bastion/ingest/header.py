@@ -382,12 +382,40 @@ def _check_nesting(block: bytes, found: Scan) -> None:
         raise InvalidObject(f"cannot parse the dataset: {TOO_DEEP}")
 
 
+#: The Transfer Syntax UID element of the File Meta Information (explicit VR little endian, PS3.10 7.1).
+_META_TRANSFER_SYNTAX = b"\x02\x00\x10\x00UI"
+
+
+def _check_nesting_before_pydicom(fp: BinaryIO) -> None:
+    """Refuse an object nested more than :data:`MAX_SEQUENCE_DEPTH` deep before pydicom recurses into it.
+
+    pydicom reads each sequence level with a recursive call: deep enough, it fails in ways other than a
+    RecursionError (a read cut short by the stack's end). The first :data:`_SCAN_BLOCK` bytes of a little
+    endian, uncompressed-framing dataset are walked without recursion (:func:`raw_nested_too_deep`); a
+    deflated or big endian one is left to pydicom (and its RecursionError). ``fp`` is left at offset 0.
+    """
+    fp.seek(0)
+    block = fp.read(_SCAN_BLOCK)
+    fp.seek(0)
+    at = block.find(_META_TRANSFER_SYNTAX, 132, 132 + 4096) if block[128:132] == b"DICM" else -1
+    if at < 0:
+        return
+    length = struct.unpack_from("<H", block, at + 6)[0]
+    ts = block[at + 8: at + 8 + length].decode("ascii", "replace").strip("\x00 ")
+    if ts in (DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN) or ts not in STORABLE_TRANSFER_SYNTAXES:
+        return  # deflated, big endian or unknown: not walked here
+    explicit = ts != IMPLICIT_VR_LITTLE_ENDIAN
+    if raw_nested_too_deep(block, dataset_offset(block), len(block), explicit):
+        raise InvalidObject(f"cannot parse the dataset: {TOO_DEEP}")
+
+
 def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
     """:func:`read_header` with pydicom, for every transfer syntax and encoding.
 
     pydicom parses nested sequences recursively: an object nested deeper than Python's stack allows is refused
     like one nested more than :data:`MAX_SEQUENCE_DEPTH` deep (InvalidObject, 0xC000), never a RecursionError.
     """
+    _check_nesting_before_pydicom(fp)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=65536)
         ts = str(ds.file_meta.get("TransferSyntaxUID", "")).strip("\x00 ")
