@@ -20,7 +20,7 @@ CONTRACT = Path(__file__).resolve().parents[1] / "contract"
 # instance once its record returned: what it printed is committed.
 WRITER = f"""
 import sys
-sys.path.insert(0, {str(CONTRACT)!r})
+sys.path[:0] = [{str(CONTRACT)!r}, {str(CONTRACT.parent)!r}]  # test_index imports the tests' conftest
 from bastion.index import sqlite as sqlite_index
 sqlite_index._WAL_RESTART_BYTES = 128 * 1024
 sqlite_index._CHECKPOINT_S = 0.002
