@@ -11,13 +11,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from bastion.blobs import BlobStore, open_blob_store
+from bastion.blobs.filesystem import CWRITE
 from bastion.errors import BastionError
 from bastion.index import Index, open_index
+from bastion.index.sqlite_record import CRECORD
 from bastion.ingest import Ingest
 from bastion.ingest.rebuild import recover
 from bastion.ingest.rejections import RejectionLog
+from bastion.ingest.scan import SPEEDUPS
 from bastion.ingest.stamps import IngestStamps
 from bastion.model.records import is_node_id
 from bastion.query.find import Finder
@@ -180,6 +184,27 @@ def exclusive(data: Path) -> Iterator[None]:
         os.close(fd)
 
 
+#: How a part with a compiled twin runs: its C extension, or the Python version (slower, same results).
+Implementation = Literal["compiled", "python"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Which implementation runs each part of the store path that has a compiled twin (``setup.py``'s optional
+    extensions, loaded by :mod:`bastion.model.compiled`): what the adapters report, without knowing the modules."""
+
+    #: Reading a header (``ingest/scan.py``, ``_cscan.c``).
+    header_scan: Implementation
+    #: Writing and flushing a blob's file (``blobs/filesystem.py``, ``_cwrite.c``).
+    blob_write: Implementation
+    #: Recording the common instance in the index (``index/sqlite_record.py``, ``_crecord.c``).
+    index_record: Implementation
+
+
+def _implementation(compiled: object | None) -> Implementation:
+    return "compiled" if compiled is not None else "python"
+
+
 @dataclass
 class Archive:
     """Everything the adapters (DIMSE, DICOMweb, CLI) use; no adapter builds its own."""
@@ -224,6 +249,11 @@ class Archive:
         ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
                         stamps=stamps)
         return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), marker, node_id)
+
+    def capabilities(self) -> Capabilities:
+        """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""
+        return Capabilities(header_scan=_implementation(SPEEDUPS), blob_write=_implementation(CWRITE),
+                            index_record=_implementation(CRECORD))
 
     def close(self) -> None:
         """Flush and close the index and blob store; the last primary out marks the shutdown clean."""

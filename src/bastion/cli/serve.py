@@ -24,12 +24,9 @@ import uvicorn
 
 from bastion import __version__
 from bastion.archive import RUNNING_MARKER, Archive, RunMarker
-from bastion.blobs.filesystem import CWRITE
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
-from bastion.index.sqlite_record import CRECORD
-from bastion.ingest.scan import SPEEDUPS
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 from bastion.web.timeouts import header_deadline_protocol
@@ -107,13 +104,14 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     log.info("Bastion %s: node %s, DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__,
              archive.node_id, settings.aet, settings.host, settings.dicom_port, settings.workers, settings.host,
              settings.http_port, settings.data)
-    if SPEEDUPS is None:
+    parts = archive.capabilities()
+    if parts.header_scan == "python":
         log.warning("the compiled header scan is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
                     "install): storing runs its Python twin, about 40 % more CPU per object")
-    if CWRITE is None:
+    if parts.blob_write == "python":
         log.warning("the compiled file write is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
                     "install): objects of 128 KB and more are written in Python, about 10 % slower")
-    if CRECORD is None:
+    if parts.index_record == "python":
         log.warning("the compiled index record is not loaded (BASTION_PURE_PYTHON set, or no C compiler or "
                     "SQLite headers (libsqlite3-dev) at install): the index records in Python, more CPU per object")
     await _until_signal(http_task, asyncio.ensure_future(_orphaned(parent)))

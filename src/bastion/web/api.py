@@ -14,9 +14,6 @@ from starlette.routing import BaseRoute, Route
 
 from bastion import __version__
 from bastion.archive import Archive
-from bastion.blobs.filesystem import CWRITE
-from bastion.index.sqlite_record import CRECORD
-from bastion.ingest.scan import SPEEDUPS
 from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -46,6 +43,7 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     async def statistics(request: Request) -> JSONResponse:
         st = archive.index.statistics()
         used, free = archive.blobs.usage()
+        parts = archive.capabilities()
         body: dict[str, Any] = {
             "node_id": archive.node_id,
             "patients": st.patients, "studies": st.studies, "series": st.series,
@@ -53,12 +51,12 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
             "last_change": st.last_change,
             "storage": {"location": archive.blobs.location, "used_bytes": used, "free_bytes": free,
                         "set_aside": archive.blobs.set_aside_count(),
-                        "file_write": "compiled" if CWRITE is not None else "python"},
+                        "file_write": parts.blob_write},
             "ingest": {"last_minute_instances": st.stored_last_minute,
                        "rejected": archive.ingest.rejections.count(),
                        "warned": archive.ingest.warnings.count(),
-                       "header_scan": "compiled" if SPEEDUPS is not None else "python",
-                       "index_record": "compiled" if CRECORD is not None else "python"},
+                       "header_scan": parts.header_scan,
+                       "index_record": parts.index_record},
             "last_errors": archive.ingest.rejections.tail(20),
             "last_warnings": archive.ingest.warnings.tail(20),
             "associations": status.active(),
