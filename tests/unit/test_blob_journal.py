@@ -267,9 +267,9 @@ def test_a_journaled_file_is_handed_over_or_created_before_its_record_is_written
         def __getattr__(self, name: str) -> object:
             return getattr(real, name)
 
-        def submit(self, path: str, data: object, notify: bool = False, **options: bool) -> object:
+        def submit(self, path: str, data: object, **options: bool) -> object:
             order.append(("file", "handed over"))
-            return real.submit(path, data, notify, **options)
+            return real.submit(path, data, **options)
 
         def create_file(self, path: str, *args: object) -> None:
             order.append(("created here", os.path.basename(path)))
@@ -346,7 +346,7 @@ def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path, monkeyp
             return getattr(real, name)
 
         @staticmethod
-        def submit_sync(fd: int, notify: bool = True, parallel: bool = False) -> Failed:
+        def submit_sync(fd: int, parallel: bool = False) -> Failed:
             return Failed()
 
     monkeypatch.setattr(filesystem, "CWRITE", FailingFlush())

@@ -146,7 +146,7 @@ def test_durable_submits_run_in_parallel_threads_and_hold_what_was_given(tmp_pat
     """Files flushed on their own (from 128 KB: ``sync``, ``sync_dir``, ``direct``), several at once."""
     assert CWRITE is not None
     datas = [os.urandom(size) for _ in range(6)]
-    pendings = [CWRITE.submit(str(tmp_path / f"{i}.dcm"), bytearray(d), False, sync=True, sync_dir=True,
+    pendings = [CWRITE.submit(str(tmp_path / f"{i}.dcm"), bytearray(d), sync=True, sync_dir=True,
                               direct=True) for i, d in enumerate(datas)]
     for pending in pendings:
         pending.wait()
@@ -171,9 +171,9 @@ def test_drain_returns_once_no_job_of_either_queue_is_left(tmp_path: Path) -> No
     data = os.urandom(256 * 1024)
     with open(tmp_path / "segment", "wb") as segment:
         for i in range(8):  # dropped at once, both queues
-            CWRITE.submit(str(tmp_path / f"{i}.dcm"), data, False, sync=True, sync_dir=True, direct=True)
+            CWRITE.submit(str(tmp_path / f"{i}.dcm"), data, sync=True, sync_dir=True, direct=True)
             CWRITE.submit(str(tmp_path / f"small-{i}.dcm"), data[:9000])
-            CWRITE.submit_sync(segment.fileno(), False, True)
+            CWRITE.submit_sync(segment.fileno(), parallel=True)
         CWRITE.drain()
     assert all((tmp_path / f"{i}.dcm").read_bytes() == data for i in range(8))
     assert all((tmp_path / f"small-{i}.dcm").stat().st_size == 9000 for i in range(8))
@@ -184,9 +184,9 @@ def test_a_failed_flush_reports_its_error(tmp_path: Path) -> None:
     assert CWRITE is not None
     with open(tmp_path / "segment", "wb") as segment:
         segment.write(b"x")
-        CWRITE.submit_sync(segment.fileno(), False, True).wait()
+        CWRITE.submit_sync(segment.fileno(), parallel=True).wait()
     with pytest.raises(OSError) as info:
-        CWRITE.submit_sync(-1, False, True).wait()
+        CWRITE.submit_sync(-1, parallel=True).wait()
     assert info.value.errno == errno.EBADF
 
 
@@ -199,7 +199,7 @@ def test_durable_files_in_several_directories_are_written_and_their_directories_
     for d in dirs:
         d.mkdir()
     datas = {d / f"{i}.dcm": os.urandom(200_000 + i) for d in dirs for i in range(4)}
-    pendings = [CWRITE.submit(str(path), data, False, sync=True, sync_dir=True, direct=True)
+    pendings = [CWRITE.submit(str(path), data, sync=True, sync_dir=True, direct=True)
                 for path, data in datas.items()]
     for pending in pendings:
         pending.wait()
@@ -234,7 +234,7 @@ def test_a_submitted_buffer_is_written_from_its_own_memory_even_once_it_is_gone(
     for i, payload in enumerate(data):
         buf = CWRITE.Buffer(size)
         buf += payload
-        jobs.append(CWRITE.submit(str(tmp_path / str(i)), buf, False, sync=True, sync_dir=True, direct=True))
+        jobs.append(CWRITE.submit(str(tmp_path / str(i)), buf, sync=True, sync_dir=True, direct=True))
         del buf
     for job in jobs:
         job.wait()
@@ -250,7 +250,7 @@ def test_a_submitted_buffer_is_frozen_and_its_file_holds_what_was_submitted(tmp_
     buf = CWRITE.Buffer(size)
     buf += payload
     assert not buf.frozen
-    job = CWRITE.submit(str(tmp_path / "x.dcm"), buf, False, sync=True, sync_dir=True, direct=True)
+    job = CWRITE.submit(str(tmp_path / "x.dcm"), buf, sync=True, sync_dir=True, direct=True)
     assert buf.frozen
     with pytest.raises(BufferError):
         buf += b"more"
@@ -289,7 +289,7 @@ from bastion.blobs.filesystem import CWRITE
 
 
 def write(name):
-    CWRITE.submit(os.path.join(sys.argv[1], name), name.encode(), False).wait()
+    CWRITE.submit(os.path.join(sys.argv[1], name), name.encode()).wait()
 
 
 write("parent-0")  # starts the parent's ordered thread

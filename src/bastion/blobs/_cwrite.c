@@ -10,7 +10,7 @@
  * With ``sync`` the file is fdatasync'd, with ``sync_dir`` its directory fsync'd as well. On failure it
  * removes the file it created and raises OSError (FileExistsError if ``path`` existed, untouched).
  *
- * submit(path, data, notify, sync, sync_dir, direct) does what create_file does, in threads of this
+ * submit(path, data, sync, sync_dir, direct) does what create_file does, in threads of this
  * module's own that never take the GIL, and returns at once with a Pending whose wait() returns when the file is
  * written (raising the OSError create_file would have). Without sync it goes to the ORDERED queue (one thread, in
  * order): a journaled object (under 128 KB) is durable once its journal record is, its file only has to exist
@@ -31,10 +31,6 @@
  * submit_sync(fd) queues an fdatasync of the journal's segment (submitted once the record is written): after
  * the file in the same thread, or with parallel=True in a thread for durable files, so that the disk's flush
  * starts at once (for a caller that waits: one wake-up more, but the flush overlaps its index statements).
- *
- * For an event loop that serves other associations while a store waits: submit(path, data, True) and
- * submit_sync(fd) signal notify_fd(), an eventfd the loop watches, when they finish; the loop then finds
- * them done() and goes on with the store. No Python thread, so no GIL to hand over and back.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -46,7 +42,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -177,7 +172,6 @@ typedef struct job {
     int sync_fd;
     int sync, sync_dir, direct; /* as create_file's */
     int parallel;             /* a flush that may overlap the ORDERED queue's jobs */
-    int notify;               /* signal notify_fd when done */
     int dir_sync;             /* path is a directory to fsync (DIRSYNC; a file job's, which frees it) */
     int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
 } job;
@@ -201,7 +195,6 @@ static uint64_t q_inflight = 0; /* jobs of either queue not finished yet */
 static int q_threads[POOLS] = {0, 0, 0}; /* this process's threads */
 static int q_idle[POOLS] = {0, 0, 0};    /* of them, waiting for work */
 static uint64_t q_generation = 0; /* bumped in a forked child: the parent's jobs are not this process's */
-static int q_eventfd = -1;        /* notify_fd(), made on first use */
 
 /* The copies of submitted objects, reused. A fresh buffer of that size comes from mmap (malloc's choice): the
  * copy into it faults in and zeroes every page, and the thread's free() unmaps them again, with a TLB shootdown
@@ -368,7 +361,6 @@ static void finish_job(job *j, int pool, int err) {
     block_release(j->blk);
     j->blk = NULL;
     j->data = NULL;
-    int notify = j->notify;
     pthread_mutex_lock(&q_lock);
     if (pool == ORDERED) q_completed++;
     q_inflight--;
@@ -379,13 +371,7 @@ static void finish_job(job *j, int pool, int err) {
         j->done = 1;
     }
     pthread_cond_broadcast(&q_done);
-    int efd = q_eventfd;
     pthread_mutex_unlock(&q_lock);
-    if (notify && efd >= 0) {
-        uint64_t one = 1;
-        ssize_t ignored = write(efd, &one, sizeof one); /* EAGAIN only when the count is huge */
-        (void)ignored;
-    }
 }
 
 static void run_job(job *j, int pool) {
@@ -472,8 +458,6 @@ static void after_fork_child(void) {
     }
     q_submitted = q_completed = q_inflight = 0;
     q_generation++;
-    if (q_eventfd >= 0) close(q_eventfd); /* the parent's loop watches it */
-    q_eventfd = -1;
 }
 
 typedef struct {
@@ -576,11 +560,11 @@ typedef struct {
 } Buffer;
 
 static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"path", "data", "notify", "sync", "sync_dir", "direct", NULL};
+    static char *kwlist[] = {"path", "data", "sync", "sync_dir", "direct", NULL};
     PyObject *path_arg, *path_obj, *data_arg;
-    int notify = 0, sync = 0, sync_dir = 0, direct = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|pppp", kwlist, &path_arg, &data_arg, &notify, &sync,
-                                     &sync_dir, &direct))
+    int sync = 0, sync_dir = 0, direct = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$ppp", kwlist, &path_arg, &data_arg, &sync, &sync_dir,
+                                     &direct))
         return NULL;
     if (!PyUnicode_FSConverter(path_arg, &path_obj)) return NULL;
     job *j = calloc(1, sizeof(job));
@@ -616,7 +600,6 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     j->data = j->blk->data;
     j->sync_fd = -1;
-    j->notify = notify;
     j->sync = sync;
     j->sync_dir = sync_dir;
     j->direct = direct;
@@ -740,28 +723,14 @@ static PyTypeObject BufferType = {
 };
 
 static PyObject *submit_sync(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"fd", "notify", "parallel", NULL};
-    int fd, notify = 1, parallel = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|pp", kwlist, &fd, &notify, &parallel)) return NULL;
+    static char *kwlist[] = {"fd", "parallel", NULL};
+    int fd, parallel = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|$p", kwlist, &fd, &parallel)) return NULL;
     job *j = calloc(1, sizeof(job));
     if (j == NULL) return PyErr_NoMemory();
     j->sync_fd = fd;
-    j->notify = notify;
     j->parallel = parallel;
     return enqueue(j, NULL);
-}
-
-static PyObject *notify_fd(PyObject *self, PyObject *unused) {
-    pthread_mutex_lock(&q_lock);
-    if (q_eventfd < 0) q_eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    int fd = q_eventfd;
-    int err = errno;
-    pthread_mutex_unlock(&q_lock);
-    if (fd < 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromLong(fd);
 }
 
 static PyObject *barrier(PyObject *self, PyObject *unused) {
@@ -794,7 +763,7 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
-     "submit(path, data, notify=False, sync=False, sync_dir=False, direct=False) -> Pending: "
+     "submit(path, data, *, sync=False, sync_dir=False, direct=False) -> Pending: "
      "create_file in a writer thread, from a copy of data, or a Buffer's own memory, the Buffer frozen "
      "(see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
@@ -803,11 +772,8 @@ static PyMethodDef methods[] = {
     {"drain", drain, METH_NOARGS,
      "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},
     {"submit_sync", (PyCFunction)(void (*)(void))submit_sync, METH_VARARGS | METH_KEYWORDS,
-     "submit_sync(fd, notify=True, parallel=False) -> Pending: fdatasync(fd) after the jobs "
-     "submitted before it, or with parallel in a thread for durable files, beside them; notify: signal "
-     "notify_fd() when done"},
-    {"notify_fd", notify_fd, METH_NOARGS,
-     "notify_fd(): an eventfd (non-blocking) that the thread signals when a job submitted to notify is done"},
+     "submit_sync(fd, *, parallel=False) -> Pending: fdatasync(fd) after the jobs "
+     "submitted before it, or with parallel in a thread for durable files, beside them"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -196,13 +196,13 @@ class FileWriter(BlobWriter):
         assert CWRITE is not None
         self._store.make_dirs(os.path.dirname(final))
         if CWRITE.ordered_idle():
-            file_job: Any = CWRITE.submit(final, buf, False)
+            file_job: Any = CWRITE.submit(final, buf)
         else:
             file_job = CreatedHere(CWRITE, final, buf)
         try:
             ticket = journal.write(key, digest, [buf], len(buf), writeback=False)
             prepared = journal.pending_sync(ticket)
-            sync_job = CWRITE.submit_sync(prepared[0], False, True) if prepared is not None else None
+            sync_job = CWRITE.submit_sync(prepared[0], parallel=True) if prepared is not None else None
         except OSError as exc:
             with contextlib.suppress(OSError):
                 file_job.wait()
@@ -239,7 +239,7 @@ class FileWriter(BlobWriter):
         waiter waits for it."""
         assert CWRITE is not None
         self._store.make_dirs(os.path.dirname(final))
-        job = CWRITE.submit(final, buf, False, sync=True, sync_dir=True, direct=True)
+        job = CWRITE.submit(final, buf, sync=True, sync_dir=True, direct=True)
 
         def settle() -> None:
             try:
