@@ -23,7 +23,7 @@ from typing import Any
 import uvicorn
 
 from bastion import __version__
-from bastion.archive import RUNNING_MARKER, Archive, RunMarker
+from bastion.archive import RUNNING_MARKER, Archive, RunMarker, node_identity
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
@@ -277,7 +277,7 @@ def run_serve(args: argparse.Namespace) -> int:
     Archive.open(settings).close()
     # Held for the whole run: no process started later (a replaced worker, `bastion import`) is ever alone, so
     # none runs crash recovery beside live ones; the last process to close still marks the shutdown clean.
-    marker = RunMarker(str(settings.data / RUNNING_MARKER))
+    marker = RunMarker(str(settings.data / RUNNING_MARKER), node_identity(settings))
     marker.acquire()
     try:
         sock = dicom_socket(settings)
