@@ -346,7 +346,7 @@ def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path, monkeyp
             return getattr(real, name)
 
         @staticmethod
-        def submit_sync(fd: int, parallel: bool = False) -> Failed:
+        def submit_sync(fd: int, parallel: bool = False, notify: bool = False) -> Failed:
             return Failed()
 
     monkeypatch.setattr(filesystem, "CWRITE", FailingFlush())

@@ -31,6 +31,10 @@
  * submit_sync(fd) queues an fdatasync of the journal's segment (submitted once the record is written): after
  * the file in the same thread, or with parallel=True in a thread for durable files, so that the disk's flush
  * starts at once (for a caller that waits: one wake-up more, but the flush overlaps its index statements).
+ *
+ * An event loop that must not wait for a job submits it with notify=True and watches notify_fd(), the read
+ * end of a pipe that gets a byte whenever such a job finishes; it then finds the job done() and goes on. No
+ * Python thread is woken (no GIL to hand over and back).
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -172,6 +176,7 @@ typedef struct job {
     int sync_fd;
     int sync, sync_dir, direct; /* as create_file's */
     int parallel;             /* a flush that may overlap the ORDERED queue's jobs */
+    int notify;               /* write a byte to the notify pipe when done */
     int dir_sync;             /* path is a directory to fsync (DIRSYNC; a file job's, which frees it) */
     int done, err, orphan; /* orphan: its Pending is gone, the thread frees it */
 } job;
@@ -356,11 +361,16 @@ static int sync_dir_path(const char *path) {
     return err;
 }
 
+/* The notify pipe (notify_fd()): a byte is written to it when a job submitted with notify finishes, so that an
+ * event loop watching its read end learns of it without a thread of its own. Made on first use, under q_lock. */
+static int q_notify_rd = -1, q_notify_wr = -1;
+
 /* Record the outcome of ``j`` (its work done) and signal whoever waits. */
 static void finish_job(job *j, int pool, int err) {
     block_release(j->blk);
     j->blk = NULL;
     j->data = NULL;
+    int notify = j->notify;
     pthread_mutex_lock(&q_lock);
     if (pool == ORDERED) q_completed++;
     q_inflight--;
@@ -371,7 +381,12 @@ static void finish_job(job *j, int pool, int err) {
         j->done = 1;
     }
     pthread_cond_broadcast(&q_done);
+    int wr = q_notify_wr;
     pthread_mutex_unlock(&q_lock);
+    if (notify && wr >= 0) {
+        ssize_t ignored = write(wr, "", 1); /* EAGAIN when the pipe is full: the reader has a byte to wake it */
+        (void)ignored;
+    }
 }
 
 static void run_job(job *j, int pool) {
@@ -458,6 +473,9 @@ static void after_fork_child(void) {
     }
     q_submitted = q_completed = q_inflight = 0;
     q_generation++;
+    if (q_notify_rd >= 0) close(q_notify_rd); /* the parent's event loop watches them */
+    if (q_notify_wr >= 0) close(q_notify_wr);
+    q_notify_rd = q_notify_wr = -1;
 }
 
 typedef struct {
@@ -560,11 +578,11 @@ typedef struct {
 } Buffer;
 
 static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"path", "data", "sync", "sync_dir", "direct", NULL};
+    static char *kwlist[] = {"path", "data", "sync", "sync_dir", "direct", "notify", NULL};
     PyObject *path_arg, *path_obj, *data_arg;
-    int sync = 0, sync_dir = 0, direct = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$ppp", kwlist, &path_arg, &data_arg, &sync, &sync_dir,
-                                     &direct))
+    int sync = 0, sync_dir = 0, direct = 0, notify = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$pppp", kwlist, &path_arg, &data_arg, &sync, &sync_dir,
+                                     &direct, &notify))
         return NULL;
     if (!PyUnicode_FSConverter(path_arg, &path_obj)) return NULL;
     job *j = calloc(1, sizeof(job));
@@ -601,6 +619,7 @@ static PyObject *submit(PyObject *self, PyObject *args, PyObject *kwargs) {
     j->data = j->blk->data;
     j->sync_fd = -1;
     j->sync = sync;
+    j->notify = notify;
     j->sync_dir = sync_dir;
     j->direct = direct;
     return enqueue(j, path_arg);
@@ -723,14 +742,48 @@ static PyTypeObject BufferType = {
 };
 
 static PyObject *submit_sync(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"fd", "parallel", NULL};
-    int fd, parallel = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|$p", kwlist, &fd, &parallel)) return NULL;
+    static char *kwlist[] = {"fd", "parallel", "notify", NULL};
+    int fd, parallel = 0, notify = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|$pp", kwlist, &fd, &parallel, &notify)) return NULL;
     job *j = calloc(1, sizeof(job));
     if (j == NULL) return PyErr_NoMemory();
     j->sync_fd = fd;
     j->parallel = parallel;
+    j->notify = notify;
     return enqueue(j, NULL);
+}
+
+static int nonblocking_cloexec(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    int fdfl = fcntl(fd, F_GETFD);
+    if (fl < 0 || fdfl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *notify_fd(PyObject *self, PyObject *unused) {
+    pthread_mutex_lock(&q_lock);
+    int err = 0;
+    if (q_notify_rd < 0) {
+        int fds[2];
+        if (pipe(fds) != 0) {
+            err = errno;
+        } else if (nonblocking_cloexec(fds[0]) < 0 || nonblocking_cloexec(fds[1]) < 0) {
+            err = errno;
+            close(fds[0]);
+            close(fds[1]);
+        } else {
+            q_notify_rd = fds[0];
+            q_notify_wr = fds[1];
+        }
+    }
+    int fd = q_notify_rd;
+    pthread_mutex_unlock(&q_lock);
+    if (fd < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(fd);
 }
 
 static PyObject *barrier(PyObject *self, PyObject *unused) {
@@ -763,7 +816,7 @@ static PyMethodDef methods[] = {
     {"create_file", create_file, METH_VARARGS,
      "create_file(path, data, sync, sync_dir, direct): create path holding data, without the GIL (see the module)"},
     {"submit", (PyCFunction)(void (*)(void))submit, METH_VARARGS | METH_KEYWORDS,
-     "submit(path, data, *, sync=False, sync_dir=False, direct=False) -> Pending: "
+     "submit(path, data, *, sync=False, sync_dir=False, direct=False, notify=False) -> Pending: "
      "create_file in a writer thread, from a copy of data, or a Buffer's own memory, the Buffer frozen "
      "(see the module)"},
     {"barrier", barrier, METH_NOARGS, "barrier(): return once every ORDERED job submitted before the call is done"},
@@ -772,8 +825,11 @@ static PyMethodDef methods[] = {
     {"drain", drain, METH_NOARGS,
      "drain(): return once no job of either queue is left (before a journal closes the segments flushes name)"},
     {"submit_sync", (PyCFunction)(void (*)(void))submit_sync, METH_VARARGS | METH_KEYWORDS,
-     "submit_sync(fd, *, parallel=False) -> Pending: fdatasync(fd) after the jobs "
+     "submit_sync(fd, *, parallel=False, notify=False) -> Pending: fdatasync(fd) after the jobs "
      "submitted before it, or with parallel in a thread for durable files, beside them"},
+    {"notify_fd", notify_fd, METH_NOARGS,
+     "notify_fd(): the read end of a non-blocking pipe that gets a byte whenever a job submitted with "
+     "notify=True finishes (see the module)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,7 +10,11 @@ visible. Keys are ``/``-separated; a name starting with ``.`` is never a committ
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import BinaryIO
 
 from bastion.model import digest as content_digest
@@ -45,23 +49,87 @@ class BlobWriter(abc.ABC):
     def commit(self, key: str) -> None:
         """Make the object durable and visible under ``key``; raises StorageError/StorageFull."""
 
-    def start_commit(self, key: str) -> Callable[[], None]:
-        """Begin :meth:`commit`; the function returned waits until the object is durable (raising as commit would).
+    def start_commit(self, key: str) -> Commit:
+        """Begin :meth:`commit`: the :class:`Commit` returned completes once the object is durable.
 
-        The caller may do other work meanwhile (the ingest pipeline runs the index transaction) and must call it,
-        and see it return, before treating the object as stored; if it raises, the object is not stored and
-        nothing of it is left. This default commits at once.
+        The caller may do other work meanwhile (the ingest pipeline checks the header and runs the index
+        statements) and must wait for it, and see it succeed, before treating the object as stored; if it
+        fails, the object is not stored and nothing of it is left. This default commits at once.
         """
         self.commit(key)
-        return already_committed
+        return Committed()
 
     @abc.abstractmethod
     def abort(self) -> None:
         """Discard the pending object. Safe to call twice or after commit."""
 
 
-def already_committed() -> None:
-    """The waiter of a commit that was complete when it was returned."""
+class Commit:
+    """A blob's commit in progress (:meth:`BlobWriter.start_commit`).
+
+    Call it to wait until the object is durable, raising as :meth:`BlobWriter.commit` would; or, on an event
+    loop, ``await commit.wait_async()``, which lets the loop serve others meanwhile. Either may be done more
+    than once and gives the same outcome. This base class waits in a thread for ``wait_async``; a store that
+    can be awaited more cheaply overrides it.
+    """
+
+    def __call__(self) -> None:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        """Whether the outcome is known (waiting would not block)."""
+        return False
+
+    async def wait_async(self) -> None:
+        """:meth:`__call__` for an event loop: the loop is not blocked while the disk works. Cancelling the
+        wait does not cancel the commit."""
+        await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(self)))
+
+    def then(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in another thread, or at once) when the commit has completed or failed: for a caller
+        that stopped waiting and must clean up after it. This default waits in a thread of its own."""
+
+        def wait_then_call() -> None:
+            with contextlib.suppress(Exception):
+                self()
+            callback()
+
+        threading.Thread(target=wait_then_call, name="bastion-commit-then", daemon=True).start()
+
+
+class Committed(Commit):
+    """A commit that was complete when it was returned."""
+
+    def __call__(self) -> None:
+        return None
+
+    def done(self) -> bool:
+        return True
+
+    async def wait_async(self) -> None:
+        return None
+
+    def then(self, callback: Callable[[], None]) -> None:
+        callback()
+
+
+class CommitInThread(Commit):
+    """A commit that a thread of the store completes (``future``: a ``concurrent.futures.Future``)."""
+
+    def __init__(self, future: Future[None]) -> None:
+        self.future = future
+
+    def __call__(self) -> None:
+        self.future.result()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    async def wait_async(self) -> None:
+        await asyncio.shield(asyncio.wrap_future(self.future))  # a cancelled wait leaves the commit running
+
+    def then(self, callback: Callable[[], None]) -> None:
+        self.future.add_done_callback(lambda _: callback())
 
 
 class BlobStore(abc.ABC):

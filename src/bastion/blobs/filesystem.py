@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from bastion.blobs.base import BlobStore, BlobWriter, already_committed
-from bastion.blobs.cjobs import CreatedHere, Once
+from bastion.blobs.base import BlobStore, BlobWriter, Commit, CommitInThread, Committed
+from bastion.blobs.cjobs import CreatedHere, JobsCommit, on_event_loop
 from bastion.blobs.fileio import BufferReader, holds, os_error, sync_all, sync_data, write_direct
 from bastion.blobs.journal import (
     OBJECT,
@@ -54,6 +54,16 @@ COMMIT_THREADS = 4
 
 #: The file write in C without the GIL (``_cwrite.c``), or None where the Python one runs.
 CWRITE = load_extension("bastion.blobs._cwrite")
+
+
+class _WaitingCommit(Commit):
+    """A commit completed by calling ``wait`` (the journal's flush without ``_cwrite``)."""
+
+    def __init__(self, wait: Callable[[], None]) -> None:
+        self._wait = wait
+
+    def __call__(self) -> None:
+        self._wait()
 
 
 class FileWriter(BlobWriter):
@@ -111,19 +121,23 @@ class FileWriter(BlobWriter):
     def commit(self, key: str) -> None:
         self.start_commit(key)()
 
-    def start_commit(self, key: str) -> Callable[[], None]:
+    def start_commit(self, key: str) -> Commit:
         """Write a buffered object now and let the disk catch up while the caller goes on.
 
         A journaled object's record is written on this thread; ``_cwrite``'s threads create its file and run the
-        journal's ``fdatasync`` meanwhile (:meth:`_start_journaled_in_c`), and the waiter waits for both. A
-        larger buffered object is written and flushed by ``_cwrite``'s threads for durable files, whose result
-        the waiter collects. Without ``_cwrite`` the store's Python commit threads write and flush a larger one.
+        journal's ``fdatasync`` meanwhile (:meth:`_start_journaled_in_c`), and the commit completes once both
+        are done. A larger buffered object is written and flushed by ``_cwrite``'s threads for durable files.
+        Without ``_cwrite`` the store's Python commit threads write and flush a larger one. A spooled object's
+        file is flushed and renamed into place on this thread, or in a commit thread when this thread runs an
+        event loop (which must not wait for the disk).
         """
         final = self._store.path_of(key)
         buf = self._buf
         if buf is None:
+            if on_event_loop():
+                return CommitInThread(self._store.committer().submit(self._commit_spooled, key, final))
             self._commit_spooled(key, final)
-            return already_committed
+            return Committed()
         self._buf = None
         self._store.buffer_hint = len(buf) + len(buf) // 16 + 4096
         journal = self._store.journal_for(key, len(buf)) if len(buf) < JOURNAL_MAX_BYTES else None
@@ -133,7 +147,7 @@ class FileWriter(BlobWriter):
             return self._start_journaled(journal, key, final, buf, self._hash.digest())
         if CWRITE is not None:
             return self._start_in_place(key, final, buf)
-        return self._store.committer().submit(self._commit_in_place, key, final, buf).result
+        return CommitInThread(self._store.committer().submit(self._commit_in_place, key, final, buf))
 
     def _commit_spooled(self, key: str, final: str) -> None:
         try:
@@ -149,7 +163,7 @@ class FileWriter(BlobWriter):
             raise os_error(exc, f"cannot commit {key}") from exc
 
     def _start_journaled(self, journal: Journal, key: str, final: str, buf: bytearray,
-                         digest: bytes) -> Callable[[], None]:
+                         digest: bytes) -> Commit:
         """Write the file in place (no flush), then its journal record; the waiter makes the record durable.
 
         Where ``_cwrite`` is not built (:meth:`_start_journaled_in_c` otherwise). The file comes first: once
@@ -178,10 +192,10 @@ class FileWriter(BlobWriter):
             except OSError as exc:
                 raise undo(exc) from exc
 
-        return wait
+        return _WaitingCommit(wait)
 
     def _start_journaled_in_c(self, journal: Journal, key: str, final: str, buf: bytearray,
-                              digest: bytes) -> Callable[[], None]:
+                              digest: bytes) -> Commit:
         """:meth:`_start_journaled` with the work that waits for the disk done by ``_cwrite``'s threads: the
         ``fdatasync`` of the record's segment is started as soon as the record is written, so that the disk's
         flush overlaps the index statements instead of following them. The waiter waits for it and for the
@@ -191,18 +205,21 @@ class FileWriter(BlobWriter):
         journal's checkpoint first waits for every file submitted before it (``_cwrite.barrier``), then runs the
         ``syncfs`` that must cover them. The flush runs in another thread, so that it overlaps the file's
         creation. Where the ordered thread is still busy with another store's file (concurrent stores), this
-        thread creates its own before writing the record rather than queue behind it.
+        thread creates its own before writing the record rather than queue behind it. On an event loop the jobs
+        tell the loop when they are done (``notify``), so that awaiting the commit wakes no other thread.
         """
         assert CWRITE is not None
+        notify = on_event_loop()
         self._store.make_dirs(os.path.dirname(final))
         if CWRITE.ordered_idle():
-            file_job: Any = CWRITE.submit(final, buf)
+            file_job: Any = CWRITE.submit(final, buf, notify=notify)
         else:
             file_job = CreatedHere(CWRITE, final, buf)
         try:
             ticket = journal.write(key, digest, [buf], len(buf), writeback=False)
             prepared = journal.pending_sync(ticket)
-            sync_job = CWRITE.submit_sync(prepared[0], parallel=True) if prepared is not None else None
+            sync_job = (CWRITE.submit_sync(prepared[0], parallel=True, notify=notify)
+                        if prepared is not None else None)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 file_job.wait()
@@ -232,14 +249,15 @@ class FileWriter(BlobWriter):
                         os.unlink(final)
                 raise os_error(exc, f"cannot commit {key}") from exc
 
-        return Once([file_job, sync_job] if sync_job is not None else [file_job], settle)
+        return JobsCommit([file_job, sync_job] if sync_job is not None else [file_job], settle,
+                          CWRITE if notify else None)
 
-    def _start_in_place(self, key: str, final: str, buf: bytearray) -> Callable[[], None]:
-        """:meth:`_commit_in_place` by ``_cwrite``'s writer threads for durable files (no Python thread): the
-        waiter waits for it."""
+    def _start_in_place(self, key: str, final: str, buf: bytearray) -> Commit:
+        """:meth:`_commit_in_place` by ``_cwrite``'s writer threads for durable files (no Python thread)."""
         assert CWRITE is not None
+        notify = on_event_loop()
         self._store.make_dirs(os.path.dirname(final))
-        job = CWRITE.submit(final, buf, sync=True, sync_dir=True, direct=True)
+        job = CWRITE.submit(final, buf, sync=True, sync_dir=True, direct=True, notify=notify)
 
         def settle() -> None:
             try:
@@ -249,7 +267,7 @@ class FileWriter(BlobWriter):
             except OSError as exc:
                 raise os_error(exc, f"cannot commit {key}") from exc
 
-        return Once([job], settle)
+        return JobsCommit([job], settle, CWRITE if notify else None)
 
     def _commit_in_place(self, key: str, final: str, buf: bytearray) -> None:
         """Write the file in place and make it durable itself: ``fdatasync`` of the file, ``fsync`` of its directory.

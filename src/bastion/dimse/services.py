@@ -23,7 +23,7 @@ from bastion.dimse.scu import DestinationLost, StoreSCU, SubOperationError, send
 from bastion.errors import BastionError, InvalidQuery, UnknownDestination
 from bastion.ingest import PendingObject
 from bastion.model.levels import QueryLevel
-from bastion.model.records import InstanceRecord, StoreResult
+from bastion.model.records import InstanceRecord
 from bastion.model.uids import PATIENT_ROOT_MODELS, is_storage_sop_class
 from bastion.query.find import conditions_for, select_keys
 
@@ -162,10 +162,9 @@ class Services:
                 raise InvalidQuery("not a storage presentation context")
             sop_class: str | None = cmd.get("AffectedSOPClassUID")
             sop_uid: str | None = cmd.get("AffectedSOPInstanceUID")
-            # One path for every object: the store's header parsing, the disk's flush and the index transaction
-            # run in a thread, and the loop serves the other associations meanwhile.
-            result: StoreResult = await self._run(self.archive.ingest.finish, sink, sop_class=sop_class,
-                                                  sop_uid=sop_uid)
+            # One path for every object: the loop checks the header while the disk flushes, and awaits the
+            # flush and any other writer of the index instead of waiting for them (it serves others meanwhile).
+            result = await self.archive.ingest.finish_async(sink, sop_class=sop_class, sop_uid=sop_uid)
             rsp["Status"] = STORED_WITH_WARNINGS if result.warnings else m.SUCCESS
             if result.warnings:
                 rsp["ErrorComment"] = _comment("; ".join(result.warnings))

@@ -27,6 +27,7 @@ last entry they handled. The index guarantees:
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -135,6 +136,12 @@ class Index(abc.ABC):
 
         Returns the status (stored / duplicate / superseded) and the change-log sequence.
         """
+
+    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None,
+                           ) -> tuple[StoreStatus, int | None]:
+        """:meth:`record` for an event loop, for an object whose blob is durable already: the loop is not made to
+        wait for another writer. This default records in a thread."""
+        return await asyncio.to_thread(self.record, obj, None, same_content)
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         """Record several versions, in order (rebuild); backends may commit them together."""

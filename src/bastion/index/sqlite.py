@@ -19,6 +19,7 @@ after, which no read returns. Its durable high-water mark is the file ``<index>-
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -396,20 +397,30 @@ class SqliteIndex(Index):
         # Uncontended: commit on the calling thread (a hand-off to the writer thread costs more than
         # the transaction), waiting for ``durable`` inside it. Contended: wait for ``durable`` first, then
         # queue, and the writer thread commits the waiting ones together.
-        if self._write_lock.acquire(blocking=False):
-            try:
-                if self._queue.empty():
-                    [(_, value, error)] = self._locked_transaction(self._writer_conn, [(fn, None)], durable)
-                    if error is not None:
-                        raise _write_error(error)
-                    return value  # type: ignore[no-any-return]
-            finally:
-                self._write_lock.release()
+        done, value = self._write_here(fn, durable)
+        if done:
+            return value  # type: ignore[return-value]
         if durable is not None:
             durable()
         fut: Future[T] = Future()
         self._queue.put((fn, fut))
         return fut.result()
+
+    def _write_here(self, fn: Callable[[sqlite3.Connection], T],
+                    durable: Callable[[], None] | None) -> tuple[bool, T | None]:
+        """Run ``fn`` in a transaction on the calling thread if no other write is running or queued in this
+        process: ``(True, its value)``; ``(False, None)`` otherwise (nothing done)."""
+        if not self._write_lock.acquire(blocking=False):
+            return False, None
+        try:
+            if not self._queue.empty():
+                return False, None
+            [(_, value, error)] = self._locked_transaction(self._writer_conn, [(fn, None)], durable)
+            if error is not None:
+                raise _write_error(error)
+            return True, value
+        finally:
+            self._write_lock.release()
 
     # -- recording ---------------------------------------------------------------------------
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
@@ -426,6 +437,37 @@ class SqliteIndex(Index):
                 self._mark.cover(recorded[1])
                 return recorded
         status, seq = self._write(lambda conn: sqlite_record.record(conn, row, same_content), durable)
+        if seq is not None:
+            self._mark.cover(seq)
+        return status, seq
+
+    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None,
+                           ) -> tuple[StoreStatus, int | None]:
+        """:meth:`record` for an event loop, for an object already durable: uncontended, the transaction runs
+        here (statements and a commit that does not wait for the disk, in WAL mode); beside other writes of this
+        process, it is queued to the writer thread, which commits the waiting ones together, and awaited."""
+        row = IndexRow.of(obj)
+        if self._recorder is not None and self._write_lock.acquire(blocking=False):
+            try:  # uncontended here: the common case in C (None: not the common case, nothing written)
+                recorded = sqlite_record.record_in_c(self._recorder, row, None) if self._queue.empty() else None
+                if recorded is not None:
+                    self._commits += 1
+            finally:
+                self._write_lock.release()
+            if recorded is not None:
+                self._mark.cover(recorded[1])
+                return recorded
+
+        def write(conn: sqlite3.Connection) -> tuple[StoreStatus, int | None]:
+            return sqlite_record.record(conn, row, same_content)
+
+        done, value = self._write_here(write, None)
+        if not done:
+            fut: Future[tuple[StoreStatus, int | None]] = Future()
+            self._queue.put((write, fut))
+            value = await asyncio.wrap_future(fut)
+        assert value is not None
+        status, seq = value
         if seq is not None:
             self._mark.cover(seq)
         return status, seq

@@ -22,13 +22,14 @@ identifies it, a File Meta that names another SOP instance) is stored like any o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from bastion.blobs.base import BlobStore, BlobWriter
+from bastion.blobs.base import BlobStore, BlobWriter, Commit
 from bastion.errors import BastionError, CommandMismatch, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
@@ -92,7 +93,7 @@ class _Staged:
     """An object whose blob is being committed, to be recorded in the index."""
 
     obj: StoredObject
-    durable: Callable[[], None]
+    durable: Commit
     same_content: Callable[[str], bool]
     warnings: tuple[str, ...] = ()
 
@@ -163,6 +164,42 @@ class Ingest:
         except Exception as exc:
             self._reject(pending, exc)
             raise
+
+    async def finish_async(self, pending: PendingObject, *, sop_class: str | None = None,
+                           sop_uid: str | None = None) -> StoreResult:
+        """:meth:`finish` for an event loop that serves other clients meanwhile: the same steps, none of which
+        makes the loop wait. The header is checked while the disk flushes; the commit is awaited
+        (:meth:`Commit.wait_async`); then the index records the object (:meth:`Index.record_async`: at once when
+        no other write of this process runs, else beside the others in the index's writer thread).
+
+        A store whose caller goes away (its association closed) still completes its commit, and its blob is then
+        removed: nothing is recorded.
+        """
+        try:
+            staged = self._stage(pending, sop_class, sop_uid)
+            if isinstance(staged, StoreResult):
+                return self._noted(pending, staged)
+            try:
+                await staged.durable.wait_async()
+            except asyncio.CancelledError:  # the commit goes on: its blob is removed once it is done
+                staged.durable.then(lambda: self._discard_staged(staged))
+                raise
+            except BaseException:
+                self._discard_staged(staged)
+                raise
+            return self._noted(pending, await self._record_async(staged))
+        except Exception as exc:
+            self._reject(pending, exc)
+            raise
+
+    async def _record_async(self, staged: _Staged) -> StoreResult:
+        """:meth:`_record` on an event loop, for a staged object whose commit completed."""
+        try:
+            status, seq = await self.index.record_async(staged.obj, staged.same_content)
+        except BaseException:
+            self._discard_staged(staged)
+            raise
+        return self._recorded(staged, status, seq)
 
     def _noted(self, pending: PendingObject, result: StoreResult) -> StoreResult:
         """``result``, its warnings (if any) appended to the ingest warnings log and the server's log."""
@@ -286,6 +323,10 @@ class Ingest:
         except BaseException:
             self._discard_staged(staged)
             raise
+        return self._recorded(staged, status, seq)
+
+    def _recorded(self, staged: _Staged, status: StoreStatus, seq: int | None) -> StoreResult:
+        """The result of recording ``staged`` in the index; a duplicate's copy is removed again."""
         record = staged.obj.instance
         if status is StoreStatus.DUPLICATE:
             # The index found this SOP instance with the same content in the transaction that would have recorded
