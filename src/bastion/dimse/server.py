@@ -12,6 +12,7 @@ import os
 import select
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,16 @@ ASSOCIATED_PDUS = frozenset({P_DATA_TF, A_RELEASE_RQ, A_ABORT})
 PDU_TOLERANCE = 4
 
 
+def _anonymous_file(name: str) -> int:
+    """A file descriptor of a new file no other process can open: a memfd on Linux, elsewhere (macOS) a temporary
+    file removed at once."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create(name)
+    fd, path = tempfile.mkstemp(prefix=f"{name}-")
+    os.unlink(path)
+    return fd
+
+
 class LoadBoard:
     """How many associations each worker process serves, in memory shared by all of them (made before fork).
 
@@ -79,7 +90,7 @@ class LoadBoard:
         self.workers = workers
         self.peers = peers
         size = 4 * 2 * workers + _PEER_SLOT.size * workers * peers
-        self._fd = os.memfd_create("bastion-load-board")  # shared across fork; its lock is the board's lock
+        self._fd = _anonymous_file("bastion-load-board")  # shared across fork; its lock is the board's lock
         os.ftruncate(self._fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
         self._map = mmap.mmap(self._fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
         self._slots = memoryview(self._map).cast("i")  # counts, then process ids, then the peer slots
