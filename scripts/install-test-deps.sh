@@ -14,6 +14,13 @@ command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)  # NodeSource's nodejs ships npm itself; Debian's does not
 # SQLite's headers: the index's common record in C (setup.py) is built, and tested, against them
 [ -e /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
+# A C compiler with AddressSanitizer's and UndefinedBehaviorSanitizer's runtimes (scripts/sanitizer-tests.sh)
+command -v cc >/dev/null || need+=(gcc)
+if command -v cc >/dev/null; then
+  for lib in libasan.so libubsan.so; do
+    [ -e "$(cc -print-file-name=$lib)" ] || need+=(libgcc-12-dev)
+  done
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2; exit 1; fi
   echo "installing Debian packages: ${need[*]}"
