@@ -18,7 +18,7 @@ command -v npm >/dev/null || need+=(npm)  # NodeSource's nodejs ships npm itself
 command -v cc >/dev/null || need+=(gcc)
 if command -v cc >/dev/null; then
   for lib in libasan.so libubsan.so; do
-    [ -e "$(cc -print-file-name=$lib)" ] || need+=(libgcc-12-dev)
+    [ -e "$(cc -print-file-name=$lib)" ] || need+=("libgcc-$(cc -dumpversion | cut -d. -f1)-dev")
   done
 fi
 if [ ${#need[@]} -gt 0 ]; then
