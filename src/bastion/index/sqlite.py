@@ -170,6 +170,29 @@ def _start_log(conn: sqlite3.Connection, after: int, *, new_epoch: bool = True) 
     return LogPosition(epoch, floor)
 
 
+async def _outcome_of_write(fut: Future[T]) -> T:
+    """The outcome of a write queued to the writer thread, for :meth:`SqliteIndex.record_async`: a cancellation
+    cancels the write if the writer thread has not started it (CancelledError: nothing written), and is otherwise
+    withheld until the write's outcome is known, which is then returned or raised."""
+    waiting = asyncio.wrap_future(fut)
+    withheld = 0
+    try:
+        while True:
+            try:
+                return await asyncio.shield(waiting)
+            except asyncio.CancelledError:
+                if waiting.done() and not waiting.cancelled():
+                    return waiting.result()
+                if fut.cancel():
+                    raise
+                withheld += 1  # started: it commits or fails, and the caller must learn which
+    finally:
+        task = asyncio.current_task()
+        if task is not None:
+            for _ in range(withheld):
+                task.uncancel()
+
+
 def log_floor(path: str) -> int:
     """:func:`bastion.index.base.log_floor` for the SQLite index file ``path`` (opened read-only)."""
     floor = SeqMark(path).read()
@@ -331,7 +354,10 @@ class SqliteIndex(Index):
                         self._queue.put(None)
                         break
                     batch.append(nxt)
-                self._commit_batch(conn, batch)
+                # A write whose waiter cancelled it (record_async) is not run; the others can no longer be.
+                batch = [(fn, fut) for fn, fut in batch if fut.set_running_or_notify_cancel()]
+                if batch:
+                    self._commit_batch(conn, batch)
 
     def _commit_batch(self, conn: sqlite3.Connection,
                       batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
@@ -445,7 +471,11 @@ class SqliteIndex(Index):
                            ) -> tuple[StoreStatus, int | None]:
         """:meth:`record` for an event loop, for an object already durable: uncontended, the transaction runs
         here (statements and a commit that does not wait for the disk, in WAL mode); beside other writes of this
-        process, it is queued to the writer thread, which commits the waiting ones together, and awaited."""
+        process, it is queued to the writer thread, which commits the waiting ones together, and awaited.
+
+        Cancelled while its write is queued, nothing is recorded and CancelledError is raised; once the writer
+        thread has started the write, its outcome is awaited and returned (or raised) whatever the cancellation:
+        CancelledError always means that nothing was recorded (the caller then removes the blob)."""
         row = IndexRow.of(obj)
         if self._recorder is not None and self._write_lock.acquire(blocking=False):
             try:  # uncontended here: the common case in C (None: not the common case, nothing written)
@@ -465,7 +495,7 @@ class SqliteIndex(Index):
         if not done:
             fut: Future[tuple[StoreStatus, int | None]] = Future()
             self._queue.put((write, fut))
-            value = await asyncio.wrap_future(fut)
+            value = await _outcome_of_write(fut)
         assert value is not None
         status, seq = value
         if seq is not None:
