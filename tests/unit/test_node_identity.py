@@ -169,3 +169,47 @@ def test_the_ceiling_is_written_rarely_and_only_raised(tmp_path: Path) -> None:
     assert values == sorted(values)
     # Another process of the node asking for less leaves it where it is.
     assert raise_ceiling(ceiling, values[-1] - RESERVE_NS) == values[-1] == read_ceiling(ceiling)
+
+
+_STAMPING_PROCESS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from bastion.ingest.stamps import IngestStamps
+clock = int(sys.argv[3])
+stamps = IngestStamps(clock=lambda: clock, ceiling_file=sys.argv[2])
+print("ready", flush=True)
+for line in sys.stdin:
+    print(stamps.next(), flush=True)
+"""
+
+
+def test_the_processes_of_a_node_never_issue_the_same_stamp_nor_one_below_another_s(tmp_path: Path) -> None:
+    """Two worker processes of one node, started after a restart with the clock behind the ceiling (it went
+    back, or the restart came within the reserve): the stamps they issue, in the order issued, rise strictly."""
+    import subprocess
+    import sys
+
+    ceiling = str(tmp_path / "stamp-ceiling")
+    now = time.time_ns()
+    raise_ceiling(ceiling, now)  # the last run's ceiling
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    workers = [subprocess.Popen([sys.executable, "-c", _STAMPING_PROCESS, src, ceiling, str(now - 10**9)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+        issued = []
+        for n in range(6):  # taking turns, as two associations' stores do
+            worker = workers[n % 2]
+            assert worker.stdin is not None and worker.stdout is not None
+            worker.stdin.write("next\n")
+            worker.stdin.flush()
+            issued.append(int(worker.stdout.readline()))
+    finally:
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.close()
+            worker.wait(30)
+    assert issued == sorted(issued) and len(set(issued)) == len(issued)
+    assert all(stamp > now for stamp in issued)
+    assert read_ceiling(ceiling) > issued[-1]
