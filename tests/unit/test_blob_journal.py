@@ -424,3 +424,41 @@ def test_a_delete_journaled_in_another_segment_stays_deleted_whatever_the_segmen
         assert not (case / "d/x.dcm").exists()
         assert reopened.get("d/y.dcm") == _payload(2, 40_000)
         assert _segments(case) == []
+
+
+def test_a_delete_stays_deleted_when_the_segment_holding_its_record_could_not_be_replayed(tmp_path: Path) -> None:
+    """An object's record in one segment, its tombstone in another, and the first segment's replay fails (here a
+    file stands where a directory of another of its objects must go; a full disk or an I/O error alike): the
+    tombstone's segment must not be removed before the record's has been applied, or the next replay, the
+    obstacle gone, brings the deleted object back."""
+    root = tmp_path / "blobs"
+    journal_dir = root / ".journal"
+    code = (
+        "import os, sys, threading\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / 'src')!r})\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from bastion.blobs.journal import HEADER_SIZE, TOMBSTONE, Journal\n"
+        "from bastion.model.digest import of_bytes as digest_bytes\n"
+        "from test_blob_journal import _payload\n"
+        "never = threading.Event()\n"
+        f"j = Journal({str(journal_dir)!r}, lambda: never.wait(), segment_size=HEADER_SIZE + 64 * 1024)\n"
+        "x, z, y = _payload(1, 40_000), _payload(3, 1000), _payload(2, 40_000)\n"
+        "j.append('d/x.dcm', digest_bytes(x), [x], len(x))\n"
+        "j.append('e/z.dcm', digest_bytes(z), [z], len(z))\n"
+        "j.append('d/y.dcm', digest_bytes(y), [y], len(y))  # does not fit: the other segment takes it\n"
+        "j.append('d/x.dcm', bytes(32), [], 0, kind=TOMBSTONE)\n"
+        "os._exit(0)\n"  # the first segment's checkpoint never finished: both segments count
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert len(_segments(root)) == 2
+    (root / "e").write_bytes(b"in the way of e/z.dcm")
+
+    FileBlobStore(str(root))  # the segment of x and z cannot be replayed
+    assert not (root / "d/x.dcm").exists()
+
+    (root / "e").unlink()
+    reopened = FileBlobStore(str(root))
+    assert not (root / "d/x.dcm").exists()  # still deleted
+    assert reopened.get("e/z.dcm") == _payload(3, 1000)
+    assert reopened.get("d/y.dcm") == _payload(2, 40_000)
+    assert _segments(root) == []

@@ -448,23 +448,26 @@ class FileBlobStore(BlobStore):
         Keys are written once (a new version gets a new key), so a tombstone in any segment replayed together
         is final: an object deleted after its record stays deleted even when the tombstone went to another
         segment than the record, whichever segment is read first. The segments are removed only once all of
-        them are applied and the files are durable.
+        them are applied and the files are durable: if one cannot be, all stay for the next open.
         """
         segments = list(orphaned_segments(self.journal_dir, self.node_id))
         restored = 0
         try:
             deleted: set[str] = set()
+            failed = False
             for path, _fd in segments:
                 try:
                     deleted.update(r.key for r in read_segment(path) if r.kind == TOMBSTONE)
                 except OSError as exc:
                     log.error("cannot read blob journal %s: %s", path, exc)
+                    failed = True
             replayed = []
             for path, _fd in segments:
                 try:
                     rewritten, count = self._replay_segment(path, deleted)
                 except OSError as exc:
                     log.error("cannot replay blob journal %s: %s", path, exc)
+                    failed = True
                     continue
                 replayed.append(path)
                 restored += rewritten
@@ -473,6 +476,9 @@ class FileBlobStore(BlobStore):
                     count, rewritten)
             if replayed:
                 sync_filesystem(self.root)
+            if failed:  # a tombstone of a segment removed now would no longer cover the records of one kept
+                log.error("blob journal: every segment kept until all can be replayed (at the next open)")
+            else:
                 for path in replayed:
                     os.unlink(path)
         except OSError as exc:
