@@ -462,3 +462,66 @@ def test_a_delete_stays_deleted_when_the_segment_holding_its_record_could_not_be
     assert reopened.get("e/z.dcm") == _payload(3, 1000)
     assert reopened.get("d/y.dcm") == _payload(2, 40_000)
     assert _segments(root) == []
+
+
+def test_a_failed_journal_flush_is_reported_even_when_the_file_of_its_store_failed_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stores' records in the journal; the later store's flush (covering both) fails (EIO) and so does the
+    creation of its file (a full disk). The earlier store's own flush, run after, "succeeds" (the kernel forgot
+    the error): the earlier store must not be acknowledged, as its record may not be on the disk."""
+    import errno
+
+    from bastion.blobs import filesystem
+    from bastion.errors import StorageError, StorageFull
+
+    real = filesystem.CWRITE
+    if real is None:
+        pytest.skip("the journal's flush in a thread needs _cwrite")
+
+    class Outcome:
+        def __init__(self, error: OSError | None) -> None:
+            self.error = error
+
+        def done(self) -> bool:
+            return True
+
+        def wait(self) -> None:
+            if self.error is not None:
+                raise self.error
+
+    flushes = iter([Outcome(None), Outcome(OSError(errno.EIO, "Input/output error"))])
+
+    class FailingDisk:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        @staticmethod
+        def ordered_idle() -> bool:
+            return True
+
+        @staticmethod
+        def submit(path: str, data: object, **kwargs: object) -> object:
+            if path.endswith("d/2.dcm"):
+                return Outcome(OSError(errno.ENOSPC, "No space left on device"))
+            return real.submit(path, data, **kwargs)
+
+        @staticmethod
+        def submit_sync(fd: int, parallel: bool = False, notify: bool = False) -> Outcome:
+            return next(flushes)  # the earlier store's succeeds, the later one's (covering both) fails
+
+    monkeypatch.setattr(filesystem, "CWRITE", FailingDisk())
+    store = FileBlobStore(str(tmp_path / "blobs"))
+    try:
+        earlier = store.writer()
+        earlier.write(_payload(1))
+        first = earlier.start_commit("d/1.dcm")
+        later = store.writer()
+        later.write(_payload(2))
+        second = later.start_commit("d/2.dcm")
+        with pytest.raises((StorageError, StorageFull)):
+            second()
+        with pytest.raises(StorageError, match="Input/output"):
+            first()
+    finally:
+        monkeypatch.setattr(filesystem, "CWRITE", real)
+        store.close()

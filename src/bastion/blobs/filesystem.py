@@ -231,18 +231,20 @@ class FileWriter(BlobWriter):
             created = False
             try:
                 try:
-                    file_job.wait()
-                    created = True
-                except FileExistsError:  # the same object from another process, in the same nanosecond
-                    self._write_file(final, buf, sync=True)
-                    fsync_dir(os.path.dirname(final))
-                if sync_job is not None and prepared is not None:
-                    error: OSError | None = None
                     try:
-                        sync_job.wait()
-                    except OSError as exc:
-                        error = exc
-                    journal.synced(ticket, prepared[1], error)
+                        file_job.wait()
+                        created = True
+                    except FileExistsError:  # the same object from another process, in the same nanosecond
+                        self._write_file(final, buf, sync=True)
+                        fsync_dir(os.path.dirname(final))
+                finally:  # whatever the file met: a failed flush also fails the other records it covered
+                    if sync_job is not None and prepared is not None:
+                        error: OSError | None = None
+                        try:
+                            sync_job.wait()
+                        except OSError as exc:
+                            error = exc
+                        journal.synced(ticket, prepared[1], error)
             except OSError as exc:
                 if created:
                     with contextlib.suppress(OSError):
