@@ -20,10 +20,15 @@ from typing import Any
 import pytest
 from conftest import BastionServer, make_study, requires_dcmtk
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 pytestmark = [requires_dcmtk, pytest.mark.timeout(180)]
 
@@ -342,3 +347,46 @@ def test_associations_beyond_the_total_limit_are_rejected_transient(bastion_fact
             sock.close()
     lines = [line for line in server.log().splitlines() if "(max_associations = 2)" in line]
     assert len(lines) == 1 and "WARNING" in lines[0] and "127.0.0.3" in lines[0], lines
+
+
+def test_a_c_get_whose_peer_never_answers_its_c_store_is_not_held_forever(bastion_factory: Any,
+                                                                          tmp_path: Path) -> None:
+    """A C-GET whose peer receives the first C-STORE sub-operation and never answers it (nor sends anything
+    else): the sub-operations end once the peer has been silent for the idle timeout (2 s), and the silent
+    association is aborted, freeing its place; it is not kept alive by its own running request."""
+    server: BastionServer = bastion_factory(settings={"BASTION_DICOM_IDLE_TIMEOUT": "2"})
+    study = make_study(tmp_path / "study", series=1, per_series=3)
+    assert server.storescu(*study.files).returncode == 0
+
+    release = threading.Event()
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:  # never answers until the test ends
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        release.wait(120)
+        return 0x0000
+
+    ae = AE(ae_title="GETTER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(server.host, server.dicom_port, ae_title=server.aet,
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study.study_uid
+    getter = threading.Thread(target=lambda: list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)),
+                              daemon=True)
+    try:
+        assert assoc.is_established
+        getter.start()
+        assert _wait(lambda: bool(received), timeout=30)
+        assert _wait(lambda: server.stats()["associations"] == 0, timeout=60), \
+            "the association whose peer never answered its C-STORE was kept"
+        assert len(received) == 1
+    finally:
+        release.set()
+        if assoc.is_alive():
+            assoc.abort()
+        getter.join(30)
+        ae.shutdown()

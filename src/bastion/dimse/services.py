@@ -239,7 +239,14 @@ class Services:
             await send_instance(self, session.assoc, context_id, ts, record, {
                 "CommandField": m.C_STORE_RQ, "MessageID": mid, "Priority": 0,
                 "AffectedSOPClassUID": record.sop_class_uid, "AffectedSOPInstanceUID": record.sop_uid})
-            rsp = await fut
+            idle = self.archive.settings.dicom_idle_timeout
+            try:  # a peer silent for the idle timeout is gone: its own running request must not keep it alive
+                rsp = await asyncio.wait_for(fut, idle)
+            except TimeoutError:
+                raise DestinationLost(f"no C-STORE response from {session.assoc.calling_aet} "
+                                      f"within {idle:g} s") from None
+            finally:
+                session.store_replies.pop(mid, None)
             return int(rsp.get("Status", 0xC000))
 
         await self._suboperations(session, msg, records, store_here)
