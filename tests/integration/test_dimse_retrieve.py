@@ -20,6 +20,7 @@ from conftest import (
     dataset_part,
     dcmtk_env,
     free_port,
+    make_ct_series,
     make_study,
     requires_dcmtk,
     run_dcmtk,
@@ -363,3 +364,36 @@ def test_get_jpeg2000_decompressed_when_not_accepted(bastion: BastionServer, cor
     assert transfer_syntax_of(received) in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
     original = pydicom.dcmread(path)
     assert (pydicom.dcmread(received).pixel_array == original.pixel_array).all()  # lossless: same pixels
+
+
+def test_move_to_destination_that_stops_reading(bastion_factory: Any, tmp_path: Path) -> None:
+    """A destination that accepts the association and then reads nothing more, mid-way through a 32 MB instance:
+    the sub-operation's send gives up (the destination is lost) and the C-MOVE ends with a failure instead of
+    waiting for it forever."""
+    release = threading.Event()
+    stalled = threading.Event()
+
+    def on_data(event: Any) -> None:
+        if event.data[:1] == b"\x04":  # the first P-DATA-TF: stop reading the socket
+            stalled.set()
+            release.wait(120)
+
+    ae = AE(ae_title="STALLED")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_DATA_RECV, on_data)])
+    try:
+        server = bastion_factory(remotes=[f"STALLED@127.0.0.1:{port}"])
+        study = make_ct_series(tmp_path / "big", slices=1, size=4096)
+        proc = server.storescu(*study.files)
+        assert proc.stdout.count("Received Store Response (Success)") == 1, proc.stdout
+        output, rsps = movescu(server, "STALLED", {"QueryRetrieveLevel": "STUDY",
+                                                  "StudyInstanceUID": study.study_uid})
+        assert stalled.is_set()
+    finally:
+        release.set()
+        scp.shutdown()
+    assert rsps, output
+    final = rsps[-1]
+    assert final["status"] == "0xa702", output
+    assert (final["completed"], final["failed"], final["warning"]) == ("0", "1", "0"), output

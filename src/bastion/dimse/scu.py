@@ -1,9 +1,9 @@
 """Storage SCU: the requestor side, used for C-MOVE sub-operations (PS3.4 C.4.2.3, PS3.7 9.1.1).
 
 An A-ABORT from the destination, its closing the connection, a PDU other than P-DATA-TF where a C-STORE-RSP
-was due, or no response within :data:`TIMEOUT` ends the association at once: the connection is closed (the
-receiver of an A-ABORT closes it, PS3.8 9.2 AA-3, so a peer that leaves it open is not waited for) and
-:class:`DestinationLost` tells the caller that no further sub-operation can go there.
+was due, no response within :data:`TIMEOUT`, or its reading nothing we send for that long ends the association
+at once: the connection is closed (the receiver of an A-ABORT closes it, PS3.8 9.2 AA-3, so a peer that leaves it
+open is not waited for) and :class:`DestinationLost` tells the caller that no further sub-operation can go there.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class StoreSCU:
                 PDUStream, self.remote.host, self.remote.port), TIMEOUT)
         except (TimeoutError, OSError) as exc:
             raise SubOperationError(f"cannot connect to {self.remote.host}:{self.remote.port}: {exc}") from exc
+        stream.send_timeout = TIMEOUT  # a destination that stops reading what we send is lost
         assoc = Association(stream, calling_aet=self.calling_aet, called_aet=self.remote.aet)
         rq = AssociateRQ(self.remote.aet, self.calling_aet, contexts, self.max_pdu, IMPLEMENTATION_CLASS_UID,
                          IMPLEMENTATION_VERSION_NAME)
