@@ -390,3 +390,62 @@ def test_a_c_get_whose_peer_never_answers_its_c_store_is_not_held_forever(bastio
             assoc.abort()
         getter.join(30)
         ae.shutdown()
+
+
+# -- what an aborted association leaves --------------------------------------------------------------------
+def _element(tag: int, value: bytes) -> bytes:
+    """One Implicit VR Little Endian element of a command set (PS3.7 E.1), its value padded to even length."""
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _c_store_rq(sop_class: str, sop_uid: str, message_id: int = 1) -> bytes:
+    """A C-STORE-RQ command set (PS3.7 9.3.1.1) announcing a dataset."""
+    body = (_element(0x00000002, sop_class.encode()) + _element(0x00000100, struct.pack("<H", 0x0001))
+            + _element(0x00000110, struct.pack("<H", message_id)) + _element(0x00000700, struct.pack("<H", 0))
+            + _element(0x00000800, struct.pack("<H", 0x0000)) + _element(0x00001000, sop_uid.encode()))
+    return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def _pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+def test_a_dataset_completed_in_the_pdu_that_breaks_the_protocol_leaves_nothing(bastion_factory: Any,
+                                                                                 tmp_path: Path) -> None:
+    """A C-STORE of a 10 MB dataset (past the writer's memory, so spooled) whose last fragment shares its
+    P-DATA-TF PDU with a PDV on a presentation context that was never accepted: the association is aborted, and
+    neither the spooled object nor a stored one remains."""
+    import pydicom
+    from conftest import dataset_part, make_ct_series
+
+    server: BastionServer = bastion_factory()
+    study = make_ct_series(tmp_path / "big", slices=1, size=2300)
+    (path,) = study.files
+    meta = pydicom.dcmread(path, stop_before_pixels=True)
+    dataset = dataset_part(path.read_bytes())
+    assert len(dataset) > 9 * 1024 * 1024
+
+    ct, explicit = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, ct.encode()) + _item(0x40, explicit.encode()))
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1"))
+    rq = _pdu(0x01, struct.pack(">H2x", 1) + server.aet.encode().ljust(16) + b"HOSTILE".ljust(16) + bytes(32)
+              + _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+    sock = _connect(server)
+    try:
+        sock.settimeout(30)
+        sock.sendall(rq)
+        assert sock.recv(1)[:1] == bytes([A_ASSOCIATE_AC])
+        sock.sendall(_pdu(0x04, _pdv(1, 0x03, _c_store_rq(ct, str(meta.SOPInstanceUID)))))
+        chunk = 16000
+        for offset in range(0, len(dataset) - chunk, chunk):
+            sock.sendall(_pdu(0x04, _pdv(1, 0x00, dataset[offset: offset + chunk])))
+        last = dataset[(len(dataset) - 1) // chunk * chunk:]
+        sock.sendall(_pdu(0x04, _pdv(1, 0x02, last) + _pdv(99, 0x03, b"\0\0")))  # context 99: never accepted
+        assert _until_closed(sock) is not None
+    finally:
+        sock.close()
+    assert _wait(lambda: server.stats()["associations"] == 0)
+    assert _wait(lambda: not server.spool_files()), f"left in the spool: {server.spool_files()}"
+    assert not server.blobs_of(str(meta.SOPInstanceUID))

@@ -408,6 +408,7 @@ class Association:
     # message assembly state
     _cmd_buf: bytearray = field(default_factory=bytearray)
     _pending: Message | None = None
+    _abandoned: list[Message] = field(default_factory=list)  # completed in a P-DATA-TF body that then failed
 
     def next_message_id(self) -> int:
         """A fresh Message ID for requests we send (PS3.7 9.1.1.1)."""
@@ -495,6 +496,15 @@ class Association:
         where the dataset's fragments go (a blob writer for C-STORE, memory otherwise).
         """
         done: list[Message] = []
+        try:
+            self._assemble(body, open_sink, done)
+        except BaseException:  # the messages completed before the failing PDV are never served
+            self._abandoned += done
+            raise
+        return done
+
+    def _assemble(self, body: bytes | bytearray | memoryview, open_sink: Callable[[Message], DatasetSink],
+                  done: list[Message]) -> None:
         for ctx_id, is_command, last, data in iter_pdvs(body):
             context = self.contexts.get(ctx_id)
             if context is None:
@@ -522,11 +532,16 @@ class Association:
                 if last:
                     self._pending = None
                     done.append(pending)
-        return done
 
     def pending_message(self) -> Message | None:
         """The message whose dataset is still arriving (to abort its sink on failure)."""
         return self._pending
+
+    def abandoned_messages(self) -> list[Message]:
+        """Remove and return the messages completed in a P-DATA-TF body whose assembly then failed: never
+        served (their datasets' sinks are the caller's, to abort)."""
+        abandoned, self._abandoned = self._abandoned, []
+        return abandoned
 
 
 __all__ = ["A_ABORT", "MESSAGE", "P_DATA_TF", "AcceptedContext", "Association", "AssociationClosed", "BytesSink",

@@ -391,7 +391,7 @@ class DicomServer:
             await assoc.abort()
         finally:
             self.services.abort_sink(assoc.pending_message())
-            for msg in stream.queued_messages():  # received whole, never served
+            for msg in stream.queued_messages() + assoc.abandoned_messages():  # received whole, never served
                 self.services.abort_sink(msg)
             for task in session.tasks.values():
                 task.cancel()
