@@ -449,3 +449,123 @@ def test_a_dataset_completed_in_the_pdu_that_breaks_the_protocol_leaves_nothing(
     assert _wait(lambda: server.stats()["associations"] == 0)
     assert _wait(lambda: not server.spool_files()), f"left in the spool: {server.spool_files()}"
     assert not server.blobs_of(str(meta.SOPInstanceUID))
+
+
+# -- requests one association may have running -----------------------------------------------------------
+GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _command_fields(command: bytes) -> dict[int, bytes]:
+    """The elements of an Implicit VR Little Endian command set, by tag."""
+    fields, pos = {}, 0
+    while pos + 8 <= len(command):
+        group, elem, length = struct.unpack_from("<HHI", command, pos)
+        fields[group << 16 | elem] = command[pos + 8: pos + 8 + length]
+        pos += 8 + length
+    return fields
+
+
+class _CommandReader:
+    """Reads the server's PDUs from a raw socket and collects the command sets it sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.fragments = b""
+        self.commands: list[dict[int, bytes]] = []
+        self.kinds: list[int] = []  # of every PDU received
+
+    def _recv(self) -> bool:
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except (TimeoutError, BlockingIOError):
+            return True
+        if not chunk:
+            return False
+        self.buffer += chunk
+        while len(self.buffer) >= 6:
+            kind, length = struct.unpack_from(">BxI", self.buffer)
+            if len(self.buffer) < 6 + length:
+                break
+            body, self.buffer = self.buffer[6: 6 + length], self.buffer[6 + length:]
+            self.kinds.append(kind)
+            pos = 0
+            while kind == 0x04 and pos < len(body):
+                (item,) = struct.unpack_from(">I", body, pos)
+                control, data = body[pos + 5], body[pos + 6: pos + 4 + item]
+                if control & 1:
+                    self.fragments += data
+                    if control & 2:
+                        self.commands.append(_command_fields(self.fragments))
+                        self.fragments = b""
+                pos += 4 + item
+        return True
+
+    def until(self, condition: Callable[[], bool], timeout: float = 60.0) -> bool:
+        self.sock.settimeout(0.2)
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            if not self._recv():
+                break
+        return condition()
+
+
+def test_requests_beyond_what_one_association_may_run_at_once_are_refused(bastion_factory: Any,
+                                                                         tmp_path: Path) -> None:
+    """A peer sends 100 C-GET requests at once and never answers the C-STORE sub-operations they start: the
+    association does not run 100 retrievals at once (each holding its matches and waiting for the peer), the
+    ones beyond its bound are refused out of resources (0xA701, PS3.4 C.4.3.1.4) at once."""
+    from pynetdicom.dsutils import encode
+
+    server: BastionServer = bastion_factory(settings={"BASTION_DICOM_IDLE_TIMEOUT": "120"})
+    study = make_study(tmp_path / "study", series=1, per_series=1)
+    assert server.storescu(*study.files).returncode == 0
+
+    implicit, explicit = b"1.2.840.10008.1.2", b"1.2.840.10008.1.2.1"
+    contexts = (_item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, GET_MODEL.encode()) + _item(0x40, implicit))
+                + _item(0x20, bytes([3, 0, 0, 0]) + _item(0x30, CT_STORAGE.encode()) + _item(0x40, explicit)
+                        + _item(0x40, implicit)))
+    role = _item(0x54, struct.pack(">H", len(CT_STORAGE)) + CT_STORAGE.encode() + bytes([0, 1]))
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1") + role)
+    rq = _pdu(0x01, struct.pack(">H2x", 1) + server.aet.encode().ljust(16) + b"GREEDY".ljust(16) + bytes(32)
+              + _item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + user)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study.study_uid
+    identifier = encode(query, True, True)
+    assert identifier is not None
+
+    def c_get_rq(message_id: int) -> bytes:
+        body = (_element(0x00000002, GET_MODEL.encode()) + _element(0x00000100, struct.pack("<H", 0x0010))
+                + _element(0x00000110, struct.pack("<H", message_id)) + _element(0x00000700, struct.pack("<H", 0))
+                + _element(0x00000800, struct.pack("<H", 0x0000)))
+        command = _element(0x00000000, struct.pack("<I", len(body))) + body
+        return _pdu(0x04, _pdv(1, 0x03, command)) + _pdu(0x04, _pdv(1, 0x02, identifier))
+
+    sock = _connect(server)
+    try:
+        sock.settimeout(30)
+        sock.sendall(rq)
+        reader = _CommandReader(sock)
+        assert reader.until(lambda: bool(reader.kinds), timeout=30)
+        assert reader.kinds == [A_ASSOCIATE_AC]
+        sock.sendall(b"".join(c_get_rq(mid) for mid in range(1, 101)))
+
+        def field(command: dict[int, bytes], tag: int) -> int:
+            return int(struct.unpack("<H", command[tag])[0])
+
+        stores = lambda: [c for c in reader.commands if field(c, 0x00000100) == 0x0001]  # noqa: E731
+        refused = lambda: [c for c in reader.commands if field(c, 0x00000100) == 0x8010  # noqa: E731
+                           and field(c, 0x00000900) == 0xA701]
+        assert reader.until(lambda: len(stores()) + len(refused()) >= 100, timeout=60), \
+            (len(stores()), len(refused()))
+        assert len(stores()) <= 16, f"{len(stores())} retrievals of one association ran at once"
+        # a request naming the Message ID of one still running is refused as a duplicate invocation (PS3.7 C.5.2)
+        sock.sendall(c_get_rq(1))
+        duplicate = lambda: [c for c in reader.commands if field(c, 0x00000100) == 0x8010  # noqa: E731
+                             and field(c, 0x00000900) == 0x0210 and field(c, 0x00000120) == 1]
+        assert reader.until(lambda: bool(duplicate()), timeout=60)
+    finally:
+        sock.close()
+    assert _wait(lambda: server.stats()["associations"] == 0)

@@ -36,6 +36,9 @@ log = logging.getLogger("bastion.dimse")
 #: (B007). An SCU counts any warning status as stored (PS3.4 B.2.3); C-MOVE and C-GET count 0116H as a warning
 #: sub-operation.
 STORED_WITH_WARNINGS = 0x0116
+#: The most C-FIND, C-MOVE and C-GET requests one association may have running at once; one more is refused out
+#: of resources. We negotiate one (PS3.7 D.3.3.3); a few more are tolerated from peers that do not wait.
+MAX_OPERATIONS = 16
 
 
 class FailedSink:
@@ -104,6 +107,9 @@ class Services:
         elif field_ in (m.C_FIND_RQ, m.C_MOVE_RQ, m.C_GET_RQ):
             handler = {m.C_FIND_RQ: self.c_find, m.C_MOVE_RQ: self.c_move, m.C_GET_RQ: self.c_get}[field_]
             mid = msg.command["MessageID"]
+            if mid in session.tasks or len(session.tasks) >= MAX_OPERATIONS:
+                await self._refuse(session, msg, f"{len(session.tasks)} requests running")
+                return
             session.tasks[mid] = asyncio.create_task(self._guard(session, msg, handler))
         elif field_ == m.C_CANCEL_RQ:
             session.cancelled.add(msg.command.get("MessageIDBeingRespondedTo", -1))
@@ -115,6 +121,19 @@ class Services:
             await session.assoc.send_message(msg.context.id, {
                 "CommandField": field_ | 0x8000, "MessageIDBeingRespondedTo": msg.command.get("MessageID", 0),
                 "Status": m.UNRECOGNIZED_OPERATION})
+
+    async def _refuse(self, session: Session, msg: Message, why: str) -> None:
+        """Answer a Q/R request that is not run: 0x0210 for a Message ID in use by a running one (PS3.7 C.5.2),
+        else refused out of resources (PS3.4 C.4.1.1.4, C.4.2.1.4, C.4.3.1.4)."""
+        field_, mid = msg.command["CommandField"], msg.command["MessageID"]
+        status = (m.DUPLICATE_INVOCATION if mid in session.tasks
+                  else m.OUT_OF_RESOURCES if field_ == m.C_FIND_RQ else m.OUT_OF_RESOURCES_MATCHES)
+        log.warning("refusing %s %d from %s: %s (at most %d at once)", hex(field_), mid, session.assoc.calling_aet,
+                    why, MAX_OPERATIONS)
+        await session.assoc.send_message(msg.context.id, {
+            "CommandField": field_ | 0x8000, "MessageIDBeingRespondedTo": mid,
+            "AffectedSOPClassUID": msg.context.abstract_syntax, "Status": status,
+            "ErrorComment": _comment(f"{why}; at most {MAX_OPERATIONS} at once")})
 
     async def _guard(self, session: Session, msg: Message, handler: Any) -> None:
         rsp_field = msg.command["CommandField"] | 0x8000
