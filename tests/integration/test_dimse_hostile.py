@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BastionServer, make_study, requires_dcmtk
+from conftest import BastionServer, make_ct_series, make_study, requires_dcmtk
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association as PynetdicomAssociation
@@ -469,8 +469,11 @@ def _command_fields(command: bytes) -> dict[int, bytes]:
 class _CommandReader:
     """Reads the server's PDUs from a raw socket and collects the command sets it sends."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, recv_size: int = 1 << 20, pause: float = 0.0) -> None:
         self.sock = sock
+        self.recv_size, self.pause = recv_size, pause  # a slow reader: ``recv_size`` bytes, then a pause
+        self.datasets = 0  # whole datasets received
+        self.closed = False
         self.buffer = b""
         self.fragments = b""
         self.commands: list[dict[int, bytes]] = []
@@ -478,11 +481,15 @@ class _CommandReader:
 
     def _recv(self) -> bool:
         try:
-            chunk = self.sock.recv(1 << 20)
+            chunk = self.sock.recv(self.recv_size)
         except (TimeoutError, BlockingIOError):
             return True
+        except ConnectionResetError:
+            chunk = b""
         if not chunk:
+            self.closed = True
             return False
+        time.sleep(self.pause)
         self.buffer += chunk
         while len(self.buffer) >= 6:
             kind, length = struct.unpack_from(">BxI", self.buffer)
@@ -499,6 +506,8 @@ class _CommandReader:
                     if control & 2:
                         self.commands.append(_command_fields(self.fragments))
                         self.fragments = b""
+                elif control & 2:
+                    self.datasets += 1
                 pos += 4 + item
         return True
 
@@ -511,37 +520,48 @@ class _CommandReader:
         return condition()
 
 
-def test_requests_beyond_what_one_association_may_run_at_once_are_refused(bastion_factory: Any,
-                                                                         tmp_path: Path) -> None:
-    """A peer sends 100 C-GET requests at once and never answers the C-STORE sub-operations they start: the
-    association does not run 100 retrievals at once (each holding its matches and waiting for the peer), the
-    ones beyond its bound are refused out of resources (0xA701, PS3.4 C.4.3.1.4) at once."""
-    from pynetdicom.dsutils import encode
-
-    server: BastionServer = bastion_factory(settings={"BASTION_DICOM_IDLE_TIMEOUT": "120"})
-    study = make_study(tmp_path / "study", series=1, per_series=1)
-    assert server.storescu(*study.files).returncode == 0
-
+def _get_associate_rq(called: str, calling: str) -> bytes:
+    """An A-ASSOCIATE-RQ proposing Study Root C-GET (Implicit VR Little Endian) and CT Image Storage with us in
+    the SCP role (PS3.7 D.3.3.4), for the C-STORE sub-operations."""
     implicit, explicit = b"1.2.840.10008.1.2", b"1.2.840.10008.1.2.1"
     contexts = (_item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, GET_MODEL.encode()) + _item(0x40, implicit))
                 + _item(0x20, bytes([3, 0, 0, 0]) + _item(0x30, CT_STORAGE.encode()) + _item(0x40, explicit)
                         + _item(0x40, implicit)))
     role = _item(0x54, struct.pack(">H", len(CT_STORAGE)) + CT_STORAGE.encode() + bytes([0, 1]))
     user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1") + role)
-    rq = _pdu(0x01, struct.pack(">H2x", 1) + server.aet.encode().ljust(16) + b"GREEDY".ljust(16) + bytes(32)
-              + _item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + user)
+    return _pdu(0x01, struct.pack(">H2x", 1) + called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
+                + _item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + user)
+
+
+def _c_get_rq(message_id: int, study_uid: str) -> bytes:
+    """A C-GET-RQ (PS3.7 9.3.3.1) of one study, command and identifier, on presentation context 1."""
+    from pynetdicom.dsutils import encode
+
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = study.study_uid
+    query.StudyInstanceUID = study_uid
     identifier = encode(query, True, True)
     assert identifier is not None
+    body = (_element(0x00000002, GET_MODEL.encode()) + _element(0x00000100, struct.pack("<H", 0x0010))
+            + _element(0x00000110, struct.pack("<H", message_id)) + _element(0x00000700, struct.pack("<H", 0))
+            + _element(0x00000800, struct.pack("<H", 0x0000)))
+    command = _element(0x00000000, struct.pack("<I", len(body))) + body
+    return _pdu(0x04, _pdv(1, 0x03, command)) + _pdu(0x04, _pdv(1, 0x02, identifier))
+
+
+def test_requests_beyond_what_one_association_may_run_at_once_are_refused(bastion_factory: Any,
+                                                                         tmp_path: Path) -> None:
+    """A peer sends 100 C-GET requests at once and never answers the C-STORE sub-operations they start: the
+    association does not run 100 retrievals at once (each holding its matches and waiting for the peer), the
+    ones beyond its bound are refused out of resources (0xA701, PS3.4 C.4.3.1.4) at once."""
+    server: BastionServer = bastion_factory(settings={"BASTION_DICOM_IDLE_TIMEOUT": "120"})
+    study = make_study(tmp_path / "study", series=1, per_series=1)
+    assert server.storescu(*study.files).returncode == 0
+
+    rq = _get_associate_rq(server.aet, "GREEDY")
 
     def c_get_rq(message_id: int) -> bytes:
-        body = (_element(0x00000002, GET_MODEL.encode()) + _element(0x00000100, struct.pack("<H", 0x0010))
-                + _element(0x00000110, struct.pack("<H", message_id)) + _element(0x00000700, struct.pack("<H", 0))
-                + _element(0x00000800, struct.pack("<H", 0x0000)))
-        command = _element(0x00000000, struct.pack("<I", len(body))) + body
-        return _pdu(0x04, _pdv(1, 0x03, command)) + _pdu(0x04, _pdv(1, 0x02, identifier))
+        return _c_get_rq(message_id, study.study_uid)
 
     sock = _connect(server)
     try:
@@ -569,3 +589,27 @@ def test_requests_beyond_what_one_association_may_run_at_once_are_refused(bastio
     finally:
         sock.close()
     assert _wait(lambda: server.stats()["associations"] == 0)
+
+
+def test_a_peer_reading_slowly_but_steadily_is_not_aborted(bastion_factory: Any, tmp_path: Path) -> None:
+    """A C-GET of a 12 MB instance to a peer that reads it at about 500 KB/s, with an idle timeout of 1 s: the
+    peer reads something all along, so the send goes on until the whole dataset is there (it is not taken for
+    a peer that reads nothing)."""
+    server: BastionServer = bastion_factory(settings={"BASTION_DICOM_IDLE_TIMEOUT": "1"})
+    study = make_ct_series(tmp_path / "big", slices=1, size=2500)
+    assert server.storescu(*study.files).returncode == 0
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # little waits in our buffers
+    sock.connect((server.host, server.dicom_port))
+    try:
+        sock.sendall(_get_associate_rq(server.aet, "SLOWREADER"))
+        reader = _CommandReader(sock)
+        assert reader.until(lambda: bool(reader.kinds), timeout=30)
+        assert reader.kinds == [A_ASSOCIATE_AC]
+        sock.sendall(_c_get_rq(1, study.study_uid))
+        reader.recv_size, reader.pause = 32 * 1024, 0.06
+        assert reader.until(lambda: reader.datasets > 0 or reader.closed, timeout=120)
+        assert reader.datasets > 0, "aborted while the peer was reading"
+    finally:
+        sock.close()

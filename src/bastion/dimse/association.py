@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import fcntl
 import socket
 import struct
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -376,14 +379,35 @@ class PDUStream(asyncio.BufferedProtocol):
         if self._closed:
             raise AssociationClosed("connection closed")
         if self._write_paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = waiter = asyncio.get_running_loop().create_future()
             if self.send_timeout is None:
-                await self._drain_waiter
+                await waiter
                 return
-            try:
-                await asyncio.wait_for(self._drain_waiter, self.send_timeout)
-            except TimeoutError:
-                raise TimeoutError(f"the peer read nothing we sent for {self.send_timeout:.0f} s") from None
+            # The transport resumes only once its buffer is down to the low-water mark: a peer that reads, however
+            # slowly, lessens what is left to send meanwhile, and is waited for.
+            left = self._unsent()
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), self.send_timeout)
+                    return
+                except TimeoutError:
+                    now_left = self._unsent()
+                    if now_left >= left:
+                        waiter.cancel()
+                        raise TimeoutError(f"the peer read nothing we sent for {self.send_timeout:.0f} s") from None
+                    left = now_left
+
+    def _unsent(self) -> int:
+        """The bytes written and not yet taken by the peer: the transport's buffer and, where the system tells
+        (Linux: ``TIOCOUTQ``), the socket's send queue, which the kernel refills only in large steps."""
+        if self.transport is None:
+            return 0
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and hasattr(termios, "TIOCOUTQ"):
+            with contextlib.suppress(OSError):
+                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return unsent
 
     def close(self, hard: bool = False) -> None:
         """Close the connection once what was written is sent; ``hard``: at once, dropping it."""
