@@ -613,3 +613,48 @@ def test_a_peer_reading_slowly_but_steadily_is_not_aborted(bastion_factory: Any,
         assert reader.datasets > 0, "aborted while the peer was reading"
     finally:
         sock.close()
+
+
+FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
+
+
+@pytest.mark.parametrize("what", ["command", "identifier"])
+def test_a_message_that_never_ends_costs_no_memory(bastion_factory: Any, what: str) -> None:
+    """After the association, a peer sends 200 MB of one command set (fragments never marked last) or of one
+    C-FIND identifier: neither is held in memory without bound; the association is aborted."""
+    server: BastionServer = bastion_factory()
+    assert server.proc is not None
+    pgid = server.proc.pid
+    assert server.echo().returncode == 0
+    before = _group_rss_kb(pgid)
+
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, FIND_MODEL.encode()) + _item(0x40, b"1.2.840.10008.1.2"))
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1"))
+    rq = _pdu(0x01, struct.pack(">H2x", 1) + server.aet.encode().ljust(16) + b"ENDLESS".ljust(16) + bytes(32)
+              + _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+    sock = _connect(server)
+    peak = before
+    try:
+        sock.settimeout(30)
+        sock.sendall(rq)
+        assert sock.recv(1)[:1] == bytes([A_ASSOCIATE_AC])
+        if what == "identifier":
+            body = (_element(0x00000002, FIND_MODEL.encode()) + _element(0x00000100, struct.pack("<H", 0x0020))
+                    + _element(0x00000110, struct.pack("<H", 1)) + _element(0x00000700, struct.pack("<H", 0))
+                    + _element(0x00000800, struct.pack("<H", 0x0000)))
+            sock.sendall(_pdu(0x04, _pdv(1, 0x03, _element(0x00000000, struct.pack("<I", len(body))) + body)))
+        control = 0x01 if what == "command" else 0x00  # never the last fragment
+        pdu = _pdu(0x04, _pdv(1, control, b"\0" * (1024 * 1024 - 12)))
+        try:
+            for i in range(200):
+                sock.sendall(pdu)
+                if i % 20 == 0:
+                    peak = max(peak, _group_rss_kb(pgid))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # aborted meanwhile
+        peak = max(peak, _group_rss_kb(pgid))
+        assert _until_closed(sock) is not None, "the association was kept"
+    finally:
+        sock.close()
+    assert (peak - before) <= 64 * 1024, f"the server grew by {(peak - before) / 1024:.0f} MB"
+    assert server.echo().returncode == 0

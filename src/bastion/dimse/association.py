@@ -47,6 +47,10 @@ MAX_ASSOCIATE_RQ = UNASSOCIATED_MEMORY - RECV_BUFFER - 6
 #: ten receives and five 128 KB allocations per 512 KB CT instance in a 64 KB buffer, three receives in a
 #: 512 KB one); a larger PDU is received straight into a buffer of its own.
 SHARED_PDU_MAX = 256 * 1024
+#: The longest command set (PS3.7 E.1) assembled; a longer one is refused (the peer's fragments never end it).
+MAX_COMMAND = 1024 * 1024
+#: The longest dataset held in memory (:class:`BytesSink`: identifiers, not C-STORE datasets, which are spooled).
+MAX_DATASET_IN_MEMORY = 16 * 1024 * 1024
 #: The kind :meth:`PDUStream.read_pdu` gives a complete DIMSE message (see :meth:`PDUStream.deliver_pdata_to`).
 MESSAGE = -1
 _PDU_HEADER = struct.Struct(">BxI")
@@ -74,12 +78,14 @@ class DatasetSink(Protocol):
 
 
 class BytesSink:
-    """Collects a (small) dataset in memory."""
+    """Collects a (small) dataset in memory: at most :data:`MAX_DATASET_IN_MEMORY` bytes, PDUError beyond."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
 
     def write(self, data: bytes | memoryview) -> None:
+        if len(self.buffer) + len(data) > MAX_DATASET_IN_MEMORY:
+            raise PDUError(f"a dataset longer than the {MAX_DATASET_IN_MEMORY} bytes accepted here")
         self.buffer += data
 
 
@@ -536,6 +542,8 @@ class Association:
             if is_command:
                 if self._pending is not None:
                     raise PDUError("command fragment received while a dataset was expected")
+                if len(self._cmd_buf) + len(data) > MAX_COMMAND:
+                    raise PDUError(f"a command set longer than {MAX_COMMAND} bytes")
                 self._cmd_buf += data
                 if last:
                     command = decode_command(bytes(self._cmd_buf))
