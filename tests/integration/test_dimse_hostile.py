@@ -658,3 +658,28 @@ def test_a_message_that_never_ends_costs_no_memory(bastion_factory: Any, what: s
         sock.close()
     assert (peak - before) <= 64 * 1024, f"the server grew by {(peak - before) / 1024:.0f} MB"
     assert server.echo().returncode == 0
+
+
+def test_claimed_pdu_lengths_cost_no_memory_without_a_maximum_pdu_length(bastion_factory: Any) -> None:
+    """With ``max_pdu = 0`` (no maximum advertised, PS3.8 D.1), eight associations each claim a 60 MB P-DATA-TF
+    PDU and send a few bytes of it: the server's processes grow by at most 40 MB (a PDU's buffer grows as its
+    bytes arrive, whatever length is claimed)."""
+    server: BastionServer = bastion_factory(settings={"BASTION_MAX_PDU": "0"})
+    assert server.proc is not None
+    pgid = server.proc.pid
+    assert server.echo().returncode == 0
+    before = _group_rss_kb(pgid)
+    socks = [_connect(server) for _ in range(8)]
+    try:
+        for sock in socks:
+            sock.settimeout(30)
+            sock.sendall(_associate_rq())
+            assert sock.recv(1)[:1] == bytes([A_ASSOCIATE_AC])
+        for sock in socks:
+            sock.sendall(struct.pack(">BxI", 0x04, SIXTY_MB) + b"\x00\x01" * 8)
+        grown = lambda: _group_rss_kb(pgid) - before  # noqa: E731
+        _wait(lambda: grown() > 40 * 1024, timeout=5)  # what it would reach, given the time to
+        assert grown() <= 40 * 1024, f"the server grew by {grown() / 1024:.0f} MB"
+    finally:
+        for sock in socks:
+            sock.close()

@@ -23,6 +23,7 @@ from bastion.dimse.association import (
     MAX_ASSOCIATE_RQ,
     MAX_INCOMING_PDU,
     MESSAGE,
+    RESERVE,
     Association,
     AssociationClosed,
     DatasetSink,
@@ -439,7 +440,7 @@ class DicomServer:
         assoc.contexts = accepted
         advertised = self.settings.max_pdu  # 0: no limit (PS3.8 D.1)
         limit = min(PDU_TOLERANCE * advertised, MAX_INCOMING_PDU) if advertised > 0 else MAX_INCOMING_PDU
-        assoc.stream.set_limits(limit, advertised or limit, ASSOCIATED_PDUS)
+        assoc.stream.set_limits(limit, advertised or RESERVE, ASSOCIATED_PDUS)  # no maximum: allocate as bytes come
         ac = AssociateRQ(rq.called_aet, rq.calling_aet, answered, advertised,
                          IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles,
                          async_ops=(1, 1) if rq.async_ops else None)
