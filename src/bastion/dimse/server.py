@@ -498,3 +498,5 @@ class DicomServer:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:
                 task.cancel()
+            if pending:  # their clean-up (sinks aborted, counts released) runs now, while the archive is open
+                await asyncio.wait(pending)
