@@ -21,6 +21,7 @@ from conftest import make_ct_series
 from bastion.archive import Archive
 from bastion.blobs import filesystem
 from bastion.blobs.base import CommitInThread
+from bastion.errors import CommandMismatch
 from bastion.ingest.pipeline import PendingObject
 from bastion.model.part10 import part10_bytes
 from bastion.model.records import StoreStatus
@@ -213,4 +214,42 @@ def test_a_store_abandoned_during_a_flush_in_c_leaves_nothing(
         assert await _settled(archive), f"blob left behind: {_blob_files(archive)}"
 
     asyncio.run(scenario())
+    assert archive.index.statistics().instances == 0
+
+
+@pytest.mark.skipif(filesystem.CWRITE is None, reason="flushes completed on the loop need _cwrite")
+def test_a_store_failing_its_checks_does_not_make_the_loop_wait_for_its_flush(
+        archive: Archive, objects: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE whose dataset names another SOP Instance UID than its command: its blob's commit started before
+    the check, and is removed once done; the loop keeps serving others meanwhile, and the failure comes only once
+    the blob is gone."""
+    held_c = _HeldC(filesystem.CWRITE, threading.Event())
+    monkeypatch.setattr(filesystem, "CWRITE", held_c)
+    turns = [0]
+    loop_turned = threading.Event()
+
+    def let_go_once_the_loop_turns() -> None:
+        loop_turned.wait(10)  # a loop made to wait for the flush never turns: let go all the same, later
+        held_c.let_go()
+
+    helper = threading.Thread(target=let_go_once_the_loop_turns)
+
+    async def scenario() -> None:
+        store = asyncio.create_task(archive.ingest.finish_async(_pending(archive, objects[0]), sop_uid="1.2.3.999"))
+        helper.start()
+        while not store.done():
+            turns[0] += 1
+            if turns[0] >= 20:
+                loop_turned.set()
+            await asyncio.sleep(0.005)
+        with pytest.raises(CommandMismatch):
+            await store
+        assert not _blob_files(archive), "the failure was answered before its blob was removed"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        loop_turned.set()
+        helper.join(30)
+    assert turns[0] >= 20, f"the loop turned {turns[0]} times while the flush was held"
     assert archive.index.statistics().instances == 0

@@ -175,8 +175,14 @@ class Ingest:
         A store whose caller goes away (its association closed) still completes its commit, and its blob is then
         removed: nothing is recorded.
         """
+        failed: list[tuple[Commit, str]] = []  # the blob of an object that failed its checks, being committed
         try:
-            staged = self._stage(pending, sop_class, sop_uid)
+            try:
+                staged = self._stage(pending, sop_class, sop_uid, discard=lambda d, k: failed.append((d, k)))
+            except BaseException:
+                for durable, key in failed:  # removed once committed, before the failure is answered
+                    await self._discard_async(durable, key)
+                raise
             if isinstance(staged, StoreResult):
                 return self._noted(pending, staged)
             try:
@@ -191,6 +197,18 @@ class Ingest:
         except Exception as exc:
             self._reject(pending, exc)
             raise
+
+    async def _discard_async(self, durable: Commit, key: str) -> None:
+        """:meth:`_discard` on an event loop: the commit is awaited, not waited for (if the caller goes away
+        meanwhile, the blob is removed once the commit is done)."""
+        try:
+            await durable.wait_async()
+        except asyncio.CancelledError:
+            durable.then(lambda: self.blobs.delete(key))
+            raise
+        except Exception:  # noqa: S110 - a failed commit leaves its blob to remove all the same
+            pass
+        self.blobs.delete(key)
 
     async def _record_async(self, staged: _Staged) -> StoreResult:
         """:meth:`_record` on an event loop, for a staged object whose commit completed."""
@@ -220,7 +238,8 @@ class Ingest:
         raise StorageError(f"store failed: {exc}") from exc
 
     def _stage(self, pending: PendingObject, sop_class: str | None, sop_uid: str | None,
-               lookup_first: bool = False) -> _Staged | StoreResult:
+               lookup_first: bool = False, discard: Callable[[Commit, str], None] | None = None,
+               ) -> _Staged | StoreResult:
         """Check the header and start the blob's commit; a StoreResult for a duplicate that the lookup before the
         write found (nothing written).
 
@@ -231,6 +250,9 @@ class Ingest:
 
         A C-STORE whose command named the dataset's SOP Instance UID cut to 64 characters (see
         :meth:`_checked_header`) is stored under the dataset's UID, its File Meta made again to name it.
+
+        ``discard`` removes the blob of an object that failed the checks (default :meth:`_discard`, which waits for
+        its commit); :meth:`finish_async` takes it over, to await the commit instead.
         """
         w = pending.writer
         if sop_uid is None or lookup_first or w.size >= PRECHECK_BYTES or not is_identifiable_uid(sop_uid):
@@ -260,7 +282,7 @@ class Ingest:
                     durable()
                     w, header = self._reframed(pending, self.blobs.open(key), header)
             except BaseException:
-                self._discard(durable, key)
+                (discard or self._discard)(durable, key)
                 raise
             if header.sop_uid != sop_uid:
                 self.blobs.delete(key)
