@@ -7,6 +7,7 @@ is needed. Every wait is on a condition with a generous deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -683,3 +684,43 @@ def test_claimed_pdu_lengths_cost_no_memory_without_a_maximum_pdu_length(bastion
     finally:
         for sock in socks:
             sock.close()
+
+
+
+def test_requests_before_a_refused_pdu_are_served_once(bastion_factory: Any, tmp_path: Path) -> None:
+    """Three C-STORE requests and then a PDU not allowed in an association (A-ASSOCIATE-RQ), sent at once; once
+    the first is answered, one more request: each request is answered at most once before the association is
+    aborted (the refused PDU stops reading for good: what came before it is not taken up again)."""
+    import pydicom
+    from conftest import dataset_part
+
+    server: BastionServer = bastion_factory()
+    study = make_study(tmp_path / "study", series=1, per_series=4)
+    ct, explicit = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, ct.encode()) + _item(0x40, explicit.encode()))
+    user = _item(0x50, _item(0x51, struct.pack(">I", 1 << 20)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1"))
+    rq = _pdu(0x01, struct.pack(">H2x", 1) + server.aet.encode().ljust(16) + b"HOSTILE".ljust(16) + bytes(32)
+              + _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+
+    def c_store(message_id: int, path: Path) -> bytes:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        return (_pdu(0x04, _pdv(1, 0x03, _c_store_rq(ct, uid, message_id)))
+                + _pdu(0x04, _pdv(1, 0x02, dataset_part(path.read_bytes()))))
+
+    sock = _connect(server)
+    try:
+        sock.settimeout(30)
+        sock.sendall(rq)
+        reader = _CommandReader(sock)
+        assert reader.until(lambda: bool(reader.kinds), timeout=30)
+        assert reader.kinds == [A_ASSOCIATE_AC]
+        sock.sendall(b"".join(c_store(mid, path) for mid, path in zip((1, 2, 3), study.files, strict=False)) + rq)
+        assert reader.until(lambda: len(reader.commands) >= 1 or reader.closed, timeout=30)
+        with contextlib.suppress(OSError):
+            sock.sendall(c_store(4, study.files[3]))
+        assert reader.until(lambda: reader.closed, timeout=30), "the association was kept"
+    finally:
+        sock.close()
+    answered = [struct.unpack("<H", c[0x00000120])[0] for c in reader.commands]
+    assert len(answered) == len(set(answered)), f"answered more than once: {answered}"
+    assert 4 not in answered

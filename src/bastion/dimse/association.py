@@ -330,7 +330,8 @@ class PDUStream(asyncio.BufferedProtocol):
         item = self._ready.popleft()
         if item[0] == MESSAGE:
             self._messages -= 1
-        if self._read_paused and self._messages < 2 and len(self._ready) < 4 and self.transport is not None:
+        if (self._read_paused and self._messages < 2 and len(self._ready) < 4 and self.transport is not None
+                and self._error is None):  # after a refused PDU, reading stops for good (_split stopped mid-buffer)
             self.transport.resume_reading()
             self._read_paused = False
         return item
