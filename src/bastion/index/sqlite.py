@@ -449,19 +449,27 @@ class SqliteIndex(Index):
             self._write_lock.release()
 
     # -- recording ---------------------------------------------------------------------------
+    def _record_in_c(self, row: IndexRow, durable: Callable[[], None] | None) -> tuple[StoreStatus, int] | None:
+        """``row`` recorded by the C recorder on the calling thread if no other write of this process runs or
+        waits and it is the common case; None otherwise (nothing written)."""
+        if self._recorder is None or not self._write_lock.acquire(blocking=False):
+            return None
+        try:
+            recorded = sqlite_record.record_in_c(self._recorder, row, durable) if self._queue.empty() else None
+            if recorded is not None:
+                self._commits += 1
+        finally:
+            self._write_lock.release()
+        if recorded is not None:
+            self._mark.cover(recorded[1])
+        return recorded
+
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
                same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
         row = IndexRow.of(obj)
-        if self._recorder is not None and self._write_lock.acquire(blocking=False):
-            try:  # uncontended here: the common case in C (None: not the common case, nothing written)
-                recorded = sqlite_record.record_in_c(self._recorder, row, durable) if self._queue.empty() else None
-                if recorded is not None:
-                    self._commits += 1
-            finally:
-                self._write_lock.release()
-            if recorded is not None:
-                self._mark.cover(recorded[1])
-                return recorded
+        recorded = self._record_in_c(row, durable)
+        if recorded is not None:
+            return recorded
         status, seq = self._write(lambda conn: sqlite_record.record(conn, row, same_content), durable)
         if seq is not None:
             self._mark.cover(seq)
@@ -477,16 +485,9 @@ class SqliteIndex(Index):
         thread has started the write, its outcome is awaited and returned (or raised) whatever the cancellation:
         CancelledError always means that nothing was recorded (the caller then removes the blob)."""
         row = IndexRow.of(obj)
-        if self._recorder is not None and self._write_lock.acquire(blocking=False):
-            try:  # uncontended here: the common case in C (None: not the common case, nothing written)
-                recorded = sqlite_record.record_in_c(self._recorder, row, None) if self._queue.empty() else None
-                if recorded is not None:
-                    self._commits += 1
-            finally:
-                self._write_lock.release()
-            if recorded is not None:
-                self._mark.cover(recorded[1])
-                return recorded
+        recorded = self._record_in_c(row, None)
+        if recorded is not None:
+            return recorded
 
         def write(conn: sqlite3.Connection) -> tuple[StoreStatus, int | None]:
             return sqlite_record.record(conn, row, same_content)
