@@ -491,6 +491,17 @@ class BastionServer:
         return proc, responses
 
 
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Any]:
+    """An archive opened in this process on a fresh data directory (SQLite index, filesystem blobs), closed after."""
+    from bastion.archive import Archive
+    from bastion.settings import load_settings
+
+    opened = Archive.open(load_settings(None, env={}, data=tmp_path / "data"))
+    yield opened
+    opened.close()
+
+
 @pytest.fixture(scope="module")
 def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
     """A DCMTK storescp destination (``-aet DEST``) on a free port, for the module."""

@@ -4,7 +4,6 @@ it up before writing (objects from ``PRECHECK_BYTES``: nothing is written)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,6 @@ from bastion.cli import main as cli
 from bastion.ingest import pipeline
 from bastion.model.records import StoreStatus
 from bastion.settings import load_settings
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    opened = Archive.open(load_settings(None, env={}, data=tmp_path / "data"))
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -25,16 +24,8 @@ from bastion.errors import CommandMismatch
 from bastion.ingest.pipeline import PendingObject
 from bastion.model.part10 import part10_bytes
 from bastion.model.records import StoreStatus
-from bastion.settings import load_settings
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    opened = Archive.open(load_settings(None, env={}, data=tmp_path / "data"))
-    yield opened
-    opened.close()
 
 
 def _pending(archive: Archive, data: bytes) -> PendingObject:

@@ -7,7 +7,6 @@ pipeline while the warmer follows the change log.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,6 @@ from bastion.index import LogPosition
 from bastion.settings import load_settings
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    opened = Archive.open(load_settings(None, env={}, data=tmp_path / "data"))
-    yield opened
-    opened.close()
 
 
 class RecordingWarmer(MetadataWarmer):
