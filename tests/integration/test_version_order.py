@@ -65,3 +65,43 @@ def test_a_version_stored_after_the_clock_went_back_supersedes_the_older_one(tmp
         assert archive.index.statistics().versions == 1
     finally:
         archive.close()
+
+
+def test_nodes_sharing_an_index_follow_the_order_it_recorded_versions_in_whatever_their_clocks(tmp_path: Path) -> None:
+    """Node B's clock is an hour behind node A's. A version B stores after A's is recorded is current (B stores it
+    again above A's stamp, a Lamport clock's rule), B's later stamps stay above A's, and a rebuild agrees."""
+    shared = {"index": str(tmp_path / "shared" / "index.sqlite3"), "blobs": str(tmp_path / "shared" / "blobs")}
+    a_settings = load_settings(None, env={}, data=tmp_path / "a", node_id="node-a", **shared)
+    b_settings = load_settings(None, env={}, data=tmp_path / "b", node_id="node-b", **shared)
+    study = make_study(tmp_path / "study", series=1, per_series=1)
+    ds = pydicom.dcmread(study.files[0])
+    ds.StudyDescription = "CORRECTED ON NODE B"
+    changed = tmp_path / "v2.dcm"
+    ds.save_as(changed, enforce_file_format=True)
+
+    a = Archive.open(a_settings)
+    b = Archive.open(b_settings, clock=_an_hour_back)
+    try:
+        first = a.ingest.store_bytes(study.files[0].read_bytes(), "node a")
+        second = b.ingest.store_bytes(changed.read_bytes(), "node b")
+        later = b.ingest.store_bytes(make_study(tmp_path / "other", series=1, per_series=1).files[0].read_bytes(),
+                                     "node b")
+        assert second.status is StoreStatus.SUPERSEDED
+        current = a.index.current(study.sop_uids[0])
+        assert current is not None and current.blob_key == second.record.blob_key
+        assert current.digest != first.record.digest
+    finally:
+        a.close()
+        b.close()
+    stamps = [parse_object_key(r.record.blob_key)["stamp"] for r in (first, second, later)]  # type: ignore[index]
+    assert stamps[0] < stamps[1] < stamps[2]
+
+    rebuilt = run_bastion("index", "rebuild", "--data", str(a_settings.data), "--index", shared["index"],
+                          "--blobs", shared["blobs"])
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    archive = Archive.open(a_settings)
+    try:
+        current = archive.index.current(study.sop_uids[0])
+        assert current is not None and current.blob_key == second.record.blob_key, "rebuild undid the order"
+    finally:
+        archive.close()

@@ -14,6 +14,12 @@ from bastion.settings import LOG_LEVELS
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML settings file (also BASTION_CONFIG)")
     p.add_argument("--data", metavar="DIR", help="data directory (default ./bastion-data; BASTION_DATA)")
+    p.add_argument("--index", metavar="URL", help="index: a SQLite file (default <data>/index.sqlite3) or "
+                   "postgresql://USER@HOST:PORT/DB (BASTION_INDEX)")
+    p.add_argument("--blobs", metavar="URL", help="blob store: a directory (default <data>/blobs) or "
+                   "s3://BUCKET/PREFIX?endpoint=URL&region=R (BASTION_BLOBS)")
+    p.add_argument("--node-id", metavar="NAME", help="this node's id among the nodes sharing the index and blob "
+                   "store (default: generated once into <data>/node-id; BASTION_NODE_ID)")
 
 
 def build_parser() -> argparse.ArgumentParser:

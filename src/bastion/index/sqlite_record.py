@@ -98,7 +98,10 @@ def record_in_c(recorder: Any, row: IndexRow, durable: Callable[[], None] | None
 
 def record(conn: sqlite3.Connection, row: IndexRow,
            same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
-    """Record ``row`` in the transaction open on ``conn``: its status and change-log seq (None: a duplicate)."""
+    """Record ``row`` in the transaction open on ``conn``: its status and change-log seq (None: a duplicate).
+
+    A version older (by stamp, then key: the order of ``bastion index rebuild``) than the current one is kept as
+    a superseded version (:attr:`StoreStatus.OUTDATED`), so the live index and a rebuilt one agree."""
     inst = row.instance
     texts = row.texts[:3]
     keys = (inst.series_uid, inst.study_uid, row.patient_id)
@@ -109,6 +112,11 @@ def record(conn: sqlite3.Connection, row: IndexRow,
         if found[1] == inst.digest or (same_content is not None and not found[1].startswith(BLAKE3_PREFIX)
                                        and same_content(found[1])):
             return StoreStatus.DUPLICATE, None
+        if (found[3], found[0]) > (row.stamp, inst.blob_key):  # versions are ordered by stamp, as a rebuild orders them
+            conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
+                         (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))
+            return StoreStatus.OUTDATED, _change(conn, "superseded", inst.sop_uid, inst.series_uid, inst.study_uid,
+                                                 inst.blob_key)
         status = StoreStatus.SUPERSEDED
         conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
                      (found[0], inst.sop_uid, found[1], found[2], found[3], inst.blob_key))

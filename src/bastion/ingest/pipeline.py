@@ -26,11 +26,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from bastion.blobs.base import BlobStore, BlobWriter, Commit
-from bastion.errors import BastionError, CommandMismatch, StorageError
+from bastion.blobs.base import BlobStore, BlobWriter, Commit, Committed
+from bastion.errors import BastionError, CommandMismatch, IndexFailure, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
 from bastion.ingest.rejections import IngestWarningLog, RejectionLog
@@ -43,6 +43,7 @@ from bastion.model.records import (
     StoreResult,
     StoreStatus,
     object_key,
+    parse_object_key,
 )
 from bastion.model.uids import UID_MAX_LENGTH, is_identifiable_uid
 
@@ -217,6 +218,8 @@ class Ingest:
         except BaseException:
             self._discard_staged(staged)
             raise
+        if status is StoreStatus.OUTDATED:
+            return await asyncio.to_thread(self._stored_again, staged)
         return self._recorded(staged, status, seq)
 
     def _noted(self, pending: PendingObject, result: StoreResult) -> StoreResult:
@@ -347,15 +350,56 @@ class Ingest:
             raise
         return self._recorded(staged, status, seq)
 
-    def _recorded(self, staged: _Staged, status: StoreStatus, seq: int | None) -> StoreResult:
-        """The result of recording ``staged`` in the index; a duplicate's copy is removed again."""
+    def _recorded(self, staged: _Staged, status: StoreStatus, seq: int | None, *, again: int = 0) -> StoreResult:
+        """The result of recording ``staged`` in the index; a duplicate's copy is removed again, and an outdated one
+        stored again (:meth:`_stored_again`)."""
         record = staged.obj.instance
+        if status is StoreStatus.OUTDATED:
+            return self._stored_again(staged, again)
         if status is StoreStatus.DUPLICATE:
             # The index found this SOP instance with the same content in the transaction that would have recorded
             # the copy (asking first cost every store a read transaction): the copy goes again.
             self.blobs.delete(record.blob_key)
             return StoreResult(status, self.index.current(record.sop_uid) or record, warnings=staged.warnings)
         return StoreResult(status, record, seq, staged.warnings)
+
+    #: How many times :meth:`_stored_again` stores one object again before it gives up (each time another node
+    #: stored a newer version meanwhile).
+    STORE_AGAIN_LIMIT = 3
+
+    def _stored_again(self, staged: _Staged, again: int = 0) -> StoreResult:
+        """``staged``, which the index found older (by stamp) than the instance's current version, stored again
+        under a stamp above that version's, so that it becomes current: it was received after that version was
+        recorded (another node, whose clock is ahead, stored it). Its first copy stays, indexed as a superseded
+        version, as a rebuild would index it. Versions thus follow the order the index recorded them in, on any
+        number of nodes, whatever their clocks (:mod:`bastion.ingest.stamps`)."""
+        if again >= self.STORE_AGAIN_LIMIT:
+            raise IndexFailure(f"instance {staged.obj.instance.sop_uid}: newer versions kept being stored by other "
+                               "nodes while this one was stored again", uid=staged.obj.instance.sop_uid)
+        first = staged.obj.instance
+        current = self.index.current(first.sop_uid)
+        parts = parse_object_key(current.blob_key) if current is not None else None
+        stamp = self._stamps.next(above=parts["stamp"] if parts is not None else None)
+        record = replace(first, blob_key=object_key(first.sop_uid, stamp, first.digest, self.node_id))
+        w = self.blobs.writer()
+        try:
+            with self.blobs.open(first.blob_key) as copy:
+                while chunk := copy.read(1024 * 1024):
+                    w.write(chunk)
+            w.commit(record.blob_key)
+        except BaseException:
+            w.abort()
+            raise
+        log.info("instance %s: stored again as %s, above the version another node stored (%s)", first.sop_uid,
+                 record.blob_key, current.blob_key if current is not None else "")
+        again_staged = _Staged(replace(staged.obj, instance=record, stamp=stamp), Committed(), staged.same_content,
+                               staged.warnings)
+        try:
+            status, seq = self.index.record(again_staged.obj, None, again_staged.same_content)
+        except BaseException:
+            self._discard_staged(again_staged)
+            raise
+        return self._recorded(again_staged, status, seq, again=again + 1)
 
     def _discard_staged(self, staged: _Staged) -> None:
         """:meth:`_discard` for a staged object."""

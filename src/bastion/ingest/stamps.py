@@ -18,7 +18,9 @@ stamp any of them issued is kept in ``<data>/stamp-ceiling.lock`` and read, unde
 ``next``, so stamps rise strictly across the node's processes too, however far behind the clock is. (That file is
 not flushed: after a power failure, the durable ceiling is what every new process starts above.)
 
-The ceiling is per node; nodes sharing a blob store order their versions of one instance by their clocks.
+The ceiling is per node. Nodes sharing an index follow each other as a Lamport clock does: a node that finds
+the current version of an instance stamped above its own stamp (another node's clock is ahead) stores its version
+again under a stamp above that one (``next(above=...)``), and issues later stamps above it too.
 """
 
 from __future__ import annotations
@@ -56,15 +58,18 @@ class IngestStamps:
         self._shared_fd = -1  # the lock file, open in process ``_shared_pid`` (a forked child opens its own)
         self._shared_pid = 0
 
-    def next(self) -> str:
-        """A stamp greater than every one issued before (by any process of the node, and before its start)."""
+    def next(self, above: str | None = None) -> str:
+        """A stamp greater than every one issued before (by any process of the node, and before its start) and
+        than ``above``: another node's stamp this one must follow (a version stored after it, see ``Ingest``).
+        Stamps issued later stay above it too."""
+        wanted = int(above) + 1 if above else 0
         with self._lock:
             if self._path is None:
-                return self._issue(self._clock())
+                return self._issue(max(wanted, self._clock()))
             fd = self._shared()
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                stamp = self._issue(max(_parse(os.pread(fd, 32, 0)) + 1, self._clock()))
+                stamp = self._issue(max(_parse(os.pread(fd, 32, 0)) + 1, self._clock(), wanted))
                 os.pwrite(fd, f"{int(stamp):020d}\n".encode(), 0)
                 return stamp
             finally:

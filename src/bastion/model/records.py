@@ -22,6 +22,10 @@ class StoreStatus(str, Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # same SOP Instance UID, identical bytes: nothing new stored
     SUPERSEDED = "superseded"  # same SOP Instance UID, different bytes: new current version
+    #: Same SOP Instance UID, different bytes, but an older stamp than the current version's (another node's
+    #: clock is ahead, or two nodes stored versions at once): indexed as a superseded version. Between the index
+    #: and the ingest only: the ingest stores such an object again under a newer stamp (``Ingest``).
+    OUTDATED = "outdated"
 
 
 @dataclass(frozen=True)
