@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from bastion.index.schema import DDL
-from bastion.index.sqlite import _stored_since
+from bastion.index.sqlite_log import stored_since as _stored_since
 
 
 @pytest.mark.parametrize("gaps", [False, True])

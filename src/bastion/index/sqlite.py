@@ -34,14 +34,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
-from bastion.index import sqlite_record
+from bastion.index import sqlite_log, sqlite_record
 from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version
+from bastion.index.levels_sql import ALIAS, FIND_COLUMNS, FROM, INSTANCE_COLS, ORDER, dataset_of
 from bastion.index.rows import IndexRow
-from bastion.index.schema import FLOOR_KIND, INSTANCE_COUNTS, SUMMARY_SEP, TABLES, create_or_migrate
+from bastion.index.schema import TABLES, create_or_migrate
 from bastion.index.seqmark import SeqMark
 from bastion.index.sqlcompile import compile_conditions
 from bastion.index.sqlite_files import WRITER_LOCK_SUFFIX
-from bastion.model import dicom_json
+from bastion.index.sqlite_log import log_floor as log_floor  # bastion.index.base opens it from here
 from bastion.model.attributes import tag_hex
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, matches
@@ -78,53 +79,6 @@ _PRAGMAS = ("synchronous=NORMAL", "busy_timeout=60000", "cache_size=-65536", f"m
 #: The C Recorder's connection (:mod:`bastion.index.sqlite_record`): the same, and it commits without checkpoints.
 _RECORDER_PRAGMAS = "; ".join(f"PRAGMA {p}" for p in (*_PRAGMAS, "wal_autocheckpoint=0"))
 
-_ORDER = {
-    QueryLevel.PATIENT: "p.patient_name, p.patient_id",
-    QueryLevel.STUDY: "s.study_date DESC, s.study_time DESC, s.study_uid",
-    QueryLevel.SERIES: "se.study_uid, se.series_number, se.series_uid",
-    QueryLevel.IMAGE: "i.series_uid, i.instance_number, i.sop_uid",
-}
-_FROM = {
-    QueryLevel.PATIENT: "patients p",
-    QueryLevel.STUDY: "studies s JOIN patients p ON p.patient_id = s.patient_id",
-    QueryLevel.SERIES: "series se JOIN studies s ON s.study_uid = se.study_uid "
-                       "JOIN patients p ON p.patient_id = s.patient_id",
-    QueryLevel.IMAGE: "instances i JOIN series se ON se.series_uid = i.series_uid "
-                      "JOIN studies s ON s.study_uid = i.study_uid JOIN patients p ON p.patient_id = s.patient_id",
-}
-_ALIAS = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
-_INSTANCE_COLS = "i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid, i.transfer_syntax, i.blob_key, i.digest, i.size"
-
-
-def _stored_since(conn: sqlite3.Connection, cutoff: str) -> int:
-    """How many objects were stored at or after ``cutoff`` (an ISO time as in ``changes.at``).
-
-    ``at`` has no index (every store would have to update one): the first change at or after ``cutoff`` is
-    found by a binary search over ``seq``, in whose order changes are made, and only the rows after it are read.
-    """
-    lo, hi = 1, int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]) + 1
-    while lo < hi:  # the smallest seq whose change is at or after cutoff (hi: none)
-        mid = (lo + hi) // 2
-        row = conn.execute("SELECT seq, at FROM changes WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,)).fetchone()
-        if row is None or row[1] >= cutoff:
-            hi = mid
-        else:
-            lo = row[0] + 1
-    return int(conn.execute("SELECT count(*) FROM changes WHERE seq >= ? AND kind = 'stored'", (lo,)).fetchone()[0])
-
-
-_CHANGE_COLS = "seq, kind, sop_uid, series_uid, study_uid, blob_key, at"
-
-
-def _changes(conn: sqlite3.Connection, since: int, limit: int) -> list[Change]:
-    """Entries of the log with ``seq > since`` (the floor rows left out), oldest first."""
-    rows = conn.execute(f"SELECT {_CHANGE_COLS} FROM changes WHERE seq > ? AND kind <> ? ORDER BY seq LIMIT ?",
-                        (since, FLOOR_KIND, limit)).fetchall()
-    return [Change(*r) for r in rows]
-
-
-def _us(tag: str, value: int) -> dict[str, Any]:
-    return {tag: {"vr": "IS", "Value": [value]}}
 
 
 def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
@@ -140,34 +94,6 @@ def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
 def _write_error(error: BaseException) -> BaseException:
     """What a failed write raises: an SQLite error as an IndexFailure, anything else as it came."""
     return IndexFailure(f"index write failed: {error}") if isinstance(error, sqlite3.Error) else error
-
-
-def _log_meta(conn: sqlite3.Connection) -> tuple[str, int]:
-    """The current change log's epoch and the ``seq`` it starts after."""
-    found = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('log_epoch', 'log_start')").fetchall())
-    return found["log_epoch"], int(found["log_start"])
-
-
-def _log_end(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
-
-
-def _insert_floor(conn: sqlite3.Connection, seq: int) -> None:
-    """A row that makes SQLite hand out ``seq + 1`` next (never returned as a change)."""
-    conn.execute("INSERT INTO changes VALUES (?, ?, '', '', '', '', ?)", (seq, FLOOR_KIND, sqlite_record.now_iso()))
-
-
-def _start_log(conn: sqlite3.Connection, after: int, *, new_epoch: bool = True) -> LogPosition:
-    """Drop the change log and start one whose entries' ``seq`` are greater than ``after`` and than every
-    ``seq`` it held (in the transaction open on ``conn``)."""
-    floor = max(after, _log_end(conn), _log_meta(conn)[1])
-    conn.execute("DELETE FROM changes")
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
-        conn.execute("DELETE FROM sqlite_sequence")  # an index made before schema 5 (AUTOINCREMENT)
-    _insert_floor(conn, floor)
-    epoch = uuid.uuid4().hex if new_epoch else _log_meta(conn)[0]
-    conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", (("log_epoch", epoch), ("log_start", str(floor))))
-    return LogPosition(epoch, floor)
 
 
 async def _outcome_of_write(fut: Future[T]) -> T:
@@ -191,25 +117,6 @@ async def _outcome_of_write(fut: Future[T]) -> T:
         if task is not None:
             for _ in range(withheld):
                 task.uncancel()
-
-
-def log_floor(path: str) -> int:
-    """:func:`bastion.index.base.log_floor` for the SQLite index file ``path`` (opened read-only)."""
-    floor = SeqMark(path).read()
-    if not os.path.exists(path):
-        return floor
-    try:
-        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True, timeout=60)
-        try:
-            floor = max(floor, _log_end(conn))
-            start = conn.execute("SELECT value FROM meta WHERE key = 'log_start'").fetchone()
-            return max(floor, int(start[0])) if start else floor
-        finally:
-            conn.close()
-    except (sqlite3.Error, ValueError) as exc:
-        log.warning("the index %s cannot be read (%s): its change log is taken to end at its mark, %d",
-                    path, exc, floor)
-        return floor
 
 
 class SqliteIndex(Index):
@@ -261,12 +168,12 @@ class SqliteIndex(Index):
         conn = self._reader()
         if not conn.execute("SELECT 1 FROM changes LIMIT 1").fetchone():
             mark = self._mark.read()
-            if mark > _log_end(conn):
+            if mark > sqlite_log.log_end(conn):
                 def _start(conn: sqlite3.Connection) -> None:
                     if not conn.execute("SELECT 1 FROM changes LIMIT 1").fetchone():  # again, under the lock
-                        _start_log(conn, mark, new_epoch=False)
+                        sqlite_log.start_log(conn, mark, new_epoch=False)
                 self._write(_start)
-        self._mark.cover(_log_end(conn))
+        self._mark.cover(sqlite_log.log_end(conn))
 
     # -- connections -------------------------------------------------------------------
     def _open_writer_lock(self) -> int:
@@ -514,7 +421,7 @@ class SqliteIndex(Index):
             seq = sqlite_record.delete(conn, sop_uid)
             if seq is None:
                 return None
-            return Change(*conn.execute(f"SELECT {_CHANGE_COLS} FROM changes WHERE seq = ?", (seq,)).fetchone())
+            return Change(*conn.execute(f"SELECT {sqlite_log.CHANGE_COLS} FROM changes WHERE seq = ?", (seq,)).fetchone())
         change = self._write(_delete)
         if change is not None:
             self._mark.cover(change.seq)
@@ -525,11 +432,11 @@ class SqliteIndex(Index):
             for table in TABLES:
                 if table != "changes":
                     conn.execute(f"DELETE FROM {table}")
-            return _start_log(conn, 0)
+            return sqlite_log.start_log(conn, 0)
         self._mark.cover(self._write(_clear).seq)
 
     def start_log_after(self, seq: int) -> LogPosition:
-        start = self._write(lambda conn: _start_log(conn, seq))
+        start = self._write(lambda conn: sqlite_log.start_log(conn, seq))
         self._mark.cover(start.seq)
         return start
 
@@ -537,14 +444,14 @@ class SqliteIndex(Index):
         mark = self._mark.read()
 
         def _resume(conn: sqlite3.Connection) -> None:
-            if mark > _log_end(conn):
-                _insert_floor(conn, mark)
+            if mark > sqlite_log.log_end(conn):
+                sqlite_log.insert_floor(conn, mark)
         self._write(_resume)
         self._mark.cover(mark)
 
     # -- reading -------------------------------------------------------------------------------
     def current(self, sop_uid: str) -> InstanceRecord | None:
-        row = self._reader().execute(f"SELECT {_INSTANCE_COLS} FROM instances i WHERE i.sop_uid = ?",
+        row = self._reader().execute(f"SELECT {INSTANCE_COLS} FROM instances i WHERE i.sop_uid = ?",
                                      (sop_uid,)).fetchone()
         return InstanceRecord(*row) if row else None
 
@@ -561,13 +468,13 @@ class SqliteIndex(Index):
         if limit is not None and not compiled.residual:
             # Late materialisation: page through the (covering) indexes first, then read the
             # wide rows (attrs JSON) of that page only.
-            alias = _ALIAS[level]
-            page = (f"SELECT {alias}.rowid FROM {_FROM[level]} WHERE {where} "
-                    f"ORDER BY {_ORDER[level]} LIMIT ? OFFSET ?")
-            sql = f"SELECT {columns} FROM {_FROM[level]} WHERE {alias}.rowid IN ({page}) ORDER BY {_ORDER[level]}"
+            alias = ALIAS[level]
+            page = (f"SELECT {alias}.rowid FROM {FROM[level]} WHERE {where} "
+                    f"ORDER BY {ORDER[level]} LIMIT ? OFFSET ?")
+            sql = f"SELECT {columns} FROM {FROM[level]} WHERE {alias}.rowid IN ({page}) ORDER BY {ORDER[level]}"
             params += [limit, offset]
         else:
-            sql = f"SELECT {columns} FROM {_FROM[level]} WHERE {where} ORDER BY {_ORDER[level]}"
+            sql = f"SELECT {columns} FROM {FROM[level]} WHERE {where} ORDER BY {ORDER[level]}"
         try:
             cursor = self._reader().execute(sql, params)
             if not compiled.residual:
@@ -578,53 +485,27 @@ class SqliteIndex(Index):
 
     def find(self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None,
              offset: int = 0) -> list[JsonDataset]:
-        cols = {
-            QueryLevel.PATIENT: f"p.attrs, p.num_studies, p.num_series, {INSTANCE_COUNTS['patient']}",
-            QueryLevel.STUDY: f"p.attrs, s.attrs, s.num_series, {INSTANCE_COUNTS['study']}, s.modalities, s.sop_classes",
-            QueryLevel.SERIES: "p.attrs, s.attrs, se.attrs, se.num_instances, se.series_uid",
-            QueryLevel.IMAGE: "p.attrs, s.attrs, se.attrs, i.attrs, i.transfer_syntax, i.series_uid",
-        }[level]
+        cols = FIND_COLUMNS[level]
         rows, residual = self._select(level, conditions, cols, limit, offset)
         if not residual:
-            return [self._dataset(level, row) for row in rows]
+            return [dataset_of(level, row) for row in rows]
         out: list[JsonDataset] = []
         wanted = None if limit is None else offset + limit  # rows come in order: stop once a page is full
         for row in rows:
-            ds = self._dataset(level, row)
+            ds = dataset_of(level, row)
             if all(matches(c, ds.get(tag_hex(c.tag))) for c in residual):
                 out.append(ds)
                 if wanted is not None and len(out) >= wanted:
                     break
         return out if wanted is None else out[offset:wanted]
 
-    def _dataset(self, level: QueryLevel, row: tuple[Any, ...]) -> JsonDataset:
-        ds: JsonDataset = {}
-        if level is QueryLevel.PATIENT:
-            ds.update(dicom_json.loads(row[0]))
-            ds.update(_us("00201200", row[1]) | _us("00201202", row[2]) | _us("00201204", row[3]))
-            return ds
-        depth = level.depth
-        for part in row[:depth + 1]:
-            ds.update(dicom_json.loads(part))
-        if level is QueryLevel.STUDY:
-            ds.update(_us("00201206", row[2]) | _us("00201208", row[3]))
-            mods, classes = row[4].split(SUMMARY_SEP) if row[4] else [], row[5].split(SUMMARY_SEP) if row[5] else []
-            ds["00080061"] = {"vr": "CS", "Value": mods} if mods else {"vr": "CS"}
-            ds["00080062"] = {"vr": "UI", "Value": classes} if classes else {"vr": "UI"}
-        elif level is QueryLevel.SERIES:
-            ds.update(_us("00201209", row[3]))
-        else:
-            ds["00083002"] = {"vr": "UI", "Value": [row[4]]}
-        # Each level names its parents' UIDs (PS3.4 C.4.1.2.1: unique keys of higher levels).
-        return ds
-
     def instances(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRecord]:
         rows, residual = self._select(QueryLevel.IMAGE, conditions,
-                                      _INSTANCE_COLS + ", p.attrs, s.attrs, se.attrs, i.attrs", None, 0)
+                                      INSTANCE_COLS + ", p.attrs, s.attrs, se.attrs, i.attrs", None, 0)
         out = []
         for row in rows:
             if residual:
-                ds = self._dataset(QueryLevel.IMAGE, (*row[8:12], row[4], row[2]))
+                ds = dataset_of(QueryLevel.IMAGE, (*row[8:12], row[4], row[2]))
                 if not all(matches(c, ds.get(tag_hex(c.tag))) for c in residual):
                     continue
             out.append(InstanceRecord(*row[:8]))
@@ -663,33 +544,33 @@ class SqliteIndex(Index):
             conn.close()
 
     def changes(self, since: int = 0, limit: int = 100) -> list[Change]:
-        return _changes(self._reader(), since, limit)
+        return sqlite_log.changes(self._reader(), since, limit)
 
     def changes_after(self, position: LogPosition, limit: int = 100) -> LogRead:
         conn = self._reader()
         conn.execute("BEGIN")  # one snapshot: the epoch and the entries of the same log
         try:
-            epoch, start = _log_meta(conn)
-            if position.epoch != epoch or position.seq > _log_end(conn):
+            epoch, start = sqlite_log.log_meta(conn)
+            if position.epoch != epoch or position.seq > sqlite_log.log_end(conn):
                 return LogRead((), LogPosition(epoch, start), reset=True)
-            found = tuple(_changes(conn, position.seq, limit))
+            found = tuple(sqlite_log.changes(conn, position.seq, limit))
         finally:
             conn.execute("COMMIT")
         return LogRead(found, LogPosition(epoch, found[-1].seq) if found else position)
 
     def log_start(self) -> LogPosition:
-        return LogPosition(*_log_meta(self._reader()))
+        return LogPosition(*sqlite_log.log_meta(self._reader()))
 
     def log_end(self) -> LogPosition:
         conn = self._reader()
         conn.execute("BEGIN")
         try:
-            return LogPosition(_log_meta(conn)[0], _log_end(conn))
+            return LogPosition(sqlite_log.log_meta(conn)[0], sqlite_log.log_end(conn))
         finally:
             conn.execute("COMMIT")
 
     def last_change_seq(self) -> int:
-        return _log_end(self._reader())
+        return sqlite_log.log_end(self._reader())
 
     def statistics(self) -> Statistics:
         conn = self._reader()
@@ -704,7 +585,7 @@ class SqliteIndex(Index):
             stored_bytes=one("SELECT (SELECT coalesce(sum(size),0) FROM instances) + "
                              "(SELECT coalesce(sum(size),0) FROM versions)"),
             last_change=one("SELECT coalesce(max(seq), 0) FROM changes"),
-            stored_last_minute=_stored_since(
+            stored_last_minute=sqlite_log.stored_since(
                 conn, (datetime.now(UTC) - timedelta(minutes=1)).isoformat(timespec="milliseconds")))
 
     def close(self) -> None:

@@ -49,7 +49,8 @@ def rebuild_into(path: str, build: Callable[[Index], T]) -> T:
     rebuild left beside ``path`` is removed first. The caller makes sure no process uses the index meanwhile
     (``bastion.archive.exclusive``): a process holding the old file open would go on using it.
     """
-    from bastion.index.sqlite import SqliteIndex, log_floor
+    from bastion.index.sqlite import SqliteIndex
+    from bastion.index.sqlite_log import log_floor
 
     if path == ":memory:":
         raise ValueError("an in-memory index is not rebuilt into a file")
