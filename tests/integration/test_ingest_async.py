@@ -115,7 +115,7 @@ def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[
     held: list[Future[bool]] = []
     if filesystem.CWRITE is not None:  # the writer threads of _cwrite run the flush
         held_c = _HeldC(filesystem.CWRITE, release)
-        monkeypatch.setattr(filesystem, "CWRITE", held_c)
+        monkeypatch.setattr(archive.blobs, "cwrite", held_c)
         let_go = held_c.let_go
     else:  # hold the threads the flush will wait in: its future stays pending until the test lets go
         if which == "journaled":
@@ -142,7 +142,7 @@ def test_a_store_abandoned_during_its_flush_leaves_nothing(archive: Archive, obj
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit threads of the store (where ``_cwrite`` is not built) finish the commit: one of them removes
     the blob."""
-    monkeypatch.setattr(filesystem, "CWRITE", None)
+    monkeypatch.setattr(archive.blobs, "cwrite", None)
     release = threading.Event()
     pool = archive.blobs.committer()  # type: ignore[attr-defined]
     held = [pool.submit(release.wait, 10) for _ in range(filesystem.COMMIT_THREADS)]
@@ -190,7 +190,7 @@ def test_a_store_abandoned_during_a_flush_in_c_leaves_nothing(
         archive: Archive, objects: list[bytes], monkeypatch: pytest.MonkeyPatch, which: str) -> None:
     """The flush that ``_cwrite``'s writer threads run completes on the loop, which removes the blob then."""
     held_c = _HeldC(filesystem.CWRITE, threading.Event())
-    monkeypatch.setattr(filesystem, "CWRITE", held_c)
+    monkeypatch.setattr(archive.blobs, "cwrite", held_c)
     data = objects[0] if which == "journaled" else objects[-1]
 
     async def scenario() -> None:
@@ -215,7 +215,7 @@ def test_a_store_failing_its_checks_does_not_make_the_loop_wait_for_its_flush(
     the check, and is removed once done; the loop keeps serving others meanwhile, and the failure comes only once
     the blob is gone."""
     held_c = _HeldC(filesystem.CWRITE, threading.Event())
-    monkeypatch.setattr(filesystem, "CWRITE", held_c)
+    monkeypatch.setattr(archive.blobs, "cwrite", held_c)
     turns = [0]
     loop_turned = threading.Event()
 

@@ -71,8 +71,9 @@ def _store_and_die(root: Path, count: int, *, delete: list[int] = (), size: int 
         "        if any(path.endswith(k) for k in failing):\n"
         "            return Full()\n"
         "        return real_c.submit(path, data, *args, **kwargs)\n"
-        "  filesystem.CWRITE = FailingC\n"
-        f"s = filesystem.FileBlobStore({str(root)!r})\n"
+        "else:\n"
+        "  FailingC = None\n"
+        f"s = filesystem.FileBlobStore({str(root)!r}, cwrite=FailingC)\n"
         f"for i in range({count}):\n"
         "    try:\n"
         f"        s.put(f'd/{{i}}.dcm', _payload(i, {size}))\n"
@@ -284,9 +285,8 @@ def test_a_journaled_file_is_handed_over_or_created_before_its_record_is_written
         order.append(("record", key))
         return journal_write(self, key, *args, **options)
 
-    monkeypatch.setattr(filesystem, "CWRITE", Recording())
     monkeypatch.setattr(Journal, "write", write)
-    store = FileBlobStore(str(tmp_path / "blobs"))
+    store = FileBlobStore(str(tmp_path / "blobs"), cwrite=Recording())
     try:
         w = store.writer()
         w.write(_payload(3))
@@ -325,7 +325,7 @@ def test_a_failed_outside_flush_fails_every_record_it_covered(tmp_path: Path) ->
         journal.close()
 
 
-def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path) -> None:
     """The flush a ``_cwrite`` thread runs fails (EIO): the commit raises and the object's file is removed."""
     from bastion.blobs import filesystem
     from bastion.errors import StorageError
@@ -349,13 +349,12 @@ def test_a_store_whose_journal_flush_fails_is_not_stored(tmp_path: Path, monkeyp
         def submit_sync(fd: int, parallel: bool = False, notify: bool = False) -> Failed:
             return Failed()
 
-    monkeypatch.setattr(filesystem, "CWRITE", FailingFlush())
-    store = FileBlobStore(str(tmp_path / "blobs"))
+    store = FileBlobStore(str(tmp_path / "blobs"), cwrite=FailingFlush())
     try:
         with pytest.raises(StorageError):
             store.put("d/1.dcm", _payload(1))
         assert not store.exists("d/1.dcm")
-        monkeypatch.setattr(filesystem, "CWRITE", real)
+        store.cwrite = real
         store.put("d/1.dcm", _payload(1))  # sent again: the failure covered only what was written before it
         assert store.get("d/1.dcm") == _payload(1)
     finally:
@@ -465,7 +464,7 @@ def test_a_delete_stays_deleted_when_the_segment_holding_its_record_could_not_be
 
 
 def test_a_failed_journal_flush_is_reported_even_when_the_file_of_its_store_failed_too(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """Two stores' records in the journal; the later store's flush (covering both) fails (EIO) and so does the
     creation of its file (a full disk). The earlier store's own flush, run after, "succeeds" (the kernel forgot
     the error): the earlier store must not be acknowledged, as its record may not be on the disk."""
@@ -509,8 +508,7 @@ def test_a_failed_journal_flush_is_reported_even_when_the_file_of_its_store_fail
         def submit_sync(fd: int, parallel: bool = False, notify: bool = False) -> Outcome:
             return next(flushes)  # the earlier store's succeeds, the later one's (covering both) fails
 
-    monkeypatch.setattr(filesystem, "CWRITE", FailingDisk())
-    store = FileBlobStore(str(tmp_path / "blobs"))
+    store = FileBlobStore(str(tmp_path / "blobs"), cwrite=FailingDisk())
     try:
         earlier = store.writer()
         earlier.write(_payload(1))
@@ -523,5 +521,4 @@ def test_a_failed_journal_flush_is_reported_even_when_the_file_of_its_store_fail
         with pytest.raises(StorageError, match="Input/output"):
             first()
     finally:
-        monkeypatch.setattr(filesystem, "CWRITE", real)
         store.close()
