@@ -27,6 +27,8 @@ class BastionError(Exception):
 
     dimse_status: int = 0xC000
     http_status: int = 500
+    #: Seconds after which the same request may succeed (HTTP ``Retry-After``); None: it would fail again.
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, tag: int | None = None, uid: str | None = None) -> None:
         super().__init__(message)
@@ -75,6 +77,7 @@ class StorageError(BastionError):
 
     dimse_status = 0xA701
     http_status = 503
+    retry_after = 5  # a database or store failing over, a network blip
 
 
 class IndexFailure(BastionError):
@@ -82,6 +85,7 @@ class IndexFailure(BastionError):
 
     dimse_status = 0xA702
     http_status = 503
+    retry_after = 5  # a database or store failing over, a network blip
 
 
 class NotFound(BastionError):

@@ -40,8 +40,9 @@ log = logging.getLogger("bastion.dicomweb")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
 def guarded(handler: Handler) -> Handler:
@@ -54,7 +55,7 @@ def guarded(handler: Handler) -> Handler:
         except BastionError as exc:
             if exc.http_status >= 500:
                 log.error("%s %s: %s", request.method, request.url.path, exc.message)
-            return _error(exc.http_status, exc.message)
+            return _error(exc.http_status, exc.message, exc.retry_after)
 
     return run
 
