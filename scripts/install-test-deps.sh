@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the integration tests drive: DCMTK's clients, Orthanc (peer and benchmark reference),
+# Installs what the integration tests drive: DCMTK's clients, Orthanc (peer and benchmark reference), HAProxy,
+# PostgreSQL's server binaries,
 # SQLite's headers (for the compiled record path), Chromium and Node.js (the viewer and admin-page browser checks in tests/browser) and the npm packages
 # of those checks. Idempotent; quiet when all is there. Needs no virtualenv (make test builds it after).
 set -euo pipefail
@@ -12,6 +13,11 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 [ -x /usr/bin/chromium ] || need+=(chromium fonts-liberation)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)  # NodeSource's nodejs ships npm itself; Debian's does not
+# HAProxy in front of several nodes (tests/integration/test_nodes.py, with docs/deployment.md's config); PostgreSQL's
+# server binaries (initdb, pg_basebackup, pg_ctl) for the primary + replica of the fail-over test, and its client
+[ -x /usr/sbin/haproxy ] || need+=(haproxy)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+command -v psql >/dev/null || need+=(postgresql-client)
 # SQLite's headers: the index's common record in C (setup.py) is built, and tested, against them
 [ -e /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
 # A C compiler with AddressSanitizer's and UndefinedBehaviorSanitizer's runtimes (scripts/sanitizer-tests.sh)
