@@ -32,6 +32,7 @@ VENV_BIN = Path(sys.executable).parent
 BASTION = str(VENV_BIN / "bastion")
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import backends  # noqa: E402  (tests/backends.py: BASTION_TEST_BACKEND, the index and blob store servers run on)
 import corpus  # noqa: E402  (benchmarks/corpus.py: the one synthetic-instance generator)
 
 # DCMTK by absolute path: the venv's bin/ holds pynetdicom's tools of the same names.
@@ -135,9 +136,13 @@ def run_dcmtk(tool: str, *args: str | os.PathLike[str], timeout: float = 60.0) -
 
 
 def run_bastion(*args: str | os.PathLike[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run the ``bastion`` CLI; ``.stdout`` and ``.stderr`` kept apart."""
-    return subprocess.run([BASTION, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    """Run the ``bastion`` CLI; ``.stdout`` and ``.stderr`` kept apart. A command given ``--data DIR`` runs on the
+    index and blob store of the archive in ``DIR`` (:mod:`backends`)."""
+    words = list(map(str, args))
+    env = dict(os.environ)
+    if "--data" in words[:-1]:
+        env |= backends.environment(Path(words[words.index("--data") + 1]))
+    return subprocess.run([BASTION, *words], capture_output=True, text=True, timeout=timeout, check=False, env=env)
 
 
 # -- Part 10 helpers ---------------------------------------------------------------------------------
@@ -403,8 +408,8 @@ class BastionServer:
         for remote in self.remotes:
             args += ["--remote", remote]
         # The settings come from the flags and ``settings`` alone; BASTION_PURE_PYTHON (the pure-Python leg) stays.
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("BASTION_") or k == "BASTION_PURE_PYTHON"} | self.settings
+        env = ({k: v for k, v in os.environ.items() if not k.startswith("BASTION_") or k == "BASTION_PURE_PYTHON"}
+               | backends.environment(self.data) | self.settings)
         with open(self.log_path, "w") as log:
             # Own process group (session), so kill9() reaches any worker processes too.
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -439,6 +444,9 @@ class BastionServer:
 
     @property
     def blob_dir(self) -> Path:
+        """The filesystem blob store's directory (a test that looks into it is skipped on the remote leg)."""
+        if backends.REMOTE:
+            pytest.skip("inspects the filesystem blob store's files")
         return self.data / "blobs"
 
     def blob_files(self) -> list[Path]:
@@ -493,13 +501,20 @@ class BastionServer:
 
 @pytest.fixture
 def archive(tmp_path: Path) -> Iterator[Any]:
-    """An archive opened in this process on a fresh data directory (SQLite index, filesystem blobs), closed after."""
+    """An archive opened in this process on a fresh data directory (on the leg's backends), closed after."""
     from bastion.archive import Archive
     from bastion.settings import load_settings
 
-    opened = Archive.open(load_settings(None, env={}, data=tmp_path / "data"))
+    opened = Archive.open(load_settings(None, env={}, data=tmp_path / "data", **backends.locations(tmp_path / "data")))
     yield opened
     opened.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remote_backends() -> Iterator[None]:
+    """On the ``postgresql+s3`` leg, the schemas and SeaweedFS the servers used are removed at the end."""
+    yield
+    backends.tear_down()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,96 @@
+"""Which index and blob store the suite's servers and archives run on: ``BASTION_TEST_BACKEND``.
+
+``embedded`` (the default): SQLite and a directory under each server's data directory. ``postgresql+s3``: a
+PostgreSQL schema of its own (in the database ``BASTION_TEST_POSTGRESQL``, default the local ``test``) and a
+prefix of its own in the session's SeaweedFS bucket (``s3test``), both named after the data directory, so a
+server restarted on its data directory finds its archive again, and a test's second node on another data
+directory can be pointed at the first's (:func:`locations`).
+
+A test that inspects the embedded backends' own files (the blob directory, the SQLite file, the journal) says so
+with :data:`embedded_only`: on the other leg it is skipped, because there is nothing of the kind to inspect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BACKEND = os.environ.get("BASTION_TEST_BACKEND", "embedded")
+if BACKEND not in ("embedded", "postgresql+s3"):
+    raise RuntimeError(f"BASTION_TEST_BACKEND={BACKEND!r}: expected 'embedded' or 'postgresql+s3'")
+REMOTE = BACKEND == "postgresql+s3"
+#: The database the remote leg's schemas are made in.
+POSTGRESQL = os.environ.get("BASTION_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test")
+
+#: Marks a test of the embedded backends' files (see the module docstring).
+embedded_only = pytest.mark.skipif(REMOTE, reason="inspects the embedded index's or blob directory's files")
+
+_lock = threading.Lock()
+_seaweed: list[Any] = []  # [context manager, Seaweed] once the first remote server starts
+_schemas: set[str] = set()
+
+
+def _name(data: Path) -> str:
+    return "t_" + hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:20]
+
+
+def locations(data: Path) -> dict[str, str]:
+    """The ``index`` and ``blobs`` settings of the archive whose data directory is ``data`` ({} when embedded)."""
+    return remote_locations(data) if REMOTE else {}
+
+
+def remote_locations(data: Path) -> dict[str, str]:
+    """PostgreSQL and S3 locations for the archive whose data directory is ``data``, whatever the leg (for the
+    tests of several nodes, which need them on either)."""
+    from s3test import seaweedfs
+
+    name = _name(data)
+    with _lock:
+        if not _seaweed:
+            cm = seaweedfs()
+            _seaweed[:] = [cm, cm.__enter__()]
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", _seaweed[1].access_key)
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", _seaweed[1].secret_key)
+        if name not in _schemas:
+            import psycopg
+
+            with psycopg.connect(POSTGRESQL, autocommit=True) as conn:
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{name}"')
+            _schemas.add(name)
+        seaweed = _seaweed[1]
+    separator = "&" if "?" in POSTGRESQL else "?"
+    return {"index": f"{POSTGRESQL}{separator}bastion_schema={name}", "blobs": seaweed.location(prefix=name)}
+
+
+def environment(data: Path) -> dict[str, str]:
+    """:func:`locations` as ``BASTION_*`` variables, with the S3 credentials, for a server's environment."""
+    return remote_environment(data) if REMOTE else {}
+
+
+def remote_environment(data: Path) -> dict[str, str]:
+    """:func:`remote_locations` as ``BASTION_*`` variables, with the S3 credentials."""
+    found = remote_locations(data)
+    return {"BASTION_INDEX": found["index"], "BASTION_BLOBS": found["blobs"],
+            "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]}
+
+
+def tear_down() -> None:
+    """Drop the schemas made and stop SeaweedFS (end of the session)."""
+    with _lock:
+        if _schemas:
+            import psycopg
+
+            with contextlib.suppress(psycopg.Error), psycopg.connect(POSTGRESQL, autocommit=True) as conn:
+                for name in _schemas:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            _schemas.clear()
+        if _seaweed:
+            _seaweed[0].__exit__(None, None, None)
+            _seaweed.clear()
