@@ -3,6 +3,12 @@
 Conditions on an index column become SQL (so the database's indexes do the work);
 the rest are applied in Python by :func:`bastion.model.matching.matches` on the stored
 DICOM JSON. Both follow the same PS3.4 C.2.2.2 rules.
+
+The SQL is written for one :class:`Dialect`: :data:`SQLITE` (the default) or :data:`POSTGRESQL`. Both match the
+same rows: in PostgreSQL the index's text columns are ``COLLATE "C"`` (byte order, as SQLite's ``BINARY``), a
+case-sensitive wildcard is a ``LIKE`` (SQLite's ``GLOB``) and a column that SQLite declares ``COLLATE NOCASE`` is
+compared as ``lower(column)`` against values lowered here, both folding ASCII letters only, as ``NOCASE`` does
+(``lower()`` of a ``"C"`` column folds nothing else).
 """
 
 from __future__ import annotations
@@ -15,6 +21,20 @@ from bastion.errors import InvalidQuery
 from bastion.model.attributes import COLUMNS
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, MatchType
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one database spells the SQL of a condition."""
+
+    mark: str  # a parameter's placeholder
+    true: str  # a term that always holds
+    glob: bool  # a case-sensitive wildcard is SQLite's GLOB (else a LIKE on a column of byte collation)
+    folded: frozenset[str]  # columns compared as lower(column), against ASCII-lowered values
+
+
+SQLITE = Dialect("?", "1", True, frozenset())
+POSTGRESQL = Dialect("%s", "TRUE", False, frozenset({"patient_name", "referring_physician"}))
 
 ALIASES = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
 INTEGER_COLUMNS = frozenset({"series_number", "instance_number"})
@@ -63,44 +83,56 @@ def _param(column: str, value: str, keyword: str) -> Any:
     return value
 
 
-def compile_column(cond: Condition, expr: str, column: str) -> tuple[str, list[Any]]:
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def compile_column(cond: Condition, expr: str, column: str, dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
     """SQL for one condition on the column expression ``expr``."""
-    kind = cond.kind
+    fold = column in dialect.folded or (cond.kind is MatchType.WILDCARD and cond.case_insensitive
+                                        and not dialect.glob)
+    if not fold:
+        return _compile_column(cond, expr, column, dialect)
+    sql, params = _compile_column(cond, f"lower({expr})", column, dialect)
+    return sql, [p.translate(_ASCII_LOWER) if isinstance(p, str) else p for p in params]
+
+
+def _compile_column(cond: Condition, expr: str, column: str, dialect: Dialect) -> tuple[str, list[Any]]:
+    kind, mark = cond.kind, dialect.mark
     if kind is MatchType.SINGLE:
-        return f"{expr} = ?", [_param(column, cond.values[0], cond.keyword)]
+        return f"{expr} = {mark}", [_param(column, cond.values[0], cond.keyword)]
     if kind is MatchType.LIST:
-        marks = ",".join("?" * len(cond.values))
+        marks = ",".join([mark] * len(cond.values))
         return f"{expr} IN ({marks})", [_param(column, v, cond.keyword) for v in cond.values]
     if kind is MatchType.WILDCARD:
-        if cond.case_insensitive:
-            return f"{expr} LIKE ? ESCAPE '\\'", [_like_pattern(cond.values[0])]
-        return f"{expr} GLOB ?", [_glob_escape(cond.values[0])]
+        if cond.case_insensitive or not dialect.glob:
+            return f"{expr} LIKE {mark} ESCAPE '\\'", [_like_pattern(cond.values[0])]
+        return f"{expr} GLOB {mark}", [_glob_escape(cond.values[0])]
     if kind is MatchType.RANGE:
         low, high = cond.values
         terms, params = [f"{expr} <> ''"], []
         if low:
-            terms.append(f"{expr} >= ?")
+            terms.append(f"{expr} >= {mark}")
             params.append(low)
         if high:
-            terms.append(f"{expr} <= ?")
+            terms.append(f"{expr} <= {mark}")
             params.append(high + "~")
         return " AND ".join(terms), params
-    return "1", []
+    return dialect.true, []
 
 
-def compile_conditions(level: QueryLevel, conditions: Sequence[Condition]) -> Compiled:
-    """Split ``conditions`` for a query at ``level`` into SQL terms and Python residuals."""
+def compile_conditions(level: QueryLevel, conditions: Sequence[Condition], dialect: Dialect = SQLITE) -> Compiled:
+    """Split ``conditions`` for a query at ``level`` into SQL terms (in ``dialect``) and Python residuals."""
     out = Compiled()
     for cond in conditions:
         if cond.kind is MatchType.UNIVERSAL:
             continue
         if cond.keyword == "ModalitiesInStudy" and level in (QueryLevel.STUDY,):
-            sql, params = compile_column(cond, "x.modality", "modality")
+            sql, params = compile_column(cond, "x.modality", "modality", dialect)
             out.where.append(f"EXISTS (SELECT 1 FROM series x WHERE x.study_uid = s.study_uid AND {sql})")
             out.params.extend(params)
             continue
         if cond.keyword == "SOPClassesInStudy" and level in (QueryLevel.STUDY,):
-            sql, params = compile_column(cond, "x.sop_class_uid", "sop_class_uid")
+            sql, params = compile_column(cond, "x.sop_class_uid", "sop_class_uid", dialect)
             out.where.append(f"EXISTS (SELECT 1 FROM instances x WHERE x.study_uid = s.study_uid AND {sql})")
             out.params.extend(params)
             continue
@@ -108,7 +140,7 @@ def compile_conditions(level: QueryLevel, conditions: Sequence[Condition]) -> Co
         for lvl in (*level.parents(), level):
             column = COLUMNS[lvl].get(cond.keyword)
             if column and not (cond.fuzzy and cond.vr == "PN"):
-                sql, params = compile_column(cond, f"{ALIASES[lvl]}.{column}", column)
+                sql, params = compile_column(cond, f"{ALIASES[lvl]}.{column}", column, dialect)
                 out.where.append(sql)
                 out.params.extend(params)
                 placed = True
