@@ -206,10 +206,24 @@ class BlobStore(abc.ABC):
 
 
 def open_blob_store(location: str, *, node_id: str = "") -> BlobStore:
-    """Open a blob store from a location: a directory path (default) or ``memory:``.
+    """Open a blob store from a location: a directory path (default), ``memory:`` or
+    ``s3://BUCKET/PREFIX?endpoint=URL&region=REGION`` (:mod:`bastion.blobs.s3`).
 
     ``node_id`` names the node opening it among those sharing it (see :class:`bastion.blobs.filesystem.FileBlobStore`).
+    An S3 store is checked before it is returned (:meth:`bastion.blobs.s3.S3BlobStore.check`): StorageError, in
+    one line, if its bucket is missing, the credentials are refused or the endpoint cannot be reached;
+    ValueError for a malformed location.
     """
+    if location.startswith("s3://"):
+        from bastion.blobs.s3 import S3BlobStore
+
+        store = S3BlobStore.from_location(location, node_id=node_id)
+        try:
+            store.check()
+        except BaseException:
+            store.close()
+            raise
+        return store
     if location.startswith("memory:"):
         from bastion.blobs.memory import MemoryBlobStore
 
