@@ -8,6 +8,7 @@ from pathlib import Path
 
 import blake3
 import pytest
+from s3test import seaweed  # noqa: F401 - the session's SeaweedFS, for the "s3" store
 
 from bastion.blobs.base import BlobStore
 from bastion.blobs.filesystem import FileBlobStore
@@ -17,13 +18,18 @@ from bastion.errors import BastionError, NotFound, StorageError
 pytestmark = pytest.mark.timeout(20)
 
 
-@pytest.fixture(params=["file", "file-python-write", "memory"])
+@pytest.fixture(params=["file", "file-python-write", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BlobStore]:
-    """Each backend; the file store also with its Python file write (where the C one, ``_cwrite``, is absent)."""
+    """Each backend; the file store also with its Python file write (where the C one, ``_cwrite``, is absent);
+    the S3 store on a fresh prefix of a real SeaweedFS (:mod:`s3test`)."""
     if request.param == "file-python-write":
         from bastion.blobs import filesystem
         monkeypatch.setattr(filesystem, "CWRITE", None)
-    s: BlobStore = MemoryBlobStore() if request.param == "memory" else FileBlobStore(str(tmp_path / "blobs"))
+    s: BlobStore
+    if request.param == "s3":
+        s = request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path))
+    else:
+        s = MemoryBlobStore() if request.param == "memory" else FileBlobStore(str(tmp_path / "blobs"))
     yield s
     s.close()
 
