@@ -235,8 +235,22 @@ class Index(abc.ABC):
         self.closed = True
 
 
+#: The URL schemes of a PostgreSQL index location (libpq's).
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgresql(location: str) -> bool:
+    """True if ``location`` names a PostgreSQL index (a libpq URL), not a SQLite file."""
+    return location.startswith(POSTGRESQL_SCHEMES)
+
+
 def open_index(location: str) -> Index:
-    """Open an index: a SQLite file path (default) or ``:memory:``."""
+    """Open an index: a PostgreSQL database (a libpq URL, ``postgresql://...``), else a SQLite file path (the
+    default) or ``:memory:``."""
+    if is_postgresql(location):
+        from bastion.index.postgresql import PostgresIndex
+
+        return PostgresIndex(location)
     from bastion.index.sqlite import SqliteIndex
 
     return SqliteIndex(location)
@@ -245,7 +259,12 @@ def open_index(location: str) -> Index:
 def log_floor(location: str) -> int:
     """The ``seq`` after which the change log of an index replacing the one at ``location`` must start: the
     highest that one handed out, read from it where it can be read (without changing it) and from its durable
-    mark, which survives an index that cannot be read. 0 for ``:memory:``."""
+    mark, which survives an index that cannot be read. 0 for ``:memory:``, and for a PostgreSQL database that
+    holds no index yet (its sequence is the mark)."""
+    if is_postgresql(location):
+        from bastion.index.postgresql import log_floor as postgresql_log_floor
+
+        return postgresql_log_floor(location)
     from bastion.index.sqlite import log_floor as sqlite_log_floor
 
     return 0 if location == ":memory:" else sqlite_log_floor(location)

@@ -1,0 +1,273 @@
+"""Recording into the PostgreSQL index: the statements of one write transaction.
+
+The rules are the SQLite index's (:mod:`bastion.index.sqlite_record`): a record writes the instance, its series'
+count and the change log, and a level row only where the instance's attributes for it differ from what the row
+holds. What PostgreSQL adds is that several nodes write at once, each through its own connections:
+
+* **One writer per study at a time.** A transaction takes a transaction advisory lock on each study whose
+  instances it adds or removes (:meth:`Tx.lock_studies`) before it reads anything of them, in the order of their
+  UIDs: one that comes before a lock it holds is only tried, and if another writer has it the transaction is
+  run again taking it first (:class:`LockOrder`), so that writers never wait for each other in a circle. The
+  study's, its
+  series' and its instances' rows, its counts and its ModalitiesInStudy / SOPClassesInStudy summaries are thus
+  read and written by one transaction at a time, and stay exact. Level rows are written by ``INSERT ... ON
+  CONFLICT`` upserts. A patient row, which the studies of a patient share, changes only by upserts and by
+  increments that PostgreSQL applies to the newest row version; a count increment that finds the row gone (its
+  last other study was removed meanwhile) writes it again.
+* **The change log in commit order.** The entries of a transaction are inserted last, after every other lock is
+  held (:meth:`Tx.flush`), under a shared transaction advisory lock of the log (:data:`~bastion.index.pg_schema.
+  LOG_LOCK`) held until the commit. Whoever takes that lock exclusively (:func:`settle`) thus waits for every
+  transaction that holds a ``seq`` to commit or roll back, and then knows that no ``seq`` up to the sequence's
+  value will ever appear in the log that has not already.
+
+A transaction that meets a deadlock or a unique violation (two nodes inserting one new instance, say) is rolled
+back and run again by the caller (:mod:`bastion.index.postgresql`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from psycopg import Cursor, sql
+
+from bastion.index.columns import columns_for
+from bastion.index.pg_schema import LOG_LOCK, lock_key
+from bastion.index.rows import IndexRow
+from bastion.index.schema import SUMMARY_SEP
+from bastion.index.sqlite_record import _joined, _Levels, _levels, _split, now_iso
+from bastion.model.digest import BLAKE3_PREFIX
+from bastion.model.levels import QueryLevel
+from bastion.model.records import StoreStatus
+
+#: The SQLite index's lookup (:data:`bastion.index.sqlite_record.LOOKUP`), with the same columns.
+LOOKUP = ("SELECT i.blob_key, i.digest, i.size, i.stamp, i.series_uid, i.study_uid, "
+          "se.modality, se.attrs = %s, se.study_uid, st.modalities, st.sop_classes, st.attrs = %s, st.patient_id, "
+          "p.attrs = %s FROM (SELECT 1) AS one LEFT JOIN instances i ON i.sop_uid = %s "
+          "LEFT JOIN series se ON se.series_uid = %s LEFT JOIN studies st ON st.study_uid = %s "
+          "LEFT JOIN patients p ON p.patient_id = %s")
+#: A superseded version (SQLite's ``INSERT OR REPLACE``).
+INSERT_VERSION = ("INSERT INTO versions VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (blob_key) DO UPDATE SET "
+                  "sop_uid = excluded.sop_uid, digest = excluded.digest, size = excluded.size, "
+                  "stamp = excluded.stamp, superseded_by = excluded.superseded_by")
+INSERT_INSTANCE = "INSERT INTO instances VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+INSERT_CHANGE = ("INSERT INTO changes (kind, sop_uid, series_uid, study_uid, blob_key, at) "
+                 "VALUES (%s,%s,%s,%s,%s,%s) RETURNING seq")
+#: ModalitiesInStudy and SOPClassesInStudy of one study, counted again (:func:`bastion.index.schema.
+#: refresh_study_summaries`; the values are sorted by bytes, as Python sorts them).
+REFRESH_SUMMARIES = (
+    "UPDATE studies SET "
+    "modalities = coalesce((SELECT string_agg(m, %(sep)s ORDER BY m) FROM (SELECT DISTINCT x.modality AS m "
+    "FROM series x WHERE x.study_uid = studies.study_uid AND x.modality <> '') AS d), ''), "
+    "sop_classes = coalesce((SELECT string_agg(c, %(sep)s ORDER BY c) FROM (SELECT DISTINCT y.sop_class_uid AS c "
+    "FROM instances y WHERE y.study_uid = studies.study_uid) AS d), '') WHERE study_uid = %(uid)s")
+
+
+def _text(value: Any) -> Any:
+    """A column value as PostgreSQL can hold it: text has no NUL characters (SQLite's may)."""
+    return value.replace("\x00", "") if isinstance(value, str) else value
+
+
+class LockOrder(Exception):
+    """A study's lock that a transaction needs comes before one it holds and another writer has it: the
+    transaction is to be run again, taking the locks of ``studies`` with its first."""
+
+    def __init__(self, studies: set[str]) -> None:
+        super().__init__(f"the lock of study {min(studies)} is held by another writer")
+        self.studies = studies
+
+
+class Tx:
+    """One write transaction on ``cur`` (open) of the index in schema ``schema``: the studies it has locked and
+    the change-log entries it will insert at the end. ``first``: studies whose locks it takes with its first
+    (those that a :class:`LockOrder` named)."""
+
+    def __init__(self, cur: Cursor[Any], schema: str, first: frozenset[str] = frozenset()) -> None:
+        self.cur = cur
+        self.schema = schema
+        self.first = first
+        self.locked: set[str] = set()
+        self.pending: list[tuple[str, str, str, str, str]] = []
+        self.seqs: list[int] = []  # of the entries inserted by flush(), in order
+        self.at = ""  # their time
+
+    def execute(self, query: str | sql.Composed, params: Any = None) -> Cursor[Any]:
+        return self.cur.execute(query, params)
+
+    def lock_studies(self, *study_uids: str) -> bool:
+        """Take the write lock of each study not held yet, in the order of their UIDs; True if one was taken.
+        LockOrder if one comes before a lock held and another writer has it."""
+        new = sorted(set(study_uids).union(self.first if not self.locked else ()) - self.locked)
+        for uid in new:
+            if self.locked and uid < max(self.locked):
+                row = self.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", (uid,)).fetchone()
+                if not row or not row[0]:
+                    raise LockOrder(self.locked | {uid})
+            else:
+                self.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (uid,))
+            self.locked.add(uid)
+        return bool(new)
+
+    def change(self, kind: str, sop: str, series: str, study: str, key: str) -> int:
+        """Queue a change-log entry; its place among the entries :meth:`flush` returns."""
+        self.pending.append((kind, sop, series, study, key))
+        return len(self.pending) - 1
+
+    def flush(self) -> None:
+        """Insert the queued entries, in order, under the log's shared lock (their ``seq`` in :attr:`seqs`); the
+        last thing the transaction does before its commit."""
+        if not self.pending:
+            return
+        self.execute(sql.SQL("SELECT pg_advisory_xact_lock_shared({}, {})").format(
+            sql.Literal(LOG_LOCK), lock_key(self.schema)))
+        self.at = now_iso()
+        for entry in self.pending:
+            row = self.execute(INSERT_CHANGE, (*entry, self.at)).fetchone()
+            assert row is not None
+            self.seqs.append(int(row[0]))
+        self.pending.clear()
+
+
+def settle(cur: Cursor[Any], schema: str) -> int:
+    """Wait for every transaction holding a ``seq`` to end (in the transaction open on ``cur``, which should do
+    nothing else): the largest ``seq`` handed out, below which the log will never change but by a new log."""
+    cur.execute(sql.SQL("SELECT pg_advisory_xact_lock({}, {})").format(sql.Literal(LOG_LOCK), lock_key(schema)))
+    return handed_out(cur)
+
+
+def handed_out(cur: Cursor[Any]) -> int:
+    """The largest ``seq`` the sequence has handed out (0: none)."""
+    row = cur.execute("SELECT last_value, is_called FROM changes_seq").fetchone()
+    assert row is not None
+    return int(row[0]) if row[1] else int(row[0]) - 1
+
+
+def _lookup(tx: Tx, row: IndexRow, sop_uid: str) -> tuple[Any, ...]:
+    inst = row.instance
+    found = tx.execute(LOOKUP, (*row.texts[:3], sop_uid, inst.series_uid, inst.study_uid, row.patient_id)).fetchone()
+    assert found is not None
+    return tuple(found)
+
+
+def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
+    """Record ``row`` in ``tx``: its status and the place of its change-log entry among ``tx``'s (None: a
+    duplicate, nothing written). As :func:`bastion.index.sqlite_record.record`, a version older (by stamp, then
+    key) than the current one is kept as a superseded version (:attr:`StoreStatus.OUTDATED`)."""
+    inst = row.instance
+    tx.lock_studies(inst.study_uid)
+    found = _lookup(tx, row, inst.sop_uid)
+    while found[0] is not None and tx.lock_studies(found[5]):  # indexed in another study: hold that one too
+        found = _lookup(tx, row, inst.sop_uid)
+    status = StoreStatus.STORED
+    levels: _Levels = _levels(found)
+    if found[0] is not None:  # this SOP instance is indexed already
+        if found[1] == inst.digest or (same_content is not None and not found[1].startswith(BLAKE3_PREFIX)
+                                       and same_content(found[1])):
+            return StoreStatus.DUPLICATE, None
+        if (found[3], found[0]) > (row.stamp, inst.blob_key):  # versions are ordered by stamp, as a rebuild orders them
+            tx.execute(INSERT_VERSION, (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))
+            return StoreStatus.OUTDATED, tx.change("superseded", inst.sop_uid, inst.series_uid, inst.study_uid,
+                                                   inst.blob_key)
+        status = StoreStatus.SUPERSEDED
+        tx.execute(INSERT_VERSION, (found[0], inst.sop_uid, found[1], found[2], found[3], inst.blob_key))
+        _remove_instance(tx, inst.sop_uid, found[4], found[5])
+        tx.change("superseded", inst.sop_uid, found[4], found[5], found[0])
+        levels = _levels(_lookup(tx, row, ""))  # the removal may have changed or deleted the level rows
+    _add_instance(tx, row, levels)
+    return status, tx.change("stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
+
+
+def delete(tx: Tx, sop_uid: str) -> tuple[str, str, str, int] | None:
+    """Remove instance ``sop_uid`` and its superseded versions in ``tx`` (its series, study and patient too once
+    they hold nothing): its series, study and blob key, and the place of the ``deleted`` entry; None if it is not
+    indexed."""
+    found = None
+    while True:
+        found = tx.execute("SELECT blob_key, series_uid, study_uid FROM instances WHERE sop_uid = %s",
+                           (sop_uid,)).fetchone()
+        if found is None or not tx.lock_studies(found[2]):
+            break  # read again once its study is held: it may have moved or gone meanwhile
+    if found is None:
+        return None
+    key, series_uid, study_uid = found
+    tx.execute("DELETE FROM versions WHERE sop_uid = %s", (sop_uid,))
+    _remove_instance(tx, sop_uid, series_uid, study_uid)
+    return series_uid, study_uid, key, tx.change("deleted", sop_uid, series_uid, study_uid, key)
+
+
+def _upsert(tx: Tx, table: str, key: str, values: dict[str, Any]) -> None:
+    cols = ", ".join(values)
+    marks = ", ".join(["%s"] * len(values))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != key)
+    tx.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT ({key}) DO UPDATE SET {updates}",
+               [_text(v) for v in values.values()])
+
+
+def _upsert_patient(tx: Tx, row: IndexRow) -> None:
+    _upsert(tx, "patients", "patient_id", {
+        **columns_for(QueryLevel.PATIENT, row.attrs[QueryLevel.PATIENT]), "patient_id": row.patient_id,
+        "attrs": row.texts[2]})
+
+
+def _add_instance(tx: Tx, row: IndexRow, levels: _Levels) -> None:
+    """Insert the instance and bring its series, study and patient rows up to date (``levels``: those rows as
+    :data:`LOOKUP` read them with the study locked)."""
+    inst = row.instance
+    pid = row.patient_id
+    old_series, old_study, old_patient = levels
+    new_series, new_study = old_series is None, old_study is None
+    series_json, study_json, _, image_json = row.texts
+    if old_patient is None or not old_patient[0]:
+        _upsert_patient(tx, row)
+    if old_study is None or not old_study[2] or old_study[3] != pid:
+        _upsert(tx, "studies", "study_uid", {
+            **columns_for(QueryLevel.STUDY, row.attrs[QueryLevel.STUDY]), "study_uid": inst.study_uid,
+            "patient_id": pid, "attrs": study_json})
+    if old_series is None or not old_series[1] or old_series[2] != inst.study_uid:
+        _upsert(tx, "series", "series_uid", {
+            **columns_for(QueryLevel.SERIES, row.attrs[QueryLevel.SERIES]), "series_uid": inst.series_uid,
+            "study_uid": inst.study_uid, "attrs": series_json})
+    tx.execute(INSERT_INSTANCE, (
+        inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid, row.instance_number,
+        inst.transfer_syntax, inst.blob_key, inst.digest, inst.size, row.stamp, image_json))
+    tx.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = %s", (inst.series_uid,))
+    if new_series:  # the study's and patient's instances are counted by their series (schema.INSTANCE_COUNTS)
+        tx.execute("UPDATE studies SET num_series = num_series + 1 WHERE study_uid = %s", (inst.study_uid,))
+        count = ("UPDATE patients SET num_series = num_series + 1, num_studies = num_studies + %s "
+                 "WHERE patient_id = %s")
+        if tx.execute(count, (int(new_study), pid)).rowcount == 0:  # removed with its last other study meanwhile
+            _upsert_patient(tx, row)
+            tx.execute(count, (int(new_study), pid))
+    modality = row.modality
+    if old_series is not None and old_series[0] != modality:
+        tx.execute(REFRESH_SUMMARIES, {"sep": SUMMARY_SEP, "uid": inst.study_uid})  # the series changed modality
+        return
+    modalities, classes = _split(old_study[0]) if old_study else set(), _split(old_study[1]) if old_study else set()
+    if modality not in modalities and modality or inst.sop_class_uid not in classes:
+        tx.execute("UPDATE studies SET modalities = %s, sop_classes = %s WHERE study_uid = %s",
+                   (_joined(modalities | {modality}), _joined(classes | {inst.sop_class_uid}), inst.study_uid))
+
+
+def _remove_instance(tx: Tx, sop: str, series_uid: str, study_uid: str) -> None:
+    """Remove an instance of a study ``tx`` holds, and its series, study and patient rows once they are empty."""
+    tx.execute("DELETE FROM instances WHERE sop_uid = %s", (sop,))
+    found = tx.execute("SELECT patient_id FROM studies WHERE study_uid = %s", (study_uid,)).fetchone()
+    tx.execute("UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = %s", (series_uid,))
+    gone_series = tx.execute("DELETE FROM series WHERE series_uid = %s AND num_instances <= 0",
+                             (series_uid,)).rowcount
+    gone_study = 0
+    if gone_series:
+        tx.execute("UPDATE studies SET num_series = num_series - 1 WHERE study_uid = %s", (study_uid,))
+        gone_study = tx.execute("DELETE FROM studies WHERE study_uid = %s AND num_series <= 0",
+                                (study_uid,)).rowcount
+        if found is not None:
+            tx.execute("UPDATE patients SET num_series = num_series - 1, num_studies = num_studies - %s "
+                       "WHERE patient_id = %s", (gone_study, found[0]))
+            tx.execute("DELETE FROM patients WHERE patient_id = %s AND num_studies <= 0", (found[0],))
+    if not gone_study:
+        tx.execute(REFRESH_SUMMARIES, {"sep": SUMMARY_SEP, "uid": study_uid})
+
+
+def clear_tables(tx: Tx, tables: Iterable[str]) -> None:
+    """Empty ``tables`` (a ``TRUNCATE``: it waits for the transactions that use them)."""
+    tx.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.Identifier(t) for t in tables)))

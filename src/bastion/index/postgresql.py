@@ -1,0 +1,406 @@
+"""PostgreSQL index: one database that several nodes record into and query at once.
+
+The location is a libpq URL (:mod:`bastion.index.pg_schema`: ``postgresql://USER@HOST:PORT/DB``, multi-host URLs
+as libpq takes them, and ``bastion_schema=NAME`` to keep the index in a schema of its own). Opening connects
+once (an unreachable or misconfigured server is an :class:`~bastion.errors.IndexFailure` on one line within
+about ten seconds), creates or migrates the schema (yoyo-migrations, under an advisory lock) and then works
+through a small pool of connections (psycopg 3).
+
+Every method has the meaning of :class:`bastion.index.sqlite.SqliteIndex`'s; searches compile through the same
+engine (:func:`bastion.index.sqlcompile.compile_conditions`, PostgreSQL dialect) and come in the same order.
+What differs:
+
+* **Several writers.** Each write is one short transaction; the object's bytes are made durable before it starts
+  (``durable``), so a transaction never waits for storage. Writers of one study take turns; the rest run side by
+  side (:mod:`bastion.index.pg_record`). A transaction that meets a deadlock, a serialization failure or another
+  node's insert of the same row is run again, up to :data:`ATTEMPTS` times.
+* **The change log.** ``seq`` comes from a sequence, so it is never reused; a new log (:meth:`clear`,
+  :meth:`start_log_after`) moves the sequence past every ``seq`` handed out before. Transactions commit in
+  another order than they took their ``seq``, so a reader returns entries only up to the first ``seq`` that is
+  missing but may still commit: where the entries after a position are not consecutive it waits, once, for the
+  transactions that hold a ``seq`` to end (:func:`bastion.index.pg_record.settle`), after which what is still
+  missing never comes. A consumer thus sees every entry once, in order. PostgreSQL's commits are durable and
+  its sequences never go back, so :meth:`resume_log_after_crash` has nothing to do (the epoch stays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import Connection, Cursor, errors
+from psycopg_pool import ConnectionPool
+
+from bastion.errors import IndexFailure
+from bastion.index import pg_record
+from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version
+from bastion.index.levels_sql import FIND_COLUMNS, FROM, INSTANCE_COLS, dataset_of
+from bastion.index.pg_schema import (
+    Location,
+    connect,
+    connect_kwargs,
+    migrate,
+    one_line,
+    parse_location,
+    read_log_floor,
+    set_search_path,
+)
+from bastion.index.rows import IndexRow
+from bastion.index.schema import TABLES
+from bastion.index.sqlcompile import POSTGRESQL, compile_conditions
+from bastion.index.sqlite_log import CHANGE_COLS
+from bastion.model.attributes import tag_hex
+from bastion.model.levels import QueryLevel
+from bastion.model.matching import Condition, matches
+from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus, parse_object_key
+
+T = TypeVar("T")
+
+#: How many times a write transaction is run before its deadlock or conflict is an IndexFailure.
+ATTEMPTS = 8
+#: The connections one index keeps to the server.
+POOL_MIN, POOL_MAX = 1, 8
+#: How long a call waits for a free connection, or for a new one.
+POOL_TIMEOUT_S = 10.0
+#: Rows read at a time by a search whose conditions are partly matched in Python (it stops once a page is full).
+_FETCH = 500
+_RETRIED = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
+
+#: The order of each level's results: :data:`bastion.index.levels_sql.ORDER` (SQLite's ``NOCASE`` is ``lower()``
+#: here, and SQLite sorts NULL first).
+_ORDER = {
+    QueryLevel.PATIENT: "lower(p.patient_name), p.patient_id",
+    QueryLevel.STUDY: "s.study_date DESC, s.study_time DESC, s.study_uid",
+    QueryLevel.SERIES: "se.study_uid, se.series_number NULLS FIRST, se.series_uid",
+    QueryLevel.IMAGE: "i.series_uid, i.instance_number NULLS FIRST, i.sop_uid",
+}
+def log_floor(location: str) -> int:
+    """:func:`bastion.index.base.log_floor` for a PostgreSQL index: the highest ``seq`` its log handed out (0 if
+    the database holds no index yet), read without changing it."""
+    return read_log_floor(parse_location(location))
+
+
+def _matching(level: QueryLevel, rows: Iterator[Sequence[Any]], residual: Sequence[Condition],
+              wanted: int | None) -> Iterator[tuple[Sequence[Any], JsonDataset]]:
+    """The rows whose dataset (the level's, from the first columns of each row) matches ``residual``, with it; at
+    most ``wanted``."""
+    found = 0
+    for row in rows:
+        ds = dataset_of(level, tuple(row))
+        if all(matches(c, ds.get(tag_hex(c.tag))) for c in residual):
+            yield row, ds
+            found += 1
+            if wanted is not None and found >= wanted:
+                return
+
+
+class PostgresIndex(Index):
+    """The index in a PostgreSQL database (one schema of it)."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self._where: Location = parse_location(location)
+        conn = connect(self._where)
+        try:
+            migrate(conn, self._where)
+        except psycopg.Error as exc:
+            raise IndexFailure(f"PostgreSQL index at {self._where.where}: schema migration failed: "
+                               f"{one_line(exc)}") from exc
+        finally:
+            conn.close()
+        schema = self._where.schema
+
+        def configure(conn: Connection[Any]) -> None:
+            set_search_path(conn, schema)
+
+        self._pool: ConnectionPool[Connection[Any]] = ConnectionPool(
+            self._where.conninfo, kwargs=connect_kwargs(self._where.conninfo), min_size=POOL_MIN,
+            max_size=POOL_MAX, open=True, configure=configure, timeout=POOL_TIMEOUT_S, num_workers=2,
+            name=f"bastion-index-{uuid.uuid4().hex[:8]}")
+        #: A ``seq`` up to which the log is known to be final (it only grows; a race that stores a smaller one
+        #: loses nothing but a wait).
+        self._settled = 0
+        self._settle()
+
+    # -- connections and transactions --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[Cursor[Any]]:
+        """A cursor of a pooled connection (autocommit: each statement its own snapshot); a database error is an
+        IndexFailure."""
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                yield cur
+        except psycopg.Error as exc:
+            raise IndexFailure(f"PostgreSQL index at {self._where.where}: {one_line(exc)}") from exc
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[Cursor[Any]]:
+        """A cursor in a read-only transaction whose statements all see one snapshot."""
+        with self._cursor() as cur, cur.connection.transaction():
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield cur
+
+    def _write(self, fn: Callable[[pg_record.Tx], T]) -> tuple[T, pg_record.Tx]:
+        """Run ``fn`` in one transaction, its change-log entries inserted last: its value, and the transaction
+        (committed) with their ``seq``. The transaction is rolled back whole and run again after a deadlock, a
+        conflict with another writer or a study lock out of order (then taken first)."""
+        first: frozenset[str] = frozenset()
+        for attempt in range(ATTEMPTS):
+            try:
+                with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                    tx = pg_record.Tx(cur, self._where.schema, first)
+                    value = fn(tx)
+                    tx.flush()
+                return value, tx
+            except pg_record.LockOrder as exc:
+                first = first.union(exc.studies)
+                if attempt == ATTEMPTS - 1:
+                    raise IndexFailure(f"index write failed after {ATTEMPTS} attempts: {exc}") from exc
+            except _RETRIED as exc:
+                if attempt == ATTEMPTS - 1:
+                    raise IndexFailure(f"index write failed after {ATTEMPTS} attempts: {one_line(exc)}") from exc
+                time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # let the other writer finish
+            except psycopg.Error as exc:
+                raise IndexFailure(f"index write failed ({self._where.where}): {one_line(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    # -- recording ----------------------------------------------------------------------------------------------
+    def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
+               same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
+        """:meth:`Index.record`; ``durable`` returns before the transaction begins (it never waits for storage)."""
+        row = IndexRow.of(obj)
+        if durable is not None:
+            durable()
+        (status, slot), tx = self._write(lambda tx: pg_record.record(tx, row, same_content))
+        return status, None if slot is None else tx.seqs[slot]
+
+    def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
+        """Record ``objs`` in order, in one transaction."""
+        rows = [IndexRow.of(obj) for obj in objs]
+        recorded, tx = self._write(lambda tx: [pg_record.record(tx, row) for row in rows])
+        return [(status, None if slot is None else tx.seqs[slot]) for status, slot in recorded]
+
+    def delete_instance(self, sop_uid: str) -> Change | None:
+        deleted, tx = self._write(lambda tx: pg_record.delete(tx, sop_uid))
+        if deleted is None:
+            return None
+        series_uid, study_uid, key, slot = deleted
+        return Change(tx.seqs[slot], "deleted", sop_uid, series_uid, study_uid, key, tx.at)
+
+    def _start_log(self, after: int, tables: Sequence[str]) -> LogPosition:
+        """Empty ``tables`` (``changes`` among them) and start a new log after ``after`` and every ``seq`` handed
+        out before."""
+        def start(tx: pg_record.Tx) -> LogPosition:
+            pg_record.clear_tables(tx, tables)  # first: it waits for the writers still at work (their locks)
+            floor = max(after, pg_record.settle(tx.cur, tx.schema), self._meta(tx.cur)[1])
+            if floor > 0:
+                tx.execute("SELECT setval('changes_seq', %s, true)", (floor,))
+            epoch = uuid.uuid4().hex
+            tx.execute("UPDATE meta SET value = CASE key WHEN 'log_epoch' THEN %s ELSE %s END "
+                       "WHERE key IN ('log_epoch', 'log_start')", (epoch, str(floor)))
+            return LogPosition(epoch, floor)
+        position, _ = self._write(start)
+        self._settled = max(self._settled, position.seq)
+        return position
+
+    def clear(self) -> None:
+        self._start_log(0, TABLES)
+
+    def start_log_after(self, seq: int) -> LogPosition:
+        return self._start_log(seq, ("changes",))
+
+    def resume_log_after_crash(self) -> None:
+        """Nothing to do: a committed transaction survives a crash of PostgreSQL and its sequence never goes
+        back, so no ``seq`` handed out before is handed out again (the log and its epoch go on)."""
+
+    # -- the change log -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _meta(cur: Cursor[Any]) -> tuple[str, int]:
+        found = dict(cur.execute("SELECT key, value FROM meta WHERE key IN ('log_epoch', 'log_start')").fetchall())
+        return found["log_epoch"], int(found["log_start"])
+
+    def _settle(self) -> int:
+        """Wait for the transactions holding a ``seq`` to end: every ``seq`` up to the value returned is final."""
+        with self._cursor() as cur, cur.connection.transaction():
+            settled = pg_record.settle(cur, self._where.schema)
+        self._settled = max(self._settled, settled)
+        return settled
+
+    def _final(self, changes: list[Change], since: int, settled: int) -> tuple[list[Change], bool]:
+        """The first of ``changes`` (read after ``since``) up to the first ``seq`` that is missing but may still
+        commit (above ``settled``), and whether they were all that."""
+        prev = since
+        for n, change in enumerate(changes):
+            if change.seq > settled and change.seq != prev + 1:
+                return changes[:n], False
+            prev = change.seq
+        return changes, True
+
+    def _read_final(self, read: Callable[[Cursor[Any]], tuple[T, list[Change]]], since: int
+                    ) -> tuple[T, list[Change]]:
+        """``read``'s value and the final part of its changes (read after ``since``), waiting once for the
+        writers if a ``seq`` may be missing."""
+        with self._snapshot() as cur:
+            value, changes = read(cur)
+        final, whole = self._final(changes, since, self._settled)
+        if whole:
+            return value, final
+        settled = self._settle()
+        with self._snapshot() as cur:
+            value, changes = read(cur)
+        return value, self._final(changes, since, settled)[0]
+
+    @staticmethod
+    def _changes(cur: Cursor[Any], since: int, limit: int) -> list[Change]:
+        rows = cur.execute(f"SELECT {CHANGE_COLS} FROM changes WHERE seq > %s ORDER BY seq LIMIT %s",
+                           (since, limit)).fetchall()
+        return [Change(*r) for r in rows]
+
+    @staticmethod
+    def _end(cur: Cursor[Any], start: int) -> int:
+        row = cur.execute("SELECT max(seq) FROM changes").fetchone()
+        return max(start, int(row[0]) if row and row[0] is not None else 0)
+
+    def changes(self, since: int = 0, limit: int = 100) -> list[Change]:
+        return self._read_final(lambda cur: (None, self._changes(cur, since, limit)), since)[1]
+
+    def changes_after(self, position: LogPosition, limit: int = 100) -> LogRead:
+        def read(cur: Cursor[Any]) -> tuple[tuple[str, int, bool], list[Change]]:
+            epoch, start = self._meta(cur)
+            if position.epoch != epoch or position.seq > self._end(cur, start):
+                return (epoch, start, True), []
+            return (epoch, start, False), self._changes(cur, position.seq, limit)
+
+        (epoch, start, reset), found = self._read_final(read, position.seq)
+        if reset:
+            return LogRead((), LogPosition(epoch, start), reset=True)
+        return LogRead(tuple(found), LogPosition(epoch, found[-1].seq) if found else position)
+
+    def log_start(self) -> LogPosition:
+        with self._cursor() as cur:
+            return LogPosition(*self._meta(cur))
+
+    def log_end(self) -> LogPosition:
+        """The newest ``seq`` below which no entry can still appear (a consumer starting there misses none)."""
+        settled = self._settled
+        with self._snapshot() as cur:
+            epoch, start = self._meta(cur)
+            row = cur.execute("SELECT count(*), max(seq) FROM changes WHERE seq > %s", (settled,)).fetchone()
+            count, newest = (int(row[0]), row[1]) if row else (0, None)
+            if newest is None or count == newest - settled:  # none missing above the settled seq
+                self._settled = max(self._settled, newest or 0)
+                return LogPosition(epoch, self._end(cur, start))
+        settled = self._settle()
+        with self._snapshot() as cur:
+            epoch, start = self._meta(cur)
+            row = cur.execute("SELECT max(seq) FROM changes WHERE seq <= %s", (settled,)).fetchone()
+            return LogPosition(epoch, max(start, int(row[0]) if row and row[0] is not None else 0))
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def current(self, sop_uid: str) -> InstanceRecord | None:
+        with self._cursor() as cur:
+            row = cur.execute(f"SELECT {INSTANCE_COLS} FROM instances i WHERE i.sop_uid = %s", (sop_uid,)).fetchone()
+        return InstanceRecord(*row) if row else None
+
+    @contextlib.contextmanager
+    def _select(self, level: QueryLevel, conditions: Sequence[Condition], columns: str, limit: int | None,
+                offset: int) -> Iterator[tuple[Iterator[Sequence[Any]], list[Condition]]]:
+        """Rows of ``columns`` for the SQL part of ``conditions``, in the level's order, and the conditions left
+        for Python. Without those the SQL pages; with them the rows are read a batch at a time (a server-side
+        cursor), so that a caller can stop after ``offset + limit`` matches."""
+        compiled = compile_conditions(level, conditions, POSTGRESQL)
+        where = " AND ".join(compiled.where) or POSTGRESQL.true
+        params = list(compiled.params)
+        query = f"SELECT {columns} FROM {FROM[level]} WHERE {where} ORDER BY {_ORDER[level]}"
+        if not compiled.residual:
+            if limit is not None:
+                query += " LIMIT %s OFFSET %s"
+                params += [limit, offset]
+            with self._cursor() as cur:
+                rows = cur.execute(query, params).fetchall()
+            yield iter(rows), []
+            return
+        try:
+            with self._pool.connection() as conn, conn.transaction(), \
+                    conn.cursor(name=f"bastion_find_{threading.get_ident()}") as cur:
+                cur.itersize = _FETCH
+                cur.execute(query, params)
+                yield iter(cur), compiled.residual
+        except psycopg.Error as exc:
+            raise IndexFailure(f"PostgreSQL index at {self._where.where}: {one_line(exc)}") from exc
+
+    def find(self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None,
+             offset: int = 0) -> list[JsonDataset]:
+        with self._select(level, conditions, FIND_COLUMNS[level], limit, offset) as (rows, residual):
+            if not residual:
+                return [dataset_of(level, tuple(row)) for row in rows]
+            wanted = None if limit is None else offset + limit
+            found = [ds for _, ds in _matching(level, rows, residual, wanted)]
+        return found if wanted is None else found[offset:wanted]
+
+    def instances(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRecord]:
+        columns = "p.attrs, s.attrs, se.attrs, i.attrs, i.transfer_syntax, i.series_uid, " + INSTANCE_COLS
+        with self._select(QueryLevel.IMAGE, conditions, columns, None, 0) as (rows, residual):
+            if residual:
+                rows = (row for row, _ in _matching(QueryLevel.IMAGE, rows, residual, None))
+            return [InstanceRecord(*row[6:14]) for row in rows]
+
+    def last_stamp(self) -> str | None:
+        # The newest "stored" change: its stamp is the newest, give or take the milliseconds between taking a
+        # stamp and committing on another node (recovery starts an hour before it anyway).
+        with self._cursor() as cur:
+            for (key,) in cur.execute("SELECT blob_key FROM changes WHERE kind = 'stored' ORDER BY seq DESC LIMIT 1"):
+                parts = parse_object_key(key)
+                if parts is not None:
+                    return parts["stamp"]
+            row = cur.execute("SELECT greatest((SELECT max(stamp) FROM instances), "
+                              "(SELECT max(stamp) FROM versions))").fetchone()  # no change log: scan
+        return row[0] if row and row[0] else None
+
+    def has_blob(self, blob_key: str) -> bool:
+        parts = parse_object_key(blob_key)
+        with self._cursor() as cur:
+            if parts is not None:  # the key names its SOP Instance UID: a primary-key lookup
+                current = cur.execute("SELECT 1 FROM instances WHERE sop_uid = %s AND blob_key = %s",
+                                      (parts["sop"], blob_key)).fetchone()
+            else:
+                current = cur.execute("SELECT 1 FROM instances WHERE blob_key = %s", (blob_key,)).fetchone()
+            return bool(current or cur.execute("SELECT 1 FROM versions WHERE blob_key = %s", (blob_key,)).fetchone())
+
+    def versions(self) -> Iterator[Version]:
+        """Every version, read a batch at a time on a connection held until the iteration ends."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                for table, current in (("instances", True), ("versions", False)):
+                    with conn.cursor(name=f"bastion_versions_{table}") as cur:
+                        cur.itersize = _FETCH
+                        cur.execute(f"SELECT blob_key, digest, size FROM {table}")
+                        for key, digest, size in cur:
+                            yield Version(key, digest, int(size), current)
+        except psycopg.Error as exc:
+            raise IndexFailure(f"PostgreSQL index at {self._where.where}: {one_line(exc)}") from exc
+
+    def statistics(self) -> Statistics:
+        cutoff = (datetime.now(UTC) - timedelta(minutes=1)).isoformat(timespec="milliseconds")
+        with self._snapshot() as cur:
+            row = cur.execute(
+                "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies), "
+                "(SELECT count(*) FROM series), (SELECT count(*) FROM instances), (SELECT count(*) FROM versions), "
+                "(SELECT coalesce(sum(size), 0) FROM instances) + (SELECT coalesce(sum(size), 0) FROM versions), "
+                "(SELECT count(*) FROM changes WHERE at >= %s AND kind = 'stored')", (cutoff,)).fetchone()
+            assert row is not None
+            last = self._end(cur, self._meta(cur)[1])
+        return Statistics(patients=int(row[0]), studies=int(row[1]), series=int(row[2]), instances=int(row[3]),
+                          versions=int(row[4]), stored_bytes=int(row[5]), last_change=last,
+                          stored_last_minute=int(row[6]))
+
+    def close(self) -> None:
+        self.closed = True
+        self._pool.close()
