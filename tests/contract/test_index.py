@@ -1,8 +1,9 @@
 """The Index contract, run against every backend: SQLite on a file (its common record in C where ``_crecord`` is
-built, and all in Python) and SQLite ``:memory:``."""
+built, and all in Python), SQLite ``:memory:`` and PostgreSQL (a schema of its own in the test database)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import sqlite3
@@ -15,6 +16,7 @@ from typing import Any
 import pydicom
 import pytest
 from conftest import make_study
+from pgtest import pg_url
 
 from bastion.blobs.memory import MemoryBlobStore
 from bastion.index import Change, Index, LogPosition, log_floor, open_index
@@ -32,14 +34,19 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 _stamp = iter(range(1_700_000_000_000_000_000, 1_800_000_000_000_000_000, 1_000))
 
 
-@pytest.fixture(params=["file", "file-python", "memory"])
+@pytest.fixture(params=["file", "file-python", "memory", "postgresql"])
 def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
-    idx = open_index(str(tmp_path / "index.sqlite3") if request.param != "memory" else ":memory:")
-    if request.param == "file-python" and idx._recorder is not None:  # type: ignore[attr-defined]
-        idx._recorder.close()  # type: ignore[attr-defined]
-        idx._recorder = None  # type: ignore[attr-defined]
-    yield idx
-    idx.close()
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgresql":
+            location = stack.enter_context(pg_url())
+        else:
+            location = str(tmp_path / "index.sqlite3") if request.param != "memory" else ":memory:"
+        idx = open_index(location)
+        if request.param == "file-python" and idx._recorder is not None:  # type: ignore[attr-defined]
+            idx._recorder.close()  # type: ignore[attr-defined]
+            idx._recorder = None  # type: ignore[attr-defined]
+        yield idx
+        idx.close()
 
 
 def _el(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
