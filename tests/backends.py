@@ -32,7 +32,7 @@ POSTGRESQL = os.environ.get("BASTION_TEST_POSTGRESQL", "postgresql://postgres@12
 embedded_only = pytest.mark.skipif(REMOTE, reason="inspects the embedded index's or blob directory's files")
 
 _lock = threading.Lock()
-_seaweed: list[Any] = []  # [context manager, Seaweed] once the first remote server starts
+_seaweed: list[Any] = []  # [the session's Seaweed (s3test.acquire)] once the first remote archive opens
 _schemas: set[str] = set()
 
 
@@ -48,22 +48,21 @@ def locations(data: Path) -> dict[str, str]:
 def remote_locations(data: Path) -> dict[str, str]:
     """PostgreSQL and S3 locations for the archive whose data directory is ``data``, whatever the leg (for the
     tests of several nodes, which need them on either)."""
-    from s3test import seaweedfs
+    import s3test
 
     name = _name(data)
     with _lock:
         if not _seaweed:
-            cm = seaweedfs()
-            _seaweed[:] = [cm, cm.__enter__()]
-            os.environ.setdefault("AWS_ACCESS_KEY_ID", _seaweed[1].access_key)
-            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", _seaweed[1].secret_key)
+            _seaweed.append(s3test.acquire())
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", _seaweed[0].access_key)
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", _seaweed[0].secret_key)
         if name not in _schemas:
             import psycopg
 
             with psycopg.connect(POSTGRESQL, autocommit=True) as conn:
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{name}"')
             _schemas.add(name)
-        seaweed = _seaweed[1]
+        seaweed = _seaweed[0]
     separator = "&" if "?" in POSTGRESQL else "?"
     return {"index": f"{POSTGRESQL}{separator}bastion_schema={name}", "blobs": seaweed.location(prefix=name)}
 
@@ -92,5 +91,7 @@ def tear_down() -> None:
                     conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
             _schemas.clear()
         if _seaweed:
-            _seaweed[0].__exit__(None, None, None)
+            import s3test
+
+            s3test.release()
             _seaweed.clear()

@@ -189,22 +189,33 @@ _shared_lock = threading.Lock()
 _shared: list[Any] = []  # [context manager, Seaweed, users]
 
 
-@pytest.fixture(scope="session")
-def seaweed() -> Iterator[Seaweed]:
-    """One SeaweedFS for the test session, whichever test modules import this fixture (each import is a fixture
-    of its own to pytest: they share the server, which stops when the last of them is torn down)."""
+def acquire() -> Seaweed:
+    """The session's SeaweedFS, started by the first user; each :func:`acquire` is paired with a :func:`release`."""
     with _shared_lock:
         if not _shared:
             cm = seaweedfs()
             _shared[:] = [cm, cm.__enter__(), 0]
         _shared[2] += 1
         server: Seaweed = _shared[1]
+    return server
+
+
+def release() -> None:
+    """One user of :func:`acquire` is done; the last one stops the server."""
+    with _shared_lock:
+        _shared[2] -= 1
+        if _shared[2] == 0:
+            cm = _shared[0]
+            _shared.clear()
+            cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Seaweed]:
+    """One SeaweedFS for the test session, whichever test modules import this fixture (each import is a fixture
+    of its own to pytest: they share the server with each other and with :mod:`backends`)."""
+    server = acquire()
     try:
         yield server
     finally:
-        with _shared_lock:
-            _shared[2] -= 1
-            if _shared[2] == 0:
-                cm = _shared[0]
-                _shared.clear()
-                cm.__exit__(None, None, None)
+        release()
