@@ -19,17 +19,16 @@ pytestmark = pytest.mark.timeout(20)
 
 
 @pytest.fixture(params=["file", "file-python-write", "memory", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BlobStore]:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     """Each backend; the file store also with its Python file write (where the C one, ``_cwrite``, is absent);
     the S3 store on a fresh prefix of a real SeaweedFS (:mod:`s3test`)."""
-    if request.param == "file-python-write":
-        from bastion.blobs import filesystem
-        monkeypatch.setattr(filesystem, "CWRITE", None)
     s: BlobStore
     if request.param == "s3":
         s = request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path))
+    elif request.param == "memory":
+        s = MemoryBlobStore()
     else:
-        s = MemoryBlobStore() if request.param == "memory" else FileBlobStore(str(tmp_path / "blobs"))
+        s = FileBlobStore(str(tmp_path / "blobs"), **({"cwrite": None} if request.param == "file-python-write" else {}))
     yield s
     s.close()
 
@@ -200,7 +199,7 @@ def test_file_store_falls_back_to_the_page_cache_where_direct_io_is_refused(
     import errno
     import fcntl as real_fcntl
 
-    from bastion.blobs import fileio, filesystem
+    from bastion.blobs import fileio
 
     refused: list[int] = []
     original = real_fcntl.fcntl
@@ -212,8 +211,7 @@ def test_file_store_falls_back_to_the_page_cache_where_direct_io_is_refused(
         return original(fd, cmd, arg)
 
     monkeypatch.setattr(fileio.fcntl, "fcntl", fcntl)
-    monkeypatch.setattr(filesystem, "CWRITE", None)  # the Python write (tests/unit/test_cwrite.py: the C one)
-    store = FileBlobStore(str(tmp_path / "blobs"))
+    store = FileBlobStore(str(tmp_path / "blobs"), cwrite=None)  # the Python write (tests/unit/test_cwrite.py: C)
     try:
         data = os.urandom(600_001)
         store.put("fallback/obj.dcm", data)
@@ -221,3 +219,17 @@ def test_file_store_falls_back_to_the_page_cache_where_direct_io_is_refused(
         assert store.get("fallback/obj.dcm") == data and store.size("fallback/obj.dcm") == len(data)
     finally:
         store.close()
+
+
+def test_an_opened_object_reads_as_a_dicom_file(store: BlobStore) -> None:
+    """What ``open`` returns is a file object that pydicom reads (it asks for ``name``, seeks and reads)."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    data = Path(path).read_bytes()
+    store.put("d/ct.dcm", data)
+    with store.open("d/ct.dcm") as fh:
+        ds = dcmread(fh, stop_before_pixels=True)
+        assert ds.SOPInstanceUID == dcmread(path).SOPInstanceUID

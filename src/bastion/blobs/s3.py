@@ -387,7 +387,7 @@ class S3BlobStore(BlobStore):
                         size = answer["ContentLength"]
                         head = body.read(min(size, READ_AHEAD))
         raw = RangedObject(size, head, lambda start, view: self._fetch_into(key, full, start, view),
-                           lambda start, end: self._fetch(key, full, start, end))
+                           lambda start, end: self._fetch(key, full, start, end), f"s3://{self.bucket}/{full}")
         return cast(BinaryIO, io.BufferedReader(raw, buffer_size=READ_AHEAD))
 
     def _fetch_into(self, key: str, full: str, start: int, view: memoryview) -> int:

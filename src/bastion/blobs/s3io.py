@@ -85,8 +85,10 @@ class RangedObject(_Seekable):
     """
 
     def __init__(self, size: int, head: bytes, fetch_into: Callable[[int, memoryview], int],
-                 fetch: Callable[[int, int], bytes]) -> None:
+                 fetch: Callable[[int, int], bytes], name: str = "") -> None:
         super().__init__()
+        #: What the object is called (its ``s3://`` location): file readers such as pydicom's ask for a name.
+        self.name = name
         self._length = size
         self._head = head
         self._fetch_into = fetch_into
