@@ -111,7 +111,7 @@ def connect(location: Location) -> psycopg.Connection[Any]:
     try:
         conn = psycopg.connect(location.conninfo, **connect_kwargs(location.conninfo))
     except psycopg.Error as exc:
-        raise IndexFailure(f"PostgreSQL index at {location.where} unreachable: {one_line(exc)}") from exc
+        raise IndexFailure(f"PostgreSQL index at {location.where}: cannot connect: {one_line(exc)}") from exc
     try:
         set_search_path(conn, location.schema)
     except psycopg.Error as exc:

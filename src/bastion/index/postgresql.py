@@ -71,6 +71,8 @@ POOL_MIN, POOL_MAX = 1, 8
 POOL_TIMEOUT_S = 10.0
 #: Rows read at a time by a search whose conditions are partly matched in Python (it stops once a page is full).
 _FETCH = 500
+#: A read-only transaction whose statements all see one snapshot (:meth:`PostgresIndex._read`).
+SNAPSHOT = "REPEATABLE READ, READ ONLY"
 _RETRIED = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
 
 #: The order of each level's results: :data:`bastion.index.levels_sql.ORDER` (SQLite's ``NOCASE`` is ``lower()``
@@ -85,6 +87,21 @@ def log_floor(location: str) -> int:
     """:func:`bastion.index.base.log_floor` for a PostgreSQL index: the highest ``seq`` its log handed out (0 if
     the database holds no index yet), read without changing it."""
     return read_log_floor(parse_location(location))
+
+
+def rebuild_in_place(location: str, build: Callable[[Index], T]) -> T:
+    """``bastion index rebuild`` for a PostgreSQL index (what :func:`bastion.index.sqlite_files.rebuild_into` is
+    for a SQLite file): the index at ``location`` is emptied (:meth:`PostgresIndex.clear`, a new log after every
+    ``seq`` handed out) and given to ``build`` to fill; ``build``'s result.
+
+    Not atomic: searches see the index empty, then filling, until ``build`` returns, and a failed build leaves
+    it partly filled (run it again). No node may record into it meanwhile."""
+    index = PostgresIndex(location)
+    try:
+        index.clear()
+        return build(index)
+    finally:
+        index.close()
 
 
 def _matching(level: QueryLevel, rows: Iterator[Sequence[Any]], residual: Sequence[Condition],
@@ -130,45 +147,63 @@ class PostgresIndex(Index):
         self._settle()
 
     # -- connections and transactions --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _cursor(self) -> Iterator[Cursor[Any]]:
-        """A cursor of a pooled connection (autocommit: each statement its own snapshot); a database error is an
-        IndexFailure."""
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                yield cur
-        except psycopg.Error as exc:
-            raise IndexFailure(f"PostgreSQL index at {self._where.where}: {one_line(exc)}") from exc
+    def _failure(self, exc: psycopg.Error, what: str = "") -> IndexFailure:
+        return IndexFailure(f"PostgreSQL index at {self._where.where}{what}: {one_line(exc)}")
 
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[Cursor[Any]]:
-        """A cursor in a read-only transaction whose statements all see one snapshot."""
-        with self._cursor() as cur, cur.connection.transaction():
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield cur
+    def _lost(self, conn: Connection[Any] | None, exc: psycopg.Error) -> bool:
+        """True if ``exc`` came from a connection that is gone (the server restarted or failed over): the pool's
+        other idle connections are checked, and replaced where they are gone too."""
+        if conn is None or not conn.broken or not isinstance(exc, psycopg.OperationalError):
+            return False
+        self._pool.check()
+        return True
+
+    def _read(self, fn: Callable[[Cursor[Any]], T], isolation: str | None = None) -> T:
+        """``fn`` run with a cursor of a pooled connection: each statement on its own, or in one transaction of
+        ``isolation`` (:data:`SNAPSHOT`: all statements see one snapshot). On a connection found gone it runs once
+        more on another; a database error is an IndexFailure."""
+        for attempt in range(2):
+            conn = None
+            try:
+                with self._pool.connection() as conn, conn.cursor() as cur:
+                    if isolation is None:
+                        return fn(cur)
+                    with conn.transaction():
+                        cur.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+                        return fn(cur)
+            except psycopg.Error as exc:
+                if attempt or not self._lost(conn, exc):
+                    raise self._failure(exc) from exc
+        raise AssertionError("unreachable")
 
     def _write(self, fn: Callable[[pg_record.Tx], T]) -> tuple[T, pg_record.Tx]:
         """Run ``fn`` in one transaction, its change-log entries inserted last: its value, and the transaction
         (committed) with their ``seq``. The transaction is rolled back whole and run again after a deadlock, a
-        conflict with another writer or a study lock out of order (then taken first)."""
+        conflict with another writer, a study lock out of order (then taken first) or a connection found gone
+        before the commit (one lost during the commit is an IndexFailure: the commit may have happened)."""
         first: frozenset[str] = frozenset()
         for attempt in range(ATTEMPTS):
+            last = attempt == ATTEMPTS - 1
+            conn, committing = None, False
             try:
-                with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                    tx = pg_record.Tx(cur, self._where.schema, first)
-                    value = fn(tx)
-                    tx.flush()
-                return value, tx
+                with self._pool.connection() as conn:
+                    with conn.transaction(), conn.cursor() as cur:
+                        tx = pg_record.Tx(cur, self._where.schema, first)
+                        value = fn(tx)
+                        tx.flush()
+                        committing = True
+                    return value, tx
             except pg_record.LockOrder as exc:
                 first = first.union(exc.studies)
-                if attempt == ATTEMPTS - 1:
+                if last:
                     raise IndexFailure(f"index write failed after {ATTEMPTS} attempts: {exc}") from exc
             except _RETRIED as exc:
-                if attempt == ATTEMPTS - 1:
-                    raise IndexFailure(f"index write failed after {ATTEMPTS} attempts: {one_line(exc)}") from exc
+                if last:
+                    raise self._failure(exc, f": write failed after {ATTEMPTS} attempts") from exc
                 time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # let the other writer finish
             except psycopg.Error as exc:
-                raise IndexFailure(f"index write failed ({self._where.where}): {one_line(exc)}") from exc
+                if last or committing or not self._lost(conn, exc):
+                    raise self._failure(exc, ": write failed") from exc
         raise AssertionError("unreachable")
 
     # -- recording ----------------------------------------------------------------------------------------------
@@ -228,8 +263,7 @@ class PostgresIndex(Index):
 
     def _settle(self) -> int:
         """Wait for the transactions holding a ``seq`` to end: every ``seq`` up to the value returned is final."""
-        with self._cursor() as cur, cur.connection.transaction():
-            settled = pg_record.settle(cur, self._where.schema)
+        settled = self._read(lambda cur: pg_record.settle(cur, self._where.schema), "READ COMMITTED")
         self._settled = max(self._settled, settled)
         return settled
 
@@ -247,14 +281,12 @@ class PostgresIndex(Index):
                     ) -> tuple[T, list[Change]]:
         """``read``'s value and the final part of its changes (read after ``since``), waiting once for the
         writers if a ``seq`` may be missing."""
-        with self._snapshot() as cur:
-            value, changes = read(cur)
+        value, changes = self._read(read, SNAPSHOT)
         final, whole = self._final(changes, since, self._settled)
         if whole:
             return value, final
         settled = self._settle()
-        with self._snapshot() as cur:
-            value, changes = read(cur)
+        value, changes = self._read(read, SNAPSHOT)
         return value, self._final(changes, since, settled)[0]
 
     @staticmethod
@@ -284,29 +316,35 @@ class PostgresIndex(Index):
         return LogRead(tuple(found), LogPosition(epoch, found[-1].seq) if found else position)
 
     def log_start(self) -> LogPosition:
-        with self._cursor() as cur:
-            return LogPosition(*self._meta(cur))
+        return LogPosition(*self._read(self._meta))
+
+    @staticmethod
+    def _final_end(cur: Cursor[Any], settled: int) -> tuple[LogPosition, bool]:
+        """The log's epoch and its newest ``seq`` if every ``seq`` above ``settled`` is there (True: all
+        committed), else its newest up to ``settled`` (False)."""
+        epoch, start = PostgresIndex._meta(cur)
+        row = cur.execute("SELECT (SELECT count(*) FROM changes WHERE seq > %s), "
+                          "(SELECT max(seq) FROM changes WHERE seq <= %s), (SELECT max(seq) FROM changes)",
+                          (settled, settled)).fetchone()
+        above, below, newest = row if row else (0, None, None)
+        if newest is None or newest <= settled or above == newest - settled:
+            return LogPosition(epoch, max(start, newest or 0)), True
+        return LogPosition(epoch, max(start, below or 0)), False
 
     def log_end(self) -> LogPosition:
-        """The newest ``seq`` below which no entry can still appear (a consumer starting there misses none)."""
+        """The newest ``seq`` up to which no entry can still appear (a consumer starting there misses none)."""
         settled = self._settled
-        with self._snapshot() as cur:
-            epoch, start = self._meta(cur)
-            row = cur.execute("SELECT count(*), max(seq) FROM changes WHERE seq > %s", (settled,)).fetchone()
-            count, newest = (int(row[0]), row[1]) if row else (0, None)
-            if newest is None or count == newest - settled:  # none missing above the settled seq
-                self._settled = max(self._settled, newest or 0)
-                return LogPosition(epoch, self._end(cur, start))
-        settled = self._settle()
-        with self._snapshot() as cur:
-            epoch, start = self._meta(cur)
-            row = cur.execute("SELECT max(seq) FROM changes WHERE seq <= %s", (settled,)).fetchone()
-            return LogPosition(epoch, max(start, int(row[0]) if row and row[0] is not None else 0))
+        end, whole = self._read(lambda cur: self._final_end(cur, settled), SNAPSHOT)
+        if not whole:
+            settled = self._settle()
+            end, _ = self._read(lambda cur: self._final_end(cur, settled), SNAPSHOT)
+        self._settled = max(self._settled, end.seq)
+        return end
 
     # -- reading ------------------------------------------------------------------------------------------------
     def current(self, sop_uid: str) -> InstanceRecord | None:
-        with self._cursor() as cur:
-            row = cur.execute(f"SELECT {INSTANCE_COLS} FROM instances i WHERE i.sop_uid = %s", (sop_uid,)).fetchone()
+        row = self._read(lambda cur: cur.execute(f"SELECT {INSTANCE_COLS} FROM instances i WHERE i.sop_uid = %s",
+                                                 (sop_uid,)).fetchone())
         return InstanceRecord(*row) if row else None
 
     @contextlib.contextmanager
@@ -323,9 +361,7 @@ class PostgresIndex(Index):
             if limit is not None:
                 query += " LIMIT %s OFFSET %s"
                 params += [limit, offset]
-            with self._cursor() as cur:
-                rows = cur.execute(query, params).fetchall()
-            yield iter(rows), []
+            yield iter(self._read(lambda cur: cur.execute(query, params).fetchall())), []
             return
         try:
             with self._pool.connection() as conn, conn.transaction(), \
@@ -334,7 +370,7 @@ class PostgresIndex(Index):
                 cur.execute(query, params)
                 yield iter(cur), compiled.residual
         except psycopg.Error as exc:
-            raise IndexFailure(f"PostgreSQL index at {self._where.where}: {one_line(exc)}") from exc
+            raise self._failure(exc) from exc
 
     def find(self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None,
              offset: int = 0) -> list[JsonDataset]:
@@ -355,24 +391,29 @@ class PostgresIndex(Index):
     def last_stamp(self) -> str | None:
         # The newest "stored" change: its stamp is the newest, give or take the milliseconds between taking a
         # stamp and committing on another node (recovery starts an hour before it anyway).
-        with self._cursor() as cur:
+        def read(cur: Cursor[Any]) -> str | None:
             for (key,) in cur.execute("SELECT blob_key FROM changes WHERE kind = 'stored' ORDER BY seq DESC LIMIT 1"):
                 parts = parse_object_key(key)
                 if parts is not None:
                     return parts["stamp"]
             row = cur.execute("SELECT greatest((SELECT max(stamp) FROM instances), "
                               "(SELECT max(stamp) FROM versions))").fetchone()  # no change log: scan
-        return row[0] if row and row[0] else None
+            return row[0] if row and row[0] else None
+
+        return self._read(read)
 
     def has_blob(self, blob_key: str) -> bool:
         parts = parse_object_key(blob_key)
-        with self._cursor() as cur:
+
+        def read(cur: Cursor[Any]) -> bool:
             if parts is not None:  # the key names its SOP Instance UID: a primary-key lookup
                 current = cur.execute("SELECT 1 FROM instances WHERE sop_uid = %s AND blob_key = %s",
                                       (parts["sop"], blob_key)).fetchone()
             else:
                 current = cur.execute("SELECT 1 FROM instances WHERE blob_key = %s", (blob_key,)).fetchone()
             return bool(current or cur.execute("SELECT 1 FROM versions WHERE blob_key = %s", (blob_key,)).fetchone())
+
+        return self._read(read)
 
     def versions(self) -> Iterator[Version]:
         """Every version, read a batch at a time on a connection held until the iteration ends."""
@@ -385,18 +426,21 @@ class PostgresIndex(Index):
                         for key, digest, size in cur:
                             yield Version(key, digest, int(size), current)
         except psycopg.Error as exc:
-            raise IndexFailure(f"PostgreSQL index at {self._where.where}: {one_line(exc)}") from exc
+            raise self._failure(exc) from exc
 
     def statistics(self) -> Statistics:
         cutoff = (datetime.now(UTC) - timedelta(minutes=1)).isoformat(timespec="milliseconds")
-        with self._snapshot() as cur:
+        def read(cur: Cursor[Any]) -> tuple[Any, ...]:
             row = cur.execute(
                 "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies), "
                 "(SELECT count(*) FROM series), (SELECT count(*) FROM instances), (SELECT count(*) FROM versions), "
                 "(SELECT coalesce(sum(size), 0) FROM instances) + (SELECT coalesce(sum(size), 0) FROM versions), "
                 "(SELECT count(*) FROM changes WHERE at >= %s AND kind = 'stored')", (cutoff,)).fetchone()
             assert row is not None
-            last = self._end(cur, self._meta(cur)[1])
+            return (*row, self._end(cur, self._meta(cur)[1]))
+
+        row = self._read(read, SNAPSHOT)
+        last = row[7]
         return Statistics(patients=int(row[0]), studies=int(row[1]), series=int(row[2]), instances=int(row[3]),
                           versions=int(row[4]), stored_bytes=int(row[5]), last_change=last,
                           stored_last_minute=int(row[6]))
