@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import socket
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -13,13 +14,16 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pydicom
 import pytest
 from conftest import make_study
-from pgtest import pg_url
+from pgtest import POSTGRESQL, admin, pg_url, with_schema
 
 from bastion.blobs.memory import MemoryBlobStore
+from bastion.errors import IndexFailure
 from bastion.index import Change, Index, LogPosition, log_floor, open_index
+from bastion.index.postgresql import rebuild_in_place
 from bastion.ingest.pipeline import Ingest
 from bastion.ingest.rebuild import rebuild
 from bastion.model.attributes import tag_hex, tag_of, vr_of
@@ -586,3 +590,110 @@ def test_a_new_index_beside_the_mark_of_a_lost_one_goes_on_after_it(tmp_path: Pa
         assert again is not None and seq is not None and again > seq
     finally:
         idx.close()
+
+
+# -- PostgreSQL: its location, its schema's migrations, its rebuild -----------------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens on it once the socket is closed
+
+
+def test_an_unreachable_postgresql_is_one_line_naming_the_server() -> None:
+    port = _closed_port()
+    with pytest.raises(IndexFailure) as failed:
+        open_index(f"postgresql://postgres@127.0.0.1:{port}/archive?bastion_schema=bastion")
+    message = str(failed.value)
+    assert "\n" not in message and f"127.0.0.1:{port}/archive" in message and "refused" in message, message
+
+
+def test_a_missing_postgresql_database_is_one_line_naming_it() -> None:
+    with pg_url():  # the server is there (else skipped)
+        pass
+    with pytest.raises(IndexFailure) as failed:
+        open_index(POSTGRESQL.rsplit("/", 1)[0] + "/no_such_database")
+    message = str(failed.value)
+    assert "\n" not in message and "/no_such_database" in message and "does not exist" in message, message
+
+
+def test_a_multi_host_url_reaches_libpq_as_it_is() -> None:
+    """libpq tries the hosts in turn: the first refuses, the second (the test server) is taken."""
+    with pg_url() as url:
+        schema = url.rpartition("bastion_schema=")[2]
+        host = POSTGRESQL.split("@", 1)[1].split("/", 1)[0]
+        user = POSTGRESQL.split("://", 1)[1].split("@", 1)[0]
+        multi = f"postgresql://{user}@127.0.0.1:{_closed_port()},{host}/{POSTGRESQL.rsplit('/', 1)[1]}"
+        idx = open_index(with_schema(multi + "?target_session_attrs=read-write&connect_timeout=5", schema))
+        try:
+            _, seq = idx.record(obj("1.2.3.1.1"))
+            assert seq is not None and log_floor(idx.location) == seq
+        finally:
+            idx.close()
+
+
+def test_a_postgresql_schema_newer_than_the_code_is_refused() -> None:
+    with pg_url() as url:
+        open_index(url).close()
+        schema = url.rpartition("bastion_schema=")[2]
+        with psycopg.connect(url.partition("?")[0], autocommit=True) as conn:
+            conn.execute(f'INSERT INTO "{schema}"._yoyo_migration VALUES (%s, %s, now())',
+                         ("0" * 64, "9999_from_the_future"))
+        with pytest.raises(IndexFailure, match="9999_from_the_future.*newer Bastion"):
+            open_index(url)
+
+
+def test_a_postgresql_log_floor_reads_the_sequence_without_an_index() -> None:
+    with pg_url() as url:
+        assert log_floor(url) == 0  # no index made in the schema yet, and none made by asking
+        idx = open_index(url)
+        try:
+            assert log_floor(url) == 0
+            seqs = [idx.record(obj(f"1.2.3.1.{i}"))[1] for i in range(3)]
+            assert log_floor(url) == seqs[-1]
+            idx.start_log_after(100)
+            assert log_floor(url) == 100
+        finally:
+            idx.close()
+
+
+def test_a_postgresql_index_rebuilt_in_place_goes_on_after_its_old_log(tmp_path: Path) -> None:
+    with pg_url() as url:
+        index = open_index(url)
+        try:
+            blobs, data = _blob_store_with_study(tmp_path, index, 4)
+            consumer = Consumer(index.log_start())
+            before = consumer.follow(index)
+        finally:
+            index.close()
+        after = log_floor(url)
+        report = rebuild_in_place(url, lambda new: rebuild(blobs, new, after=after))
+        assert report.indexed == 4 and not report.skipped
+        index = open_index(url)
+        try:
+            again = consumer.follow(index)
+            assert consumer.resets == 1 and len(again) == 4 and again[0].seq > before[-1].seq
+            assert len(index.instances(QueryLevel.STUDY, [])) == 4
+        finally:
+            index.close()
+
+
+def test_postgresql_connections_lost_with_the_server_are_replaced() -> None:
+    """The server ends every connection of the index's pool (a restart, a fail-over): the next search and the
+    next record find theirs gone and go on with new ones."""
+    with pg_url() as url:
+        idx = open_index(url)
+        try:
+            idx.record(obj("1.2.3.1.1"))
+            with contextlib.ExitStack() as held:  # three connections in the pool, all idle after
+                pool = idx._pool  # type: ignore[attr-defined]
+                pids = {held.enter_context(pool.connection()).execute("SELECT pg_backend_pid()").fetchone()[0]
+                        for _ in range(3)}
+            with admin() as conn:
+                for pid in pids:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert idx.current("1.2.3.1.1") is not None
+            assert idx.record(obj("1.2.3.1.2"))[0] is StoreStatus.STORED
+            assert idx.statistics().instances == 2
+        finally:
+            idx.close()

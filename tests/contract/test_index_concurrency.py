@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from pgtest import pg_url
+from pgtest import admin, pg_url
 from test_index import CT, MR, Consumer, _values, cond, obj
 
 from bastion.index import Index, open_index
@@ -55,6 +55,29 @@ def _in_threads(count: int, work: Callable[[int], None]) -> None:
     for t in threads:
         t.join(100)
     assert not errors, errors
+
+
+def test_nodes_opening_a_new_index_at_once_make_its_schema_once(location: str) -> None:
+    """The first node makes the schema and applies the migrations under their lock; the others wait for it and
+    find the schema made."""
+    from bastion.index.pg_schema import known_migrations
+
+    fresh = location + "_new"  # a schema that no one has made yet
+    schema = fresh.rpartition("bastion_schema=")[2]
+    opened: list[Index] = []
+    try:
+        _in_threads(WRITERS, lambda n: opened.append(open_index(fresh)))
+        assert len(opened) == WRITERS
+        _, seq = opened[0].record(obj("1.2.3.1.1"))
+        assert all(idx.log_end().seq == seq and idx.statistics().instances == 1 for idx in opened)
+        with admin() as conn:
+            applied = conn.execute(f'SELECT migration_id FROM "{schema}"._yoyo_migration').fetchall()
+        assert sorted(r[0] for r in applied) == sorted(known_migrations())
+    finally:
+        for idx in opened:
+            idx.close()
+        with admin() as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def test_writers_on_several_nodes_make_one_row_per_entity_and_exact_counts(location: str) -> None:
