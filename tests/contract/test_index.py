@@ -3,6 +3,7 @@ built, and all in Python), SQLite ``:memory:`` and PostgreSQL (a schema of its o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -695,5 +696,42 @@ def test_postgresql_connections_lost_with_the_server_are_replaced() -> None:
             assert idx.current("1.2.3.1.1") is not None
             assert idx.record(obj("1.2.3.1.2"))[0] is StoreStatus.STORED
             assert idx.statistics().instances == 2
+        finally:
+            idx.close()
+
+
+def test_a_postgresql_record_cancelled_while_it_runs_is_awaited_to_its_end() -> None:
+    """A C-STORE's record_async cancelled (its association went away) while the record waits for another node's
+    writer of the study: the cancellation is withheld until the record is done, and its outcome returned, since
+    CancelledError tells the caller that nothing was recorded (it then removes the blob)."""
+    study = "1.2.826.0.1.3680043.10.543.7"
+    lock = "hashtextextended(%s, 0)"
+    with pg_url() as url:
+        idx = open_index(url)
+        try:
+            with admin() as node:  # another node writing the study
+                node.execute(f"SELECT pg_advisory_lock({lock})", (study,))
+
+                def waiting() -> bool:  # the record waits for the study's lock
+                    row = node.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                       f"AND objsubid = 1 AND (classid::bigint << 32 | objid::bigint) = {lock}",
+                                       (study,)).fetchone()
+                    return bool(row and row[0])
+
+                async def cancelled_while_waiting() -> tuple[StoreStatus, int | None]:
+                    task = asyncio.create_task(idx.record_async(obj("1.2.3.1.1", series=f"{study}.1", study=study)))
+                    for _ in range(2000):
+                        if waiting():
+                            break
+                        await asyncio.sleep(0.005)
+                    task.cancel()
+                    await asyncio.sleep(0.05)
+                    assert not task.done()  # it cannot end while the lock is held
+                    node.execute(f"SELECT pg_advisory_unlock({lock})", (study,))
+                    return await task
+
+                status, seq = asyncio.run(cancelled_while_waiting())
+            assert status is StoreStatus.STORED and seq is not None
+            assert idx.current("1.2.3.1.1") is not None
         finally:
             idx.close()

@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -55,6 +56,7 @@ from bastion.index.pg_schema import (
 from bastion.index.rows import IndexRow
 from bastion.index.schema import TABLES
 from bastion.index.sqlcompile import POSTGRESQL, compile_conditions
+from bastion.index.sqlite import _outcome_of_write
 from bastion.index.sqlite_log import CHANGE_COLS
 from bastion.model.attributes import tag_hex
 from bastion.model.levels import QueryLevel
@@ -83,6 +85,8 @@ _ORDER = {
     QueryLevel.SERIES: "se.study_uid, se.series_number NULLS FIRST, se.series_uid",
     QueryLevel.IMAGE: "i.series_uid, i.instance_number NULLS FIRST, i.sop_uid",
 }
+
+
 def log_floor(location: str) -> int:
     """:func:`bastion.index.base.log_floor` for a PostgreSQL index: the highest ``seq`` its log handed out (0 if
     the database holds no index yet), read without changing it."""
@@ -141,10 +145,16 @@ class PostgresIndex(Index):
             self._where.conninfo, kwargs=connect_kwargs(self._where.conninfo), min_size=POOL_MIN,
             max_size=POOL_MAX, open=True, configure=configure, timeout=POOL_TIMEOUT_S, num_workers=2,
             name=f"bastion-index-{uuid.uuid4().hex[:8]}")
+        #: The threads that :meth:`record_async` records in.
+        self._threads = ThreadPoolExecutor(POOL_MAX, thread_name_prefix="bastion-index-record")
         #: A ``seq`` up to which the log is known to be final (it only grows; a race that stores a smaller one
         #: loses nothing but a wait).
         self._settled = 0
-        self._settle()
+        try:
+            self._settle()
+        except BaseException:
+            self.close()
+            raise
 
     # -- connections and transactions --------------------------------------------------------------------------
     def _failure(self, exc: psycopg.Error, what: str = "") -> IndexFailure:
@@ -215,6 +225,13 @@ class PostgresIndex(Index):
             durable()
         (status, slot), tx = self._write(lambda tx: pg_record.record(tx, row, same_content))
         return status, None if slot is None else tx.seqs[slot]
+
+    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None,
+                           ) -> tuple[StoreStatus, int | None]:
+        """:meth:`record` in a thread of the index, for an event loop. Cancelled before the thread has started it,
+        nothing is recorded and CancelledError is raised; once started, its outcome is awaited and returned (or
+        raised) whatever the cancellation: CancelledError always means that nothing was recorded."""
+        return await _outcome_of_write(self._threads.submit(self.record, obj, None, same_content))
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         """Record ``objs`` in order, in one transaction."""
@@ -447,4 +464,5 @@ class PostgresIndex(Index):
 
     def close(self) -> None:
         self.closed = True
+        self._threads.shutdown()
         self._pool.close()
