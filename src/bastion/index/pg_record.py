@@ -88,8 +88,9 @@ class Tx:
         self.first = first
         self.locked: set[str] = set()
         self.pending: list[tuple[str, str, str, str, str]] = []
-        self.seqs: list[int] = []  # of the entries inserted by flush(), in order
+        self.seqs: list[int] = []  # of the entries flush() inserted, in order (collect())
         self.at = ""  # their time
+        self._inserted: list[Cursor[Any]] = []
 
     def execute(self, query: str | sql.Composed, params: Any = None) -> Cursor[Any]:
         return self.cur.execute(query, params)
@@ -114,18 +115,31 @@ class Tx:
         return len(self.pending) - 1
 
     def flush(self) -> None:
-        """Insert the queued entries, in order, under the log's shared lock (their ``seq`` in :attr:`seqs`); the
-        last thing the transaction does before its commit."""
+        """Insert the queued entries, in order, under the log's shared lock; the last thing the transaction does
+        before its commit (in a pipeline, their results come with the commit's: :meth:`collect`)."""
         if not self.pending:
             return
         self.execute(sql.SQL("SELECT pg_advisory_xact_lock_shared({}, {})").format(
             sql.Literal(LOG_LOCK), lock_key(self.schema)))
         self.at = now_iso()
         for entry in self.pending:
-            row = self.execute(INSERT_CHANGE, (*entry, self.at)).fetchone()
+            cur = self.cur.connection.cursor()
+            cur.execute(INSERT_CHANGE, (*entry, self.at))
+            self._inserted.append(cur)
+        self.pending.clear()
+
+    def collect(self) -> None:
+        """Once committed: the ``seq`` of the entries :meth:`flush` inserted, in :attr:`seqs`."""
+        for cur in self._inserted:
+            row = cur.fetchone()
             assert row is not None
             self.seqs.append(int(row[0]))
-        self.pending.clear()
+            cur.close()
+        self._inserted.clear()
+
+    def exists(self, query: str, params: Any) -> bool:
+        """True if ``query`` (a statement ``RETURNING`` something) returned a row."""
+        return self.execute(query, params).fetchone() is not None
 
 
 def settle(cur: Cursor[Any], schema: str) -> int:
@@ -234,8 +248,8 @@ def _add_instance(tx: Tx, row: IndexRow, levels: _Levels) -> None:
     if new_series:  # the study's and patient's instances are counted by their series (schema.INSTANCE_COUNTS)
         tx.execute("UPDATE studies SET num_series = num_series + 1 WHERE study_uid = %s", (inst.study_uid,))
         count = ("UPDATE patients SET num_series = num_series + 1, num_studies = num_studies + %s "
-                 "WHERE patient_id = %s")
-        if tx.execute(count, (int(new_study), pid)).rowcount == 0:  # removed with its last other study meanwhile
+                 "WHERE patient_id = %s RETURNING 1")
+        if not tx.exists(count, (int(new_study), pid)):  # removed with its last other study meanwhile
             _upsert_patient(tx, row)
             tx.execute(count, (int(new_study), pid))
     modality = row.modality
@@ -253,13 +267,13 @@ def _remove_instance(tx: Tx, sop: str, series_uid: str, study_uid: str) -> None:
     tx.execute("DELETE FROM instances WHERE sop_uid = %s", (sop,))
     found = tx.execute("SELECT patient_id FROM studies WHERE study_uid = %s", (study_uid,)).fetchone()
     tx.execute("UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = %s", (series_uid,))
-    gone_series = tx.execute("DELETE FROM series WHERE series_uid = %s AND num_instances <= 0",
-                             (series_uid,)).rowcount
+    gone_series = tx.exists("DELETE FROM series WHERE series_uid = %s AND num_instances <= 0 RETURNING 1",
+                            (series_uid,))
     gone_study = 0
     if gone_series:
         tx.execute("UPDATE studies SET num_series = num_series - 1 WHERE study_uid = %s", (study_uid,))
-        gone_study = tx.execute("DELETE FROM studies WHERE study_uid = %s AND num_series <= 0",
-                                (study_uid,)).rowcount
+        gone_study = int(tx.exists("DELETE FROM studies WHERE study_uid = %s AND num_series <= 0 RETURNING 1",
+                                   (study_uid,)))
         if found is not None:
             tx.execute("UPDATE patients SET num_series = num_series - 1, num_studies = num_studies - %s "
                        "WHERE patient_id = %s", (gone_study, found[0]))
