@@ -19,6 +19,7 @@ guarantees:
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from bastion.errors import IndexFailure
+
+log = logging.getLogger("bastion.index")
 
 #: The URL parameter naming the index's schema (never passed to libpq).
 SCHEMA_PARAM = "bastion_schema"
@@ -178,15 +181,19 @@ def _apply(location: Location) -> None:
     from yoyo.backends import PostgresqlPsycopgBackend  # type: ignore[import-untyped]
     from yoyo.connections import DatabaseURI  # type: ignore[import-untyped]
 
+    logging.getLogger("yoyo").setLevel(logging.WARNING)  # a line per statement at INFO; ours says what was done
     args = {"conninfo": location.conninfo, "schema": location.schema, **connect_kwargs(location.conninfo)}
     del args["autocommit"]  # yoyo's own: its connections are autocommit and it begins its transactions
     uri = DatabaseURI("postgresql+psycopg", None, None, None, None, None, args)
     backend = PostgresqlPsycopgBackend(uri, MIGRATION_TABLE)
     try:
         backend.init_database()
-        backend.apply_migrations(backend.to_apply(_migrations()))
+        missing = backend.to_apply(_migrations())
+        backend.apply_migrations(missing)
     finally:
         backend.connection.close()
+    log.info("PostgreSQL index at %s, schema %s: applied %s", location.where, location.schema,
+             ", ".join(m.id for m in missing) or "nothing")
 
 
 def read_log_floor(location: Location) -> int:
