@@ -209,48 +209,47 @@ def delete(tx: Tx, sop_uid: str) -> tuple[str, str, str, int] | None:
     return series_uid, study_uid, key, tx.change("deleted", sop_uid, series_uid, study_uid, key)
 
 
-def _upsert(tx: Tx, table: str, key: str, values: dict[str, Any]) -> None:
-    cols = ", ".join(values)
-    marks = ", ".join(["%s"] * len(values))
+#: The table and key of each level row an instance has above it.
+_LEVEL_TABLES = {QueryLevel.PATIENT: ("patients", "patient_id"), QueryLevel.STUDY: ("studies", "study_uid"),
+                 QueryLevel.SERIES: ("series", "series_uid")}
+
+
+def _upsert(tx: Tx, row: IndexRow, level: QueryLevel) -> None:
+    """Write ``row``'s patient, study or series row (``level``): inserted, or updated where it exists."""
+    inst = row.instance
+    own = {QueryLevel.PATIENT: {"patient_id": row.patient_id, "attrs": row.texts[2]},
+           QueryLevel.STUDY: {"study_uid": inst.study_uid, "patient_id": row.patient_id, "attrs": row.texts[1]},
+           QueryLevel.SERIES: {"series_uid": inst.series_uid, "study_uid": inst.study_uid, "attrs": row.texts[0]}}
+    values = {**columns_for(level, row.attrs[level]), **own[level]}
+    table, key = _LEVEL_TABLES[level]
     updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != key)
-    tx.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT ({key}) DO UPDATE SET {updates}",
-               [_text(v) for v in values.values()])
-
-
-def _upsert_patient(tx: Tx, row: IndexRow) -> None:
-    _upsert(tx, "patients", "patient_id", {
-        **columns_for(QueryLevel.PATIENT, row.attrs[QueryLevel.PATIENT]), "patient_id": row.patient_id,
-        "attrs": row.texts[2]})
+    tx.execute(f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join(['%s'] * len(values))}) "
+               f"ON CONFLICT ({key}) DO UPDATE SET {updates}", [_text(v) for v in values.values()])
 
 
 def _add_instance(tx: Tx, row: IndexRow, levels: _Levels) -> None:
     """Insert the instance and bring its series, study and patient rows up to date (``levels``: those rows as
-    :data:`LOOKUP` read them with the study locked)."""
+    :data:`LOOKUP` read them with the study locked). A level row whose text is the instance's is left as it is."""
     inst = row.instance
     pid = row.patient_id
     old_series, old_study, old_patient = levels
     new_series, new_study = old_series is None, old_study is None
-    series_json, study_json, _, image_json = row.texts
-    if old_patient is None or not old_patient[0]:
-        _upsert_patient(tx, row)
-    if old_study is None or not old_study[2] or old_study[3] != pid:
-        _upsert(tx, "studies", "study_uid", {
-            **columns_for(QueryLevel.STUDY, row.attrs[QueryLevel.STUDY]), "study_uid": inst.study_uid,
-            "patient_id": pid, "attrs": study_json})
-    if old_series is None or not old_series[1] or old_series[2] != inst.study_uid:
-        _upsert(tx, "series", "series_uid", {
-            **columns_for(QueryLevel.SERIES, row.attrs[QueryLevel.SERIES]), "series_uid": inst.series_uid,
-            "study_uid": inst.study_uid, "attrs": series_json})
+    stale = {QueryLevel.PATIENT: old_patient is None or not old_patient[0],
+             QueryLevel.STUDY: old_study is None or not old_study[2] or old_study[3] != pid,
+             QueryLevel.SERIES: old_series is None or not old_series[1] or old_series[2] != inst.study_uid}
+    for level in _LEVEL_TABLES:
+        if stale[level]:
+            _upsert(tx, row, level)
     tx.execute(INSERT_INSTANCE, (
         inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid, row.instance_number,
-        inst.transfer_syntax, inst.blob_key, inst.digest, inst.size, row.stamp, image_json))
+        inst.transfer_syntax, inst.blob_key, inst.digest, inst.size, row.stamp, row.texts[3]))
     tx.execute("UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = %s", (inst.series_uid,))
     if new_series:  # the study's and patient's instances are counted by their series (schema.INSTANCE_COUNTS)
         tx.execute("UPDATE studies SET num_series = num_series + 1 WHERE study_uid = %s", (inst.study_uid,))
         count = ("UPDATE patients SET num_series = num_series + 1, num_studies = num_studies + %s "
                  "WHERE patient_id = %s RETURNING 1")
         if not tx.exists(count, (int(new_study), pid)):  # removed with its last other study meanwhile
-            _upsert_patient(tx, row)
+            _upsert(tx, row, QueryLevel.PATIENT)
             tx.execute(count, (int(new_study), pid))
     modality = row.modality
     if old_series is not None and old_series[0] != modality:

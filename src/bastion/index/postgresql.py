@@ -408,31 +408,28 @@ class PostgresIndex(Index):
             return [InstanceRecord(*row[6:14]) for row in rows]
 
     def last_stamp(self) -> str | None:
-        # The newest "stored" change: its stamp is the newest, give or take the milliseconds between taking a
-        # stamp and committing on another node (recovery starts an hour before it anyway).
-        def read(cur: Cursor[Any]) -> str | None:
-            for (key,) in cur.execute("SELECT blob_key FROM changes WHERE kind = 'stored' ORDER BY seq DESC LIMIT 1"):
-                parts = parse_object_key(key)
-                if parts is not None:
-                    return parts["stamp"]
-            row = cur.execute("SELECT greatest((SELECT max(stamp) FROM instances), "
-                              "(SELECT max(stamp) FROM versions))").fetchone()  # no change log: scan
-            return row[0] if row and row[0] else None
-
-        return self._read(read)
+        """The stamp of the newest ``stored`` change's key: the newest, give or take the milliseconds between
+        taking a stamp and committing on another node (recovery starts an hour before it anyway); without a
+        change log, the newest stamp indexed."""
+        newest = self._read(lambda cur: cur.execute(
+            "SELECT blob_key FROM changes WHERE kind = 'stored' ORDER BY seq DESC LIMIT 1").fetchone())
+        parts = parse_object_key(newest[0]) if newest else None
+        if parts is not None:
+            return parts["stamp"]
+        row = self._read(lambda cur: cur.execute(
+            "SELECT greatest((SELECT max(stamp) FROM instances), (SELECT max(stamp) FROM versions))").fetchone())
+        return row[0] if row and row[0] else None
 
     def has_blob(self, blob_key: str) -> bool:
         parts = parse_object_key(blob_key)
-
-        def read(cur: Cursor[Any]) -> bool:
-            if parts is not None:  # the key names its SOP Instance UID: a primary-key lookup
-                current = cur.execute("SELECT 1 FROM instances WHERE sop_uid = %s AND blob_key = %s",
-                                      (parts["sop"], blob_key)).fetchone()
-            else:
-                current = cur.execute("SELECT 1 FROM instances WHERE blob_key = %s", (blob_key,)).fetchone()
-            return bool(current or cur.execute("SELECT 1 FROM versions WHERE blob_key = %s", (blob_key,)).fetchone())
-
-        return self._read(read)
+        params: tuple[str, ...] = (blob_key, blob_key)
+        current = "blob_key = %s"
+        if parts is not None:  # the key names its SOP Instance UID: a primary-key lookup
+            current, params = "sop_uid = %s AND blob_key = %s", (parts["sop"], *params)
+        row = self._read(lambda cur: cur.execute(
+            f"SELECT EXISTS (SELECT 1 FROM instances WHERE {current}) "
+            "OR EXISTS (SELECT 1 FROM versions WHERE blob_key = %s)", params).fetchone())
+        return bool(row and row[0])
 
     def versions(self) -> Iterator[Version]:
         """Every version, read a batch at a time on a connection held until the iteration ends."""
