@@ -6,22 +6,21 @@ holds. What PostgreSQL adds is that several nodes write at once, each through it
 
 * **One writer per study at a time.** A transaction takes a transaction advisory lock on each study whose
   instances it adds or removes (:meth:`Tx.lock_studies`) before it reads anything of them, in the order of their
-  UIDs: one that comes before a lock it holds is only tried, and if another writer has it the transaction is
-  run again taking it first (:class:`LockOrder`), so that writers never wait for each other in a circle. The
-  study's, its
-  series' and its instances' rows, its counts and its ModalitiesInStudy / SOPClassesInStudy summaries are thus
+  UIDs: one that comes before a lock it holds is only tried, and if another writer has it the transaction is run
+  again taking it first (:class:`LockOrder`), so that writers never wait for each other in a circle. The study's,
+  its series' and its instances' rows, its counts and its ModalitiesInStudy / SOPClassesInStudy summaries are thus
   read and written by one transaction at a time, and stay exact. Level rows are written by ``INSERT ... ON
   CONFLICT`` upserts. A patient row, which the studies of a patient share, changes only by upserts and by
   increments that PostgreSQL applies to the newest row version; a count increment that finds the row gone (its
   last other study was removed meanwhile) writes it again.
 * **The change log in commit order.** The entries of a transaction are inserted last, after every other lock is
-  held (:meth:`Tx.flush`), under a shared transaction advisory lock of the log (:data:`~bastion.index.pg_schema.
-  LOG_LOCK`) held until the commit. Whoever takes that lock exclusively (:func:`settle`) thus waits for every
-  transaction that holds a ``seq`` to commit or roll back, and then knows that no ``seq`` up to the sequence's
-  value will ever appear in the log that has not already.
+  held (:meth:`Tx.flush`), under a shared transaction advisory lock of the log
+  (:data:`~bastion.index.pg_schema.LOG_LOCK`) held until the commit. Whoever takes that lock exclusively
+  (:func:`settle`) thus waits for every transaction that holds a ``seq`` to commit or roll back, and then knows
+  that no ``seq`` up to the sequence's value will ever appear in the log that has not already.
 
-A transaction that meets a deadlock or a unique violation (two nodes inserting one new instance, say) is rolled
-back and run again by the caller (:mod:`bastion.index.postgresql`).
+A transaction that meets a deadlock, a unique violation (two nodes inserting one new instance, say) or a
+:class:`LockOrder` is rolled back and run again by the caller (:mod:`bastion.index.postgresql`).
 """
 
 from __future__ import annotations

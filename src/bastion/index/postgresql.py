@@ -249,11 +249,17 @@ class PostgresIndex(Index):
         return Change(tx.seqs[slot], "deleted", sop_uid, series_uid, study_uid, key, tx.at)
 
     def _start_log(self, after: int, tables: Sequence[str]) -> LogPosition:
-        """Empty ``tables`` (``changes`` among them) and start a new log after ``after`` and every ``seq`` handed
-        out before."""
+        """Empty ``tables`` and the log, and start a new log after ``after`` and every ``seq`` handed out before.
+
+        The level tables are emptied first, which waits for the writers at work (they hold their tables), then the
+        log's lock is taken, which waits for those committing (they hold it), then the log is emptied: no writer
+        holds one lock while waiting for the other."""
         def start(tx: pg_record.Tx) -> LogPosition:
-            pg_record.clear_tables(tx, tables)  # first: it waits for the writers still at work (their locks)
+            levels = [t for t in tables if t != "changes"]
+            if levels:
+                pg_record.clear_tables(tx, levels)
             floor = max(after, pg_record.settle(tx.cur, tx.schema), self._meta(tx.cur)[1])
+            pg_record.clear_tables(tx, ["changes"])
             if floor > 0:
                 tx.execute("SELECT setval('changes_seq', %s, true)", (floor,))
             epoch = uuid.uuid4().hex
@@ -268,7 +274,7 @@ class PostgresIndex(Index):
         self._start_log(0, TABLES)
 
     def start_log_after(self, seq: int) -> LogPosition:
-        return self._start_log(seq, ("changes",))
+        return self._start_log(seq, ())
 
     def resume_log_after_crash(self) -> None:
         """Nothing to do: a committed transaction survives a crash of PostgreSQL and its sequence never goes
