@@ -189,9 +189,11 @@ class PostgresIndex(Index):
     def _write(self, fn: Callable[[pg_record.Tx], T]) -> tuple[T, pg_record.Tx]:
         """Run ``fn`` in one transaction, its change-log entries inserted last: its value, and the transaction
         (committed) with their ``seq``. The statements go in a pipeline: the server is waited for only where a
-        result is read (a record's lookup), and at the commit. The transaction is rolled back whole and run again after a deadlock, a
-        conflict with another writer, a study lock out of order (then taken first) or a connection found gone
-        before the commit (one lost during the commit is an IndexFailure: the commit may have happened)."""
+        result is read (a record's lookup), and at the commit.
+
+        The transaction is rolled back whole and run again after a deadlock, a conflict with another writer, a
+        study lock out of order (then taken first) or a connection found gone before the commit (one lost during
+        the commit is an IndexFailure: the commit may have happened)."""
         first: frozenset[str] = frozenset()
         for attempt in range(ATTEMPTS):
             last = attempt == ATTEMPTS - 1
