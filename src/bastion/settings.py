@@ -109,12 +109,12 @@ class Settings:
 
     @property
     def index_location(self) -> str:
-        """The index location: a SQLite file path (the default)."""
+        """The index location: a SQLite file path (the default ``<data>/index.sqlite3``) or a PostgreSQL URL."""
         return self.index or str(self.data / "index.sqlite3")
 
     @property
     def blob_location(self) -> str:
-        """The blob store location: a directory (the default)."""
+        """The blob store location: a directory (the default ``<data>/blobs``) or an ``s3://`` URL."""
         return self.blobs or str(self.data / "blobs")
 
     def remote(self, aet: str) -> RemoteAE | None:

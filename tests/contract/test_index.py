@@ -679,6 +679,23 @@ def test_a_postgresql_index_rebuilt_in_place_goes_on_after_its_old_log(tmp_path:
             index.close()
 
 
+def test_postgresql_rebuild_refuses_while_a_node_has_the_index_open() -> None:
+    """A rebuild empties a PostgreSQL index in place: it refuses while any process of any node has it open, and
+    leaves what it holds untouched."""
+    from bastion.errors import BastionError
+
+    with pg_url() as url:
+        node = open_index(url)
+        try:
+            node.record(obj("1.2.3.1.1"))
+            with pytest.raises(BastionError, match="in use by"):
+                rebuild_in_place(url, lambda new: pytest.fail("built while a node had the index open"))
+            assert node.statistics().instances == 1
+        finally:
+            node.close()
+        assert rebuild_in_place(url, lambda new: new.statistics().instances) == 0  # every node stopped: rebuilt
+
+
 def test_postgresql_connections_lost_with_the_server_are_replaced() -> None:
     """The server ends every connection of the index's pool (a restart, a fail-over): the next search and the
     next record find theirs gone and go on with new ones."""

@@ -13,7 +13,7 @@ from bastion.archive import exclusive, node_identity
 from bastion.blobs import open_blob_store
 from bastion.cli.serve import settings_from
 from bastion.index import Index, log_floor, open_index
-from bastion.index.sqlite_files import rebuild_into
+from bastion.index.base import rebuild_index
 from bastion.ingest.rebuild import RebuildReport, rebuild, stored_keys
 from bastion.ingest.verify import verify
 from bastion.settings import Settings
@@ -29,7 +29,8 @@ def _progress(bar: tqdm[Any]) -> Callable[[int], None]:
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
-    """Rebuild into a fresh index file, then swap it in atomically; refuses while the archive is in use."""
+    """Rebuild the index from the blob store (:func:`bastion.index.base.rebuild_index`); refuses while the archive
+    is in use."""
     settings = settings_from(args)
     with exclusive(settings.data):
         return _rebuild(settings)
@@ -45,7 +46,7 @@ def _rebuild(settings: Settings) -> int:
         with tqdm(total=total, desc="rebuilding index", unit=" objects", file=sys.stderr, disable=None) as bar:
             return rebuild(blobs, index, _progress(bar), after=after)
 
-    report = rebuild_into(target, build)  # a new index beside the live one, swapped in atomically
+    report = rebuild_index(target, build)
     print(f"index rebuilt from {total} stored object(s): {report.indexed} indexed "
           f"({report.superseded} superseding an older version), {len(report.skipped)} skipped, "
           f"{len(report.warned)} with warnings")

@@ -30,10 +30,13 @@ import abc
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition
 from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus
+
+T = TypeVar("T")
 
 #: The kinds of change-log entries: a new current version, a current version replaced by newer bytes, an
 #: instance removed from the index.
@@ -268,3 +271,17 @@ def log_floor(location: str) -> int:
     from bastion.index.sqlite import log_floor as sqlite_log_floor
 
     return 0 if location == ":memory:" else sqlite_log_floor(location)
+
+
+def rebuild_index(location: str, build: Callable[[Index], T]) -> T:
+    """``bastion index rebuild``: an index at ``location`` made anew by ``build`` (which fills the empty index it
+    is given) and ``build``'s result. A SQLite file is built beside the live one and swapped in atomically
+    (:func:`bastion.index.sqlite_files.rebuild_into`); a PostgreSQL index is emptied and filled in place, and only
+    while no node has it open (:func:`bastion.index.postgresql.rebuild_in_place`)."""
+    if is_postgresql(location):
+        from bastion.index.postgresql import rebuild_in_place
+
+        return rebuild_in_place(location, build)
+    from bastion.index.sqlite_files import rebuild_into
+
+    return rebuild_into(location, build)

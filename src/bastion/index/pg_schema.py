@@ -92,15 +92,30 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def connect_kwargs(conninfo: str) -> dict[str, Any]:
-    """Connection parameters that the URL does not set itself: a connect timeout and an application name."""
-    given = conninfo_to_dict(conninfo)
+def application_name(schema: str) -> str:
+    """The application name of the connections of the index in ``schema`` (what :func:`nodes_connected` counts)."""
+    return f"bastion-index:{schema}"[:63]
+
+
+def connect_kwargs(location: Location) -> dict[str, Any]:
+    """Connection parameters that the URL does not set itself: a connect timeout and an application name naming
+    the index's schema."""
+    given = conninfo_to_dict(location.conninfo)
     extra: dict[str, Any] = {"autocommit": True}
     if "connect_timeout" not in given:
         extra["connect_timeout"] = CONNECT_TIMEOUT_S
     if "application_name" not in given:
-        extra["application_name"] = "bastion-index"
+        extra["application_name"] = application_name(location.schema)
     return extra
+
+
+def other_connections(conn: psycopg.Connection[Any], location: Location) -> int:
+    """How many other connections to the index in ``location``'s schema are open (servers, commands of any node):
+    those whose application name is :func:`application_name`'s, on any server of the same database."""
+    row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND application_name = %s AND pid <> pg_backend_pid()",
+                       (application_name(location.schema),)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def set_search_path(conn: psycopg.Connection[Any], schema: str) -> None:
@@ -112,7 +127,7 @@ def connect(location: Location) -> psycopg.Connection[Any]:
     """An autocommit connection to the index's database, its search path set; IndexFailure, on one line naming
     the server and libpq's reason, if it cannot be had within :data:`CONNECT_TIMEOUT_S`."""
     try:
-        conn = psycopg.connect(location.conninfo, **connect_kwargs(location.conninfo))
+        conn = psycopg.connect(location.conninfo, **connect_kwargs(location))
     except psycopg.Error as exc:
         raise IndexFailure(f"PostgreSQL index at {location.where}: cannot connect: {one_line(exc)}") from exc
     try:
@@ -182,7 +197,7 @@ def _apply(location: Location) -> None:
     from yoyo.connections import DatabaseURI  # type: ignore[import-untyped]
 
     logging.getLogger("yoyo").setLevel(logging.WARNING)  # a line per statement at INFO; ours says what was done
-    args = {"conninfo": location.conninfo, "schema": location.schema, **connect_kwargs(location.conninfo)}
+    args = {"conninfo": location.conninfo, "schema": location.schema, **connect_kwargs(location)}
     del args["autocommit"]  # yoyo's own: its connections are autocommit and it begins its transactions
     uri = DatabaseURI("postgresql+psycopg", None, None, None, None, None, args)
     backend = PostgresqlPsycopgBackend(uri, MIGRATION_TABLE)

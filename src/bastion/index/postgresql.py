@@ -39,7 +39,7 @@ import psycopg
 from psycopg import Connection, Cursor, errors
 from psycopg_pool import ConnectionPool
 
-from bastion.errors import IndexFailure
+from bastion.errors import BastionError, IndexFailure
 from bastion.index import pg_record
 from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version
 from bastion.index.levels_sql import FIND_COLUMNS, FROM, INSTANCE_COLS, dataset_of
@@ -49,6 +49,7 @@ from bastion.index.pg_schema import (
     connect_kwargs,
     migrate,
     one_line,
+    other_connections,
     parse_location,
     read_log_floor,
     set_search_path,
@@ -99,7 +100,17 @@ def rebuild_in_place(location: str, build: Callable[[Index], T]) -> T:
     ``seq`` handed out) and given to ``build`` to fill; ``build``'s result.
 
     Not atomic: searches see the index empty, then filling, until ``build`` returns, and a failed build leaves
-    it partly filled (run it again). No node may record into it meanwhile."""
+    it partly filled (run it again). So it refuses (BastionError) while any other process, on any node, has the
+    index open (:func:`~bastion.index.pg_schema.other_connections`): every node must be stopped first."""
+    where = parse_location(location)
+    conn = connect(where)
+    try:
+        others = other_connections(conn, where)
+    finally:
+        conn.close()
+    if others:
+        raise BastionError(f"the index at {where.where} (schema {where.schema}) is in use by {others} other "
+                           "connection(s), a running node: stop every node first")
     index = PostgresIndex(location)
     try:
         index.clear()
@@ -142,7 +153,7 @@ class PostgresIndex(Index):
             set_search_path(conn, schema)
 
         self._pool: ConnectionPool[Connection[Any]] = ConnectionPool(
-            self._where.conninfo, kwargs=connect_kwargs(self._where.conninfo), min_size=POOL_MIN,
+            self._where.conninfo, kwargs=connect_kwargs(self._where), min_size=POOL_MIN,
             max_size=POOL_MAX, open=True, configure=configure, timeout=POOL_TIMEOUT_S, num_workers=2,
             name=f"bastion-index-{uuid.uuid4().hex[:8]}")
         #: The threads that :meth:`record_async` records in.
