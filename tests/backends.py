@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,39 @@ def remote_environment(data: Path) -> dict[str, str]:
     return {"BASTION_INDEX": found["index"], "BASTION_BLOBS": found["blobs"],
             "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
             "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]}
+
+
+def mirrored_objects(data: Path, name_prefix: str = "") -> list[Path]:
+    """The objects stored in the S3 prefix of the archive in ``data`` (those whose name starts with
+    ``name_prefix``), each downloaded to a file of the same key under ``<data>-s3-mirror``, for a test that reads
+    the stored bytes (a copy: changing it changes nothing stored). Names starting with ``.`` are left out."""
+    name = _name(data)
+    with _lock:
+        seaweed = _seaweed[0]
+    client = seaweed.client()
+    mirror = Path(f"{data}-s3-mirror")
+    shutil.rmtree(mirror, ignore_errors=True)
+    found = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=seaweed.bucket, Prefix=f"{name}/"):
+        for item in page.get("Contents", []):
+            key = item["Key"][len(name) + 1:]
+            if any(part.startswith(".") for part in key.split("/")) or not key.rsplit("/", 1)[-1].startswith(name_prefix):
+                continue
+            target = mirror / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(seaweed.bucket, item["Key"], str(target))
+            found.append(target)
+    return sorted(found)
+
+
+def unfinished_uploads(data: Path) -> list[str]:
+    """The multipart uploads begun in the archive's S3 prefix and neither completed nor aborted: what S3 holds of
+    an object being received (the filesystem store's spool files)."""
+    name = _name(data)
+    with _lock:
+        seaweed = _seaweed[0]
+    answer = seaweed.client().list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{name}/")
+    return [upload["Key"] for upload in answer.get("Uploads", [])]
 
 
 def tear_down() -> None:

@@ -450,17 +450,24 @@ class BastionServer:
         return self.data / "blobs"
 
     def blob_files(self) -> list[Path]:
-        """Every file under data/blobs except the spool directory."""
+        """Every stored object's file (on the remote leg, a downloaded copy of each: :func:`backends.mirrored_objects`)."""
+        if backends.REMOTE:
+            return backends.mirrored_objects(self.data)
         return sorted(p for p in self.blob_dir.rglob("*") if p.is_file() and ".spool" not in p.parts)
 
     def spool_files(self) -> list[Path]:
-        """Partly received objects left in the spool (the empty files made ahead of time do not count)."""
+        """Partly received objects left behind: spool files (the empty files made ahead of time do not count), or on
+        the remote leg the S3 multipart uploads left unfinished."""
+        if backends.REMOTE:
+            return [Path(key) for key in backends.unfinished_uploads(self.data)]
         spool = self.blob_dir / ".spool"
         return sorted(p for p in spool.iterdir() if "-pool-" not in p.name) if spool.exists() else []
 
     def blobs_of(self, sop_uid: str) -> list[Path]:
         """The stored versions of one instance, oldest first (the key's stamp orders them)."""
-        return sorted(self.blob_dir.rglob(f"{sop_uid}_*.dcm"), key=lambda p: p.name.split("_")[1])
+        found = (backends.mirrored_objects(self.data, f"{sop_uid}_") if backends.REMOTE
+                 else self.blob_dir.rglob(f"{sop_uid}_*.dcm"))
+        return sorted(found, key=lambda p: p.name.split("_")[1])
 
     def stop(self) -> None:
         if self.proc is not None:
