@@ -1,0 +1,88 @@
+"""Jobs in the PostgreSQL database and schema of the index (``postgresql://...?bastion_schema=NAME``).
+
+The tables ``jobs`` and ``job_progress`` are made by the index's migrations
+(``index/migrations/postgresql/0002_jobs.sql``), applied here as the index applies them, so that either may be
+opened first. Leases are times of the database's clock (``now()``), so nodes whose clocks disagree still agree
+on whose lease ran out. A job is claimed with ``FOR UPDATE SKIP LOCKED``: claimers never wait for each other and
+never get the same job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import Connection
+from psycopg_pool import ConnectionPool
+
+from bastion.errors import IndexFailure
+from bastion.index.pg_schema import (
+    Location,
+    connect,
+    connect_kwargs,
+    migrate,
+    one_line,
+    parse_location,
+    set_search_path,
+)
+from bastion.jobs.base import LEASE_SECONDS
+from bastion.jobs.sql import Dialect, Run, SqlJobs
+
+#: The connections one process keeps for its jobs (a handler's statements, the runner's, lease renewals).
+POOL_MIN, POOL_MAX = 1, 4
+POOL_TIMEOUT_S = 10.0
+
+
+def _as_datetime(value: Any) -> datetime:
+    assert isinstance(value, datetime)
+    return value
+
+
+POSTGRESQL = Dialect(now="now()", seconds="(? * interval '1 second')", json="CAST(? AS jsonb)",
+                     lock=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED", to_datetime=_as_datetime)
+
+
+class PostgresJobs(SqlJobs):
+    """:class:`~bastion.jobs.base.Jobs` in the index's PostgreSQL schema."""
+
+    def __init__(self, location: str, lease_seconds: float = LEASE_SECONDS) -> None:
+        super().__init__(POSTGRESQL, lease_seconds)
+        self._where: Location = parse_location(location)
+        conn = connect(self._where)
+        try:
+            migrate(conn, self._where)
+        except psycopg.Error as exc:
+            raise self._failure(exc) from exc
+        finally:
+            conn.close()
+        schema = self._where.schema
+
+        def configure(conn: Connection[Any]) -> None:
+            set_search_path(conn, schema)
+
+        self._pool: ConnectionPool[Connection[Any]] = ConnectionPool(
+            self._where.conninfo, kwargs=connect_kwargs(self._where), min_size=POOL_MIN,
+            max_size=POOL_MAX, open=True, configure=configure, check=ConnectionPool.check_connection,
+            timeout=POOL_TIMEOUT_S, name=f"bastion-jobs-{uuid.uuid4().hex[:8]}")
+
+    def _failure(self, exc: psycopg.Error) -> IndexFailure:
+        return IndexFailure(f"jobs in PostgreSQL at {self._where.where}: {one_line(exc)}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Run]:
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                def run(statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+                    cur.execute(statement.replace("?", "%s"), params)
+                    return cur.fetchall() if cur.description else []
+
+                yield run
+        except psycopg.Error as exc:
+            raise self._failure(exc) from exc
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,106 @@
+"""Jobs in a SQLite file of the node's data directory (``<data>/jobs.sqlite3``), for the embedded archive.
+
+Not in the index file: the index is a cache that ``bastion index rebuild`` replaces, and jobs are not in the
+blob store to be rebuilt from. One node, several processes (its workers): each opens the file, and every method
+is a ``BEGIN IMMEDIATE`` transaction, so writers take turns and two claimers never get the same job, as
+PostgreSQL's ``SKIP LOCKED`` guarantees. Leases are times of the node's clock, the only clock there is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bastion.errors import IndexFailure
+from bastion.jobs.base import LEASE_SECONDS
+from bastion.jobs.sql import Dialect, Run, SqlJobs
+
+#: The schema's version, in ``PRAGMA user_version``; a file of a newer one is refused.
+VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+  id INTEGER PRIMARY KEY,
+  kind TEXT NOT NULL,
+  key TEXT NOT NULL,
+  payload TEXT NOT NULL,
+  owner TEXT NOT NULL,
+  lease_until REAL NOT NULL,
+  outcome TEXT,
+  finished_at REAL,
+  closed INTEGER NOT NULL DEFAULT 0,
+  created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_open_key ON jobs (key) WHERE NOT closed;
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (lease_until) WHERE outcome IS NULL;
+CREATE TABLE IF NOT EXISTS job_progress (
+  job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+  sop_uid TEXT NOT NULL,
+  status INTEGER NOT NULL,
+  PRIMARY KEY (job_id, sop_uid)
+) WITHOUT ROWID;
+"""
+#: How long a statement waits for another process's transaction.
+BUSY_TIMEOUT_MS = 10_000
+
+
+def _from_epoch(value: Any) -> datetime:
+    return datetime.fromtimestamp(float(value), UTC)
+
+
+SQLITE = Dialect(now="((julianday('now') - 2440587.5) * 86400.0)", seconds="?", json="?", lock="",
+                 skip_locked="", to_datetime=_from_epoch)
+
+
+class SqliteJobs(SqlJobs):
+    """:class:`~bastion.jobs.base.Jobs` in a SQLite file (WAL; one connection per process, shared by threads)."""
+
+    def __init__(self, path: str | Path, lease_seconds: float = LEASE_SECONDS) -> None:
+        super().__init__(SQLITE, lease_seconds)
+        self.path = str(path)
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                         check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")  # a power cut may lose progress: redone
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            with self._transaction() as run:
+                version = int(run("PRAGMA user_version", ())[0][0])
+                if version > VERSION:
+                    raise IndexFailure(f"jobs file {self.path} has schema version {version}, newer than this "
+                                       f"Bastion's ({VERSION}): run the newer version")
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        run(statement, ())
+                run(f"PRAGMA user_version = {VERSION}", ())
+        except sqlite3.Error as exc:
+            raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Run]:
+        def run(statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+            return self._conn.execute(statement, params).fetchall()
+
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
+            try:
+                yield run
+                self._conn.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
