@@ -752,3 +752,18 @@ def test_a_postgresql_record_cancelled_while_it_runs_is_awaited_to_its_end() -> 
             assert idx.current("1.2.3.1.1") is not None
         finally:
             idx.close()
+
+
+def test_a_version_older_than_the_current_one_is_kept_as_superseded(index: Index) -> None:
+    """Versions are ordered by stamp, as ``bastion index rebuild`` orders them, whatever order they are recorded in
+    (two nodes storing versions at once): an older one is kept, but does not become current."""
+    older, newer = obj("1.2.3.1.1", content="v1"), obj("1.2.3.1.1", content="v2")
+    assert index.record(newer)[0] is StoreStatus.STORED
+    status, seq = index.record(older)
+    assert status is StoreStatus.OUTDATED and seq is not None
+    current = index.current("1.2.3.1.1")
+    assert current is not None and current.blob_key == newer.instance.blob_key
+    assert {v.blob_key: v.current for v in index.versions()} == {newer.instance.blob_key: True,
+                                                                  older.instance.blob_key: False}
+    assert index.changes(seq - 1)[0].kind == "superseded"
+    assert index.record(obj("1.2.3.1.1", content="v1"))[0] is StoreStatus.SUPERSEDED  # a newer stamp: current

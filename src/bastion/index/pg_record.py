@@ -32,10 +32,9 @@ from psycopg import Cursor, sql
 
 from bastion.index.columns import columns_for
 from bastion.index.pg_schema import LOG_LOCK, lock_key
-from bastion.index.rows import IndexRow
+from bastion.index.rows import IndexRow, status_against
 from bastion.index.schema import SUMMARY_SEP
 from bastion.index.sqlite_record import _joined, _Levels, _levels, _split, now_iso
-from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
 from bastion.model.records import StoreStatus
 
@@ -164,24 +163,20 @@ def _lookup(tx: Tx, row: IndexRow, sop_uid: str) -> tuple[Any, ...]:
 
 def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
     """Record ``row`` in ``tx``: its status and the place of its change-log entry among ``tx``'s (None: a
-    duplicate, nothing written). As :func:`bastion.index.sqlite_record.record`, a version older (by stamp, then
-    key) than the current one is kept as a superseded version (:attr:`StoreStatus.OUTDATED`)."""
+    duplicate, nothing written); :func:`~bastion.index.rows.status_against` says what it does."""
     inst = row.instance
     tx.lock_studies(inst.study_uid)
     found = _lookup(tx, row, inst.sop_uid)
     while found[0] is not None and tx.lock_studies(found[5]):  # indexed in another study: hold that one too
         found = _lookup(tx, row, inst.sop_uid)
-    status = StoreStatus.STORED
+    status = status_against(row, (found[0], found[1], found[3]) if found[0] is not None else None, same_content)
     levels: _Levels = _levels(found)
-    if found[0] is not None:  # this SOP instance is indexed already
-        if found[1] == inst.digest or (same_content is not None and not found[1].startswith(BLAKE3_PREFIX)
-                                       and same_content(found[1])):
-            return StoreStatus.DUPLICATE, None
-        if (found[3], found[0]) > (row.stamp, inst.blob_key):  # versions are ordered by stamp, as a rebuild orders them
-            tx.execute(INSERT_VERSION, (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))
-            return StoreStatus.OUTDATED, tx.change("superseded", inst.sop_uid, inst.series_uid, inst.study_uid,
-                                                   inst.blob_key)
-        status = StoreStatus.SUPERSEDED
+    if status is StoreStatus.DUPLICATE:
+        return status, None
+    if status is StoreStatus.OUTDATED:
+        tx.execute(INSERT_VERSION, (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))
+        return status, tx.change("superseded", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
+    if status is StoreStatus.SUPERSEDED:
         tx.execute(INSERT_VERSION, (found[0], inst.sop_uid, found[1], found[2], found[3], inst.blob_key))
         _remove_instance(tx, inst.sop_uid, found[4], found[5])
         tx.change("superseded", inst.sop_uid, found[4], found[5], found[0])

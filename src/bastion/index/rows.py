@@ -7,12 +7,14 @@ series do not cause.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bastion.index.columns import INSTANCE_NUMBER, MODALITY, column_value
 from bastion.model import dicom_json
+from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
-from bastion.model.records import InstanceRecord, JsonDataset, StoredObject
+from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +38,27 @@ class IndexRow:
         return cls(obj.instance, obj.patient_id, obj.stamp, texts,
                    column_value(a[QueryLevel.IMAGE], INSTANCE_NUMBER, True),
                    column_value(a[QueryLevel.SERIES], MODALITY, False), a)
+
+
+def status_against(row: IndexRow, current: tuple[str, str, str] | None,
+                   same_content: Callable[[str], bool] | None = None) -> StoreStatus:
+    """What recording ``row`` does, given the instance's current version (its blob key, digest and stamp; None:
+    not indexed), in every index backend:
+
+    * STORED: the instance is new;
+    * DUPLICATE: the current version holds the same content (same digest; one of another algorithm, SHA-256 from
+      before BLAKE3, is compared by ``same_content`` where it is given, and is superseded where it is not);
+    * OUTDATED: ``row`` is older than the current version by stamp, then key, the order of ``bastion index rebuild``:
+      it is kept as a superseded version, so the live index and a rebuilt one agree;
+    * SUPERSEDED: ``row`` becomes the current version.
+    """
+    if current is None:
+        return StoreStatus.STORED
+    key, digest, stamp = current
+    inst = row.instance
+    if digest == inst.digest or (same_content is not None and not digest.startswith(BLAKE3_PREFIX)
+                                 and same_content(digest)):
+        return StoreStatus.DUPLICATE
+    if (stamp, key) > (row.stamp, inst.blob_key):
+        return StoreStatus.OUTDATED
+    return StoreStatus.SUPERSEDED

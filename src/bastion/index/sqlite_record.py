@@ -19,10 +19,9 @@ from typing import Any
 
 from bastion.errors import IndexFailure
 from bastion.index.columns import columns_for
-from bastion.index.rows import IndexRow
+from bastion.index.rows import IndexRow, status_against
 from bastion.index.schema import SUMMARY_SEP, refresh_study_summaries
 from bastion.model.compiled import load_extension
-from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
 from bastion.model.records import StoreStatus
 
@@ -98,26 +97,21 @@ def record_in_c(recorder: Any, row: IndexRow, durable: Callable[[], None] | None
 
 def record(conn: sqlite3.Connection, row: IndexRow,
            same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
-    """Record ``row`` in the transaction open on ``conn``: its status and change-log seq (None: a duplicate).
-
-    A version older (by stamp, then key: the order of ``bastion index rebuild``) than the current one is kept as
-    a superseded version (:attr:`StoreStatus.OUTDATED`), so the live index and a rebuilt one agree."""
+    """Record ``row`` in the transaction open on ``conn`` (:func:`~bastion.index.rows.status_against` says what
+    that does): its status and change-log seq (None: a duplicate)."""
     inst = row.instance
     texts = row.texts[:3]
     keys = (inst.series_uid, inst.study_uid, row.patient_id)
     found = conn.execute(LOOKUP, (*texts, inst.sop_uid, *keys)).fetchone()
-    status = StoreStatus.STORED
+    status = status_against(row, (found[0], found[1], found[3]) if found[0] is not None else None, same_content)
     levels: _Levels = _levels(found)
-    if found[0] is not None:  # this SOP instance is indexed already
-        if found[1] == inst.digest or (same_content is not None and not found[1].startswith(BLAKE3_PREFIX)
-                                       and same_content(found[1])):
-            return StoreStatus.DUPLICATE, None
-        if (found[3], found[0]) > (row.stamp, inst.blob_key):  # versions are ordered by stamp, as a rebuild orders them
-            conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
-                         (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))
-            return StoreStatus.OUTDATED, _change(conn, "superseded", inst.sop_uid, inst.series_uid, inst.study_uid,
-                                                 inst.blob_key)
-        status = StoreStatus.SUPERSEDED
+    if status is StoreStatus.DUPLICATE:
+        return status, None
+    if status is StoreStatus.OUTDATED:
+        conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
+                     (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))
+        return status, _change(conn, "superseded", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
+    if status is StoreStatus.SUPERSEDED:
         conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
                      (found[0], inst.sop_uid, found[1], found[2], found[3], inst.blob_key))
         _remove_instance(conn, inst.sop_uid, found[4], found[5])
