@@ -19,7 +19,8 @@ from conftest import free_port
 from s3test import Seaweed, seaweed  # noqa: F401 - the session's SeaweedFS
 
 from bastion.blobs import open_blob_store
-from bastion.blobs.s3 import MEMORY_LIMIT, QUARANTINE, READ_AHEAD, S3BlobStore
+from bastion.blobs.s3 import QUARANTINE, READ_AHEAD, S3BlobStore
+from bastion.blobs.spooling import MEMORY_LIMIT
 from bastion.errors import NotFound, StorageError
 
 pytestmark = pytest.mark.timeout(120)

@@ -19,23 +19,23 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
-from bastion.blobs.base import BlobWriter, Commit, CommitInThread, Committed
+from bastion.blobs.base import Commit, CommitInThread, Committed
 from bastion.blobs.cjobs import CreatedHere, JobsCommit, on_event_loop
 from bastion.blobs.fileio import BufferReader, os_error, sync_all, sync_data, write_direct
 from bastion.blobs.journal import Journal, fsync_dir
+from bastion.blobs.spooling import SpoolingWriter
 from bastion.errors import StorageError, StorageFull
 
 if TYPE_CHECKING:
     from bastion.blobs.filesystem import FileBlobStore
 
-#: Objects up to this size are buffered in memory until commit.
-MEMORY_LIMIT = 8 * 1024 * 1024
 #: Buffered objects smaller than this are made durable by the journal; larger ones by fsync of their file and
 #: directory: from here on the data write is most of the cost, and the journal would write the object twice
 #: (see BENCHMARKS.md, "Why 128 KB").
 JOURNAL_MAX_BYTES = 128 * 1024
+
 
 class _WaitingCommit(Commit):
     """A commit completed by calling ``wait`` (the journal's flush without ``_cwrite``)."""
@@ -47,22 +47,17 @@ class _WaitingCommit(Commit):
         self._wait()
 
 
-class FileWriter(BlobWriter):
-    """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file.
-
-    Small objects (the common case) thus cost one file creation, in :meth:`commit`; a 2 GB
-    multi-frame object never sits in memory.
-    """
+class FileWriter(SpoolingWriter):
+    """Buffers in memory up to :data:`MEMORY_LIMIT`, then streams into a spool file in the store's ``.spool``
+    (:class:`~bastion.blobs.spooling.SpoolingWriter`): small objects (the common case) cost one file creation, in
+    :meth:`commit`."""
 
     def __init__(self, store: FileBlobStore) -> None:
-        super().__init__()
-        self._store = store
         # In memory that _cwrite's threads write without a copy, as large as the last such object and a little
         # more (instances of one series come in one size): growing a bytearray by the PDVs of a 512 KB CT
         # instance copied it again and again, and submit() copied it once more.
-        self._buf: bytearray | Any | None = (store.cwrite.Buffer(store.buffer_hint) if store.cwrite is not None
-                                             else bytearray())
-        self._fh: BinaryIO | None = None
+        super().__init__(store.cwrite.Buffer(store.buffer_hint) if store.cwrite is not None else bytearray())
+        self._store = store
         self._path: str | None = None  # the spool file, named when one is needed
 
     def _spool_path(self) -> str:
@@ -70,29 +65,8 @@ class FileWriter(BlobWriter):
             self._path = self._store.spool_path()
         return self._path
 
-    def _spill(self) -> None:
-        try:
-            self._fh = open(self._spool_path(), "wb", buffering=0)  # noqa: SIM115
-            assert self._buf is not None
-            self._fh.write(self._buf)
-        except OSError as exc:
-            self.abort()
-            raise os_error(exc, "cannot create spool file") from exc
-        self._buf = None
-
-    def _write(self, data: bytes | memoryview) -> None:
-        if self._buf is not None:
-            self._buf += data
-            if len(self._buf) > MEMORY_LIMIT:
-                self._spill()
-            return
-        if self._fh is None:
-            raise StorageError("write after commit/abort")
-        try:
-            self._fh.write(data)
-        except OSError as exc:
-            self.abort()
-            raise os_error(exc, "cannot write object") from exc
+    def _open_spool(self) -> IO[bytes]:
+        return open(self._spool_path(), "wb", buffering=0)  # noqa: SIM115
 
     def reader(self) -> BinaryIO:
         if self._buf is not None:
@@ -132,10 +106,10 @@ class FileWriter(BlobWriter):
 
     def _commit_spooled(self, key: str, final: str) -> None:
         try:
-            assert self._fh is not None, "commit after commit/abort"
-            sync_all(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+            assert self._spool is not None, "commit after commit/abort"
+            sync_all(self._spool.fileno())
+            self._spool.close()
+            self._spool = None
             self._store.make_dirs(os.path.dirname(final))
             os.rename(self._spool_path(), final)
             fsync_dir(os.path.dirname(final))
@@ -312,9 +286,9 @@ class FileWriter(BlobWriter):
 
     def abort(self) -> None:
         self._buf = None
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         if self._path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)

@@ -53,18 +53,16 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from bastion.blobs.base import BlobStore, BlobWriter, Commit, CommitInThread
+from bastion.blobs.base import BlobStore, Commit, CommitInThread
 from bastion.blobs.fileio import BufferReader, os_error
 from bastion.blobs.s3io import FileRange, RangedObject
+from bastion.blobs.spooling import SpoolingWriter
 from bastion.errors import BastionError, NotFound, StorageError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-#: Objects up to this size are buffered in memory and stored by one PutObject; larger ones are spooled to a
-#: local file and stored by a multipart upload.
-MEMORY_LIMIT = 8 * 1024 * 1024
 #: The size of a multipart upload's parts (larger for an object that would otherwise need more than
 #: :data:`MAX_PARTS`).
 PART_SIZE = 16 * 1024 * 1024
@@ -100,38 +98,16 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-class S3Writer(BlobWriter):
-    """Buffers in memory up to :data:`MEMORY_LIMIT`, then in an anonymous spool file; uploads at commit."""
+class S3Writer(SpoolingWriter):
+    """Buffers in memory up to :data:`MEMORY_LIMIT`, then in an anonymous spool file
+    (:class:`~bastion.blobs.spooling.SpoolingWriter`); uploads at commit."""
 
     def __init__(self, store: S3BlobStore) -> None:
-        super().__init__()
+        super().__init__(bytearray())
         self._store = store
-        self._buf: bytearray | None = bytearray()
-        self._spool: IO[bytes] | None = None
 
-    def _spill(self) -> None:
-        assert self._buf is not None
-        try:
-            self._spool = tempfile.TemporaryFile(dir=self._store.spool_dir, prefix="bastion-s3-")  # noqa: SIM115
-            self._spool.write(self._buf)
-        except OSError as exc:
-            self.abort()
-            raise os_error(exc, "cannot create spool file") from exc
-        self._buf = None
-
-    def _write(self, data: bytes | memoryview) -> None:
-        if self._buf is not None:
-            self._buf += data
-            if len(self._buf) > MEMORY_LIMIT:
-                self._spill()
-            return
-        if self._spool is None:
-            raise StorageError("write after commit/abort")
-        try:
-            self._spool.write(data)
-        except OSError as exc:
-            self.abort()
-            raise os_error(exc, "cannot write object") from exc
+    def _open_spool(self) -> IO[bytes]:
+        return tempfile.TemporaryFile(dir=self._store.spool_dir, prefix="bastion-s3-")  # noqa: SIM115
 
     def _flushed_spool(self) -> IO[bytes]:
         if self._spool is None:
