@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -285,3 +286,26 @@ def rebuild_index(location: str, build: Callable[[Index], T]) -> T:
     from bastion.index.sqlite_files import rebuild_into
 
     return rebuild_into(location, build)
+
+
+async def outcome_of_write(fut: Future[T]) -> T:
+    """The outcome of a write queued to a thread of the index, for :meth:`Index.record_async`: a cancellation
+    cancels the write if the writer thread has not started it (CancelledError: nothing written), and is otherwise
+    withheld until the write's outcome is known, which is then returned or raised."""
+    waiting = asyncio.wrap_future(fut)
+    withheld = 0
+    try:
+        while True:
+            try:
+                return await asyncio.shield(waiting)
+            except asyncio.CancelledError:
+                if waiting.done() and not waiting.cancelled():
+                    return waiting.result()
+                if fut.cancel():
+                    raise
+                withheld += 1  # started: it commits or fails, and the caller must learn which
+    finally:
+        task = asyncio.current_task()
+        if task is not None:
+            for _ in range(withheld):
+                task.uncancel()

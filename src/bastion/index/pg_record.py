@@ -32,9 +32,16 @@ from psycopg import Cursor, sql
 
 from bastion.index.columns import columns_for
 from bastion.index.pg_schema import LOG_LOCK, lock_key
-from bastion.index.rows import IndexRow, status_against
+from bastion.index.rows import (
+    IndexRow,
+    Levels,
+    joined_summary,
+    levels_of,
+    now_iso,
+    split_summary,
+    status_against,
+)
 from bastion.index.schema import SUMMARY_SEP
-from bastion.index.sqlite_record import _joined, _Levels, _levels, _split, now_iso
 from bastion.model.levels import QueryLevel
 from bastion.model.records import StoreStatus
 
@@ -170,7 +177,7 @@ def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = N
     while found[0] is not None and tx.lock_studies(found[5]):  # indexed in another study: hold that one too
         found = _lookup(tx, row, inst.sop_uid)
     status = status_against(row, (found[0], found[1], found[3]) if found[0] is not None else None, same_content)
-    levels: _Levels = _levels(found)
+    levels: Levels = levels_of(found)
     if status is StoreStatus.DUPLICATE:
         return status, None
     if status is StoreStatus.OUTDATED:
@@ -180,7 +187,7 @@ def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = N
         tx.execute(INSERT_VERSION, (found[0], inst.sop_uid, found[1], found[2], found[3], inst.blob_key))
         _remove_instance(tx, inst.sop_uid, found[4], found[5])
         tx.change("superseded", inst.sop_uid, found[4], found[5], found[0])
-        levels = _levels(_lookup(tx, row, ""))  # the removal may have changed or deleted the level rows
+        levels = levels_of(_lookup(tx, row, ""))  # the removal may have changed or deleted the level rows
     _add_instance(tx, row, levels)
     return status, tx.change("stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
 
@@ -221,7 +228,7 @@ def _upsert(tx: Tx, row: IndexRow, level: QueryLevel) -> None:
                f"ON CONFLICT ({key}) DO UPDATE SET {updates}", [_text(v) for v in values.values()])
 
 
-def _add_instance(tx: Tx, row: IndexRow, levels: _Levels) -> None:
+def _add_instance(tx: Tx, row: IndexRow, levels: Levels) -> None:
     """Insert the instance and bring its series, study and patient rows up to date (``levels``: those rows as
     :data:`LOOKUP` read them with the study locked). A level row whose text is the instance's is left as it is."""
     inst = row.instance
@@ -249,10 +256,10 @@ def _add_instance(tx: Tx, row: IndexRow, levels: _Levels) -> None:
     if old_series is not None and old_series[0] != modality:
         tx.execute(REFRESH_SUMMARIES, {"sep": SUMMARY_SEP, "uid": inst.study_uid})  # the series changed modality
         return
-    modalities, classes = _split(old_study[0]) if old_study else set(), _split(old_study[1]) if old_study else set()
+    modalities, classes = split_summary(old_study[0]) if old_study else set(), split_summary(old_study[1]) if old_study else set()
     if modality not in modalities and modality or inst.sop_class_uid not in classes:
         tx.execute("UPDATE studies SET modalities = %s, sop_classes = %s WHERE study_uid = %s",
-                   (_joined(modalities | {modality}), _joined(classes | {inst.sop_class_uid}), inst.study_uid))
+                   (joined_summary(modalities | {modality}), joined_summary(classes | {inst.sop_class_uid}), inst.study_uid))
 
 
 def _remove_instance(tx: Tx, sop: str, series_uid: str, study_uid: str) -> None:

@@ -41,7 +41,7 @@ from psycopg_pool import ConnectionPool
 
 from bastion.errors import BastionError, IndexFailure
 from bastion.index import pg_record
-from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version
+from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version, outcome_of_write
 from bastion.index.levels_sql import FIND_COLUMNS, FROM, INSTANCE_COLS, dataset_of
 from bastion.index.pg_schema import (
     Location,
@@ -57,7 +57,6 @@ from bastion.index.pg_schema import (
 from bastion.index.rows import IndexRow
 from bastion.index.schema import TABLES
 from bastion.index.sqlcompile import POSTGRESQL, compile_conditions
-from bastion.index.sqlite import _outcome_of_write
 from bastion.index.sqlite_log import CHANGE_COLS
 from bastion.model.attributes import tag_hex
 from bastion.model.levels import QueryLevel
@@ -246,7 +245,7 @@ class PostgresIndex(Index):
         """:meth:`record` in a thread of the index, for an event loop. Cancelled before the thread has started it,
         nothing is recorded and CancelledError is raised; once started, its outcome is awaited and returned (or
         raised) whatever the cancellation: CancelledError always means that nothing was recorded."""
-        return await _outcome_of_write(self._threads.submit(self.record, obj, None, same_content))
+        return await outcome_of_write(self._threads.submit(self.record, obj, None, same_content))
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         """Record ``objs`` in order, in one transaction."""

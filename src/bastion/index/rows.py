@@ -7,10 +7,14 @@ series do not cause.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from bastion.index.columns import INSTANCE_NUMBER, MODALITY, column_value
+from bastion.index.schema import SUMMARY_SEP
 from bastion.model import dicom_json
 from bastion.model.digest import BLAKE3_PREFIX
 from bastion.model.levels import QueryLevel
@@ -62,3 +66,36 @@ def status_against(row: IndexRow, current: tuple[str, str, str] | None,
     if (stamp, key) > (row.stamp, inst.blob_key):
         return StoreStatus.OUTDATED
     return StoreStatus.SUPERSEDED
+
+
+#: The series row (modality, same attrs, study_uid), the study row (modalities, sop_classes, same attrs,
+#: patient_id) and the patient row (same attrs,) of a :data:`~bastion.index.sqlite_record.LOOKUP`-shaped result; None where the row does not exist.
+Levels = tuple[tuple[Any, ...] | None, tuple[Any, ...] | None, tuple[Any, ...] | None]
+
+
+def levels_of(row: tuple[Any, ...]) -> Levels:
+    """The level rows of a :data:`~bastion.index.sqlite_record.LOOKUP`-shaped row (the instance's current version, then its series, study and
+    patient rows), None where a row does not exist."""
+    return (row[6:9] if row[7] is not None else None, row[9:13] if row[11] is not None else None,
+            row[13:14] if row[13] is not None else None)
+
+
+def joined_summary(values: set[str]) -> str:
+    """ModalitiesInStudy / SOPClassesInStudy as their column holds them: sorted, ``\\``-joined."""
+    return SUMMARY_SEP.join(sorted(v for v in values if v))
+
+
+def split_summary(text: str) -> set[str]:
+    """The values of a summary column (:func:`joined_summary`)."""
+    return set(text.split(SUMMARY_SEP)) if text else set()
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def now_iso() -> str:
+    """Now in UTC as ``datetime.isoformat(timespec="milliseconds")`` writes it (the form of ``changes.at``)."""
+    second, ns = divmod(time.time_ns(), 1_000_000_000)
+    return f"{_iso_second(second)}.{ns // 1_000_000:03d}+00:00"

@@ -19,7 +19,6 @@ after, which no read returns. Its durable high-water mark is the file ``<index>-
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 import os
@@ -35,7 +34,7 @@ from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
 from bastion.index import sqlite_log, sqlite_record
-from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version
+from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version, outcome_of_write
 from bastion.index.levels_sql import ALIAS, FIND_COLUMNS, FROM, INSTANCE_COLS, ORDER, dataset_of
 from bastion.index.rows import IndexRow
 from bastion.index.schema import TABLES, create_or_migrate
@@ -94,29 +93,6 @@ def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
 def _write_error(error: BaseException) -> BaseException:
     """What a failed write raises: an SQLite error as an IndexFailure, anything else as it came."""
     return IndexFailure(f"index write failed: {error}") if isinstance(error, sqlite3.Error) else error
-
-
-async def _outcome_of_write(fut: Future[T]) -> T:
-    """The outcome of a write queued to the writer thread, for :meth:`SqliteIndex.record_async`: a cancellation
-    cancels the write if the writer thread has not started it (CancelledError: nothing written), and is otherwise
-    withheld until the write's outcome is known, which is then returned or raised."""
-    waiting = asyncio.wrap_future(fut)
-    withheld = 0
-    try:
-        while True:
-            try:
-                return await asyncio.shield(waiting)
-            except asyncio.CancelledError:
-                if waiting.done() and not waiting.cancelled():
-                    return waiting.result()
-                if fut.cancel():
-                    raise
-                withheld += 1  # started: it commits or fails, and the caller must learn which
-    finally:
-        task = asyncio.current_task()
-        if task is not None:
-            for _ in range(withheld):
-                task.uncancel()
 
 
 class SqliteIndex(Index):
@@ -403,7 +379,7 @@ class SqliteIndex(Index):
         if not done:
             fut: Future[tuple[StoreStatus, int | None]] = Future()
             self._queue.put((write, fut))
-            value = await _outcome_of_write(fut)
+            value = await outcome_of_write(fut)
         assert value is not None
         status, seq = value
         if seq is not None:

@@ -13,8 +13,8 @@ import os
 import sqlite3
 import uuid
 
-from bastion.index import sqlite_record
 from bastion.index.base import Change, LogPosition
+from bastion.index.rows import now_iso
 from bastion.index.schema import FLOOR_KIND
 from bastion.index.seqmark import SeqMark
 
@@ -60,7 +60,7 @@ def log_end(conn: sqlite3.Connection) -> int:
 
 def insert_floor(conn: sqlite3.Connection, seq: int) -> None:
     """A row that makes SQLite hand out ``seq + 1`` next (never returned as a change)."""
-    conn.execute("INSERT INTO changes VALUES (?, ?, '', '', '', '', ?)", (seq, FLOOR_KIND, sqlite_record.now_iso()))
+    conn.execute("INSERT INTO changes VALUES (?, ?, '', '', '', '', ?)", (seq, FLOOR_KIND, now_iso()))
 
 
 def start_log(conn: sqlite3.Connection, after: int, *, new_epoch: bool = True) -> LogPosition:

@@ -10,17 +10,23 @@ same SQL; it writes nothing for any other, and :func:`record` records it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
 from typing import Any
 
 from bastion.errors import IndexFailure
 from bastion.index.columns import columns_for
-from bastion.index.rows import IndexRow, status_against
-from bastion.index.schema import SUMMARY_SEP, refresh_study_summaries
+from bastion.index.rows import (
+    IndexRow,
+    Levels,
+    joined_summary,
+    levels_of,
+    now_iso,
+    split_summary,
+    status_against,
+)
+from bastion.index.schema import refresh_study_summaries
 from bastion.model.compiled import load_extension
 from bastion.model.levels import QueryLevel
 from bastion.model.records import StoreStatus
@@ -44,20 +50,6 @@ INSERT_INSTANCE = "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 COUNT_INSTANCE = "UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?"
 INSERT_CHANGE = "INSERT INTO changes (kind, sop_uid, series_uid, study_uid, blob_key, at) VALUES (?,?,?,?,?,?)"
 
-#: The series row (modality, same attrs, study_uid), the study row (modalities, sop_classes, same attrs,
-#: patient_id) and the patient row (same attrs,) of a :data:`LOOKUP` result; None where the row does not exist.
-_Levels = tuple[tuple[Any, ...] | None, tuple[Any, ...] | None, tuple[Any, ...] | None]
-
-
-@functools.lru_cache(maxsize=4)
-def _iso_second(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-
-
-def now_iso() -> str:
-    """Now in UTC as ``datetime.isoformat(timespec="milliseconds")`` writes it (the form of ``changes.at``)."""
-    second, ns = divmod(time.time_ns(), 1_000_000_000)
-    return f"{_iso_second(second)}.{ns // 1_000_000:03d}+00:00"
 
 
 def open_recorder(path: str, lock_fd: int, pragmas: str) -> Any | None:
@@ -104,7 +96,7 @@ def record(conn: sqlite3.Connection, row: IndexRow,
     keys = (inst.series_uid, inst.study_uid, row.patient_id)
     found = conn.execute(LOOKUP, (*texts, inst.sop_uid, *keys)).fetchone()
     status = status_against(row, (found[0], found[1], found[3]) if found[0] is not None else None, same_content)
-    levels: _Levels = _levels(found)
+    levels: Levels = levels_of(found)
     if status is StoreStatus.DUPLICATE:
         return status, None
     if status is StoreStatus.OUTDATED:
@@ -117,7 +109,7 @@ def record(conn: sqlite3.Connection, row: IndexRow,
         _remove_instance(conn, inst.sop_uid, found[4], found[5])
         _change(conn, "superseded", inst.sop_uid, found[4], found[5], found[0])
         # the removal may have changed or deleted the level rows: read them again
-        levels = _levels(conn.execute(LOOKUP, (*texts, "", *keys)).fetchone())
+        levels = levels_of(conn.execute(LOOKUP, (*texts, "", *keys)).fetchone())
     _add_instance(conn, row, levels)
     return status, _change(conn, "stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
 
@@ -136,19 +128,6 @@ def delete(conn: sqlite3.Connection, sop_uid: str) -> int | None:
     return _change(conn, "deleted", sop_uid, series_uid, study_uid, key)
 
 
-def _levels(row: tuple[Any, ...]) -> _Levels:
-    return (row[6:9] if row[7] is not None else None, row[9:13] if row[11] is not None else None,
-            row[13:14] if row[13] is not None else None)
-
-
-def _joined(values: set[str]) -> str:
-    return SUMMARY_SEP.join(sorted(v for v in values if v))
-
-
-def _split(text: str) -> set[str]:
-    return set(text.split(SUMMARY_SEP)) if text else set()
-
-
 def _change(conn: sqlite3.Connection, kind: str, sop: str, series: str, study: str, key: str) -> int:
     cur = conn.execute(INSERT_CHANGE, (kind, sop, series, study, key, now_iso()))
     return int(cur.lastrowid or 0)
@@ -162,7 +141,7 @@ def _upsert(conn: sqlite3.Connection, table: str, key: str, values: dict[str, An
                  f"ON CONFLICT({key}) DO UPDATE SET {updates}", list(values.values()))
 
 
-def _add_instance(conn: sqlite3.Connection, row: IndexRow, levels: _Levels) -> None:
+def _add_instance(conn: sqlite3.Connection, row: IndexRow, levels: Levels) -> None:
     """Insert the instance and bring its series, study and patient rows up to date.
 
     ``levels``: those three rows as :data:`LOOKUP` read them in this transaction, compared with the row's texts.
@@ -199,10 +178,10 @@ def _add_instance(conn: sqlite3.Connection, row: IndexRow, levels: _Levels) -> N
     if old_series is not None and old_series[0] != modality:
         refresh_study_summaries(conn, inst.study_uid)  # the series changed modality: recount
         return
-    modalities, classes = _split(old_study[0]) if old_study else set(), _split(old_study[1]) if old_study else set()
+    modalities, classes = split_summary(old_study[0]) if old_study else set(), split_summary(old_study[1]) if old_study else set()
     if modality not in modalities and modality or inst.sop_class_uid not in classes:
         conn.execute("UPDATE studies SET modalities = ?, sop_classes = ? WHERE study_uid = ?",
-                     (_joined(modalities | {modality}), _joined(classes | {inst.sop_class_uid}), inst.study_uid))
+                     (joined_summary(modalities | {modality}), joined_summary(classes | {inst.sop_class_uid}), inst.study_uid))
 
 
 def _remove_instance(conn: sqlite3.Connection, sop: str, series_uid: str, study_uid: str) -> None:
