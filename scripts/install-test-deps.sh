@@ -49,3 +49,21 @@ installed=tests/browser/node_modules/.package-lock.json
 if [ -f tests/browser/package.json ] && { [ ! -f "$installed" ] || [ tests/browser/package-lock.json -nt "$installed" ]; }; then
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
+
+# The PostgreSQL the index tests use: 127.0.0.1:5432, user postgres with trust authentication on loopback, database
+# `test` (BASTION_TEST_POSTGRESQL overrides). Started here if it is installed but not running; the tests make
+# and drop their own schemas in it.
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  if [ "$(id -u)" = 0 ] && command -v pg_ctlcluster >/dev/null; then
+    for cluster in $(pg_lsclusters -h | awk '$3 == 5432 {print $1 "/" $2}'); do
+      pg_ctlcluster "${cluster%/*}" "${cluster#*/}" start || true
+    done
+  fi
+  for _ in $(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
+if pg_isready -q -h 127.0.0.1 -p 5432; then
+  psql -h 127.0.0.1 -U postgres -d postgres -Atqc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 \
+    || psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE test"
+else
+  echo "PostgreSQL is not answering on 127.0.0.1:5432: the PostgreSQL index tests will fail under CI" >&2
+fi
