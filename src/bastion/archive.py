@@ -23,6 +23,7 @@ from bastion.ingest.rebuild import recover
 from bastion.ingest.rejections import RejectionLog
 from bastion.ingest.scan import SPEEDUPS
 from bastion.ingest.stamps import IngestStamps
+from bastion.jobs import Jobs, open_jobs
 from bastion.model.records import is_node_id
 from bastion.query.find import Finder
 from bastion.query.retrieve import Retriever
@@ -215,6 +216,8 @@ class Archive:
     ingest: Ingest
     finder: Finder
     retriever: Retriever
+    #: Work that outlives a request (C-MOVE sub-operations), leased in the index's database.
+    jobs: Jobs
     marker: RunMarker | None = None
     #: This node's id among the nodes sharing the blob store (:func:`node_identity`).
     node_id: str = ""
@@ -248,7 +251,8 @@ class Archive:
                               ceiling_file=str(settings.data / STAMP_CEILING_FILE))
         ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
                         stamps=stamps)
-        return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), marker, node_id)
+        return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), open_jobs(settings), marker,
+                   node_id)
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""
@@ -256,7 +260,8 @@ class Archive:
                             index_record=_implementation(CRECORD))
 
     def close(self) -> None:
-        """Flush and close the index and blob store; the last primary out marks the shutdown clean."""
+        """Flush and close the jobs, index and blob store; the last primary out marks the shutdown clean."""
+        self.jobs.close()
         self.index.close()
         self.blobs.close()
         if self.marker is not None:
