@@ -25,6 +25,7 @@ import uvicorn
 from bastion import __version__
 from bastion.archive import RUNNING_MARKER, Archive, RunMarker, node_identity
 from bastion.dicomweb.metadata import start_warmer
+from bastion.dimse.moves import MoveRunner
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
 from bastion.settings import Settings, load_settings
@@ -92,6 +93,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     status = ServerStatus()
     dicom = DicomServer(archive, board=board, worker=0)
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
+    runner = MoveRunner(dicom.services.moves)  # the node's one runner of C-MOVE jobs whose lease ran out
+    runner.start()
     status.dicom_listening = True
     status.dicom_address = f"{settings.host}:{settings.dicom_port}"
     status.per_worker = board.counts  # type: ignore[method-assign]
@@ -119,6 +122,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     log.info("shutting down")
     http.should_exit = True
     await dicom.close()
+    await runner.stop()
     await http_task
     archive.close()
 

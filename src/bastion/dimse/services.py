@@ -19,10 +19,13 @@ from bastion.dimse.identifiers import (
     query_keys,
     query_level,
 )
-from bastion.dimse.scu import DestinationLost, StoreSCU, SubOperationError, send_instance
+from bastion.dimse.moves import Moves, move_key, move_payload
+from bastion.dimse.scu import DestinationLost, SubOperationError, send_instance
+from bastion.dimse.suboperations import Store, Tally, run_suboperations
 from bastion.errors import BastionError, InvalidQuery, UnknownDestination
 from bastion.ingest import PendingObject
 from bastion.model.levels import QueryLevel
+from bastion.model.matching import Condition
 from bastion.model.records import InstanceRecord
 from bastion.model.uids import PATIENT_ROOT_MODELS, is_storage_sop_class
 from bastion.query.find import conditions_for, select_keys
@@ -71,6 +74,7 @@ class Services:
     def __init__(self, archive: Archive, executor: Executor) -> None:
         self.archive = archive
         self.executor = executor
+        self.moves = Moves(archive, executor)
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
@@ -152,7 +156,8 @@ class Services:
 
     async def _final(self, session: Session, msg: Message, rsp_field: int, status: int, *,
                      comment: str | None = None, counts: dict[str, int] | None = None,
-                     dataset: bytes | None = None) -> None:
+                     dataset: bytes | None = None) -> bool:
+        """Send a final response; whether it was sent (False: the association is gone)."""
         cmd = {"CommandField": rsp_field, "MessageIDBeingRespondedTo": msg.command["MessageID"],
                "AffectedSOPClassUID": msg.context.abstract_syntax, "Status": status, **(counts or {})}
         if comment and status not in (m.SUCCESS, m.PENDING, m.CANCEL):
@@ -161,6 +166,8 @@ class Services:
             await session.assoc.send_message(msg.context.id, cmd, dataset)
         except Exception:
             log.info("could not answer %s: association gone", hex(rsp_field))
+            return False
+        return True
 
     # -- C-STORE (PS3.4 B.2) --------------------------------------------------------------------
     async def c_store(self, session: Session, msg: Message) -> None:
@@ -219,30 +226,41 @@ class Services:
         await self._final(session, msg, m.C_FIND_RSP, m.SUCCESS)
 
     # -- C-MOVE (PS3.4 C.4.2) and C-GET (C.4.3) -----------------------------------------------------
-    async def _select(self, msg: Message) -> list[InstanceRecord]:
+    def _retrieve_keys(self, msg: Message) -> tuple[QueryLevel, list[Condition]]:
+        """A retrieve identifier's level and matching keys; it must name the level's unique key
+        (PS3.4 C.4.2.1.4, C.4.3.1.4)."""
         level, conditions, _ = self._identifier(msg)
         if not any(c.keyword == level.unique_key and c.kind.value != "universal" for c in conditions):
             raise InvalidQuery(f"a retrieve at {level.value} level needs {level.unique_key}")
-        return list(await self._run(self.archive.retriever.select, level, conditions))
+        return level, conditions
+
+    async def _select(self, msg: Message) -> list[InstanceRecord]:
+        return list(await self._run(self.archive.retriever.select, *self._retrieve_keys(msg)))
 
     async def c_move(self, session: Session, msg: Message) -> None:
+        """C-MOVE (PS3.4 C.4.2): the matching instances sent to the move destination, one C-STORE sub-operation
+        each over one association (C.4.2.2), a pending response after each and a final response with the counts
+        (C.4.2.1.4).
+
+        The sub-operations are a leased job (:mod:`bastion.dimse.moves`): if this node dies, another finishes
+        them within a lease and a poll; the same request sent again joins the job (waits for it, or takes it
+        over) instead of starting another, and answers with its counts once it finished, skipping the instances
+        it delivered. A requester that leaves does not stop the job: the node's runner finishes it.
+        """
         dest = str(msg.command.get("MoveDestination", "")).strip()
-        remote = self.archive.settings.remote(dest)
-        if remote is None:
+        if self.archive.settings.remote(dest) is None:
             raise UnknownDestination(f"move destination {dest!r} is not a configured remote AE")
-        records = await self._select(msg)
-        if not records:  # nothing matches: zero sub-operations, no association with the destination
-            await self._suboperations(session, msg, records, None)
+        level, conditions = self._retrieve_keys(msg)
+        records = list(await self._run(self.archive.retriever.select, level, conditions))
+        if not records:  # nothing matches: zero sub-operations, no association with the destination, no job
+            await self._answer(session, msg, Tally(0))
             return
-        scu = StoreSCU(self.archive, self.executor, calling_aet=self.archive.settings.aet, remote=remote)
-        try:
-            await scu.connect({r.sop_class_uid for r in records}, {r.transfer_syntax for r in records})
-        except SubOperationError as exc:
-            raise BastionError(f"cannot reach {dest}: {exc}") from exc
-        try:
-            await self._suboperations(session, msg, records, scu.store)
-        finally:
-            await scu.release()
+        calling, mid = session.assoc.calling_aet, msg.command["MessageID"]
+        job, tally = await self.moves.request(
+            move_key(calling, dest, level, conditions), move_payload(dest, records, (calling, mid)), records,
+            stop=lambda: mid in session.cancelled, progress=partial(self._pending, session, msg))
+        if await self._answer(session, msg, tally):
+            await self._run(self.archive.jobs.answered, job)
 
     async def c_get(self, session: Session, msg: Message) -> None:
         records = await self._select(msg)
@@ -281,61 +299,32 @@ class Services:
         return None
 
     async def _suboperations(self, session: Session, msg: Message, records: list[InstanceRecord],
-                             store: Any) -> None:
-        """Run one C-STORE sub-operation per record, a pending response after each, then the final response
-        (PS3.4 C.4.2.1.4, C.4.3.1.4): success; 0xB000 if some failed or had warnings; 0xA702 if none succeeded.
-
-        When the association the sub-operations go over ends (:class:`DestinationLost`: the C-MOVE destination
-        aborted or dropped it), the current and every remaining sub-operation count as failed and the final
-        response is sent at once.
-        """
-        rsp_field = msg.command["CommandField"] | 0x8000
+                             store: Store) -> None:
+        """C-GET's sub-operations over the requester's own association, a pending response after each, then the
+        final response (PS3.4 C.4.3.1.4, :func:`run_suboperations`); a C-CANCEL stops them (C.4.3.3.1)."""
         mid = msg.command["MessageID"]
-        remaining, completed, failed, warning = len(records), 0, 0, 0
-        failed_uids: list[str] = []
-        originator = (session.assoc.calling_aet, mid)
-        for i, record in enumerate(records):
-            if mid in session.cancelled:
-                await self._final(session, msg, rsp_field, m.CANCEL, counts=_counts(remaining, completed,
-                                                                                     failed, warning))
-                return
-            try:
-                status = await store(record, originator)
-            except DestinationLost as exc:
-                log.warning("sub-operations for %s ended after %d of %d: %s", session.assoc.calling_aet, i,
-                            len(records), exc)
-                failed += remaining
-                failed_uids += [r.sop_uid for r in records[i:]]
-                break
-            except (SubOperationError, BastionError) as exc:
-                log.warning("sub-operation for %s failed: %s", record.sop_uid, exc)
-                status = 0xC000
-            remaining -= 1
-            if status == m.SUCCESS:
-                completed += 1
-            elif status in (0x0107, 0x0116, 0xB000, 0xB007, 0xB006):
-                warning += 1
-            else:
-                failed += 1
-                failed_uids.append(record.sop_uid)
-            await session.assoc.send_message(msg.context.id, {
-                "CommandField": rsp_field, "MessageIDBeingRespondedTo": mid,
-                "AffectedSOPClassUID": msg.context.abstract_syntax, "Status": m.PENDING,
-                **_counts(remaining, completed, failed, warning)})
-        if failed == 0 and warning == 0:
-            status = m.SUCCESS
-        elif completed == 0 and warning == 0:
-            status = 0xA702  # Refused/failed: unable to perform sub-operations
-        else:
-            status = m.WARNING_SUBOPS
-        dataset = encode_failed_uids(failed_uids, msg.context.transfer_syntax) if failed_uids else None
-        await self._final(session, msg, rsp_field, status, counts=_counts(None, completed, failed, warning),
-                          dataset=dataset, comment=f"{failed} sub-operation(s) failed" if failed else None)
+        tally = Tally(len(records))
 
+        async def pending(record: InstanceRecord, status: int) -> None:
+            await self._pending(session, msg, tally)
 
-def _counts(remaining: int | None, completed: int, failed: int, warning: int) -> dict[str, int]:
-    out = {"NumberOfCompletedSuboperations": completed, "NumberOfFailedSuboperations": failed,
-           "NumberOfWarningSuboperations": warning}
-    if remaining is not None:
-        out["NumberOfRemainingSuboperations"] = remaining
-    return out
+        if not await run_suboperations(records, store, tally, (session.assoc.calling_aet, mid),
+                                       peer=session.assoc.calling_aet, stop=lambda: mid in session.cancelled,
+                                       done=pending):
+            tally.cancelled = True
+        await self._answer(session, msg, tally)
+
+    async def _pending(self, session: Session, msg: Message, tally: Tally) -> None:
+        """A pending C-MOVE or C-GET response with the counts so far (PS3.4 C.4.2.1.4, C.4.3.1.4)."""
+        await session.assoc.send_message(msg.context.id, {
+            "CommandField": msg.command["CommandField"] | 0x8000, "MessageIDBeingRespondedTo": msg.command["MessageID"],
+            "AffectedSOPClassUID": msg.context.abstract_syntax, "Status": m.PENDING, **tally.counts(final=False)})
+
+    async def _answer(self, session: Session, msg: Message, tally: Tally) -> bool:
+        """The final C-MOVE or C-GET response (PS3.4 C.4.2.1.4, C.4.3.1.4): Cancel after a C-CANCEL, success,
+        0xB000 if some sub-operations failed or had warnings, 0xA702 if none succeeded; the failed instances'
+        UIDs in its identifier. Whether it was sent."""
+        dataset = encode_failed_uids(tally.failed_uids, msg.context.transfer_syntax) if tally.failed_uids else None
+        return await self._final(session, msg, msg.command["CommandField"] | 0x8000, tally.status,
+                                 counts=tally.counts(final=True), dataset=dataset,
+                                 comment=f"{tally.failed} sub-operation(s) failed" if tally.failed else None)
