@@ -129,6 +129,21 @@ def test_begin_takes_over_an_expired_job_with_the_same_key(open_: OpenJobs) -> N
     assert requester.claim_expired("runner") is None
 
 
+def test_claim_reads_a_job_and_takes_it_over_only_once_its_lease_ran_out(open_: OpenJobs) -> None:
+    dying, waiter = open_(SHORT), open_(LONG)
+    job = dying.begin("c-move", "k", PAYLOAD, "owner-a")
+    held = waiter.claim(job, "owner-b")
+    assert held.id == job.id and held.owner in ("owner-a", "owner-b")  # "owner-b" only if the lease already ran out
+    taken = wait_for(lambda: found if (found := waiter.claim(job, "owner-b")).owner == "owner-b" else None,
+                     "the expired job claimed by its waiter")
+    assert waiter.finish(taken, {"completed": 3})
+    waiter.answered(taken)  # its requester was answered: closed, and a new job may begin with its key
+    assert waiter.begin("c-move", "k", PAYLOAD, "owner-c").id != job.id
+    ended = waiter.claim(job, "owner-d")  # the job waited for, not the new one of its key
+    assert (ended.id, ended.owner, ended.closed, dict(ended.outcome or {})) == (job.id, "owner-b", True,
+                                                                                {"completed": 3})
+
+
 def test_a_released_job_is_claimed_at_once(open_: OpenJobs) -> None:
     owner, runner = open_(LONG), open_(LONG)
     job = owner.begin("c-move", "k", PAYLOAD, "owner-a")

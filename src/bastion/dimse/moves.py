@@ -121,7 +121,7 @@ class Moves:
                     await progress(tally)
                     shown = tally
             await asyncio.sleep(POLL_SECONDS)
-            job = await self.call(self.jobs.begin, KIND, key, payload, owner)
+            job = await self.call(self.jobs.claim, job, owner)
 
     async def run(self, job: Job, records: Sequence[InstanceRecord] = (), *, stop: Callable[[], bool] = lambda: False,
                   progress: Progress | None = None) -> Tally | None:

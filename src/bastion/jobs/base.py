@@ -5,7 +5,8 @@ A job is a row keyed by what it does (a digest of the request): starting the sam
 that is doing it instead of starting a second one (:meth:`Jobs.begin`). Whoever runs a job holds its *lease*:
 its ``owner`` and a ``lease_until`` time, renewed while it runs (:meth:`Jobs.renew`, every
 :data:`LEASE_SECONDS` / 3). When the owner dies the lease runs out, and any node's runner takes the job over
-(:meth:`Jobs.claim_expired`, no two at once) and finishes it, skipping the items the job already recorded
+(:meth:`Jobs.claim_expired`, no two at once; or a request waiting for the job, :meth:`Jobs.claim`) and
+finishes it, skipping the items the job already recorded
 (:meth:`Jobs.record_progress`). Times are the database's clock, never a node's.
 
 A job's life::
@@ -79,6 +80,11 @@ class Jobs(ABC):
         """The open job with ``key``: a new one leased to ``owner`` if there is none; an unfinished one whose
         lease ran out, taken over by ``owner``; else the job as it is (another's lease, or finished: compare
         ``job.owner`` and ``job.finished``)."""
+
+    @abstractmethod
+    def claim(self, job: Job, owner: str) -> Job:
+        """``job`` as it is now, taken over by ``owner`` if it is unfinished and its lease ran out (a request
+        waiting for a job polls it so: it never begins another job, even once ``job`` was closed)."""
 
     @abstractmethod
     def claim_expired(self, owner: str) -> Job | None:

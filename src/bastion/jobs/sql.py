@@ -76,12 +76,22 @@ class SqlJobs(Jobs):
                        f"VALUES (?, ?, {d.json}, ?, {self._later}, {d.now}) "
                        f"ON CONFLICT (key) WHERE NOT closed DO NOTHING RETURNING {_COLUMNS}",
                        (kind, key, json.dumps(payload), owner, self.lease_seconds))
-            if not rows:
-                rows = run(f"SELECT {_COLUMNS} FROM jobs WHERE key = ? AND NOT closed{d.lock}", (key,))
-                rows = run(f"UPDATE jobs SET owner = ?, lease_until = {self._later} WHERE id = ? "
-                           f"AND outcome IS NULL AND lease_until < {d.now} RETURNING {_COLUMNS}",
-                           (owner, self.lease_seconds, rows[0][0])) or rows
-            return self._job(run, rows[0])
+            if rows:
+                return self._job(run, rows[0])
+            found = run(f"SELECT id FROM jobs WHERE key = ? AND NOT closed{d.lock}", (key,))
+            return self._take(run, int(found[0][0]), owner)
+
+    def _take(self, run: Run, job_id: int, owner: str) -> Job:
+        """Job ``job_id``, leased to ``owner`` if it is unfinished and its lease ran out."""
+        d = self._d
+        rows = run(f"UPDATE jobs SET owner = ?, lease_until = {self._later} WHERE id = ? "
+                   f"AND outcome IS NULL AND lease_until < {d.now} RETURNING {_COLUMNS}",
+                   (owner, self.lease_seconds, job_id))
+        return self._job(run, rows[0] if rows else run(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))[0])
+
+    def claim(self, job: Job, owner: str) -> Job:
+        with self._transaction() as run:
+            return self._take(run, job.id, owner)
 
     def claim_expired(self, owner: str) -> Job | None:
         d = self._d
