@@ -73,6 +73,12 @@ def environment(data: Path) -> dict[str, str]:
     return remote_environment(data) if REMOTE else {}
 
 
+def environment_of_known(data: Path) -> dict[str, str]:
+    """:func:`environment` for an archive a server or the ``archive`` fixture opened on this leg's remote
+    backends; {} for any other (a test that made its own settings for an embedded archive in ``data``)."""
+    return environment(data) if REMOTE and _name(data) in _schemas else {}
+
+
 def remote_environment(data: Path) -> dict[str, str]:
     """:func:`remote_locations` as ``BASTION_*`` variables, with the S3 credentials."""
     found = remote_locations(data)

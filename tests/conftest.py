@@ -136,12 +136,12 @@ def run_dcmtk(tool: str, *args: str | os.PathLike[str], timeout: float = 60.0) -
 
 
 def run_bastion(*args: str | os.PathLike[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run the ``bastion`` CLI; ``.stdout`` and ``.stderr`` kept apart. A command given ``--data DIR`` runs on the
-    index and blob store of the archive in ``DIR`` (:mod:`backends`)."""
+    """Run the ``bastion`` CLI; ``.stdout`` and ``.stderr`` kept apart. A command given ``--data DIR`` of an archive
+    that a server opened runs on that archive's index and blob store (:mod:`backends`)."""
     words = list(map(str, args))
     env = dict(os.environ)
     if "--data" in words[:-1]:
-        env |= backends.environment(Path(words[words.index("--data") + 1]))
+        env |= backends.environment_of_known(Path(words[words.index("--data") + 1]))
     return subprocess.run([BASTION, *words], capture_output=True, text=True, timeout=timeout, check=False, env=env)
 
 

@@ -767,3 +767,12 @@ def test_a_version_older_than_the_current_one_is_kept_as_superseded(index: Index
                                                                   older.instance.blob_key: False}
     assert index.changes(seq - 1)[0].kind == "superseded"
     assert index.record(obj("1.2.3.1.1", content="v1"))[0] is StoreStatus.SUPERSEDED  # a newer stamp: current
+
+
+def test_a_value_with_a_nul_matches_nothing(index: Index) -> None:
+    """A query value holding a NUL character (a fuzzer's, or a client's bug) matches nothing, on every backend,
+    rather than failing the search (PostgreSQL text cannot hold NUL)."""
+    index.record(obj("1.2.3.1.1", name="Doe^John"))
+    assert index.find(QueryLevel.STUDY, [cond("PatientName", "*\x00*")]) == []
+    assert index.find(QueryLevel.STUDY, [cond("PatientID", "P\x001")]) == []
+    assert len(index.find(QueryLevel.STUDY, [cond("PatientName", "Doe*")])) == 1

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import backends
 import pydicom
 import pytest
 from conftest import DCMTK, BastionServer, corpus, dcmtk_env, requires_dcmtk, run_bastion
@@ -55,7 +56,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(bastion_factory: Any, 
         while time.monotonic() < deadline and sender.poll() is None:
             # ... and records in the blob journal: a checkpoint (every second) voids the records before it, and
             # on a slow machine one could fall just before the kill and leave nothing for the test below
-            if server.stats()["instances"] > 50 and _journaled(data):
+            if server.stats()["instances"] > 50 and (backends.REMOTE or _journaled(data)):
                 break
             time.sleep(0.02)
         server.kill9()
@@ -70,21 +71,22 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(bastion_factory: Any, 
     assert len(acked) < COUNT, "the kill came too late to test anything"
     assert sender.returncode != 0  # storescu saw the connection die
 
-    # A power failure would also lose what the page cache held: every object still in the blob journal
-    # (acknowledged, its file not yet flushed) loses its file or part of it. The restart must rewrite them.
-    journaled = _journaled(data)
-    assert journaled, "the kill left nothing in the blob journal to replay"
-    for i, record in enumerate(journaled):
-        path = data / "blobs" / record.key
-        if i % 3 == 0:
-            path.unlink(missing_ok=True)
-        else:
-            path.write_bytes(record.data[: len(record.data) * (i % 3 - 1) // 2])  # empty or half
+    if not backends.REMOTE:  # the embedded store's own durability chain (S3 and PostgreSQL have their own)
+        # A power failure would also lose what the page cache held: every object still in the blob journal
+        # (acknowledged, its file not yet flushed) loses its file or part of it. The restart must rewrite them.
+        journaled = _journaled(data)
+        assert journaled, "the kill left nothing in the blob journal to replay"
+        for i, record in enumerate(journaled):
+            path = data / "blobs" / record.key
+            if i % 3 == 0:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(record.data[: len(record.data) * (i % 3 - 1) // 2])  # empty or half
 
-    # The index opens cleanly, without repair, before the server touches it again.
-    conn = sqlite3.connect(data / "index.sqlite3")
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
+        # The index opens cleanly, without repair, before the server touches it again.
+        conn = sqlite3.connect(data / "index.sqlite3")
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
 
     restarted: BastionServer = bastion_factory(data)
     assert restarted.spool_files() == []

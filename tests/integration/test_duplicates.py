@@ -11,7 +11,8 @@ import pytest
 from conftest import make_ct_series
 
 from bastion.archive import Archive
-from bastion.blobs import filesystem
+from bastion.blobs.file_writer import FileWriter
+from bastion.blobs.s3 import S3Writer
 from bastion.cli import main as cli
 from bastion.ingest import pipeline
 from bastion.model.records import StoreStatus
@@ -20,21 +21,22 @@ from bastion.settings import load_settings
 
 @pytest.fixture
 def commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The keys the blob store was asked to commit."""
+    """The keys the blob store (filesystem or S3) was asked to commit."""
     keys: list[str] = []
-    real = filesystem.FileWriter.start_commit
+    for writer in (FileWriter, S3Writer):
+        real = writer.start_commit
 
-    def start_commit(self: filesystem.FileWriter, key: str, **options: Any) -> Any:
-        keys.append(key)
-        return real(self, key, **options)
+        def start_commit(self: Any, key: str, real: Any = real, **options: Any) -> Any:
+            keys.append(key)
+            return real(self, key, **options)
 
-    monkeypatch.setattr(filesystem.FileWriter, "start_commit", start_commit)
+        monkeypatch.setattr(writer, "start_commit", start_commit)
     return keys
 
 
 def _blob_files(archive: Archive) -> list[Path]:
-    root = Path(archive.blobs.location)
-    return [p for p in root.rglob("*.dcm") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    """The stored objects (their keys, as paths)."""
+    return [Path(key) for key in archive.blobs.keys()]
 
 
 @pytest.mark.parametrize("size", [64, 768])  # 64x64: ~9 KB, journaled; 768x768: ~1.2 MB, from PRECHECK_BYTES
@@ -63,7 +65,7 @@ def test_importing_a_stored_folder_again_writes_nothing(commits: list[str], tmp_
     assert len(commits) == len(study.files)
     assert cli.main(["import", "--data", str(data), str(tmp_path / "study")]) == 0
     assert len(commits) == len(study.files)  # the second import found every object in the index first
-    archive = Archive.open(load_settings(None, env={}, data=data))
+    archive = Archive.open(load_settings(None, env={}, data=data))  # the import's embedded archive
     try:
         assert archive.index.statistics().instances == len(study.files)
         assert len(_blob_files(archive)) == len(study.files)

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from backends import embedded_only
 from conftest import make_ct_series
 
 from bastion.archive import Archive
@@ -25,7 +26,7 @@ from bastion.ingest.pipeline import PendingObject
 from bastion.model.part10 import part10_bytes
 from bastion.model.records import StoreStatus
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), embedded_only]  # the filesystem store's flush and its compiled writer
 
 
 def _pending(archive: Archive, data: bytes) -> PendingObject:

@@ -31,10 +31,11 @@ class Dialect:
     true: str  # a term that always holds
     glob: bool  # a case-sensitive wildcard is SQLite's GLOB (else a LIKE on a column of byte collation)
     folded: frozenset[str]  # columns compared as lower(column), against ASCII-lowered values
+    false: str  # a term that never holds
 
 
-SQLITE = Dialect("?", "1", True, frozenset())
-POSTGRESQL = Dialect("%s", "TRUE", False, frozenset({"patient_name", "referring_physician"}))
+SQLITE = Dialect("?", "1", True, frozenset(), "0")
+POSTGRESQL = Dialect("%s", "TRUE", False, frozenset({"patient_name", "referring_physician"}), "FALSE")
 
 ALIASES = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
 INTEGER_COLUMNS = frozenset({"series_number", "instance_number"})
@@ -125,6 +126,9 @@ def compile_conditions(level: QueryLevel, conditions: Sequence[Condition], diale
     out = Compiled()
     for cond in conditions:
         if cond.kind is MatchType.UNIVERSAL:
+            continue
+        if any("\x00" in value for value in cond.values):  # no stored value holds NUL (SQLite would cut the
+            out.where.append(dialect.false)                 # pattern there; PostgreSQL text cannot hold one)
             continue
         if cond.keyword == "ModalitiesInStudy" and level in (QueryLevel.STUDY,):
             sql, params = compile_column(cond, "x.modality", "modality", dialect)

@@ -31,6 +31,9 @@ class ServerStatus:
     started: float = field(default_factory=time.time)
     dicom_listening: bool = False
     dicom_address: str = ""
+    #: Every DICOM worker process has listened (``/health`` says "starting", 503, until then: a load balancer
+    #: then sends a node nothing before all of it is up).
+    all_workers_started: bool = False
 
     def per_worker(self) -> list[int]:
         """Associations open in each DICOM worker process (replaced by the server)."""
@@ -51,14 +54,19 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
 
     async def health(request: Request) -> JSONResponse:
         s = archive.settings
+        workers_up = all(status.worker_pids())
+        status.all_workers_started = status.all_workers_started or (status.dicom_listening and workers_up)
+        state = ("starting" if not status.all_workers_started else "ok" if workers_up else "degraded")
         body = {
-            "status": "ok" if status.dicom_listening else "starting",
+            "status": state,
             "version": __version__,
             "aet": s.aet,
             "dicom": {"listening": status.dicom_listening, "address": status.dicom_address},
             "uptime_seconds": round(time.time() - status.started, 1),
         }
-        return JSONResponse(body, status_code=200 if status.dicom_listening else 503)
+        if state == "degraded":
+            body["reason"] = "a DICOM worker process is being replaced"
+        return JSONResponse(body, status_code=503 if state == "starting" else 200)
 
     routes: list[BaseRoute] = [Route("/health", health)]
     routes += _routes(archive, status)

@@ -23,8 +23,10 @@ _HEALTH = {
     "additionalProperties": False,
     "required": ["status", "version", "aet", "dicom", "uptime_seconds"],
     "properties": {
-        "status": {"type": "string", "enum": ["ok", "starting"],
-                   "description": "`ok` once the DICOM listener accepts associations."},
+        "status": {"type": "string", "enum": ["ok", "starting", "degraded"],
+                   "description": "`starting` (HTTP 503) until every DICOM worker process has listened; then `ok`, "
+                                  "or `degraded` (HTTP 200, with `reason`) while one is being replaced."},
+        "reason": {"type": "string", "description": "Why the status is `degraded`."},
         "version": {"type": "string", "examples": ["0.1.0"]},
         "aet": {"type": "string", "description": "Bastion's AE title.", "examples": ["BASTION"]},
         "dicom": {
