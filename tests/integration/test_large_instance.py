@@ -39,6 +39,7 @@ def test_large_multiframe_round_trip(bastion_factory, tmp_path: Path) -> None:
     header = pydicom.dcmread(source, stop_before_pixels=True)
 
     assert server.proc is not None
+    idle = _group_rss_bytes(server.proc.pid)  # the processes' own (more with the S3 and PostgreSQL clients)
     peak = 0
     stop = threading.Event()
 
@@ -58,7 +59,8 @@ def test_large_multiframe_round_trip(bastion_factory, tmp_path: Path) -> None:
     assert stored.returncode == 0, stored.stdout
     assert server.stats()["instances"] == 1
     # The server (all its processes) never held the 300 MiB object in memory.
-    assert peak < 250 * 2**20, f"peak RSS {peak / 2**20:.0f} MiB while receiving a 300 MiB instance"
+    assert peak - idle < 64 * 2**20, (f"peak RSS {peak / 2**20:.0f} MiB, {(peak - idle) / 2**20:.0f} MiB above idle, "
+                                      "while receiving a 300 MiB instance")
 
     out = tmp_path / "got"
     out.mkdir()
