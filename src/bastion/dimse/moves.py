@@ -103,6 +103,7 @@ class Moves:
         shown: Tally | None = None
         while True:
             if job.outcome is not None:
+                log.info("C-MOVE job %d (run by %s) answered from its outcome", job.id, job.owner)
                 return job, Tally.of_outcome(job.outcome)
             if job.owner == owner:
                 log.info("C-MOVE job %d to %s: %d instance(s), %d done before", job.id, job.payload["destination"],
