@@ -250,8 +250,10 @@ class MoveRunner:
                 if loop.time() - pruned > PRUNE_SECONDS:
                     await self.moves.call(jobs.prune)
                     pruned = loop.time()
-            except BastionError as exc:
+            except BastionError as exc:  # the database failing over: try again at the next poll
                 log.warning("C-MOVE job runner: %s", exc.message)
+            except Exception:
+                log.exception("C-MOVE job runner failed; trying again")
             await asyncio.sleep(RUNNER_POLL_SECONDS)
 
     async def _take_over(self, job: Job) -> None:
