@@ -255,10 +255,13 @@ def test_a_c_move_whose_node_is_killed_is_finished_by_the_other_node(
                 time.sleep(0.2)
             assert wanted <= _moved_uids(destination.directory), survivor.log()
             assert "taken over (its lease ran out)" in survivor.log()
+            while "finished: 15 completed" not in survivor.log() and time.monotonic() < deadline:
+                time.sleep(0.2)
 
             again = run_dcmtk("movescu", "-d", *move, timeout=120)
-            final = move_responses(again.stdout)[-1]
-            assert (final["status"], final["completed"], final["failed"], final["warning"]) == \
+            answers = move_responses(again.stdout)
+            assert len(answers) == 1, again.stdout  # the final response alone: nothing sent again
+            assert (answers[0]["status"], answers[0]["completed"], answers[0]["failed"], answers[0]["warning"]) == \
                 ("0x0000", "15", "0", "0"), again.stdout
         finally:
             proxy.stop()
