@@ -769,6 +769,16 @@ def test_a_version_older_than_the_current_one_is_kept_as_superseded(index: Index
     assert index.record(obj("1.2.3.1.1", content="v1"))[0] is StoreStatus.SUPERSEDED  # a newer stamp: current
 
 
+def test_an_outdated_version_not_to_be_kept_is_not_recorded(index: Index) -> None:
+    """The ingest stores an outdated version again above the current one: it asks that the first not be kept."""
+    older, newer = obj("1.2.3.1.1", content="v1"), obj("1.2.3.1.1", content="v2")
+    index.record(newer)
+    end = index.log_end()
+    assert index.record(older, keep_outdated=False) == (StoreStatus.OUTDATED, None)
+    assert [v.blob_key for v in index.versions()] == [newer.instance.blob_key]
+    assert index.log_end() == end
+
+
 def test_a_value_with_a_nul_matches_nothing(index: Index) -> None:
     """A query value holding a NUL character (a fuzzer's, or a client's bug) matches nothing, on every backend,
     rather than failing the search (PostgreSQL text cannot hold NUL)."""

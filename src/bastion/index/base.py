@@ -126,7 +126,8 @@ class Index(abc.ABC):
 
     @abc.abstractmethod
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
-               same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
+               same_content: Callable[[str], bool] | None = None, *,
+               keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
         """Record a stored version in one transaction (durable on return).
 
         ``durable``, if given, returns once the object's blob is durable (:meth:`BlobWriter.start_commit`): it is
@@ -138,14 +139,18 @@ class Index(abc.ABC):
         is of another algorithm (SHA-256: stored before BLAKE3) is compared by ``same_content(that digest)``
         where it is given, and is superseded where it is not.
 
-        Returns the status (stored / duplicate / superseded) and the change-log sequence.
+        A version older than the current one (:attr:`StoreStatus.OUTDATED`) is kept as a superseded version, or,
+        with ``keep_outdated=False`` (the ingest, which then stores it again above the current one), not recorded.
+
+        Returns the status (stored / duplicate / superseded / outdated) and the change-log sequence (None where
+        nothing was recorded).
         """
 
-    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None,
-                           ) -> tuple[StoreStatus, int | None]:
+    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None, *,
+                           keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
         """:meth:`record` for an event loop, for an object whose blob is durable already: the loop is not made to
         wait for another writer. This default records in a thread."""
-        return await asyncio.to_thread(self.record, obj, None, same_content)
+        return await asyncio.to_thread(self.record, obj, None, same_content, keep_outdated=keep_outdated)
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         """Record several versions, in order (rebuild); backends may commit them together."""

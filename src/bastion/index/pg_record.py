@@ -168,7 +168,8 @@ def _lookup(tx: Tx, row: IndexRow, sop_uid: str) -> tuple[Any, ...]:
     return tuple(found)
 
 
-def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
+def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = None,
+           keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
     """Record ``row`` in ``tx``: its status and the place of its change-log entry among ``tx``'s (None: a
     duplicate, nothing written); :func:`~bastion.index.rows.status_against` says what it does."""
     inst = row.instance
@@ -178,7 +179,7 @@ def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = N
         found = _lookup(tx, row, inst.sop_uid)
     status = status_against(row, (found[0], found[1], found[3]) if found[0] is not None else None, same_content)
     levels: Levels = levels_of(found)
-    if status is StoreStatus.DUPLICATE:
+    if status is StoreStatus.DUPLICATE or (status is StoreStatus.OUTDATED and not keep_outdated):
         return status, None
     if status is StoreStatus.OUTDATED:
         tx.execute(INSERT_VERSION, (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))

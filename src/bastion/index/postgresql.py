@@ -232,20 +232,22 @@ class PostgresIndex(Index):
 
     # -- recording ----------------------------------------------------------------------------------------------
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
-               same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
+               same_content: Callable[[str], bool] | None = None, *,
+               keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
         """:meth:`Index.record`; ``durable`` returns before the transaction begins (it never waits for storage)."""
         row = IndexRow.of(obj)
         if durable is not None:
             durable()
-        (status, slot), tx = self._write(lambda tx: pg_record.record(tx, row, same_content))
+        (status, slot), tx = self._write(lambda tx: pg_record.record(tx, row, same_content, keep_outdated))
         return status, None if slot is None else tx.seqs[slot]
 
-    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None,
-                           ) -> tuple[StoreStatus, int | None]:
+    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None, *,
+                           keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
         """:meth:`record` in a thread of the index, for an event loop. Cancelled before the thread has started it,
         nothing is recorded and CancelledError is raised; once started, its outcome is awaited and returned (or
         raised) whatever the cancellation: CancelledError always means that nothing was recorded."""
-        return await outcome_of_write(self._threads.submit(self.record, obj, None, same_content))
+        return await outcome_of_write(self._threads.submit(self.record, obj, None, same_content,
+                                                                keep_outdated=keep_outdated))
 
     def record_many(self, objs: Sequence[StoredObject]) -> list[tuple[StoreStatus, int | None]]:
         """Record ``objs`` in order, in one transaction."""

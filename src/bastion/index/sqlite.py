@@ -348,18 +348,19 @@ class SqliteIndex(Index):
         return recorded
 
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
-               same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
+               same_content: Callable[[str], bool] | None = None, *,
+               keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
         row = IndexRow.of(obj)
         recorded = self._record_in_c(row, durable)
         if recorded is not None:
             return recorded
-        status, seq = self._write(lambda conn: sqlite_record.record(conn, row, same_content), durable)
+        status, seq = self._write(lambda conn: sqlite_record.record(conn, row, same_content, keep_outdated), durable)
         if seq is not None:
             self._mark.cover(seq)
         return status, seq
 
-    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None,
-                           ) -> tuple[StoreStatus, int | None]:
+    async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None, *,
+                           keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
         """:meth:`record` for an event loop, for an object already durable: uncontended, the transaction runs
         here (statements and a commit that does not wait for the disk, in WAL mode); beside other writes of this
         process, it is queued to the writer thread, which commits the waiting ones together, and awaited.
@@ -373,7 +374,7 @@ class SqliteIndex(Index):
             return recorded
 
         def write(conn: sqlite3.Connection) -> tuple[StoreStatus, int | None]:
-            return sqlite_record.record(conn, row, same_content)
+            return sqlite_record.record(conn, row, same_content, keep_outdated)
 
         done, value = self._write_here(write, None)
         if not done:

@@ -88,7 +88,8 @@ def record_in_c(recorder: Any, row: IndexRow, durable: Callable[[], None] | None
 
 
 def record(conn: sqlite3.Connection, row: IndexRow,
-           same_content: Callable[[str], bool] | None = None) -> tuple[StoreStatus, int | None]:
+           same_content: Callable[[str], bool] | None = None,
+           keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
     """Record ``row`` in the transaction open on ``conn`` (:func:`~bastion.index.rows.status_against` says what
     that does): its status and change-log seq (None: a duplicate)."""
     inst = row.instance
@@ -97,7 +98,7 @@ def record(conn: sqlite3.Connection, row: IndexRow,
     found = conn.execute(LOOKUP, (*texts, inst.sop_uid, *keys)).fetchone()
     status = status_against(row, (found[0], found[1], found[3]) if found[0] is not None else None, same_content)
     levels: Levels = levels_of(found)
-    if status is StoreStatus.DUPLICATE:
+    if status is StoreStatus.DUPLICATE or (status is StoreStatus.OUTDATED and not keep_outdated):
         return status, None
     if status is StoreStatus.OUTDATED:
         conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",

@@ -214,7 +214,7 @@ class Ingest:
     async def _record_async(self, staged: _Staged) -> StoreResult:
         """:meth:`_record` on an event loop, for a staged object whose commit completed."""
         try:
-            status, seq = await self.index.record_async(staged.obj, staged.same_content)
+            status, seq = await self.index.record_async(staged.obj, staged.same_content, keep_outdated=False)
         except BaseException:
             self._discard_staged(staged)
             raise
@@ -344,7 +344,7 @@ class Ingest:
     def _record(self, staged: _Staged) -> StoreResult:
         """Record ``staged`` in the index (its flush completing meanwhile); remove its blob if that fails."""
         try:
-            status, seq = self.index.record(staged.obj, staged.durable, staged.same_content)
+            status, seq = self.index.record(staged.obj, staged.durable, staged.same_content, keep_outdated=False)
         except BaseException:
             self._discard_staged(staged)
             raise
@@ -368,38 +368,41 @@ class Ingest:
     STORE_AGAIN_LIMIT = 3
 
     def _stored_again(self, staged: _Staged, again: int = 0) -> StoreResult:
-        """``staged``, which the index found older (by stamp) than the instance's current version, stored again
-        under a stamp above that version's, so that it becomes current: it was received after that version was
-        recorded (another node, whose clock is ahead, stored it). Its first copy stays, indexed as a superseded
-        version, as a rebuild would index it. Versions thus follow the order the index recorded them in, on any
+        """``staged``, which the index found older (by stamp) than the instance's current version and did not
+        record, stored again under a stamp above that version's, so that it becomes current: it was received after
+        that version was recorded (by another node, whose clock is ahead, or by a store of this one that overtook
+        it). Its first copy is then removed. Versions thus follow the order the index recorded them in, on any
         number of nodes, whatever their clocks (:mod:`bastion.ingest.stamps`)."""
-        if again >= self.STORE_AGAIN_LIMIT:
-            raise IndexFailure(f"instance {staged.obj.instance.sop_uid}: newer versions kept being stored by other "
-                               "nodes while this one was stored again", uid=staged.obj.instance.sop_uid)
         first = staged.obj.instance
-        current = self.index.current(first.sop_uid)
-        parts = parse_object_key(current.blob_key) if current is not None else None
-        stamp = self._stamps.next(above=parts["stamp"] if parts is not None else None)
-        record = replace(first, blob_key=object_key(first.sop_uid, stamp, first.digest, self.node_id))
-        w = self.blobs.writer()
         try:
-            with self.blobs.open(first.blob_key) as copy:
-                while chunk := copy.read(1024 * 1024):
-                    w.write(chunk)
-            w.commit(record.blob_key)
-        except BaseException:
-            w.abort()
-            raise
-        log.info("instance %s: stored again as %s, above the version another node stored (%s)", first.sop_uid,
-                 record.blob_key, current.blob_key if current is not None else "")
-        again_staged = _Staged(replace(staged.obj, instance=record, stamp=stamp), Committed(), staged.same_content,
-                               staged.warnings)
-        try:
-            status, seq = self.index.record(again_staged.obj, None, again_staged.same_content)
-        except BaseException:
-            self._discard_staged(again_staged)
-            raise
-        return self._recorded(again_staged, status, seq, again=again + 1)
+            if again >= self.STORE_AGAIN_LIMIT:
+                raise IndexFailure(f"instance {first.sop_uid}: newer versions kept being stored by other nodes "
+                                   "while this one was stored again", uid=first.sop_uid)
+            current = self.index.current(first.sop_uid)
+            parts = parse_object_key(current.blob_key) if current is not None else None
+            stamp = self._stamps.next(above=parts["stamp"] if parts is not None else None)
+            record = replace(first, blob_key=object_key(first.sop_uid, stamp, first.digest, self.node_id))
+            w = self.blobs.writer()
+            try:
+                with self.blobs.open(first.blob_key) as copy:
+                    while chunk := copy.read(1024 * 1024):
+                        w.write(chunk)
+                w.commit(record.blob_key)
+            except BaseException:
+                w.abort()
+                raise
+            log.info("instance %s: stored again as %s, above the version stored meanwhile (%s)", first.sop_uid,
+                     record.blob_key, current.blob_key if current is not None else "")
+            again_staged = _Staged(replace(staged.obj, instance=record, stamp=stamp), Committed(),
+                                   staged.same_content, staged.warnings)
+            try:
+                status, seq = self.index.record(again_staged.obj, None, again_staged.same_content, keep_outdated=False)
+            except BaseException:
+                self._discard_staged(again_staged)
+                raise
+            return self._recorded(again_staged, status, seq, again=again + 1)
+        finally:
+            self.blobs.delete(first.blob_key)  # never indexed: the copy above (or nothing) replaces it
 
     def _discard_staged(self, staged: _Staged) -> None:
         """:meth:`_discard` for a staged object."""
