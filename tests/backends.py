@@ -73,10 +73,10 @@ def environment(data: Path) -> dict[str, str]:
     return remote_environment(data) if REMOTE else {}
 
 
-def environment_of_known(data: Path) -> dict[str, str]:
-    """:func:`environment` for an archive a server or the ``archive`` fixture opened on this leg's remote
-    backends; {} for any other (a test that made its own settings for an embedded archive in ``data``)."""
-    return environment(data) if REMOTE and _name(data) in _schemas else {}
+def environment_for_command(data: Path) -> dict[str, str]:
+    """:func:`environment` for a server or CLI command on the archive in ``data``, unless ``data`` holds an
+    embedded archive already (a test that opened one there with settings of its own): {} then."""
+    return environment(data) if REMOTE and not (Path(data) / "index.sqlite3").exists() else {}
 
 
 def remote_environment(data: Path) -> dict[str, str]:

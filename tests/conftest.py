@@ -136,12 +136,12 @@ def run_dcmtk(tool: str, *args: str | os.PathLike[str], timeout: float = 60.0) -
 
 
 def run_bastion(*args: str | os.PathLike[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run the ``bastion`` CLI; ``.stdout`` and ``.stderr`` kept apart. A command given ``--data DIR`` of an archive
-    that a server opened runs on that archive's index and blob store (:mod:`backends`)."""
+    """Run the ``bastion`` CLI; ``.stdout`` and ``.stderr`` kept apart. A command given ``--data DIR`` runs on the
+    leg's backends (:func:`backends.environment_for_command`)."""
     words = list(map(str, args))
     env = dict(os.environ)
     if "--data" in words[:-1]:
-        env |= backends.environment_of_known(Path(words[words.index("--data") + 1]))
+        env |= backends.environment_for_command(Path(words[words.index("--data") + 1]))
     return subprocess.run([BASTION, *words], capture_output=True, text=True, timeout=timeout, check=False, env=env)
 
 
@@ -409,7 +409,7 @@ class BastionServer:
             args += ["--remote", remote]
         # The settings come from the flags and ``settings`` alone; BASTION_PURE_PYTHON (the pure-Python leg) stays.
         env = ({k: v for k, v in os.environ.items() if not k.startswith("BASTION_") or k == "BASTION_PURE_PYTHON"}
-               | backends.environment(self.data) | self.settings)
+               | backends.environment_for_command(self.data) | self.settings)
         with open(self.log_path, "w") as log:
             # Own process group (session), so kill9() reaches any worker processes too.
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 from bastion.blobs import BlobStore, open_blob_store
-from bastion.blobs.filesystem import CWRITE
 from bastion.errors import BastionError
 from bastion.index import Index, open_index
 from bastion.index.sqlite_record import CRECORD
@@ -196,7 +195,8 @@ class Capabilities:
 
     #: Reading a header (``ingest/scan.py``, ``_cscan.c``).
     header_scan: Implementation
-    #: Writing and flushing a blob's file (``blobs/filesystem.py``, ``_cwrite.c``).
+    #: Writing and flushing a blob's file (``blobs/file_writer.py``, ``_cwrite.c``); ``python`` for a store that
+    #: writes no files (S3).
     blob_write: Implementation
     #: Recording the common instance in the index (``index/sqlite_record.py``, ``_crecord.c``).
     index_record: Implementation
@@ -256,7 +256,7 @@ class Archive:
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""
-        return Capabilities(header_scan=_implementation(SPEEDUPS), blob_write=_implementation(CWRITE),
+        return Capabilities(header_scan=_implementation(SPEEDUPS), blob_write=_implementation(getattr(self.blobs, "cwrite", None)),
                             index_record=_implementation(CRECORD))
 
     def close(self) -> None:

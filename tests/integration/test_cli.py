@@ -10,8 +10,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import backends
 import pydicom
 import pytest
+from backends import embedded_only
 from conftest import BastionServer, make_study, requires_dcmtk, run_bastion
 
 pytestmark = pytest.mark.timeout(120)
@@ -99,7 +101,7 @@ def test_index_rebuild_gives_identical_answers(imported: dict[str, Any], bastion
     stats_before = server.stats()
     built = "python" if os.environ.get("BASTION_PURE_PYTHON") else "compiled"  # the pure-Python leg
     assert stats_before["ingest"]["header_scan"] == built
-    assert stats_before["storage"]["file_write"] == built
+    assert stats_before["storage"]["file_write"] == ("python" if backends.REMOTE else built)  # S3 writes no file
     assert stats_before["ingest"]["index_record"] == built
     server.stop()
     assert [len(a) for a in before] and all(before), "every query should match something"
@@ -120,6 +122,7 @@ def test_index_rebuild_gives_identical_answers(imported: dict[str, Any], bastion
         assert stats_after[key] == stats_before[key], key
 
 
+@embedded_only  # it damages the stored files themselves
 def test_verify_detects_corrupt_and_missing_blobs(tmp_path: Path) -> None:
     make_study(tmp_path / "s", series=1, per_series=3)
     data = tmp_path / "data"

@@ -85,7 +85,11 @@ _STATISTICS = {
             "type": "object",
             "additionalProperties": False,
             "required": ["location", "used_bytes", "free_bytes", "set_aside", "file_write"],
-            "properties": {"location": {"type": "string"}, "used_bytes": _INT, "free_bytes": _INT,
+            "properties": {"location": {"type": "string"},
+                           "used_bytes": {"type": ["integer", "null"], "minimum": 0,
+                                          "description": "null where the store cannot tell (S3)."},
+                           "free_bytes": {"type": ["integer", "null"], "minimum": 0,
+                                          "description": "null where the store cannot tell (S3)."},
                            "set_aside": {**_INT, "description": "Torn writes that crash recovery set aside (never "
                                                                  "acknowledged), in blobs/.quarantine for an "
                                                                  "operator to look at."},
