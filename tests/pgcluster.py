@@ -91,9 +91,14 @@ class PgCluster:
         raise TimeoutError("the replica never became synchronous")
 
     def fail_over(self) -> None:
-        """Stop the primary at once (as a crash would) and promote the replica."""
+        """Stop the primary at once (as a crash would) and promote the replica. The promoted server has no standby
+        of its own yet, so it must stop waiting for one (``synchronous_standby_names``, which it took over from the
+        primary): else every commit would wait for ever (what Patroni's synchronous mode does too)."""
         self._ctl(self.primary_dir, "stop", "-m", "immediate")
         self._ctl(self.replica_dir, "promote")
+        for statement in ("ALTER SYSTEM SET synchronous_standby_names = ''", "SELECT pg_reload_conf()"):
+            subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.replica_port), "-U", "postgres", "-Atqc",
+                            statement], capture_output=True, text=True, check=True)
 
     def stop(self) -> None:
         for data in (self.replica_dir, self.primary_dir):

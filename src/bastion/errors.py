@@ -14,6 +14,7 @@ Every error carries the protocol data an adapter needs to answer: a DIMSE status
     ├── StorageFull                   0xA700 (out of resources), HTTP 507
     ├── StorageError                  0xA701, HTTP 503: the blob store failed
     ├── IndexFailure                 0xA702, HTTP 503: the index failed
+    │   └── CommitOutcomeUnknown      the connection was lost during the commit: it may have happened
     ├── NotFound                      0xC000, HTTP 404: no such study / series / instance
     ├── InvalidQuery                  0xA900 (identifier does not match SOP class), HTTP 400
     └── UnknownDestination            0xA801 (move destination unknown), HTTP 400
@@ -86,6 +87,12 @@ class IndexFailure(BastionError):
     dimse_status = 0xA702
     http_status = 503
     retry_after = 5  # a database or store failing over, a network blip
+
+
+class CommitOutcomeUnknown(IndexFailure):
+    """The index's connection was lost while it committed (a database failing over): the record may or may not
+    be in the index. The store is answered as failed (the sender sends it again: a duplicate, if it was recorded),
+    and its object is kept: were it recorded, removing it would leave the index naming an object that is gone."""
 
 
 class NotFound(BastionError):

@@ -39,7 +39,7 @@ import psycopg
 from psycopg import Connection, Cursor, errors
 from psycopg_pool import ConnectionPool
 
-from bastion.errors import BastionError, IndexFailure
+from bastion.errors import BastionError, CommitOutcomeUnknown, IndexFailure
 from bastion.index import pg_record
 from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version, outcome_of_write
 from bastion.index.levels_sql import FIND_COLUMNS, FROM, INSTANCE_COLS, dataset_of
@@ -226,6 +226,9 @@ class PostgresIndex(Index):
                     raise self._failure(exc, f": write failed after {ATTEMPTS} attempts") from exc
                 time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # let the other writer finish
             except psycopg.Error as exc:
+                if committing and conn is not None and conn.broken:
+                    raise CommitOutcomeUnknown(f"PostgreSQL index at {self._where.where}: the connection was lost "
+                                               f"during a commit, which may have happened: {one_line(exc)}") from exc
                 if last or committing or not self._lost(conn, exc):
                     raise self._failure(exc, ": write failed") from exc
         raise AssertionError("unreachable")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, Commit, Committed
-from bastion.errors import BastionError, CommandMismatch, IndexFailure, StorageError
+from bastion.errors import BastionError, CommandMismatch, CommitOutcomeUnknown, IndexFailure, StorageError
 from bastion.index.base import Index
 from bastion.ingest.header import Header, read_header
 from bastion.ingest.rejections import IngestWarningLog, RejectionLog
@@ -215,6 +215,9 @@ class Ingest:
         """:meth:`_record` on an event loop, for a staged object whose commit completed."""
         try:
             status, seq = await self.index.record_async(staged.obj, staged.same_content, keep_outdated=False)
+        except CommitOutcomeUnknown:
+            self._keep_unknown(staged)
+            raise
         except BaseException:
             self._discard_staged(staged)
             raise
@@ -345,6 +348,9 @@ class Ingest:
         """Record ``staged`` in the index (its flush completing meanwhile); remove its blob if that fails."""
         try:
             status, seq = self.index.record(staged.obj, staged.durable, staged.same_content, keep_outdated=False)
+        except CommitOutcomeUnknown:
+            self._keep_unknown(staged)
+            raise
         except BaseException:
             self._discard_staged(staged)
             raise
@@ -403,6 +409,12 @@ class Ingest:
             return self._recorded(again_staged, status, seq, again=again + 1)
         finally:
             self.blobs.delete(first.blob_key)  # never indexed: the copy above (or nothing) replaces it
+
+    @staticmethod
+    def _keep_unknown(staged: _Staged) -> None:
+        """The index may or may not have recorded ``staged`` (:class:`CommitOutcomeUnknown`): its object stays."""
+        log.warning("kept %s: the index lost its connection while recording it, and may hold it (if it does not, "
+                    "`bastion verify` lists it as stored but not indexed)", staged.obj.instance.blob_key)
 
     def _discard_staged(self, staged: _Staged) -> None:
         """:meth:`_discard` for a staged object."""
