@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import backends
 import pydicom
 import pytest
 from backends import embedded_only
-from conftest import BastionServer, make_study, requires_dcmtk, run_bastion
+from conftest import BASTION, BastionServer, make_study, requires_dcmtk, run_bastion
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -230,3 +231,31 @@ def test_a_change_log_consumer_across_index_rebuild_skips_and_repeats_nothing(tm
         assert sorted(c.sop_uid for c in after if c.kind == "stored") == sorted(study.sop_uids)
     finally:
         archive.close()
+
+
+def test_serve_with_an_unreachable_or_misconfigured_backend_says_so_in_one_line(tmp_path: Path) -> None:
+    """An index or blob store that cannot be used stops ``bastion serve`` at once: one line naming what is wrong
+    (host, database, bucket, credentials), exit status 2, no traceback."""
+    import s3test
+
+    seaweed = s3test.acquire()
+    try:
+        endpoint = f"endpoint={seaweed.endpoint}&region=us-east-1"
+        credentials = {"AWS_ACCESS_KEY_ID": seaweed.access_key, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+        cases = [
+            (["--index", "postgresql://postgres@127.0.0.1:1/test?connect_timeout=3"], {}, "127.0.0.1:1/test"),
+            (["--index", "postgresql://postgres@127.0.0.1:5432/no_such_database"], {}, "no_such_database"),
+            (["--blobs", f"s3://no-such-bucket/p?{endpoint}"], credentials, "no-such-bucket does not exist"),
+            (["--blobs", f"s3://{seaweed.bucket}/p?{endpoint}"],
+             {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"}, "access denied"),
+        ]
+        for flags, env, expected in cases:
+            proc = subprocess.run([BASTION, "serve", "--data", str(tmp_path / "data"), "--dicom-port", "0",
+                                   "--http-port", "0", *flags], capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, **env}, check=False)
+            lines = [line for line in proc.stderr.splitlines() if line.startswith("bastion:")]
+            assert proc.returncode == 2, (flags, proc.stderr)
+            assert len(lines) == 1 and expected in lines[0], (flags, proc.stderr)
+            assert "Traceback" not in proc.stderr, proc.stderr
+    finally:
+        s3test.release()
