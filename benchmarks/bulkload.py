@@ -323,6 +323,29 @@ INSERTS = {
 }
 
 
+#: The patients' numbers of studies and series, counted from the studies (standard SQL: SQLite and PostgreSQL).
+PATIENT_COUNTS = ("UPDATE patients SET num_studies = (SELECT count(*) FROM studies s WHERE s.patient_id = "
+                  "patients.patient_id), num_series = (SELECT coalesce(sum(num_series), 0) FROM studies s WHERE "
+                  "s.patient_id = patients.patient_id)")
+
+
+def batches(studies: list[Study], batch: int) -> Iterator[tuple[dict[str, list[tuple[Any, ...]]], int]]:
+    """The plan's rows (:func:`_rows`) by table, in the order of :data:`INSERTS` (parents first), ``batch``
+    instances at a time, each with the number of instances given so far (the dict is emptied and reused)."""
+    pending: dict[str, list[tuple[Any, ...]]] = {t: [] for t in INSERTS}
+    done = 0
+    for table, row in _rows(studies, time.time_ns() - 10**15):
+        pending[table].append(row)
+        if table == "changes":  # an instance's last row
+            done += 1
+            if done % batch == 0:
+                yield pending, done
+                for rows in pending.values():
+                    rows.clear()
+    if any(pending.values()):
+        yield pending, done
+
+
 def fill_index(index_path: Path, studies: list[Study], batch: int = 50_000) -> None:
     """Write the plan's rows into the index file directly (benchmark-only fast path)."""
     SqliteIndex(str(index_path)).close()  # creates or migrates the schema, exactly as the server would
@@ -332,29 +355,16 @@ def fill_index(index_path: Path, studies: list[Study], batch: int = 50_000) -> N
     conn.execute("PRAGMA cache_size=-262144")
     if conn.execute("SELECT count(*) FROM instances").fetchone()[0]:
         raise SystemExit(f"{index_path} already holds instances: use an empty data directory")
-    pending: dict[str, list[tuple[Any, ...]]] = {t: [] for t in INSERTS}
     done, t0 = 0, time.monotonic()
-
-    def flush() -> None:
+    for pending, done in batches(studies, batch):
         conn.execute("BEGIN")
-        for table in INSERTS:  # parents first
-            if pending[table]:
-                conn.executemany(INSERTS[table], pending[table])
-                pending[table].clear()
+        for table, rows in pending.items():
+            if rows:
+                conn.executemany(INSERTS[table], rows)
         conn.execute("COMMIT")
-
-    for table, row in _rows(studies, time.time_ns() - 10**15):
-        pending[table].append(row)
-        if table == "instances":
-            done += 1
-            if done % batch == 0:
-                flush()
-                print(f"  {done:,} instances indexed ({time.monotonic() - t0:.0f} s)", flush=True)
-    flush()
+        print(f"  {done:,} instances indexed ({time.monotonic() - t0:.0f} s)", flush=True)
     conn.execute("BEGIN")
-    conn.execute("UPDATE patients SET num_studies = (SELECT count(*) FROM studies s WHERE s.patient_id = "
-                 "patients.patient_id), num_series = (SELECT coalesce(sum(num_series), 0) FROM studies s WHERE "
-                 "s.patient_id = patients.patient_id)")
+    conn.execute(PATIENT_COUNTS)
     refresh_study_summaries(conn)  # ModalitiesInStudy / SOPClassesInStudy, as record() keeps them
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

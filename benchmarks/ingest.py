@@ -12,12 +12,20 @@ file creation in the next cells on an ext4 without a journal (see :func:`servers
 reason, leave a few quiet minutes after anything that deleted many files (a previous run, the test suite): a run
 started within six minutes of an earlier one's end in the same ``--workdir`` waits for them (:func:`settle`).
 
+On PostgreSQL (issue 21): ``orthanc-pg`` is Orthanc with its PostgreSQL plugins (index and storage in a fresh
+database per cell), ``bastion-pg`` Bastion on a fresh PostgreSQL schema and a fresh prefix of a SeaweedFS bucket
+(one ``weed mini`` started for the whole run); each is compared with the other (``vs_orthanc``). Every cell also
+reports CPU per instance (:data:`servers.CPU_PARTS_NOTE` says what is counted): after its send it waits until the
+server is idle again, at least 3 s.
+
 Usage: ``python benchmarks/ingest.py [--servers orthanc,bastion] [--count 1000] [--repeat 3] [--json FILE]``
+``python benchmarks/ingest.py --servers orthanc-pg,bastion-pg --corpora small,ct --associations 1 --repeat 3``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +47,12 @@ import servers  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's; the venv's bin/ also holds pynetdicom's storescu of the same name
 CALLING_AET = "BENCHSCU"
+SERVERS = ("orthanc", "bastion", "storescp", "orthanc-pg", "bastion-pg")
+#: The Orthanc a server's rate is compared with (``vs_orthanc``): the one on the same kind of storage.
+REFERENCE = {"bastion-pg": "orthanc-pg"}
+#: The CPU parts of a cell (``cpu`` / ``idle``: the server's process group during the send / until idle; ``weed``
+#: and ``pg`` until idle; see :data:`servers.CPU_PARTS_NOTE`).
+CPU_COLUMNS = ("cpu", "idle", "weed", "pg")
 
 
 @dataclass
@@ -53,6 +67,7 @@ class Result:
     peak_rss_mb: float = 0.0
     ok: bool = True
     notes: list[str] = field(default_factory=list)
+    cpu_s: dict[str, list[float]] = field(default_factory=dict)  # CPU_COLUMNS -> CPU seconds per repeat
 
     @property
     def median_s(self) -> float:
@@ -64,6 +79,11 @@ class Result:
         """Instances per second at the median time."""
         return self.instances / self.median_s if self.seconds else float("nan")
 
+    def cpu_ms(self, part: str) -> float:
+        """Median CPU milliseconds per instance of ``part`` (NaN where not measured)."""
+        values = self.cpu_s.get(part)
+        return statistics.median(values) * 1000 / self.instances if values else float("nan")
+
 
 def split(files: list[Path], parts: int) -> list[list[Path]]:
     """Split ``files`` into ``parts`` disjoint contiguous chunks of near-equal size."""
@@ -72,11 +92,16 @@ def split(files: list[Path], parts: int) -> list[list[Path]]:
 
 def send(server: servers.Server, chunks: list[list[Path]], logdir: Path) -> tuple[float, list[str]]:
     """Run one ``storescu`` per chunk in parallel; return wall-clock seconds and failure descriptions."""
+    return send_to([(server, chunk) for chunk in chunks], logdir)
+
+
+def send_to(targets: list[tuple[servers.Server, list[Path]]], logdir: Path) -> tuple[float, list[str]]:
+    """Run one ``storescu`` per (server, files) in parallel; return wall-clock seconds and failure descriptions."""
     env = {**os.environ, "TCP_NODELAY": "1"}
-    logs = [logdir / f"storescu-{i}.log" for i in range(len(chunks))]
+    logs = [logdir / f"storescu-{i}.log" for i in range(len(targets))]
     start = time.perf_counter()
     procs = []
-    for chunk, log in zip(chunks, logs, strict=True):
+    for (server, chunk), log in zip(targets, logs, strict=True):
         argv = [STORESCU, "-aet", CALLING_AET, "-aec", server.aet, servers.HOST, str(server.dicom_port)]
         with open(log, "wb") as out:
             procs.append(
@@ -109,18 +134,49 @@ def quiet_disk(files: Sequence[Path] = ()) -> None:
                 pass
 
 
+def server_context(name: str, args: argparse.Namespace) -> contextlib.AbstractContextManager[servers.Server]:
+    """A fresh server of kind ``name`` (see :data:`SERVERS`)."""
+    if name in ("orthanc", "orthanc-pg"):
+        return servers.orthanc(base_dir=args.workdir, postgresql=name == "orthanc-pg")
+    if name == "storescp":
+        return servers.dcmtk_storescp(base_dir=args.workdir)
+    if name == "bastion-pg":
+        return servers.bastion_pg(args.s3, shlex.split(args.bastion_args), base_dir=args.workdir)
+    return servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir)
+
+
+def measure_cpu(meter: servers.CpuMeter, record: dict[str, list[float]]) -> dict[str, float]:
+    """Once a send is over: the meter's parts then (``cpu``: the server's) and, once the server is idle again
+    (:meth:`servers.CpuMeter.wait_idle`), the server's (``idle``) and the others'; appended to ``record``."""
+    sent = meter.read()
+    meter.wait_idle("server")
+    settled = meter.read()
+    found = {"cpu": sent["server"], "idle": settled["server"],
+             **{part: used for part, used in settled.items() if part != "server"}}
+    for part, used in found.items():
+        record.setdefault(part, []).append(used)
+    return found
+
+
+def note_ended(meter: servers.CpuMeter, result: Result) -> None:
+    """Note in ``result`` (once) each part of ``meter`` that lost a process whose last CPU is not counted."""
+    for part, n in meter.ended.items():
+        note = f"{part}: a process ended during a repeat, its last CPU not counted"
+        if n and note not in result.notes:
+            result.notes.append(note)
+
+
 def run_once(result: Result, files: list[Path], args: argparse.Namespace) -> None:
     """Start a fresh server, send ``files`` over ``result.associations`` associations, record the outcome."""
     quiet_disk(files)
-    if result.server == "orthanc":
-        context = servers.orthanc(base_dir=args.workdir)
-    elif result.server == "storescp":
-        context = servers.dcmtk_storescp(base_dir=args.workdir)
-    else:
-        context = servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir)
-    with context as server, tempfile.TemporaryDirectory(prefix="bench-scu-", dir=args.workdir) as logdir:
+    with server_context(result.server, args) as server, \
+            tempfile.TemporaryDirectory(prefix="bench-scu-", dir=args.workdir) as logdir:
+        meter = servers.cpu_meter([server], args.s3 if result.server == "bastion-pg" else None)
+        meter.start()
         elapsed, failures = send(server, split(files, result.associations), Path(logdir))
         held = servers.instance_count(server)
+        measure_cpu(meter, result.cpu_s)
+    note_ended(meter, result)
     result.peak_rss_mb = max(result.peak_rss_mb, server.peak_rss_bytes / 1e6)
     result.seconds.append(elapsed)
     if held is not None and held != len(files):
@@ -140,14 +196,17 @@ def ratio(numerator: float, denominator: float) -> str:
 
 
 def print_table(results: list[Result]) -> None:
-    """Print one row per cell, with bastion/orthanc and N-assoc/1-assoc throughput ratios."""
+    """Print one row per cell, with bastion/orthanc and N-assoc/1-assoc throughput ratios and the CPU per
+    instance (ms; the storage parts only where a server has them)."""
     rate = {(r.corpus, r.server, r.associations): r.rate for r in results if r.ok}
+    parts = [p for p in CPU_COLUMNS if any(p in r.cpu_s for r in results)]
     header = tuple(
         "corpus server assoc instances seconds inst/s peak_RSS_MB vs_orthanc vs_1_assoc status".split()
-    )
+    ) + tuple(f"{p}_ms/inst" for p in parts)
     rows = [header]
     for r in results:
-        vs_orthanc = ratio(r.rate, rate.get((r.corpus, "orthanc", r.associations), float("nan")))
+        reference = REFERENCE.get(r.server, "orthanc")
+        vs_orthanc = ratio(r.rate, rate.get((r.corpus, reference, r.associations), float("nan")))
         vs_single = ratio(r.rate, rate.get((r.corpus, r.server, 1), float("nan")))
         rows.append(
             (
@@ -158,9 +217,10 @@ def print_table(results: list[Result]) -> None:
                 f"{r.median_s:.2f}",
                 f"{r.rate:.1f}",
                 f"{r.peak_rss_mb:.0f}",
-                vs_orthanc if r.server != "orthanc" else "",
+                vs_orthanc if not r.server.startswith("orthanc") else "",
                 vs_single if r.associations > 1 else "",
                 "ok" if r.ok else "FAILED",
+                *(f"{r.cpu_ms(p):.3f}" if p in r.cpu_s else "-" for p in parts),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -169,12 +229,19 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         for note in r.notes:
             print(f"note: {r.corpus}/{r.server}/{r.associations}: {note}")
+    compared = [f"{a} with {b}" for a, b in REFERENCE.items() if any(r.server == a for r in results)]
+    if compared:
+        print(f"note: vs_orthanc compares {', '.join(compared)}, the others with orthanc")
+    if parts:
+        print(f"note: {servers.CPU_PARTS_NOTE}")
 
 
 def parse_args() -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", default="orthanc,bastion", help="comma-separated: orthanc, bastion, storescp (DCMTK's storescp: the wire ceiling)")
+    parser.add_argument("--servers", default="orthanc,bastion",
+                        help="comma-separated: orthanc, bastion, storescp (DCMTK's storescp: the wire ceiling), "
+                             "orthanc-pg, bastion-pg (on PostgreSQL, Bastion's blobs in SeaweedFS)")
     parser.add_argument("--corpora", default="small,ct", help=f"comma-separated: {', '.join(corpus.KINDS)}")
     parser.add_argument("--count", type=int, default=1000, help="instances per corpus")
     parser.add_argument("--associations", default="1,4", help="comma-separated parallel association counts")
@@ -194,7 +261,7 @@ def parse_args() -> argparse.Namespace:
     args.servers = [s for s in args.servers.split(",") if s]
     args.corpora = [c for c in args.corpora.split(",") if c]
     args.associations = [int(n) for n in args.associations.split(",") if n]
-    unknown = set(args.servers) - {"orthanc", "bastion", "storescp"} | set(args.corpora) - set(corpus.KINDS)
+    unknown = set(args.servers) - set(SERVERS) | set(args.corpora) - set(corpus.KINDS)
     if unknown:
         parser.error(f"unknown server or corpus: {', '.join(sorted(unknown))}")
     return args
@@ -225,6 +292,16 @@ def settle(parent: Path) -> None:
 
 
 
+@contextlib.contextmanager
+def s3_for(args: argparse.Namespace) -> Iterator[servers.S3 | None]:
+    """The run's SeaweedFS if a server needs one (``bastion-pg``), else None."""
+    if "bastion-pg" not in args.servers:
+        yield None
+        return
+    with servers.seaweedfs() as s3:
+        yield s3
+
+
 def main() -> int:
     """Run the benchmark; exit 1 if any cell failed."""
     args = parse_args()
@@ -232,8 +309,9 @@ def main() -> int:
     parent.mkdir(parents=True, exist_ok=True)
     settle(parent)
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=parent) as run_dir:
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=parent) as run_dir, s3_for(args) as s3:
             args.workdir = Path(run_dir)  # the servers' directories, deleted only after the last cell
+            args.s3 = s3
             return run(args)
     finally:
         (parent / CLEANED_MARKER).touch()
@@ -272,8 +350,9 @@ def run(args: argparse.Namespace) -> int:
             "platform": platform.platform(),
             "python": platform.python_version(),
         }
-        cells = [{**asdict(r), "median_s": r.median_s, "instances_per_s": r.rate} for r in results]
-        args.json.write_text(json.dumps({"machine": machine, "results": cells}, indent=2) + "\n")
+        found = [{**asdict(r), "median_s": r.median_s, "instances_per_s": r.rate,
+                  "cpu_ms_per_instance": {p: r.cpu_ms(p) for p in r.cpu_s}} for r in results]
+        args.json.write_text(json.dumps({"machine": machine, "results": found}, indent=2) + "\n")
     return 0 if all(r.ok for r in results) else 1
 
 
