@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from bastion.blobs import BlobStore, open_blob_store
+from bastion.blobs.filesystem import FileBlobStore
 from bastion.errors import BastionError
 from bastion.index import Index, open_index
 from bastion.index.sqlite_record import CRECORD
@@ -184,8 +185,9 @@ def exclusive(data: Path) -> Iterator[None]:
         os.close(fd)
 
 
-#: How a part with a compiled twin runs: its C extension, or the Python version (slower, same results).
-Implementation = Literal["compiled", "python"]
+#: How a part with a compiled twin runs: its C extension, or the Python version (slower, same results); ``none``:
+#: the part is not used (the file write, with a blob store that writes no files: S3).
+Implementation = Literal["compiled", "python", "none"]
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ class Capabilities:
 
     #: Reading a header (``ingest/scan.py``, ``_cscan.c``).
     header_scan: Implementation
-    #: Writing and flushing a blob's file (``blobs/file_writer.py``, ``_cwrite.c``); ``python`` for a store that
+    #: Writing and flushing a blob's file (``blobs/file_writer.py``, ``_cwrite.c``); ``none`` for a store that
     #: writes no files (S3).
     blob_write: Implementation
     #: Recording the common instance in the index (``index/sqlite_record.py``, ``_crecord.c``).
@@ -256,7 +258,8 @@ class Archive:
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""
-        return Capabilities(header_scan=_implementation(SPEEDUPS), blob_write=_implementation(getattr(self.blobs, "cwrite", None)),
+        return Capabilities(header_scan=_implementation(SPEEDUPS), blob_write=(_implementation(self.blobs.cwrite) if isinstance(self.blobs, FileBlobStore)
+                                        else "none"),
                             index_record=_implementation(CRECORD))
 
     def close(self) -> None:

@@ -10,9 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from backends import embedded_only
 from conftest import make_study, run_bastion, unavailable
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.timeout(120), embedded_only]  # a full filesystem under the blob directory
 
 
 @pytest.fixture

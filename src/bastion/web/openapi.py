@@ -93,10 +93,10 @@ _STATISTICS = {
                            "set_aside": {**_INT, "description": "Torn writes that crash recovery set aside (never "
                                                                  "acknowledged), in blobs/.quarantine for an "
                                                                  "operator to look at."},
-                           "file_write": {"type": "string", "enum": ["compiled", "python"],
+                           "file_write": {"type": "string", "enum": ["compiled", "python", "none"],
                                           "description": "Whether objects of 128 KB and more are written by the C "
                                                          "extension built at install, which runs beside the index "
-                                                         "statements without Python's lock, or in Python."}},
+                                                         "statements without Python's lock, or in Python; `none` for a store that writes no files (S3)."}},
         },
         "ingest": {
             "type": "object",
