@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from urllib.parse import unquote
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
 
 from bastion.errors import IndexFailure
 
@@ -229,3 +231,26 @@ def read_log_floor(location: Location) -> int:
         raise IndexFailure(f"PostgreSQL index at {location.where}: {one_line(exc)}") from exc
     finally:
         conn.close()
+
+
+#: How long a caller waits for a pooled connection before the index or jobs call fails (IndexFailure).
+POOL_TIMEOUT_S = 10.0
+
+
+def migrated_pool(where: Location, name: str, max_size: int, **options: Any) -> ConnectionPool[psycopg.Connection[Any]]:
+    """The schema in ``where`` created or migrated (:func:`migrate`, on a connection of its own), then an open pool
+    of connections (1 to ``max_size``) whose search path is that schema; ``name`` prefixes the pool's name.
+    Raises what :func:`connect` does, and the migration's psycopg.Error."""
+    conn = connect(where)
+    try:
+        migrate(conn, where)
+    finally:
+        conn.close()
+    schema = where.schema
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        set_search_path(conn, schema)
+
+    return ConnectionPool(where.conninfo, kwargs=connect_kwargs(where), min_size=1, max_size=max_size, open=True,
+                          configure=configure, timeout=POOL_TIMEOUT_S, name=f"{name}-{uuid.uuid4().hex[:8]}",
+                          **options)

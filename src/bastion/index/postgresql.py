@@ -46,13 +46,11 @@ from bastion.index.levels_sql import FIND_COLUMNS, FROM, INSTANCE_COLS, dataset_
 from bastion.index.pg_schema import (
     Location,
     connect,
-    connect_kwargs,
-    migrate,
+    migrated_pool,
     one_line,
     other_connections,
     parse_location,
     read_log_floor,
-    set_search_path,
 )
 from bastion.index.rows import IndexRow
 from bastion.index.schema import TABLES
@@ -68,9 +66,7 @@ T = TypeVar("T")
 #: How many times a write transaction is run before its deadlock or conflict is an IndexFailure.
 ATTEMPTS = 8
 #: The connections one index keeps to the server.
-POOL_MIN, POOL_MAX = 1, 8
-#: How long a call waits for a free connection, or for a new one.
-POOL_TIMEOUT_S = 10.0
+POOL_MAX = 8
 #: Rows read at a time by a search whose conditions are partly matched in Python (it stops once a page is full).
 _FETCH = 500
 #: A read-only transaction whose statements all see one snapshot (:meth:`PostgresIndex._read`).
@@ -138,23 +134,12 @@ class PostgresIndex(Index):
     def __init__(self, location: str) -> None:
         self.location = location
         self._where: Location = parse_location(location)
-        conn = connect(self._where)
         try:
-            migrate(conn, self._where)
+            self._pool: ConnectionPool[Connection[Any]] = migrated_pool(self._where, "bastion-index", POOL_MAX,
+                                                                        num_workers=2)
         except psycopg.Error as exc:
             raise IndexFailure(f"PostgreSQL index at {self._where.where}: schema migration failed: "
                                f"{one_line(exc)}") from exc
-        finally:
-            conn.close()
-        schema = self._where.schema
-
-        def configure(conn: Connection[Any]) -> None:
-            set_search_path(conn, schema)
-
-        self._pool: ConnectionPool[Connection[Any]] = ConnectionPool(
-            self._where.conninfo, kwargs=connect_kwargs(self._where), min_size=POOL_MIN,
-            max_size=POOL_MAX, open=True, configure=configure, timeout=POOL_TIMEOUT_S, num_workers=2,
-            name=f"bastion-index-{uuid.uuid4().hex[:8]}")
         #: The threads that :meth:`record_async` records in.
         self._threads = ThreadPoolExecutor(POOL_MAX, thread_name_prefix="bastion-index-record")
         #: A ``seq`` up to which the log is known to be final (it only grows; a race that stores a smaller one

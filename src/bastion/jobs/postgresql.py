@@ -10,7 +10,6 @@ never get the same job.
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,19 +21,15 @@ from psycopg_pool import ConnectionPool
 from bastion.errors import IndexFailure
 from bastion.index.pg_schema import (
     Location,
-    connect,
-    connect_kwargs,
-    migrate,
+    migrated_pool,
     one_line,
     parse_location,
-    set_search_path,
 )
 from bastion.jobs.base import LEASE_SECONDS
 from bastion.jobs.sql import Dialect, Run, SqlJobs
 
 #: The connections one process keeps for its jobs (a handler's statements, the runner's, lease renewals).
-POOL_MIN, POOL_MAX = 1, 4
-POOL_TIMEOUT_S = 10.0
+POOL_MAX = 4
 
 
 def _as_datetime(value: Any) -> datetime:
@@ -52,22 +47,11 @@ class PostgresJobs(SqlJobs):
     def __init__(self, location: str, lease_seconds: float = LEASE_SECONDS) -> None:
         super().__init__(POSTGRESQL, lease_seconds)
         self._where: Location = parse_location(location)
-        conn = connect(self._where)
         try:
-            migrate(conn, self._where)
+            self._pool: ConnectionPool[Connection[Any]] = migrated_pool(
+                self._where, "bastion-jobs", POOL_MAX, check=ConnectionPool.check_connection)
         except psycopg.Error as exc:
             raise self._failure(exc) from exc
-        finally:
-            conn.close()
-        schema = self._where.schema
-
-        def configure(conn: Connection[Any]) -> None:
-            set_search_path(conn, schema)
-
-        self._pool: ConnectionPool[Connection[Any]] = ConnectionPool(
-            self._where.conninfo, kwargs=connect_kwargs(self._where), min_size=POOL_MIN,
-            max_size=POOL_MAX, open=True, configure=configure, check=ConnectionPool.check_connection,
-            timeout=POOL_TIMEOUT_S, name=f"bastion-jobs-{uuid.uuid4().hex[:8]}")
 
     def _failure(self, exc: psycopg.Error) -> IndexFailure:
         return IndexFailure(f"jobs in PostgreSQL at {self._where.where}: {one_line(exc)}")
