@@ -147,3 +147,27 @@ def test_a_deleted_instance_loses_its_cache_entry(archive: Archive, tmp_path: Pa
     _caught_up(warmer)
     assert entries[0] is not None and not entries[0].exists()
     assert entries[1] is not None and entries[1].exists()
+
+
+def test_where_nodes_share_the_index_each_warms_what_it_stored(tmp_path: Path) -> None:
+    """Two nodes share one index and blob store: the warmer of node a builds the entries of what node a stored
+    only (node b's warmer builds node b's); neither reads every object back."""
+    shared = {"index": str(tmp_path / "shared" / "index.sqlite3"), "blobs": str(tmp_path / "shared" / "blobs")}
+    nodes = [Archive.open(load_settings(None, env={}, data=tmp_path / name, node_id=name, **shared))
+             for name in ("node-a", "node-b")]
+    try:
+        study = make_study(tmp_path / "study", series=1, per_series=2)
+        records = [node.ingest.store_bytes(f.read_bytes(), "test").record for node, f in zip(nodes, study.files,
+                                                                                              strict=True)]
+        directory = cache_directory(tmp_path / "node-a")
+        cache = MetadataCache(nodes[0].retriever, directory, max_entries=0)
+        warmer = MetadataWarmer(nodes[0].index, cache, directory.parent / "metadata-warmer.seq", quiet_s=0,
+                                only_node="node-a")
+        _caught_up(warmer)
+        built = [cache._file(r.blob_key) for r in records]
+        assert built[0] is not None and built[0].exists()
+        assert built[1] is not None and not built[1].exists()
+        assert warmer.built == 1
+    finally:
+        for node in nodes:
+            node.close()

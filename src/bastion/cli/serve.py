@@ -28,6 +28,7 @@ from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.moves import MoveRunner
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
+from bastion.index.base import is_postgresql
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 from bastion.web.timeouts import header_deadline_protocol
@@ -146,7 +147,8 @@ def run_warmer(settings: Settings, parent: int) -> None:
     """
     os.nice(19)
     archive = Archive.open(settings, primary=False)
-    warmer = start_warmer(archive.index, archive.retriever, settings.data)
+    shared = is_postgresql(settings.index_location)  # other nodes may share it: each warms what it stored
+    warmer = start_warmer(archive.index, archive.retriever, settings.data, archive.node_id if shared else None)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))

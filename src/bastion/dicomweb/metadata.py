@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset
 from bastion.index.base import DELETED, STORED, Index, LogPosition
 from bastion.model.attributes import tag_hex
 from bastion.model.dicom_json import needs_person_name_split, split_person_names_in
-from bastion.model.records import InstanceRecord
+from bastion.model.records import InstanceRecord, parse_object_key
 from bastion.model.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -245,13 +245,19 @@ class MetadataWarmer:
         first: the warmer then handles at most ``busy_batch`` changes at a time and rests after each
         batch for as long as the batch took times ``(1 - busy_share) / busy_share``, so it takes at most
         ``busy_share`` of the time of one CPU, whatever the machine, until the changes stop arriving.
+    only_node
+        Warm only the instances this node stored (their blob keys name it): where several nodes share the
+        index, each builds the entries of what it received, and the others build one on its first request,
+        rather than every node reading every object back.
     """
 
     def __init__(self, index: Index, cache: MetadataCache, checkpoint: Path, *, backlog: int = 10_000,
                  interval_s: float = 0.5, batch: int = 500, quiet_s: float = 1.0,
-                 max_lag_s: float = 30.0, busy_batch: int = 20, busy_share: float = 0.1) -> None:
+                 max_lag_s: float = 30.0, busy_batch: int = 20, busy_share: float = 0.1,
+                 only_node: str | None = None) -> None:
         if not 0 < busy_share <= 1:
             raise ValueError("busy_share must be in (0, 1]")
+        self.only_node = only_node
         self.index = index
         self.cache = cache
         self.checkpoint = checkpoint
@@ -308,7 +314,7 @@ class MetadataWarmer:
             since = LogPosition(read.position.epoch, change.seq)
             if change.kind == DELETED:
                 self._forget(change.blob_key)
-            if change.kind != STORED:
+            if change.kind != STORED or not self._ours(change.blob_key):
                 continue
             record = self.index.current(change.sop_uid)
             if record is None or record.blob_key != change.blob_key:
@@ -320,6 +326,13 @@ class MetadataWarmer:
         if read.changes:
             MetadataCache._write(self.checkpoint, str(since))
         return since
+
+    def _ours(self, blob_key: str) -> bool:
+        """Whether this warmer builds the entry of ``blob_key`` (see ``only_node``)."""
+        if self.only_node is None:
+            return True
+        parts = parse_object_key(blob_key)
+        return parts is not None and parts["node"] == self.only_node
 
     def _forget(self, blob_key: str) -> None:
         """Remove the file-cache entry of a deleted version (a viewer can no longer ask for it)."""
@@ -364,10 +377,11 @@ class MetadataWarmer:
                 log.warning("metadata warmer stopped: %s", exc)
 
 
-def start_warmer(index: Index, retriever: Retriever, data: Path) -> MetadataWarmer:
-    """Start a :class:`MetadataWarmer` for the archive in ``data`` (primary process only)."""
+def start_warmer(index: Index, retriever: Retriever, data: Path, only_node: str | None = None) -> MetadataWarmer:
+    """Start a :class:`MetadataWarmer` for the archive in ``data`` (primary process only); ``only_node``: warm
+    only what that node stored (an index that several nodes share)."""
     directory = cache_directory(data)
     warmer = MetadataWarmer(index, MetadataCache(retriever, directory, max_entries=0),
-                            directory.parent / "metadata-warmer.seq")
+                            directory.parent / "metadata-warmer.seq", only_node=only_node)
     warmer.start()
     return warmer
