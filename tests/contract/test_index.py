@@ -786,3 +786,21 @@ def test_a_value_with_a_nul_matches_nothing(index: Index) -> None:
     assert index.find(QueryLevel.STUDY, [cond("PatientName", "*\x00*")]) == []
     assert index.find(QueryLevel.STUDY, [cond("PatientID", "P\x001")]) == []
     assert len(index.find(QueryLevel.STUDY, [cond("PatientName", "Doe*")])) == 1
+
+
+def test_modalities_in_study_matches_any_series_modality_whole(index: Index) -> None:
+    """ModalitiesInStudy (PS3.4 C.6.2.1.2) matches a study having a series of that modality: a single value or a
+    list, never part of another modality's name; a wildcard too."""
+    index.record(obj("9.1.1", series="9.1", study="9", modality="CT"))
+    index.record(obj("9.2.1", series="9.2", study="9", modality="PT"))
+    index.record(obj("8.1.1", series="8.1", study="8", modality="MR", patient="P2"))
+    index.record(obj("7.1.1", series="7.1", study="7", modality="CTX", patient="P3"))
+
+    def studies(value: str) -> list[str]:
+        return sorted(_values(index.find(QueryLevel.STUDY, [cond("ModalitiesInStudy", value)]), "StudyInstanceUID"))
+
+    assert studies("PT") == ["9"]
+    assert studies("CT") == ["9"]  # not study 7, whose modality only starts with CT
+    assert studies("MR\\PT") == ["8", "9"]
+    assert studies("US") == []
+    assert studies("C*") == ["7", "9"]

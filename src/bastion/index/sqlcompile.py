@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.errors import InvalidQuery
+from bastion.index.schema import SUMMARY_SEP
 from bastion.model.attributes import COLUMNS
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, MatchType
@@ -32,10 +33,11 @@ class Dialect:
     glob: bool  # a case-sensitive wildcard is SQLite's GLOB (else a LIKE on a column of byte collation)
     folded: frozenset[str]  # columns compared as lower(column), against ASCII-lowered values
     false: str  # a term that never holds
+    position: str  # a function: where its second argument starts in its first (0: nowhere)
 
 
-SQLITE = Dialect("?", "1", True, frozenset(), "0")
-POSTGRESQL = Dialect("%s", "TRUE", False, frozenset({"patient_name", "referring_physician"}), "FALSE")
+SQLITE = Dialect("?", "1", True, frozenset(), "0", "instr")
+POSTGRESQL = Dialect("%s", "TRUE", False, frozenset({"patient_name", "referring_physician"}), "FALSE", "strpos")
 
 ALIASES = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
 INTEGER_COLUMNS = frozenset({"series_number", "instance_number"})
@@ -129,6 +131,13 @@ def compile_conditions(level: QueryLevel, conditions: Sequence[Condition], diale
             continue
         if any("\x00" in value for value in cond.values):  # no stored value holds NUL (SQLite would cut the
             out.where.append(dialect.false)                 # pattern there; PostgreSQL text cannot hold one)
+            continue
+        if cond.keyword == "ModalitiesInStudy" and level is QueryLevel.STUDY and cond.kind in (MatchType.SINGLE,
+                                                                                               MatchType.LIST):
+            # the study's summary of its series' modalities (``studies.modalities``): no probe of its series
+            found = f"{dialect.position}('{SUMMARY_SEP}' || s.modalities || '{SUMMARY_SEP}', {dialect.mark}) > 0"
+            out.where.append("(" + " OR ".join([found] * len(cond.values)) + ")")
+            out.params.extend(f"{SUMMARY_SEP}{value}{SUMMARY_SEP}" for value in cond.values)
             continue
         if cond.keyword == "ModalitiesInStudy" and level in (QueryLevel.STUDY,):
             sql, params = compile_column(cond, "x.modality", "modality", dialect)
