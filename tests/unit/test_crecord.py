@@ -104,8 +104,8 @@ def test_the_c_record_takes_the_instances_that_change_no_level_row(index: Sqlite
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     in_python = []
     record = sqlite_record.record
-    monkeypatch.setattr(sqlite_record, "record", lambda conn, row, same_content=None: (
-        in_python.append(row.instance.sop_uid), record(conn, row, same_content))[1])
+    monkeypatch.setattr(sqlite_record, "record", lambda conn, row, same_content=None, keep_outdated=True: (
+        in_python.append(row.instance.sop_uid), record(conn, row, same_content, keep_outdated))[1])
     for o in _story():
         index.record(o)
     # new rows, changed attributes, versions and new SOP classes or modalities go through Python
