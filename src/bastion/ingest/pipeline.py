@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
@@ -213,14 +213,8 @@ class Ingest:
 
     async def _record_async(self, staged: _Staged) -> StoreResult:
         """:meth:`_record` on an event loop, for a staged object whose commit completed."""
-        try:
+        with self._removed_unless_recorded(staged):
             status, seq = await self.index.record_async(staged.obj, staged.same_content, keep_outdated=False)
-        except CommitOutcomeUnknown:
-            self._keep_unknown(staged)
-            raise
-        except BaseException:
-            self._discard_staged(staged)
-            raise
         if status is StoreStatus.OUTDATED:
             return await asyncio.to_thread(self._stored_again, staged)
         return self._recorded(staged, status, seq)
@@ -346,14 +340,8 @@ class Ingest:
 
     def _record(self, staged: _Staged) -> StoreResult:
         """Record ``staged`` in the index (its flush completing meanwhile); remove its blob if that fails."""
-        try:
+        with self._removed_unless_recorded(staged):
             status, seq = self.index.record(staged.obj, staged.durable, staged.same_content, keep_outdated=False)
-        except CommitOutcomeUnknown:
-            self._keep_unknown(staged)
-            raise
-        except BaseException:
-            self._discard_staged(staged)
-            raise
         return self._recorded(staged, status, seq)
 
     def _recorded(self, staged: _Staged, status: StoreStatus, seq: int | None, *, again: int = 0) -> StoreResult:
@@ -401,20 +389,26 @@ class Ingest:
                      record.blob_key, current.blob_key if current is not None else "")
             again_staged = _Staged(replace(staged.obj, instance=record, stamp=stamp), Committed(),
                                    staged.same_content, staged.warnings)
-            try:
+            with self._removed_unless_recorded(again_staged):
                 status, seq = self.index.record(again_staged.obj, None, again_staged.same_content, keep_outdated=False)
-            except BaseException:
-                self._discard_staged(again_staged)
-                raise
             return self._recorded(again_staged, status, seq, again=again + 1)
         finally:
             self.blobs.delete(first.blob_key)  # never indexed: the copy above (or nothing) replaces it
 
-    @staticmethod
-    def _keep_unknown(staged: _Staged) -> None:
-        """The index may or may not have recorded ``staged`` (:class:`CommitOutcomeUnknown`): its object stays."""
-        log.warning("kept %s: the index lost its connection while recording it, and may hold it (if it does not, "
-                    "`bastion verify` lists it as stored but not indexed)", staged.obj.instance.blob_key)
+    @contextlib.contextmanager
+    def _removed_unless_recorded(self, staged: _Staged) -> Iterator[None]:
+        """Around recording ``staged``: if that fails, its blob is removed (:meth:`_discard_staged`), unless the
+        index may have recorded it after all (:class:`CommitOutcomeUnknown`): then it stays, since removing it
+        could leave the index naming an object that is gone."""
+        try:
+            yield
+        except CommitOutcomeUnknown:
+            log.warning("kept %s: the index lost its connection while recording it, and may hold it (if it does "
+                        "not, `bastion verify` lists it as stored but not indexed)", staged.obj.instance.blob_key)
+            raise
+        except BaseException:
+            self._discard_staged(staged)
+            raise
 
     def _discard_staged(self, staged: _Staged) -> None:
         """:meth:`_discard` for a staged object."""
