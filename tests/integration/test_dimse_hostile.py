@@ -520,6 +520,14 @@ class _CommandReader:
                 break
         return condition()
 
+def _associated(sock: socket.socket, rq: bytes) -> _CommandReader:
+    """Send the A-ASSOCIATE-RQ ``rq`` on ``sock``; the reader of the server's PDUs once it has accepted."""
+    sock.sendall(rq)
+    reader = _CommandReader(sock)
+    assert reader.until(lambda: bool(reader.kinds), timeout=30)
+    assert reader.kinds == [A_ASSOCIATE_AC]
+    return reader
+
 
 def _get_associate_rq(called: str, calling: str) -> bytes:
     """An A-ASSOCIATE-RQ proposing Study Root C-GET (Implicit VR Little Endian) and CT Image Storage with us in
@@ -567,10 +575,7 @@ def test_requests_beyond_what_one_association_may_run_at_once_are_refused(bastio
     sock = _connect(server)
     try:
         sock.settimeout(30)
-        sock.sendall(rq)
-        reader = _CommandReader(sock)
-        assert reader.until(lambda: bool(reader.kinds), timeout=30)
-        assert reader.kinds == [A_ASSOCIATE_AC]
+        reader = _associated(sock, rq)
         sock.sendall(b"".join(c_get_rq(mid) for mid in range(1, 101)))
 
         def field(command: dict[int, bytes], tag: int) -> int:
@@ -604,10 +609,7 @@ def test_a_peer_reading_slowly_but_steadily_is_not_aborted(bastion_factory: Any,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # little waits in our buffers
     sock.connect((server.host, server.dicom_port))
     try:
-        sock.sendall(_get_associate_rq(server.aet, "SLOWREADER"))
-        reader = _CommandReader(sock)
-        assert reader.until(lambda: bool(reader.kinds), timeout=30)
-        assert reader.kinds == [A_ASSOCIATE_AC]
+        reader = _associated(sock, _get_associate_rq(server.aet, "SLOWREADER"))
         sock.sendall(_c_get_rq(1, study.study_uid))
         reader.recv_size, reader.pause = 32 * 1024, 0.06
         assert reader.until(lambda: reader.datasets > 0 or reader.closed, timeout=120)
@@ -710,10 +712,7 @@ def test_requests_before_a_refused_pdu_are_served_once(bastion_factory: Any, tmp
     sock = _connect(server)
     try:
         sock.settimeout(30)
-        sock.sendall(rq)
-        reader = _CommandReader(sock)
-        assert reader.until(lambda: bool(reader.kinds), timeout=30)
-        assert reader.kinds == [A_ASSOCIATE_AC]
+        reader = _associated(sock, rq)
         sock.sendall(b"".join(c_store(mid, path) for mid, path in zip((1, 2, 3), study.files, strict=False)) + rq)
         assert reader.until(lambda: len(reader.commands) >= 1 or reader.closed, timeout=30)
         with contextlib.suppress(OSError):
