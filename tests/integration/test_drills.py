@@ -1,0 +1,90 @@
+"""``bastion drill``: each failure drill, run through the CLI at a small size, reports no loss.
+
+The figures asserted are the zero-loss ones (``lost``, ``corrupt_served``, ``failed_reads``, ``ok``); the
+seconds are reported by the drills, never asserted here. The drills that need a server keeping copies in
+several blob stores skip, saying so, when the server under test does not (the drill finds out by storing).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import backends
+import pytest
+from conftest import run_bastion, unavailable
+
+pytestmark = [pytest.mark.timeout(420),
+              pytest.mark.skipif(backends.REMOTE, reason="the drills run their own server on the embedded backends")]
+
+SMALL = ("--instances", "60", "--timeout", "120", "--seed", "22")
+
+
+def drill(scenario: str, *args: str) -> dict[str, Any]:
+    """Run ``bastion drill SCENARIO --json`` at a small size; its JSON report, checked for the zero-loss figures."""
+    proc = run_bastion("drill", scenario, *SMALL, *args, "--json", timeout=400)
+    assert proc.stdout.strip(), f"no report (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    report: dict[str, Any] = json.loads(proc.stdout)
+    if report.get("skipped"):
+        reason = str(report["skipped"])
+        if "several blob stores" in reason:
+            pytest.skip(f"{scenario}: {reason}")
+        unavailable(f"{scenario}: {reason}")
+    detail = f"{json.dumps(report, indent=1)}\n{proc.stderr[-3000:]}"
+    assert report["scenario"] == scenario
+    assert report["instances"] == 60
+    assert report["lost"] == 0, detail
+    assert report["corrupt_served"] == 0, detail
+    assert report["failed_reads"] == 0, detail
+    assert report["ok"] is True, detail
+    assert proc.returncode == 0, detail
+    return report
+
+
+def test_kill_node() -> None:
+    report = drill("kill-node", "--rounds", "2")
+    assert report["rounds"] == 2
+    assert report["lost_per_round"] == [0, 0]
+    assert report["acknowledged"] == 60
+    assert report["verify_ok"] is True
+    assert len(report["seconds_to_serve"]) == 2
+
+
+def test_lose_index() -> None:
+    report = drill("lose-index")
+    assert report["acknowledged"] == 60
+    assert report["qido_identical"] is True
+    assert report["verify_ok"] is True
+
+
+def test_lose_copy() -> None:
+    report = drill("lose-copy")
+    assert report["copies_store1"] == report["copies_store2"] == report["acknowledged"]
+
+
+def test_bit_rot() -> None:
+    report = drill("bit-rot", "--flips", "6")
+    assert report["flipped"] == 6
+    assert report["repaired"] == 6
+
+
+def test_full_disk() -> None:
+    report = drill("full-disk")
+    assert report["store_failures"] == 0
+    assert report["partial_files"] == 0
+    assert report["acknowledged"] == 60
+
+
+def test_an_instance_never_acknowledged_is_not_counted_and_the_drill_fails() -> None:
+    """A server refusing the drill's SOP class acknowledges nothing: the drill says so and exits 1."""
+    proc = run_bastion("drill", "kill-node", "--instances", "10", "--rounds", "1", "--timeout", "3", "--json",
+                       "--setting", "storage_deny=1.2.840.10008.5.1.4.1.1.2", timeout=200)
+    report = json.loads(proc.stdout)
+    assert report["acknowledged"] == 0, report
+    assert report["ok"] is False
+    assert proc.returncode == 1
+
+
+def test_bad_arguments_exit_2() -> None:
+    assert run_bastion("drill", "no-such-scenario").returncode == 2
+    assert run_bastion("drill", "kill-node", "--setting", "novalue").returncode == 2
