@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from bastion.blobs import BlobStore, open_blob_store
+from bastion.blobs.copies import Copies, FindingLog, open_copies
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.errors import BastionError
 from bastion.index import Index, open_index
@@ -38,6 +38,8 @@ RUNNING_MARKER = ".running"
 NODE_ID_FILE = "node-id"
 #: Where the node keeps the ceiling of the ingest stamps it has issued (:mod:`bastion.ingest.stamps`).
 STAMP_CEILING_FILE = "stamp-ceiling"
+#: What the blob stores' copies were found wanting in, and their repairs (:class:`bastion.blobs.copies.FindingLog`).
+FINDINGS_FILE = "copies.jsonl"
 
 
 def node_identity(settings: Settings) -> str:
@@ -187,6 +189,15 @@ def exclusive(data: Path) -> Iterator[None]:
 
 #: How a part with a compiled twin runs: its C extension, or the Python version (slower, same results); ``none``:
 #: the part is not used (the file write, with a blob store that writes no files: S3).
+def open_blobs(settings: Settings, node_id: str | None = None) -> Copies:
+    """The archive's blob stores (:class:`bastion.blobs.copies.Copies`), their findings logged in the data
+    directory; ``node_id`` defaults to :func:`node_identity`."""
+    settings.data.mkdir(parents=True, exist_ok=True)
+    return open_copies(settings.blob_locations, settings.copies,
+                       node_id=node_identity(settings) if node_id is None else node_id,
+                       findings=FindingLog(str(settings.data / FINDINGS_FILE)))
+
+
 Implementation = Literal["compiled", "python", "none"]
 
 
@@ -213,7 +224,8 @@ class Archive:
     """Everything the adapters (DIMSE, DICOMweb, CLI) use; no adapter builds its own."""
 
     settings: Settings
-    blobs: BlobStore
+    #: The blob stores, each holding a copy of every object (one, by default).
+    blobs: Copies
     index: Index
     ingest: Ingest
     finder: Finder
@@ -242,7 +254,7 @@ class Archive:
         """
         settings.data.mkdir(parents=True, exist_ok=True)
         node_id = node_identity(settings)
-        blobs = open_blob_store(settings.blob_location, node_id=node_id)
+        blobs = open_blobs(settings, node_id)
         index = open_index(settings.index_location)
         marker = RunMarker(str(settings.data / RUNNING_MARKER), node_id) if primary else None
         if marker is not None and marker.acquire():
@@ -258,8 +270,9 @@ class Archive:
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""
-        return Capabilities(header_scan=_implementation(SPEEDUPS), blob_write=(_implementation(self.blobs.cwrite) if isinstance(self.blobs, FileBlobStore)
-                                        else "none"),
+        store = self.blobs.stores[0]
+        return Capabilities(header_scan=_implementation(SPEEDUPS),
+                            blob_write=_implementation(store.cwrite) if isinstance(store, FileBlobStore) else "none",
                             index_record=_implementation(CRECORD))
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ Every error carries the protocol data an adapter needs to answer: a DIMSE status
     ├── UnsupportedTransferSyntax     0xC000, HTTP 415
     ├── StorageFull                   0xA700 (out of resources), HTTP 507
     ├── StorageError                  0xA701, HTTP 503: the blob store failed
+    │   └── CorruptObject             no copy of an object matches its digest
     ├── IndexFailure                 0xA702, HTTP 503: the index failed
     │   └── CommitOutcomeUnknown      the connection was lost during the commit: it may have happened
     ├── NotFound                      0xC000, HTTP 404: no such study / series / instance
@@ -78,7 +79,13 @@ class StorageError(BastionError):
 
     dimse_status = 0xA701
     http_status = 503
-    retry_after = 5  # a database or store failing over, a network blip
+    retry_after: int | None = 5  # a database or store failing over, a network blip
+
+
+class CorruptObject(StorageError):
+    """No copy of a stored object holds the bytes its digest names (bit rot, a damaged disk): nothing is served."""
+
+    retry_after = None  # a repair from another copy, or a re-send of the original, is needed
 
 
 class IndexFailure(BastionError):

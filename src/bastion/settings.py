@@ -18,12 +18,14 @@ TOML example::
 
 Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICOM_PORT``,
 ``BASTION_HTTP_PORT``, ``BASTION_MAX_PDU``, ``BASTION_INDEX`` (index location, default
-``<data>/index.sqlite3``), ``BASTION_BLOBS`` (blob store, default ``<data>/blobs``),
+``<data>/index.sqlite3``), ``BASTION_BLOBS`` (blob stores, comma-separated, default ``<data>/blobs``),
+``BASTION_COPIES_REQUIRED``,
 ``BASTION_REMOTES`` (``AET@host:port,AET2@host:port``), ``BASTION_CORS_ORIGINS`` (comma list),
 ``BASTION_WORKERS`` (DICOM worker processes, default 2), ``BASTION_LOG_LEVEL``, and the limits
 ``BASTION_DICOM_ARTIM_TIMEOUT``, ``BASTION_DICOM_IDLE_TIMEOUT``, ``BASTION_MAX_ASSOCIATIONS``,
 ``BASTION_MAX_ASSOCIATIONS_PER_PEER``, ``BASTION_HTTP_HEADER_TIMEOUT``, ``BASTION_HTTP_BODY_TIMEOUT``,
-``BASTION_STORAGE_DENY`` (comma list of SOP Class UIDs), ``BASTION_NODE_ID``.
+``BASTION_STORAGE_DENY`` (comma list of SOP Class UIDs), ``BASTION_NODE_ID``, and the repair of the copies
+``BASTION_SCRUB_RATE``, ``BASTION_SCRUB_DAYS``, ``BASTION_REPAIR_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ class Settings:
     dicom_port: int = 11112
     http_port: int = 8080
     index: str = ""  # default: <data>/index.sqlite3
-    blobs: str = ""  # default: <data>/blobs
+    #: The blob stores, each holding a copy of every object (default: one, ``<data>/blobs``).
+    blobs: tuple[str, ...] = ()
+    #: Durable copies an object must have before its store is answered as successful (0: one in every blob store).
+    copies_required: int = 0
     max_pdu: int = 1048576
     remotes: tuple[RemoteAE, ...] = ()
     cors_origins: tuple[str, ...] = ()
@@ -106,6 +111,13 @@ class Settings:
     storage_deny: tuple[str, ...] = ()
     #: This node's identity among the nodes sharing an archive (default: generated once, kept in <data>/node-id).
     node_id: str = ""
+    #: MB/s at which the scrub re-hashes every copy in every blob store (None: as fast as re-hashing them all within
+    #: ``scrub_days`` needs, at least 1 MB/s; 0: no scrub). See :mod:`bastion.blobs.repair`.
+    scrub_rate: float | None = None
+    #: Days within which the scrub re-hashes every copy, when ``scrub_rate`` is not set.
+    scrub_days: float = 7.0
+    #: Seconds between two full reconciliations of the blob stores' listings (every object in every store).
+    repair_interval: float = 600.0
 
     @property
     def index_location(self) -> str:
@@ -113,9 +125,14 @@ class Settings:
         return self.index or str(self.data / "index.sqlite3")
 
     @property
-    def blob_location(self) -> str:
-        """The blob store location: a directory (the default ``<data>/blobs``) or an ``s3://`` URL."""
-        return self.blobs or str(self.data / "blobs")
+    def blob_locations(self) -> tuple[str, ...]:
+        """The blob stores' locations: directories (the default ``<data>/blobs``), ``file://`` or ``s3://`` URLs."""
+        return self.blobs or (str(self.data / "blobs"),)
+
+    @property
+    def copies(self) -> int:
+        """How many durable copies a store needs (``copies_required``, or every blob store)."""
+        return self.copies_required or len(self.blob_locations)
 
     def remote(self, aet: str) -> RemoteAE | None:
         """The configured remote AE called ``aet`` (exact, trailing spaces ignored)."""
@@ -133,6 +150,11 @@ def _coerce(name: str, value: Any) -> Any:
             return Path(value)
         if kind == "int":
             return int(value)
+        if name == "scrub_rate":
+            rate = float(value)
+            if not rate >= 0:
+                raise ValueError(f"{value!r} is not a number of MB/s (0: no scrub)")
+            return rate
         if kind == "float":
             number = float(value)
             if not number > 0:
@@ -147,6 +169,9 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
             return tuple(v if isinstance(v, RemoteAE) else RemoteAE.parse(v) for v in value)
+        if name == "blobs":
+            locations = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+            return tuple(_without_file_scheme(v.strip()) for v in locations if v.strip())
         if name in ("cors_origins", "storage_deny"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -161,6 +186,11 @@ def _coerce(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"setting {name}: {exc}") from exc
+
+
+def _without_file_scheme(location: str) -> str:
+    """A ``file://`` URL's path; any other location as it is."""
+    return location[len("file://"):] if location.startswith("file://") else location
 
 
 def load_settings(config: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -186,7 +216,7 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
     for name in names:
         key = f"BASTION_{name.upper()}"
         if key in env:
-            values[name] = env[key]
+            values[name] = env[key].split(",") if name == "blobs" else env[key]
     for name, value in overrides.items():
         if value is None:
             continue
@@ -197,4 +227,7 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
             continue
         values[name] = value
     settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    if not 0 <= settings.copies_required <= len(settings.blob_locations):
+        raise SettingsError(f"copies_required = {settings.copies_required}, but {len(settings.blob_locations)} "
+                            "blob store(s) are configured")
     return replace(settings, remotes=tuple({r.aet: r for r in settings.remotes}.values()))

@@ -11,6 +11,7 @@ import pytest
 from s3test import seaweed  # noqa: F401 - the session's SeaweedFS, for the "s3" store
 
 from bastion.blobs.base import BlobStore
+from bastion.blobs.copies import Copies
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.blobs.memory import MemoryBlobStore
 from bastion.errors import BastionError, NotFound, StorageError
@@ -18,13 +19,19 @@ from bastion.errors import BastionError, NotFound, StorageError
 pytestmark = pytest.mark.timeout(20)
 
 
-@pytest.fixture(params=["file", "file-python-write", "memory", "s3"])
+@pytest.fixture(params=["file", "file-python-write", "memory", "s3", "copies", "copies-s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     """Each backend; the file store also with its Python file write (where the C one, ``_cwrite``, is absent);
-    the S3 store on a fresh prefix of a real SeaweedFS (:mod:`s3test`)."""
+    the S3 store on a fresh prefix of a real SeaweedFS (:mod:`s3test`); several stores holding a copy each
+    (:class:`~bastion.blobs.copies.Copies`): two file stores, and a file store beside an S3 one."""
     s: BlobStore
     if request.param == "s3":
         s = request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path))
+    elif request.param == "copies":
+        s = Copies([FileBlobStore(str(tmp_path / "one")), FileBlobStore(str(tmp_path / "two"))])
+    elif request.param == "copies-s3":
+        s = Copies([FileBlobStore(str(tmp_path / "one")),
+                    request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path))])
     elif request.param == "memory":
         s = MemoryBlobStore()
     else:

@@ -437,7 +437,7 @@ def test_metadata_of_a_large_series_is_answered_from_the_cache(server: Server) -
     first = server.http.get(url)
     assert first.status_code == 200 and len(first.json()) == 200
     # Cached: answered again with none of the 200 stored objects readable.
-    stored = [Path(server.archive.blobs.path_of(server.archive.index.current(uid).blob_key)) for uid in uids]
+    stored = [Path(server.archive.blobs.stores[0].path_of(server.archive.index.current(uid).blob_key)) for uid in uids]
     for path in stored:
         path.rename(path.with_name(path.name + ".away"))
     try:

@@ -36,7 +36,7 @@ def _pending(archive: Archive, data: bytes) -> PendingObject:
 
 
 def _blob_files(archive: Archive) -> list[Path]:
-    root = Path(archive.blobs.location)
+    root = Path(archive.blobs.stores[0].location)
     return [p for p in root.rglob("*.dcm") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
 
 
@@ -116,12 +116,12 @@ def test_the_loop_runs_while_a_flush_is_pending(archive: Archive, objects: list[
     held: list[Future[bool]] = []
     if filesystem.CWRITE is not None:  # the writer threads of _cwrite run the flush
         held_c = _HeldC(filesystem.CWRITE, release)
-        monkeypatch.setattr(archive.blobs, "cwrite", held_c)
+        monkeypatch.setattr(archive.blobs.stores[0], "cwrite", held_c)
         let_go = held_c.let_go
     else:  # hold the threads the flush will wait in: its future stays pending until the test lets go
         if which == "journaled":
             pytest.skip("without _cwrite a journaled commit is awaited in asyncio's default executor")
-        pool, threads = archive.blobs.committer(), filesystem.COMMIT_THREADS  # type: ignore[attr-defined]
+        pool, threads = archive.blobs.stores[0].committer(), filesystem.COMMIT_THREADS  # type: ignore[attr-defined]
         held = [pool.submit(release.wait, 10) for _ in range(threads)]
         let_go = release.set
 
@@ -143,9 +143,9 @@ def test_a_store_abandoned_during_its_flush_leaves_nothing(archive: Archive, obj
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit threads of the store (where ``_cwrite`` is not built) finish the commit: one of them removes
     the blob."""
-    monkeypatch.setattr(archive.blobs, "cwrite", None)
+    monkeypatch.setattr(archive.blobs.stores[0], "cwrite", None)
     release = threading.Event()
-    pool = archive.blobs.committer()  # type: ignore[attr-defined]
+    pool = archive.blobs.stores[0].committer()  # type: ignore[attr-defined]
     held = [pool.submit(release.wait, 10) for _ in range(filesystem.COMMIT_THREADS)]
     captured: list[CommitInThread] = []
     real_stage = archive.ingest._stage
@@ -191,7 +191,7 @@ def test_a_store_abandoned_during_a_flush_in_c_leaves_nothing(
         archive: Archive, objects: list[bytes], monkeypatch: pytest.MonkeyPatch, which: str) -> None:
     """The flush that ``_cwrite``'s writer threads run completes on the loop, which removes the blob then."""
     held_c = _HeldC(filesystem.CWRITE, threading.Event())
-    monkeypatch.setattr(archive.blobs, "cwrite", held_c)
+    monkeypatch.setattr(archive.blobs.stores[0], "cwrite", held_c)
     data = objects[0] if which == "journaled" else objects[-1]
 
     async def scenario() -> None:
@@ -216,7 +216,7 @@ def test_a_store_failing_its_checks_does_not_make_the_loop_wait_for_its_flush(
     the check, and is removed once done; the loop keeps serving others meanwhile, and the failure comes only once
     the blob is gone."""
     held_c = _HeldC(filesystem.CWRITE, threading.Event())
-    monkeypatch.setattr(archive.blobs, "cwrite", held_c)
+    monkeypatch.setattr(archive.blobs.stores[0], "cwrite", held_c)
     turns = [0]
     loop_turned = threading.Event()
 

@@ -74,7 +74,7 @@ def test_associations_cut_short_by_the_shutdown_are_cleaned_up_before_close_retu
     command = element(0x00000000, struct.pack("<I", len(fields))) + fields
 
     archive = Archive.open(load_settings(None, env={}, data=tmp_path / "data"))
-    spool = Path(archive.blobs.spool_dir)  # type: ignore[attr-defined]
+    spool = Path(archive.blobs.stores[0].spool_dir)  # type: ignore[attr-defined]
 
     def spooled() -> list[str]:
         return [name for name in os.listdir(spool) if "-pool-" not in name]

@@ -42,7 +42,7 @@ def test_a_configured_node_id_is_used_as_given(tmp_path: Path) -> None:
     try:
         assert archive.node_id == "ward-3-a"
         assert archive.ingest.node_id == "ward-3-a"
-        assert archive.blobs.node_id == "ward-3-a"  # type: ignore[attr-defined]
+        assert archive.blobs.stores[0].node_id == "ward-3-a"  # type: ignore[attr-defined]
     finally:
         archive.close()
 

@@ -22,7 +22,7 @@ def test_defaults_without_file_or_environment() -> None:
     d = Settings()
     assert (s.aet, s.host, s.dicom_port, s.http_port, s.remotes) == (d.aet, d.host, d.dicom_port, d.http_port, ())
     assert s.index_location == str(s.data / "index.sqlite3")
-    assert s.blob_location == str(s.data / "blobs")
+    assert s.blob_locations == (str(s.data / "blobs"),)
 
 
 def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -148,3 +148,19 @@ def test_the_log_level_flag_takes_any_case() -> None:
     assert build_parser().parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--log-level", "verbose"])
+
+
+def test_several_blob_stores_from_file_environment_and_flags(tmp_path: Path) -> None:
+    cfg = _toml(tmp_path, 'blobs = ["/disk1/bastion", "file:///disk2/bastion"]\ncopies_required = 1\n')
+    s = load_settings(cfg, env={})
+    assert s.blob_locations == ("/disk1/bastion", "/disk2/bastion") and s.copies == 1
+    s = load_settings(cfg, env={"BASTION_BLOBS": "/a,s3://bucket/p?endpoint=http://127.0.0.1:1&region=r"})
+    assert s.blob_locations == ("/a", "s3://bucket/p?endpoint=http://127.0.0.1:1&region=r")
+    s = load_settings(env={}, blobs=["/x", "/y", "/z"])  # --blobs repeated
+    assert s.blob_locations == ("/x", "/y", "/z") and s.copies == 3  # default: a copy in every store
+    assert load_settings(_toml(tmp_path, 'blobs = "/only"\n'), env={}).blob_locations == ("/only",)
+
+
+def test_copies_required_beyond_the_stores_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="copies_required = 3, but 2 blob store"):
+        load_settings(env={"BASTION_BLOBS": "/a,/b", "BASTION_COPIES_REQUIRED": "3"})

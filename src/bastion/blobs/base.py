@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import BinaryIO
 
+from bastion.errors import BastionError, CorruptObject, NotFound
 from bastion.model import digest as content_digest
+from bastion.model.records import parse_object_key
+
+#: A reader gets an object up to this size only after its bytes were hashed and found to match the digest its key
+#: names, every time (:meth:`BlobStore.open_verified`). A larger one is checked so the first time this process
+#: opens it, and not again: frame and bulkdata reads of a large multi-frame object would otherwise hash it whole
+#: for every frame. The scrub (:mod:`bastion.blobs.repair`) re-hashes every copy within its cycle.
+VERIFY_EVERY_READ_BYTES = 8 * 1024 * 1024
 
 
 class BlobWriter(abc.ABC):
@@ -161,6 +169,48 @@ class BlobStore(abc.ABC):
         with self.open(key) as fh:
             return fh.read()
 
+    def open_verified(self, key: str) -> BinaryIO:
+        """:meth:`open` for a reader that serves the object: its bytes are checked first against the digest its
+        key names (:data:`VERIFY_EVERY_READ_BYTES`), so nothing is served that does not match. Raises NotFound,
+        or CorruptObject for a copy that does not match. A key that names no digest is opened unchecked."""
+        fh = self.open(key)
+        try:
+            check_copy(fh, key, self._verified_large())
+        except BaseException:
+            fh.close()
+            raise
+        return fh
+
+    def problem_with(self, key: str) -> str | None:
+        """What is wrong with the copy of ``key``: ``"missing"``, ``"corrupt"`` (its bytes do not match the digest
+        its key names) or ``"unreadable"``; None if nothing."""
+        try:
+            with self.open(key) as fh:
+                check_copy(fh, key)
+        except NotFound:
+            return "missing"
+        except CorruptObject:
+            return "corrupt"
+        except (BastionError, OSError):
+            return "unreadable"
+        return None
+
+    def heal(self, key: str, source: Callable[[], BinaryIO]) -> list[str]:
+        """Make the copy of ``key`` good if it is missing, unreadable or corrupt, from the bytes ``source`` opens
+        (which must hash to the digest the key names: a re-sent original, another copy). Returns the locations of
+        the stores repaired (this one, or none)."""
+        if self.problem_with(key) is None:
+            return []
+        rewrite(self, key, source)
+        return [self.location]
+
+    def _verified_large(self) -> set[str]:
+        marks: set[str] | None = getattr(self, "_verified_marks", None)
+        if marks is None or len(marks) > 100_000:
+            marks = set()
+            self._verified_marks = marks
+        return marks
+
     @abc.abstractmethod
     def size(self, key: str) -> int:
         """Size in bytes of a committed object; raises NotFound."""
@@ -198,11 +248,52 @@ class BlobStore(abc.ABC):
         """``(used_bytes, free_bytes)``; None where the backend cannot tell."""
         return (None, None)
 
+    def revive(self) -> bool:
+        """Before a store that failed is tried again: put right what the store can itself (a lost directory made
+        again). Returns False if it is known still not to work. This default does nothing."""
+        return True
+
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """Set up, in the calling process, what its first write would otherwise wait for."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
+
+
+def rewrite(store: BlobStore, key: str, source: Callable[[], BinaryIO]) -> None:
+    """Put the bytes ``source`` opens under ``key`` in ``store``, replacing a wanting copy; they must hash to the
+    digest the key names (CorruptObject otherwise, and nothing is written)."""
+    w = store.writer()
+    try:
+        with source() as fh:
+            check_copy(fh, key)
+            while chunk := fh.read(1024 * 1024):
+                w.write(chunk)
+        store.delete(key)  # a corrupt copy goes first: keys are written once, and only a repair replaces one
+        w.commit(key)
+    except BaseException:
+        w.abort()
+        raise
+
+
+def check_copy(fh: BinaryIO, key: str, verified_large: set[str] | None = None) -> None:
+    """Raise CorruptObject unless what ``fh`` holds hashes to the digest ``key`` names; ``fh`` is left at its
+    start. A key in ``verified_large`` larger than :data:`VERIFY_EVERY_READ_BYTES` is taken as checked already;
+    one that passes is added to it."""
+    parts = parse_object_key(key)
+    if parts is None:
+        return
+    size = fh.seek(0, 2)
+    fh.seek(0)
+    large = verified_large is not None and size > VERIFY_EVERY_READ_BYTES
+    if large and key in verified_large:  # type: ignore[operator]
+        return
+    digest = content_digest.of_file(fh, parts["digest"])
+    fh.seek(0)
+    if digest != parts["digest"]:
+        raise CorruptObject(f"object {key}: its bytes do not match its digest (found {digest})")
+    if large:
+        verified_large.add(key)  # type: ignore[union-attr]
 
 
 def open_blob_store(location: str, *, node_id: str = "") -> BlobStore:

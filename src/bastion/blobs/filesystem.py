@@ -72,6 +72,7 @@ class FileBlobStore(BlobStore):
         self.journal_dir = os.path.join(self.root, ".journal")
         os.makedirs(self.spool_dir, exist_ok=True)
         self._known_dirs: set[str] = {self.root}
+        self._device = os.stat(self.root).st_dev  # the filesystem the store is on (see revive)
         # The journal needs fdatasync and pwritev (Linux; not macOS): elsewhere objects are fsync'd one by one.
         self._use_journal = journal and hasattr(os, "fdatasync") and hasattr(os, "pwritev")
         self._journal: Journal | None = None
@@ -124,6 +125,35 @@ class FileBlobStore(BlobStore):
         if self.cwrite is not None:
             self.cwrite.barrier()
         sync_filesystem(self.root)
+
+    def revive(self) -> bool:
+        """Make the store's directory again, empty, if it was lost (deleted, or a disk replaced by an empty one of
+        the same mount), with a new journal: the repair (:mod:`bastion.blobs.repair`) then fills it. Not when the
+        directory is now on another filesystem than when the store was opened (a disk that is not mounted: its
+        copies would go to the disk below). Returns whether the store's directory is there (again)."""
+        if os.path.isdir(self.spool_dir) and os.stat(self.root).st_dev == self._device:
+            return True
+        here = self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
+        try:
+            if os.stat(here).st_dev != self._device:
+                log.error("blob store %s: its directory is not on the filesystem it was on (a disk not mounted?): "
+                          "left out until that is put right", self.root)
+                return False
+            with self._lazy_lock:
+                journal, self._journal = self._journal, None
+                if journal is not None and journal.pid == os.getpid():
+                    if self.cwrite is not None:
+                        self.cwrite.drain()
+                    with contextlib.suppress(OSError):
+                        journal.close()  # its segments went with the directory; the objects they held are copies
+                os.makedirs(self.spool_dir, exist_ok=True)
+                self._known_dirs = {self.root}
+        except OSError as exc:
+            log.error("blob store %s: cannot make its directory again: %s", self.root, exc)
+            return False
+        log.warning("blob store %s: its directory was gone and was made again (empty): the repair copies the "
+                    "objects back into it", self.root)
+        return True
 
     def committer(self) -> ThreadPoolExecutor:
         """This process's commit threads: they write buffered objects and wait for the disk while the
@@ -328,6 +358,9 @@ class FileBlobStore(BlobStore):
                     yield name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
 
     def usage(self) -> tuple[int | None, int | None]:
+        """Raises StorageError when the store's directory is gone or on another filesystem (see :meth:`revive`)."""
+        if not os.path.isdir(self.spool_dir) or os.stat(self.root).st_dev != self._device:
+            raise StorageError(f"the directory {self.root} is gone, or not on the filesystem it was on")
         du = shutil.disk_usage(self.root)
         return (du.used, du.free)
 

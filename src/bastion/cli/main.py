@@ -16,8 +16,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="data directory (default ./bastion-data; BASTION_DATA)")
     p.add_argument("--index", metavar="URL", help="index: a SQLite file (default <data>/index.sqlite3) or "
                    "postgresql://USER@HOST:PORT/DB (BASTION_INDEX)")
-    p.add_argument("--blobs", metavar="URL", help="blob store: a directory (default <data>/blobs) or "
-                   "s3://BUCKET/PREFIX?endpoint=URL&region=R (BASTION_BLOBS)")
+    p.add_argument("--blobs", metavar="URL", action="append", help="blob store: a directory (default "
+                   "<data>/blobs) or s3://BUCKET/PREFIX?endpoint=URL&region=R; repeat it for several stores, each "
+                   "holding a copy of every object (BASTION_BLOBS, comma-separated)")
+    p.add_argument("--copies-required", metavar="K", type=int, help="durable copies an object needs before its "
+                   "store succeeds (default: one in every blob store; BASTION_COPIES_REQUIRED)")
     p.add_argument("--node-id", metavar="NAME", help="this node's id among the nodes sharing the index and blob "
                    "store (default: generated once into <data>/node-id; BASTION_NODE_ID)")
 

@@ -9,8 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bastion.archive import exclusive, node_identity
-from bastion.blobs import open_blob_store
+from bastion.archive import exclusive, open_blobs
 from bastion.cli.serve import settings_from
 from bastion.index import Index, log_floor, open_index
 from bastion.index.base import rebuild_index
@@ -37,7 +36,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
 
 def _rebuild(settings: Settings) -> int:
-    blobs = open_blob_store(settings.blob_location, node_id=node_identity(settings))
+    blobs = open_blobs(settings)
     target = settings.index_location
     total = len(stored_keys(blobs))
     after = log_floor(target)  # the new change log goes on after the old one's
@@ -58,7 +57,7 @@ def _rebuild(settings: Settings) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     """Re-hash everything; exit 1 if anything is missing or corrupt."""
     settings = settings_from(args)
-    blobs = open_blob_store(settings.blob_location, node_id=node_identity(settings))
+    blobs = open_blobs(settings)
     index = open_index(settings.index_location)
     total = index.statistics()
     with tqdm(total=total.instances + total.versions, desc="verifying", unit=" objects", file=sys.stderr,

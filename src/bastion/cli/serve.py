@@ -39,6 +39,7 @@ log = logging.getLogger("bastion")
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the config file, environment and the command's flags."""
     return load_settings(args.config, data=args.data, index=args.index, blobs=args.blobs, node_id=args.node_id,
+                         copies_required=getattr(args, "copies_required", None),
                          aet=getattr(args, "aet", None),
                          host=getattr(args, "host", None), dicom_port=getattr(args, "dicom_port", None),
                          http_port=getattr(args, "http_port", None), remotes=getattr(args, "remote", None),

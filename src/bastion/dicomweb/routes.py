@@ -9,6 +9,7 @@ blob reads, pixel decoding, ingest) runs in the thread pool.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -121,7 +122,11 @@ class DicomWeb:
         records = await self._select(request)
         plan = wado.plan_instances(records, self._accept(request))
         boundary = multipart.new_boundary()
-        return StreamingResponse(wado.stream_instances(self.archive.retriever, plan, boundary),
+        body = wado.stream_instances(self.archive.retriever, plan, boundary)
+        # The first piece is read before the answer starts, so that an instance in it that cannot be served (no
+        # copy matches its digest) is answered with its status; past it, the stream is cut short.
+        first = await run_in_threadpool(next, body, None)
+        return StreamingResponse(itertools.chain([first] if first is not None else [], body),
                                  media_type=multipart.content_type(boundary, DICOM))
 
     async def metadata_(self, request: Request) -> Response:

@@ -217,6 +217,8 @@ class Ingest:
             status, seq = await self.index.record_async(staged.obj, staged.same_content, keep_outdated=False)
         if status is StoreStatus.OUTDATED:
             return await asyncio.to_thread(self._stored_again, staged)
+        if status is StoreStatus.DUPLICATE:  # its stored copies are checked (:meth:`_heal`): not on the loop
+            return await asyncio.to_thread(self._recorded, staged, status, seq)
         return self._recorded(staged, status, seq)
 
     def _noted(self, pending: PendingObject, result: StoreResult) -> StoreResult:
@@ -265,6 +267,7 @@ class Ingest:
             if lookup_first or w.size >= PRECHECK_BYTES:  # a re-sent one is not written again only to be removed
                 current = self.index.current(header.sop_uid)
                 if current is not None and (current.digest == digest or _same_content(current.digest, w.reader)):
+                    self._heal(current, w.reader)
                     w.abort()
                     return StoreResult(StoreStatus.DUPLICATE, current, warnings=header.warnings)
             stamp = self._stamps.next()
@@ -352,9 +355,14 @@ class Ingest:
             return self._stored_again(staged, again)
         if status is StoreStatus.DUPLICATE:
             # The index found this SOP instance with the same content in the transaction that would have recorded
-            # the copy (asking first cost every store a read transaction): the copy goes again.
-            self.blobs.delete(record.blob_key)
-            return StoreResult(status, self.index.current(record.sop_uid) or record, warnings=staged.warnings)
+            # the copy (asking first cost every store a read transaction): the copy goes again, once it has made
+            # good any stored copy that is missing or corrupt.
+            current = self.index.current(record.sop_uid) or record
+            try:
+                self._heal(current, lambda: self.blobs.open(record.blob_key))
+            finally:
+                self.blobs.delete(record.blob_key)
+            return StoreResult(status, current, warnings=staged.warnings)
         return StoreResult(status, record, seq, staged.warnings)
 
     #: How many times :meth:`_stored_again` stores one object again before it gives up (each time another node
@@ -409,6 +417,19 @@ class Ingest:
         except BaseException:
             self._discard_staged(staged)
             raise
+
+    def _heal(self, current: InstanceRecord, resent: Callable[[], BinaryIO]) -> None:
+        """A re-sent object identical to the stored ``current``: where a stored copy of it is missing or corrupt, it
+        is written again from the re-sent bytes ``resent`` opens (:meth:`BlobStore.heal`)."""
+        try:
+            repaired = self.blobs.heal(current.blob_key, resent)
+        except BastionError as exc:
+            log.error("instance %s: a stored copy is wanting and could not be made good from the re-sent object: %s",
+                      current.sop_uid, exc.message)
+            return
+        if repaired:
+            log.warning("instance %s: its stored copy in %s was missing or corrupt, and was made good from the "
+                        "re-sent object", current.sop_uid, ", ".join(repaired))
 
     def _discard_staged(self, staged: _Staged) -> None:
         """:meth:`_discard` for a staged object."""

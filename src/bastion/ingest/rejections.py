@@ -9,60 +9,11 @@ atomic across processes.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
-from typing import Any
 
+from bastion.jsonlines import JsonLinesLog
 from bastion.model.records import StoreResult
-
-
-class JsonLinesLog:
-    """Appends and reads one JSON-lines file; ``path=None`` keeps the entries in memory only."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._memory: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def _append(self, entry: dict[str, Any]) -> None:
-        """Append one entry (a full disk loses it silently)."""
-        if self.path is None:
-            with self._lock:
-                self._memory.append(entry)
-            return
-        line = (json.dumps(entry) + "\n").encode()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # a full disk must not turn a clean answer into a crash
-
-    def _lines(self) -> list[bytes]:
-        if self.path is None or not os.path.exists(self.path):
-            return []
-        with open(self.path, "rb") as fh:
-            return fh.read().splitlines()
-
-    def count(self) -> int:
-        """Entries recorded so far."""
-        return len(self._memory) if self.path is None else len(self._lines())
-
-    def tail(self, n: int = 20) -> list[dict[str, Any]]:
-        """The last ``n`` entries, oldest first."""
-        if self.path is None:
-            return self._memory[-n:]
-        out = []
-        for raw in self._lines()[-n:]:
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                continue
-        return out
 
 
 class RejectionLog(JsonLinesLog):

@@ -63,8 +63,9 @@ class Retriever:
         return self.index.instances(level, conditions)
 
     def open(self, record: InstanceRecord) -> BinaryIO:
-        """The stored Part 10 file, for streaming."""
-        return self.blobs.open(record.blob_key)
+        """The stored Part 10 file, for streaming: a copy whose bytes match its digest
+        (:meth:`BlobStore.open_verified`; with several blob stores the first good one)."""
+        return self.blobs.open_verified(record.blob_key)
 
     def open_dataset(self, record: InstanceRecord) -> BinaryIO:
         """The stored dataset (after the File Meta Information), for streaming as stored."""
@@ -78,8 +79,9 @@ class Retriever:
         return fh
 
     def read(self, record: InstanceRecord) -> bytes:
-        """The stored Part 10 file, whole."""
-        return self.blobs.get(record.blob_key)
+        """The stored Part 10 file, whole (checked as :meth:`open` checks it)."""
+        with self.open(record) as fh:
+            return fh.read()
 
     def choose_syntax(self, record: InstanceRecord, accepted: Sequence[str]) -> str | None:
         """The transfer syntax to send ``record`` in, from those a peer accepts; None if none works."""

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from bastion import __version__
 from bastion.archive import Archive
+from bastion.errors import BastionError
 from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -37,6 +38,32 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def copies_report(archive: Archive) -> dict[str, Any]:
+    """The blob stores and their copies, for ``/api/statistics`` and ``/health``: each store's location, ``state``
+    (``ok``; ``unreachable`` when it cannot be reached now; ``wanting`` while copies found missing, corrupt or not
+    written there wait for repair) and usage; the findings (:meth:`bastion.blobs.copies.FindingLog.summary`)."""
+    findings = archive.blobs.findings.summary()
+    wanting = findings["outstanding_by_store"]
+    stores = []
+    for store in archive.blobs.stores:
+        try:
+            used, free = store.usage()
+            state = "wanting" if wanting.get(store.location) else "ok"
+            reason = f"{wanting[store.location]} cop(ies) wanting repair" if state == "wanting" else ""
+        except (OSError, BastionError) as exc:
+            used = free = None
+            state, reason = "unreachable", str(exc)
+        stores.append({"location": store.location, "state": state, "reason": reason, "used_bytes": used,
+                       "free_bytes": free, "wanting": wanting.get(store.location, 0)})
+    return {"required": archive.blobs.required, "stores": stores, "findings": findings}
+
+
+def copies_trouble(report: dict[str, Any]) -> str | None:
+    """Why the copies make the archive ``degraded`` (:func:`copies_report`), or None."""
+    troubled = [f"{s['location']}: {s['state']} ({s['reason']})" for s in report["stores"] if s["state"] != "ok"]
+    return "blob store " + "; ".join(troubled) if troubled else None
+
+
 def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     """The ``/api`` routes."""
 
@@ -52,6 +79,7 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
             "storage": {"location": archive.blobs.location, "used_bytes": used, "free_bytes": free,
                         "set_aside": archive.blobs.set_aside_count(),
                         "file_write": parts.blob_write},
+            "copies": copies_report(archive),
             "ingest": {"last_minute_instances": st.stored_last_minute,
                        "rejected": archive.ingest.rejections.count(),
                        "warned": archive.ingest.warnings.count(),

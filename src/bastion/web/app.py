@@ -66,6 +66,8 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
         }
         if state == "degraded":
             body["reason"] = "a DICOM worker process is being replaced"
+        elif state == "ok" and (trouble := api.copies_trouble(api.copies_report(archive))):
+            body["status"], body["reason"] = "degraded", trouble
         return JSONResponse(body, status_code=503 if state == "starting" else 200)
 
     routes: list[BaseRoute] = [Route("/health", health)]
