@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
@@ -141,6 +141,8 @@ class Index(abc.ABC):
 
         A version older than the current one (:attr:`StoreStatus.OUTDATED`) is kept as a superseded version, or,
         with ``keep_outdated=False`` (the ingest, which then stores it again above the current one), not recorded.
+        One kept as a superseded version already (the same blob key) is a duplicate: a replay of the blob store
+        that meets a version the index holds records nothing (the rebuild at start, beside live stores).
 
         Returns the status (stored / duplicate / superseded / outdated) and the change-log sequence (None where
         nothing was recorded).
@@ -239,6 +241,16 @@ class Index(abc.ABC):
         """Drop everything (before a rebuild); the change log starts again as by :meth:`start_log_after`, so no
         ``seq`` is handed out twice."""
 
+    def holds_nothing(self) -> bool:
+        """True if no version, current or superseded, is indexed: a new, emptied or lost index (which the archive
+        rebuilds at start when the blob store holds objects: :mod:`bastion.ingest.rebuild`)."""
+        found = self.versions()
+        try:
+            return next(found, None) is None
+        finally:
+            if isinstance(found, Generator):
+                found.close()
+
     def close(self) -> None:
         """Release connections and threads."""
         self.closed = True
@@ -277,6 +289,20 @@ def log_floor(location: str) -> int:
     from bastion.index.sqlite import log_floor as sqlite_log_floor
 
     return 0 if location == ":memory:" else sqlite_log_floor(location)
+
+
+def set_aside_if_corrupt(location: str) -> str | None:
+    """For a SQLite index file that cannot be opened or fails SQLite's ``PRAGMA quick_check``: move it aside (to
+    ``<file>.corrupt-<UTC time>``, :func:`bastion.index.sqlite_files.set_aside_if_corrupt`) and say what was wrong
+    and where it went, so that a new, empty index is opened in its place. None for a sound or missing file, for
+    ``:memory:`` and for PostgreSQL (whose tables are not checked: an empty schema is rebuilt, a damaged one is the
+    database's to repair). Only for an opener that is alone: a process holding the file open would go on using it.
+    """
+    if is_postgresql(location) or location == ":memory:":
+        return None
+    from bastion.index.sqlite_files import set_aside_if_corrupt as sqlite_set_aside
+
+    return sqlite_set_aside(location)
 
 
 def rebuild_index(location: str, build: Callable[[Index], T]) -> T:

@@ -182,6 +182,8 @@ def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = N
     if status is StoreStatus.DUPLICATE or (status is StoreStatus.OUTDATED and not keep_outdated):
         return status, None
     if status is StoreStatus.OUTDATED:
+        if tx.exists("SELECT 1 FROM versions WHERE blob_key = %s", (inst.blob_key,)):
+            return StoreStatus.DUPLICATE, None  # this very version is kept already (a rebuild meeting it again)
         tx.execute(INSERT_VERSION, (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))
         return status, tx.change("superseded", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
     if status is StoreStatus.SUPERSEDED:

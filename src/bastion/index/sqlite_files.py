@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -72,6 +73,42 @@ def rebuild_into(path: str, build: Callable[[Index], T]) -> T:
     os.replace(new, path)
     _fsync_directory(os.path.dirname(os.path.abspath(path)))
     return result
+
+
+#: What a SQLite index file that cannot be used is renamed to, followed by the UTC time (:func:`set_aside_if_corrupt`).
+CORRUPT_SUFFIX = ".corrupt-"
+
+
+def set_aside_if_corrupt(path: str) -> str | None:
+    """If the index file ``path`` cannot be opened or fails ``PRAGMA quick_check``: rename it, with its write-ahead
+    log, to ``<path>.corrupt-<UTC time>`` (the new index must never meet that log) and return what was wrong and
+    where it went; None for a missing or sound file (or one busy with another process: not a corruption).
+
+    The change log's mark (``-seqmark``) and the writers' lock stay: the new index's log starts after the mark, so
+    no ``seq`` is handed out twice. The caller is alone with the index (crash detection's lock held exclusively).
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=rw", uri=True, timeout=10)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+        problem = None if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows[:3])
+    except sqlite3.Error as exc:
+        if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+            return None
+        problem = str(exc)
+    if problem is None:
+        return None
+    aside = path + CORRUPT_SUFFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    os.replace(path, aside)
+    for suffix in WAL_SUFFIXES:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path + suffix, aside + suffix)
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    return f"{problem}: moved aside to {aside}"
 
 
 def _settle_wal(path: str) -> None:

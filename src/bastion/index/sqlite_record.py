@@ -101,6 +101,8 @@ def record(conn: sqlite3.Connection, row: IndexRow,
     if status is StoreStatus.DUPLICATE or (status is StoreStatus.OUTDATED and not keep_outdated):
         return status, None
     if status is StoreStatus.OUTDATED:
+        if conn.execute("SELECT 1 FROM versions WHERE blob_key = ?", (inst.blob_key,)).fetchone():
+            return StoreStatus.DUPLICATE, None  # this very version is kept already (a rebuild meeting it again)
         conn.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
                      (inst.blob_key, inst.sop_uid, inst.digest, inst.size, row.stamp, found[0]))
         return status, _change(conn, "superseded", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
