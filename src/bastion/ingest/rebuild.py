@@ -9,14 +9,18 @@ warnings are listed in the report again.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bastion.blobs.base import BlobStore
 from bastion.errors import BastionError, CorruptObject, InvalidObject, UnsupportedTransferSyntax
-from bastion.index.base import Index
+from bastion.index.base import Index, log_floor
 from bastion.ingest.header import read_header
 from bastion.model.records import InstanceRecord, StoredObject, parse_object_key, partition_of
 
@@ -29,6 +33,8 @@ class RebuildReport:
 
     indexed: int = 0
     superseded: int = 0
+    #: Versions the index held already (recorded live while the index was being rebuilt at start).
+    duplicates: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     warned: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # (key, warnings): indexed all the same
     set_aside: list[str] = field(default_factory=list)  # torn objects that were never acknowledged
@@ -84,8 +90,13 @@ def _check_digest(blobs: BlobStore, key: str) -> None:
 
 
 def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: str,
-            progress: Callable[[int], None] | None = None, *, verify: bool = False) -> RebuildReport:
+            progress: Callable[[int], None] | None = None, *, verify: bool = False,
+            verify_if: Callable[[str, str], bool] | None = None,
+            stop: threading.Event | None = None) -> RebuildReport:
     """Record the objects ``keys`` ((stamp, key), oldest first) through ``Index.record_many``.
+
+    ``verify_if(stamp, key)``: verify only the objects it is true of (the self-rebuild after a crash: the recent
+    ones). ``stop``: once set, what was read is recorded and the replay returns (the rest is not).
 
     With ``verify`` (crash recovery) each object's content is checked against the digest in its key first, and
     one that does not match is set aside (:meth:`BlobStore.set_aside`): it is a write that a crash cut short.
@@ -98,16 +109,19 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
     """
     report = RebuildReport()
     batch: list[StoredObject] = []
-    for _, key in keys:
+    for stamp, key in keys:
+        if stop is not None and stop.is_set():
+            break
+        checked = verify or (verify_if is not None and verify_if(stamp, key))
         try:
-            if verify:
+            if checked:
                 _check_digest(blobs, key)
             obj, warnings = _read_stored_object(blobs, key)
             batch.append(obj)
             if warnings:
                 report.warned.append((key, warnings))
         except BastionError as exc:
-            if verify and isinstance(exc, _NEVER_ACKNOWLEDGED):
+            if checked and isinstance(exc, _NEVER_ACKNOWLEDGED):
                 where = blobs.set_aside(key)
                 report.set_aside.append(key)
                 log.warning("%s set %s aside%s: %s", what, key, f" in {where}" if where else " (deleted)",
@@ -173,8 +187,197 @@ def recover(blobs: BlobStore, index: Index, node_id: str | None = None) -> Rebui
 
 
 def _flush(index: Index, batch: list[StoredObject], report: RebuildReport) -> None:
+    if not batch:
+        return
     for status, _ in index.record_many(batch):
+        if status.value == "duplicate":
+            report.duplicates += 1
+            continue
         report.indexed += 1
         if status.value == "superseded":
             report.superseded += 1
     batch.clear()
+
+
+# -- the rebuild at start ----------------------------------------------------------------------------------------
+#: The file in the data directory that says the index is being rebuilt from the blob store (it holds why). It is
+#: made before the rebuild starts and removed once it is done, so a rebuild that a stop or a crash cut short goes on
+#: at the next start (its objects already indexed are duplicates then); the process rebuilding holds a ``flock``
+#: on it, so that no second process rebuilds at once.
+REBUILD_FILE = "index-rebuild"
+#: How far before the newest stored object a self-rebuild after a crash checks objects' digests (what crash
+#: recovery checks: :func:`recover`).
+_RECENT_NS = 3600 * 1_000_000_000
+
+
+def holds_an_object(blobs: BlobStore) -> bool:
+    """True if the blob store holds at least one object key (it stops at the first)."""
+    return any(parse_object_key(key) is not None for key in blobs.keys())
+
+
+class SelfRebuild:
+    """The index rebuilt from the blob store in a thread of the archive's primary process, while it serves.
+
+    The live index, empty, is filled in place: every stored object is replayed oldest first through
+    :meth:`Index.record_many`, as ``bastion index rebuild`` does, while stores go on being recorded beside it.
+    What makes the two meet right is the index's record itself: a version stored live has a newer stamp than
+    every stored one, so an older version of its instance replayed after it is kept as superseded (OUTDATED), and
+    an object recorded live that the replay meets again (the same blob key) is a duplicate. Queries answer from
+    what is indexed so far. ``done`` and ``total`` say how far it is (``total`` None while the keys are listed).
+    """
+
+    def __init__(self, blobs: BlobStore, index: Index, pending: Path, reason: str, *, node_id: str = "",
+                 crashed: bool = False) -> None:
+        self.blobs = blobs
+        self.index = index
+        self.pending = pending
+        self.reason = reason
+        self.node_id = node_id
+        self.crashed = crashed
+        self.done = 0
+        self.total: int | None = None
+        self.report: RebuildReport | None = None
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bastion-index-rebuild", daemon=True)
+
+    @property
+    def running(self) -> bool:
+        """True until the rebuild is done, stopped or failed."""
+        return not self._finished.is_set()
+
+    def start(self) -> SelfRebuild:
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the rebuild to end; True if it has."""
+        return self._finished.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop the rebuild (after the batch being recorded) and wait for its thread; it goes on at the next start."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _advance(self, count: int) -> None:
+        self.done += count
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.pending, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # another process finished the rebuild meanwhile
+            self._finished.set()
+            return
+        except OSError as exc:
+            log.error("the index rebuild cannot open %s: %s", self.pending, exc)
+            self._finished.set()
+            return
+        try:
+            waiting = False
+            while True:  # another process rebuilding (one opened alone before this one) is waited for
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waiting:
+                        log.info("another process is rebuilding the index: waiting for it to finish or stop")
+                        waiting = True
+                    if self._stop.wait(0.2):
+                        return
+            if os.fstat(fd).st_nlink == 0:
+                return  # the other process finished it (and removed the file)
+            self._rebuild()
+        except Exception:
+            log.exception("the index rebuild failed: it is tried again at the next start")
+        finally:
+            os.close(fd)
+            self._finished.set()
+
+    def _rebuild(self) -> None:
+        started = time.monotonic()
+        keyed = []
+        for n, key in enumerate(self.blobs.keys()):
+            if n % 1024 == 0 and self._stop.is_set():
+                return
+            parts = parse_object_key(key)
+            if parts is not None:
+                keyed.append((parts["stamp"], key))
+        keyed.sort()
+        self.total = len(keyed)
+        verify_if = None
+        if self.crashed and keyed:
+            # What crash recovery would check: this node's objects of the last hour before the newest one.
+            recent = str(int(keyed[-1][0]) - _RECENT_NS).zfill(len(keyed[-1][0]))
+
+            def verify_if(stamp: str, key: str) -> bool:
+                parts = parse_object_key(key)
+                return stamp >= recent and parts is not None and parts["node"] in ("", self.node_id)
+
+        report = self.report = _replay(self.blobs, self.index, keyed, "index rebuild", self._advance,
+                                       verify_if=verify_if, stop=self._stop)
+        if self._stop.is_set() and self.done < len(keyed):
+            if self.done:
+                log.info("index rebuild stopped after %d of %d stored objects: it goes on at the next start",
+                         self.done, len(keyed))
+            return
+        self.pending.unlink()
+        _fsync_directory(self.pending.parent)
+        elapsed = time.monotonic() - started
+        log.info("index rebuilt from %d stored object(s) in %.1f s (%.0f/s): %d indexed (%d superseding an older "
+                    "version), %d indexed already, %d skipped, %d set aside", len(keyed), elapsed,
+                    len(keyed) / elapsed if elapsed else 0, report.indexed, report.superseded, report.duplicates,
+                    len(report.skipped), len(report.set_aside))
+
+
+def self_rebuild(blobs: BlobStore, index: Index, data: Path, *, problem: str | None = None, alone: bool = False,
+                 crashed: bool = False, node_id: str = "") -> SelfRebuild | None:
+    """Start rebuilding the index in the background (:class:`SelfRebuild`) if it must be, for a primary opener.
+
+    It must be when the index holds nothing while the blob store holds an object (``problem``: why, e.g. its file
+    was missing or corrupt and set aside), or when a rebuild did not finish (:data:`REBUILD_FILE`). A new rebuild
+    starts a new change log after every ``seq`` the lost index handed out (its durable mark,
+    :func:`bastion.index.log_floor`), so the log's consumers see a reset and read the new one from its start; one
+    that goes on keeps the log it began. ``alone``: the opener is alone with the archive (the one that reports it
+    as a WARNING; a server's HTTP process, started after it, carries it out). ``crashed``: the last run did not
+    shut down cleanly: the rebuild also does what crash recovery (:func:`recover`) would have done, checking the
+    digests of this node's objects of the last hour. None if nothing is to be done.
+    """
+    pending = data / REBUILD_FILE
+    try:
+        reason = pending.read_text(encoding="utf-8", errors="replace").strip() or "the index was being rebuilt"
+        resumed = True
+    except FileNotFoundError:
+        if not (index.holds_nothing() and holds_an_object(blobs)):
+            return None
+        reason = f"{problem or 'the index is empty'} while the blob store holds objects"
+        resumed = False
+        _write_durably(pending, reason)
+        index.start_log_after(log_floor(index.location))
+    if crashed:
+        index.resume_log_after_crash()  # no seq that commits lost in the crash handed out is handed out again
+    if alone:
+        log.warning("%s: rebuilding the index from the stored objects in the background%s; the server serves "
+                    "meanwhile and queries answer from what is indexed so far (/health says \"rebuilding\")",
+                    reason, " (an earlier rebuild did not finish)" if resumed else "")
+    else:
+        log.info("rebuilding the index from the stored objects in the background: %s", reason)
+    return SelfRebuild(blobs, index, pending, reason, node_id=node_id, crashed=crashed).start()
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
