@@ -23,10 +23,22 @@ _HEALTH = {
     "additionalProperties": False,
     "required": ["status", "version", "aet", "dicom", "uptime_seconds"],
     "properties": {
-        "status": {"type": "string", "enum": ["ok", "starting", "degraded"],
+        "status": {"type": "string", "enum": ["ok", "starting", "degraded", "rebuilding"],
                    "description": "`starting` (HTTP 503) until every DICOM worker process has listened; then `ok`, "
-                                  "or `degraded` (HTTP 200, with `reason`) while one is being replaced."},
-        "reason": {"type": "string", "description": "Why the status is `degraded`."},
+                                  "or `degraded` (HTTP 200, with `reason`) while one is being replaced, or "
+                                  "`rebuilding` (HTTP 200, with `reason` and `rebuild`) while the index is rebuilt "
+                                  "from the stored objects at start (it was missing, empty or corrupt): stores are "
+                                  "accepted, queries answer from what is indexed so far."},
+        "reason": {"type": "string", "description": "Why the status is `degraded` or `rebuilding`."},
+        "rebuild": {
+            "type": "object",
+            "description": "How far the index rebuild at start is, while it runs.",
+            "additionalProperties": False,
+            "required": ["done", "total"],
+            "properties": {"done": {"type": "integer", "minimum": 0, "description": "Stored objects replayed."},
+                           "total": {"type": ["integer", "null"], "minimum": 0,
+                                     "description": "Stored objects to replay; null while they are listed."}},
+        },
         "version": {"type": "string", "examples": ["0.1.0"]},
         "aet": {"type": "string", "description": "Bastion's AE title.", "examples": ["BASTION"]},
         "dicom": {
