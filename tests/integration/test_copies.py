@@ -12,7 +12,8 @@ from typing import Any
 
 import blake3
 import pytest
-from conftest import BastionServer, make_study, requires_dcmtk
+from conftest import DEST_AET, BastionServer, StoreSCP, dataset_part, make_study, requires_dcmtk
+from test_dimse_retrieve import movescu
 
 pytestmark = [requires_dcmtk, pytest.mark.timeout(180)]
 
@@ -153,3 +154,25 @@ def test_too_few_copies_fails_the_store_and_keeps_nothing(bastion_factory: Any, 
     assert server.get_json("/dicom-web/instances") == []
     health = server.get_json("/health")
     assert health["status"] == "degraded" and "unreachable" in health["reason"]
+
+
+def test_c_move_sends_the_good_copy_and_fails_the_one_with_none(bastion_factory: Any, storescp: StoreSCP,
+                                                                 tmp_path: Path) -> None:
+    """C-MOVE reads through the same path as WADO: a corrupt copy is passed over, and an instance without a good
+    copy is a failed sub-operation (0xB000: some failed), never corrupt bytes at the destination."""
+    one, two = tmp_path / "store-one", tmp_path / "store-two"
+    server = bastion_factory(settings={"BASTION_BLOBS": f"{one},{two}"},
+                             remotes=(f"{DEST_AET}@127.0.0.1:{storescp.port}",))
+    study = _sent(server, tmp_path, 2)
+    first, second = study.sop_uids
+    good = _objects(two)[first].read_bytes()
+    _flip(_objects(one)[first])
+    _flip(_objects(one)[second])
+    _flip(_objects(two)[second], offset=-50)
+    storescp.clear()
+    output, rsps = movescu(server, DEST_AET, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.study_uid})
+    final = rsps[-1]
+    assert (final["completed"], final["failed"], final["status"]) == ("1", "1", "0xb000"), output
+    received = storescp.received()
+    assert list(received) == [first]
+    assert dataset_part(received[first].read_bytes()) == dataset_part(good)
