@@ -470,14 +470,15 @@ def indexed_sops(base_url: str) -> set[str]:
 
 
 def qido_snapshot(base_url: str, studies: set[str] | None = None) -> dict[str, list[str]]:
-    """Every study, series and instance QIDO-RS lists with all attributes (of ``studies`` only, if given), each
-    match as sorted JSON, sorted: two snapshots compare equal when the answers are identical, whatever their
+    """Every study, series and instance QIDO-RS lists with all attributes (of ``studies`` only, if given; not
+    the Retrieve URL, which names the server's address), each match as sorted JSON, sorted: two snapshots compare equal when the answers are identical, whatever their
     order."""
     snap: dict[str, list[str]] = {}
     for level in ("studies", "series", "instances"):
         items = qido_all(base_url, level, extra="&includefield=all")
         if studies is not None:
             items = [item for item in items if uid_of(item, "0020000D") in studies]
+        items = [{tag: value for tag, value in item.items() if tag != "00081190"} for item in items]  # URL: port
         snap[level] = sorted(json.dumps(item, sort_keys=True) for item in items)
     return snap
 
@@ -486,8 +487,10 @@ class Reader:
     """Threads retrieving acknowledged instances (picked at random from ``pool()``) over WADO-RS, counting
     reads, failed reads (no answer, an error status) and corrupt reads (bytes other than those sent)."""
 
-    def __init__(self, base_url: str, pool: Callable[[], Sequence[Instance]], threads: int = 1) -> None:
+    def __init__(self, base_url: str, pool: Callable[[], Sequence[Instance]], threads: int = 1,
+                 pause: float = 0.005) -> None:
         self.base_url = base_url
+        self.pause = pause  # between two reads of a thread: a share of the CPU left to the server
         self.pool = pool
         self.reads = self.failed = self.corrupt = 0
         self.failures: list[str] = []
@@ -515,6 +518,7 @@ class Reader:
                 continue
             inst = rng.choice(pool)
             outcome, _ = retrieve(self.base_url, inst)
+            self._stop.wait(self.pause)
             with self._lock:
                 self.reads += 1
                 if outcome == "failed":

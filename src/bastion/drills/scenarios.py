@@ -65,15 +65,18 @@ class Drill:
     servers: list[ServerProcess] = field(default_factory=list)
     instances: list[Instance] = field(default_factory=list)
 
-    def server(self, stores: int = 0, copies_required: int | None = None) -> ServerProcess:
-        """A server on ``<work>/data``; with ``stores``, blob stores ``<work>/store1`` ... as ``--blobs``."""
+    def server(self, stores: int = 0, **defaults: str) -> ServerProcess:
+        """A server on ``<work>/data``; with ``stores``, blob stores ``<work>/store1`` ... as ``--blobs``; its
+        settings ``defaults`` (e.g. ``copies_required="1"``) unless ``--setting`` gives them."""
         args: list[str] = []
         for i in range(1, stores + 1):
             (self.workdir / f"store{i}").mkdir(exist_ok=True)
             args += ["--blobs", str(self.workdir / f"store{i}")]
-        env = {f"BASTION_{k.upper()}": v for k, v in self.options.settings.items()}
-        if copies_required is not None:
-            env.setdefault("BASTION_COPIES_REQUIRED", str(copies_required))
+        given = {**defaults, **self.options.settings}
+        env = {f"BASTION_{k.upper()}": v for k, v in given.items()}
+        if given:
+            self.result.add("server_settings", ", ".join(f"{k}={v}" for k, v in given.items()),
+                            "settings of the server under drill")
         srv = ServerProcess(self.workdir, self.workdir / "data", args, env)
         self.servers.append(srv)
         return srv
@@ -211,6 +214,7 @@ def lose_index(d: Drill) -> None:
     failed_after = sum(n for s, n in loader.statuses.items() if s != 0 and s != -1)
     note(f"{len(acked)} acknowledged; restarting the server")
     srv.stop()
+    index_files_at_restart = sorted(f.name for f in (d.workdir / "data").glob("index.sqlite3*"))
     t0 = srv.launch()
     seconds_to_serve = srv.wait_serving(t0, d.options.timeout, states=("ok", "rebuilding", "degraded"))
     method = "self-rebuild at start"
@@ -262,11 +266,14 @@ def lose_index(d: Drill) -> None:
     d.result.add("index_files_deleted", [f.name for f in index_files], "index files deleted")
     d.result.add("store_failures_after_delete", failed_after, "C-STOREs failed after the delete")
     d.result.add("qido_status_after_delete", query_status, "QIDO-RS status right after the delete")
+    d.result.add("index_files_at_restart", index_files_at_restart, "index files there at the restart")
     d.result.add("recovery", method)
+    d.result.add("rebuilding_seen", rebuilding_seen, "/health said \"rebuilding\"")
     d.result.add("seconds_to_serve", round(seconds_to_serve, 3), "seconds to serve again (health, C-ECHO)")
     d.result.add("seconds_to_complete_queries", d.result.seconds_to_recover,
                  "seconds until QIDO-RS lists every acknowledged")
-    d.result.add("rebuild_seconds", round(rebuild_seconds, 3) if rebuild_seconds else None, "rebuild seconds")
+    d.result.add("rebuild_seconds", round(rebuild_seconds, 3) if rebuild_seconds else None,
+                 "rebuild seconds (self-rebuild: from the server's start)")
     d.result.add("rebuild_rate", round(len(acked) / rebuild_seconds, 1) if rebuild_seconds else None,
                  "rebuild rate (instances/s)")
     d.result.add("qido_identical", not any(differing.values()), "QIDO-RS answers identical to before")
@@ -306,7 +313,8 @@ def lose_copy(d: Drill) -> None:
     the seconds until every acknowledged object has an intact copy in both stores again. The server keeps a copy
     in each store and acknowledges once one is durable (``copies_required = 1``, unless ``--setting`` says
     otherwise), so storing goes on while store2 is gone."""
-    srv = d.server(stores=2, copies_required=1)
+    # A full reconciliation of the stores every 10 s (default 10 min) finds the copies deleted with the tree.
+    srv = d.server(stores=2, copies_required="1", repair_interval="10")
     srv.start()
     half = len(d.instances) // 2
     first = d.load(srv, d.instances[:half], "sending (first half)")
@@ -367,7 +375,8 @@ def lose_copy(d: Drill) -> None:
 def bit_rot(d: Drill) -> None:
     """Flip one byte in each of ``flips`` stored copies (at most one copy of any instance), read every
     instance over WADO-RS, then wait for the repair loop to put every damaged copy right."""
-    srv = d.server(stores=2)
+    # A scrub at a set rate runs cycle after cycle (without one, the next cycle would start days later).
+    srv = d.server(stores=2, scrub_rate="20")
     srv.start()
     loader = d.load(srv, d.instances, "sending")
     acked = dict(loader.acked)
@@ -431,13 +440,13 @@ def full_disk(d: Drill) -> None:
     """store2 on a small tmpfs that fills up while instances are sent: every C-STORE must still succeed (on
     store1), no store may fail, no partial file may be left, nothing acknowledged may be lost."""
     payload = len(d.instances) * INSTANCE_BYTES
-    size = min(8 * 2**20, max(2**20, payload // 2))  # 8 MB, or half the payload of a small drill
+    size = min(8, max(1, payload // 2 // 2**20)) * 2**20  # 8 MB, or half the payload of a small drill
     _, s2 = stores(d)
     with tmpfs(s2, size) as why:
         if why:
             d.result.skipped = why
             return
-        srv = d.server(stores=2, copies_required=1)
+        srv = d.server(stores=2, copies_required="1")
         try:
             srv.start()
             loader = d.load(srv, d.instances, "sending", retry=False)
