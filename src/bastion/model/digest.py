@@ -39,6 +39,13 @@ def of_bytes(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+def of_bytes_like(data: bytes | bytearray | memoryview, like: str) -> str:
+    """The digest of ``data`` in the algorithm and form of the digest ``like``."""
+    if like.startswith(BLAKE3_PREFIX):
+        return text(of_bytes(data))
+    return hashlib.sha256(data).hexdigest()
+
+
 def of_file(fh: BinaryIO, like: str) -> str:
     """The digest of what ``fh`` holds, in the algorithm and form of the digest ``like``."""
     h = hasher() if like.startswith(BLAKE3_PREFIX) else hashlib.sha256()
@@ -47,4 +54,4 @@ def of_file(fh: BinaryIO, like: str) -> str:
     return text(h.digest()) if like.startswith(BLAKE3_PREFIX) else h.hexdigest()
 
 
-__all__ = ["BLAKE3_PREFIX", "DIGEST_PATTERN", "hasher", "of_bytes", "of_file", "text"]
+__all__ = ["BLAKE3_PREFIX", "DIGEST_PATTERN", "hasher", "of_bytes", "of_bytes_like", "of_file", "text"]
