@@ -17,9 +17,10 @@ from bastion.blobs.copies import Copies, FindingLog, open_copies
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.errors import BastionError
 from bastion.index import Index, open_index
+from bastion.index.base import is_postgresql, set_aside_if_corrupt
 from bastion.index.sqlite_record import CRECORD
 from bastion.ingest import Ingest
-from bastion.ingest.rebuild import recover
+from bastion.ingest.rebuild import SelfRebuild, recover, self_rebuild
 from bastion.ingest.rejections import RejectionLog
 from bastion.ingest.scan import SPEEDUPS
 from bastion.ingest.stamps import IngestStamps
@@ -187,8 +188,24 @@ def exclusive(data: Path) -> Iterator[None]:
         os.close(fd)
 
 
-#: How a part with a compiled twin runs: its C extension, or the Python version (slower, same results); ``none``:
-#: the part is not used (the file write, with a blob store that writes no files: S3).
+def _check_index(settings: Settings) -> tuple[bool, str | None]:
+    """Whether this primary opener is alone with the archive, and what is wrong with its index, if anything:
+    its SQLite file is missing, or (checked by a lone opener only) cannot be opened or fails ``PRAGMA
+    quick_check``, and was moved aside (:func:`bastion.index.base.set_aside_if_corrupt`). Before the index is
+    opened."""
+    location = settings.index_location
+    try:
+        with exclusive(settings.data):
+            damaged = set_aside_if_corrupt(location)
+    except BastionError:
+        return False, None  # another process has the archive open: the index is in use, and not this one's to check
+    if damaged:
+        return True, f"the index {location} is corrupt ({damaged})"
+    if not is_postgresql(location) and location != ":memory:" and not os.path.exists(location):
+        return True, f"the index file {location} is missing"
+    return True, None
+
+
 def open_blobs(settings: Settings, node_id: str | None = None) -> Copies:
     """The archive's blob stores (:class:`bastion.blobs.copies.Copies`), their findings logged in the data
     directory; ``node_id`` defaults to :func:`node_identity`."""
@@ -198,6 +215,8 @@ def open_blobs(settings: Settings, node_id: str | None = None) -> Copies:
                        findings=FindingLog(str(settings.data / FINDINGS_FILE)))
 
 
+#: How a part with a compiled twin runs: its C extension, or the Python version (slower, same results); ``none``:
+#: the part is not used (the file write, with a blob store that writes no files: S3).
 Implementation = Literal["compiled", "python", "none"]
 
 
@@ -235,6 +254,9 @@ class Archive:
     marker: RunMarker | None = None
     #: This node's id among the nodes sharing the blob store (:func:`node_identity`).
     node_id: str = ""
+    #: The index being rebuilt from the blob store in the background, while the archive serves (a primary
+    #: opener that found it missing, empty or corrupt: :func:`bastion.ingest.rebuild.self_rebuild`); None if not.
+    rebuild: SelfRebuild | None = None
 
     @property
     def primary(self) -> bool:
@@ -246,7 +268,9 @@ class Archive:
         """Open (creating if needed) the archive the settings describe.
 
         Primary openers (the server, CLI commands) take part in crash detection (:class:`RunMarker`)
-        and recover from an unclean shutdown; extra worker processes open it with ``primary=False``.
+        and recover from an unclean shutdown; extra worker processes open it with ``primary=False``. A primary
+        opener that finds the index missing, empty or corrupt (:func:`_check_index`) while the blob store holds
+        objects rebuilds it in a background thread (:attr:`rebuild`) and serves meanwhile.
         The node's id (:func:`node_identity`) names its spool files, journal segments, run marker and blob keys,
         so that nodes sharing one blob store never take up each other's. ``clock`` (nanoseconds since the
         epoch) times the ingest stamps, which never go below those of earlier runs (:mod:`bastion.ingest.stamps`).
@@ -255,9 +279,13 @@ class Archive:
         settings.data.mkdir(parents=True, exist_ok=True)
         node_id = node_identity(settings)
         blobs = open_blobs(settings, node_id)
+        alone, problem = _check_index(settings) if primary else (False, None)
         index = open_index(settings.index_location)
         marker = RunMarker(str(settings.data / RUNNING_MARKER), node_id) if primary else None
-        if marker is not None and marker.acquire():
+        crashed = marker is not None and marker.acquire()
+        rebuild = (self_rebuild(blobs, index, settings.data, problem=problem, alone=alone, crashed=crashed,
+                                node_id=node_id) if marker is not None else None)
+        if crashed and rebuild is None:
             log.warning("the previous run did not shut down cleanly: checking for unindexed objects")
             recover(blobs, index, node_id)
         newest = index.last_stamp()
@@ -266,7 +294,7 @@ class Archive:
         ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
                         stamps=stamps)
         return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), open_jobs(settings), marker,
-                   node_id)
+                   node_id, rebuild)
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""
@@ -276,7 +304,10 @@ class Archive:
                             index_record=_implementation(CRECORD))
 
     def close(self) -> None:
-        """Flush and close the jobs, index and blob store; the last primary out marks the shutdown clean."""
+        """Flush and close the jobs, index and blob store; the last primary out marks the shutdown clean. A rebuild
+        under way is stopped (it goes on at the next start)."""
+        if self.rebuild is not None:
+            self.rebuild.stop()
         self.jobs.close()
         self.index.close()
         self.blobs.close()

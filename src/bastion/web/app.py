@@ -68,6 +68,13 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
             body["reason"] = "a DICOM worker process is being replaced"
         elif state == "ok" and (trouble := api.copies_trouble(api.copies_report(archive))):
             body["status"], body["reason"] = "degraded", trouble
+        rebuild = archive.rebuild
+        if rebuild is not None and rebuild.running:  # serving, but queries answer from what is indexed so far
+            if body["status"] == "ok":
+                body["status"], body["reason"] = "rebuilding", (f"the index is being rebuilt from the stored objects "
+                                                                f"({rebuild.reason}); queries answer from what is "
+                                                                "indexed so far")
+            body["rebuild"] = {"done": rebuild.done, "total": rebuild.total}
         return JSONResponse(body, status_code=503 if state == "starting" else 200)
 
     routes: list[BaseRoute] = [Route("/health", health)]
