@@ -10,11 +10,14 @@ warnings are listed in the report again.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,11 +73,18 @@ def _read_stored_object(blobs: BlobStore, key: str) -> tuple[StoredObject, tuple
     parts = parse_object_key(key)
     if parts is None:
         raise BastionError(f"{key} is not an object key")
-    header = read_header(blobs.open(key))
+    fh = blobs.open(key)
+    try:
+        size = fh.seek(0, os.SEEK_END)  # the object's size: what BlobStore.size says, without another look-up
+        fh.seek(0)
+    except BaseException:
+        fh.close()
+        raise
+    header = read_header(fh)  # it closes fh
     if header.sop_uid != parts["sop"]:
         raise InvalidObject(f"{key}: the object's SOP Instance UID {header.sop_uid} differs from its key")
     record = InstanceRecord(header.sop_uid, header.sop_class_uid, header.series_uid, header.study_uid,
-                            header.transfer_syntax, key, parts["digest"], blobs.size(key))
+                            header.transfer_syntax, key, parts["digest"], size)
     return StoredObject(record, header.patient_id, parts["stamp"], header.attrs), header.warnings
 
 
@@ -108,33 +118,65 @@ def _replay(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: s
     nothing was.
     """
     report = RebuildReport()
-    batch: list[StoredObject] = []
-    for stamp, key in keys:
-        if stop is not None and stop.is_set():
-            break
-        checked = verify or (verify_if is not None and verify_if(stamp, key))
+    chunks = ([(key, verify or (verify_if is not None and verify_if(stamp, key))) for stamp, key in keys[i:i + _CHUNK]]
+              for i in range(0, len(keys), _CHUNK))
+    # Objects are read and parsed by a reader thread a few chunks ahead while this thread records: the index's
+    # statements and the reads run without the GIL, beside each other.
+    pool = ThreadPoolExecutor(_READERS, thread_name_prefix="bastion-rebuild-read")
+    try:
+        ahead: deque[Future[list[_Read]]] = deque()
+        for chunk in itertools.islice(chunks, _READERS + 1):
+            ahead.append(pool.submit(_read_chunk, blobs, chunk))
+        while ahead and not (stop is not None and stop.is_set()):
+            results = ahead.popleft().result()
+            for chunk in itertools.islice(chunks, 1):
+                ahead.append(pool.submit(_read_chunk, blobs, chunk))
+            batch: list[StoredObject] = []
+            for key, checked, found in results:
+                if isinstance(found, BastionError):
+                    if checked and isinstance(found, _NEVER_ACKNOWLEDGED):
+                        where = blobs.set_aside(key)
+                        report.set_aside.append(key)
+                        log.warning("%s set %s aside%s: %s", what, key, f" in {where}" if where else " (deleted)",
+                                    found.message)
+                    else:
+                        report.skipped.append((key, found.message))
+                        log.warning("%s skips %s: %s", what, key, found.message)
+                    continue
+                obj, warnings = found
+                batch.append(obj)
+                if warnings:
+                    report.warned.append((key, warnings))
+            _flush(index, batch, report)
+            if progress:
+                progress(len(results))
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return report
+
+
+#: What :func:`_replay` records at a time (one ``Index.record_many``), and how many objects a reader thread reads
+#: at a time.
+_CHUNK = 500
+#: :func:`_replay`'s reader threads: one, reading ahead of the recording thread. (Two contend for the GIL with it:
+#: slower on two cores, see ``benchmarks/rebuild.py``.)
+_READERS = 1
+#: One object as a reader thread found it: its key, whether its digest was checked, and its record and warnings,
+#: or why it cannot be indexed.
+_Read = tuple[str, bool, "tuple[StoredObject, tuple[str, ...]] | BastionError"]
+
+
+def _read_chunk(blobs: BlobStore, chunk: list[tuple[str, bool]]) -> list[_Read]:
+    """Read (and, where asked, check the digest of) each object of ``chunk`` ((key, check), in order)."""
+    found: list[_Read] = []
+    for key, checked in chunk:
         try:
             if checked:
                 _check_digest(blobs, key)
-            obj, warnings = _read_stored_object(blobs, key)
-            batch.append(obj)
-            if warnings:
-                report.warned.append((key, warnings))
+            found.append((key, checked, _read_stored_object(blobs, key)))
         except BastionError as exc:
-            if checked and isinstance(exc, _NEVER_ACKNOWLEDGED):
-                where = blobs.set_aside(key)
-                report.set_aside.append(key)
-                log.warning("%s set %s aside%s: %s", what, key, f" in {where}" if where else " (deleted)",
-                            exc.message)
-            else:
-                report.skipped.append((key, exc.message))
-                log.warning("%s skips %s: %s", what, key, exc.message)
-        if len(batch) >= 500:
-            _flush(index, batch, report)
-        if progress:
-            progress(1)
-    _flush(index, batch, report)
-    return report
+            found.append((key, checked, exc))
+    return found
 
 
 def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None, *,
