@@ -399,9 +399,11 @@ def self_rebuild(blobs: BlobStore, index: Index, data: Path, *, problem: str | N
     if crashed:
         index.resume_log_after_crash()  # no seq that commits lost in the crash handed out is handed out again
     if alone:
-        log.warning("%s: rebuilding the index from the stored objects in the background%s; the server serves "
+        log.warning("%s: rebuilding the index from the stored objects in the background%s%s; the server serves "
                     "meanwhile and queries answer from what is indexed so far (/health says \"rebuilding\")",
-                    reason, " (an earlier rebuild did not finish)" if resumed else "")
+                    reason, " (an earlier rebuild did not finish)" if resumed else "",
+                    " (the previous run did not shut down cleanly: the digests of its last hour's objects are "
+                    "checked too)" if crashed else "")
     else:
         log.info("rebuilding the index from the stored objects in the background: %s", reason)
     return SelfRebuild(blobs, index, pending, reason, node_id=node_id, crashed=crashed).start()
