@@ -8,11 +8,14 @@ several blob stores skip, saying so, when the server under test does not (the dr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import backends
 import pytest
 from conftest import run_bastion, unavailable
+
+from bastion.drills import harness
 
 pytestmark = [pytest.mark.timeout(420),
               pytest.mark.skipif(backends.REMOTE, reason="the drills run their own server on the embedded backends")]
@@ -88,3 +91,29 @@ def test_an_instance_never_acknowledged_is_not_counted_and_the_drill_fails() -> 
 def test_bad_arguments_exit_2() -> None:
     assert run_bastion("drill", "no-such-scenario").returncode == 2
     assert run_bastion("drill", "kill-node", "--setting", "novalue").returncode == 2
+
+
+def test_the_measures_see_damage(tmp_path: Path) -> None:
+    """The drills' own measuring sees what it must: a stored file changed in its pixels is a corrupt or failed read,
+    a stored file removed a failed read; the intact ones read back byte for byte."""
+    instances = harness.make_instances(4)
+    server = harness.ServerProcess(tmp_path, tmp_path / "data")
+    server.start()
+    try:
+        loader = harness.Loader(server.dicom_port, instances).start()
+        loader.join(60)
+        assert len(loader.acked) == 4, loader.statuses
+        assert harness.indexed_sops(server.base_url) == {i.sop for i in instances}
+        assert harness.check_all(server.base_url, instances) == (0, 0, [])
+        files = {f.sop: f.path for f in harness.store_files(tmp_path / "data" / "blobs")}
+        changed, removed = files[instances[0].sop], files[instances[1].sop]
+        data = bytearray(changed.read_bytes())
+        data[-1] ^= 0xFF  # the last pixel byte
+        changed.write_bytes(bytes(data))
+        removed.unlink()
+        assert harness.retrieve(server.base_url, instances[0])[0] in ("corrupt", "failed")
+        assert harness.retrieve(server.base_url, instances[1])[0] == "failed"
+        failed, corrupt, _ = harness.check_all(server.base_url, instances)
+        assert failed + corrupt == 2
+    finally:
+        server.stop()

@@ -144,6 +144,7 @@ def kill_node(d: Drill) -> None:
     recover: list[float] = []
     unanswered = 0
     lost_after_round: list[int] = []
+    acked_at_kill: list[int] = []
     queue = list(d.instances)
     for r in range(rounds):
         batch, queue = queue[:per_round * 2], queue[per_round * 2:]  # more than the kill leaves time for
@@ -155,6 +156,7 @@ def kill_node(d: Drill) -> None:
         loader = d.load(srv, batch, f"round {r + 1}/{rounds}: sending", until=enough)
         note(f"round {r + 1}: SIGKILL to the server's process group after {len(loader.acked)} acknowledged")
         srv.kill_group()
+        acked_at_kill.append(len(loader.acked))
         loader.stop()
         acked.update(loader.acked)
         unanswered += loader.statuses.get(-1, 0)
@@ -178,6 +180,7 @@ def kill_node(d: Drill) -> None:
     d.result.seconds_to_recover = round(sum(recover), 3)
     d.result.add("rounds", rounds)
     d.result.add("acknowledged", len(acked), "instances acknowledged")
+    d.result.add("acknowledged_before_kill", acked_at_kill, "acknowledged in the round before its kill")
     d.result.add("unanswered_at_kill", unanswered, "C-STOREs cut off unanswered by the kills")
     d.result.add("lost_per_round", lost_after_round, "acknowledged lost after each restart")
     d.result.add("seconds_to_serve", [round(s, 3) for s in recover], "seconds to serve again, by round")
