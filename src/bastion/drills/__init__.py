@@ -89,6 +89,8 @@ def _show(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, list | tuple):
         return ", ".join(_show(v) for v in value) if value else "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_show(v)}" for k, v in value.items()) if value else "-"
     if value is None:
         return "-"
     return str(value)
