@@ -189,6 +189,30 @@ def test_stores_during_the_rebuild_are_kept_and_stay_current(stored: dict[str, A
     assert "2 indexed already" in server.log(), server.log()
 
 
+def test_a_rebuild_cut_short_by_a_crash_goes_on_at_the_next_start(stored: dict[str, Any],
+                                                                   bastion_factory: Any) -> None:
+    data = stored["data"]
+    drop_index(data)
+    pending = data / REBUILD_FILE
+    pending.write_text("the index was lost (test)\n")
+    fd = os.open(pending, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the rebuild waits: it is surely under way when the server is killed
+        server = bastion_factory(data)
+        assert health(server)["status"] == "rebuilding"
+        server.kill9()
+    finally:
+        os.close(fd)
+    assert pending.exists()
+    server = bastion_factory(data)
+    until_ok(server)
+    warnings = [line for line in server.log().splitlines() if " WARNING " in line and "rebuilding the index" in line]
+    assert len(warnings) == 1 and "an earlier rebuild did not finish" in warnings[0], server.log()
+    assert "did not shut down cleanly" in warnings[0], warnings[0]
+    assert answers(server) == stored["answers"]
+    assert not pending.exists()
+
+
 @embedded_only  # the SQLite file's own corruption
 def test_a_corrupt_index_file_is_set_aside_and_rebuilt(stored: dict[str, Any], bastion_factory: Any) -> None:
     data = stored["data"]
