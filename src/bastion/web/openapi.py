@@ -25,7 +25,8 @@ _HEALTH = {
     "properties": {
         "status": {"type": "string", "enum": ["ok", "starting", "degraded", "rebuilding"],
                    "description": "`starting` (HTTP 503) until every DICOM worker process has listened; then `ok`, "
-                                  "or `degraded` (HTTP 200, with `reason`) while one is being replaced, or "
+                                  "or `degraded` (HTTP 200, with `reason`) while one is being replaced or while a "
+                                  "blob store is unreachable or holds copies waiting for repair, or "
                                   "`rebuilding` (HTTP 200, with `reason` and `rebuild`) while the index is rebuilt "
                                   "from the stored objects at start (it was missing, empty or corrupt): stores are "
                                   "accepted, queries answer from what is indexed so far."},
@@ -83,7 +84,7 @@ _STATISTICS = {
     "type": "object",
     "additionalProperties": False,
     "required": ["node_id", "patients", "studies", "series", "instances", "versions", "stored_bytes",
-                 "last_change", "storage", "ingest", "last_errors", "last_warnings", "associations",
+                 "last_change", "storage", "copies", "ingest", "last_errors", "last_warnings", "associations",
                  "associations_per_worker", "worker_pids"],
     "properties": {
         "node_id": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,32}$",
@@ -109,6 +110,48 @@ _STATISTICS = {
                                           "description": "Whether objects of 128 KB and more are written by the C "
                                                          "extension built at install, which runs beside the index "
                                                          "statements without Python's lock, or in Python; `none` for a store that writes no files (S3)."}},
+        },
+        "copies": {
+            "type": "object",
+            "description": "The blob stores, each holding a copy of every object, and what was found wanting in "
+                           "them (docs/configuration.md, \"Several copies\").",
+            "additionalProperties": False,
+            "required": ["required", "stores", "findings"],
+            "properties": {
+                "required": {**_INT, "description": "Durable copies a store needs before it is answered success."},
+                "stores": {"type": "array", "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["location", "state", "reason", "used_bytes", "free_bytes", "wanting"],
+                    "properties": {
+                        "location": {"type": "string"},
+                        "state": {"type": "string", "enum": ["ok", "wanting", "unreachable"],
+                                  "description": "`unreachable`: the store cannot be reached now; `wanting`: "
+                                                 "copies found missing, corrupt or not written there wait for "
+                                                 "repair."},
+                        "reason": {"type": "string"},
+                        "used_bytes": {"type": ["integer", "null"], "minimum": 0},
+                        "free_bytes": {"type": ["integer", "null"], "minimum": 0},
+                        "wanting": {**_INT, "description": "Copies in this store waiting for repair."}}}},
+                "findings": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["found", "repaired", "outstanding", "outstanding_by_store", "recent"],
+                    "properties": {
+                        "found": {**_INT, "description": "Copies found missing, corrupt, unreadable or not written."},
+                        "repaired": {**_INT, "description": "Copies made good again."},
+                        "outstanding": {**_INT, "description": "Copies found wanting and not repaired since."},
+                        "outstanding_by_store": {"type": "object", "additionalProperties": _INT},
+                        "recent": {"type": "array", "maxItems": 20, "items": {
+                            "type": "object",
+                            "required": ["key", "store", "problem", "detail", "time", "repaired"],
+                            "properties": {"key": {"type": "string"}, "store": {"type": "string"},
+                                           "problem": {"type": "string",
+                                                       "enum": ["", "missing", "corrupt", "unreadable",
+                                                                "not written"]},
+                                           "detail": {"type": "string"}, "time": {"type": "number"},
+                                           "repaired": {"type": "boolean"}}}}}},
+            },
         },
         "ingest": {
             "type": "object",
