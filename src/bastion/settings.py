@@ -116,7 +116,8 @@ class Settings:
     scrub_rate: float | None = None
     #: Days within which the scrub re-hashes every copy, when ``scrub_rate`` is not set.
     scrub_days: float = 7.0
-    #: Seconds between two full reconciliations of the blob stores' listings (every object in every store).
+    #: Seconds between two full reconciliations of the blob stores' listings (every object in every store); 0: no
+    #: background repair (``bastion verify --repair`` only).
     repair_interval: float = 600.0
 
     @property
@@ -150,11 +151,11 @@ def _coerce(name: str, value: Any) -> Any:
             return Path(value)
         if kind == "int":
             return int(value)
-        if name == "scrub_rate":
-            rate = float(value)
-            if not rate >= 0:
-                raise ValueError(f"{value!r} is not a number of MB/s (0: no scrub)")
-            return rate
+        if name in ("scrub_rate", "repair_interval"):
+            number = float(value)
+            if not number >= 0:
+                raise ValueError(f"{value!r} is not a number >= 0 (0: off)")
+            return number
         if kind == "float":
             number = float(value)
             if not number > 0:

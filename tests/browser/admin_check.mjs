@@ -5,6 +5,7 @@
 //        --search 'PATTERN*' --study <UID>                 (a stored study the search must list)
 //        --upload FILE --upload-search 'PATTERN*' --upload-study <UID>   (a file to upload and find)
 //        [--bad-upload FILE]                                (a non-DICOM file the upload must refuse)
+//        [--copies N] [--repaired-key KEY]                  (the Copies panel: N stores; a finding of KEY repaired)
 //        [--timeout MS]
 //
 // Uses Debian's /usr/bin/chromium (CHROMIUM_PATH overrides) with a fresh profile. Steps:
@@ -14,7 +15,9 @@
 //   3. give --upload to the file input (#files) and wait until the upload status says "1 stored, 0 failed";
 //   4. search --upload-search and wait for the row of --upload-study;
 //   5. with --bad-upload, upload that file and wait until the status says "0 stored, 1 failed" with a reason
-//      (the STOW-RS answer to it, 409, is expected and not counted as a failed request).
+//      (the STOW-RS answer to it, 409, is expected and not counted as a failed request);
+//   6. with --copies, wait until the Copies panel lists N stores (their location and state go in the report, as
+//      do its counts) and, with --repaired-key, a finding of that object whose "Repaired" cell holds a time.
 // Prints ONE JSON line on stdout (also written to DIR/result.json):
 //   {"healthUp":bool,"searchOk":bool,"viewerLink":str|null,"uploadOk":bool,"uploadStatus":str,
 //    "uploadedFound":bool,"badUploadStatus":str,"failedRequests":[...],"consoleErrors":[...],"errors":[...],"timingsMs":{...}}
@@ -43,6 +46,8 @@ const OPTIONS = {
   '--upload-search': 'uploadSearch',
   '--upload-study': 'uploadStudy',
   '--bad-upload': 'badUpload',
+  '--copies': 'copies',
+  '--repaired-key': 'repairedKey',
   '--timeout': 'timeout',
 };
 
@@ -51,7 +56,7 @@ function parseArgs(argv) {
   for (let i = 0; i < argv.length; i += 2) {
     const key = OPTIONS[argv[i]];
     if (!key || argv[i + 1] === undefined) throw new Error(`bad argument ${argv[i]}`);
-    opts[key] = key === 'timeout' ? Number(argv[i + 1]) : argv[i + 1];
+    opts[key] = key === 'timeout' || key === 'copies' ? Number(argv[i + 1]) : argv[i + 1];
   }
   for (const k of ['base', 'out', 'search', 'study', 'upload', 'uploadSearch', 'uploadStudy']) {
     if (!opts[k]) throw new Error(`missing --${k.replace(/[A-Z]/g, c => '-' + c.toLowerCase())}`);
@@ -83,6 +88,9 @@ async function main() {
     consoleErrors: [],
     errors: [],
     timingsMs: {},
+    copiesStores: null,
+    copiesCounts: null,
+    copiesRepaired: null,
   };
   const started = Date.now();
   const step = async (name, fn) => {
@@ -159,11 +167,35 @@ async function main() {
       });
       await page.screenshot({ path: join(out, 'admin-bad-upload.png'), fullPage: true }).catch(() => {});
     }
+
+    if (opts.copies) {
+      await step('copies', async () => {
+        const rows = page.locator('#copy-stores tbody tr');
+        await page.waitForFunction(n => document.querySelectorAll('#copy-stores tbody tr').length === n, opts.copies);
+        report.copiesStores = [];
+        for (let i = 0; i < await rows.count(); i++) {
+          const cells = rows.nth(i).locator('td');
+          report.copiesStores.push({ location: await rows.nth(i).getAttribute('data-store'),
+            state: (await cells.nth(1).innerText()).trim(), wanting: (await cells.nth(3).innerText()).trim() });
+        }
+        report.copiesCounts = (await page.locator('#copy-counts').innerText()).trim();
+        if (opts.repairedKey) {
+          // The page refreshes every 5 s: wait for the row of the object with its repair's time.
+          const row = page.locator(`#copy-findings tbody tr[data-key="${opts.repairedKey}"]`);
+          await row.locator('td.ok').first().waitFor({ state: 'visible' });
+          const cells = row.first().locator('td');
+          report.copiesRepaired = { problem: (await cells.nth(3).innerText()).trim(),
+            store: await cells.nth(2).getAttribute('title'), repaired: (await cells.nth(4).innerText()).trim() };
+        }
+      });
+      await page.locator('#copies').screenshot({ path: join(out, 'admin-copies.png') }).catch(() => {});
+    }
   } finally {
     await browser.close().catch(() => {});
   }
 
   const ok = report.healthUp && report.searchOk && report.uploadOk && report.uploadedFound &&
+    (!opts.copies || report.copiesStores !== null) && (!opts.repairedKey || report.copiesRepaired !== null) &&
     !report.errors.length && !report.failedRequests.length && !report.consoleErrors.length;
   writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 2));
   process.stdout.write(JSON.stringify(report) + '\n');

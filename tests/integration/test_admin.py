@@ -1,4 +1,5 @@
-"""The admin page (``/admin``) in headless Chromium: search, upload through the file input, health.
+"""The admin page (``/admin``) in headless Chromium: search, upload through the file input, health, and the copies
+in the server's two blob stores (the leg's own store and a directory), one of them repaired.
 
 ``tests/browser/admin_check.mjs`` drives the page and prints one JSON line; these tests read it.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import backends
@@ -22,9 +24,17 @@ BOUNDARY = "admin-test-boundary"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
-    srv = BastionServer(tmp_path_factory.mktemp("admin") / "data").start()
+    data = tmp_path_factory.mktemp("admin") / "data"
+    first = backends.environment_for_command(data).get("BASTION_BLOBS", str(data / "blobs"))
+    srv = BastionServer(data, settings={"BASTION_BLOBS": f"{first},{_second_store(data)}",
+                                        "BASTION_REPAIR_INTERVAL": "2"}).start()
     yield srv
     srv.stop()
+
+
+def _second_store(data: Path) -> Path:
+    """The server's second blob store: a directory beside its data directory's own."""
+    return data / "blobs2"
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +47,9 @@ def report(server: BastionServer, tmp_path_factory: pytest.TempPathFactory) -> d
     r = httpx.post(server.url("/dicom-web/studies"), content=body, timeout=30,
                    headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'})
     assert r.status_code == 200, r.text
+    second = _second_store(server.data)
+    lost_copy = sorted(p for p in second.rglob("*.dcm") if ".journal" not in p.parts)[0]
+    lost_copy.unlink()  # the repair makes it again; the Copies panel shows the finding and its repair
     upload_study = generate_uid(prefix=None)
     upload = relabel_sample("CT_small.dcm", work / "upload", study_uid=upload_study,
                             patient_name="Uploaded^Throughadmin", patient_id="ADMIN-UP")
@@ -46,10 +59,12 @@ def report(server: BastionServer, tmp_path_factory: pytest.TempPathFactory) -> d
     proc = start_browser_check("admin_check.mjs", "--base", server.url(""), "--out", out,
                                "--search", "adminsearch*", "--study", stored.study_uid,
                                "--upload", upload, "--upload-search", "UPLOADED*", "--upload-study", upload_study,
-                               "--bad-upload", bad)
+                               "--bad-upload", bad, "--copies", "2",
+                               "--repaired-key", lost_copy.relative_to(second).as_posix())
     result = browser_check_result(proc, timeout=90)
     result["out"] = str(out)
     result["upload_study"] = upload_study
+    result["second_store"] = str(second)
     return result
 
 
@@ -96,6 +111,21 @@ def test_a_refused_upload_says_failed_with_its_reason(report: dict[str, Any], se
     status = report["badUploadStatus"]
     assert status and status.startswith("HTTP 409: 0 stored, 1 failed"), _context(report, server)
     assert "0xC000 cannot understand" in status, _context(report, server)
+
+
+def test_copies_panel_lists_both_blob_stores(report: dict[str, Any], server: BastionServer) -> None:
+    stores = report["copiesStores"]
+    assert stores is not None and len(stores) == 2, _context(report, server)
+    assert stores[1]["location"] == report["second_store"], _context(report, server)
+    assert all(s["state"] in ("ok", "copies wanting repair") for s in stores), _context(report, server)
+    assert report["copiesCounts"].startswith("found "), _context(report, server)
+
+
+def test_copies_panel_shows_a_lost_copy_and_its_repair(report: dict[str, Any], server: BastionServer) -> None:
+    repaired = report["copiesRepaired"]
+    assert repaired is not None, _context(report, server)
+    assert repaired["problem"] == "missing" and repaired["store"] == report["second_store"], _context(report, server)
+    assert repaired["repaired"], _context(report, server)
 
 
 def test_page_had_no_failed_request_or_script_error(report: dict[str, Any], server: BastionServer) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 from tqdm import tqdm
 
 from bastion.archive import exclusive, open_blobs
+from bastion.blobs.copies import Copies
+from bastion.blobs.repair import check_copies
 from bastion.cli.serve import settings_from
 from bastion.index import Index, log_floor, open_index
 from bastion.index.base import rebuild_index
@@ -55,10 +57,17 @@ def _rebuild(settings: Settings) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """Re-hash everything; exit 1 if anything is missing or corrupt."""
+    """Re-hash everything; exit 1 if anything is missing or corrupt. With several blob stores every copy in each
+    is re-hashed as well (:func:`bastion.blobs.repair.check_copies`) and, with ``--repair``, each missing or corrupt
+    copy made again from a good one first."""
     settings = settings_from(args)
     blobs = open_blobs(settings)
     index = open_index(settings.index_location)
+    copies_ok = True
+    if len(blobs.stores) > 1:
+        copies_ok = _verify_copies(blobs, index, repair=bool(getattr(args, "repair", False)))
+    elif getattr(args, "repair", False):
+        print("one blob store: there is no other copy to repair from (--repair does nothing)")
     total = index.statistics()
     with tqdm(total=total.instances + total.versions, desc="verifying", unit=" objects", file=sys.stderr,
               disable=None) as bar:
@@ -77,4 +86,31 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"{aside} torn or invalid write(s) that crash recovery set aside (never acknowledged; safe to delete "
               f"once looked at): {getattr(blobs, 'quarantine_dir', blobs.location)}")
     blobs.close()
-    return 0 if report.ok else 1
+    return 0 if report.ok and copies_ok else 1
+
+
+def _verify_copies(blobs: Copies, index: Index, *, repair: bool) -> bool:
+    """Every copy in every store re-hashed (and repaired); prints the per-store report. True if all are whole."""
+    with tqdm(desc="repairing copies" if repair else "checking copies", unit=" copies", file=sys.stderr,
+              disable=None) as bar:
+
+        def total(n: int) -> None:
+            bar.reset(total=n)
+
+        report = check_copies(blobs, repair=repair, indexed_keys=(v.blob_key for v in index.versions()),
+                              is_indexed=index.has_blob, progress=_progress(bar), total=total)
+    print(f"copies of {report.objects} object(s) in {len(blobs.stores)} blob stores:")
+    for s in report.stores:
+        state = f" UNREACHABLE ({s.unreachable})" if s.unreachable else ""
+        print(f"  {s.location}: {s.checked} checked, {s.missing} missing, {s.corrupt} corrupt, "
+              f"{s.unreadable} unreadable, {s.repaired} repaired{state}")
+    for key, location in report.not_repaired[:50]:
+        print(f"  {'NOT REPAIRED' if repair else 'WANTING'} {location}: {key}")
+    if len(report.not_repaired) > 50:
+        print(f"  ... and {len(report.not_repaired) - 50} more")
+    print(f"{len(report.lost)} object(s) with no good copy left in any store" + (":" if report.lost else ""))
+    for key in report.lost:
+        print(f"  LOST {key}")
+    if not repair and report.not_repaired:
+        print("run `bastion verify --repair` (or let the server's repair do it) to make them again")
+    return report.whole

@@ -24,6 +24,7 @@ import uvicorn
 
 from bastion import __version__
 from bastion.archive import RUNNING_MARKER, Archive, RunMarker, node_identity
+from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.moves import MoveRunner
 from bastion.dimse.server import DicomServer, LoadBoard
@@ -88,10 +89,27 @@ async def _orphaned(parent: int) -> None:
         await asyncio.sleep(1)
 
 
+#: Where the scrub keeps its progress, in the data directory (:class:`bastion.blobs.repair.ScrubState`).
+SCRUB_FILE = "scrub.json"
+
+
+def start_repair(archive: Archive) -> Repairer:
+    """The background repair and scrub of the archive's blob stores' copies (:mod:`bastion.blobs.repair`), started:
+    in the primary process only, one per node. Nothing runs with a single blob store."""
+    s = archive.settings
+    index = archive.index
+    return Repairer(archive.blobs, scrub_state=str(s.data / SCRUB_FILE),
+                    scrub_rate=None if s.scrub_rate is None else s.scrub_rate * MB, scrub_days=s.scrub_days,
+                    reconcile_s=s.repair_interval, indexed_keys=lambda: (v.blob_key for v in index.versions()),
+                    is_indexed=index.has_blob, stored_bytes=lambda: index.statistics().stored_bytes).start()
+
+
 async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socket, board: LoadBoard,
                 parent: int) -> None:
-    """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM or its supervisor is gone."""
+    """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM or its supervisor is gone; it alone runs
+    the repair and scrub of the blob stores' copies."""
     archive = Archive.open(settings)
+    repairer = start_repair(archive)
     status = ServerStatus()
     dicom = DicomServer(archive, board=board, worker=0)
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
@@ -126,6 +144,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     await dicom.close()
     await runner.stop()
     await http_task
+    await asyncio.to_thread(repairer.stop)
     archive.close()
 
 
