@@ -415,6 +415,8 @@ class Journal:
                 self.checkpoints += 1
                 break
             except OSError as exc:  # records stay in the journal; retry
+                if self._closed:  # close() checkpoints itself (and fails: a store directory that is gone, see revive)
+                    return
                 log.error("blob journal checkpoint failed (retrying): %s", exc)
                 time.sleep(1.0)
         if grow and old.size < self.max_segment_size:

@@ -67,8 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="re-hash every stored object against the content digest in its name",
                             description="Re-hash every stored object (current and superseded versions) and "
-                            "report missing or corrupt ones; exit status 1 if any.")
+                            "report missing or corrupt ones; with several blob stores, every copy in each. Exit "
+                            "status 1 if any (with --repair: if any is left after the repair).")
     _common(verify)
+    verify.add_argument("--repair", action="store_true", help="with several blob stores: make every missing or "
+                        "corrupt copy again from a good one, now, and report per store what was checked, found and "
+                        "repaired")
+
+    from bastion.cli.drill import add_parser as add_drill_parser
+
+    add_drill_parser(sub)
     return parser
 
 
@@ -94,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             from bastion.cli.maintenance import run_verify
 
             return run_verify(args)
+        if args.command == "drill":
+            from bastion.cli.drill import run_drill_command
+
+            return run_drill_command(args)
     except BastionError as exc:
         print(f"bastion: {exc.message}", file=sys.stderr)
         return 2
