@@ -17,10 +17,14 @@ from test_dimse_retrieve import movescu
 
 pytestmark = [requires_dcmtk, pytest.mark.timeout(180)]
 
+#: The repair and the scrub (tests/integration/test_repair.py) off: these tests look at the damage they make before
+#: anything mends it.
+NO_REPAIR = {"BASTION_REPAIR_INTERVAL": "0", "BASTION_SCRUB_RATE": "0"}
+
 
 def _start(factory: Any, tmp_path: Path, *, required: int | None = None) -> tuple[BastionServer, Path, Path]:
     one, two = tmp_path / "store-one", tmp_path / "store-two"
-    settings = {"BASTION_BLOBS": f"{one},{two}"}
+    settings = {"BASTION_BLOBS": f"{one},{two}", **NO_REPAIR}
     if required is not None:
         settings["BASTION_COPIES_REQUIRED"] = str(required)
     return factory(settings=settings), one, two
@@ -161,7 +165,7 @@ def test_c_move_sends_the_good_copy_and_fails_the_one_with_none(bastion_factory:
     """C-MOVE reads through the same path as WADO: a corrupt copy is passed over, and an instance without a good
     copy is a failed sub-operation (0xB000: some failed), never corrupt bytes at the destination."""
     one, two = tmp_path / "store-one", tmp_path / "store-two"
-    server = bastion_factory(settings={"BASTION_BLOBS": f"{one},{two}"},
+    server = bastion_factory(settings={"BASTION_BLOBS": f"{one},{two}", **NO_REPAIR},
                              remotes=(f"{DEST_AET}@127.0.0.1:{storescp.port}",))
     study = _sent(server, tmp_path, 2)
     first, second = study.sop_uids
