@@ -72,7 +72,9 @@ class FileBlobStore(BlobStore):
         self.journal_dir = os.path.join(self.root, ".journal")
         os.makedirs(self.spool_dir, exist_ok=True)
         self._known_dirs: set[str] = {self.root}
-        self._device = os.stat(self.root).st_dev  # the filesystem the store is on (see revive)
+        where = os.stat(self.root)
+        self._device = where.st_dev  # the filesystem the store is on (see revive)
+        self._root_inode = where.st_ino  # the directory this process writes into (made again: another inode)
         # The journal needs fdatasync and pwritev (Linux; not macOS): elsewhere objects are fsync'd one by one.
         self._use_journal = journal and hasattr(os, "fdatasync") and hasattr(os, "pwritev")
         self._journal: Journal | None = None
@@ -131,9 +133,16 @@ class FileBlobStore(BlobStore):
         the same mount), with a new journal: the repair (:mod:`bastion.blobs.repair`) then fills it. Not when the
         directory is now on another filesystem than when the store was opened (a disk that is not mounted: its
         copies would go to the disk below). Returns whether the store's directory is there (again)."""
-        if os.path.isdir(self.spool_dir) and os.stat(self.root).st_dev == self._device:
+        try:
+            root = os.stat(self.root)
+        except OSError:
+            root = None
+        if (root is not None and root.st_dev == self._device and root.st_ino == self._root_inode
+                and os.path.isdir(self.spool_dir)):
             return True
-        here = self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
+        # Gone, or made again (by this node's other process, the repair's): this process's journal and the
+        # directories it knows went with the old one.
+        here = self.root if root is not None else os.path.dirname(self.root)
         try:
             if os.stat(here).st_dev != self._device:
                 log.error("blob store %s: its directory is not on the filesystem it was on (a disk not mounted?): "
@@ -148,6 +157,7 @@ class FileBlobStore(BlobStore):
                         journal.close()  # its segments went with the directory; the objects they held are copies
                 os.makedirs(self.spool_dir, exist_ok=True)
                 self._known_dirs = {self.root}
+                self._root_inode = os.stat(self.root).st_ino
         except OSError as exc:
             log.error("blob store %s: cannot make its directory again: %s", self.root, exc)
             return False
