@@ -68,13 +68,17 @@ class DrillResult:
             rows.append(("skipped", self.skipped))
         if self.error:
             rows.append(("error", self.error))
-        for name, value in self.figures.items():
-            rows.append((self.labels.get(name, name.replace("_", " ")), _show(value)))
+        names = sorted((n for n in self.figures if n != "seed"),
+                       key=lambda n: (n != "server_settings", n == "verify_ok"))
+        for name in names:
+            rows.append((self.labels.get(name, name.replace("_", " ")), _show(self.figures[name])))
         for name, label in (("lost", "acknowledged instances lost"), ("corrupt_served", "corrupt bytes served"),
                             ("failed_reads", "failed reads"), ("seconds_to_recover", "seconds to recover")):
             value = getattr(self, name)
             if value is not None:
                 rows.append((label, _show(value)))
+        if "seed" in self.figures:
+            rows.append(("seed", _show(self.figures["seed"])))
         rows.append(("ok", "yes" if self.ok else "NO"))
         width = max(len(label) for label, _ in rows)
         lines = [f"{label:<{width}}  {value}" for label, value in rows]

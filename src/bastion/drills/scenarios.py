@@ -507,7 +507,7 @@ def run(scenario: str, options: DrillOptions) -> DrillResult:
     finally:
         for srv in drill.servers:
             srv.stop()
-        if options.keep or result.error:
+        if options.keep or result.error or not (result.ok or result.skipped):  # a failed drill's traces stay
             result.workdir = str(workdir)
             note(f"kept {workdir}")
         else:
