@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from bastion.archive import exclusive, open_blobs
 from bastion.blobs.copies import Copies
-from bastion.blobs.repair import check_copies
+from bastion.blobs.healing import check_copies
 from bastion.cli.serve import settings_from
 from bastion.index import Index, log_floor, open_index
 from bastion.index.base import rebuild_index
@@ -58,7 +58,7 @@ def _rebuild(settings: Settings) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Re-hash everything; exit 1 if anything is missing or corrupt. With several blob stores every copy in each
-    is re-hashed as well (:func:`bastion.blobs.repair.check_copies`) and, with ``--repair``, each missing or corrupt
+    is re-hashed as well (:func:`bastion.blobs.healing.check_copies`) and, with ``--repair``, each missing or corrupt
     copy made again from a good one first."""
     settings = settings_from(args)
     blobs = open_blobs(settings)
