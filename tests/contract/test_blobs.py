@@ -240,3 +240,27 @@ def test_an_opened_object_reads_as_a_dicom_file(store: BlobStore) -> None:
     with store.open("d/ct.dcm") as fh:
         ds = dcmread(fh, stop_before_pixels=True)
         assert ds.SOPInstanceUID == dcmread(path).SOPInstanceUID
+
+
+def test_finding_log_folds_in_what_was_appended(tmp_path: Path) -> None:
+    """Two readers of one findings log (two processes' view of <data>/copies.jsonl): each reads only what was
+    appended since it last looked, and agrees with a reader that reads it all afresh."""
+    from bastion.blobs.copies import Finding, FindingLog
+
+    path = str(tmp_path / "copies.jsonl")
+    writer, reader = FindingLog(path), FindingLog(path)
+    writer.record(Finding("a.dcm", "/one", "missing"))
+    writer.record(Finding("b.dcm", "/one", "corrupt"))
+    assert [(f.key, f.problem) for f in reader.outstanding()] == [("a.dcm", "missing"), ("b.dcm", "corrupt")]
+    writer.record(Finding("a.dcm", "/one", "", repaired=True))
+    with open(path, "ab") as fh:
+        fh.write(b'{"key": "c.dcm", "store": "/two", "prob')  # a line being appended: waits for its end
+    summary = reader.summary()
+    assert (summary["found"], summary["repaired"], summary["outstanding"]) == (2, 1, 1)
+    assert summary["outstanding_by_store"] == {"/one": 1}
+    with open(path, "ab") as fh:
+        fh.write(b'lem": "missing", "detail": "", "time": 1.0, "repaired": false}\n')
+    assert {f.key for f in reader.outstanding()} == {"b.dcm", "c.dcm"} == {f.key for f in FindingLog(path).outstanding()}
+    os.unlink(path)  # replaced by an empty log: read again from its start
+    writer.record(Finding("d.dcm", "/two", "missing"))
+    assert [f.key for f in reader.outstanding()] == ["d.dcm"]

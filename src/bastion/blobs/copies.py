@@ -16,10 +16,12 @@ admin page and ``/health``, never an error for the reader while another copy is 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO
@@ -53,12 +55,23 @@ class Finding:
 class FindingLog(JsonLinesLog):
     """``<data>/copies.jsonl``: every finding and every repair, one JSON line each, shared by a node's processes.
 
-    :meth:`outstanding` reads it back: the copies found wanting and not repaired since.
+    :meth:`outstanding` and :meth:`summary` read it back: the copies found wanting and not repaired since. Each
+    reader folds in only what was appended since it last looked (a log that grew by millions of lines while a lost
+    store was refilled is not parsed again for every ``/health``); a log that was replaced is read again.
     """
 
     def __init__(self, path: str | None) -> None:
         super().__init__(path)
-        self._summary: tuple[int, dict[str, Any]] | None = None
+        self._fold_lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._offset = 0  # bytes of the file (entries in memory) folded in so far
+        self._inode = 0  # the file's (a log replaced by another file is read again from its start)
+        self._open: dict[tuple[str, str], Finding] = {}
+        self._found = 0
+        self._repaired = 0
+        self._recent: deque[dict[str, Any]] = deque(maxlen=20)
 
     def record(self, finding: Finding) -> None:
         """Append ``finding`` (timed now unless it carries a time)."""
@@ -66,36 +79,63 @@ class FindingLog(JsonLinesLog):
         entry["time"] = finding.time or time.time()
         self._append(entry)
 
+    def _unread(self) -> list[dict[str, Any]]:
+        """The entries appended since the last look (whole lines only: one being appended waits for the next)."""
+        if self.path is None:
+            with self._lock:
+                new = self._memory[self._offset:]
+            self._offset += len(new)
+            return new
+        try:
+            with open(self.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if st.st_size < self._offset or st.st_ino != self._inode:
+                    self._reset()
+                    self._inode = st.st_ino
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            if self._offset:
+                self._reset()
+            return []
+        data = data[: data.rfind(b"\n") + 1]
+        self._offset += len(data)
+        out = []
+        for raw in data.splitlines():
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue
+        return out
+
+    def _fold(self) -> None:
+        with self._fold_lock:
+            for entry in self._unread():
+                try:
+                    finding = Finding(**{k: entry[k] for k in ("key", "store", "problem", "detail", "time",
+                                                               "repaired")})
+                except (KeyError, TypeError):
+                    continue
+                self._recent.append(entry)
+                if finding.repaired:
+                    self._repaired += 1
+                    self._open.pop((finding.key, finding.store), None)
+                else:
+                    self._found += 1
+                    self._open.setdefault((finding.key, finding.store), finding)
+
     def outstanding(self) -> list[Finding]:
         """Copies found wanting and not repaired since, oldest finding first (one per object and store)."""
-        open_: dict[tuple[str, str], Finding] = {}
-        for entry in self.entries():
-            try:
-                finding = Finding(**{k: entry[k] for k in ("key", "store", "problem", "detail", "time", "repaired")})
-            except (KeyError, TypeError):
-                continue
-            if finding.repaired:
-                open_.pop((finding.key, finding.store), None)
-            else:
-                open_.setdefault((finding.key, finding.store), finding)
-        return list(open_.values())
+        self._fold()
+        with self._fold_lock:
+            return list(self._open.values())
 
     def summary(self) -> dict[str, Any]:
-        """For ``/api/statistics``, ``/health`` and the admin page: counts, and the latest entries (read again only
-        when the log has grown)."""
-        size = self.size()
-        cached = self._summary
-        if cached is not None and cached[0] == size:
-            return cached[1]
-        entries = self.entries()
+        """For ``/api/statistics``, ``/health`` and the admin page: counts, and the latest entries."""
         outstanding = self.outstanding()
-        summary = {"found": sum(1 for e in entries if not e.get("repaired")),
-                "repaired": sum(1 for e in entries if e.get("repaired")),
-                "outstanding": len(outstanding),
-                "outstanding_by_store": _count_by(outstanding, "store"),
-                "recent": entries[-20:]}
-        self._summary = (size, summary)
-        return summary
+        with self._fold_lock:
+            return {"found": self._found, "repaired": self._repaired, "outstanding": len(outstanding),
+                    "outstanding_by_store": _count_by(outstanding, "store"), "recent": list(self._recent)}
 
     def size(self) -> int:
         """How many bytes (or, in memory, entries) the log holds."""
