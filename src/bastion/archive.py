@@ -41,6 +41,8 @@ NODE_ID_FILE = "node-id"
 STAMP_CEILING_FILE = "stamp-ceiling"
 #: What the blob stores' copies were found wanting in, and their repairs (:class:`bastion.blobs.copies.FindingLog`).
 FINDINGS_FILE = "copies.jsonl"
+#: Where the scrub of the copies keeps its progress (:class:`bastion.blobs.repair.ScrubState`).
+SCRUB_FILE = "scrub.json"
 
 
 def node_identity(settings: Settings) -> str:

@@ -179,6 +179,7 @@ async function main() {
             state: (await cells.nth(1).innerText()).trim(), wanting: (await cells.nth(3).innerText()).trim() });
         }
         report.copiesCounts = (await page.locator('#copy-counts').innerText()).trim();
+        report.copiesScrub = (await page.locator('#copy-scrub').innerText()).trim();
         if (opts.repairedKey) {
           // The page refreshes every 5 s: wait for the row of the object with its repair's time.
           const row = page.locator(`#copy-findings tbody tr[data-key="${opts.repairedKey}"]`);

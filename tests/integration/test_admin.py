@@ -119,6 +119,7 @@ def test_copies_panel_lists_both_blob_stores(report: dict[str, Any], server: Bas
     assert stores[1]["location"] == report["second_store"], _context(report, server)
     assert all(s["state"] in ("ok", "copies wanting repair") for s in stores), _context(report, server)
     assert report["copiesCounts"].startswith("found "), _context(report, server)
+    assert report["copiesScrub"].startswith("scrub: "), _context(report, server)  # where the scrub is, or not yet
 
 
 def test_copies_panel_shows_a_lost_copy_and_its_repair(report: dict[str, Any], server: BastionServer) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import uvicorn
 
 from bastion import __version__
-from bastion.archive import RUNNING_MARKER, Archive, RunMarker, node_identity
+from bastion.archive import RUNNING_MARKER, SCRUB_FILE, Archive, RunMarker, node_identity
 from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.moves import MoveRunner
@@ -87,10 +87,6 @@ async def _orphaned(parent: int) -> None:
     """Return once the supervisor ``parent`` is gone."""
     while os.getppid() == parent:
         await asyncio.sleep(1)
-
-
-#: Where the scrub keeps its progress, in the data directory (:class:`bastion.blobs.repair.ScrubState`).
-SCRUB_FILE = "scrub.json"
 
 
 def start_repair(archive: Archive) -> Repairer:

@@ -5,6 +5,7 @@ Every response body is described in :mod:`bastion.web.openapi` (served at ``/api
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from bastion import __version__
-from bastion.archive import Archive
+from bastion.archive import SCRUB_FILE, Archive
+from bastion.blobs.repair import ScrubState
 from bastion.errors import BastionError
 from bastion.web.openapi import openapi_document
 
@@ -41,7 +43,8 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 def copies_report(archive: Archive) -> dict[str, Any]:
     """The blob stores and their copies, for ``/api/statistics`` and ``/health``: each store's location, ``state``
     (``ok``; ``unreachable`` when it cannot be reached now; ``wanting`` while copies found missing, corrupt or not
-    written there wait for repair) and usage; the findings (:meth:`bastion.blobs.copies.FindingLog.summary`)."""
+    written there wait for repair) and usage; the findings (:meth:`bastion.blobs.copies.FindingLog.summary`); where
+    the scrub is in its cycle (``<data>/scrub.json``; None with one store or before its first start)."""
     findings = archive.blobs.findings.summary()
     wanting = findings["outstanding_by_store"]
     stores = []
@@ -55,7 +58,14 @@ def copies_report(archive: Archive) -> dict[str, Any]:
             state, reason = "unreachable", str(exc)
         stores.append({"location": store.location, "state": state, "reason": reason, "used_bytes": used,
                        "free_bytes": free, "wanting": wanting.get(store.location, 0)})
-    return {"required": archive.blobs.required, "stores": stores, "findings": findings}
+    scrub = None
+    if len(archive.blobs.stores) > 1 and os.path.exists(path := str(archive.settings.data / SCRUB_FILE)):
+        scrubbed = ScrubState.load(path)
+        scrub = {"cycles": scrubbed.cycles, "last_cycle_finished": scrubbed.last_cycle_finished or None,
+                 "cycle_started": scrubbed.cycle_started or None, "store": scrubbed.store or None,
+                 "checked": scrubbed.checked, "bytes": scrubbed.bytes, "corrupt": scrubbed.corrupt,
+                 "unreadable": scrubbed.unreadable, "repaired": scrubbed.repaired}
+    return {"required": archive.blobs.required, "stores": stores, "findings": findings, "scrub": scrub}
 
 
 def copies_trouble(report: dict[str, Any]) -> str | None:

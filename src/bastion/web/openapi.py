@@ -116,7 +116,7 @@ _STATISTICS = {
             "description": "The blob stores, each holding a copy of every object, and what was found wanting in "
                            "them (docs/configuration.md, \"Several copies\").",
             "additionalProperties": False,
-            "required": ["required", "stores", "findings"],
+            "required": ["required", "stores", "findings", "scrub"],
             "properties": {
                 "required": {**_INT, "description": "Durable copies a store needs before it is answered success."},
                 "stores": {"type": "array", "items": {
@@ -133,6 +133,21 @@ _STATISTICS = {
                         "used_bytes": {"type": ["integer", "null"], "minimum": 0},
                         "free_bytes": {"type": ["integer", "null"], "minimum": 0},
                         "wanting": {**_INT, "description": "Copies in this store waiting for repair."}}}},
+                "scrub": {
+                    "type": ["object", "null"],
+                    "description": "Where the scrub (every copy re-hashed, within `scrub_days`) is: null with one "
+                                   "store, or before it first ran. `checked` ... `repaired` count the cycle under "
+                                   "way (the last one's, between cycles).",
+                    "additionalProperties": False,
+                    "required": ["cycles", "last_cycle_finished", "cycle_started", "store", "checked", "bytes",
+                                 "corrupt", "unreadable", "repaired"],
+                    "properties": {
+                        "cycles": {**_INT, "description": "Cycles completed."},
+                        "last_cycle_finished": {"type": ["number", "null"], "description": "Unix time."},
+                        "cycle_started": {"type": ["number", "null"],
+                                          "description": "Unix time; null between cycles."},
+                        "store": {"type": ["string", "null"], "description": "The store being re-hashed."},
+                        "checked": _INT, "bytes": _INT, "corrupt": _INT, "unreadable": _INT, "repaired": _INT}},
                 "findings": {
                     "type": "object",
                     "additionalProperties": False,
