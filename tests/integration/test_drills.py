@@ -93,10 +93,14 @@ def test_bad_arguments_exit_2() -> None:
     assert run_bastion("drill", "kill-node", "--setting", "novalue").returncode == 2
 
 
-def test_the_measures_see_damage(tmp_path: Path) -> None:
+def test_the_measures_see_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The drills' own measuring sees what it must: a stored file changed in its pixels is a corrupt or failed read,
     a stored file removed a failed read; the intact ones read back byte for byte."""
-    instances = harness.make_instances(4)
+    from pynetdicom import _config
+
+    # The loader sends files as they are (a pynetdicom global): put it back for the other tests afterwards.
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
+    instances = harness.make_instances(4, tmp_path / "instances")
     server = harness.ServerProcess(tmp_path, tmp_path / "data")
     server.start()
     try:

@@ -12,7 +12,6 @@ imports the server's own layers.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -68,17 +67,18 @@ def acknowledged_status(status: int) -> bool:
 # -- instances -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Instance:
-    """One generated instance: its UIDs, the dataset sent and the bytes it is sent as."""
+    """One generated instance: its UIDs, its Part 10 file (sent as it is) and the digest of its dataset."""
 
     study: str
     series: str
     sop: str
-    dataset: Any = field(repr=False, compare=False)
-    encoded: bytes = field(repr=False, compare=False)  # the dataset as sent (Explicit VR Little Endian)
+    path: Path = field(compare=False)
+    digest: str = field(compare=False)  # of the dataset sent: the file's, after its File Meta group
 
     @property
-    def digest(self) -> str:
-        return digest(self.encoded)
+    def encoded(self) -> bytes:
+        """The dataset as sent (Explicit VR Little Endian)."""
+        return dataset_part(self.path.read_bytes())
 
 
 #: Instances a series, and series a study, of :func:`make_instances`.
@@ -86,20 +86,22 @@ PER_SERIES, SERIES_PER_STUDY = 10, 3
 STUDY_SIZE = PER_SERIES * SERIES_PER_STUDY
 
 
-def make_instances(count: int, per_series: int = PER_SERIES, series_per_study: int = SERIES_PER_STUDY
-                   ) -> list[Instance]:
-    """``count`` distinct small CT instances made from pydicom's ``CT_small.dcm``: new Study, Series and SOP
-    Instance UIDs (``per_series`` instances a series, ``series_per_study`` series a study), patient and instance
-    number, and a few pixel bytes of their own."""
+def make_instances(count: int, directory: Path, per_series: int = PER_SERIES,
+                   series_per_study: int = SERIES_PER_STUDY) -> list[Instance]:
+    """``count`` distinct small CT instances made from pydicom's ``CT_small.dcm``, written into ``directory``:
+    new Study, Series and SOP Instance UIDs (``per_series`` instances a series, ``series_per_study`` series a
+    study), patient and instance number, and a few pixel bytes of their own. Only their files hold their bytes,
+    so a drill of many instances needs disk, not memory."""
     import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
-    from pynetdicom.dsutils import encode
 
     source = get_testdata_file(SAMPLE)
     if source is None:
         raise RuntimeError(f"pydicom's sample {SAMPLE} is not available")
-    template = pydicom.dcmread(source)
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(source)
+    pixels = bytearray(ds.PixelData)
     out: list[Instance] = []
     study = series = ""
     for i in range(count):
@@ -107,7 +109,6 @@ def make_instances(count: int, per_series: int = PER_SERIES, series_per_study: i
             study = generate_uid()
         if i % per_series == 0:
             series = generate_uid()
-        ds = copy.deepcopy(template)
         sop = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
         ds.file_meta.MediaStorageSOPInstanceUID = sop
@@ -117,13 +118,11 @@ def make_instances(count: int, per_series: int = PER_SERIES, series_per_study: i
         ds.AccessionNumber = f"D{i // (per_series * series_per_study):07d}"
         ds.SeriesNumber = (i // per_series) % series_per_study + 1
         ds.InstanceNumber = i % per_series + 1
-        pixels = bytearray(ds.PixelData)
         pixels[:4] = i.to_bytes(4, "little")
         ds.PixelData = bytes(pixels)
-        encoded = encode(ds, False, True)
-        if encoded is None:
-            raise RuntimeError("cannot encode a drill instance")
-        out.append(Instance(study, series, sop, ds, encoded))
+        path = directory / f"{i:06d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(Instance(study, series, sop, path, digest(dataset_part(path.read_bytes()))))
     return out
 
 
@@ -258,10 +257,11 @@ def _quiet_pynetdicom() -> None:
 
 
 def _ae(timeout: float = 10.0) -> Any:
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
     from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
     _quiet_pynetdicom()
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a file's dataset goes out as its bytes are, never decoded
     ae = AE(ae_title=CALLING_AET)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = 2
@@ -367,7 +367,7 @@ class Loader:
                     if self._stop.is_set() or not assoc.is_established:
                         break
                     try:
-                        rsp = assoc.send_c_store(inst.dataset)
+                        rsp = assoc.send_c_store(inst.path)
                         status = int(rsp.Status) if rsp and "Status" in rsp else -1
                     except (RuntimeError, OSError):  # the association went away between two C-STOREs
                         break
@@ -435,7 +435,7 @@ def retrieve(base_url: str, inst: Instance) -> tuple[str, bytes | None]:
     except (OSError, ValueError):
         return "failed", None
     try:
-        same = dataset_part(part10) == inst.encoded
+        same = digest(dataset_part(part10)) == inst.digest
     except (ValueError, IndexError):
         same = False
     return ("ok" if same else "corrupt"), part10

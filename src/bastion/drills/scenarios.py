@@ -499,7 +499,7 @@ def run(scenario: str, options: DrillOptions) -> DrillResult:
     result.add("seed", seed)
     try:
         note(f"{scenario}: work directory {workdir}; generating {options.instances} instances")
-        drill.instances = make_instances(options.instances)
+        drill.instances = make_instances(options.instances, workdir / "instances")
         runner(drill)
     except Exception as exc:  # the drill could not finish: say why, keep what it left for a look
         result.error = f"{type(exc).__name__}: {exc}"
