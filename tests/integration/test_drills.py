@@ -8,12 +8,14 @@ several blob stores skip, saying so, when the server under test does not (the dr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import backends
 import pytest
-from conftest import run_bastion, unavailable
+from conftest import BASTION, run_bastion, unavailable
 
 from bastion.drills import harness
 
@@ -23,9 +25,16 @@ pytestmark = [pytest.mark.timeout(420),
 SMALL = ("--instances", "60", "--timeout", "120", "--seed", "22")
 
 
-def drill(scenario: str, *args: str) -> dict[str, Any]:
+def run_drill(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``bastion drill ARGS`` with its work directory under ``tmp_path`` (a drill that is not ok keeps it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_") or k == "BASTION_PURE_PYTHON"}
+    return subprocess.run([BASTION, "drill", *args], capture_output=True, text=True, timeout=400, check=False,
+                          env=env | {"TMPDIR": str(tmp_path)})
+
+
+def drill(tmp_path: Path, scenario: str, *args: str) -> dict[str, Any]:
     """Run ``bastion drill SCENARIO --json`` at a small size; its JSON report, checked for the zero-loss figures."""
-    proc = run_bastion("drill", scenario, *SMALL, *args, "--json", timeout=400)
+    proc = run_drill(tmp_path, scenario, *SMALL, *args, "--json")
     assert proc.stdout.strip(), f"no report (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     report: dict[str, Any] = json.loads(proc.stdout)
     if report.get("skipped"):
@@ -44,8 +53,8 @@ def drill(scenario: str, *args: str) -> dict[str, Any]:
     return report
 
 
-def test_kill_node() -> None:
-    report = drill("kill-node", "--rounds", "2")
+def test_kill_node(tmp_path: Path) -> None:
+    report = drill(tmp_path, "kill-node", "--rounds", "2")
     assert report["rounds"] == 2
     assert report["lost_per_round"] == [0, 0]
     assert report["acknowledged"] == 60
@@ -53,39 +62,41 @@ def test_kill_node() -> None:
     assert len(report["seconds_to_serve"]) == 2
 
 
-def test_lose_index() -> None:
-    report = drill("lose-index")
+def test_lose_index(tmp_path: Path) -> None:
+    report = drill(tmp_path, "lose-index")
     assert report["acknowledged"] == 60
     assert report["qido_identical"] is True
     assert report["verify_ok"] is True
 
 
-def test_lose_copy() -> None:
-    report = drill("lose-copy")
+def test_lose_copy(tmp_path: Path) -> None:
+    report = drill(tmp_path, "lose-copy")
     assert report["copies_store1"] == report["copies_store2"] == report["acknowledged"]
 
 
-def test_bit_rot() -> None:
-    report = drill("bit-rot", "--flips", "6")
+def test_bit_rot(tmp_path: Path) -> None:
+    report = drill(tmp_path, "bit-rot", "--flips", "6")
     assert report["flipped"] == 6
     assert report["repaired"] == 6
 
 
-def test_full_disk() -> None:
-    report = drill("full-disk")
+def test_full_disk(tmp_path: Path) -> None:
+    report = drill(tmp_path, "full-disk")
     assert report["store_failures"] == 0
     assert report["partial_files"] == 0
     assert report["acknowledged"] == 60
 
 
-def test_an_instance_never_acknowledged_is_not_counted_and_the_drill_fails() -> None:
-    """A server refusing the drill's SOP class acknowledges nothing: the drill says so and exits 1."""
-    proc = run_bastion("drill", "kill-node", "--instances", "10", "--rounds", "1", "--timeout", "3", "--json",
-                       "--setting", "storage_deny=1.2.840.10008.5.1.4.1.1.2", timeout=200)
+def test_an_instance_never_acknowledged_is_not_counted_and_the_drill_fails(tmp_path: Path) -> None:
+    """A server refusing the drill's SOP class acknowledges nothing: the drill says so, exits 1 and keeps its work
+    directory."""
+    proc = run_drill(tmp_path, "kill-node", "--instances", "10", "--rounds", "1", "--timeout", "3", "--json",
+                     "--setting", "storage_deny=1.2.840.10008.5.1.4.1.1.2")
     report = json.loads(proc.stdout)
     assert report["acknowledged"] == 0, report
     assert report["ok"] is False
     assert proc.returncode == 1
+    assert report["workdir"] and (Path(report["workdir"]) / "server-1.log").exists()
 
 
 def test_bad_arguments_exit_2() -> None:
