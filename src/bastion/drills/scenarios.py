@@ -227,9 +227,14 @@ def lose_index(d: Drill) -> None:
     deadline = time.monotonic() + d.options.timeout
     quiet_since = time.monotonic()
     last = -1
+    progress: list[tuple[float, int]] = []  # (when, objects done) from /health while it says "rebuilding"
     while time.monotonic() < deadline:
-        status = (srv.health() or {}).get("status")
+        health = srv.health() or {}
+        status = health.get("status")
         rebuilding_seen = rebuilding_seen or status == "rebuilding"
+        done = (health.get("rebuild") or {}).get("done")
+        if isinstance(done, int):
+            progress.append((time.monotonic(), done))
         present = indexed_sops(srv.base_url)
         if wanted <= present and status != "rebuilding":
             complete_at = time.monotonic()
@@ -279,6 +284,10 @@ def lose_index(d: Drill) -> None:
                  "rebuild seconds (self-rebuild: from the server's start)")
     d.result.add("rebuild_rate", round(len(acked) / rebuild_seconds, 1) if rebuild_seconds else None,
                  "rebuild rate (instances/s)")
+    observed = None
+    if len(progress) >= 2 and progress[-1][1] > progress[0][1] and progress[-1][0] > progress[0][0]:
+        observed = round((progress[-1][1] - progress[0][1]) / (progress[-1][0] - progress[0][0]), 1)
+    d.result.add("rebuild_rate_observed", observed, "rebuild rate in /health's progress (objects/s)")
     d.result.add("qido_identical", not any(differing.values()), "QIDO-RS answers identical to before")
     d.result.add("qido_differences", differing, "QIDO-RS matches differing, by level")
     if complete_at is None:
