@@ -18,8 +18,12 @@ database per cell), ``bastion-pg`` Bastion on a fresh PostgreSQL schema and a fr
 reports CPU per instance (:data:`servers.CPU_PARTS_NOTE` says what is counted): after its send it waits until the
 server is idle again, at least 3 s.
 
+Several copies (issue 22): ``bastion-2copies`` is Bastion with two blob stores (``--blobs`` twice, both copies
+required before success), on the same disk here: what writing every object twice costs, against ``bastion``.
+
 Usage: ``python benchmarks/ingest.py [--servers orthanc,bastion] [--count 1000] [--repeat 3] [--json FILE]``
 ``python benchmarks/ingest.py --servers orthanc-pg,bastion-pg --corpora small,ct --associations 1 --repeat 3``
+``python benchmarks/ingest.py --servers orthanc,bastion,bastion-2copies --corpora small,ct --associations 1,4 --repeat 3``
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import servers  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's; the venv's bin/ also holds pynetdicom's storescu of the same name
 CALLING_AET = "BENCHSCU"
-SERVERS = ("orthanc", "bastion", "storescp", "orthanc-pg", "bastion-pg")
+SERVERS = ("orthanc", "bastion", "storescp", "orthanc-pg", "bastion-pg", "bastion-2copies")
 #: The Orthanc a server's rate is compared with (``vs_orthanc``): the one on the same kind of storage.
 REFERENCE = {"bastion-pg": "orthanc-pg"}
 #: The CPU parts of a cell (``cpu`` / ``idle``: the server's process group during the send / until idle; ``weed``
@@ -142,7 +146,8 @@ def server_context(name: str, args: argparse.Namespace) -> contextlib.AbstractCo
         return servers.dcmtk_storescp(base_dir=args.workdir)
     if name == "bastion-pg":
         return servers.bastion_pg(args.s3, shlex.split(args.bastion_args), base_dir=args.workdir)
-    return servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir)
+    return servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir, name=name,
+                           copies=2 if name == "bastion-2copies" else 1)
 
 
 def measure_cpu(meter: servers.CpuMeter, record: dict[str, list[float]]) -> dict[str, float]:

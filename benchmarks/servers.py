@@ -311,9 +311,10 @@ def _orthanc_argv(dicomweb: bool, postgresql_url: str) -> ArgvFactory:
 
 @contextmanager
 def bastion(extra_args: Sequence[str] = (), base_dir: Path | None = None, env: Mapping[str, str] | None = None,
-            name: str = "bastion") -> Iterator[Server]:
+            name: str = "bastion", copies: int = 1) -> Iterator[Server]:
     """Run ``bastion serve`` on an empty data directory; ``extra_args`` (e.g. ``--workers 2``) are appended,
-    ``env`` added to its environment."""
+    ``env`` added to its environment. ``copies`` > 1: that many blob stores (``<data>/blobs-1`` ...), a copy of
+    every object in each."""
 
     def argv_for(workdir: Path, dicom_port: int, http_port: int) -> list[str]:
         return [
@@ -329,6 +330,8 @@ def bastion(extra_args: Sequence[str] = (), base_dir: Path | None = None, env: M
             str(dicom_port),
             "--http-port",
             str(http_port),
+            *(arg for n in range(1, copies + 1) for arg in ("--blobs", str(workdir / "data" / f"blobs-{n}"))
+              if copies > 1),
             *extra_args,
         ]
 
