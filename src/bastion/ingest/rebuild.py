@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bastion.blobs.base import BlobStore
+from bastion.blobs.fileio import sync_all
+from bastion.blobs.journal import fsync_dir
 from bastion.errors import BastionError, CorruptObject, InvalidObject, UnsupportedTransferSyntax
 from bastion.index.base import Index, log_floor
 from bastion.ingest.header import read_header
@@ -364,7 +366,7 @@ class SelfRebuild:
                          self.done, len(keyed))
             return
         self.pending.unlink()
-        _fsync_directory(self.pending.parent)
+        fsync_dir(str(self.pending.parent))
         elapsed = time.monotonic() - started
         log.info("index rebuilt from %d stored object(s) in %.1f s (%.0f/s): %d indexed (%d superseding an older "
                     "version), %d indexed already, %d skipped, %d set aside", len(keyed), elapsed,
@@ -414,14 +416,6 @@ def _write_durably(path: Path, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text + "\n")
         fh.flush()
-        os.fsync(fh.fileno())
+        sync_all(fh.fileno())
     os.replace(tmp, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(str(path.parent))
