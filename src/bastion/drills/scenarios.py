@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -498,6 +499,22 @@ RUNNERS: dict[str, Callable[[Drill], None]] = {
 }
 
 
+def index_integrity(path: Path) -> str | None:
+    """``PRAGMA integrity_check`` of the stopped server's SQLite index: ``"ok"``, or its first findings; None
+    where there is no SQLite index (a PostgreSQL one, or none left)."""
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = conn.execute("PRAGMA integrity_check").fetchmany(3)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return f"cannot be checked: {exc}"
+    return "; ".join(str(r[0]) for r in rows)
+
+
 def run(scenario: str, options: DrillOptions) -> DrillResult:
     """Run ``scenario`` in a fresh work directory (removed afterwards unless ``options.keep``)."""
     runner = RUNNERS[scenario]
@@ -510,6 +527,14 @@ def run(scenario: str, options: DrillOptions) -> DrillResult:
         note(f"{scenario}: work directory {workdir}; generating {options.instances} instances")
         drill.instances = make_instances(options.instances, workdir / "instances")
         runner(drill)
+        for srv in drill.servers:
+            srv.stop()
+        integrity = index_integrity(workdir / "data" / "index.sqlite3")
+        if integrity is not None:
+            result.add("index_integrity", integrity, "SQLite index integrity_check, at the end")
+            if integrity != "ok":
+                result.ok = False
+                note(f"{scenario}: the index fails PRAGMA integrity_check: {integrity}")
     except Exception as exc:  # the drill could not finish: say why, keep what it left for a look
         result.error = f"{type(exc).__name__}: {exc}"
         result.ok = False
