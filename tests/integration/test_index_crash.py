@@ -35,10 +35,20 @@ while True:
 """
 
 
+def _wal_resets(wal: Path) -> int:
+    """The WAL header's checkpoint sequence number: how many times the WAL has started over (0 for none yet)."""
+    try:
+        header = wal.read_bytes()[:32]
+    except FileNotFoundError:
+        return 0
+    return int.from_bytes(header[12:16], "big") if len(header) == 32 else 0
+
+
 def test_a_killed_writer_loses_no_commit_while_the_wal_starts_over(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite3"
     wal = Path(f"{path}-wal")
     for round_ in range(4):
+        resets = _wal_resets(wal)
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
         assert writer.stdout is not None
         first = last = -1
@@ -50,7 +60,7 @@ def test_a_killed_writer_loses_no_commit_while_the_wal_starts_over(tmp_path: Pat
         writer.kill()
         writer.wait()
         assert last >= 0, "the writer recorded nothing"
-        assert wal.stat().st_size < 8 * 1024 * 1024  # it did start over: 500 commits are about 20 MB of frames
+        assert _wal_resets(wal) > resets  # it did start over meanwhile (its size says little on a loaded machine)
         with closing(sqlite3.connect(path)) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         idx = open_index(str(path))
