@@ -240,19 +240,6 @@ class Copies(BlobStore):
             state.failed(state.reason)
         return False
 
-    def store_states(self) -> list[dict[str, Any]]:
-        """Each store's location, ``state`` (``ok``, or ``failing`` with the ``reason`` of its last failed write,
-        as this process saw it) and usage."""
-        out = []
-        for store, state in zip(self.stores, self._states, strict=True):
-            try:
-                used, free = store.usage()
-            except Exception:  # noqa: BLE001 - a store whose disk is gone has no usage to show
-                used = free = None
-            out.append({"location": store.location, "state": "failing" if state.reason else "ok",
-                        "reason": state.reason, "used_bytes": used, "free_bytes": free})
-        return out
-
     # -- writes -----------------------------------------------------------------------------------------------
 
     def writer(self) -> BlobWriter:
