@@ -50,23 +50,22 @@ class JsonLinesLog:
         """The last ``n`` entries, oldest first."""
         if self.path is None:
             return self._memory[-n:]
-        out = []
-        for raw in self._lines()[-n:]:
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                continue
-        return out
+        return parsed(self._lines()[-n:])
 
     def entries(self) -> list[dict[str, Any]]:
         """Every entry, oldest first (a torn or foreign line is skipped)."""
         if self.path is None:
             with self._lock:
                 return list(self._memory)
-        out = []
-        for raw in self._lines():
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                continue
-        return out
+        return parsed(self._lines())
+
+
+def parsed(lines: list[bytes]) -> list[dict[str, Any]]:
+    """The entries of ``lines``, in order; a torn or foreign line is skipped."""
+    out = []
+    for raw in lines:
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            continue
+    return out

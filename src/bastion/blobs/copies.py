@@ -16,7 +16,6 @@ admin page and ``/health``, never an error for the reader while another copy is 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -28,7 +27,7 @@ from typing import Any, BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, Commit, open_blob_store, rewrite
 from bastion.errors import BastionError, CorruptObject, NotFound, StorageError, StorageFull
-from bastion.jsonlines import JsonLinesLog
+from bastion.jsonlines import JsonLinesLog, parsed
 
 log = logging.getLogger("bastion.blobs")
 
@@ -100,13 +99,7 @@ class FindingLog(JsonLinesLog):
             return []
         data = data[: data.rfind(b"\n") + 1]
         self._offset += len(data)
-        out = []
-        for raw in data.splitlines():
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                continue
-        return out
+        return parsed(data.splitlines())
 
     def _fold(self) -> None:
         with self._fold_lock:
