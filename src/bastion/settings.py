@@ -16,6 +16,11 @@ TOML example::
     [remotes]
     WORKSTATION = "10.0.0.5:104"     # AE title = "host:port"
 
+    [[forward]]                      # forward newly stored CT to an archive (bastion.forward)
+    name = "central"
+    to = "CENTRAL@10.0.0.9:104"      # or "https://pacs.example.org/dicom-web" (STOW-RS)
+    match = { Modality = "CT", CallingAETitle = "CT*" }
+
 Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICOM_PORT``,
 ``BASTION_HTTP_PORT``, ``BASTION_MAX_PDU``, ``BASTION_INDEX`` (index location, default
 ``<data>/index.sqlite3``), ``BASTION_BLOBS`` (blob stores, comma-separated, default ``<data>/blobs``),
@@ -25,7 +30,9 @@ Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICO
 ``BASTION_DICOM_ARTIM_TIMEOUT``, ``BASTION_DICOM_IDLE_TIMEOUT``, ``BASTION_MAX_ASSOCIATIONS``,
 ``BASTION_MAX_ASSOCIATIONS_PER_PEER``, ``BASTION_HTTP_HEADER_TIMEOUT``, ``BASTION_HTTP_BODY_TIMEOUT``,
 ``BASTION_STORAGE_DENY`` (comma list of SOP Class UIDs), ``BASTION_NODE_ID``, and the repair of the copies
-``BASTION_SCRUB_RATE``, ``BASTION_SCRUB_DAYS``, ``BASTION_REPAIR_INTERVAL``.
+``BASTION_SCRUB_RATE``, ``BASTION_SCRUB_DAYS``, ``BASTION_REPAIR_INTERVAL``, and forwarding:
+``BASTION_FORWARD`` (comma list of destinations ``to``, each a rule that forwards everything),
+``BASTION_FORWARD_MAX_ATTEMPTS``, ``BASTION_FORWARD_BACKOFF``, ``BASTION_FORWARD_BACKOFF_MAX``.
 """
 
 from __future__ import annotations
@@ -36,9 +43,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.errors import BastionError
+
+if TYPE_CHECKING:
+    from bastion.model.matching import Condition
 
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
 
@@ -66,6 +76,92 @@ class RemoteAE:
         if not m:
             raise SettingsError(f"remote AE {text!r} is not AET@HOST:PORT")
         return cls(check_aet(m.group(1).strip()), m.group(2), int(m.group(3)))
+
+
+#: The attributes a forward rule's ``match`` may test (bastion.forward.rules says where each is read from).
+FORWARD_MATCH_KEYWORDS = ("Modality", "CallingAETitle", "SOPClassUID", "StationName", "StudyDescription")
+#: Their tags and VRs; CallingAETitle is the File Meta's Source Application Entity Title (0002,0016), which a
+#: C-STORE's ingest sets to the calling AE title.
+_FORWARD_MATCH_ATTRIBUTES = {"Modality": (0x00080060, "CS"), "CallingAETitle": (0x00020016, "AE"),
+                             "SOPClassUID": (0x00080016, "UI"), "StationName": (0x00081010, "SH"),
+                             "StudyDescription": (0x00081030, "LO")}
+_FORWARD_RULE_KEYS = frozenset({"name", "to", "match"})
+
+
+@dataclass(frozen=True)
+class ForwardRule:
+    """One ``[[forward]]`` table: instances newly stored here that ``match`` are sent to ``to``.
+
+    ``to`` is ``AET@HOST:PORT`` (C-STORE, PS3.4 B) or an ``http(s)://`` DICOMweb base URL (STOW-RS, PS3.18
+    10.5). ``name`` names the destination's queue (default: ``to``); rules with one name share one queue.
+    ``match`` maps attributes of :data:`FORWARD_MATCH_KEYWORDS` to a value with PS3.4 C.2.2.2 wildcards
+    (``*``, ``?``) or a backslash list of alternatives; every one must match (no ``match``: everything).
+    """
+
+    name: str
+    to: str
+    match: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def remote(self) -> RemoteAE | None:
+        """The C-STORE destination, or None for a STOW-RS one."""
+        return None if self.stow_url else RemoteAE.parse(self.to)
+
+    @property
+    def stow_url(self) -> str:
+        """The DICOMweb base URL of a STOW-RS destination (no trailing slash), else ``""``."""
+        return self.to.rstrip("/") if self.to.startswith(("http://", "https://")) else ""
+
+    @classmethod
+    def parse(cls, table: Any) -> ForwardRule:
+        """A rule from its TOML table (or a bare ``to`` string); SettingsError says what is wrong."""
+        if isinstance(table, str):
+            table = {"to": table}
+        if not isinstance(table, Mapping):
+            raise SettingsError(f"a [[forward]] rule must be a table, not {table!r}")
+        unknown = set(table) - _FORWARD_RULE_KEYS
+        if unknown:
+            raise SettingsError(f"[[forward]]: unknown key(s) {', '.join(sorted(unknown))} (name, to, match)")
+        to = str(table.get("to", "")).strip()
+        if to.startswith(("http://", "https://")):
+            if not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?(/\S*)?", to):
+                raise SettingsError(f"[[forward]] to = {to!r} is not an http(s)://HOST[:PORT]/PATH DICOMweb URL")
+        elif not re.fullmatch(r"[^@]{1,16}@[^:]+:\d{1,5}", to):
+            raise SettingsError(f"[[forward]] to = {to!r} is neither AET@HOST:PORT nor an http(s):// DICOMweb URL")
+        else:
+            RemoteAE.parse(to)
+        name = str(table.get("name") or to).strip()
+        match = table.get("match", {})
+        if not isinstance(match, Mapping):
+            raise SettingsError(f"[[forward]] {name}: match must be a table, e.g. {{ Modality = \"CT\" }}")
+        pairs = []
+        for keyword, value in match.items():
+            if keyword not in FORWARD_MATCH_KEYWORDS:
+                raise SettingsError(f"[[forward]] {name}: cannot match on {keyword!r}; one of "
+                                    f"{', '.join(FORWARD_MATCH_KEYWORDS)}")
+            if isinstance(value, list):
+                value = "\\".join(str(v) for v in value)
+            if not isinstance(value, str) or not value.strip():
+                raise SettingsError(f"[[forward]] {name}: match {keyword} must be a non-empty string")
+            pairs.append((keyword, value.strip()))
+        rule = cls(name, to, tuple(pairs))
+        rule.conditions()  # each value parses as a matching key
+        return rule
+
+    def conditions(self) -> list[Condition]:
+        """``match`` as PS3.4 C.2.2.2 matching keys (:mod:`bastion.model.matching`); SettingsError for a value
+        that is not one (a malformed UID)."""
+        from bastion.errors import InvalidQuery
+        from bastion.model.matching import parse_condition
+
+        out = []
+        for keyword, value in self.match:
+            tag, vr = _FORWARD_MATCH_ATTRIBUTES[keyword]
+            try:
+                out.append(parse_condition(keyword, tag, vr, value))
+            except InvalidQuery as exc:
+                raise SettingsError(f"[[forward]] {self.name}: match {exc.message}") from exc
+        return out
 
 
 def check_aet(aet: str) -> str:
@@ -119,6 +215,14 @@ class Settings:
     #: Seconds between two full reconciliations of the blob stores' listings (every object in every store); 0: no
     #: background repair (``bastion verify --repair`` only).
     repair_interval: float = 600.0
+    #: Forwarding rules (``[[forward]]`` tables, :class:`ForwardRule`; see :mod:`bastion.forward`).
+    forward: tuple[ForwardRule, ...] = ()
+    #: Attempts to deliver an instance before it becomes a dead letter (kept with its last error).
+    forward_max_attempts: int = 10
+    #: Seconds before the first retry of a failed delivery; each further retry waits twice as long ...
+    forward_backoff: float = 5.0
+    #: ... up to this many seconds.
+    forward_backoff_max: float = 600.0
 
     @property
     def index_location(self) -> str:
@@ -149,6 +253,11 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if name == "data":
             return Path(value)
+        if name == "forward_max_attempts":
+            attempts = int(value)
+            if attempts < 1:
+                raise ValueError(f"{value!r} is not at least 1")
+            return attempts
         if kind == "int":
             return int(value)
         if name in ("scrub_rate", "repair_interval"):
@@ -170,6 +279,17 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
             return tuple(v if isinstance(v, RemoteAE) else RemoteAE.parse(v) for v in value)
+        if name == "forward":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, Mapping):
+                value = [value]
+            rules = tuple(v if isinstance(v, ForwardRule) else ForwardRule.parse(v) for v in value)
+            names: dict[str, str] = {}
+            for rule in rules:
+                if names.setdefault(rule.name, rule.to) != rule.to:
+                    raise ValueError(f"two [[forward]] rules are named {rule.name!r} but go to different places")
+            return rules
         if name == "blobs":
             locations = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
             return tuple(_without_file_scheme(v.strip()) for v in locations if v.strip())
