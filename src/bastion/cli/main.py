@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "repaired")
 
     from bastion.cli.drill import add_parser as add_drill_parser
+    from bastion.cli.queue import add_parser as add_queue_parser
 
     add_drill_parser(sub)
+    add_queue_parser(sub, _common)
     return parser
 
 
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from bastion.cli.maintenance import run_verify
 
             return run_verify(args)
+        if args.command == "queue":
+            from bastion.cli.queue import run_queue
+
+            return run_queue(args)
         if args.command == "drill":
             from bastion.cli.drill import run_drill_command
 

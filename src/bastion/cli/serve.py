@@ -29,6 +29,8 @@ from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.moves import MoveRunner
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
+from bastion.forward import open_queue
+from bastion.forward.forwarder import Forwarder, begin_forwarding
 from bastion.index.base import is_postgresql
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
@@ -100,10 +102,19 @@ def start_repair(archive: Archive) -> Repairer:
                     is_indexed=index.has_blob, stored_bytes=lambda: index.statistics().stored_bytes).start()
 
 
+async def start_forwarder(archive: Archive) -> Forwarder | None:
+    """The node's forwarder (:mod:`bastion.forward`), started when ``[[forward]]`` rules are configured: in the
+    primary process only, one per node. With an index shared by several nodes, each forwards what it stored."""
+    if not archive.settings.forward:
+        return None
+    shared = is_postgresql(archive.settings.index_location)
+    return await Forwarder(archive, node_id=archive.node_id if shared else None).start()
+
+
 async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socket, board: LoadBoard,
                 parent: int) -> None:
     """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM or its supervisor is gone; it alone runs
-    the repair and scrub of the blob stores' copies."""
+    the repair and scrub of the blob stores' copies, and the forwarder."""
     archive = Archive.open(settings)
     repairer = start_repair(archive)
     status = ServerStatus()
@@ -111,6 +122,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
     runner = MoveRunner(dicom.services.moves)  # the node's one runner of C-MOVE jobs whose lease ran out
     runner.start()
+    forwarder = await start_forwarder(archive)
     status.dicom_listening = True
     status.dicom_address = f"{settings.host}:{settings.dicom_port}"
     status.per_worker = board.counts  # type: ignore[method-assign]
@@ -139,6 +151,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     http.should_exit = True
     await dicom.close()
     await runner.stop()
+    if forwarder is not None:
+        await forwarder.stop()
     await http_task
     await asyncio.to_thread(repairer.stop)
     archive.close()
@@ -297,7 +311,13 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     logging.getLogger().setLevel(settings.log_level.upper())
     # Recover from an unclean shutdown before forking, so every process starts on a consistent index.
-    Archive.open(settings).close()
+    archive = Archive.open(settings)
+    try:
+        if settings.forward:  # the forwarder's first cursor, before any process accepts a store
+            with contextlib.closing(open_queue(settings)) as queue:
+                begin_forwarding(queue, archive.index)
+    finally:
+        archive.close()
     # Held for the whole run: no process started later (a replaced worker, `bastion import`) is ever alone, so
     # none runs crash recovery beside live ones; the last process to close still marks the shutdown clean.
     marker = RunMarker(str(settings.data / RUNNING_MARKER), node_identity(settings))
