@@ -1,10 +1,11 @@
-"""The JSON API under ``/api``: statistics, the change log, remotes and its OpenAPI document.
+"""The JSON API under ``/api``: statistics, the change log, remotes, the forwarding queues and its OpenAPI document.
 
 Every response body is described in :mod:`bastion.web.openapi` (served at ``/api/openapi.json``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from bastion import __version__
 from bastion.archive import SCRUB_FILE, Archive
 from bastion.blobs.repair import ScrubState
 from bastion.errors import BastionError
+from bastion.forward import ForwardQueue, open_queue, queue_path
 from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -117,10 +119,38 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
         return JSONResponse({"remotes": [{"aet": r.aet, "host": r.host, "port": r.port}
                                          for r in archive.settings.remotes]})
 
+    opened: list[ForwardQueue] = []
+
+    def forward_queue() -> ForwardQueue | None:
+        """The node's forwarding queue, opened at the first request that needs it (None: forwarding never ran)."""
+        if not opened and (archive.settings.forward or queue_path(archive.settings).exists()):
+            opened.append(open_queue(archive.settings))
+        return opened[0] if opened else None
+
+    async def queues(request: Request) -> JSONResponse:
+        queue = forward_queue()
+        targets = {r.name: r.to for r in archive.settings.forward}
+        stats = [] if queue is None else await asyncio.to_thread(queue.stats, list(targets))
+        return JSONResponse({"queues": [
+            {"name": s.destination, "to": targets.get(s.destination), "pending": s.pending, "in_flight": s.in_flight,
+             "delivered": s.delivered, "dead": s.dead, "oldest_pending_age_s": s.oldest_pending_age_s,
+             "last_error": s.last_error or None, "last_error_at": s.last_error_at,
+             "last_delivered_at": s.last_delivered_at} for s in stats]})
+
+    async def retry_queue(request: Request) -> JSONResponse:
+        name = request.path_params["name"]
+        queue = forward_queue()
+        names = set() if queue is None else {s.destination for s in await asyncio.to_thread(queue.stats)}
+        if queue is None or name not in names | {r.name for r in archive.settings.forward}:
+            return JSONResponse({"error": f"no forwarding queue named {name!r}"}, status_code=404)
+        return JSONResponse({"name": name, "retried": await asyncio.to_thread(queue.retry, name)})
+
     document = openapi_document(__version__)
 
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(document)
 
     return [Route("/api/statistics", statistics), Route("/api/changes", changes),
-            Route("/api/remotes", remotes), Route("/api/openapi.json", openapi)]
+            Route("/api/remotes", remotes), Route("/api/queues", queues),
+            Route("/api/queues/{name:path}/retry", retry_queue, methods=["POST"]),
+            Route("/api/openapi.json", openapi)]

@@ -12,6 +12,38 @@ from typing import Any
 __all__ = ["openapi_document"]
 
 _INT = {"type": "integer", "minimum": 0}
+_NUMBER_OR_NULL = {"type": ["number", "null"], "minimum": 0}
+_QUEUES = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["queues"],
+    "properties": {"queues": {"type": "array", "items": {
+        "type": "object",
+        "description": "One destination's forwarding queue (`bastion queue list`).",
+        "additionalProperties": False,
+        "required": ["name", "to", "pending", "in_flight", "delivered", "dead", "oldest_pending_age_s",
+                     "last_error", "last_error_at", "last_delivered_at"],
+        "properties": {
+            "name": {"type": "string", "description": "The rule's `name`, else its `to`."},
+            "to": {"type": ["string", "null"], "description": "`AET@HOST:PORT` or a DICOMweb URL; null for a "
+                                                             "queue whose rule is no longer configured."},
+            "pending": _INT, "in_flight": _INT,
+            "delivered": {**_INT, "description": "Instances delivered since the queue was made."},
+            "dead": {**_INT, "description": "Dead letters: failed `forward_max_attempts` times."},
+            "oldest_pending_age_s": {**_NUMBER_OR_NULL,
+                                     "description": "Seconds the oldest waiting instance has waited; null: none."},
+            "last_error": {"type": ["string", "null"]},
+            "last_error_at": {**_NUMBER_OR_NULL, "description": "Unix time, seconds."},
+            "last_delivered_at": {**_NUMBER_OR_NULL, "description": "Unix time, seconds."},
+        },
+    }}},
+}
+_QUEUE_RETRY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "retried"],
+    "properties": {"name": {"type": "string"}, "retried": _INT},
+}
 _ERROR = {
     "type": "object",
     "description": "A client mistake: what was wrong with the request.",
@@ -283,6 +315,19 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "summary": "The configured C-MOVE destinations.",
                 "responses": {"200": _json("The remote AEs.", "Remotes")},
             }},
+            "/api/queues": {"get": {
+                "operationId": "queues",
+                "summary": "The forwarding queues ([[forward]] rules), one per destination.",
+                "responses": {"200": _json("Each destination's queue.", "Queues")},
+            }},
+            "/api/queues/{name}/retry": {"post": {
+                "operationId": "retryQueue",
+                "summary": "Make a destination's dead letters pending again, their attempts reset.",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                                "description": "The destination's name (its rule's `name`, else its `to`)."}],
+                "responses": {"200": _json("How many dead letters are pending again.", "QueueRetry"),
+                              "404": _json("No queue of that name.", "Error")},
+            }},
             "/api/openapi.json": {"get": {
                 "operationId": "openapi",
                 "summary": "This document.",
@@ -293,6 +338,6 @@ def openapi_document(version: str) -> dict[str, Any]:
         "components": {"schemas": {
             "Health": _HEALTH, "Statistics": _STATISTICS, "Rejection": _REJECTION, "IngestWarning": _INGEST_WARNING,
             "Change": _CHANGE,
-            "Changes": _CHANGES, "Remotes": _REMOTES, "Error": _ERROR,
+            "Changes": _CHANGES, "Remotes": _REMOTES, "Queues": _QUEUES, "QueueRetry": _QUEUE_RETRY, "Error": _ERROR,
         }},
     }
