@@ -1,7 +1,7 @@
 """Association negotiation policy of the acceptor (PS3.7 D.3.3, PS3.8 9.3.3).
 
-* Verification, Patient/Study Root FIND, MOVE, GET: Explicit VR Little Endian preferred,
-  Implicit VR Little Endian otherwise.
+* Verification, Patient/Study Root FIND, MOVE, GET, Storage Commitment Push Model (PS3.4 J.3): Explicit VR
+  Little Endian preferred, Implicit VR Little Endian otherwise.
 * Every other abstract syntax is taken for a Storage SOP Class (:func:`bastion.model.uids.is_storage_sop_class`:
   any UID but the known services, so standard, retired and private storage classes alike): the first proposed
   transfer syntax Bastion stores as received (:data:`bastion.model.uids.STORABLE_TRANSFER_SYNTAXES`), so the
@@ -9,7 +9,8 @@
 * A storage class in the deny list (``settings.storage_deny``), and any service Bastion does not provide
   (worklist, MPPS, print, ...): result 3, abstract syntax not supported (PS3.8 9.3.3.2).
 * SCP/SCU role selection (PS3.7 D.3.3.4, used by C-GET) is accepted as proposed for the storage classes that
-  are not denied, and left out of the answer (the default roles) for anything else.
+  are not denied, and left out of the answer (the default roles) for anything else: a Storage Commitment
+  requester is SCU, and takes the N-EVENT-REPORT of its result on the same association under that default role.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from bastion.model.uids import (
     IMPLICIT_VR_LITTLE_ENDIAN,
     MOVE_MODELS,
     STORABLE_TRANSFER_SYNTAXES,
+    STORAGE_COMMITMENT_PUSH,
     VERIFICATION,
     is_storage_sop_class,
 )
 
-SERVICE_CLASSES = frozenset({VERIFICATION, *FIND_MODELS, *MOVE_MODELS, *GET_MODELS})
+SERVICE_CLASSES = frozenset({VERIFICATION, *FIND_MODELS, *MOVE_MODELS, *GET_MODELS, STORAGE_COMMITMENT_PUSH})
 _STORABLE = frozenset(STORABLE_TRANSFER_SYNTAXES)
 
 RESULT_ACCEPT, RESULT_ABSTRACT_SYNTAX, RESULT_TRANSFER_SYNTAX = 0, 3, 4

@@ -391,12 +391,13 @@ class DicomServer:
             log.exception("association from %s failed", assoc.calling_aet or "?")
             await assoc.abort()
         finally:
+            session.open = False
             self.services.abort_sink(assoc.pending_message())
             for msg in stream.queued_messages() + assoc.abandoned_messages():  # received whole, never served
                 self.services.abort_sink(msg)
             for task in session.tasks.values():
                 task.cancel()
-            for fut in session.store_replies.values():
+            for fut in session.replies.values():
                 fut.cancel()
             self._uncount(peer, refused)
             assoc.close()
@@ -476,6 +477,7 @@ class DicomServer:
                         watched.add(task)
                         task.add_done_callback(done)
             elif kind == A_RELEASE_RQ:
+                session.open = False  # nothing more of ours goes on it (a Storage Commitment result: a new one)
                 if session.tasks:
                     await asyncio.gather(*session.tasks.values(), return_exceptions=True)
                 await assoc.send_raw(encode_release(rp=True))
@@ -488,7 +490,8 @@ class DicomServer:
                 raise PDUError(f"unexpected PDU 0x{kind:02x} during association")
 
     async def close(self, grace: float = 10.0) -> None:
-        """Stop accepting associations and give those in progress ``grace`` seconds to finish."""
+        """Stop accepting associations and give those in progress, then the Storage Commitment results still being
+        delivered, ``grace`` seconds each to finish."""
         if self._accepting is not None:
             self._accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -500,3 +503,4 @@ class DicomServer:
                 task.cancel()
             if pending:  # their clean-up (sinks aborted, counts released) runs now, while the archive is open
                 await asyncio.wait(pending)
+        await self.services.commitment.close(grace)

@@ -1,4 +1,5 @@
-"""DIMSE service handlers: Verification, Storage, Query/Retrieve FIND, MOVE and GET (PS3.4 A, B, C)."""
+"""DIMSE service handlers: Verification, Storage, Query/Retrieve FIND, MOVE and GET, Storage Commitment Push Model
+(PS3.4 A, B, C, J)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from bastion.archive import Archive
 from bastion.dimse import messages as m
 from bastion.dimse.association import Association, BytesSink, DatasetSink, Message
+from bastion.dimse.commitment import StorageCommitment, UpstreamHolds
 from bastion.dimse.identifiers import (
     decode_identifier,
     encode_failed_uids,
@@ -27,7 +29,7 @@ from bastion.ingest import PendingObject
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition
 from bastion.model.records import InstanceRecord
-from bastion.model.uids import PATIENT_ROOT_MODELS, is_storage_sop_class
+from bastion.model.uids import PATIENT_ROOT_MODELS, STORAGE_COMMITMENT_PUSH, is_storage_sop_class
 from bastion.query.find import conditions_for, select_keys
 
 log = logging.getLogger("bastion.dimse")
@@ -56,12 +58,15 @@ class FailedSink:
 
 @dataclass
 class Session:
-    """Per-association state: running Q/R operations and our outstanding C-STORE sub-operations."""
+    """Per-association state: running Q/R operations, and the responses awaited to our own requests (C-GET's
+    C-STORE sub-operations, Storage Commitment results) by Message ID."""
 
     assoc: Association
     tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)
-    store_replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    #: False once the peer asked to release the association, aborted it, or it ended.
+    open: bool = True
 
 
 def _comment(text: str) -> str:
@@ -71,10 +76,11 @@ def _comment(text: str) -> str:
 class Services:
     """Dispatches assembled messages to the archive; one instance per server."""
 
-    def __init__(self, archive: Archive, executor: Executor) -> None:
+    def __init__(self, archive: Archive, executor: Executor, *, upstream_holds: UpstreamHolds | None = None) -> None:
         self.archive = archive
         self.executor = executor
         self.moves = Moves(archive, executor)
+        self.commitment = StorageCommitment(archive, executor, upstream_holds)
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
@@ -115,10 +121,12 @@ class Services:
                 await self._refuse(session, msg, f"{len(session.tasks)} requests running")
                 return
             session.tasks[mid] = asyncio.create_task(self._guard(session, msg, handler))
+        elif field_ == m.N_ACTION_RQ and msg.context.abstract_syntax == STORAGE_COMMITMENT_PUSH:
+            await self.commitment.n_action(session, msg)
         elif field_ == m.C_CANCEL_RQ:
             session.cancelled.add(msg.command.get("MessageIDBeingRespondedTo", -1))
-        elif field_ == m.C_STORE_RSP:
-            fut = session.store_replies.pop(msg.command.get("MessageIDBeingRespondedTo", -1), None)
+        elif field_ in (m.C_STORE_RSP, m.N_EVENT_REPORT_RSP):
+            fut = session.replies.pop(msg.command.get("MessageIDBeingRespondedTo", -1), None)
             if fut is not None and not fut.done():
                 fut.set_result(msg.command)
         else:
@@ -272,7 +280,7 @@ class Services:
             context_id, ts = ctx
             mid = session.assoc.next_message_id()
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            session.store_replies[mid] = fut
+            session.replies[mid] = fut
             await send_instance(self, session.assoc, context_id, ts, record, {
                 "CommandField": m.C_STORE_RQ, "MessageID": mid, "Priority": 0,
                 "AffectedSOPClassUID": record.sop_class_uid, "AffectedSOPInstanceUID": record.sop_uid})
@@ -283,7 +291,7 @@ class Services:
                 raise DestinationLost(f"no C-STORE response from {session.assoc.calling_aet} "
                                       f"within {idle:g} s") from None
             finally:
-                session.store_replies.pop(mid, None)
+                session.replies.pop(mid, None)
             return int(rsp.get("Status", 0xC000))
 
         await self._suboperations(session, msg, records, store_here)

@@ -49,6 +49,9 @@ PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+#: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3.5).
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_PUSH_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 FIND_MODELS = (PATIENT_ROOT_FIND, STUDY_ROOT_FIND)
 MOVE_MODELS = (PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
@@ -61,7 +64,7 @@ PATIENT_ROOT_MODELS = (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET)
 NON_STORAGE_SOP_CLASSES = frozenset({
     VERIFICATION,
     "1.2.840.10008.1.9",  # Basic Study Content Notification (retired)
-    "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.2",  # Storage Commitment Push / Pull (PS3.4 J)
+    STORAGE_COMMITMENT_PUSH, "1.2.840.10008.1.20.2",  # Storage Commitment Push / Pull (PS3.4 J)
     "1.2.840.10008.1.40", "1.2.840.10008.1.42",  # Procedural Event / Substance Administration Logging
     "1.2.840.10008.3.1.1.1",  # the DICOM Application Context Name
     IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.20",  # transfer syntaxes (PS3.5 Annex A; Papyrus 3, retired)
