@@ -6,6 +6,7 @@
 //        --upload FILE --upload-search 'PATTERN*' --upload-study <UID>   (a file to upload and find)
 //        [--bad-upload FILE]                                (a non-DICOM file the upload must refuse)
 //        [--copies N] [--repaired-key KEY]                  (the Copies panel: N stores; a finding of KEY repaired)
+//        [--queue NAME]                                     (the Queues panel: NAME's dead letters, retried)
 //        [--timeout MS]
 //
 // Uses Debian's /usr/bin/chromium (CHROMIUM_PATH overrides) with a fresh profile. Steps:
@@ -17,7 +18,9 @@
 //   5. with --bad-upload, upload that file and wait until the status says "0 stored, 1 failed" with a reason
 //      (the STOW-RS answer to it, 409, is expected and not counted as a failed request);
 //   6. with --copies, wait until the Copies panel lists N stores (their location and state go in the report, as
-//      do its counts) and, with --repaired-key, a finding of that object whose "Repaired" cell holds a time.
+//      do its counts) and, with --repaired-key, a finding of that object whose "Repaired" cell holds a time;
+//   7. with --queue, wait until the Queues panel's row of NAME shows a dead letter (its cells go in the report),
+//      click its "retry" button and wait until the panel says they are pending again.
 // Prints ONE JSON line on stdout (also written to DIR/result.json):
 //   {"healthUp":bool,"searchOk":bool,"viewerLink":str|null,"uploadOk":bool,"uploadStatus":str,
 //    "uploadedFound":bool,"badUploadStatus":str,"failedRequests":[...],"consoleErrors":[...],"errors":[...],"timingsMs":{...}}
@@ -48,6 +51,7 @@ const OPTIONS = {
   '--bad-upload': 'badUpload',
   '--copies': 'copies',
   '--repaired-key': 'repairedKey',
+  '--queue': 'queue',
   '--timeout': 'timeout',
 };
 
@@ -91,6 +95,8 @@ async function main() {
     copiesStores: null,
     copiesCounts: null,
     copiesRepaired: null,
+    queueRow: null,
+    queueRetried: null,
   };
   const started = Date.now();
   const step = async (name, fn) => {
@@ -191,12 +197,29 @@ async function main() {
       });
       await page.locator('#copies').screenshot({ path: join(out, 'admin-copies.png') }).catch(() => {});
     }
+
+    if (opts.queue) {
+      await step('queues', async () => {
+        // The panel refreshes every 2 s: wait for the destination's row with a dead letter and its retry button.
+        const row = page.locator(`#queue-list tbody tr[data-queue="${opts.queue}"]`);
+        await row.locator('button[data-retry]').waitFor({ state: 'visible' });
+        const cells = row.locator('td');
+        const text = async i => (await cells.nth(i).innerText()).trim();
+        report.queueRow = { pending: await text(1), inFlight: await text(2), delivered: await text(3),
+          dead: await text(4), lastError: await text(6) };
+        await page.locator('#queue-list').screenshot({ path: join(out, 'admin-queues.png') }).catch(() => {});
+        await row.locator('button[data-retry]').click();
+        await page.locator('#queue-status', { hasText: 'pending again' }).waitFor({ state: 'visible' });
+        report.queueRetried = (await page.locator('#queue-status').innerText()).trim();
+      });
+    }
   } finally {
     await browser.close().catch(() => {});
   }
 
   const ok = report.healthUp && report.searchOk && report.uploadOk && report.uploadedFound &&
     (!opts.copies || report.copiesStores !== null) && (!opts.repairedKey || report.copiesRepaired !== null) &&
+    (!opts.queue || report.queueRetried !== null) &&
     !report.errors.length && !report.failedRequests.length && !report.consoleErrors.length;
   writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 2));
   process.stdout.write(JSON.stringify(report) + '\n');

@@ -1,5 +1,6 @@
-"""The admin page (``/admin``) in headless Chromium: search, upload through the file input, health, and the copies
-in the server's two blob stores (the leg's own store and a directory), one of them repaired.
+"""The admin page (``/admin``) in headless Chromium: search, upload through the file input, health, the copies
+in the server's two blob stores (the leg's own store and a directory), one of them repaired, and the forwarding
+queue of a destination that is down, its dead letters retried.
 
 ``tests/browser/admin_check.mjs`` drives the page and prints one JSON line; these tests read it.
 """
@@ -14,12 +15,14 @@ from typing import Any
 import backends
 import httpx
 import pytest
-from conftest import BastionServer, browser_check_result, make_study, relabel_sample, start_browser_check
+from conftest import BastionServer, browser_check_result, free_port, make_study, relabel_sample, start_browser_check
 from pydicom.uid import generate_uid
 
 pytestmark = [pytest.mark.usefixtures("browser"), pytest.mark.timeout(120)]
 
 BOUNDARY = "admin-test-boundary"
+#: A forwarding destination where nothing listens: every instance stored is a dead letter after one attempt.
+NOWHERE = f"NOWHERE@127.0.0.1:{free_port()}"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     data = tmp_path_factory.mktemp("admin") / "data"
     first = backends.environment_for_command(data).get("BASTION_BLOBS", str(data / "blobs"))
     srv = BastionServer(data, settings={"BASTION_BLOBS": f"{first},{_second_store(data)}",
-                                        "BASTION_REPAIR_INTERVAL": "2"}).start()
+                                        "BASTION_REPAIR_INTERVAL": "2", "BASTION_FORWARD": NOWHERE,
+                                        "BASTION_FORWARD_MAX_ATTEMPTS": "1"}).start()
     yield srv
     srv.stop()
 
@@ -60,7 +64,7 @@ def report(server: BastionServer, tmp_path_factory: pytest.TempPathFactory) -> d
                                "--search", "adminsearch*", "--study", stored.study_uid,
                                "--upload", upload, "--upload-search", "UPLOADED*", "--upload-study", upload_study,
                                "--bad-upload", bad, "--copies", "2",
-                               "--repaired-key", lost_copy.relative_to(second).as_posix())
+                               "--repaired-key", lost_copy.relative_to(second).as_posix(), "--queue", NOWHERE)
     result = browser_check_result(proc, timeout=90)
     result["out"] = str(out)
     result["upload_study"] = upload_study
@@ -127,6 +131,15 @@ def test_copies_panel_shows_a_lost_copy_and_its_repair(report: dict[str, Any], s
     assert repaired is not None, _context(report, server)
     assert repaired["problem"] == "missing" and repaired["store"] == report["second_store"], _context(report, server)
     assert repaired["repaired"], _context(report, server)
+
+
+def test_queues_panel_shows_dead_letters_and_retries_them(report: dict[str, Any], server: BastionServer) -> None:
+    row = report["queueRow"]
+    assert row is not None and int(row["dead"]) >= 1, _context(report, server)
+    assert "cannot connect" in row["lastError"], _context(report, server)
+    assert report["queueRetried"] and "pending again" in report["queueRetried"], _context(report, server)
+    [queue] = server.get_json("/api/queues")["queues"]
+    assert queue["name"] == NOWHERE and queue["to"] == NOWHERE, queue
 
 
 def test_page_had_no_failed_request_or_script_error(report: dict[str, Any], server: BastionServer) -> None:
