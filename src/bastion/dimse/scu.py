@@ -1,4 +1,11 @@
-"""Storage SCU: the requestor side, used for C-MOVE sub-operations (PS3.4 C.4.2.3, PS3.7 9.1.1).
+"""Storage SCU: the requestor side, used for C-MOVE sub-operations (PS3.4 C.4.2.3, PS3.7 9.1.1) and for
+forwarding (:mod:`bastion.forward.delivery`): the one component that sends stored instances by C-STORE.
+
+Each SOP class is proposed in the syntaxes the instances were stored in, each in a context of its own, and in
+one context of Explicit and Implicit VR Little Endian; an instance goes in its stored syntax where that was
+accepted, else converted (:meth:`~bastion.query.retrieve.Retriever.open_for_dimse`), and one that cannot be
+converted (no codec here) fails alone with :class:`~bastion.errors.UnsupportedTransferSyntax`, before anything of
+it is sent. The socket has TCP_NODELAY (:class:`~bastion.dimse.association.PDUStream`).
 
 An A-ABORT from the destination, its closing the connection, a PDU other than P-DATA-TF where a C-STORE-RSP
 was due, no response within :data:`TIMEOUT`, or its reading nothing we send for that long ends the association
