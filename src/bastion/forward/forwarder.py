@@ -158,7 +158,8 @@ class Forwarder:
                 continue  # replayed after a reset, enqueued before it
             entries += [NewEntry(name, change.sop_uid, change.study_uid, change.seq)
                         for name in self.router.route(change)]
-        self.queue.enqueue(entries, Cursor(read.position, cursor.floor, seen))
+        if read.changes:
+            self.queue.enqueue(entries, Cursor(read.position, cursor.floor, seen))
         for name in {e.destination for e in entries}:
             if name in self._wake:
                 self._wake[name].set()

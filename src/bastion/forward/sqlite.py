@@ -1,9 +1,10 @@
 """The forwarding queues in a SQLite file of the node's data directory: ``<data>/forward.sqlite3``.
 
-Not in the index file (a cache that ``bastion index rebuild`` replaces). WAL, ``synchronous = FULL``: an entry
-or a cursor move that was committed survives a power cut, so no stored instance is skipped. Several processes
-may open it (the server's forwarder, ``bastion queue``): every method is a ``BEGIN IMMEDIATE`` transaction.
-Times are the node's clock.
+Not in the index file (a cache that ``bastion index rebuild`` replaces). A rollback journal (not WAL: a few
+commits a second need no WAL, and without one SQLite's WAL-reset bug, docs/architecture.md, cannot reach it),
+``synchronous = FULL``: an entry or a cursor move that was committed survives a power cut, so no stored instance
+is skipped. Several processes may open it (the server's forwarder and HTTP API, ``bastion queue``): every method
+is a ``BEGIN IMMEDIATE`` transaction. Times are the node's clock.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class SqliteForwardQueue(ForwardQueue):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                          check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA journal_mode = TRUNCATE")
             self._conn.execute("PRAGMA synchronous = FULL")
             with self._transaction() as run:
                 version = int(run("PRAGMA user_version", ())[0][0])
