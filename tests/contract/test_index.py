@@ -319,10 +319,9 @@ def test_integers_beyond_64_bits_are_refused_in_queries_and_dropped_from_columns
 def test_the_wal_stays_bounded_while_commits_keep_coming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer that never pauses (a scanner, a migration): no passive checkpoint catches up with it, and the WAL
     grew by every commit (158 MB after 5,000 small instances) until the first pause. The checkpoint thread holds
-    the writers once the WAL reaches its size to copy the rest, and the next commit starts it over."""
+    the writers while it copies, so it copies every frame, and the next commit starts the WAL over."""
     from bastion.index import sqlite as sqlite_index
 
-    monkeypatch.setattr(sqlite_index, "_WAL_RESTART_BYTES", 1 << 20, raising=False)
     monkeypatch.setattr(sqlite_index, "_CHECKPOINT_S", 0.02, raising=False)
     path = tmp_path / "index.sqlite3"
     idx = open_index(str(path))

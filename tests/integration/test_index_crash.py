@@ -22,7 +22,6 @@ WRITER = f"""
 import sys
 sys.path[:0] = [{str(CONTRACT)!r}, {str(CONTRACT.parent)!r}]  # test_index imports the tests' conftest
 from bastion.index import sqlite as sqlite_index
-sqlite_index._WAL_RESTART_BYTES = 128 * 1024
 sqlite_index._CHECKPOINT_S = 0.002
 from bastion.index import open_index
 from test_index import obj

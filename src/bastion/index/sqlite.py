@@ -3,12 +3,20 @@
 All writes go through one writer thread that commits waiting writes together (group
 commit). WAL mode with ``synchronous=NORMAL``: a commit survives a crash of the process
 (``kill -9``) at once, and the WAL is fsync'd at checkpoints, which a thread of their own runs four times a second
-while there are commits (never a commit that a C-STORE waits for; while commits keep coming it holds them for a
-few milliseconds now and then, to start the WAL over). A power failure can lose the
+while there are commits (never a commit that a C-STORE waits for). A power failure can lose the
 last commits of the index, never of the blobs (durable before the commit): after an
 unclean shutdown :func:`bastion.ingest.rebuild.recover` re-indexes the objects stored since
 the newest indexed stamp, so the index stays a rebuildable cache. Reads use one connection
 per thread.
+
+Every write transaction of every process, and every checkpoint, holds one lock: an ``flock`` of the file
+``<index>-writer.lock``. So no checkpoint ever runs beside a commit, which rules out SQLite's WAL-reset bug
+(https://sqlite.org/wal.html#walresetbug, every version from 3.7.0 to 3.51.2: a checkpoint that starts while
+another connection's commit starts the WAL over can later skip frames, losing committed transactions and
+corrupting the database). Bastion's index met it: its checkpoint threads in every process and its commits that
+never pause made it a matter of minutes under load rather than of years. A checkpoint holding the lock also
+copies every frame, so the next commit starts the WAL over: it never grows past the commits of one checkpoint
+period.
 
 The change log (see :mod:`bastion.index.base`): ``changes.seq`` is the rowid, so SQLite hands out the largest
 plus one; a new log (new index, :meth:`SqliteIndex.clear`, :meth:`SqliteIndex.start_log_after`) and the
@@ -19,13 +27,13 @@ after, which no read returns. Its durable high-water mark is the file ``<index>-
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import queue
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -58,25 +66,18 @@ _MMAP_BYTES = 1 << 34
 #: frame (24-byte header, then the page) never fills whole file pages, so the kernel reads any file page it
 #: writes that is no longer cached before writing into it, and a commit into a large old WAL waits for such
 #: reads. Past this size the WAL grows into new file pages instead, which are not read (see BENCHMARKS.md,
-#: "The SQLite index"). (During a long ingest it starts over before, below.)
+#: "The SQLite index").
 _WAL_KEEP_BYTES = 32 * 1024 * 1024
-#: A WAL that holds this much is started over (:meth:`SqliteIndex._restart_wal`). While a scanner or a migration
-#: keeps sending, commits never stop, so no checkpoint catches up with them: without the restart the WAL would
-#: grow by every commit's frames until the first pause, and a crash meanwhile would leave all of it to read at
-#: the next start. Below :data:`_WAL_KEEP_BYTES` with what comes in before the restart, so that SQLite does not
-#: truncate the file.
-_WAL_RESTART_BYTES = 16 * 1024 * 1024
 #: How often the checkpoint thread copies the WAL into the database while there are commits.
 _CHECKPOINT_S = 0.25
-#: The restart holds the writers once a passive checkpoint has taken less than this (what came in meanwhile is
-#: what it copies holding them).
-_RESTART_HOLD_S = 0.005
 
 #: The settings of every connection (after ``journal_mode=WAL``, which the file keeps).
+#: No connection checkpoints on its own (``wal_autocheckpoint=0``): only the checkpoint thread does, holding the
+#: writers' lock (see the module docstring).
 _PRAGMAS = ("synchronous=NORMAL", "busy_timeout=60000", "cache_size=-65536", f"mmap_size={_MMAP_BYTES}",
-            f"journal_size_limit={_WAL_KEEP_BYTES}")
-#: The C Recorder's connection (:mod:`bastion.index.sqlite_record`): the same, and it commits without checkpoints.
-_RECORDER_PRAGMAS = "; ".join(f"PRAGMA {p}" for p in (*_PRAGMAS, "wal_autocheckpoint=0"))
+            f"journal_size_limit={_WAL_KEEP_BYTES}", "wal_autocheckpoint=0")
+#: The C Recorder's connection (:mod:`bastion.index.sqlite_record`): the same.
+_RECORDER_PRAGMAS = "; ".join(f"PRAGMA {p}" for p in _PRAGMAS)
 
 
 
@@ -119,7 +120,8 @@ class SqliteIndex(Index):
         if path == self.location:
             self._lock_fd = self._open_writer_lock()
         self._writer_conn = self._connect()
-        create_or_migrate(self._writer_conn)
+        with self._writers_excluded(self._lock_fd):
+            create_or_migrate(self._writer_conn)
         self._mark = SeqMark(path if path == self.location else None)
         # the common record in C, on a connection of its own (a file only: it shares the writer lock)
         self._recorder = (sqlite_record.open_recorder(path, self._lock_fd, _RECORDER_PRAGMAS)
@@ -129,10 +131,7 @@ class SqliteIndex(Index):
         self._commits = 0
         self._stop_checkpoints = threading.Event()
         self._checkpointer: threading.Thread | None = None
-        if path == self.location:  # a file: WAL checkpoints off the commit path
-            # A commit that fills the WAL past its limit would copy it into the database and fsync both
-            # before returning: a C-STORE waiting tens of milliseconds. A thread of ours does it instead.
-            self._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
+        if path == self.location:  # a file: WAL checkpoints off the commit path, in a thread of ours
             self._checkpointer = threading.Thread(target=self._run_checkpointer, name="bastion-index-checkpoint",
                                                   daemon=True)
             self._checkpointer.start()
@@ -173,12 +172,10 @@ class SqliteIndex(Index):
         return conn
 
     def _run_checkpointer(self) -> None:
-        """Copy the WAL into the database every :data:`_CHECKPOINT_S` while there are commits (passive checkpoints:
-        writers and readers carry on meanwhile), and start it over once it holds :data:`_WAL_RESTART_BYTES` of
-        frames (:meth:`_restart_wal`)."""
+        """Copy the WAL into the database every :data:`_CHECKPOINT_S` while this process commits
+        (:meth:`checkpoint`)."""
         conn = self._connect()
-        lock_fd = self._open_writer_lock()  # a file description of its own: see _restart_wal
-        restart_frames = _WAL_RESTART_BYTES // (conn.execute("PRAGMA page_size").fetchone()[0] + 24)
+        lock_fd = self._open_writer_lock()  # a file description of its own: this process's writers wait too
         done = self._commits  # this process's commits at the last checkpoint
         try:
             while not self._stop_checkpoints.wait(_CHECKPOINT_S):
@@ -186,36 +183,43 @@ class SqliteIndex(Index):
                 if commits == done:
                     continue
                 try:
-                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if frames >= restart_frames:
-                        self._restart_wal(conn, lock_fd)
-                except sqlite3.Error as exc:  # busy with another process's checkpoint: next time
-                    log.debug("index checkpoint: %s", exc)
+                    self._checkpoint(conn, lock_fd)
+                except sqlite3.Error as exc:
+                    log.warning("index checkpoint failed (the next one retries): %s", exc)
                 done = commits
         finally:
             os.close(lock_fd)
             conn.close()
 
-    @staticmethod
-    def _restart_wal(conn: sqlite3.Connection, lock_fd: int) -> None:
-        """Copy the frames committed since the last checkpoint too, with no writer at work, so that the next
-        commit writes the WAL from its start again.
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database now, holding the writers' lock (a file index only)."""
+        if self._path != self.location:
+            return
+        conn = self._connect()
+        lock_fd = self._open_writer_lock()
+        try:
+            self._checkpoint(conn, lock_fd)
+        finally:
+            os.close(lock_fd)
+            conn.close()
 
-        SQLite starts the WAL over when a writer finds every frame copied into the database (and no reader still
-        reading the WAL: one that is only puts it off to the next time), which never happens while commits keep
-        coming. This checkpoint holds the lock that the writers of every process take (on a file description of
-        its own, so that this process's writers wait too): they wait for its copy of the frames committed since
-        the passive checkpoint just before and its two ``fsync`` calls, a few milliseconds once per
-        :data:`_WAL_RESTART_BYTES` of commits.
-        """
-        for _ in range(4):  # each passive one copies what was committed during the one before, in less time
-            started = time.monotonic()
+    @classmethod
+    def _checkpoint(cls, conn: sqlite3.Connection, lock_fd: int) -> None:
+        """A passive checkpoint on ``conn`` with no write transaction of any process at work (see the module
+        docstring): the writers wait for its copy of the frames and its two ``fsync`` calls."""
+        with cls._writers_excluded(lock_fd):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            if time.monotonic() - started < _RESTART_HOLD_S:
-                break
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _writers_excluded(lock_fd: int) -> Iterator[None]:
+        """Hold the lock that every writer of the index takes (``lock_fd`` < 0: an in-memory index, no lock)."""
+        if lock_fd < 0:
+            yield
+            return
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            yield
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
@@ -259,13 +263,8 @@ class SqliteIndex(Index):
                             Future[Any] | None]], durable: Callable[[], None] | None = None,
                             ) -> list[tuple[Any, Any, BaseException | None]]:
         """:meth:`_transaction` holding the writer lock that the index's processes share."""
-        if self._lock_fd >= 0:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
+        with self._writers_excluded(self._lock_fd):
             return self._transaction(conn, batch, durable)
-        finally:
-            if self._lock_fd >= 0:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _transaction(self, conn: sqlite3.Connection, batch: Sequence[tuple[Callable[[sqlite3.Connection], Any],
                      Future[Any] | None]], durable: Callable[[], None] | None = None,

@@ -9,6 +9,8 @@ PostgreSQL's ``SKIP LOCKED`` guarantees. Leases are times of the node's clock, t
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.errors import IndexFailure
+from bastion.index.sqlite_files import WRITER_LOCK_SUFFIX
 from bastion.jobs.base import LEASE_SECONDS
 from bastion.jobs.sql import Dialect, Run, SqlJobs
 
@@ -63,6 +66,10 @@ class SqliteJobs(SqlJobs):
         super().__init__(SQLITE, lease_seconds)
         self.path = str(path)
         self._lock = threading.Lock()
+        # Every transaction of every process, and so the checkpoint that SQLite runs at the end of a commit, holds
+        # this lock: no checkpoint runs beside another process's commit (SQLite's WAL-reset bug, see
+        # bastion.index.sqlite).
+        self._lock_fd = os.open(self.path + WRITER_LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                          check_same_thread=False)
@@ -78,8 +85,11 @@ class SqliteJobs(SqlJobs):
                     if statement.strip():
                         run(statement, ())
                 run(f"PRAGMA user_version = {VERSION}", ())
-        except sqlite3.Error as exc:
-            raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
+        except BaseException as exc:
+            os.close(self._lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
+            raise
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Run]:
@@ -87,20 +97,27 @@ class SqliteJobs(SqlJobs):
             return self._conn.execute(statement, params).fetchall()
 
         with self._lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
-            try:
-                yield run
-                self._conn.execute("COMMIT")
-            except BaseException as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
                     raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
-                raise
+                try:
+                    yield run
+                    self._conn.execute("COMMIT")
+                except BaseException as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.Error):
+                        raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
+                    raise
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
