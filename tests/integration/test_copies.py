@@ -180,3 +180,23 @@ def test_c_move_sends_the_good_copy_and_fails_the_one_with_none(bastion_factory:
     received = storescp.received()
     assert list(received) == [first]
     assert dataset_part(received[first].read_bytes()) == dataset_part(good)
+
+
+def test_a_store_that_cannot_be_opened_does_not_keep_the_archive_from_starting(bastion_factory: Any,
+                                                                                tmp_path: Path) -> None:
+    """A disk that failed while the server was down: the server starts on the other store, stores and serves, and
+    says what is wrong (the store is tried again every 30 s, tests/integration/test_repair.py)."""
+    one, two = tmp_path / "store-one", tmp_path / "store-two"
+    two.write_text("not a directory")  # the store cannot be made or opened
+    server = bastion_factory(settings={"BASTION_BLOBS": f"{one},{two}", "BASTION_COPIES_REQUIRED": "1", **NO_REPAIR})
+    study = _sent(server, tmp_path, 2)
+    assert set(_objects(one)) == set(study.sop_uids)
+    series = next(iter(study.series))
+    for sop in study.sop_uids:
+        status, body = _wado(server, study.study_uid, series, sop)
+        assert status == 200 and body == _objects(one)[sop].read_bytes()
+    health = server.get_json("/health")
+    assert health["status"] == "degraded" and f"{two}: unreachable" in health["reason"]
+    assert "cannot be opened" in health["reason"]
+    assert server.stats()["copies"]["findings"]["outstanding_by_store"] == {str(two): 2}
+    assert f"blob store {two} cannot be opened, the others serve meanwhile" in server.log()

@@ -21,6 +21,7 @@ from conftest import BastionServer, make_study, requires_dcmtk, run_bastion
 from bastion.blobs import repair
 from bastion.blobs.copies import FindingLog, open_copies
 from bastion.blobs.repair import MB, Repairer, ScrubState, TokenBucket
+from bastion.errors import StorageError
 from bastion.model import digest as content_digest
 from bastion.model.records import object_key
 
@@ -250,8 +251,9 @@ def test_token_bucket_never_waits_for_what_the_rate_already_paid() -> None:
         TokenBucket(0)
 
 
-def _two_stores(tmp_path: Path, objects: int) -> tuple[Any, list[str]]:
-    copies = open_copies([str(tmp_path / "a"), str(tmp_path / "b")], findings=FindingLog(str(tmp_path / "copies.jsonl")))
+def _two_stores(tmp_path: Path, objects: int, required: int | None = None) -> tuple[Any, list[str]]:
+    copies = open_copies([str(tmp_path / "a"), str(tmp_path / "b")], required,
+                         findings=FindingLog(str(tmp_path / "copies.jsonl")))
     keys = []
     hour_ago = time.time_ns() - 3600 * 10**9
     for n in range(objects):
@@ -309,4 +311,27 @@ def test_the_reconciliation_repairs_missing_copies_and_reports_lost_objects(tmp_
     again = repairer.reconcile()  # the lost object is not a new finding every time
     assert again.lost == [keys[2]] and len(copies.findings.outstanding()) == 2
     assert copies.findings.size() == FindingLog(str(tmp_path / "copies.jsonl")).size()
+    copies.close()
+
+
+def test_a_store_that_could_not_be_opened_takes_writes_and_is_repaired_once_it_opens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion.blobs import copies as copies_module
+
+    (tmp_path / "b").write_text("a failed disk")
+    copies, keys = _two_stores(tmp_path, 3, required=1)  # stored in "a" alone: "b" cannot be opened
+    assert isinstance(copies.stores[1], copies_module.LateStore)
+    assert copies.findings.summary()["outstanding_by_store"] == {str(tmp_path / "b"): 3}
+    with pytest.raises(StorageError, match="cannot be opened"):
+        copies.stores[1].usage()
+    (tmp_path / "b").unlink()  # the disk is back
+    monkeypatch.setattr(copies_module, "RETRY_AFTER_S", 0.0)
+    copies._states[1].retry_at = 0.0  # its wait is over
+    data = b"after the disk came back"
+    key = object_key("1.2.826.0.1.99", str(time.time_ns()).zfill(20), content_digest.text(content_digest.of_bytes(data)))
+    copies.put(key, data)
+    assert copies.stores[1].open_verified(key).read() == data  # the store opened and took the write
+    assert Repairer(copies).repair_findings(force=True) == 3
+    for k in keys:
+        assert copies.stores[1].open_verified(k).read() == copies.stores[0].open_verified(k).read()
     copies.close()

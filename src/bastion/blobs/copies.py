@@ -16,6 +16,7 @@ admin page and ``/health``, never an error for the reader while another copy is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -183,6 +184,9 @@ class Copies(BlobStore):
         self.findings = findings if findings is not None else FindingLog(None)
         self.location = ", ".join(s.location for s in self.stores)
         self._states = [_StoreState() for _ in self.stores]
+        for store, state in zip(self.stores, self._states, strict=True):
+            if isinstance(store, LateStore):
+                state.failed(str(store))
         self._lock = threading.Lock()
 
     # -- findings and store health ----------------------------------------------------------------------------
@@ -300,7 +304,16 @@ class Copies(BlobStore):
         return result
 
     def exists(self, key: str) -> bool:
-        return any(s.exists(key) for s in self.stores)
+        return any(self._holds(store, key) for store in self.stores)
+
+    @staticmethod
+    def _holds(store: BlobStore, key: str) -> bool:
+        """Whether ``store`` holds ``key``; False for a store that cannot tell now (logged)."""
+        try:
+            return store.exists(key)
+        except (BastionError, OSError) as exc:
+            log.error("cannot look for %s in %s: %s", key, store.location, exc)
+            return False
 
     def delete(self, key: str) -> None:
         for store in self.stores:
@@ -312,7 +325,7 @@ class Copies(BlobStore):
     def set_aside(self, key: str) -> str | None:
         where = None
         for store in self.stores:
-            if store.exists(key):
+            if self._holds(store, key):
                 where = store.set_aside(key) or where
         return where
 
@@ -393,16 +406,111 @@ class Copies(BlobStore):
 def open_copies(locations: Sequence[str], required: int | None = None, *, node_id: str = "",
                 findings: FindingLog | None = None) -> Copies:
     """:class:`Copies` over the blob stores at ``locations`` (:func:`bastion.blobs.base.open_blob_store` each).
-    Raises as that does for a store that cannot be opened (the others are closed again)."""
+
+    With several stores, one that cannot be opened (its disk failed, its bucket is unreachable) does not stop the
+    archive: it is logged and stands as a :class:`LateStore`, tried again every :data:`RETRY_AFTER_S`, while the
+    others serve. Raises as ``open_blob_store`` does when no store can be opened, or the only one cannot (the
+    others are closed again)."""
     stores: list[BlobStore] = []
     try:
         for location in locations:
-            stores.append(open_blob_store(location, node_id=node_id))
+            try:
+                stores.append(open_blob_store(location, node_id=node_id))
+            except (BastionError, OSError) as exc:
+                if len(locations) == 1:
+                    raise
+                log.error("blob store %s cannot be opened, the others serve meanwhile (tried again every %.0f s): "
+                          "%s", location, RETRY_AFTER_S, exc)
+                stores.append(LateStore(location, functools.partial(open_blob_store, location, node_id=node_id), exc))
+        if all(isinstance(store, LateStore) for store in stores):
+            raise StorageError(f"no blob store can be opened ({'; '.join(map(str, stores))})")
         return Copies(stores, required, findings)
     except BaseException:
         for store in stores:
             store.close()
         raise
+
+
+class LateStore(BlobStore):
+    """A blob store that could not be opened at start: every call fails (:class:`~bastion.errors.StorageError`)
+    until the store opens, tried again at most every :data:`RETRY_AFTER_S`; then each call goes to it. Its
+    :class:`Copies` leaves it out meanwhile, as it does a store that fails writes: each object stored is a
+    finding ``not written`` there, and the repair makes the copies once it is back."""
+
+    def __init__(self, location: str, opener: Callable[[], BlobStore], error: BaseException) -> None:
+        self.location = location
+        self._opener = opener
+        self._store: BlobStore | None = None
+        self._error = error
+        self._tried_at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self._error}"
+
+    def _opened(self) -> BlobStore:
+        store = self._store
+        if store is not None:
+            return store
+        with self._lock:
+            if self._store is None and time.monotonic() - self._tried_at >= RETRY_AFTER_S:
+                self._tried_at = time.monotonic()
+                try:
+                    self._store = self._opener()
+                    log.warning("blob store %s is open now", self.location)
+                except (BastionError, OSError) as exc:
+                    self._error = exc
+            if self._store is None:
+                raise StorageError(f"blob store {self.location} cannot be opened: {self._error}")
+            return self._store
+
+    def writer(self) -> BlobWriter:
+        return self._opened().writer()
+
+    def open(self, key: str) -> BinaryIO:
+        return self._opened().open(key)
+
+    def open_verified(self, key: str) -> BinaryIO:
+        return self._opened().open_verified(key)
+
+    def problem_with(self, key: str) -> str | None:
+        try:
+            store = self._opened()
+        except StorageError as exc:
+            return f"{UNREADABLE}: {exc.message}"
+        return store.problem_with(key)
+
+    def size(self, key: str) -> int:
+        return self._opened().size(key)
+
+    def delete(self, key: str) -> None:
+        self._opened().delete(key)
+
+    def set_aside(self, key: str) -> str | None:
+        return self._opened().set_aside(key)
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        return self._opened().keys(prefix)
+
+    def exists(self, key: str) -> bool:
+        return self._opened().exists(key)
+
+    def set_aside_count(self) -> int:
+        return 0 if self._store is None else self._store.set_aside_count()
+
+    def usage(self) -> tuple[int | None, int | None]:
+        return self._opened().usage()
+
+    def revive(self) -> bool:
+        return self._opened().revive()
+
+    def prepare(self) -> None:
+        if self._store is not None:
+            self._store.prepare()
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
 
 
 class CopiesWriter(BlobWriter):
@@ -416,13 +524,14 @@ class CopiesWriter(BlobWriter):
         self._too_few(None)
 
     def _too_few(self, error: BaseException | None) -> None:
-        if len(self._writers) < self._copies.required:
+        taking = len(self._writers)
+        if taking < self._copies.required:
             self.abort()
             self._writers = []
             if isinstance(error, BastionError):
                 raise error
-            raise StorageError(f"only {len(self._writers)} of the {self._copies.required} blob stores required "
-                               "can take the object")
+            raise StorageError(f"only {taking} of the {self._copies.required} blob stores required can take the "
+                               "object")
 
     def write(self, data: bytes | memoryview) -> None:
         self.size += len(data)
