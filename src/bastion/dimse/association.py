@@ -21,10 +21,12 @@ from typing import Any, BinaryIO, Protocol
 from bastion.dimse.messages import decode_command, encode_command, has_dataset
 from bastion.dimse.pdu import (
     A_ABORT,
+    A_RELEASE_RP,
     P_DATA_TF,
     PDUError,
     PDURefused,
     encode_abort,
+    encode_release,
     iter_pdvs,
     pdv_header,
 )
@@ -477,6 +479,33 @@ class Association:
 
     def close(self) -> None:
         self.stream.close()
+
+    async def response_to(self, message_id: int, timeout: float) -> dict[str, Any]:
+        """On an association we requested, the command of the peer's response to our request ``message_id`` (other
+        messages are skipped). Raises AssociationClosed for an A-ABORT, PDUError for a PDU other than P-DATA-TF, and
+        TimeoutError when the peer sends nothing for ``timeout`` s."""
+        while True:
+            kind, body = await self.read_pdu(timeout)
+            if kind == A_ABORT:
+                raise AssociationClosed("aborted (A-ABORT)")
+            if kind != P_DATA_TF:
+                raise PDUError(f"PDU 0x{kind:02x} instead of the response to message {message_id}")
+            for msg in self.feed_pdata(body, lambda _msg: BytesSink()):
+                if msg.command.get("MessageIDBeingRespondedTo") == message_id:
+                    return msg.command
+
+    async def release(self, timeout: float) -> None:
+        """A-RELEASE of an association we requested (PS3.8 7.2), then close; an A-ABORT or a closed connection
+        instead of A-RELEASE-RP ends it too, and a peer silent for ``timeout`` s is aborted."""
+        try:
+            await self.send_raw(encode_release(rp=False))
+            while (await self.read_pdu(timeout))[0] not in (A_RELEASE_RP, A_ABORT):
+                pass
+        except TimeoutError:
+            await self.abort()
+        except Exception:  # noqa: BLE001 - the association is over either way
+            pass
+        self.close()
 
     def _max_data(self) -> int:
         """The most dataset or command bytes one PDV carries: what the peer's maximum PDU length leaves after the

@@ -47,17 +47,13 @@ from bastion.dimse.association import (
 )
 from bastion.dimse.identifiers import decode_identifier
 from bastion.dimse.pdu import (
-    A_ABORT,
     A_ASSOCIATE_AC,
-    A_RELEASE_RP,
-    P_DATA_TF,
     AssociateRQ,
     PDUError,
     PresentationContext,
     RoleSelection,
     decode_associate,
     encode_associate,
-    encode_release,
 )
 from bastion.errors import BastionError, InvalidQuery
 from bastion.index.base import Index
@@ -407,20 +403,11 @@ class StorageCommitment:
         try:
             mid, command, dataset = self._event_report(assoc, context, result)
             await assoc.send_message(context.id, command, dataset)
-            while True:
-                kind, body = await assoc.read_pdu(TIMEOUT)
-                if kind == A_ABORT:
-                    raise AssociationClosed("aborted (A-ABORT)")
-                if kind != P_DATA_TF:
-                    raise PDUError(f"PDU 0x{kind:02x} instead of an N-EVENT-REPORT-RSP")
-                replies = assoc.feed_pdata(body, lambda _msg: BytesSink())
-                answer = next((r.command for r in replies if r.command.get("MessageIDBeingRespondedTo") == mid), None)
-                if answer is not None:
-                    break
+            answer = await assoc.response_to(mid, TIMEOUT)
         except (AssociationClosed, PDUError, OSError, TimeoutError) as exc:
             await assoc.abort()
             raise ReportNotDelivered(f"{remote.aet}: {exc}") from exc
-        await _release(assoc)
+        await assoc.release(TIMEOUT)
         _accepted(answer)
 
     async def _associate(self, remote: RemoteAE) -> tuple[Association, AcceptedContext]:
@@ -446,7 +433,7 @@ class StorageCommitment:
             raise ReportNotDelivered(f"association with {remote.aet} failed: {exc}") from exc
         accepted = next((pc for pc in ac.contexts if pc.id == context.id and pc.result == 0), None)
         if accepted is None:
-            await _release(assoc)
+            await assoc.release(TIMEOUT)
             raise ReportNotDelivered(f"{remote.aet} accepted no Storage Commitment Push Model context")
         if not any(r.sop_class == STORAGE_COMMITMENT_PUSH and r.scp for r in ac.roles):
             log.info("%s did not confirm Bastion's SCP role for Storage Commitment; reporting anyway", remote.aet)
@@ -472,17 +459,3 @@ def _accepted(answer: dict[str, Any]) -> None:
     status = int(answer.get("Status", 0xC000))
     if status != m.SUCCESS:
         raise ReportNotDelivered(f"N-EVENT-REPORT-RSP status 0x{status:04X}")
-
-
-async def _release(assoc: Association) -> None:
-    """A-RELEASE of an association we requested (PS3.8 7.2); a peer that answers otherwise, or not within
-    :data:`TIMEOUT`, is aborted."""
-    try:
-        await assoc.send_raw(encode_release(rp=False))
-        while (await assoc.read_pdu(TIMEOUT))[0] not in (A_RELEASE_RP, A_ABORT):
-            pass
-    except TimeoutError:
-        await assoc.abort()
-    except (AssociationClosed, PDUError, OSError):
-        pass
-    assoc.close()

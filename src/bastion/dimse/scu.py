@@ -22,19 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.dimse import messages as m
-from bastion.dimse.association import AcceptedContext, Association, AssociationClosed, BytesSink, PDUStream
+from bastion.dimse.association import AcceptedContext, Association, AssociationClosed, PDUStream
 from bastion.dimse.pdu import (
-    A_ABORT,
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
-    A_RELEASE_RP,
-    P_DATA_TF,
     AssociateRQ,
     PDUError,
     PresentationContext,
     decode_associate,
     encode_associate,
-    encode_release,
 )
 from bastion.model.records import InstanceRecord
 from bastion.model.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
@@ -159,15 +155,7 @@ class StoreSCU:
             cmd["MoveOriginatorMessageID"] = originator[1]
         try:
             await send_instance(self, assoc, context_id, ts, record, cmd)
-            while True:
-                kind, pdu = await assoc.read_pdu(TIMEOUT)
-                if kind == A_ABORT:
-                    raise AssociationClosed("aborted (A-ABORT)")
-                if kind != P_DATA_TF:
-                    raise PDUError(f"PDU 0x{kind:02x} instead of a C-STORE response")
-                for msg in assoc.feed_pdata(pdu, lambda _msg: BytesSink()):
-                    if msg.command.get("MessageIDBeingRespondedTo") == mid:
-                        return int(msg.command.get("Status", 0xC000))
+            return int((await assoc.response_to(mid, TIMEOUT)).get("Status", 0xC000))
         except AssociationClosed as exc:
             self.assoc = None
             assoc.close()
@@ -181,16 +169,5 @@ class StoreSCU:
         """A-RELEASE (PS3.8 7.2) and close; an A-ABORT or a closed connection instead of A-RELEASE-RP ends it
         too, and a peer silent for :data:`TIMEOUT` is aborted. Nothing to do once the association ended."""
         assoc, self.assoc = self.assoc, None
-        if assoc is None:
-            return
-        try:
-            await assoc.send_raw(encode_release(rp=False))
-            while True:
-                kind, _ = await assoc.read_pdu(TIMEOUT)
-                if kind in (A_RELEASE_RP, A_ABORT):
-                    break
-        except TimeoutError:
-            await assoc.abort()
-        except Exception:
-            pass
-        assoc.close()
+        if assoc is not None:
+            await assoc.release(TIMEOUT)
