@@ -6,6 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from bastion.cli.main import build_parser
+from bastion.dimse.negotiation import SERVICE_CLASSES
 from bastion.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,3 +35,10 @@ def test_serve_help_documents_the_environment() -> None:
     text = serve.format_help()
     for var in ("BASTION_DATA", "BASTION_AET", "BASTION_DICOM_PORT", "BASTION_HTTP_PORT", "BASTION_REMOTES"):
         assert var in text
+
+
+def test_conformance_statement_lists_every_service_class() -> None:
+    """Every SOP class the negotiation accepts besides storage is in the conformance statement's table."""
+    doc = (ROOT / "docs" / "conformance.md").read_text()
+    missing = sorted(uid for uid in SERVICE_CLASSES if f"`{uid}`" not in doc)
+    assert not missing, f"SOP classes missing from docs/conformance.md: {missing}"
