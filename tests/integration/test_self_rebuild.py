@@ -228,3 +228,25 @@ def test_a_corrupt_index_file_is_set_aside_and_rebuilt(stored: dict[str, Any], b
     assert len(warnings) == 1 and "moved aside to" in warnings[0], server.log()
     assert answers(server) == stored["answers"]
     assert server.stats()["versions"] == 1
+
+
+@embedded_only
+def test_damage_met_while_serving_is_reported_and_the_next_start_rebuilds_the_index(stored: dict[str, Any],
+                                                                                     bastion_factory: Any) -> None:
+    """A process of the server met SQLite's "malformed" (damage quick_check need not find, such as committed rows
+    lost): the note it leaves makes /health say so, and the next start sets the file aside and rebuilds it."""
+    from bastion.index.sqlite_damage import note_damage
+
+    data = stored["data"]
+    server = bastion_factory(data)
+    until_ok(server)
+    assert note_damage(str(data / "index.sqlite3"), "database disk image is malformed")  # as a DICOM worker would
+    body = health(server)
+    assert body["status"] == "degraded" and "the index is damaged (database disk image is malformed" in body["reason"]
+    server.stop()
+    server = bastion_factory(data)
+    until_ok(server)
+    assert sorted(p.name for p in data.glob("index.sqlite3.corrupt-*") if not p.name.endswith(("-wal", "-shm")))
+    assert "found damaged while in use" in server.log()
+    assert answers(server) == stored["answers"]
+    assert not (data / "index.sqlite3-damaged").exists()

@@ -73,3 +73,55 @@ def test_a_jobs_transaction_and_the_checkpoint_at_its_commit_wait_for_the_other_
         assert job is not None and job.owner == "owner-a"
     finally:
         jobs.close()
+
+
+def test_a_damaged_index_file_is_noticed_and_noted_for_every_process(tmp_path: Path) -> None:
+    """A statement that meets a damaged page: the query fails (IndexFailure), and the note beside the file says
+    so to every process (``/health``, the next start's check), until the file is replaced."""
+    from bastion.errors import IndexFailure
+    from bastion.index.sqlite_damage import note_damage
+    from bastion.index.sqlite_files import set_aside_if_corrupt
+    from bastion.model.levels import QueryLevel
+
+    path = tmp_path / "index.sqlite3"
+    index = SqliteIndex(str(path))
+    index.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")  # the file alone holds the database
+        roots = [r for (r,) in conn.execute("SELECT rootpage FROM sqlite_master WHERE tbl_name IN "
+                                            "('patients', 'studies', 'series', 'instances')")]
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    with open(path, "r+b") as fh:  # the level tables' root pages (and their indexes'): no longer b-tree pages
+        for root in roots:
+            fh.seek((root - 1) * page)
+            fh.write(b"\xff" * 64)
+    index = SqliteIndex(str(path))
+    try:
+        assert index.damage() is None
+        try:
+            list(index.find(QueryLevel.IMAGE, []))
+        except IndexFailure as exc:
+            assert "malformed" in str(exc)
+        else:
+            raise AssertionError("a query over the damaged table succeeded")
+        damage = index.damage()
+        assert damage is not None and "malformed" in damage
+        assert not note_damage(str(path), "again")  # noted once
+    finally:
+        index.close()
+    assert set_aside_if_corrupt(str(path)) is not None
+    assert not path.exists() and not Path(f"{path}-damaged").exists()
+
+
+def test_a_note_about_a_file_since_replaced_is_ignored(tmp_path: Path) -> None:
+    from bastion.index.sqlite_damage import note_damage, noted_damage
+
+    path = tmp_path / "index.sqlite3"
+    SqliteIndex(str(path)).close()
+    assert note_damage(str(path), "database disk image is malformed")
+    assert noted_damage(str(path)) is not None
+    replacement = tmp_path / "new.sqlite3"
+    SqliteIndex(str(replacement)).close()
+    os.replace(replacement, path)  # bastion index rebuild swaps a new file in
+    assert noted_damage(str(path)) is None

@@ -236,6 +236,12 @@ class Index(abc.ABC):
     def statistics(self) -> Statistics:
         """Counts of what is indexed."""
 
+    def damage(self) -> str | None:
+        """What a process of this node met that says the index itself is damaged (a SQLite file SQLite calls
+        malformed), or None: ``/health`` reports it, and the next start rebuilds the index. None by default: a
+        PostgreSQL index's damage is the database's to report and repair."""
+        return None
+
     @abc.abstractmethod
     def clear(self) -> None:
         """Drop everything (before a rebuild); the change log starts again as by :meth:`start_log_after`, so no

@@ -48,6 +48,7 @@ from bastion.index.rows import IndexRow
 from bastion.index.schema import TABLES, create_or_migrate
 from bastion.index.seqmark import SeqMark
 from bastion.index.sqlcompile import compile_conditions
+from bastion.index.sqlite_damage import is_damage, note_damage, noted_damage
 from bastion.index.sqlite_files import WRITER_LOCK_SUFFIX
 from bastion.index.sqlite_log import log_floor as log_floor  # bastion.index.base opens it from here
 from bastion.model.attributes import tag_hex
@@ -81,11 +82,13 @@ _RECORDER_PRAGMAS = "; ".join(f"PRAGMA {p}" for p in _PRAGMAS)
 
 
 
-def _rows(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
-    """The rows of ``cursor`` one at a time; an SQLite error is an IndexFailure, and the cursor is closed."""
+def _rows(cursor: sqlite3.Cursor, noticed: Callable[[BaseException], None]) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``cursor`` one at a time; an SQLite error is an IndexFailure (shown to ``noticed`` first), and
+    the cursor is closed."""
     try:
         yield from cursor
     except sqlite3.Error as exc:
+        noticed(exc)
         raise IndexFailure(f"index query failed: {exc}") from exc
     finally:
         cursor.close()
@@ -149,6 +152,21 @@ class SqliteIndex(Index):
                         sqlite_log.start_log(conn, mark, new_epoch=False)
                 self._write(_start)
         self._mark.cover(sqlite_log.log_end(conn))
+
+    # -- damage --------------------------------------------------------------------------
+    def _noticed(self, error: BaseException) -> None:
+        """Note an error that says the file is damaged, for every process (:mod:`bastion.index.sqlite_damage`)."""
+        if self._path != self.location or not is_damage(error):
+            return
+        if note_damage(self.location, str(error)):
+            log.critical("the index %s is damaged (%s): queries may miss instances and stores may be refused. "
+                         "Restart `bastion serve`: it moves the file aside and rebuilds the index from the stored "
+                         "objects while it serves (or stop it and run `bastion index rebuild`). Nothing stored is "
+                         "lost: the stored files are the archive.", self.location, error)
+
+    def damage(self) -> str | None:
+        """What a process of this node noted of the damage of this index file, or None."""
+        return noted_damage(self.location) if self._path == self.location else None
 
     # -- connections -------------------------------------------------------------------
     def _open_writer_lock(self) -> int:
@@ -257,6 +275,7 @@ class SqliteIndex(Index):
             if error is None:
                 fut.set_result(value)
             else:
+                self._noticed(error)
                 fut.set_exception(_write_error(error))
 
     def _locked_transaction(self, conn: sqlite3.Connection, batch: Sequence[tuple[Callable[[sqlite3.Connection], Any],
@@ -293,6 +312,7 @@ class SqliteIndex(Index):
             conn.execute("COMMIT")
             self._commits += 1
         except sqlite3.Error as exc:
+            self._noticed(exc)
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -325,6 +345,7 @@ class SqliteIndex(Index):
                 return False, None
             [(_, value, error)] = self._locked_transaction(self._writer_conn, [(fn, None)], durable)
             if error is not None:
+                self._noticed(error)
                 raise _write_error(error)
             return True, value
         finally:
@@ -340,6 +361,9 @@ class SqliteIndex(Index):
             recorded = sqlite_record.record_in_c(self._recorder, row, durable) if self._queue.empty() else None
             if recorded is not None:
                 self._commits += 1
+        except IndexFailure as exc:
+            self._noticed(exc)
+            raise
         finally:
             self._write_lock.release()
         if recorded is not None:
@@ -456,8 +480,9 @@ class SqliteIndex(Index):
             if not compiled.residual:
                 return iter(cursor.fetchall()), []
         except sqlite3.Error as exc:
+            self._noticed(exc)
             raise IndexFailure(f"index query failed: {exc}") from exc
-        return _rows(cursor), compiled.residual
+        return _rows(cursor, self._noticed), compiled.residual
 
     def find(self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None,
              offset: int = 0) -> list[JsonDataset]:
@@ -552,7 +577,11 @@ class SqliteIndex(Index):
         conn = self._reader()
 
         def one(sql: str) -> int:
-            return int(conn.execute(sql).fetchone()[0] or 0)
+            try:
+                return int(conn.execute(sql).fetchone()[0] or 0)
+            except sqlite3.Error as exc:
+                self._noticed(exc)
+                raise IndexFailure(f"index query failed: {exc}") from exc
 
         return Statistics(
             patients=one("SELECT count(*) FROM patients"), studies=one("SELECT count(*) FROM studies"),

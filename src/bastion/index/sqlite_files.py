@@ -29,6 +29,7 @@ from typing import TypeVar
 from bastion.index.base import Index
 from bastion.index.seqmark import SUFFIX as SEQMARK_SUFFIX
 from bastion.index.seqmark import SeqMark
+from bastion.index.sqlite_damage import forget_damage, noted_damage
 
 T = TypeVar("T")
 
@@ -89,7 +90,10 @@ def set_aside_if_corrupt(path: str) -> str | None:
     """
     if not os.path.exists(path):
         return None
+    noted = noted_damage(path)
     try:
+        if noted is not None:  # a process met the damage while it was in use: quick_check may not find it
+            raise sqlite3.DatabaseError(f"found damaged while in use: {noted}")
         conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=rw", uri=True, timeout=10)
         try:
             rows = conn.execute("PRAGMA quick_check").fetchall()
@@ -107,6 +111,7 @@ def set_aside_if_corrupt(path: str) -> str | None:
     for suffix in WAL_SUFFIXES:
         with contextlib.suppress(FileNotFoundError):
             os.replace(path + suffix, aside + suffix)
+    forget_damage(path)
     _fsync_directory(os.path.dirname(os.path.abspath(path)))
     return f"{problem}: moved aside to {aside}"
 
