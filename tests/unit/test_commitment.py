@@ -132,6 +132,16 @@ def test_an_edge_commits_only_what_upstream_holds(two_stores: tuple[Archive, Ins
     assert asked == [record.sop_uid]  # not asked about what is not stored here
 
 
+def test_an_upstream_that_cannot_be_asked_fails_the_instance(two_stores: tuple[Archive, InstanceRecord]) -> None:
+    archive, record = two_stores
+
+    def upstream_holds(sop_uid: str) -> bool | None:
+        raise ConnectionError("upstream down")
+
+    committer = Committer(archive.index, archive.blobs, upstream_holds=upstream_holds)
+    assert committer.check(Reference(CT_IMAGE_STORAGE, record.sop_uid)) == PROCESSING_FAILURE
+
+
 def _encoded(ds: Dataset) -> bytes:
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False

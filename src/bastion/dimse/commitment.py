@@ -103,8 +103,9 @@ TIMEOUT = 30.0
 REPORT_RETRY_DELAYS: tuple[float, ...] = (2.0, 10.0, 60.0, 300.0)
 
 #: Whether the upstream of an edge holds an instance (by SOP Instance UID): True, it does; False, not yet; None,
-#: cannot tell now (upstream unreachable). Only True lets the instance be committed. Edge mode
-#: (``commit_after_upstream = true``) passes one to :class:`StorageCommitment`; without it the local copies decide.
+#: cannot tell now (upstream unreachable). Only True lets the instance be committed; it is asked, in a worker
+#: thread, only about instances committed here. Edge mode (``commit_after_upstream = true``) passes one to
+#: :class:`StorageCommitment`; without it the local copies decide.
 UpstreamHolds = Callable[[str], bool | None]
 
 
@@ -145,6 +146,11 @@ class CommitmentResult:
     transaction_uid: str
     committed: tuple[Reference, ...]
     failed: tuple[tuple[Reference, int], ...]
+
+    @classmethod
+    def all_failed(cls, request: CommitmentRequest, reason: int) -> CommitmentResult:
+        """The result of ``request`` with every reference failed for ``reason``."""
+        return cls(request.transaction_uid, (), tuple((ref, reason) for ref in request.references))
 
     @property
     def event_type(self) -> int:
@@ -254,11 +260,14 @@ class Committer:
         except (BastionError, OSError) as exc:
             log.warning("storage commitment of %s: %s", ref.sop_uid, exc)
             return PROCESSING_FAILURE
-        if reason is not None:
+        if reason is not None or self.upstream_holds is None:
             return reason
-        if self.upstream_holds is not None and self.upstream_holds(ref.sop_uid) is not True:
-            return PROCESSING_FAILURE
-        return None
+        try:
+            held = self.upstream_holds(ref.sop_uid)
+        except Exception:
+            log.exception("storage commitment of %s: asking whether upstream holds it failed", ref.sop_uid)
+            held = None
+        return None if held is True else PROCESSING_FAILURE
 
     def _check_copies(self, key: str) -> int | None:
         """None once ``copies_required`` stores hold a copy of ``key`` that matches its digest; else 0x0112 when
@@ -330,14 +339,16 @@ class StorageCommitment:
         """Work out the result of ``request`` and deliver it (:meth:`_deliver`)."""
         calling = session.assoc.calling_aet
         if request.transaction_uid in self._active:
-            result = CommitmentResult(request.transaction_uid, (), tuple(
-                (ref, DUPLICATE_TRANSACTION_UID) for ref in request.references))
-            await self._deliver(session, context, calling, result)
+            await self._deliver(session, context, calling, CommitmentResult.all_failed(request, DUPLICATE_TRANSACTION_UID))
             return
         self._active.add(request.transaction_uid)
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.executor, partial(self.committer.commit, request))
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, partial(self.committer.commit, request))
+            except Exception:
+                log.exception("storage commitment %s for %s failed", request.transaction_uid, calling)
+                result = CommitmentResult.all_failed(request, PROCESSING_FAILURE)
             log.info("storage commitment %s for %s: %d committed, %d failed", request.transaction_uid, calling,
                      len(result.committed), len(result.failed))
             await self._deliver(session, context, calling, result)
