@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from bastion.blobs.copies import Copies, FindingLog, open_copies
+from bastion.blobs.copies import Copies, Finding, FindingLog, open_copies
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.errors import BastionError
 from bastion.index import Index, open_index
-from bastion.index.base import is_postgresql, set_aside_if_corrupt
+from bastion.index.base import COPY_REPAIRED, COPY_WANTING, is_postgresql, set_aside_if_corrupt
 from bastion.index.sqlite_record import CRECORD
 from bastion.ingest import Ingest
 from bastion.ingest.rebuild import SelfRebuild, recover, self_rebuild
@@ -217,6 +217,11 @@ def open_blobs(settings: Settings, node_id: str | None = None) -> Copies:
                        findings=FindingLog(str(settings.data / FINDINGS_FILE)))
 
 
+def _log_finding(index: Index, finding: Finding) -> None:
+    """A copies finding, appended to the change log (issue 22: findings go to the change log as well)."""
+    index.record_finding(COPY_REPAIRED if finding.repaired else COPY_WANTING, finding.key)
+
+
 #: How a part with a compiled twin runs: its C extension, or the Python version (slower, same results); ``none``:
 #: the part is not used (the file write, with a blob store that writes no files: S3).
 Implementation = Literal["compiled", "python", "none"]
@@ -283,6 +288,7 @@ class Archive:
         blobs = open_blobs(settings, node_id)
         alone, problem = _check_index(settings) if primary else (False, None)
         index = open_index(settings.index_location)
+        blobs.on_finding = lambda finding: _log_finding(index, finding)
         marker = RunMarker(str(settings.data / RUNNING_MARKER), node_id) if primary else None
         crashed = marker is not None and marker.acquire()
         rebuild = (self_rebuild(blobs, index, settings.data, problem=problem, alone=alone, crashed=crashed,

@@ -477,6 +477,22 @@ def test_deleted_is_recorded(index: Index) -> None:
     assert [c.kind for c in consumer.follow(index)] == ["deleted", "stored"]
 
 
+
+def test_copies_findings_are_recorded_in_the_change_log(index: Index) -> None:
+    a = obj("1.2.3.1.1")
+    index.record(a)
+    consumer = Consumer(index.log_end())
+    wanting = index.record_finding("copy-wanting", a.instance.blob_key)
+    assert (wanting.kind, wanting.sop_uid, wanting.series_uid, wanting.study_uid, wanting.blob_key) == (
+        "copy-wanting", "1.2.3.1.1", "1.2.3.1", "1.2.3", a.instance.blob_key)
+    unindexed = obj("9.9.9.1.1", series="9.9.9.1", study="9.9.9")  # a copy not written before its record commits
+    early = index.record_finding("copy-wanting", unindexed.instance.blob_key)
+    assert (early.sop_uid, early.series_uid, early.study_uid) == ("9.9.9.1.1", "", "")
+    repaired = index.record_finding("copy-repaired", a.instance.blob_key)
+    assert consumer.follow(index) == [wanting, early, repaired]
+    assert index.log_end().seq == repaired.seq
+    assert index.current("1.2.3.1.1") is not None and index.statistics().instances == 1  # nothing else changed
+
 def _blob_store_with_study(tmp_path: Path, index: Index, files: int) -> tuple[MemoryBlobStore, list[bytes]]:
     """A blob store and ``index`` holding a study's first ``files`` instances stored through ingest, and the
     Part 10 bytes of them all."""

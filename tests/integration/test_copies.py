@@ -105,6 +105,9 @@ def test_a_corrupt_copy_is_never_served(bastion_factory: Any, tmp_path: Path) ->
     assert status == 200 and body == good  # the other copy, whose digest matches
     corrupt = [e for e in server.stats()["copies"]["findings"]["recent"] if e["problem"] == "corrupt"]
     assert [e["store"] for e in corrupt] == [str(one)]
+    logged = [c for c in server.get_json("/api/changes?limit=1000")["changes"] if c["kind"] == "copy-wanting"]
+    assert [(c["sop_uid"], c["study_uid"], c["blob_key"]) for c in logged] == [
+        (first, study.study_uid, str(_objects(one)[first].relative_to(one)))]
 
     # Both copies flipped: an error, never the bytes.
     _flip(_objects(one)[second])

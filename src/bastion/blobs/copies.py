@@ -188,6 +188,8 @@ class Copies(BlobStore):
             if isinstance(store, LateStore):
                 state.failed(str(store))
         self._lock = threading.Lock()
+        #: Called with every finding once it is logged (the archive appends it to the index's change log).
+        self.on_finding: Callable[[Finding], None] | None = None
 
     # -- findings and store health ----------------------------------------------------------------------------
 
@@ -195,13 +197,21 @@ class Copies(BlobStore):
         """Record that store ``index``'s copy of ``key`` is wanting (log line and :class:`FindingLog`)."""
         store = self.stores[index].location
         log.warning("copy of %s in %s is %s%s", key, store, problem, f": {detail}" if detail else "")
-        self.findings.record(Finding(key, store, problem, detail))
+        self._tell(Finding(key, store, problem, detail))
 
     def repaired(self, index: int, key: str, detail: str = "") -> None:
         """Record that store ``index``'s copy of ``key`` is good again."""
         store = self.stores[index].location
         log.info("copy of %s in %s repaired%s", key, store, f" ({detail})" if detail else "")
-        self.findings.record(Finding(key, store, "", detail, repaired=True))
+        self._tell(Finding(key, store, "", detail, repaired=True))
+
+    def _tell(self, finding: Finding) -> None:
+        self.findings.record(finding)
+        if self.on_finding is not None:
+            try:
+                self.on_finding(finding)
+            except Exception as exc:  # noqa: BLE001 - the finding is logged; its change-log entry is not essential
+                log.error("finding of %s not added to the change log: %s", finding.key, exc)
 
     def _write_failed(self, index: int, key: str | None, exc: BaseException) -> None:
         reason = exc.message if isinstance(exc, BastionError) else repr(exc)

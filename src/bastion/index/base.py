@@ -40,9 +40,12 @@ from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, Sto
 T = TypeVar("T")
 
 #: The kinds of change-log entries: a new current version, a current version replaced by newer bytes, an
-#: instance removed from the index.
+#: instance removed from the index; and the copies' findings (:mod:`bastion.blobs.copies`): a copy of a version
+#: found missing, corrupt, unreadable or not written in one of the blob stores, and such a copy made good again
+#: (which store, and what was wrong: ``/api/statistics``'s findings).
 STORED, SUPERSEDED, DELETED = "stored", "superseded", "deleted"
-CHANGE_KINDS = (STORED, SUPERSEDED, DELETED)
+COPY_WANTING, COPY_REPAIRED = "copy-wanting", "copy-repaired"
+CHANGE_KINDS = (STORED, SUPERSEDED, DELETED, COPY_WANTING, COPY_REPAIRED)
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,12 @@ class Index(abc.ABC):
         that no ``seq`` that the commits a power failure lost had handed out is handed out again (the epoch
         stays: positions up to the mark stay valid, and the objects those commits recorded are recorded again
         by crash recovery, after them)."""
+
+    @abc.abstractmethod
+    def record_finding(self, kind: str, blob_key: str) -> Change:
+        """Append a finding of the copies of the version ``blob_key`` (:data:`COPY_WANTING` or
+        :data:`COPY_REPAIRED`) to the change log, with its instance's series and study (empty where the index does
+        not hold it: a copy not written of an object whose record has not committed yet); the entry."""
 
     @abc.abstractmethod
     def delete_instance(self, sop_uid: str) -> Change | None:

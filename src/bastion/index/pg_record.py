@@ -43,7 +43,7 @@ from bastion.index.rows import (
 )
 from bastion.index.schema import SUMMARY_SEP
 from bastion.model.levels import QueryLevel
-from bastion.model.records import StoreStatus
+from bastion.model.records import StoreStatus, parse_object_key
 
 #: The SQLite index's lookup (:data:`bastion.index.sqlite_record.LOOKUP`), with the same columns.
 LOOKUP = ("SELECT i.blob_key, i.digest, i.size, i.stamp, i.series_uid, i.study_uid, "
@@ -193,6 +193,15 @@ def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = N
         levels = levels_of(_lookup(tx, row, ""))  # the removal may have changed or deleted the level rows
     _add_instance(tx, row, levels)
     return status, tx.change("stored", inst.sop_uid, inst.series_uid, inst.study_uid, inst.blob_key)
+
+
+def finding(tx: Tx, kind: str, key: str) -> tuple[str, str, str, int]:
+    """A change-log entry ``kind`` about the version ``key`` of an instance in ``tx``: its SOP Instance, series
+    and study UIDs (series and study empty where it is not indexed) and the entry's place."""
+    sop = (parse_object_key(key) or {}).get("sop", "")
+    found = tx.execute("SELECT series_uid, study_uid FROM instances WHERE sop_uid = %s", (sop,)).fetchone()
+    series_uid, study_uid = found if found is not None else ("", "")
+    return sop, series_uid, study_uid, tx.change(kind, sop, series_uid, study_uid, key)
 
 
 def delete(tx: Tx, sop_uid: str) -> tuple[str, str, str, int] | None:

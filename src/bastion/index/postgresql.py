@@ -243,6 +243,10 @@ class PostgresIndex(Index):
         recorded, tx = self._write(lambda tx: [pg_record.record(tx, row) for row in rows])
         return [(status, None if slot is None else tx.seqs[slot]) for status, slot in recorded]
 
+    def record_finding(self, kind: str, blob_key: str) -> Change:
+        (sop_uid, series_uid, study_uid, slot), tx = self._write(lambda tx: pg_record.finding(tx, kind, blob_key))
+        return Change(tx.seqs[slot], kind, sop_uid, series_uid, study_uid, blob_key, tx.at)
+
     def delete_instance(self, sop_uid: str) -> Change | None:
         deleted, tx = self._write(lambda tx: pg_record.delete(tx, sop_uid))
         if deleted is None:

@@ -416,6 +416,14 @@ class SqliteIndex(Index):
         self._mark.cover(max((seq for _, seq in recorded if seq is not None), default=0))
         return recorded
 
+    def record_finding(self, kind: str, blob_key: str) -> Change:
+        def _record(conn: sqlite3.Connection) -> Change:
+            seq = sqlite_record.finding(conn, kind, blob_key)
+            return Change(*conn.execute(f"SELECT {sqlite_log.CHANGE_COLS} FROM changes WHERE seq = ?", (seq,)).fetchone())
+        change = self._write(_record)
+        self._mark.cover(change.seq)
+        return change
+
     def delete_instance(self, sop_uid: str) -> Change | None:
         def _delete(conn: sqlite3.Connection) -> Change | None:
             seq = sqlite_record.delete(conn, sop_uid)

@@ -29,7 +29,7 @@ from bastion.index.rows import (
 from bastion.index.schema import refresh_study_summaries
 from bastion.model.compiled import load_extension
 from bastion.model.levels import QueryLevel
-from bastion.model.records import StoreStatus
+from bastion.model.records import StoreStatus, parse_object_key
 
 log = logging.getLogger("bastion.index")
 
@@ -129,6 +129,15 @@ def delete(conn: sqlite3.Connection, sop_uid: str) -> int | None:
     conn.execute("DELETE FROM versions WHERE sop_uid = ?", (sop_uid,))
     _remove_instance(conn, sop_uid, series_uid, study_uid)
     return _change(conn, "deleted", sop_uid, series_uid, study_uid, key)
+
+
+def finding(conn: sqlite3.Connection, kind: str, key: str) -> int:
+    """A change-log entry ``kind`` about the version ``key`` of an instance, in the transaction open on ``conn``:
+    its seq."""
+    sop = (parse_object_key(key) or {}).get("sop", "")
+    found = conn.execute("SELECT series_uid, study_uid FROM instances WHERE sop_uid = ?", (sop,)).fetchone()
+    series_uid, study_uid = found if found is not None else ("", "")
+    return _change(conn, kind, sop, series_uid, study_uid, key)
 
 
 def _change(conn: sqlite3.Connection, kind: str, sop: str, series: str, study: str, key: str) -> int:

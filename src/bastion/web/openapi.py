@@ -236,9 +236,13 @@ _CHANGE = {
     "required": ["seq", "kind", "sop_uid", "series_uid", "study_uid", "blob_key", "at"],
     "properties": {
         "seq": {"type": "integer", "minimum": 1},
-        "kind": {"type": "string", "enum": ["stored", "superseded", "deleted"],
+        "kind": {"type": "string", "enum": ["stored", "superseded", "deleted", "copy-wanting", "copy-repaired"],
                  "description": "`stored`: a new instance; `superseded`: new bytes for a known SOP Instance UID; "
-                                "`deleted`: an instance removed."},
+                                "`deleted`: an instance removed; `copy-wanting`: a copy of the version `blob_key` "
+                                "found missing, corrupt, unreadable or not written in one blob store; "
+                                "`copy-repaired`: such a copy made good again (which store and what was wrong: "
+                                "`/api/statistics` `copies.findings`). Series and study UIDs are empty for a "
+                                "version not indexed yet."},
         "sop_uid": {"type": "string"}, "series_uid": {"type": "string"}, "study_uid": {"type": "string"},
         "blob_key": {"type": "string", "description": "Where the stored version lives in the blob store."},
         "at": {"type": "string", "description": "When it was indexed (ISO 8601, UTC)."},
