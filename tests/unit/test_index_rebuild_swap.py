@@ -1,6 +1,7 @@
-"""``bastion index rebuild``'s swap (``bastion.index.sqlite_files.rebuild_into``): a new SQLite index built beside
-the live one replaces it whole, never meets its write-ahead log, keeps the change-log mark from going down, and
-a failed build leaves the live index as it was. Real files, real SQLite."""
+"""``bastion index rebuild``'s swap (``bastion.index.sqlite_files.rebuild_into``, and its two steps apart for the
+online rebuild): a new SQLite index built beside the live one replaces it whole, never meets its write-ahead log,
+keeps the change-log mark from going down and hands out no ``seq`` twice, and a failed build or catch-up leaves the
+live index as it was. Real files, real SQLite."""
 
 from __future__ import annotations
 
@@ -15,8 +16,17 @@ from contract.test_index import obj
 
 from bastion.index import Index, log_floor
 from bastion.index.seqmark import SUFFIX as SEQMARK_SUFFIX
+from bastion.index.seqmark import SeqMark
 from bastion.index.sqlite import SqliteIndex
-from bastion.index.sqlite_files import INDEX_FILE_SUFFIXES, REBUILD_SUFFIX, WAL_SUFFIXES, rebuild_into
+from bastion.index.sqlite_files import (
+    INDEX_FILE_SUFFIXES,
+    REBUILD_SUFFIX,
+    WAL_SUFFIXES,
+    build_beside,
+    built_beside,
+    rebuild_into,
+    swap_in,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,3 +112,45 @@ def test_what_an_interrupted_rebuild_left_is_removed_first(tmp_path: Path) -> No
 def test_an_in_memory_index_is_not_rebuilt_into_a_file() -> None:
     with pytest.raises(ValueError):
         rebuild_into(":memory:", _fill)
+
+
+def test_a_log_built_beside_a_live_index_that_went_on_is_moved_past_it(tmp_path: Path) -> None:
+    live = tmp_path / "index.sqlite3"
+    index = SqliteIndex(str(live))
+    _fill(index)
+    index.close()
+    after = log_floor(str(live))
+
+    def build(new: Index) -> None:
+        new.start_log_after(after)
+        _fill(new)
+
+    build_beside(str(live), build)
+    went_on = SeqMark(str(live)).raise_to(after + 1000)  # the live index handed out more while the new one was built
+    swap_in(str(live), lambda new: new.record(obj("1.9.4", number=4)))  # the catch-up before the swap
+
+    index = SqliteIndex(str(live))
+    try:
+        changes = index.changes()
+        assert [c.sop_uid for c in changes] == ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]  # in order, none lost
+        assert min(c.seq for c in changes) > went_on and index.log_start().seq >= went_on  # no seq handed out twice
+        assert index.log_end().seq == max(c.seq for c in changes)
+    finally:
+        index.close()
+    assert log_floor(str(live)) >= went_on
+    assert not built_beside(str(live))
+
+
+def test_a_failed_catch_up_swaps_nothing(tmp_path: Path) -> None:
+    live = tmp_path / "index.sqlite3"
+    index = SqliteIndex(str(live))
+    index.record(obj("1.7.1"))
+    index.close()
+    build_beside(str(live), _fill)
+
+    def failing(new: Index) -> None:
+        raise RuntimeError("the blob store went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        swap_in(str(live), failing)
+    assert _sop_uids(live) == ["1.7.1"] and built_beside(str(live))

@@ -76,6 +76,18 @@ def start_log(conn: sqlite3.Connection, after: int, *, new_epoch: bool = True) -
     return LogPosition(epoch, floor)
 
 
+def move_log_after(conn: sqlite3.Connection, floor: int) -> None:
+    """Move the whole change log up, in order, so that it starts after ``floor`` if it starts below (in the
+    transaction open on ``conn``): a log built beside a live index that went on handing out ``seq`` meanwhile
+    (:func:`bastion.index.sqlite_files.swap_in`). The epoch stays: nobody has read this log yet."""
+    start = log_meta(conn)[1]
+    if floor <= start:
+        return
+    conn.execute("UPDATE changes SET seq = -seq")  # two steps: no row meets another's seq on the way up
+    conn.execute("UPDATE changes SET seq = ? - seq", (floor - start,))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('log_start', ?)", (str(floor),))
+
+
 def log_floor(path: str) -> int:
     """:func:`bastion.index.base.log_floor` for the SQLite index file ``path`` (opened read-only)."""
     floor = SeqMark(path).read()
