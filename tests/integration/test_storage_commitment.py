@@ -313,3 +313,25 @@ def test_report_for_an_unknown_requester_that_left_is_logged(server: BastionServ
     while said not in server.log() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert said in server.log()
+
+
+def test_a_long_check_keeps_its_association(bastion_factory: Any) -> None:
+    """While a request's instances are being checked the association is busy, not idle: with a 1 s idle timeout, a
+    32 MB instance referenced 100 times (each reference hashes its copy again: seconds of work) still gets its
+    report on the request's association."""
+    server = bastion_factory(settings={"BASTION_DICOM_IDLE_TIMEOUT": "1"})
+    ds = pydicom.dcmread(_sample("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = bytes(4096 * 4096 * 2)
+    store(server, [ds])
+    reports = Reports()
+    assoc = _associate(server, reports=reports)
+    try:
+        transaction, status = request(assoc, [(ds.SOPClassUID, ds.SOPInstanceUID)] * 100)
+        report = reports.next(transaction)
+    finally:
+        assoc.release()
+    assert status == 0x0000
+    assert report.on_own_association and report.event_type == 1
+    assert len(report.info.ReferencedSOPSequence) == 100

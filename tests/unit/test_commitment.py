@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pydicom
 import pytest
@@ -189,14 +188,15 @@ def test_a_transaction_uid_in_use_fails_with_duplicate_transaction_uid(tmp_path:
         release.wait(30)
         return commit(request)
 
-    async def deliver(session: Any, context: Any, calling: str, result: CommitmentResult) -> None:
+    async def report_anew(calling: str, result: CommitmentResult) -> None:
         delivered.append(result)
         release.set()
 
     commitment.committer.commit = slow_commit  # type: ignore[method-assign]
-    commitment._deliver = deliver  # type: ignore[method-assign]
+    commitment._report_anew = report_anew  # type: ignore[method-assign]
     request = CommitmentRequest("1.2.3", (Reference(CT_IMAGE_STORAGE, "1.2.3.4"),))
-    session = SimpleNamespace(assoc=SimpleNamespace(calling_aet="MODALITY"))
+    # the association of the requests has ended: their results go on new ones
+    session = SimpleNamespace(assoc=SimpleNamespace(calling_aet="MODALITY"), open=False, results_pending=2)
 
     async def both() -> None:
         first = asyncio.create_task(commitment._result(session, None, request))  # type: ignore[arg-type]
@@ -209,5 +209,6 @@ def test_a_transaction_uid_in_use_fails_with_duplicate_transaction_uid(tmp_path:
     finally:
         executor.shutdown()
         archive.close()
+    assert session.results_pending == 0
     assert [r.failed for r in delivered] == [((request.references[0], DUPLICATE_TRANSACTION_UID),),
                                              ((request.references[0], NO_SUCH_OBJECT_INSTANCE),)]

@@ -331,41 +331,46 @@ class StorageCommitment:
             await session.assoc.send_message(msg.context.id, rsp)
             return
         await session.assoc.send_message(msg.context.id, rsp)
+        session.results_pending += 1
         task = asyncio.create_task(self._result(session, msg.context, request))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
     async def _result(self, session: Session, context: AcceptedContext, request: CommitmentRequest) -> None:
-        """Work out the result of ``request`` and deliver it (:meth:`_deliver`)."""
-        calling = session.assoc.calling_aet
-        if request.transaction_uid in self._active:
-            await self._deliver(session, context, calling, CommitmentResult.all_failed(request, DUPLICATE_TRANSACTION_UID))
-            return
-        self._active.add(request.transaction_uid)
+        """Work out the result of ``request`` and deliver it: on the request's association while it is open, else
+        (or when that fails) on a new association to the requester's configured AE, tried again after each of
+        :data:`REPORT_RETRY_DELAYS`. Until it is sent on the request's association or given up there, the
+        association counts as busy (``Session.results_pending``), not idle."""
+        calling, uid = session.assoc.calling_aet, request.transaction_uid
+        duplicate = uid in self._active
+        self._active.add(uid)
         try:
             try:
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, partial(self.committer.commit, request))
-            except Exception:
-                log.exception("storage commitment %s for %s failed", request.transaction_uid, calling)
-                result = CommitmentResult.all_failed(request, PROCESSING_FAILURE)
-            log.info("storage commitment %s for %s: %d committed, %d failed", request.transaction_uid, calling,
-                     len(result.committed), len(result.failed))
-            await self._deliver(session, context, calling, result)
+                result = (CommitmentResult.all_failed(request, DUPLICATE_TRANSACTION_UID) if duplicate
+                          else await self._commit(request, calling))
+                delivered = session.open and await self._report_on(session, context, result)
+            finally:
+                session.results_pending -= 1
+            if not delivered:
+                await self._report_anew(calling, result)
         finally:
-            self._active.discard(request.transaction_uid)
+            if not duplicate:
+                self._active.discard(uid)
 
-    async def _deliver(self, session: Session, context: AcceptedContext, calling: str,
-                       result: CommitmentResult) -> None:
-        """Send ``result`` on the request's association while it is open, else (or when that fails) on a new
-        association to ``calling``'s configured AE, tried again after each of :data:`REPORT_RETRY_DELAYS`."""
-        if session.open:
-            try:
-                await self._report_on(session, context, result)
-                return
-            except ReportNotDelivered as exc:
-                log.info("storage commitment result %s not delivered on the request's association: %s",
-                         result.transaction_uid, exc)
+    async def _commit(self, request: CommitmentRequest, calling: str) -> CommitmentResult:
+        """:meth:`Committer.commit` in a worker thread; every reference fails with 0x0110 if it raises."""
+        try:
+            result: CommitmentResult = await asyncio.get_running_loop().run_in_executor(
+                self.executor, partial(self.committer.commit, request))
+        except Exception:
+            log.exception("storage commitment %s for %s failed", request.transaction_uid, calling)
+            return CommitmentResult.all_failed(request, PROCESSING_FAILURE)
+        log.info("storage commitment %s for %s: %d committed, %d failed", request.transaction_uid, calling,
+                 len(result.committed), len(result.failed))
+        return result
+
+    async def _report_anew(self, calling: str, result: CommitmentResult) -> None:
+        """Deliver ``result`` on new associations to ``calling``'s configured AE (:meth:`_report_to`)."""
         remote = self.settings.remote(calling)
         if remote is None:
             log.error("storage commitment result %s for %s lost: its association ended and %s is not a configured "
@@ -390,8 +395,18 @@ class StorageCommitment:
                    "AffectedSOPInstanceUID": STORAGE_COMMITMENT_PUSH_INSTANCE, "EventTypeID": result.event_type}
         return mid, command, result.encode(context.transfer_syntax, self.settings.aet)
 
-    async def _report_on(self, session: Session, context: AcceptedContext, result: CommitmentResult) -> None:
-        """N-EVENT-REPORT on the request's own association, the requester answering as SCU (PS3.4 J.3.3.1.2)."""
+    async def _report_on(self, session: Session, context: AcceptedContext, result: CommitmentResult) -> bool:
+        """N-EVENT-REPORT on the request's own association, the requester answering as SCU (PS3.4 J.3.3.1.2);
+        whether the requester took it (answered success)."""
+        try:
+            await self._send_on(session, context, result)
+        except ReportNotDelivered as exc:
+            log.info("storage commitment result %s not delivered on the request's association: %s",
+                     result.transaction_uid, exc)
+            return False
+        return True
+
+    async def _send_on(self, session: Session, context: AcceptedContext, result: CommitmentResult) -> None:
         assoc = session.assoc
         mid, command, dataset = self._event_report(assoc, context, result)
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

@@ -454,13 +454,14 @@ class DicomServer:
         """Serve the messages of an established association until it is released or aborted.
 
         Idle means no byte received for ``dicom_idle_timeout`` while none of the peer's requests is in
-        progress (:attr:`Session.tasks`: a C-FIND streaming results, C-MOVE / C-GET sub-operations); the time
-        counts from the end of the last one. A peer that reads nothing we send for that long fails the send.
+        progress (:attr:`Session.tasks`: a C-FIND streaming results, C-MOVE / C-GET sub-operations; and
+        :attr:`Session.results_pending`, Storage Commitment results being worked out); the time counts from the
+        end of the last one. A peer that reads nothing we send for that long fails the send.
         """
         services = self.services
         stream = assoc.stream
         idle = self.settings.dicom_idle_timeout
-        stream.working = lambda: bool(session.tasks)
+        stream.working = lambda: bool(session.tasks) or session.results_pending > 0
         stream.send_timeout = idle
         watched: set[asyncio.Task[None]] = set()
 

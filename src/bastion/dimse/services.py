@@ -67,6 +67,8 @@ class Session:
     replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     #: False once the peer asked to release the association, aborted it, or it ended.
     open: bool = True
+    #: Storage Commitment results of this association's requests not yet sent on it, nor given up there.
+    results_pending: int = 0
 
 
 def _comment(text: str) -> str:
