@@ -15,7 +15,7 @@ import backends
 import pydicom
 import pytest
 from backends import embedded_only
-from conftest import BASTION, BastionServer, make_study, requires_dcmtk, run_bastion
+from conftest import BASTION, BastionServer, free_port, make_study, requires_dcmtk, run_bastion
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -154,11 +154,14 @@ def test_serve_help_mentions_environment_variables() -> None:
         assert name in text, name
 
 
-def test_index_rebuild_refuses_while_the_server_runs(bastion_factory: Any, tmp_path: Path) -> None:
+def test_index_rebuild_while_a_server_it_cannot_reach_runs_says_so(bastion_factory: Any, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     server = bastion_factory(tmp_path / "busy")
+    port = free_port()  # the command's settings name another port than the server's: nobody answers there
+    monkeypatch.setenv("BASTION_HTTP_PORT", str(port))
     done = run_bastion("index", "rebuild", "--data", str(server.data))
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "in use" in done.stderr and "stop it first" in done.stderr
+    assert f"in use, and the server did not answer at http://127.0.0.1:{port}/" in done.stderr
     assert server.echo().returncode == 0  # the running server was left alone
     server.stop()
     done = run_bastion("index", "rebuild", "--data", str(server.data))

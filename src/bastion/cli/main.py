@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     idx_sub = idx.add_subparsers(dest="index_command", required=True)
     rebuild = idx_sub.add_parser("rebuild", help="rebuild the whole index from the blob store alone",
                                  description="Rebuild the index from the stored files alone into a new "
-                                 "index, then swap it in. Refuses while a server has the archive open.")
+                                 "index, then swap it in. While a server has the archive open, asks that server "
+                                 "(at its HTTP port) to do it online: it builds the new index while it serves and "
+                                 "switches it in during a short pause (SQLite index only).")
     _common(rebuild)
 
     verify = sub.add_parser("verify", help="re-hash every stored object against the content digest in its name",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,9 +13,12 @@ from tqdm import tqdm
 from bastion.archive import exclusive, open_blobs
 from bastion.blobs.copies import Copies
 from bastion.blobs.healing import check_copies
+from bastion.cli.rebuild_online import rebuild_online
 from bastion.cli.serve import settings_from
+from bastion.errors import BastionError
 from bastion.index import Index, log_floor, open_index
 from bastion.index.base import rebuild_index
+from bastion.ingest.online_rebuild import summary
 from bastion.ingest.rebuild import RebuildReport, rebuild, stored_keys
 from bastion.ingest.verify import verify
 from bastion.settings import Settings
@@ -30,10 +34,14 @@ def _progress(bar: tqdm[Any]) -> Callable[[int], None]:
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
-    """Rebuild the index from the blob store (:func:`bastion.index.base.rebuild_index`); refuses while the archive
-    is in use."""
+    """Rebuild the index from the blob store (:func:`bastion.index.base.rebuild_index`); while a server holds the
+    archive, that server is asked to rebuild it online (:func:`bastion.cli.rebuild_online.rebuild_online`)."""
     settings = settings_from(args)
-    with exclusive(settings.data):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive(settings.data))
+        except BastionError:
+            return rebuild_online(settings)
         return _rebuild(settings)
 
 
@@ -48,9 +56,7 @@ def _rebuild(settings: Settings) -> int:
             return rebuild(blobs, index, _progress(bar), after=after)
 
     report = rebuild_index(target, build)
-    print(f"index rebuilt from {total} stored object(s): {report.indexed} indexed "
-          f"({report.superseded} superseding an older version), {len(report.skipped)} skipped, "
-          f"{len(report.warned)} with warnings")
+    print(summary(total, report.indexed, report.superseded, len(report.skipped), len(report.warned)))
     for key, reason in report.skipped[:20]:
         print(f"  skipped {key}: {reason}")
     return 0

@@ -18,12 +18,21 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
 from bastion import __version__
-from bastion.archive import RUNNING_MARKER, SCRUB_FILE, Archive, RunMarker, node_identity
+from bastion.archive import (
+    RUNNING_MARKER,
+    SCRUB_FILE,
+    Archive,
+    RunMarker,
+    exclusive,
+    node_identity,
+    open_blobs,
+)
 from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.moves import MoveRunner
@@ -32,6 +41,7 @@ from bastion.errors import BastionError
 from bastion.forward import open_queue
 from bastion.forward.forwarder import Forwarder, begin_forwarding
 from bastion.index.base import is_postgresql
+from bastion.ingest.online_rebuild import OnlineRebuild, read_state, switch_in
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 from bastion.web.timeouts import header_deadline_protocol
@@ -111,13 +121,42 @@ async def start_forwarder(archive: Archive) -> Forwarder | None:
     return await Forwarder(archive, node_id=archive.node_id if shared else None).start()
 
 
+def online_rebuild(archive: Archive, supervisor: int) -> OnlineRebuild | None:
+    """The online rebuild of the archive's index (:mod:`bastion.ingest.online_rebuild`), whose new index the
+    ``supervisor`` switches in when SIGUSR1 asks it (:meth:`Supervisor.run`): in the primary process only. None for
+    a PostgreSQL index (it is rebuilt offline only, for now)."""
+    if is_postgresql(archive.settings.index_location):
+        return None
+    return OnlineRebuild(archive.blobs, archive.index, archive.settings.data,
+                         ask_switch=lambda: os.kill(supervisor, signal.SIGUSR1))
+
+
+def switch_index(settings: Settings, began: float | None = None) -> None:
+    """The switch of an online rebuild (:func:`bastion.ingest.online_rebuild.switch_in`), while no server process
+    runs: in a one-shot process of the supervisor's, or before it forks. ``began``: when the stop began."""
+    blobs = open_blobs(settings)
+    try:
+        state = switch_in(blobs, settings.index_location, settings.data, began=began)
+    finally:
+        blobs.close()
+    if state.state == "done":
+        log.info("the rebuilt index is switched in (%d stored object(s) caught up)", state.report.get("caught_up", 0))
+
+
+async def _when_serving(http: uvicorn.Server, rebuild: OnlineRebuild) -> None:
+    while not http.started:
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(rebuild.serving)
+
+
 async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socket, board: LoadBoard,
                 parent: int) -> None:
     """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM or its supervisor is gone; it alone runs
-    the repair and scrub of the blob stores' copies, and the forwarder."""
+    the repair and scrub of the blob stores' copies, the forwarder and an online rebuild of the index."""
     archive = Archive.open(settings)
     repairer = start_repair(archive)
     status = ServerStatus()
+    status.index_rebuild = online_rebuild(archive, parent)
     dicom = DicomServer(archive, board=board, worker=0)
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
     runner = MoveRunner(dicom.services.moves)  # the node's one runner of C-MOVE jobs whose lease ran out
@@ -133,6 +172,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     http_task = asyncio.ensure_future(http.serve(sockets=[http_sock]))
+    serving = (None if status.index_rebuild is None
+               else asyncio.ensure_future(_when_serving(http, status.index_rebuild)))
     log.info("Bastion %s: node %s, DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__,
              archive.node_id, settings.aet, settings.host, settings.dicom_port, settings.workers, settings.host,
              settings.http_port, settings.data)
@@ -155,6 +196,10 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
         await forwarder.stop()
     await http_task
     await asyncio.to_thread(repairer.stop)
+    if serving is not None:
+        serving.cancel()
+    if status.index_rebuild is not None:
+        await asyncio.to_thread(status.index_rebuild.stop)
     archive.close()
 
 
@@ -224,6 +269,11 @@ class Supervisor:
     the archive as every process does: the blob journal of the dead process is replayed then (its acknowledged
     objects are made durable), and crash recovery does not run because this process keeps the run marker
     held. SIGINT/SIGTERM stop every process and wait for them.
+
+    SIGUSR1 (from the primary process, once an online rebuild has built a new index) switches the index: every
+    process is stopped as on shutdown, a one-shot process runs ``switch`` (given when the stop began), and every
+    role is started again. The listening sockets stay open here, so connections made meanwhile wait in the
+    backlog until the new processes accept them.
     """
 
     #: Wait before a role's replacement, by how many times it died in the last minute.
@@ -231,9 +281,11 @@ class Supervisor:
     #: How long the processes get to finish their associations on shutdown before they are killed.
     STOP_GRACE_S = 30.0
 
-    def __init__(self, roles: dict[str, tuple[Any, tuple[Any, ...]]], close_in_children: tuple[int, ...] = ()) -> None:
+    def __init__(self, roles: dict[str, tuple[Any, tuple[Any, ...]]], close_in_children: tuple[int, ...] = (),
+                 switch: Callable[[float], None] | None = None) -> None:
         self.roles = roles  # name -> (target, args), forked with _fork
         self.close_in_children = close_in_children
+        self.switch = switch
         self.pids: dict[int, str] = {}
         self.deaths: dict[str, list[float]] = {}
         self.due: dict[str, float] = {}  # role -> when its replacement starts
@@ -263,7 +315,7 @@ class Supervisor:
 
     def run(self) -> None:
         """Start every role, keep them running until SIGINT/SIGTERM, then stop them."""
-        wanted = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM}
+        wanted = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
         signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
         try:
             for role in self.roles:
@@ -278,10 +330,28 @@ class Supervisor:
                 info = signal.sigtimedwait(wanted, timeout)
                 if info is not None and info.si_signo in (signal.SIGINT, signal.SIGTERM):
                     break
+                if info is not None and info.si_signo == signal.SIGUSR1:
+                    self._switch()
                 self._reap()
         finally:
             self._stop()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+
+    def _switch(self) -> None:
+        """Stop every process, run ``switch`` in a one-shot process and wait for it, start every role again."""
+        if self.switch is None:
+            return
+        began = time.time()
+        log.info("switching the rebuilt index in: stopping every process")
+        self._stop()
+        self.due.clear()
+        pid = _fork(self.switch, began, close=self.close_in_children)
+        _, status = os.waitpid(pid, 0)
+        if status:
+            log.error("switching the index %s: the live index stays", _ended(status))
+        for role in self.roles:
+            self._start(role)
+        log.info("every process started again %.2f s after the stop began", time.time() - began)
 
     def _stop(self) -> None:
         for pid in self.pids:
@@ -310,6 +380,13 @@ def run_serve(args: argparse.Namespace) -> int:
     """Entry point of ``bastion serve``."""
     settings = settings_from(args)
     logging.getLogger().setLevel(settings.log_level.upper())
+    if read_state(settings.data).state == "switching":  # a crash cut an online rebuild's switch short: finish it
+        try:
+            with exclusive(settings.data):
+                switch_index(settings)
+        except BastionError as exc:
+            log.warning("an online rebuild of the index was cut short while it was switched in, and cannot be "
+                        "finished now: %s", exc)
     # Recover from an unclean shutdown before forking, so every process starts on a consistent index.
     archive = Archive.open(settings)
     try:
@@ -336,7 +413,7 @@ def run_serve(args: argparse.Namespace) -> int:
         roles[f"DICOM worker {w}"] = (lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w)), ())
     roles["metadata warmer"] = (run_warmer, (settings, parent))
     try:
-        Supervisor(roles, close_in_children=(marker.fd,)).run()
+        Supervisor(roles, close_in_children=(marker.fd,), switch=lambda began: switch_index(settings, began)).run()
     finally:
         marker.release()
     return 0

@@ -182,16 +182,26 @@ def _read_chunk(blobs: BlobStore, chunk: list[tuple[str, bool]]) -> list[_Read]:
 
 
 def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None, *,
-            after: int = 0) -> RebuildReport:
+            after: int = 0, keys: list[tuple[str, str]] | None = None,
+            stop: threading.Event | None = None) -> RebuildReport:
     """Replay every stored object into ``index`` (which should be empty), as a new change log.
 
     The log gets a new epoch and starts after ``after``: the highest ``seq`` the index being replaced handed
     out (:func:`bastion.index.log_floor`), so no ``seq`` is handed out twice, and a consumer that follows the log
     is told that the log it read is gone (:meth:`Index.changes_after`) and reads this one from its start, where
-    every stored object is recorded again.
+    every stored object is recorded again. ``keys``: :func:`stored_keys`, listed already. ``stop``: once set, the
+    replay returns after the batch being recorded (the rest is not).
     """
     index.start_log_after(after)
-    return _replay(blobs, index, stored_keys(blobs), "rebuild", progress)
+    return _replay(blobs, index, stored_keys(blobs) if keys is None else keys, "rebuild", progress, stop=stop)
+
+
+def record_stored(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: str, *,
+                  verify: bool = False) -> RebuildReport:
+    """Record the stored objects ``keys`` ((stamp, key), oldest first) into ``index``; ``what`` names the work in log
+    lines. With ``verify``, as crash recovery does (:func:`recover`): each object's digest is checked first, and one
+    that was never acknowledged (torn, or failing a store's checks) is set aside."""
+    return _replay(blobs, index, keys, what, verify=verify)
 
 
 def recover(blobs: BlobStore, index: Index, node_id: str | None = None) -> RebuildReport:
@@ -203,6 +213,21 @@ def recover(blobs: BlobStore, index: Index, node_id: str | None = None) -> Rebui
     archive. With ``node_id`` only that node's objects (and those of a single-node archive, whose keys name no
     node) are taken up: another node sharing the blob store may be writing its own right now.
     """
+    found = unindexed_recent(blobs, index, node_id)
+    # These objects were stored just before the crash: an object whose file was written but not yet
+    # made durable when the power went may be incomplete (it was never acknowledged), so each is checked.
+    index.resume_log_after_crash()  # no seq that the lost commits handed out is handed out again
+    report = _replay(blobs, index, found, "recovery", verify=True)
+    if report.indexed:
+        log.warning("recovered %d stored object(s) that the index had lost", report.indexed)
+    return report
+
+
+def unindexed_recent(blobs: BlobStore, index: Index, node_id: str | None = None) -> list[tuple[str, str]]:
+    """The objects ((stamp, key), oldest first) stored from an hour before the newest stamp ``index`` holds on, that
+    it does not hold: what :func:`recover` takes up (see it for the partitions listed and ``node_id``). Every
+    object a node stores after that newest stamp is issued has a newer stamp (:mod:`bastion.ingest.stamps`), so
+    the hour covers one whose stamp was issued before and whose store finished after."""
     last = index.last_stamp()
     start_ns = (int(last) if last else 0) - 3600 * 1_000_000_000
     if last is None:
@@ -221,13 +246,7 @@ def recover(blobs: BlobStore, index: Index, node_id: str | None = None) -> Rebui
             if (parts and int(parts["stamp"]) >= start_ns and (node_id is None or parts["node"] in ("", node_id))
                     and not index.has_blob(key)):
                 found.append((parts["stamp"], key))
-    # These objects were stored just before the crash: an object whose file was written but not yet
-    # made durable when the power went may be incomplete (it was never acknowledged), so each is checked.
-    index.resume_log_after_crash()  # no seq that the lost commits handed out is handed out again
-    report = _replay(blobs, index, sorted(found), "recovery", verify=True)
-    if report.indexed:
-        log.warning("recovered %d stored object(s) that the index had lost", report.indexed)
-    return report
+    return sorted(found)
 
 
 def _flush(index: Index, batch: list[StoredObject], report: RebuildReport) -> None:
@@ -396,7 +415,7 @@ def self_rebuild(blobs: BlobStore, index: Index, data: Path, *, problem: str | N
             return None
         reason = f"{problem or 'the index is empty'} while the blob store holds objects"
         resumed = False
-        _write_durably(pending, reason)
+        write_durably(pending, reason)
         index.start_log_after(log_floor(index.location))
     if crashed:
         index.resume_log_after_crash()  # no seq that commits lost in the crash handed out is handed out again
@@ -411,7 +430,9 @@ def self_rebuild(blobs: BlobStore, index: Index, data: Path, *, problem: str | N
     return SelfRebuild(blobs, index, pending, reason, node_id=node_id, crashed=crashed).start()
 
 
-def _write_durably(path: Path, text: str) -> None:
+def write_durably(path: Path, text: str) -> None:
+    """Replace the file ``path`` with ``text`` (and a newline) durably: written, flushed, renamed into place and
+    its directory flushed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text + "\n")

@@ -1,4 +1,5 @@
-"""The JSON API under ``/api``: statistics, the change log, remotes, the forwarding queues and its OpenAPI document.
+"""The JSON API under ``/api``: statistics, the change log, remotes, the forwarding queues, the online rebuild of
+the index and its OpenAPI document.
 
 Every response body is described in :mod:`bastion.web.openapi` (served at ``/api/openapi.json``).
 """
@@ -19,6 +20,8 @@ from bastion.archive import SCRUB_FILE, Archive
 from bastion.blobs.repair import ScrubState
 from bastion.errors import BastionError
 from bastion.forward import ForwardQueue, open_queue, queue_path
+from bastion.index.base import is_postgresql
+from bastion.ingest.online_rebuild import RebuildBusy, read_state
 from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -145,6 +148,27 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
             return JSONResponse({"error": f"no forwarding queue named {name!r}"}, status_code=404)
         return JSONResponse({"name": name, "retried": await asyncio.to_thread(queue.retry, name)})
 
+    async def index_rebuild(request: Request) -> JSONResponse:
+        online = status.index_rebuild
+        if request.method == "GET":
+            state = read_state(archive.settings.data) if online is None else online.state()
+            return JSONResponse(state.to_json())
+        if is_postgresql(archive.settings.index_location):
+            return JSONResponse({"error": "rebuilding the index while the server runs is for a SQLite index only, "
+                                          "for now: stop the server and run `bastion index rebuild`"},
+                                status_code=501)
+        if online is None:
+            return JSONResponse({"error": "this server does not rebuild its index online (not the primary "
+                                          "process)"}, status_code=501)
+        if archive.rebuild is not None and archive.rebuild.running:
+            return JSONResponse({"error": "the index is rebuilding itself from the stored objects already (see "
+                                          "/health)"}, status_code=409)
+        try:
+            state = await asyncio.to_thread(online.begin)
+        except RebuildBusy as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return JSONResponse(state.to_json(), status_code=202)
+
     document = openapi_document(__version__)
 
     async def openapi(request: Request) -> JSONResponse:
@@ -153,4 +177,5 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     return [Route("/api/statistics", statistics), Route("/api/changes", changes),
             Route("/api/remotes", remotes), Route("/api/queues", queues),
             Route("/api/queues/{name:path}/retry", retry_queue, methods=["POST"]),
+            Route("/api/index/rebuild", index_rebuild, methods=["GET", "POST"]),
             Route("/api/openapi.json", openapi)]

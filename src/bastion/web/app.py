@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from bastion import __version__
 from bastion.archive import Archive
 from bastion.dicomweb.routes import routes as dicomweb_routes
+from bastion.ingest.online_rebuild import OnlineRebuild
 from bastion.web import admin, api, viewer
 from bastion.web.timeouts import BodyDeadline
 
@@ -34,6 +35,8 @@ class ServerStatus:
     #: Every DICOM worker process has listened (``/health`` says "starting", 503, until then: a load balancer
     #: then sends a node nothing before all of it is up).
     all_workers_started: bool = False
+    #: The online rebuild of the index (primary process, SQLite index: ``/api/index/rebuild``); None elsewhere.
+    index_rebuild: OnlineRebuild | None = None
 
     def per_worker(self) -> list[int]:
         """Associations open in each DICOM worker process (replaced by the server)."""

@@ -44,6 +44,35 @@ _QUEUE_RETRY = {
     "required": ["name", "retried"],
     "properties": {"name": {"type": "string"}, "retried": _INT},
 }
+_INDEX_REBUILD = {
+    "type": "object",
+    "description": "The online rebuild of the index (`bastion index rebuild` against a running server, SQLite "
+                   "index): a new index is built beside the live one from the stored objects while the server "
+                   "serves, then switched in during a short pause of every server process (connections wait).",
+    "additionalProperties": False,
+    "required": ["state", "done", "total", "started", "finished", "error", "report", "skipped", "switch_began",
+                 "pause_s"],
+    "properties": {
+        "state": {"type": "string", "enum": ["idle", "building", "switching", "done", "failed"],
+                  "description": "`idle`: none was asked for; `building`: the new index is built; `switching`: "
+                                 "it is switched in (the server pauses); `done`; `failed` (see `error`: the live "
+                                 "index stays)."},
+        "done": {**_INT, "description": "Stored objects replayed into the new index."},
+        "total": {"type": ["integer", "null"], "minimum": 0,
+                  "description": "Stored objects to replay; null while they are listed."},
+        "started": {"type": ["string", "null"], "description": "When it was asked for (ISO 8601, UTC)."},
+        "finished": {"type": ["string", "null"], "description": "When it was switched in or failed."},
+        "error": {"type": ["string", "null"], "description": "Why it failed."},
+        "report": {"type": "object", "additionalProperties": _INT,
+                   "description": "Once built: `indexed`, `superseded`, `duplicates`, `skipped`, `warned`, "
+                                  "`set_aside`, and `caught_up` (objects stored during the rebuild, indexed too)."},
+        "skipped": {"type": "array", "items": {"type": "array", "items": {"type": "string"}},
+                    "description": "The first objects skipped: [key, why]."},
+        "switch_began": {**_NUMBER_OR_NULL, "description": "When the server began stopping for the switch "
+                                                           "(Unix time, seconds)."},
+        "pause_s": {**_NUMBER_OR_NULL, "description": "Seconds from the stop to serving again on the new index."},
+    },
+}
 _ERROR = {
     "type": "object",
     "description": "A client mistake: what was wrong with the request.",
@@ -332,6 +361,20 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "responses": {"200": _json("How many dead letters are pending again.", "QueueRetry"),
                               "404": _json("No queue of that name.", "Error")},
             }},
+            "/api/index/rebuild": {
+                "get": {
+                    "operationId": "indexRebuildState",
+                    "summary": "Where the online rebuild of the index is.",
+                    "responses": {"200": _json("The rebuild's state.", "IndexRebuild")},
+                },
+                "post": {
+                    "operationId": "indexRebuild",
+                    "summary": "Rebuild the index from the stored objects while the server serves (SQLite index).",
+                    "responses": {"202": _json("Started: the rebuild's state.", "IndexRebuild"),
+                                  "409": _json("A rebuild runs already.", "Error"),
+                                  "501": _json("The index is PostgreSQL: rebuilt offline only, for now.", "Error")},
+                },
+            },
             "/api/openapi.json": {"get": {
                 "operationId": "openapi",
                 "summary": "This document.",
@@ -343,5 +386,6 @@ def openapi_document(version: str) -> dict[str, Any]:
             "Health": _HEALTH, "Statistics": _STATISTICS, "Rejection": _REJECTION, "IngestWarning": _INGEST_WARNING,
             "Change": _CHANGE,
             "Changes": _CHANGES, "Remotes": _REMOTES, "Queues": _QUEUES, "QueueRetry": _QUEUE_RETRY, "Error": _ERROR,
+            "IndexRebuild": _INDEX_REBUILD,
         }},
     }
