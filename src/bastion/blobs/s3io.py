@@ -58,6 +58,15 @@ class FileRange(_Seekable):
         self._length = length
         self._owns = owns
 
+    @property
+    def name(self) -> str:
+        """A path that opens the file anew (``/dev/fd/N``): pydicom reads a deferred value of an
+        ``io.BufferedReader`` by opening its name again. A range that starts further in has none (AttributeError:
+        opened anew, the file would not start where the range does)."""
+        if self._start:
+            raise AttributeError("name")
+        return f"/dev/fd/{self._fd}"
+
     def _size(self) -> int:
         if self._length is not None:
             return self._length
