@@ -270,9 +270,9 @@ class Supervisor:
     objects are made durable), and crash recovery does not run because this process keeps the run marker
     held. SIGINT/SIGTERM stop every process and wait for them.
 
-    SIGUSR1 (from the primary process, once an online rebuild has built a new index) switches the index: every
-    process is stopped as on shutdown, a one-shot process runs ``switch`` (given when the stop began), and every
-    role is started again. The listening sockets stay open here, so connections made meanwhile wait in the
+    SIGUSR1 from one of its processes (the primary, once an online rebuild has built a new index) switches the
+    index if ``switch_wanted()`` says so: every process is stopped as on shutdown, a one-shot process runs
+    ``switch`` (given when the stop began), and every role is started again. The listening sockets stay open here, so connections made meanwhile wait in the
     backlog until the new processes accept them.
     """
 
@@ -282,10 +282,12 @@ class Supervisor:
     STOP_GRACE_S = 30.0
 
     def __init__(self, roles: dict[str, tuple[Any, tuple[Any, ...]]], close_in_children: tuple[int, ...] = (),
-                 switch: Callable[[float], None] | None = None) -> None:
+                 switch: Callable[[float], None] | None = None,
+                 switch_wanted: Callable[[], bool] = lambda: False) -> None:
         self.roles = roles  # name -> (target, args), forked with _fork
         self.close_in_children = close_in_children
         self.switch = switch
+        self.switch_wanted = switch_wanted
         self.pids: dict[int, str] = {}
         self.deaths: dict[str, list[float]] = {}
         self.due: dict[str, float] = {}  # role -> when its replacement starts
@@ -330,7 +332,7 @@ class Supervisor:
                 info = signal.sigtimedwait(wanted, timeout)
                 if info is not None and info.si_signo in (signal.SIGINT, signal.SIGTERM):
                     break
-                if info is not None and info.si_signo == signal.SIGUSR1:
+                if info is not None and info.si_signo == signal.SIGUSR1 and info.si_pid in self.pids:
                     self._switch()
                 self._reap()
         finally:
@@ -339,19 +341,22 @@ class Supervisor:
 
     def _switch(self) -> None:
         """Stop every process, run ``switch`` in a one-shot process and wait for it, start every role again."""
-        if self.switch is None:
+        if self.switch is None or not self.switch_wanted():
+            log.warning("SIGUSR1, but no rebuilt index waits to be switched in: ignored")
             return
         began = time.time()
         log.info("switching the rebuilt index in: stopping every process")
         self._stop()
         self.due.clear()
+        stopped = time.time()
         pid = _fork(self.switch, began, close=self.close_in_children)
         _, status = os.waitpid(pid, 0)
         if status:
             log.error("switching the index %s: the live index stays", _ended(status))
         for role in self.roles:
             self._start(role)
-        log.info("every process started again %.2f s after the stop began", time.time() - began)
+        log.info("every process started again %.2f s after the stop began (stopped in %.2f s, switched in %.2f s)",
+                 time.time() - began, stopped - began, time.time() - stopped)
 
     def _stop(self) -> None:
         for pid in self.pids:
@@ -413,7 +418,8 @@ def run_serve(args: argparse.Namespace) -> int:
         roles[f"DICOM worker {w}"] = (lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w)), ())
     roles["metadata warmer"] = (run_warmer, (settings, parent))
     try:
-        Supervisor(roles, close_in_children=(marker.fd,), switch=lambda began: switch_index(settings, began)).run()
+        Supervisor(roles, close_in_children=(marker.fd,), switch=lambda began: switch_index(settings, began),
+                   switch_wanted=lambda: read_state(settings.data).state == "switching").run()
     finally:
         marker.release()
     return 0
