@@ -293,4 +293,4 @@ def summary(total: int, indexed: int, superseded: int, skipped: int, warned: int
 
 
 __all__ = ["STATE_FILE", "OnlineRebuild", "RebuildBusy", "RebuildState", "describe", "read_state", "summary",
-           "switch_in"]
+           "switch_in", "write_state"]
