@@ -56,11 +56,15 @@ def rebuild_online(settings: Settings) -> int:
         code, body = _call(url, "POST")
     except (OSError, ValueError) as exc:
         raise BastionError(f"the archive in {settings.data} is in use, and the server did not answer at {url} "
-                           f"({getattr(exc, 'reason', exc)}): stop whatever holds the archive (a `bastion import`?) "
-                           "or start the server, and try again") from None
-    if code == 409 and "error" in body:
-        print(f"{body['error']}: following it", file=sys.stderr)
-        code, body = _call(url, "GET")
+                           f"({getattr(exc, 'reason', exc)}): if the server listens elsewhere, give its `host` and "
+                           "`http_port` (--config, BASTION_HOST, BASTION_HTTP_PORT); else stop what holds the archive "
+                           "(a `bastion import`?) and try again") from None
+    if code == 409:
+        _, running = _call(url, "GET")
+        if not RebuildState.from_json(running).running:  # the index rebuilds itself (at start): not this
+            raise BastionError(f"the server at {url} did not start the rebuild: {body.get('error', body)}")
+        print(f"{body.get('error')}: following it", file=sys.stderr)
+        body = running
     elif code != 202:
         raise BastionError(f"the server at {url} did not start the rebuild (HTTP {code}): "
                            f"{body.get('error', body)}")
@@ -79,8 +83,10 @@ def rebuild_online(settings: Settings) -> int:
 
 
 def _follow(url: str, started: str | None, state: RebuildState) -> RebuildState:
-    """Poll the rebuild's state with a progress bar until it ends (:attr:`RebuildState.ended`)."""
+    """Poll the rebuild's state with a progress bar until it ends (:attr:`RebuildState.ended`; a rebuild switched in
+    whose server has not said how long it paused within :data:`SILENCE_S` ends all the same)."""
     heard = time.monotonic()
+    switched: float | None = None
     with tqdm(total=state.total, desc="rebuilding index", unit=" objects", file=sys.stderr, disable=None) as bar:
         while True:
             if state.started == started:  # not a rebuild before this one
@@ -88,7 +94,9 @@ def _follow(url: str, started: str | None, state: RebuildState) -> RebuildState:
                     bar.reset(total=state.total)
                 bar.update(max(0, state.done - bar.n))
                 bar.set_postfix_str(state.state)
-                if state.ended:
+                if state.state == "done" and switched is None:
+                    switched = time.monotonic()
+                if state.ended or (switched is not None and time.monotonic() - switched > SILENCE_S):
                     return state
             time.sleep(POLL_S)
             try:
