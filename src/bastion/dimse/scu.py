@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.dimse import messages as m
@@ -62,6 +63,17 @@ async def send_instance(owner: Any, assoc: Association, context_id: int, ts: str
     finally:
         stream.close()
 
+
+
+@dataclass(frozen=True)
+class PreparedInstance:
+    """An instance ready to go on a :class:`StoreSCU`'s association: its accepted context and transfer syntax, and
+    its dataset opened for sending (:meth:`StoreSCU.prepare`; closed once sent)."""
+
+    record: InstanceRecord
+    context_id: int
+    transfer_syntax: str
+    stream: BinaryIO
 
 
 class StoreSCU:
@@ -133,19 +145,37 @@ class StoreSCU:
                 return c.id, ts
         return None
 
-    async def store(self, record: InstanceRecord, originator: tuple[str, int] | None = None) -> int:
-        """Send one instance; return the peer's C-STORE status.
+    async def prepare(self, record: InstanceRecord) -> PreparedInstance:
+        """Choose the accepted context ``record`` goes in and open its dataset for sending (in the executor: a
+        verified read, converted if need be), so that it can be done while the previous instance is answered.
 
-        Raises SubOperationError when no accepted context fits ``record`` (the next instance may still go), and
-        :class:`DestinationLost` when the association ended (none can).
+        Raises SubOperationError when no accepted context fits ``record``, a BastionError when it cannot be read or
+        converted (nothing was sent: the next instance may still go), and :class:`DestinationLost` when there is
+        no association.
         """
-        assoc = self.assoc
-        if assoc is None:
+        if self.assoc is None:
             raise DestinationLost(f"no association with {self.remote.aet}")
         ctx = self._context_for(record)
         if ctx is None:
             raise SubOperationError(f"{self.remote.aet} accepted no context for {record.sop_class_uid}")
         context_id, ts = ctx
+        stream = await self._run(self.archive.retriever.open_for_dimse, record, ts)
+        return PreparedInstance(record, context_id, ts, stream)
+
+    async def store(self, record: InstanceRecord, originator: tuple[str, int] | None = None,
+                    prepared: PreparedInstance | None = None) -> int:
+        """Send one instance (``prepared`` by :meth:`prepare` beforehand, else now); return the peer's C-STORE
+        status.
+
+        Raises SubOperationError when no accepted context fits ``record`` (the next instance may still go), and
+        :class:`DestinationLost` when the association ended (none can).
+        """
+        if prepared is None:
+            prepared = await self.prepare(record)
+        assoc = self.assoc
+        if assoc is None:
+            prepared.stream.close()
+            raise DestinationLost(f"no association with {self.remote.aet}")
         mid = assoc.next_message_id()
         cmd: dict[str, Any] = {"CommandField": m.C_STORE_RQ, "MessageID": mid, "Priority": 0,
                                "AffectedSOPClassUID": record.sop_class_uid,
@@ -154,7 +184,10 @@ class StoreSCU:
             cmd["MoveOriginatorApplicationEntityTitle"] = originator[0]
             cmd["MoveOriginatorMessageID"] = originator[1]
         try:
-            await send_instance(self, assoc, context_id, ts, record, cmd)
+            try:
+                await assoc.send_message(prepared.context_id, cmd, stream=prepared.stream)
+            finally:
+                prepared.stream.close()
             return int((await assoc.response_to(mid, TIMEOUT)).get("Status", 0xC000))
         except AssociationClosed as exc:
             self.assoc = None

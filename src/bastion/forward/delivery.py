@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bastion.dimse.scu import DestinationLost, StoreSCU, SubOperationError
+from bastion.dimse.scu import DestinationLost, PreparedInstance, StoreSCU, SubOperationError
 from bastion.dimse.suboperations import delivered
 from bastion.errors import BastionError
 from bastion.model.records import InstanceRecord
@@ -113,23 +113,33 @@ class DimseDestination(Destination):
             self._proposed = set()
             out.fail([r.sop_uid for r in records], str(exc))
             return out
-        for i, record in enumerate(records):
-            try:
-                status = await scu.store(record)
-            except DestinationLost as exc:
-                out.fail([r.sop_uid for r in records[i:]], str(exc))
-                await self.close()
-                break
-            except SubOperationError as exc:  # no accepted context fits this one
-                out.failed[record.sop_uid] = str(exc)
-                continue
-            except BastionError as exc:  # unreadable, or no codec to convert it to what the destination accepts
-                out.failed[record.sop_uid] = exc.message
-                continue
-            if delivered(status):
-                out.delivered.append(record.sop_uid)
-            else:
-                out.failed[record.sop_uid] = f"{self.remote.aet} answered C-STORE status 0x{status:04X}"
+        # One instance ahead: the next is read (and converted, if need be) while the destination stores this one.
+        ahead: asyncio.Future[PreparedInstance] | None = asyncio.ensure_future(scu.prepare(records[0]))
+        try:
+            for i, record in enumerate(records):
+                current, ahead = ahead, None
+                assert current is not None
+                if i + 1 < len(records):
+                    ahead = asyncio.ensure_future(scu.prepare(records[i + 1]))
+                try:
+                    status = await scu.store(record, prepared=await current)
+                except DestinationLost as exc:
+                    out.fail([r.sop_uid for r in records[i:]], str(exc))
+                    await self.close()
+                    break
+                except SubOperationError as exc:  # no accepted context fits this one
+                    out.failed[record.sop_uid] = str(exc)
+                    continue
+                except BastionError as exc:  # unreadable, or no codec to convert it to what the destination accepts
+                    out.failed[record.sop_uid] = exc.message
+                    continue
+                if delivered(status):
+                    out.delivered.append(record.sop_uid)
+                else:
+                    out.failed[record.sop_uid] = f"{self.remote.aet} answered C-STORE status 0x{status:04X}"
+        finally:
+            if ahead is not None:
+                ahead.add_done_callback(_close_unsent)
         return out
 
     async def idle(self) -> None:
@@ -209,6 +219,12 @@ class StowDestination(Destination):
                 out.failed[uid] = f"STOW-RS to {self.url}: HTTP {status}, failure reason {failed[uid]}"
             else:
                 out.delivered.append(uid)
+
+
+def _close_unsent(prepared: asyncio.Future[PreparedInstance]) -> None:
+    """Close the dataset of an instance read ahead but not sent (the batch ended first)."""
+    if not prepared.cancelled() and prepared.exception() is None:
+        prepared.result().stream.close()
 
 
 def _failed_sops(answer: bytes) -> dict[str, str]:

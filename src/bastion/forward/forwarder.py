@@ -46,7 +46,7 @@ POLL_S = 0.5
 LOG_BATCH = 500
 #: Entries a sender takes at once, and how long they stay in flight before they are pending again (its
 #: process died; a restart puts them back at once, :meth:`ForwardQueue.recover`).
-BATCH = 50
+BATCH = 200
 LEASE_S = 600.0
 #: How long a sender with nothing due waits before looking again (a new entry wakes it at once).
 IDLE_S = 1.0
