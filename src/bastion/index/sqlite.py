@@ -160,9 +160,9 @@ class SqliteIndex(Index):
             return
         if note_damage(self.location, str(error)):
             log.critical("the index %s is damaged (%s): queries may miss instances and stores may be refused. "
-                         "Restart `bastion serve`: it moves the file aside and rebuilds the index from the stored "
-                         "objects while it serves (or stop it and run `bastion index rebuild`). Nothing stored is "
-                         "lost: the stored files are the archive.", self.location, error)
+                         "Run `bastion index rebuild` (the server rebuilds it beside the live one and switches it in), "
+                         "or restart `bastion serve` (it moves the file aside and rebuilds the index while it "
+                         "serves). Nothing stored is lost: the stored files are the archive.", self.location, error)
 
     def damage(self) -> str | None:
         """What a process of this node noted of the damage of this index file, or None."""

@@ -71,7 +71,8 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
             body["reason"] = "a DICOM worker process is being replaced"
         elif state == "ok" and (damage := archive.index.damage()):
             body["status"], body["reason"] = "degraded", (
-                f"the index is damaged ({damage}): restart `bastion serve` to rebuild it from the stored objects")
+                f"the index is damaged ({damage}): run `bastion index rebuild` (online) or restart `bastion serve` "
+                "to rebuild it from the stored objects")
         elif state == "ok" and (trouble := api.copies_trouble(api.copies_report(archive))):
             body["status"], body["reason"] = "degraded", trouble
         rebuild = archive.rebuild
