@@ -14,7 +14,6 @@ Where each attribute is read from:
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +22,7 @@ from bastion.blobs.base import BlobStore
 from bastion.index.base import Change, Index
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, MatchType, matches
+from bastion.model.part10 import file_meta_elements
 from bastion.model.records import JsonDataset
 from bastion.settings import ForwardRule
 
@@ -34,23 +34,11 @@ _HEAD = 4096  # the File Meta Information fits easily
 
 
 def source_aet(head: bytes) -> str:
-    """The Source Application Entity Title (0002,0016) in the File Meta Information (Explicit VR Little Endian,
-    PS3.10 7.1) at the start of Part 10 ``head``; ``""`` when absent or not a Part 10 file."""
-    if head[128:132] != b"DICM":
-        return ""
-    pos = 132
-    while pos + 8 <= len(head):
-        group, element = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            break
-        vr = head[pos + 4: pos + 6]
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV"):
-            length, start = struct.unpack_from("<I", head, pos + 8)[0], pos + 12
-        else:
-            length, start = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
-        if (group << 16 | element) == _SOURCE_AE:
+    """The Source Application Entity Title (0002,0016) in the File Meta Information at the start of Part 10
+    ``head``; ``""`` when absent or not a Part 10 file."""
+    for tag, start, length in file_meta_elements(head):
+        if tag == _SOURCE_AE:
             return head[start: start + length].decode("ascii", "replace").strip(" \x00")
-        pos = start + length
     return ""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+from collections.abc import Iterator
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -49,6 +50,28 @@ def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_a
     return b"".join((PREAMBLE, length, before, uid, after))
 
 
+_LONG_VRS = (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV")
+
+
+def file_meta_elements(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """The elements of the File Meta Information (Explicit VR Little Endian, PS3.10 7.1) at the start of Part 10
+    ``data``, as ``(tag, value offset, value length)``, up to the first element of another group or the end of
+    ``data``; none if ``data`` has no ``DICM`` prefix."""
+    if data[128:132] != b"DICM":
+        return
+    pos = 132
+    while pos + 8 <= len(data):
+        group, elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            return
+        if data[pos + 4: pos + 6] in _LONG_VRS:
+            length, start = struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+        else:
+            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+        yield group << 16 | elem, start, length
+        pos = start + length
+
+
 def dataset_offset(data: bytes) -> int:
     """Offset of the dataset after the File Meta Information of Part 10 ``data``."""
     if data[128:132] != b"DICM":
@@ -58,17 +81,8 @@ def dataset_offset(data: bytes) -> int:
         length: int = struct.unpack_from("<I", data, 140)[0]  # File Meta Information Group Length
         return 144 + length
     pos = 132
-    while pos + 8 <= len(data):
-        group, elem = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        vr = data[pos + 4: pos + 6]
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV"):
-            length = struct.unpack_from("<I", data, pos + 8)[0]
-            pos += 12 + length
-        else:
-            length = struct.unpack_from("<H", data, pos + 6)[0]
-            pos += 8 + length
+    for _, start, length in file_meta_elements(data):
+        pos = start + length
     return pos
 
 
