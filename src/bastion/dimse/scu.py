@@ -95,8 +95,9 @@ class StoreSCU:
         contexts: list[PresentationContext] = []
         next_id = 1
         for sop_class in sorted(sop_classes):
-            for ts_list in ([t] for t in sorted(stored_syntaxes - {EXPLICIT_VR_LITTLE_ENDIAN,
-                                                                   IMPLICIT_VR_LITTLE_ENDIAN})):
+            # Each stored syntax in a context of its own, uncompressed ones too: in the shared context below the
+            # acceptor picks, and an instance stored in the syntax it did not pick would go converted.
+            for ts_list in ([t] for t in sorted(stored_syntaxes)):
                 contexts.append(PresentationContext(next_id, sop_class, ts_list))
                 next_id += 2
             contexts.append(PresentationContext(next_id, sop_class,
