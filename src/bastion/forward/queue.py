@@ -106,6 +106,11 @@ class ForwardQueue(ABC):
         ``cursor``, at once; how many were added."""
 
     @abstractmethod
+    def requeue(self, entries: Sequence[NewEntry]) -> int:
+        """Add ``entries`` (one already pending for its destination is not added twice), the cursor left where it
+        is: instances sent before that must go again (edge mode's reconciliation); how many were added."""
+
+    @abstractmethod
     def recover(self) -> int:
         """Put every entry in flight back to pending (at start: their sender is gone); how many."""
 

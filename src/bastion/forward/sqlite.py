@@ -81,11 +81,14 @@ def _marks(ids: Sequence[int]) -> str:
     return ",".join("?" * len(ids))
 
 
-class SqliteForwardQueue(ForwardQueue):
-    """:class:`~bastion.forward.queue.ForwardQueue` in a SQLite file (one connection, shared by threads)."""
+class SqliteFile:
+    """A small SQLite file of the node's own (the forwarding queue, the edge's state): a rollback journal,
+    ``synchronous = FULL``, every method one ``BEGIN IMMEDIATE`` transaction (:meth:`_transaction`), one
+    connection shared by threads; ``schema`` made at open, a file of a newer ``version`` refused."""
 
-    def __init__(self, path: str | Path, clock: Any = time.time) -> None:
+    def __init__(self, path: str | Path, schema: str, version: int, what: str, clock: Any = time.time) -> None:
         self.path = str(path)
+        self.what = what
         self._clock = clock
         self._lock = threading.Lock()
         try:
@@ -95,17 +98,20 @@ class SqliteForwardQueue(ForwardQueue):
             self._conn.execute("PRAGMA journal_mode = TRUNCATE")
             self._conn.execute("PRAGMA synchronous = FULL")
             with self._transaction() as run:
-                version = int(run("PRAGMA user_version", ())[0][0])
-                if version > VERSION:
-                    raise IndexFailure(f"forward queue {self.path} has schema version {version}, newer than "
-                                       f"this Bastion's ({VERSION}): run the newer version")
-                for statement in SCHEMA.split(";"):
+                found = int(run("PRAGMA user_version", ())[0][0])
+                if found > version:
+                    raise IndexFailure(f"{what} {self.path} has schema version {found}, newer than "
+                                       f"this Bastion's ({version}): run the newer version")
+                for statement in schema.split(";"):
                     if statement.strip():
                         run(statement, ())
-                run("INSERT OR IGNORE INTO cursor (id, position) VALUES (1, NULL)", ())
-                run(f"PRAGMA user_version = {VERSION}", ())
+                self._created(run)
+                run(f"PRAGMA user_version = {version}", ())
         except sqlite3.Error as exc:
-            raise IndexFailure(f"forward queue {self.path}: {exc}") from exc
+            raise IndexFailure(f"{what} {self.path}: {exc}") from exc
+
+    def _created(self, run: Run) -> None:
+        """Rows the schema starts with (in the opening transaction)."""
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Run]:
@@ -116,7 +122,7 @@ class SqliteForwardQueue(ForwardQueue):
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise IndexFailure(f"forward queue {self.path}: {exc}") from exc
+                raise IndexFailure(f"{self.what} {self.path}: {exc}") from exc
             try:
                 yield run
                 self._conn.execute("COMMIT")
@@ -124,8 +130,22 @@ class SqliteForwardQueue(ForwardQueue):
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise IndexFailure(f"forward queue {self.path}: {exc}") from exc
+                    raise IndexFailure(f"{self.what} {self.path}: {exc}") from exc
                 raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class SqliteForwardQueue(SqliteFile, ForwardQueue):
+    """:class:`~bastion.forward.queue.ForwardQueue` in a SQLite file (one connection, shared by threads)."""
+
+    def __init__(self, path: str | Path, clock: Any = time.time) -> None:
+        super().__init__(path, SCHEMA, VERSION, "forward queue", clock)
+
+    def _created(self, run: Run) -> None:
+        run("INSERT OR IGNORE INTO cursor (id, position) VALUES (1, NULL)", ())
 
     def cursor(self) -> Cursor:
         with self._transaction() as run:
@@ -133,19 +153,27 @@ class SqliteForwardQueue(ForwardQueue):
         return Cursor(LogPosition.parse(position) if position else None, floor, seen)
 
     def enqueue(self, entries: Sequence[NewEntry], cursor: Cursor) -> int:
-        now = self._clock()
-        added = 0
         with self._transaction() as run:
-            for e in entries:
-                rank = run("SELECT MIN(study_rank) FROM entries WHERE destination = ? AND study_uid = ? "
-                           "AND state != ?", (e.destination, e.study_uid, DEAD))[0][0]
-                added += self._conn.execute(
-                    "INSERT OR IGNORE INTO entries (destination, sop_uid, study_uid, seq, study_rank, state, due, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (e.destination, e.sop_uid, e.study_uid, e.seq, e.seq if rank is None else rank, PENDING, now,
-                     now)).rowcount
+            added = self._insert(entries)
             run("UPDATE cursor SET position = ?, floor = ?, seen = ? WHERE id = 1",
                 (None if cursor.position is None else str(cursor.position), cursor.floor, cursor.seen))
+        return added
+
+    def requeue(self, entries: Sequence[NewEntry]) -> int:
+        with self._transaction():
+            return self._insert(entries)
+
+    def _insert(self, entries: Sequence[NewEntry]) -> int:
+        now = self._clock()
+        added = 0
+        for e in entries:
+            rank = self._conn.execute("SELECT MIN(study_rank) FROM entries WHERE destination = ? AND study_uid = ? "
+                                      "AND state != ?", (e.destination, e.study_uid, DEAD)).fetchone()[0]
+            added += self._conn.execute(
+                "INSERT OR IGNORE INTO entries (destination, sop_uid, study_uid, seq, study_rank, state, due, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.destination, e.sop_uid, e.study_uid, e.seq, e.seq if rank is None else rank, PENDING, now,
+                 now)).rowcount
         return added
 
     def recover(self) -> int:
@@ -261,7 +289,3 @@ class SqliteForwardQueue(ForwardQueue):
         with self._transaction() as run:
             return len(run("DELETE FROM entries WHERE (? OR state = ?) AND (? IS NULL OR destination = ?) "
                            "RETURNING id", (everything, DEAD, destination, destination)))
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
