@@ -32,7 +32,11 @@ Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICO
 ``BASTION_STORAGE_DENY`` (comma list of SOP Class UIDs), ``BASTION_NODE_ID``, and the repair of the copies
 ``BASTION_SCRUB_RATE``, ``BASTION_SCRUB_DAYS``, ``BASTION_REPAIR_INTERVAL``, and forwarding:
 ``BASTION_FORWARD`` (comma list of destinations ``to``, each a rule that forwards everything),
-``BASTION_FORWARD_MAX_ATTEMPTS``, ``BASTION_FORWARD_BACKOFF``, ``BASTION_FORWARD_BACKOFF_MAX``.
+``BASTION_FORWARD_MAX_ATTEMPTS``, ``BASTION_FORWARD_BACKOFF``, ``BASTION_FORWARD_BACKOFF_MAX``, and edge mode
+(:mod:`bastion.forward.edge`): ``BASTION_UPSTREAM``, ``BASTION_UPSTREAM_API``, ``BASTION_COMMIT_AFTER_UPSTREAM``,
+``BASTION_RECONCILE_DAYS``, ``BASTION_RECONCILE_INTERVAL``, ``BASTION_PREFETCH_PRIORS``,
+``BASTION_PREFETCH_KEEP_DAYS``, ``BASTION_PREFETCH_INTERVAL``, ``BASTION_PREFETCH`` (``Keyword=value`` pairs,
+comma-separated: the ``[prefetch] query``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,12 @@ _FORWARD_MATCH_ATTRIBUTES = {"Modality": (0x00080060, "CS"), "CallingAETitle": (
                              "SOPClassUID": (0x00080016, "UI"), "StationName": (0x00081010, "SH"),
                              "StudyDescription": (0x00081030, "LO")}
 _FORWARD_RULE_KEYS = frozenset({"name", "to", "match"})
+#: The name of the forwarding rule (and queue) that edge mode adds for ``upstream``.
+UPSTREAM = "upstream"
+#: The keys a ``[prefetch] query`` may hold (PS3.4 C.6.2.1.2 Study Root, STUDY level); a date takes ``-Nd`` /
+#: ``+Nd`` (days from today) besides a DICOM date or range.
+PREFETCH_QUERY_KEYWORDS = ("ModalitiesInStudy", "StudyDate", "StudyDescription", "AccessionNumber",
+                           "ReferringPhysicianName", "PatientID", "StudyID")
 
 
 @dataclass(frozen=True)
@@ -223,6 +233,43 @@ class Settings:
     forward_backoff: float = 5.0
     #: ... up to this many seconds.
     forward_backoff_max: float = 600.0
+    #: Edge mode: the central archive (``AET@HOST:PORT`` or a DICOMweb base URL) that everything stored here is
+    #: forwarded to (a rule named :data:`UPSTREAM`), reconciled with, and that priors are fetched from.
+    upstream: str = ""
+    #: The upstream Bastion's HTTP base URL (``http://HOST:PORT``), whose ``/api/studies/{uid}/digests`` lets the
+    #: reconciliation compare content; default: a DICOMweb ``upstream`` without its ``/dicom-web``.
+    upstream_api: str = ""
+    #: Storage Commitment: an instance is committed only once upstream holds it (edge mode).
+    commit_after_upstream: bool = False
+    #: The reconciliation checks the instances delivered upstream in the last this many days ...
+    reconcile_days: float = 7.0
+    #: ... every this many seconds (0: only after a reconnection and on ``bastion queue reconcile``).
+    reconcile_interval: float = 600.0
+    #: The newest prior studies of a patient fetched from upstream when a new study of theirs arrives (0: none).
+    prefetch_priors: int = 3
+    #: Days a prefetched study is kept on the edge before the daily sweep evicts it.
+    prefetch_keep_days: float = 30.0
+    #: Seconds between two runs of the ``[prefetch] query``.
+    prefetch_interval: float = 3600.0
+    #: ``[prefetch] query``: a Study Root STUDY-level query whose studies are fetched from upstream every
+    #: ``prefetch_interval`` (keyword, value) pairs; empty: none.
+    prefetch: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        """Edge mode's always-on rule: ``upstream`` adds a forward rule named :data:`UPSTREAM` matching everything."""
+        if not self.upstream:
+            return
+        rule = ForwardRule.parse({"name": UPSTREAM, "to": self.upstream})
+        mine = [r for r in self.forward if r.name == UPSTREAM]
+        if any(r.to != rule.to or r.match for r in mine):
+            raise SettingsError(f"a [[forward]] rule is named {UPSTREAM!r}: that name is edge mode's (upstream)")
+        if not mine:
+            object.__setattr__(self, "forward", (*self.forward, rule))
+
+    @property
+    def upstream_rule(self) -> ForwardRule | None:
+        """Edge mode's forward rule, or None when this node is not an edge."""
+        return next((r for r in self.forward if r.name == UPSTREAM), None) if self.upstream else None
 
     @property
     def index_location(self) -> str:
@@ -259,8 +306,22 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError(f"{value!r} is not at least 1")
             return attempts
         if kind == "int":
-            return int(value)
-        if name in ("scrub_rate", "repair_interval"):
+            count = int(value)
+            if name == "prefetch_priors" and count < 0:
+                raise ValueError(f"{value!r} is not a number >= 0 (0: none)")
+            return count
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{value!r} is not true or false")
+            return text in ("true", "1", "yes")
+        if name == "prefetch":
+            return _prefetch_query(value)
+        if name == "upstream" and str(value).strip():
+            return ForwardRule.parse({"name": UPSTREAM, "to": str(value).strip()}).to
+        if name in ("scrub_rate", "repair_interval", "reconcile_interval"):
             number = float(value)
             if not number >= 0:
                 raise ValueError(f"{value!r} is not a number >= 0 (0: off)")
@@ -307,6 +368,23 @@ def _coerce(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"setting {name}: {exc}") from exc
+
+
+def _prefetch_query(value: Any) -> tuple[tuple[str, str], ...]:
+    """``[prefetch] query = { ModalitiesInStudy = "CT", StudyDate = "-30d" }`` (or ``"K=V,K=V"``) as pairs."""
+    if isinstance(value, str):
+        value = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+    if isinstance(value, Mapping) and set(value) <= {"query"} and isinstance(value.get("query", {}), Mapping):
+        value = value.get("query", {})
+    if not isinstance(value, Mapping):
+        raise ValueError("[prefetch] must be a table with a query, e.g. query = { ModalitiesInStudy = \"CT\" }")
+    pairs = []
+    for keyword, v in value.items():
+        keyword = str(keyword).strip()
+        if keyword not in PREFETCH_QUERY_KEYWORDS:
+            raise ValueError(f"cannot query on {keyword!r}; one of {', '.join(PREFETCH_QUERY_KEYWORDS)}")
+        pairs.append((keyword, "\\".join(map(str, v)) if isinstance(v, list) else str(v).strip()))
+    return tuple(pairs)
 
 
 def _without_file_scheme(location: str) -> str:

@@ -39,6 +39,7 @@ from bastion.dimse.moves import MoveRunner
 from bastion.dimse.server import DicomServer, LoadBoard
 from bastion.errors import BastionError
 from bastion.forward import open_queue
+from bastion.forward.edge import Edge, upstream_holds
 from bastion.forward.forwarder import Forwarder, begin_forwarding
 from bastion.index.base import is_postgresql
 from bastion.ingest.online_rebuild import OnlineRebuild, read_state, switch_in
@@ -112,13 +113,16 @@ def start_repair(archive: Archive) -> Repairer:
                     is_indexed=index.has_blob, stored_bytes=lambda: index.statistics().stored_bytes).start()
 
 
-async def start_forwarder(archive: Archive) -> Forwarder | None:
-    """The node's forwarder (:mod:`bastion.forward`), started when ``[[forward]]`` rules are configured: in the
-    primary process only, one per node. With an index shared by several nodes, each forwards what it stored."""
+async def start_forwarder(archive: Archive) -> tuple[Forwarder | None, Edge | None]:
+    """The node's forwarder (:mod:`bastion.forward`), started when ``[[forward]]`` rules are configured, and on an
+    edge (``upstream``) its edge mode (:mod:`bastion.forward.edge`): in the primary process only, one per node.
+    With an index shared by several nodes, each forwards what it stored."""
     if not archive.settings.forward:
-        return None
+        return None, None
     shared = is_postgresql(archive.settings.index_location)
-    return await Forwarder(archive, node_id=archive.node_id if shared else None).start()
+    forwarder = Forwarder(archive, node_id=archive.node_id if shared else None)
+    edge = await Edge(archive, forwarder).start() if archive.settings.upstream_rule else None
+    return await forwarder.start(), edge
 
 
 def online_rebuild(archive: Archive, supervisor: int) -> OnlineRebuild | None:
@@ -157,11 +161,11 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     repairer = start_repair(archive)
     status = ServerStatus()
     status.index_rebuild = online_rebuild(archive, parent)
-    dicom = DicomServer(archive, board=board, worker=0)
+    dicom = DicomServer(archive, board=board, worker=0, upstream_holds=upstream_holds(archive))
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
     runner = MoveRunner(dicom.services.moves)  # the node's one runner of C-MOVE jobs whose lease ran out
     runner.start()
-    forwarder = await start_forwarder(archive)
+    forwarder, edge = await start_forwarder(archive)
     status.dicom_listening = True
     status.dicom_address = f"{settings.host}:{settings.dicom_port}"
     status.per_worker = board.counts  # type: ignore[method-assign]
@@ -194,6 +198,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     await runner.stop()
     if forwarder is not None:
         await forwarder.stop()
+    if edge is not None:
+        await edge.stop()
     await http_task
     await asyncio.to_thread(repairer.stop)
     if serving is not None:
@@ -206,7 +212,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
 async def serve_worker(settings: Settings, sock: socket.socket, parent: int, board: LoadBoard, worker: int) -> None:
     """An extra DICOM worker process: no HTTP, exits with its parent."""
     archive = Archive.open(settings, primary=False)
-    dicom = DicomServer(archive, board=board, worker=worker)
+    dicom = DicomServer(archive, board=board, worker=worker, upstream_holds=upstream_holds(archive))
     await dicom.start(settings.host, settings.dicom_port, sock=sock)
     await _until_signal(asyncio.ensure_future(_orphaned(parent)))
     await dicom.close()

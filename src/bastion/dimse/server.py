@@ -30,6 +30,7 @@ from bastion.dimse.association import (
     Message,
     PDUStream,
 )
+from bastion.dimse.commitment import UpstreamHolds
 from bastion.dimse.negotiation import negotiate
 from bastion.dimse.pdu import (
     A_ABORT,
@@ -261,13 +262,14 @@ class DicomServer:
     BALANCE_WAIT_S = 0.02
 
     def __init__(self, archive: Archive, executor: ThreadPoolExecutor | None = None,
-                 board: LoadBoard | None = None, worker: int = 0) -> None:
+                 board: LoadBoard | None = None, worker: int = 0, *,
+                 upstream_holds: UpstreamHolds | None = None) -> None:
         self.archive = archive
         self.settings = settings = archive.settings
         self.board = board or LoadBoard(1, settings.max_associations)
         self.worker = worker if board is not None else 0
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
-        self.services = Services(archive, self.executor)
+        self.services = Services(archive, self.executor, upstream_holds=upstream_holds)
         self.sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self.active = 0  # associations counted on the board
