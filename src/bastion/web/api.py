@@ -1,5 +1,6 @@
-"""The JSON API under ``/api``: statistics, the change log, remotes, the forwarding queues, the online rebuild of
-the index and its OpenAPI document.
+"""The JSON API under ``/api``: statistics, the change log, remotes, the forwarding queues (with an edge's backlog),
+the digests of a study's instances (an edge's reconciliation), the online rebuild of the index and its OpenAPI
+document.
 
 Every response body is described in :mod:`bastion.web.openapi` (served at ``/api/openapi.json``).
 """
@@ -20,8 +21,15 @@ from bastion.archive import SCRUB_FILE, Archive
 from bastion.blobs.repair import ScrubState
 from bastion.errors import BastionError
 from bastion.forward import ForwardQueue, open_queue, queue_path
+from bastion.forward.edge import open_edge_store
+from bastion.forward.edge_store import EdgeStore, edge_path
+from bastion.forward.reconcile import LAST_RECONCILE, dataset_digest
 from bastion.index.base import is_postgresql
 from bastion.ingest.online_rebuild import RebuildBusy, read_state
+from bastion.model.levels import QueryLevel
+from bastion.model.matching import Condition, MatchType
+from bastion.model.uids import is_identifiable_uid
+from bastion.settings import UPSTREAM
 from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -130,15 +138,51 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
             opened.append(open_queue(archive.settings))
         return opened[0] if opened else None
 
+    edge_opened: list[EdgeStore] = []
+
+    def edge_report(upstream: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Edge mode's part of ``/api/queues``: the backlog to upstream and the age of its oldest unsent instance
+        (from the ``upstream`` queue), what the edge state counts, the last reconciliation."""
+        if not archive.settings.upstream_rule:
+            return None
+        if not edge_opened and edge_path(archive.settings).exists():
+            edge_opened.append(open_edge_store(archive.settings))
+        store = edge_opened[0] if edge_opened else None
+        up = upstream or {}
+        return {"upstream": archive.settings.upstream,
+                "backlog": up.get("pending", 0) + up.get("in_flight", 0),
+                "oldest_unsent_age_s": up.get("oldest_pending_age_s"),
+                **(store.counts() if store else {"held_upstream": 0, "prefetch_jobs": 0, "prefetched_studies": 0}),
+                "last_reconcile": store.meta(LAST_RECONCILE) if store else None}
+
     async def queues(request: Request) -> JSONResponse:
         queue = forward_queue()
         targets = {r.name: r.to for r in archive.settings.forward}
         stats = [] if queue is None else await asyncio.to_thread(queue.stats, list(targets))
-        return JSONResponse({"queues": [
+        rows = [
             {"name": s.destination, "to": targets.get(s.destination), "pending": s.pending, "in_flight": s.in_flight,
              "delivered": s.delivered, "dead": s.dead, "oldest_pending_age_s": s.oldest_pending_age_s,
              "last_error": s.last_error or None, "last_error_at": s.last_error_at,
-             "last_delivered_at": s.last_delivered_at} for s in stats]})
+             "last_delivered_at": s.last_delivered_at} for s in stats]
+        upstream = next((r for r in rows if r["name"] == UPSTREAM), None)
+        return JSONResponse({"queues": rows, "edge": await asyncio.to_thread(edge_report, upstream)})
+
+    def study_digests(study_uid: str) -> list[dict[str, str]]:
+        records = archive.index.instances(QueryLevel.STUDY, [
+            Condition("StudyInstanceUID", 0x0020000D, "UI", MatchType.SINGLE, (study_uid,))])
+        return [{"sop_uid": r.sop_uid, "transfer_syntax": r.transfer_syntax, "digest": r.digest,
+                 "dataset_digest": dataset_digest(archive.retriever.read(r))} for r in records]
+
+    async def digests(request: Request) -> JSONResponse:
+        """What this node stores of each current instance of a study, for an edge's reconciliation."""
+        study_uid = request.path_params["study"]
+        try:
+            found = await asyncio.to_thread(study_digests, study_uid) if is_identifiable_uid(study_uid) else []
+        except BastionError as exc:
+            return JSONResponse({"error": exc.message}, status_code=503)
+        if not found:
+            return JSONResponse({"error": f"no study {study_uid[:70]!r} here"}, status_code=404)
+        return JSONResponse({"study_uid": study_uid, "instances": found})
 
     async def retry_queue(request: Request) -> JSONResponse:
         name = request.path_params["name"]
@@ -177,5 +221,6 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     return [Route("/api/statistics", statistics), Route("/api/changes", changes),
             Route("/api/remotes", remotes), Route("/api/queues", queues),
             Route("/api/queues/{name:path}/retry", retry_queue, methods=["POST"]),
+            Route("/api/studies/{study}/digests", digests),
             Route("/api/index/rebuild", index_rebuild, methods=["GET", "POST"]),
             Route("/api/openapi.json", openapi)]

@@ -16,8 +16,9 @@ _NUMBER_OR_NULL = {"type": ["number", "null"], "minimum": 0}
 _QUEUES = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["queues"],
-    "properties": {"queues": {"type": "array", "items": {
+    "required": ["queues", "edge"],
+    "properties": {"edge": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Edge"}]},
+                   "queues": {"type": "array", "items": {
         "type": "object",
         "description": "One destination's forwarding queue (`bastion queue list`).",
         "additionalProperties": False,
@@ -37,6 +38,35 @@ _QUEUES = {
             "last_delivered_at": {**_NUMBER_OR_NULL, "description": "Unix time, seconds."},
         },
     }}},
+}
+_EDGE = {
+    "type": "object",
+    "description": "Edge mode (`upstream` set): the backlog to upstream (the `upstream` queue) and what the edge "
+                   "state holds; null on a node that is not an edge.",
+    "additionalProperties": False,
+    "required": ["upstream", "backlog", "oldest_unsent_age_s", "held_upstream", "prefetch_jobs",
+                 "prefetched_studies", "last_reconcile"],
+    "properties": {
+        "upstream": {"type": "string"},
+        "backlog": {**_INT, "description": "Instances not yet delivered upstream (pending and in flight)."},
+        "oldest_unsent_age_s": {**_NUMBER_OR_NULL, "description": "Seconds the oldest unsent instance has waited."},
+        "held_upstream": {**_INT, "description": "Instances upstream holds (delivered there, or came from it)."},
+        "prefetch_jobs": {**_INT, "description": "Prefetch jobs (priors, the prefetch query) waiting."},
+        "prefetched_studies": {**_INT, "description": "Studies prefetched from upstream, evicted later."},
+        "last_reconcile": {"type": ["object", "null"], "description": "The last reconciliation's counts."},
+    },
+}
+_DIGESTS = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["study_uid", "instances"],
+    "properties": {"study_uid": {"type": "string"}, "instances": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False,
+        "required": ["sop_uid", "transfer_syntax", "digest", "dataset_digest"],
+        "properties": {"sop_uid": {"type": "string"}, "transfer_syntax": {"type": "string"},
+                       "digest": {"type": "string", "description": "The stored file's digest (its blob key's)."},
+                       "dataset_digest": {"type": "string", "description": "BLAKE3 of the data set after the File "
+                                          "Meta Information, which each receiver writes anew."}}}}},
 }
 _QUEUE_RETRY = {
     "type": "object",
@@ -350,7 +380,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             }},
             "/api/queues": {"get": {
                 "operationId": "queues",
-                "summary": "The forwarding queues ([[forward]] rules), one per destination.",
+                "summary": "The forwarding queues ([[forward]] rules), one per destination, and an edge's backlog.",
                 "responses": {"200": _json("Each destination's queue.", "Queues")},
             }},
             "/api/queues/{name}/retry": {"post": {
@@ -360,6 +390,15 @@ def openapi_document(version: str) -> dict[str, Any]:
                                 "description": "The destination's name (its rule's `name`, else its `to`)."}],
                 "responses": {"200": _json("How many dead letters are pending again.", "QueueRetry"),
                               "404": _json("No queue of that name.", "Error")},
+            }},
+            "/api/studies/{study}/digests": {"get": {
+                "operationId": "studyDigests",
+                "summary": "What this node stores of each current instance of a study (an edge's reconciliation).",
+                "parameters": [{"name": "study", "in": "path", "required": True, "schema": {"type": "string"},
+                                "description": "The Study Instance UID."}],
+                "responses": {"200": _json("Each instance's transfer syntax and digests.", "Digests"),
+                              "404": _json("No such study here (or not a UID).", "Error"),
+                              "503": _json("A stored object could not be read.", "Error")},
             }},
             "/api/index/rebuild": {
                 "get": {
@@ -386,6 +425,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "Health": _HEALTH, "Statistics": _STATISTICS, "Rejection": _REJECTION, "IngestWarning": _INGEST_WARNING,
             "Change": _CHANGE,
             "Changes": _CHANGES, "Remotes": _REMOTES, "Queues": _QUEUES, "QueueRetry": _QUEUE_RETRY, "Error": _ERROR,
+            "Edge": _EDGE, "Digests": _DIGESTS,
             "IndexRebuild": _INDEX_REBUILD,
         }},
     }
