@@ -399,9 +399,12 @@ class BastionServer:
     log_path: Path | None = None
     #: Extra ``BASTION_*`` settings for this server (e.g. ``{"BASTION_DICOM_IDLE_TIMEOUT": "2"}``).
     settings: dict[str, str] = field(default_factory=dict)
+    #: Start on ``dicom_port`` and ``http_port`` as given (two servers that name each other), not on new free ports.
+    fixed_ports: bool = False
 
     def start(self, timeout: float = 30.0) -> BastionServer:
-        self.dicom_port, self.http_port = free_port(), free_port()
+        if not self.fixed_ports:
+            self.dicom_port, self.http_port = free_port(), free_port()
         self.log_path = self.data.parent / f"{self.data.name}-server-{self.dicom_port}.log"
         args = [BASTION, "serve", "--data", str(self.data), "--host", self.host, "--aet", self.aet,
                 "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port)]
