@@ -7,6 +7,7 @@
 //        [--bad-upload FILE]                                (a non-DICOM file the upload must refuse)
 //        [--copies N] [--repaired-key KEY]                  (the Copies panel: N stores; a finding of KEY repaired)
 //        [--queue NAME]                                     (the Queues panel: NAME's dead letters, retried)
+//        [--edge UPSTREAM]                                  (the Queues panel's edge line: backlog to UPSTREAM)
 //        [--timeout MS]
 //
 // Uses Debian's /usr/bin/chromium (CHROMIUM_PATH overrides) with a fresh profile. Steps:
@@ -20,7 +21,9 @@
 //   6. with --copies, wait until the Copies panel lists N stores (their location and state go in the report, as
 //      do its counts) and, with --repaired-key, a finding of that object whose "Repaired" cell holds a time;
 //   7. with --queue, wait until the Queues panel's row of NAME shows a dead letter (its cells go in the report),
-//      click its "retry" button and wait until the panel says they are pending again.
+//      click its "retry" button and wait until the panel says they are pending again;
+//   8. with --edge, wait until the Queues panel shows the edge line naming UPSTREAM and its backlog (its text goes
+//      in the report as edgeLine).
 // Prints ONE JSON line on stdout (also written to DIR/result.json):
 //   {"healthUp":bool,"searchOk":bool,"viewerLink":str|null,"uploadOk":bool,"uploadStatus":str,
 //    "uploadedFound":bool,"badUploadStatus":str,"failedRequests":[...],"consoleErrors":[...],"errors":[...],"timingsMs":{...}}
@@ -52,6 +55,7 @@ const OPTIONS = {
   '--copies': 'copies',
   '--repaired-key': 'repairedKey',
   '--queue': 'queue',
+  '--edge': 'edge',
   '--timeout': 'timeout',
 };
 
@@ -97,6 +101,7 @@ async function main() {
     copiesRepaired: null,
     queueRow: null,
     queueRetried: null,
+    edgeLine: null,
   };
   const started = Date.now();
   const step = async (name, fn) => {
@@ -213,13 +218,19 @@ async function main() {
         report.queueRetried = (await page.locator('#queue-status').innerText()).trim();
       });
     }
+    if (opts.edge) {
+      await step('edge', async () => {
+        await page.locator('#edge', { hasText: `Edge of ${opts.edge}: backlog` }).waitFor({ state: 'visible' });
+        report.edgeLine = (await page.locator('#edge').innerText()).trim();
+      });
+    }
   } finally {
     await browser.close().catch(() => {});
   }
 
   const ok = report.healthUp && report.searchOk && report.uploadOk && report.uploadedFound &&
     (!opts.copies || report.copiesStores !== null) && (!opts.repairedKey || report.copiesRepaired !== null) &&
-    (!opts.queue || report.queueRetried !== null) &&
+    (!opts.queue || report.queueRetried !== null) && (!opts.edge || report.edgeLine !== null) &&
     !report.errors.length && !report.failedRequests.length && !report.consoleErrors.length;
   writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 2));
   process.stdout.write(JSON.stringify(report) + '\n');

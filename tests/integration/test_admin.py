@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.usefixtures("browser"), pytest.mark.timeout(120)]
 BOUNDARY = "admin-test-boundary"
 #: A forwarding destination where nothing listens: every instance stored is a dead letter after one attempt.
 NOWHERE = f"NOWHERE@127.0.0.1:{free_port()}"
+#: The server is an edge too, of an upstream that is down: the Queues panel shows its backlog.
+UPSTREAM_DOWN = f"CENTRAL@127.0.0.1:{free_port()}"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     first = backends.environment_for_command(data).get("BASTION_BLOBS", str(data / "blobs"))
     srv = BastionServer(data, settings={"BASTION_BLOBS": f"{first},{_second_store(data)}",
                                         "BASTION_REPAIR_INTERVAL": "2", "BASTION_FORWARD": NOWHERE,
-                                        "BASTION_FORWARD_MAX_ATTEMPTS": "1"}).start()
+                                        "BASTION_FORWARD_MAX_ATTEMPTS": "1", "BASTION_UPSTREAM": UPSTREAM_DOWN,
+                                        "BASTION_PREFETCH_PRIORS": "0"}).start()
     yield srv
     srv.stop()
 
@@ -64,7 +67,8 @@ def report(server: BastionServer, tmp_path_factory: pytest.TempPathFactory) -> d
                                "--search", "adminsearch*", "--study", stored.study_uid,
                                "--upload", upload, "--upload-search", "UPLOADED*", "--upload-study", upload_study,
                                "--bad-upload", bad, "--copies", "2",
-                               "--repaired-key", lost_copy.relative_to(second).as_posix(), "--queue", NOWHERE)
+                               "--repaired-key", lost_copy.relative_to(second).as_posix(), "--queue", NOWHERE,
+                               "--edge", UPSTREAM_DOWN)
     result = browser_check_result(proc, timeout=90)
     result["out"] = str(out)
     result["upload_study"] = upload_study
@@ -138,8 +142,14 @@ def test_queues_panel_shows_dead_letters_and_retries_them(report: dict[str, Any]
     assert row is not None and int(row["dead"]) >= 1, _context(report, server)
     assert "cannot connect" in row["lastError"], _context(report, server)
     assert report["queueRetried"] and "pending again" in report["queueRetried"], _context(report, server)
-    [queue] = server.get_json("/api/queues")["queues"]
-    assert queue["name"] == NOWHERE and queue["to"] == NOWHERE, queue
+    queues = server.get_json("/api/queues")["queues"]
+    assert [(q["name"], q["to"]) for q in queues] == [(NOWHERE, NOWHERE), ("upstream", UPSTREAM_DOWN)], queues
+
+
+def test_queues_panel_shows_the_edge_backlog(report: dict[str, Any], server: BastionServer) -> None:
+    line = report["edgeLine"]
+    assert line is not None and line.startswith(f"Edge of {UPSTREAM_DOWN}: backlog"), _context(report, server)
+    assert "held upstream" in line, _context(report, server)
 
 
 def test_page_had_no_failed_request_or_script_error(report: dict[str, Any], server: BastionServer) -> None:

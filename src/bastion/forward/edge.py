@@ -10,7 +10,8 @@ the edge accepts and serves whatever upstream's state, and the queue drains once
   (its File Meta Source AE Title is upstream's AE title: a C-MOVE of priors; or fetched by WADO-RS) is recorded as
   held and not sent back. Storage Commitment with ``commit_after_upstream`` asks it (:func:`upstream_holds`).
 * **Reconciliation** (:mod:`.reconcile`) when a delivery succeeds after failures, every ``reconcile_interval``,
-  and on ``bastion queue reconcile``.
+  and on ``bastion queue reconcile``. Before each (not the CLI's), the dead letters of the ``upstream`` queue are
+  made pending again: however long upstream was down, everything goes once it answers.
 * **Priors** (:mod:`.priors`): a patient's previous studies fetched when a study of theirs first arrives, the
   ``[prefetch] query`` run every ``prefetch_interval``, the daily eviction of prefetched studies.
 """
@@ -87,8 +88,10 @@ class UpstreamDestination(Destination):
             await self.edge.call(self.edge.store.record_held,
                                  [Held(r.sop_uid, r.study_uid, r.blob_key) for r in to_send if r.sop_uid in delivered])
             if self.failing:
-                log.info("upstream answers again: reconciling")
+                log.info("upstream answers again: reconciling, and prefetching what waits")
                 self.edge.reconcile_now.set()
+                if await self.edge.call(self.edge.store.jobs_due_now):
+                    self.edge.prefetch_now.set()
         if to_send:
             self.failing = not delivered and bool(out.failed)
         out.delivered += held
@@ -196,6 +199,9 @@ class Edge:
                 log.exception("edge: %s failed", what)
 
     async def _reconcile(self) -> None:
+        retried = await self.call(self.queue.retry, UPSTREAM)  # however long upstream was down: all go again
+        if retried:
+            log.info("edge: %d dead letter(s) to upstream pending again", retried)
         await self.call(reconcile, self.archive, self.store, self.queue, self.upstream, self.settings.reconcile_days)
 
     async def _evict(self) -> None:

@@ -158,6 +158,12 @@ class EdgeStore(SqliteFile):
             run("UPDATE jobs SET attempts = attempts + 1, due = ?, last_error = ? WHERE id = ?",
                 (self._clock() + delay, error, job_id))
 
+    def jobs_due_now(self) -> int:
+        """Make every waiting job due now (upstream answers again); how many."""
+        with self._transaction():
+            return int(self._conn.execute("UPDATE jobs SET due = ? WHERE due > ?",
+                                          (self._clock(), self._clock())).rowcount)
+
     def mark_prefetched(self, study_uid: str, patient_id: str) -> None:
         """``study_uid`` is being fetched from upstream (marked before it arrives: what arrives is evictable)."""
         with self._transaction() as run:

@@ -151,7 +151,7 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
         up = upstream or {}
         return {"upstream": archive.settings.upstream,
                 "backlog": up.get("pending", 0) + up.get("in_flight", 0),
-                "oldest_unsent_age_s": up.get("oldest_pending_age_s"),
+                "oldest_unsent_age_s": up.get("oldest_pending_age_s"), "dead": up.get("dead", 0),
                 **(store.counts() if store else {"held_upstream": 0, "prefetch_jobs": 0, "prefetched_studies": 0}),
                 "last_reconcile": store.meta(LAST_RECONCILE) if store else None}
 

@@ -44,12 +44,13 @@ _EDGE = {
     "description": "Edge mode (`upstream` set): the backlog to upstream (the `upstream` queue) and what the edge "
                    "state holds; null on a node that is not an edge.",
     "additionalProperties": False,
-    "required": ["upstream", "backlog", "oldest_unsent_age_s", "held_upstream", "prefetch_jobs",
+    "required": ["upstream", "backlog", "oldest_unsent_age_s", "dead", "held_upstream", "prefetch_jobs",
                  "prefetched_studies", "last_reconcile"],
     "properties": {
         "upstream": {"type": "string"},
         "backlog": {**_INT, "description": "Instances not yet delivered upstream (pending and in flight)."},
         "oldest_unsent_age_s": {**_NUMBER_OR_NULL, "description": "Seconds the oldest unsent instance has waited."},
+        "dead": {**_INT, "description": "Dead letters to upstream: pending again at the next reconciliation."},
         "held_upstream": {**_INT, "description": "Instances upstream holds (delivered there, or came from it)."},
         "prefetch_jobs": {**_INT, "description": "Prefetch jobs (priors, the prefetch query) waiting."},
         "prefetched_studies": {**_INT, "description": "Studies prefetched from upstream, evicted later."},
