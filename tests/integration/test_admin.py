@@ -15,7 +15,14 @@ from typing import Any
 import backends
 import httpx
 import pytest
-from conftest import BastionServer, browser_check_result, free_port, make_study, relabel_sample, start_browser_check
+from conftest import (
+    BastionServer,
+    browser_check_result,
+    free_port,
+    make_study,
+    relabel_sample,
+    start_browser_check,
+)
 from pydicom.uid import generate_uid
 
 pytestmark = [pytest.mark.usefixtures("browser"), pytest.mark.timeout(120)]
