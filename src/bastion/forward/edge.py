@@ -9,6 +9,8 @@ the edge accepts and serves whatever upstream's state, and the queue drains once
   upstream acknowledged is recorded with its version (:mod:`.edge_store`); an instance that came from upstream
   (its File Meta Source AE Title is upstream's AE title: a C-MOVE of priors; or fetched by WADO-RS) is recorded as
   held and not sent back. Storage Commitment with ``commit_after_upstream`` asks it (:func:`upstream_holds`).
+* **Reconnection**: while sending to upstream fails, upstream is asked every :data:`ECHO_S` seconds whether it
+  answers (C-ECHO, or QIDO-RS); once it does, the backlog waiting for its backoff is due at once.
 * **Reconciliation** (:mod:`.reconcile`) when a delivery succeeds after failures, every ``reconcile_interval``,
   and on ``bastion queue reconcile``. Before each (not the CLI's), the dead letters of the ``upstream`` queue are
   made pending again: however long upstream was down, everything goes once it answers.
@@ -46,6 +48,8 @@ T = TypeVar("T")
 _HEAD = 4096
 #: A prefetch worker with no job due looks again this often (a new job wakes it at once).
 PREFETCH_IDLE_S = 5.0
+#: While sending to upstream fails, whether it answers again is asked this often.
+ECHO_S = 5.0
 
 
 def open_edge_store(settings: Settings) -> EdgeStore:
@@ -78,7 +82,10 @@ class UpstreamDestination(Destination):
         self.name, self.to = inner.name, inner.to
         self.inner = inner
         self.edge = edge
-        self.failing = False
+        #: The last batch failed whole (upstream down), as it may have been before a start; and whether upstream
+        #: was found answering since (:meth:`Edge._watch`).
+        self.failing = True
+        self.probed = False
 
     async def send(self, records: Sequence[InstanceRecord]) -> Outcome:
         held, to_send = await self.edge.call(self.edge.sort, records)
@@ -94,6 +101,7 @@ class UpstreamDestination(Destination):
                     self.edge.prefetch_now.set()
         if to_send:
             self.failing = not delivered and bool(out.failed)
+            self.probed = self.probed and self.failing
         out.delivered += held
         return out
 
@@ -124,7 +132,8 @@ class Edge:
         self.prefetch_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.archive_loop = asyncio.get_running_loop()
-        forwarder.destinations[UPSTREAM] = UpstreamDestination(forwarder.destinations[UPSTREAM], self)
+        self.destination = UpstreamDestination(forwarder.destinations[UPSTREAM], self)
+        forwarder.destinations[UPSTREAM] = self.destination
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the edge's threads."""
@@ -164,7 +173,7 @@ class Edge:
         loop = self.archive_loop
         self._tasks = [loop.create_task(self._every(self.settings.reconcile_interval, self.reconcile_now,
                                                     "reconciling with upstream", self._reconcile)),
-                       loop.create_task(self._prefetching()),
+                       loop.create_task(self._prefetching()), loop.create_task(self._watch()),
                        loop.create_task(self._every(DAY_S, None, "evicting prefetched studies", self._evict))]
         if self.settings.prefetch:
             self._tasks.append(loop.create_task(self._every(self.settings.prefetch_interval, None,
@@ -197,6 +206,24 @@ class Edge:
                 log.warning("edge: %s failed: %s", what, exc.message)
             except Exception:
                 log.exception("edge: %s failed", what)
+
+    async def _watch(self) -> None:
+        """While sending to upstream fails, ask every :data:`ECHO_S` whether it answers; once it does, what waits
+        for its backoff is due at once (once per outage: if sending still fails, the backoff rules again)."""
+        while True:
+            await asyncio.sleep(ECHO_S)
+            d = self.destination
+            if not d.failing or d.probed:
+                continue
+            try:
+                answers = await self.call(self.upstream.answers)
+                if answers:
+                    d.probed = True
+                    n = await self.call(self.queue.due_now, UPSTREAM)
+                    log.info("upstream %s answers again: %d instance(s) waiting for their backoff are due now",
+                             self.settings.upstream, n)
+            except Exception:
+                log.exception("edge: asking whether upstream answers failed")
 
     async def _reconcile(self) -> None:
         retried = await self.call(self.queue.retry, UPSTREAM)  # however long upstream was down: all go again

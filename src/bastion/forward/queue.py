@@ -111,6 +111,11 @@ class ForwardQueue(ABC):
         is: instances sent before that must go again (edge mode's reconciliation); how many were added."""
 
     @abstractmethod
+    def due_now(self, destination: str) -> int:
+        """Make the pending entries of ``destination`` that wait for their backoff due now (it answers again);
+        how many."""
+
+    @abstractmethod
     def recover(self) -> int:
         """Put every entry in flight back to pending (at start: their sender is gone); how many."""
 

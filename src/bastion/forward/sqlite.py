@@ -176,6 +176,12 @@ class SqliteForwardQueue(SqliteFile, ForwardQueue):
                  now)).rowcount
         return added
 
+    def due_now(self, destination: str) -> int:
+        now = self._clock()
+        with self._transaction() as run:
+            return len(run("UPDATE entries SET due = ? WHERE destination = ? AND state = ? AND due > ? RETURNING id",
+                           (now, destination, PENDING, now)))
+
     def recover(self) -> int:
         with self._transaction() as run:
             n = len(run("UPDATE OR IGNORE entries SET state = ?, lease_until = NULL WHERE state = ? RETURNING id",

@@ -95,6 +95,10 @@ class Upstream(ABC):
     def retrieve(self, study_uid: str) -> int:
         """Fetch ``study_uid`` to this node; how many instances came (or were sent)."""
 
+    @abstractmethod
+    def answers(self) -> bool:
+        """Whether upstream answers now (C-ECHO, or a QIDO-RS request)."""
+
     def digests(self, study_uid: str) -> dict[str, InstanceDigest] | None:
         """SOP Instance UID -> what a Bastion upstream stores of each instance of ``study_uid``; None where upstream
         has no such API (not a Bastion, or ``upstream_api`` not set)."""
@@ -144,6 +148,19 @@ class DimseUpstream(Upstream):
             raise UpstreamUnreachable(f"upstream {self.remote.aet}@{self.remote.host}:{self.remote.port} did not "
                                       "accept the association")
         return assoc
+
+    def answers(self) -> bool:
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        try:
+            assoc = self._associate(Verification)
+        except UpstreamUnreachable:
+            return False
+        try:
+            status = assoc.send_c_echo()
+            return getattr(status, "Status", None) == 0x0000
+        finally:
+            assoc.release()
 
     def _find(self, level: str, keys: Mapping[str, str], returned: Sequence[str]) -> list[Any]:
         from pydicom import Dataset
@@ -218,6 +235,13 @@ class DicomWebUpstream(Upstream):
         except (OSError, ValueError) as exc:
             raise UpstreamUnreachable(f"QIDO-RS {url}: {exc}") from exc
         return doc if isinstance(doc, list) else []
+
+    def answers(self) -> bool:
+        try:
+            self._qido("/studies", {"limit": "1"})
+        except UpstreamUnreachable:
+            return False
+        return True
 
     def find_studies(self, keys: Mapping[str, str]) -> list[StudyFound]:
         params = {**keys, "includefield": "StudyDate,StudyTime,PatientID"}

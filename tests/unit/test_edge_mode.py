@@ -13,7 +13,7 @@ from conftest import make_study
 
 from bastion.forward.edge_store import PATIENT, EdgeStore, Held, Job
 from bastion.forward.priors import evict, priors_to_fetch, run_job
-from bastion.forward.queue import NewEntry
+from bastion.forward.queue import Backoff, NewEntry
 from bastion.forward.reconcile import dataset_digest, reconcile
 from bastion.forward.sqlite import SqliteForwardQueue
 from bastion.forward.upstream import InstanceDigest, StudyFound, Upstream, resolve_dates
@@ -34,6 +34,9 @@ class StandIn(Upstream):
 
     def instances(self, study_uid: str) -> set[str]:
         return set(self.held.get(study_uid, {}))
+
+    def answers(self) -> bool:
+        return True
 
     def retrieve(self, study_uid: str) -> int:
         self.retrieved.append(study_uid)
@@ -150,12 +153,16 @@ def test_first_seen_and_jobs_are_kept_once(tmp_path: Path) -> None:
         edge.close()
 
 
-def test_requeue_leaves_the_cursor(tmp_path: Path) -> None:
+def test_requeue_leaves_the_cursor_and_due_now_ends_the_backoff(tmp_path: Path) -> None:
     queue = SqliteForwardQueue(tmp_path / "forward.sqlite3")
     try:
         before = queue.cursor()
         assert queue.requeue([NewEntry(UPSTREAM, "1.2.3", "1.2", 0)]) == 1
         assert queue.requeue([NewEntry(UPSTREAM, "1.2.3", "1.2", 0)]) == 0  # pending already
         assert queue.cursor() == before
+        [entry] = queue.take(UPSTREAM, 10, 60)
+        queue.failed([entry.id], "down", Backoff(10, 600.0, 600.0))
+        assert (queue.next_due(UPSTREAM) or 0) > 500
+        assert queue.due_now(UPSTREAM) == 1 and queue.next_due(UPSTREAM) == 0  # upstream answers again
     finally:
         queue.close()
