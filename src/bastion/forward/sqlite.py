@@ -30,6 +30,8 @@ from bastion.forward.queue import (
     QueueStats,
 )
 from bastion.index.base import LogPosition
+from bastion.jobs.sql import Run
+from bastion.jobs.sqlite import immediate_transaction
 
 #: The schema's version, in ``PRAGMA user_version``; a file of a newer one is refused.
 VERSION = 1
@@ -68,8 +70,6 @@ CREATE TABLE IF NOT EXISTS destinations (
 #: How long a statement waits for another process's transaction.
 BUSY_TIMEOUT_S = 10.0
 _CHUNK = 500  # ids per statement (SQLite's variable limit is far above)
-
-Run = Any  # the transaction's cursor-like runner: run(sql, params) -> rows
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
@@ -115,23 +115,8 @@ class SqliteFile:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Run]:
-        def run(statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-            return self._conn.execute(statement, params).fetchall()
-
-        with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise IndexFailure(f"{self.what} {self.path}: {exc}") from exc
-            try:
-                yield run
-                self._conn.execute("COMMIT")
-            except BaseException as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise IndexFailure(f"{self.what} {self.path}: {exc}") from exc
-                raise
+        with self._lock, immediate_transaction(self._conn, f"{self.what} {self.path}") as run:
+            yield run
 
     def close(self) -> None:
         with self._lock:

@@ -59,6 +59,29 @@ SQLITE = Dialect(now="((julianday('now') - 2440587.5) * 86400.0)", seconds="?", 
                  skip_locked="", to_datetime=_from_epoch)
 
 
+@contextlib.contextmanager
+def immediate_transaction(conn: sqlite3.Connection, where: str) -> Iterator[Run]:
+    """One ``BEGIN IMMEDIATE`` transaction on ``conn`` (opened with ``isolation_level=None``): committed when the
+    block ends, rolled back if it raises; a SQLite error is an :class:`~bastion.errors.IndexFailure` naming
+    ``where``. Also the transaction of the node's other small SQLite files (:mod:`bastion.forward.sqlite`)."""
+    def run(statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return conn.execute(statement, params).fetchall()
+
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise IndexFailure(f"{where}: {exc}") from exc
+    try:
+        yield run
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise IndexFailure(f"{where}: {exc}") from exc
+        raise
+
+
 class SqliteJobs(SqlJobs):
     """:class:`~bastion.jobs.base.Jobs` in a SQLite file (WAL; one connection per process, shared by threads)."""
 
@@ -93,25 +116,11 @@ class SqliteJobs(SqlJobs):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Run]:
-        def run(statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-            return self._conn.execute(statement, params).fetchall()
-
         with self._lock:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.Error as exc:
-                    raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
-                try:
+                with immediate_transaction(self._conn, f"jobs file {self.path}") as run:
                     yield run
-                    self._conn.execute("COMMIT")
-                except BaseException as exc:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("ROLLBACK")
-                    if isinstance(exc, sqlite3.Error):
-                        raise IndexFailure(f"jobs file {self.path}: {exc}") from exc
-                    raise
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
