@@ -208,12 +208,12 @@ class Edge:
                 log.exception("edge: %s failed", what)
 
     async def _watch(self) -> None:
-        """While sending to upstream fails, ask every :data:`ECHO_S` whether it answers; once it does, what waits
+        """While sending to upstream fails (and at start), ask every :data:`ECHO_S` whether it answers; once it does, what waits
         for its backoff is due at once (once per outage: if sending still fails, the backoff rules again)."""
         while True:
-            await asyncio.sleep(ECHO_S)
             d = self.destination
             if not d.failing or d.probed:
+                await asyncio.sleep(ECHO_S)
                 continue
             try:
                 answers = await self.call(self.upstream.answers)
@@ -224,6 +224,7 @@ class Edge:
                              self.settings.upstream, n)
             except Exception:
                 log.exception("edge: asking whether upstream answers failed")
+            await asyncio.sleep(ECHO_S)
 
     async def _reconcile(self) -> None:
         retried = await self.call(self.queue.retry, UPSTREAM)  # however long upstream was down: all go again
