@@ -94,6 +94,11 @@ def test_reconcile_queues_again_what_upstream_lacks_or_holds_different(archive: 
         assert taken == {changed.sop_uid, _missing.sop_uid}
         assert edge.held_key(same.sop_uid) == same.blob_key and edge.held_key(changed.sop_uid) is None
 
+        # Found the same once, it is not compared again (upstream's digests are not even asked for).
+        assert [h.content_checked for h in edge.held_since(0)] == [True]
+        upstream.held[study][same.sop_uid] = "b3-" + "1" * 64
+        assert reconcile(archive, edge, queue, upstream, days=1).different == 0
+
         # Another transfer syntax upstream (converted on the way): held, not compared byte for byte.
         edge.record_held([Held(changed.sop_uid, study, changed.blob_key)])
         upstream.syntax = "1.2.840.10008.1.2"

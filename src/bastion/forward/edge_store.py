@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS held (
   sop_uid TEXT PRIMARY KEY,
   study_uid TEXT NOT NULL,
   blob_key TEXT NOT NULL,
-  at REAL NOT NULL
+  at REAL NOT NULL,
+  content_checked INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS held_at ON held (at);
 CREATE TABLE IF NOT EXISTS seen (
@@ -67,11 +68,13 @@ PATIENT, STUDY = "patient", "study"
 
 @dataclass(frozen=True)
 class Held:
-    """An instance upstream holds: the version (blob key) it holds."""
+    """An instance upstream holds: the version (blob key) it holds, and whether a reconciliation found its content
+    there the same (it is not compared again)."""
 
     sop_uid: str
     study_uid: str
     blob_key: str
+    content_checked: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,14 @@ class EdgeStore(SqliteFile):
         with self._transaction() as run:
             for h in held:
                 run("INSERT INTO held (sop_uid, study_uid, blob_key, at) VALUES (?, ?, ?, ?) ON CONFLICT (sop_uid) "
-                    "DO UPDATE SET study_uid = excluded.study_uid, blob_key = excluded.blob_key, at = excluded.at",
-                    (h.sop_uid, h.study_uid, h.blob_key, now))
+                    "DO UPDATE SET study_uid = excluded.study_uid, blob_key = excluded.blob_key, at = excluded.at, "
+                    "content_checked = 0", (h.sop_uid, h.study_uid, h.blob_key, now))
+
+    def content_checked(self, sop_uids: Sequence[str]) -> None:
+        """A reconciliation found these held upstream with the same content."""
+        with self._transaction() as run:
+            for sop in sop_uids:
+                run("UPDATE held SET content_checked = 1 WHERE sop_uid = ?", (sop,))
 
     def forget_held(self, sop_uids: Sequence[str]) -> None:
         """Upstream was found not to hold these (the reconciliation sends them again)."""
@@ -121,9 +130,9 @@ class EdgeStore(SqliteFile):
     def held_since(self, since: float) -> list[Held]:
         """The instances recorded as held since ``since`` (Unix time), by study."""
         with self._transaction() as run:
-            rows = run("SELECT sop_uid, study_uid, blob_key FROM held WHERE at >= ? ORDER BY study_uid, sop_uid",
-                       (since,))
-        return [Held(*r) for r in rows]
+            rows = run("SELECT sop_uid, study_uid, blob_key, content_checked FROM held WHERE at >= ? "
+                       "ORDER BY study_uid, sop_uid", (since,))
+        return [Held(sop, study, key, bool(checked)) for sop, study, key, checked in rows]
 
     # -- priors ----------------------------------------------------------------------------------------
     def first_seen(self, study_uids: Iterable[str]) -> list[str]:

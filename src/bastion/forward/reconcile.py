@@ -5,7 +5,8 @@ Study by study, upstream is asked which instances it holds (C-FIND at IMAGE leve
 Bastion, also what it stores of each (``GET /api/studies/{uid}/digests``: transfer syntax and the digest of the data
 set, the bytes after the File Meta Information, which every receiver writes anew), compared with this node's
 stored version where both are in the same transfer syntax (an instance converted on the way, because upstream
-accepted not its stored syntax, cannot be compared byte for byte and counts as held). An instance whose current
+accepted not its stored syntax, cannot be compared byte for byte and counts as held). An instance found the same is
+not compared again (its presence is), so a reconciliation every few minutes hashes each instance once. An instance whose current
 version here is not the one upstream was sent (superseded since) is left to the queue, which has it already.
 
 It runs after a delivery to upstream succeeds following failures, every ``reconcile_interval`` seconds, and on
@@ -82,8 +83,10 @@ def reconcile(archive: Archive, edge: EdgeStore, queue: ForwardQueue, upstream: 
 def _reconcile_study(archive: Archive, edge: EdgeStore, queue: ForwardQueue, upstream: Upstream, study_uid: str,
                      items: list[Held], report: ReconcileReport) -> None:
     there = upstream.instances(study_uid)
-    digests = upstream.digests(study_uid) if there else None
+    unchecked = any(not h.content_checked for h in items)
+    digests = upstream.digests(study_uid) if there and unchecked else None
     resend: list[InstanceRecord] = []
+    same: list[str] = []
     for item in items:
         record = archive.index.current(item.sop_uid)
         if record is None or record.blob_key != item.blob_key:
@@ -93,13 +96,16 @@ def _reconcile_study(archive: Archive, edge: EdgeStore, queue: ForwardQueue, ups
             report.missing += 1
             resend.append(record)
             continue
-        theirs = None if digests is None else digests.get(item.sop_uid)
-        if theirs is not None and theirs.transfer_syntax == record.transfer_syntax \
-                and theirs.dataset_digest != dataset_digest(archive.retriever.read(record)):
-            report.different += 1
-            resend.append(record)
-            continue
+        theirs = None if digests is None or item.content_checked else digests.get(item.sop_uid)
+        if theirs is not None and theirs.transfer_syntax == record.transfer_syntax:
+            if theirs.dataset_digest != dataset_digest(archive.retriever.read(record)):
+                report.different += 1
+                resend.append(record)
+                continue
+            same.append(item.sop_uid)
         report.held += 1
+    if same:
+        edge.content_checked(same)
     if resend:
         edge.forget_held([r.sop_uid for r in resend])
         report.requeued += queue.requeue([NewEntry(UPSTREAM, r.sop_uid, r.study_uid, 0) for r in resend])
