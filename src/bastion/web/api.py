@@ -218,9 +218,12 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(document)
 
+    retry = Route("/api/queues/{name:path}/retry", retry_queue, methods=["POST"])
+    # A queue's name is any text (a DICOMweb destination's default name holds slashes): its part of the path
+    # matches every character, line breaks too, so that no name falls through to the plain-text 404.
+    retry.path_regex = re.compile(r"^/api/queues/(?P<name>[\s\S]+)/retry$")
     return [Route("/api/statistics", statistics), Route("/api/changes", changes),
-            Route("/api/remotes", remotes), Route("/api/queues", queues),
-            Route("/api/queues/{name:path}/retry", retry_queue, methods=["POST"]),
+            Route("/api/remotes", remotes), Route("/api/queues", queues), retry,
             Route("/api/studies/{study}/digests", digests),
             Route("/api/index/rebuild", index_rebuild, methods=["GET", "POST"]),
             Route("/api/openapi.json", openapi)]

@@ -336,6 +336,11 @@ def _json(description: str, schema: str) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
 
 
+def _path_parameter(name: str, description: str) -> dict[str, Any]:
+    """A required text parameter of a route's path."""
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": description}
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``/health`` and ``/api/*`` (Bastion ``version``)."""
     return {
@@ -387,16 +392,14 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/api/queues/{name}/retry": {"post": {
                 "operationId": "retryQueue",
                 "summary": "Make a destination's dead letters pending again, their attempts reset.",
-                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-                                "description": "The destination's name (its rule's `name`, else its `to`)."}],
+                "parameters": [_path_parameter("name", "The destination's name (its rule's `name`, else its `to`).")],
                 "responses": {"200": _json("How many dead letters are pending again.", "QueueRetry"),
                               "404": _json("No queue of that name.", "Error")},
             }},
             "/api/studies/{study}/digests": {"get": {
                 "operationId": "studyDigests",
                 "summary": "What this node stores of each current instance of a study (an edge's reconciliation).",
-                "parameters": [{"name": "study", "in": "path", "required": True, "schema": {"type": "string"},
-                                "description": "The Study Instance UID."}],
+                "parameters": [_path_parameter("study", "The Study Instance UID.")],
                 "responses": {"200": _json("Each instance's transfer syntax and digests.", "Digests"),
                               "404": _json("No such study here (or not a UID).", "Error"),
                               "503": _json("A stored object could not be read.", "Error")},
