@@ -14,17 +14,21 @@ Where each attribute is read from:
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 from bastion.blobs.base import BlobStore
+from bastion.errors import BastionError
 from bastion.index.base import Change, Index
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, MatchType, matches
 from bastion.model.part10 import file_meta_elements
 from bastion.model.records import JsonDataset
 from bastion.settings import ForwardRule
+
+log = logging.getLogger("bastion.forward")
 
 #: Series whose attributes are kept in memory (the instances of a series arrive together).
 SERIES_CACHE = 256
@@ -71,8 +75,7 @@ class Router:
             return None
         if cond.tag not in found:
             if cond.tag == _SOURCE_AE:
-                with self.blobs.open(change.blob_key) as fh:
-                    aet = source_aet(fh.read(_HEAD))
+                aet = self._source_aet(change)
                 found[cond.tag] = {"vr": "AE", "Value": [aet]} if aet else None
             elif cond.tag == _SOP_CLASS:
                 record = self.index.current(change.sop_uid)
@@ -80,6 +83,16 @@ class Router:
             else:
                 found[cond.tag] = self._series_attributes(change).get(f"{cond.tag:08X}")
         return found[cond.tag]
+
+    def _source_aet(self, change: Change) -> str:
+        """The stored object's Source AE Title; ``""`` (no match) when the object cannot be read, logged: one
+        unreadable object must not hold up the change log behind it."""
+        try:
+            with self.blobs.open(change.blob_key) as fh:
+                return source_aet(fh.read(_HEAD))
+        except (OSError, BastionError) as exc:
+            log.warning("forwarding: cannot read %s for its calling AE title: %s", change.blob_key, exc)
+            return ""
 
     def _series_attributes(self, change: Change) -> JsonDataset:
         """The index's row of the change's series, with its study's attributes (cached)."""
