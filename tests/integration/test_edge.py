@@ -5,6 +5,7 @@ fetches a patient's priors, and commits (Storage Commitment) only what upstream 
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,12 +88,17 @@ def send(edge: BastionServer, batch: list[Study]) -> int:
 
 
 def wado_count(server: BastionServer, study_uid: str) -> int:
-    """How many instances WADO-RS returns for the study."""
+    """How many instances WADO-RS returns for the study (0: none, 404)."""
     req = urllib.request.Request(server.url(f"/dicom-web/studies/{study_uid}"),
                                  headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
-    with urllib.request.urlopen(req, timeout=30) as rsp:
-        boundary = rsp.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"')
-        return len(parse_multipart(rsp.read(), boundary))
+    try:
+        with urllib.request.urlopen(req, timeout=30) as rsp:
+            boundary = rsp.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"')
+            return len(parse_multipart(rsp.read(), boundary))
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return 0
+        raise
 
 
 def reconcile(edge: BastionServer) -> dict[str, Any]:
@@ -201,3 +207,25 @@ def test_a_new_study_fetches_the_patients_priors_from_upstream(pair: Pair, tmp_p
                       lambda: (r := edge_report(edge))["backlog"] == 0 and r["held_upstream"] == 8 and r, edge)
     assert report["prefetched_studies"] == 3
     assert upstream.stats()["instances"] == 10 and upstream.stats()["versions"] == 0  # nothing sent back twice
+
+
+def test_a_dicomweb_upstream_gets_stow_rs_and_gives_priors_by_wado_rs(pair: Pair, tmp_path: Path) -> None:
+    upstream = pair.upstream()
+    priors = [make_study(tmp_path / f"prior{i}", series=1, per_series=2, patient_id="PATIENT-W",
+                         study_date=f"20{20 + i}0101") for i in range(2)]
+    assert upstream.storescu(*(f for s in priors for f in s.files)).stdout.count("(Success)") == 4
+    web = f"http://127.0.0.1:{pair.up_ports[1]}/dicom-web"
+    edge = BastionServer(tmp_path / "edge-web", aet="EDGE", settings={**pair.edge_settings, "BASTION_UPSTREAM": web,
+                                                                     "BASTION_UPSTREAM_API": ""})
+    pair.servers.append(edge.start())
+    new = make_study(tmp_path / "new", series=1, per_series=3, patient_id="PATIENT-W", study_date="20260101")
+    assert send(edge, [new]) == 3
+    for prior in priors:
+        wait_for("a prior fetched by WADO-RS", lambda p=prior: wado_count(edge, p.study_uid) == 2, edge)
+    report = wait_for("the new study delivered by STOW-RS, the priors not sent back",
+                      lambda: (r := edge_report(edge))["backlog"] == 0 and r["held_upstream"] == 7 and r, edge)
+    assert report["prefetched_studies"] == 2
+    assert (upstream.stats()["instances"], upstream.stats()["versions"]) == (7, 0)
+    edge.settings["BASTION_UPSTREAM_API"] = web.removesuffix("/dicom-web")
+    found = reconcile(edge)
+    assert (found["checked"], found["missing"], found["different"]) == (7, 0, 0), found

@@ -95,7 +95,7 @@ class UpstreamDestination(Destination):
             await self.edge.call(self.edge.store.record_held,
                                  [Held(r.sop_uid, r.study_uid, r.blob_key) for r in to_send if r.sop_uid in delivered])
             if self.failing:
-                log.info("upstream answers again: reconciling, and prefetching what waits")
+                log.info("upstream takes what the edge sends (again): reconciling, and prefetching what waits")
                 self.edge.reconcile_now.set()
                 if await self.edge.call(self.edge.store.jobs_due_now):
                     self.edge.prefetch_now.set()
@@ -220,7 +220,7 @@ class Edge:
                 if answers:
                     d.probed = True
                     n = await self.call(self.queue.due_now, UPSTREAM)
-                    log.info("upstream %s answers again: %d instance(s) waiting for their backoff are due now",
+                    log.info("upstream %s answers: %d instance(s) waiting for their backoff are due now",
                              self.settings.upstream, n)
             except Exception:
                 log.exception("edge: asking whether upstream answers failed")
