@@ -1,7 +1,7 @@
 """The reconciliation of an edge with its upstream: does upstream hold, with the same content, each instance
 delivered there in the last ``reconcile_days``? Those it lacks or holds different are queued for upstream again.
 
-Study by study, upstream is asked which instances it holds (C-FIND at IMAGE level, or QIDO-RS); where it is a
+Study by study, upstream is asked which instances it holds (C-FIND by series at IMAGE level, or QIDO-RS); where it is a
 Bastion, also what it stores of each (``GET /api/studies/{uid}/digests``: transfer syntax and the digest of the data
 set, the bytes after the File Meta Information, which every receiver writes anew), compared with this node's
 stored version where both are in the same transfer syntax (an instance converted on the way, because upstream

@@ -1,7 +1,8 @@
 """Asking an edge's upstream archive: which studies and instances it holds, and fetching studies from it.
 
-Over DIMSE (``upstream = "AET@HOST:PORT"``): C-FIND (PS3.4 C.4.1) in the Study Root model at STUDY and IMAGE level,
-and C-MOVE (C.4.2) of a study to this node's own AE title, which upstream must know as a remote AE (its
+Over DIMSE (``upstream = "AET@HOST:PORT"``): C-FIND (PS3.4 C.4.1) in the Study Root model at STUDY level, and at
+SERIES then IMAGE level (hierarchical), and C-MOVE (C.4.2) of a study to this node's own AE title, which upstream
+must know as a remote AE (its
 ``remotes``: ``EDGE = "edge-host:11112"``); the instances then arrive as any C-STORE does. Over DICOMweb
 (``upstream = "https://HOST/dicom-web"``): QIDO-RS (PS3.18 10.6) and WADO-RS (10.4), each instance stored here
 through the ingest pipeline.
@@ -162,7 +163,23 @@ class DimseUpstream(Upstream):
         finally:
             assoc.release()
 
-    def _find(self, level: str, keys: Mapping[str, str], returned: Sequence[str]) -> list[Any]:
+    def _find(self, queries: Sequence[tuple[str, Mapping[str, str], Sequence[str]]],
+              more: Callable[[list[Any]], list[tuple[str, Mapping[str, str], Sequence[str]]]] | None = None
+              ) -> list[Any]:
+        """The identifiers answering each (level, keys, keys returned) query, on one association; ``more``
+        makes the next queries from the first's answers (a hierarchical descent)."""
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+        assoc = self._associate(StudyRootQueryRetrieveInformationModelFind)
+        try:
+            found = [i for q in queries for i in self._answers(assoc, *q)]
+            if more is not None:
+                found = [i for q in more(found) for i in self._answers(assoc, *q)]
+        finally:
+            assoc.release()
+        return found
+
+    def _answers(self, assoc: Any, level: str, keys: Mapping[str, str], returned: Sequence[str]) -> list[Any]:
         from pydicom import Dataset
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
@@ -172,30 +189,31 @@ class DimseUpstream(Upstream):
             setattr(ds, keyword, "")
         for keyword, value in keys.items():
             setattr(ds, keyword, value)
-        assoc = self._associate(StudyRootQueryRetrieveInformationModelFind)
         found: list[Any] = []
-        try:
-            for status, identifier in assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind):
-                code = getattr(status, "Status", None)
-                if code is None:
-                    raise UpstreamUnreachable(f"upstream {self.remote.aet}: no C-FIND response")
-                if code in (0xFF00, 0xFF01) and identifier is not None:
-                    found.append(identifier)
-                elif code != 0x0000:
-                    raise UpstreamUnreachable(f"upstream {self.remote.aet}: C-FIND status 0x{code:04X}")
-        finally:
-            assoc.release()
+        for status, identifier in assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind):
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise UpstreamUnreachable(f"upstream {self.remote.aet}: no C-FIND response")
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                found.append(identifier)
+            elif code != 0x0000:
+                raise UpstreamUnreachable(f"upstream {self.remote.aet}: C-FIND status 0x{code:04X}")
         return found
 
     def find_studies(self, keys: Mapping[str, str]) -> list[StudyFound]:
+        query = ("STUDY", keys, ("StudyInstanceUID", "PatientID", "StudyDate", "StudyTime"))
         return [StudyFound(str(i.StudyInstanceUID), str(i.get("PatientID", "")), str(i.get("StudyDate", "")),
-                           str(i.get("StudyTime", "")))
-                for i in self._find("STUDY", keys, ("StudyInstanceUID", "PatientID", "StudyDate", "StudyTime"))
-                if i.get("StudyInstanceUID")]
+                           str(i.get("StudyTime", ""))) for i in self._find([query]) if i.get("StudyInstanceUID")]
 
     def instances(self, study_uid: str) -> set[str]:
-        return {str(i.SOPInstanceUID) for i in self._find("IMAGE", {"StudyInstanceUID": study_uid},
-                                                           ("SOPInstanceUID",)) if i.get("SOPInstanceUID")}
+        """Series by series (the hierarchical search of PS3.4 C.4.1.3.1, which every SCP supports)."""
+
+        def images(series: list[Any]) -> list[tuple[str, Mapping[str, str], Sequence[str]]]:
+            return [("IMAGE", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": str(s.SeriesInstanceUID)},
+                     ("SOPInstanceUID",)) for s in series if s.get("SeriesInstanceUID")]
+
+        found = self._find([("SERIES", {"StudyInstanceUID": study_uid}, ("SeriesInstanceUID",))], images)
+        return {str(i.SOPInstanceUID) for i in found if i.get("SOPInstanceUID")}
 
     def retrieve(self, study_uid: str) -> int:
         from pydicom import Dataset
