@@ -9,7 +9,7 @@ Each run (``--repeat`` of them, medians reported):
 2. **drain**: the edge is started again with ``upstream`` (and ``upstream_api``) pointing at the upstream; the time
    runs from the start of ``bastion serve`` (its start-up, about a second, included) until ``/api/queues`` says the
    backlog is empty and every instance held upstream; the upstream's count is checked;
-3. **reconcile**: ``bastion queue reconcile --json`` on the edge (C-FIND IMAGE per study and the upstream's
+3. **reconcile**: ``bastion queue reconcile --json`` on the edge (C-FIND per series and the upstream's
    ``/api/studies/{uid}/digests``, which reads and hashes every instance there); it must find nothing missing.
 
 Usage: ``python benchmarks/edge.py [--instances 500] [--kind small|ct] [--repeat 3] [--json FILE]``
