@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from conftest import make_study
 
-from bastion.forward.edge_store import PATIENT, EdgeStore, Held, Job
-from bastion.forward.priors import evict, priors_to_fetch, run_job
+from bastion.forward.edge_store import PATIENT, STUDY, EdgeStore, Held, Job
+from bastion.forward.priors import evict, priors_to_fetch, run_job, warm
 from bastion.forward.queue import Backoff, NewEntry
 from bastion.forward.reconcile import dataset_digest, reconcile
 from bastion.forward.sqlite import SqliteForwardQueue
@@ -30,7 +30,9 @@ class StandIn(Upstream):
         self.retrieved: list[str] = []
 
     def find_studies(self, keys: Mapping[str, str]) -> list[StudyFound]:
-        return [s for s in self.studies if s.patient_id == keys.get("PatientID", s.patient_id)]
+        self.asked = dict(keys)
+        return [s for s in self.studies if s.patient_id == keys.get("PatientID", s.patient_id)
+                and s.study_uid == keys.get("StudyInstanceUID", s.study_uid)]
 
     def instances(self, study_uid: str) -> set[str]:
         return set(self.held.get(study_uid, {}))
@@ -171,3 +173,19 @@ def test_requeue_leaves_the_cursor_and_due_now_ends_the_backoff(tmp_path: Path) 
         assert queue.due_now(UPSTREAM) == 1 and queue.next_due(UPSTREAM) == 0  # upstream answers again
     finally:
         queue.close()
+
+
+def test_the_prefetch_query_queues_the_studies_not_held_here(archive: Any, tmp_path: Path) -> None:
+    [here] = {r.study_uid for r in _store(archive, tmp_path / "local", patient_id="Q")}
+    booked = [StudyFound("1.2.3.7", "R", "20261208"), StudyFound(here, "Q", "20261208")]
+    upstream = StandIn({}, "", booked)
+    settings = load_settings(env={"BASTION_PREFETCH": "ModalitiesInStudy=CT,StudyDate=+1d"}, data=tmp_path / "s")
+    edge = EdgeStore(tmp_path / "edge.sqlite3")
+    try:
+        assert warm(archive.index, edge, upstream, settings, today=datetime.date(2026, 12, 7)) == 1
+        assert upstream.asked == {"ModalitiesInStudy": "CT", "StudyDate": "20261207-20261208"}
+        job = edge.next_job()
+        assert job is not None and (job.kind, job.key) == (STUDY, "1.2.3.7")
+        assert run_job(job, archive.index, edge, upstream, settings) == 1 and upstream.retrieved == ["1.2.3.7"]
+    finally:
+        edge.close()
