@@ -6,9 +6,11 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -217,9 +219,34 @@ def open_blobs(settings: Settings, node_id: str | None = None) -> Copies:
                        findings=FindingLog(str(settings.data / FINDINGS_FILE)))
 
 
-def _log_finding(index: Index, finding: Finding) -> None:
-    """A copies finding, appended to the change log (issue 22: findings go to the change log as well)."""
-    index.record_finding(COPY_REPAIRED if finding.repaired else COPY_WANTING, finding.key)
+class FindingsToLog:
+    """Appends each copies finding to the index's change log (issue 22: findings go to the change log as well), in
+    a thread of its own, started at the first finding: a reader or a store that meets a wanting copy never waits
+    for an index transaction (nor holds up one it would wait behind)."""
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, finding: Finding) -> None:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="bastion-findings")
+            self._executor.submit(self._append, finding)
+
+    def _append(self, finding: Finding) -> None:
+        try:
+            self._index.record_finding(COPY_REPAIRED if finding.repaired else COPY_WANTING, finding.key)
+        except Exception as exc:  # noqa: BLE001 - the finding is in the findings log; only its change-log entry is lost
+            log.error("finding of %s not added to the change log: %s", finding.key, exc)
+
+    def close(self) -> None:
+        """Append the findings still waiting, then stop the thread."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
 
 
 #: How a part with a compiled twin runs: its C extension, or the Python version (slower, same results); ``none``:
@@ -264,6 +291,8 @@ class Archive:
     #: The index being rebuilt from the blob store in the background, while the archive serves (a primary
     #: opener that found it missing, empty or corrupt: :func:`bastion.ingest.rebuild.self_rebuild`); None if not.
     rebuild: SelfRebuild | None = None
+    #: Appends the copies' findings to the change log (set by :meth:`open`).
+    findings: FindingsToLog | None = None
 
     @property
     def primary(self) -> bool:
@@ -288,7 +317,7 @@ class Archive:
         blobs = open_blobs(settings, node_id)
         alone, problem = _check_index(settings) if primary else (False, None)
         index = open_index(settings.index_location)
-        blobs.on_finding = lambda finding: _log_finding(index, finding)
+        blobs.on_finding = findings = FindingsToLog(index)
         marker = RunMarker(str(settings.data / RUNNING_MARKER), node_id) if primary else None
         crashed = marker is not None and marker.acquire()
         rebuild = (self_rebuild(blobs, index, settings.data, problem=problem, alone=alone, crashed=crashed,
@@ -302,7 +331,7 @@ class Archive:
         ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
                         stamps=stamps)
         return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), open_jobs(settings), marker,
-                   node_id, rebuild)
+                   node_id, rebuild, findings)
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""
@@ -317,6 +346,8 @@ class Archive:
         if self.rebuild is not None:
             self.rebuild.stop()
         self.jobs.close()
+        if self.findings is not None:
+            self.findings.close()
         self.index.close()
         self.blobs.close()
         if self.marker is not None:

@@ -5,6 +5,7 @@ WADO-RS readers. Nothing whose digest does not match is ever served."""
 from __future__ import annotations
 
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -105,7 +106,10 @@ def test_a_corrupt_copy_is_never_served(bastion_factory: Any, tmp_path: Path) ->
     assert status == 200 and body == good  # the other copy, whose digest matches
     corrupt = [e for e in server.stats()["copies"]["findings"]["recent"] if e["problem"] == "corrupt"]
     assert [e["store"] for e in corrupt] == [str(one)]
-    logged = [c for c in server.get_json("/api/changes?limit=1000")["changes"] if c["kind"] == "copy-wanting"]
+    deadline = time.monotonic() + 30  # appended to the change log in a thread of its own
+    while not (logged := [c for c in server.get_json("/api/changes?limit=1000")["changes"]
+                          if c["kind"] == "copy-wanting"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [(c["sop_uid"], c["study_uid"], c["blob_key"]) for c in logged] == [
         (first, study.study_uid, str(_objects(one)[first].relative_to(one)))]
 
