@@ -200,10 +200,10 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
         if is_postgresql(archive.settings.index_location):
             return JSONResponse({"error": "rebuilding the index while the server runs is for a SQLite index only, "
                                           "for now: stop the server and run `bastion index rebuild`"},
-                                status_code=501)
+                                status_code=409)  # the server's state, not the request, stands in the way
         if online is None:
             return JSONResponse({"error": "this server does not rebuild its index online (not the primary "
-                                          "process)"}, status_code=501)
+                                          "process)"}, status_code=409)
         if archive.rebuild is not None and archive.rebuild.running:
             return JSONResponse({"error": "the index is rebuilding itself from the stored objects already (see "
                                           "/health)"}, status_code=409)

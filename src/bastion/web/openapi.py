@@ -414,8 +414,8 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "operationId": "indexRebuild",
                     "summary": "Rebuild the index from the stored objects while the server serves (SQLite index).",
                     "responses": {"202": _json("Started: the rebuild's state.", "IndexRebuild"),
-                                  "409": _json("A rebuild runs already.", "Error"),
-                                  "501": _json("The index is PostgreSQL: rebuilt offline only, for now.", "Error")},
+                                  "409": _json("A rebuild runs already, or this server cannot rebuild online (a "
+                                               "PostgreSQL index is rebuilt offline only, for now).", "Error")},
                 },
             },
             "/api/openapi.json": {"get": {
