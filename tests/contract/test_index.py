@@ -478,6 +478,21 @@ def test_deleted_is_recorded(index: Index) -> None:
 
 
 
+def test_held_blobs_answers_has_blob_for_many_keys_at_once(index: Index) -> None:
+    """Crash recovery asks it of every object stored in the last hour: current and superseded versions are held;
+    a version never recorded, one of an instance not indexed and a key that names no instance are not."""
+    old, new = obj("1.2.3.1.1", content="v1"), obj("1.2.3.1.1", content="v2")
+    others = [obj(f"1.2.3.1.{n}") for n in range(2, 1202)]  # more than one batch
+    for o in (old, new, *others):
+        index.record(o)
+    never = obj("1.2.3.1.1", content="v3")  # its record never committed
+    stranger = obj("9.9.9.1.1", series="9.9.9.1", study="9.9.9")
+    keys = [o.instance.blob_key for o in (old, new, *others, never, stranger)] + ["not/a/key.dcm"]
+    held = index.held_blobs(keys)
+    assert held == {o.instance.blob_key for o in (old, new, *others)}
+    assert held == {key for key in keys if index.has_blob(key)}
+    assert index.held_blobs([]) == set()
+
 def test_copies_findings_are_recorded_in_the_change_log(index: Index) -> None:
     a = obj("1.2.3.1.1")
     index.record(a)

@@ -187,6 +187,11 @@ class Index(abc.ABC):
     def has_blob(self, blob_key: str) -> bool:
         """True if ``blob_key`` is indexed as a current or superseded version."""
 
+    def held_blobs(self, blob_keys: Sequence[str]) -> set[str]:
+        """Those of ``blob_keys`` indexed as a current or superseded version: :meth:`has_blob` for many keys at once
+        (crash recovery and the online rebuild ask it of every object stored in the last hour)."""
+        return {key for key in blob_keys if self.has_blob(key)}
+
     @abc.abstractmethod
     def versions(self) -> Iterator[Version]:
         """Every version the index knows, current and superseded (for ``verify``)."""

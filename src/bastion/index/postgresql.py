@@ -443,6 +443,20 @@ class PostgresIndex(Index):
             "OR EXISTS (SELECT 1 FROM versions WHERE blob_key = %s)", params).fetchone())
         return bool(row and row[0])
 
+    def held_blobs(self, blob_keys: Sequence[str]) -> set[str]:
+        held: set[str] = set()
+        for start in range(0, len(blob_keys), 1000):
+            keys = list(blob_keys[start:start + 1000])
+            sops = [(parse_object_key(key) or {}).get("sop", "") for key in keys]  # the primary key: no scan
+
+            def read(cur: Cursor[Any], keys: list[str] = keys, sops: list[str] = sops) -> set[str]:
+                cur.execute("SELECT blob_key FROM instances WHERE sop_uid = ANY(%s) AND blob_key = ANY(%s) "
+                            "UNION ALL SELECT blob_key FROM versions WHERE blob_key = ANY(%s)", (sops, keys, keys))
+                return {row[0] for row in cur.fetchall()}
+
+            held |= self._read(read)
+        return held
+
     def versions(self) -> Iterator[Version]:
         """Every version, read a batch at a time on a connection held until the iteration ends."""
         try:

@@ -542,6 +542,20 @@ class SqliteIndex(Index):
             current = conn.execute("SELECT 1 FROM instances WHERE blob_key = ?", (blob_key,)).fetchone()
         return bool(current or conn.execute("SELECT 1 FROM versions WHERE blob_key = ?", (blob_key,)).fetchone())
 
+    def held_blobs(self, blob_keys: Sequence[str]) -> set[str]:
+        conn = self._reader()
+        held: set[str] = set()
+        for start in range(0, len(blob_keys), _BATCH):
+            chunk = list(blob_keys[start:start + _BATCH])
+            marks = ",".join("?" * len(chunk))
+            sops = [(parse_object_key(key) or {}).get("sop", "") for key in chunk]  # the primary key: no scan
+            current = {key for (key,) in conn.execute(
+                f"SELECT blob_key FROM instances WHERE sop_uid IN ({marks})", sops)}
+            held.update(key for key in chunk if key in current)
+            held.update(key for (key,) in conn.execute(f"SELECT blob_key FROM versions WHERE blob_key IN ({marks})",
+                                                       chunk))
+        return held
+
     def versions(self) -> Iterator[Version]:
         conn = self._connect()
         try:

@@ -235,7 +235,9 @@ class OnlineRebuild:
             if self._stop.is_set():
                 raise _Stopped
             try:
-                keys = [(stamp, key) for stamp, key in unindexed_recent(self.blobs, new) if self.live.has_blob(key)]
+                recent = unindexed_recent(self.blobs, new)
+                live = self.live.held_blobs([key for _, key in recent])
+                keys = [(stamp, key) for stamp, key in recent if key in live]
             except Exception as exc:  # the live index may be the damaged one: the switch catches up without it
                 log.warning("online rebuild: the live index cannot say what it holds (%s): the switch catches up", exc)
                 break

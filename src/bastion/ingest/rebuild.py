@@ -239,14 +239,14 @@ def unindexed_recent(blobs: BlobStore, index: Index, node_id: str | None = None)
         while t <= max(time.time_ns(), int(last)) + hour_ns:
             prefixes.append(partition_of(f"{t:020d}") + "/")
             t += hour_ns
-    found: list[tuple[str, str]] = []
+    listed: list[tuple[str, str]] = []
     for prefix in prefixes:
         for key in blobs.keys(prefix):
             parts = parse_object_key(key)
-            if (parts and int(parts["stamp"]) >= start_ns and (node_id is None or parts["node"] in ("", node_id))
-                    and not index.has_blob(key)):
-                found.append((parts["stamp"], key))
-    return sorted(found)
+            if parts and int(parts["stamp"]) >= start_ns and (node_id is None or parts["node"] in ("", node_id)):
+                listed.append((parts["stamp"], key))
+    held = index.held_blobs([key for _, key in listed])
+    return sorted(entry for entry in listed if entry[1] not in held)
 
 
 def _flush(index: Index, batch: list[StoredObject], report: RebuildReport) -> None:
