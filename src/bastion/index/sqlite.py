@@ -13,8 +13,9 @@ Every write transaction of every process, and every checkpoint, holds one lock: 
 ``<index>-writer.lock``. So no checkpoint ever runs beside a commit, which rules out SQLite's WAL-reset bug
 (https://sqlite.org/wal.html#walresetbug, every version from 3.7.0 to 3.51.2: a checkpoint that starts while
 another connection's commit starts the WAL over can later skip frames, losing committed transactions and
-corrupting the database). Bastion's index met it: its checkpoint threads in every process and its commits that
-never pause made it a matter of minutes under load rather than of years. A checkpoint holding the lock also
+corrupting the database). It is the likeliest cause of the corruption Bastion's drills met about once in four
+runs of 20,000 instances: checkpoint threads in every process beside commits that never pause make the race
+likely, where ordinary use meets it less often than a failing disk. A checkpoint holding the lock also
 copies every frame, so the next commit starts the WAL over: it never grows past the commits of one checkpoint
 period.
 
