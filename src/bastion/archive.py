@@ -11,10 +11,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from bastion.audit import AuditLog
 from bastion.blobs.copies import Copies, Finding, FindingLog, open_copies
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.errors import BastionError
@@ -293,6 +294,8 @@ class Archive:
     rebuild: SelfRebuild | None = None
     #: Appends the copies' findings to the change log (set by :meth:`open`).
     findings: FindingsToLog | None = None
+    #: The audit trail every adapter records its accesses in (:mod:`bastion.audit`).
+    audit: AuditLog = field(default_factory=lambda: AuditLog(None))
 
     @property
     def primary(self) -> bool:
@@ -331,7 +334,7 @@ class Archive:
         ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
                         stamps=stamps)
         return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), open_jobs(settings), marker,
-                   node_id, rebuild, findings)
+                   node_id, rebuild, findings, AuditLog(str(settings.data / "audit.jsonl")))
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""
@@ -346,6 +349,7 @@ class Archive:
         if self.rebuild is not None:
             self.rebuild.stop()
         self.jobs.close()
+        self.audit.close()
         if self.findings is not None:
             self.findings.close()
         self.index.close()
