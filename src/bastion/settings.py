@@ -254,6 +254,33 @@ class Settings:
     #: ``[prefetch] query``: a Study Root STUDY-level query whose studies are fetched from upstream every
     #: ``prefetch_interval`` (keyword, value) pairs; empty: none.
     prefetch: tuple[tuple[str, str], ...] = ()
+    #: ``[auth]``: HTTP authentication and roles (:mod:`bastion.auth`, docs/authentication.md). Off: every request
+    #: is anonymous and may do anything (a closed network only).
+    auth_enabled: bool = False
+    #: The OpenID Connect issuer whose tokens are accepted (a token's ``iss`` must equal it).
+    auth_issuer: str = ""
+    #: The audience a token must name in ``aud`` (the API's client id or resource URI at the issuer).
+    auth_audience: str = ""
+    #: The issuer's JWKS URL (fetched, cached on disk as ``<data>/auth/jwks.json``, refreshed).
+    auth_jwks_url: str = ""
+    #: A JWKS file used instead of (or besides) ``auth_jwks_url``.
+    auth_jwks_file: str = ""
+    #: Where a token carries its roles: a claim name or a dotted path (``realm_access.roles``).
+    auth_role_claim: str = "roles"
+    #: The claim naming the user (falls back to ``sub``).
+    auth_user_claim: str = "preferred_username"
+    #: The OIDC client id of the viewer and admin page (public client, authorization code + PKCE).
+    auth_client_id: str = ""
+    #: The signature algorithms a token may use (never ``none`` or HS*).
+    auth_algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+    #: Seconds of clock skew allowed on ``exp`` / ``nbf`` / ``iat``.
+    auth_leeway: float = 30.0
+    #: Seconds between two periodic refreshes of the JWKS (an unknown ``kid`` refreshes sooner, rate-limited).
+    auth_jwks_refresh: float = 3600.0
+    #: Failed authentications a client address may make in a minute before it is answered 429.
+    auth_failure_limit: int = 10
+    #: The longest lifetime of a break-glass token, in hours.
+    auth_emergency_max_hours: float = 24.0
 
     def __post_init__(self) -> None:
         """Edge mode's always-on rule: ``upstream`` adds a forward rule named :data:`UPSTREAM` matching everything."""
@@ -354,7 +381,7 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "blobs":
             locations = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
             return tuple(_without_file_scheme(v.strip()) for v in locations if v.strip())
-        if name in ("cors_origins", "storage_deny"):
+        if name in ("cors_origins", "storage_deny", "auth_algorithms"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             return tuple(value)
@@ -387,6 +414,32 @@ def _prefetch_query(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _flatten_tables(doc: Mapping[str, Any], names: set[str]) -> dict[str, Any]:
+    """A TOML table that is not itself a setting (``[auth] enabled = true``) as prefixed settings (``auth_enabled``)."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, Mapping) and key not in names and any(n.startswith(f"{key}_") for n in names):
+            out.update({f"{key}_{sub}": v for sub, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _check_auth(settings: Settings) -> None:
+    """``[auth] enabled`` needs an issuer, an audience and the issuer's keys; the algorithms must be asymmetric."""
+    if not settings.auth_enabled:
+        return
+    missing = [name for name in ("auth_issuer", "auth_audience") if not getattr(settings, name)]
+    if not (settings.auth_jwks_url or settings.auth_jwks_file):
+        missing.append("auth_jwks_url or auth_jwks_file")
+    if missing:
+        raise SettingsError(f"[auth] enabled = true needs {', '.join(missing)} (see docs/authentication.md)")
+    weak = [a for a in settings.auth_algorithms if a.lower() == "none" or a.upper().startswith("HS")]
+    if weak or not settings.auth_algorithms:
+        raise SettingsError(f"auth_algorithms: {', '.join(weak) or 'empty'} not allowed (asymmetric ones only, "
+                            "e.g. RS256, ES256, EdDSA)")
+
+
 def _without_file_scheme(location: str) -> str:
     """A ``file://`` URL's path; any other location as it is."""
     return location[len("file://"):] if location.startswith("file://") else location
@@ -408,6 +461,7 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
                 doc = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+        doc = _flatten_tables(doc, names)
         unknown = set(doc) - names
         if unknown:
             raise SettingsError(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
@@ -426,6 +480,7 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
             continue
         values[name] = value
     settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    _check_auth(settings)
     if not 0 <= settings.copies_required <= len(settings.blob_locations):
         raise SettingsError(f"copies_required = {settings.copies_required}, but {len(settings.blob_locations)} "
                             "blob store(s) are configured")
