@@ -218,6 +218,26 @@ def test_counts_across_levels(index: Index) -> None:
                     strict=True)) == {"1.1.1": 2, "1.1.2": 1}
 
 
+def test_study_search_by_name_follows_a_renamed_patient(index: Index) -> None:
+    """A patient's name as its latest instance gives it is what every one of its studies matches (PostgreSQL keeps
+    the name on each study row too: all of them follow a rename)."""
+    index.record(obj("1.1.1.1", series="1.1.1", study="1.1", date="20190101", name="Doe^John"))
+    index.record(obj("2.1.1.1", series="2.1.1", study="2.1", date="20200101", name="Doe^John"))
+    index.record(obj("3.1.1.1", series="3.1.1", study="3.1", patient="P3", name="Doe^Jane"))
+
+    def studies(name: str) -> list[str]:
+        return sorted(_values(index.find(QueryLevel.STUDY, [cond("PatientName", name)]), "StudyInstanceUID"))
+
+    assert studies("doe^john") == ["1.1", "2.1"]
+    index.record(obj("4.1.1.1", series="4.1.1", study="4.1", date="20210101", name="Roe^John"))  # renamed
+    assert studies("doe^john") == []
+    assert studies("ROE*") == ["1.1", "2.1", "4.1"]
+    assert studies("Roe^John") == ["1.1", "2.1", "4.1"]
+    assert studies("d*") == ["3.1"]
+    assert _values(index.find(QueryLevel.STUDY, [cond("PatientName", "r*")], limit=2), "StudyDate") == [
+        "20210101", "20200101"]
+
+
 def test_find_matching(index: Index) -> None:
     index.record(obj("1.1.1.1", series="1.1.1", study="1.1", date="20191231", name="Doe^John"))
     index.record(obj("2.1.1.1", series="2.1.1", study="2.1", date="20200101", patient="P2", name="Dole^Jane",

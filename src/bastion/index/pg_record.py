@@ -234,10 +234,17 @@ def _upsert(tx: Tx, row: IndexRow, level: QueryLevel) -> None:
            QueryLevel.STUDY: {"study_uid": inst.study_uid, "patient_id": row.patient_id, "attrs": row.texts[1]},
            QueryLevel.SERIES: {"series_uid": inst.series_uid, "study_uid": inst.study_uid, "attrs": row.texts[0]}}
     values = {**columns_for(level, row.attrs[level]), **own[level]}
+    if level is QueryLevel.STUDY:  # the patient's name, on the study row too (migration 0003)
+        values["patient_name"] = patient_name(row)
     table, key = _LEVEL_TABLES[level]
     updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != key)
     tx.execute(f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join(['%s'] * len(values))}) "
                f"ON CONFLICT ({key}) DO UPDATE SET {updates}", [_text(v) for v in values.values()])
+
+
+def patient_name(row: IndexRow) -> str:
+    """The patient name column of ``row``'s patient (as the patients table holds it)."""
+    return str(columns_for(QueryLevel.PATIENT, row.attrs[QueryLevel.PATIENT])["patient_name"])
 
 
 def _add_instance(tx: Tx, row: IndexRow, levels: Levels) -> None:
@@ -253,6 +260,10 @@ def _add_instance(tx: Tx, row: IndexRow, levels: Levels) -> None:
     for level in _LEVEL_TABLES:
         if stale[level]:
             _upsert(tx, row, level)
+    if stale[QueryLevel.PATIENT] and old_patient is not None:  # the patient's other studies carry its name too
+        name = patient_name(row)
+        tx.execute("UPDATE studies SET patient_name = %s WHERE patient_id = %s AND patient_name <> %s",
+                   (name, pid, name))
     tx.execute(INSERT_INSTANCE, (
         inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid, row.instance_number,
         inst.transfer_syntax, inst.blob_key, inst.digest, inst.size, row.stamp, row.texts[3]))

@@ -34,10 +34,14 @@ class Dialect:
     folded: frozenset[str]  # columns compared as lower(column), against ASCII-lowered values
     false: str  # a term that never holds
     position: str  # a function: where its second argument starts in its first (0: nowhere)
+    #: Study rows carry their patient's name (``s.patient_name``, PostgreSQL's migration 0003), so a study
+    #: search by PatientName reads the studies' own name index.
+    study_patient_name: bool = False
 
 
 SQLITE = Dialect("?", "1", True, frozenset(), "0", "instr")
-POSTGRESQL = Dialect("%s", "TRUE", False, frozenset({"patient_name", "referring_physician"}), "FALSE", "strpos")
+POSTGRESQL = Dialect("%s", "TRUE", False, frozenset({"patient_name", "referring_physician"}), "FALSE", "strpos",
+                     study_patient_name=True)
 
 ALIASES = {QueryLevel.PATIENT: "p", QueryLevel.STUDY: "s", QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}
 INTEGER_COLUMNS = frozenset({"series_number", "instance_number"})
@@ -147,6 +151,12 @@ def compile_conditions(level: QueryLevel, conditions: Sequence[Condition], diale
         if cond.keyword == "SOPClassesInStudy" and level in (QueryLevel.STUDY,):
             sql, params = compile_column(cond, "x.sop_class_uid", "sop_class_uid", dialect)
             out.where.append(f"EXISTS (SELECT 1 FROM instances x WHERE x.study_uid = s.study_uid AND {sql})")
+            out.params.extend(params)
+            continue
+        if (cond.keyword == "PatientName" and level is QueryLevel.STUDY and dialect.study_patient_name
+                and not cond.fuzzy):
+            sql, params = compile_column(cond, "s.patient_name", "patient_name", dialect)
+            out.where.append(sql)
             out.params.extend(params)
             continue
         placed = False
