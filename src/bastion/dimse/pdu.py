@@ -202,11 +202,16 @@ def pdv_header(context_id: int, command: bool, last: bool, length: int) -> bytes
 
 
 def iter_pdvs(body: bytes | bytearray | memoryview) -> list[tuple[int, bool, bool, memoryview]]:
-    """The PDV items of a P-DATA-TF body: (context id, is_command, is_last, data)."""
+    """The PDV items of a P-DATA-TF body: (context id, is_command, is_last, data).
+
+    A body without a PDV item breaks PS3.8 9.3.5 ("one or more Presentation-data-value Items"): PDUError.
+    """
     out = []
     view = memoryview(body)
     pos = 0
     end = len(body)
+    if not end:
+        raise PDUError("a P-DATA-TF PDU without a PDV item")
     while pos < end:
         if pos + 6 > end:
             raise PDUError("truncated PDV item")
