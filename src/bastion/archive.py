@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bastion.audit import AuditLog
+from bastion.audit import AUDIT_DIR, AuditLog
 from bastion.blobs.copies import Copies, Finding, FindingLog, open_copies
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.errors import BastionError
@@ -334,7 +334,7 @@ class Archive:
         ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
                         stamps=stamps)
         return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), open_jobs(settings), marker,
-                   node_id, rebuild, findings, AuditLog(str(settings.data / "audit.jsonl")))
+                   node_id, rebuild, findings, AuditLog(str(settings.data / AUDIT_DIR)))
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import Any
+
+from bastion.model.matching import Condition, MatchType
 
 
 class AuditKind(StrEnum):
@@ -67,3 +73,42 @@ class AuditEvent:
     detail: str = ""
     #: The access was made with a break-glass token.
     emergency: bool = False
+    #: PS3.15 A.5.3 EventTypeCode (a DCM code, e.g. ``110120`` Application Start, ``110132`` Use of Restricted
+    #: Function for a refused service); empty: the kind's usual one (:mod:`bastion.audit.messages`).
+    event_type: str = ""
+    #: The query's level (PATIENT, STUDY, SERIES, IMAGE) for a query.
+    level: str = ""
+
+
+def local_user() -> str:
+    """Who runs this process (a command, the server): the login name of its user."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def lifecycle_event(started: bool, aet: str, detail: str = "") -> AuditEvent:
+    """The archive started or stopped (PS3.15 A.5.3.1 Application Activity, 110120 / 110121)."""
+    return AuditEvent(AuditKind.CONFIG, action="E", user=local_user(), destination=aet, via="cli",
+                      event_type="110120" if started else "110121", detail=detail)
+
+
+def query_event(conditions: Iterable[Condition], level: str, count: int, **who: Any) -> AuditEvent:
+    """The ``query`` event of a C-FIND or QIDO-RS query (PS3.15 A.5.3.11): its level, its matching keys in
+    ``detail`` (``keyword=value``, a range as ``low-high``, a list joined by ``\\``), the number of matches,
+    and the patient and studies it names, if any. ``who`` gives the other fields (user, address, via, ...)."""
+    keys: list[str] = []
+    patient = ""
+    studies: tuple[str, ...] = ()
+    for c in conditions:
+        if c.kind is MatchType.UNIVERSAL:
+            continue
+        value = "-".join(c.values) if c.kind is MatchType.RANGE else "\\".join(c.values)
+        keys.append(f"{c.keyword}={value}")
+        if c.keyword == "PatientID" and c.kind is MatchType.SINGLE:
+            patient = c.values[0]
+        elif c.keyword == "StudyInstanceUID" and c.kind in (MatchType.SINGLE, MatchType.LIST):
+            studies = tuple(c.values)
+    return AuditEvent(AuditKind.QUERY, action="E", level=level, count=count, detail=" ".join(keys)[:1024],
+                      patient_id=patient, studies=studies, **who)

@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "corrupt copy again from a good one, now, and report per store what was checked, found and "
                         "repaired")
 
+    from bastion.cli.audit import add_parser as add_audit_parser
     from bastion.cli.drill import add_parser as add_drill_parser
     from bastion.cli.queue import add_parser as add_queue_parser
 
     add_drill_parser(sub)
+    add_audit_parser(sub, _common)
     add_queue_parser(sub, _common)
     return parser
 
@@ -110,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             from bastion.cli.queue import run_queue
 
             return run_queue(args)
+        if args.command == "audit":
+            from bastion.cli.audit import run_audit
+
+            return run_audit(args)
         if args.command == "drill":
             from bastion.cli.drill import run_drill_command
 
