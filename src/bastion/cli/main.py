@@ -78,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from bastion.cli.audit import add_parser as add_audit_parser
     from bastion.cli.drill import add_parser as add_drill_parser
+    from bastion.cli.export import add_parser as add_export_parser
     from bastion.cli.queue import add_parser as add_queue_parser
 
     add_drill_parser(sub)
     add_audit_parser(sub, _common)
     add_queue_parser(sub, _common)
+    add_export_parser(sub, _common)
     return parser
 
 
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             from bastion.cli.audit import run_audit
 
             return run_audit(args)
+        if args.command == "export":
+            from bastion.cli.export import run_export
+
+            return run_export(args)
         if args.command == "drill":
             from bastion.cli.drill import run_drill_command
 

@@ -30,6 +30,7 @@ from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, MatchType
 from bastion.model.uids import is_identifiable_uid
 from bastion.settings import UPSTREAM
+from bastion.web.export import export_route
 from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -224,6 +225,6 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     retry.path_regex = re.compile(r"^/api/queues/(?P<name>[\s\S]+)/retry$")
     return [Route("/api/statistics", statistics), Route("/api/changes", changes),
             Route("/api/remotes", remotes), Route("/api/queues", queues), retry,
-            Route("/api/studies/{study}/digests", digests),
+            Route("/api/studies/{study}/digests", digests), export_route(archive),
             Route("/api/index/rebuild", index_rebuild, methods=["GET", "POST"]),
             Route("/api/openapi.json", openapi)]

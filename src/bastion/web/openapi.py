@@ -404,6 +404,34 @@ def openapi_document(version: str) -> dict[str, Any]:
                               "404": _json("No such study here (or not a UID).", "Error"),
                               "503": _json("A stored object could not be read.", "Error")},
             }},
+            "/api/studies/{study}/export": {"post": {
+                "operationId": "exportStudy",
+                "summary": "A study's current instances as a ZIP of DICOM files (as stored, or de-identified per "
+                           "PS3.15 Annex E), streamed; admin only (docs/export.md).",
+                "parameters": [
+                    _path_parameter("study", "The Study Instance UID."),
+                    {"name": "deidentify", "in": "query", "required": False,
+                     "description": "De-identify (Basic Application Level Confidentiality Profile, modified dates, "
+                                    "consistent UIDs).",
+                     "schema": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"],
+                                "default": "false"}},
+                    {"name": "include_burned_in", "in": "query", "required": False,
+                     "description": "De-identified: export instances that may carry burned-in text too.",
+                     "schema": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"],
+                                "default": "false"}},
+                ],
+                "responses": {
+                    "200": {"description": "The ZIP: <patient>/<study>/<series>/<instance>.dcm and "
+                                           "export-report.json (last).",
+                            "content": {"application/zip": {"schema": {"type": "string",
+                                                                       "contentMediaType": "application/zip"}}}},
+                    "400": _json("The study is not a UID, or a flag is not true or false.", "Error"),
+                    "403": _json("The caller's role is not admin.", "Error"),
+                    "404": _json("No such study here.", "Error"),
+                    "500": _json("The de-identification secret cannot be read.", "Error"),
+                    "503": _json("The index could not be read.", "Error"),
+                },
+            }},
             "/api/index/rebuild": {
                 "get": {
                     "operationId": "indexRebuildState",
