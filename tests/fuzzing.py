@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import string
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,3 +111,86 @@ def snapshot(server: Any) -> StoreSnapshot:
         blobs[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     stats = server.stats()
     return StoreSnapshot(blobs, {key: int(stats[key]) for key in COUNTED})
+
+
+# -- multipart bodies (RFC 2046 5.1) -----------------------------------------------------------------------------
+#: Characters of a boundary (RFC 2046 5.1.1 bchars, without the space, which may not end one).
+BOUNDARY_CHARS = string.ascii_letters + string.digits + "'()+_,-./:=?"
+_NAME_CHARS = string.ascii_letters + string.digits + "-_"
+_VALUE_CHARS = string.printable.replace("\r", "").replace("\n", "").replace("\x0b", "").replace("\x0c", "") + "éü"
+#: How a body is broken (``none``: it is well formed).
+MALFORMATIONS = ("none", "none", "none", "truncate", "no-close", "no-crlf-after-boundary", "lf-only", "huge-header",
+                 "header-without-colon", "zero-parts", "text-after-boundary", "garbage", "flip", "nested-same-boundary")
+
+
+@dataclass(frozen=True)
+class MultipartCase:
+    """A multipart body, its boundary, and the parts it holds if it is well formed (None if it is broken)."""
+
+    boundary: str
+    body: bytes
+    parts: list[tuple[dict[str, str], bytes]] | None
+    malformation: str
+
+
+def encode_parts(boundary: str, parts: list[tuple[list[tuple[str, str]], bytes]]) -> bytes:
+    """A multipart body: each part's delimiter line, header fields and content, then the closing delimiter."""
+    out = bytearray()
+    for i, (headers, content) in enumerate(parts):
+        out += (b"\r\n" if i else b"") + b"--" + boundary.encode("latin-1") + b"\r\n"
+        out += b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers) + b"\r\n" + content
+    return bytes(out) + b"\r\n--" + boundary.encode("latin-1") + b"--\r\n"
+
+
+@st.composite
+def multipart_cases(draw: st.DrawFn, contents: st.SearchStrategy[bytes] | None = None,
+                    content_type: str = "application/dicom") -> MultipartCase:
+    """A multipart body (RFC 2046 5.1), well formed or broken in one of :data:`MALFORMATIONS`."""
+    boundary = draw(st.text(BOUNDARY_CHARS, min_size=1, max_size=80))
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    contents = contents if contents is not None else st.binary(max_size=300)
+    header_lists = st.lists(st.tuples(st.text(_NAME_CHARS, min_size=1, max_size=20),
+                                      st.text(_VALUE_CHARS, max_size=60)), max_size=3)
+    malformation = draw(st.sampled_from(MALFORMATIONS))
+    parts = []
+    for _ in range(draw(st.integers(0 if malformation == "zero-parts" else 1, 4))):
+        headers = [("Content-Type", content_type)] if draw(st.booleans()) else []
+        headers += draw(header_lists)
+        content = draw(contents)
+        if delimiter in b"\r\n" + content + b"\r\n":
+            continue  # a content holding the delimiter is not a part of this body
+        parts.append((headers, content))
+    if malformation == "zero-parts":
+        parts = []
+    body = encode_parts(boundary, parts)
+    if malformation == "zero-parts":
+        body = b"--" + boundary.encode("latin-1") + b"--\r\n"
+    expected = [({name.strip().lower(): value.strip() for name, value in headers}, content)
+                for headers, content in parts]
+    if malformation in ("none", "zero-parts"):
+        return MultipartCase(boundary, body, expected, malformation)
+    bad = bytearray(body)
+    first_line = len(boundary) + 2
+    if malformation == "truncate":
+        del bad[draw(st.integers(0, max(len(bad) - 3, 0))):]
+    elif malformation == "no-close":
+        del bad[len(bad) - len(boundary) - 8:]
+    elif malformation == "no-crlf-after-boundary":
+        del bad[first_line: first_line + 2]
+    elif malformation == "lf-only":
+        bad = bytearray(bytes(bad).replace(b"\r\n", b"\n"))
+    elif malformation == "huge-header":
+        bad[first_line + 2: first_line + 2] = b"X-Big: " + b"a" * draw(st.sampled_from([16 * 1024, 70_000])) + b"\r\n"
+    elif malformation == "header-without-colon":
+        bad[first_line + 2: first_line + 2] = b"no colon here\r\n"
+    elif malformation == "text-after-boundary":
+        bad[first_line: first_line] = b" trailing words"
+    elif malformation == "garbage":
+        bad = bytearray(draw(st.binary(max_size=400)))
+    elif malformation == "flip":
+        for _ in range(draw(st.integers(1, 6))):
+            bad[draw(st.integers(0, len(bad) - 1))] = draw(st.integers(0, 255))
+    else:  # a part whose content is a multipart body with the same boundary
+        inner = encode_parts(boundary, [([("Content-Type", content_type)], b"inner")])
+        bad[first_line + 2: first_line + 2] = b"Content-Type: multipart/related\r\n\r\n" + inner
+    return MultipartCase(boundary, bytes(bad), None, malformation)

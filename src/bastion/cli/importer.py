@@ -13,6 +13,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from tqdm import tqdm
 
 from bastion.archive import Archive
+from bastion.audit import AuditEvent, AuditKind, StoreTally
+from bastion.audit.events import local_user
 from bastion.cli.serve import settings_from
 from bastion.errors import BastionError
 from bastion.ingest import Ingest
@@ -61,6 +63,7 @@ def run_import(args: argparse.Namespace) -> int:
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
     bar = tqdm(desc="importing", unit=" files", file=sys.stderr, disable=None)
+    tally = StoreTally()  # audited once per study at the end of the run
     try:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             running: dict[Future[StoreResult], str] = {}
@@ -69,12 +72,16 @@ def run_import(args: argparse.Namespace) -> int:
                 for fut in done:
                     name = running.pop(fut)
                     try:
-                        counts[fut.result().status.value] += 1
+                        result = fut.result()
+                        counts[result.status.value] += 1
+                        tally.stored(result.record.study_uid, result.patient_id)
                     except BastionError as exc:
                         counts["rejected"] += 1
                         reasons[exc.message] += 1
                         examples.setdefault(exc.message, name)
+                        tally.failed(exc.message)
                     except OSError as exc:
+                        tally.failed(f"cannot read: {exc.strerror}")
                         counts["rejected"] += 1
                         reasons[f"cannot read: {exc.strerror}"] += 1
                         examples.setdefault(f"cannot read: {exc.strerror}", name)
@@ -88,6 +95,8 @@ def run_import(args: argparse.Namespace) -> int:
             collect(wait(running).done)
     finally:
         bar.close()
+        for event in tally.events(AuditEvent(AuditKind.STORE, user=local_user(), via="cli")):
+            archive.audit.record(event)
         archive.close()
     total = sum(counts.values())
     print(f"{total} file(s): {counts['stored']} stored, {counts['duplicate']} duplicate, "

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "repaired")
 
     from bastion.cli.audit import add_parser as add_audit_parser
+    from bastion.cli.auth import add_parser as add_auth_parser
     from bastion.cli.drill import add_parser as add_drill_parser
     from bastion.cli.export import add_parser as add_export_parser
     from bastion.cli.queue import add_parser as add_queue_parser
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drill_parser(sub)
     add_audit_parser(sub, _common)
     add_queue_parser(sub, _common)
+    add_auth_parser(sub, _common)
     add_export_parser(sub, _common)
     return parser
 
@@ -122,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             from bastion.cli.export import run_export
 
             return run_export(args)
+        if args.command == "apikey":
+            from bastion.cli.auth import run_apikey
+
+            return run_apikey(args)
+        if args.command == "emergency-token":
+            from bastion.cli.auth import run_emergency_token
+
+            return run_emergency_token(args)
         if args.command == "drill":
             from bastion.cli.drill import run_drill_command
 

@@ -33,6 +33,7 @@ from bastion.archive import (
     node_identity,
     open_blobs,
 )
+from bastion.audit.events import lifecycle_event
 from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.moves import MoveRunner
@@ -191,6 +192,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     if parts.index_record == "python":
         log.warning("the compiled index record is not loaded (BASTION_PURE_PYTHON set, or no C compiler or "
                     "SQLite headers (libsqlite3-dev) at install): the index records in Python, more CPU per object")
+    archive.audit.record(lifecycle_event(True, settings.aet, f"Bastion {__version__}, node {archive.node_id}"))
     await _until_signal(http_task, asyncio.ensure_future(_orphaned(parent)))
     log.info("shutting down")
     http.should_exit = True
@@ -206,6 +208,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
         serving.cancel()
     if status.index_rebuild is not None:
         await asyncio.to_thread(status.index_rebuild.stop)
+    archive.audit.record(lifecycle_event(False, settings.aet, f"Bastion {__version__}, node {archive.node_id}"))
     archive.close()
 
 

@@ -17,6 +17,8 @@ from typing import Final
 
 from bastion.errors import InvalidQuery
 
+#: The longest header block of a part (and line after a boundary), from its first byte to its CRLF CRLF; a longer
+#: one is refused however the body is cut into chunks.
 MAX_HEADER_BYTES = 16 * 1024
 #: The longest boundary accepted. RFC 2046 5.1.1 allows 70 characters, but senders in the field use longer ones
 #: (Orthanc's DICOMweb client: 73); a bound still keeps a hostile one from costing a search per byte of its size.
@@ -149,9 +151,9 @@ class MultipartStream:
                 self._state = _END
                 buf.clear()
                 return False
-            eol = buf.find(b"\r\n")
+            eol = buf.find(b"\r\n", 0, MAX_HEADER_BYTES + 2)  # the same bound however the body is cut up
             if eol < 0:
-                if len(buf) > MAX_HEADER_BYTES:
+                if len(buf) >= MAX_HEADER_BYTES + 2:
                     raise MultipartError("a boundary line is not followed by CRLF")
                 return False
             if buf[:eol].strip(b" \t"):
@@ -172,9 +174,9 @@ class MultipartStream:
             events.append(PartStart({}))
             self._state = _BODY
             return True
-        end = buf.find(b"\r\n\r\n")
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)  # the same bound however the body is cut up
         if end < 0:
-            if len(buf) > MAX_HEADER_BYTES:
+            if len(buf) >= MAX_HEADER_BYTES + 4:
                 raise MultipartError("multipart part headers are too long or not terminated")
             return False
         headers: dict[str, str] = {}

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from bastion.archive import Archive
-from bastion.dicomweb import multipart, pixels, qido, rendered, stow, wado, wado_uri
+from bastion.dicomweb import audit, multipart, pixels, qido, rendered, stow, wado, wado_uri
 from bastion.dicomweb.metadata import MetadataCache, cache_directory
 from bastion.dicomweb.negotiation import (
     DICOM,
@@ -87,10 +87,14 @@ class DicomWeb:
         self.metadata = MetadataCache(archive.retriever, cache_directory(archive.settings.data))
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    async def _select(self, request: Request, *, with_instance: bool = True) -> list[InstanceRecord]:
+    async def _select(self, request: Request, what: str, *, with_instance: bool = True) -> list[InstanceRecord]:
+        """The instances a retrieve request names, audited as one view of ``what`` (:mod:`bastion.dicomweb.audit`)."""
         p = request.path_params
-        return await run_in_threadpool(wado.select, self.archive.retriever, p["study"], p.get("series"),
-                                       p.get("instance") if with_instance else None)
+        records: list[InstanceRecord] = await run_in_threadpool(
+            wado.select, self.archive.retriever, p["study"], p.get("series"),
+            p.get("instance") if with_instance else None)
+        audit.record_view(self.archive, request, records, what)
+        return records
 
     # -- QIDO-RS ---------------------------------------------------------------------------------------------
     def search(self, level: QueryLevel) -> Handler:
@@ -105,6 +109,7 @@ class DicomWeb:
             query = qido.parse_search(level, request.query_params.multi_items(), path_uids)
             # Search and encode in the thread pool: encoding 100 results must not hold up the event loop.
             body, count = await run_in_threadpool(qido.search_json, self.archive.finder, query, base_url(request))
+            audit.record_search(self.archive, request, query, count)
             headers = {}
             if count == query.limit and query.limit == MAX_LIMIT:
                 headers["Warning"] = f'299 bastion "results limited to {MAX_LIMIT}"'
@@ -119,7 +124,7 @@ class DicomWeb:
 
     async def retrieve(self, request: Request) -> Response:
         """Study, series or instance as multipart/related application/dicom (PS3.18 10.4.1.1.1)."""
-        records = await self._select(request)
+        records = await self._select(request, "instances")
         plan = wado.plan_instances(records, self._accept(request))
         boundary = multipart.new_boundary()
         body = wado.stream_instances(self.archive.retriever, plan, boundary)
@@ -133,14 +138,14 @@ class DicomWeb:
         """Metadata of a study, series or instance (PS3.18 10.4.1.1.2)."""
         if not _accepts_json(request):
             raise NotAcceptable("metadata is available as application/dicom+json")
-        records = await self._select(request)
+        records = await self._select(request, "metadata")
         text = await run_in_threadpool(self.metadata.response_text, records, base_url(request))
         return dicom_json(text)
 
     async def frames(self, request: Request) -> Response:
         """Frames of an instance as multipart/related (PS3.18 10.4.1.1.3)."""
         numbers = pixels.parse_frame_list(request.path_params["frames"])
-        records = await self._select(request)
+        records = await self._select(request, "frames")
         choice = wado.choose_frames(records[0].transfer_syntax, self._accept(request))
         boundary = multipart.new_boundary()
         body = await run_in_threadpool(wado.frames_body, self.archive.retriever, records[0], numbers,
@@ -154,7 +159,7 @@ class DicomWeb:
             r.media_type == MULTIPART for r in accept)
         if not single and not any(r.matches(MULTIPART) or r.media_type == "multipart/*" for r in accept):
             raise NotAcceptable("bulk data is available as application/octet-stream or multipart/related")
-        records = await self._select(request)
+        records = await self._select(request, "bulkdata")
         value = await run_in_threadpool(wado.bulk_data, self.archive.retriever, records[0],
                                         request.path_params["path"])
         try:
@@ -182,7 +187,7 @@ class DicomWeb:
             if "frames" in request.path_params:
                 numbers = pixels.parse_frame_list(request.path_params["frames"])
                 frame = numbers[0] - 1
-            records = await self._select(request)
+            records = await self._select(request, "thumbnail" if thumbnail else "rendered")
             image = await run_in_threadpool(self._render_one, records, frame, options)
             return Response(image, media_type=options.media_type)
 
@@ -211,6 +216,7 @@ class DicomWeb:
         ct = require_multipart_related(request.headers.get("content-type"), DICOM)
         base = base_url(request)
         outcome = await stow.store_stream(self.archive, request.stream(), ct.params["boundary"], study, base)
+        audit.record_stores(self.archive, request, outcome.tally)
         for _cls, sop, reason, why in outcome.failed:
             log.info("STOW-RS rejected %s (0x%04X): %s", sop or "a part", reason, why)
         study_url = f"{base}/studies/{study}" if study else None
@@ -222,6 +228,7 @@ class DicomWeb:
         req = wado_uri.parse_request(request.query_params)
         records = await run_in_threadpool(wado.select, self.archive.retriever, req.study, req.series, req.sop)
         record = records[0]
+        audit.record_view(self.archive, request, [record], "wado-uri")
         if req.media_type == DICOM:
             ts = wado.choose_syntax(record.transfer_syntax, [req.transfer_syntax])
             if ts is None:

@@ -34,6 +34,7 @@ import pydicom
 from starlette.concurrency import run_in_threadpool
 
 from bastion.archive import Archive
+from bastion.audit import StoreTally
 from bastion.dicomweb.multipart import MultipartError, MultipartStream, PartStart
 from bastion.dicomweb.negotiation import DICOM, parse_media_type
 from bastion.errors import (
@@ -89,6 +90,7 @@ class StowOutcome:
     failed: list[tuple[str, str, int, str]] = field(default_factory=list)  # class, instance, reason, why
     records: list[InstanceRecord] = field(default_factory=list)  # what was stored, for cache warm-up
     warned: dict[str, tuple[str, ...]] = field(default_factory=dict)  # SOP Instance UID: warnings, if stored so
+    tally: StoreTally = field(default_factory=StoreTally)  # per study, for the audit (bastion.dicomweb.audit)
 
     @property
     def http_status(self) -> int:
@@ -154,6 +156,7 @@ class _PartSink:
     def _refuse(self, reason: int, why: str, uids: tuple[str, str, str] | None = None) -> None:
         sop_class, sop, _ = uids or (_uids(bytes(self.head)) if self.head else ("", "", ""))
         self.outcome.failed.append((sop_class, sop, reason, why))
+        self.outcome.tally.failed(why)
         self.abort()
         self.refused = True
 
@@ -208,8 +211,10 @@ class _PartSink:
         except BastionError as exc:
             sop_class, sop, _ = _uids(bytes(self.head))  # parsed again only to name the failed instance
             self.outcome.failed.append((sop_class, sop, failure_reason(exc), exc.message))
+            self.outcome.tally.failed(exc.message)
             return
         r = result.record
+        self.outcome.tally.stored(r.study_uid, result.patient_id)
         url = f"{base}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_uid}"
         self.outcome.stored.append((r.sop_class_uid, r.sop_uid, url))
         self.outcome.records.append(r)

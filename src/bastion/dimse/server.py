@@ -401,6 +401,7 @@ class DicomServer:
                 task.cancel()
             for fut in session.replies.values():
                 fut.cancel()
+            self.services.end_session(session)  # its C-STOREs, audited once per study
             self._uncount(peer, refused)
             assoc.close()
 

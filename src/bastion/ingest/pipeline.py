@@ -269,7 +269,8 @@ class Ingest:
                 if current is not None and (current.digest == digest or _same_content(current.digest, w.reader)):
                     self._heal(current, w.reader)
                     w.abort()
-                    return StoreResult(StoreStatus.DUPLICATE, current, warnings=header.warnings)
+                    return StoreResult(StoreStatus.DUPLICATE, current, warnings=header.warnings,
+                                       patient_id=header.patient_id)
             stamp = self._stamps.next()
             key = object_key(header.sop_uid, stamp, digest, self.node_id)
             durable = w.start_commit(key)  # written now, flushed while the index works
@@ -362,8 +363,8 @@ class Ingest:
                 self._heal(current, lambda: self.blobs.open(record.blob_key))
             finally:
                 self.blobs.delete(record.blob_key)
-            return StoreResult(status, current, warnings=staged.warnings)
-        return StoreResult(status, record, seq, staged.warnings)
+            return StoreResult(status, current, warnings=staged.warnings, patient_id=staged.obj.patient_id)
+        return StoreResult(status, record, seq, staged.warnings, staged.obj.patient_id)
 
     #: How many times :meth:`_stored_again` stores one object again before it gives up (each time another node
     #: stored a newer version meanwhile).

@@ -65,6 +65,8 @@ class StoreResult:
     seq: int | None = None  # change-log sequence of the change, None for a duplicate
     #: Why the object was accepted only with a warning (``bastion.ingest.header.Header.warnings``).
     warnings: tuple[str, ...] = ()
+    #: The instance's Patient ID (what an audit message names the patient by, PS3.15 A.5.3.2).
+    patient_id: str = ""
 
 
 #: A node id: the identity of one node among those sharing an archive's blob store (the ``node_id`` setting).

@@ -1,0 +1,147 @@
+"""The audit trail end to end: a real server, DCMTK storescu / findscu / movescu and HTTP QIDO-RS, WADO-RS,
+WADO-URI and STOW-RS; the entries name the right user, address, studies and counts; ``bastion audit verify`` says
+OK; an edited line makes it fail naming that line; the export is PS3.15 A.5 XML in RFC 5424 syslog lines."""
+
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import DEST_AET, HAVE_DCMTK, BastionServer, StoreSCP, make_study, run_bastion, run_dcmtk, unavailable
+
+BOUNDARY = "auditboundary"
+
+
+@pytest.fixture(autouse=True)
+def _dcmtk() -> None:
+    if not HAVE_DCMTK:
+        unavailable("DCMTK not installed")
+
+
+def _wait_for(entries: Callable[[], list[dict[str, Any]]], wanted: Callable[[list[dict[str, Any]]], bool],
+              timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Poll ``entries`` until ``wanted`` holds (the writers flush every 200 ms; a generous deadline)."""
+    deadline = time.monotonic() + timeout
+    found = entries()
+    while not wanted(found) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = entries()
+    return found
+
+
+def _of(found: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
+    return [e for e in found if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_accesses_are_audited_and_the_chain_verifies(tmp_path: Path, storescp: StoreSCP,
+                                                     bastion_factory: Callable[..., BastionServer]) -> None:
+    server = bastion_factory(remotes=(f"{DEST_AET}@127.0.0.1:{storescp.port}",))
+    study = make_study(tmp_path / "study", series=2, per_series=3)
+    other = make_study(tmp_path / "other", series=1, per_series=2)
+
+    # DIMSE: one association storing 6 instances, a C-FIND, a C-MOVE
+    proc = run_dcmtk("storescu", "-v", "-aet", "MODALITY1", *server.addr(), *map(str, study.files), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_dcmtk("findscu", "-v", "-S", "-aet", "FINDER", "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"PatientID={study.patient_id}", "-k", "StudyInstanceUID", *server.addr(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_dcmtk("movescu", "-v", "-S", "-aet", "MOVER", "-aem", DEST_AET, "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"StudyInstanceUID={study.study_uid}", *server.addr(), timeout=90)
+    assert proc.returncode == 0, proc.stderr
+
+    # HTTP: QIDO-RS, WADO-RS metadata, WADO-URI, STOW-RS
+    (sop_path, *_) = study.files
+    with httpx.Client(base_url=server.url(""), timeout=30) as http:
+        r = http.get("/dicom-web/studies", params={"PatientID": study.patient_id},
+                     headers={"Accept": "application/dicom+json"})
+        assert r.status_code == 200 and len(r.json()) == 1
+        r = http.get(f"/dicom-web/studies/{study.study_uid}/metadata", headers={"Accept": "application/dicom+json"})
+        assert r.status_code == 200 and len(r.json()) == 6
+        series_uid = next(iter(study.series))
+        sop_uid = sop_path.stem
+        r = http.get("/wado", params={"requestType": "WADO", "studyUID": study.study_uid, "seriesUID": series_uid,
+                                      "objectUID": sop_uid, "contentType": "application/dicom"})
+        assert r.status_code == 200
+        body = b"".join(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes()
+                        + b"\r\n" for f in other.files) + f"--{BOUNDARY}--\r\n".encode()
+        r = http.post("/dicom-web/studies", content=body, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+            "Accept": "application/dicom+json"})
+        assert r.status_code == 200, r.text
+
+        def recent() -> list[dict[str, Any]]:
+            rsp = http.get("/api/audit", params={"limit": 200})
+            assert rsp.status_code == 200, rsp.text
+            return list(rsp.json()["entries"])
+
+        found = _wait_for(recent, lambda f: len(_of(f, "store")) >= 2 and _of(f, "retrieve") and _of(f, "view", count=1))
+
+        # the C-STOREs: one event for the association's study, not six
+        (stored,) = _of(found, "store", via="dimse")
+        assert stored["user"] == "MODALITY1" and stored["address"] == "127.0.0.1"
+        assert stored["studies"] == [study.study_uid] and stored["count"] == 6
+        assert stored["patient_id"] == study.patient_id and stored["outcome"] == 0
+        (stowed,) = _of(found, "store", via="dicomweb")
+        assert stowed["studies"] == [other.study_uid] and stowed["count"] == 2 and stowed["user"] == "anonymous"
+        # the C-FIND and the QIDO-RS search
+        (find,) = _of(found, "query", via="dimse")
+        assert find["user"] == "FINDER" and find["level"] == "STUDY" and find["count"] == 1
+        assert f"PatientID={study.patient_id}" in find["detail"] and find["patient_id"] == study.patient_id
+        (qido,) = _of(found, "query", via="dicomweb")
+        assert qido["address"] == "127.0.0.1" and qido["count"] == 1 and qido["level"] == "STUDY"
+        # the C-MOVE
+        (moved,) = _of(found, "retrieve")
+        assert moved["user"] == "MOVER" and moved["destination"] == DEST_AET
+        assert moved["studies"] == [study.study_uid] and moved["count"] == 6
+        # the views: the metadata of 6 instances, one instance over WADO-URI
+        assert _of(found, "view", detail="metadata", count=6, studies=[study.study_uid])
+        assert _of(found, "view", detail="wado-uri", count=1, studies=[study.study_uid])
+        # the server's start
+        assert _of(found, "config", event_type="110120")
+        seqs = [e["seq"] for e in found]
+        assert seqs == sorted(seqs, reverse=True)  # newest first
+        assert http.get("/api/audit", params={"kind": "nonsense"}).status_code == 400
+        assert [e["kind"] for e in http.get("/api/audit", params={"kind": "retrieve"}).json()["entries"]] == ["retrieve"]
+        check = http.get("/api/audit/verify").json()
+        assert check["ok"] is True, check
+
+    server.stop()
+    data = server.data
+    proc = run_bastion("audit", "verify", "--data", data)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("OK: ")
+
+    proc = run_bastion("audit", "export", "--data", data, "--format", "syslog")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) >= 8
+    for line in lines:
+        assert line.startswith(("<85>1 ", "<84>1 ")) and " bastion " in line and " IHE+RFC-3881 - " in line
+        ET.fromstring(line.split(" - \ufeff", 1)[1])
+    moved_xml = [line for line in lines if 'UserID="MOVER"' in line and 'UserID="DEST"' in line]
+    assert len(moved_xml) == 1
+    root = ET.fromstring(moved_xml[0].split(" - \ufeff", 1)[1])
+    event_id = root.find("EventIdentification/EventID")
+    assert event_id is not None and event_id.get("csd-code") == "110104"
+    proc = run_bastion("audit", "export", "--data", data, "--format", "jsonl", "--out", tmp_path / "audit.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    exported = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert exported[-1]["event_type"] == "110121"  # the stop, last
+    assert exported[-1]["message"]["EventIdentification"]["EventID"]["csd-code"] == "110100"
+
+    # an edited entry: verify names its file and line
+    (log_file,) = sorted((data / "audit").glob("audit-*.jsonl"))
+    raw = log_file.read_bytes().splitlines(keepends=True)
+    number = next(i for i, line in enumerate(raw) if b'"MOVER"' in line)
+    raw[number] = raw[number].replace(b'"MOVER"', b'"NOBODY"')
+    log_file.write_bytes(b"".join(raw))
+    proc = run_bastion("audit", "verify", "--data", data)
+    assert proc.returncode == 1
+    assert f"{log_file.name} line {number + 1} (seq {number + 1})" in proc.stdout and "edited" in proc.stdout
