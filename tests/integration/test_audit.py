@@ -13,8 +13,16 @@ from typing import Any
 
 import httpx
 import pytest
-
-from conftest import DEST_AET, HAVE_DCMTK, BastionServer, StoreSCP, make_study, run_bastion, run_dcmtk, unavailable
+from conftest import (
+    DEST_AET,
+    HAVE_DCMTK,
+    BastionServer,
+    StoreSCP,
+    make_study,
+    run_bastion,
+    run_dcmtk,
+    unavailable,
+)
 
 BOUNDARY = "auditboundary"
 

@@ -11,9 +11,9 @@ from functools import partial
 from typing import Any
 
 from bastion.archive import Archive
-from bastion.audit import AuditEvent, AuditKind, Outcome
+from bastion.audit import AuditEvent, AuditKind, Outcome, StoreTally
+from bastion.audit.events import query_event
 from bastion.dimse import messages as m
-from bastion.dimse.access import ALL, Grant, ServiceRefused, service_of
 from bastion.dimse.association import Association, BytesSink, DatasetSink, Message
 from bastion.dimse.commitment import StorageCommitment, UpstreamHolds
 from bastion.dimse.identifiers import (
@@ -71,15 +71,14 @@ class Session:
     open: bool = True
     #: Storage Commitment results of this association's requests not yet sent on it, nor given up there.
     results_pending: int = 0
-    #: The services this association may use (:mod:`bastion.dimse.access`), decided at its A-ASSOCIATE-RQ.
-    grant: Grant = ALL
-    #: The peer's IP address.
-    address: str = ""
+    #: The C-STOREs of this association per study, audited once at its end (:meth:`Services.end_session`).
+    stores: StoreTally = field(default_factory=StoreTally)
 
+    def audit_who(self) -> dict[str, Any]:
+        """Who is asking, for an audit event: the calling AE title, its IP address, the AE title it called."""
+        return {"user": self.assoc.calling_aet, "address": self.assoc.peername.rsplit(":", 1)[0],
+                "destination": self.assoc.called_aet, "via": "dimse"}
 
-#: The audit event a refused request is recorded as (a refused C-ECHO or N-ACTION: as an association event).
-_AUDIT_KIND = {"store": AuditKind.STORE, "find": AuditKind.QUERY, "move": AuditKind.RETRIEVE,
-               "get": AuditKind.RETRIEVE}
 
 
 def _comment(text: str) -> str:
@@ -104,8 +103,6 @@ class Services:
         cmd = msg.command
         if cmd["CommandField"] != m.C_STORE_RQ:
             return BytesSink()
-        if not session.grant.allows("store"):  # its dataset is read and dropped; dispatch answers 0x0124
-            return FailedSink(ServiceRefused("store not granted"))
         try:
             return self.archive.ingest.begin_dimse(
                 f"dimse:{session.assoc.calling_aet}", str(cmd.get("AffectedSOPClassUID", "")),
@@ -123,10 +120,6 @@ class Services:
     async def dispatch(self, session: Session, msg: Message) -> None:
         """Handle one complete message."""
         field_ = msg.command["CommandField"]
-        service = service_of(field_, msg.context.abstract_syntax)
-        if service is not None and not session.grant.allows(service):
-            await self._not_authorized(session, msg, service)
-            return
         if field_ == m.C_STORE_RQ:
             await self.c_store(session, msg)
         elif field_ == m.C_ECHO_RQ:
@@ -153,30 +146,6 @@ class Services:
                 "CommandField": field_ | 0x8000, "MessageIDBeingRespondedTo": msg.command.get("MessageID", 0),
                 "Status": m.UNRECOGNIZED_OPERATION})
 
-    async def _not_authorized(self, session: Session, msg: Message, service: str) -> None:
-        """Refuse a request for a service the association was not granted: 0x0124 Refused: Not Authorized (PS3.7
-        Annex C), logged and audited; a C-STORE's dataset was dropped as it arrived (:meth:`open_sink`)."""
-        cmd = msg.command
-        calling = session.assoc.calling_aet
-        why = f"{service} not granted to {calling}"
-        log.warning("refusing %s from %s (%s): %s (0x0124 not authorized)", service, calling, session.address, why)
-        self.refused(session, service, why)
-        rsp: dict[str, Any] = {"CommandField": cmd["CommandField"] | 0x8000,
-                               "MessageIDBeingRespondedTo": cmd.get("MessageID", 0),
-                               "AffectedSOPClassUID": cmd.get("AffectedSOPClassUID") or msg.context.abstract_syntax,
-                               "Status": ServiceRefused.dimse_status, "ErrorComment": _comment(why)}
-        if cmd.get("AffectedSOPInstanceUID"):
-            rsp["AffectedSOPInstanceUID"] = cmd["AffectedSOPInstanceUID"]
-        await session.assoc.send_message(msg.context.id, rsp)
-
-    def refused(self, session: Session, service: str, why: str) -> None:
-        """Audit a request refused by the access rules (:mod:`bastion.dimse.access`)."""
-        self.archive.audit.record(AuditEvent(
-            kind=_AUDIT_KIND.get(service, AuditKind.ASSOCIATION), outcome=Outcome.MINOR_FAILURE,
-            user=session.assoc.calling_aet,
-            address=session.address, destination=session.assoc.called_aet, via="dimse",
-            detail=f"{service} refused: {why}"))
-
     async def _refuse(self, session: Session, msg: Message, why: str) -> None:
         """Answer a Q/R request that is not run: 0x0210 for a Message ID in use by a running one (PS3.7 C.5.2),
         else refused out of resources (PS3.4 C.4.1.1.4, C.4.2.1.4, C.4.3.1.4)."""
@@ -197,6 +166,9 @@ class Services:
         except BastionError as exc:
             log.warning("%s from %s failed: %s", hex(msg.command["CommandField"]), session.assoc.calling_aet,
                         exc.message)
+            self.archive.audit.record(AuditEvent(
+                AuditKind.QUERY if msg.command["CommandField"] == m.C_FIND_RQ else AuditKind.RETRIEVE,
+                Outcome.SERIOUS_FAILURE, **session.audit_who(), detail=exc.message))
             await self._final(session, msg, rsp_field, exc.dimse_status, comment=exc.message)
         except Exception as exc:
             log.exception("query/retrieve from %s failed", session.assoc.calling_aet)
@@ -242,13 +214,21 @@ class Services:
             # One path for every object: the loop checks the header while the disk flushes, and awaits the
             # flush and any other writer of the index instead of waiting for them (it serves others meanwhile).
             result = await self.archive.ingest.finish_async(sink, sop_class=sop_class, sop_uid=sop_uid)
+            session.stores.stored(result.record.study_uid, result.patient_id)
             rsp["Status"] = STORED_WITH_WARNINGS if result.warnings else m.SUCCESS
             if result.warnings:
                 rsp["ErrorComment"] = _comment("; ".join(result.warnings))
         except BastionError as exc:
             rsp["Status"] = exc.dimse_status
             rsp["ErrorComment"] = _comment(exc.message)
+            session.stores.failed(exc.message)
         await session.assoc.send_message(msg.context.id, rsp)
+
+    def end_session(self, session: Session) -> None:
+        """Audit the association's C-STOREs, one event per study (PS3.15 A.5.3.2), when it ends."""
+        if session.stores:
+            for event in session.stores.events(AuditEvent(AuditKind.STORE, **session.audit_who())):
+                self.archive.audit.record(event)
 
     # -- C-FIND (PS3.4 C.4.1) ---------------------------------------------------------------------
     def _identifier(self, msg: Message) -> tuple[QueryLevel, Any, list[int]]:
@@ -263,6 +243,7 @@ class Services:
     async def c_find(self, session: Session, msg: Message) -> None:
         level, conditions, tags = self._identifier(msg)
         results = await self._run(self.archive.finder.find, level, conditions)
+        self.archive.audit.record(query_event(conditions, level.value, len(results), **session.audit_who()))
         ts = msg.context.transfer_syntax
         mid = msg.command["MessageID"]
         for result in results:
@@ -301,17 +282,17 @@ class Services:
         dest = str(msg.command.get("MoveDestination", "")).strip()
         if self.archive.settings.remote(dest) is None:
             raise UnknownDestination(f"move destination {dest!r} is not a configured remote AE")
-        if not session.grant.may_move_to(dest):  # logged and audited as a failed retrieve by _guard
-            raise UnknownDestination(f"move destination {dest!r} not granted to {session.assoc.calling_aet}")
         level, conditions = self._retrieve_keys(msg)
         records = list(await self._run(self.archive.retriever.select, level, conditions))
         if not records:  # nothing matches: zero sub-operations, no association with the destination, no job
+            self._audit_retrieve(session, dest, records, Tally(0))
             await self._answer(session, msg, Tally(0))
             return
         calling, mid = session.assoc.calling_aet, msg.command["MessageID"]
         job, tally = await self.moves.request(
             move_key(calling, dest, level, conditions), move_payload(dest, records, (calling, mid)), records,
             stop=lambda: mid in session.cancelled, progress=partial(self._pending, session, msg))
+        self._audit_retrieve(session, dest, records, tally)
         if await self._answer(session, msg, tally):
             await self._run(self.archive.jobs.answered, job)
 
@@ -365,7 +346,21 @@ class Services:
                                        peer=session.assoc.calling_aet, stop=lambda: mid in session.cancelled,
                                        done=pending):
             tally.cancelled = True
+        self._audit_retrieve(session, session.assoc.calling_aet, records, tally)
         await self._answer(session, msg, tally)
+
+    def _audit_retrieve(self, session: Session, destination: str, records: list[InstanceRecord], tally: Tally) -> None:
+        """Audit a C-MOVE or C-GET (PS3.15 A.5.3.2, instances sent): its destination, the studies and patient,
+        the instances delivered; a failure outcome if some sub-operations failed or it was cancelled."""
+        studies = tuple(dict.fromkeys(r.study_uid for r in records))
+        outcome = (Outcome.SUCCESS if not tally.failed and not tally.cancelled
+                   else Outcome.MINOR_FAILURE if tally.completed or tally.warning else Outcome.SERIOUS_FAILURE)
+        detail = ", ".join(f for f in (f"{tally.failed} failed" if tally.failed else "",
+                                       "cancelled" if tally.cancelled else "") if f)
+        self.archive.audit.record(AuditEvent(
+            AuditKind.RETRIEVE, outcome, "R", **{**session.audit_who(), "destination": destination},
+            studies=studies[:100],
+            count=tally.completed + tally.warning, detail=detail))
 
     async def _pending(self, session: Session, msg: Message, tally: Tally) -> None:
         """A pending C-MOVE or C-GET response with the counts so far (PS3.4 C.4.2.1.4, C.4.3.1.4)."""

@@ -30,8 +30,8 @@ from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, MatchType
 from bastion.model.uids import is_identifiable_uid
 from bastion.settings import UPSTREAM
-from bastion.web.export import export_route
 from bastion.web.audit_api import audit_routes
+from bastion.web.export import export_route
 from bastion.web.openapi import openapi_document
 
 if TYPE_CHECKING:
