@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bastion.errors import BastionError
+from bastion.model.peers import DicomPeer, parse_peers
 
 if TYPE_CHECKING:
     from bastion.model.matching import Condition
@@ -281,6 +282,18 @@ class Settings:
     auth_failure_limit: int = 10
     #: The longest lifetime of a break-glass token, in hours.
     auth_emergency_max_hours: float = 24.0
+    #: ``[dimse.peers]``: the known calling AEs, each with its hosts and DIMSE services (:mod:`bastion.model.peers`).
+    dimse_peers: tuple[DicomPeer, ...] = ()
+    #: ``[dimse] allow_unknown``: whether AEs not in ``dimse_peers`` may associate (with every service). None
+    #: ("auto"): true while no peer is listed, false once any is. See :attr:`allows_unknown_peers`.
+    dimse_allow_unknown: bool | None = None
+    #: DICOM TLS port (PS3.15 B.9, BCP 195); 0: no TLS listener.
+    tls_port: int = 0
+    #: The TLS listener's certificate (PEM, with its chain) and private key (PEM, unencrypted).
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: CA certificates (PEM) that client certificates must chain to; set: a client certificate is required.
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
         """Edge mode's always-on rule: ``upstream`` adds a forward rule named :data:`UPSTREAM` matching everything."""
@@ -292,6 +305,12 @@ class Settings:
             raise SettingsError(f"a [[forward]] rule is named {UPSTREAM!r}: that name is edge mode's (upstream)")
         if not mine:
             object.__setattr__(self, "forward", (*self.forward, rule))
+
+    @property
+    def allows_unknown_peers(self) -> bool:
+        """Whether a calling AE not in ``dimse_peers`` may associate: ``dimse_allow_unknown``, or when that is
+        "auto" (None), whether no peer is listed."""
+        return not self.dimse_peers if self.dimse_allow_unknown is None else self.dimse_allow_unknown
 
     @property
     def upstream_rule(self) -> ForwardRule | None:
@@ -337,6 +356,12 @@ def _coerce(name: str, value: Any) -> Any:
             if name == "prefetch_priors" and count < 0:
                 raise ValueError(f"{value!r} is not a number >= 0 (0: none)")
             return count
+        if name == "dimse_allow_unknown":
+            if value is None or str(value).strip().lower() in ("", "auto"):
+                return None
+            return _coerce("auth_enabled", value)
+        if name == "dimse_peers":
+            return parse_peers(value)
         if kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -440,6 +465,18 @@ def _check_auth(settings: Settings) -> None:
                             "e.g. RS256, ES256, EdDSA)")
 
 
+def _check_dimse(settings: Settings) -> None:
+    """A peer's move destinations must be configured remotes; a TLS port needs a certificate and its key."""
+    for peer in settings.dimse_peers:
+        unknown = sorted(d for d in peer.move_destinations or () if settings.remote(d) is None)
+        if unknown:
+            raise SettingsError(f"[dimse.peers] {peer.aet}: move destination(s) {', '.join(unknown)} not in [remotes]")
+    if settings.tls_port and not (settings.tls_cert and settings.tls_key):
+        raise SettingsError("tls_port needs tls_cert and tls_key (PEM files)")
+    if settings.tls_port and settings.tls_port == settings.dicom_port:
+        raise SettingsError(f"tls_port and dicom_port are both {settings.tls_port}")
+
+
 def _without_file_scheme(location: str) -> str:
     """A ``file://`` URL's path; any other location as it is."""
     return location[len("file://"):] if location.startswith("file://") else location
@@ -481,6 +518,7 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
         values[name] = value
     settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
     _check_auth(settings)
+    _check_dimse(settings)
     if not 0 <= settings.copies_required <= len(settings.blob_locations):
         raise SettingsError(f"copies_required = {settings.copies_required}, but {len(settings.blob_locations)} "
                             "blob store(s) are configured")

@@ -38,6 +38,7 @@ from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.moves import MoveRunner
 from bastion.dimse.server import DicomServer, LoadBoard
+from bastion.dimse.tls import server_context
 from bastion.errors import BastionError
 from bastion.forward import open_queue
 from bastion.forward.edge import Edge, upstream_holds
@@ -86,6 +87,15 @@ def listening_socket(host: str, port: int, what: str) -> socket.socket:
 def dicom_socket(settings: Settings) -> socket.socket:
     """The bound, listening DICOM socket (shared by every worker)."""
     return listening_socket(settings.host, settings.dicom_port, "DICOM")
+
+
+def tls_socket(settings: Settings) -> socket.socket | None:
+    """The bound, listening DICOM TLS socket (shared by every worker), None without ``tls_port``. The certificate,
+    key and CA are loaded once here first, so a file that cannot be used stops ``bastion serve`` with its reason."""
+    if not settings.tls_port:
+        return None
+    server_context(settings)
+    return listening_socket(settings.host, settings.tls_port, "DICOM TLS")
 
 
 async def _until_signal(*extra: asyncio.Future[Any]) -> None:
@@ -155,7 +165,7 @@ async def _when_serving(http: uvicorn.Server, rebuild: OnlineRebuild) -> None:
 
 
 async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socket, board: LoadBoard,
-                parent: int) -> None:
+                parent: int, tls_sock: socket.socket | None = None) -> None:
     """The primary process (worker 0): DICOM and HTTP until SIGINT/SIGTERM or its supervisor is gone; it alone runs
     the repair and scrub of the blob stores' copies, the forwarder and an online rebuild of the index."""
     archive = Archive.open(settings)
@@ -163,7 +173,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     status = ServerStatus()
     status.index_rebuild = online_rebuild(archive, parent)
     dicom = DicomServer(archive, board=board, worker=0, upstream_holds=upstream_holds(archive))
-    await dicom.start(settings.host, settings.dicom_port, sock=sock)
+    await dicom.start(settings.host, settings.dicom_port, sock=sock, tls_sock=tls_sock)
     runner = MoveRunner(dicom.services.moves)  # the node's one runner of C-MOVE jobs whose lease ran out
     runner.start()
     forwarder, edge = await start_forwarder(archive)
@@ -182,6 +192,11 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     log.info("Bastion %s: node %s, DICOM %s@%s:%d (%d worker(s)), HTTP http://%s:%d, data %s", __version__,
              archive.node_id, settings.aet, settings.host, settings.dicom_port, settings.workers, settings.host,
              settings.http_port, settings.data)
+    if settings.tls_port:
+        log.info("DICOM TLS %s:%d (TLS 1.2+, BCP 195), client certificates %s", settings.host, settings.tls_port,
+                 f"required (CA {settings.tls_ca})" if settings.tls_ca else "not asked for")
+    log.info("DICOM access: %d known peer(s), unknown calling AE titles %s", len(settings.dimse_peers),
+             "allowed" if settings.allows_unknown_peers else "rejected")
     parts = archive.capabilities()
     if parts.header_scan == "python":
         log.warning("the compiled header scan is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
@@ -212,11 +227,12 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     archive.close()
 
 
-async def serve_worker(settings: Settings, sock: socket.socket, parent: int, board: LoadBoard, worker: int) -> None:
+async def serve_worker(settings: Settings, sock: socket.socket, parent: int, board: LoadBoard, worker: int,
+                       tls_sock: socket.socket | None = None) -> None:
     """An extra DICOM worker process: no HTTP, exits with its parent."""
     archive = Archive.open(settings, primary=False)
     dicom = DicomServer(archive, board=board, worker=worker, upstream_holds=upstream_holds(archive))
-    await dicom.start(settings.host, settings.dicom_port, sock=sock)
+    await dicom.start(settings.host, settings.dicom_port, sock=sock, tls_sock=tls_sock)
     await _until_signal(asyncio.ensure_future(_orphaned(parent)))
     await dicom.close()
     archive.close()
@@ -415,6 +431,7 @@ def run_serve(args: argparse.Namespace) -> int:
     marker.acquire()
     try:
         sock = dicom_socket(settings)
+        tls_sock = tls_socket(settings)
         http_sock = listening_socket(settings.host, settings.http_port, "HTTP")
     except BastionError:
         marker.release()
@@ -422,9 +439,11 @@ def run_serve(args: argparse.Namespace) -> int:
     parent = os.getpid()
     board = LoadBoard(settings.workers, peers=settings.max_associations)
     roles: dict[str, tuple[Any, tuple[Any, ...]]] = {
-        "DICOM worker 0 (and HTTP)": (lambda: asyncio.run(serve(settings, sock, http_sock, board, parent)), ())}
+        "DICOM worker 0 (and HTTP)": (lambda: asyncio.run(serve(settings, sock, http_sock, board, parent, tls_sock)),
+                                      ())}
     for w in range(1, settings.workers):
-        roles[f"DICOM worker {w}"] = (lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w)), ())
+        roles[f"DICOM worker {w}"] = (lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w, tls_sock)),
+                                      ())
     roles["metadata warmer"] = (run_warmer, (settings, parent))
     try:
         Supervisor(roles, close_in_children=(marker.fd,), switch=lambda began: switch_index(settings, began),

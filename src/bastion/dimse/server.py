@@ -11,6 +11,7 @@ import mmap
 import os
 import select
 import socket
+import ssl
 import struct
 import tempfile
 import time
@@ -19,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.archive import Archive
+from bastion.audit import AuditEvent, AuditKind, Outcome
+from bastion.dimse.access import AccessPolicy, Rejection, certificate_subject
 from bastion.dimse.association import (
     MAX_ASSOCIATE_RQ,
     MAX_INCOMING_PDU,
@@ -41,6 +44,7 @@ from bastion.dimse.pdu import (
     REJECTED_PERMANENT,
     REJECTED_TRANSIENT,
     SOURCE_PROVIDER_PRESENTATION,
+    SOURCE_SERVICE_USER,
     AssociateRQ,
     PDUError,
     PDURefused,
@@ -50,6 +54,7 @@ from bastion.dimse.pdu import (
     encode_release,
 )
 from bastion.dimse.services import Services, Session
+from bastion.dimse.tls import describe, server_context
 
 log = logging.getLogger("bastion.dimse")
 
@@ -270,25 +275,37 @@ class DicomServer:
         self.worker = worker if board is not None else 0
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="bastion-dimse")
         self.services = Services(archive, self.executor, upstream_holds=upstream_holds)
+        self.policy = AccessPolicy(settings)
+        self.tls: ssl.SSLContext | None = server_context(settings) if settings.tls_port else None
         self.sock: socket.socket | None = None
-        self._accepting: asyncio.Task[None] | None = None
+        self.tls_sock: socket.socket | None = None
+        self._accepting: list[asyncio.Task[None]] = []
         self.active = 0  # associations counted on the board
         self._refusing = 0  # connections being answered A-ASSOCIATE-RJ for a limit
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> socket.socket:
-        """Listen on ``host:port``, or on an already-bound socket shared with other worker processes."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None, *,
+                    tls_sock: socket.socket | None = None) -> socket.socket:
+        """Listen on ``host:port``, or on an already-bound socket shared with other worker processes; with
+        ``tls_port`` set, for DICOM TLS too, on ``host:tls_port`` or ``tls_sock`` (same services, same rules)."""
         if sock is None:
             sock = socket.create_server((host, port), backlog=256, reuse_port=False)
             sock.setblocking(False)
+        if self.tls is not None and tls_sock is None:
+            tls_sock = socket.create_server((host, self.settings.tls_port), backlog=256, reuse_port=False)
+            tls_sock.setblocking(False)
         await asyncio.get_running_loop().run_in_executor(self.executor, self.archive.blobs.prepare)
         self.board.register(self.worker)
-        self.sock = sock
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        self.sock, self.tls_sock = sock, tls_sock if self.tls is not None else None
+        loop = asyncio.get_running_loop()
+        self._accepting = [loop.create_task(self._accept_loop(sock, None))]
+        if self.tls is not None and tls_sock is not None:
+            self._accepting.append(loop.create_task(self._accept_loop(tls_sock, self.tls)))
         return sock
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
+    async def _accept_loop(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
         """Accept associations one at a time; with a :class:`LoadBoard`, leave them to less busy workers.
+        ``tls``: the listener's TLS context (DICOM TLS), whose handshake each connection's own task makes.
 
         Every worker wakes when a connection is pending. One that serves more associations than the least
         busy one gives that one :attr:`BALANCE_WAIT_S` to take it (checking every millisecond), then takes
@@ -329,16 +346,46 @@ class DicomServer:
                 continue
             else:
                 self._refusing += 1
-            stream = PDUStream(limit=MAX_ASSOCIATE_RQ, reserve=MAX_ASSOCIATE_RQ, kinds=UNASSOCIATED_PDUS)
-            try:
-                await loop.connect_accepted_socket(lambda s=stream: s, conn)  # type: ignore[misc]
-            except OSError:
-                conn.close()
-                self._uncount(peer, refused)
-                continue
-            task = loop.create_task(self.handle(stream, peer, accepted_at, refused))
+            if tls is None:  # at once: the connection's first bytes are the A-ASSOCIATE-RQ
+                stream = await self._connect(conn, address, peer, refused, None)
+                if stream is None:
+                    continue
+                task = loop.create_task(self.handle(stream, peer, accepted_at, refused))
+            else:  # the TLS handshake in the connection's own task: a slow one holds up no other
+                task = loop.create_task(self._handshake_then_handle(conn, address, peer, accepted_at, refused, tls))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket, address: object, peer: str, refused: str | None,
+                       tls: ssl.SSLContext | None) -> PDUStream | None:
+        """The accepted ``conn`` as a :class:`PDUStream`; over TLS once its handshake is done, within the ARTIM
+        timeout (PS3.8 9.1.5, which the A-ASSOCIATE-RQ's own deadline then also counts from). None, logged in one
+        line, audited and uncounted, when the connection or its handshake fails."""
+        stream = PDUStream(limit=MAX_ASSOCIATE_RQ, reserve=MAX_ASSOCIATE_RQ, kinds=UNASSOCIATED_PDUS)
+        loop = asyncio.get_running_loop()
+        try:
+            if tls is None:
+                await loop.connect_accepted_socket(lambda: stream, conn)
+            else:
+                await loop.connect_accepted_socket(lambda: stream, conn, ssl=tls,
+                                                   ssl_handshake_timeout=self.settings.dicom_artim_timeout)
+        except OSError as exc:  # TimeoutError, ssl.SSLError and ConnectionError are OSErrors
+            conn.close()
+            self._uncount(peer, refused)
+            if tls is not None:
+                why = f"TLS handshake failed: {describe(exc)}"
+                log.warning("closing TLS connection from %s: %s", _where(address), why)
+                self.archive.audit.record(AuditEvent(
+                    kind=AuditKind.ASSOCIATION, outcome=Outcome.MINOR_FAILURE, address=peer,
+                    destination=self.settings.aet, via="dimse", detail=why))
+            return None
+        return stream
+
+    async def _handshake_then_handle(self, conn: socket.socket, address: object, peer: str, accepted_at: float,
+                                     refused: str | None, tls: ssl.SSLContext) -> None:
+        stream = await self._connect(conn, address, peer, refused, tls)
+        if stream is not None:
+            await self.handle(stream, peer, accepted_at, refused)
 
     def _uncount(self, peer: str, refused: str | None) -> None:
         if refused is None:
@@ -351,12 +398,12 @@ class DicomServer:
         """Serve one connection from A-ASSOCIATE-RQ to release or abort; the accept loop counted it at
         ``accepted_at`` (the loop's clock), or found it over a limit, ``refused`` saying which."""
         assoc = Association(stream)
-        session = Session(assoc)
+        session = Session(assoc, address=peer)
         established = False
         try:
             if refused is not None:
                 await self._refuse(assoc, accepted_at, refused)
-            elif await self._negotiate(assoc, accepted_at):
+            elif await self._negotiate(session, accepted_at):
                 established = True
                 services = self.services
 
@@ -427,16 +474,43 @@ class DicomServer:
         rejected-transient, service-provider (presentation), local-limit-exceeded (PS3.8 9.3.4), and close."""
         rq = await self._request(assoc, accepted_at)
         log.warning("rejecting association from %s (%s): %s", rq.calling_aet, assoc.peername, why)
+        self._audit(assoc, Outcome.MINOR_FAILURE, f"rejected: {why}")
         await assoc.send_raw(encode_reject(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION,
                                            REASON_LOCAL_LIMIT_EXCEEDED))
         assoc.close()
 
-    async def _negotiate(self, assoc: Association, accepted_at: float) -> bool:
+    def _audit(self, assoc: Association, outcome: Outcome, detail: str) -> None:
+        """Record an association accepted or rejected (PS3.15 A.5.3: the calling AE, its address, the called AE)."""
+        transport = assoc.stream.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+        self.archive.audit.record(AuditEvent(
+            kind=AuditKind.ASSOCIATION, outcome=outcome, user=assoc.calling_aet,
+            address=str(peer[0]) if peer else "", destination=assoc.called_aet, via="dimse",
+            detail=f"{detail} (TLS)" if tls else detail))
+
+    async def _negotiate(self, session: Session, accepted_at: float) -> bool:
+        """Answer the A-ASSOCIATE-RQ: A-ASSOCIATE-RJ when the access rules refuse the calling or called AE title
+        (:mod:`bastion.dimse.access`, PS3.8 9.3.4) or no presentation context is acceptable, else A-ASSOCIATE-AC
+        with the services granted kept on ``session``. Whether the association is established."""
+        assoc = session.assoc
         rq = await self._request(assoc, accepted_at)
+        transport = assoc.stream.transport
+        subject = certificate_subject(transport.get_extra_info("peercert")) if transport is not None else ""
+        decision = await self.policy.admit(rq.calling_aet, rq.called_aet, session.address, subject)
+        if isinstance(decision, Rejection):
+            log.warning("rejecting association from %s (%s) to %s: %s", rq.calling_aet, assoc.peername,
+                        rq.called_aet, decision.detail)
+            self._audit(assoc, Outcome.MINOR_FAILURE, f"rejected: {decision.detail}")
+            await assoc.send_raw(encode_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, decision.reason))
+            assoc.close()
+            return False
+        session.grant = decision
         answered, roles, accepted = negotiate(rq, self.archive.settings.storage_deny)
         if not accepted:
             log.warning("rejecting association from %s (%s): no presentation context acceptable",
                         rq.calling_aet, assoc.peername)
+            self._audit(assoc, Outcome.MINOR_FAILURE, "rejected: no presentation context acceptable")
             await assoc.send_raw(encode_reject(1, 1, 1))
             assoc.close()
             return False
@@ -451,6 +525,8 @@ class DicomServer:
         await assoc.send_raw(encode_associate(ac, ac=True))
         log.info("association from %s (%s) to %s: %d of %d contexts accepted", rq.calling_aet, assoc.peername,
                  rq.called_aet, len(accepted), len(rq.contexts))
+        self._audit(assoc, Outcome.SUCCESS, f"accepted: {', '.join(sorted(decision.services))}"
+                    + (f" (peer {decision.peer})" if decision.peer else ""))
         return True
 
     async def _serve(self, assoc: Association, session: Session) -> None:
@@ -496,10 +572,10 @@ class DicomServer:
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting associations and give those in progress, then the Storage Commitment results still being
         delivered, ``grace`` seconds each to finish."""
-        if self._accepting is not None:
-            self._accepting.cancel()
+        for accepting in self._accepting:
+            accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
+                await accepting
         if self._tasks:
             log.info("waiting up to %.0f s for %d association(s) to finish", grace, len(self._tasks))
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)

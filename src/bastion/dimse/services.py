@@ -14,6 +14,7 @@ from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, Outcome, StoreTally
 from bastion.audit.events import query_event
 from bastion.dimse import messages as m
+from bastion.dimse.access import ALL, Grant, ServiceRefused, service_of
 from bastion.dimse.association import Association, BytesSink, DatasetSink, Message
 from bastion.dimse.commitment import StorageCommitment, UpstreamHolds
 from bastion.dimse.identifiers import (
@@ -71,6 +72,10 @@ class Session:
     open: bool = True
     #: Storage Commitment results of this association's requests not yet sent on it, nor given up there.
     results_pending: int = 0
+    #: The services this association may use (:mod:`bastion.dimse.access`), decided at its A-ASSOCIATE-RQ.
+    grant: Grant = ALL
+    #: The peer's IP address.
+    address: str = ""
     #: The C-STOREs of this association per study, audited once at its end (:meth:`Services.end_session`).
     stores: StoreTally = field(default_factory=StoreTally)
 
@@ -79,6 +84,10 @@ class Session:
         return {"user": self.assoc.calling_aet, "address": self.assoc.peername.rsplit(":", 1)[0],
                 "destination": self.assoc.called_aet, "via": "dimse"}
 
+
+#: The audit event a refused request is recorded as (a refused C-ECHO or N-ACTION: as an association event).
+_AUDIT_KIND = {"store": AuditKind.STORE, "find": AuditKind.QUERY, "move": AuditKind.RETRIEVE,
+               "get": AuditKind.RETRIEVE}
 
 
 def _comment(text: str) -> str:
@@ -103,6 +112,8 @@ class Services:
         cmd = msg.command
         if cmd["CommandField"] != m.C_STORE_RQ:
             return BytesSink()
+        if not session.grant.allows("store"):  # its dataset is read and dropped; dispatch answers 0x0124
+            return FailedSink(ServiceRefused("store not granted"))
         try:
             return self.archive.ingest.begin_dimse(
                 f"dimse:{session.assoc.calling_aet}", str(cmd.get("AffectedSOPClassUID", "")),
@@ -120,6 +131,10 @@ class Services:
     async def dispatch(self, session: Session, msg: Message) -> None:
         """Handle one complete message."""
         field_ = msg.command["CommandField"]
+        service = service_of(field_, msg.context.abstract_syntax)
+        if service is not None and not session.grant.allows(service):
+            await self._not_authorized(session, msg, service)
+            return
         if field_ == m.C_STORE_RQ:
             await self.c_store(session, msg)
         elif field_ == m.C_ECHO_RQ:
@@ -145,6 +160,30 @@ class Services:
             await session.assoc.send_message(msg.context.id, {
                 "CommandField": field_ | 0x8000, "MessageIDBeingRespondedTo": msg.command.get("MessageID", 0),
                 "Status": m.UNRECOGNIZED_OPERATION})
+
+    async def _not_authorized(self, session: Session, msg: Message, service: str) -> None:
+        """Refuse a request for a service the association was not granted: 0x0124 Refused: Not Authorized (PS3.7
+        Annex C), logged and audited; a C-STORE's dataset was dropped as it arrived (:meth:`open_sink`)."""
+        cmd = msg.command
+        calling = session.assoc.calling_aet
+        why = f"{service} not granted to {calling}"
+        log.warning("refusing %s from %s (%s): %s (0x0124 not authorized)", service, calling, session.address, why)
+        self.refused(session, service, why)
+        rsp: dict[str, Any] = {"CommandField": cmd["CommandField"] | 0x8000,
+                               "MessageIDBeingRespondedTo": cmd.get("MessageID", 0),
+                               "AffectedSOPClassUID": cmd.get("AffectedSOPClassUID") or msg.context.abstract_syntax,
+                               "Status": ServiceRefused.dimse_status, "ErrorComment": _comment(why)}
+        if cmd.get("AffectedSOPInstanceUID"):
+            rsp["AffectedSOPInstanceUID"] = cmd["AffectedSOPInstanceUID"]
+        await session.assoc.send_message(msg.context.id, rsp)
+
+    def refused(self, session: Session, service: str, why: str) -> None:
+        """Audit a request refused by the access rules (:mod:`bastion.dimse.access`)."""
+        self.archive.audit.record(AuditEvent(
+            kind=_AUDIT_KIND.get(service, AuditKind.ASSOCIATION), outcome=Outcome.MINOR_FAILURE,
+            user=session.assoc.calling_aet,
+            address=session.address, destination=session.assoc.called_aet, via="dimse",
+            detail=f"{service} refused: {why}"))
 
     async def _refuse(self, session: Session, msg: Message, why: str) -> None:
         """Answer a Q/R request that is not run: 0x0210 for a Message ID in use by a running one (PS3.7 C.5.2),
@@ -282,6 +321,8 @@ class Services:
         dest = str(msg.command.get("MoveDestination", "")).strip()
         if self.archive.settings.remote(dest) is None:
             raise UnknownDestination(f"move destination {dest!r} is not a configured remote AE")
+        if not session.grant.may_move_to(dest):  # logged and audited as a failed retrieve by _guard
+            raise UnknownDestination(f"move destination {dest!r} not granted to {session.assoc.calling_aet}")
         level, conditions = self._retrieve_keys(msg)
         records = list(await self._run(self.archive.retriever.select, level, conditions))
         if not records:  # nothing matches: zero sub-operations, no association with the destination, no job
