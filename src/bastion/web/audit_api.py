@@ -51,8 +51,9 @@ def audit_routes(archive: Archive) -> list[Route]:
         if not _admin(request):
             return JSONResponse({"error": "the audit log is for the admin role"}, status_code=403)
         directory = archive.audit.directory
-        if directory is None:
-            return JSONResponse({"ok": True, "entries": len(archive.audit.memory), "message": "kept in memory"})
+        if directory is None:  # kept in memory: sealed as it was made
+            n = len(archive.audit.memory)
+            return JSONResponse(Verdict(entries=n, last_seq=n).as_json())
 
         def run() -> Verdict:
             with consistent(directory):

@@ -372,6 +372,49 @@ _AUDIT_VERIFY = {
     },
 }
 
+_AUDIT_KINDS = ["association", "store", "query", "retrieve", "view", "export", "delete", "login", "emergency", "config"]
+_AUDIT_ENTRY = {
+    "type": "object",
+    "description": "One audit log entry (docs/audit.md): the chain's fields and the event's; fields left at their "
+                   "default are omitted.",
+    "required": ["seq", "time", "kind", "outcome", "action", "prev", "hash"],
+    "properties": {
+        "seq": {"type": "integer", "minimum": 1}, "time": {"type": "string", "description": "UTC, ISO 8601, ms."},
+        "kind": {"type": "string", "enum": _AUDIT_KINDS},
+        "outcome": {"type": "integer", "enum": [0, 4, 8, 12],
+                    "description": "PS3.15 EventOutcomeIndicator."},
+        "action": {"type": "string", "enum": ["C", "R", "U", "D", "E"]},
+        "user": {"type": "string"}, "role": {"type": "string"}, "address": {"type": "string"},
+        "destination": {"type": "string"}, "via": {"type": "string"}, "patient_id": {"type": "string"},
+        "studies": {"type": "array", "items": {"type": "string"}}, "count": _INT, "detail": {"type": "string"},
+        "emergency": {"type": "boolean"}, "event_type": {"type": "string"}, "level": {"type": "string"},
+        "recovered": {**_INT, "description": "The length of a torn line a crash left before this entry."},
+        "prev": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+}
+_AUDIT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["entries", "count", "limit"],
+    "properties": {"entries": {"type": "array", "items": _AUDIT_ENTRY, "description": "Newest first."},
+                   "count": _INT, "limit": _INT},
+}
+_AUDIT_VERIFY = {
+    "type": "object",
+    "description": "The audit chain's check, as `bastion audit verify --json` prints it.",
+    "additionalProperties": False,
+    "required": ["ok", "entries", "last_seq", "crashes", "torn_tail", "problem", "file", "line", "seq", "message"],
+    "properties": {
+        "ok": {"type": "boolean"}, "entries": _INT, "last_seq": _INT,
+        "crashes": {**_INT, "description": "Torn lines left by crashes, each accounted for."},
+        "torn_tail": {"type": "boolean", "description": "The last line is torn (a crash, or a write under way)."},
+        "problem": {"type": "string", "description": "Empty if ok."},
+        "file": {"type": "string"}, "line": _INT, "seq": {"type": ["integer", "null"]},
+        "message": {"type": "string"},
+    },
+}
+
+
 
 def _json(description: str, schema: str) -> dict[str, Any]:
     return {"description": description,
@@ -512,6 +555,28 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "responses": {"200": _json("The result (`ok` false names the first bad entry).", "AuditVerify"),
                               "403": _json("The caller's role is not admin.", "Error")},
             }},
+            "/api/audit": {"get": {
+                "operationId": "audit",
+                "summary": "The newest audit log entries, newest first; admin only (docs/audit.md).",
+                "parameters": [
+                    {"name": "since", "in": "query", "required": False,
+                     "description": "Only entries at or after this time (UTC, ISO 8601, e.g. 2026-12-07T06:00).",
+                     "schema": {"type": "string"}},
+                    {"name": "kind", "in": "query", "required": False, "description": "Only entries of this kind.",
+                     "schema": {"type": "string", "enum": _AUDIT_KINDS}},
+                    {"name": "limit", "in": "query", "required": False, "description": "At most this many entries.",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                ],
+                "responses": {"200": _json("The entries.", "Audit"),
+                              "400": _json("`kind` or `limit` is not valid.", "Error"),
+                              "403": _json("The caller's role is not admin.", "Error")},
+            }},
+            "/api/audit/verify": {"get": {
+                "operationId": "auditVerify",
+                "summary": "Walk the audit log's hash chain and check it against its anchor; admin only.",
+                "responses": {"200": _json("The result (`ok` false names the first bad entry).", "AuditVerify"),
+                              "403": _json("The caller's role is not admin.", "Error")},
+            }},
             "/api/openapi.json": {"get": {
                 "operationId": "openapi",
                 "summary": "This document.",
@@ -525,6 +590,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "Changes": _CHANGES, "Remotes": _REMOTES, "Queues": _QUEUES, "QueueRetry": _QUEUE_RETRY, "Error": _ERROR,
             "Edge": _EDGE, "Digests": _DIGESTS,
             "IndexRebuild": _INDEX_REBUILD,
+            "Audit": _AUDIT, "AuditVerify": _AUDIT_VERIFY,
             "Audit": _AUDIT, "AuditVerify": _AUDIT_VERIFY,
         }},
     }
