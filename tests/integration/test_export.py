@@ -1,8 +1,8 @@
 """``bastion export`` and ``POST /api/studies/{uid}/export``: files as stored, and de-identified following
 PS3.15 Annex E (Basic Application Level Confidentiality Profile, modified dates, consistent UIDs).
 
-pydicom's sample files, given identities and references here, are stored into a real archive through its ingest
-path; the CLI runs as a subprocess and the API is asked of a real server on the same data directory.
+pydicom's sample files, given identities and references here, are stored into a real archive with ``bastion
+import``; the CLI runs as a subprocess and the API is asked of a real server on the same data directory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import backends
 import pydicom
 import pytest
 from conftest import BastionServer, run_bastion, unavailable
@@ -96,17 +95,9 @@ def _reference(ds: Dataset, target: Dataset) -> None:
 
 
 def _store(data: Path, files: list[Path]) -> None:
-    """Store ``files`` through the archive's ingest path (what ``bastion import`` and C-STORE call)."""
-    from bastion.archive import Archive
-    from bastion.settings import load_settings
-
-    archive = Archive.open(load_settings(None, env={}, data=data, **backends.locations(data)))
-    try:
-        for path in files:
-            result = archive.ingest.store_bytes(path.read_bytes(), "import")
-            assert result.status.value == "stored", result
-    finally:
-        archive.close()
+    """Store ``files`` with ``bastion import`` (the ingest path C-STORE and STOW-RS use too)."""
+    proc = run_bastion("import", "--data", data, *files)
+    assert proc.returncode == 0 and f"{len(files)} stored" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
