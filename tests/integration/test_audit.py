@@ -18,9 +18,11 @@ from conftest import (
     HAVE_DCMTK,
     BastionServer,
     StoreSCP,
+    browser_check_result,
     make_study,
     run_bastion,
     run_dcmtk,
+    start_browser_check,
     unavailable,
 )
 
@@ -153,3 +155,24 @@ def test_accesses_are_audited_and_the_chain_verifies(tmp_path: Path, storescp: S
     proc = run_bastion("audit", "verify", "--data", data)
     assert proc.returncode == 1
     assert f"{log_file.name} line {number + 1} (seq {number + 1})" in proc.stdout and "edited" in proc.stdout
+
+
+@pytest.mark.usefixtures("browser")
+def test_the_admin_page_shows_the_audit_panel(tmp_path: Path, storescp: StoreSCP,
+                                              bastion_factory: Callable[..., BastionServer]) -> None:
+    """A real browser: the Audit panel says the chain verifies, lists the C-MOVE's entry, filters by kind."""
+    server = bastion_factory(remotes=(f"{DEST_AET}@127.0.0.1:{storescp.port}",))
+    study = make_study(tmp_path / "study", series=1, per_series=2)
+    assert run_dcmtk("storescu", "-aet", "PANELSCU", *server.addr(), *map(str, study.files)).returncode == 0
+    proc = run_dcmtk("movescu", "-S", "-aet", "PANELMOVER", "-aem", DEST_AET, "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"StudyInstanceUID={study.study_uid}", *server.addr(), timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    _wait_for(lambda: list(server.get_json("/api/audit?kind=retrieve")["entries"]), bool)
+    report = browser_check_result(start_browser_check("audit_check.mjs", "--base", server.url(""), "--out",
+                                                      tmp_path / "browser", "--user", "PANELMOVER"), timeout=120)
+    assert report["exit_code"] == 0, report
+    assert report["verifyLine"].startswith("OK: ")
+    row = report["userRow"]
+    assert row["kind"].startswith(("association", "retrieve")) and row["outcome"] == "success"
+    assert "127.0.0.1" in row["from"]
+    assert report["filteredKinds"] and all(k.startswith("retrieve") for k in report["filteredKinds"])
