@@ -29,7 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bastion.dicomweb.multipart import MAX_HEADER_BYTES, PART_END, MultipartError, MultipartStream, PartStart
-from bastion.errors import BastionError
+from bastion.errors import BastionError, InvalidObject
 from bastion.ingest import header as H
 from bastion.ingest import scan as S
 
@@ -66,6 +66,18 @@ def test_there_are_seeds() -> None:
 @fuzz_settings()
 def test_damaged_sample_files_are_read_or_refused(data: bytes) -> None:
     check_header(data)
+
+
+@pytest.mark.parametrize("extra", range(0, 9))
+def test_an_object_cut_inside_its_transfer_syntax_uid_is_invalid(extra: int) -> None:
+    """Found by the fuzzing: an object ending just after the Transfer Syntax UID's tag and VR made the nesting
+    check before pydicom raise struct.error, which STOW answered as a processing failure (0x0110) with a traceback
+    in the log, not as an object it cannot understand (0xC000)."""
+    data = SEEDS[0]
+    at = data.find(b"\x02\x00\x10\x00UI")
+    with warnings.catch_warnings(), pytest.raises(InvalidObject):
+        warnings.simplefilter("ignore")
+        H.read_header(io.BytesIO(data[: at + extra]))
 
 
 # -- the multipart parser --------------------------------------------------------------------------------------

@@ -398,8 +398,8 @@ def _check_nesting_before_pydicom(fp: BinaryIO) -> None:
     block = fp.read(_SCAN_BLOCK)
     fp.seek(0)
     at = block.find(_META_TRANSFER_SYNTAX, 132, 132 + 4096) if block[128:132] == b"DICM" else -1
-    if at < 0:
-        return
+    if at < 0 or at + 8 > len(block):
+        return  # no Transfer Syntax UID, or the object ends inside its element: pydicom's read refuses it
     length = struct.unpack_from("<H", block, at + 6)[0]
     ts = block[at + 8: at + 8 + length].decode("ascii", "replace").strip("\x00 ")
     if ts in (DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN) or ts not in STORABLE_TRANSFER_SYNTAXES:
