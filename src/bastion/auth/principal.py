@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: The roles, least to most privileged in what they may change: ``viewer`` queries, retrieves and views;
-#: ``uploader`` stores; ``admin`` configures, deletes, reads the audit log and manages queues.
+#: ``uploader`` stores; ``admin`` configures, deletes, reads the audit log and manages queues. ``uploader`` does not
+#: include ``viewer`` (a modality may store but not read); ``admin`` may do everything.
 ROLES = ("viewer", "uploader", "admin")
 
 
@@ -13,13 +14,34 @@ ROLES = ("viewer", "uploader", "admin")
 class Principal:
     """Who made a request: ``user`` (a token's subject, an API key's name), their ``role``, how they proved it
     (``via``: "oidc", "apikey", "emergency", or "anonymous" when authentication is off) and, for a break-glass
-    token, ``emergency`` with its ``reason``."""
+    token, ``emergency`` with its ``reason``.
+
+    ``role`` is the most privileged role held; ``roles`` all of them (a token may grant ``viewer`` and
+    ``uploader``); it defaults to ``(role,)``.
+    """
 
     user: str
     role: str
     via: str
     emergency: bool = False
     reason: str = ""
+    roles: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.roles:
+            object.__setattr__(self, "roles", (self.role,))
+
+    def may(self, role: str) -> bool:
+        """Whether this party may do what ``role`` may: an admin may do everything, others what their roles grant."""
+        return "admin" in self.roles or role in self.roles
+
+
+def strongest(roles: object) -> tuple[str, ...]:
+    """The Bastion roles among ``roles`` (a list, or a space- or comma-separated string), most privileged first."""
+    if isinstance(roles, str):
+        roles = roles.replace(",", " ").split()
+    held = {str(r) for r in roles} if isinstance(roles, list | tuple | set | frozenset) else set()
+    return tuple(r for r in reversed(ROLES) if r in held)
 
 
 #: The party of every request while ``[auth]`` is not enabled: it may do anything, as before authentication.

@@ -19,9 +19,11 @@ from starlette.routing import BaseRoute, Route
 
 from bastion import __version__
 from bastion.archive import Archive
+from bastion.auth.authenticator import Authenticator
 from bastion.dicomweb.routes import routes as dicomweb_routes
 from bastion.ingest.online_rebuild import OnlineRebuild
-from bastion.web import admin, api, viewer
+from bastion.web import admin, api, auth_routes, viewer
+from bastion.web.access import AccessControl
 from bastion.web.timeouts import BodyDeadline
 
 
@@ -94,6 +96,9 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
                                      # Content-Range: bulkdata Range answers; Warning: QIDO-RS limits.
                                      expose_headers=["Content-Type", "Content-Length", "Content-Range",
                                                      "Warning"]))
+    # Inside CORS (a preflight, and a refusal's CORS headers, need no credentials): every route checked, default deny.
+    authenticator = Authenticator(archive.settings) if archive.settings.auth_enabled else None
+    middleware.append(Middleware(AccessControl, archive=archive, authenticator=authenticator))
     app = Starlette(routes=routes, middleware=middleware)
     app.state.archive = archive
     app.state.status = status
@@ -103,6 +108,7 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
 def _routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     """Every HTTP route, in match order; the viewer's catch-all comes last."""
     return [
+        *auth_routes.routes(archive),
         *api.routes(archive, status),
         *dicomweb_routes(archive),
         *admin.routes(),

@@ -9,20 +9,32 @@ mouse wheel, so a first-time user cannot scroll a series until it is dismissed).
 
 Keys are the ones of OHIF 3.13's ``dist/app-config.js`` (``investigationalUseDialog.option`` takes
 ``'never'``, ``'always'`` or ``'configure'``).
+
+With ``[auth]`` enabled and ``auth_client_id`` set, the config also holds OHIF's ``oidc`` list: the viewer logs in
+at the issuer (OpenID Connect authorization code flow, ``response_type: 'code'`` with PKCE, OpenID Connect Core
+1.0 section 3.1) and sends the access token as ``Authorization: Bearer`` on every DICOMweb request.
 """
 
 from __future__ import annotations
 
 import json
 
-__all__ = ["app_config_js"]
+__all__ = ["app_config_js", "oidc_js"]
 
 
-def app_config_js(dicomweb_root: str = "/dicom-web", wado_uri_root: str = "/wado") -> str:
+def oidc_js(issuer: str, client_id: str, scope: str = "openid profile") -> str:
+    """OHIF's ``oidc`` setting (a list of one client) for ``issuer`` and the public client ``client_id``."""
+    client = {"authority": issuer, "client_id": client_id, "redirect_uri": "/callback", "response_type": "code",
+              "scope": scope, "post_logout_redirect_uri": "/", "automaticSilentRenew": False,
+              "revokeAccessTokenOnSignout": False}
+    return f"  oidc: [{json.dumps(client)}],\n"
+
+
+def app_config_js(dicomweb_root: str = "/dicom-web", wado_uri_root: str = "/wado", oidc: str = "") -> str:
     """Return the JavaScript text of OHIF's ``app-config.js`` for this server.
 
     ``dicomweb_root`` is the QIDO-RS / WADO-RS base (path or absolute URL, without a trailing
-    slash), ``wado_uri_root`` the WADO-URI endpoint.
+    slash), ``wado_uri_root`` the WADO-URI endpoint, ``oidc`` the login setting (:func:`oidc_js`) or ``""``.
     """
     root = dicomweb_root.rstrip("/") or "/"
     wado_uri = wado_uri_root.rstrip("/") or "/"
@@ -34,7 +46,7 @@ def app_config_js(dicomweb_root: str = "/dicom-web", wado_uri_root: str = "/wado
 window.config = {{
   name: 'bastion',
   routerBasename: '/',
-  extensions: [],
+{oidc}  extensions: [],
   modes: [],
   // No onboarding tour: its modal overlay swallows wheel and mouse input on the first viewer visit.
   customizationService: {{

@@ -110,6 +110,53 @@ _ERROR = {
     "required": ["error"],
     "properties": {"error": {"type": "string"}},
 }
+_AUTH_CONFIG = {
+    "type": "object",
+    "description": "How to log in (docs/authentication.md): public, also while authentication is off.",
+    "additionalProperties": False,
+    "required": ["enabled", "issuer", "client_id", "scope"],
+    "properties": {
+        "enabled": {"type": "boolean", "description": "`auth_enabled`: every route checked, default deny."},
+        "issuer": {"type": ["string", "null"], "description": "The OpenID Connect issuer (`auth_issuer`)."},
+        "client_id": {"type": ["string", "null"], "description": "The public client of the viewer and admin page."},
+        "scope": {"type": "string"},
+    },
+}
+_WHOAMI = {
+    "type": "object",
+    "description": "The party the request's credentials stand for (anonymous, an admin, while authentication is off).",
+    "additionalProperties": False,
+    "required": ["user", "role", "roles", "via", "emergency", "reason"],
+    "properties": {
+        "user": {"type": "string"}, "role": {"type": "string", "description": "The most privileged role held."},
+        "roles": {"type": "array", "items": {"type": "string"}},
+        "via": {"type": "string", "enum": ["oidc", "apikey", "emergency", "anonymous"]},
+        "emergency": {"type": "boolean", "description": "A break-glass token."},
+        "reason": {"type": ["string", "null"], "description": "The break-glass reason."},
+    },
+}
+_EMERGENCY = {
+    "type": "object",
+    "description": "Break-glass tokens minted (`bastion emergency-token`) or used, newest first, for review.",
+    "additionalProperties": False,
+    "required": ["overrides", "active"],
+    "properties": {
+        "active": {**_INT, "description": "Tokens not expired yet."},
+        "overrides": {"type": "array", "items": {
+            "type": "object",
+            "required": ["jti", "user", "role", "reason", "issued", "expires", "uses", "last_use", "active"],
+            "properties": {
+                "jti": {"type": "string"}, "user": {"type": "string"}, "role": {"type": "string"},
+                "reason": {"type": "string"}, "minted_by": {"type": "string"},
+                "issued": {"type": "number", "description": "Unix time, seconds."},
+                "expires": {"type": "number", "description": "Unix time, seconds."},
+                "uses": {**_INT, "description": "Requests made with it."},
+                "first_use": _NUMBER_OR_NULL, "last_use": _NUMBER_OR_NULL,
+                "last_address": {"type": "string"}, "active": {"type": "boolean"},
+            },
+        }},
+    },
+}
 _HEALTH = {
     "type": "object",
     "additionalProperties": False,
@@ -577,6 +624,24 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "responses": {"200": _json("The result (`ok` false names the first bad entry).", "AuditVerify"),
                               "403": _json("The caller's role is not admin.", "Error")},
             }},
+            "/api/auth/config": {"get": {
+                "operationId": "authConfig",
+                "summary": "How the viewer and the admin page log in (public).",
+                "responses": {"200": _json("The login settings.", "AuthConfig")},
+            }},
+            "/api/whoami": {"get": {
+                "operationId": "whoami",
+                "summary": "Who the request's credentials stand for (any authenticated party).",
+                "responses": {"200": _json("The principal.", "Whoami"),
+                              "401": _json("No or bad credentials.", "Error")},
+            }},
+            "/api/emergency": {"get": {
+                "operationId": "emergencyOverrides",
+                "summary": "Break-glass tokens minted and used, for review (admin).",
+                "responses": {"200": _json("The overrides.", "Emergency"),
+                              "401": _json("No or bad credentials.", "Error"),
+                              "403": _json("The caller's role is not admin.", "Error")},
+            }},
             "/api/openapi.json": {"get": {
                 "operationId": "openapi",
                 "summary": "This document.",
@@ -585,6 +650,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             }},
         },
         "components": {"schemas": {
+            "AuthConfig": _AUTH_CONFIG, "Whoami": _WHOAMI, "Emergency": _EMERGENCY,
             "Health": _HEALTH, "Statistics": _STATISTICS, "Rejection": _REJECTION, "IngestWarning": _INGEST_WARNING,
             "Change": _CHANGE,
             "Changes": _CHANGES, "Remotes": _REMOTES, "Queues": _QUEUES, "QueueRetry": _QUEUE_RETRY, "Error": _ERROR,

@@ -15,7 +15,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bastion.archive import Archive
-from bastion.web.ohif_config import app_config_js
+from bastion.web.ohif_config import app_config_js, oidc_js
 
 _RESERVED = ("dicom-web", "wado", "api", "admin", "health")
 
@@ -33,7 +33,9 @@ def find_ohif_dir(configured: str) -> Path | None:
 def routes(archive: Archive) -> list[BaseRoute]:
     """``/app-config.js`` and the catch-all that serves the viewer."""
     root = find_ohif_dir(archive.settings.ohif_dir)
-    config = app_config_js()
+    s = archive.settings
+    config = app_config_js(oidc=oidc_js(s.auth_issuer, s.auth_client_id)
+                           if s.auth_enabled and s.auth_client_id else "")
 
     async def app_config(request: Request) -> Response:
         return Response(config, media_type="application/javascript", headers={"Cache-Control": "no-cache"})
