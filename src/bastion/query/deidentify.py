@@ -10,6 +10,7 @@ another (below), ``K`` keeps it; an attribute the table does not list is kept. B
 * a sequence whose action is ``D`` (Content Sequence, Graphic Annotation Sequence, ...) keeps its items, each
   de-identified and with every free-text value (PN, ST, LT, UT, UC) replaced by a dummy;
 * Patient ID and Patient's Name become one pseudonym of the source Patient ID (``ANON`` and 16 hex digits);
+  nested in a sequence, they are emptied;
 * every date (DA) and the date part of every date-time (DT), listed in the table or not, moves back by a
   number of days that is the same for every object of one source Patient ID and differs between patients
   (1 to 3,650 days): intervals within a patient are kept (E.3.6). Times of day (TM) are kept as they are;
@@ -141,7 +142,7 @@ class Deidentifier:
         source_patient = str(ds.get("PatientID", "") or "")
         delta = dt.timedelta(days=-self.shift_days(source_patient))
         out.remove_private_tags()
-        self._clean(out, delta, scrub=False)
+        self._clean(out, delta, scrub=False, top=True)
         pseudonym = self.pseudonym(source_patient)
         out.PatientID = pseudonym
         out.PatientName = pseudonym
@@ -162,8 +163,9 @@ class Deidentifier:
         out.file_meta = meta
         return out
 
-    def _clean(self, ds: Dataset, delta: dt.timedelta, *, scrub: bool) -> None:
-        """Apply the table to every element of ``ds`` and of its sequences' items, in place."""
+    def _clean(self, ds: Dataset, delta: dt.timedelta, *, scrub: bool, top: bool = False) -> None:
+        """Apply the table to every element of ``ds`` and of its sequences' items, in place. The top level's
+        Patient ID and Patient's Name are left for :meth:`apply` (the pseudonym); nested ones are emptied."""
         for tag in list(ds.keys()):
             group = tag >> 16
             if 0x5000 <= group <= 0x50FF or (0x6000 <= group <= 0x60FF and group % 2 == 0):
@@ -172,7 +174,7 @@ class Deidentifier:
             elem = ds[tag]
             action = action_for(int(tag))
             vr = elem.VR
-            if tag in (_PATIENT_ID, _PATIENT_NAME):
+            if top and tag in (_PATIENT_ID, _PATIENT_NAME):
                 continue  # the pseudonym is set by apply
             if vr == "SQ":
                 if action is Action.X:
