@@ -6,7 +6,8 @@
 // Uses Debian's /usr/bin/chromium (CHROMIUM_PATH overrides) with a fresh profile. Steps:
 //   1. open BASE/admin and wait until the panel's verify line says "OK:" (the chain checked by /api/audit/verify);
 //   2. wait for a row of the entries table naming NAME (its cells go in the report as userRow);
-//   3. choose "retrieve" in the kind filter and wait until every row is a retrieve (their kinds go in the report).
+//   3. choose "retrieve" in the kind filter and wait until every row is a retrieve (their kinds go in the report);
+//   4. click "verify the chain" and wait for the verify line to say "OK:" again.
 // Prints ONE JSON line on stdout (also written to DIR/result.json):
 //   {"verifyLine":str|null,"rows":int,"userRow":{...}|null,"filteredKinds":[...]|null,"failedRequests":[...],
 //    "consoleErrors":[...],"errors":[...]}
@@ -76,10 +77,15 @@ async function main() {
       report.filteredKinds = await page.$$eval('#audit-list tbody tr[data-seq]',
         rows => rows.map(r => r.cells[1].textContent.trim()));
     });
+    await step('verify again', async () => {
+      await page.click('#audit-verify-now');
+      await page.locator('#audit-verify .ok', { hasText: /^OK: / }).waitFor({ state: 'visible' });
+      report.verifiedAgain = true;
+    });
   } finally {
     await browser.close().catch(() => {});
   }
-  const ok = report.verifyLine !== null && report.userRow !== null && report.filteredKinds !== null &&
+  const ok = report.verifyLine !== null && report.verifiedAgain && report.userRow !== null && report.filteredKinds !== null &&
     !report.errors.length && !report.failedRequests.length && !report.consoleErrors.length;
   writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 2));
   process.stdout.write(JSON.stringify(report) + '\n');

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bastion.audit import AuditEvent, AuditKind, AuditLog, Outcome
-from bastion.audit.chain import encode, entry_hash, log_files, read_head, seal, verify
+from bastion.audit.chain import encode, entry_hash, lines_backwards, log_files, read_head, seal, verify
 from bastion.audit.log import compact, event_of
 
 
@@ -221,3 +221,11 @@ def test_recent_reads_newest_first_with_a_filter(tmp_path: Path, kind: str) -> N
     log.close()
     assert [e["kind"] for e in found] == [kind] * 3
     assert [e["count"] for e in found] == ([9, 7, 5] if kind == "store" else [8, 6, 4])
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64, 1 << 16])
+def test_lines_backwards_across_block_boundaries(tmp_path: Path, block: int) -> None:
+    path = tmp_path / "f"
+    lines = [b"a", b"bb", b"", b"ccc" * 5, b"d"]
+    path.write_bytes(b"\n".join(lines) + b"\n" + b"torn")
+    assert list(lines_backwards(str(path), block)) == [b"torn", b"d", b"ccc" * 5, b"bb", b"a"]

@@ -234,18 +234,33 @@ def verify(directory: str) -> Verdict:
     return verdict
 
 
+def lines_backwards(path: str, block: int = 1 << 16) -> Iterator[bytes]:
+    """The lines of ``path``, last first (without their newline), read in blocks from the end."""
+    with open(path, "rb") as fh:
+        position = fh.seek(0, os.SEEK_END)
+        rest = b""
+        while position > 0:
+            step = min(block, position)
+            position -= step
+            fh.seek(position)
+            parts = (fh.read(step) + rest).split(b"\n")
+            rest = parts[0]
+            yield from (p for p in reversed(parts[1:]) if p)
+        if rest:
+            yield rest
+
+
 def newest_entries(directory: str, limit: int, wanted: Callable[[dict[str, Any]], bool] | None = None,
                    since: str = "") -> list[dict[str, Any]]:
-    """The newest ``limit`` sealed entries (those ``wanted`` keeps), newest first, reading back from the newest
-    file and stopping at a file older than ``since`` (an ISO 8601 time); torn lines are skipped."""
+    """The newest ``limit`` sealed entries (those ``wanted`` keeps) at or after ``since`` (an ISO 8601 time), newest
+    first: read back from the end of the newest file, the files of days before ``since`` not at all; torn lines
+    are skipped."""
     out: list[dict[str, Any]] = []
     for path in reversed(log_files(directory)):
         day = os.path.basename(path)[len("audit-"):-len(".jsonl")]
         if since and day < since[:10]:
             break
-        with open(path, "rb") as fh:
-            raws = fh.read().splitlines()
-        for raw in reversed(raws):
+        for raw in lines_backwards(path):
             entry = parse_entry(raw)
             if entry is not None and entry.get("time", "") >= since and (wanted is None or wanted(entry)):
                 out.append(entry)
