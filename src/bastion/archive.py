@@ -23,6 +23,7 @@ from bastion.index import Index, open_index
 from bastion.index.base import COPY_REPAIRED, COPY_WANTING, is_postgresql, set_aside_if_corrupt
 from bastion.index.sqlite_record import CRECORD
 from bastion.ingest import Ingest
+from bastion.ingest.deletion import Deletions
 from bastion.ingest.rebuild import SelfRebuild, recover, self_rebuild
 from bastion.ingest.rejections import RejectionLog
 from bastion.ingest.scan import SPEEDUPS
@@ -333,8 +334,15 @@ class Archive:
                               ceiling_file=str(settings.data / STAMP_CEILING_FILE))
         ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
                         stamps=stamps)
+        ingest.deletions = Deletions(blobs, index, node_id)
         return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), open_jobs(settings), marker,
                    node_id, rebuild, findings, AuditLog(str(settings.data / AUDIT_DIR)))
+
+    @property
+    def deletions(self) -> Deletions:
+        """Delete, undelete and purge studies (:mod:`bastion.ingest.deletion`)."""
+        assert self.ingest.deletions is not None
+        return self.ingest.deletions
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""

@@ -17,6 +17,7 @@ Every error carries the protocol data an adapter needs to answer: a DIMSE status
     ├── IndexFailure                 0xA702, HTTP 503: the index failed
     │   └── CommitOutcomeUnknown      the connection was lost during the commit: it may have happened
     ├── NotFound                      0xC000, HTTP 404: no such study / series / instance
+    ├── StudyDeleted                  0x0124 (refused: not authorized), HTTP 409: the study is deleted
     ├── InvalidQuery                  0xA900 (identifier does not match SOP class), HTTP 400
     └── UnknownDestination            0xA801 (move destination unknown), HTTP 400
 """
@@ -107,6 +108,14 @@ class NotFound(BastionError):
 
     dimse_status = 0xC000
     http_status = 404
+
+
+class StudyDeleted(BastionError):
+    """The study is deleted (tombstoned, :mod:`bastion.ingest.deletion`): a store into it is refused (PS3.7 C.5:
+    0x0124 Refused: Not Authorized), and so is deleting it again (HTTP 409 Conflict)."""
+
+    dimse_status = 0x0124
+    http_status = 409
 
 
 class InvalidQuery(BastionError):

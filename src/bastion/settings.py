@@ -255,6 +255,9 @@ class Settings:
     #: ``[prefetch] query``: a Study Root STUDY-level query whose studies are fetched from upstream every
     #: ``prefetch_interval`` (keyword, value) pairs; empty: none.
     prefetch: tuple[tuple[str, str], ...] = ()
+    #: Days a deleted study's bytes are kept (hidden, undeletable) before ``bastion purge`` may remove them
+    #: (:mod:`bastion.ingest.deletion`, docs/deletion.md); ``[deletion] delay_days`` in a TOML file.
+    deletion_delay_days: float = 30.0
     #: ``[auth]``: HTTP authentication and roles (:mod:`bastion.auth`, docs/authentication.md). Off: every request
     #: is anonymous and may do anything (a closed network only).
     auth_enabled: bool = False
@@ -377,6 +380,11 @@ def _coerce(name: str, value: Any) -> Any:
             number = float(value)
             if not number >= 0:
                 raise ValueError(f"{value!r} is not a number >= 0 (0: off)")
+            return number
+        if name == "deletion_delay_days":
+            number = float(value)
+            if not 0 <= number < float("inf"):
+                raise ValueError(f"{value!r} is not a number of days >= 0")
             return number
         if kind == "float":
             number = float(value)

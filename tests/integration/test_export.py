@@ -7,6 +7,7 @@ import``; the CLI runs as a subprocess and the API is asked of a real server on 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import json
@@ -18,16 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydicom
 import pytest
 from conftest import BastionServer, run_bastion, unavailable
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from starlette.applications import Starlette
 
+from bastion.auth import Principal
 from bastion.query.deid_profile import Action, basic_profile
 from bastion.query.deidentify import DUMMY_TEXT, Deidentifier
 from bastion.query.export import REPORT_NAME, inside, safe_component
+from bastion.web.export import PRINCIPAL_KEY, export_route
 
 #: A fixed secret, so that the date offsets of the two patients are known to differ (checked below).
 SECRET = bytes(range(32))
@@ -370,3 +375,22 @@ def test_api_streams_the_same_zip_and_everything_is_audited(corpus: Corpus, tmp_
     assert all(e["patient_id"] == "PAT-A-4711" and e["studies"] == [corpus.a1] for e in api)
     cli_entries = [e for e in entries if e.get("via") == "cli" and e["destination"] == str(cli.resolve())]
     assert len(cli_entries) == 1 and cli_entries[0]["action"] == "R" and cli_entries[0].get("count") == 3
+
+
+def test_api_export_is_for_the_admin_role(archive: Any) -> None:
+    """A principal of another role (as the authentication middleware sets it) is refused before anything is read."""
+
+    def as_role(role: str) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            scope[PRINCIPAL_KEY] = Principal(user="someone", role=role, via="apikey")
+            await Starlette(routes=[export_route(archive)])(scope, receive, send)
+        return app
+
+    async def post(role: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=as_role(role)), base_url="http://b") as c:
+            return await c.post("/api/studies/1.2.3/export?deidentify=true")
+
+    for role in ("viewer", "uploader"):
+        rsp = asyncio.run(post(role))
+        assert rsp.status_code == 403 and "admin" in rsp.json()["error"]
+    assert asyncio.run(post("admin")).status_code == 404  # let through: no such study

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -111,3 +112,23 @@ def test_secret_is_made_once_private_and_checked(tmp_path: Path) -> None:
     (tmp_path / SECRET_FILE).write_text("not hex\n")
     with pytest.raises(ValueError, match="de-identification secret"):
         load_secret(tmp_path)
+
+
+def test_zip_stream_sends_each_member_before_reading_the_next() -> None:
+    import io
+    import zipfile
+
+    from bastion.query.export import REPORT_NAME, ExportEntry, ExportReport, zip_stream
+
+    produced: list[int] = []
+
+    def entries() -> Iterator[ExportEntry]:
+        for i in range(3):
+            produced.append(i)
+            yield ExportEntry(f"p/s/{i}.dcm", os.urandom(5000))
+
+    stream = zip_stream(entries(), ExportReport(deidentified=False, include_burned_in=True))
+    first = next(stream)
+    assert produced == [0] and first.startswith(b"PK\x03\x04") and len(first) > 5000
+    with zipfile.ZipFile(io.BytesIO(first + b"".join(stream))) as zf:
+        assert zf.testzip() is None and zf.namelist() == ["p/s/0.dcm", "p/s/1.dcm", "p/s/2.dcm", REPORT_NAME]

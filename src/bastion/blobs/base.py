@@ -228,6 +228,12 @@ class BlobStore(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove an object (missing is fine)."""
 
+    def destroy(self, key: str) -> None:
+        """Remove an object's bytes for good (a purge, :mod:`bastion.ingest.deletion`): as :meth:`delete`, and, where
+        the backend keeps earlier versions of an object (a versioned S3 bucket), those too, as far as the store's
+        retention allows. Missing is fine."""
+        self.delete(key)
+
     def set_aside(self, key: str) -> str | None:
         """Take ``key`` out of the store without destroying its bytes where the backend can; return where it went.
 

@@ -332,6 +332,17 @@ class Copies(BlobStore):
             except (BastionError, OSError) as exc:
                 log.error("cannot delete %s from %s: %s", key, store.location, exc)
 
+    def destroy(self, key: str) -> None:
+        """:meth:`BlobStore.destroy` in every store; StorageError naming those that failed (the others are done)."""
+        failed = []
+        for store in self.stores:
+            try:
+                store.destroy(key)
+            except (BastionError, OSError) as exc:
+                failed.append(f"{store.location}: {exc}")
+        if failed:
+            raise StorageError(f"cannot destroy {key} in {'; '.join(failed)}")
+
     def set_aside(self, key: str) -> str | None:
         where = None
         for store in self.stores:
@@ -495,6 +506,9 @@ class LateStore(BlobStore):
 
     def delete(self, key: str) -> None:
         self._opened().delete(key)
+
+    def destroy(self, key: str) -> None:
+        self._opened().destroy(key)
 
     def set_aside(self, key: str) -> str | None:
         return self._opened().set_aside(key)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import logging
 import os
 import tempfile
 import threading
@@ -58,6 +59,8 @@ from bastion.blobs.fileio import BufferReader, os_error
 from bastion.blobs.s3io import FileRange, RangedObject
 from bastion.blobs.spooling import SpoolingWriter
 from bastion.errors import BastionError, NotFound, StorageError
+
+log = logging.getLogger("bastion.blobs")
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -406,6 +409,23 @@ class S3BlobStore(BlobStore):
         full = self.full_key(key)
         with self._translated(f"cannot delete {key}", key):
             self.client.delete_object(Bucket=self.bucket, Key=full)
+
+    def destroy(self, key: str) -> None:
+        """Delete every version of the object (a versioned bucket keeps them behind a delete marker), and the
+        delete markers; a version under Object Lock retention is refused by S3 (StorageError), as it must be."""
+        full = self.full_key(key)
+        self.delete(key)
+        try:
+            pages = self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=full)
+            versions = [item["VersionId"] for page in pages
+                        for item in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+                        if item.get("Key") == full and item.get("VersionId") not in (None, "null")]
+        except Exception as exc:  # noqa: BLE001 - an endpoint without versioning support: the delete was all
+            log.debug("S3 %s: versions of %s not listed: %s", self.location, key, exc)
+            return
+        with self._translated(f"cannot destroy {key}", key):
+            for version in versions:
+                self.client.delete_object(Bucket=self.bucket, Key=full, VersionId=version)
 
     def set_aside(self, key: str) -> str | None:
         """Copy the object to ``.quarantine/<key>`` (never served, listed or indexed from there), then delete it;

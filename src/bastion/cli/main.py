@@ -78,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from bastion.cli.audit import add_parser as add_audit_parser
     from bastion.cli.auth import add_parser as add_auth_parser
+    from bastion.cli.deletion import add_parser as add_deletion_parser
     from bastion.cli.drill import add_parser as add_drill_parser
     from bastion.cli.export import add_parser as add_export_parser
     from bastion.cli.queue import add_parser as add_queue_parser
 
     add_drill_parser(sub)
+    add_deletion_parser(sub, _common)
     add_audit_parser(sub, _common)
     add_queue_parser(sub, _common)
     add_auth_parser(sub, _common)
@@ -132,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             from bastion.cli.auth import run_emergency_token
 
             return run_emergency_token(args)
+        if args.command in ("purge", "undelete"):
+            from bastion.cli.deletion import run_purge, run_undelete
+
+            return run_purge(args) if args.command == "purge" else run_undelete(args)
         if args.command == "drill":
             from bastion.cli.drill import run_drill_command
 

@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from bastion.archive import Archive
 from bastion.dicomweb import audit, multipart, pixels, qido, rendered, stow, wado, wado_uri
+from bastion.dicomweb.deletion import delete_study
 from bastion.dicomweb.metadata import MetadataCache, cache_directory
 from bastion.dicomweb.negotiation import (
     DICOM,
@@ -270,6 +271,7 @@ class DicomWeb:
             Route(f"{i}/frames/{{frames}}/rendered", self.render(thumbnail=False)),
             Route(f"{i}/frames/{{frames}}/thumbnail", self.render(thumbnail=True)),
             Route(f"{i}/bulkdata/{{path:path}}", g(self.bulkdata)),
+            Route(s, functools.partial(delete_study, self.archive), methods=["DELETE"]),
         ]
 
 

@@ -246,6 +246,43 @@ class Index(abc.ABC):
         instance is not indexed. The blob store is not touched: the caller tombstones the versions' blobs
         (a rebuild indexes whatever the blob store still holds)."""
 
+    # -- deleted studies (bastion.index.hidden, bastion.ingest.deletion) --------------------------------------------
+    @abc.abstractmethod
+    def hide_study(self, study_uid: str) -> list[Change]:
+        """Move every instance of the study out of the query tables (as :meth:`delete_instance` removes one,
+        recording its ``deleted`` change), keeping each version's blob key and stamp for :meth:`hidden_versions`,
+        in one transaction; the changes (none if the study holds no instance)."""
+
+    @abc.abstractmethod
+    def hidden_versions(self, study_uid: str) -> list[tuple[str, str]]:
+        """The versions of the study's hidden instances as ``(stamp, blob key)``, oldest first."""
+
+    @abc.abstractmethod
+    def forget_hidden(self, study_uid: str, *, purged: bool) -> list[Change]:
+        """Drop the study's hidden versions, in one transaction (after an undelete recorded them
+        again, or a purge removed their bytes). ``purged``: record a ``deleted`` change per hidden instance too;
+        the changes."""
+
+    @abc.abstractmethod
+    def drop_hidden_version(self, blob_key: str) -> None:
+        """Drop one kept version of a hidden study (a refused store's object, whose blob the caller removes)."""
+
+    @abc.abstractmethod
+    def hidden_blobs(self, blob_keys: Sequence[str]) -> set[str]:
+        """Those of ``blob_keys`` kept as versions of a hidden study (crash recovery leaves them out)."""
+
+    @abc.abstractmethod
+    def set_tombstone(self, study_uid: str, entry: str | None) -> None:
+        """Keep the tombstone of a deleted study, as JSON text (replacing one kept before); None drops it."""
+
+    @abc.abstractmethod
+    def tombstone(self, study_uid: str) -> str | None:
+        """The tombstone kept for the study, or None."""
+
+    @abc.abstractmethod
+    def tombstones(self) -> list[str]:
+        """Every tombstone kept, by Study Instance UID."""
+
     @abc.abstractmethod
     def statistics(self) -> Statistics:
         """Counts of what is indexed."""

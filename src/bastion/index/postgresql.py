@@ -40,7 +40,7 @@ from psycopg import Connection, Cursor, errors
 from psycopg_pool import ConnectionPool
 
 from bastion.errors import BastionError, CommitOutcomeUnknown, IndexFailure
-from bastion.index import pg_record
+from bastion.index import hidden, pg_record
 from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version, outcome_of_write
 from bastion.index.levels_sql import FIND_COLUMNS, FROM, INSTANCE_COLS, dataset_of
 from bastion.index.pg_schema import (
@@ -253,6 +253,57 @@ class PostgresIndex(Index):
             return None
         series_uid, study_uid, key, slot = deleted
         return Change(tx.seqs[slot], "deleted", sop_uid, series_uid, study_uid, key, tx.at)
+
+    # -- deleted studies (bastion.index.hidden) ---------------------------------------------------------------
+    @staticmethod
+    def _ex(run: Callable[..., Cursor[Any]]) -> hidden.Execute:
+        return lambda statement, params: run(hidden.postgresql(statement), params)
+
+    def hide_study(self, study_uid: str) -> list[Change]:
+        def remove(tx: pg_record.Tx, sop: str) -> tuple[str, str, str, str, int] | None:
+            found = pg_record.delete(tx, sop)
+            return None if found is None else (sop, *found)
+
+        def hide(tx: pg_record.Tx) -> list[tuple[str, str, str, str, int]]:
+            tx.lock_studies(study_uid)
+            return hidden.hide(self._ex(tx.execute), lambda sop: remove(tx, sop), study_uid)
+        removed, tx = self._write(hide)
+        return [Change(tx.seqs[slot], "deleted", sop, series, study, key, tx.at)
+                for sop, series, study, key, slot in removed]
+
+    def hidden_versions(self, study_uid: str) -> list[tuple[str, str]]:
+        return self._read(lambda cur: hidden.hidden_versions(self._ex(cur.execute), study_uid))
+
+    def forget_hidden(self, study_uid: str, *, purged: bool) -> list[Change]:
+        def forget(tx: pg_record.Tx) -> list[tuple[str, str, str, int]]:
+            tx.lock_studies(study_uid)
+            return hidden.forget(self._ex(tx.execute),
+                                 (lambda sop, series, key: (sop, series, key, tx.change("deleted", sop, series,
+                                                                                        study_uid, key)))
+                                 if purged else None, study_uid)
+        made, tx = self._write(forget)
+        return [Change(tx.seqs[slot], "deleted", sop, series, study_uid, key, tx.at) for sop, series, key, slot in made]
+
+    def drop_hidden_version(self, blob_key: str) -> None:
+        self._write(lambda tx: tx.execute(hidden.postgresql(hidden.DROP_VERSION), (blob_key,)))
+
+    def hidden_blobs(self, blob_keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(blob_keys), 1000):
+            chunk = list(blob_keys[start:start + 1000])
+            found |= self._read(lambda cur, chunk=chunk: hidden.held(self._ex(cur.execute), chunk))  # type: ignore[misc]
+        return found
+
+    def set_tombstone(self, study_uid: str, entry: str | None) -> None:
+        statement, params = hidden.tombstone_statement(study_uid, entry)
+        self._write(lambda tx: tx.execute(hidden.postgresql(statement), params))
+
+    def tombstone(self, study_uid: str) -> str | None:
+        row = self._read(lambda cur: cur.execute(hidden.postgresql(hidden.TOMBSTONE), (study_uid,)).fetchone())
+        return str(row[0]) if row else None
+
+    def tombstones(self) -> list[str]:
+        return [str(e) for (e,) in self._read(lambda cur: cur.execute(hidden.TOMBSTONES).fetchall())]
 
     def _start_log(self, after: int, tables: Sequence[str]) -> LogPosition:
         """Empty ``tables`` and the log, and start a new log after ``after`` and every ``seq`` handed out before.

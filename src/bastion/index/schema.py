@@ -23,7 +23,7 @@ import sqlite3
 
 from bastion.errors import IndexFailure
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: The kind of the change-log rows that only hold a floor for ``seq`` (never returned as changes).
 FLOOR_KIND = "floor"
@@ -114,6 +114,20 @@ CREATE TABLE IF NOT EXISTS changes (
   at TEXT NOT NULL
 );
 
+CREATE TABLE IF NOT EXISTS tombstones (
+  study_uid TEXT PRIMARY KEY,
+  entry TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS deleted_instances (
+  blob_key TEXT PRIMARY KEY,
+  study_uid TEXT NOT NULL,
+  sop_uid TEXT NOT NULL,
+  series_uid TEXT NOT NULL,
+  stamp TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deleted_instances_study ON deleted_instances(study_uid);
+
 INSERT OR IGNORE INTO meta VALUES ('log_epoch', lower(hex(randomblob(16))));
 INSERT OR IGNORE INTO meta VALUES ('log_start', '0');
 """
@@ -158,7 +172,12 @@ MIGRATE_4_TO_5: tuple[str, ...] = ()
 #: The log an index has continues as the new epoch's, from its start: positions read from it stay valid.
 MIGRATE_5_TO_6: tuple[str, ...] = ()
 
-MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4, 4: MIGRATE_4_TO_5, 5: MIGRATE_5_TO_6}
+#: Version 7: deleted studies (:mod:`bastion.index.hidden`): ``tombstones`` and ``deleted_instances``, made by
+#: :data:`DDL`'s ``CREATE TABLE IF NOT EXISTS``; an index made before upgrades in place with both empty.
+MIGRATE_6_TO_7: tuple[str, ...] = ()
+
+MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4, 4: MIGRATE_4_TO_5, 5: MIGRATE_5_TO_6,
+              6: MIGRATE_6_TO_7}
 
 #: NumberOf{Study,Patient}RelatedInstances of the study ``s`` or patient ``p`` a search returns: the sum of their
 #: series' counts (a few series per study, found through ``series_order`` and ``studies_patient_order``).
@@ -168,7 +187,7 @@ INSTANCE_COUNTS = {
                "WHERE y.patient_id = p.patient_id)",
 }
 
-TABLES = ("patients", "studies", "series", "instances", "versions", "changes")
+TABLES = ("patients", "studies", "series", "instances", "versions", "changes", "tombstones", "deleted_instances")
 
 
 def schema_version(conn: sqlite3.Connection) -> int | None:

@@ -42,10 +42,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
-from bastion.index import sqlite_log, sqlite_record
+from bastion.index import hidden, sqlite_log, sqlite_record
 from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version, outcome_of_write
 from bastion.index.levels_sql import ALIAS, FIND_COLUMNS, FROM, INSTANCE_COLS, ORDER, dataset_of
-from bastion.index.rows import IndexRow
+from bastion.index.rows import IndexRow, now_iso
 from bastion.index.schema import TABLES, create_or_migrate
 from bastion.index.seqmark import SeqMark
 from bastion.index.sqlcompile import compile_conditions
@@ -435,6 +435,52 @@ class SqliteIndex(Index):
         if change is not None:
             self._mark.cover(change.seq)
         return change
+
+    # -- deleted studies (bastion.index.hidden) ---------------------------------------------------------------
+    def _changes_of(self, conn: sqlite3.Connection, seqs: list[int]) -> list[Change]:
+        return [Change(*conn.execute(f"SELECT {sqlite_log.CHANGE_COLS} FROM changes WHERE seq = ?", (seq,)).fetchone())
+                for seq in seqs]
+
+    def _covered(self, changes: list[Change]) -> list[Change]:
+        if changes:
+            self._mark.cover(max(c.seq for c in changes))
+        return changes
+
+    def hide_study(self, study_uid: str) -> list[Change]:
+        def _hide(conn: sqlite3.Connection) -> list[Change]:
+            seqs = hidden.hide(conn.execute, lambda sop: sqlite_record.delete(conn, sop), study_uid)
+            return self._changes_of(conn, seqs)
+        return self._covered(self._write(_hide))
+
+    def hidden_versions(self, study_uid: str) -> list[tuple[str, str]]:
+        return hidden.hidden_versions(self._reader().execute, study_uid)
+
+    def forget_hidden(self, study_uid: str, *, purged: bool) -> list[Change]:
+        def _forget(conn: sqlite3.Connection) -> list[Change]:
+            def change(sop: str, series: str, key: str) -> int:
+                cur = conn.execute(sqlite_record.INSERT_CHANGE, ("deleted", sop, series, study_uid, key, now_iso()))
+                return int(cur.lastrowid or 0)
+            return self._changes_of(conn, hidden.forget(conn.execute, change if purged else None, study_uid))
+        return self._covered(self._write(_forget))
+
+    def drop_hidden_version(self, blob_key: str) -> None:
+        self._write(lambda conn: conn.execute(hidden.DROP_VERSION, (blob_key,)))
+
+    def hidden_blobs(self, blob_keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(blob_keys), _BATCH):
+            found |= hidden.held(self._reader().execute, blob_keys[start:start + _BATCH])
+        return found
+
+    def set_tombstone(self, study_uid: str, entry: str | None) -> None:
+        self._write(lambda conn: conn.execute(*hidden.tombstone_statement(study_uid, entry)))
+
+    def tombstone(self, study_uid: str) -> str | None:
+        row = self._reader().execute(hidden.TOMBSTONE, (study_uid,)).fetchone()
+        return str(row[0]) if row else None
+
+    def tombstones(self) -> list[str]:
+        return [str(entry) for (entry,) in self._reader().execute(hidden.TOMBSTONES)]
 
     def clear(self) -> None:
         def _clear(conn: sqlite3.Connection) -> LogPosition:

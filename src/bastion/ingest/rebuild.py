@@ -26,6 +26,7 @@ from bastion.blobs.fileio import sync_all
 from bastion.blobs.journal import fsync_dir
 from bastion.errors import BastionError, CorruptObject, InvalidObject, UnsupportedTransferSyntax
 from bastion.index.base import Index, log_floor
+from bastion.ingest.deletion import apply_state_log
 from bastion.ingest.header import read_header
 from bastion.model.records import InstanceRecord, StoredObject, parse_object_key, partition_of
 
@@ -184,7 +185,8 @@ def _read_chunk(blobs: BlobStore, chunk: list[tuple[str, bool]]) -> list[_Read]:
 def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | None = None, *,
             after: int = 0, keys: list[tuple[str, str]] | None = None,
             stop: threading.Event | None = None) -> RebuildReport:
-    """Replay every stored object into ``index`` (which should be empty), as a new change log.
+    """Replay every stored object into ``index`` (which should be empty), as a new change log, then apply the
+    state log (:func:`bastion.ingest.deletion.apply_state_log`): deleted studies are hidden again.
 
     The log gets a new epoch and starts after ``after``: the highest ``seq`` the index being replaced handed
     out (:func:`bastion.index.log_floor`), so no ``seq`` is handed out twice, and a consumer that follows the log
@@ -193,7 +195,10 @@ def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | No
     replay returns after the batch being recorded (the rest is not).
     """
     index.start_log_after(after)
-    return _replay(blobs, index, stored_keys(blobs) if keys is None else keys, "rebuild", progress, stop=stop)
+    report = _replay(blobs, index, stored_keys(blobs) if keys is None else keys, "rebuild", progress, stop=stop)
+    if stop is None or not stop.is_set():
+        apply_state_log(blobs, index)  # the deleted studies are hidden again (bastion.blobs.statelog)
+    return report
 
 
 def record_stored(blobs: BlobStore, index: Index, keys: list[tuple[str, str]], what: str, *,
@@ -245,7 +250,8 @@ def unindexed_recent(blobs: BlobStore, index: Index, node_id: str | None = None)
             parts = parse_object_key(key)
             if parts and int(parts["stamp"]) >= start_ns and (node_id is None or parts["node"] in ("", node_id)):
                 listed.append((parts["stamp"], key))
-    held = index.held_blobs([key for _, key in listed])
+    keys = [key for _, key in listed]
+    held = index.held_blobs(keys) | index.hidden_blobs(keys)  # a deleted study's objects are held, hidden
     return sorted(entry for entry in listed if entry[1] not in held)
 
 
@@ -384,6 +390,7 @@ class SelfRebuild:
                 log.info("index rebuild stopped after %d of %d stored objects: it goes on at the next start",
                          self.done, len(keyed))
             return
+        apply_state_log(self.blobs, self.index)  # the deleted studies are hidden again
         self.pending.unlink()
         fsync_dir(str(self.pending.parent))
         elapsed = time.monotonic() - started

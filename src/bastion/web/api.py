@@ -31,6 +31,7 @@ from bastion.model.matching import Condition, MatchType
 from bastion.model.uids import is_identifiable_uid
 from bastion.settings import UPSTREAM
 from bastion.web.audit_api import audit_routes
+from bastion.web.deletion import deletion_routes
 from bastion.web.export import export_route
 from bastion.web.openapi import openapi_document
 
@@ -227,5 +228,5 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     return [Route("/api/statistics", statistics), Route("/api/changes", changes),
             Route("/api/remotes", remotes), Route("/api/queues", queues), retry,
             Route("/api/studies/{study}/digests", digests), export_route(archive),
-            Route("/api/index/rebuild", index_rebuild, methods=["GET", "POST"]),
+            *deletion_routes(archive), Route("/api/index/rebuild", index_rebuild, methods=["GET", "POST"]),
             *audit_routes(archive), Route("/api/openapi.json", openapi)]

@@ -157,6 +157,84 @@ _EMERGENCY = {
         }},
     },
 }
+_TOMBSTONE = {
+    "type": "object",
+    "description": "A deleted study (docs/deletion.md): who deleted it, why, when, and how many instances it held.",
+    "required": ["study", "patient_id", "user", "role", "via", "address", "reason", "at", "time_ns", "count", "state"],
+    "properties": {
+        "study": {"type": "string", "description": "The Study Instance UID."},
+        "patient_id": {"type": "string"},
+        "user": {"type": "string", "description": "Who deleted it."},
+        "role": {"type": "string"},
+        "via": {"type": "string", "description": "How: dicomweb, api, admin or cli."},
+        "address": {"type": "string", "description": "The client's address."},
+        "reason": {"type": "string"},
+        "at": {"type": "string", "description": "When it was deleted (ISO 8601 UTC)."},
+        "time_ns": {**_INT, "description": "The same, in nanoseconds since the epoch."},
+        "count": {**_INT, "description": "Its instances when it was deleted."},
+        "state": {"type": "string", "enum": ["deleted", "purging", "purged"],
+                  "description": "deleted: hidden, undeletable; purging: a purge began; purged: its bytes are gone."},
+    },
+}
+_DELETED = {
+    "type": "object",
+    "required": ["deletion_delay_days", "studies"],
+    "properties": {
+        "deletion_delay_days": {"type": "number", "minimum": 0,
+                                "description": "Days a deleted study is kept before `bastion purge` may remove it."},
+        "studies": {"type": "array", "items": {"$ref": "#/components/schemas/Tombstone"},
+                    "description": "The tombstones, oldest deletion first."},
+    },
+}
+_REASON_BODY = {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"reason": {"type": "string", "maxLength": 1000}}}}}}
+_AUTH_CONFIG = {
+    "type": "object",
+    "description": "How to log in (docs/authentication.md): public, also while authentication is off.",
+    "additionalProperties": False,
+    "required": ["enabled", "issuer", "client_id", "scope"],
+    "properties": {
+        "enabled": {"type": "boolean", "description": "`auth_enabled`: every route checked, default deny."},
+        "issuer": {"type": ["string", "null"], "description": "The OpenID Connect issuer (`auth_issuer`)."},
+        "client_id": {"type": ["string", "null"], "description": "The public client of the viewer and admin page."},
+        "scope": {"type": "string"},
+    },
+}
+_WHOAMI = {
+    "type": "object",
+    "description": "The party the request's credentials stand for (anonymous, an admin, while authentication is off).",
+    "additionalProperties": False,
+    "required": ["user", "role", "roles", "via", "emergency", "reason"],
+    "properties": {
+        "user": {"type": "string"}, "role": {"type": "string", "description": "The most privileged role held."},
+        "roles": {"type": "array", "items": {"type": "string"}},
+        "via": {"type": "string", "enum": ["oidc", "apikey", "emergency", "anonymous"]},
+        "emergency": {"type": "boolean", "description": "A break-glass token."},
+        "reason": {"type": ["string", "null"], "description": "The break-glass reason."},
+    },
+}
+_EMERGENCY = {
+    "type": "object",
+    "description": "Break-glass tokens minted (`bastion emergency-token`) or used, newest first, for review.",
+    "additionalProperties": False,
+    "required": ["overrides", "active"],
+    "properties": {
+        "active": {**_INT, "description": "Tokens not expired yet."},
+        "overrides": {"type": "array", "items": {
+            "type": "object",
+            "required": ["jti", "user", "role", "reason", "issued", "expires", "uses", "last_use", "active"],
+            "properties": {
+                "jti": {"type": "string"}, "user": {"type": "string"}, "role": {"type": "string"},
+                "reason": {"type": "string"}, "minted_by": {"type": "string"},
+                "issued": {"type": "number", "description": "Unix time, seconds."},
+                "expires": {"type": "number", "description": "Unix time, seconds."},
+                "uses": {**_INT, "description": "Requests made with it."},
+                "first_use": _NUMBER_OR_NULL, "last_use": _NUMBER_OR_NULL,
+                "last_address": {"type": "string"}, "active": {"type": "boolean"},
+            },
+        }},
+    },
+}
 _HEALTH = {
     "type": "object",
     "additionalProperties": False,
@@ -642,6 +720,58 @@ def openapi_document(version: str) -> dict[str, Any]:
                               "401": _json("No or bad credentials.", "Error"),
                               "403": _json("The caller's role is not admin.", "Error")},
             }},
+            "/api/deleted": {"get": {
+                "operationId": "deletedStudies",
+                "summary": "The deleted studies' tombstones (docs/deletion.md); admin only.",
+                "responses": {"200": _json("The tombstones.", "Deleted"),
+                              "403": _json("The caller's role is not admin.", "Error"),
+                              "503": _json("The index could not be read.", "Error")},
+            }},
+            "/api/studies/{study}/undelete": {"post": {
+                "operationId": "undeleteStudy",
+                "summary": "Restore a deleted study that is not purged yet, exactly as it was; admin only.",
+                "parameters": [_path_parameter("study", "The Study Instance UID.")],
+                "requestBody": _REASON_BODY,
+                "responses": {"200": _json("Undeleted: the tombstone it had.", "Tombstone"),
+                              "400": _json("The study is not a UID, or the body is not {\"reason\": ...}.", "Error"),
+                              "403": _json("The caller's role is not admin.", "Error"),
+                              "404": _json("The study is not deleted.", "Error"),
+                              "409": _json("Its purge has begun: it cannot be undeleted.", "Error"),
+                              "503": _json("The index or the blob store failed.", "Error")},
+            }},
+            "/dicom-web/studies/{study}": {"delete": {
+                "operationId": "deleteStudy",
+                "summary": "Delete a study: tombstone it and hide it from every search and retrieval (its bytes are "
+                           "kept until `bastion purge`, after deletion_delay_days); admin only (docs/deletion.md).",
+                "parameters": [_path_parameter("study", "The Study Instance UID."),
+                               {"name": "reason", "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "Why (else the body's `reason`)."}],
+                "requestBody": _REASON_BODY,
+                "responses": {"200": _json("Deleted: its tombstone.", "Tombstone"),
+                              "400": _json("The study is not a UID, or the body is not {\"reason\": ...}.", "Error"),
+                              "403": _json("The caller's role is not admin.", "Error"),
+                              "404": _json("No such study here.", "Error"),
+                              "409": _json("The study is deleted already.", "Error"),
+                              "503": _json("The index or the blob store failed.", "Error")},
+            }},
+            "/api/auth/config": {"get": {
+                "operationId": "authConfig",
+                "summary": "How the viewer and the admin page log in (public).",
+                "responses": {"200": _json("The login settings.", "AuthConfig")},
+            }},
+            "/api/whoami": {"get": {
+                "operationId": "whoami",
+                "summary": "Who the request's credentials stand for (any authenticated party).",
+                "responses": {"200": _json("The principal.", "Whoami"),
+                              "401": _json("No or bad credentials.", "Error")},
+            }},
+            "/api/emergency": {"get": {
+                "operationId": "emergencyOverrides",
+                "summary": "Break-glass tokens minted and used, for review (admin).",
+                "responses": {"200": _json("The overrides.", "Emergency"),
+                              "401": _json("No or bad credentials.", "Error"),
+                              "403": _json("The caller's role is not admin.", "Error")},
+            }},
             "/api/openapi.json": {"get": {
                 "operationId": "openapi",
                 "summary": "This document.",
@@ -656,6 +786,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "Changes": _CHANGES, "Remotes": _REMOTES, "Queues": _QUEUES, "QueueRetry": _QUEUE_RETRY, "Error": _ERROR,
             "Edge": _EDGE, "Digests": _DIGESTS,
             "IndexRebuild": _INDEX_REBUILD,
+            "Tombstone": _TOMBSTONE, "Deleted": _DELETED,
             "Audit": _AUDIT, "AuditVerify": _AUDIT_VERIFY,
             "Audit": _AUDIT, "AuditVerify": _AUDIT_VERIFY,
         }},

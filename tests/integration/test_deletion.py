@@ -1,0 +1,208 @@
+"""Deleting a study over a real server (docs/deletion.md): DELETE hides it from QIDO-RS, findscu, WADO-RS/URI and
+movescu, refuses stores into it; ``bastion purge`` refuses inside the delay; undelete brings it all back with exact
+counts; the state log keeps it hidden through ``bastion index rebuild`` and the rebuild at start; a purge with the
+delay at 0 removes its bytes from every blob store, and a rebuild does not bring it back."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from backends import REMOTE
+from conftest import DEST_AET, BastionServer, StoreSCP, make_study, run_bastion
+from test_dimse_retrieve import movescu
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _qido(server: BastionServer, path: str) -> list[dict[str, Any]]:
+    rsp = httpx.get(server.url(f"/dicom-web/{path}"), timeout=30)
+    assert rsp.status_code in (200, 204), rsp.text
+    return rsp.json() if rsp.status_code == 200 and rsp.content else []
+
+
+def _study_count(server: BastionServer, study: str) -> int | None:
+    found = _qido(server, f"studies?StudyInstanceUID={study}&includefield=NumberOfStudyRelatedInstances")
+    return None if not found else int(found[0]["00201208"]["Value"][0])
+
+
+def _find(server: BastionServer, study: str, out: Path) -> int:
+    proc, responses = server.find({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study,
+                                   "NumberOfStudyRelatedInstances": ""}, out=out)
+    assert "Final Find Response" in proc.stdout or "C-FIND-RSP" in proc.stdout or proc.returncode == 0, proc.stdout
+    return sum(int(r.NumberOfStudyRelatedInstances) for r in responses)
+
+
+def _delete(server: BastionServer, study: str, reason: str = "") -> httpx.Response:
+    query = f"?reason={urllib.parse.quote(reason)}" if reason else ""
+    return httpx.delete(server.url(f"/dicom-web/studies/{study}{query}"), timeout=60)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _refused(storescu_output: str) -> bool:
+    """Whether storescu was answered 0x0124 Refused: Not Authorized (DCMTK calls it unknown for a C-STORE)."""
+    return re.search(r"Received Store Response \(.*0x0?124\)", storescu_output) is not None
+
+
+def _audited(data: Path, study: str, action: str) -> bool:
+    for path in data.rglob("audit*.jsonl"):
+        for line in path.read_text(errors="replace").splitlines():
+            if study in line and '"delete"' in line and f'"action": "{action}"' in line.replace('":"', '": "'):
+                return True
+    return False
+
+
+def test_delete_hides_everywhere_and_undelete_restores_exactly(bastion: BastionServer, storescp: StoreSCP,
+                                                             tmp_path: Path) -> None:
+    gone = make_study(tmp_path / "gone", series=2, per_series=3)
+    kept = make_study(tmp_path / "kept", series=1, per_series=2)
+    proc = bastion.storescu(*gone.files, *kept.files)
+    assert proc.stdout.count("Received Store Response (Success)") == 8, proc.stdout
+    assert _study_count(bastion, gone.study_uid) == 6
+    series_uid = next(iter(gone.series))
+    sop = f"{series_uid}.1"
+
+    rsp = _delete(bastion, gone.study_uid, "wrong patient")
+    assert rsp.status_code == 200, rsp.text
+    tombstone = rsp.json()
+    assert (tombstone["study"], tombstone["count"], tombstone["reason"], tombstone["patient_id"],
+            tombstone["state"]) == (gone.study_uid, 6, "wrong patient", gone.patient_id, "deleted")
+    assert _delete(bastion, gone.study_uid).status_code == 409
+    assert _delete(bastion, "1.2.3.4.5.6.7.8.9").status_code == 404
+    assert _delete(bastion, "not-a-uid").status_code == 400
+
+    # hidden from QIDO-RS, C-FIND, WADO-RS, WADO-URI, metadata and C-MOVE; the other study is untouched
+    assert _study_count(bastion, gone.study_uid) is None and _study_count(bastion, kept.study_uid) == 2
+    assert _qido(bastion, f"studies/{gone.study_uid}/instances") == []
+    assert _qido(bastion, f"instances?PatientID={gone.patient_id}") == []
+    assert _find(bastion, gone.study_uid, tmp_path / "find1") == 0
+    assert _find(bastion, kept.study_uid, tmp_path / "find2") == 2
+    for path in (f"/dicom-web/studies/{gone.study_uid}", f"/dicom-web/studies/{gone.study_uid}/metadata",
+                 f"/dicom-web/studies/{gone.study_uid}/series/{series_uid}/instances/{sop}",
+                 f"/wado?requestType=WADO&studyUID={gone.study_uid}&seriesUID={series_uid}&objectUID={sop}"
+                 "&contentType=application/dicom"):
+        assert httpx.get(bastion.url(path), timeout=30).status_code == 404, path
+    storescp.clear()
+    output, rsps = movescu(bastion, DEST_AET, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": gone.study_uid})
+    assert storescp.received() == {}, output
+    assert all(r["completed"] in ("", "0") for r in rsps), output
+
+    # a store into the deleted study is refused, and leaves it hidden
+    proc = bastion.storescu(gone.files[0])
+    assert "Received Store Response (Success)" not in proc.stdout and _refused(proc.stdout), proc.stdout
+    stow = httpx.post(bastion.url("/dicom-web/studies"), timeout=60,
+                      content=b"--b\r\nContent-Type: application/dicom\r\n\r\n" + gone.files[1].read_bytes()
+                      + b"\r\n--b--\r\n",
+                      headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+    assert stow.status_code == 409, stow.text
+    assert _study_count(bastion, gone.study_uid) is None
+
+    listed = httpx.get(bastion.url("/api/deleted"), timeout=30).json()
+    assert [t["study"] for t in listed["studies"]] == [gone.study_uid] and listed["deletion_delay_days"] == 30
+
+    # inside the delay, bastion purge refuses and removes nothing
+    refused = run_bastion("purge", "--data", bastion.data, "--study", gone.study_uid)
+    assert refused.returncode == 1 and "inside the 30-day delay" in refused.stderr, refused.stderr
+    nothing = run_bastion("purge", "--data", bastion.data)
+    assert nothing.returncode == 0 and f"kept study {gone.study_uid}" in nothing.stdout, nothing.stdout
+
+    # undelete: all visible again, counts exact, retrievable
+    rsp = httpx.post(bastion.url(f"/api/studies/{gone.study_uid}/undelete"), json={"reason": "right patient"},
+                     timeout=60)
+    assert rsp.status_code == 200, rsp.text
+    assert httpx.post(bastion.url(f"/api/studies/{gone.study_uid}/undelete"), timeout=60).status_code == 404
+    assert _study_count(bastion, gone.study_uid) == 6
+    assert len(_qido(bastion, f"studies/{gone.study_uid}/instances")) == 6
+    assert _find(bastion, gone.study_uid, tmp_path / "find3") == 6
+    storescp.clear()
+    output, rsps = movescu(bastion, DEST_AET, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": gone.study_uid})
+    assert rsps[-1]["completed"] == "6", output
+    assert len(storescp.received()) == 6
+    assert httpx.get(bastion.url(f"/dicom-web/studies/{gone.study_uid}/metadata"), timeout=30).status_code == 200
+    assert httpx.get(bastion.url("/api/deleted"), timeout=30).json()["studies"] == []
+    _wait_for(lambda: _audited(bastion.data, gone.study_uid, "D") and _audited(bastion.data, gone.study_uid, "U"),
+              "the deletion and the undeletion in the audit trail")
+
+
+def test_the_state_log_survives_rebuilds_and_purge_removes_every_copy(bastion_factory: Any, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    stores = [] if REMOTE else [tmp_path / "disk1", tmp_path / "disk2"]
+    settings = {"BASTION_BLOBS": ",".join(map(str, stores))} if stores else {}
+    if stores:
+        monkeypatch.setenv("BASTION_BLOBS", settings["BASTION_BLOBS"])  # the CLI commands below use them too
+    server: BastionServer = bastion_factory(data, settings=settings)
+    gone = make_study(tmp_path / "gone", series=1, per_series=3)
+    kept = make_study(tmp_path / "kept", series=1, per_series=2)
+    proc = server.storescu(*gone.files, *kept.files)
+    assert proc.stdout.count("Received Store Response (Success)") == 5, proc.stdout
+    assert _delete(server, gone.study_uid, "duplicate upload").status_code == 200
+    server.stop()
+
+    # bastion index rebuild: the stored files come back, the state log hides the study again
+    rebuilt = run_bastion("index", "rebuild", "--data", data)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    server = bastion_factory(data, settings=settings)
+    assert _study_count(server, gone.study_uid) is None and _study_count(server, kept.study_uid) == 2
+    assert [t["study"] for t in server.get_json("/api/deleted")["studies"]] == [gone.study_uid]
+    last = server.stats()["last_change"]
+    server.stop()
+
+    # the rebuild at start (the index lost) hides it too
+    if not REMOTE:
+        (data / "index.sqlite3").unlink()
+        server = bastion_factory(data, settings=settings)
+        _wait_for(lambda: server.get_json("/health")["status"] == "ok", "the rebuild at start")
+        assert _study_count(server, gone.study_uid) is None and _study_count(server, kept.study_uid) == 2
+        last = server.stats()["last_change"]
+        server.stop()
+
+    # inside the delay: refused; with deletion_delay_days = 0: purged from every store
+    refused = run_bastion("purge", "--data", data, "--study", gone.study_uid)
+    assert refused.returncode == 1, refused.stderr
+    monkeypatch.setenv("BASTION_DELETION_DELAY_DAYS", "0")
+    dry = run_bastion("purge", "--data", data, "--dry-run")
+    assert dry.returncode == 0 and f"would purge study {gone.study_uid}" in dry.stdout, dry.stdout
+    purged = run_bastion("purge", "--data", data, "--json")
+    assert purged.returncode == 0, purged.stderr
+    report = json.loads(purged.stdout)
+    assert [(t["study"], t["removed_versions"]) for t in report["purged"]] == [(gone.study_uid, 3)]
+    assert run_bastion("purge", "--data", data, "--study", gone.study_uid).returncode == 1  # purged already
+    assert run_bastion("undelete", "--data", data, gone.study_uid).returncode == 1  # too late
+
+    server = bastion_factory(data, settings=settings)
+    for sop in gone.sop_uids:
+        assert server.blobs_of(sop) == [], sop
+    for store in stores:
+        names = [p.name for p in store.rglob("*.dcm")]
+        assert len(names) == 2 and not any(gone.study_uid in n for n in names), names
+        assert list((store / "state").rglob("*.json")), f"no state log in {store}"
+    deleted = [c for c in server.get_json(f"/api/changes?since={last}&limit=1000")["changes"]
+               if c["kind"] == "deleted" and c["study_uid"] == gone.study_uid]
+    assert sorted(c["sop_uid"] for c in deleted) == sorted(gone.sop_uids)
+    assert server.get_json("/api/deleted")["studies"][0]["state"] == "purged"
+    proc = server.storescu(gone.files[0])
+    assert _refused(proc.stdout), proc.stdout  # a purged study stays refused
+    server.stop()
+
+    # a rebuild after the purge does not bring it back
+    rebuilt = run_bastion("index", "rebuild", "--data", data)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    server = bastion_factory(data, settings=settings)
+    assert _study_count(server, gone.study_uid) is None and _study_count(server, kept.study_uid) == 2
+    assert server.stats()["instances"] == 2
+    assert server.get_json("/api/deleted")["studies"][0]["state"] == "purged"
