@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
+command -v openssl >/dev/null || need+=(openssl)  # the DICOM TLS test makes its CA and certificates with it
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 [ -x /usr/bin/chromium ] || need+=(chromium fonts-liberation)
