@@ -119,7 +119,7 @@ BOUNDARY_CHARS = string.ascii_letters + string.digits + "'()+_,-./:=?"
 _NAME_CHARS = string.ascii_letters + string.digits + "-_"
 _VALUE_CHARS = string.printable.replace("\r", "").replace("\n", "").replace("\x0b", "").replace("\x0c", "") + "éü"
 #: How a body is broken (``none``: it is well formed).
-MALFORMATIONS = ("none", "none", "none", "truncate", "no-close", "no-crlf-after-boundary", "lf-only", "huge-header",
+MALFORMATIONS = ("none", "none", "none", "truncate", "no-close", "missing-crlf", "lf-only", "huge-header",
                  "header-without-colon", "zero-parts", "text-after-boundary", "garbage", "flip", "nested-same-boundary")
 
 
@@ -175,8 +175,8 @@ def multipart_cases(draw: st.DrawFn, contents: st.SearchStrategy[bytes] | None =
         del bad[draw(st.integers(0, max(len(bad) - 3, 0))):]
     elif malformation == "no-close":
         del bad[len(bad) - len(boundary) - 8:]
-    elif malformation == "no-crlf-after-boundary":
-        del bad[first_line: first_line + 2]
+    elif malformation == "missing-crlf":  # no CRLF before the delimiters: a part that never ends, mostly
+        bad = bytearray(bytes(bad).replace(b"\r\n--" + boundary.encode("latin-1"), b"--" + boundary.encode("latin-1")))
     elif malformation == "lf-only":
         bad = bytearray(bytes(bad).replace(b"\r\n", b"\n"))
     elif malformation == "huge-header":
