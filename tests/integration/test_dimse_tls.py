@@ -5,6 +5,7 @@ the plain port, and a handshake that fails or never comes costs one log line and
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import ssl
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import BastionServer, free_port, make_study, requires_dcmtk, run_dcmtk, unavailable
+from conftest import BASTION, BastionServer, free_port, make_study, requires_dcmtk, run_dcmtk, unavailable
 from test_dimse_access import audit_entries, not_authorized, wait_for_audit
 
 pytestmark = [requires_dcmtk, pytest.mark.timeout(300)]
@@ -222,3 +223,15 @@ def test_a_silent_connection_is_closed_within_the_handshake_deadline(tls_server:
     assert run_dcmtk("echoscu", *tls_args(tls_server, pki, pki.client, "TLSCT"), timeout=30).returncode == 0
     failed = [e for e in audit_entries(tls_server.data) if "TLS handshake failed" in e.get("detail", "")]
     assert failed, "handshake failures are audited"
+
+
+def test_an_unusable_certificate_stops_serve_with_its_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env |= {"BASTION_TLS_PORT": str(free_port()), "BASTION_TLS_CERT": str(bad), "BASTION_TLS_KEY": str(bad)}
+    proc = subprocess.run([BASTION, "serve", "--data", str(tmp_path / "data"), "--dicom-port", str(free_port()),
+                           "--http-port", str(free_port())], capture_output=True, text=True, timeout=60, env=env,
+                          check=False)
+    assert proc.returncode != 0
+    assert f"cannot use tls_cert {bad}" in proc.stderr, proc.stderr
