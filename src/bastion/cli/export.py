@@ -63,7 +63,8 @@ def _audit(archive: Archive, report: ExportReport, studies: list[str], out: Path
 
 def run_export(args: argparse.Namespace) -> int:
     """Entry point of ``bastion export``: 0 when every study was exported (burned-in instances left out by
-    design included); 2 (through :class:`BastionError`) for a study that is not there or not a UID."""
+    design included); 1 when an instance could not be decoded or de-identified (left out, listed in the report);
+    2 (through :class:`BastionError`) for a study that is not there or not a UID, or a failed read or write."""
     settings = settings_from(args)
     out = Path(args.out)
     archive = Archive.open(settings)
@@ -103,4 +104,10 @@ def run_export(args: argparse.Namespace) -> int:
                                                     if left else "exported as asked"), file=sys.stderr)
         for item in report.burned_in[:20]:
             print(f"  {item['sop_instance_uid']}: {item['reason']}", file=sys.stderr)
+    if report.failed:
+        print(f"ERROR: {len(report.failed)} instance(s) could not be decoded or de-identified and were left out "
+              f"(listed in the report):", file=sys.stderr)
+        for failed in report.failed[:20]:
+            print(f"  {failed['sop_instance_uid']}: {failed['reason']}", file=sys.stderr)
+        return 1
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import zipfile
@@ -36,6 +37,8 @@ from bastion.model.uids import is_identifiable_uid
 from bastion.query.deid_profile import EDITION
 from bastion.query.deidentify import Deidentifier
 from bastion.query.retrieve import Retriever
+
+log = logging.getLogger("bastion.export")
 
 #: The report written beside the files (and into a ZIP).
 REPORT_NAME: Final = "export-report.json"
@@ -106,6 +109,8 @@ class ExportReport:
     studies: list[str] = field(default_factory=list)
     exported: int = 0
     burned_in: list[dict[str, Any]] = field(default_factory=list)
+    #: Instances that could not be decoded or de-identified: left out, with the reason.
+    failed: list[dict[str, str]] = field(default_factory=list)
     patients: set[str] = field(default_factory=set)
     #: Per source study: its source Patient ID and the instances exported of it (for the audit trail).
     per_study: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -119,7 +124,8 @@ class ExportReport:
         """The report as written into the export."""
         body: dict[str, Any] = {"deidentified": self.deidentified, "studies": self.studies,
                                 "exported": self.exported, "include_burned_in": self.include_burned_in,
-                                "burned_in": self.burned_in, "burned_in_left_out": self.left_out}
+                                "burned_in": self.burned_in, "burned_in_left_out": self.left_out,
+                                "failed": self.failed}
         if self.deidentified:
             body["profile"] = {"standard": f"DICOM PS3.15 Annex E ({EDITION})",
                                "options": ["Basic Application Confidentiality Profile (113100)",
@@ -160,27 +166,40 @@ class Exporter:
             raise NotFound(f"no study {study_uid} in the archive", uid=study_uid)
         return sorted(records, key=lambda r: (r.series_uid, r.sop_uid))
 
+    def _entry(self, record: InstanceRecord, data: bytes) -> tuple[Dataset, ExportEntry, str]:
+        """The stored dataset, its exported file and the exported Study Instance UID."""
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=self.deidentifier is None)
+        if self.deidentifier is None:
+            patient = str(ds.get("PatientID", "") or "") or "no-patient-id"
+            return ds, ExportEntry(_path(patient, record.study_uid, record.series_uid, record.sop_uid), data), \
+                record.study_uid
+        clean = self.deidentifier.apply(ds)
+        out = io.BytesIO()
+        clean.save_as(out, enforce_file_format=True)
+        entry = ExportEntry(_path(str(clean.PatientID), str(clean.StudyInstanceUID), str(clean.SeriesInstanceUID),
+                                  str(clean.SOPInstanceUID)), out.getvalue())
+        return ds, entry, str(clean.StudyInstanceUID)
+
     def entries(self, records: Iterable[InstanceRecord]) -> Iterator[ExportEntry]:
         """The exported files of ``records``, one at a time (one instance in memory at once)."""
         studies: dict[str, None] = dict.fromkeys(self.report.studies)
         for record in records:
             data = self.retriever.read(record)
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=self.deidentifier is None)
+            try:
+                ds, entry, study = self._entry(record, data)
+            except Exception as exc:  # pydicom cannot decode or encode it: left out, and said so
+                log.warning("export: instance %s left out: %s: %s", record.sop_uid, type(exc).__name__, exc)
+                if self.deidentifier is None:
+                    failed = {"sop_instance_uid": record.sop_uid, "reason": f"{type(exc).__name__}: {exc}"[:300]}
+                else:  # the message may quote a source value: the report names the error's type only
+                    failed = {"sop_instance_uid": self.deidentifier.uid(record.sop_uid),
+                              "reason": f"{type(exc).__name__} (details in the log)"}
+                self.report.failed.append(failed)
+                continue
             source_patient = str(ds.get("PatientID", "") or "")
             self.report.patients.add(source_patient)
             self.report.per_study.setdefault(record.study_uid, (source_patient, 0))
             reason = burned_in_reason(ds)
-            if self.deidentifier is None:
-                entry = ExportEntry(_path(safe_component(source_patient or "no-patient-id"), record.study_uid,
-                                          record.series_uid, record.sop_uid), data)
-                study = record.study_uid
-            else:
-                clean = self.deidentifier.apply(ds)
-                out = io.BytesIO()
-                clean.save_as(out, enforce_file_format=True)
-                entry = ExportEntry(_path(str(clean.PatientID), str(clean.StudyInstanceUID),
-                                          str(clean.SeriesInstanceUID), str(clean.SOPInstanceUID)), out.getvalue())
-                study = str(clean.StudyInstanceUID)
             studies.setdefault(study)
             if reason is not None:
                 _patient, _study, series, sop = entry.path.split("/")
