@@ -16,7 +16,16 @@ from typing import Any
 import httpx
 import pytest
 from backends import REMOTE
-from conftest import DEST_AET, BastionServer, StoreSCP, make_study, run_bastion
+from conftest import (
+    DEST_AET,
+    BastionServer,
+    StoreSCP,
+    browser_check_result,
+    free_port,
+    make_study,
+    run_bastion,
+    start_browser_check,
+)
 from test_dimse_retrieve import movescu
 
 pytestmark = pytest.mark.timeout(300)
@@ -206,3 +215,56 @@ def test_the_state_log_survives_rebuilds_and_purge_removes_every_copy(bastion_fa
     assert _study_count(server, gone.study_uid) is None and _study_count(server, kept.study_uid) == 2
     assert server.stats()["instances"] == 2
     assert server.get_json("/api/deleted")["studies"][0]["state"] == "purged"
+
+
+@pytest.mark.usefixtures("browser")
+def test_the_admin_page_deletes_and_undeletes(bastion_factory: Any, tmp_path: Path) -> None:
+    """A real browser: the search result's "delete" asks why and hides the study, the Deleted studies panel lists
+    it, and its "undelete" brings it back."""
+    server: BastionServer = bastion_factory()
+    study = make_study(tmp_path / "study", series=1, per_series=2)
+    assert server.storescu(*study.files).stdout.count("Received Store Response (Success)") == 2
+    report = browser_check_result(start_browser_check("deletion_check.mjs", "--base", server.url(""), "--out",
+                                                      tmp_path / "browser", "--study", study.study_uid), timeout=120)
+    assert report["exit_code"] == 0, report
+    assert report["prompts"][0].startswith(f"Delete study {study.study_uid}") and "30 days" in report["prompts"][0]
+    row = report["deletedRow"]
+    assert (row["study"], row["patient"], row["instances"], row["reason"], row["state"]) == (
+        study.study_uid, study.patient_id, "2", "wrong patient (browser)", "deleted")
+    assert _study_count(server, study.study_uid) == 2  # undeleted
+    assert server.get_json("/api/deleted")["studies"] == []
+
+
+def test_only_an_admin_may_delete_once_auth_is_on(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # no identity provider: API keys only
+    data = tmp_path / "data"
+    server = BastionServer(data, settings={"BASTION_AUTH_ENABLED": "true", "BASTION_AUTH_ISSUER": closed,
+                                           "BASTION_AUTH_AUDIENCE": "bastion", "BASTION_AUTH_JWKS_URL": f"{closed}/jwks",
+                                           "BASTION_AUTH_FAILURE_LIMIT": "1000"}).start()
+    try:
+        study = make_study(tmp_path / "study", series=1, per_series=2)
+        assert server.storescu(*study.files).stdout.count("Received Store Response (Success)") == 2
+        keys = {role: run_bastion("apikey", "create", "--data", data, "--name", f"{role}-key", "--role",
+                                  role).stdout.strip() for role in ("viewer", "uploader", "admin")}
+        url = server.url(f"/dicom-web/studies/{study.study_uid}?reason=test")
+        undelete = server.url(f"/api/studies/{study.study_uid}/undelete")
+        _wait_for(lambda: httpx.get(server.url("/api/deleted"), headers={"X-API-Key": keys["admin"]},
+                                    timeout=10).status_code == 200, "the API keys to be read")
+        assert httpx.delete(url, timeout=10).status_code == 401
+        for role in ("viewer", "uploader"):
+            headers = {"X-API-Key": keys[role]}
+            assert httpx.delete(url, headers=headers, timeout=10).status_code == 403, role
+            assert httpx.post(undelete, headers=headers, timeout=10).status_code == 403, role
+            assert httpx.get(server.url("/api/deleted"), headers=headers, timeout=10).status_code == 403, role
+        viewer = {"X-API-Key": keys["viewer"]}
+        assert httpx.get(server.url(f"/dicom-web/studies?StudyInstanceUID={study.study_uid}"), headers=viewer,
+                         timeout=10).status_code == 200  # still there
+        rsp = httpx.delete(url, headers={"X-API-Key": keys["admin"]}, timeout=30)
+        assert rsp.status_code == 200, rsp.text
+        assert (rsp.json()["user"], rsp.json()["role"]) == ("admin-key", "admin")
+        hidden = httpx.get(server.url(f"/dicom-web/studies?StudyInstanceUID={study.study_uid}"), headers=viewer,
+                           timeout=10)
+        assert hidden.status_code == 204 or hidden.json() == [], hidden.text
+        assert httpx.post(undelete, headers={"X-API-Key": keys["admin"]}, timeout=30).status_code == 200
+    finally:
+        server.stop()
