@@ -176,3 +176,29 @@ def test_the_admin_page_shows_the_audit_panel(tmp_path: Path, storescp: StoreSCP
     assert row["kind"].startswith(("association", "retrieve")) and row["outcome"] == "success"
     assert "127.0.0.1" in row["from"]
     assert report["filteredKinds"] and all(k.startswith("retrieve") for k in report["filteredKinds"])
+
+
+def test_the_chain_goes_on_after_kill_9(tmp_path: Path, bastion_factory: Callable[..., BastionServer]) -> None:
+    """``kill -9`` the server, start it again on the same data: the new processes find the chain's tail from the
+    anchor and the file, the chain goes on and verifies."""
+    server = bastion_factory()
+    first, second = make_study(tmp_path / "a", series=1, per_series=2), make_study(tmp_path / "b", series=1, per_series=3)
+    assert run_dcmtk("storescu", "-aet", "BEFORE", *server.addr(), *map(str, first.files)).returncode == 0
+
+    def stores(s: BastionServer) -> Callable[[], list[dict[str, Any]]]:
+        return lambda: list(s.get_json("/api/audit?kind=store")["entries"])
+
+    assert _wait_for(stores(server), lambda f: bool(_of(f, "store", user="BEFORE")))
+    server.kill9()
+    again = bastion_factory(data=server.data)
+    assert run_dcmtk("storescu", "-aet", "AFTER", *again.addr(), *map(str, second.files)).returncode == 0
+    found = _wait_for(stores(again), lambda f: bool(_of(f, "store", user="AFTER")))
+    (after,) = _of(found, "store", user="AFTER")
+    assert after["count"] == 3 and after["studies"] == [second.study_uid]
+    again.stop()
+    proc = run_bastion("audit", "verify", "--data", server.data, "--json")
+    verdict = json.loads(proc.stdout)
+    assert proc.returncode == 0 and verdict["ok"], verdict
+    lines = [json.loads(x) for f in sorted((server.data / "audit").glob("audit-*.jsonl")) for x in f.read_text().splitlines()]
+    assert [e["seq"] for e in lines] == list(range(1, len(lines) + 1))
+    assert [e.get("event_type") for e in lines if e["kind"] == "config"] == ["110120", "110120", "110121"]

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from bastion.audit import AuditEvent, AuditKind, AuditLog, Outcome
-from bastion.audit.chain import encode, entry_hash, lines_backwards, log_files, read_head, seal, verify
+from bastion.audit.chain import (
+    encode,
+    entry_hash,
+    lines_backwards,
+    log_files,
+    read_head,
+    seal,
+    since_key,
+    verify,
+)
 from bastion.audit.log import compact, event_of
 
 
@@ -229,3 +238,13 @@ def test_lines_backwards_across_block_boundaries(tmp_path: Path, block: int) -> 
     lines = [b"a", b"bb", b"", b"ccc" * 5, b"d"]
     path.write_bytes(b"\n".join(lines) + b"\n" + b"torn")
     assert list(lines_backwards(str(path), block)) == [b"torn", b"d", b"ccc" * 5, b"bb", b"a"]
+
+
+def test_since_takes_iso_8601_times_in_utc() -> None:
+    assert since_key("") == ""
+    assert since_key("2026-12-07") == "2026-12-07"
+    assert since_key("2026-12-07 06:00") == "2026-12-07T06:00"
+    assert since_key("2026-12-07T06:00:01.5Z") == "2026-12-07T06:00:01.5"
+    for bad in ("yesterday", "2026-12-7", "2026-12-07T6", "2026-12-07T06:00+01:00"):
+        with pytest.raises(ValueError):
+            since_key(bad)

@@ -35,6 +35,21 @@ HEAD_FILE = "head"
 LOCK_FILE = "lock"
 
 
+_SINCE_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}(?::\d{2}(?::\d{2}(?:\.\d{1,3})?)?)?))?Z?$")
+
+
+def since_key(text: str) -> str:
+    """A time given as ``since`` (UTC, ISO 8601: ``2026-12-07``, ``2026-12-07T06:00``, ``2026-12-07 06:00:00Z``) as
+    the prefix entry times are compared with (``2026-12-07T06:00``); empty stays empty. Raises ValueError for
+    anything else."""
+    if not text:
+        return ""
+    match = _SINCE_RE.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a UTC time in ISO 8601 (2026-12-07 or 2026-12-07T06:00)")
+    return match.group(1) + (f"T{match.group(2)}" if match.group(2) else "")
+
+
 def canonical(fields: dict[str, Any]) -> bytes:
     """The bytes an entry's hash is computed over: JSON, keys sorted, no spaces, UTF-8."""
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

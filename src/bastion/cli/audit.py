@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from bastion.audit import AUDIT_DIR
-from bastion.audit.chain import consistent, verify
+from bastion.audit.chain import consistent, since_key, verify
 from bastion.audit.export import entries, jsonl_record, send_tls, syslog_record
 from bastion.cli.serve import settings_from
 from bastion.errors import BastionError
@@ -57,14 +57,18 @@ def run_audit(args: argparse.Namespace) -> int:
     if args.audit_command == "verify":
         return _verify(directory, args.json)
     source = settings.aet
+    try:
+        since = since_key(args.since)
+    except ValueError as exc:
+        raise BastionError(f"--since: {exc}") from None
     hostname = socket.gethostname()
     if args.send:
-        sent = send_tls(args.send, (syslog_record(e, source, hostname) for e in entries(directory, args.since)),
+        sent = send_tls(args.send, (syslog_record(e, source, hostname) for e in entries(directory, since)),
                         cafile=args.cafile)
         print(f"{sent} audit message(s) sent to {args.send}")
         return 0
     with _output(args.out) as out:
-        for entry in entries(directory, args.since):
+        for entry in entries(directory, since):
             text = (jsonl_record(entry, source) if args.format == "jsonl"
                     else syslog_record(entry, source, hostname))
             out.write(text + "\n")

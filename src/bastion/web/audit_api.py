@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from bastion.archive import Archive
 from bastion.audit import AuditKind
-from bastion.audit.chain import Verdict, consistent, verify
+from bastion.audit.chain import Verdict, consistent, since_key, verify
 from bastion.auth import ANONYMOUS, Principal
 
 #: The most entries one request returns.
@@ -43,7 +43,10 @@ def audit_routes(archive: Archive) -> list[Route]:
             limit = -1
         if not 1 <= limit <= MAX_LIMIT:
             return JSONResponse({"error": f"limit must be an integer between 1 and {MAX_LIMIT}"}, status_code=400)
-        since = params.get("since", "")
+        try:
+            since = since_key(params.get("since", ""))
+        except ValueError as exc:
+            return JSONResponse({"error": f"since: {exc}"}, status_code=400)
         found = await asyncio.to_thread(archive.audit.recent, limit, kind=kind, since=since)
         return JSONResponse({"entries": found, "count": len(found), "limit": limit})
 

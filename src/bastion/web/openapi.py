@@ -110,53 +110,6 @@ _ERROR = {
     "required": ["error"],
     "properties": {"error": {"type": "string"}},
 }
-_AUTH_CONFIG = {
-    "type": "object",
-    "description": "How to log in (docs/authentication.md): public, also while authentication is off.",
-    "additionalProperties": False,
-    "required": ["enabled", "issuer", "client_id", "scope"],
-    "properties": {
-        "enabled": {"type": "boolean", "description": "`auth_enabled`: every route checked, default deny."},
-        "issuer": {"type": ["string", "null"], "description": "The OpenID Connect issuer (`auth_issuer`)."},
-        "client_id": {"type": ["string", "null"], "description": "The public client of the viewer and admin page."},
-        "scope": {"type": "string"},
-    },
-}
-_WHOAMI = {
-    "type": "object",
-    "description": "The party the request's credentials stand for (anonymous, an admin, while authentication is off).",
-    "additionalProperties": False,
-    "required": ["user", "role", "roles", "via", "emergency", "reason"],
-    "properties": {
-        "user": {"type": "string"}, "role": {"type": "string", "description": "The most privileged role held."},
-        "roles": {"type": "array", "items": {"type": "string"}},
-        "via": {"type": "string", "enum": ["oidc", "apikey", "emergency", "anonymous"]},
-        "emergency": {"type": "boolean", "description": "A break-glass token."},
-        "reason": {"type": ["string", "null"], "description": "The break-glass reason."},
-    },
-}
-_EMERGENCY = {
-    "type": "object",
-    "description": "Break-glass tokens minted (`bastion emergency-token`) or used, newest first, for review.",
-    "additionalProperties": False,
-    "required": ["overrides", "active"],
-    "properties": {
-        "active": {**_INT, "description": "Tokens not expired yet."},
-        "overrides": {"type": "array", "items": {
-            "type": "object",
-            "required": ["jti", "user", "role", "reason", "issued", "expires", "uses", "last_use", "active"],
-            "properties": {
-                "jti": {"type": "string"}, "user": {"type": "string"}, "role": {"type": "string"},
-                "reason": {"type": "string"}, "minted_by": {"type": "string"},
-                "issued": {"type": "number", "description": "Unix time, seconds."},
-                "expires": {"type": "number", "description": "Unix time, seconds."},
-                "uses": {**_INT, "description": "Requests made with it."},
-                "first_use": _NUMBER_OR_NULL, "last_use": _NUMBER_OR_NULL,
-                "last_address": {"type": "string"}, "active": {"type": "boolean"},
-            },
-        }},
-    },
-}
 _TOMBSTONE = {
     "type": "object",
     "description": "A deleted study (docs/deletion.md): who deleted it, why, when, and how many instances it held.",
@@ -497,49 +450,6 @@ _AUDIT_VERIFY = {
     },
 }
 
-_AUDIT_KINDS = ["association", "store", "query", "retrieve", "view", "export", "delete", "login", "emergency", "config"]
-_AUDIT_ENTRY = {
-    "type": "object",
-    "description": "One audit log entry (docs/audit.md): the chain's fields and the event's; fields left at their "
-                   "default are omitted.",
-    "required": ["seq", "time", "kind", "outcome", "action", "prev", "hash"],
-    "properties": {
-        "seq": {"type": "integer", "minimum": 1}, "time": {"type": "string", "description": "UTC, ISO 8601, ms."},
-        "kind": {"type": "string", "enum": _AUDIT_KINDS},
-        "outcome": {"type": "integer", "enum": [0, 4, 8, 12],
-                    "description": "PS3.15 EventOutcomeIndicator."},
-        "action": {"type": "string", "enum": ["C", "R", "U", "D", "E"]},
-        "user": {"type": "string"}, "role": {"type": "string"}, "address": {"type": "string"},
-        "destination": {"type": "string"}, "via": {"type": "string"}, "patient_id": {"type": "string"},
-        "studies": {"type": "array", "items": {"type": "string"}}, "count": _INT, "detail": {"type": "string"},
-        "emergency": {"type": "boolean"}, "event_type": {"type": "string"}, "level": {"type": "string"},
-        "recovered": {**_INT, "description": "The length of a torn line a crash left before this entry."},
-        "prev": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-    },
-}
-_AUDIT = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["entries", "count", "limit"],
-    "properties": {"entries": {"type": "array", "items": _AUDIT_ENTRY, "description": "Newest first."},
-                   "count": _INT, "limit": _INT},
-}
-_AUDIT_VERIFY = {
-    "type": "object",
-    "description": "The audit chain's check, as `bastion audit verify --json` prints it.",
-    "additionalProperties": False,
-    "required": ["ok", "entries", "last_seq", "crashes", "torn_tail", "problem", "file", "line", "seq", "message"],
-    "properties": {
-        "ok": {"type": "boolean"}, "entries": _INT, "last_seq": _INT,
-        "crashes": {**_INT, "description": "Torn lines left by crashes, each accounted for."},
-        "torn_tail": {"type": "boolean", "description": "The last line is torn (a crash, or a write under way)."},
-        "problem": {"type": "string", "description": "Empty if ok."},
-        "file": {"type": "string"}, "line": _INT, "seq": {"type": ["integer", "null"]},
-        "message": {"type": "string"},
-    },
-}
-
-
 
 def _json(description: str, schema: str) -> dict[str, Any]:
     return {"description": description,
@@ -671,53 +581,13 @@ def openapi_document(version: str) -> dict[str, Any]:
                      "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
                 ],
                 "responses": {"200": _json("The entries.", "Audit"),
-                              "400": _json("`kind` or `limit` is not valid.", "Error"),
+                              "400": _json("`since`, `kind` or `limit` is not valid.", "Error"),
                               "403": _json("The caller's role is not admin.", "Error")},
             }},
             "/api/audit/verify": {"get": {
                 "operationId": "auditVerify",
                 "summary": "Walk the audit log's hash chain and check it against its anchor; admin only.",
                 "responses": {"200": _json("The result (`ok` false names the first bad entry).", "AuditVerify"),
-                              "403": _json("The caller's role is not admin.", "Error")},
-            }},
-            "/api/audit": {"get": {
-                "operationId": "audit",
-                "summary": "The newest audit log entries, newest first; admin only (docs/audit.md).",
-                "parameters": [
-                    {"name": "since", "in": "query", "required": False,
-                     "description": "Only entries at or after this time (UTC, ISO 8601, e.g. 2026-12-07T06:00).",
-                     "schema": {"type": "string"}},
-                    {"name": "kind", "in": "query", "required": False, "description": "Only entries of this kind.",
-                     "schema": {"type": "string", "enum": _AUDIT_KINDS}},
-                    {"name": "limit", "in": "query", "required": False, "description": "At most this many entries.",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-                ],
-                "responses": {"200": _json("The entries.", "Audit"),
-                              "400": _json("`kind` or `limit` is not valid.", "Error"),
-                              "403": _json("The caller's role is not admin.", "Error")},
-            }},
-            "/api/audit/verify": {"get": {
-                "operationId": "auditVerify",
-                "summary": "Walk the audit log's hash chain and check it against its anchor; admin only.",
-                "responses": {"200": _json("The result (`ok` false names the first bad entry).", "AuditVerify"),
-                              "403": _json("The caller's role is not admin.", "Error")},
-            }},
-            "/api/auth/config": {"get": {
-                "operationId": "authConfig",
-                "summary": "How the viewer and the admin page log in (public).",
-                "responses": {"200": _json("The login settings.", "AuthConfig")},
-            }},
-            "/api/whoami": {"get": {
-                "operationId": "whoami",
-                "summary": "Who the request's credentials stand for (any authenticated party).",
-                "responses": {"200": _json("The principal.", "Whoami"),
-                              "401": _json("No or bad credentials.", "Error")},
-            }},
-            "/api/emergency": {"get": {
-                "operationId": "emergencyOverrides",
-                "summary": "Break-glass tokens minted and used, for review (admin).",
-                "responses": {"200": _json("The overrides.", "Emergency"),
-                              "401": _json("No or bad credentials.", "Error"),
                               "403": _json("The caller's role is not admin.", "Error")},
             }},
             "/api/deleted": {"get": {
@@ -787,7 +657,6 @@ def openapi_document(version: str) -> dict[str, Any]:
             "Edge": _EDGE, "Digests": _DIGESTS,
             "IndexRebuild": _INDEX_REBUILD,
             "Tombstone": _TOMBSTONE, "Deleted": _DELETED,
-            "Audit": _AUDIT, "AuditVerify": _AUDIT_VERIFY,
             "Audit": _AUDIT, "AuditVerify": _AUDIT_VERIFY,
         }},
     }
