@@ -1,4 +1,4 @@
-"""The load board the DICOM worker processes share (bastion.dimse.server.LoadBoard)."""
+"""The load board the DICOM worker processes share (bastion.dimse.loadboard.LoadBoard)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from bastion.dimse.server import LoadBoard
+from bastion.dimse.loadboard import LoadBoard
 
 
 def _worker(board: LoadBoard, worker: int, active: int, *, stay: bool) -> int:

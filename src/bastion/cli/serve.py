@@ -2,7 +2,7 @@
 
 The process started runs no server itself: a :class:`Supervisor` (no thread, no database connection) forks
 them and replaces any that dies. With ``workers = N > 1`` the DICOM listening socket is shared by N processes,
-which spread associations evenly over themselves (:class:`~bastion.dimse.server.LoadBoard`), so parallel
+which spread associations evenly over themselves (:class:`~bastion.dimse.loadboard.LoadBoard`), so parallel
 senders use every core. The first also serves HTTP. One more process, at the lowest CPU priority, builds
 WADO-RS metadata for new objects from the change log. All processes write the same index (their write
 transactions queue on a lock file, see :class:`~bastion.index.sqlite.SqliteIndex`) and the same blob store.
@@ -36,8 +36,9 @@ from bastion.archive import (
 from bastion.audit.events import lifecycle_event
 from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
+from bastion.dimse.loadboard import LoadBoard
 from bastion.dimse.moves import MoveRunner
-from bastion.dimse.server import DicomServer, LoadBoard
+from bastion.dimse.server import DicomServer
 from bastion.dimse.tls import server_context
 from bastion.errors import BastionError
 from bastion.forward import open_queue
