@@ -2,7 +2,8 @@
 (:mod:`bastion.audit.chain`) that all of a node's processes share.
 
 ``record`` only queues (it never waits for I/O, never raises); a thread started at the first event writes the
-queue every :attr:`AuditLog.interval` seconds or at :attr:`AuditLog.batch` events: one ``flock``, one
+queue :attr:`AuditLog.interval` seconds after the first event queued, or at once at :attr:`AuditLog.batch`
+events: one ``flock``, one
 ``write``, one ``fsync`` per batch, then the anchor (``head``) is rewritten atomically. Each process keeps the
 chain's tail (file, size, seq, hash) and reads the file again only when it grew under it (another process wrote).
 The files rotate by UTC day (``audit-YYYY-MM-DD.jsonl``); the chain runs on across them.
@@ -129,8 +130,8 @@ class AuditLog:
                 if self._thread is None and not self._closing:
                     self._thread = threading.Thread(target=self._run, name="bastion-audit", daemon=True)
                     self._thread.start()
-                if len(self._queue) >= self.batch:
-                    self._cond.notify()
+                if len(self._queue) in (1, self.batch):  # the writer starts gathering; a full batch goes now
+                    self._cond.notify_all()
         except Exception:  # noqa: BLE001 - auditing must never fail the access it describes
             log.exception("audit event not recorded: %s", event)
 
@@ -138,7 +139,7 @@ class AuditLog:
         """Wait until every event queued so far is written; whether it was within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()
             while (self._queue or self._writing) and self._thread is not None and self._thread.is_alive():
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -150,7 +151,7 @@ class AuditLog:
         """Write what is queued, then stop the writer thread."""
         with self._cond:
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30.0)
@@ -174,10 +175,10 @@ class AuditLog:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._queue and not self._closing:
-                    self._cond.wait(self.interval)
+                while not self._queue and not self._closing:
+                    self._cond.wait(5.0)  # the first event queued wakes us
                 if len(self._queue) < self.batch and not self._closing:
-                    self._cond.wait(self.interval)  # gather a batch; a full one or close() wakes us
+                    self._cond.wait(self.interval)  # gather a batch; a full one, flush() or close() ends it
                 batch, self._queue = self._queue, []
                 closing = self._closing
                 self._writing = bool(batch)
@@ -195,7 +196,7 @@ class AuditLog:
                             self._dropped += overflow
                     if closing:
                         return
-                    time.sleep(self.interval)
+                    time.sleep(1.0)
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
