@@ -276,7 +276,8 @@ class Settings:
     #: The OIDC client id of the viewer and admin page (public client, authorization code + PKCE).
     auth_client_id: str = ""
     #: The signature algorithms a token may use (never ``none`` or HS*).
-    auth_algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+    auth_algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA",
+                                     "Ed25519")
     #: Seconds of clock skew allowed on ``exp`` / ``nbf`` / ``iat``.
     auth_leeway: float = 30.0
     #: Seconds between two periodic refreshes of the JWKS (an unknown ``kid`` refreshes sooner, rate-limited).
@@ -297,6 +298,13 @@ class Settings:
     tls_key: str = ""
     #: CA certificates (PEM) that client certificates must chain to; set: a client certificate is required.
     tls_ca: str = ""
+    #: ``[audit] forward``: an Audit Record Repository, ``tls://HOST:PORT``, that the audit log is sent to as it grows
+    #: (RFC 5424 syslog over TLS, RFC 5425; :mod:`bastion.audit.forward`); empty: none.
+    audit_forward: str = ""
+    #: CA certificates (PEM) the repository's certificate must chain to (default: the system's).
+    audit_forward_ca: str = ""
+    #: Seconds between two rounds of forwarding.
+    audit_forward_interval: float = 5.0
 
     def __post_init__(self) -> None:
         """Edge mode's always-on rule: ``upstream`` adds a forward rule named :data:`UPSTREAM` matching everything."""
@@ -418,6 +426,11 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             return tuple(value)
+        if name == "audit_forward":
+            text = str(value).strip()
+            if text and re.fullmatch(r"tls://[^/:\s]+:\d{1,5}", text) is None:
+                raise ValueError(f"{text!r}: expected tls://HOST:PORT (syslog over TLS, RFC 5425)")
+            return text
         if name == "aet":
             return check_aet(str(value))
         if name == "log_level":
