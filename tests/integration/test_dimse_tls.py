@@ -114,7 +114,7 @@ def test_echo_over_tls_with_a_client_certificate(tls_server: BastionServer, pki:
     assert "Received Echo Response (Success)" in proc.stdout, proc.stdout
     entry = wait_for_audit(tls_server.data, lambda e: e.get("kind") == "association" and e.get("user") == "TLSCT"
                            and int(e.get("outcome", 0)) == 0)
-    assert "TLS" in entry.get("detail", "")
+    assert "(TLS, client certificate 'ct1.example.org')" in entry.get("detail", "")
 
 
 def test_store_over_tls_then_retrieve_it(tls_server: BastionServer, pki: PKI, tmp_path: Path) -> None:

@@ -327,11 +327,12 @@ class DicomServer:
         """Record an association accepted or rejected (PS3.15 A.5.3: the calling AE, its address, the called AE)."""
         transport = assoc.stream.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
-        tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            subject = certificate_subject(transport.get_extra_info("peercert"))
+            detail += f" (TLS, client certificate {subject!r})" if subject else " (TLS)"
         self.archive.audit.record(AuditEvent(
             kind=AuditKind.ASSOCIATION, outcome=outcome, user=assoc.calling_aet,
-            address=str(peer[0]) if peer else "", destination=assoc.called_aet, via="dimse",
-            detail=f"{detail} (TLS)" if tls else detail))
+            address=str(peer[0]) if peer else "", destination=assoc.called_aet, via="dimse", detail=detail))
 
     async def _negotiate(self, session: Session, accepted_at: float) -> bool:
         """Answer the A-ASSOCIATE-RQ: A-ASSOCIATE-RJ when the access rules refuse the calling or called AE title
