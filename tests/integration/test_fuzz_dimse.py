@@ -275,9 +275,23 @@ def _first_pdu(got: bytes) -> int | None:
     return kind if len(got) >= 6 + length else None
 
 
-def exchange(host: str, port: int, data: bytes, then: bytes = b"") -> bytes:
+def _pdu_types(got: bytes) -> list[int]:
+    """The types of the whole PDUs at the start of ``got``."""
+    kinds, pos = [], 0
+    while pos + 6 <= len(got):
+        kind, length = struct.unpack_from(">BxI", got, pos)
+        if pos + 6 + length > len(got):
+            break
+        kinds.append(kind)
+        pos += 6 + length
+    return kinds
+
+
+def exchange(host: str, port: int, data: bytes, then: bytes = b"", until: int | None = None) -> bytes:
     """Connect, send ``data`` (and ``then`` once an A-ASSOCIATE-AC has come), half-close, and read everything
-    until the server closes the connection."""
+    until the server closes the connection. With ``until`` (a PDU type), the connection is not half-closed: reading
+    ends at the first PDU of that type (a peer's end of the connection is an A-P-ABORT to its acceptor, PS3.8 9.2
+    Evt17, and drops the answers still to come)."""
     sock = socket.create_connection((host, port), timeout=CLOSE_DEADLINE)
     got = b""
     pending = then
@@ -285,7 +299,7 @@ def exchange(host: str, port: int, data: bytes, then: bytes = b"") -> bytes:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.sendall(data)
-            if not pending:
+            if not pending and until is None:
                 sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pending = b""  # the server refused what came first and closed: its answer is still to be read
@@ -297,7 +311,8 @@ def exchange(host: str, port: int, data: bytes, then: bytes = b"") -> bytes:
                 try:
                     if _first_pdu(got) == A_ASSOCIATE_AC:
                         sock.sendall(pending)
-                    sock.shutdown(socket.SHUT_WR)
+                    if until is None:
+                        sock.shutdown(socket.SHUT_WR)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 pending = b""
@@ -310,6 +325,8 @@ def exchange(host: str, port: int, data: bytes, then: bytes = b"") -> bytes:
             if not chunk:
                 return got
             got += chunk
+            if until is not None and until in _pdu_types(got):
+                return got
     finally:
         sock.close()
 

@@ -90,10 +90,11 @@ def _int_param(params: list[tuple[str, str]], name: str, default: int, high: int
     values = [v for k, v in params if k == name]
     if not values:
         return default
-    try:
-        value = int(values[-1])
-    except ValueError:
-        raise InvalidQuery(f"{name} must be an integer, not {values[-1]!r}") from None
+    text = values[-1]
+    # ASCII digits only: int() would also take " 5", "+5", "1_0" and other scripts' digits
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
+        raise InvalidQuery(f"{name} must be an integer, not {text[:40]!r}")
+    value = int(text)
     if not 0 <= value <= high:
         raise InvalidQuery(f"{name} must be between 0 and {high}")
     return value

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.multival import MultiValue
 from starlette.concurrency import run_in_threadpool
 
 from bastion.archive import Archive
@@ -126,8 +127,11 @@ def _uids(data: bytes | BinaryIO) -> tuple[str, str, str]:
         fp = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True,
                              specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-        return (str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or ""),
-                str(ds.get("StudyInstanceUID", "") or ""))
+        def text(keyword: str) -> str:  # a UID with a backslash is read as several values: shown as sent
+            value = ds.get(keyword, "") or ""
+            return "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+
+        return text("SOPClassUID"), text("SOPInstanceUID"), text("StudyInstanceUID")
     except Exception:
         return "", "", ""
 
