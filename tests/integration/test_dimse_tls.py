@@ -235,3 +235,21 @@ def test_an_unusable_certificate_stops_serve_with_its_reason(tmp_path: Path) -> 
                           check=False)
     assert proc.returncode != 0
     assert f"cannot use tls_cert {bad}" in proc.stderr, proc.stderr
+
+
+def test_a_shutdown_during_a_handshake_is_clean(tmp_path: Path, pki: PKI) -> None:
+    """A connection still in its TLS handshake when the server stops is dropped after the grace period, with no
+    traceback, and the server exits 0."""
+    port = free_port()
+    server = BastionServer(tmp_path / "data", settings={
+        "BASTION_TLS_PORT": str(port), "BASTION_TLS_CERT": str(pki.server.cert),
+        "BASTION_TLS_KEY": str(pki.server.key), "BASTION_TLS_CA": str(pki.ca), "BASTION_WORKERS": "1"}).start()
+    try:
+        with socket.create_connection((server.host, port), timeout=60):
+            time.sleep(0.5)  # accepted, waiting for a ClientHello that never comes
+            assert server.proc is not None
+            server.proc.terminate()
+            assert server.proc.wait(60) == 0, server.log()
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()

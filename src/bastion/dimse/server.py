@@ -223,6 +223,10 @@ class DicomServer:
                     kind=AuditKind.ASSOCIATION, outcome=Outcome.MINOR_FAILURE, address=peer,
                     destination=self.settings.aet, via="dimse", detail=why))
             return None
+        except asyncio.CancelledError:  # the server closes during the handshake
+            conn.close()
+            self._uncount(peer, refused)
+            raise
         return stream
 
     async def _handshake_then_handle(self, conn: socket.socket, address: object, peer: str, accepted_at: float,
