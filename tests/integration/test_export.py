@@ -366,6 +366,10 @@ def test_api_streams_the_same_zip_and_everything_is_audited(corpus: Corpus, tmp_
         assert _post(server, f"/api/studies/{corpus.a1}/export?deidentify=maybe")[0] == 400
         document = json.loads(urllib.request.urlopen(server.url("/api/openapi.json"), timeout=10).read())
         assert "post" in document["paths"]["/api/studies/{study}/export"]
+        beside = tmp_path / "beside"  # the command works beside a running server too
+        assert _export(corpus, beside, corpus.a1, extra=("--deidentify", "--zip")).returncode == 0
+        with zipfile.ZipFile(beside / "bastion-export.zip") as zf:
+            assert {n: zf.read(n) for n in zf.namelist()} == expected
     finally:
         server.stop()
     entries = _audit_entries(corpus.data)
