@@ -124,7 +124,7 @@ def test_openapi_document_describes_every_api_route(api_app: Starlette) -> None:
     assert set(doc["paths"]) == {"/health", "/api/statistics", "/api/changes", "/api/remotes", "/api/queues",
                                  "/api/queues/{name}/retry", "/api/studies/{study}/digests", "/api/index/rebuild",
                                  "/api/studies/{study}/export", "/api/auth/config", "/api/whoami", "/api/emergency",
-                                 "/api/openapi.json"}
+                                 "/api/audit", "/api/audit/verify", "/api/openapi.json"}
     api_paths = {re.sub(r"\{(\w+):\w+\}", r"{\1}", r.path)  # a route's {name:path} is the document's {name}
                  for r in api_app.routes if getattr(r, "path", "").startswith("/api/")}
     assert api_paths <= set(doc["paths"]), "an /api route is missing from the OpenAPI document"

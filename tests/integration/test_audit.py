@@ -25,6 +25,7 @@ from conftest import (
     start_browser_check,
     unavailable,
 )
+from syslog_listener import SyslogListener
 
 BOUNDARY = "auditboundary"
 
@@ -202,3 +203,30 @@ def test_the_chain_goes_on_after_kill_9(tmp_path: Path, bastion_factory: Callabl
     lines = [json.loads(x) for f in sorted((server.data / "audit").glob("audit-*.jsonl")) for x in f.read_text().splitlines()]
     assert [e["seq"] for e in lines] == list(range(1, len(lines) + 1))
     assert [e.get("event_type") for e in lines if e["kind"] == "config"] == ["110120", "110120", "110121"]
+
+
+def test_the_server_forwards_its_audit_log_to_a_repository(tmp_path: Path,
+                                                          bastion_factory: Callable[..., BastionServer]) -> None:
+    """``[audit] forward``: a real TLS syslog receiver gets each entry once, as RFC 5424 with the A.5 XML, the
+    server's stop included."""
+    listener = SyslogListener(tmp_path / "arr")
+    try:
+        server = bastion_factory(settings={"BASTION_AUDIT_FORWARD": f"tls://localhost:{listener.port}",
+                                           "BASTION_AUDIT_FORWARD_CA": str(listener.cert),
+                                           "BASTION_AUDIT_FORWARD_INTERVAL": "0.5"})
+        with httpx.Client(base_url=server.url(""), timeout=30) as http:
+            r = http.get("/dicom-web/studies", params={"PatientID": "FORWARDED"},
+                         headers={"Accept": "application/dicom+json"})
+            assert r.status_code in (200, 204)
+        _wait_for(lambda: [{}] if any("PatientID=FORWARDED" in m for m in listener.messages) else [], bool)
+        server.stop()
+        _wait_for(lambda: [{}] if any("110121" in m for m in listener.messages) else [], bool)
+    finally:
+        listener.close()
+    seqs = [int(m.split(" ")[4]) for m in listener.messages]
+    assert seqs == list(range(1, len(seqs) + 1))  # each once, in order
+    query = next(m for m in listener.messages if "PatientID=FORWARDED" in m)
+    root = ET.fromstring(query.split(" - \ufeff", 1)[1])
+    event_id = root.find("EventIdentification/EventID")
+    assert event_id is not None and event_id.get("csd-code") == "110112"
+    assert "110121" in listener.messages[-1]  # the stop, sent after the last flush

@@ -7,15 +7,17 @@ import base64
 import json
 import socket
 import ssl
-import subprocess
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from syslog_listener import SyslogListener, certificate
 
 from bastion.audit import AuditEvent, AuditKind, AuditLog, Outcome
+from bastion.audit.chain import log_files
 from bastion.audit.export import entries, jsonl_record, octet_counted, send_tls, syslog_record
+from bastion.audit.forward import AuditForwarder, read_cursor
 from bastion.audit.messages import audit_message, to_xml
 from bastion.errors import BastionError
 
@@ -109,17 +111,9 @@ def test_syslog_and_jsonl_records(tmp_path: Path) -> None:
     assert octet_counted("<85>1 é") == b"8 <85>1 \xc3\xa9"
 
 
-def _certificate(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
 def test_send_over_tls_with_octet_counting(tmp_path: Path) -> None:
     """A real TLS listener on a free port receives the messages framed as RFC 5425 says."""
-    cert, key = _certificate(tmp_path)
+    cert, key = certificate(tmp_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -153,7 +147,7 @@ def test_send_over_tls_with_octet_counting(tmp_path: Path) -> None:
 def test_send_refuses_a_server_it_cannot_trust(tmp_path: Path) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    cert, key = _certificate(tmp_path)
+    cert, key = certificate(tmp_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
 
@@ -172,3 +166,46 @@ def test_send_refuses_a_server_it_cannot_trust(tmp_path: Path) -> None:
     listener.close()
     with pytest.raises(BastionError, match="tls://HOST:PORT"):
         send_tls("udp://localhost:514", ["x"])
+
+
+def test_the_forwarder_sends_each_entry_once_from_where_it_stopped(tmp_path: Path) -> None:
+    listener = SyslogListener(tmp_path)
+    directory = str(tmp_path / "audit")
+    try:
+        log = AuditLog(directory)
+        for i in range(3):
+            log.record(AuditEvent(AuditKind.QUERY, user=f"u{i}"))
+        log.flush()
+        forwarder = AuditForwarder(directory, f"tls://localhost:{listener.port}", "BASTION",
+                                   cafile=str(listener.cert))
+        assert forwarder.run_once() == 3
+        assert forwarder.run_once() == 0  # nothing new: nothing sent, no connection needed
+        with open(log_files(directory)[-1], "ab") as fh:
+            fh.write(b'{"torn')  # a line being written waits for its end
+        log.record(AuditEvent(AuditKind.VIEW, user="late"))
+        log.close()
+        again = AuditForwarder(directory, f"tls://localhost:{listener.port}", "BASTION", cafile=str(listener.cert))
+        assert again.run_once() == 1  # a new forwarder (a restart) goes on from the cursor kept on disk
+        assert read_cursor(directory).seq == 4
+    finally:
+        listener.close()
+    procids = [m.split(" ")[4] for m in listener.messages]
+    assert procids == ["1", "2", "3", "4"]
+    assert 'UserID="late"' in listener.messages[3]
+
+
+def test_a_failed_round_marks_nothing_sent(tmp_path: Path) -> None:
+    directory = str(tmp_path / "audit")
+    log = AuditLog(directory)
+    log.record(AuditEvent(AuditKind.QUERY))
+    log.close()
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    forwarder = AuditForwarder(directory, f"tls://127.0.0.1:{port}", "BASTION", interval=0.05)
+    with pytest.raises(BastionError):
+        forwarder.run_once()
+    assert read_cursor(directory).seq == 0
+    forwarder.start()
+    forwarder.stop()
+    assert forwarder.last_error and forwarder.sent == 0

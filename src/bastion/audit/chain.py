@@ -35,7 +35,9 @@ HEAD_FILE = "head"
 LOCK_FILE = "lock"
 
 
-_SINCE_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}(?::\d{2}(?::\d{2}(?:\.\d{1,3})?)?)?))?Z?$")
+#: What ``since`` may be (the OpenAPI document gives the same pattern, which also allows an empty value).
+SINCE_PATTERN = r"([0-9]{4}-[0-9]{2}-[0-9]{2})(?:[T ]([0-9]{2}(?::[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,3})?)?)?))?Z?"
+_SINCE_RE = re.compile(SINCE_PATTERN)
 
 
 def since_key(text: str) -> str:
@@ -44,7 +46,7 @@ def since_key(text: str) -> str:
     anything else."""
     if not text:
         return ""
-    match = _SINCE_RE.match(text.strip())
+    match = _SINCE_RE.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a UTC time in ISO 8601 (2026-12-07 or 2026-12-07T06:00)")
     return match.group(1) + (f"T{match.group(2)}" if match.group(2) else "")

@@ -33,7 +33,9 @@ from bastion.archive import (
     node_identity,
     open_blobs,
 )
+from bastion.audit import AUDIT_DIR
 from bastion.audit.events import lifecycle_event
+from bastion.audit.forward import AuditForwarder
 from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.loadboard import LoadBoard
@@ -209,6 +211,11 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
         log.warning("the compiled index record is not loaded (BASTION_PURE_PYTHON set, or no C compiler or "
                     "SQLite headers (libsqlite3-dev) at install): the index records in Python, more CPU per object")
     archive.audit.record(lifecycle_event(True, settings.aet, f"Bastion {__version__}, node {archive.node_id}"))
+    audit_forwarder = (AuditForwarder(str(settings.data / AUDIT_DIR), settings.audit_forward, settings.aet,
+                                      cafile=settings.audit_forward_ca, interval=settings.audit_forward_interval)
+                       if settings.audit_forward else None)
+    if audit_forwarder is not None:
+        audit_forwarder.start()
     await _until_signal(http_task, asyncio.ensure_future(_orphaned(parent)))
     log.info("shutting down")
     http.should_exit = True
@@ -226,6 +233,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
         await asyncio.to_thread(status.index_rebuild.stop)
     archive.audit.record(lifecycle_event(False, settings.aet, f"Bastion {__version__}, node {archive.node_id}"))
     archive.close()
+    if audit_forwarder is not None:  # after the close, which writes the last events (the stop among them)
+        await asyncio.to_thread(audit_forwarder.stop)
 
 
 async def serve_worker(settings: Settings, sock: socket.socket, parent: int, board: LoadBoard, worker: int,

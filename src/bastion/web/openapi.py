@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bastion.audit.chain import SINCE_PATTERN
+
 __all__ = ["openapi_document"]
 
 _INT = {"type": "integer", "minimum": 0}
@@ -408,6 +410,8 @@ _REMOTES = {
     }}},
 }
 
+#: ``since`` of ``/api/audit``: empty, or a UTC time in ISO 8601 (:func:`bastion.audit.chain.since_key`).
+_SINCE = f"^({SINCE_PATTERN})?$"
 _AUDIT_KINDS = ["association", "store", "query", "retrieve", "view", "export", "delete", "login", "emergency", "config"]
 _AUDIT_ENTRY = {
     "type": "object",
@@ -574,7 +578,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "parameters": [
                     {"name": "since", "in": "query", "required": False,
                      "description": "Only entries at or after this time (UTC, ISO 8601, e.g. 2026-12-07T06:00).",
-                     "schema": {"type": "string"}},
+                     "schema": {"type": "string", "pattern": _SINCE}},
                     {"name": "kind", "in": "query", "required": False, "description": "Only entries of this kind.",
                      "schema": {"type": "string", "enum": _AUDIT_KINDS}},
                     {"name": "limit", "in": "query", "required": False, "description": "At most this many entries.",
