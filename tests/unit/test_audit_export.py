@@ -49,22 +49,27 @@ def test_a_store_is_dicom_instances_transferred_with_patient_and_study(tmp_path:
     assert study["ParticipantObjectID"] == "1.2.840.1" and study["ParticipantObjectIDTypeCode"]["csd-code"] == "110180"
 
 
-@pytest.mark.parametrize(("kind", "event_type", "code", "action", "type_code"), [
+@pytest.mark.parametrize(("kind", "given", "code", "action", "type_code"), [
     (AuditKind.QUERY, "", "110112", "E", None),
     (AuditKind.RETRIEVE, "", "110104", "R", None),
     (AuditKind.VIEW, "", "110103", "R", None),
     (AuditKind.EXPORT, "", "110106", "R", None),
     (AuditKind.DELETE, "", "110105", "D", None),
+    (AuditKind.DELETE, "U", "110103", "U", None),
     (AuditKind.LOGIN, "", "110114", "E", "110122"),
     (AuditKind.ASSOCIATION, "", "110113", "E", "110126"),
     (AuditKind.EMERGENCY, "", "110113", "E", "110127"),
+    (AuditKind.EMERGENCY, "D", "110113", "E", "110138"),
     (AuditKind.CONFIG, "110120", "110100", "E", "110120"),
     (AuditKind.CONFIG, "110121", "110100", "E", "110121"),
     (AuditKind.STORE, "110132", "110113", "E", "110132"),
 ])
-def test_each_kind_maps_to_its_a53_message(tmp_path: Path, kind: AuditKind, event_type: str, code: str,
+def test_each_kind_maps_to_its_a53_message(tmp_path: Path, kind: AuditKind, given: str, code: str,
                                            action: str, type_code: str | None) -> None:
-    (entry,) = _entries(tmp_path, AuditEvent(kind, Outcome.SUCCESS, user="u", event_type=event_type))
+    """``given``: the event's EventTypeCode, or for a one-letter value its action (D, U)."""
+    event = (AuditEvent(kind, Outcome.SUCCESS, given, user="u") if len(given) == 1
+             else AuditEvent(kind, Outcome.SUCCESS, user="u", event_type=given))
+    (entry,) = _entries(tmp_path, event)
     ident = audit_message(entry, "BASTION")["EventIdentification"]
     assert ident["EventID"]["csd-code"] == code and ident["EventActionCode"] == action
     assert [c["csd-code"] for c in ident.get("EventTypeCode", [])] == ([type_code] if type_code else [])

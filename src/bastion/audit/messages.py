@@ -13,8 +13,10 @@ retrieve      110104 DICOM Instances Transferred         R                    -
 view          110103 DICOM Instances Accessed            R                    -
 export        110106 Export                              R                    -
 delete        110105 DICOM Study Deleted                 D                    -
+              110103 DICOM Instances Accessed (undelete) U                    -
 login         110114 User Authentication                 E                    110122 Login (110123 Logout)
 emergency     110113 Security Alert                      E                    110127 Emergency Override Started
+              (revoked, action D)                                             110138 Emergency Override Stopped
 config        110100 Application Activity (start, stop)  E                    110120 / 110121
               110113 Security Alert (other changes)      E                    110129 Security Configuration
 ============  =========================================  ===================  ==================================
@@ -97,12 +99,12 @@ def event_identity(entry: dict[str, Any]) -> tuple[Code, str, Code | None]:
         return INSTANCES_ACCESSED, action if action in ("C", "R", "U", "D") else "R", given
     if kind == "export":
         return EXPORT, "R", given
-    if kind == "delete":
-        return STUDY_DELETED, "D", given
+    if kind == "delete":  # an undelete (U) is no deletion: the study's instances accessed for update
+        return (INSTANCES_ACCESSED, "U", given) if action == "U" else (STUDY_DELETED, "D", given)
     if kind == "login":
         return USER_AUTHENTICATION, "E", given or EVENT_TYPES["110122"]
-    if kind == "emergency":
-        return SECURITY_ALERT, "E", given or EVENT_TYPES["110127"]
+    if kind == "emergency":  # a break-glass token minted or used (started), or revoked (D: stopped)
+        return SECURITY_ALERT, "E", given or EVENT_TYPES["110138" if action == "D" else "110127"]
     if typed in ("110120", "110121"):
         return APPLICATION_ACTIVITY, "E", given
     return SECURITY_ALERT, "E", given or EVENT_TYPES["110129"]

@@ -183,7 +183,7 @@ class Services:
             kind=_AUDIT_KIND.get(service, AuditKind.ASSOCIATION), outcome=Outcome.MINOR_FAILURE,
             user=session.assoc.calling_aet,
             address=session.address, destination=session.assoc.called_aet, via="dimse",
-            detail=f"{service} refused: {why}"))
+            detail=f"{service} refused: {why}", event_type="110132"))  # Use of Restricted Function: a Security Alert
 
     async def _refuse(self, session: Session, msg: Message, why: str) -> None:
         """Answer a Q/R request that is not run: 0x0210 for a Message ID in use by a running one (PS3.7 C.5.2),
