@@ -268,3 +268,34 @@ def test_only_an_admin_may_delete_once_auth_is_on(tmp_path: Path) -> None:
         assert httpx.post(undelete, headers={"X-API-Key": keys["admin"]}, timeout=30).status_code == 200
     finally:
         server.stop()
+
+
+def test_apply_state_log_follows_the_log_both_ways(archive: Any, tmp_path: Path) -> None:
+    """An index that holds a study hidden which the state log says was undeleted since (an online rebuild's new
+    index, built before the undelete) gets it back exactly; one that shows a study the log says is deleted hides it;
+    applying the log again changes nothing."""
+    from bastion.blobs.statelog import UNDELETE
+    from bastion.ingest.deletion import apply_state_log
+
+    study = make_study(tmp_path / "study", series=2, per_series=2)
+    for path in study.files:
+        archive.ingest.store_bytes(path.read_bytes(), "test")
+    before = archive.index.statistics()
+    archive.deletions.delete(study.study_uid, reason="test", user="tester")
+    assert archive.index.statistics().instances == before.instances - 4
+    archive.deletions.state_log.append(UNDELETE, study.study_uid, user="elsewhere")  # as another node would
+    assert apply_state_log(archive.blobs, archive.index) == 0
+    after = archive.index.statistics()
+    assert (after.studies, after.series, after.instances) == (before.studies, before.series, before.instances)
+    assert archive.deletions.tombstones() == [] and archive.index.hidden_versions(study.study_uid) == []
+    archive.deletions.delete(study.study_uid, reason="again")
+    archive.index.forget_hidden(study.study_uid, purged=False)  # an index that lost the hiding: shown again
+    archive.index.set_tombstone(study.study_uid, None)
+    for path in study.files:
+        archive.ingest.store_bytes(path.read_bytes(), "test")
+    assert archive.index.statistics().instances == before.instances
+    assert apply_state_log(archive.blobs, archive.index) == 1
+    assert archive.index.statistics().instances == before.instances - 4
+    assert [t.study for t in archive.deletions.tombstones()] == [study.study_uid]
+    assert apply_state_log(archive.blobs, archive.index) == 1
+    assert archive.index.statistics().instances == before.instances - 4

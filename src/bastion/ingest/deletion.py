@@ -144,15 +144,8 @@ class Deletions:
             raise StudyDeleted(f"study {study_uid} is {tombstone.state}: it cannot be undeleted", uid=study_uid)
         self.state_log.append(UNDELETE, study_uid, user=user, role=role, via=via, address=address, reason=reason,
                               patient_id=tombstone.patient_id, count=tombstone.count)
-        from bastion.ingest.rebuild import record_stored  # noqa: PLC0415 - the rebuild imports this module
-
-        versions = self.index.hidden_versions(study_uid)
-        report = record_stored(self.blobs, self.index, versions, "undelete")
-        for key, why in report.skipped:
-            log.error("undelete of study %s: %s cannot be indexed again: %s", study_uid, key, why)
-        self.index.forget_hidden(study_uid, purged=False)
-        self.index.set_tombstone(study_uid, None)
-        log.warning("study %s undeleted by %s (%d versions)", study_uid, user or "?", len(versions))
+        versions = _restore(self.blobs, self.index, study_uid)
+        log.warning("study %s undeleted by %s (%d versions)", study_uid, user or "?", versions)
         return tombstone
 
     def refuse_store(self, study_uid: str, blob_key: str) -> None:
@@ -192,11 +185,31 @@ class Deletions:
         return len(versions)
 
 
+def _restore(blobs: BlobStore, index: Index, study_uid: str) -> int:
+    """Record the hidden versions of the study again (read from the blob store, oldest first), then drop them and
+    its tombstone: the index part of an undelete. How many versions there were."""
+    from bastion.ingest.rebuild import record_stored  # noqa: PLC0415 - the rebuild imports this module
+
+    versions = index.hidden_versions(study_uid)
+    report = record_stored(blobs, index, versions, "undelete")
+    for key, why in report.skipped:
+        log.error("undelete of study %s: %s cannot be indexed again: %s", study_uid, key, why)
+    index.forget_hidden(study_uid, purged=False)
+    index.set_tombstone(study_uid, None)
+    return len(versions)
+
+
 def apply_state_log(blobs: BlobStore, index: Index) -> int:
     """Bring ``index`` (just filled from the blob store) to the state the state log records: every study deleted
     and not undeleted since is tombstoned and hidden again; one whose purge began is ``purged`` if nothing of it is
-    left, else ``purging`` (hidden, for the next ``bastion purge`` to finish). The number of studies tombstoned."""
-    studies = fold(StateLog(blobs).entries())
+    left, else ``purging`` (hidden, for the next ``bastion purge`` to finish); one the index holds tombstoned but
+    the log says was undeleted since is restored. Run again on the same index, it changes nothing. The number of
+    studies tombstoned."""
+    studies = {study: state for study, state in fold(StateLog(blobs).entries()).items() if state[1] is not None}
+    for text in index.tombstones():  # undeleted since the index tombstoned it (an online rebuild's new index)
+        study = json.loads(text)["study"]
+        if study not in studies:
+            _restore(blobs, index, study)
     for study, (latest, deleted) in studies.items():
         if deleted is None:
             continue

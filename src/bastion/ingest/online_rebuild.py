@@ -35,6 +35,7 @@ from typing import Any, Literal
 from bastion.blobs.base import BlobStore
 from bastion.index.base import Index, log_floor
 from bastion.index.sqlite_files import build_beside, built_beside, discard_beside, swap_in
+from bastion.ingest.deletion import apply_state_log
 from bastion.ingest.rebuild import (
     RebuildReport,
     rebuild,
@@ -266,8 +267,12 @@ def switch_in(blobs: BlobStore, location: str, data: Path, *, began: float | Non
     state.switch_began = began
     try:
         if built_beside(location):  # else a crash came after the swap: it is done
-            report = swap_in(location, lambda new: record_stored(blobs, new, unindexed_recent(blobs, new),
-                                                                 "online rebuild switch", verify=True))
+            def catch_up(new: Index) -> RebuildReport:
+                caught = record_stored(blobs, new, unindexed_recent(blobs, new), "online rebuild switch", verify=True)
+                apply_state_log(blobs, new)  # studies deleted or undeleted while it was built
+                return caught
+
+            report = swap_in(location, catch_up)
             if report is not None:
                 state.report["caught_up"] = state.report.get("caught_up", 0) + report.indexed
                 state.report["set_aside"] = state.report.get("set_aside", 0) + len(report.set_aside)
