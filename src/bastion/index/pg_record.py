@@ -42,6 +42,7 @@ from bastion.index.rows import (
     status_against,
 )
 from bastion.index.schema import SUMMARY_SEP
+from bastion.index.sqlcompile import fold
 from bastion.model.levels import QueryLevel
 from bastion.model.records import StoreStatus, parse_object_key
 
@@ -235,16 +236,16 @@ def _upsert(tx: Tx, row: IndexRow, level: QueryLevel) -> None:
            QueryLevel.SERIES: {"series_uid": inst.series_uid, "study_uid": inst.study_uid, "attrs": row.texts[0]}}
     values = {**columns_for(level, row.attrs[level]), **own[level]}
     if level is QueryLevel.STUDY:  # the patient's name, on the study row too (migration 0003)
-        values["patient_name"] = patient_name(row)
+        values["patient_name_key"] = patient_name_key(row)
     table, key = _LEVEL_TABLES[level]
     updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != key)
     tx.execute(f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join(['%s'] * len(values))}) "
                f"ON CONFLICT ({key}) DO UPDATE SET {updates}", [_text(v) for v in values.values()])
 
 
-def patient_name(row: IndexRow) -> str:
-    """The patient name column of ``row``'s patient (as the patients table holds it)."""
-    return str(columns_for(QueryLevel.PATIENT, row.attrs[QueryLevel.PATIENT])["patient_name"])
+def patient_name_key(row: IndexRow) -> str:
+    """``studies.patient_name_key`` of ``row``: its patient's name as searches compare it (ASCII-lowered)."""
+    return fold(str(columns_for(QueryLevel.PATIENT, row.attrs[QueryLevel.PATIENT])["patient_name"]))
 
 
 def _add_instance(tx: Tx, row: IndexRow, levels: Levels) -> None:
@@ -261,8 +262,8 @@ def _add_instance(tx: Tx, row: IndexRow, levels: Levels) -> None:
         if stale[level]:
             _upsert(tx, row, level)
     if stale[QueryLevel.PATIENT] and old_patient is not None:  # the patient's other studies carry its name too
-        name = patient_name(row)
-        tx.execute("UPDATE studies SET patient_name = %s WHERE patient_id = %s AND patient_name <> %s",
+        name = patient_name_key(row)
+        tx.execute("UPDATE studies SET patient_name_key = %s WHERE patient_id = %s AND patient_name_key <> %s",
                    (name, pid, name))
     tx.execute(INSERT_INSTANCE, (
         inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid, row.instance_number,

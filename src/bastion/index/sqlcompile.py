@@ -34,8 +34,8 @@ class Dialect:
     folded: frozenset[str]  # columns compared as lower(column), against ASCII-lowered values
     false: str  # a term that never holds
     position: str  # a function: where its second argument starts in its first (0: nowhere)
-    #: Study rows carry their patient's name (``s.patient_name``, PostgreSQL's migration 0003), so a study
-    #: search by PatientName reads the studies' own name index.
+    #: Study rows carry their patient's name, folded (``s.patient_name_key``, PostgreSQL's migration 0003), so
+    #: a study search by PatientName needs only the studies' own indexes.
     study_patient_name: bool = False
 
 
@@ -95,12 +95,17 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 def compile_column(cond: Condition, expr: str, column: str, dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
     """SQL for one condition on the column expression ``expr``."""
-    fold = column in dialect.folded or (cond.kind is MatchType.WILDCARD and cond.case_insensitive
-                                        and not dialect.glob)
-    if not fold:
+    folded = column in dialect.folded or (cond.kind is MatchType.WILDCARD and cond.case_insensitive
+                                          and not dialect.glob)
+    if not folded:
         return _compile_column(cond, expr, column, dialect)
     sql, params = _compile_column(cond, f"lower({expr})", column, dialect)
-    return sql, [p.translate(_ASCII_LOWER) if isinstance(p, str) else p for p in params]
+    return sql, [fold(p) if isinstance(p, str) else p for p in params]
+
+
+def fold(text: str) -> str:
+    """``text`` with its ASCII letters lowered, as ``lower()`` of a ``"C"`` column and SQLite's NOCASE fold."""
+    return text.translate(_ASCII_LOWER)
 
 
 def _compile_column(cond: Condition, expr: str, column: str, dialect: Dialect) -> tuple[str, list[Any]]:
@@ -155,9 +160,9 @@ def compile_conditions(level: QueryLevel, conditions: Sequence[Condition], diale
             continue
         if (cond.keyword == "PatientName" and level is QueryLevel.STUDY and dialect.study_patient_name
                 and not cond.fuzzy):
-            sql, params = compile_column(cond, "s.patient_name", "patient_name", dialect)
+            sql, params = _compile_column(cond, "s.patient_name_key", "patient_name", dialect)
             out.where.append(sql)
-            out.params.extend(params)
+            out.params.extend(fold(p) if isinstance(p, str) else p for p in params)
             continue
         placed = False
         for lvl in (*level.parents(), level):
