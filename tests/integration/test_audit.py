@@ -230,3 +230,22 @@ def test_the_server_forwards_its_audit_log_to_a_repository(tmp_path: Path,
     event_id = root.find("EventIdentification/EventID")
     assert event_id is not None and event_id.get("csd-code") == "110112"
     assert "110121" in listener.messages[-1]  # the stop, sent after the last flush
+
+
+def test_an_import_is_audited_once_per_study(tmp_path: Path) -> None:
+    """``bastion import`` of two studies: one store event per study, by the OS user, with its count; a refused
+    file makes its event a failure naming the reason."""
+    first, second = make_study(tmp_path / "in" / "a", series=2, per_series=2), make_study(tmp_path / "in" / "b",
+                                                                                          series=1, per_series=3)
+    (tmp_path / "in" / "junk.dcm").write_bytes(b"not dicom at all" * 20)
+    data = tmp_path / "data"
+    proc = run_bastion("import", "--data", data, tmp_path / "in")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the junk file was rejected
+    entries = [json.loads(x) for f in sorted((data / "audit").glob("audit-*.jsonl")) for x in f.read_text().splitlines()]
+    stores = {tuple(e.get("studies", [])): e for e in entries if e["kind"] == "store"}
+    assert set(stores) == {(first.study_uid,), (second.study_uid,), ()}
+    assert stores[(first.study_uid,)]["count"] == 4 and stores[(second.study_uid,)]["count"] == 3
+    assert stores[(first.study_uid,)]["patient_id"] == first.patient_id and stores[(first.study_uid,)]["via"] == "cli"
+    refused = stores[()]
+    assert refused["outcome"] == 8 and refused.get("count", 0) == 0 and "refused" in refused["detail"]
+    assert run_bastion("audit", "verify", "--data", data).returncode == 0
