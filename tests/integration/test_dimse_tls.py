@@ -5,6 +5,7 @@ the plain port, and a handshake that fails or never comes costs one log line and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,7 +18,17 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import BASTION, BastionServer, free_port, make_study, requires_dcmtk, run_dcmtk, unavailable
+from conftest import (
+    BASTION,
+    BastionServer,
+    _stop,
+    free_port,
+    make_study,
+    requires_dcmtk,
+    run_dcmtk,
+    unavailable,
+    wait_for_port,
+)
 from test_dimse_access import audit_entries, not_authorized, wait_for_audit
 
 pytestmark = [requires_dcmtk, pytest.mark.timeout(300)]
@@ -253,3 +264,57 @@ def test_a_shutdown_during_a_handshake_is_clean(tmp_path: Path, pki: PKI) -> Non
     finally:
         server.stop()
     assert "Traceback" not in server.log(), server.log()
+
+
+# -- Orthanc as a DICOM TLS client (its DicomTls* options, BCP 195 as DCMTK's) ------------------------------------
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def test_orthanc_echoes_and_stores_over_tls(tls_server: BastionServer, pki: PKI, tmp_path: Path) -> None:
+    """Orthanc, calling as TLSCT with the ct1.example.org certificate, echoes and stores over Bastion's TLS port;
+    the same Orthanc on the plain port is rejected (TLSCT is bound to its certificate)."""
+    if not os.access(ORTHANC, os.X_OK):
+        unavailable("Orthanc is not installed")
+    import httpx
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    source = tmp_path / "ct.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    http_port = free_port()
+    tls_port = tls_server.tls_port  # type: ignore[attr-defined]
+    config = {
+        "Name": "tls-test", "HttpPort": http_port, "DicomPort": free_port(), "DicomAet": "TLSCT",
+        "StorageDirectory": str(tmp_path / "storage"), "IndexDirectory": str(tmp_path / "index"),
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.client.cert),
+        "DicomTlsPrivateKey": str(pki.client.key), "DicomTlsTrustedCertificates": str(pki.ca),
+        "DicomModalities": {
+            "BASTION": {"AET": tls_server.aet, "Host": "127.0.0.1", "Port": tls_port, "UseDicomTls": True},
+            "PLAIN": {"AET": tls_server.aet, "Host": "127.0.0.1", "Port": tls_server.dicom_port, "UseDicomTls": False},
+        },
+    }
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    with open(tmp_path / "orthanc.log", "w") as log:
+        proc = subprocess.Popen([ORTHANC, str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TCP_NODELAY": "1"}, cwd=tmp_path)
+    try:
+        wait_for_port(http_port, timeout=60, proc=proc)
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as http:
+            echo = http.post("/modalities/BASTION/echo", json={})
+            assert echo.status_code == 200, f"{echo.status_code} {echo.text}\n{(tmp_path / 'orthanc.log').read_text()}"
+            uploaded = http.post("/instances", content=source.read_bytes())
+            assert uploaded.status_code == 200, uploaded.text
+            stored = http.post("/modalities/BASTION/store", json={"Resources": [uploaded.json()["ID"]]})
+            assert stored.status_code == 200, stored.text
+            assert stored.json().get("FailedInstancesCount", 0) == 0, stored.text
+            plain = http.post("/modalities/PLAIN/echo", json={})
+            assert plain.status_code != 200, plain.text
+    finally:
+        _stop(proc)
+    entry = wait_for_audit(tls_server.data, lambda e: e.get("kind") == "store" and e.get("user") == "TLSCT"
+                           and ds.StudyInstanceUID in e.get("studies", []))
+    assert int(entry.get("outcome", 0)) == 0
