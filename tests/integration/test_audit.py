@@ -203,6 +203,7 @@ def test_the_chain_goes_on_after_kill_9(tmp_path: Path, bastion_factory: Callabl
     lines = [json.loads(x) for f in sorted((server.data / "audit").glob("audit-*.jsonl")) for x in f.read_text().splitlines()]
     assert [e["seq"] for e in lines] == list(range(1, len(lines) + 1))
     assert [e.get("event_type") for e in lines if e["kind"] == "config"] == ["110120", "110120", "110121"]
+    assert f"audit log at stop: seq {lines[-1]['seq']}, hash {lines[-1]['hash']}" in again.log()
 
 
 def test_the_server_forwards_its_audit_log_to_a_repository(tmp_path: Path,

@@ -34,6 +34,7 @@ from bastion.archive import (
     open_blobs,
 )
 from bastion.audit import AUDIT_DIR
+from bastion.audit.chain import read_head
 from bastion.audit.events import lifecycle_event
 from bastion.audit.forward import AuditForwarder
 from bastion.blobs.repair import MB, Repairer
@@ -235,6 +236,9 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     archive.close()
     if audit_forwarder is not None:  # after the close, which writes the last events (the stop among them)
         await asyncio.to_thread(audit_forwarder.stop)
+    head = read_head(str(settings.data / AUDIT_DIR))
+    if head is not None:  # the anchor, also where the log goes (journald, syslog): a second copy off the data directory
+        log.info("audit log at stop: seq %d, hash %s", head["seq"], head["hash"])
 
 
 async def serve_worker(settings: Settings, sock: socket.socket, parent: int, board: LoadBoard, worker: int,
