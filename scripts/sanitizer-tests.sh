@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Bastion's C extensions with AddressSanitizer and UndefinedBehaviorSanitizer into a copy of the package
-# and runs the tests that drive them (header scan fuzz, file writer, common record, journal, blob contract)
-# against that build. The normal build in src/ is left alone. Linux with GCC or Clang (libasan, libubsan).
+# and runs the tests that drive them (header scan fuzz, the parser fuzzing of test_fuzz_parsers.py, file writer,
+# common record, journal, blob contract) against that build. The normal build in src/ is left alone. Linux with
+# GCC or Clang (libasan, libubsan).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -34,5 +35,6 @@ for mod in (bastion.blobs._cwrite, bastion.index._crecord, bastion.ingest._cscan
     assert mod.__file__.startswith(sys.argv[1]), f"{mod.__name__} loaded from {mod.__file__}, not the sanitizer build"
 print("sanitizer build loaded from", sys.argv[1])
 CHECK
-$PY -m pytest -q -p no:cacheprovider tests/unit/test_cscan.py tests/unit/test_header_scan.py tests/unit/test_cwrite.py \
-    tests/unit/test_crecord.py tests/unit/test_blob_journal.py tests/contract/test_blobs.py "$@"
+$PY -m pytest -q -p no:cacheprovider tests/unit/test_cscan.py tests/unit/test_header_scan.py \
+    tests/unit/test_fuzz_parsers.py tests/unit/test_cwrite.py tests/unit/test_crecord.py tests/unit/test_blob_journal.py \
+    tests/contract/test_blobs.py "$@"

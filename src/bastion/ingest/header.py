@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -427,7 +428,7 @@ def read_header_pydicom(fp: BinaryIO, size: int) -> Header:
     except RecursionError:
         raise InvalidObject(f"cannot parse the dataset: {TOO_DEEP}") from None
     except (InvalidDicomError, BytesLengthException, EOFError, ValueError, KeyError, struct.error, OSError,
-            AttributeError, TypeError, NotImplementedError, UnicodeError) as exc:
+            AttributeError, TypeError, NotImplementedError, UnicodeError, zlib.error) as exc:  # zlib: PS3.5 A.5
         raise InvalidObject(f"cannot parse the dataset: {exc}") from exc
 
     def uid_text(keyword: str) -> str | None:
