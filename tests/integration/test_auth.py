@@ -343,6 +343,14 @@ def test_break_glass_with_the_issuer_unreachable(tmp_path: Path) -> None:
         assert len(uses) == 5 and all(e.get("emergency") and e.get("user") == "dr.night" for e in uses)
         assert any(e.get("kind") == "emergency" and e.get("via") == "cli" and "minted" in e.get("detail", "")
                    for e in entries)
+        # Revoked, it is refused at its next use (the server looks at the ledger on each use).
+        revoked = run_bastion("emergency-token", "--data", data, "--revoke", row["jti"])
+        assert revoked.returncode == 0, revoked.stderr
+        rsp = httpx.get(server.url("/dicom-web/studies"), headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert rsp.status_code == 401 and "revoked" in rsp.json()["error"]
+        assert run_bastion("emergency-token", "--data", data, "--revoke", row["jti"]).returncode != 0
+        listing = httpx.get(server.url("/api/emergency"), headers={"X-API-Key": admin}, timeout=10).json()
+        assert listing["active"] == 0 and listing["overrides"][0]["revoked"] is not None
     finally:
         server.stop()
 
@@ -377,3 +385,43 @@ def test_enabled_without_issuer_is_one_clear_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "auth_issuer" in lines[0] and "auth_jwks_url" in lines[0], result.stderr
+
+
+@pytest.mark.usefixtures("browser")
+@pytest.mark.timeout(300)
+def test_viewer_and_admin_page_log_in_at_the_issuer(tmp_path: Path) -> None:
+    """The bundled OHIF viewer and the admin page log in at the test issuer in headless Chromium (authorization
+    code + PKCE), then the viewer lists and opens a study with the bearer token on every DICOMweb request, and the
+    admin page shows the break-glass overrides."""
+    from conftest import browser_check_result, start_browser_check
+
+    from bastion.web.viewer import find_ohif_dir
+
+    if find_ohif_dir("") is None:
+        pytest.skip("the OHIF viewer is not installed (scripts/fetch-ohif.sh)")
+    issuer = TestIssuer(audience=AUDIENCE, user="dr.browser", roles=("viewer",)).start()
+    data = tmp_path / "data"
+    server = BastionServer(data, settings=auth_settings(issuer)).start()
+    try:
+        made = make_study(tmp_path / "study", series=1, per_series=2, patient_name="Login^Browser")
+        body, ctype = stow_body(made)
+        assert httpx.post(server.url("/dicom-web/studies"), content=body, timeout=30, headers={
+            "Content-Type": ctype, "Authorization": f"Bearer {issuer.token(roles=['uploader'])}"}).status_code == 200
+        viewer = browser_check_result(start_browser_check(
+            "auth_check.mjs", "--step", "viewer", "--base", server.url(""), "--issuer", issuer.url, "--study",
+            made.study_uid, "--patient", "Login", "--out", tmp_path / "viewer", "--timeout", "120000"), timeout=180)
+        assert viewer["exit_code"] == 0, viewer
+        token = run_bastion("emergency-token", "--data", data, "--role", "viewer", "--hours", "1", "--reason",
+                            "browser check", "--user", "dr.glass").stdout.strip()
+        assert httpx.get(server.url("/dicom-web/studies"), headers={"Authorization": f"Bearer {token}"},
+                         timeout=10).status_code == 200
+        issuer.roles = ("admin",)
+        admin = browser_check_result(start_browser_check(
+            "auth_check.mjs", "--step", "admin", "--base", server.url(""), "--issuer", issuer.url, "--user",
+            "dr.browser", "--emergency-user", "dr.glass", "--out", tmp_path / "admin", "--timeout", "90000"),
+            timeout=150)
+        assert admin["exit_code"] == 0, admin
+        assert "browser check" in admin["emergencyRow"]
+    finally:
+        server.stop()
+        issuer.stop()

@@ -91,6 +91,10 @@ class Authenticator:
         principal = principal_from(verified, self.check)
         return self._remember(Verified(principal, float(verified["exp"]) + self.check.leeway, digest))
 
+    def forget(self, verified: Verified) -> None:
+        """Drop a credential's verification (a revoked break-glass token)."""
+        self._cache.pop(verified.digest, None)
+
     def _remember(self, verified: Verified) -> Verified:
         with self._lock:
             if len(self._cache) >= MAX_CACHED:

@@ -4,7 +4,8 @@
 ``<data>/auth/emergency-key.jwk``, mode 0600). The server verifies it offline, with that key alone; its lifetime is
 capped at ``auth_emergency_max_hours`` both when minted and when checked. Every token minted and every use of one
 is kept in ``<data>/auth/emergency.sqlite3`` (who, why, role, issued, expires, uses, last use) for review on the
-admin page (``GET /api/emergency``); the audit log has each use too.
+admin page (``GET /api/emergency``); the audit log has each use too. ``bastion emergency-token --revoke ID`` cuts a
+token short: the server looks at the ledger on each use (it writes the use there anyway) and refuses a revoked one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ ALGORITHM = "Ed25519"
 _SCHEMA = """CREATE TABLE IF NOT EXISTS override (
     jti TEXT PRIMARY KEY, user TEXT NOT NULL, role TEXT NOT NULL, reason TEXT NOT NULL,
     issued REAL NOT NULL, expires REAL NOT NULL, minted_by TEXT NOT NULL DEFAULT '',
-    uses INTEGER NOT NULL DEFAULT 0, first_use REAL, last_use REAL, last_address TEXT NOT NULL DEFAULT '')"""
+    uses INTEGER NOT NULL DEFAULT 0, first_use REAL, last_use REAL, last_address TEXT NOT NULL DEFAULT '',
+    revoked REAL)"""
 
 
 class EmergencyError(ValueError):
@@ -72,6 +74,8 @@ def _ledger(data: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(_SCHEMA)
+    if "revoked" not in {row[1] for row in db.execute("PRAGMA table_info(override)")}:  # a ledger made before it
+        db.execute("ALTER TABLE override ADD COLUMN revoked REAL")
     return db
 
 
@@ -142,8 +146,9 @@ class EmergencyTokens:
                               emergency=True, reason=str(claims.get("reason", "")))
         return principal, claims
 
-    def used(self, token_claims: dict[str, Any], address: str) -> None:
-        """Count one use of a break-glass token (a token minted on another node joins the ledger here)."""
+    def used(self, token_claims: dict[str, Any], address: str) -> bool:
+        """Count one use of a break-glass token (a token minted on another node joins the ledger here); False when
+        the token was revoked (the use is counted all the same: it was attempted)."""
         now = time.time()
         with self._lock:
             if self._db is None:
@@ -156,14 +161,25 @@ class EmergencyTokens:
                 (token_claims["jti"], token_claims.get("sub", ""), token_claims.get("role", ""),
                  token_claims.get("reason", ""), token_claims.get("iat", now), token_claims.get("exp", now),
                  now, now, address))
+            row = self._db.execute("SELECT revoked FROM override WHERE jti = ?", (token_claims["jti"],)).fetchone()
+        return row is None or row[0] is None
+
+
+def revoke(data: Path, jti: str) -> bool:
+    """Revoke the break-glass token ``jti`` (its id, printed when it was minted); False if there is none live."""
+    if not ledger_file(data).exists():
+        return False
+    with contextlib.closing(_ledger(data)) as db:
+        done = db.execute("UPDATE override SET revoked = ? WHERE jti = ? AND revoked IS NULL", (time.time(), jti))
+        return done.rowcount > 0
 
 
 def overrides(data: Path) -> list[dict[str, Any]]:
-    """Every break-glass token minted or used, newest first, each with ``active`` (not expired yet)."""
+    """Every break-glass token minted or used, newest first, each with ``active`` (not expired nor revoked)."""
     if not ledger_file(data).exists():
         return []
     now = time.time()
     with contextlib.closing(_ledger(data)) as db:
         db.row_factory = sqlite3.Row
         rows = db.execute("SELECT * FROM override ORDER BY issued DESC").fetchall()
-    return [{**dict(r), "active": r["expires"] > now} for r in rows]
+    return [{**dict(r), "active": r["expires"] > now and r["revoked"] is None} for r in rows]

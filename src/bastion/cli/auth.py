@@ -16,7 +16,7 @@ from dataclasses import asdict
 from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, Outcome
 from bastion.auth import ROLES, apikeys
-from bastion.auth.emergency import EmergencyError, mint
+from bastion.auth.emergency import EmergencyError, mint, revoke
 from bastion.cli.serve import settings_from
 from bastion.errors import BastionError
 from bastion.settings import Settings
@@ -43,11 +43,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common:
                         "in <data>/auth/emergency-key.jwk), accepted while the identity provider is down. Minting and "
                         "every use are audited and listed on the admin page (GET /api/emergency).")
     common(em)  # type: ignore[operator]
-    em.add_argument("--role", required=True, choices=ROLES, help="what the token may do")
+    em.add_argument("--role", choices=ROLES, help="what the token may do (required to mint)")
     em.add_argument("--hours", type=float, default=12.0, help="lifetime (default 12; at most "
                     "auth_emergency_max_hours, 24 by default)")
-    em.add_argument("--reason", required=True, help="why the break-glass access is needed (audited)")
+    em.add_argument("--reason", help="why the break-glass access is needed (audited; required to mint)")
     em.add_argument("--user", help="who will use it (default: the login name running this command)")
+    em.add_argument("--revoke", metavar="ID", help="revoke the token with this id (printed when it was minted, and "
+                    "on the admin page) instead of minting one: a running server refuses it at its next use")
 
 
 def _audit(settings: Settings, event: AuditEvent) -> None:
@@ -100,6 +102,16 @@ def run_emergency_token(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     operator = getpass.getuser()
+    if args.revoke:
+        if not revoke(settings.data, args.revoke):
+            raise BastionError(f"no live break-glass token with id {args.revoke!r} (bastion emergency-token ids are on "
+                               "the admin page and in GET /api/emergency)")
+        _audit(settings, AuditEvent(kind=AuditKind.EMERGENCY, action="D", user=operator, via="cli", emergency=True,
+                                    detail=f"break-glass token {args.revoke} revoked by {operator}"))
+        print(f"break-glass token {args.revoke} revoked")
+        return 0
+    if not args.role or not args.reason:
+        raise BastionError("--role and --reason are required to mint a break-glass token")
     try:
         minted = mint(settings.data, args.role, args.hours, args.reason, args.user or operator,
                       settings.auth_emergency_max_hours, minted_by=operator)
@@ -110,6 +122,6 @@ def run_emergency_token(args: argparse.Namespace) -> int:
                                 detail=f"break-glass token {minted.jti} minted by {operator} until "
                                 f"{_when(minted.expires)} UTC: {minted.reason}"))
     print(minted.token)
-    print(f"break-glass token for {minted.user} ({minted.role}) until {_when(minted.expires)} UTC; every use is "
-          "audited", file=sys.stderr)
+    print(f"break-glass token {minted.jti} for {minted.user} ({minted.role}) until {_when(minted.expires)} UTC; every "
+          f"use is audited; `bastion emergency-token --revoke {minted.jti}` cuts it short", file=sys.stderr)
     return 0

@@ -2,28 +2,19 @@
 
 With ``[auth] enabled``, every HTTP request is matched against :data:`RULES` (first match wins; no match: denied):
 
-=================================================  ==================  =========================================
-method                                             path                role
-=================================================  ==================  =========================================
-GET, HEAD                                          ``/health``         public
-GET, HEAD                                          ``/app-config.js``  public (the viewer's settings, no data)
-GET, HEAD                                          ``/admin``          public (the page's shell; its data is admin)
-GET, HEAD                                          ``/api/auth/config``  public (how to log in)
-GET, HEAD                                          ``/api/whoami``     any authenticated party
-GET, HEAD                                          ``/dicom-web/...``  viewer (QIDO-RS, WADO-RS, metadata, rendered)
-GET, HEAD                                          ``/wado``           viewer (WADO-URI)
-POST                                               ``/dicom-web/studies[/{uid}]``  uploader (STOW-RS)
-DELETE                                             anywhere            admin
-any                                                ``/api/...``        admin
-any                                                ``/admin/...``      admin
-OPTIONS                                            anywhere            public (CORS preflight carries no credentials)
-GET, HEAD                                          any other path      public (the viewer's static files)
-=================================================  ==================  =========================================
+- ``GET``/``HEAD`` ``/health``, ``/app-config.js`` (the viewer's settings), ``/admin`` (the page's shell; its
+  data comes from admin routes), ``/api/auth/config`` (how to log in): public;
+- ``GET``/``HEAD`` ``/api/whoami``: any authenticated party;
+- ``GET``/``HEAD`` ``/dicom-web/...`` (QIDO-RS, WADO-RS, metadata, rendered) and ``/wado`` (WADO-URI): viewer;
+- ``POST`` ``/dicom-web/studies`` and ``/dicom-web/studies/{uid}`` (STOW-RS): uploader;
+- ``DELETE`` anywhere, anything under ``/api/`` and ``/admin/``: admin;
+- ``OPTIONS`` anywhere: public (a CORS preflight carries no credentials);
+- ``GET``/``HEAD`` on any other path: public (the viewer's static files and its single-page-app fallback).
 
 ``admin`` may do everything; ``uploader`` does not include ``viewer`` (a modality may store but not read). No or
 bad credentials: 401 with ``WWW-Authenticate: Bearer``; a role that does not allow the route: 403; more than
 ``auth_failure_limit`` bad credentials from one address in a minute: 429 with ``Retry-After``. All with a JSON
-``{"error": ...}``. Authentication outcomes are audited (PS3.15 A.5.3.11 User Authentication): every failure, the
+``{"error": ...}``. Authentication outcomes are audited (PS3.15 A.5.3, User Authentication, 110114): every failure, the
 first success of a credential in an hour, and every request made with a break-glass token.
 
 With ``[auth]`` off, every request's principal is :data:`~bastion.auth.ANONYMOUS` and nothing is checked.
@@ -175,15 +166,20 @@ class AccessControl:
                 return
         principal = verified.principal
         self._audit_success(verified, address)
-        if principal.emergency:
-            self._emergency_use(verified, address, method, path)
+        if principal.emergency and not await asyncio.to_thread(self._emergency_use, verified, address, method, path):
+            self.auth.forget(verified)
+            self._audit_login(Outcome.SERIOUS_FAILURE, principal.user, principal.role, address,
+                              f"{method} {path}: break-glass token revoked", True)
+            await _answer(send, 401, "authentication failed: break-glass token revoked",
+                          [(b"www-authenticate", b'Bearer realm="bastion", error="invalid_token"')])
+            return
         if need == DENY or not (need == AUTHENTICATED or principal.may(need)):
             held = ", ".join(r for r in principal.roles if r) or "no role"
             why = (f"{method} {path} is not allowed" if need == DENY
                    else f"{method} {path} needs the {need} role ({principal.user or 'you'} hold {held})")
             self._audit_login(Outcome.MINOR_FAILURE, principal.user, principal.role, address, why,
                               principal.emergency)
-            await _answer(send, 403, why)
+            await _answer(send, 403, why, [(b"www-authenticate", b'Bearer realm="bastion", error="insufficient_scope"')])
             return
         scope[SCOPE_KEY] = principal
         await self.app(scope, receive, send)
@@ -208,14 +204,16 @@ class AccessControl:
         p = verified.principal
         self._audit_login(Outcome.SUCCESS, p.user, p.role, address, f"authenticated via {p.via}", p.emergency)
 
-    def _emergency_use(self, verified: Verified, address: str, method: str, path: str) -> None:
-        """Count and audit one request made with a break-glass token."""
+    def _emergency_use(self, verified: Verified, address: str, method: str, path: str) -> bool:
+        """Count and audit one request made with a break-glass token; False if the token was revoked."""
         p = verified.principal
         assert self.auth is not None
         try:
-            self.auth.emergency.used(verified.claims, address)
-        except Exception:  # the ledger is for review; the audit event below is the record
-            pass
+            live = self.auth.emergency.used(verified.claims, address)
+        except Exception:  # the ledger cannot be read: the token's signature stands; the audit event is the record
+            live = True
         self.archive.audit.record(AuditEvent(
             kind=AuditKind.EMERGENCY, outcome=Outcome.SUCCESS, action="E", user=p.user, role=p.role,
-            address=address, via="api", detail=f"{method} {path} (break-glass: {p.reason})", emergency=True))
+            address=address, via="api", emergency=True,
+            detail=f"{method} {path} (break-glass: {p.reason})" + ("" if live else " refused: revoked")))
+        return live

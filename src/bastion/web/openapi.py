@@ -186,6 +186,7 @@ _EMERGENCY = {
                 "uses": {**_INT, "description": "Requests made with it."},
                 "first_use": _NUMBER_OR_NULL, "last_use": _NUMBER_OR_NULL,
                 "last_address": {"type": "string"}, "active": {"type": "boolean"},
+                "revoked": {**_NUMBER_OR_NULL, "description": "When it was revoked (Unix time); null: not revoked."},
             },
         }},
     },
