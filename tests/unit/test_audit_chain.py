@@ -248,3 +248,13 @@ def test_since_takes_iso_8601_times_in_utc() -> None:
     for bad in ("yesterday", "2026-12-7", "2026-12-07T6", "2026-12-07T06:00+01:00"):
         with pytest.raises(ValueError):
             since_key(bad)
+
+
+def test_a_line_encoded_otherwise_with_the_same_content_still_verifies(tmp_path: Path) -> None:
+    """The hash is over the content: a line re-encoded with spaces (same fields) is checked by encoding it again."""
+    _write(tmp_path, 4)
+    lines = _lines(tmp_path)
+    lines[1] = json.dumps(json.loads(lines[1]), indent=None, separators=(", ", ": ")).encode() + b"\n"
+    _put(tmp_path, lines)
+    verdict = verify(str(tmp_path))
+    assert verdict.ok, verdict.describe()
