@@ -141,6 +141,10 @@ _DELETED = {
                     "description": "The tombstones, oldest deletion first."},
     },
 }
+#: A Study Instance UID in a route's path (digits and dots; any other text is answered 400).
+_STUDY_UID = {"name": "study", "in": "path", "required": True,
+              "description": "The Study Instance UID (digits and dots; any other text is answered 400).",
+              "schema": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)*$", "maxLength": 128}}
 _REASON_BODY = {"required": False, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"reason": {"type": "string", "maxLength": 1000}}}}}}
 _AUTH_CONFIG = {
@@ -605,7 +609,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/api/studies/{study}/undelete": {"post": {
                 "operationId": "undeleteStudy",
                 "summary": "Restore a deleted study that is not purged yet, exactly as it was; admin only.",
-                "parameters": [_path_parameter("study", "The Study Instance UID.")],
+                "parameters": [_STUDY_UID],
                 "requestBody": _REASON_BODY,
                 "responses": {"200": _json("Undeleted: the tombstone it had.", "Tombstone"),
                               "400": _json("The study is not a UID, or the body is not {\"reason\": ...}.", "Error"),
@@ -618,7 +622,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "operationId": "deleteStudy",
                 "summary": "Delete a study: tombstone it and hide it from every search and retrieval (its bytes are "
                            "kept until `bastion purge`, after deletion_delay_days); admin only (docs/deletion.md).",
-                "parameters": [_path_parameter("study", "The Study Instance UID."),
+                "parameters": [_STUDY_UID,
                                {"name": "reason", "in": "query", "required": False, "schema": {"type": "string"},
                                 "description": "Why (else the body's `reason`)."}],
                 "requestBody": _REASON_BODY,
