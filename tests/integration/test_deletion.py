@@ -299,3 +299,19 @@ def test_apply_state_log_follows_the_log_both_ways(archive: Any, tmp_path: Path)
     assert [t.study for t in archive.deletions.tombstones()] == [study.study_uid]
     assert apply_state_log(archive.blobs, archive.index) == 1
     assert archive.index.statistics().instances == before.instances - 4
+
+
+def test_crash_recovery_keeps_a_deleted_study_hidden(archive: Any, tmp_path: Path) -> None:
+    """Objects of a deleted study that crash recovery finds unheld (their rows lost) are recorded and hidden again;
+    those the index keeps hidden are not taken up at all."""
+    from bastion.ingest.rebuild import recover
+
+    study = make_study(tmp_path / "study", series=1, per_series=3)
+    for path in study.files:
+        archive.ingest.store_bytes(path.read_bytes(), "test")
+    archive.deletions.delete(study.study_uid, reason="test")
+    assert recover(archive.blobs, archive.index, archive.node_id).indexed == 0  # held, hidden
+    archive.index.forget_hidden(study.study_uid, purged=False)  # the rows lost; the tombstone kept
+    assert recover(archive.blobs, archive.index, archive.node_id).indexed == 3
+    assert archive.index.statistics().instances == 0
+    assert len(archive.index.hidden_versions(study.study_uid)) == 3

@@ -155,8 +155,8 @@ class Deletions:
         if self.index.tombstone(study_uid) is None:
             return
         self.index.hide_study(study_uid)
-        self.index.drop_hidden_version(blob_key)
-        self.blobs.delete(blob_key)
+        self.blobs.delete(blob_key)  # first: a crash before the row goes leaves a row naming no blob, never a blob
+        self.index.drop_hidden_version(blob_key)  # that crash recovery would find unheld and show again
         raise StudyDeleted(f"study {study_uid} is deleted: undelete it before storing into it", uid=study_uid)
 
     # -- purge ------------------------------------------------------------------------------------------------
@@ -197,6 +197,12 @@ def _restore(blobs: BlobStore, index: Index, study_uid: str) -> int:
     index.forget_hidden(study_uid, purged=False)
     index.set_tombstone(study_uid, None)
     return len(versions)
+
+
+def hide_tombstoned(index: Index) -> int:
+    """Hide again whatever the index shows of the studies it holds tombstoned (after crash recovery recorded objects
+    of the last hour again, :func:`bastion.ingest.rebuild.recover`); how many instances that hid."""
+    return sum(len(index.hide_study(json.loads(text)["study"])) for text in index.tombstones())
 
 
 def apply_state_log(blobs: BlobStore, index: Index) -> int:

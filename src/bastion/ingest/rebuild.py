@@ -26,7 +26,7 @@ from bastion.blobs.fileio import sync_all
 from bastion.blobs.journal import fsync_dir
 from bastion.errors import BastionError, CorruptObject, InvalidObject, UnsupportedTransferSyntax
 from bastion.index.base import Index, log_floor
-from bastion.ingest.deletion import apply_state_log
+from bastion.ingest.deletion import apply_state_log, hide_tombstoned
 from bastion.ingest.header import read_header
 from bastion.model.records import InstanceRecord, StoredObject, parse_object_key, partition_of
 
@@ -225,6 +225,7 @@ def recover(blobs: BlobStore, index: Index, node_id: str | None = None) -> Rebui
     report = _replay(blobs, index, found, "recovery", verify=True)
     if report.indexed:
         log.warning("recovered %d stored object(s) that the index had lost", report.indexed)
+        hide_tombstoned(index)  # an object of a deleted study stays hidden
     return report
 
 
