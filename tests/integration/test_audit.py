@@ -250,3 +250,19 @@ def test_an_import_is_audited_once_per_study(tmp_path: Path) -> None:
     refused = stores[()]
     assert refused["outcome"] == 8 and refused.get("count", 0) == 0 and "refused" in refused["detail"]
     assert run_bastion("audit", "verify", "--data", data).returncode == 0
+
+
+def test_a_stow_body_cut_short_audits_the_parts_it_stored(tmp_path: Path,
+                                                          bastion_factory: Callable[..., BastionServer]) -> None:
+    server = bastion_factory()
+    study = make_study(tmp_path / "s", series=1, per_series=2)
+    first, second = (f.read_bytes() for f in study.files)
+    body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + first
+            + f"\r\n--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + second[:500])  # no end
+    with httpx.Client(base_url=server.url(""), timeout=30) as http:
+        r = http.post("/dicom-web/studies", content=body, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'})
+        assert r.status_code == 400, r.text
+        found = _wait_for(lambda: list(http.get("/api/audit", params={"kind": "store"}).json()["entries"]), bool)
+    (stored,) = found
+    assert stored["studies"] == [study.study_uid] and stored["count"] == 1 and stored["via"] == "dicomweb"

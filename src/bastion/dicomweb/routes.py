@@ -216,8 +216,11 @@ class DicomWeb:
             wado.check_uid(study, "StudyInstanceUID")
         ct = require_multipart_related(request.headers.get("content-type"), DICOM)
         base = base_url(request)
-        outcome = await stow.store_stream(self.archive, request.stream(), ct.params["boundary"], study, base)
-        audit.record_stores(self.archive, request, outcome.tally)
+        outcome = stow.StowOutcome()
+        try:
+            await stow.store_stream(self.archive, request.stream(), ct.params["boundary"], study, base, outcome)
+        finally:  # the parts stored before a body that failed are audited too
+            audit.record_stores(self.archive, request, outcome.tally)
         for _cls, sop, reason, why in outcome.failed:
             log.info("STOW-RS rejected %s (0x%04X): %s", sop or "a part", reason, why)
         study_url = f"{base}/studies/{study}" if study else None

@@ -233,12 +233,13 @@ class _PartSink:
 
 
 async def store_stream(archive: Archive, chunks: AsyncIterator[bytes], boundary: str,
-                       study: str | None, base: str) -> StowOutcome:
+                       study: str | None, base: str, outcome: StowOutcome | None = None) -> StowOutcome:
     """Parse a multipart body as it arrives, streaming each part into the store pipeline (:class:`_PartSink`)
     and storing it as soon as it is complete.
 
     Memory per request stays bounded whatever the parts' sizes. If the body fails (a malformed body, the client
     gone, a body timeout), the part being received is aborted: nothing of it is stored, and no spool file stays.
+    ``outcome`` (a new one by default) collects what was stored, also when the body fails after some parts.
 
     Raises
     ------
@@ -246,7 +247,7 @@ async def store_stream(archive: Archive, chunks: AsyncIterator[bytes], boundary:
         The body is not a well-formed multipart message, or holds no part (HTTP 400).
     """
     parser = MultipartStream(boundary)
-    outcome = StowOutcome()
+    outcome = StowOutcome() if outcome is None else outcome
     count = 0
     sink: _PartSink | None = None
     try:
