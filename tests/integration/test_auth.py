@@ -12,6 +12,8 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import BastionServer, Study, free_port, make_study, run_bastion
+from conftest import BASTION, BastionServer, Study, free_port, make_study, run_bastion
 from joserfc.jwk import RSAKey
 from oidc_issuer import TestIssuer
 
@@ -425,3 +427,25 @@ def test_viewer_and_admin_page_log_in_at_the_issuer(tmp_path: Path) -> None:
     finally:
         server.stop()
         issuer.stop()
+
+
+def test_index_rebuild_asks_the_server_with_a_node_local_token(tmp_path: Path) -> None:
+    key = RSAKey.generate_key(2048, auto_kid=True)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    env = {"BASTION_AUTH_ENABLED": "true", "BASTION_AUTH_ISSUER": "https://idp.invalid",
+           "BASTION_AUTH_AUDIENCE": AUDIENCE, "BASTION_AUTH_JWKS_FILE": str(jwks)}
+    data = tmp_path / "data"
+    server = BastionServer(data, settings=env).start()
+    try:
+        assert httpx.post(server.url("/api/index/rebuild"), timeout=10).status_code == 401
+        result = subprocess.run([BASTION, "index", "rebuild", "--data", str(data)], capture_output=True, text=True,
+                                timeout=300, env=os.environ | env | {"BASTION_HTTP_PORT": str(server.http_port)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "rebuilds its index while it serves" in result.stderr
+        assert oct((data / "auth" / "local-key.jwk").stat().st_mode)[-3:] == "600"
+        entries = audit_entries(data, want=lambda es: any(str(e.get("user", "")).endswith("(local)") for e in es))
+        assert any(e.get("kind") == "login" and str(e.get("user", "")).endswith("(local)") and e.get("outcome") == 0
+                   for e in entries)
+    finally:
+        server.stop()

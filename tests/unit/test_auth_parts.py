@@ -25,6 +25,7 @@ from bastion.web.access import AUTHENTICATED, DENY, PUBLIC, required_role
     ("GET", "/health", PUBLIC), ("HEAD", "/health", PUBLIC), ("POST", "/health", DENY),
     ("GET", "/", PUBLIC), ("GET", "/viewer", PUBLIC), ("GET", "/app-config.js", PUBLIC),
     ("GET", "/assets/x.js", PUBLIC), ("GET", "/admin", PUBLIC), ("GET", "/api/auth/config", PUBLIC),
+    ("GET", "/api/openapi.json", PUBLIC), ("POST", "/api/openapi.json", "admin"),
     ("GET", "/api/whoami", AUTHENTICATED),
     ("GET", "/dicom-web/studies", "viewer"), ("HEAD", "/dicom-web/studies/1.2/series", "viewer"),
     ("GET", "/dicom-web/studies/1.2/series/3/instances/4/frames/1", "viewer"),

@@ -1,6 +1,6 @@
 """From presented credentials to a :class:`~bastion.auth.principal.Principal`: OIDC bearer tokens
-(:mod:`bastion.auth.tokens`), API keys (:mod:`bastion.auth.apikeys`) and break-glass tokens
-(:mod:`bastion.auth.emergency`).
+(:mod:`bastion.auth.tokens`), API keys (:mod:`bastion.auth.apikeys`), break-glass tokens
+(:mod:`bastion.auth.emergency`) and node-local command tokens (:mod:`bastion.auth.local`).
 
 A verified token is remembered by its SHA-256 until it expires, so a request whose token was seen before costs a
 hash and a dictionary look-up (:meth:`Authenticator.cached`); the first sight of a token verifies its signature
@@ -18,6 +18,7 @@ from typing import Any
 from bastion.auth.apikeys import PREFIX, ApiKeyStore
 from bastion.auth.emergency import EMERGENCY_ISSUER, EmergencyTokens
 from bastion.auth.jwks import JwksSource
+from bastion.auth.local import LOCAL_ISSUER, LocalTokens
 from bastion.auth.principal import Principal
 from bastion.auth.tokens import AuthenticationFailed, TokenCheck, principal_from, unverified_parts, verify_jwt
 from bastion.settings import Settings
@@ -49,6 +50,7 @@ class Authenticator:
                                settings.auth_jwks_refresh)
         self.keys = ApiKeyStore(settings.data)
         self.emergency = EmergencyTokens(settings.data, settings.auth_emergency_max_hours, settings.auth_leeway)
+        self.local = LocalTokens(settings.data, settings.auth_leeway)
         self._cache: dict[str, Verified] = {}
         self._lock = threading.Lock()
 
@@ -78,6 +80,9 @@ class Authenticator:
                 raise AuthenticationFailed("unknown or revoked API key")
             return self._remember(Verified(principal, now + KEY_CACHE_SECONDS, digest))
         header, claims = unverified_parts(credential)
+        if claims.get("iss") == LOCAL_ISSUER:
+            principal, verified = self.local.verify(credential)
+            return self._remember(Verified(principal, float(verified["exp"]), digest))
         if claims.get("iss") == EMERGENCY_ISSUER:
             principal, verified = self.emergency.verify(credential)
             return self._remember(Verified(principal, float(verified["exp"]), digest, verified))

@@ -52,9 +52,10 @@ def ledger_file(data: Path) -> Path:
     return data / "auth" / "emergency.sqlite3"
 
 
-def signing_key(data: Path, create: bool) -> OKPKey | None:
-    """The archive's Ed25519 key; made (mode 0600) when ``create`` and there is none yet, else None."""
-    path = key_file(data)
+def signing_key(data: Path, create: bool, path: Path | None = None) -> OKPKey | None:
+    """The archive's Ed25519 key (``path``, default :func:`key_file`); made (mode 0600) when ``create`` and there
+    is none yet, else None."""
+    path = path or key_file(data)
     if not path.exists():
         if not create:
             return None

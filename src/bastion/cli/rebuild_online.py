@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bastion.auth.local import local_token
 from bastion.errors import BastionError
 from bastion.ingest.online_rebuild import RebuildState, describe
 from bastion.settings import Settings
@@ -35,9 +36,12 @@ def server_url(settings: Settings) -> str:
     return f"http://{host}:{settings.http_port}/api/index/rebuild"
 
 
-def _call(url: str, method: str) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None,
-                                     headers={"Accept": "application/json"})
+def _call(url: str, method: str, settings: Settings) -> tuple[int, dict[str, Any]]:
+    """One request to the server; with ``[auth]`` on, it carries a node-local admin token (:mod:`bastion.auth.local`)."""
+    headers = {"Accept": "application/json"}
+    if settings.auth_enabled:
+        headers["Authorization"] = f"Bearer {local_token(settings.data)}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as rsp:
             return rsp.status, json.loads(rsp.read())
@@ -53,14 +57,14 @@ def rebuild_online(settings: Settings) -> int:
     0 once it is switched in, 1 if it failed. Raises BastionError if the server does not answer or refuses."""
     url = server_url(settings)
     try:
-        code, body = _call(url, "POST")
+        code, body = _call(url, "POST", settings)
     except (OSError, ValueError) as exc:
         raise BastionError(f"the archive in {settings.data} is in use, and the server did not answer at {url} "
                            f"({getattr(exc, 'reason', exc)}): if the server listens elsewhere, give its `host` and "
                            "`http_port` (--config, BASTION_HOST, BASTION_HTTP_PORT); else stop what holds the archive "
                            "(a `bastion import`?) and try again") from None
     if code == 409:
-        _, running = _call(url, "GET")
+        _, running = _call(url, "GET", settings)
         if not RebuildState.from_json(running).running:  # the index rebuilds itself (at start): not this
             raise BastionError(f"the server at {url} did not start the rebuild: {body.get('error', body)}")
         print(f"{body.get('error')}: following it", file=sys.stderr)
@@ -69,7 +73,7 @@ def rebuild_online(settings: Settings) -> int:
         raise BastionError(f"the server at {url} did not start the rebuild (HTTP {code}): "
                            f"{body.get('error', body)}")
     print(f"the archive is in use: the server at {url} rebuilds its index while it serves", file=sys.stderr)
-    done = _follow(url, body.get("started"), RebuildState.from_json(body))
+    done = _follow(url, body.get("started"), RebuildState.from_json(body), settings)
     if done.state == "failed":
         print(f"the online rebuild failed: {done.error}", file=sys.stderr)
         return 1
@@ -82,7 +86,7 @@ def rebuild_online(settings: Settings) -> int:
     return 0
 
 
-def _follow(url: str, started: str | None, state: RebuildState) -> RebuildState:
+def _follow(url: str, started: str | None, state: RebuildState, settings: Settings) -> RebuildState:
     """Poll the rebuild's state with a progress bar until it ends (:attr:`RebuildState.ended`; a rebuild switched in
     whose server has not said how long it paused within :data:`SILENCE_S` ends all the same)."""
     heard = time.monotonic()
@@ -100,7 +104,7 @@ def _follow(url: str, started: str | None, state: RebuildState) -> RebuildState:
                     return state
             time.sleep(POLL_S)
             try:
-                state = RebuildState.from_json(_call(url, "GET")[1])
+                state = RebuildState.from_json(_call(url, "GET", settings)[1])
                 heard = time.monotonic()
             except (OSError, ValueError) as exc:  # the server is switching the index in: it answers again soon
                 if time.monotonic() - heard > SILENCE_S:

@@ -3,7 +3,8 @@
 With ``[auth] enabled``, every HTTP request is matched against :data:`RULES` (first match wins; no match: denied):
 
 - ``GET``/``HEAD`` ``/health``, ``/app-config.js`` (the viewer's settings), ``/admin`` (the page's shell; its
-  data comes from admin routes), ``/api/auth/config`` (how to log in): public;
+  data comes from admin routes), ``/api/auth/config`` (how to log in), ``/api/openapi.json`` (the API's
+  description): public;
 - ``GET``/``HEAD`` ``/api/whoami``: any authenticated party;
 - ``GET``/``HEAD`` ``/dicom-web/...`` (QIDO-RS, WADO-RS, metadata, rendered) and ``/wado`` (WADO-URI): viewer;
 - ``POST`` ``/dicom-web/studies`` and ``/dicom-web/studies/{uid}`` (STOW-RS): uploader;
@@ -74,6 +75,7 @@ RULES: tuple[Rule, ...] = (
     _rule(_READ, r"/app-config\.js", PUBLIC),
     _rule(_READ, r"/admin/?", PUBLIC),
     _rule(_READ, r"/api/auth/config", PUBLIC),
+    _rule(_READ, r"/api/openapi\.json", PUBLIC),
     _rule(_READ, r"/api/whoami", AUTHENTICATED),
     _rule(_READ, r"/dicom-web/.+", "viewer"),
     _rule(_READ, r"/wado", "viewer"),
