@@ -194,3 +194,9 @@ def multipart_cases(draw: st.DrawFn, contents: st.SearchStrategy[bytes] | None =
         inner = encode_parts(boundary, [([("Content-Type", content_type)], b"inner")])
         bad[first_line + 2: first_line + 2] = b"Content-Type: multipart/related\r\n\r\n" + inner
     return MultipartCase(boundary, bytes(bad), None, malformation)
+
+
+def first_traceback(log: str) -> str:
+    """The first traceback in a server's log and what led to it ("" if there is none)."""
+    at = log.find("Traceback")
+    return "" if at < 0 else log[max(0, at - 1500): at + 3000]

@@ -24,6 +24,7 @@ from fuzzing import (
     MultipartCase,
     StoreSnapshot,
     encode_parts,
+    first_traceback,
     fuzz_settings,
     multipart_cases,
     mutated,
@@ -92,7 +93,7 @@ def check_after(server: BastionServer, before: StoreSnapshot) -> None:
     assert not server.spool_files(), server.spool_files()
     assert server.get_json("/health")["status"] == "ok"
     assert server.echo().returncode == 0
-    assert "Traceback" not in server.log(), server.log()[-3000:]
+    assert not first_traceback(server.log()), first_traceback(server.log())
 
 
 @pytest.fixture(scope="module")
