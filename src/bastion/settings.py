@@ -45,7 +45,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,7 +90,7 @@ FORWARD_MATCH_KEYWORDS = ("Modality", "CallingAETitle", "SOPClassUID", "StationN
 _FORWARD_MATCH_ATTRIBUTES = {"Modality": (0x00080060, "CS"), "CallingAETitle": (0x00020016, "AE"),
                              "SOPClassUID": (0x00080016, "UI"), "StationName": (0x00081010, "SH"),
                              "StudyDescription": (0x00081030, "LO")}
-_FORWARD_RULE_KEYS = frozenset({"name", "to", "match"})
+_FORWARD_RULE_KEYS = frozenset({"name", "to", "match", "api_key"})
 #: The name of the forwarding rule (and queue) that edge mode adds for ``upstream``.
 UPSTREAM = "upstream"
 #: The keys a ``[prefetch] query`` may hold (PS3.4 C.6.2.1.2 Study Root, STUDY level); a date takes ``-Nd`` /
@@ -107,11 +107,14 @@ class ForwardRule:
     10.5). ``name`` names the destination's queue (default: ``to``); rules with one name share one queue.
     ``match`` maps attributes of :data:`FORWARD_MATCH_KEYWORDS` to a value with PS3.4 C.2.2.2 wildcards
     (``*``, ``?``) or a backslash list of alternatives; every one must match (no ``match``: everything).
+    ``api_key`` is sent as ``Authorization: Bearer`` to a STOW-RS destination that requires authentication (a
+    Bastion with ``[auth]`` on: an ``uploader`` API key); it is never shown.
     """
 
     name: str
     to: str
     match: tuple[tuple[str, str], ...] = ()
+    api_key: str = field(default="", repr=False)
 
     @property
     def remote(self) -> RemoteAE | None:
@@ -132,7 +135,7 @@ class ForwardRule:
             raise SettingsError(f"a [[forward]] rule must be a table, not {table!r}")
         unknown = set(table) - _FORWARD_RULE_KEYS
         if unknown:
-            raise SettingsError(f"[[forward]]: unknown key(s) {', '.join(sorted(unknown))} (name, to, match)")
+            raise SettingsError(f"[[forward]]: unknown key(s) {', '.join(sorted(unknown))} (name, to, match, api_key)")
         to = str(table.get("to", "")).strip()
         if to.startswith(("http://", "https://")):
             if not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?(/\S*)?", to):
@@ -155,7 +158,7 @@ class ForwardRule:
             if not isinstance(value, str) or not value.strip():
                 raise SettingsError(f"[[forward]] {name}: match {keyword} must be a non-empty string")
             pairs.append((keyword, value.strip()))
-        rule = cls(name, to, tuple(pairs))
+        rule = cls(name, to, tuple(pairs), str(table.get("api_key") or "").strip())
         rule.conditions()  # each value parses as a matching key
         return rule
 
@@ -240,6 +243,10 @@ class Settings:
     #: The upstream Bastion's HTTP base URL (``http://HOST:PORT``), whose ``/api/studies/{uid}/digests`` lets the
     #: reconciliation compare content; default: a DICOMweb ``upstream`` without its ``/dicom-web``.
     upstream_api: str = ""
+    #: The credential (an API key, or a token) sent as ``Authorization: Bearer`` to an upstream that requires
+    #: authentication: on STOW-RS, QIDO-RS, WADO-RS and the digests API (needs ``uploader`` and ``viewer`` roles, or
+    #: ``admin``, at a Bastion upstream). Never shown.
+    upstream_api_key: str = ""
     #: Storage Commitment: an instance is committed only once upstream holds it (edge mode).
     commit_after_upstream: bool = False
     #: The reconciliation checks the instances delivered upstream in the last this many days ...
@@ -310,7 +317,7 @@ class Settings:
         """Edge mode's always-on rule: ``upstream`` adds a forward rule named :data:`UPSTREAM` matching everything."""
         if not self.upstream:
             return
-        rule = ForwardRule.parse({"name": UPSTREAM, "to": self.upstream})
+        rule = ForwardRule.parse({"name": UPSTREAM, "to": self.upstream, "api_key": self.upstream_api_key})
         mine = [r for r in self.forward if r.name == UPSTREAM]
         if any(r.to != rule.to or r.match for r in mine):
             raise SettingsError(f"a [[forward]] rule is named {UPSTREAM!r}: that name is edge mode's (upstream)")

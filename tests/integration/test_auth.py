@@ -449,3 +449,44 @@ def test_index_rebuild_asks_the_server_with_a_node_local_token(tmp_path: Path) -
                    for e in entries)
     finally:
         server.stop()
+
+
+def test_forwarding_to_an_authenticated_bastion_sends_its_api_key(tmp_path: Path) -> None:
+    """A [[forward]] STOW-RS rule with api_key delivers to a Bastion with [auth] on; one without is refused 401."""
+    key = RSAKey.generate_key(2048, auto_kid=True)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    central_data = tmp_path / "central"
+    uploader = run_bastion("apikey", "create", "--data", central_data, "--name", "edge-1", "--role", "uploader")
+    reader = run_bastion("apikey", "create", "--data", central_data, "--name", "reader", "--role", "admin")
+    assert uploader.returncode == 0 and reader.returncode == 0, uploader.stderr + reader.stderr
+    central = BastionServer(central_data, settings={
+        "BASTION_AUTH_ENABLED": "true", "BASTION_AUTH_ISSUER": "https://idp.invalid",
+        "BASTION_AUTH_AUDIENCE": AUDIENCE, "BASTION_AUTH_JWKS_FILE": str(jwks)}).start()
+    config = tmp_path / "edge.toml"
+    target = central.url("/dicom-web")
+    config.write_text(f'[[forward]]\nname = "with-key"\nto = "{target}"\napi_key = "{uploader.stdout.strip()}"\n\n'
+                      f'[[forward]]\nname = "without-key"\nto = "{target}"\n')
+    edge = BastionServer(tmp_path / "edge", settings={"BASTION_CONFIG": str(config),
+                                                       "BASTION_FORWARD_BACKOFF": "60"}).start()
+    try:
+        made = make_study(tmp_path / "study", series=1, per_series=2)
+        body, ctype = stow_body(made)
+        assert httpx.post(edge.url("/dicom-web/studies"), content=body, headers={"Content-Type": ctype},
+                          timeout=30).status_code == 200
+        admin = {"X-API-Key": reader.stdout.strip()}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = httpx.get(central.url(f"/dicom-web/studies?StudyInstanceUID={made.study_uid}"), headers=admin,
+                              timeout=10)
+            queues = {q["name"]: q for q in edge.get_json("/api/queues")["queues"]}
+            if found.status_code == 200 and queues.get("without-key", {}).get("last_error"):
+                break
+            time.sleep(0.5)
+        assert found.status_code == 200 and len(found.json()) == 1, found.text
+        assert queues["with-key"]["delivered"] == 2
+        assert "401" in queues["without-key"]["last_error"]
+        assert uploader.stdout.strip() not in json.dumps(edge.get_json("/api/queues"))
+    finally:
+        edge.stop()
+        central.stop()

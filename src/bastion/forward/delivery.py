@@ -167,6 +167,7 @@ class StowDestination(Destination):
     def __init__(self, rule: ForwardRule, archive: Archive, executor: Executor) -> None:
         super().__init__(rule)
         self.url = f"{rule.stow_url}/studies"
+        self.api_key = rule.api_key
         self.archive = archive
         self.executor = executor
 
@@ -197,7 +198,8 @@ class StowDestination(Destination):
                         for _, data in batch) + f"--{boundary}--\r\n".encode()
         request = urllib.request.Request(self.url, data=body, method="POST", headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json"})
+            "Accept": "application/dicom+json",
+            **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
         uids = [r.sop_uid for r, _ in batch]
         try:
             with urllib.request.urlopen(request, timeout=STOW_TIMEOUT_S) as rsp:

@@ -81,8 +81,10 @@ def resolve_dates(query: Sequence[tuple[str, str]], today: datetime.date) -> dic
 class Upstream(ABC):
     """An edge's upstream archive (see the module docstring)."""
 
-    def __init__(self, api: str) -> None:
+    def __init__(self, api: str, credential: str = "") -> None:
         self.api = api.rstrip("/")
+        #: Sent as ``Authorization: Bearer`` on every HTTP request to upstream (``upstream_api_key``).
+        self.credential = credential
 
     @abstractmethod
     def find_studies(self, keys: Mapping[str, str]) -> list[StudyFound]:
@@ -106,7 +108,7 @@ class Upstream(ABC):
         if not self.api:
             return None
         try:
-            doc = _get_json(f"{self.api}/api/studies/{urllib.parse.quote(study_uid)}/digests")
+            doc = _get_json(f"{self.api}/api/studies/{urllib.parse.quote(study_uid)}/digests", self.credential)
         except urllib.error.HTTPError as exc:
             if exc.code == 404 and b"no study" in exc.read():
                 return {}
@@ -117,8 +119,13 @@ class Upstream(ABC):
                 for i in doc.get("instances", [])}
 
 
-def _get_json(url: str) -> Any:
-    request = urllib.request.Request(url, headers={"Accept": "application/json, application/dicom+json"})
+def _bearer(credential: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {credential}"} if credential else {}
+
+
+def _get_json(url: str, credential: str = "") -> Any:
+    request = urllib.request.Request(url, headers={"Accept": "application/json, application/dicom+json",
+                                                   **_bearer(credential)})
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as rsp:
         body = rsp.read()
     return json.loads(body) if body else []
@@ -132,8 +139,8 @@ def _value(item: Any, tag: str) -> str:
 class DimseUpstream(Upstream):
     """An upstream reached by C-FIND and C-MOVE (pynetdicom's requestor, in the calling thread)."""
 
-    def __init__(self, remote: RemoteAE, calling_aet: str, api: str) -> None:
-        super().__init__(api)
+    def __init__(self, remote: RemoteAE, calling_aet: str, api: str, credential: str = "") -> None:
+        super().__init__(api, credential)
         self.remote = remote
         self.calling_aet = calling_aet
 
@@ -241,15 +248,15 @@ class DimseUpstream(Upstream):
 class DicomWebUpstream(Upstream):
     """An upstream reached by QIDO-RS and WADO-RS; what WADO-RS returns is stored by ``store`` (Part 10 bytes)."""
 
-    def __init__(self, base: str, api: str, store: Callable[[bytes], None]) -> None:
-        super().__init__(api or (base[: -len("/dicom-web")] if base.endswith("/dicom-web") else ""))
+    def __init__(self, base: str, api: str, store: Callable[[bytes], None], credential: str = "") -> None:
+        super().__init__(api or (base[: -len("/dicom-web")] if base.endswith("/dicom-web") else ""), credential)
         self.base = base.rstrip("/")
         self.store = store
 
     def _qido(self, path: str, params: Mapping[str, str]) -> list[Any]:
         url = f"{self.base}{path}?{urllib.parse.urlencode(params)}"
         try:
-            doc = _get_json(url)
+            doc = _get_json(url, self.credential)
         except (OSError, ValueError) as exc:
             raise UpstreamUnreachable(f"QIDO-RS {url}: {exc}") from exc
         return doc if isinstance(doc, list) else []
@@ -273,7 +280,7 @@ class DicomWebUpstream(Upstream):
     def retrieve(self, study_uid: str) -> int:
         url = f"{self.base}/studies/{urllib.parse.quote(study_uid)}"
         request = urllib.request.Request(url, headers={"Accept": 'multipart/related; type="application/dicom"; '
-                                                                 "transfer-syntax=*"})
+                                                                 "transfer-syntax=*", **_bearer(self.credential)})
         try:
             with urllib.request.urlopen(request, timeout=MOVE_TIMEOUT_S) as rsp:
                 ctype, body = rsp.headers.get("Content-Type", ""), rsp.read()
@@ -293,6 +300,6 @@ def upstream_of(settings: Settings, store: Callable[[bytes], None]) -> Upstream 
     if rule is None:
         return None
     if rule.stow_url:
-        return DicomWebUpstream(rule.stow_url, settings.upstream_api, store)
+        return DicomWebUpstream(rule.stow_url, settings.upstream_api, store, settings.upstream_api_key)
     assert rule.remote is not None
-    return DimseUpstream(rule.remote, settings.aet, settings.upstream_api)
+    return DimseUpstream(rule.remote, settings.aet, settings.upstream_api, settings.upstream_api_key)
