@@ -152,8 +152,9 @@ def test_path_characters_in_dataset_uids_are_refused_by_stow(hostile: Hostile, k
         assert r.status_code == 409, (uid, r.status_code, r.text[:300])
         failed = r.json()[FAILED]["Value"]
         assert [item[FAILURE_REASON]["Value"][0] for item in failed] == [CANNOT_UNDERSTAND], (uid, failed)
-        if keyword == "SOPInstanceUID":  # the failure names the instance as sent, one value (found by this test)
-            assert failed[0]["00081155"]["Value"] == [uid], failed
+        if keyword == "SOPInstanceUID":  # the failure names the instance as sent, one value (found by this test),
+            sent = uid if uid.isprintable() else uid.encode("unicode_escape").decode()  # control characters escaped
+            assert failed[0]["00081155"]["Value"] == [sent], failed
     hostile.intact()
 
 
@@ -186,6 +187,29 @@ def test_path_characters_in_dataset_uids_are_refused_by_c_store(hostile: Hostile
     data = dataset_part(_with_uid(hostile.files[0], "SOPInstanceUID", uid))
     status = c_store_status(hostile.server, uid, data)
     assert status == CANNOT_UNDERSTAND, hex(status)
+    hostile.intact()
+
+
+# -- log injection -----------------------------------------------------------------------------------------------
+FORGED = "2026-01-01 00:00:00,000 CRITICAL bastion: FORGED"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_newline_in_a_uid_or_ae_title_forges_no_log_line(hostile: Hostile) -> None:
+    """A SOP Instance UID sent by STOW-RS and a calling AE title sent in an A-ASSOCIATE-RQ, each holding a newline
+    and a whole log line: the log shows them escaped, on the line that names them (found by this test: both
+    wrote the forged line into the log as a line of its own)."""
+    body = encode_parts("b", [([("Content-Type", "application/dicom")],
+                               _with_uid(hostile.files[0], "SOPInstanceUID", "1.2\n" + FORGED))])
+    r = httpx.post(hostile.server.url("/dicom-web/studies"), content=body, timeout=60,
+                   headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+json"})
+    assert r.status_code == 409, r.text[:300]
+    rq = bytearray(good_associate_rq())
+    rq[26:42] = b"X\nCRITICAL FAKE!"  # the calling AE title (PS3.8 9.3.2)
+    exchange(hostile.server.host, hostile.server.dicom_port, bytes(rq), struct.pack(">BxI4x", A_RELEASE_RQ, 4),
+             until=A_RELEASE_RP)
+    lines = hostile.server.log().splitlines()
+    assert not [line for line in lines if line.startswith(FORGED) or line.startswith("CRITICAL FAKE")], lines[-20:]
     hostile.intact()
 
 

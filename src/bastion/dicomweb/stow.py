@@ -127,9 +127,11 @@ def _uids(data: bytes | BinaryIO) -> tuple[str, str, str]:
         fp = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True,
                              specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-        def text(keyword: str) -> str:  # a UID with a backslash is read as several values: shown as sent
+        def text(keyword: str) -> str:
+            """The UID as sent (a backslash makes several values), control characters escaped: it is logged."""
             value = ds.get(keyword, "") or ""
-            return "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+            sent = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+            return sent if sent.isprintable() else sent.encode("unicode_escape").decode("ascii")
 
         return text("SOPClassUID"), text("SOPInstanceUID"), text("StudyInstanceUID")
     except Exception:

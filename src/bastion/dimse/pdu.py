@@ -141,7 +141,10 @@ def _iter_items(data: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
 
 
 def _text(raw: bytes) -> str:
-    return raw.decode("ascii", "replace").strip(" \x00")
+    """An AE title or UID as text: control characters, which neither may hold (PS3.5 6.2), become ``?`` (they
+    would otherwise reach the logs, where a newline forges a line)."""
+    text = raw.decode("ascii", "replace").strip(" \x00")
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 def decode_associate(body: bytes) -> AssociateRQ:
