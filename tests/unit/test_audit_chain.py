@@ -258,3 +258,30 @@ def test_a_line_encoded_otherwise_with_the_same_content_still_verifies(tmp_path:
     _put(tmp_path, lines)
     verdict = verify(str(tmp_path))
     assert verdict.ok, verdict.describe()
+
+
+_INHERITED: AuditLog | None = None
+
+
+def _record_in_child(n: int) -> None:
+    assert _INHERITED is not None
+    for i in range(n):
+        _INHERITED.record(AuditEvent(AuditKind.VIEW, user="child", count=i))
+    _INHERITED.close()
+
+
+def test_a_forked_child_records_with_the_log_it_inherited(tmp_path: Path) -> None:
+    """A process forked while its parent's writer runs gets a writer (and a lock) of its own; one chain results."""
+    global _INHERITED
+    _INHERITED = log = AuditLog(str(tmp_path))
+    for i in range(50):
+        log.record(AuditEvent(AuditKind.VIEW, user="parent", count=i))
+    child = multiprocessing.get_context("fork").Process(target=_record_in_child, args=(30,))
+    child.start()
+    for i in range(50, 100):
+        log.record(AuditEvent(AuditKind.VIEW, user="parent", count=i))
+    child.join(60)
+    assert child.exitcode == 0
+    log.close()
+    verdict = verify(str(tmp_path))
+    assert verdict.ok and verdict.entries == 130, verdict.describe()

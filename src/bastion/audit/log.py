@@ -120,9 +120,10 @@ class AuditLog:
                 with self._cond:
                     self._append_memory([(now, event)])
                 return
+            if os.getpid() != self._pid:  # forked: the parent's thread, queue and lock (maybe held) are not ours
+                self._pid, self._thread, self._queue, self._tail = os.getpid(), None, [], Tail()
+                self._cond = threading.Condition()
             with self._cond:
-                if os.getpid() != self._pid:  # forked: the parent's thread and queue are not ours
-                    self._pid, self._thread, self._queue, self._tail = os.getpid(), None, [], Tail()
                 if len(self._queue) >= MAX_QUEUED:
                     self._queue.pop(0)
                     self._dropped += 1
