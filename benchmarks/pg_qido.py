@@ -98,7 +98,7 @@ def fill_pg(url: str, studies: list[bulkload.Study], batch: int = 50_000) -> flo
             conn.execute(bulkload.PATIENT_COUNTS)
             conn.execute(REFRESH_ALL_SUMMARIES, {"sep": SUMMARY_SEP})
             conn.execute("UPDATE studies s SET patient_name_key = lower(p.patient_name) FROM patients p "
-                         "WHERE p.patient_id = s.patient_id")  # as the record path keeps it (migration 0003)
+                         "WHERE p.patient_id = s.patient_id")  # as the record path keeps it (migration 0004)
             conn.execute("SELECT setval('changes_seq', %s, true)", (seq,))
         print(f"  counts and study summaries ({time.monotonic() - t0:.0f} s)", flush=True)
         for table in bulkload.INSERTS:

@@ -235,7 +235,7 @@ def _upsert(tx: Tx, row: IndexRow, level: QueryLevel) -> None:
            QueryLevel.STUDY: {"study_uid": inst.study_uid, "patient_id": row.patient_id, "attrs": row.texts[1]},
            QueryLevel.SERIES: {"series_uid": inst.series_uid, "study_uid": inst.study_uid, "attrs": row.texts[0]}}
     values = {**columns_for(level, row.attrs[level]), **own[level]}
-    if level is QueryLevel.STUDY:  # the patient's name, on the study row too (migration 0003)
+    if level is QueryLevel.STUDY:  # the patient's name, on the study row too (migration 0004)
         values["patient_name_key"] = patient_name_key(row)
     table, key = _LEVEL_TABLES[level]
     updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != key)

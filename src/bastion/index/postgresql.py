@@ -448,7 +448,7 @@ class PostgresIndex(Index):
         if not compiled.residual:
             if limit is not None and _NAME_KEY in where and not _PATIENT_TERM.search(where):
                 # a study search by patient name: the page's study UIDs first, from the study order index alone (it
-                # carries the name: migration 0003), then the wide rows (attrs) of that page only. (Other searches
+                # carries the name: migration 0004), then the wide rows (attrs) of that page only. (Other searches
                 # read fewer pages as one query: the order index finds their rows as fast.)
                 page = f"SELECT s.study_uid FROM studies s WHERE {where} ORDER BY {_ORDER[level]} LIMIT %s OFFSET %s"
                 query = f"SELECT {columns} FROM {FROM[level]} WHERE s.study_uid IN ({page}) ORDER BY {_ORDER[level]}"

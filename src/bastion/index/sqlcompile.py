@@ -34,7 +34,7 @@ class Dialect:
     folded: frozenset[str]  # columns compared as lower(column), against ASCII-lowered values
     false: str  # a term that never holds
     position: str  # a function: where its second argument starts in its first (0: nowhere)
-    #: Study rows carry their patient's name, folded (``s.patient_name_key``, PostgreSQL's migration 0003), so
+    #: Study rows carry their patient's name, folded (``s.patient_name_key``, PostgreSQL's migration 0004), so
     #: a study search by PatientName needs only the studies' own indexes.
     study_patient_name: bool = False
 

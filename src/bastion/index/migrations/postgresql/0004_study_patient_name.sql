@@ -1,4 +1,4 @@
--- depends: 0002_jobs
+-- depends: 0003_deleted_studies
 -- The patient's name on each study row, lowered as searches compare it (ASCII letters only, as lower() of a
 -- "C" column and SQLite's NOCASE fold): patient_name_key. The study order index carries it, so a study search by
 -- PatientName walks that index alone (an index-only scan) for the page it answers, instead of reading each
