@@ -92,7 +92,7 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
     middleware = [Middleware(BodyDeadline, timeout=archive.settings.http_body_timeout)]
     if archive.settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(archive.settings.cors_origins),
-                                     allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                     allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
                                      # Content-Range: bulkdata Range answers; Warning: QIDO-RS limits.
                                      expose_headers=["Content-Type", "Content-Length", "Content-Range",
                                                      "Warning"]))
