@@ -33,8 +33,8 @@ def audit_routes(archive: Archive) -> list[Route]:
         if not _admin(request):
             return JSONResponse({"error": "the audit log is for the admin role"}, status_code=403)
         params = request.query_params
-        kind = params.get("kind", "")
-        if kind and kind not in {k.value for k in AuditKind}:
+        kind = params.get("kind")
+        if kind is not None and kind not in {k.value for k in AuditKind}:  # absent: every kind; empty: not a kind
             return JSONResponse({"error": f"kind must be one of {', '.join(k.value for k in AuditKind)}"},
                                 status_code=400)
         try:
@@ -47,7 +47,7 @@ def audit_routes(archive: Archive) -> list[Route]:
             since = since_key(params.get("since", ""))
         except ValueError as exc:
             return JSONResponse({"error": f"since: {exc}"}, status_code=400)
-        found = await asyncio.to_thread(archive.audit.recent, limit, kind=kind, since=since)
+        found = await asyncio.to_thread(archive.audit.recent, limit, kind=kind or "", since=since)
         return JSONResponse({"entries": found, "count": len(found), "limit": limit})
 
     async def check(request: Request) -> JSONResponse:
