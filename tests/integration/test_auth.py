@@ -424,6 +424,12 @@ def test_viewer_and_admin_page_log_in_at_the_issuer(tmp_path: Path) -> None:
             timeout=150)
         assert admin["exit_code"] == 0, admin
         assert "browser check" in admin["emergencyRow"]
+        key = run_bastion("apikey", "create", "--data", data, "--name", "desk", "--role", "admin").stdout.strip()
+        pasted = browser_check_result(start_browser_check(
+            "auth_check.mjs", "--step", "admin", "--base", server.url(""), "--issuer", issuer.url, "--user", "desk",
+            "--credential", key, "--out", tmp_path / "pasted", "--timeout", "90000"), timeout=150)
+        assert pasted["exit_code"] == 0, pasted
+        assert "apikey" in pasted["who"]
     finally:
         server.stop()
         issuer.stop()

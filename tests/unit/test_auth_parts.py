@@ -4,8 +4,10 @@ break-glass tokens (real joserfc keys and signatures, real files)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from joserfc import jwt
@@ -187,3 +189,48 @@ def test_forwarding_credentials_are_kept_and_never_shown() -> None:
 
     rule = ForwardRule.parse({"to": "https://x/dicom-web", "api_key": "bst_t"})
     assert rule.api_key == "bst_t" and "bst_t" not in repr(rule)
+
+
+def _served(routes: list[Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(method, a concrete path) for every route of the app, its path parameters filled with sample values."""
+    from starlette.routing import Mount, Route
+
+    out = []
+    for route in routes:
+        if isinstance(route, Mount):
+            out += _served(list(route.routes), prefix + route.path)
+        elif isinstance(route, Route):
+            path = re.sub(r"\{[^}]+\}", "1.2.3", prefix + route.path)
+            out += [(method, path) for method in sorted(route.methods or {"GET"})]
+    return out
+
+
+#: The routes served without credentials once [auth] is on: none of them holds patient data.
+PUBLIC_ROUTES = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/app-config.js"), ("HEAD", "/app-config.js"),
+                 ("GET", "/admin"), ("HEAD", "/admin"), ("GET", "/admin/"), ("HEAD", "/admin/"),
+                 ("GET", "/api/auth/config"), ("HEAD", "/api/auth/config"), ("GET", "/api/openapi.json"),
+                 ("HEAD", "/api/openapi.json"), ("GET", "/"), ("HEAD", "/"), ("GET", "/1.2.3"), ("HEAD", "/1.2.3")}
+
+
+def test_every_route_of_the_app_is_in_the_access_table(tmp_path: Path) -> None:
+    """Each route the app serves needs a role (or is knowingly public): a route added later without a rule is
+    refused to everyone (a failure here says which), and none holding data is public by accident."""
+    from bastion.archive import Archive
+    from bastion.web.app import create_app
+
+    archive = Archive.open(load_settings(env={}, data=str(tmp_path / "data")))
+    try:
+        app = create_app(archive)
+        served = _served(list(app.routes))
+    finally:
+        archive.close()
+    assert len(served) > 40
+    denied = [(m, p) for m, p in served if required_role(m, p) == DENY]
+    assert not denied, f"routes no rule allows (add them to bastion.web.access.RULES): {denied}"
+    public = {(m, p) for m, p in served if required_role(m, p) == PUBLIC}
+    assert public <= PUBLIC_ROUTES, f"routes served without credentials: {sorted(public - PUBLIC_ROUTES)}"
+    for method, path in served:
+        if path.startswith(("/api/", "/admin/")) and (method, path) not in PUBLIC_ROUTES and path != "/api/whoami":
+            assert required_role(method, path) == "admin", (method, path)
+        if path.startswith(("/dicom-web/", "/wado")):
+            assert required_role(method, path) in ("viewer", "uploader", "admin"), (method, path)
