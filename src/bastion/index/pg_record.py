@@ -30,6 +30,7 @@ from typing import Any
 
 from psycopg import Cursor, sql
 
+from bastion.errors import StudyDeleted
 from bastion.index.columns import columns_for
 from bastion.index.pg_schema import LOG_LOCK, lock_key
 from bastion.index.rows import (
@@ -182,6 +183,13 @@ def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = N
     levels: Levels = levels_of(found)
     if status is StoreStatus.DUPLICATE or (status is StoreStatus.OUTDATED and not keep_outdated):
         return status, None
+    if not keep_outdated and levels[1] is None and tx.exists("SELECT 1 FROM tombstones WHERE study_uid = %s",
+                                                             (inst.study_uid,)):
+        # a new arrival (the ingest's record) into a deleted study, whose rows are hidden: only a store that would
+        # make its study row again can meet one. The study is locked (deleting takes the same lock), so a deletion
+        # comes wholly before or after this. (Undelete, rebuilds and recovery record the hidden versions again.)
+        raise StudyDeleted(f"study {inst.study_uid} is deleted: undelete it before storing into it",
+                           uid=inst.study_uid)
     if status is StoreStatus.OUTDATED:
         if tx.exists("SELECT 1 FROM versions WHERE blob_key = %s", (inst.blob_key,)):
             return StoreStatus.DUPLICATE, None  # this very version is kept already (a rebuild meeting it again)

@@ -137,6 +137,10 @@ def _matching(level: QueryLevel, rows: Iterator[Sequence[Any]], residual: Sequen
 class PostgresIndex(Index):
     """The index in a PostgreSQL database (one schema of it)."""
 
+    #: A store into a deleted study is refused in its own transaction (:func:`pg_record.record`): no read of the
+    #: tombstones per store, which cost a round trip to the database each.
+    refuses_deleted_studies = True
+
     def __init__(self, location: str) -> None:
         self.location = location
         self._where: Location = parse_location(location)

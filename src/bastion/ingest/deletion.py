@@ -18,7 +18,8 @@ index step can be run again without harm.
   (:class:`bastion.errors.StudyDeleted`: DIMSE 0x0124, HTTP 409): undelete first. The check comes after the
   store's record (:meth:`refuse_store`): a store that meets the tombstone hides what it recorded and removes its
   object again, and one recorded before the tombstone is hidden by the delete, so no instance of a deleted study
-  stays visible. A purged study's tombstone stays: its UID is refused for good.
+  stays visible. A PostgreSQL index refuses such a store in the transaction that would record it
+  (``Index.refuses_deleted_studies``), under the study's lock that deleting takes too. A purged study's tombstone stays: its UID is refused for good.
 * **undelete**: the kept versions are read from the blob store and recorded again, oldest first; QIDO counts and
   retrieval are as before the delete.
 * **purge** (``bastion purge``, never the network): every copy of every version of the study's instances is

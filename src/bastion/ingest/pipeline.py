@@ -367,7 +367,7 @@ class Ingest:
             finally:
                 self.blobs.delete(record.blob_key)
             return StoreResult(status, current, warnings=staged.warnings, patient_id=staged.obj.patient_id)
-        if self.deletions is not None:  # a deleted study takes nothing (bastion.ingest.deletion)
+        if self.deletions is not None and not self.index.refuses_deleted_studies:  # a deleted study takes nothing
             self.deletions.refuse_store(record.study_uid, record.blob_key)
         return StoreResult(status, record, seq, staged.warnings, staged.obj.patient_id)
 
