@@ -17,6 +17,7 @@ from typing import Literal
 
 from bastion.audit import AUDIT_DIR, AuditLog
 from bastion.blobs.copies import Copies, Finding, FindingLog, open_copies
+from bastion.blobs.fileio import keep_first
 from bastion.blobs.filesystem import FileBlobStore
 from bastion.errors import BastionError
 from bastion.index import Index, open_index
@@ -71,30 +72,9 @@ def node_identity(settings: Settings) -> str:
 
 
 def _keep_new_node_id(path: Path) -> str:
-    """Generate a node id and keep it in ``path``, durably; the id in ``path`` if another process was first.
-
-    The file is written and flushed under a temporary name, then linked to ``path``: ``link`` never replaces an
-    existing file, so two processes starting at once both end up with the one that was linked first.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            os.write(fd, f"{uuid.uuid4().hex[:12]}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path.read_text(encoding="ascii", errors="replace").strip()
+    """Generate a node id and keep it in ``path``, durably; the id in ``path`` if another process was first
+    (:func:`~bastion.blobs.fileio.keep_first`)."""
+    return keep_first(path, f"{uuid.uuid4().hex[:12]}\n".encode(), 0o644).decode("ascii", "replace").strip()
 
 
 class RunMarker:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import sqlite3
 import threading
@@ -26,6 +25,7 @@ from joserfc.jwk import KeySet, OKPKey
 
 from bastion.auth.principal import ROLES, Principal
 from bastion.auth.tokens import AuthenticationFailed, TokenCheck, verify_jwt
+from bastion.blobs.fileio import keep_first
 
 #: The ``iss`` (and ``aud``) of a break-glass token: it names the archive, not an identity provider.
 EMERGENCY_ISSUER = "urn:bastion:emergency"
@@ -60,11 +60,8 @@ def signing_key(data: Path, create: bool, path: Path | None = None) -> OKPKey | 
         if not create:
             return None
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = OKPKey.generate_key("Ed25519", auto_kid=True)
-        with contextlib.suppress(FileExistsError):  # another mint made it first: use that one
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(key.as_dict(private=True), fh)
+        key = OKPKey.generate_key("Ed25519", auto_kid=True)  # another mint may link its key first: that one is used
+        keep_first(path, json.dumps(key.as_dict(private=True)).encode(), 0o600)
     return OKPKey.import_key(json.loads(path.read_text()))
 
 

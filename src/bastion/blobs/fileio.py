@@ -1,5 +1,6 @@
 """The filesystem blob store's plain file helpers: a durable write with ``O_DIRECT``, a reader over a buffered
-object, the comparison the journal replay makes, and the error a failed write becomes."""
+object, the comparison the journal replay makes, the error a failed write becomes, and a small file written once
+(:func:`keep_first`: a node id, a secret, a key)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import io
 import mmap
 import os
 import threading
+import uuid
+from pathlib import Path
 
 from bastion.errors import StorageError, StorageFull
 
@@ -131,3 +134,32 @@ def holds(path: str, data: bytes) -> bool:
             return fh.read() == data
     except FileNotFoundError:
         return False
+
+
+def keep_first(path: Path, content: bytes, mode: int = 0o600) -> bytes:
+    """Keep ``content`` in ``path`` durably unless the file exists already; what the file holds either way.
+
+    The content is written and flushed under a temporary name, then linked to ``path``: ``link`` never replaces an
+    existing file, so of processes making the file at once the first one linked wins, and no reader ever sees a
+    file written in part. The directory is flushed too (the file survives a power failure once this returns).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            try:
+                os.write(fd, content)
+                sync_all(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sync_all(directory)
+        finally:
+            os.close(directory)
+    return path.read_bytes()

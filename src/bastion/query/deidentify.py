@@ -28,12 +28,10 @@ recomputed. Pixel data are not touched: text burned into the pixels stays (see :
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as dt
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Final
@@ -43,6 +41,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from bastion.blobs.fileio import keep_first
 from bastion.query.deid_profile import Action, action_for
 
 #: Where the secret is kept, under the data directory.
@@ -78,21 +77,7 @@ def load_secret(data: Path) -> bytes:
         one: a new secret gives new UIDs, pseudonyms and date offsets).
     """
     path = data / SECRET_FILE
-    if not path.exists():
-        data.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{SECRET_FILE}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                os.write(fd, (secrets.token_hex(32) + "\n").encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-    text = path.read_text(encoding="ascii", errors="replace").strip()
+    text = keep_first(path, (secrets.token_hex(32) + "\n").encode(), 0o600).decode("ascii", "replace").strip()
     try:
         key = bytes.fromhex(text)
     except ValueError:
