@@ -1,0 +1,1 @@
+"""Radiology reporting and dictation on the archive's durable core."""
