@@ -47,7 +47,7 @@ def unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         head, body, _sig = token.split(".")
         return _b64json(head), _b64json(body)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested past Python's limit
         raise AuthenticationFailed("the bearer token is not a JWT") from exc
 
 

@@ -39,7 +39,7 @@ async def reason_of(request: Request) -> str:
         if body.strip():
             try:
                 parsed = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise InvalidQuery("the body must be JSON: {\"reason\": \"...\"}") from exc
             if not isinstance(parsed, dict) or not isinstance(parsed.get("reason", ""), str):
                 raise InvalidQuery("the body must be a JSON object with a text \"reason\"")
