@@ -1,21 +1,78 @@
-"""The pocketsphinx engine (being built: loads, but answers 503 until its body lands)."""
+"""pocketsphinx (CMU Sphinx, offline, CPU only) behind :class:`~bastion.reporting.dictation.Transcriber`.
+
+Two models over the same English acoustic model that pocketsphinx's wheel ships (``en-us``):
+
+- ``radiology=True`` (the default engine, ``"pocketsphinx-radiology"``): Bastion's radiology trigram LM and its
+  dictionary (:mod:`.vocabulary`), so "no acute intracranial haemorrhage" is heard as such, not as general English;
+- ``radiology=False`` (``"pocketsphinx-default"``): pocketsphinx's general ``en-us`` LM and CMUdict, kept for
+  comparison (the word error rate test and ``benchmarks/dictation.py``).
+
+A decoder is built once per (data directory, model) and shared; pocketsphinx's decoder is not thread-safe, so one
+recording is decoded at a time per decoder (a lock), in one utterance, with the cepstral mean of that whole
+recording (``cmn=batch``): a transcript depends on its own audio only, never on the recordings decoded before it.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import pocketsphinx  # type: ignore[import-untyped]
 
 from bastion.reporting.dictation import DictationUnavailable, Transcript
+from bastion.reporting.dictation.audio import decode
+from bastion.reporting.dictation.vocabulary import compile_vocabulary, normalise
 
 if TYPE_CHECKING:
     from bastion.settings import Settings
 
+#: Whole-recording cepstral mean normalisation; a fixed-seed dither so digital silence has a finite log energy.
+_TUNING = {"cmn": "batch", "dither": True, "seed": 1, "loglevel": "FATAL"}
+#: Half a second of silence around the recording: a word cut at its very start or end is otherwise often lost.
+_SILENCE = bytes(16000)
+
 
 class SphinxTranscriber:
-    """pocketsphinx behind :class:`~bastion.reporting.dictation.Transcriber`."""
+    """One pocketsphinx decoder and the model it was built with."""
+
+    _shared: ClassVar[dict[tuple[str, bool], SphinxTranscriber]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, data: Path | None, *, radiology: bool = True, max_seconds: float = 600.0) -> None:
+        self.radiology = radiology
+        self.max_seconds = max_seconds
+        self.engine = "pocketsphinx-radiology" if radiology else "pocketsphinx-default"
+        try:
+            if radiology:
+                vocabulary = compile_vocabulary(data)
+                config = pocketsphinx.Config(lm=str(vocabulary.lm), dict=str(vocabulary.dict), **_TUNING)
+            else:
+                config = pocketsphinx.Config(**_TUNING)
+            self._decoder = pocketsphinx.Decoder(config)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise DictationUnavailable(f"pocketsphinx cannot load the {self.engine} model: {exc}") from exc
+        self._lock = threading.Lock()
 
     @classmethod
     def for_settings(cls, settings: Settings, *, radiology: bool) -> SphinxTranscriber:
-        return cls()
+        """The shared transcriber for the settings' data directory (built, and the model compiled, on first use)."""
+        key = (str(Path(settings.data).resolve()), radiology)
+        with cls._shared_lock:
+            found = cls._shared.get(key)
+            if found is None:
+                found = cls._shared[key] = cls(Path(settings.data), radiology=radiology,
+                                               max_seconds=settings.dictation_max_seconds)
+            return found
 
     def transcribe(self, audio: bytes, content_type: str) -> Transcript:
-        raise DictationUnavailable("the pocketsphinx engine is not built yet")
+        """The words in ``audio``; raises AudioUnreadable (415 / 400) or AudioTooLong (413)."""
+        pcm = decode(audio, content_type, max_seconds=self.max_seconds)
+        raw = _SILENCE + pcm.tobytes() + _SILENCE
+        with self._lock:
+            self._decoder.start_utt()
+            self._decoder.process_raw(raw, False, True)
+            self._decoder.end_utt()
+            hyp = self._decoder.hyp()
+        words = normalise(hyp.hypstr) if hyp is not None else ""
+        return Transcript(text=words, seconds=round(pcm.seconds, 3), engine=self.engine)
