@@ -12,9 +12,11 @@ import hashlib
 import json
 import re
 import socket
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,17 @@ def test_method_tricks_are_refused(server: BastionServer, study: Study, issuer: 
         # (415: an override header is not honoured, the POST is a STOW-RS without a body.)
         assert status in (400, 401, 403, 405) or (status == 415 and "Override" in str(headers)), (line, status)
         assert study.patient_id.encode() not in payload, (line, payload[:200])
+    # OPTIONS is public (a CORS preflight): no data route answers it with data.
+    se = next(iter(study.series))
+    for path in (f"/dicom-web/studies/{st}/metadata", f"/dicom-web/studies/{st}/series/{se}/instances/{se}.1",
+                 f"/dicom-web/studies/{st}/series/{se}/instances/{se}.1/rendered",
+                 f"/dicom-web/studies/{st}/series/{se}/instances/{se}.1/frames/1",
+                 f"/wado?requestType=WADO&studyUID={st}&seriesUID={se}&objectUID={se}.1",
+                 "/dicom-web/studies?PatientID=" + study.patient_id, "/api/audit"):
+        status, _, payload = raw(server, f"OPTIONS {path} HTTP/1.1", {"Origin": "http://evil.example",
+                                                                     "Access-Control-Request-Method": "GET"})
+        assert status in (400, 401, 403, 405), (path, status)
+        assert study.patient_id.encode() not in payload and b"DICM" not in payload, path
     # The study is still there for a viewer: nothing above deleted it.
     assert httpx.get(server.url(f"/dicom-web/studies/{st}/metadata"), headers=viewer, timeout=30).status_code == 200
 
@@ -481,3 +494,32 @@ def test_websocket_upgrade_and_export_tricks(server: BastionServer, issuer: Test
         status, fields, _ = raw(server, f"POST {path} HTTP/1.1", admin)
         assert status in (400, 404, 405), (path, status)  # 405: no such route, the viewer's GET-only fallback
         assert "x-evil" not in fields
+
+
+def test_a_hostile_jwks_answer_is_a_401_not_a_500(tmp_path: Path, issuer: TestIssuer) -> None:
+    """A JWKS URL (plain http, or an issuer taken over) answering JSON nested past Python's recursion limit: the
+    fetch fails like any bad answer (the cached keys stay in use), the token is refused, nothing is a 500."""
+    class Nested(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = b'{"keys": ' + b"[" * 5000
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    hostile = ThreadingHTTPServer(("127.0.0.1", 0), Nested)
+    threading.Thread(target=hostile.serve_forever, daemon=True).start()
+    server = BastionServer(tmp_path / "data", settings=auth_settings(
+        issuer, BASTION_AUTH_JWKS_URL=f"http://127.0.0.1:{hostile.server_address[1]}/jwks")).start()
+    try:
+        rsp = httpx.get(server.url("/api/statistics"),
+                        headers={"Authorization": f"Bearer {issuer.token(roles=['admin'])}"}, timeout=30)
+        assert rsp.status_code == 401, (rsp.status_code, rsp.text[:200])
+        assert "RecursionError" not in server.log()
+    finally:
+        server.stop()
+        hostile.shutdown()

@@ -118,7 +118,7 @@ class JwksSource:
         self._tried_at = now
         try:
             doc = self._fetch(self.url)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested past Python's limit
             self.last_error = f"cannot fetch the JWKS from {self.url}: {exc}"
             log.warning("%s (the cached keys stay in use)", self.last_error)
             return
