@@ -19,6 +19,8 @@ command -v npm >/dev/null || need+=(npm)  # NodeSource's nodejs ships npm itself
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v psql >/dev/null || need+=(postgresql-client)
+# espeak-ng speaks the dictation word-error-rate sentences (tests/integration/test_dictation.py, benchmarks/dictation.py)
+command -v espeak-ng >/dev/null || need+=(espeak-ng)
 # SQLite's headers: the index's common record in C (setup.py) is built, and tested, against them
 [ -e /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
 # A C compiler with AddressSanitizer's and UndefinedBehaviorSanitizer's runtimes (scripts/sanitizer-tests.sh)

@@ -293,6 +293,12 @@ class Settings:
     auth_failure_limit: int = 10
     #: The longest lifetime of a break-glass token, in hours.
     auth_emergency_max_hours: float = 24.0
+    #: ``[dictation] engine``: the local speech-to-text engine of report dictation (:mod:`bastion.reporting.dictation`,
+    #: docs/dictation.md): ``pocketsphinx`` (with Bastion's radiology vocabulary), ``pocketsphinx-default`` (its
+    #: general English model), or a site's own ``package.module:Factory`` (called with the settings).
+    dictation_engine: str = "pocketsphinx"
+    #: ``[dictation] max_seconds``: the longest recording transcribed at once; longer ones are refused (HTTP 413).
+    dictation_max_seconds: float = 600.0
     #: ``[dimse.peers]``: the known calling AEs, each with its hosts and DIMSE services (:mod:`bastion.model.peers`).
     dimse_peers: tuple[DicomPeer, ...] = ()
     #: ``[dimse] allow_unknown``: whether AEs not in ``dimse_peers`` may associate (with every service). None
