@@ -27,7 +27,7 @@ from conftest import BastionServer, Study, free_port, make_study, requires_dcmtk
 from joserfc import jwt
 from joserfc.jwk import OctKey, RSAKey
 from oidc_issuer import TestIssuer
-from test_auth import AUDIENCE, auth_settings, stow_body
+from test_auth import AUDIENCE, audit_entries, auth_settings, stow_body
 from test_dimse_access import echo, not_authorized, raw_associate
 
 from bastion.auth.emergency import EMERGENCY_ISSUER
@@ -298,6 +298,16 @@ def test_many_bad_tokens_are_bounded_and_limited(tmp_path: Path, issuer: TestIss
             statuses.append(httpx.get(server.url("/api/statistics"), headers={"Authorization": f"Bearer {bad}"},
                                       timeout=30).status_code)
         assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}, statuses
+        # A forged X-Forwarded-For (from loopback, which uvicorn would trust by default) is no new address: still
+        # limited, and the audit log keeps the real peer.
+        for i in range(3):
+            rsp = httpx.get(server.url("/api/statistics"), timeout=30, headers={
+                "Authorization": f"Bearer {issuer.token(aud=f'xff-{i}')}", "X-Forwarded-For": f"10.9.0.{i}",
+                "Forwarded": f"for=10.9.1.{i}", "X-Real-IP": f"10.9.2.{i}"})
+            assert rsp.status_code == 429, (i, rsp.status_code)
+        entries = audit_entries(server.data, want=lambda es: sum(e.get("kind") == "login" for e in es) >= 5)
+        addresses = {e.get("address") for e in entries if e.get("kind") == "login"}
+        assert addresses == {"127.0.0.1"}, addresses
         # Limited, a good token from the same address still gets in (it is not a failure).
         good = issuer.token(roles=["admin"])
         assert httpx.get(server.url("/api/statistics"), headers={"Authorization": f"Bearer {good}"},
@@ -320,6 +330,10 @@ def test_deletion_tricks(server: BastionServer, issuer: TestIssuer, tmp_path: Pa
     blobs_before = blob_files(server)
     assert httpx.request("DELETE", server.url(f"/dicom-web/studies/{st}?reason=probe"), headers=admin,
                          timeout=30).status_code == 200
+    # Hidden from every reader, the admin included.
+    assert httpx.get(server.url(f"/dicom-web/studies/{st}/metadata"), headers=admin, timeout=30).status_code == 404
+    qido = httpx.get(server.url("/dicom-web/studies?PatientID=PROBE-DEL"), headers=admin, timeout=30)
+    assert qido.status_code == 204 or st not in qido.text, qido.text[:200]
     for method, path in [("DELETE", f"/dicom-web/studies/{st}?purge=true&force=1"), ("POST", "/api/purge"),
                          ("POST", f"/api/studies/{st}/purge"), ("DELETE", f"/api/studies/{st}"),
                          ("DELETE", f"/api/deleted/{st}"), ("DELETE", "/api/deleted")]:

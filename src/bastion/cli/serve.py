@@ -187,6 +187,10 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     status.worker_pids = board.pids  # type: ignore[method-assign]
     config = uvicorn.Config(create_app(archive, status), host=settings.host, port=settings.http_port,
                             log_level="warning", access_log=False, lifespan="off",
+                            # The client's address is the TCP peer's (the failure limit, the audit log):
+                            # uvicorn would otherwise take X-Forwarded-For from any local sender, forgeable
+                            # through a same-host TCP proxy or by any local process.
+                            proxy_headers=False,
                             http=header_deadline_protocol(settings.http_header_timeout))
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
