@@ -39,6 +39,13 @@ from bastion.web.access import AUTHENTICATED, DENY, PUBLIC, required_role
     ("GET", "/api/statistics", "admin"), ("GET", "/api", "admin"), ("POST", "/api/queues/x/retry", "admin"),
     ("GET", "/admin/x", "admin"), ("OPTIONS", "/dicom-web/studies", PUBLIC),
     ("GET", "/dicom-web", DENY), ("GET", "/wado/x", DENY), ("PATCH", "/", DENY),
+    ("GET", "/api/templates", "viewer|radiologist"), ("GET", "/api/reports", "viewer|radiologist"),
+    ("GET", "/api/reports/ab/audio/cd", "viewer|radiologist"), ("POST", "/api/reports", "radiologist"),
+    ("PUT", "/api/reports/ab", "radiologist"), ("POST", "/api/reports/ab/sign", "radiologist"),
+    ("POST", "/api/reports/ab/amend", "radiologist"), ("POST", "/api/reports/ab/audio", "radiologist"),
+    ("POST", "/api/templates", "admin"), ("DELETE", "/api/reports/ab", "admin"),
+    ("GET", "/fhir/DiagnosticReport", "viewer|radiologist"), ("POST", "/fhir/DiagnosticReport", DENY),
+    ("GET", "/fhir", DENY),
 ])
 def test_the_access_table(method: str, path: str, role: str) -> None:
     assert required_role(method, path) == role
@@ -230,7 +237,9 @@ def test_every_route_of_the_app_is_in_the_access_table(tmp_path: Path) -> None:
     public = {(m, p) for m, p in served if required_role(m, p) == PUBLIC}
     assert public <= PUBLIC_ROUTES, f"routes served without credentials: {sorted(public - PUBLIC_ROUTES)}"
     for method, path in served:
-        if path.startswith(("/api/", "/admin/")) and (method, path) not in PUBLIC_ROUTES and path != "/api/whoami":
+        if path.startswith(("/api/reports", "/api/templates", "/fhir/")):
+            assert required_role(method, path) in ("viewer|radiologist", "radiologist"), (method, path)
+        elif path.startswith(("/api/", "/admin/")) and (method, path) not in PUBLIC_ROUTES and path != "/api/whoami":
             assert required_role(method, path) == "admin", (method, path)
         if path.startswith(("/dicom-web/", "/wado")):
             assert required_role(method, path) in ("viewer", "uploader", "admin"), (method, path)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: The roles, least to most privileged in what they may change: ``viewer`` queries, retrieves and views;
-#: ``uploader`` stores; ``admin`` configures, deletes, reads the audit log and manages queues. ``uploader`` does not
-#: include ``viewer`` (a modality may store but not read); ``admin`` may do everything.
-ROLES = ("viewer", "uploader", "admin")
+#: ``uploader`` stores; ``radiologist`` writes, signs and amends reports (and reads them; images need ``viewer``
+#: too); ``admin`` configures, deletes, reads the audit log and manages queues. ``uploader`` does not include
+#: ``viewer`` (a modality may store but not read); ``admin`` may do everything.
+ROLES = ("viewer", "uploader", "radiologist", "admin")
 
 
 @dataclass(frozen=True)

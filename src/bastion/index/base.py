@@ -33,6 +33,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
+from bastion.index.reports import ReportQuery, ReportRow
 from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition
 from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, StoreStatus
@@ -288,6 +289,22 @@ class Index(abc.ABC):
     @abc.abstractmethod
     def tombstones(self) -> list[str]:
         """Every tombstone kept, by Study Instance UID."""
+
+    @abc.abstractmethod
+    def put_report(self, row: ReportRow) -> None:
+        """Keep a radiology report's version (:mod:`bastion.index.reports`) unless a newer one is kept."""
+
+    @abc.abstractmethod
+    def report(self, report_id: str) -> ReportRow | None:
+        """The latest kept version of the report, or None."""
+
+    @abc.abstractmethod
+    def open_report(self, study_uid: str) -> ReportRow | None:
+        """The study's report that is not signed yet (draft or preliminary), or None."""
+
+    @abc.abstractmethod
+    def reports(self, query: ReportQuery) -> list[ReportRow]:
+        """The reports ``query`` selects, most recently changed first."""
 
     @abc.abstractmethod
     def statistics(self) -> Statistics:

@@ -41,7 +41,7 @@ from psycopg import Connection, Cursor, errors
 from psycopg_pool import ConnectionPool
 
 from bastion.errors import BastionError, CommitOutcomeUnknown, IndexFailure
-from bastion.index import hidden, pg_record
+from bastion.index import hidden, pg_record, reports
 from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version, outcome_of_write
 from bastion.index.levels_sql import FIND_COLUMNS, FROM, INSTANCE_COLS, dataset_of
 from bastion.index.pg_schema import (
@@ -53,6 +53,7 @@ from bastion.index.pg_schema import (
     parse_location,
     read_log_floor,
 )
+from bastion.index.reports import ReportQuery, ReportRow
 from bastion.index.rows import IndexRow
 from bastion.index.schema import TABLES
 from bastion.index.sqlcompile import POSTGRESQL, compile_conditions
@@ -314,6 +315,18 @@ class PostgresIndex(Index):
 
     def tombstones(self) -> list[str]:
         return [str(e) for (e,) in self._read(lambda cur: cur.execute(hidden.TOMBSTONES).fetchall())]
+
+    def put_report(self, row: ReportRow) -> None:
+        self._write(lambda tx: reports.put(self._ex(tx.execute), row))
+
+    def report(self, report_id: str) -> ReportRow | None:
+        return self._read(lambda cur: reports.one(self._ex(cur.execute), report_id))
+
+    def open_report(self, study_uid: str) -> ReportRow | None:
+        return self._read(lambda cur: reports.open_of_study(self._ex(cur.execute), study_uid))
+
+    def reports(self, query: ReportQuery) -> list[ReportRow]:
+        return self._read(lambda cur: reports.search(self._ex(cur.execute), query))
 
     def _start_log(self, after: int, tables: Sequence[str]) -> LogPosition:
         """Empty ``tables`` and the log, and start a new log after ``after`` and every ``seq`` handed out before.

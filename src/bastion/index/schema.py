@@ -23,7 +23,7 @@ import sqlite3
 
 from bastion.errors import IndexFailure
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: The kind of the change-log rows that only hold a floor for ``seq`` (never returned as changes).
 FLOOR_KIND = "floor"
@@ -128,6 +128,22 @@ CREATE TABLE IF NOT EXISTS deleted_instances (
 );
 CREATE INDEX IF NOT EXISTS deleted_instances_study ON deleted_instances(study_uid);
 
+CREATE TABLE IF NOT EXISTS reports (
+  id TEXT PRIMARY KEY,
+  study_uid TEXT NOT NULL,
+  patient_id TEXT NOT NULL,
+  patient_name TEXT NOT NULL,
+  accession TEXT NOT NULL,
+  modality TEXT NOT NULL,
+  study_date TEXT NOT NULL,
+  state TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  updated TEXT NOT NULL,
+  doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_updated ON reports(updated, id);
+CREATE INDEX IF NOT EXISTS reports_study ON reports(study_uid);
+
 INSERT OR IGNORE INTO meta VALUES ('log_epoch', lower(hex(randomblob(16))));
 INSERT OR IGNORE INTO meta VALUES ('log_start', '0');
 """
@@ -176,8 +192,13 @@ MIGRATE_5_TO_6: tuple[str, ...] = ()
 #: :data:`DDL`'s ``CREATE TABLE IF NOT EXISTS``; an index made before upgrades in place with both empty.
 MIGRATE_6_TO_7: tuple[str, ...] = ()
 
+#: Version 8: radiology reports (:mod:`bastion.index.reports`): ``reports``, made by :data:`DDL`; an index made
+#: before upgrades in place with it empty, and the reports come back from the blob store at the next rebuild or
+#: start (:func:`bastion.ingest.report_log.apply_report_log`).
+MIGRATE_7_TO_8: tuple[str, ...] = ()
+
 MIGRATIONS = {1: MIGRATE_1_TO_2, 2: MIGRATE_2_TO_3, 3: MIGRATE_3_TO_4, 4: MIGRATE_4_TO_5, 5: MIGRATE_5_TO_6,
-              6: MIGRATE_6_TO_7}
+              6: MIGRATE_6_TO_7, 7: MIGRATE_7_TO_8}
 
 #: NumberOf{Study,Patient}RelatedInstances of the study ``s`` or patient ``p`` a search returns: the sum of their
 #: series' counts (a few series per study, found through ``series_order`` and ``studies_patient_order``).
@@ -187,7 +208,8 @@ INSTANCE_COUNTS = {
                "WHERE y.patient_id = p.patient_id)",
 }
 
-TABLES = ("patients", "studies", "series", "instances", "versions", "changes", "tombstones", "deleted_instances")
+TABLES = ("patients", "studies", "series", "instances", "versions", "changes", "tombstones", "deleted_instances",
+          "reports")
 
 
 def schema_version(conn: sqlite3.Connection) -> int | None:

@@ -42,9 +42,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from bastion.errors import IndexFailure
-from bastion.index import hidden, sqlite_log, sqlite_record
+from bastion.index import hidden, reports, sqlite_log, sqlite_record
 from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version, outcome_of_write
 from bastion.index.levels_sql import ALIAS, FIND_COLUMNS, FROM, INSTANCE_COLS, ORDER, dataset_of
+from bastion.index.reports import ReportQuery, ReportRow
 from bastion.index.rows import IndexRow, now_iso
 from bastion.index.schema import TABLES, create_or_migrate
 from bastion.index.seqmark import SeqMark
@@ -481,6 +482,18 @@ class SqliteIndex(Index):
 
     def tombstones(self) -> list[str]:
         return [str(entry) for (entry,) in self._reader().execute(hidden.TOMBSTONES)]
+
+    def put_report(self, row: ReportRow) -> None:
+        self._write(lambda conn: reports.put(conn.execute, row))
+
+    def report(self, report_id: str) -> ReportRow | None:
+        return reports.one(self._reader().execute, report_id)
+
+    def open_report(self, study_uid: str) -> ReportRow | None:
+        return reports.open_of_study(self._reader().execute, study_uid)
+
+    def reports(self, query: ReportQuery) -> list[ReportRow]:
+        return reports.search(self._reader().execute, query)
 
     def clear(self) -> None:
         def _clear(conn: sqlite3.Connection) -> LogPosition:

@@ -44,6 +44,7 @@ from bastion.ingest.rebuild import (
     unindexed_recent,
     write_durably,
 )
+from bastion.ingest.report_log import apply_report_log
 
 log = logging.getLogger("bastion.rebuild")
 
@@ -270,6 +271,7 @@ def switch_in(blobs: BlobStore, location: str, data: Path, *, began: float | Non
             def catch_up(new: Index) -> RebuildReport:
                 caught = record_stored(blobs, new, unindexed_recent(blobs, new), "online rebuild switch", verify=True)
                 apply_state_log(blobs, new)  # studies deleted or undeleted while it was built
+                apply_report_log(blobs, new)  # and the radiology reports
                 return caught
 
             report = swap_in(location, catch_up)

@@ -28,6 +28,7 @@ from bastion.errors import BastionError, CorruptObject, InvalidObject, Unsupport
 from bastion.index.base import Index, log_floor
 from bastion.ingest.deletion import apply_state_log, hide_tombstoned
 from bastion.ingest.header import read_header
+from bastion.ingest.report_log import apply_report_log
 from bastion.model.records import InstanceRecord, StoredObject, parse_object_key, partition_of
 
 log = logging.getLogger("bastion.rebuild")
@@ -198,6 +199,7 @@ def rebuild(blobs: BlobStore, index: Index, progress: Callable[[int], None] | No
     report = _replay(blobs, index, stored_keys(blobs) if keys is None else keys, "rebuild", progress, stop=stop)
     if stop is None or not stop.is_set():
         apply_state_log(blobs, index)  # the deleted studies are hidden again (bastion.blobs.statelog)
+        apply_report_log(blobs, index)  # the radiology reports come back (bastion.blobs.reportlog)
     return report
 
 
@@ -392,6 +394,7 @@ class SelfRebuild:
                          self.done, len(keyed))
             return
         apply_state_log(self.blobs, self.index)  # the deleted studies are hidden again
+        apply_report_log(self.blobs, self.index)  # the radiology reports come back
         self.pending.unlink()
         fsync_dir(str(self.pending.parent))
         elapsed = time.monotonic() - started

@@ -8,6 +8,9 @@ With ``[auth] enabled``, every HTTP request is matched against :data:`RULES` (fi
 - ``GET``/``HEAD`` ``/api/whoami``: any authenticated party;
 - ``GET``/``HEAD`` ``/dicom-web/...`` (QIDO-RS, WADO-RS, metadata, rendered) and ``/wado`` (WADO-URI): viewer;
 - ``POST`` ``/dicom-web/studies`` and ``/dicom-web/studies/{uid}`` (STOW-RS): uploader;
+- ``GET``/``HEAD`` ``/api/templates``, ``/api/reports...`` and ``/fhir/...``: viewer or radiologist;
+- ``POST`` ``/api/reports``, ``PUT`` ``/api/reports/{id}``, ``POST`` ``/api/reports/{id}/sign|amend|audio``:
+  radiologist (a rule's role ``a|b``: either);
 - ``DELETE`` anywhere, anything under ``/api/`` and ``/admin/``: admin;
 - ``OPTIONS`` anywhere: public (a CORS preflight carries no credentials);
 - ``GET``/``HEAD`` on any other path: public (the viewer's static files and its single-page-app fallback).
@@ -51,7 +54,9 @@ UNAUTHENTICATED = Principal(user="", role="", via="none")
 SUCCESS_AUDIT_EVERY = 3600.0
 _READ = frozenset({"GET", "HEAD"})
 _ANY = frozenset({"*"})
-_RESERVED = ("dicom-web", "wado", "api", "admin", "health")
+_RESERVED = ("dicom-web", "wado", "api", "admin", "health", "fhir")
+#: Who may read reports (a rule's role may name alternatives, ``|``-separated).
+REPORT_READER = "viewer|radiologist"
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,11 @@ RULES: tuple[Rule, ...] = (
     _rule(_READ, r"/dicom-web/.+", "viewer"),
     _rule(_READ, r"/wado", "viewer"),
     _rule(frozenset({"POST"}), r"/dicom-web/studies(/[^/]+)?", "uploader"),
+    _rule(_READ, r"/api/templates", REPORT_READER),
+    _rule(_READ, r"/api/reports(/[^/]+(/audio(/[^/]+)?)?)?", REPORT_READER),
+    _rule(frozenset({"POST"}), r"/api/reports(/[^/]+/(sign|amend|audio))?", "radiologist"),
+    _rule(frozenset({"PUT"}), r"/api/reports/[^/]+", "radiologist"),
+    _rule(_READ, r"/fhir/.+", REPORT_READER),
     _rule(frozenset({"DELETE"}), r"/.*", "admin"),
     _rule(_ANY, r"/api(/.*)?", "admin"),
     _rule(_ANY, r"/admin/.*", "admin"),
@@ -175,7 +185,7 @@ class AccessControl:
             await _answer(send, 401, "authentication failed: break-glass token revoked",
                           [(b"www-authenticate", b'Bearer realm="bastion", error="invalid_token"')])
             return
-        if need == DENY or not (need == AUTHENTICATED or principal.may(need)):
+        if need == DENY or not (need == AUTHENTICATED or any(principal.may(r) for r in need.split("|"))):
             held = ", ".join(r for r in principal.roles if r) or "no role"
             why = (f"{method} {path} is not allowed" if need == DENY
                    else f"{method} {path} needs the {need} role ({principal.user or 'you'} hold {held})")

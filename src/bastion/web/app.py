@@ -24,6 +24,8 @@ from bastion.dicomweb.routes import routes as dicomweb_routes
 from bastion.ingest.online_rebuild import OnlineRebuild
 from bastion.web import admin, api, auth_routes, viewer
 from bastion.web.access import AccessControl
+from bastion.web.fhir import fhir_routes
+from bastion.web.reporting import reporting_routes
 from bastion.web.timeouts import BodyDeadline
 
 
@@ -110,6 +112,8 @@ def _routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     return [
         *auth_routes.routes(archive),
         *api.routes(archive, status),
+        *reporting_routes(archive),
+        *fhir_routes(archive),
         *dicomweb_routes(archive),
         *admin.routes(),
         *viewer.routes(archive),
