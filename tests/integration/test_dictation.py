@@ -138,6 +138,21 @@ def test_webm_opus_from_a_browser_is_decoded(spoken: list[tuple[str, bytes]], da
     assert transcript.text == text
 
 
+def test_float_wav_is_decoded(spoken: list[tuple[str, bytes]], data: Path) -> None:
+    """IEEE float WAV (format 3), which Python's wave module refuses, goes through PyAV."""
+    text, audio = spoken[5]
+    with wave.open(io.BytesIO(audio)) as w:
+        rate, pcm = w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    floats = (pcm.astype("<f4") / 32768).tobytes()
+    fmt = b"\x03\x00\x01\x00" + rate.to_bytes(4, "little") \
+        + (rate * 4).to_bytes(4, "little") + b"\x04\x00\x20\x00"
+    body = b"WAVEfmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(floats).to_bytes(4, "little") + floats
+    float_wav = b"RIFF" + len(body).to_bytes(4, "little") + body
+    with pytest.raises(wave.Error):
+        wave.open(io.BytesIO(float_wav))
+    assert SphinxTranscriber(data, radiology=True).transcribe(float_wav, "audio/wav").text == text
+
+
 def test_bad_audio_is_refused_with_its_status(spoken: list[tuple[str, bytes]], data: Path) -> None:
     engine = SphinxTranscriber(data, radiology=True, max_seconds=2.0)
     with pytest.raises(AudioUnreadable) as empty:

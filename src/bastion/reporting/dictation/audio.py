@@ -1,7 +1,7 @@
 """Recorded audio to what pocketsphinx reads: 16 kHz, mono, signed 16-bit little-endian PCM.
 
 WAV (RIFF, PCM of any rate, channel count and 8/16/24/32-bit width) is read with the standard library's
-:mod:`wave` and resampled with numpy; WebM or Ogg with Opus or Vorbis (browsers' ``MediaRecorder``), and MP4/AAC,
+:mod:`wave` and resampled with numpy (other WAV encodings, e.g. 32-bit float, go to PyAV); WebM or Ogg with Opus or Vorbis (browsers' ``MediaRecorder``), and MP4/AAC,
 are decoded with PyAV (FFmpeg's decoders, bundled in its wheel, offline). A recording longer than the limit is
 refused before it is decoded in full (:class:`~bastion.reporting.dictation.AudioTooLong`).
 """
@@ -58,9 +58,9 @@ def _decode_wav(audio: bytes, max_seconds: float) -> Pcm:
                                    "(dictation_max_seconds) at a time")
             raw = w.readframes(frames)
     except (wave.Error, EOFError) as exc:
-        # wave.Error covers non-PCM formats (e.g. IEEE float, A-law): say so rather than "unreadable".
-        status = 415 if "unknown format" in str(exc) else 400
-        raise AudioUnreadable(f"cannot read the WAV audio: {exc} (PCM WAV only)", http_status=status) from exc
+        if "unknown format" in str(exc):  # IEEE float, A-law, mu-law, extensible: FFmpeg's WAV reader has them
+            return _decode_av(audio, max_seconds)
+        raise AudioUnreadable(f"cannot read the WAV audio: {exc}", http_status=400) from exc
     usable = len(raw) // (width * channels) * width * channels
     raw = raw[:usable]
     if width == 1:

@@ -9,7 +9,8 @@ Two models over the same English acoustic model that pocketsphinx's wheel ships 
 
 A decoder is built once per (data directory, model) and shared; pocketsphinx's decoder is not thread-safe, so one
 recording is decoded at a time per decoder (a lock), in one utterance, with the cepstral mean of that whole
-recording (``cmn=batch``): a transcript depends on its own audio only, never on the recordings decoded before it.
+recording (``cmn=batch``): a transcript does not drift with the recordings decoded before it (the live mean
+adapts to them, and the first recording after a start came out worse).
 """
 
 from __future__ import annotations
