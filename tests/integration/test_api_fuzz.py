@@ -39,6 +39,7 @@ from bastion.archive import Archive
 from bastion.settings import RemoteAE, load_settings
 from bastion.web.app import ServerStatus, create_app
 from bastion.web.openapi import openapi_document
+from bastion.web.reporting import AUDIO_TYPES
 
 pytestmark = pytest.mark.timeout(240)
 BOUNDARY = "fuzz-boundary"
@@ -95,6 +96,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BastionServ
 # DELETE /dicom-web/studies/{study} is left out too: its path also serves PS3.18's WADO-RS and STOW-RS, which the
 # document does not describe (the fuzzing's other methods there are not 405); tests/integration/test_deletion.py
 # checks its answers.
+# A dictation's recording (audio/wav, audio/webm, ...) is sent as the raw bytes generated for it, as an
+# application/octet-stream body would be.
+schemathesis.serializer.alias(list(AUDIO_TYPES), "application/octet-stream")
 schema = (schemathesis.openapi.from_dict(openapi_document(__version__))
           .exclude(operation_id="indexRebuild").exclude(operation_id="deleteStudy"))
 # Valid and invalid inputs: out-of-range or non-integer `since` / `limit` must be refused (400), not served.
@@ -131,7 +135,10 @@ def test_openapi_document_describes_every_api_route(api_app: Starlette) -> None:
                                  "/api/queues/{name}/retry", "/api/studies/{study}/digests", "/api/index/rebuild",
                                  "/api/studies/{study}/export", "/api/auth/config", "/api/whoami", "/api/emergency",
                                  "/api/audit", "/api/audit/verify", "/api/openapi.json", "/api/deleted",
-                                 "/api/studies/{study}/undelete", "/dicom-web/studies/{study}"}
+                                 "/api/studies/{study}/undelete", "/dicom-web/studies/{study}", "/api/templates",
+                                 "/api/reports", "/api/reports/{id}", "/api/reports/{id}/sign",
+                                 "/api/reports/{id}/amend", "/api/reports/{id}/audio",
+                                 "/api/reports/{id}/audio/{audio}", "/fhir/DiagnosticReport"}
     api_paths = {re.sub(r"\{(\w+):\w+\}", r"{\1}", r.path)  # a route's {name:path} is the document's {name}
                  for r in api_app.routes if getattr(r, "path", "").startswith("/api/")}
     assert api_paths <= set(doc["paths"]), "an /api route is missing from the OpenAPI document"

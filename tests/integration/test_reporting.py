@@ -83,7 +83,7 @@ def _wado_sr(server: BastionServer, study_uid: str, series_uid: str, sop_uid: st
 
 def test_draft_edit_sign_amend_and_rebuild(server: BastionServer, study: Study, tmp_path: Path) -> None:
     assert api(server, "POST", "/api/reports", json={"study": "1.2.3.999", "template": "ct-head"}).status_code == 404
-    assert api(server, "POST", "/api/reports", json={"study": study.study_uid, "template": "nope"}).status_code == 400
+    assert api(server, "POST", "/api/reports", json={"study": study.study_uid, "template": "nope"}).status_code == 404
     made = api(server, "POST", "/api/reports", json={"study": study.study_uid, "template": "ct-head"})
     assert made.status_code == 201, made.text
     draft = made.json()
@@ -205,3 +205,46 @@ def test_dictation_is_kept_and_appended(server: BastionServer, tmp_path: Path) -
     kept = api(server, "GET", f"/api/reports/{rid}/audio/{answer['audio']}")
     assert kept.status_code == 200 and kept.content == audio
     assert api(server, "GET", f"/api/reports/{rid}/audio/{'0' * 32}").status_code == 404
+
+
+def test_roles_when_authentication_is_on(tmp_path: Path) -> None:
+    from oidc_issuer import TestIssuer
+
+    issuer = TestIssuer(audience="bastion").start()
+    settings = {"BASTION_AUTH_ENABLED": "true", "BASTION_AUTH_ISSUER": issuer.url, "BASTION_AUTH_AUDIENCE": "bastion",
+                "BASTION_AUTH_JWKS_URL": f"{issuer.url}/jwks", "BASTION_AUTH_CLIENT_ID": "bastion-viewer",
+                "BASTION_AUTH_FAILURE_LIMIT": "1000"}
+    server = BastionServer(tmp_path / "data", settings=settings).start()
+    try:
+        made = make_study(tmp_path / "cr", series=1, per_series=1, modality="CR")
+        assert server.storescu(*made.files).returncode == 0
+
+        def bearer(*roles: str, user: str = "someone") -> dict[str, str]:
+            return {"Authorization": f"Bearer {issuer.token(roles=list(roles), preferred_username=user)}"}
+
+        viewer, radiologist = bearer("viewer", user="v.iewer"), bearer("radiologist", user="dr.who")
+        uploader = bearer("uploader")
+        body = {"study": made.study_uid, "template": "chest-xray"}
+        assert api(server, "GET", "/api/reports").status_code == 401
+        assert api(server, "GET", "/api/templates", headers=uploader).status_code == 403
+        assert api(server, "POST", "/api/reports", json=body, headers=viewer).status_code == 403
+        created = api(server, "POST", "/api/reports", json=body, headers=radiologist)
+        assert created.status_code == 201, created.text
+        rid = created.json()["id"]
+        assert created.json()["author"] == "dr.who"
+        assert api(server, "GET", f"/api/reports/{rid}", headers=viewer).status_code == 200
+        assert api(server, "GET", "/fhir/DiagnosticReport", headers=viewer).json()["total"] == 1
+        assert api(server, "GET", "/fhir/DiagnosticReport", headers=uploader).status_code == 403
+        assert api(server, "PUT", f"/api/reports/{rid}", json={"sections": {}, "version": 1},
+                   headers=viewer).status_code == 403
+        assert api(server, "POST", f"/api/reports/{rid}/sign", json={}, headers=viewer).status_code == 403
+        signed = api(server, "POST", f"/api/reports/{rid}/sign", json={"user": "someone else"}, headers=radiologist)
+        assert signed.status_code == 200, signed.text
+        assert signed.json()["signed_by"] == "dr.who"  # the principal signs; the body's "user" is not looked at
+        assert api(server, "POST", f"/api/reports/{rid}/amend", json={"reason": "x"}, headers=viewer
+                   ).status_code == 403
+        assert api(server, "POST", f"/api/reports/{rid}/amend", json={"reason": "typo"},
+                   headers=bearer("admin")).status_code == 200
+    finally:
+        server.stop()
+        issuer.stop()

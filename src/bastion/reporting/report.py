@@ -15,6 +15,7 @@ sections but through an amendment, which makes a new SR instance (:mod:`bastion.
 from __future__ import annotations
 
 import copy
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,9 @@ STATES = (DRAFT, PRELIMINARY, FINAL, AMENDED)
 #: The states in which the report is still edited (at most one such report per study).
 OPEN = (DRAFT, PRELIMINARY)
 SIGNED = (FINAL, AMENDED)
+#: A character that is not white space as JSON Schema's (ECMA-262's) ``\s`` has it (the OpenAPI document's
+#: pattern for a signer's name and an amendment's reason).
+NOT_BLANK = "[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 #: The longest text a section may hold (characters).
 MAX_SECTION = 100_000
 
@@ -117,7 +121,7 @@ def check_amendable(doc: dict[str, Any], sections: object, reason: object) -> di
     """The amended sections (the current ones with ``sections`` changed); ReportConflict unless signed."""
     if doc["state"] not in SIGNED:
         raise ReportConflict(f"report {doc['id']} is {doc['state']}: only a signed report is amended (sign it)")
-    if not isinstance(reason, str) or not reason.strip():
+    if not isinstance(reason, str) or not re.search(NOT_BLANK, reason):
         raise ReportInvalid('"reason" (why the signed report is amended) is required')
     return {**doc["sections"], **checked_sections(sections, doc["sections"])}
 

@@ -33,7 +33,7 @@ def _search(index: Index, params: dict[str, str]) -> list[dict[str, Any]]:
     patient = patient.split("/", 1)[1] if patient.startswith("Patient/") else patient
     study = params.get("study", "").removeprefix("urn:oid:")
     state = _STATE_OF.get(params.get("status", ""), "")
-    count = int(params["_count"]) if params.get("_count", "").isdigit() else 100
+    count = int(params["_count"][:9]) if params.get("_count") else 100
     rows = index.reports(ReportQuery(patient_id=patient[:64], study=study[:64], state=state, limit=min(count, 1000)))
     return [row.document() for row in rows]
 
@@ -43,9 +43,9 @@ def fhir_routes(archive: Archive) -> list[BaseRoute]:
 
     async def search(request: Request) -> Response:
         params = dict(request.query_params)
-        if params.get("status") and params["status"] not in _STATE_OF:
+        if "status" in params and params["status"] not in _STATE_OF:
             return _outcome(400, f"status must be one of {', '.join(_STATE_OF)}")
-        if params.get("_count") and not params["_count"].isdigit():
+        if "_count" in params and not (params["_count"].isascii() and params["_count"].isdigit()):
             return _outcome(400, "_count must be a non-negative integer")
         try:
             docs = await asyncio.to_thread(_search, archive.index, params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.audit.chain import SINCE_PATTERN
+from bastion.web import openapi_reporting as reporting
 
 __all__ = ["openapi_document"]
 
@@ -657,8 +658,10 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "responses": {"200": {"description": "The OpenAPI 3.1 document.",
                                       "content": {"application/json": {"schema": {"type": "object"}}}}},
             }},
+            **reporting.PATHS,
         },
         "components": {"schemas": {
+            **reporting.SCHEMAS,
             "AuthConfig": _AUTH_CONFIG, "Whoami": _WHOAMI, "Emergency": _EMERGENCY,
             "Health": _HEALTH, "Statistics": _STATISTICS, "Rejection": _REJECTION, "IngestWarning": _INGEST_WARNING,
             "Change": _CHANGE,

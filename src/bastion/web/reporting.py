@@ -41,6 +41,7 @@ ORIGIN = "reporting"
 MAX_JSON, MAX_AUDIO = 1 << 20, 64 << 20
 AUDIO_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/webm", "audio/ogg")
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
+NOT_BLANK = rpt.NOT_BLANK
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -93,7 +94,11 @@ async def _body(request: Request, limit: int) -> bytes:
 
 async def _json(request: Request) -> dict[str, Any]:
     try:
-        data = json.loads(await _body(request, MAX_JSON) or b"{}")
+        raw = await _body(request, MAX_JSON)
+    except BodyTooLarge:
+        raise rpt.ReportInvalid(f"the JSON body is larger than {MAX_JSON} bytes") from None
+    try:
+        data = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise rpt.ReportInvalid("the body is not JSON") from None
     if not isinstance(data, dict):
@@ -147,9 +152,11 @@ class ReportingApi:
         if self.archive.settings.auth_enabled:
             return _principal(request).user
         user = body.get("user")
-        if required and (not isinstance(user, str) or not user.strip()):
+        if required and (not isinstance(user, str) or not re.search(NOT_BLANK, user)):
             raise rpt.ReportInvalid('"user" (who signs; authentication is off) is required and must not be empty')
-        return user.strip()[:64] if isinstance(user, str) and user.strip() else ANONYMOUS.user
+        if isinstance(user, str) and re.search(NOT_BLANK, user):
+            return (user.strip() or user)[:64]
+        return ANONYMOUS.user
 
     def audit(self, request: Request, doc: dict[str, Any], action: str, detail: str,
               outcome: Outcome = Outcome.SUCCESS) -> None:
@@ -210,18 +217,18 @@ def reporting_routes(archive: Archive) -> list[BaseRoute]:
                 raise rpt.ReportInvalid('{"study": Study Instance UID, "template": name} is required')
             template = api.templates.get(name)
             if template is None:
-                raise rpt.ReportInvalid(f"no template {name!r}: GET /api/templates lists them")
+                raise NotFound(f"no template {name!r}: GET /api/templates lists them")
             facts = await asyncio.to_thread(study_facts, archive, study)
             doc = await asyncio.to_thread(api.store.create, _summary(facts), template, api.user(request, body))
             return JSONResponse(doc, status_code=201)
         params = request.query_params
         state = params.get("state", "")
-        if state and state not in rpt.STATES:
+        if "state" in params and state not in rpt.STATES:
             raise rpt.ReportInvalid(f"state must be one of {', '.join(rpt.STATES)}")
         query = ReportQuery(state=state, modality=params.get("modality", "")[:16], study=params.get("study", "")[:64],
                             patient_id=params.get("patient", "")[:64],
-                            date_from=_date(params["from"], "from") if params.get("from") else "",
-                            date_to=_date(params["to"], "to") if params.get("to") else "",
+                            date_from=_date(params["from"], "from") if "from" in params else "",
+                            date_to=_date(params["to"], "to") if "to" in params else "",
                             text=params.get("q", "")[:64], limit=_int(request, "limit", 100, 1000),
                             offset=_int(request, "offset", 0, 10_000_000))
         return JSONResponse({"reports": await asyncio.to_thread(api.store.search, query)})
@@ -240,8 +247,9 @@ def reporting_routes(archive: Archive) -> list[BaseRoute]:
     @_errors
     async def sign(request: Request) -> Response:
         body = await _json(request)
-        user = api.user(request, body, required=True)
         report_id = request.path_params["id"]
+        await asyncio.to_thread(api.store.get, report_id)  # an unknown report: 404 whatever the body
+        user = api.user(request, body, required=True)
         try:
             doc = await asyncio.to_thread(api.sign, report_id, user)
         except BastionError as exc:
@@ -273,6 +281,7 @@ def reporting_routes(archive: Archive) -> list[BaseRoute]:
         if content_type not in AUDIO_TYPES:
             return JSONResponse({"error": f"Content-Type must be one of {', '.join(AUDIO_TYPES)}"}, status_code=415)
         data = await _body(request, MAX_AUDIO)
+        await asyncio.to_thread(api.store.get, report_id)  # 404 first
         if not data:
             raise rpt.ReportInvalid("the body (the recording) is empty")
         user = api.user(request, {})

@@ -1,0 +1,205 @@
+"""The OpenAPI description of the reporting API (``/api/templates``, ``/api/reports...``) and of the FHIR search
+(``/fhir/DiagnosticReport``): paths and schemas that :func:`bastion.web.openapi.openapi_document` merges in.
+
+Request schemas say only what the server checks (a body with more is accepted); docs/reporting.md explains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bastion.reporting.report import NOT_BLANK, STATES
+from bastion.web.reporting import AUDIO_TYPES
+
+
+def _json(description: str, schema: str, media: str = "application/json") -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _err(description: str) -> dict[str, Any]:
+    return _json(description, "Error")
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_ID = {"name": "id", "in": "path", "required": True, "description": "The report's id (32 hex digits).",
+       "schema": {"type": "string"}}
+_AUDIO_ID = {"name": "audio", "in": "path", "required": True, "description": "The recording's id.",
+             "schema": {"type": "string"}}
+_NOT_BLANK = {"type": "string", "pattern": NOT_BLANK}
+_SECTIONS = {"type": "object", "additionalProperties": {"type": "string", "maxLength": 100_000},
+             "description": "Text by section name (a section not named keeps its text)."}
+_DATE = {"type": "string", "pattern": "^[0-9]{4}-?[0-9]{2}-?[0-9]{2}$"}
+_COMMON = {"404": _err("No such report."), "503": _err("The index or the blob store failed.")}
+
+_SECTION = {"type": "object", "required": ["name", "title", "text", "picklist"],
+            "properties": {"name": {"type": "string"}, "title": {"type": "string"}, "text": {"type": "string"},
+                           "picklist": {"type": "array", "items": {"type": "string"}}}}
+_TEMPLATES = {"type": "object", "required": ["templates"], "properties": {"templates": {"type": "array", "items": {
+    "type": "object", "required": ["name", "title", "modality", "sections"],
+    "properties": {"name": {"type": "string"}, "title": {"type": "string"}, "modality": {"type": "string"},
+                   "sections": {"type": "array", "items": _SECTION}}}}}}
+_AUDIO_ENTRY = {"type": "object", "required": ["id", "seconds", "content_type", "at", "user"],
+                "properties": {"id": {"type": "string"}, "seconds": {"type": "number", "minimum": 0},
+                               "content_type": {"type": "string"}, "at": {"type": "string"},
+                               "user": {"type": "string"}, "engine": {"type": "string"},
+                               "transcript": {"type": "string"}}}
+_REPORT = {
+    "type": "object",
+    "description": "A report's latest version (docs/reporting.md).",
+    "required": ["id", "study", "patient_id", "patient_name", "accession", "modality", "template", "state",
+                 "version", "sections", "author", "signed_by", "signed_at", "sr", "audio", "history"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"}, "study": {"type": "string"},
+        "patient_id": {"type": "string"}, "patient_name": {"type": "string"}, "accession": {"type": "string"},
+        "modality": {"type": "string"}, "study_date": {"type": "string"}, "template": {"type": "string"},
+        "template_title": {"type": "string"}, "state": {"enum": list(STATES)},
+        "version": {"type": "integer", "minimum": 1},
+        "sections": {"type": "object", "additionalProperties": {"type": "string"}},
+        "section_titles": {"type": "object", "additionalProperties": {"type": "string"}},
+        "author": {"type": "string"}, "signed_by": {"type": "string"}, "signed_at": {"type": "string"},
+        "reason": {"type": "string"},
+        "sr": {"type": "array", "items": {"type": "string"}, "description": "The SR instances' SOP Instance UIDs."},
+        "audio": {"type": "array", "items": _AUDIO_ENTRY},
+        "history": {"type": "array", "items": {
+            "type": "object", "required": ["version", "state", "at", "user"],
+            "properties": {"version": {"type": "integer"}, "state": {"enum": list(STATES)},
+                           "at": {"type": "string"}, "user": {"type": "string"}}}},
+    },
+}
+_DICTATION = {"type": "object", "required": ["audio", "transcript", "seconds"],
+              "properties": {"audio": {"type": "string"}, "transcript": {"type": "string"},
+                             "seconds": {"type": "number", "minimum": 0}, "engine": {"type": "string"},
+                             "report": {"$ref": "#/components/schemas/Report"}}}
+_BUNDLE = {"type": "object", "required": ["resourceType", "type", "total", "entry"],
+           "description": "A FHIR R4 searchset Bundle of DiagnosticReport resources.",
+           "properties": {"resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
+                          "total": {"type": "integer", "minimum": 0},
+                          "entry": {"type": "array", "items": {"type": "object", "required": ["resource"]}}}}
+_OUTCOME = {"type": "object", "required": ["resourceType", "issue"],
+            "properties": {"resourceType": {"const": "OperationOutcome"}, "issue": {"type": "array"}}}
+
+SCHEMAS: dict[str, Any] = {"Templates": _TEMPLATES, "Report": _REPORT, "Dictation": _DICTATION,
+                           "Reports": {"type": "object", "required": ["reports"], "properties": {
+                               "reports": {"type": "array", "items": {"$ref": "#/components/schemas/Report"}}}},
+                           "Recordings": {"type": "object", "required": ["audio"], "properties": {
+                               "audio": {"type": "array", "items": _AUDIO_ENTRY}}},
+                           "FhirBundle": _BUNDLE, "FhirOutcome": _OUTCOME}
+
+PATHS: dict[str, Any] = {
+    "/api/templates": {"get": {
+        "operationId": "reportTemplates",
+        "summary": "The report templates: shipped ones and the site's (<data>/report-templates/).",
+        "responses": {"200": _json("The templates.", "Templates")},
+    }},
+    "/api/reports": {
+        "get": {
+            "operationId": "reports",
+            "summary": "The reading list: reports, most recently changed first.",
+            "parameters": [
+                {"name": "state", "in": "query", "required": False, "schema": {"enum": list(STATES)}},
+                {"name": "modality", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "study", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "patient", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "The Patient ID."},
+                {"name": "from", "in": "query", "required": False, "schema": _DATE,
+                 "description": "Studies on or after this date."},
+                {"name": "to", "in": "query", "required": False, "schema": _DATE,
+                 "description": "Studies on or before this date."},
+                {"name": "q", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "Text in the patient's name or id or the accession number, any case."},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 100}},
+                {"name": "offset", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 0, "maximum": 10_000_000, "default": 0}},
+            ],
+            "responses": {"200": _json("The reports.", "Reports"), "400": _err("A parameter is out of range."),
+                          "503": _err("The index failed.")},
+        },
+        "post": {
+            "operationId": "createReport",
+            "summary": "Start a draft of a stored study from a template.",
+            "requestBody": _body({"type": "object", "required": ["study", "template"], "properties": {
+                "study": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)*$", "maxLength": 64},
+                "template": {"type": "string"}, "user": {"type": "string"}}}),
+            "responses": {"201": _json("The new draft.", "Report"), "400": _err("The body is not as described."),
+                          "404": _err("No such study or template."),
+                          "409": _err("The study has an open (unsigned) report."),
+                          "503": _err("The index or the blob store failed.")},
+        },
+    },
+    "/api/reports/{id}": {
+        "get": {"operationId": "report", "summary": "A report's latest version.", "parameters": [_ID],
+                "responses": {"200": _json("The report.", "Report"), **_COMMON}},
+        "put": {
+            "operationId": "editReport",
+            "summary": "Change a draft's sections (optimistic: `version` must be the current one).",
+            "parameters": [_ID],
+            "requestBody": _body({"type": "object", "required": ["version"], "properties": {
+                "version": {"type": "integer"}, "sections": _SECTIONS,
+                "state": {"enum": ["draft", "preliminary"]}, "user": {"type": "string"}}}),
+            "responses": {"200": _json("The new version.", "Report"), "400": _err("The body is not as described."),
+                          "409": _err("The version is not current, or the report is signed."),
+                          **_COMMON},
+        },
+    },
+    "/api/reports/{id}/sign": {"post": {
+        "operationId": "signReport",
+        "summary": "Sign a draft: state final, a Basic Text SR stored in the study.",
+        "parameters": [_ID],
+        "requestBody": _body({"type": "object", "required": ["user"], "properties": {"user": {
+            **_NOT_BLANK, "description": "Who signs (while authentication is on, the caller signs and this is not looked at)."}}}),
+        "responses": {"200": _json("The signed report.", "Report"), "400": _err("No `user` (authentication off)."),
+                      "409": _err("The report is signed already."),
+                      **_COMMON},
+    }},
+    "/api/reports/{id}/amend": {"post": {
+        "operationId": "amendReport",
+        "summary": "Amend a signed report: state amended, a new SR referencing the previous one.",
+        "parameters": [_ID],
+        "requestBody": _body({"type": "object", "required": ["reason"], "properties": {
+            "sections": _SECTIONS, "reason": _NOT_BLANK, "user": {"type": "string"}}}),
+        "responses": {"200": _json("The amended report.", "Report"), "400": _err("The body is not as described."),
+                      "409": _err("The report is not signed."), **_COMMON},
+    }},
+    "/api/reports/{id}/audio": {
+        "get": {"operationId": "reportRecordings", "summary": "The report's dictated recordings.",
+                "parameters": [_ID], "responses": {"200": _json("The recordings.", "Recordings"), **_COMMON}},
+        "post": {
+            "operationId": "dictate",
+            "summary": "Dictate: the recording is kept, transcribed, and its text appended to the `dictation` "
+                       "section of the draft.",
+            "parameters": [_ID],
+            "requestBody": {"required": True, "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                                          for t in AUDIO_TYPES}},
+            "responses": {"201": _json("The transcript.", "Dictation"), "400": _err("The audio is broken."),
+                          "409": _err("The report is signed."), "413": _err("The recording is too long."),
+                          "415": _err("The audio's type or codec is not supported."),
+                          "404": _err("No such report."),
+                          "503": _err("The dictation engine, the index or the blob store failed.")},
+        },
+    },
+    "/api/reports/{id}/audio/{audio}": {"get": {
+        "operationId": "reportRecording", "summary": "One recording, as it was received.",
+        "parameters": [_ID, _AUDIO_ID],
+        "responses": {"200": {"description": "The recording.", "content": {
+            t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES}}, **_COMMON},
+    }},
+    "/fhir/DiagnosticReport": {"get": {
+        "operationId": "fhirDiagnosticReports",
+        "summary": "FHIR R4 search: the reports as DiagnosticReport resources in a searchset Bundle.",
+        "parameters": [
+            {"name": "patient", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The Patient ID (or Patient/ID)."},
+            {"name": "study", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The Study Instance UID (or urn:oid:UID)."},
+            {"name": "status", "in": "query", "required": False,
+             "schema": {"enum": ["registered", "preliminary", "final", "amended"]}},
+            {"name": "_count", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+        ],
+        "responses": {"200": _json("The bundle.", "FhirBundle", "application/fhir+json"),
+                      "400": _json("A parameter is not as described.", "FhirOutcome", "application/fhir+json"),
+                      "503": _json("The index failed.", "FhirOutcome", "application/fhir+json")},
+    }},
+}
