@@ -24,6 +24,7 @@ from bastion.reporting.dictation import (
     Transcriber,
     open_transcriber,
 )
+from bastion.reporting.dictation.audio import segments
 from bastion.reporting.dictation.sphinx import SphinxTranscriber
 from bastion.reporting.dictation.vocabulary import compile_vocabulary
 from bastion.reporting.dictation.wer import word_error_rate, word_errors
@@ -209,3 +210,28 @@ def test_a_site_plugs_its_own_engine(tmp_path: Path, monkeypatch: pytest.MonkeyP
         with pytest.raises(DictationUnavailable, match=message):
             open_transcriber(Settings(data=tmp_path, dictation_engine=name))
     sys.modules.pop("site_engine", None)
+
+
+def test_segments_cut_long_audio_at_pauses() -> None:
+    rng = np.random.default_rng(1)
+    speech = (rng.standard_normal(16000 * 4) * 3000).astype(np.int16)  # 4 s of "speech", then 0.5 s of pause
+    samples = np.concatenate([np.concatenate([speech, np.zeros(8000, np.int16)]) for _ in range(20)])  # 90 s
+    pieces = segments(samples)
+    assert len(pieces) >= 3
+    assert all(len(p) <= 30 * 16000 for p in pieces)
+    assert np.array_equal(np.concatenate(pieces), samples)
+    for piece in pieces[:-1]:
+        assert np.abs(piece[-100:].astype(np.int32)).max() == 0  # cut inside a pause
+    assert segments(samples[:16000 * 20])[0].shape == (16000 * 20,)  # a short recording is one piece
+
+
+def test_a_long_recording_is_transcribed_whole(tmp_path: Path, data: Path) -> None:
+    """Longer than one 30 s utterance: the words of its first and last sentences both come back."""
+    said = sentences()
+    audio = speak(". ".join(said + said) + ".", tmp_path / "long.wav")
+    transcript = SphinxTranscriber(data, radiology=True).transcribe(audio, "audio/wav")
+    assert transcript.seconds > 40
+    words = transcript.text.split()
+    assert words[:4] == said[0].split(), transcript.text[:80]
+    assert "recommended" in words[-3:], transcript.text[-80:]
+    assert word_error_rate([(" ".join(said + said), transcript.text)]) <= RADIOLOGY_WER_LIMIT

@@ -35,6 +35,25 @@ class Pcm:
         return self.samples.astype("<i2").tobytes()
 
 
+def segments(samples: np.ndarray, *, longest: float = 30.0, shortest: float = 15.0) -> list[np.ndarray]:
+    """``samples`` cut into pieces of at most ``longest`` seconds, each cut at the quietest 30 ms frame after
+    ``shortest`` seconds (a pause between words, in speech): the decoder's memory grows with an utterance's length
+    (a 10-minute utterance took 650 MB), so a long recording is decoded piece by piece."""
+    frame = int(0.03 * RATE)
+    top, bottom = int(longest * RATE), int(shortest * RATE)
+    pieces = []
+    start = 0
+    while len(samples) - start > top:
+        window = samples[start + bottom:start + top].astype(np.float32)
+        frames = window[:len(window) // frame * frame].reshape(-1, frame)
+        quietest = int(np.argmin((frames * frames).mean(axis=1)))
+        cut = start + bottom + quietest * frame + frame // 2
+        pieces.append(samples[start:cut])
+        start = cut
+    pieces.append(samples[start:])
+    return pieces
+
+
 def decode(audio: bytes, content_type: str, *, max_seconds: float) -> Pcm:
     """``audio`` of ``content_type`` as 16 kHz mono PCM; raises AudioUnreadable (415 / 400) or AudioTooLong (413)."""
     kind = content_type.split(";", 1)[0].strip().lower()
@@ -74,23 +93,34 @@ def _decode_wav(audio: bytes, max_seconds: float) -> Pcm:
         data = (np.frombuffer(raw, "<i4") >> 16).astype(np.float32)
     else:
         raise AudioUnreadable(f"WAV with {width * 8}-bit samples is not supported", http_status=415)
-    mono = data.reshape(-1, channels).mean(axis=1)
+    mono = data.reshape(-1, channels).mean(axis=1, dtype=np.float32) if channels > 1 else data
     return Pcm(_to_int16(resample(mono, rate, RATE)))
 
 
 def resample(samples: np.ndarray, rate: int, target: int = RATE) -> np.ndarray:
-    """``samples`` at ``rate`` Hz as ``target`` Hz: a windowed-sinc low-pass below the new Nyquist, then linear
-    interpolation (enough for speech recognition, which looks at the band below 8 kHz)."""
+    """``samples`` at ``rate`` Hz as ``target`` Hz (float32): a windowed-sinc low-pass below the new Nyquist, then
+    linear interpolation (enough for speech recognition, which looks at the band below 8 kHz). Ten seconds of output
+    at a time, so a long recording costs little more memory than its samples."""
     if rate == target or len(samples) == 0:
-        return samples
+        return samples.astype(np.float32)
+    taps = np.arange(-32, 33)
+    kernel = None
     if rate > target:
         cutoff = 0.9 * target / 2 / rate  # cycles per input sample
-        taps = np.arange(-32, 33)
-        kernel = 2 * cutoff * np.sinc(2 * cutoff * taps) * np.hamming(len(taps))
-        samples = np.convolve(samples, kernel / kernel.sum(), mode="same")
+        kernel = (2 * cutoff * np.sinc(2 * cutoff * taps) * np.hamming(len(taps))).astype(np.float32)
+        kernel /= kernel.sum()
+    step = rate / target
     count = int(round(len(samples) * target / rate))
-    positions = np.arange(count) * (rate / target)
-    return np.interp(positions, np.arange(len(samples)), samples)
+    out = np.empty(count, np.float32)
+    for first in range(0, count, 10 * target):
+        positions = np.arange(first, min(first + 10 * target, count)) * step
+        low = max(int(positions[0]) - len(taps), 0)
+        high = min(int(positions[-1]) + len(taps) + 2, len(samples))
+        piece = samples[low:high].astype(np.float32)
+        if kernel is not None:
+            piece = np.convolve(piece, kernel, mode="same")
+        out[first:first + len(positions)] = np.interp(positions - low, np.arange(len(piece)), piece)
+    return out
 
 
 def _to_int16(samples: np.ndarray) -> np.ndarray:

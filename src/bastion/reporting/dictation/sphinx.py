@@ -8,8 +8,8 @@ Two models over the same English acoustic model that pocketsphinx's wheel ships 
   comparison (the word error rate test and ``benchmarks/dictation.py``).
 
 A decoder is built once per (data directory, model) and shared; pocketsphinx's decoder is not thread-safe, so one
-recording is decoded at a time per decoder (a lock), in one utterance, with the cepstral mean of that whole
-recording (``cmn=batch``): a transcript does not drift with the recordings decoded before it (the live mean
+recording is decoded at a time per decoder (a lock), in utterances of at most 30 s (cut at pauses,
+:func:`.audio.segments`), each with its own cepstral mean (``cmn=batch``): a transcript does not drift with the recordings decoded before it (the live mean
 adapts to them, and the first recording after a start came out worse).
 """
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import pocketsphinx  # type: ignore[import-untyped]
 
 from bastion.reporting.dictation import DictationUnavailable, Transcript
-from bastion.reporting.dictation.audio import decode
+from bastion.reporting.dictation.audio import decode, segments
 from bastion.reporting.dictation.vocabulary import compile_vocabulary, normalise
 
 if TYPE_CHECKING:
@@ -69,11 +69,14 @@ class SphinxTranscriber:
     def transcribe(self, audio: bytes, content_type: str) -> Transcript:
         """The words in ``audio``; raises AudioUnreadable (415 / 400) or AudioTooLong (413)."""
         pcm = decode(audio, content_type, max_seconds=self.max_seconds)
-        raw = _SILENCE + pcm.tobytes() + _SILENCE
+        heard = []
         with self._lock:
-            self._decoder.start_utt()
-            self._decoder.process_raw(raw, False, True)
-            self._decoder.end_utt()
-            hyp = self._decoder.hyp()
-        words = normalise(hyp.hypstr) if hyp is not None else ""
+            for piece in segments(pcm.samples):
+                self._decoder.start_utt()
+                self._decoder.process_raw(_SILENCE + piece.astype("<i2").tobytes() + _SILENCE, False, True)
+                self._decoder.end_utt()
+                hyp = self._decoder.hyp()
+                if hyp is not None:
+                    heard.append(hyp.hypstr)
+        words = normalise(" ".join(heard))
         return Transcript(text=words, seconds=round(pcm.seconds, 3), engine=self.engine)
