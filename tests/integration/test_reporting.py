@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+from backends import REMOTE
 from conftest import BastionServer, Study, make_study, run_bastion
 
 from bastion.reporting.sr import BASIC_TEXT_SR, sr_text
@@ -183,6 +184,18 @@ def test_draft_edit_sign_amend_and_rebuild(server: BastionServer, study: Study, 
     assert api(server, "GET", "/api/reports").json()["reports"] == before
     assert api(server, "GET", f"/api/reports/{rid}").json() == after
     assert sorted(_qido_sr(server, study.study_uid)) == sorted(after["sr"])
+    if REMOTE:
+        return
+    # ... and after the rebuild at start, of an index found missing.
+    server.stop()
+    for path in server.data.glob("index.sqlite3*"):
+        path.unlink()
+    server.start()
+    deadline = time.monotonic() + 60
+    while api(server, "GET", "/health").json()["status"] != "ok" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert api(server, "GET", "/api/reports").json()["reports"] == before
+    assert api(server, "GET", f"/api/reports/{rid}").json() == after
 
 
 def test_dictation_is_kept_and_appended(server: BastionServer, tmp_path: Path) -> None:
