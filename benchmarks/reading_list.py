@@ -7,7 +7,8 @@ reading list reads the ``reports`` table alone). A ``bastion serve`` then answer
 default page (100), filtered by state, by modality and date range, and by a text search (a full scan of the
 table's search text), over one kept-alive httpx connection. Medians and 95th percentiles are printed.
 
-Usage: ``.venv/bin/python benchmarks/reading_list.py [--studies 10000] [--requests 300] [--data DIR] [--json]``
+Usage: ``.venv/bin/python benchmarks/reading_list.py [--studies 10000] [--requests 300] [--data DIR]
+[--index postgresql://...] [--json]``
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def fill(data: Path, studies: int) -> float:
+def fill(data: Path, studies: int, index: str | None) -> float:
     """Write one report per study; the seconds it took."""
-    archive = Archive.open(load_settings(env={}, data=str(data)))
+    archive = Archive.open(load_settings(env={}, data=str(data), index=index))
     try:
         store = ReportStore(archive.blobs, archive.index)
         have = len(store.search(ReportQuery(limit=studies)))
@@ -67,10 +68,10 @@ def fill(data: Path, studies: int) -> float:
         archive.close()
 
 
-def serve(data: Path) -> tuple[subprocess.Popen[bytes], str]:
+def serve(data: Path, index: str | None) -> tuple[subprocess.Popen[bytes], str]:
     http = free_port()
     argv = [BASTION, "serve", "--data", str(data), "--host", "127.0.0.1", "--dicom-port", str(free_port()),
-            "--http-port", str(http), "--workers", "1", "--log-level", "WARNING"]
+            "--http-port", str(http), "--workers", "1", "--log-level", "WARNING", *(["--index", index] if index else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -104,12 +105,13 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--data", type=Path, help="keep the archive here (reused when run again)")
+    parser.add_argument("--index", help="a PostgreSQL index (postgresql://...; its schema must exist)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp) / "data"
-        seconds = fill(data, args.studies)
-        proc, url = serve(data)
+        seconds = fill(data, args.studies, args.index)
+        proc, url = serve(data, args.index)
         try:
             cases = {"default page (100)": {}, "state=final": {"state": "final"},
                      "modality=CT, from/to one month": {"modality": "CT", "from": "2026-05-01", "to": "2026-05-31"},
