@@ -125,6 +125,12 @@ def test_draft_edit_sign_amend_and_rebuild(server: BastionServer, study: Study, 
     text = sr_text(ds)
     assert text["Findings"] == "A 4 mm nodule in the right frontal lobe." and text["Impression"] == "Small nodule."
     assert ds.ConceptNameCodeSequence[0].CodeMeaning == "CT Head"
+    ds.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    # DCMTK's SR reader (dsrdump, of the dcmtk package) checks the document's structure.
+    dumped = subprocess.run(["dsrdump", str(tmp_path / "sr.dcm")], capture_output=True, text=True, timeout=60)
+    assert dumped.returncode == 0 and "Basic Text SR Document" in dumped.stdout, dumped.stdout + dumped.stderr
+    assert not [line for line in (dumped.stdout + dumped.stderr).splitlines() if line.startswith(("E:", "F:"))]
+    assert '<contains TEXT:(,,"Findings")="A 4 mm nodule' in dumped.stdout
     proc, found = server.find({"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study.study_uid,
                                "SeriesInstanceUID": series_uid, "SOPInstanceUID": "", "SOPClassUID": ""},
                               out=tmp_path / "find")
