@@ -2,8 +2,9 @@
 
 The sentences (tests/data/dictation/sentences.txt) are spoken at test time, not committed as audio. The radiology
 model must beat pocketsphinx's general English model by far and stay under a threshold set from the measurement
-(0.27 to 0.30 with the shipped corpus, espeak-ng 1.51, moving by a word or two with tiny numeric changes of
-the resampling; the threshold 0.40 leaves room for another espeak-ng build's voice).
+(0.32 with the shipped corpus and espeak-ng 1.51; 0.27 to 0.36 over dither seeds and small numeric changes of the
+resampling, which move a word here and there: the threshold 0.40 is above that spread, not far, since a
+broken vocabulary or pronunciation sends it up by far more).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from bastion.reporting.dictation import (
     Transcriber,
     open_transcriber,
 )
-from bastion.reporting.dictation.audio import segments
+from bastion.reporting.dictation.audio import decode, segments
 from bastion.reporting.dictation.sphinx import SphinxTranscriber
 from bastion.reporting.dictation.vocabulary import compile_vocabulary
 from bastion.reporting.dictation.wer import word_error_rate, word_errors
@@ -112,21 +114,25 @@ def test_any_pcm_wav_is_converted(spoken: list[tuple[str, bytes]], data: Path, r
                                   width: int) -> None:
     engine = SphinxTranscriber(data, radiology=True)
     text, audio = spoken[5]  # "the heart size is normal"
-    transcript = engine.transcribe(_reencode_wav(audio, rate, channels, width), "audio/wav")
-    if rate >= 16000:
-        assert transcript.text == text
-    else:  # 8 kHz telephone audio has no band above 4 kHz: fewer words, but some
-        assert word_errors(text, transcript.text) < len(text.split())
+    converted = _reencode_wav(audio, rate, channels, width)
+    native, other = (decode(a, "audio/wav", max_seconds=60).samples.astype(float) for a in (audio, converted))
+    assert abs(len(native) - len(other)) <= 2
+    n = min(len(native), len(other))
+    # The same 16 kHz signal whatever the WAV's format (8 kHz keeps only the band below 4 kHz):
+    assert np.abs(native[:n] - other[:n]).mean() < (0.05 if rate >= 16000 else 0.5) * np.abs(native).mean()
+    transcript = engine.transcribe(converted, "audio/wav")
+    # Recognition moves by a word with any change of the signal; most words must survive the conversion.
+    assert word_errors(text, transcript.text) <= (2 if rate >= 16000 else 4), transcript.text
     assert transcript.seconds == pytest.approx(engine.transcribe(audio, "audio/wav").seconds, abs=0.01)
 
 
-def test_webm_opus_from_a_browser_is_decoded(spoken: list[tuple[str, bytes]], data: Path) -> None:
+def _webm(audio: bytes) -> bytes:
+    """The WAV as MediaRecorder records it: WebM, Opus at 48 kHz."""
     av = pytest.importorskip("av")
-    text, audio = spoken[5]
     with wave.open(io.BytesIO(audio)) as w:
         rate, pcm = w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), "<i2")
     out = io.BytesIO()
-    with av.open(out, "w", format="webm") as container:  # what MediaRecorder makes: WebM, Opus at 48 kHz
+    with av.open(out, "w", format="webm") as container:
         stream = container.add_stream("libopus", rate=48000)
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = rate
@@ -136,8 +142,25 @@ def test_webm_opus_from_a_browser_is_decoded(spoken: list[tuple[str, bytes]], da
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
-    transcript = SphinxTranscriber(data, radiology=True).transcribe(out.getvalue(), "audio/webm;codecs=opus")
-    assert transcript.text == text
+    return out.getvalue()
+
+
+def test_webm_opus_from_a_browser_is_decoded(spoken: list[tuple[str, bytes]], data: Path) -> None:
+    text, audio = spoken[5]
+    transcript = SphinxTranscriber(data, radiology=True).transcribe(_webm(audio), "audio/webm;codecs=opus")
+    assert word_errors(text, transcript.text) <= 2, transcript.text  # lossy Opus: a word may move
+    assert transcript.seconds == pytest.approx(len(audio) / 2 / 22050, abs=0.1)
+    with pytest.raises(AudioTooLong):
+        SphinxTranscriber(data, radiology=True, max_seconds=1.0).transcribe(_webm(audio), "audio/webm")
+
+
+def test_concurrent_transcriptions_share_one_decoder(spoken: list[tuple[str, bytes]], data: Path) -> None:
+    engine = open_transcriber(Settings(data=data))
+    assert open_transcriber(Settings(data=data)) is engine
+    alone = [engine.transcribe(audio, "audio/wav").text for _, audio in spoken[:4]]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda item: engine.transcribe(item[1], "audio/wav").text, spoken[:4] * 2))
+    assert together == alone * 2
 
 
 def test_float_wav_is_decoded(spoken: list[tuple[str, bytes]], data: Path) -> None:
@@ -152,7 +175,11 @@ def test_float_wav_is_decoded(spoken: list[tuple[str, bytes]], data: Path) -> No
     float_wav = b"RIFF" + len(body).to_bytes(4, "little") + body
     with pytest.raises(wave.Error):
         wave.open(io.BytesIO(float_wav))
-    assert SphinxTranscriber(data, radiology=True).transcribe(float_wav, "audio/wav").text == text
+    native = decode(audio, "audio/wav", max_seconds=60).samples.astype(float)
+    converted = decode(float_wav, "audio/wav", max_seconds=60).samples.astype(float)
+    n = min(len(native), len(converted))
+    assert abs(len(native) - len(converted)) <= 400 and np.abs(native[:n] - converted[:n]).mean() < 0.1 * np.abs(native).mean()
+    assert word_errors(text, SphinxTranscriber(data, radiology=True).transcribe(float_wav, "audio/wav").text) <= 2
 
 
 def test_bad_audio_is_refused_with_its_status(spoken: list[tuple[str, bytes]], data: Path) -> None:

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import pocketsphinx  # type: ignore[import-untyped]
 
 from bastion.reporting.dictation import DictationUnavailable, Transcript
@@ -28,10 +29,19 @@ from bastion.reporting.dictation.vocabulary import compile_vocabulary, normalise
 if TYPE_CHECKING:
     from bastion.settings import Settings
 
-#: Whole-recording cepstral mean normalisation; a fixed-seed dither so digital silence has a finite log energy.
-_TUNING = {"cmn": "batch", "dither": True, "seed": 1, "loglevel": "FATAL"}
-#: Half a second of silence around the recording: a word cut at its very start or end is otherwise often lost.
-_SILENCE = bytes(16000)
+#: Whole-utterance cepstral mean normalisation (no state carried from one recording to the next).
+_TUNING = {"cmn": "batch", "loglevel": "FATAL"}
+#: Half a second of silence around each utterance: a word cut at its very start or end is otherwise often lost.
+_PAD = 8000
+
+
+def _utterance(piece: np.ndarray) -> bytes:
+    """``piece`` padded with silence, plus a dither of one bit from a fixed seed (digital silence has no finite log
+    energy): the same audio always makes the same bytes, whatever was decoded before (pocketsphinx's own dither
+    draws from one generator for every utterance, so a transcript depended on the recordings before it)."""
+    padded = np.concatenate([np.zeros(_PAD, np.int16), piece, np.zeros(_PAD, np.int16)]).astype(np.int32)
+    noise = np.random.default_rng(0).integers(-1, 2, len(padded))
+    return np.clip(padded + noise, -32768, 32767).astype("<i2").tobytes()
 
 
 class SphinxTranscriber:
@@ -73,7 +83,7 @@ class SphinxTranscriber:
         with self._lock:
             for piece in segments(pcm.samples):
                 self._decoder.start_utt()
-                self._decoder.process_raw(_SILENCE + piece.astype("<i2").tobytes() + _SILENCE, False, True)
+                self._decoder.process_raw(_utterance(piece), False, True)
                 self._decoder.end_utt()
                 hyp = self._decoder.hyp()
                 if hyp is not None:
