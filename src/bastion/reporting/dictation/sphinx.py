@@ -9,8 +9,9 @@ Two models over the same English acoustic model that pocketsphinx's wheel ships 
 
 A decoder is built once per (data directory, model) and shared; pocketsphinx's decoder is not thread-safe, so one
 recording is decoded at a time per decoder (a lock), in utterances of at most 30 s (cut at pauses,
-:func:`.audio.segments`), each with its own cepstral mean (``cmn=batch``): a transcript does not drift with the recordings decoded before it (the live mean
-adapts to them, and the first recording after a start came out worse).
+:func:`.audio.segments`), each with its own cepstral mean (``cmn=batch``) and a
+fixed-seed dither: the same audio always gives the same transcript (the live mean adapted to the recordings before,
+and the first recording after a start came out worse).
 """
 
 from __future__ import annotations
