@@ -205,6 +205,14 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
                  f"required (CA {settings.tls_ca})" if settings.tls_ca else "not asked for")
     log.info("DICOM access: %d known peer(s), unknown calling AE titles %s", len(settings.dimse_peers),
              "allowed" if settings.allows_unknown_peers else "rejected")
+    if settings.auth_enabled:
+        log.info("HTTP access: authentication on (issuer %s), every route checked", settings.auth_issuer)
+    elif settings.host in ("127.0.0.1", "::1", "localhost"):
+        log.info("HTTP access: authentication off (listening on %s only)", settings.host)
+    else:
+        log.warning("HTTP access: authentication off while listening on %s: anyone who can reach port %d can read, "
+                    "store and delete; set [auth] enabled = true (docs/authentication.md)", settings.host,
+                    settings.http_port)
     parts = archive.capabilities()
     if parts.header_scan == "python":
         log.warning("the compiled header scan is not loaded (BASTION_PURE_PYTHON set, or no C compiler at "
