@@ -212,9 +212,13 @@ class DicomWeb:
     async def store(self, request: Request) -> Response:
         """Store instances (PS3.18 10.5)."""
         study = request.path_params.get("study")
-        if study is not None:
-            wado.check_uid(study, "StudyInstanceUID")
-        ct = require_multipart_related(request.headers.get("content-type"), DICOM)
+        try:
+            if study is not None:
+                wado.check_uid(study, "StudyInstanceUID")
+            ct = require_multipart_related(request.headers.get("content-type"), DICOM)
+        except BastionError:
+            await _discard_body(request)
+            raise
         base = base_url(request)
         outcome = stow.StowOutcome()
         try:
@@ -276,6 +280,25 @@ class DicomWeb:
             Route(f"{i}/bulkdata/{{path:path}}", g(self.bulkdata)),
             Route(s, functools.partial(delete_study, self.archive), methods=["DELETE"]),
         ]
+
+
+#: How much of a refused request's body is read and dropped before the answer (:func:`_discard_body`).
+DISCARD_LIMIT = 16 * 1024 * 1024
+
+
+async def _discard_body(request: Request, limit: int = DISCARD_LIMIT) -> None:
+    """Read and drop the body of a request refused before its body was read (up to ``limit`` bytes), so that the
+    answer reaches the client: a server that closes a connection with unread data in it makes the kernel reset the
+    connection, and the client may lose the answer it was sent (RFC 9112 9.6). A client that sends more than
+    ``limit`` may still meet that reset."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                break
+    except Exception:  # noqa: BLE001 - gone, or too slow (the body deadline): the answer goes out anyway
+        pass
 
 
 def routes(archive: Archive) -> list[BaseRoute]:
