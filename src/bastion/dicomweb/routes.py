@@ -212,17 +212,22 @@ class DicomWeb:
     async def store(self, request: Request) -> Response:
         """Store instances (PS3.18 10.5)."""
         study = request.path_params.get("study")
+        body = _Body(request)
         try:
             if study is not None:
                 wado.check_uid(study, "StudyInstanceUID")
             ct = require_multipart_related(request.headers.get("content-type"), DICOM)
         except BastionError:
-            await _discard_body(request)
+            await body.discard()
             raise
         base = base_url(request)
         outcome = stow.StowOutcome()
         try:
-            await stow.store_stream(self.archive, request.stream(), ct.params["boundary"], study, base, outcome)
+            await stow.store_stream(self.archive, body, ct.params["boundary"], study, base, outcome)
+        except BastionError as exc:
+            if exc.http_status != 408:  # a stalled body (http_body_timeout) is not waited for again
+                await body.discard()
+            raise
         finally:  # the parts stored before a body that failed are audited too
             audit.record_stores(self.archive, request, outcome.tally)
         for _cls, sop, reason, why in outcome.failed:
@@ -282,23 +287,35 @@ class DicomWeb:
         ]
 
 
-#: How much of a refused request's body is read and dropped before the answer (:func:`_discard_body`).
+#: How much of a refused request's body is read and dropped before the answer (:meth:`_Body.discard`).
 DISCARD_LIMIT = 16 * 1024 * 1024
 
 
-async def _discard_body(request: Request, limit: int = DISCARD_LIMIT) -> None:
-    """Read and drop the body of a request refused before its body was read (up to ``limit`` bytes), so that the
-    answer reaches the client: a server that closes a connection with unread data in it makes the kernel reset the
-    connection, and the client may lose the answer it was sent (RFC 9112 9.6). A client that sends more than
-    ``limit`` may still meet that reset."""
-    seen = 0
-    try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                break
-    except Exception:  # noqa: BLE001 - gone, or too slow (the body deadline): the answer goes out anyway
-        pass
+class _Body:
+    """A STOW-RS request's body as it is read, and what is left of it dropped when the request is refused."""
+
+    def __init__(self, request: Request) -> None:
+        self._chunks = request.stream()
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    async def discard(self, limit: int = DISCARD_LIMIT) -> None:
+        """Read and drop what is left of the body (up to ``limit`` bytes), so that the refusal reaches the client:
+        a server that closes a connection with unread data in it makes the kernel reset the connection, and the
+        client may lose the answer it was sent (RFC 9112 9.6). A client that sends more than ``limit`` after the
+        refusal may still meet that reset."""
+        seen = 0
+        try:
+            async for chunk in self._chunks:
+                seen += len(chunk)
+                if seen > limit:
+                    break
+        except Exception:  # noqa: BLE001 - gone, or too slow (the body deadline): the answer goes out anyway
+            pass
 
 
 def routes(archive: Archive) -> list[BaseRoute]:
