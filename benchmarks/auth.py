@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -25,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+import servers
 from corpus import ensure_corpus
 from joserfc import jwt
 from joserfc.jwk import RSAKey
@@ -33,41 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BASTION = str(ROOT / ".venv" / "bin" / "bastion")
 ISSUER = "https://issuer.bench.invalid"
 AUDIENCE = "bastion"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(data: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    http = free_port()
-    argv = [BASTION, "serve", "--data", str(data), "--host", "127.0.0.1", "--dicom-port", str(free_port()),
-            "--http-port", str(http), "--workers", "1", "--log-level", "WARNING"]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-    proc = subprocess.Popen(argv, env=base | env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{http}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    stop(proc)
-    raise TimeoutError("bastion serve did not start")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def timed(client: httpx.Client, url: str, headers: dict[str, str], count: int) -> list[float]:
@@ -140,9 +103,10 @@ def main() -> None:
         claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bench", "roles": ["viewer"], "iat": now, "exp": now + 3600}
         token = jwt.encode({"alg": "RS256", "kid": key.kid}, claims, key, algorithms=["RS256"])
         path = f"/dicom-web/studies?PatientID={patient}"
-        off_proc, off_url = start(work / "off", {})
-        on_proc, on_url = start(work / "on", env_on)
-        try:
+        args_ = ["--workers", "1", "--log-level", "WARNING"]
+        with servers.bastion(args_, data=work / "off", name="bastion-auth-off") as off_server, \
+                servers.bastion(args_, data=work / "on", env=env_on, name="bastion-auth-on") as on_server:
+            off_url, on_url = off_server.base_url, on_server.base_url
             with httpx.Client(timeout=30) as off_client, httpx.Client(timeout=30) as on_client:
                 bearer = {"Authorization": f"Bearer {token}"}
                 first_use = timed(on_client, on_url + path, bearer, 1)[0]
@@ -155,9 +119,6 @@ def main() -> None:
                     pair = [(off_client, off_url, {}, off_ms), (on_client, on_url, bearer, on_ms)]
                     for client, url, headers, out in (pair if i % 2 else pair[::-1]):
                         out += timed(client, url + path, headers, 1)
-        finally:
-            stop(off_proc)
-            stop(on_proc)
         diffs = [b - a for a, b in zip(off_ms, on_ms, strict=True)]
         off, on_ = statistics.median(off_ms), statistics.median(on_ms)
         result = {"instances": args.instances, "requests": args.requests, "median_ms_off": round(off, 3),

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import servers
 
 from bastion.archive import Archive
 from bastion.index.reports import ReportQuery
@@ -33,15 +30,7 @@ from bastion.reporting.store import ReportStore
 from bastion.reporting.templates import load_templates
 from bastion.settings import load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
-BASTION = str(ROOT / ".venv" / "bin" / "bastion")
 MODALITIES = ("CT", "MR", "CR", "US")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fill(data: Path, studies: int, index: str | None) -> float:
@@ -68,26 +57,6 @@ def fill(data: Path, studies: int, index: str | None) -> float:
         archive.close()
 
 
-def serve(data: Path, index: str | None) -> tuple[subprocess.Popen[bytes], str]:
-    http = free_port()
-    argv = [BASTION, "serve", "--data", str(data), "--host", "127.0.0.1", "--dicom-port", str(free_port()),
-            "--http-port", str(http), "--workers", "1", "--log-level", "WARNING", *(["--index", index] if index else [])]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{http}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGTERM)
-    raise SystemExit("bastion serve did not start")
-
-
 def timed(client: httpx.Client, path: str, params: dict[str, str], requests: int) -> dict[str, float]:
     times = []
     for _ in range(requests):
@@ -111,19 +80,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp) / "data"
         seconds = fill(data, args.studies, args.index)
-        proc, url = serve(data, args.index)
-        try:
+        with servers.bastion(["--workers", "1", "--log-level", "WARNING", *(["--index", args.index] if args.index else [])],
+                             data=data, name="bastion-reading-list") as server:
             cases = {"default page (100)": {}, "state=final": {"state": "final"},
                      "modality=CT, from/to one month": {"modality": "CT", "from": "2026-05-01", "to": "2026-05-31"},
                      "q=patient00123 (text search)": {"q": "patient00123"}}
-            with httpx.Client(base_url=url, timeout=30) as client:
+            with httpx.Client(base_url=server.base_url, timeout=30) as client:
                 for params in cases.values():
                     timed(client, "/api/reports", params, 10)  # warm up
                 results = {name: timed(client, "/api/reports", params, args.requests)
                            for name, params in cases.items()}
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
     report = {"studies": args.studies, "fill_seconds": round(seconds, 1), "requests": args.requests,
               "cases": results}
     if args.json:

@@ -311,17 +311,17 @@ def _orthanc_argv(dicomweb: bool, postgresql_url: str) -> ArgvFactory:
 
 @contextmanager
 def bastion(extra_args: Sequence[str] = (), base_dir: Path | None = None, env: Mapping[str, str] | None = None,
-            name: str = "bastion", copies: int = 1) -> Iterator[Server]:
-    """Run ``bastion serve`` on an empty data directory; ``extra_args`` (e.g. ``--workers 2``) are appended,
-    ``env`` added to its environment. ``copies`` > 1: that many blob stores (``<data>/blobs-1`` ...), a copy of
-    every object in each."""
+            name: str = "bastion", copies: int = 1, data: Path | None = None) -> Iterator[Server]:
+    """Run ``bastion serve`` on an empty data directory, or on ``data`` (filled before); ``extra_args`` (e.g.
+    ``--workers 2``) are appended, ``env`` added to its environment. ``copies`` > 1: that many blob stores
+    (``<data>/blobs-1`` ...), a copy of every object in each."""
 
     def argv_for(workdir: Path, dicom_port: int, http_port: int) -> list[str]:
         return [
             BASTION_BINARY,
             "serve",
             "--data",
-            str(workdir / "data"),
+            str(data or workdir / "data"),
             "--host",
             HOST,
             "--aet",
