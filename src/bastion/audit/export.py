@@ -71,6 +71,18 @@ def send_tls(url: str, messages: Iterable[str], *, cafile: str | None = None, ti
             for message in messages:
                 tls.sendall(octet_counted(message))
                 sent += 1
+            _close_gracefully(tls)
     except (OSError, ssl.SSLError) as exc:
         raise BastionError(f"sending the audit log to {url}: {exc} ({sent} messages sent)") from exc
     return sent
+
+
+def _close_gracefully(tls: ssl.SSLSocket) -> None:
+    """End a TLS connection so that the collector reads everything sent: send close_notify and read what the
+    collector still sends (a TLS 1.3 session ticket) until it closes too. Closing with that unread would make the
+    kernel reset the connection, and the collector could lose the last messages, already counted as sent."""
+    try:
+        tls.settimeout(min(tls.gettimeout() or 5.0, 5.0))  # a collector that never answers is not waited for long
+        tls.unwrap()
+    except (OSError, ssl.SSLError, ValueError):
+        pass  # the collector closed without its close_notify: it has read what was sent by then
