@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,6 +19,7 @@ from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, Outcome
 from bastion.auth import ANONYMOUS, Principal
 from bastion.errors import BastionError, InvalidQuery
+from bastion.ingest.deletion import Tombstone
 from bastion.model.uids import is_identifiable_uid
 
 #: The longest reason kept (longer ones are cut).
@@ -57,19 +59,27 @@ def audited(archive: Archive, request: Request, action: str, study: str, *, pati
                                     emergency=who.emergency))
 
 
-async def delete_study(archive: Archive, request: Request) -> Response:
-    """The handler (see the module docstring)."""
+async def tombstone_step(archive: Archive, request: Request, action: str,
+                         step: Callable[..., Tombstone], via: str) -> JSONResponse:
+    """One step of a study's deletion over HTTP (``step``: delete, action D, or undelete, action U): the study UID
+    checked (400), the reason read, the step run in a thread, audited whether it succeeds or not; the tombstone as
+    JSON, or the error's status with its message."""
     study = request.path_params["study"]
     if not is_identifiable_uid(study):
         return JSONResponse({"error": f"{study[:70]!r} is not a Study Instance UID"}, status_code=400)
     try:
         reason = await reason_of(request)
         who = principal(request)
-        tombstone = await asyncio.to_thread(
-            archive.deletions.delete, study, reason=reason, user=who.user, role=who.role, via="dicomweb",
-            address=request.client.host if request.client else "")
+        tombstone = await asyncio.to_thread(step, study, reason=reason, user=who.user, role=who.role, via=via,
+                                            address=request.client.host if request.client else "")
     except BastionError as exc:
-        audited(archive, request, "D", study, reason=exc.message, outcome=Outcome.MINOR_FAILURE)
+        audited(archive, request, action, study, reason=exc.message, outcome=Outcome.MINOR_FAILURE, via=via)
         return JSONResponse({"error": exc.message}, status_code=exc.http_status)
-    audited(archive, request, "D", study, patient_id=tombstone.patient_id, count=tombstone.count, reason=reason)
+    audited(archive, request, action, study, patient_id=tombstone.patient_id, count=tombstone.count, reason=reason,
+            via=via)
     return JSONResponse(tombstone.to_json())
+
+
+async def delete_study(archive: Archive, request: Request) -> Response:
+    """The handler (see the module docstring)."""
+    return await tombstone_step(archive, request, "D", archive.deletions.delete, "dicomweb")
