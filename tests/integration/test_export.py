@@ -28,11 +28,12 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from starlette.applications import Starlette
 
+from bastion.auth import SCOPE_KEY as PRINCIPAL_KEY
 from bastion.auth import Principal
 from bastion.query.deid_profile import Action, basic_profile
 from bastion.query.deidentify import DUMMY_TEXT, Deidentifier
 from bastion.query.export import REPORT_NAME, inside, safe_component
-from bastion.web.export import PRINCIPAL_KEY, export_route
+from bastion.web.export import export_route
 
 #: A fixed secret, so that the date offsets of the two patients are known to differ (checked below).
 SECRET = bytes(range(32))

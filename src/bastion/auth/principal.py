@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 #: The roles, least to most privileged in what they may change: ``viewer`` queries, retrieves and views;
 #: ``uploader`` stores; ``radiologist`` writes, signs and amends reports (and reads them; images need ``viewer``
@@ -47,3 +49,14 @@ def strongest(roles: object) -> tuple[str, ...]:
 
 #: The party of every request while ``[auth]`` is not enabled: it may do anything, as before authentication.
 ANONYMOUS = Principal(user="anonymous", role="admin", via="anonymous")
+
+
+#: Where the HTTP authentication middleware (:mod:`bastion.web.access`) keeps a request's principal in its ASGI
+#: scope.
+SCOPE_KEY = "bastion.principal"
+
+
+def principal_in(scope: Mapping[str, Any]) -> Principal:
+    """The principal of the request whose ASGI ``scope`` this is (:data:`ANONYMOUS` while authentication is off)."""
+    found = scope.get(SCOPE_KEY, ANONYMOUS)
+    return found if isinstance(found, Principal) else ANONYMOUS

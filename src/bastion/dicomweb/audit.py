@@ -14,7 +14,7 @@ from starlette.requests import Request
 from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, StoreTally
 from bastion.audit.events import query_event
-from bastion.auth import ANONYMOUS, Principal
+from bastion.auth import principal_in
 from bastion.dicomweb.qido import Search
 from bastion.model.records import InstanceRecord
 from bastion.query.find import conditions_for
@@ -23,9 +23,7 @@ from bastion.query.find import conditions_for
 def who(request: Request) -> dict[str, Any]:
     """The audit fields naming who made ``request``: its principal (set by the auth middleware; anonymous while
     authentication is off) and the client's address."""
-    principal = request.scope.get("bastion.principal", ANONYMOUS)
-    if not isinstance(principal, Principal):
-        principal = ANONYMOUS
+    principal = principal_in(request.scope)
     return {"user": principal.user, "role": principal.role, "emergency": principal.emergency,
             "address": request.client.host if request.client else "", "via": "dicomweb"}
 

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, Outcome
-from bastion.auth import ANONYMOUS, Principal
+from bastion.auth import Principal, principal_in
 from bastion.errors import BastionError, InvalidQuery
 from bastion.ingest.deletion import Tombstone
 from bastion.model.uids import is_identifiable_uid
@@ -28,8 +28,7 @@ MAX_REASON = 1000
 
 def principal(request: Request) -> Principal:
     """The party that made ``request`` (ANONYMOUS while authentication is off)."""
-    found = request.scope.get("bastion.principal", ANONYMOUS)
-    return found if isinstance(found, Principal) else ANONYMOUS
+    return principal_in(request.scope)
 
 
 async def reason_of(request: Request) -> str:

@@ -38,13 +38,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, Outcome
-from bastion.auth import ANONYMOUS, Principal
+from bastion.auth import ANONYMOUS, SCOPE_KEY, Principal, principal_in
 from bastion.auth.authenticator import Authenticator, Verified
 from bastion.auth.ratelimit import FailureLimiter
 from bastion.auth.tokens import AuthenticationFailed
 
-#: The key of the request's principal in the ASGI scope.
-SCOPE_KEY = "bastion.principal"
 PUBLIC = "public"
 AUTHENTICATED = "authenticated"
 DENY = "deny"
@@ -109,8 +107,7 @@ def required_role(method: str, path: str) -> str:
 
 def principal_of(request: Request) -> Principal:
     """The party that made ``request`` (set by :class:`AccessControl`; ANONYMOUS while authentication is off)."""
-    principal = request.scope.get(SCOPE_KEY, ANONYMOUS)
-    return principal if isinstance(principal, Principal) else ANONYMOUS
+    return principal_in(request.scope)
 
 
 def _credential(scope: Scope) -> str:

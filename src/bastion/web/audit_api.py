@@ -15,15 +15,14 @@ from starlette.routing import Route
 from bastion.archive import Archive
 from bastion.audit import AuditKind
 from bastion.audit.chain import Verdict, consistent, since_key, verify
-from bastion.auth import ANONYMOUS, Principal
+from bastion.auth import principal_in
 
 #: The most entries one request returns.
 MAX_LIMIT = 1000
 
 
 def _admin(request: Request) -> bool:
-    principal = request.scope.get("bastion.principal", ANONYMOUS)
-    return isinstance(principal, Principal) and principal.may("admin")
+    return principal_in(request.scope).may("admin")
 
 
 def audit_routes(archive: Archive) -> list[Route]:

@@ -16,14 +16,12 @@ from starlette.routing import Route
 
 from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, Outcome
-from bastion.auth import ANONYMOUS, Principal
+from bastion.auth import Principal, principal_in
 from bastion.errors import BastionError
 from bastion.model.records import InstanceRecord
 from bastion.query.deidentify import Deidentifier, load_secret
 from bastion.query.export import Exporter, zip_stream
 
-#: Where the request's principal is (set by the authentication middleware).
-PRINCIPAL_KEY = "bastion.principal"
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
 
@@ -41,8 +39,8 @@ def export_route(archive: Archive) -> Route:
     """The export route of ``archive``."""
 
     async def export(request: Request) -> Response:
-        principal = request.scope.get(PRINCIPAL_KEY, ANONYMOUS)
-        if not isinstance(principal, Principal) or principal.role != "admin":
+        principal = principal_in(request.scope)
+        if not principal.may("admin"):
             return JSONResponse({"error": "exporting a study is for the admin role"}, status_code=403)
         try:
             deidentify = _flag(request, "deidentify")

@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 
 from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, Outcome
-from bastion.auth import ANONYMOUS, Principal
+from bastion.auth import ANONYMOUS, Principal, principal_in
 from bastion.errors import BastionError, NotFound
 from bastion.index.reports import ReportQuery
 from bastion.model.levels import QueryLevel
@@ -78,8 +78,7 @@ def _summary(facts: dict[str, str]) -> dict[str, str]:
 
 
 def _principal(request: Request) -> Principal:
-    principal = request.scope.get("bastion.principal", ANONYMOUS)
-    return principal if isinstance(principal, Principal) else ANONYMOUS
+    return principal_in(request.scope)
 
 
 async def _body(request: Request, limit: int) -> bytes:
