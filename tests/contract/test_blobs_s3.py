@@ -258,3 +258,57 @@ def test_open_blob_store_opens_s3_locations(seaweed: Seaweed, monkeypatch: pytes
         open_blob_store(seaweed.location() + "&colour=blue")
     with pytest.raises(ValueError, match="invalid S3 blob store location"):
         open_blob_store("s3:///prefix")
+
+
+def test_small_objects_are_put_through_obstore_with_the_same_request(store: S3BlobStore, seaweed: Seaweed  # noqa: F811
+                                                                     ) -> None:
+    requests = Requests(store)
+    data = os.urandom(9_000)
+    digest = _write(store, data, "fast/one.dcm")
+    assert "PutObject" not in requests.calls  # not boto3's
+    head = seaweed.client().head_object(Bucket=store.bucket, Key=f"{store.prefix}/fast/one.dcm")
+    assert head["ContentLength"] == len(data) and head["Metadata"] == {"bastion-digest": digest}
+    assert _write(store, data, "fast/one.dcm") == digest  # the same object again: settled as boto3's 412 is
+    with pytest.raises(StorageError, match="already holds another object"):
+        _write(store, os.urandom(9_000), "fast/one.dcm")
+    assert store.get("fast/one.dcm") == data
+
+
+def test_without_obstore_small_objects_go_through_boto3(seaweed: Seaweed, tmp_path: Path) -> None:  # noqa: F811
+    store = seaweed.store(spool_dir=str(tmp_path), fast=False)
+    try:
+        requests = Requests(store)
+        data = os.urandom(9_000)
+        _write(store, data, "slow/one.dcm")
+        assert requests.calls.get("PutObject") == 1 and store.get("slow/one.dcm") == data
+    finally:
+        store.close()
+
+
+def test_a_process_forked_after_obstore_started_puts_through_boto3(store: S3BlobStore, seaweed: Seaweed  # noqa: F811
+                                                                   ) -> None:
+    """obstore's runtime threads do not survive fork: a child that used it would wait for ever (s3fast)."""
+    from bastion.blobs import s3fast
+
+    store.put("fork/parent.dcm", b"parent")  # starts obstore's runtime in this process
+    assert s3fast.usable()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a store of its own, as each Bastion process opens
+        code = 1
+        try:
+            os.close(read)
+            child = seaweed.store(prefix=store.prefix)
+            child.put("fork/child.dcm", b"child")
+            os.write(write, b"ok" if not s3fast.usable() and child.get("fork/child.dcm") == b"child" else b"no")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as answer:
+            said = answer.read()  # the child's end closes when it exits, whatever happened
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert said == b"ok" and os.waitstatus_to_exitcode(status) == 0
+    assert store.get("fork/child.dcm") == b"child"
