@@ -13,8 +13,9 @@ Guarantees:
   from the start, so a crash leaves no file behind). The upload happens at commit: one ``PutObject`` for an
   object of up to :data:`MEMORY_LIMIT`, a multipart upload of parts streamed from the spool file above it
   (never the whole object in memory; the upload is aborted if any step fails). :meth:`S3Writer.start_commit`
-  hands the upload to the store's commit threads and returns at once. The ``PutObject`` goes through obstore
-  where it can (:mod:`bastion.blobs.s3fast`: the same request at a tenth of boto3's CPU), else boto3.
+  hands the upload to the store's commit threads and returns at once. The ``PutObject`` and every GET go
+  through obstore where the process can (:mod:`bastion.blobs.s3fast`: the same requests at a tenth of boto3's
+  CPU), else boto3.
 * Objects are written once: ``PutObject`` and ``CompleteMultipartUpload`` are sent with ``If-None-Match: *``,
   which SeaweedFS (4.48, as AWS S3) honours for both, refusing an existing key with 412. A commit refused so
   succeeds if the key holds an object of the same size and the same content digest (recorded in its metadata,
@@ -188,8 +189,10 @@ class S3BlobStore(BlobStore):
         #: The boto3 client (thread-safe); tests hook its events to count what is fetched.
         self.client: S3Client = session.client("s3", endpoint_url=endpoint, config=config)
         self.endpoint = self.client.meta.endpoint_url
-        self._fast = (s3fast.FastPut(bucket, endpoint, region or session.region_name or "us-east-1", session,
-                                     self.endpoint) if fast and s3fast.usable() else None)
+        self._fast = (s3fast.FastS3(bucket, endpoint, region or session.region_name or "us-east-1", session,
+                                    self.endpoint) if fast else None)
+        #: GET requests sent and the bytes they fetched (whichever client sent them).
+        self.fetches = {"requests": 0, "bytes": 0}
         self._root = f"{prefix}/" if prefix else ""
         self._threads = commit_threads
         self._executor: ThreadPoolExecutor | None = None
@@ -284,9 +287,9 @@ class S3BlobStore(BlobStore):
         try:
             with self._translated(what, key):
                 try:
-                    if isinstance(data, bytearray) and self._fast is not None and s3fast.usable():
+                    if isinstance(data, bytearray) and (fast := self._fast_here()) is not None:
                         try:
-                            self._fast.put(full, data, {DIGEST_META: digest}, what)
+                            fast.put(key, full, data, {DIGEST_META: digest})
                         except s3fast.Exists:
                             self._settle_existing(key, full, size, digest)
                     elif isinstance(data, bytearray):
@@ -356,35 +359,56 @@ class S3BlobStore(BlobStore):
         return aborted
 
     # -- reading -------------------------------------------------------------------------------------------
+    def _fast_here(self) -> s3fast.FastS3 | None:
+        """obstore's client if this process may use it (:func:`bastion.blobs.s3fast.usable`), else None: boto3."""
+        return self._fast if self._fast is not None and s3fast.usable() else None
+
+    def _fetched(self, count: int) -> None:
+        self.fetches["requests"] += 1
+        self.fetches["bytes"] += count
+
     def open(self, key: str) -> BinaryIO:
         """A buffered, seekable file over the object: its first :data:`READ_AHEAD` bytes are fetched now, the rest
         by ranged GETs as it is read."""
         full = self.full_key(key)
+        if (fast := self._fast_here()) is not None:
+            size, head = fast.head(key, full, READ_AHEAD)
+        else:
+            size, head = self._head(key, full)
+        self._fetched(len(head))
+        raw = RangedObject(size, head, lambda start, view: self._fetch_into(key, full, start, view, size),
+                           lambda start, end: self._fetch(key, full, start, end), f"s3://{self.bucket}/{full}")
+        return cast(BinaryIO, io.BufferedReader(raw, buffer_size=READ_AHEAD))
+
+    def _head(self, key: str, full: str) -> tuple[int, bytes]:
+        """The object's size and first :data:`READ_AHEAD` bytes, through boto3."""
         with self._translated(f"cannot read {key}", key):
             try:
                 answer = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes=0-{READ_AHEAD - 1}")
             except ClientError as exc:
                 if _status(exc) != 416:
                     raise
-                size, head = self.size(key), b""  # an empty object (no byte to range over)
-            else:
-                content_range = answer.get("ContentRange", "")
-                with contextlib.closing(answer["Body"]) as body:
-                    if content_range:  # "bytes 0-1048575/123456789"
-                        size, head = int(content_range.rsplit("/", 1)[1]), body.read()
-                    else:  # the whole object came: keep what a range would have held
-                        size = answer["ContentLength"]
-                        head = body.read(min(size, READ_AHEAD))
-        raw = RangedObject(size, head, lambda start, view: self._fetch_into(key, full, start, view),
-                           lambda start, end: self._fetch(key, full, start, end), f"s3://{self.bucket}/{full}")
-        return cast(BinaryIO, io.BufferedReader(raw, buffer_size=READ_AHEAD))
+                return self.size(key), b""  # an empty object (no byte to range over)
+            content_range = answer.get("ContentRange", "")
+            with contextlib.closing(answer["Body"]) as body:
+                if content_range:  # "bytes 0-1048575/123456789"
+                    return int(content_range.rsplit("/", 1)[1]), body.read()
+                size = answer["ContentLength"]  # the whole object came: keep what a range would have held
+                return size, body.read(min(size, READ_AHEAD))
 
-    def _fetch_into(self, key: str, full: str, start: int, view: memoryview) -> int:
+    def _fetch_into(self, key: str, full: str, start: int, view: memoryview, size: int) -> int:
         """Fill ``view`` with the object's bytes from ``start`` (one ranged GET); return how many came."""
+        end = min(start + len(view), size)
+        if end <= start:
+            return 0
+        if (fast := self._fast_here()) is not None:
+            got = fast.fetch(key, full, start, end)
+            view[: len(got)] = got
+            self._fetched(len(got))
+            return len(got)
         filled = 0
         with self._translated(f"cannot read {key}", key):
-            answer = self.client.get_object(Bucket=self.bucket, Key=full,
-                                            Range=f"bytes={start}-{start + len(view) - 1}")
+            answer = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}")
             with contextlib.closing(answer["Body"]) as body:
                 for chunk in body.iter_chunks(256 * 1024):
                     take = min(len(chunk), len(view) - filled)
@@ -392,22 +416,33 @@ class S3BlobStore(BlobStore):
                     filled += take
                     if filled == len(view):
                         break
+        self._fetched(filled)
         return filled
 
     def _fetch(self, key: str, full: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object (one ranged GET)."""
-        with self._translated(f"cannot read {key}", key):
-            answer = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}")
-            with contextlib.closing(answer["Body"]) as body:
-                return body.read()
+        if (fast := self._fast_here()) is not None:
+            data = bytes(fast.fetch(key, full, start, end))
+        else:
+            with self._translated(f"cannot read {key}", key):
+                answer = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}")
+                with contextlib.closing(answer["Body"]) as body:
+                    data = body.read()
+        self._fetched(len(data))
+        return data
 
     def get(self, key: str) -> bytes:
         """The whole object (one GET)."""
         full = self.full_key(key)
-        with self._translated(f"cannot read {key}", key):
-            answer = self.client.get_object(Bucket=self.bucket, Key=full)
-            with contextlib.closing(answer["Body"]) as body:
-                return body.read()
+        if (fast := self._fast_here()) is not None:
+            data = fast.get(key, full)
+        else:
+            with self._translated(f"cannot read {key}", key):
+                answer = self.client.get_object(Bucket=self.bucket, Key=full)
+                with contextlib.closing(answer["Body"]) as body:
+                    data = body.read()
+        self._fetched(len(data))
+        return data
 
     def size(self, key: str) -> int:
         full = self.full_key(key)

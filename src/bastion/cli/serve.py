@@ -37,6 +37,7 @@ from bastion.audit import AUDIT_DIR
 from bastion.audit.chain import read_head
 from bastion.audit.events import lifecycle_event
 from bastion.audit.forward import AuditForwarder
+from bastion.blobs import s3fast
 from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.loadboard import LoadBoard
@@ -436,6 +437,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Entry point of ``bastion serve``."""
     settings = settings_from(args)
     logging.getLogger().setLevel(settings.log_level.upper())
+    s3fast.hold_off()  # this process forks the servers: its own S3 requests go through boto3, theirs through obstore
     if read_state(settings.data).state == "switching":  # a crash cut an online rebuild's switch short: finish it
         try:
             with exclusive(settings.data):
