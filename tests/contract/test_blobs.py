@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -172,6 +174,35 @@ def test_two_writers_are_independent(store: BlobStore) -> None:
     b.commit("two/b.dcm")
     a.abort()
     assert list(store.keys()) == ["two/b.dcm"] and store.get("two/b.dcm") == b"B" * 50
+
+
+def test_put_once_never_replaces_and_one_of_racing_writers_wins(store: BlobStore) -> None:
+    """put_once (a report's version, bastion.blobs.reportlog): the first bytes stay; the same bytes again are fine;
+    of eight threads racing for one key with bytes of their own exactly one stores them."""
+    assert store.put_once("reports/r/v1.json", b'{"v": 1}') is True
+    assert store.put_once("reports/r/v1.json", b'{"v": 1}') is True  # the same again: fine
+    assert store.put_once("reports/r/v1.json", b'{"v": "other"}') is False
+    assert store.get("reports/r/v1.json") == b'{"v": 1}'
+    start = threading.Barrier(8)
+
+    def race(n: int) -> bool:
+        start.wait()
+        return store.put_once("reports/r/v2.json", f'{{"writer": {n}}}'.encode())
+
+    with ThreadPoolExecutor(8) as pool:
+        won = [n for n, ok in enumerate(pool.map(race, range(8))) if ok]
+    assert len(won) == 1 and store.get("reports/r/v2.json") == f'{{"writer": {won[0]}}}'.encode()
+    assert sorted(store.keys("reports")) == ["reports/r/v1.json", "reports/r/v2.json"]
+    if isinstance(store, FileBlobStore):
+        assert os.listdir(store.spool_dir) == []  # no spool file left
+
+
+def test_file_store_put_once_that_fails_leaves_nothing(tmp_path: Path) -> None:
+    store = FileBlobStore(str(tmp_path / "blobs"))
+    (tmp_path / "blobs" / "reports" / "r" / "v1.json").mkdir(parents=True)  # in the way: the key cannot be read
+    with pytest.raises(StorageError):
+        store.put_once("reports/r/v1.json", b"{}")
+    assert os.listdir(store.spool_dir) == [] and list(store.keys("reports")) == []
 
 
 # -- filesystem specifics ----------------------------------------------------------------------------

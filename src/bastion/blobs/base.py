@@ -162,6 +162,13 @@ class BlobStore(abc.ABC):
         return w.digest
 
     @abc.abstractmethod
+    def put_once(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` durably unless the key holds an object already, atomically: of writers racing
+        for one key exactly one stores its bytes, and nothing is ever replaced. True if the key holds ``data`` now
+        (stored by this call, or the same bytes were there); False if it holds other bytes, left as they were.
+        For objects whose key does not name their content (a report's version, :mod:`bastion.blobs.reportlog`)."""
+
+    @abc.abstractmethod
     def open(self, key: str) -> BinaryIO:
         """Open a committed object for reading; raises NotFound."""
 

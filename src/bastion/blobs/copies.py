@@ -263,6 +263,39 @@ class Copies(BlobStore):
                 self._write_failed(i, None, exc)
         return CopiesWriter(self, writers, [i for i in range(len(self.stores)) if i not in targets])
 
+    def put_once(self, key: str, data: bytes) -> bool:
+        """Into each store that takes writes, in the configured order: the first that answers decides (False: it
+        holds other bytes, and nothing more is written); ``required`` of them must hold ``data`` after. Nodes
+        that share the stores list them in one order, so the same store decides a race between them (while it
+        is up for both)."""
+        if len(self.stores) == 1:
+            return self.stores[0].put_once(key, data)
+        targets = [i for i, state in enumerate(self._states) if state.up() and self._revived(i)]
+        if len(targets) < self.required:
+            targets = list(range(len(self.stores)))
+        held, decided = 0, False
+        for i in range(len(self.stores)):
+            if i not in targets:
+                self.found(i, key, NOT_WRITTEN, "the store was left out of the write")
+                continue
+            try:
+                same = self.stores[i].put_once(key, data)
+            except (BastionError, OSError) as exc:
+                self._write_failed(i, key, exc)
+                continue
+            self._write_succeeded(i)
+            if not decided and not same:
+                return False
+            decided = True
+            if same:
+                held += 1
+            else:
+                self.found(i, key, CORRUPT, "it holds other bytes than the first store's")
+        if held < self.required:
+            raise StorageError(f"cannot commit {key}: only {held} of the {self.required} blob stores required "
+                               "hold it")
+        return True
+
     # -- reads ------------------------------------------------------------------------------------------------
 
     def _reading_order(self) -> list[int]:
@@ -487,6 +520,9 @@ class LateStore(BlobStore):
 
     def writer(self) -> BlobWriter:
         return self._opened().writer()
+
+    def put_once(self, key: str, data: bytes) -> bool:
+        return self._opened().put_once(key, data)
 
     def open(self, key: str) -> BinaryIO:
         return self._opened().open(key)

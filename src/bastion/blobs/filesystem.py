@@ -302,6 +302,33 @@ class FileBlobStore(BlobStore):
     def writer(self) -> FileWriter:
         return FileWriter(self)
 
+    def put_once(self, key: str, data: bytes) -> bool:
+        """Written and flushed under a spool name, then linked to its key: ``link`` never replaces a file, so of
+        writers racing the first to link wins; the directory is flushed before this returns True."""
+        final = self.path_of(key)
+        tmp = self.spool_path()
+        try:
+            self.make_dirs(os.path.dirname(final))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    sync_all(fd)
+                finally:
+                    os.close(fd)
+                os.link(tmp, final)
+                fsync_dir(os.path.dirname(final))
+                return True
+            except FileExistsError:
+                return holds(final, data)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        except OSError as exc:
+            raise os_error(exc, f"cannot commit {key}") from exc
+
     def open(self, key: str) -> BinaryIO:
         try:
             return open(self.path_of(key), "rb")  # noqa: SIM115

@@ -60,6 +60,10 @@ class MemoryBlobStore(BlobStore):
     def writer(self) -> MemoryWriter:
         return MemoryWriter(self)
 
+    def put_once(self, key: str, data: bytes) -> bool:
+        with self.lock:
+            return self.objects.setdefault(key, bytes(data)) == data
+
     def open(self, key: str) -> BinaryIO:
         try:
             return io.BytesIO(self.objects[key])

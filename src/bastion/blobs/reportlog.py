@@ -7,8 +7,9 @@ As the state log (:mod:`bastion.blobs.statelog`), reports are archive state that
     ``reports/<report id>/v<version, 8 digits>.json``   one version of the report (its whole JSON)
     ``reports/<report id>/audio/<audio id>``             one dictated recording (its bytes as received)
 
-A version is written once: a second writer of the same version is refused (:class:`VersionTaken`) before it puts
-anything. The index's ``reports`` table (:mod:`bastion.index.reports`) holds each report's latest version, derived
+A version is written once (:meth:`BlobStore.put_once`: atomic on the filesystem, by ``link``, and on S3, by
+``If-None-Match: *``): of two writers of one version, on one node or two, the first stores it and the second is
+refused (:class:`VersionTaken`) unless it wrote the same report. The index's ``reports`` table (:mod:`bastion.index.reports`) holds each report's latest version, derived
 from these objects (:func:`latest`).
 """
 
@@ -37,6 +38,15 @@ class VersionTaken(BastionError):
     http_status = 409
 
 
+#: What :meth:`ReportLog.keep` did: wrote the version, found it kept already, or found another report there.
+NEW, SAME, OTHER = "new", "same", "other"
+
+
+def encoded(doc: dict[str, Any]) -> bytes:
+    """A report version's bytes as kept (and as a signed report's SR carries them): sorted JSON in UTF-8."""
+    return json.dumps(doc, sort_keys=True).encode()
+
+
 def version_key(report_id: str, version: int) -> str:
     return f"{REPORT_PREFIX}{report_id}/v{version:08d}.json"
 
@@ -57,11 +67,18 @@ class ReportLog:
 
     def write(self, doc: dict[str, Any]) -> None:
         """Write version ``doc["version"]`` of report ``doc["id"]``, durably when this returns; VersionTaken if
-        that version exists already."""
-        key = version_key(str(doc["id"]), int(doc["version"]))
-        if self.blobs.exists(key):
+        that version is kept already with other content."""
+        if self.keep(doc) == OTHER:
             raise VersionTaken(f"report {doc['id']} version {doc['version']} exists already")
-        self.blobs.put(key, json.dumps(doc, sort_keys=True).encode())
+
+    def keep(self, doc: dict[str, Any]) -> str:
+        """Write version ``doc["version"]`` of report ``doc["id"]`` unless it is kept already: :data:`NEW` (its
+        bytes are kept now: written now, or they were there), :data:`SAME` (kept already, the same report in other
+        bytes) or :data:`OTHER` (kept already with other content, left as it is)."""
+        report_id, version = str(doc["id"]), int(doc["version"])
+        if self.blobs.put_once(version_key(report_id, version), encoded(doc)):
+            return NEW
+        return SAME if self.read(report_id, version) == doc else OTHER
 
     def read(self, report_id: str, version: int) -> dict[str, Any]:
         data = json.loads(self.blobs.get(version_key(report_id, version)))

@@ -309,6 +309,20 @@ class S3BlobStore(BlobStore):
             if not isinstance(data, bytearray):
                 data.close()
 
+    def put_once(self, key: str, data: bytes) -> bool:
+        """One ``PutObject`` with ``If-None-Match: *`` (module doc): S3 answers 412 for a key that exists, and
+        the bytes there are compared."""
+        full = self.full_key(key)
+        with self._translated(f"cannot commit {key}", key):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentLength=len(data),
+                                       IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if _status(exc) != 412 and _code(exc) != "PreconditionFailed":
+                    raise
+        return self.get(key) == data
+
     def _upload_parts(self, full: str, fd: int, size: int, digest: str) -> None:
         """A multipart upload of the file ``fd``'s ``size`` bytes, each part streamed from it (aborted on failure).
 

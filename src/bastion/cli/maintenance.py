@@ -21,6 +21,7 @@ from bastion.index.base import rebuild_index
 from bastion.ingest.online_rebuild import summary
 from bastion.ingest.rebuild import RebuildReport, rebuild, stored_keys
 from bastion.ingest.verify import verify
+from bastion.reporting.intake import ReportIntake
 from bastion.settings import Settings
 
 
@@ -53,7 +54,11 @@ def _rebuild(settings: Settings) -> int:
 
     def build(index: Index) -> RebuildReport:
         with tqdm(total=total, desc="rebuilding index", unit=" objects", file=sys.stderr, disable=None) as bar:
-            return rebuild(blobs, index, _progress(bar), after=after)
+            report = rebuild(blobs, index, _progress(bar), after=after)
+        kept = ReportIntake(blobs, index).catch_up()  # reports whose blobs were lost come back from their SRs
+        if kept:
+            print(f"{kept} report version(s) kept again from their SRs")
+        return report
 
     report = rebuild_index(target, build)
     print(summary(total, report.indexed, report.superseded, len(report.skipped), len(report.warned)))

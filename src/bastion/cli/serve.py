@@ -50,6 +50,8 @@ from bastion.forward.edge import Edge, upstream_holds
 from bastion.forward.forwarder import Forwarder, begin_forwarding
 from bastion.index.base import is_postgresql
 from bastion.ingest.online_rebuild import OnlineRebuild, read_state, switch_in
+from bastion.reporting.intake import CHECKPOINT as INTAKE_CHECKPOINT
+from bastion.reporting.intake import ReportIntake
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 from bastion.web.timeouts import header_deadline_protocol
@@ -182,6 +184,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     runner = MoveRunner(dicom.services.moves)  # the node's one runner of C-MOVE jobs whose lease ran out
     runner.start()
     forwarder, edge = await start_forwarder(archive)
+    intake = ReportIntake(archive.blobs, archive.index, settings.data / INTAKE_CHECKPOINT).start()  # SRs' reports
     status.dicom_listening = True
     status.dicom_address = f"{settings.host}:{settings.dicom_port}"
     status.per_worker = board.counts  # type: ignore[method-assign]
@@ -241,6 +244,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
         await edge.stop()
     await http_task
     await asyncio.to_thread(repairer.stop)
+    await asyncio.to_thread(intake.stop)
     if serving is not None:
         serving.cancel()
     if status.index_rebuild is not None:

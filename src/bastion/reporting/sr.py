@@ -7,19 +7,27 @@ CompletionFlag COMPLETE, VerificationFlag VERIFIED, VerifyingObserverSequence wi
 PredecessorDocumentsSequence referencing the previous SR) and the SR Document Content (PS3.3 C.17.3): a root
 CONTAINER titled by the template (its name as code value, scheme ``99BASTION``, its title as meaning) holding one TEXT item per non-empty
 section, each named by its title (concept code scheme ``99BASTION``, the section's name as its code).
+
+The SR also carries the report version it signs, whole: its JSON (as :mod:`bastion.blobs.reportlog` keeps it) in
+the private element (0073,xx01) OB of private creator ``BASTION REPORT``, so that wherever the SR goes (forwarded
+from an edge, or found by ``index rebuild`` without the report's blobs) the report can be kept again from it
+(:mod:`bastion.reporting.intake`). Its SOP Instance UID is derived from the report's id and version
+(:func:`sr_uid`): a sign retried after a failure makes the same instance.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from bastion import __version__
+from bastion.blobs.reportlog import encoded, is_report_id
 
 BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
 #: The attributes of the study copied into the SR (DICOM keywords), from the index's study answer.
@@ -39,17 +47,44 @@ def _dicom_datetime(iso: str) -> tuple[str, str]:
     return date.replace("-", ""), time.rstrip("Z").replace(":", "")[:13]
 
 
+#: The private block holding the report version an SR signs (PS3.5 7.8): group, creator, element in the block.
+PRIVATE_GROUP, PRIVATE_CREATOR, REPORT_ELEMENT = 0x0073, "BASTION REPORT", 0x01
+
+
+def _derived_uid(text: str) -> str:
+    return "2.25." + str(int(hashlib.sha256(text.encode()).hexdigest()[:30], 16))
+
+
 def series_uid(report_id: str) -> str:
     """The report's SR series: one per report, the same for every version (a 2.25 UID derived from its id)."""
-    return "2.25." + str(int(hashlib.sha256(f"bastion-report-series:{report_id}".encode()).hexdigest()[:30], 16))
+    return _derived_uid(f"bastion-report-series:{report_id}")
 
 
-def build_sr(doc: dict[str, Any], study: dict[str, Any], signer: str, signed_at: str,
-             predecessor: str | None = None, institution: str = "") -> tuple[str, bytes]:
-    """The SR of report ``doc`` signed by ``signer`` at ``signed_at`` (ISO 8601): its SOP Instance UID and Part 10
-    bytes. ``study``: the study's attributes by keyword (:data:`STUDY_KEYWORDS`, as plain strings).
-    ``predecessor``: the SOP Instance UID of the SR this one amends."""
-    sop_uid = generate_uid(prefix=None)
+def sr_uid(report_id: str, version: int) -> str:
+    """The SOP Instance UID of the SR that signs version ``version`` of the report (a 2.25 UID derived from both)."""
+    return _derived_uid(f"bastion-report-sr:{report_id}:{version}")
+
+
+def carried_report(ds: Dataset) -> dict[str, Any] | None:
+    """The report version an SR made by :func:`build_sr` carries, or None (another SR, or the element cannot be
+    read as a signed report's JSON whose last SR is this one)."""
+    try:
+        value = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[REPORT_ELEMENT].value
+        doc = json.loads(bytes(value).rstrip(b"\x00 "))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if (not isinstance(doc, dict) or not is_report_id(str(doc.get("id"))) or not isinstance(doc.get("version"), int)
+            or not isinstance(doc.get("sr"), list) or doc["sr"][-1:] != [str(ds.get("SOPInstanceUID", ""))]):
+        return None
+    return doc
+
+
+def build_sr(doc: dict[str, Any], study: dict[str, Any], institution: str = "") -> bytes:
+    """The Part 10 bytes of the SR that signs report version ``doc`` (``final`` or ``amended``: its signer,
+    ``signed_at``, ISO 8601, and its ``sr`` list ending with this SR's UID, the one before it the SR it amends).
+    ``study``: the study's attributes by keyword (:data:`STUDY_KEYWORDS`, as plain strings)."""
+    sop_uid, signer, signed_at = doc["sr"][-1], str(doc["signed_by"]), str(doc["signed_at"])
+    predecessor = doc["sr"][-2] if len(doc["sr"]) > 1 else None
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR, sop_uid
     ds.SpecificCharacterSet = "ISO_IR 192"
@@ -57,7 +92,7 @@ def build_sr(doc: dict[str, Any], study: dict[str, Any], signer: str, signed_at:
         setattr(ds, keyword, str(study.get(keyword, "")))
     ds.Modality = "SR"
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid(doc["id"]), 9901, "Reports"
-    ds.InstanceNumber = len(doc.get("sr", [])) + 1
+    ds.InstanceNumber = len(doc["sr"])
     ds.Manufacturer, ds.SoftwareVersions = "Bastion", __version__
     if institution:
         ds.InstitutionName = institution
@@ -102,13 +137,14 @@ def build_sr(doc: dict[str, Any], study: dict[str, Any], signer: str, signed_at:
         item.TextValue = str(doc["reason"])
         items.append(item)
     ds.ContentSequence = items
+    ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(REPORT_ELEMENT, "OB", encoded(doc))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = BASIC_TEXT_SR, sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     out = BytesIO()
     dcmwrite(out, ds, enforce_file_format=True)
-    return sop_uid, out.getvalue()
+    return out.getvalue()
 
 
 def sr_text(ds: Dataset) -> dict[str, str]:

@@ -31,7 +31,9 @@ from bastion.model.matching import Condition, MatchType
 from bastion.model.uids import is_identifiable_uid
 from bastion.reporting import report as rpt
 from bastion.reporting.dictation import Transcriber, open_transcriber
-from bastion.reporting.sr import STUDY_KEYWORDS, build_sr
+from bastion.reporting.intake import ReportIntake
+from bastion.reporting.signing import Signing
+from bastion.reporting.sr import STUDY_KEYWORDS
 from bastion.reporting.store import ReportStore
 from bastion.reporting.templates import Template, load_templates
 
@@ -136,6 +138,9 @@ class ReportingApi:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         self.store = ReportStore(archive.blobs, archive.index)
+        self.signing = Signing(self.store, ReportIntake(archive.blobs, archive.index),
+                               lambda study: study_facts(archive, study),
+                               lambda data: archive.ingest.store_bytes(data, ORIGIN))
         self.templates: dict[str, Template] = load_templates(archive.settings.data)
         self._transcriber: Transcriber | None = None
         self._transcriber_lock = threading.Lock()
@@ -165,28 +170,12 @@ class ReportingApi:
             address=request.client.host if request.client else "", via="api", patient_id=str(doc.get("patient_id", "")),
             studies=(str(doc.get("study", "")),), count=1, detail=detail, emergency=principal.emergency))
 
-    def store_sr(self, doc: dict[str, Any], user: str, at: str, predecessor: str | None) -> str:
-        """Build the SR of ``doc`` signed by ``user`` and store it through the ingest; its SOP Instance UID."""
-        facts = study_facts(self.archive, str(doc["study"]))
-        sop_uid, data = build_sr(doc, facts, user, at, predecessor)
-        self.archive.ingest.store_bytes(data, ORIGIN)
-        return sop_uid
-
     def sign(self, report_id: str, user: str) -> dict[str, Any]:
-        def change(doc: dict[str, Any]) -> dict[str, Any]:
-            rpt.check_signable(doc)
-            at = rpt.now_iso()
-            return rpt.signed(doc, user, at, self.store_sr(doc, user, at, None))
-        return self.store.change(report_id, change)
+        """Sign: the SR carrying the signed version is stored, then the version kept (reporting/signing.py)."""
+        return self.signing.sign(report_id, user)
 
     def amend(self, report_id: str, sections: object, reason: object, user: str) -> dict[str, Any]:
-        def change(doc: dict[str, Any]) -> dict[str, Any]:
-            merged = rpt.check_amendable(doc, sections, reason)
-            at = rpt.now_iso()
-            draft = {**doc, "sections": merged, "reason": str(reason).strip()}
-            sop_uid = self.store_sr(draft, user, at, doc["sr"][-1] if doc["sr"] else None)
-            return rpt.amended(doc, merged, str(reason), user, at, sop_uid)
-        return self.store.change(report_id, change)
+        return self.signing.amend(report_id, sections, reason, user)
 
     def dictate(self, report_id: str, audio: bytes, content_type: str, user: str) -> dict[str, Any]:
         rpt.check_signable(self.store.get(report_id))
