@@ -299,6 +299,9 @@ class Settings:
     dictation_engine: str = "pocketsphinx"
     #: ``[dictation] max_seconds``: the longest recording transcribed at once; longer ones are refused (HTTP 413).
     dictation_max_seconds: float = 600.0
+    #: ``[report] claim_minutes``: how long a radiologist's claim on a study of the reading list lasts unless
+    #: renewed (:mod:`bastion.jobs.claims`, docs/reporting.md).
+    report_claim_minutes: float = 30.0
     #: ``[dimse.peers]``: the known calling AEs, each with its hosts and DIMSE services (:mod:`bastion.model.peers`).
     dimse_peers: tuple[DicomPeer, ...] = ()
     #: ``[dimse] allow_unknown``: whether AEs not in ``dimse_peers`` may associate (with every service). None

@@ -43,6 +43,9 @@ from bastion.web.access import AUTHENTICATED, DENY, PUBLIC, required_role
     ("GET", "/api/reports/ab/audio/cd", "viewer|radiologist"), ("POST", "/api/reports", "radiologist"),
     ("PUT", "/api/reports/ab", "radiologist"), ("POST", "/api/reports/ab/sign", "radiologist"),
     ("POST", "/api/reports/ab/amend", "radiologist"), ("POST", "/api/reports/ab/audio", "radiologist"),
+    ("GET", "/api/reading-list", "viewer|radiologist"), ("POST", "/api/reading-list/1.2/claim", "radiologist"),
+    ("DELETE", "/api/reading-list/1.2/claim", "radiologist"), ("PUT", "/api/reading-list/1.2/priority", "radiologist"),
+    ("POST", "/api/reading-list", "admin"), ("GET", "/reporting/study/1.2", PUBLIC), ("POST", "/reporting", DENY),
     ("POST", "/api/templates", "admin"), ("DELETE", "/api/reports/ab", "admin"),
     ("GET", "/fhir/DiagnosticReport", "viewer|radiologist"), ("POST", "/fhir/DiagnosticReport", DENY),
     ("GET", "/fhir", DENY),
@@ -217,6 +220,9 @@ PUBLIC_ROUTES = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/app-config.j
                  ("GET", "/admin"), ("HEAD", "/admin"), ("GET", "/admin/"), ("HEAD", "/admin/"),
                  ("GET", "/api/auth/config"), ("HEAD", "/api/auth/config"), ("GET", "/api/openapi.json"),
                  ("HEAD", "/api/openapi.json"), ("GET", "/"), ("HEAD", "/"), ("GET", "/1.2.3"), ("HEAD", "/1.2.3")}
+# The reporting pages' shells and files (their data comes from the API).
+PUBLIC_ROUTES |= {(m, p) for m in ("GET", "HEAD") for p in ("/reporting", "/reporting/", "/reporting/static/1.2.3",
+                                                           "/reporting/study/1.2.3", "/reporting/typing")}
 
 
 def test_every_route_of_the_app_is_in_the_access_table(tmp_path: Path) -> None:
@@ -237,7 +243,7 @@ def test_every_route_of_the_app_is_in_the_access_table(tmp_path: Path) -> None:
     public = {(m, p) for m, p in served if required_role(m, p) == PUBLIC}
     assert public <= PUBLIC_ROUTES, f"routes served without credentials: {sorted(public - PUBLIC_ROUTES)}"
     for method, path in served:
-        if path.startswith(("/api/reports", "/api/templates", "/fhir/")):
+        if path.startswith(("/api/reports", "/api/templates", "/fhir/", "/api/reading-list")):
             assert required_role(method, path) in ("viewer|radiologist", "radiologist"), (method, path)
         elif path.startswith(("/api/", "/admin/")) and (method, path) not in PUBLIC_ROUTES and path != "/api/whoami":
             assert required_role(method, path) == "admin", (method, path)

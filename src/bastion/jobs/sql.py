@@ -59,6 +59,15 @@ class SqlJobs(Jobs):
     def _transaction(self) -> contextlib.AbstractContextManager[Run]:
         """One transaction, committed when the block ends, rolled back if it raises."""
 
+    @property
+    def dialect(self) -> Dialect:
+        return self._d
+
+    def transaction(self) -> contextlib.AbstractContextManager[Run]:
+        """One transaction of the jobs' database, for the small tables kept beside the jobs
+        (:mod:`bastion.jobs.claims`)."""
+        return self._transaction()
+
     def _job(self, run: Run, row: tuple[Any, ...]) -> Job:
         job_id, kind, key, payload, owner, lease_until, outcome, closed = row
         done = {str(sop): int(status) for sop, status in

@@ -11,6 +11,9 @@ With ``[auth] enabled``, every HTTP request is matched against :data:`RULES` (fi
 - ``GET``/``HEAD`` ``/api/templates``, ``/api/reports...`` and ``/fhir/...``: viewer or radiologist;
 - ``POST`` ``/api/reports``, ``PUT`` ``/api/reports/{id}``, ``POST`` ``/api/reports/{id}/sign|amend|audio``:
   radiologist (a rule's role ``a|b``: either);
+- ``GET``/``HEAD`` ``/reporting...`` (the reporting pages' shells and files): public; ``GET``/``HEAD``
+  ``/api/reading-list``: viewer or radiologist; ``POST``/``DELETE`` ``/api/reading-list/{study}/claim`` and ``PUT``
+  ``/api/reading-list/{study}/priority``: radiologist;
 - ``DELETE`` anywhere, anything under ``/api/`` and ``/admin/``: admin;
 - ``OPTIONS`` anywhere: public (a CORS preflight carries no credentials);
 - ``GET``/``HEAD`` on any other path: public (the viewer's static files and its single-page-app fallback).
@@ -88,6 +91,10 @@ RULES: tuple[Rule, ...] = (
     _rule(frozenset({"POST"}), r"/api/reports(/[^/]+/(sign|amend|audio))?", "radiologist"),
     _rule(frozenset({"PUT"}), r"/api/reports/[^/]+", "radiologist"),
     _rule(_READ, r"/fhir/.+", REPORT_READER),
+    _rule(_READ, r"/reporting(/.*)?", PUBLIC),
+    _rule(_READ, r"/api/reading-list", REPORT_READER),
+    _rule(frozenset({"POST", "DELETE"}), r"/api/reading-list/[^/]+/claim", "radiologist"),
+    _rule(frozenset({"PUT"}), r"/api/reading-list/[^/]+/priority", "radiologist"),
     _rule(frozenset({"DELETE"}), r"/.*", "admin"),
     _rule(_ANY, r"/api(/.*)?", "admin"),
     _rule(_ANY, r"/admin/.*", "admin"),

@@ -22,9 +22,10 @@ from bastion.archive import Archive
 from bastion.auth.authenticator import Authenticator
 from bastion.dicomweb.routes import routes as dicomweb_routes
 from bastion.ingest.online_rebuild import OnlineRebuild
-from bastion.web import admin, api, auth_routes, viewer
+from bastion.web import admin, api, auth_routes, reporting_pages, viewer
 from bastion.web.access import AccessControl
 from bastion.web.fhir import fhir_routes
+from bastion.web.reading_list import reading_list_routes
 from bastion.web.reporting import reporting_routes
 from bastion.web.timeouts import BodyDeadline
 
@@ -113,6 +114,8 @@ def _routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
         *auth_routes.routes(archive),
         *api.routes(archive, status),
         *reporting_routes(archive),
+        *reading_list_routes(archive),
+        *reporting_pages.routes(),
         *fhir_routes(archive),
         *dicomweb_routes(archive),
         *admin.routes(),

@@ -203,3 +203,86 @@ PATHS: dict[str, Any] = {
                       "503": _json("The index failed.", "FhirOutcome", "application/fhir+json")},
     }},
 }
+
+# The reading list (bastion.web.reading_list): studies with their report state, priority and claim; the claims.
+_UID = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)*$", "maxLength": 64}
+_STUDY = {"name": "study", "in": "path", "required": True, "description": "The Study Instance UID.", "schema": _UID}
+_CLAIM = {"type": ["object", "null"], "required": ["user", "expires"], "description": "The live claim; null: none.",
+          "properties": {"user": {"type": "string"}, "expires": {"type": "string", "format": "date-time"}}}
+_PRIORITY = {"enum": ["stat", "urgent", "routine"]}
+_READING_STATES = ["unreported", *STATES]
+SCHEMAS["ReadingList"] = {"type": "object", "required": ["studies", "claim_minutes"], "properties": {
+    "claim_minutes": {"type": "number"},
+    "studies": {"type": "array", "items": {
+        "type": "object",
+        "required": ["study", "patient_name", "patient_id", "accession", "study_date", "study_time", "description",
+                     "modalities", "instances", "state", "report", "priority", "claim"],
+        "properties": {
+            **{k: {"type": "string"} for k in ("study", "patient_name", "patient_id", "accession", "study_date",
+                                               "study_time", "description")},
+            "modalities": {"type": "array", "items": {"type": "string"}},
+            "instances": {"type": "integer", "minimum": 0}, "state": {"enum": _READING_STATES},
+            "report": {"type": ["object", "null"], "required": ["id", "state", "version", "updated"],
+                       "description": "The study's latest report; null: unreported.",
+                       "properties": {"id": {"type": "string"}, "state": {"enum": list(STATES)},
+                                      "version": {"type": "integer"}, "updated": {"type": "string"}}},
+            "priority": _PRIORITY, "claim": _CLAIM}}}}}
+SCHEMAS["ReadingClaim"] = {"type": "object", "required": ["study", "claim", "priority"], "properties": {
+    "study": {"type": "string"}, "claim": _CLAIM, "priority": _PRIORITY}}
+_USER_BODY = {"type": "object", "properties": {"user": {
+    **_NOT_BLANK, "description": "Who claims (required while authentication is off; the caller otherwise)."}}}
+_STUDY_ERRORS = {"400": _err("Not a Study Instance UID, or the body is not as described."),
+                 "404": _err("No such study."), "503": _err("The index or the claims' database failed.")}
+PATHS.update({
+    "/api/reading-list": {"get": {
+        "operationId": "readingList",
+        "summary": "The reading list: studies, newest first, with their report state, priority and claim.",
+        "parameters": [
+            {"name": "modality", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": "^[A-Z0-9_ ]{0,16}$"}},
+            {"name": "from", "in": "query", "required": False, "schema": _DATE,
+             "description": "Studies on or after this date."},
+            {"name": "to", "in": "query", "required": False, "schema": _DATE,
+             "description": "Studies on or before this date."},
+            {"name": "priority", "in": "query", "required": False, "schema": _PRIORITY},
+            {"name": "state", "in": "query", "required": False, "schema": {"enum": _READING_STATES}},
+            {"name": "q", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "Text in the patient's name (any case), patient id or accession number."},
+            {"name": "study", "in": "query", "required": False, "schema": _UID,
+             "description": "One study (its Study Instance UID)."},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0, "maximum": 500, "default": 50}},
+            {"name": "offset", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0, "maximum": 100_000, "default": 0}},
+        ],
+        "responses": {"200": _json("The studies.", "ReadingList"), "400": _err("A parameter is not as described."),
+                      "503": _err("The index or the claims' database failed.")},
+    }},
+    "/api/reading-list/{study}/claim": {
+        "post": {
+            "operationId": "claimStudy",
+            "summary": "Claim the study for `report_claim_minutes` (or renew one's own claim).",
+            "parameters": [_STUDY], "requestBody": _body(_USER_BODY),
+            "responses": {"200": _json("The claim.", "ReadingClaim"),
+                          "409": _err("Another user holds an unexpired claim (named in the error)."),
+                          **_STUDY_ERRORS},
+        },
+        "delete": {
+            "operationId": "releaseStudy",
+            "summary": "Release one's claim on the study (an admin: anyone's).",
+            "parameters": [_STUDY, {"name": "user", "in": "query", "required": False, "schema": _NOT_BLANK,
+                                    "description": "Who releases (required while authentication is off)."}],
+            "responses": {"200": {"description": "Whether a live claim was released.", "content": {
+                "application/json": {"schema": {"type": "object", "required": ["study", "released"], "properties": {
+                    "study": {"type": "string"}, "released": {"type": "boolean"}}}}}},
+                "409": _err("Another user holds the claim."), **_STUDY_ERRORS},
+        },
+    },
+    "/api/reading-list/{study}/priority": {"put": {
+        "operationId": "setStudyPriority",
+        "summary": "Set the study's reading priority (kept beside the claims).",
+        "parameters": [_STUDY],
+        "requestBody": _body({"type": "object", "required": ["priority"], "properties": {"priority": _PRIORITY}}),
+        "responses": {"200": _json("The study's priority and claim.", "ReadingClaim"), **_STUDY_ERRORS},
+    }},
+})

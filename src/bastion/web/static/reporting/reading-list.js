@@ -1,0 +1,78 @@
+// The reading list (/reporting): studies with their report state, priority and claim (GET /api/reading-list), a
+// claim taken or released from the row (POST / DELETE /api/reading-list/{study}/claim), the priority set there
+// (PUT .../priority), and "open" to the editor beside the viewer (/reporting/study/{uid}).
+import { api, esc, me, signIn, withUser } from '/reporting/static/auth.js';
+
+const q = (s) => document.querySelector(s);
+const PAGE = 50;
+const pname = (s) => { const [family, ...rest] = String(s).split('^'); const given = rest.join(' ').trim();
+  return given ? `${family}, ${given}` : family; };
+const date = (s) => /^\d{8}$/.test(s) ? `${s.slice(0, 4)}-${s.slice(4, 6)}-${s.slice(6)}` : s;
+let shown = PAGE;
+let user = '';
+
+function params() {
+  const p = new URLSearchParams({limit: String(shown)});
+  for (const [k, v] of new FormData(q('#filters'))) if (String(v).trim()) p.set(k, String(v).trim());
+  return p;
+}
+
+function row(s) {
+  const mine = s.claim && s.claim.user === user;
+  const claim = s.claim ? `<span class="${mine ? 'ok' : ''}" title="until ${esc(new Date(s.claim.expires).toLocaleTimeString())}">${esc(s.claim.user)}</span>` : '<span class="muted">—</span>';
+  const button = !s.claim ? `<button type="button" data-claim="${esc(s.study)}">claim</button>`
+    : mine ? `<button type="button" data-release="${esc(s.study)}">release</button>` : '';
+  const priorities = ['stat', 'urgent', 'routine'].map(p => `<option${p === s.priority ? ' selected' : ''}>${p}</option>`).join('');
+  return `<tr data-study="${esc(s.study)}">
+    <td><select class="priority ${esc(s.priority)}" data-priority="${esc(s.study)}" aria-label="priority">${priorities}</select></td>
+    <td>${esc(pname(s.patient_name))}</td><td>${esc(s.patient_id)}</td><td>${esc(date(s.study_date))}</td>
+    <td>${esc(s.accession)}</td><td>${esc(s.modalities.join(', '))}</td><td>${esc(s.description)}</td>
+    <td><span class="badge ${esc(s.state)}" data-state="${esc(s.state)}">${esc(s.state)}</span></td>
+    <td class="claim">${claim}</td>
+    <td class="actions">${button} <a href="/reporting/study/${encodeURIComponent(s.study)}" data-open="${esc(s.study)}">open</a></td></tr>`;
+}
+
+async function load() {
+  const r = await api('/api/reading-list?' + params());
+  if (!r.ok) { q('#status').innerHTML = `<span class="bad">${r.status}: ${esc(r.error)}</span>`; return; }
+  const studies = r.data.studies;
+  q('#studies tbody').innerHTML = studies.map(row).join('') || '<tr><td colspan="10" class="muted">no studies</td></tr>';
+  q('#more').hidden = studies.length < shown;
+  if (!q('#status').dataset.sticky) q('#status').textContent = `${studies.length} stud${studies.length === 1 ? 'y' : 'ies'}`;
+}
+
+function say(html, sticky = true) {
+  q('#status').innerHTML = html;
+  if (sticky) { q('#status').dataset.sticky = '1'; setTimeout(() => { delete q('#status').dataset.sticky; }, 8000); }
+}
+
+q('#studies').addEventListener('click', async (e) => {
+  const t = e.target;
+  const claim = t.getAttribute && t.getAttribute('data-claim');
+  const release = t.getAttribute && t.getAttribute('data-release');
+  if (!claim && !release) return;
+  if (!user) { say('<span class="bad">Say who you are first (Your name, top right).</span>'); return; }
+  const study = claim || release;
+  const r = claim ? await api(`/api/reading-list/${encodeURIComponent(study)}/claim`, {method: 'POST', body: withUser()})
+    : await api(`/api/reading-list/${encodeURIComponent(study)}/claim?` + new URLSearchParams(withUser()), {method: 'DELETE'});
+  say(r.ok ? (claim ? 'claimed' : 'released') : `<span class="bad">${r.status}: ${esc(r.error)}</span>`);
+  load();
+});
+q('#studies').addEventListener('change', async (e) => {
+  const study = e.target.getAttribute && e.target.getAttribute('data-priority');
+  if (!study) return;
+  const r = await api(`/api/reading-list/${encodeURIComponent(study)}/priority`, {method: 'PUT', body: {priority: e.target.value}});
+  if (!r.ok) say(`<span class="bad">${r.status}: ${esc(r.error)}</span>`);
+  load();
+});
+q('#filters').addEventListener('submit', (e) => { e.preventDefault(); shown = PAGE; load(); });
+q('#more').addEventListener('click', () => { shown += PAGE; load(); });
+
+async function start() {
+  await signIn(q('#who'), async () => { user = await me(); load(); });
+  user = await me();
+  await load();
+  document.body.dataset.ready = '1';
+  setInterval(load, 10000);
+}
+start();
