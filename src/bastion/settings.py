@@ -302,6 +302,10 @@ class Settings:
     #: ``[report] claim_minutes``: how long a radiologist's claim on a study of the reading list lasts unless
     #: renewed (:mod:`bastion.jobs.claims`, docs/reporting.md).
     report_claim_minutes: float = 30.0
+    #: ``[report] key_file``: the report key (64 hexadecimal digits) that seals the report a signed SR carries
+    #: (:mod:`bastion.reporting.seal`): give an edge node and its centre the same file; empty: the archive's own key,
+    #: kept in its blob store.
+    report_key_file: str = ""
     #: ``[dimse.peers]``: the known calling AEs, each with its hosts and DIMSE services (:mod:`bastion.model.peers`).
     dimse_peers: tuple[DicomPeer, ...] = ()
     #: ``[dimse] allow_unknown``: whether AEs not in ``dimse_peers`` may associate (with every service). None

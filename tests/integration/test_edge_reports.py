@@ -5,6 +5,7 @@ delivered the study; a sign whose report write failed after its SR was stored le
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +20,35 @@ from test_forward import wait_for
 
 from bastion.blobs import open_blob_store
 from bastion.blobs.reportlog import version_key
+from bastion.reporting.sr import build_sr, sr_uid
 
 pytestmark = pytest.mark.timeout(240)
 
 SECTIONS = {"findings": "A 6 mm nodule in the left lower lobe.", "impression": "Indeterminate nodule."}
 
 
+class KeyedPair(Pair):
+    """An edge and its centre given one report key file (docs/reporting.md, "Downtime and edge nodes")."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.key_file = root / "report.key"
+        self.key_file.write_text(secrets.token_hex(32) + "\n")
+
+    def upstream(self) -> BastionServer:
+        dicom, http = self.up_ports
+        return self._start(BastionServer(self.root / "upstream", remotes=[f"EDGE@127.0.0.1:{self.edge_ports[0]}"],
+                                         aet="UPSTREAM", dicom_port=dicom, http_port=http, fixed_ports=True,
+                                         settings={"BASTION_REPORT_KEY_FILE": str(self.key_file)}))
+
+    @property
+    def edge_settings(self) -> dict[str, str]:
+        return {**super().edge_settings, "BASTION_REPORT_KEY_FILE": str(self.key_file)}
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path)
+    p = KeyedPair(tmp_path)
     yield p
     p.stop()
 
@@ -162,3 +183,34 @@ def test_index_rebuild_brings_a_report_back_from_its_sr_when_its_blobs_are_lost(
         wait_for("the report back after the rebuild at start",
                  lambda: api(server, "GET", f"/api/reports/{rid}").status_code == 200, server)
         assert api(server, "GET", f"/api/reports/{rid}").json() == amended
+
+
+def test_an_sr_sealed_under_another_key_brings_no_report_in(tmp_path: Path) -> None:
+    """Anyone who may store objects could store an SR carrying a "final" report in a radiologist's name: only one
+    sealed under the archive's report key is taken (bastion.reporting.seal)."""
+    key_file = tmp_path / "report.key"
+    key_file.write_text(secrets.token_hex(32))
+    server = BastionServer(tmp_path / "data", settings={"BASTION_REPORT_KEY_FILE": str(key_file)}).start()
+    try:
+        study = stored_study(server, tmp_path / "ct")
+        facts = {"StudyInstanceUID": study.study_uid, "PatientID": study.patient_id, "PatientName": "Edge^Patient"}
+        made = []
+        for name, key in (("forged", secrets.token_bytes(32)), ("sealed", bytes.fromhex(key_file.read_text()))):
+            doc = {"id": secrets.token_hex(16), "study": study.study_uid, "patient_id": study.patient_id,
+                   "state": "final", "version": 2, "sections": {"impression": f"{name} report"},
+                   "section_titles": {"impression": "Impression"}, "template": "blank", "template_title": "Blank",
+                   "signed_by": "Dr^Someone", "signed_at": "2026-12-07T10:00:00.000Z", "author": "x", "audio": [],
+                   "reason": "", "history": []}
+            doc["sr"] = [sr_uid(doc["id"], 2)]
+            path = tmp_path / f"{name}.dcm"
+            path.write_bytes(build_sr(doc, facts, key))
+            assert server.storescu(path).stdout.count("Received Store Response (Success)") == 1  # stored as an SR
+            made.append(doc["id"])
+        forged, sealed = made
+        wait_for("the sealed SR's report taken", lambda: api(server, "GET", f"/api/reports/{sealed}").status_code == 200,
+                 server)
+        assert api(server, "GET", f"/api/reports/{forged}").status_code == 404  # the forged one was read before it
+        assert [r["id"] for r in reports_of(server, study.study_uid)] == [sealed]
+        assert "not sealed by this archive's report key" in server.log()
+    finally:
+        server.stop()

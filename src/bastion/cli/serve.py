@@ -52,6 +52,7 @@ from bastion.index.base import is_postgresql
 from bastion.ingest.online_rebuild import OnlineRebuild, read_state, switch_in
 from bastion.reporting.intake import CHECKPOINT as INTAKE_CHECKPOINT
 from bastion.reporting.intake import ReportIntake
+from bastion.reporting.seal import report_key
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 from bastion.web.timeouts import header_deadline_protocol
@@ -184,7 +185,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     runner = MoveRunner(dicom.services.moves)  # the node's one runner of C-MOVE jobs whose lease ran out
     runner.start()
     forwarder, edge = await start_forwarder(archive)
-    intake = ReportIntake(archive.blobs, archive.index, settings.data / INTAKE_CHECKPOINT).start()  # SRs' reports
+    key = report_key(archive.blobs, settings.report_key_file)
+    intake = ReportIntake(archive.blobs, archive.index, key, settings.data / INTAKE_CHECKPOINT).start()  # SRs' reports
     status.dicom_listening = True
     status.dicom_address = f"{settings.host}:{settings.dicom_port}"
     status.per_worker = board.counts  # type: ignore[method-assign]

@@ -30,7 +30,7 @@ from bastion.errors import BastionError
 from bastion.index.base import STORED, Index, LogPosition
 from bastion.index.reports import ReportRow
 from bastion.reporting.report import SIGNED
-from bastion.reporting.sr import BASIC_TEXT_SR, carried_report
+from bastion.reporting.sr import BASIC_TEXT_SR, carried_report, is_report_series
 
 log = logging.getLogger("bastion.reporting")
 
@@ -40,12 +40,13 @@ INTERVAL_S, BATCH = 1.0, 500
 
 
 class ReportIntake:
-    """Keeps the reports that the SRs stored in ``blobs`` (as ``index`` lists them) carry; ``checkpoint``: the file
-    of its position (None: not kept, for a one-off :meth:`catch_up`)."""
+    """Keeps the reports that the SRs stored in ``blobs`` (as ``index`` lists them) carry, sealed under ``key``
+    (:mod:`bastion.reporting.seal`); ``checkpoint``: the file of its position (None: not kept, for a one-off
+    :meth:`catch_up`)."""
 
-    def __init__(self, blobs: BlobStore, index: Index, checkpoint: Path | None = None,
+    def __init__(self, blobs: BlobStore, index: Index, key: bytes, checkpoint: Path | None = None,
                  interval_s: float = INTERVAL_S) -> None:
-        self.blobs, self.index, self.checkpoint = blobs, index, checkpoint
+        self.blobs, self.index, self.key, self.checkpoint = blobs, index, key, checkpoint
         self.log = ReportLog(blobs)
         self.interval_s = interval_s
         self.kept = 0
@@ -81,7 +82,7 @@ class ReportIntake:
         except (BastionError, OSError, ValueError, InvalidDicomError) as exc:
             log.error("SR %s cannot be read: %s", sop_uid, exc)
             return None
-        return carried_report(ds)
+        return carried_report(ds, self.key)
 
     def position(self) -> LogPosition:
         """Where it goes on from: its stored position, else the start of the log."""
@@ -96,8 +97,8 @@ class ReportIntake:
         if read.reset:
             log.info("report intake: the index has a new change log (rebuilt or cleared): reading it from its start")
         for change in read.changes:
-            if change.kind != STORED:
-                continue
+            if change.kind != STORED or not is_report_series(change.series_uid):
+                continue  # not a report's SR: no need to look it up
             try:
                 doc = self.carried(change.sop_uid, change.blob_key)
                 if doc is not None:

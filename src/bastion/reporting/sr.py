@@ -9,16 +9,18 @@ CONTAINER titled by the template (its name as code value, scheme ``99BASTION``, 
 section, each named by its title (concept code scheme ``99BASTION``, the section's name as its code).
 
 The SR also carries the report version it signs, whole: its JSON (as :mod:`bastion.blobs.reportlog` keeps it) in
-the private element (0073,xx01) OB of private creator ``BASTION REPORT``, so that wherever the SR goes (forwarded
-from an edge, or found by ``index rebuild`` without the report's blobs) the report can be kept again from it
-(:mod:`bastion.reporting.intake`). Its SOP Instance UID is derived from the report's id and version
+the private element (0073,xx01) OB of private creator ``BASTION REPORT``, and its seal, an HMAC under the report
+key, in (0073,xx02) OB (:mod:`bastion.reporting.seal`), so that wherever the SR goes (forwarded from an edge, or
+found by ``index rebuild`` without the report's blobs) the report can be kept again from it
+(:mod:`bastion.reporting.intake`), and an SR stored by anyone else cannot bring in a report of its own. Its SOP Instance UID is derived from the report's id and version
 (:func:`sr_uid`): a sign retried after a failure makes the same instance.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
+import uuid
 from io import BytesIO
 from typing import Any
 
@@ -28,6 +30,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from bastion import __version__
 from bastion.blobs.reportlog import encoded, is_report_id
+from bastion.reporting.seal import seal, sealed
+
+log = logging.getLogger("bastion.reporting")
 
 BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
 #: The attributes of the study copied into the SR (DICOM keywords), from the index's study answer.
@@ -48,11 +53,25 @@ def _dicom_datetime(iso: str) -> tuple[str, str]:
 
 
 #: The private block holding the report version an SR signs (PS3.5 7.8): group, creator, element in the block.
-PRIVATE_GROUP, PRIVATE_CREATOR, REPORT_ELEMENT = 0x0073, "BASTION REPORT", 0x01
+PRIVATE_GROUP, PRIVATE_CREATOR, REPORT_ELEMENT, SEAL_ELEMENT = 0x0073, "BASTION REPORT", 0x01, 0x02
+
+
+#: The namespace of the name-based (version 5) UUIDs behind the reports' UIDs (PS3.5 B.2: 2.25 and the UUID's
+#: integer), so that a report's SR series is known by its UID alone (:func:`is_report_series`).
+UID_NAMESPACE = uuid.UUID("6b3c2a3e-52a4-5c8e-9d0f-8a1b5e2f4c71")
 
 
 def _derived_uid(text: str) -> str:
-    return "2.25." + str(int(hashlib.sha256(text.encode()).hexdigest()[:30], 16))
+    return "2.25." + str(uuid.uuid5(UID_NAMESPACE, text).int)
+
+
+def is_report_series(uid: str) -> bool:
+    """Whether ``uid`` may be a report's SR series (a 2.25 UID of a name-based UUID): the report intake reads
+    only the SRs of such series. Other archives' UUID-derived UIDs are random (version 4), rarely name-based."""
+    if not uid.startswith("2.25.") or not uid[5:].isdigit() or len(uid) > 64:
+        return False
+    value = int(uid[5:])
+    return value < 1 << 128 and uuid.UUID(int=value).version == 5
 
 
 def series_uid(report_id: str) -> str:
@@ -65,13 +84,26 @@ def sr_uid(report_id: str, version: int) -> str:
     return _derived_uid(f"bastion-report-sr:{report_id}:{version}")
 
 
-def carried_report(ds: Dataset) -> dict[str, Any] | None:
-    """The report version an SR made by :func:`build_sr` carries, or None (another SR, or the element cannot be
-    read as a signed report's JSON whose last SR is this one)."""
+def carried_report(ds: Dataset, key: bytes) -> dict[str, Any] | None:
+    """The report version an SR made by :func:`build_sr` carries, or None: another SR, an element that cannot be
+    read as a signed report's JSON whose last SR is this one, or one not sealed under ``key``
+    (:mod:`bastion.reporting.seal`; logged: a forged report, or one signed under another report key)."""
     try:
-        value = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[REPORT_ELEMENT].value
-        doc = json.loads(bytes(value).rstrip(b"\x00 "))
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+        value = bytes(block[REPORT_ELEMENT].value).rstrip(b"\x00 ")
     except (KeyError, TypeError, ValueError):
+        return None
+    try:
+        mac = bytes(block[SEAL_ELEMENT].value)[:32]
+    except (KeyError, TypeError, ValueError):
+        mac = b""
+    if not sealed(key, value, mac):
+        log.warning("SR %s carries a report that is not sealed by this archive's report key: left out (forged, "
+                    "or signed where another report key is used: docs/reporting.md)", ds.get("SOPInstanceUID", "?"))
+        return None
+    try:
+        doc = json.loads(value)
+    except ValueError:
         return None
     if (not isinstance(doc, dict) or not is_report_id(str(doc.get("id"))) or not isinstance(doc.get("version"), int)
             or not isinstance(doc.get("sr"), list) or doc["sr"][-1:] != [str(ds.get("SOPInstanceUID", ""))]):
@@ -79,10 +111,11 @@ def carried_report(ds: Dataset) -> dict[str, Any] | None:
     return doc
 
 
-def build_sr(doc: dict[str, Any], study: dict[str, Any], institution: str = "") -> bytes:
+def build_sr(doc: dict[str, Any], study: dict[str, Any], key: bytes, institution: str = "") -> bytes:
     """The Part 10 bytes of the SR that signs report version ``doc`` (``final`` or ``amended``: its signer,
     ``signed_at``, ISO 8601, and its ``sr`` list ending with this SR's UID, the one before it the SR it amends).
-    ``study``: the study's attributes by keyword (:data:`STUDY_KEYWORDS`, as plain strings)."""
+    ``study``: the study's attributes by keyword (:data:`STUDY_KEYWORDS`, as plain strings); ``key``: the report
+    key that seals the version carried."""
     sop_uid, signer, signed_at = doc["sr"][-1], str(doc["signed_by"]), str(doc["signed_at"])
     predecessor = doc["sr"][-2] if len(doc["sr"]) > 1 else None
     ds = Dataset()
@@ -137,7 +170,9 @@ def build_sr(doc: dict[str, Any], study: dict[str, Any], institution: str = "") 
         item.TextValue = str(doc["reason"])
         items.append(item)
     ds.ContentSequence = items
-    ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(REPORT_ELEMENT, "OB", encoded(doc))
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(REPORT_ELEMENT, "OB", encoded(doc))
+    block.add_new(SEAL_ELEMENT, "OB", seal(key, encoded(doc)))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = BASIC_TEXT_SR, sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian

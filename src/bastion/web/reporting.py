@@ -32,6 +32,7 @@ from bastion.model.uids import is_identifiable_uid
 from bastion.reporting import report as rpt
 from bastion.reporting.dictation import Transcriber, open_transcriber
 from bastion.reporting.intake import ReportIntake
+from bastion.reporting.seal import report_key
 from bastion.reporting.signing import Signing
 from bastion.reporting.sr import STUDY_KEYWORDS
 from bastion.reporting.store import ReportStore
@@ -138,7 +139,8 @@ class ReportingApi:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         self.store = ReportStore(archive.blobs, archive.index)
-        self.signing = Signing(self.store, ReportIntake(archive.blobs, archive.index),
+        key = report_key(archive.blobs, archive.settings.report_key_file)
+        self.signing = Signing(self.store, ReportIntake(archive.blobs, archive.index, key),
                                lambda study: study_facts(archive, study),
                                lambda data: archive.ingest.store_bytes(data, ORIGIN))
         self.templates: dict[str, Template] = load_templates(archive.settings.data)
