@@ -267,6 +267,9 @@ def orthanc(dicomweb: bool = False, base_dir: Path | None = None, postgresql: bo
     afterwards) through the ``orthanc-postgresql`` plugins, configured as the package's README says
     (``EnableIndex`` and ``EnableStorage``, a ``ConnectionUri``; its other settings the package's defaults).
     """
+    missing = [path for path in ORTHANC_POSTGRESQL_PLUGINS if postgresql and not Path(path).exists()]
+    if missing:  # Orthanc would start without them, on SQLite and files: a comparison with the wrong peer
+        raise SystemExit(f"orthanc-pg: {', '.join(missing)} missing: apt-get install orthanc-postgresql")
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(pg_database("bench_orthanc")) if postgresql else ""
         database = urllib.parse.urlsplit(url).path.lstrip("/")
