@@ -138,7 +138,8 @@ def test_openapi_document_describes_every_api_route(api_app: Starlette) -> None:
                                  "/api/studies/{study}/undelete", "/dicom-web/studies/{study}", "/api/templates",
                                  "/api/reports", "/api/reports/{id}", "/api/reports/{id}/sign",
                                  "/api/reports/{id}/amend", "/api/reports/{id}/audio",
-                                 "/api/reports/{id}/audio/{audio}", "/fhir/DiagnosticReport",
+                                 "/api/reports/{id}/audio/{audio}", "/api/reports/{id}/audio/{audio}/reject",
+                                 "/api/typing", "/api/typing/{report}/{audio}", "/fhir/DiagnosticReport",
                                  "/api/reading-list", "/api/reading-list/{study}/claim",
                                  "/api/reading-list/{study}/priority"}
     api_paths = {re.sub(r"\{(\w+):\w+\}", r"{\1}", r.path)  # a route's {name:path} is the document's {name}

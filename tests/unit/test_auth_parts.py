@@ -43,6 +43,9 @@ from bastion.web.access import AUTHENTICATED, DENY, PUBLIC, required_role
     ("GET", "/api/reports/ab/audio/cd", "viewer|radiologist"), ("POST", "/api/reports", "radiologist"),
     ("PUT", "/api/reports/ab", "radiologist"), ("POST", "/api/reports/ab/sign", "radiologist"),
     ("POST", "/api/reports/ab/amend", "radiologist"), ("POST", "/api/reports/ab/audio", "radiologist"),
+    ("POST", "/api/reports/ab/audio/cd/reject", "radiologist"), ("GET", "/api/reports/ab/audio/cd/reject", "admin"),
+    ("GET", "/api/typing", "typist|radiologist"), ("GET", "/api/typing/ab/cd", "typist|radiologist"),
+    ("POST", "/api/typing/ab/cd", "typist|radiologist"), ("POST", "/api/typing/ab", "admin"),
     ("GET", "/api/reading-list", "viewer|radiologist"), ("POST", "/api/reading-list/1.2/claim", "radiologist"),
     ("DELETE", "/api/reading-list/1.2/claim", "radiologist"), ("PUT", "/api/reading-list/1.2/priority", "radiologist"),
     ("POST", "/api/reading-list", "admin"), ("GET", "/reporting/study/1.2", PUBLIC), ("POST", "/reporting", DENY),
@@ -245,6 +248,8 @@ def test_every_route_of_the_app_is_in_the_access_table(tmp_path: Path) -> None:
     for method, path in served:
         if path.startswith(("/api/reports", "/api/templates", "/fhir/", "/api/reading-list")):
             assert required_role(method, path) in ("viewer|radiologist", "radiologist"), (method, path)
+        elif path.startswith("/api/typing"):
+            assert required_role(method, path) == "typist|radiologist", (method, path)
         elif path.startswith(("/api/", "/admin/")) and (method, path) not in PUBLIC_ROUTES and path != "/api/whoami":
             assert required_role(method, path) == "admin", (method, path)
         if path.startswith(("/dicom-web/", "/wado")):

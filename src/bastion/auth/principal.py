@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 #: The roles, least to most privileged in what they may change: ``viewer`` queries, retrieves and views;
-#: ``uploader`` stores; ``radiologist`` writes, signs and amends reports (and reads them; images need ``viewer``
-#: too); ``admin`` configures, deletes, reads the audit log and manages queues. ``uploader`` does not include
-#: ``viewer`` (a modality may store but not read); ``admin`` may do everything.
-ROLES = ("viewer", "uploader", "radiologist", "admin")
+#: ``uploader`` stores; ``typist`` types rejected dictation from the typing queue (its recordings only);
+#: ``radiologist`` writes, signs and amends reports (and reads them; images need ``viewer`` too); ``admin``
+#: configures, deletes, reads the audit log and manages queues. ``uploader`` does not include ``viewer`` (a
+#: modality may store but not read); ``admin`` may do everything.
+ROLES = ("viewer", "uploader", "typist", "radiologist", "admin")
 
 
 @dataclass(frozen=True)

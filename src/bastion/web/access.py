@@ -9,8 +9,10 @@ With ``[auth] enabled``, every HTTP request is matched against :data:`RULES` (fi
 - ``GET``/``HEAD`` ``/dicom-web/...`` (QIDO-RS, WADO-RS, metadata, rendered) and ``/wado`` (WADO-URI): viewer;
 - ``POST`` ``/dicom-web/studies`` and ``/dicom-web/studies/{uid}`` (STOW-RS): uploader;
 - ``GET``/``HEAD`` ``/api/templates``, ``/api/reports...`` and ``/fhir/...``: viewer or radiologist;
-- ``POST`` ``/api/reports``, ``PUT`` ``/api/reports/{id}``, ``POST`` ``/api/reports/{id}/sign|amend|audio``:
-  radiologist (a rule's role ``a|b``: either);
+- ``POST`` ``/api/reports``, ``PUT`` ``/api/reports/{id}``, ``POST`` ``/api/reports/{id}/sign|amend|audio``,
+  ``POST`` ``/api/reports/{id}/audio/{audio}/reject``: radiologist (a rule's role ``a|b``: either);
+- ``GET``/``HEAD``/``POST`` ``/api/typing`` and ``/api/typing/{report}/{audio}`` (the typing queue): typist or
+  radiologist;
 - ``GET``/``HEAD`` ``/reporting...`` (the reporting pages' shells and files): public; ``GET``/``HEAD``
   ``/api/reading-list``: viewer or radiologist; ``POST``/``DELETE`` ``/api/reading-list/{study}/claim`` and ``PUT``
   ``/api/reading-list/{study}/priority``: radiologist;
@@ -58,6 +60,8 @@ _ANY = frozenset({"*"})
 _RESERVED = ("dicom-web", "wado", "api", "admin", "health", "fhir")
 #: Who may read reports (a rule's role may name alternatives, ``|``-separated).
 REPORT_READER = "viewer|radiologist"
+#: Who works the typing queue (lists it, plays its recordings, posts what was typed).
+TYPING = "typist|radiologist"
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ RULES: tuple[Rule, ...] = (
     _rule(_READ, r"/api/reports(/[^/]+(/audio(/[^/]+)?)?)?", REPORT_READER),
     _rule(frozenset({"POST"}), r"/api/reports(/[^/]+/(sign|amend|audio))?", "radiologist"),
     _rule(frozenset({"PUT"}), r"/api/reports/[^/]+", "radiologist"),
+    _rule(frozenset({"POST"}), r"/api/reports/[^/]+/audio/[^/]+/reject", "radiologist"),
+    _rule(_READ | {"POST"}, r"/api/typing(/[^/]+/[^/]+)?", TYPING),
     _rule(_READ, r"/fhir/.+", REPORT_READER),
     _rule(_READ, r"/reporting(/.*)?", PUBLIC),
     _rule(_READ, r"/api/reading-list", REPORT_READER),

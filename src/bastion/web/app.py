@@ -26,8 +26,9 @@ from bastion.web import admin, api, auth_routes, reporting_pages, viewer
 from bastion.web.access import AccessControl
 from bastion.web.fhir import fhir_routes
 from bastion.web.reading_list import reading_list_routes
-from bastion.web.reporting import reporting_routes
+from bastion.web.reporting import ReportingApi, reporting_routes
 from bastion.web.timeouts import BodyDeadline
+from bastion.web.typing_queue import typing_routes
 
 
 @dataclass
@@ -110,10 +111,12 @@ def create_app(archive: Archive, status: ServerStatus | None = None) -> Starlett
 
 def _routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
     """Every HTTP route, in match order; the viewer's catch-all comes last."""
+    reporting = ReportingApi(archive)  # one report store (and its locks) for the reporting and typing routes
     return [
         *auth_routes.routes(archive),
         *api.routes(archive, status),
-        *reporting_routes(archive),
+        *reporting_routes(archive, reporting),
+        *typing_routes(reporting),
         *reading_list_routes(archive),
         *reporting_pages.routes(),
         *fhir_routes(archive),

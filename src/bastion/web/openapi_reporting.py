@@ -44,7 +44,18 @@ _AUDIO_ENTRY = {"type": "object", "required": ["id", "seconds", "content_type", 
                 "properties": {"id": {"type": "string"}, "seconds": {"type": "number", "minimum": 0},
                                "content_type": {"type": "string"}, "at": {"type": "string"},
                                "user": {"type": "string"}, "engine": {"type": "string"},
-                               "transcript": {"type": "string"}}}
+                               "transcript": {"type": "string"},
+                               "status": {"enum": ["rejected", "typed"],
+                                          "description": "Absent while the transcript stands."},
+                               "rejected_by": {"type": "string"}, "rejected_at": {"type": "string"},
+                               "typed_by": {"type": "string"}, "typed_at": {"type": "string"}}}
+_QUEUE_ITEM = {"type": "object", "required": ["report", "audio", "study", "patient_id", "patient_name", "seconds",
+                                              "dictated_by", "rejected_at"],
+               "properties": {k: {"type": "string"} for k in (
+                   "report", "audio", "study", "patient_id", "patient_name", "accession", "modality",
+                   "content_type", "dictated_by", "dictated_at", "rejected_by", "rejected_at")}
+               | {"seconds": {"type": "number", "minimum": 0}}}
+_REPORT_ID = {**_ID, "name": "report"}
 _REPORT = {
     "type": "object",
     "description": "A report's latest version (docs/reporting.md).",
@@ -85,6 +96,8 @@ SCHEMAS: dict[str, Any] = {"Templates": _TEMPLATES, "Report": _REPORT, "Dictatio
                                "reports": {"type": "array", "items": {"$ref": "#/components/schemas/Report"}}}},
                            "Recordings": {"type": "object", "required": ["audio"], "properties": {
                                "audio": {"type": "array", "items": _AUDIO_ENTRY}}},
+                           "TypingQueue": {"type": "object", "required": ["queue"], "properties": {
+                               "queue": {"type": "array", "items": _QUEUE_ITEM}}},
                            "FhirBundle": _BUNDLE, "FhirOutcome": _OUTCOME}
 
 PATHS: dict[str, Any] = {
@@ -186,6 +199,45 @@ PATHS: dict[str, Any] = {
         "responses": {"200": {"description": "The recording.", "content": {
             t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES}}, **_COMMON},
     }},
+    "/api/reports/{id}/audio/{audio}/reject": {"post": {
+        "operationId": "rejectTranscription",
+        "summary": "Reject a recording's transcription: its transcript leaves the `dictation` section (if still "
+                   "there verbatim) and the recording goes to the typing queue.",
+        "parameters": [_ID, _AUDIO_ID],
+        "responses": {"200": _json("The report's new version.", "Report"),
+                      "404": _err("No such report or recording."),
+                      "409": _err("The report is signed, or the recording was rejected already."),
+                      "503": _err("The index or the blob store failed.")},
+    }},
+    "/api/typing": {"get": {
+        "operationId": "typingQueue",
+        "summary": "The typing queue: the rejected recordings of open reports not typed yet, oldest rejection first.",
+        "responses": {"200": _json("The queue.", "TypingQueue"), "503": _err("The index failed.")},
+    }},
+    "/api/typing/{report}/{audio}": {
+        "get": {
+            "operationId": "typingRecording", "summary": "A recording in the typing queue, as it was received.",
+            "parameters": [_REPORT_ID, _AUDIO_ID],
+            "responses": {"200": {"description": "The recording.", "content": {
+                t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES}},
+                "404": _err("No such report, or the recording is not in the typing queue."),
+                "503": _err("The index or the blob store failed.")},
+        },
+        "post": {
+            "operationId": "typeRecording",
+            "summary": "The text typed from a queued recording: appended to the draft's `dictation` section; the "
+                       "recording leaves the queue (`status` typed).",
+            "parameters": [_REPORT_ID, _AUDIO_ID],
+            "requestBody": _body({"type": "object", "required": ["text"], "properties": {
+                "text": {**_NOT_BLANK, "maxLength": 100_000}, "user": {"type": "string"}}}),
+            "responses": {"200": _json("The report's new version.", "Report"),
+                          "400": _err("No `text`, or it is empty or too long."),
+                          "404": _err("No such report or recording."),
+                          "409": _err("The report was signed meanwhile, or the recording is not in the queue "
+                                      "(typed already, or never rejected)."),
+                          "503": _err("The index or the blob store failed.")},
+        },
+    },
     "/fhir/DiagnosticReport": {"get": {
         "operationId": "fhirDiagnosticReports",
         "summary": "FHIR R4 search: the reports as DiagnosticReport resources in a searchset Bundle.",

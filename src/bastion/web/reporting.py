@@ -190,9 +190,9 @@ class ReportingApi:
                 "engine": transcript.engine, "report": doc}
 
 
-def reporting_routes(archive: Archive) -> list[BaseRoute]:
-    """The routes of the reporting API."""
-    api = ReportingApi(archive)
+def reporting_routes(archive: Archive, api: ReportingApi | None = None) -> list[BaseRoute]:
+    """The routes of the reporting API (``api``: the state they share with other routes, made if not given)."""
+    api = api or ReportingApi(archive)
 
     @_errors
     async def templates(request: Request) -> Response:
