@@ -21,6 +21,8 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v psql >/dev/null || need+=(postgresql-client)
 # espeak-ng speaks the dictation word-error-rate sentences (tests/integration/test_dictation.py, benchmarks/dictation.py)
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
+# DejaVu Sans, the printable report's font (Unicode text embedded in the PDF; src/bastion/reporting/pdf.py)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 # SQLite's headers: the index's common record in C (setup.py) is built, and tested, against them
 [ -e /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
 # A C compiler with AddressSanitizer's and UndefinedBehaviorSanitizer's runtimes (scripts/sanitizer-tests.sh)

@@ -36,7 +36,8 @@ Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICO
 (:mod:`bastion.forward.edge`): ``BASTION_UPSTREAM``, ``BASTION_UPSTREAM_API``, ``BASTION_COMMIT_AFTER_UPSTREAM``,
 ``BASTION_RECONCILE_DAYS``, ``BASTION_RECONCILE_INTERVAL``, ``BASTION_PREFETCH_PRIORS``,
 ``BASTION_PREFETCH_KEEP_DAYS``, ``BASTION_PREFETCH_INTERVAL``, ``BASTION_PREFETCH`` (``Keyword=value`` pairs,
-comma-separated: the ``[prefetch] query``).
+comma-separated: the ``[prefetch] query``), and reporting's HL7: ``BASTION_HL7_RECEIVERS`` (comma list of
+``HOST:PORT``).
 """
 
 from __future__ import annotations
@@ -306,6 +307,26 @@ class Settings:
     #: (:mod:`bastion.reporting.seal`): give an edge node and its centre the same file; empty: the archive's own key,
     #: kept in its blob store.
     report_key_file: str = ""
+    #: ``[hl7] receivers``: where each signed report version goes as an HL7 v2.5.1 ORU^R01 over MLLP, ``HOST:PORT``
+    #: each (:mod:`bastion.reporting.hl7`, docs/reporting.md); empty: none.
+    hl7_receivers: tuple[str, ...] = ()
+    #: MSH-3 to MSH-6 of the messages: the sending and receiving application and facility.
+    hl7_sending_application: str = "BASTION"
+    hl7_sending_facility: str = "BASTION"
+    hl7_receiving_application: str = ""
+    hl7_receiving_facility: str = ""
+    #: Attempts to deliver a message before it becomes a dead letter (kept with its last error until retried).
+    hl7_max_attempts: int = 10
+    #: Seconds before the first retry of a message not delivered; each further retry waits twice as long ...
+    hl7_backoff: float = 5.0
+    #: ... up to this many seconds.
+    hl7_backoff_max: float = 300.0
+    #: Seconds a receiver has to connect and acknowledge a message.
+    hl7_timeout: float = 30.0
+    #: The hospital or site named at the head of the printable report (``GET /api/reports/{id}/pdf``).
+    site_name: str = "Bastion"
+    #: The TrueType font of the printable report (Debian's fonts-dejavu-core by default).
+    report_font: str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
     #: ``[dimse.peers]``: the known calling AEs, each with its hosts and DIMSE services (:mod:`bastion.model.peers`).
     dimse_peers: tuple[DicomPeer, ...] = ()
     #: ``[dimse] allow_unknown``: whether AEs not in ``dimse_peers`` may associate (with every service). None
@@ -377,7 +398,7 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if name == "data":
             return Path(value)
-        if name == "forward_max_attempts":
+        if name in ("forward_max_attempts", "hl7_max_attempts"):
             attempts = int(value)
             if attempts < 1:
                 raise ValueError(f"{value!r} is not at least 1")
@@ -442,6 +463,12 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "blobs":
             locations = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
             return tuple(_without_file_scheme(v.strip()) for v in locations if v.strip())
+        if name == "hl7_receivers":
+            receivers = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+            bad = [v for v in receivers if v and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}", v)]
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: expected HOST:PORT")
+            return tuple(v for v in receivers if v)
         if name in ("cors_origins", "storage_deny", "auth_algorithms"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]

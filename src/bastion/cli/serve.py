@@ -55,6 +55,7 @@ from bastion.reporting.intake import ReportIntake
 from bastion.reporting.seal import report_key
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
+from bastion.web.reporting_outputs import start_hl7
 from bastion.web.timeouts import header_deadline_protocol
 
 log = logging.getLogger("bastion")
@@ -185,6 +186,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     runner = MoveRunner(dicom.services.moves)  # the node's one runner of C-MOVE jobs whose lease ran out
     runner.start()
     forwarder, edge = await start_forwarder(archive)
+    hl7 = await start_hl7(archive)  # signed reports as HL7 ORU^R01 to hl7_receivers
     key = report_key(archive.blobs, settings.report_key_file)
     intake = ReportIntake(archive.blobs, archive.index, key, settings.data / INTAKE_CHECKPOINT).start()  # SRs' reports
     status.dicom_listening = True
@@ -244,6 +246,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
         await forwarder.stop()
     if edge is not None:
         await edge.stop()
+    if hl7 is not None:
+        await hl7.stop()
     await http_task
     await asyncio.to_thread(repairer.stop)
     await asyncio.to_thread(intake.stop)

@@ -8,7 +8,8 @@ With ``[auth] enabled``, every HTTP request is matched against :data:`RULES` (fi
 - ``GET``/``HEAD`` ``/api/whoami``: any authenticated party;
 - ``GET``/``HEAD`` ``/dicom-web/...`` (QIDO-RS, WADO-RS, metadata, rendered) and ``/wado`` (WADO-URI): viewer;
 - ``POST`` ``/dicom-web/studies`` and ``/dicom-web/studies/{uid}`` (STOW-RS): uploader;
-- ``GET``/``HEAD`` ``/api/templates``, ``/api/reports...`` and ``/fhir/...``: viewer or radiologist;
+- ``GET``/``HEAD`` ``/api/templates``, ``/api/reports...`` (the printable ``/api/reports/{id}/pdf`` too) and
+  ``/fhir/...``: viewer or radiologist;
 - ``POST`` ``/api/reports``, ``PUT`` ``/api/reports/{id}``, ``POST`` ``/api/reports/{id}/sign|amend|audio``,
   ``POST`` ``/api/reports/{id}/audio/{audio}/reject``: radiologist (a rule's role ``a|b``: either);
 - ``GET``/``HEAD``/``POST`` ``/api/typing`` and ``/api/typing/{report}/{audio}`` (the typing queue): typist or
@@ -16,7 +17,7 @@ With ``[auth] enabled``, every HTTP request is matched against :data:`RULES` (fi
 - ``GET``/``HEAD`` ``/reporting...`` (the reporting pages' shells and files): public; ``GET``/``HEAD``
   ``/api/reading-list``: viewer or radiologist; ``POST``/``DELETE`` ``/api/reading-list/{study}/claim`` and ``PUT``
   ``/api/reading-list/{study}/priority``: radiologist;
-- ``DELETE`` anywhere, anything under ``/api/`` and ``/admin/``: admin;
+- ``DELETE`` anywhere, anything under ``/api/`` (the HL7 outbox, ``/api/hl7``, among it) and ``/admin/``: admin;
 - ``OPTIONS`` anywhere: public (a CORS preflight carries no credentials);
 - ``GET``/``HEAD`` on any other path: public (the viewer's static files and its single-page-app fallback).
 
@@ -91,7 +92,7 @@ RULES: tuple[Rule, ...] = (
     _rule(_READ, r"/wado", "viewer"),
     _rule(frozenset({"POST"}), r"/dicom-web/studies(/[^/]+)?", "uploader"),
     _rule(_READ, r"/api/templates", REPORT_READER),
-    _rule(_READ, r"/api/reports(/[^/]+(/audio(/[^/]+)?)?)?", REPORT_READER),
+    _rule(_READ, r"/api/reports(/[^/]+(/audio(/[^/]+)?|/pdf)?)?", REPORT_READER),
     _rule(frozenset({"POST"}), r"/api/reports(/[^/]+/(sign|amend|audio))?", "radiologist"),
     _rule(frozenset({"PUT"}), r"/api/reports/[^/]+", "radiologist"),
     _rule(frozenset({"POST"}), r"/api/reports/[^/]+/audio/[^/]+/reject", "radiologist"),

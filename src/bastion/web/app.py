@@ -27,6 +27,7 @@ from bastion.web.access import AccessControl
 from bastion.web.fhir import fhir_routes
 from bastion.web.reading_list import reading_list_routes
 from bastion.web.reporting import ReportingApi, reporting_routes
+from bastion.web.reporting_outputs import reporting_output_routes
 from bastion.web.timeouts import BodyDeadline
 from bastion.web.typing_queue import typing_routes
 
@@ -116,6 +117,7 @@ def _routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
         *auth_routes.routes(archive),
         *api.routes(archive, status),
         *reporting_routes(archive, reporting),
+        *reporting_output_routes(archive),
         *typing_routes(reporting),
         *reading_list_routes(archive),
         *reporting_pages.routes(),

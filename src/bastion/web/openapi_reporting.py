@@ -256,6 +256,53 @@ PATHS: dict[str, Any] = {
     }},
 }
 
+# What leaves the archive from a report (bastion.web.reporting_outputs): the printable PDF and the HL7 outbox.
+_HL7_COUNTS = {k: {"type": "integer", "minimum": 0} for k in ("pending", "delivered", "dead")}
+SCHEMAS["Hl7Outbox"] = {"type": "object", "required": ["receivers", "messages"], "properties": {
+    "receivers": {"type": "array", "items": {
+        "type": "object", "required": ["receiver", "since", "pending", "delivered", "dead", "last_error", "configured"],
+        "properties": {"receiver": {"type": "string"}, "since": {"type": "string"}, "last_error": {"type": "string"},
+                       "configured": {"type": "boolean"}, **_HL7_COUNTS}}},
+    "messages": {"type": "array", "items": {
+        "type": "object", "required": ["id", "receiver", "report", "version", "control_id", "state", "attempts",
+                                       "last_error"],
+        "properties": {"id": {"type": "integer"}, "receiver": {"type": "string"}, "report": {"type": "string"},
+                       "version": {"type": "integer"}, "control_id": {"type": "string"},
+                       "state": {"enum": ["pending", "delivered", "dead"]}, "attempts": {"type": "integer"},
+                       "last_error": {"type": "string"}}}}}}
+PATHS.update({
+    "/api/reports/{id}/pdf": {"get": {
+        "operationId": "reportPdf",
+        "summary": "The report as a printable A4 PDF (a DRAFT / PRELIMINARY watermark while not signed).",
+        "parameters": [_ID],
+        "responses": {"200": {"description": "The PDF.", "content": {
+            "application/pdf": {"schema": {"type": "string", "format": "binary"}}}}, **_COMMON},
+    }},
+    "/api/hl7": {"get": {
+        "operationId": "hl7Outbox",
+        "summary": "The HL7 ORU^R01 outbox: counts per receiver, and its pending and dead messages (admin).",
+        "parameters": [
+            {"name": "state", "in": "query", "required": False, "schema": {"enum": ["pending", "dead", "delivered"]},
+             "description": "The messages in this state (default: pending and dead)."},
+            {"name": "receiver", "in": "query", "required": False, "schema": {"type": "string"}},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0, "maximum": 1000}},
+        ],
+        "responses": {"200": _json("The outbox.", "Hl7Outbox"), "400": _err("A parameter is not as described."),
+                      "503": _err("The outbox's database failed.")},
+    }},
+    "/api/hl7/retry": {"post": {
+        "operationId": "hl7Retry",
+        "summary": "Send the dead HL7 messages (of one receiver, else all) again, their attempts reset (admin).",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"receiver": {"type": "string", "maxLength": 300,
+                                        "description": "HOST:PORT"}}}}}},
+        "responses": {"200": {"description": "How many.", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["retried"], "properties": {"retried": {"type": "integer"}}}}}},
+            "400": _err("The body is not as described."), "503": _err("The outbox's database failed.")},
+    }},
+})
+
 # The reading list (bastion.web.reading_list): studies with their report state, priority and claim; the claims.
 _UID = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)*$", "maxLength": 64}
 _STUDY = {"name": "study", "in": "path", "required": True, "description": "The Study Instance UID.", "schema": _UID}
