@@ -87,6 +87,26 @@ def test_the_issue_sentence_comes_back(spoken: list[tuple[str, bytes]], data: Pa
     assert 1.0 < transcript.seconds < 5.0
 
 
+def test_digital_silence_around_the_speech_loses_no_word(spoken: list[tuple[str, bytes]], data: Path) -> None:
+    """A recording that starts or ends with seconds of exact zeros (a muted microphone, padding): pocketsphinx's
+    batch cepstral mean would be dragged off by them and drop most words ("no acute"); the silence is trimmed."""
+    text, audio = spoken[0]
+    with wave.open(io.BytesIO(audio)) as w:
+        rate, frames = w.getframerate(), w.readframes(w.getnframes())
+    silence = bytes(2 * 3 * rate)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(silence + frames + silence)
+    transcript = open_transcriber(Settings(data=data)).transcribe(out.getvalue(), "audio/wav")
+    assert {"acute", "intracranial", "haemorrhage"} <= set(transcript.text.split()), transcript.text
+    assert transcript.seconds > 6.0  # the recording's length, silence included
+    quiet = open_transcriber(Settings(data=data)).transcribe(out.getvalue()[:44] + silence, "audio/wav")
+    assert quiet.text == ""
+
+
 def _reencode_wav(audio: bytes, rate: int, channels: int, width: int) -> bytes:
     """The espeak WAV (22050 Hz mono 16-bit) at another rate, channel count and sample width."""
     with wave.open(io.BytesIO(audio)) as w:

@@ -54,6 +54,24 @@ def segments(samples: np.ndarray, *, longest: float = 30.0, shortest: float = 15
     return pieces
 
 
+#: Samples of at most this magnitude (about -72 dBFS, below any microphone's own noise) are digital silence.
+SILENT = 8
+
+
+def trimmed(samples: np.ndarray, *, margin: float = 0.25) -> np.ndarray:
+    """``samples`` without the digital silence they start and end with (a muted microphone, zero padding), keeping
+    ``margin`` seconds of it on each side.
+
+    pocketsphinx (``cmn=batch``) normalises an utterance by its mean cepstrum, and seconds of exact silence drag
+    that mean far from the speech: "no acute intracranial haemorrhage" after 3 s of zeros came back as "no acute".
+    Real background noise does no such harm, nor does silence between words."""
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > SILENT)
+    if len(loud) == 0:
+        return samples[:0]
+    keep = int(margin * RATE)
+    return samples[max(0, int(loud[0]) - keep): int(loud[-1]) + 1 + keep]
+
+
 def decode(audio: bytes, content_type: str, *, max_seconds: float) -> Pcm:
     """``audio`` of ``content_type`` as 16 kHz mono PCM; raises AudioUnreadable (415 / 400) or AudioTooLong (413)."""
     kind = content_type.split(";", 1)[0].strip().lower()

@@ -24,7 +24,7 @@ import numpy as np
 import pocketsphinx  # type: ignore[import-untyped]
 
 from bastion.reporting.dictation import DictationUnavailable, Transcript
-from bastion.reporting.dictation.audio import decode, segments
+from bastion.reporting.dictation.audio import decode, segments, trimmed
 from bastion.reporting.dictation.vocabulary import compile_vocabulary, normalise
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class SphinxTranscriber:
         pcm = decode(audio, content_type, max_seconds=self.max_seconds)
         heard = []
         with self._lock:
-            for piece in segments(pcm.samples):
+            for piece in segments(trimmed(pcm.samples)):
                 self._decoder.start_utt()
                 self._decoder.process_raw(_utterance(piece), False, True)
                 self._decoder.end_utt()
