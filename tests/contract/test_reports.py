@@ -15,7 +15,7 @@ from bastion.blobs.base import BlobStore
 from bastion.blobs.reportlog import ReportLog, VersionTaken
 from bastion.errors import NotFound
 from bastion.index import Index
-from bastion.index.reports import ReportQuery, ReportRow
+from bastion.index.reports import MAX_STUDIES, ReportQuery, ReportRow
 from bastion.ingest.report_log import apply_report_log
 from bastion.reporting import report as rpt
 from bastion.reporting.store import ReportStore
@@ -51,6 +51,10 @@ def test_the_table_keeps_the_newest_version_and_searches(index: Index) -> None:
     assert len(index.reports(ReportQuery(limit=2))) == 2 and len(index.reports(ReportQuery(limit=10, offset=4))) == 1
     assert index.reports(ReportQuery(modality="MR")) == []
     assert [r.id for r in index.reports(ReportQuery(study="1.2.3.5", patient_id="P5"))] == [docs[4]["id"]]
+    named = index.reports(ReportQuery(studies=("1.2.3.2", "1.2.3.4", "1.2.3.9")))  # the reading list's page
+    assert sorted(r.study_uid for r in named) == ["1.2.3.2", "1.2.3.4"]
+    with pytest.raises(ValueError, match="at most"):
+        index.reports(ReportQuery(studies=tuple(f"1.2.{n}" for n in range(MAX_STUDIES + 1))))
     index.clear()
     assert index.reports(ReportQuery()) == []
 

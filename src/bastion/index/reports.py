@@ -74,8 +74,13 @@ class ReportQuery:
     date_from: str = ""  # the study date, YYYYMMDD, inclusive
     date_to: str = ""
     text: str = ""  # in the patient's name or id or the accession number, any case
+    studies: tuple[str, ...] = ()  # the reports of any of these studies (at most :data:`MAX_STUDIES`)
     limit: int = 100
     offset: int = 0
+
+
+#: The most studies one search may name (``study_uid IN (...)``: within SQLite's and psycopg's parameter limits).
+MAX_STUDIES = 1000
 
 
 def search_statement(query: ReportQuery) -> tuple[str, list[Any]]:
@@ -87,6 +92,11 @@ def search_statement(query: ReportQuery) -> tuple[str, list[Any]]:
         if value:
             where.append(f"{column} = ?")
             params.append(value)
+    if query.studies:
+        if len(query.studies) > MAX_STUDIES:
+            raise ValueError(f"a report search names at most {MAX_STUDIES} studies")
+        where.append(f"study_uid IN ({', '.join('?' for _ in query.studies)})")
+        params.extend(query.studies)
     if query.date_from:
         where.append("study_date >= ?")
         params.append(query.date_from)

@@ -9,8 +9,9 @@ reading priority and claim, and the claims themselves.
 - ``PUT /api/reading-list/{study}/priority``: set the study's reading priority.
 
 A filter on report state or priority is applied while the studies are read from the index, newest first, a page
-at a time, until the answer's page is full: the index keeps neither (reports are looked up per study; priorities
-live beside the claims).
+at a time, until the answer's page is full: the index's study rows keep neither (the reports of a page of studies
+are looked up in one search; priorities live beside the claims). A filter on an open state (draft, preliminary)
+starts from the reports in that state instead, which are few.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 from bastion.archive import Archive
 from bastion.auth import principal_in
 from bastion.index.base import Index
-from bastion.index.reports import ReportQuery
+from bastion.index.reports import MAX_STUDIES, ReportQuery
 from bastion.jobs.claims import PRIORITIES, ROUTINE, Claim, Claims
 from bastion.jobs.sql import SqlJobs
 from bastion.model.levels import QueryLevel
@@ -44,7 +45,7 @@ from bastion.web.reporting import NOT_BLANK, _date, _errors, _int, _json, study_
 UNREPORTED = "unreported"
 STATES = (UNREPORTED, *rpt.STATES)
 #: Studies read from the index at a time while a filter on state or priority is applied.
-PAGE = 200
+PAGE = 500
 #: The text search's attributes: a study matches when any of them holds the text (any case for the name).
 TEXT_KEYWORDS = ("PatientName", "PatientID", "AccessionNumber")
 Dataset = dict[str, Any]
@@ -126,13 +127,32 @@ def _studies(index: Index, query: ReadingQuery, batch: int, only: list[str] | No
             yield ds
 
 
-def _report_of(index: Index, study: str) -> dict[str, Any] | None:
-    """The study's latest report (the one changed last): its id, state, version and time."""
-    rows = index.reports(ReportQuery(study=study, limit=1))
-    if not rows:
-        return None
-    row = rows[0]
-    return {"id": row.id, "state": row.state, "version": row.version, "updated": row.updated}
+def _reports_of(index: Index, studies: list[str]) -> dict[str, dict[str, Any]]:
+    """Each study's latest report (the one changed last) by study: its id, state, version and time; one search per
+    :data:`~bastion.index.reports.MAX_STUDIES` studies."""
+    found: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(studies), MAX_STUDIES):
+        part = tuple(studies[start:start + MAX_STUDIES])
+        for row in index.reports(ReportQuery(studies=part, limit=10 * len(part))):  # newest change first
+            found.setdefault(row.study_uid, {"id": row.id, "state": row.state, "version": row.version,
+                                             "updated": row.updated})
+    return found
+
+
+def _with_reports(index: Index, studies: Iterator[Dataset], batch: int
+                  ) -> Iterator[tuple[Dataset, dict[str, Any] | None]]:
+    """``studies`` each with its latest report (or None), their reports looked up ``batch`` studies at a time."""
+    while chunk := list(islice(studies, batch)):
+        reports = _reports_of(index, [_text(ds, "StudyInstanceUID") for ds in chunk])
+        for ds in chunk:
+            yield ds, reports.get(_text(ds, "StudyInstanceUID"))
+
+
+def _open_studies(index: Index, state: str) -> list[str] | None:
+    """The studies with a report in the open ``state``, if at most :data:`~bastion.index.reports.MAX_STUDIES`
+    (else None: read the studies instead)."""
+    rows = index.reports(ReportQuery(state=state, limit=MAX_STUDIES + 1))
+    return None if len(rows) > MAX_STUDIES else sorted({row.study_uid for row in rows})
 
 
 def _entry(ds: Dataset, report: dict[str, Any] | None, claim: Claim | None) -> dict[str, Any]:
@@ -159,19 +179,20 @@ def reading_list(index: Index, claims: Claims, query: ReadingQuery) -> list[dict
         pressing = {uid for p in PRIORITIES if p != ROUTINE for uid in claims.with_priority(p)}
         keep = lambda uid: uid not in pressing  # noqa: E731
     need = query.offset + query.limit
+    if query.state in rpt.OPEN:
+        candidates = _open_studies(index, query.state)
+        if candidates is not None:
+            only = candidates if only is None else sorted(set(only) & set(candidates))
     if query.state or query.priority == ROUTINE:
         def wanted() -> Iterator[tuple[Dataset, dict[str, Any] | None]]:
-            for ds in _studies(index, query, PAGE, only):
-                uid = _text(ds, "StudyInstanceUID")
-                if not keep(uid):
-                    continue
-                report = _report_of(index, uid)
+            kept = (ds for ds in _studies(index, query, PAGE, only) if keep(_text(ds, "StudyInstanceUID")))
+            for ds, report in _with_reports(index, kept, PAGE):
                 if not query.state or query.state == (report["state"] if report else UNREPORTED):
                     yield ds, report
         page = list(islice(wanted(), query.offset, need))
     else:
-        found = list(islice(_studies(index, query, min(max(need, 20), 1000), only), query.offset, need))
-        page = [(ds, _report_of(index, _text(ds, "StudyInstanceUID"))) for ds in found]
+        found = islice(_studies(index, query, min(max(need, 20), 1000), only), query.offset, need)
+        page = list(_with_reports(index, found, need))
     held = claims.of([_text(ds, "StudyInstanceUID") for ds, _ in page])
     return [_entry(ds, report, held.get(_text(ds, "StudyInstanceUID"))) for ds, report in page]
 
