@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ from typing import Any
 import httpx
 import pytest
 from backends import REMOTE, locations
-from conftest import BastionServer, Study, make_study, run_bastion
+from conftest import BastionServer, Study, free_port, make_study, run_bastion
 from test_edge import Pair, edge_report
 from test_forward import wait_for
+from test_hl7 import Listener
 
 from bastion.blobs import open_blob_store
 from bastion.blobs.reportlog import version_key
@@ -30,16 +32,17 @@ SECTIONS = {"findings": "A 6 mm nodule in the left lower lobe.", "impression": "
 class KeyedPair(Pair):
     """An edge and its centre given one report key file (docs/reporting.md, "Downtime and edge nodes")."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, centre: dict[str, str] | None = None) -> None:
         super().__init__(root)
         self.key_file = root / "report.key"
         self.key_file.write_text(secrets.token_hex(32) + "\n")
+        self.centre = centre or {}
 
     def upstream(self) -> BastionServer:
         dicom, http = self.up_ports
         return self._start(BastionServer(self.root / "upstream", remotes=[f"EDGE@127.0.0.1:{self.edge_ports[0]}"],
                                          aet="UPSTREAM", dicom_port=dicom, http_port=http, fixed_ports=True,
-                                         settings={"BASTION_REPORT_KEY_FILE": str(self.key_file)}))
+                                         settings={"BASTION_REPORT_KEY_FILE": str(self.key_file), **self.centre}))
 
     @property
     def edge_settings(self) -> dict[str, str]:
@@ -113,6 +116,32 @@ def test_a_report_signed_on_an_edge_while_the_centre_is_down_is_final_at_the_cen
     assert amended.status_code == 200, amended.text
     assert amended.json()["version"] == report["version"] + 1 and amended.json()["sr"][0] == report["sr"][0]
     assert api(edge, "GET", f"/api/reports/{rid}").json() == report
+
+
+def test_a_report_from_an_edge_goes_out_over_hl7_at_the_centre_when_it_arrives(tmp_path: Path) -> None:
+    """A report signed on an edge while the centre was down reaches the centre's HL7 receiver once the edge's queue
+    delivers its SR. (The sender looks at reports changed since its last look, less a minute; the intake also
+    hands each report it keeps to the sender, for an outage longer than that minute, which this test is not.)"""
+    listener = Listener(free_port()).start()
+    pair = KeyedPair(tmp_path, centre={"BASTION_HL7_RECEIVERS": f"127.0.0.1:{listener.port}"})
+    try:
+        central = pair.upstream()  # the receiver was configured before the outage
+        central.stop()
+        edge = pair.edge()
+        study = stored_study(edge, tmp_path / "ct")
+        rid = draft(edge, study)["id"]
+        assert api(edge, "POST", f"/api/reports/{rid}/sign", json={"user": "Dr^Edge"}).status_code == 200
+        edge.stop()  # so that the centre's sender has looked (its first look is at start) before the SR arrives
+        central.start()
+        wait_for("the centre's HL7 sender", lambda: "HL7: ORU^R01 of signed reports to" in central.log(), central)
+        time.sleep(2)  # its first look (over an index holding one study) is done: the next deep look is 10 min away
+        edge.start()
+        wait_for("the report at the centre", lambda: reports_of(central, study.study_uid), central)
+        [message] = wait_for("its ORU^R01 at the receiver", lambda: listener.messages(rid), central)
+        assert "ORU^R01" in message and "Dr\\S\\Edge" in message  # OBR-32, the signer ("^" escaped)
+    finally:
+        pair.stop()
+        listener.stop()
 
 
 @pytest.fixture

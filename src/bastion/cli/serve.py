@@ -188,7 +188,8 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     forwarder, edge = await start_forwarder(archive)
     hl7 = await start_hl7(archive)  # signed reports as HL7 ORU^R01 to hl7_receivers
     key = report_key(archive.blobs, settings.report_key_file)
-    intake = ReportIntake(archive.blobs, archive.index, key, settings.data / INTAKE_CHECKPOINT).start()  # SRs' reports
+    intake = ReportIntake(archive.blobs, archive.index, key, settings.data / INTAKE_CHECKPOINT,  # SRs' reports
+                          on_kept=None if hl7 is None else hl7.consider).start()
     status.dicom_listening = True
     status.dicom_address = f"{settings.host}:{settings.dicom_port}"
     status.per_worker = board.counts  # type: ignore[method-assign]

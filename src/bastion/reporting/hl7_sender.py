@@ -119,6 +119,13 @@ class Hl7Sender:
                 return added
             offset += PAGE
 
+    def consider(self, doc: dict[str, Any]) -> int:
+        """Queue the signed versions of report ``doc`` not queued yet (the intake calls it for a report that came
+        with its SR, from an edge: changed long before this node's last look); how many messages were added."""
+        if len(self._since) < len(self.receivers):
+            return 0  # not started yet: its first look will see the report
+        return self._queue_versions(doc, {}, self.outbox.known)
+
     def _queue_versions(self, doc: dict[str, Any], facts: dict[str, dict[str, str]],
                         known_of: Callable[[str], set[tuple[str, int]]]) -> int:
         signed = [h for h in doc.get("history", []) if h.get("state") in SIGNED]

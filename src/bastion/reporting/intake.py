@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,12 @@ INTERVAL_S, BATCH = 1.0, 500
 class ReportIntake:
     """Keeps the reports that the SRs stored in ``blobs`` (as ``index`` lists them) carry, sealed under ``key``
     (:mod:`bastion.reporting.seal`); ``checkpoint``: the file of its position (None: not kept, for a one-off
-    :meth:`catch_up`)."""
+    :meth:`catch_up`); ``on_kept(doc)`` is called with each version it writes (the HL7 sender's ``consider``)."""
 
     def __init__(self, blobs: BlobStore, index: Index, key: bytes, checkpoint: Path | None = None,
-                 interval_s: float = INTERVAL_S) -> None:
+                 interval_s: float = INTERVAL_S, on_kept: Callable[[dict[str, Any]], object] | None = None) -> None:
         self.blobs, self.index, self.key, self.checkpoint = blobs, index, key, checkpoint
+        self.on_kept = on_kept
         self.log = ReportLog(blobs)
         self.interval_s = interval_s
         self.kept = 0
@@ -69,6 +71,8 @@ class ReportIntake:
         if done == NEW:
             log.info("report %s version %d (%s) kept from its SR %s", doc["id"], doc["version"], doc["state"],
                      doc["sr"][-1])
+            if self.on_kept is not None:
+                self.on_kept(doc)
         return done == NEW
 
     def carried(self, sop_uid: str, blob_key: str | None = None) -> dict[str, Any] | None:
