@@ -30,48 +30,8 @@
 // and exits 0 only when every step passed, no request failed (status >= 400 or network error) and the
 // page raised no error. Screenshots go to DIR.
 
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
-import { chromium } from 'playwright-core';
-
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-first-run',
-];
-const OPTIONS = {
-  '--base': 'base',
-  '--out': 'out',
-  '--search': 'search',
-  '--study': 'study',
-  '--upload': 'upload',
-  '--upload-search': 'uploadSearch',
-  '--upload-study': 'uploadStudy',
-  '--bad-upload': 'badUpload',
-  '--copies': 'copies',
-  '--repaired-key': 'repairedKey',
-  '--queue': 'queue',
-  '--edge': 'edge',
-  '--timeout': 'timeout',
-};
-
-function parseArgs(argv) {
-  const opts = { timeout: 30000 };
-  for (let i = 0; i < argv.length; i += 2) {
-    const key = OPTIONS[argv[i]];
-    if (!key || argv[i + 1] === undefined) throw new Error(`bad argument ${argv[i]}`);
-    opts[key] = key === 'timeout' || key === 'copies' ? Number(argv[i + 1]) : argv[i + 1];
-  }
-  for (const k of ['base', 'out', 'search', 'study', 'upload', 'uploadSearch', 'uploadStudy']) {
-    if (!opts[k]) throw new Error(`missing --${k.replace(/[A-Z]/g, c => '-' + c.toLowerCase())}`);
-  }
-  opts.base = opts.base.replace(/\/+$/, '');
-  return opts;
-}
+import { join } from 'node:path';
+import { fatal, finish, openBrowser, parseArgs, runStep, watchPage } from './lib.mjs';
 
 const rowOf = (page, uid) => page.locator(`#results tbody tr[data-study="${uid}"]`);
 
@@ -81,9 +41,13 @@ async function search(page, pattern) {
 }
 
 async function main() {
-  const opts = parseArgs(process.argv.slice(2));
-  const out = resolve(opts.out);
-  mkdirSync(out, { recursive: true });
+  const opts = parseArgs(process.argv.slice(2), {
+    names: ['base', 'out', 'search', 'study', 'upload', 'upload-search', 'upload-study', 'bad-upload', 'copies',
+      'repaired-key', 'queue', 'edge'],
+    required: ['base', 'out', 'search', 'study', 'upload', 'upload-search', 'upload-study'],
+    numbers: ['timeout', 'copies'],
+  });
+  const out = opts.out;
   const report = {
     healthUp: false,
     searchOk: false,
@@ -105,30 +69,16 @@ async function main() {
   };
   const started = Date.now();
   const step = async (name, fn) => {
-    try {
-      await fn();
-      report.timingsMs[name] = Date.now() - started;
-    } catch (e) {
-      report.errors.push(`${name}: ${e.message.split('\n')[0]}`);
-    }
+    if (await runStep(report, name, fn)) report.timingsMs[name] = Date.now() - started;
   };
 
+  // The bad upload's STOW-RS answer (409) is expected, and so is Chromium's console line for it.
   let expectRejection = false;
-  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  const allow = (url, status) => expectRejection && status === 409 && new URL(url).pathname === '/dicom-web/studies';
+  const browser = await openBrowser();
   try {
-    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-    page.setDefaultTimeout(opts.timeout);
-    page.on('response', r => {
-      if (expectRejection && r.status() === 409 && r.request().method() === 'POST') return;
-      if (r.status() >= 400) report.failedRequests.push({ url: r.url(), status: r.status() });
-    });
-    page.on('requestfailed', r => report.failedRequests.push({ url: r.url(), failure: r.failure()?.errorText }));
-    page.on('console', m => {
-      if (m.type() !== 'error') return;
-      if (expectRejection && /status of 409/.test(m.text())) return; // Chromium logs the expected 409
-      report.consoleErrors.push(m.text().slice(0, 500));
-    });
-    page.on('pageerror', e => report.consoleErrors.push(`pageerror: ${String(e).slice(0, 500)}`));
+    const page = watchPage(await browser.newPage({ viewport: { width: 1280, height: 900 } }), report,
+      { timeout: opts.timeout, allow });
 
     await step('health', async () => {
       await page.goto(`${opts.base}/admin`, { waitUntil: 'domcontentloaded' });
@@ -162,16 +112,16 @@ async function main() {
     });
 
     await step('find uploaded', async () => {
-      await search(page, opts.uploadSearch);
-      await rowOf(page, opts.uploadStudy).waitFor({ state: 'visible' });
+      await search(page, opts['upload-search']);
+      await rowOf(page, opts['upload-study']).waitFor({ state: 'visible' });
       report.uploadedFound = true;
     });
     await page.screenshot({ path: join(out, 'admin-upload.png'), fullPage: true }).catch(() => {});
 
-    if (opts.badUpload) {
+    if (opts['bad-upload']) {
       await step('bad upload', async () => {
         expectRejection = true;
-        await page.setInputFiles('#files', opts.badUpload);
+        await page.setInputFiles('#files', opts['bad-upload']);
         const status = page.locator('#upload-status');
         await status.getByText(/0 stored, 1 failed/).waitFor({ state: 'visible' });
         report.badUploadStatus = (await status.innerText()).trim();
@@ -191,9 +141,9 @@ async function main() {
         }
         report.copiesCounts = (await page.locator('#copy-counts').innerText()).trim();
         report.copiesScrub = (await page.locator('#copy-scrub').innerText()).trim();
-        if (opts.repairedKey) {
+        if (opts['repaired-key']) {
           // The page refreshes every 5 s: wait for the row of the object with its repair's time.
-          const row = page.locator(`#copy-findings tbody tr[data-key="${opts.repairedKey}"]`);
+          const row = page.locator(`#copy-findings tbody tr[data-key="${opts['repaired-key']}"]`);
           await row.locator('td.ok').first().waitFor({ state: 'visible' });
           const cells = row.first().locator('td');
           report.copiesRepaired = { problem: (await cells.nth(3).innerText()).trim(),
@@ -228,16 +178,10 @@ async function main() {
     await browser.close().catch(() => {});
   }
 
-  const ok = report.healthUp && report.searchOk && report.uploadOk && report.uploadedFound &&
-    (!opts.copies || report.copiesStores !== null) && (!opts.repairedKey || report.copiesRepaired !== null) &&
-    (!opts.queue || report.queueRetried !== null) && (!opts.edge || report.edgeLine !== null) &&
-    !report.errors.length && !report.failedRequests.length && !report.consoleErrors.length;
-  writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 2));
-  process.stdout.write(JSON.stringify(report) + '\n');
-  process.exitCode = ok ? 0 : 1;
+  const passed = report.healthUp && report.searchOk && report.uploadOk && report.uploadedFound &&
+    (!opts.copies || report.copiesStores !== null) && (!opts['repaired-key'] || report.copiesRepaired !== null) &&
+    (!opts.queue || report.queueRetried !== null) && (!opts.edge || report.edgeLine !== null);
+  finish(report, passed, out);
 }
 
-main().catch(e => {
-  process.stdout.write(JSON.stringify({ errors: [`fatal: ${e.message}`] }) + '\n');
-  process.exitCode = 2;
-});
+main().catch(fatal);

@@ -17,43 +17,24 @@
 //   for that user.
 // Prints ONE JSON line on stdout (also DIR/result.json) and exits 0 only when every step passed.
 
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
-import { chromium } from 'playwright-core';
-
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const CHROMIUM_ARGS = ['--no-sandbox', '--use-angle=swiftshader', '--enable-unsafe-swiftshader',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run',
-  '--disable-quic'];
-
-function parseArgs(argv) {
-  const opts = { timeout: 90000 };
-  const names = { '--step': 'step', '--base': 'base', '--issuer': 'issuer', '--study': 'study', '--patient': 'patient',
-    '--out': 'out', '--user': 'user', '--emergency-user': 'emergencyUser', '--timeout': 'timeout',
-    '--credential': 'credential' };
-  for (let i = 0; i < argv.length; i += 2) {
-    const key = names[argv[i]];
-    if (!key) throw new Error(`unknown argument ${argv[i]}`);
-    opts[key] = key === 'timeout' ? Number(argv[i + 1]) : argv[i + 1];
-  }
-  if (!opts.step || !opts.base || !opts.out) throw new Error('--step, --base and --out are required');
-  opts.base = opts.base.replace(/\/+$/, '');
-  return opts;
-}
+import { join } from 'node:path';
+import { fatal, finish, openBrowser, parseArgs, watchConsole } from './lib.mjs';
 
 async function main() {
-  const opts = parseArgs(process.argv.slice(2));
-  const out = resolve(opts.out);
-  mkdirSync(out, { recursive: true });
+  const opts = parseArgs(process.argv.slice(2), {
+    names: ['step', 'base', 'issuer', 'study', 'patient', 'out', 'user', 'emergency-user', 'credential'],
+    required: ['step', 'base', 'out'], defaults: { timeout: 90000 },
+  });
+  const out = opts.out;
   const report = { step: opts.step, ok: false, errors: [], dicomweb: 0, unauthenticatedDicomweb: [], refused: [],
     visitedIssuer: false, consoleErrors: [] };
-  const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+  const browser = await openBrowser([], { webgl: true });
   const deadline = Date.now() + opts.timeout;
   const left = () => Math.max(1000, deadline - Date.now());
   try {
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     const page = await context.newPage();
-    page.on('console', m => { if (m.type() === 'error') report.consoleErrors.push(m.text().slice(0, 300)); });
+    watchConsole(page, report);  // informational: finish() below counts only report.errors
     page.on('request', req => {
       const url = req.url();
       if (opts.issuer && url.startsWith(opts.issuer + '/authorize')) report.visitedIssuer = true;
@@ -101,23 +82,21 @@ async function main() {
       report.signedIn = true;
       while (answered.statistics < 1 && Date.now() < deadline) await page.waitForTimeout(250);
       report.adminDataLoaded = answered.statistics > 0;  // the page's own admin-only requests now succeed
-      if (opts.emergencyUser) {
-        const row = page.locator('#emergency-list tbody tr', { hasText: opts.emergencyUser });
+      if (opts['emergency-user']) {
+        const row = page.locator('#emergency-list tbody tr', { hasText: opts['emergency-user'] });
         await row.first().waitFor({ timeout: left() });
         report.emergencyRow = await row.first().innerText();
       }
       await page.screenshot({ path: join(out, 'admin.png'), fullPage: true });
       report.ok = report.signedIn && report.adminDataLoaded && (report.visitedIssuer || !!opts.credential)
-        && (!opts.emergencyUser || !!report.emergencyRow);
+        && (!opts['emergency-user'] || !!report.emergencyRow);
     }
   } catch (e) {
     report.errors.push(String(e && e.stack || e).slice(0, 1000));
   } finally {
     await browser.close();
   }
-  writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 1));
-  console.log(JSON.stringify(report));
-  process.exit(report.ok ? 0 : 1);
+  finish(report, report.ok, out, { clean: ['errors'] });
 }
 
-main();
+main().catch(fatal);

@@ -5,6 +5,8 @@
 //
 // A check prints ONE JSON line on stdout (also written to OUT/result.json) and exits 0 only when it passed and no
 // request failed (status >= 400 or a network error, unless the check allows it) and the page raised no error.
+// A check whose console errors or requests are only informational (the OHIF viewer's) names the lists that count in
+// finish(); one that needs the OHIF viewport's WebGL opens the browser with { webgl: true }.
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -13,6 +15,9 @@ import { chromium } from 'playwright-core';
 export const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 export const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--no-first-run'];
+/** The flags for a page that draws with WebGL (the OHIF viewport): SwiftShader in place of --disable-gpu, no QUIC. */
+export const WEBGL_ARGS = ['--no-sandbox', '--use-angle=swiftshader', '--enable-unsafe-swiftshader',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'];
 
 /** `--name value` pairs into an object: `names` lists the accepted names (without `--`), `required` those that must
  * be given, `numbers` those read as numbers; `timeout` defaults to 30000 ms and `base` loses its trailing slashes. */
@@ -32,23 +37,41 @@ export function parseArgs(argv, { names, required = [], numbers = ['timeout'], d
   return opts;
 }
 
-/** Debian's Chromium, headless; `extraArgs` are added to the usual flags. */
-export function openBrowser(extraArgs = []) {
-  return chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...CHROMIUM_ARGS, ...extraArgs] });
+/** The launch options of Debian's Chromium, headless: the usual flags (WEBGL_ARGS with `webgl`) and `extraArgs`;
+ * also for `chromium.launchPersistentContext`. */
+export function launchOptions(extraArgs = [], { webgl = false } = {}) {
+  return { executablePath: CHROMIUM, headless: true, args: [...(webgl ? WEBGL_ARGS : CHROMIUM_ARGS), ...extraArgs] };
+}
+
+/** Debian's Chromium, headless, as `launchOptions` says. */
+export function openBrowser(extraArgs = [], options = {}) {
+  return chromium.launch(launchOptions(extraArgs, options));
 }
 
 /** Collect the page's failed requests and errors into `report.failedRequests` and `report.consoleErrors`
- * (made if missing); `allow(url, status)` may excuse an expected refusal. */
+ * (made if missing); `allow(url, status)` may excuse an expected refusal, and Chromium's console line for it. */
 export function watchPage(page, report, { timeout = 30000, allow = () => false } = {}) {
   report.failedRequests ??= [];
-  report.consoleErrors ??= [];
   page.setDefaultTimeout(timeout);
   page.on('response', r => {
     if (r.status() >= 400 && !allow(r.url(), r.status())) report.failedRequests.push({ url: r.url(), status: r.status() });
   });
   page.on('requestfailed', r => report.failedRequests.push({ url: r.url(), failure: r.failure()?.errorText }));
-  page.on('console', m => { if (m.type() === 'error') report.consoleErrors.push(m.text().slice(0, 500)); });
-  page.on('pageerror', e => report.consoleErrors.push(`pageerror: ${String(e).slice(0, 500)}`));
+  return watchConsole(page, report, { allow });
+}
+
+/** Collect the page's console errors and page errors into `report.consoleErrors` (made if missing; the first 50),
+ * but not Chromium's "Failed to load resource" line for a response that `allow(url, status)` excuses. */
+export function watchConsole(page, report, { allow = () => false } = {}) {
+  report.consoleErrors ??= [];
+  const add = text => { if (report.consoleErrors.length < 50) report.consoleErrors.push(text); };
+  page.on('console', m => {
+    if (m.type() !== 'error') return;
+    const refused = /^Failed to load resource: the server responded with a status of (\d+)/.exec(m.text());
+    if (refused && m.location().url && allow(m.location().url, Number(refused[1]))) return;
+    add(m.text().slice(0, 500));
+  });
+  page.on('pageerror', e => add(`pageerror: ${String(e).slice(0, 500)}`));
   return page;
 }
 
@@ -64,17 +87,18 @@ export async function runStep(report, name, fn) {
   }
 }
 
-/** Print the report, write it to OUT/result.json, and set the exit code: 0 when `passed` and nothing failed. */
-export function finish(report, passed, out) {
-  const ok = passed && !(report.errors || []).length && !(report.failedRequests || []).length &&
-    !(report.consoleErrors || []).length;
+/** Print the report, write it to OUT/result.json, and set the exit code: 0 when `passed` and every list of the
+ * report that `clean` names is empty (missing counts as empty). */
+export function finish(report, passed, out, { clean = ['errors', 'failedRequests', 'consoleErrors'] } = {}) {
+  const ok = passed && clean.every(key => !(report[key] || []).length);
   if (out) writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 2));
   process.stdout.write(JSON.stringify(report) + '\n');
   process.exitCode = ok ? 0 : 1;
 }
 
-/** For `main().catch(fatal)`: one JSON line naming what went wrong, exit 2. */
-export function fatal(e) {
-  process.stdout.write(JSON.stringify({ errors: [`fatal: ${e && e.message ? e.message : e}`] }) + '\n');
+/** For `main().catch(fatal)`: one JSON line naming what went wrong (after `fields`, the keys its reader expects),
+ * exit 2. */
+export function fatal(e, fields = {}) {
+  process.stdout.write(JSON.stringify({ ...fields, errors: [`fatal: ${e && e.message ? e.message : e}`] }) + '\n');
   process.exitCode = 2;
 }

@@ -20,43 +20,12 @@
 // the QIDO answer), --timeout MS (whole run, default 120000), --scrolls N (wheel steps, default 5).
 // CHROMIUM_PATH overrides /usr/bin/chromium.
 
-import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { inflateSync } from 'node:zlib';
 import { chromium } from 'playwright-core';
-
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--use-angle=swiftshader',
-  '--enable-unsafe-swiftshader',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-first-run',
-  '--disable-quic',
-];
-
-function parseArgs(argv) {
-  const opts = { timeout: 120000, scrolls: 5 };
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i];
-    const v = argv[i + 1];
-    if (k === '--base') (opts.base = v), i++;
-    else if (k === '--study') (opts.study = v), i++;
-    else if (k === '--out') (opts.out = v), i++;
-    else if (k === '--patient') (opts.patient = v), i++;
-    else if (k === '--timeout') (opts.timeout = Number(v)), i++;
-    else if (k === '--scrolls') (opts.scrolls = Number(v)), i++;
-    else throw new Error(`unknown argument ${k}`);
-  }
-  if (!opts.base || !opts.study || !opts.out) {
-    throw new Error('usage: node viewer_check.mjs --base URL --study UID --out DIR [--patient TEXT] [--timeout MS] [--scrolls N]');
-  }
-  opts.base = opts.base.replace(/\/+$/, '');
-  return opts;
-}
+import { fatal, finish, launchOptions, parseArgs, runStep, watchConsole } from './lib.mjs';
 
 const sleep = ms => new Promise(r => setTimeout(r, ms));
 
@@ -268,9 +237,9 @@ async function sliceLabel(page) {
 
 // ---- main ---------------------------------------------------------------------------------------
 async function main() {
-  const opts = parseArgs(process.argv.slice(2));
-  const out = resolve(opts.out);
-  mkdirSync(out, { recursive: true });
+  const opts = parseArgs(process.argv.slice(2), { names: ['base', 'study', 'out', 'patient', 'scrolls'],
+    required: ['base', 'study', 'out'], numbers: ['timeout', 'scrolls'], defaults: { timeout: 120000, scrolls: 5 } });
+  const out = opts.out;
   const deadline = Date.now() + opts.timeout;
   const left = () => Math.max(1000, deadline - Date.now());
 
@@ -295,9 +264,7 @@ async function main() {
   let context;
   try {
     context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: CHROMIUM,
-      headless: true,
-      args: CHROMIUM_ARGS,
+      ...launchOptions([], { webgl: true }),
       viewport: { width: 1280, height: 800 },
       serviceWorkers: 'block',
       timeout: 60000,
@@ -344,15 +311,7 @@ async function main() {
       });
     });
 
-    const page = context.pages()[0] || (await context.newPage());
-    page.on('console', msg => {
-      if (msg.type() === 'error' && report.consoleErrors.length < 50) {
-        report.consoleErrors.push(msg.text().slice(0, 500));
-      }
-    });
-    page.on('pageerror', err => {
-      if (report.consoleErrors.length < 50) report.consoleErrors.push(`pageerror: ${String(err).slice(0, 500)}`);
-    });
+    const page = watchConsole(context.pages()[0] || (await context.newPage()), report);  // informational
 
     const started = Date.now();
     const shot = async (name, target = page) => {
@@ -366,7 +325,7 @@ async function main() {
     };
 
     // 1. Study list -------------------------------------------------------------------------------
-    try {
+    await runStep(report, 'study list', async () => {
       await page.goto(`${opts.base}/`, { waitUntil: 'domcontentloaded', timeout: left() });
       let needle = opts.patient;
       if (!needle) {
@@ -388,14 +347,12 @@ async function main() {
       await row.waitFor({ state: 'visible', timeout: Math.min(left(), 60000) });
       report.studyListOk = true;
       report.timingsMs.studyList = Date.now() - started;
-    } catch (e) {
-      report.errors.push(`study list: ${e.message.split('\n')[0]}`);
-    }
+    });
     await shot('study-list.png');
 
     // 2. Viewer -----------------------------------------------------------------------------------
     let vp = null;
-    try {
+    await runStep(report, 'viewer', async () => {
       await page.goto(`${opts.base}/viewer?StudyInstanceUIDs=${encodeURIComponent(opts.study)}`, {
         waitUntil: 'domcontentloaded',
         timeout: left(),
@@ -416,9 +373,7 @@ async function main() {
       }
       report.viewport = probe && { inPage: brief(probe.inPage), screenshot: brief(probe.screenshot) };
       await dismissTour(page, report);
-    } catch (e) {
-      report.errors.push(`viewer: ${e.message.split('\n')[0]}`);
-    }
+    });
     // Wait until the image stops changing (progressive loads, VOI, overlays) before the pictures.
     let before = null;
     if (report.viewportNonBlank) {
@@ -438,7 +393,7 @@ async function main() {
 
     // 3. Scroll the series ------------------------------------------------------------------------
     if (report.viewportNonBlank && vp && before) {
-      try {
+      await runStep(report, 'scroll', async () => {
         const box = await vp.boundingBox();
         const cx = box.x + box.width / 2;
         const cy = box.y + box.height / 2;
@@ -466,9 +421,7 @@ async function main() {
         report.scrollChange = Math.round(maxChange * 1000) / 1000;
         report.scrollChanged = maxChange >= 0.01;
         if (!allNonBlank) report.errors.push('scroll: the viewport went blank while scrolling');
-      } catch (e) {
-        report.errors.push(`scroll: ${e.message.split('\n')[0]}`);
-      }
+      });
       await shot('viewer-after-scroll.png');
       report.timingsMs.scrolled = Date.now() - started;
     }
@@ -485,21 +438,8 @@ async function main() {
     rmSync(userDataDir, { recursive: true, force: true });
   }
 
-  const ok = report.studyListOk && report.viewportNonBlank && report.failedDicomweb.length === 0 && report.errors.length === 0;
-  writeFileSync(join(out, 'result.json'), JSON.stringify(report, null, 2));
-  process.stdout.write(JSON.stringify(report) + '\n');
-  process.exitCode = ok ? 0 : 1;
+  // Console errors and failedOther are informational; every DICOMweb request must have succeeded.
+  finish(report, report.studyListOk && report.viewportNonBlank, out, { clean: ['errors', 'failedDicomweb'] });
 }
 
-main().catch(e => {
-  process.stdout.write(
-    JSON.stringify({
-      studyListOk: false,
-      viewportNonBlank: false,
-      failedDicomweb: [],
-      dicomwebRequests: 0,
-      errors: [`fatal: ${e.message}`],
-    }) + '\n',
-  );
-  process.exitCode = 2;
-});
+main().catch(e => fatal(e, { studyListOk: false, viewportNonBlank: false, failedDicomweb: [], dicomwebRequests: 0 }));
