@@ -113,6 +113,7 @@ async function main() {
       await entry.waitFor({ state: 'visible', timeout: 60000 });
       report.ohifListRow = (await entry.innerText()).replace(/\s+/g, ' ').slice(0, 300);
       report.ohifListShowsSR = /\bSR\b/.test(report.ohifListRow);
+      report.viewerLinksReadingList = await list.locator('a#bastion-reporting-link').getAttribute('href');
       await list.close();
     });
     await runStep(report, 'amend', async () => {

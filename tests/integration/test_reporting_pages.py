@@ -56,6 +56,7 @@ def test_read_claim_draft_sign_and_amend_in_the_pages(server: BastionServer,
     assert result["exit_code"] == 0, result
     assert result["bClaimAnswer"]["status"] == 409 and "Dr A" in result["bClaimAnswer"]["error"]
     assert "final" in result["historyStates"] and "amended" in result["historyStates"]
+    assert result["viewerLinksReadingList"] == "/reporting"  # the viewer's header links to the reading list
     doc = api(server, "GET", f"/api/reports/{result['reportId']}").json()
     assert doc["state"] == "amended" and len(doc["sr"]) == 2 and doc["signed_by"] == "Dr A"
     assert doc["sections"]["impression"].startswith("Amended impression")

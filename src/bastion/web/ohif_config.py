@@ -62,6 +62,15 @@ window.config = {{
   groupEnabledModesFirst: true,
   allowMultiSelectExport: false,
   investigationalUseDialog: {{ option: 'never' }},
+  // The header's logo is a link to Bastion's reading list (/reporting), out of the editor's frame too.
+  whiteLabeling: {{
+    createLogoComponentFn: function (React) {{
+      return React.createElement('a', {{
+        id: 'bastion-reporting-link', href: '/reporting', target: '_top', title: 'Reading list',
+        style: {{ color: '#fff', fontWeight: 600, textDecoration: 'none', whiteSpace: 'nowrap' }},
+      }}, 'Bastion \u00b7 Reading list');
+    }},
+  }},
   maxNumRequests: {{
     interaction: 100,
     thumbnail: 5,
