@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from s3test import seaweed  # noqa: F401 - the session's SeaweedFS, for the "s3" store
 from test_blobs import store  # noqa: F401 - the BlobStore fixture over every backend
-from test_index import index  # noqa: F401 - the Index fixture over every backend
+from test_index import index, obj  # noqa: F401 - the Index fixture over every backend
 
 from bastion.blobs.base import BlobStore
 from bastion.blobs.reportlog import ReportLog, VersionTaken
@@ -57,6 +57,21 @@ def test_the_table_keeps_the_newest_version_and_searches(index: Index) -> None:
         index.reports(ReportQuery(studies=tuple(f"1.2.{n}" for n in range(MAX_STUDIES + 1))))
     index.clear()
     assert index.reports(ReportQuery()) == []
+
+
+def test_studies_in_a_report_state_newest_first(index: Index) -> None:
+    """The reading list's candidates for a state filter: a join of the studies and the reports."""
+    head = load_templates()["ct-head"]
+    for n in range(1, 6):
+        index.record(obj(f"1.2.3.{n}.1.1", f"1.2.3.{n}.1", f"1.2.3.{n}", date=f"202101{n:02d}"))
+    draft = rpt.new_report(_study(2), head, "dr")
+    index.put_report(ReportRow.of(draft))
+    index.put_report(ReportRow.of(rpt.signed(rpt.new_report(_study(4), head, "dr"), "dr", rpt.now_iso(), "9.9")))
+    assert index.studies_in_report_state("unreported", 10) == ["1.2.3.5", "1.2.3.3", "1.2.3.1"]
+    assert index.studies_in_report_state("unreported", 2, 1) == ["1.2.3.3", "1.2.3.1"]
+    assert index.studies_in_report_state("draft", 10) == ["1.2.3.2"]
+    assert index.studies_in_report_state("final", 10) == ["1.2.3.4"]
+    assert index.studies_in_report_state("amended", 10) == []
 
 
 def test_versions_are_write_once_and_come_back_after_a_rebuild(store: BlobStore, index: Index) -> None:

@@ -307,6 +307,11 @@ class Index(abc.ABC):
         """The reports ``query`` selects, most recently changed first."""
 
     @abc.abstractmethod
+    def studies_in_report_state(self, state: str, limit: int, offset: int = 0) -> list[str]:
+        """The studies with a report in ``state`` (``unreported``: none), newest first
+        (:func:`bastion.index.reports.studies_in_state`)."""
+
+    @abc.abstractmethod
     def statistics(self) -> Statistics:
         """Counts of what is indexed."""
 

@@ -328,6 +328,9 @@ class PostgresIndex(Index):
     def reports(self, query: ReportQuery) -> list[ReportRow]:
         return self._read(lambda cur: reports.search(self._ex(cur.execute), query))
 
+    def studies_in_report_state(self, state: str, limit: int, offset: int = 0) -> list[str]:
+        return self._read(lambda cur: reports.studies_in_state(self._ex(cur.execute), state, limit, offset))
+
     def _start_log(self, after: int, tables: Sequence[str]) -> LogPosition:
         """Empty ``tables`` and the log, and start a new log after ``after`` and every ``seq`` handed out before.
 

@@ -113,6 +113,23 @@ def search_statement(query: ReportQuery) -> tuple[str, list[Any]]:
     return sql, [*params, query.limit, query.offset]
 
 
+#: A study without a report, in :func:`studies_in_state`.
+UNREPORTED = "unreported"
+_STUDY_ORDER = "s.study_date DESC, s.study_time DESC, s.study_uid"
+
+
+def studies_in_state(ex: Execute, state: str, limit: int, offset: int = 0) -> list[str]:
+    """The UIDs of the studies with a report in ``state`` (:data:`UNREPORTED`: with none), in the index's study
+    order (newest first): the reading list's candidates for a state filter, read in pages, which it then asks
+    ``Index.find`` about (its other filters, hidden studies) and checks against each study's latest report."""
+    if state == UNREPORTED:
+        where, params = "NOT EXISTS (SELECT 1 FROM reports r WHERE r.study_uid = s.study_uid)", []
+    else:
+        where, params = "EXISTS (SELECT 1 FROM reports r WHERE r.study_uid = s.study_uid AND r.state = ?)", [state]
+    sql = f"SELECT s.study_uid FROM studies s WHERE {where} ORDER BY {_STUDY_ORDER} LIMIT ? OFFSET ?"
+    return [str(uid) for (uid,) in ex(sql, [*params, limit, offset]).fetchall()]
+
+
 def put(ex: Execute, row: ReportRow) -> None:
     """Keep ``row`` unless the table holds the same report at its version or a newer one."""
     ex(PUT, row.params())

@@ -495,6 +495,9 @@ class SqliteIndex(Index):
     def reports(self, query: ReportQuery) -> list[ReportRow]:
         return reports.search(self._reader().execute, query)
 
+    def studies_in_report_state(self, state: str, limit: int, offset: int = 0) -> list[str]:
+        return reports.studies_in_state(self._reader().execute, state, limit, offset)
+
     def clear(self) -> None:
         def _clear(conn: sqlite3.Connection) -> LogPosition:
             for table in TABLES:

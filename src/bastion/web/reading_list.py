@@ -8,10 +8,10 @@ reading priority and claim, and the claims themselves.
 - ``POST``/``DELETE /api/reading-list/{study}/claim``: take or renew / release a claim (:mod:`bastion.jobs.claims`);
 - ``PUT /api/reading-list/{study}/priority``: set the study's reading priority.
 
-A filter on report state or priority is applied while the studies are read from the index, newest first, a page
-at a time, until the answer's page is full: the index's study rows keep neither (the reports of a page of studies
-are looked up in one search; priorities live beside the claims). A filter on an open state (draft, preliminary)
-starts from the reports in that state instead, which are few.
+A filter on report state reads, a page at a time, the studies the index finds in that state (a join of its
+``studies`` and ``reports`` tables: :meth:`Index.studies_in_report_state`), asks ``find`` about them with the other
+filters and checks each one's latest report. A filter on priority is applied while the studies are read newest
+first (priorities live beside the claims, not in the index). A page's reports are looked up in one search.
 """
 
 from __future__ import annotations
@@ -148,11 +148,23 @@ def _with_reports(index: Index, studies: Iterator[Dataset], batch: int
             yield ds, reports.get(_text(ds, "StudyInstanceUID"))
 
 
-def _open_studies(index: Index, state: str) -> list[str] | None:
-    """The studies with a report in the open ``state``, if at most :data:`~bastion.index.reports.MAX_STUDIES`
-    (else None: read the studies instead)."""
-    rows = index.reports(ReportQuery(state=state, limit=MAX_STUDIES + 1))
-    return None if len(rows) > MAX_STUDIES else sorted({row.study_uid for row in rows})
+def _in_state(index: Index, query: ReadingQuery, only: list[str] | None
+              ) -> Iterator[tuple[Dataset, dict[str, Any] | None]]:
+    """The studies whose latest report is in ``query.state`` (or that have none), newest first, with that report:
+    candidates from the index a page at a time (:meth:`Index.studies_in_report_state`), asked of ``find`` with the
+    query's other filters, checked against their latest report."""
+    allowed = None if only is None else set(only)
+    offset = 0
+    while True:
+        candidates = index.studies_in_report_state(query.state, PAGE, offset)
+        uids = [uid for uid in candidates if allowed is None or uid in allowed]
+        if uids:
+            for ds, report in _with_reports(index, _studies(index, query, PAGE, uids), PAGE):
+                if query.state == (report["state"] if report else UNREPORTED):
+                    yield ds, report
+        if len(candidates) < PAGE:
+            return
+        offset += PAGE
 
 
 def _entry(ds: Dataset, report: dict[str, Any] | None, claim: Claim | None) -> dict[str, Any]:
@@ -179,17 +191,12 @@ def reading_list(index: Index, claims: Claims, query: ReadingQuery) -> list[dict
         pressing = {uid for p in PRIORITIES if p != ROUTINE for uid in claims.with_priority(p)}
         keep = lambda uid: uid not in pressing  # noqa: E731
     need = query.offset + query.limit
-    if query.state in rpt.OPEN:
-        candidates = _open_studies(index, query.state)
-        if candidates is not None:
-            only = candidates if only is None else sorted(set(only) & set(candidates))
-    if query.state or query.priority == ROUTINE:
-        def wanted() -> Iterator[tuple[Dataset, dict[str, Any] | None]]:
-            kept = (ds for ds in _studies(index, query, PAGE, only) if keep(_text(ds, "StudyInstanceUID")))
-            for ds, report in _with_reports(index, kept, PAGE):
-                if not query.state or query.state == (report["state"] if report else UNREPORTED):
-                    yield ds, report
-        page = list(islice(wanted(), query.offset, need))
+    if query.state:
+        chosen = ((ds, report) for ds, report in _in_state(index, query, only) if keep(_text(ds, "StudyInstanceUID")))
+        page = list(islice(chosen, query.offset, need))
+    elif query.priority == ROUTINE:
+        kept = (ds for ds in _studies(index, query, PAGE, only) if keep(_text(ds, "StudyInstanceUID")))
+        page = list(islice(_with_reports(index, kept, PAGE), query.offset, need))
     else:
         found = islice(_studies(index, query, min(max(need, 20), 1000), only), query.offset, need)
         page = list(_with_reports(index, found, need))
