@@ -148,23 +148,23 @@ def _with_reports(index: Index, studies: Iterator[Dataset], batch: int
             yield ds, reports.get(_text(ds, "StudyInstanceUID"))
 
 
-def _in_state(index: Index, query: ReadingQuery, only: list[str] | None
+def _in_state(index: Index, query: ReadingQuery, only: list[str] | None, batch: int
               ) -> Iterator[tuple[Dataset, dict[str, Any] | None]]:
     """The studies whose latest report is in ``query.state`` (or that have none), newest first, with that report:
     candidates from the index a page at a time (:meth:`Index.studies_in_report_state`), asked of ``find`` with the
-    query's other filters, checked against their latest report."""
+    query's other filters, checked against their latest report; ``batch`` candidates at a time."""
     allowed = None if only is None else set(only)
     offset = 0
     while True:
-        candidates = index.studies_in_report_state(query.state, PAGE, offset)
+        candidates = index.studies_in_report_state(query.state, batch, offset)
         uids = [uid for uid in candidates if allowed is None or uid in allowed]
         if uids:
-            for ds, report in _with_reports(index, _studies(index, query, PAGE, uids), PAGE):
+            for ds, report in _with_reports(index, _studies(index, query, batch, uids), batch):
                 if query.state == (report["state"] if report else UNREPORTED):
                     yield ds, report
-        if len(candidates) < PAGE:
+        if len(candidates) < batch:
             return
-        offset += PAGE
+        offset += batch
 
 
 def _entry(ds: Dataset, report: dict[str, Any] | None, claim: Claim | None) -> dict[str, Any]:
@@ -192,7 +192,9 @@ def reading_list(index: Index, claims: Claims, query: ReadingQuery) -> list[dict
         keep = lambda uid: uid not in pressing  # noqa: E731
     need = query.offset + query.limit
     if query.state:
-        chosen = ((ds, report) for ds, report in _in_state(index, query, only) if keep(_text(ds, "StudyInstanceUID")))
+        batch = min(PAGE, max(2 * need, 100))  # most candidates match: a page and some to spare
+        chosen = ((ds, report) for ds, report in _in_state(index, query, only, batch)
+                  if keep(_text(ds, "StudyInstanceUID")))
         page = list(islice(chosen, query.offset, need))
     elif query.priority == ROUTINE:
         kept = (ds for ds in _studies(index, query, PAGE, only) if keep(_text(ds, "StudyInstanceUID")))
