@@ -8,7 +8,11 @@
 // For the dictation panel (dictation.js), the page sets
 //   window.bastionReport = { id, get: () => report JSON, reload: async () => {...}, headers: () => ({...}) }
 // and dispatches the document event "report-loaded" each time it loads or reloads the report.
-import { api, authConfig, esc, headers, me, signIn, userName, withUser } from '/reporting/static/auth.js';
+//
+// With authentication on: nobody signed in sees "Sign in" (and no viewer); a party that may read reports but not
+// write them (viewer) sees the report read-only, without Start, Save, Preliminary, Sign, Amend, claim or dictation;
+// a party that may not read them (typist) is told so. The viewer beside the report needs the viewer role.
+import { api, authConfig, esc, headers, notForYou, signIn, signInFirst, userName, withUser } from '/reporting/static/auth.js';
 
 const q = (s) => document.querySelector(s);
 const study = decodeURIComponent(location.pathname.replace(/^\/reporting\/study\//, ''));
@@ -16,6 +20,7 @@ const OPEN = ['draft', 'preliminary'];
 let report = null;
 let templates = [];
 let user = '';
+let writer = true;  // may write, sign and claim (radiologist, or anyone while authentication is off)
 let dirty = false;
 let renewing = null;
 
@@ -30,7 +35,8 @@ const pname = (s) => { const [family, ...rest] = String(s).split('^'); const giv
   return given ? `${family}, ${given}` : family; };
 const date = (s) => /^\d{8}$/.test(s) ? `${s.slice(0, 4)}-${s.slice(4, 6)}-${s.slice(6)}` : s;
 const say = (html) => { q('#message').innerHTML = html; };
-const failed = (r) => say(`<span class="bad">${r.status}: ${esc(r.error)}</span>`);
+// A 401 shows the sign-in instead (auth.js, the 'signed-out' event).
+const failed = (r) => { if (document.body.dataset.signedIn !== '0') say(`<span class="bad">${r.status}: ${esc(r.error)}</span>`); };
 
 async function loadStudy() {
   const r = await api('/api/reading-list?' + new URLSearchParams({study, limit: '1'}));
@@ -46,7 +52,7 @@ async function loadStudy() {
 
 function showClaim(claim, minutes) {
   const mine = claim && claim.user === user;
-  q('#claim').innerHTML = !claim ? 'Not claimed <button type="button" id="take">Claim</button>'
+  q('#claim').innerHTML = !claim ? `Not claimed${writer ? ' <button type="button" id="take">Claim</button>' : ''}`
     : mine ? `<span class="ok">Claimed by you</span> until ${esc(new Date(claim.expires).toLocaleTimeString())}`
       : `<span class="bad">Claimed by ${esc(claim.user)}</span> until ${esc(new Date(claim.expires).toLocaleTimeString())}`;
   const take = q('#take');
@@ -80,9 +86,12 @@ async function loadReport() {
 }
 
 function render() {
-  q('#start').hidden = !!report;
+  q('#start').hidden = !!report || !writer;
   q('#editor').hidden = !report;
-  if (!report) return;
+  if (!report) {
+    if (!writer) say('<span class="muted" id="read-only">No report yet.</span>');
+    return;
+  }
   const open = OPEN.includes(report.state);
   q('#template-title').textContent = report.template_title || report.template;
   q('#state').textContent = report.state;
@@ -92,17 +101,18 @@ function render() {
   const picks = Object.fromEntries((template ? template.sections : []).map(s => [s.name, s.picklist]));
   q('#sections').innerHTML = Object.entries(report.sections).map(([name, text]) => `<div class="field" data-field="${esc(name)}">
     <label for="section-${esc(name)}">${esc((report.section_titles || {})[name] || name)}</label>
-    <textarea id="section-${esc(name)}" data-section="${esc(name)}" rows="3">${esc(text)}</textarea>
-    <div class="picks">${(picks[name] || []).map(o => `<button type="button" data-pick="${esc(name)}" data-text="${esc(o)}">${esc(o)}</button>`).join('')}</div>
+    <textarea id="section-${esc(name)}" data-section="${esc(name)}" rows="3"${writer ? '' : ' readonly'}>${esc(text)}</textarea>
+    <div class="picks">${(writer ? picks[name] || [] : []).map(o => `<button type="button" data-pick="${esc(name)}" data-text="${esc(o)}">${esc(o)}</button>`).join('')}</div>
     </div>`).join('');
-  q('#save').hidden = q('#preliminary').hidden = q('#sign').hidden = !open;
-  q('#amend').hidden = open;
+  q('#save').hidden = q('#preliminary').hidden = q('#sign').hidden = !open || !writer;
+  q('#amend').hidden = open || !writer;
   q('#history tbody').innerHTML = report.history.slice().reverse().map(h => `<tr data-version="${h.version}">
     <td>${h.version}</td><td><span class="badge ${esc(h.state)}">${esc(h.state)}</span></td>
     <td>${esc(new Date(h.at).toLocaleString())}</td><td>${esc(h.user)}</td></tr>`).join('');
   q('#sr').innerHTML = report.sr.length ? `Stored as SR: ${report.sr.map(esc).join(', ')}` +
     (report.reason ? `<br>Last amendment: ${esc(report.reason)}` : '') : '';
-  if (!open) say(q('#message').textContent ? q('#message').innerHTML : 'Signed: changes made here become an amendment.');
+  if (!writer) say(`<span class="muted" id="read-only">Read only: reports are written and signed by radiologists (${esc(report.state)}).</span>`);
+  else if (!open) say(q('#message').textContent ? q('#message').innerHTML : 'Signed: changes made here become an amendment.');
 }
 
 function sections() {
@@ -177,9 +187,16 @@ q('#sections').addEventListener('click', (e) => {
 window.addEventListener('beforeunload', (e) => { if (dirty) e.preventDefault(); });
 
 async function start() {
-  q('#viewer').src = `/viewer?StudyInstanceUIDs=${encodeURIComponent(study)}`;
-  await signIn(q('#who'), async () => { user = await me(); loadStudy(); });
-  user = await me();
+  const who = await signIn(q('#who'), () => { user = userName(); loadStudy(); });
+  document.addEventListener('signed-out', () => say(signInFirst('this study and its report')));
+  const stop = (html) => { say(html); q('#study-facts').textContent = ''; document.body.dataset.ready = '1'; };
+  if (!who) { stop(signInFirst('this study and its report')); return; }
+  if (!who.may('viewer') && !who.may('radiologist')) { stop(notForYou(who, 'A report', 'viewer or radiologist')); return; }
+  user = who.user;
+  writer = who.may('radiologist');
+  q('#dictation-panel').hidden = !writer;
+  if (who.may('viewer')) q('#viewer').src = `/viewer?StudyInstanceUIDs=${encodeURIComponent(study)}`;
+  else q('#viewer').srcdoc = '<p style="color:#ccc;font:14px system-ui;padding:1em">The images need the viewer role.</p>';
   const t = await api('/api/templates');
   templates = t.ok ? t.data.templates : [];
   const s = await loadStudy();

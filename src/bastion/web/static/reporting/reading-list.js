@@ -1,7 +1,9 @@
 // The reading list (/reporting): studies with their report state, priority and claim (GET /api/reading-list), a
 // claim taken or released from the row (POST / DELETE /api/reading-list/{study}/claim), the priority set there
-// (PUT .../priority), and "open" to the editor beside the viewer (/reporting/study/{uid}).
-import { api, esc, me, signIn, withUser } from '/reporting/static/auth.js';
+// (PUT .../priority), and "open" to the editor beside the viewer (/reporting/study/{uid}). With authentication on,
+// nobody signed in sees "Sign in" instead of the list, a party that may read it but not claim (viewer) sees it without
+// the claim buttons and priorities, and a party that may not read it (typist) is told so.
+import { api, esc, notForYou, signIn, signInFirst, userName, withUser } from '/reporting/static/auth.js';
 
 const q = (s) => document.querySelector(s);
 const PAGE = 50;
@@ -10,6 +12,7 @@ const pname = (s) => { const [family, ...rest] = String(s).split('^'); const giv
 const date = (s) => /^\d{8}$/.test(s) ? `${s.slice(0, 4)}-${s.slice(4, 6)}-${s.slice(6)}` : s;
 let shown = PAGE;
 let user = '';
+let writer = true;  // may claim and set priorities (radiologist, or anyone while authentication is off)
 
 function params() {
   const p = new URLSearchParams({limit: String(shown)});
@@ -20,11 +23,11 @@ function params() {
 function row(s) {
   const mine = s.claim && s.claim.user === user;
   const claim = s.claim ? `<span class="${mine ? 'ok' : ''}" title="until ${esc(new Date(s.claim.expires).toLocaleTimeString())}">${esc(s.claim.user)}</span>` : '<span class="muted">—</span>';
-  const button = !s.claim ? `<button type="button" data-claim="${esc(s.study)}">claim</button>`
+  const button = !writer ? '' : !s.claim ? `<button type="button" data-claim="${esc(s.study)}">claim</button>`
     : mine ? `<button type="button" data-release="${esc(s.study)}">release</button>` : '';
   const priorities = ['stat', 'urgent', 'routine'].map(p => `<option${p === s.priority ? ' selected' : ''}>${p}</option>`).join('');
   return `<tr data-study="${esc(s.study)}">
-    <td><select class="priority ${esc(s.priority)}" data-priority="${esc(s.study)}" aria-label="priority">${priorities}</select></td>
+    <td><select class="priority ${esc(s.priority)}" data-priority="${esc(s.study)}" aria-label="priority"${writer ? '' : ' disabled'}>${priorities}</select></td>
     <td>${esc(pname(s.patient_name))}</td><td>${esc(s.patient_id)}</td><td>${esc(date(s.study_date))}</td>
     <td>${esc(s.accession)}</td><td>${esc(s.modalities.join(', '))}</td><td>${esc(s.description)}</td>
     <td><span class="badge ${esc(s.state)}" data-state="${esc(s.state)}">${esc(s.state)}</span></td>
@@ -33,7 +36,9 @@ function row(s) {
 }
 
 async function load() {
+  if (document.body.dataset.signedIn === '0') return;
   const r = await api('/api/reading-list?' + params());
+  if (document.body.dataset.signedIn === '0') return;  // refused: the sign-in is shown (auth.js)
   if (!r.ok) { q('#status').innerHTML = `<span class="bad">${r.status}: ${esc(r.error)}</span>`; return; }
   const studies = r.data.studies;
   q('#studies tbody').innerHTML = studies.map(row).join('') || '<tr><td colspan="10" class="muted">no studies</td></tr>';
@@ -69,8 +74,17 @@ q('#filters').addEventListener('submit', (e) => { e.preventDefault(); shown = PA
 q('#more').addEventListener('click', () => { shown += PAGE; load(); });
 
 async function start() {
-  await signIn(q('#who'), async () => { user = await me(); load(); });
-  user = await me();
+  const who = await signIn(q('#who'), () => { user = userName(); load(); });
+  document.addEventListener('signed-out', () => say(signInFirst('the reading list')));
+  if (!who) { say(signInFirst('the reading list')); document.body.dataset.ready = '1'; return; }
+  if (!who.may('viewer') && !who.may('radiologist')) {
+    say(notForYou(who, 'The reading list', 'viewer or radiologist') +
+      (who.may('typist') ? ' Your work is in the <a href="/reporting/typing">typing queue</a>.' : ''));
+    document.body.dataset.ready = '1';
+    return;
+  }
+  user = who.user;
+  writer = who.may('radiologist');
   await load();
   document.body.dataset.ready = '1';
   setInterval(load, 10000);

@@ -1,7 +1,8 @@
 // The typing queue page (/reporting/typing; docs/reporting.md, "Typing queue"): GET /api/typing lists the rejected
 // recordings, oldest first, each played from GET /api/typing/{report}/{audio}; "Done" posts the typed text to
-// POST /api/typing/{report}/{audio} and the item leaves the page. Who types: auth.js (the credential, or the name).
-import { api, esc, headers, signIn, withUser } from '/reporting/static/auth.js';
+// POST /api/typing/{report}/{audio} and the item leaves the page. Who types: auth.js (the credential, or the name);
+// nobody signed in sees "Sign in", a party that may not work the queue (viewer) is told so.
+import { api, esc, headers, notForYou, signIn, signInFirst, withUser } from '/reporting/static/auth.js';
 
 const $ = (id) => document.getElementById(id);
 const path = (item) => `/api/typing/${encodeURIComponent(item.report)}/${encodeURIComponent(item.audio)}`;
@@ -44,11 +45,20 @@ function card(item) {
 }
 
 async function load() {
+  if (document.body.dataset.signedIn === '0') return;
   const r = await api('/api/typing');
+  if (document.body.dataset.signedIn === '0') return;  // refused: the sign-in is shown (auth.js)
   if (!r.ok) { status(`<span class="bad">The queue could not be read: ${r.status} ${esc(r.error)}</span>`); return; }
   $('typing-queue').replaceChildren(...r.data.queue.map(card));
   $('typing-empty').hidden = r.data.queue.length > 0;
 }
 
-signIn($('who'), load);
-load();
+async function start() {
+  const who = await signIn($('who'), load);
+  document.addEventListener('signed-out', () => status(signInFirst('the typing queue')));
+  if (!who) status(signInFirst('the typing queue'));
+  else if (!who.may('typist') && !who.may('radiologist')) status(notForYou(who, 'The typing queue', 'typist or radiologist'));
+  else await load();
+  document.body.dataset.ready = '1';
+}
+start();
