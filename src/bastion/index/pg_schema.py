@@ -18,10 +18,12 @@ guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,23 @@ def migrated_pool(where: Location, name: str, max_size: int, **options: Any) -> 
     return ConnectionPool(where.conninfo, kwargs=connect_kwargs(where), min_size=1, max_size=max_size, open=True,
                           configure=configure, timeout=POOL_TIMEOUT_S, name=f"{name}-{uuid.uuid4().hex[:8]}",
                           **options)
+
+
+#: Runs one statement (``?`` placeholders) with its parameters in a transaction; the rows it returns, if any.
+Run = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+
+
+@contextlib.contextmanager
+def transaction(pool: ConnectionPool[psycopg.Connection[Any]], failure: Callable[[psycopg.Error], Exception]
+                ) -> Iterator[Run]:
+    """One transaction on a connection of ``pool``, as a :data:`Run` (the statements written with SQLite's ``?``
+    placeholders, as the SQLite twin of a store runs them); a psycopg error is raised as ``failure(error)``."""
+    try:
+        with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            def run(statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+                cur.execute(statement.replace("?", "%s"), params)
+                return cur.fetchall() if cur.description else []
+
+            yield run
+    except psycopg.Error as exc:
+        raise failure(exc) from exc

@@ -10,7 +10,6 @@ never get the same job.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +23,7 @@ from bastion.index.pg_schema import (
     migrated_pool,
     one_line,
     parse_location,
+    transaction,
 )
 from bastion.jobs.base import LEASE_SECONDS
 from bastion.jobs.sql import Dialect, Run, SqlJobs
@@ -56,17 +56,8 @@ class PostgresJobs(SqlJobs):
     def _failure(self, exc: psycopg.Error) -> IndexFailure:
         return IndexFailure(f"jobs in PostgreSQL at {self._where.where}: {one_line(exc)}")
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Run]:
-        try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                def run(statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-                    cur.execute(statement.replace("?", "%s"), params)
-                    return cur.fetchall() if cur.description else []
-
-                yield run
-        except psycopg.Error as exc:
-            raise self._failure(exc) from exc
+    def _transaction(self) -> contextlib.AbstractContextManager[Run]:
+        return transaction(self._pool, self._failure)
 
     def close(self) -> None:
         self._pool.close()

@@ -267,17 +267,11 @@ class PostgresOutbox(Outbox):
         except psycopg.Error as exc:
             raise IndexFailure(f"HL7 outbox in PostgreSQL at {self._where.where}: {one_line(exc)}") from exc
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Run]:
-        try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                def run(statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-                    cur.execute(statement.replace("?", "%s"), params)
-                    return cur.fetchall() if cur.description else []
+    def _transaction(self) -> contextlib.AbstractContextManager[Run]:
+        from bastion.index.pg_schema import transaction
 
-                yield run
-        except self._psycopg.Error as exc:
-            raise IndexFailure(f"HL7 outbox in PostgreSQL at {self._where.where}: {self._one_line(exc)}") from exc
+        return transaction(self._pool, lambda exc: IndexFailure(
+            f"HL7 outbox in PostgreSQL at {self._where.where}: {self._one_line(exc)}"))
 
     def close(self) -> None:
         self._pool.close()
