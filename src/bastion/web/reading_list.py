@@ -208,7 +208,7 @@ def reading_list(index: Index, claims: Claims, query: ReadingQuery) -> list[dict
 
 def _choice(params: Any, name: str, allowed: tuple[str, ...]) -> str:
     value = str(params.get(name, ""))
-    if value and value not in allowed:
+    if name in params and value not in allowed:  # given (even empty): one of them
         raise rpt.ReportInvalid(f"{name} must be one of {', '.join(allowed)}")
     return value
 

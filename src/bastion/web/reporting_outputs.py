@@ -81,7 +81,7 @@ def reporting_output_routes(archive: Archive) -> list[BaseRoute]:
     @_errors
     async def hl7(request: Request) -> Response:
         state = request.query_params.get("state", "")
-        if state not in ("", PENDING, DEAD, DELIVERED):
+        if "state" in request.query_params and state not in (PENDING, DEAD, DELIVERED):  # given: one of them
             raise rpt.ReportInvalid(f"state must be one of {PENDING}, {DEAD}, {DELIVERED}")
         receiver = request.query_params.get("receiver", "")[:300]
         limit = _int(request, "limit", 100, 1000)
