@@ -22,7 +22,7 @@ from bastion.ingest.online_rebuild import summary
 from bastion.ingest.rebuild import RebuildReport, rebuild, stored_keys
 from bastion.ingest.verify import verify
 from bastion.reporting.intake import ReportIntake
-from bastion.reporting.seal import report_key
+from bastion.reporting.seal import ReportKey
 from bastion.settings import Settings
 
 
@@ -56,7 +56,7 @@ def _rebuild(settings: Settings) -> int:
     def build(index: Index) -> RebuildReport:
         with tqdm(total=total, desc="rebuilding index", unit=" objects", file=sys.stderr, disable=None) as bar:
             report = rebuild(blobs, index, _progress(bar), after=after)
-        intake = ReportIntake(blobs, index, report_key(blobs, settings.report_key_file))
+        intake = ReportIntake(blobs, index, ReportKey(blobs, settings.report_key_file))
         kept = intake.catch_up()  # reports whose blobs were lost come back from their SRs
         if kept:
             print(f"{kept} report version(s) kept again from their SRs")

@@ -52,7 +52,7 @@ from bastion.index.base import is_postgresql
 from bastion.ingest.online_rebuild import OnlineRebuild, read_state, switch_in
 from bastion.reporting.intake import CHECKPOINT as INTAKE_CHECKPOINT
 from bastion.reporting.intake import ReportIntake
-from bastion.reporting.seal import report_key
+from bastion.reporting.seal import ReportKey
 from bastion.settings import Settings, load_settings
 from bastion.web.app import ServerStatus, create_app
 from bastion.web.reporting_outputs import start_hl7
@@ -187,7 +187,7 @@ async def serve(settings: Settings, sock: socket.socket, http_sock: socket.socke
     runner.start()
     forwarder, edge = await start_forwarder(archive)
     hl7 = await start_hl7(archive)  # signed reports as HL7 ORU^R01 to hl7_receivers
-    key = report_key(archive.blobs, settings.report_key_file)
+    key = ReportKey(archive.blobs, settings.report_key_file)
     intake = ReportIntake(archive.blobs, archive.index, key, settings.data / INTAKE_CHECKPOINT,  # SRs' reports
                           on_kept=None if hl7 is None else hl7.consider).start()
     status.dicom_listening = True

@@ -41,11 +41,11 @@ INTERVAL_S, BATCH = 1.0, 500
 
 
 class ReportIntake:
-    """Keeps the reports that the SRs stored in ``blobs`` (as ``index`` lists them) carry, sealed under ``key``
-    (:mod:`bastion.reporting.seal`); ``checkpoint``: the file of its position (None: not kept, for a one-off
+    """Keeps the reports that the SRs stored in ``blobs`` (as ``index`` lists them) carry, sealed under the key
+    ``key()`` answers (:class:`bastion.reporting.seal.ReportKey`); ``checkpoint``: the file of its position (None: not kept, for a one-off
     :meth:`catch_up`); ``on_kept(doc)`` is called with each version it writes (the HL7 sender's ``consider``)."""
 
-    def __init__(self, blobs: BlobStore, index: Index, key: bytes, checkpoint: Path | None = None,
+    def __init__(self, blobs: BlobStore, index: Index, key: Callable[[], bytes], checkpoint: Path | None = None,
                  interval_s: float = INTERVAL_S, on_kept: Callable[[dict[str, Any]], object] | None = None) -> None:
         self.blobs, self.index, self.key, self.checkpoint = blobs, index, key, checkpoint
         self.on_kept = on_kept
@@ -86,7 +86,7 @@ class ReportIntake:
         except (BastionError, OSError, ValueError, InvalidDicomError) as exc:
             log.error("SR %s cannot be read: %s", sop_uid, exc)
             return None
-        return carried_report(ds, self.key)
+        return carried_report(ds, self.key())
 
     def position(self) -> LogPosition:
         """Where it goes on from: its stored position, else the start of the log."""

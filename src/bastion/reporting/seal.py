@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 from pathlib import Path
 
 from bastion.blobs.base import BlobStore
@@ -52,6 +53,23 @@ def report_key(blobs: BlobStore, key_file: str = "") -> bytes:
         return _parsed(blobs.get(KEY_BLOB).decode("ascii", "replace"), f"the blob {KEY_BLOB}")
     except SettingsError as exc:
         raise BastionError(f"{exc.message}: the archive's report key is damaged") from exc
+
+
+class ReportKey:
+    """The report key of :func:`report_key`, read when made from ``key_file`` (a bad file fails at start), else read
+    or made in ``blobs`` on first use: an archive that never signs writes nothing, and one whose store is full or
+    unreachable starts all the same (the sign or the intake that needs the key fails then, and is tried again)."""
+
+    def __init__(self, blobs: BlobStore, key_file: str = "") -> None:
+        self._blobs = blobs
+        self._key = report_key(blobs, key_file) if key_file else None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bytes:
+        with self._lock:
+            if self._key is None:
+                self._key = report_key(self._blobs)
+            return self._key
 
 
 def seal(key: bytes, data: bytes) -> bytes:

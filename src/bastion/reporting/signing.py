@@ -50,5 +50,5 @@ class Signing:
         stored = self.intake.carried(signed["sr"][-1])
         if stored is not None and stored["id"] == signed["id"] and stored["version"] == signed["version"]:
             return stored
-        self.ingest(build_sr(signed, self.facts(str(signed["study"])), self.intake.key))
+        self.ingest(build_sr(signed, self.facts(str(signed["study"])), self.intake.key()))
         return signed

@@ -32,7 +32,7 @@ from bastion.model.uids import is_identifiable_uid
 from bastion.reporting import report as rpt
 from bastion.reporting.dictation import Transcriber, open_transcriber
 from bastion.reporting.intake import ReportIntake
-from bastion.reporting.seal import report_key
+from bastion.reporting.seal import ReportKey
 from bastion.reporting.signing import Signing
 from bastion.reporting.sr import STUDY_KEYWORDS
 from bastion.reporting.store import ReportStore
@@ -139,7 +139,7 @@ class ReportingApi:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         self.store = ReportStore(archive.blobs, archive.index)
-        key = report_key(archive.blobs, archive.settings.report_key_file)
+        key = ReportKey(archive.blobs, archive.settings.report_key_file)
         self.signing = Signing(self.store, ReportIntake(archive.blobs, archive.index, key),
                                lambda study: study_facts(archive, study),
                                lambda data: archive.ingest.store_bytes(data, ORIGIN))
