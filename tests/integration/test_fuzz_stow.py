@@ -176,6 +176,10 @@ def test_malformed_multipart_bodies_are_refused(server: BastionServer) -> None:
     check_after(server, before)
 
 
+#: h11's limit on a request head not yet parsed (``h11._connection.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE``).
+H11_HEAD_LIMIT = 16 * 1024
+
+
 @pytest.mark.parametrize("content_type", [
     "multipart/related; boundary=" + "b" * 100_000,
     "multipart/related; type=application/dicom; " + "; ".join(["a=b"] * 10_000),
@@ -186,9 +190,20 @@ def test_malformed_multipart_bodies_are_refused(server: BastionServer) -> None:
     "application/dicom; " + "x" * 100_000,
 ])
 def test_hostile_content_types_are_refused(server: BastionServer, content_type: str) -> None:
-    """A Content-Type of 100 KB, of 10,000 parameters, or with an empty or absurd boundary: 400 or 415."""
+    """A Content-Type of 100 KB, of 10,000 parameters, or with an empty or absurd boundary: 400 or 415, and the
+    server goes on serving.
+
+    A request head larger than h11's limit (16 KiB of head not yet parsed) is refused by uvicorn itself when it
+    arrives in pieces (TCP's segmentation decides): a plain-text 400 and the connection closed, with the rest of
+    the head unread, which makes the kernel reset the connection: the client may see the 400 or the reset."""
     body = encode_parts("b", [([("Content-Type", "application/dicom")], SEEDS[0])])
-    r = httpx.post(server.url("/dicom-web/studies"), content=body, headers={"Content-Type": content_type},
-                   timeout=60)
-    assert r.status_code in (400, 415), (r.status_code, r.text[:300])
-    assert "error" in r.json()
+    over_limit = len(content_type) > H11_HEAD_LIMIT
+    try:
+        r = httpx.post(server.url("/dicom-web/studies"), content=body, headers={"Content-Type": content_type},
+                       timeout=60)
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+        assert over_limit, "only a head over h11's limit may be cut off"
+    else:
+        assert r.status_code in (400, 415), (r.status_code, r.text[:300])
+        assert "error" in r.json() or (over_limit and r.text.startswith("Invalid HTTP request")), r.text[:300]
+    assert server.get_json("/health")["status"] == "ok"
