@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import BastionServer, Study, free_port, make_study
+from test_forward import wait_for
 
 from bastion.reporting import hl7
 
@@ -66,17 +67,6 @@ class Listener:
 
     def messages(self, report_id: str) -> list[str]:
         return [m for m in self.received if f"|{report_id}|" in m]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
-    """Poll ``check`` until it answers something true (bounded; no assertion on how long it took)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def api(server: BastionServer, method: str, path: str, **kwargs: Any) -> httpx.Response:
