@@ -90,9 +90,13 @@ def browser_check_result(proc: subprocess.Popen[str], timeout: float = 120.0) ->
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"browser check timed out after {timeout}s: {out[-2000:]} {err[-2000:]}")
+        proc.terminate()  # lib.mjs prints what it has so far, naming the step it was in
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"browser check timed out after {timeout}s: {out[-3000:]} {err[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("{")]
     assert lines, f"no JSON line from the browser check (exit {proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
     report: dict[str, Any] = json.loads(lines[-1])

@@ -75,17 +75,43 @@ export function watchConsole(page, report, { allow = () => false } = {}) {
   return page;
 }
 
-/** Run `fn`; a failure is recorded in `report.errors` as "name: first line" and the check goes on. */
+/** Run `fn` as the step `name`; a failure is recorded in `report.errors` as "name: first line". Once a step has
+ * failed the later ones are skipped (listed in `report.skipped`): they build on it, the verdict is already "failed",
+ * and waiting out each one's timeout would only hide the first failure behind the caller's deadline. Each step's
+ * outcome and time go to stderr as it ends, so a check that is killed still says where it stood. */
 export async function runStep(report, name, fn) {
   report.errors ??= [];
+  running = { report, name, started: Date.now() };
+  if (report.errors.length) {
+    (report.skipped ??= []).push(name);
+    process.stderr.write(`step ${name}: skipped after an earlier failure\n`);
+    return false;
+  }
+  const started = Date.now();
   try {
     await fn();
+    process.stderr.write(`step ${name}: ok in ${Date.now() - started} ms\n`);
     return true;
   } catch (e) {
     report.errors.push(`${name}: ${String(e.message || e).split('\n')[0]}`);
+    process.stderr.write(`step ${name}: FAILED in ${Date.now() - started} ms: ${report.errors.at(-1)}\n`);
     return false;
   }
 }
+
+// The step under way, for the SIGTERM handler below.
+let running = null;
+
+// A caller that gives up (tests/conftest.py's browser_check_result at its time-out) sends SIGTERM: print what the
+// check has so far, naming the step it was in, so the failure says where it stood rather than nothing.
+process.once('SIGTERM', () => {
+  const report = running ? running.report : {};
+  (report.errors ??= []).push(running
+    ? `terminated during step ${running.name}, ${Math.round((Date.now() - running.started) / 1000)} s into it`
+    : 'terminated before the first step');
+  process.stdout.write(JSON.stringify(report) + '\n');
+  process.exit(3);
+});
 
 /** Print the report, write it to OUT/result.json, and set the exit code: 0 when `passed` and every list of the
  * report that `clean` names is empty (missing counts as empty). */
