@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -314,15 +315,13 @@ class Archive:
                               ceiling_file=str(settings.data / STAMP_CEILING_FILE))
         ingest = Ingest(blobs, index, RejectionLog(str(settings.data / "rejected.jsonl")), node_id=node_id,
                         stamps=stamps)
-        ingest.deletions = Deletions(blobs, index, node_id)
         return cls(settings, blobs, index, ingest, Finder(index), Retriever(index, blobs), open_jobs(settings), marker,
                    node_id, rebuild, findings, AuditLog(str(settings.data / AUDIT_DIR)))
 
-    @property
+    @cached_property
     def deletions(self) -> Deletions:
         """Delete, undelete and purge studies (:mod:`bastion.ingest.deletion`)."""
-        assert self.ingest.deletions is not None
-        return self.ingest.deletions
+        return Deletions(self.blobs, self.index, self.node_id)
 
     def capabilities(self) -> Capabilities:
         """Which implementation, compiled or Python, runs each part that has both (:class:`Capabilities`)."""

@@ -127,10 +127,6 @@ class Index(abc.ABC):
 
     location: str
     closed: bool = False  # set by close(): background readers (e.g. the metadata warmer) then stop
-    #: :meth:`record` of a new arrival (``keep_outdated=False``) itself refuses (raises StudyDeleted, nothing
-    #: recorded) an object of a study that is deleted (tombstoned), in the transaction that would have recorded it;
-    #: else the ingest asks after the record (:meth:`bastion.ingest.deletion.Deletions.refuse_store`).
-    refuses_deleted_studies: bool = False
 
     @abc.abstractmethod
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
@@ -151,8 +147,8 @@ class Index(abc.ABC):
         with ``keep_outdated=False`` (the ingest, which then stores it again above the current one), not recorded.
         One kept as a superseded version already (the same blob key) is a duplicate: a replay of the blob store
         that meets a version the index holds records nothing (the rebuild at start, beside live stores).
-        ``keep_outdated=False`` marks a new arrival: an index that :attr:`refuses_deleted_studies` then raises
-        StudyDeleted, recording nothing, for an object of a deleted study.
+        ``keep_outdated=False`` marks a new arrival: one into a deleted study (tombstoned, its rows hidden) raises
+        StudyDeleted, recording nothing, in the transaction that would have recorded it.
 
         Returns the status (stored / duplicate / superseded / outdated) and the change-log sequence (None where
         nothing was recorded).
@@ -269,10 +265,6 @@ class Index(abc.ABC):
         """Drop the study's hidden versions, in one transaction (after an undelete recorded them
         again, or a purge removed their bytes). ``purged``: record a ``deleted`` change per hidden instance too;
         the changes."""
-
-    @abc.abstractmethod
-    def drop_hidden_version(self, blob_key: str) -> None:
-        """Drop one kept version of a hidden study (a refused store's object, whose blob the caller removes)."""
 
     @abc.abstractmethod
     def hidden_blobs(self, blob_keys: Sequence[str]) -> set[str]:

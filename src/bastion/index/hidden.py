@@ -41,7 +41,6 @@ HIDDEN_INSTANCES = ("SELECT sop_uid, max(series_uid), max(blob_key) FROM deleted
                     "GROUP BY sop_uid ORDER BY sop_uid")
 FORGET = "DELETE FROM deleted_instances WHERE study_uid = ?"
 #: One kept version dropped (a refused store's, whose blob is removed).
-DROP_VERSION = "DELETE FROM deleted_instances WHERE blob_key = ?"
 TOMBSTONE = "SELECT entry FROM tombstones WHERE study_uid = ?"
 TOMBSTONES = "SELECT entry FROM tombstones ORDER BY study_uid"
 SET_TOMBSTONE = ("INSERT INTO tombstones (study_uid, entry) VALUES (?, ?) "

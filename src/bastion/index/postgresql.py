@@ -138,10 +138,6 @@ def _matching(level: QueryLevel, rows: Iterator[Sequence[Any]], residual: Sequen
 class PostgresIndex(Index):
     """The index in a PostgreSQL database (one schema of it)."""
 
-    #: A store into a deleted study is refused in its own transaction (:func:`pg_record.record`): no read of the
-    #: tombstones per store, which cost a round trip to the database each.
-    refuses_deleted_studies = True
-
     def __init__(self, location: str) -> None:
         self.location = location
         self._where: Location = parse_location(location)
@@ -294,9 +290,6 @@ class PostgresIndex(Index):
                                  if purged else None, study_uid)
         made, tx = self._write(forget)
         return [Change(tx.seqs[slot], "deleted", sop, series, study_uid, key, tx.at) for sop, series, key, slot in made]
-
-    def drop_hidden_version(self, blob_key: str) -> None:
-        self._write(lambda tx: tx.execute(hidden.postgresql(hidden.DROP_VERSION), (blob_key,)))
 
     def hidden_blobs(self, blob_keys: Sequence[str]) -> set[str]:
         found: set[str] = set()

@@ -464,9 +464,6 @@ class SqliteIndex(Index):
             return self._changes_of(conn, hidden.forget(conn.execute, change if purged else None, study_uid))
         return self._covered(self._write(_forget))
 
-    def drop_hidden_version(self, blob_key: str) -> None:
-        self._write(lambda conn: conn.execute(hidden.DROP_VERSION, (blob_key,)))
-
     def hidden_blobs(self, blob_keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(blob_keys), _BATCH):

@@ -15,7 +15,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from bastion.errors import IndexFailure
+from bastion.errors import IndexFailure, StudyDeleted
+from bastion.index import hidden
 from bastion.index.columns import columns_for
 from bastion.index.rows import (
     IndexRow,
@@ -100,6 +101,13 @@ def record(conn: sqlite3.Connection, row: IndexRow,
     levels: Levels = levels_of(found)
     if status is StoreStatus.DUPLICATE or (status is StoreStatus.OUTDATED and not keep_outdated):
         return status, None
+    if not keep_outdated and levels[1] is None and conn.execute(hidden.TOMBSTONE, (inst.study_uid,)).fetchone():
+        # a new arrival (the ingest's record) into a deleted study, whose rows are hidden: only a store that would
+        # make its study row again can meet one (the compiled record, which writes no level row, never does).
+        # Writes hold the index's writer lock, which deleting takes too, so a deletion comes wholly before or
+        # after this. (Undelete, rebuilds and recovery record the hidden versions again: keep_outdated.)
+        raise StudyDeleted(f"study {inst.study_uid} is deleted: undelete it before storing into it",
+                           uid=inst.study_uid)
     if status is StoreStatus.OUTDATED:
         if conn.execute("SELECT 1 FROM versions WHERE blob_key = ?", (inst.blob_key,)).fetchone():
             return StoreStatus.DUPLICATE, None  # this very version is kept already (a rebuild meeting it again)

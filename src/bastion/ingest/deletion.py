@@ -15,11 +15,11 @@ index step can be run again without harm.
 
 * **delete**: the tombstone (study, who, why, when, instance count) is kept, and the study's instances leave the
   index's query tables, so nothing that searches or retrieves finds them. A store into a deleted study is refused
-  (:class:`bastion.errors.StudyDeleted`: DIMSE 0x0124, HTTP 409): undelete first. The check comes after the
-  store's record (:meth:`refuse_store`): a store that meets the tombstone hides what it recorded and removes its
-  object again, and one recorded before the tombstone is hidden by the delete, so no instance of a deleted study
-  stays visible. A PostgreSQL index refuses such a store in the transaction that would record it
-  (``Index.refuses_deleted_studies``), under the study's lock that deleting takes too. A purged study's tombstone stays: its UID is refused for good.
+  (:class:`bastion.errors.StudyDeleted`: DIMSE 0x0124, HTTP 409): undelete first. The index refuses it in the
+  transaction that would record it (``Index.record`` of a new arrival), which holds the lock that deleting
+  takes too (SQLite's writer lock; on PostgreSQL the study's), and only a store that would make the study's row
+  again can meet a tombstone: one recorded before the tombstone is hidden by the delete, so no instance of a
+  deleted study stays visible. A purged study's tombstone stays: its UID is refused for good.
 * **undelete**: the kept versions are read from the blob store and recorded again, oldest first; QIDO counts and
   retrieval are as before the delete.
 * **purge** (``bastion purge``, never the network): every copy of every version of the study's instances is
@@ -148,17 +148,6 @@ class Deletions:
         versions = _restore(self.blobs, self.index, study_uid)
         log.warning("study %s undeleted by %s (%d versions)", study_uid, user or "?", versions)
         return tombstone
-
-    def refuse_store(self, study_uid: str, blob_key: str) -> None:
-        """After a store recorded the version ``blob_key`` of an instance of ``study_uid``: if the study is deleted,
-        hide what was recorded, remove that version (its row and its blob) and raise StudyDeleted (the store is
-        refused; see the module docstring)."""
-        if self.index.tombstone(study_uid) is None:
-            return
-        self.index.hide_study(study_uid)
-        self.blobs.delete(blob_key)  # first: a crash before the row goes leaves a row naming no blob, never a blob
-        self.index.drop_hidden_version(blob_key)  # that crash recovery would find unheld and show again
-        raise StudyDeleted(f"study {study_uid} is deleted: undelete it before storing into it", uid=study_uid)
 
     # -- purge ------------------------------------------------------------------------------------------------
     def due(self, delay_days: float, study_uid: str | None = None) -> tuple[list[Tombstone], list[Tombstone]]:

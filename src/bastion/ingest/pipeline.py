@@ -32,7 +32,6 @@ from typing import BinaryIO
 from bastion.blobs.base import BlobStore, BlobWriter, Commit, Committed
 from bastion.errors import BastionError, CommandMismatch, CommitOutcomeUnknown, IndexFailure, StorageError
 from bastion.index.base import Index
-from bastion.ingest.deletion import Deletions
 from bastion.ingest.header import Header, read_header
 from bastion.ingest.rejections import IngestWarningLog, RejectionLog
 from bastion.ingest.stamps import IngestStamps
@@ -118,8 +117,6 @@ class Ingest:
         self.warnings = warnings or IngestWarningLog.beside(self.rejections)
         self.node_id = node_id
         self._stamps = stamps if stamps is not None else IngestStamps()
-        #: Refuses a store into a deleted study (set by the archive).
-        self.deletions: Deletions | None = None
 
     def begin(self, origin: str) -> PendingObject:
         """Start receiving an object from ``origin`` (e.g. ``dimse:MODALITY`` or ``stow``)."""
@@ -367,8 +364,6 @@ class Ingest:
             finally:
                 self.blobs.delete(record.blob_key)
             return StoreResult(status, current, warnings=staged.warnings, patient_id=staged.obj.patient_id)
-        if self.deletions is not None and not self.index.refuses_deleted_studies:  # a deleted study takes nothing
-            self.deletions.refuse_store(record.study_uid, record.blob_key)
         return StoreResult(status, record, seq, staged.warnings, staged.obj.patient_id)
 
     #: How many times :meth:`_stored_again` stores one object again before it gives up (each time another node
