@@ -81,7 +81,8 @@ def make_instance(kind: Kind, index: int, count: int) -> Dataset:
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
-    ds.StudyTime = ds.SeriesTime = f"{8 + study % 10:02d}{series * 10:02d}00"
+    ds.StudyTime = f"{8 + study % 10:02d}0000"  # one per study, as a modality sends it (see GENERATION)
+    ds.SeriesTime = f"{8 + study % 10:02d}{series * 10:02d}00"
     ds.ContentTime = f"{8 + study % 10:02d}{series * 10:02d}{number % 60:02d}"
     ds.AccessionNumber = f"ACC{study:06d}"
     ds.Modality = "CT"
@@ -129,10 +130,25 @@ def corpus_files(out: Path) -> list[Path]:
     return sorted(out.glob("*.dcm"))
 
 
+#: Bumped whenever what make_instance writes changes, so that cached corpora are made again. 2: StudyTime is the
+#: same in both series of a study (it was each series' time: every instance of a study's second series then
+#: changed the study's attributes, which no modality does, and made Bastion rewrite the study's row each time).
+GENERATION = 2
+
+
+def _generation_file(out: Path) -> Path:
+    """Where the generation of the corpus in ``out`` is written: beside it, not in it (``storescu +sd`` sends the
+    whole directory)."""
+    return out.parent / f"{out.name}.generation"
+
+
 def is_complete(kind: Kind, count: int, out: Path) -> bool:
-    """Tell whether ``out`` already holds a corpus of this kind and count."""
+    """Tell whether ``out`` already holds a corpus of this kind, count and :data:`GENERATION`."""
     files = corpus_files(out)
     if len(files) != count or count == 0:
+        return False
+    marker = _generation_file(out)
+    if not marker.exists() or marker.read_text().strip() != str(GENERATION):
         return False
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     return int(first.Rows) == kind.size and str(first.SOPInstanceUID).startswith(uid(kind) + ".")
@@ -150,6 +166,7 @@ def ensure_corpus(kind_name: str, count: int, out: Path) -> list[Path]:
             partial = out / f"{index:06d}.partial"  # renamed below, so a finished corpus has only .dcm files
             make_instance(kind, index, count).save_as(partial, enforce_file_format=True)
             os.replace(partial, final)
+        _generation_file(out).write_text(f"{GENERATION}\n")
     return corpus_files(out)
 
 
