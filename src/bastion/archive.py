@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from bastion.audit import AUDIT_DIR, AuditLog
-from bastion.blobs.copies import Copies, Finding, FindingLog, open_copies
+from bastion.blobs.copies import Copies, open_copies
 from bastion.blobs.fileio import keep_first
 from bastion.blobs.filesystem import FileBlobStore
+from bastion.blobs.findings import Finding, FindingLog
 from bastion.errors import BastionError
 from bastion.index import Index, open_index
 from bastion.index.base import COPY_REPAIRED, COPY_WANTING, is_postgresql, set_aside_if_corrupt
@@ -45,7 +46,7 @@ RUNNING_MARKER = ".running"
 NODE_ID_FILE = "node-id"
 #: Where the node keeps the ceiling of the ingest stamps it has issued (:mod:`bastion.ingest.stamps`).
 STAMP_CEILING_FILE = "stamp-ceiling"
-#: What the blob stores' copies were found wanting in, and their repairs (:class:`bastion.blobs.copies.FindingLog`).
+#: What the blob stores' copies were found wanting in, and their repairs (:class:`bastion.blobs.findings.FindingLog`).
 FINDINGS_FILE = "copies.jsonl"
 #: Where the scrub of the copies keeps its progress (:class:`bastion.blobs.repair.ScrubState`).
 SCRUB_FILE = "scrub.json"

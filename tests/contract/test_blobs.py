@@ -276,7 +276,7 @@ def test_an_opened_object_reads_as_a_dicom_file(store: BlobStore) -> None:
 def test_finding_log_folds_in_what_was_appended(tmp_path: Path) -> None:
     """Two readers of one findings log (two processes' view of <data>/copies.jsonl): each reads only what was
     appended since it last looked, and agrees with a reader that reads it all afresh."""
-    from bastion.blobs.copies import Finding, FindingLog
+    from bastion.blobs.findings import Finding, FindingLog
 
     path = str(tmp_path / "copies.jsonl")
     writer, reader = FindingLog(path), FindingLog(path)

@@ -19,7 +19,8 @@ import pytest
 from conftest import BastionServer, make_study, requires_dcmtk, run_bastion
 
 from bastion.blobs import repair
-from bastion.blobs.copies import FindingLog, open_copies
+from bastion.blobs.copies import open_copies
+from bastion.blobs.findings import FindingLog
 from bastion.blobs.repair import MB, Repairer, ScrubState, TokenBucket
 from bastion.errors import StorageError
 from bastion.model import digest as content_digest
@@ -317,16 +318,19 @@ def test_the_reconciliation_repairs_missing_copies_and_reports_lost_objects(tmp_
 def test_a_store_that_could_not_be_opened_takes_writes_and_is_repaired_once_it_opens(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bastion.blobs import copies as copies_module
+    from bastion.blobs.late import LateStore
 
     (tmp_path / "b").write_text("a failed disk")
     copies, keys = _two_stores(tmp_path, 3, required=1)  # stored in "a" alone: "b" cannot be opened
-    assert isinstance(copies.stores[1], copies_module.LateStore)
+    late = copies.stores[1]
+    assert isinstance(late, LateStore)
     assert copies.findings.summary()["outstanding_by_store"] == {str(tmp_path / "b"): 3}
     with pytest.raises(StorageError, match="cannot be opened"):
         copies.stores[1].usage()
     (tmp_path / "b").unlink()  # the disk is back
+    late.retry_after_s = 0.0  # its wait to be opened again is over...
     monkeypatch.setattr(copies_module, "RETRY_AFTER_S", 0.0)
-    copies._states[1].retry_at = 0.0  # its wait is over
+    copies._states[1].retry_at = 0.0  # ...and so is its wait to take writes again
     data = b"after the disk came back"
     key = object_key("1.2.826.0.1.99", str(time.time_ns()).zfill(20), content_digest.text(content_digest.of_bytes(data)))
     copies.put(key, data)

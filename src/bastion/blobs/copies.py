@@ -18,136 +18,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO
 
 from bastion.blobs.base import BlobStore, BlobWriter, Commit, open_blob_store, rewrite
+from bastion.blobs.findings import CORRUPT, MISSING, NOT_WRITTEN, UNREADABLE, Finding, FindingLog
+from bastion.blobs.late import RETRY_AFTER_S, LateStore
 from bastion.errors import BastionError, CorruptObject, NotFound, StorageError, StorageFull
-from bastion.jsonlines import JsonLinesLog, parsed
 
 log = logging.getLogger("bastion.blobs")
-
-#: A store that failed a write is left out of new writes for this many seconds, then tried again.
-RETRY_AFTER_S = 30.0
-
-#: What a finding says was wrong with one copy.
-MISSING, CORRUPT, UNREADABLE, NOT_WRITTEN = "missing", "corrupt", "unreadable", "not written"
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One copy of one object found wanting (``problem``: missing, corrupt, unreadable, not written), or, with
-    ``repaired`` set, made good again."""
-
-    key: str
-    store: str  # the store's location
-    problem: str
-    detail: str = ""
-    time: float = 0.0
-    repaired: bool = False
-
-
-class FindingLog(JsonLinesLog):
-    """``<data>/copies.jsonl``: every finding and every repair, one JSON line each, shared by a node's processes.
-
-    :meth:`outstanding` and :meth:`summary` read it back: the copies found wanting and not repaired since. Each
-    reader folds in only what was appended since it last looked (a log that grew by millions of lines while a lost
-    store was refilled is not parsed again for every ``/health``); a log that was replaced is read again.
-    """
-
-    def __init__(self, path: str | None) -> None:
-        super().__init__(path)
-        self._fold_lock = threading.Lock()
-        self._reset()
-
-    def _reset(self) -> None:
-        self._offset = 0  # bytes of the file (entries in memory) folded in so far
-        self._inode = 0  # the file's (a log replaced by another file is read again from its start)
-        self._open: dict[tuple[str, str], Finding] = {}
-        self._found = 0
-        self._repaired = 0
-        self._recent: deque[dict[str, Any]] = deque(maxlen=20)
-
-    def record(self, finding: Finding) -> None:
-        """Append ``finding`` (timed now unless it carries a time)."""
-        entry = asdict(finding)
-        entry["time"] = finding.time or time.time()
-        self._append(entry)
-
-    def _unread(self) -> list[dict[str, Any]]:
-        """The entries appended since the last look (whole lines only: one being appended waits for the next)."""
-        if self.path is None:
-            with self._lock:
-                new = self._memory[self._offset:]
-            self._offset += len(new)
-            return new
-        try:
-            with open(self.path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                if st.st_size < self._offset or st.st_ino != self._inode:
-                    self._reset()
-                    self._inode = st.st_ino
-                fh.seek(self._offset)
-                data = fh.read()
-        except FileNotFoundError:
-            if self._offset:
-                self._reset()
-            return []
-        data = data[: data.rfind(b"\n") + 1]
-        self._offset += len(data)
-        return parsed(data.splitlines())
-
-    def _fold(self) -> None:
-        with self._fold_lock:
-            for entry in self._unread():
-                try:
-                    finding = Finding(**{k: entry[k] for k in ("key", "store", "problem", "detail", "time",
-                                                               "repaired")})
-                except (KeyError, TypeError):
-                    continue
-                self._recent.append(entry)
-                if finding.repaired:
-                    self._repaired += 1
-                    self._open.pop((finding.key, finding.store), None)
-                else:
-                    self._found += 1
-                    self._open.setdefault((finding.key, finding.store), finding)
-
-    def outstanding(self) -> list[Finding]:
-        """Copies found wanting and not repaired since, oldest finding first (one per object and store)."""
-        self._fold()
-        with self._fold_lock:
-            return list(self._open.values())
-
-    def summary(self) -> dict[str, Any]:
-        """For ``/api/statistics``, ``/health`` and the admin page: counts, and the latest entries."""
-        outstanding = self.outstanding()
-        with self._fold_lock:
-            return {"found": self._found, "repaired": self._repaired, "outstanding": len(outstanding),
-                    "outstanding_by_store": _count_by(outstanding, "store"), "recent": list(self._recent)}
-
-    def size(self) -> int:
-        """How many bytes (or, in memory, entries) the log holds."""
-        if self.path is None:
-            return self.count()
-        try:
-            return os.stat(self.path).st_size
-        except FileNotFoundError:
-            return 0
-
-
-def _count_by(findings: Sequence[Finding], attribute: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for f in findings:
-        name = getattr(f, attribute)
-        counts[name] = counts.get(name, 0) + 1
-    return counts
-
 
 class _StoreState:
     """Whether a store takes writes: up, or left out until ``retry_at`` after a failure."""
@@ -483,94 +364,6 @@ def open_copies(locations: Sequence[str], required: int | None = None, *, node_i
         for store in stores:
             store.close()
         raise
-
-
-class LateStore(BlobStore):
-    """A blob store that could not be opened at start: every call fails (:class:`~bastion.errors.StorageError`)
-    until the store opens, tried again at most every :data:`RETRY_AFTER_S`; then each call goes to it. Its
-    :class:`Copies` leaves it out meanwhile, as it does a store that fails writes: each object stored is a
-    finding ``not written`` there, and the repair makes the copies once it is back."""
-
-    def __init__(self, location: str, opener: Callable[[], BlobStore], error: BaseException) -> None:
-        self.location = location
-        self._opener = opener
-        self._store: BlobStore | None = None
-        self._error = error
-        self._tried_at = time.monotonic()
-        self._lock = threading.Lock()
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self._error}"
-
-    def _opened(self) -> BlobStore:
-        store = self._store
-        if store is not None:
-            return store
-        with self._lock:
-            if self._store is None and time.monotonic() - self._tried_at >= RETRY_AFTER_S:
-                self._tried_at = time.monotonic()
-                try:
-                    self._store = self._opener()
-                    log.warning("blob store %s is open now", self.location)
-                except (BastionError, OSError) as exc:
-                    self._error = exc
-            if self._store is None:
-                raise StorageError(f"blob store {self.location} cannot be opened: {self._error}")
-            return self._store
-
-    def writer(self) -> BlobWriter:
-        return self._opened().writer()
-
-    def put_once(self, key: str, data: bytes) -> bool:
-        return self._opened().put_once(key, data)
-
-    def open(self, key: str) -> BinaryIO:
-        return self._opened().open(key)
-
-    def open_verified(self, key: str) -> BinaryIO:
-        return self._opened().open_verified(key)
-
-    def problem_with(self, key: str) -> str | None:
-        try:
-            store = self._opened()
-        except StorageError as exc:
-            return f"{UNREADABLE}: {exc.message}"
-        return store.problem_with(key)
-
-    def size(self, key: str) -> int:
-        return self._opened().size(key)
-
-    def delete(self, key: str) -> None:
-        self._opened().delete(key)
-
-    def destroy(self, key: str) -> None:
-        self._opened().destroy(key)
-
-    def set_aside(self, key: str) -> str | None:
-        return self._opened().set_aside(key)
-
-    def keys(self, prefix: str = "") -> Iterator[str]:
-        return self._opened().keys(prefix)
-
-    def exists(self, key: str) -> bool:
-        return self._opened().exists(key)
-
-    def set_aside_count(self) -> int:
-        return 0 if self._store is None else self._store.set_aside_count()
-
-    def usage(self) -> tuple[int | None, int | None]:
-        return self._opened().usage()
-
-    def revive(self) -> bool:
-        return self._opened().revive()
-
-    def prepare(self) -> None:
-        if self._store is not None:
-            self._store.prepare()
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
 
 
 class CopiesWriter(BlobWriter):

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from bastion.blobs.copies import CORRUPT, MISSING, Copies
+from bastion.blobs.copies import Copies
+from bastion.blobs.findings import CORRUPT, MISSING
 from bastion.errors import BastionError, CorruptObject
 from bastion.model.records import parse_object_key
 

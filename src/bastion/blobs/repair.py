@@ -3,7 +3,7 @@
 **The repair** (:class:`Repairer`, a thread of the server's primary process) re-creates every missing or corrupt
 copy from a good one until each object is back in every store. Its work comes from
 
-- the findings log (:class:`bastion.blobs.copies.FindingLog`), read again only when it has grown (checked every
+- the findings log (:class:`bastion.blobs.findings.FindingLog`), read again only when it has grown (checked every
   ``poll_s``, 2 s): each copy found wanting and not repaired since is made again (:meth:`Copies.heal`);
 - a full reconciliation, at start, every ``reconcile_s`` (``repair_interval``, 10 min) and as soon as a store
   that was unreachable is back: every store's keys are listed, and every key some store holds and another lacks is
@@ -39,7 +39,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bastion.blobs.copies import CORRUPT, MISSING, UNREADABLE, Copies
+from bastion.blobs.copies import Copies
+from bastion.blobs.findings import CORRUPT, MISSING, UNREADABLE
 from bastion.blobs.healing import STORE_RETRY_S, Healer, PassReport, StoreTally, StoreWatch, key_hash, young
 from bastion.errors import BastionError, NotFound
 from bastion.model import digest as content_digest

@@ -35,7 +35,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from bastion.blobs.copies import MISSING, Copies
+from bastion.blobs.copies import Copies
+from bastion.blobs.findings import MISSING
 from bastion.dimse import messages as m
 from bastion.dimse.association import (
     AcceptedContext,

@@ -59,7 +59,7 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 def copies_report(archive: Archive) -> dict[str, Any]:
     """The blob stores and their copies, for ``/api/statistics`` and ``/health``: each store's location, ``state``
     (``ok``; ``unreachable`` when it cannot be reached now; ``wanting`` while copies found missing, corrupt or not
-    written there wait for repair) and usage; the findings (:meth:`bastion.blobs.copies.FindingLog.summary`); where
+    written there wait for repair) and usage; the findings (:meth:`bastion.blobs.findings.FindingLog.summary`); where
     the scrub is in its cycle (``<data>/scrub.json``; None with one store or before its first start)."""
     findings = archive.blobs.findings.summary()
     wanting = findings["outstanding_by_store"]
