@@ -355,19 +355,20 @@ def _stop(proc: subprocess.Popen[Any], timeout: float = 10.0, group: bool = Fals
 
 @dataclass
 class StoreSCP:
-    """A DCMTK storescp acting as C-MOVE destination."""
+    """A DCMTK storescp acting as C-MOVE destination; ``options`` are added to its command (DICOM TLS: ``+tls``)."""
 
     aet: str
     port: int
     directory: Path
     proc: subprocess.Popen[Any] | None = None
+    options: tuple[str, ...] = ()
 
     def start(self) -> StoreSCP:
         self.directory.mkdir(parents=True, exist_ok=True)
         log = open(self.directory.parent / f"storescp-{self.port}.log", "w")  # noqa: SIM115
         # +xa: accept the stored (compressed) syntaxes too, so moved objects arrive as stored.
         self.proc = subprocess.Popen([DCMTK["storescp"], "-od", str(self.directory), "+B", "+xa",
-                                      "-aet", self.aet, str(self.port)],
+                                      "-aet", self.aet, *self.options, str(self.port)],
                                      env=dcmtk_env(), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_for_port(self.port, proc=self.proc)
@@ -387,6 +388,9 @@ class StoreSCP:
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc)
+
+    def log(self) -> str:
+        return (self.directory.parent / f"storescp-{self.port}.log").read_text(errors="replace")
 
 
 @dataclass

@@ -14,7 +14,7 @@ TOML example::
     cors_origins = ["https://viewer.example.org"]
 
     [remotes]
-    WORKSTATION = "10.0.0.5:104"     # AE title = "host:port"
+    WORKSTATION = "10.0.0.5:104"     # AE title = "host:port" ("tls://host:port": over DICOM TLS)
 
     [[forward]]                      # forward newly stored CT to an archive (bastion.forward)
     name = "central"
@@ -69,19 +69,29 @@ class SettingsError(BastionError):
 
 @dataclass(frozen=True)
 class RemoteAE:
-    """A peer application entity that C-MOVE may send to (PS3.4 C.4.2)."""
+    """A peer application entity that Bastion associates with (a C-MOVE destination, a forwarding destination, a
+    Storage Commitment requester, an edge's upstream): over plain TCP, or over DICOM TLS (PS3.15 B.9) with ``tls``
+    (:func:`bastion.dimse.tls.client_context`)."""
 
     aet: str
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> RemoteAE:
-        """Parse ``AET@host:port``."""
-        m = re.fullmatch(r"\s*([^@]{1,16})@([^:]+):(\d{1,5})\s*", text)
+        """Parse ``AET@host:port``, or ``AET@tls://host:port`` for DICOM TLS."""
+        m = REMOTE_AE.fullmatch(text.strip())
         if not m:
-            raise SettingsError(f"remote AE {text!r} is not AET@HOST:PORT")
-        return cls(check_aet(m.group(1).strip()), m.group(2), int(m.group(3)))
+            raise SettingsError(f"remote AE {text!r} is not AET@HOST:PORT or AET@tls://HOST:PORT")
+        return cls(check_aet(m.group(1).strip()), m.group(3), int(m.group(4)), tls=bool(m.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.aet}@{'tls://' if self.tls else ''}{self.host}:{self.port}"
+
+
+#: ``AET@HOST:PORT`` or ``AET@tls://HOST:PORT`` (:meth:`RemoteAE.parse`).
+REMOTE_AE = re.compile(r"([^@]{1,16})@(tls://)?([^:/@\s]+):(\d{1,5})")
 
 
 #: The attributes a forward rule's ``match`` may test (bastion.forward.rules says where each is read from).
@@ -141,8 +151,9 @@ class ForwardRule:
         if to.startswith(("http://", "https://")):
             if not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?(/\S*)?", to):
                 raise SettingsError(f"[[forward]] to = {to!r} is not an http(s)://HOST[:PORT]/PATH DICOMweb URL")
-        elif not re.fullmatch(r"[^@]{1,16}@[^:]+:\d{1,5}", to):
-            raise SettingsError(f"[[forward]] to = {to!r} is neither AET@HOST:PORT nor an http(s):// DICOMweb URL")
+        elif not REMOTE_AE.fullmatch(to):
+            raise SettingsError(f"[[forward]] to = {to!r} is neither AET@HOST:PORT nor an http(s):// DICOMweb URL "
+                                "(AET@tls://HOST:PORT for DICOM TLS)")
         else:
             RemoteAE.parse(to)
         name = str(table.get("name") or to).strip()

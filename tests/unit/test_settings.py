@@ -97,10 +97,23 @@ def test_bad_integer_is_refused() -> None:
 def test_remote_parse() -> None:
     assert RemoteAE.parse("WS1@10.0.0.5:104") == RemoteAE("WS1", "10.0.0.5", 104)
     assert RemoteAE.parse("  WS1@host.example:11112 ") == RemoteAE("WS1", "host.example", 11112)
+    tls = RemoteAE.parse("VNA@tls://vna.example.org:2762")
+    assert tls == RemoteAE("VNA", "vna.example.org", 2762, tls=True) and not RemoteAE.parse("WS1@h:1").tls
+    assert str(tls) == "VNA@tls://vna.example.org:2762" and str(RemoteAE("WS1", "h", 1)) == "WS1@h:1"
+
+
+def test_tls_remotes_from_the_file_the_environment_and_forward_rules(tmp_path: Path) -> None:
+    cfg = _toml(tmp_path, '[remotes]\nVNA = "tls://10.0.0.1:2762"\nWS = "10.0.0.2:104"\n'
+                          '[[forward]]\nto = "CENTRAL@tls://10.0.0.9:2762"\n')
+    s = load_settings(cfg, env={})
+    assert {r.aet: r.tls for r in s.remotes} == {"VNA": True, "WS": False}
+    assert s.forward[0].remote == RemoteAE("CENTRAL", "10.0.0.9", 2762, tls=True)
+    s = load_settings(cfg, env={"BASTION_REMOTES": "ENVAE@tls://10.0.0.3:105"})
+    assert s.remotes == (RemoteAE("ENVAE", "10.0.0.3", 105, tls=True),)
 
 
 @pytest.mark.parametrize("text", ["WS1", "WS1@host", "WS1@host:port", "@host:104", "WAY_TOO_LONG_AE_TITLE@h:1",
-                                  "BAD\\AE@h:1"])
+                                  "BAD\\AE@h:1", "WS1@ssl://host:104", "WS1@tls://host", "WS1@tls:/host:104"])
 def test_bad_remote_is_refused(text: str) -> None:
     with pytest.raises(SettingsError):
         RemoteAE.parse(text)

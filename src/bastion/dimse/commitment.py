@@ -44,7 +44,6 @@ from bastion.dimse.association import (
     AssociationClosed,
     BytesSink,
     Message,
-    PDUStream,
 )
 from bastion.dimse.identifiers import decode_identifier
 from bastion.dimse.pdu import (
@@ -56,6 +55,7 @@ from bastion.dimse.pdu import (
     decode_associate,
     encode_associate,
 )
+from bastion.dimse.scu import SubOperationError, open_stream
 from bastion.errors import BastionError, InvalidQuery
 from bastion.index.base import Index
 from bastion.model.uids import (
@@ -443,11 +443,9 @@ class StorageCommitment:
         rq = AssociateRQ(remote.aet, self.settings.aet, [context], self.settings.max_pdu, IMPLEMENTATION_CLASS_UID,
                          IMPLEMENTATION_VERSION_NAME, roles=[RoleSelection(STORAGE_COMMITMENT_PUSH, False, True)])
         try:
-            _, stream = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                PDUStream, remote.host, remote.port), TIMEOUT)
-        except (TimeoutError, OSError) as exc:
-            raise ReportNotDelivered(f"cannot connect to {remote.host}:{remote.port}: {exc}") from exc
-        stream.send_timeout = TIMEOUT
+            stream = await open_stream(remote, self.settings)
+        except SubOperationError as exc:
+            raise ReportNotDelivered(str(exc)) from exc
         assoc = Association(stream, calling_aet=self.settings.aet, called_aet=remote.aet)
         try:
             await assoc.send_raw(encode_associate(rq, ac=False))

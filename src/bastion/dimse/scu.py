@@ -5,7 +5,8 @@ Each SOP class is proposed in the syntaxes the instances were stored in, each in
 one context of Explicit and Implicit VR Little Endian; an instance goes in its stored syntax where that was
 accepted, else converted (:meth:`~bastion.query.retrieve.Retriever.open_for_dimse`), and one that cannot be
 converted (no codec here) fails alone with :class:`~bastion.errors.UnsupportedTransferSyntax`, before anything of
-it is sent. The socket has TCP_NODELAY (:class:`~bastion.dimse.association.PDUStream`).
+it is sent. The socket has TCP_NODELAY (:class:`~bastion.dimse.association.PDUStream`); a ``tls://`` remote is
+reached over DICOM TLS (:func:`open_stream`).
 
 An A-ABORT from the destination, its closing the connection, a PDU other than P-DATA-TF where a C-STORE-RSP
 was due, no response within :data:`TIMEOUT`, or its reading nothing we send for that long ends the association
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -33,9 +35,10 @@ from bastion.dimse.pdu import (
     decode_associate,
     encode_associate,
 )
+from bastion.dimse.tls import TLSConfigError, client_context, describe
 from bastion.model.records import InstanceRecord
 from bastion.model.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
-from bastion.settings import RemoteAE
+from bastion.settings import RemoteAE, Settings
 
 if TYPE_CHECKING:
     from bastion.archive import Archive
@@ -51,6 +54,28 @@ class SubOperationError(Exception):
 class DestinationLost(SubOperationError):
     """The association with the destination ended (aborted, dropped, released by it, or silent past
     :data:`TIMEOUT`): this sub-operation and every one after it fail (PS3.4 C.4.2.3.1)."""
+
+
+async def open_stream(remote: RemoteAE, settings: Settings) -> PDUStream:
+    """A connection to ``remote`` for an association Bastion requests: plain TCP, or DICOM TLS for a ``tls://``
+    remote (:func:`~bastion.dimse.tls.client_context`: its certificate verified, this node's shown). Connecting and
+    the TLS handshake each have :data:`TIMEOUT`; a failure is a SubOperationError naming the remote and why (for
+    TLS, OpenSSL's reason, such as ``CERTIFICATE_VERIFY_FAILED``)."""
+    where = f"{remote.aet} at {remote.host}:{remote.port}"
+    try:
+        tls = client_context(settings) if remote.tls else None
+    except TLSConfigError as exc:
+        raise SubOperationError(f"no DICOM TLS to {where}: {exc.message}") from exc
+    try:
+        _, stream = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+            PDUStream, remote.host, remote.port, ssl=tls, server_hostname=remote.host if tls else None,
+            ssl_handshake_timeout=TIMEOUT if tls else None), TIMEOUT)
+    except ssl.SSLError as exc:
+        raise SubOperationError(f"TLS handshake with {where} failed: {describe(exc)}") from exc
+    except (TimeoutError, OSError) as exc:
+        raise SubOperationError(f"cannot connect to {where}{' (TLS)' if tls else ''}: {exc or 'timed out'}") from exc
+    stream.send_timeout = TIMEOUT  # a peer that stops reading what we send is lost
+    return stream
 
 
 async def send_instance(owner: Any, assoc: Association, context_id: int, ts: str, record: InstanceRecord,
@@ -105,12 +130,7 @@ class StoreSCU:
             next_id += 2
         if next_id > 255:
             raise SubOperationError("too many SOP classes / transfer syntaxes for one association")
-        try:
-            _, stream = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                PDUStream, self.remote.host, self.remote.port), TIMEOUT)
-        except (TimeoutError, OSError) as exc:
-            raise SubOperationError(f"cannot connect to {self.remote.host}:{self.remote.port}: {exc}") from exc
-        stream.send_timeout = TIMEOUT  # a destination that stops reading what we send is lost
+        stream = await open_stream(self.remote, self.archive.settings)
         assoc = Association(stream, calling_aet=self.calling_aet, called_aet=self.remote.aet)
         rq = AssociateRQ(self.remote.aet, self.calling_aet, contexts, self.max_pdu, IMPLEMENTATION_CLASS_UID,
                          IMPLEMENTATION_VERSION_NAME)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.dicomweb.multipart import parse_multipart
+from bastion.dimse.tls import client_context
 from bastion.errors import BastionError
 from bastion.settings import RemoteAE, Settings
 
@@ -137,12 +139,15 @@ def _value(item: Any, tag: str) -> str:
 
 
 class DimseUpstream(Upstream):
-    """An upstream reached by C-FIND and C-MOVE (pynetdicom's requestor, in the calling thread)."""
+    """An upstream reached by C-FIND and C-MOVE (pynetdicom's requestor, in the calling thread); over DICOM TLS with
+    ``tls`` (a ``tls://`` upstream: :func:`bastion.dimse.tls.client_context`)."""
 
-    def __init__(self, remote: RemoteAE, calling_aet: str, api: str, credential: str = "") -> None:
+    def __init__(self, remote: RemoteAE, calling_aet: str, api: str, credential: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         super().__init__(api, credential)
         self.remote = remote
         self.calling_aet = calling_aet
+        self.tls = tls
 
     def _associate(self, model: Any) -> Any:
         from pynetdicom import AE
@@ -151,10 +156,10 @@ class DimseUpstream(Upstream):
         ae.acse_timeout = ae.network_timeout = TIMEOUT_S
         ae.dimse_timeout = MOVE_TIMEOUT_S
         ae.add_requested_context(model)
-        assoc = ae.associate(self.remote.host, self.remote.port, ae_title=self.remote.aet)
+        assoc = ae.associate(self.remote.host, self.remote.port, ae_title=self.remote.aet,
+                             tls_args=(self.tls, self.remote.host) if self.tls is not None else None)
         if not assoc.is_established:
-            raise UpstreamUnreachable(f"upstream {self.remote.aet}@{self.remote.host}:{self.remote.port} did not "
-                                      "accept the association")
+            raise UpstreamUnreachable(f"upstream {self.remote} did not accept the association")
         return assoc
 
     def answers(self) -> bool:
@@ -302,4 +307,5 @@ def upstream_of(settings: Settings, store: Callable[[bytes], None]) -> Upstream 
     if rule.stow_url:
         return DicomWebUpstream(rule.stow_url, settings.upstream_api, store, settings.upstream_api_key)
     assert rule.remote is not None
-    return DimseUpstream(rule.remote, settings.aet, settings.upstream_api, settings.upstream_api_key)
+    tls = client_context(settings) if rule.remote.tls else None
+    return DimseUpstream(rule.remote, settings.aet, settings.upstream_api, settings.upstream_api_key, tls)
