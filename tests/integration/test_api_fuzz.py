@@ -122,7 +122,8 @@ def api_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Starlette]:
     """The ASGI app with three stored objects (so the change log is not empty) and a remote."""
     work = tmp_path_factory.mktemp("api")
     study = make_study(work / "study", series=1, per_series=3)
-    with _app(work / "data", remotes=(RemoteAE("PEER", "127.0.0.1", 104),)) as app:
+    with _app(work / "data", remotes=(RemoteAE("PEER", "127.0.0.1", 104), RemoteAE("VNA", "vna.example.org", 2762,
+                                                                                     tls=True))) as app:
         r = asgi(app, "POST", "/dicom-web/studies", content=_multipart([f.read_bytes() for f in study.files]),
                  headers={"Content-Type": STOW_TYPE})
         assert r.status_code == 200, r.text
@@ -163,8 +164,9 @@ def test_changes_pages_with_since_and_limit(api_app: Starlette) -> None:
     assert [c["seq"] for c in first["changes"]] == sorted(c["seq"] for c in first["changes"])
     assert len(first["changes"]) == 2 and len(rest["changes"]) == 1
     assert rest["changes"][0]["seq"] > first["last"] == first["changes"][-1]["seq"]
-    assert asgi(api_app, "GET", "/api/remotes").json() == {"remotes": [{"aet": "PEER", "host": "127.0.0.1",
-                                                                        "port": 104}]}
+    assert asgi(api_app, "GET", "/api/remotes").json() == {"remotes": [
+        {"aet": "PEER", "host": "127.0.0.1", "port": 104, "tls": False},
+        {"aet": "VNA", "host": "vna.example.org", "port": 2762, "tls": True}]}
 
 
 # -- hypothesis against a live server --------------------------------------------------------------------------

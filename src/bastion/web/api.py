@@ -130,7 +130,7 @@ def routes(archive: Archive, status: ServerStatus) -> list[BaseRoute]:
                              "last": rows[-1].seq if rows else since})
 
     async def remotes(request: Request) -> JSONResponse:
-        return JSONResponse({"remotes": [{"aet": r.aet, "host": r.host, "port": r.port}
+        return JSONResponse({"remotes": [{"aet": r.aet, "host": r.host, "port": r.port, "tls": r.tls}
                                          for r in archive.settings.remotes]})
 
     opened: list[ForwardQueue] = []

@@ -327,9 +327,10 @@ _REMOTES = {
     "properties": {"remotes": {"type": "array", "items": {
         "type": "object",
         "additionalProperties": False,
-        "required": ["aet", "host", "port"],
+        "required": ["aet", "host", "port", "tls"],
         "properties": {"aet": {"type": "string", "maxLength": 16}, "host": {"type": "string"},
-                       "port": {"type": "integer", "minimum": 1, "maximum": 65535}},
+                       "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                       "tls": {"type": "boolean", "description": "reached over DICOM TLS (a tls:// remote)"}},
     }}},
 }
 

@@ -28,7 +28,9 @@ _ID = {"name": "id", "in": "path", "required": True, "description": "The report'
 _AUDIO_ID = {"name": "audio", "in": "path", "required": True, "description": "The recording's id.",
              "schema": {"type": "string"}}
 _NOT_BLANK = {"type": "string", "pattern": NOT_BLANK}
-_SECTIONS = {"type": "object", "additionalProperties": {"type": "string", "maxLength": 100_000},
+#: Report text: a NUL character is refused (``reporting.report``: it cannot go into the SR, the PDF or HL7).
+_NO_NUL = {"not": {"pattern": "\\u0000"}}
+_SECTIONS = {"type": "object", "additionalProperties": {"type": "string", "maxLength": 100_000, **_NO_NUL},
              "description": "Text by section name (a section not named keeps its text)."}
 _DATE = {"type": "string", "pattern": "^[0-9]{4}-?[0-9]{2}-?[0-9]{2}$"}
 _COMMON = {"404": _err("No such report."), "503": _err("The index or the blob store failed.")}
@@ -229,7 +231,7 @@ PATHS: dict[str, Any] = {
                        "recording leaves the queue (`status` typed).",
             "parameters": [_REPORT_ID, _AUDIO_ID],
             "requestBody": _body({"type": "object", "required": ["text"], "properties": {
-                "text": {**_NOT_BLANK, "maxLength": 100_000}, "user": {"type": "string"}}}),
+                "text": {**_NOT_BLANK, "maxLength": 100_000, **_NO_NUL}, "user": {"type": "string"}}}),
             "responses": {"200": _json("The report's new version.", "Report"),
                           "400": _err("No `text`, or it is empty or too long."),
                           "404": _err("No such report or recording."),
