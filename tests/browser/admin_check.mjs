@@ -89,6 +89,8 @@ async function main() {
         .locator('xpath=following-sibling::dd[1]').textContent()).trim();
       report.fileWrite = (await page.locator('#health dt', { hasText: 'File write' })
         .locator('xpath=following-sibling::dd[1]').textContent()).trim();
+      await page.locator('#remotes li').first().waitFor({ state: 'visible' });
+      report.remotes = (await page.locator('#remotes li').allInnerTexts()).map(t => t.trim());
     });
 
     await step('search', async () => {

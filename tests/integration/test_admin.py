@@ -41,7 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     srv = BastionServer(data, settings={"BASTION_BLOBS": f"{first},{_second_store(data)}",
                                         "BASTION_REPAIR_INTERVAL": "2", "BASTION_FORWARD": NOWHERE,
                                         "BASTION_FORWARD_MAX_ATTEMPTS": "1", "BASTION_UPSTREAM": UPSTREAM_DOWN,
-                                        "BASTION_PREFETCH_PRIORS": "0"}).start()
+                                        "BASTION_PREFETCH_PRIORS": "0",
+                                        "BASTION_REMOTES": "WS1@127.0.0.1:104,VNA@tls://vna.example.org:2762"}).start()
     yield srv
     srv.stop()
 
@@ -89,6 +90,7 @@ def _context(report: dict[str, Any], server: BastionServer) -> str:
 
 def test_health_panel_shows_the_dicom_listener_up(report: dict[str, Any], server: BastionServer) -> None:
     assert report["healthUp"], _context(report, server)
+    assert report["remotes"] == ["WS1 @ 127.0.0.1:104", "VNA @ tls://vna.example.org:2762"], _context(report, server)
 
 
 #: What the health panel says of the compiled parts: in the pure-Python leg (BASTION_PURE_PYTHON=1, inherited by
