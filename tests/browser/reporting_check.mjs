@@ -48,8 +48,21 @@ async function main() {
       report.listUnreported = true;
     });
     await runStep(report, 'claim as A', async () => {
-      await row(a).locator('[data-claim]').click();
-      await row(a).locator('td.claim', { hasText: 'Dr A' }).waitFor();
+      const posted = a.waitForResponse(r => r.url().includes('/claim') && r.request().method() === 'POST',
+        { timeout: 30000 }).then(r => r.status(), e => `no POST of the claim: ${e.message.split('\n')[0]}`);
+      try {
+        await row(a).locator('[data-claim]').click();
+        report.claimPosted = await posted;
+        await row(a).locator('td.claim', { hasText: 'Dr A' }).waitFor({ timeout: 30000 });
+      } catch (e) {  // what the page and the server say, for the failure's report
+        report.claimPosted ??= await posted;
+        report.claimPage = { status: await a.locator('#status').innerText().catch(() => '?'),
+          user: await a.evaluate(() => localStorage.getItem('bastion.reporting.user')).catch(() => '?'),
+          row: (await row(a).innerText().catch(() => '?')).replace(/\s+/g, ' ') };
+        report.claimServer = await (await fetch(`${opts.base}/api/reading-list?study=${opts.study}`)).json()
+          .catch(() => '?');
+        throw e;
+      }
       report.claimedByA = true;
     });
     await runStep(report, 'B sees the claim', async () => {

@@ -6,6 +6,7 @@ Also the reading list's API: filters, claims (409 naming the holder, expiry, rel
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,7 +54,7 @@ def test_read_claim_draft_sign_and_amend_in_the_pages(server: BastionServer,
     proc = start_browser_check("reporting_check.mjs", "--base", server.url(""), "--study", study.study_uid,
                                "--patient", "Pagecheck", "--out", out, "--timeout", "90000")
     result = browser_check_result(proc, timeout=220)
-    assert result["exit_code"] == 0, result
+    assert result["exit_code"] == 0, f"{json.dumps(result)}\n{server.log()[-4000:]}"
     assert result["bClaimAnswer"]["status"] == 409 and "Dr A" in result["bClaimAnswer"]["error"]
     assert "final" in result["historyStates"] and "amended" in result["historyStates"]
     assert result["viewerLinksReadingList"] == "/reporting"  # the viewer's header links to the reading list

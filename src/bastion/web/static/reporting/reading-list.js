@@ -11,6 +11,8 @@ const pname = (s) => { const [family, ...rest] = String(s).split('^'); const giv
   return given ? `${family}, ${given}` : family; };
 const date = (s) => /^\d{8}$/.test(s) ? `${s.slice(0, 4)}-${s.slice(4, 6)}-${s.slice(6)}` : s;
 let shown = PAGE;
+let loads = 0;  // the latest load() started: an older one's answer, arriving after it, is not shown
+let rendered = '';  // the rows shown: a refresh that finds them unchanged leaves the page alone
 let user = '';
 let writer = true;  // may claim and set priorities (radiologist, or anyone while authentication is off)
 
@@ -37,11 +39,16 @@ function row(s) {
 
 async function load() {
   if (document.body.dataset.signedIn === '0') return;
+  const mine = ++loads;
   const r = await api('/api/reading-list?' + params());
+  if (mine !== loads) return;  // a later load (after a claim, say) was started: its answer is the current one
   if (document.body.dataset.signedIn === '0') return;  // refused: the sign-in is shown (auth.js)
   if (!r.ok) { q('#status').innerHTML = `<span class="bad">${r.status}: ${esc(r.error)}</span>`; return; }
   const studies = r.data.studies;
-  q('#studies tbody').innerHTML = studies.map(row).join('') || '<tr><td colspan="10" class="muted">no studies</td></tr>';
+  const rows = studies.map(row).join('') || '<tr><td colspan="10" class="muted">no studies</td></tr>';
+  // Replaced only when they changed: rows swapped under the pointer lose the click being made on them (a mouse
+  // press on one button and its release on its replacement click neither) and close an open priority list.
+  if (rows !== rendered) { q('#studies tbody').innerHTML = rows; rendered = rows; }
   q('#more').hidden = studies.length < shown;
   if (!q('#status').dataset.sticky) q('#status').textContent = `${studies.length} stud${studies.length === 1 ? 'y' : 'ies'}`;
 }
