@@ -389,9 +389,6 @@ class StoreSCP:
         if self.proc is not None:
             _stop(self.proc)
 
-    def log(self) -> str:
-        return (self.directory.parent / f"storescp-{self.port}.log").read_text(errors="replace")
-
 
 @dataclass
 class BastionServer:

@@ -32,6 +32,8 @@ LOOPBACK_NAMES = "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
 
 @dataclass
 class Destinations:
+    ca: Path  # the CA of Bastion's certificate and of the destinations' it trusts
+    node: Identity  # Bastion's own certificate (serverAuth and clientAuth)
     tls: StoreSCP  # storescp +tls, its certificate from Bastion's CA
     forwarded: StoreSCP  # the same, for the forwarding rule
     rogue: StoreSCP  # storescp +tls, its certificate from a CA that Bastion does not trust
@@ -50,14 +52,12 @@ def destinations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Destinati
         return StoreSCP(aet, free_port(), tmp_path_factory.mktemp(aet.lower()) / "received",
                         options=("+tls", str(who.key), str(who.cert), "+cf", str(ca.cert)))
 
-    scps = Destinations(tls_scp("TLSDEST", good), tls_scp("TLSFWD", good), tls_scp("ROGUEDEST", rogue),
+    scps = Destinations(ca.cert, node, tls_scp("TLSDEST", good), tls_scp("TLSFWD", good), tls_scp("ROGUEDEST", rogue),
                         StoreSCP("PLAINDEST", free_port(), tmp_path_factory.mktemp("plaindest") / "received"))
     started: list[StoreSCP] = []
     try:
         for scp in (scps.tls, scps.forwarded, scps.rogue, scps.plain):
             started.append(scp.start())
-        scps.node = node  # type: ignore[attr-defined]
-        scps.ca = ca.cert  # type: ignore[attr-defined]
         yield scps
     finally:
         for scp in started:
@@ -67,12 +67,12 @@ def destinations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Destinati
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, destinations: Destinations) -> Iterator[BastionServer]:
     root = tmp_path_factory.mktemp("tls-out")
-    node = destinations.node  # type: ignore[attr-defined]
+    node = destinations.node
     config = root / "bastion.toml"
     config.write_text(f"""
 tls_cert = "{node.cert}"
 tls_key = "{node.key}"
-tls_ca = "{destinations.ca}"  # type: ignore[attr-defined]
+tls_ca = "{destinations.ca}"
 
 [remotes]
 TLSDEST = "tls://127.0.0.1:{destinations.tls.port}"
@@ -83,7 +83,7 @@ PLAINDEST = "tls://127.0.0.1:{destinations.plain.port}"
 name = "over-tls"
 to = "TLSFWD@tls://127.0.0.1:{destinations.forwarded.port}"
 match = {{ Modality = "MR" }}
-""".replace("  # type: ignore[attr-defined]", ""))
+""")
     started = BastionServer(root / "data", settings={"BASTION_CONFIG": str(config)}).start()
     yield started
     started.stop()
