@@ -10,13 +10,17 @@ Two measurements on the benchmark corpora (``benchmarks/corpus.py``):
    median gap between sending a response and the next command's dataset being complete (the
    client's own work plus receiving the PDUs).
 
-Usage: ``python benchmarks/ingest_profile.py [--kind small|ct] [--count 300]``
+With ``--pg-s3`` the archive is on a fresh PostgreSQL schema and a SeaweedFS bucket (``benchmarks/servers.py``)
+instead of SQLite and files.
+
+Usage: ``python benchmarks/ingest_profile.py [--kind small|ct] [--count 300] [--pg-s3] [--only stages|dimse]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -28,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus  # noqa: E402
+import servers  # noqa: E402
 
 from bastion.archive import Archive  # noqa: E402
 from bastion.dimse import services as dimse_services  # noqa: E402
@@ -106,19 +111,29 @@ def main() -> None:
     parser.add_argument("--kind", default="small", choices=sorted(corpus.KINDS))
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=None, help="where the data directories go")
+    parser.add_argument("--pg-s3", action="store_true", help="PostgreSQL index and S3 (SeaweedFS) blobs")
+    parser.add_argument("--only", choices=("stages", "dimse"), help="make one of the two measurements")
     args = parser.parse_args()
     directory = Path.home() / ".cache" / "bastion-benchmarks" / f"{args.kind}-{args.count}"
     files = corpus.ensure_corpus(args.kind, args.count, directory)
-    for run in ("stages", "dimse"):
-        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            archive = Archive.open(load_settings(None, env={}, data=tmp))
-            try:
-                if run == "stages":
-                    stages(archive, files)
-                else:
-                    asyncio.run(over_dimse(archive, directory, len(files)))
-            finally:
-                archive.close()
+    with contextlib.ExitStack() as stack:
+        s3 = stack.enter_context(servers.seaweedfs()) if args.pg_s3 else None
+        for run in [args.only] if args.only else ["stages", "dimse"]:
+            with contextlib.ExitStack() as per_run:
+                env: dict[str, str] = {}
+                if s3 is not None:
+                    os.environ.update(s3.env)
+                    env = {"BASTION_INDEX": per_run.enter_context(servers.pg_schema("bench_profile")),
+                           "BASTION_BLOBS": s3.location()}
+                tmp = per_run.enter_context(tempfile.TemporaryDirectory(dir=args.workdir))
+                archive = Archive.open(load_settings(None, env=env, data=tmp))
+                try:
+                    if run == "stages":
+                        stages(archive, files)
+                    else:
+                        asyncio.run(over_dimse(archive, directory, len(files)))
+                finally:
+                    archive.close()
 
 
 if __name__ == "__main__":

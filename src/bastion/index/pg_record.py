@@ -170,6 +170,32 @@ def _lookup(tx: Tx, row: IndexRow, sop_uid: str) -> tuple[Any, ...]:
     return tuple(found)
 
 
+#: The common case in one statement (migration ``0008_record_new_instance``): an instance not yet indexed whose
+#: series, study and patient rows already hold what it would write (:func:`_add_instance` writes no level row then),
+#: recorded by a database function that runs the statements :func:`record` would, in one implicit transaction. It
+#: returns the change-log entry's ``seq``, or NULL if it is not that case and nothing was written.
+RECORD_NEW = "SELECT record_new_instance(" + ", ".join(["%s"] * 19) + ")"
+#: After a connection lost during :data:`RECORD_NEW`, with its study locked: the ``seq`` of the entry it wrote, if
+#: it committed (the entry's time, which the caller chose, finds it through the log's BRIN index).
+RECORDED_NEW = "SELECT seq FROM changes WHERE at = %s AND blob_key = %s AND kind = 'stored'"
+
+
+def record_new_params(row: IndexRow, schema: str, at: str) -> tuple[Any, ...]:
+    """The parameters of :data:`RECORD_NEW` for ``row``, in the index in ``schema``, its entry made at ``at``."""
+    inst = row.instance
+    return (inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid, row.instance_number,
+            inst.transfer_syntax, inst.blob_key, inst.digest, inst.size, row.stamp, row.texts[3], *row.texts[:3],
+            row.patient_id, row.modality, LOG_LOCK, schema, at)
+
+
+def recorded_new(tx: Tx, row: IndexRow, at: str) -> int | None:
+    """Whether a :data:`RECORD_NEW` of ``row`` made at ``at`` committed: its entry's ``seq``, else None. The
+    study's lock is taken first, so a call still running on the server (its client gone) has ended."""
+    tx.lock_studies(row.instance.study_uid)
+    found = tx.execute(RECORDED_NEW, (at, row.instance.blob_key)).fetchone()
+    return None if found is None else int(found[0])
+
+
 def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = None,
            keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
     """Record ``row`` in ``tx``: its status and the place of its change-log entry among ``tx``'s (None: a

@@ -54,7 +54,7 @@ from bastion.index.pg_schema import (
     read_log_floor,
 )
 from bastion.index.reports import ReportQuery, ReportRow
-from bastion.index.rows import IndexRow
+from bastion.index.rows import IndexRow, now_iso
 from bastion.index.schema import TABLES
 from bastion.index.sqlcompile import POSTGRESQL, compile_conditions
 from bastion.index.sqlite_log import CHANGE_COLS
@@ -233,8 +233,31 @@ class PostgresIndex(Index):
         row = IndexRow.of(obj)
         if durable is not None:
             durable()
+        seq = self._record_new(row)
+        if seq is not None:
+            return StoreStatus.STORED, seq
         (status, slot), tx = self._write(lambda tx: pg_record.record(tx, row, same_content, keep_outdated))
         return status, None if slot is None else tx.seqs[slot]
+
+    def _record_new(self, row: IndexRow) -> int | None:
+        """Record ``row`` by :data:`~bastion.index.pg_record.RECORD_NEW` if it is the common case: its entry's
+        ``seq``; None if it is not, or if the call failed (nothing was written: :meth:`record`'s transaction then
+        records it, retrying or reporting the error as it does). One statement is one round trip and no client-side
+        transaction. A connection lost during it leaves its outcome unknown: it is then read under the study's
+        lock on another connection."""
+        at = now_iso()
+        conn = None
+        try:
+            with self._pool.connection() as conn:
+                found = conn.execute(pg_record.RECORD_NEW, pg_record.record_new_params(row, self._where.schema, at))
+                value = found.fetchone()
+            return None if value is None or value[0] is None else int(value[0])
+        except psycopg.Error as exc:
+            if conn is None or not conn.broken:
+                return None
+            self._lost(conn, exc)
+        seq, _ = self._write(lambda tx: pg_record.recorded_new(tx, row, at))
+        return seq
 
     async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None, *,
                            keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
