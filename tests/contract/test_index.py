@@ -340,9 +340,9 @@ def test_the_wal_stays_bounded_while_commits_keep_coming(tmp_path: Path, monkeyp
     """A writer that never pauses (a scanner, a migration): no passive checkpoint catches up with it, and the WAL
     grew by every commit (158 MB after 5,000 small instances) until the first pause. The checkpoint thread holds
     the writers while it copies, so it copies every frame, and the next commit starts the WAL over."""
-    from bastion.index import sqlite as sqlite_index
+    from bastion.index import sqlite_writer
 
-    monkeypatch.setattr(sqlite_index, "_CHECKPOINT_S", 0.02, raising=False)
+    monkeypatch.setattr(sqlite_writer, "_CHECKPOINT_S", 0.02, raising=False)
     path = tmp_path / "index.sqlite3"
     idx = open_index(str(path))
     wal = Path(f"{path}-wal")
@@ -366,7 +366,7 @@ def test_the_wal_file_is_cut_back_when_it_starts_over(tmp_path: Path) -> None:
     otherwise, in a server that had run for minutes)."""
     import time
 
-    from bastion.index import sqlite as sqlite_index
+    from bastion.index import sqlite_writer
 
     path = tmp_path / "index.sqlite3"
     idx = open_index(str(path))
@@ -377,7 +377,7 @@ def test_the_wal_file_is_cut_back_when_it_starts_over(tmp_path: Path) -> None:
             reader.execute("BEGIN")
             assert reader.execute("SELECT count(*) FROM instances").fetchone() == (1,)  # a snapshot in the WAL
             i = 1
-            while wal.stat().st_size <= 2 * sqlite_index._WAL_KEEP_BYTES:  # about ten pages a commit
+            while wal.stat().st_size <= 2 * sqlite_writer._WAL_KEEP_BYTES:  # about ten pages a commit
                 idx.record(obj(f"1.2.3.1.{i}", number=i))
                 i += 1
             assert reader.execute("SELECT count(*) FROM instances").fetchone() == (1,)
@@ -390,7 +390,7 @@ def test_the_wal_file_is_cut_back_when_it_starts_over(tmp_path: Path) -> None:
                 time.sleep(0.05)
             assert busy == 0 and copied == frames
         idx.record(obj(f"1.2.3.1.{i}", number=i))
-        assert wal.stat().st_size <= sqlite_index._WAL_KEEP_BYTES
+        assert wal.stat().st_size <= sqlite_writer._WAL_KEEP_BYTES
     finally:
         idx.close()
 

@@ -21,8 +21,8 @@ CONTRACT = Path(__file__).resolve().parents[1] / "contract"
 WRITER = f"""
 import sys
 sys.path[:0] = [{str(CONTRACT)!r}, {str(CONTRACT.parent)!r}]  # test_index imports the tests' conftest
-from bastion.index import sqlite as sqlite_index
-sqlite_index._CHECKPOINT_S = 0.002
+from bastion.index import sqlite_writer
+sqlite_writer._CHECKPOINT_S = 0.002
 from bastion.index import open_index
 from test_index import obj
 idx = open_index(sys.argv[1])

@@ -91,7 +91,7 @@ class SqliteJobs(SqlJobs):
         self._lock = threading.Lock()
         # Every transaction of every process, and so the checkpoint that SQLite runs at the end of a commit, holds
         # this lock: no checkpoint runs beside another process's commit (SQLite's WAL-reset bug, see
-        # bastion.index.sqlite).
+        # bastion.index.sqlite_writer).
         self._lock_fd = os.open(self.path + WRITER_LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
