@@ -13,6 +13,7 @@ from contract.test_index import obj
 from pgtest import admin, pg_url
 from test_crecord import _story
 
+from bastion.errors import CommitOutcomeUnknown
 from bastion.index import open_index, pg_record
 from bastion.index import postgresql as pg_index
 from bastion.index.postgresql import PostgresIndex
@@ -92,6 +93,16 @@ def _backend_waiting_for(study: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+def _waiting(study: str) -> int:
+    """The pid of the backend that waits for study ``study``'s lock, once one does."""
+    for _ in range(5000):
+        pid = _backend_waiting_for(study)
+        if pid is not None:
+            return pid
+        threading.Event().wait(0.002)
+    raise AssertionError("the record never waited for the study's lock")
+
+
 def test_a_call_whose_connection_is_lost_before_it_commits_is_recorded_once(index: PostgresIndex) -> None:
     """The server ends the connection while the call waits for the study's lock (another node writing it): the
     call did not commit, and the record, finding that out under the lock once the other writer is done, records
@@ -103,12 +114,7 @@ def test_a_call_whose_connection_is_lost_before_it_commits_is_recorded_once(inde
         outcome: list[Any] = []
         recording = threading.Thread(target=lambda: outcome.append(index.record(obj("1.9.2", number=2))))
         recording.start()
-        for _ in range(5000):
-            pid = _backend_waiting_for(study)
-            if pid is not None:
-                break
-            threading.Event().wait(0.002)
-        assert pid is not None, "the record never waited for the study's lock"
+        pid = _waiting(study)
         node.execute("SELECT pg_terminate_backend(%s)", (pid,))
         for _ in range(5000):  # the record asks again, on another connection, and waits for the lock
             if _backend_waiting_for(study) not in (None, pid):
@@ -134,3 +140,33 @@ def test_a_committed_call_is_found_by_its_entry(index: PostgresIndex, monkeypatc
     assert found == seq
     missing, _ = index._write(lambda tx: pg_record.recorded_new(tx, IndexRow.of(obj("1.9.3", number=3)), at))
     assert missing is None
+
+
+def test_a_lost_call_whose_outcome_the_index_cannot_tell_is_commit_outcome_unknown(index: PostgresIndex) -> None:
+    """The connection is lost during the call and the read that would settle it fails too: the record raises
+    CommitOutcomeUnknown, for which the ingest keeps the object (the index may name it), not an IndexFailure, for
+    which it would remove it."""
+    index.record(obj("1.9.1", number=1))
+    study, schema = "1.2.3", index._where.schema
+    with admin() as node:
+        node.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (study,))
+        outcome: list[Any] = []
+
+        def record() -> None:
+            try:
+                outcome.append(index.record(obj("1.9.2", number=2)))
+            except Exception as exc:  # noqa: BLE001 - what it raised is the test's subject
+                outcome.append(exc)
+
+        recording = threading.Thread(target=record)
+        recording.start()
+        pid = _waiting(study)
+        node.execute(f"ALTER TABLE {schema}.changes RENAME TO changes_away")  # the settling read will fail
+        try:
+            node.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            node.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (study,))
+            recording.join(30)
+        finally:
+            node.execute(f"ALTER TABLE {schema}.changes_away RENAME TO changes")
+    assert len(outcome) == 1 and isinstance(outcome[0], CommitOutcomeUnknown), outcome
+    assert "may have happened" in outcome[0].message

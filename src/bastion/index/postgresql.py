@@ -244,7 +244,8 @@ class PostgresIndex(Index):
         ``seq``; None if it is not, or if the call failed (nothing was written: :meth:`record`'s transaction then
         records it, retrying or reporting the error as it does). One statement is one round trip and no client-side
         transaction. A connection lost during it leaves its outcome unknown: it is then read under the study's
-        lock on another connection."""
+        lock on another connection, and if that cannot be done either, CommitOutcomeUnknown (the object must stay:
+        the index may name it)."""
         at = now_iso()
         conn = None
         try:
@@ -256,7 +257,13 @@ class PostgresIndex(Index):
             if conn is None or not conn.broken:
                 return None
             self._lost(conn, exc)
-        seq, _ = self._write(lambda tx: pg_record.recorded_new(tx, row, at))
+            lost = exc
+        try:
+            seq, _ = self._write(lambda tx: pg_record.recorded_new(tx, row, at))
+        except IndexFailure as exc:
+            raise CommitOutcomeUnknown(f"PostgreSQL index at {self._where.where}: the connection was lost during a "
+                                       f"record, which may have happened, and the index cannot say: {one_line(lost)}; "
+                                       f"{exc.message}") from exc
         return seq
 
     async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None, *,
