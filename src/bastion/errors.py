@@ -19,7 +19,8 @@ Every error carries the protocol data an adapter needs to answer: a DIMSE status
     ├── NotFound                      0xC000, HTTP 404: no such study / series / instance
     ├── StudyDeleted                  0x0124 (refused: not authorized), HTTP 409: the study is deleted
     ├── InvalidQuery                  0xA900 (identifier does not match SOP class), HTTP 400
-    └── UnknownDestination            0xA801 (move destination unknown), HTTP 400
+    ├── UnknownDestination            0xA801 (move destination unknown), HTTP 400
+    └── SettingsError                 a setting has a value Bastion cannot use (bastion.settings)
 """
 
 from __future__ import annotations
@@ -130,3 +131,7 @@ class UnknownDestination(BastionError):
 
     dimse_status = 0xA801
     http_status = 400
+
+
+class SettingsError(BastionError):
+    """A setting has a value Bastion cannot use."""

@@ -36,7 +36,8 @@ from starlette.applications import Starlette
 
 from bastion import __version__
 from bastion.archive import Archive
-from bastion.settings import RemoteAE, load_settings
+from bastion.model.remotes import RemoteAE
+from bastion.settings import load_settings
 from bastion.web.app import ServerStatus, create_app
 from bastion.web.openapi import openapi_document
 from bastion.web.reporting import AUDIO_TYPES

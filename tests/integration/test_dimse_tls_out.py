@@ -21,7 +21,8 @@ from test_forward import wait_for
 
 from bastion.dimse.tls import client_context
 from bastion.forward.upstream import DimseUpstream
-from bastion.settings import ForwardRule, RemoteAE, load_settings
+from bastion.model.remotes import ForwardRule, RemoteAE
+from bastion.settings import load_settings
 
 pytestmark = [requires_dcmtk, pytest.mark.timeout(300)]
 

@@ -198,7 +198,7 @@ def test_forwarding_credentials_are_kept_and_never_shown() -> None:
     settings = load_settings(env={"BASTION_UPSTREAM": "https://central/dicom-web", "BASTION_UPSTREAM_API_KEY": "bst_s"})
     assert settings.upstream_rule is not None and settings.upstream_rule.api_key == "bst_s"
     assert "bst_s" not in repr(settings.upstream_rule)
-    from bastion.settings import ForwardRule
+    from bastion.model.remotes import ForwardRule
 
     rule = ForwardRule.parse({"to": "https://x/dicom-web", "api_key": "bst_t"})
     assert rule.api_key == "bst_t" and "bst_t" not in repr(rule)

@@ -11,7 +11,7 @@ from conftest import make_study
 
 from bastion.forward.rules import Router
 from bastion.index.base import Change
-from bastion.settings import ForwardRule
+from bastion.model.remotes import ForwardRule
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,4 +1,4 @@
-"""``[[forward]]`` rules in the settings (:class:`bastion.settings.ForwardRule`) and their matching."""
+"""``[[forward]]`` rules in the settings (:class:`bastion.model.remotes.ForwardRule`) and their matching."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from bastion.forward.rules import source_aet
 from bastion.model.matching import matches
 from bastion.model.part10 import file_meta_bytes
-from bastion.settings import ForwardRule, SettingsError, load_settings
+from bastion.model.remotes import ForwardRule
+from bastion.settings import SettingsError, load_settings
 
 pytestmark = pytest.mark.timeout(10)
 

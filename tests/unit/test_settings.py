@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bastion.settings import RemoteAE, Settings, SettingsError, check_aet, load_settings
+from bastion.model.remotes import RemoteAE, check_aet
+from bastion.settings import Settings, SettingsError, load_settings
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -58,6 +58,7 @@ from bastion.dimse.pdu import (
 from bastion.dimse.scu import SubOperationError, open_stream
 from bastion.errors import BastionError, InvalidQuery
 from bastion.index.base import Index
+from bastion.model.remotes import RemoteAE
 from bastion.model.uids import (
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -67,7 +68,7 @@ from bastion.model.uids import (
     is_identifiable_uid,
     is_storage_sop_class,
 )
-from bastion.settings import RemoteAE, Settings
+from bastion.settings import Settings
 
 if TYPE_CHECKING:
     from bastion.archive import Archive

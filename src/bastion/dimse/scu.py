@@ -37,8 +37,9 @@ from bastion.dimse.pdu import (
 )
 from bastion.dimse.tls import TLSConfigError, client_context, describe
 from bastion.model.records import InstanceRecord
+from bastion.model.remotes import RemoteAE
 from bastion.model.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
-from bastion.settings import RemoteAE, Settings
+from bastion.settings import Settings
 
 if TYPE_CHECKING:
     from bastion.archive import Archive

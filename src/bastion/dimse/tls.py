@@ -7,7 +7,7 @@ suites are all AEAD and stay enabled. No compression, no renegotiation, a fresh 
 ``tls_ca`` set, a client certificate is required and verified against those CA certificates (PS3.15 B.9: the
 node authenticates its peers); without it, clients are not asked for one.
 
-Bastion's own associations with a ``tls://`` remote (:class:`~bastion.settings.RemoteAE`) use the client context
+Bastion's own associations with a ``tls://`` remote (:class:`~bastion.model.remotes.RemoteAE`) use the client context
 (:func:`client_context`): the same protocol floor and suites; the remote's certificate must chain to ``tls_ca``
 (the system's CAs where it is not set) and name the host it is reached by (its subjectAltName); this node's
 ``tls_cert`` and ``tls_key``, where set, are shown as its client certificate (DICOM TLS peers usually require one,

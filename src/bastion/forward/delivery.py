@@ -27,7 +27,7 @@ from bastion.dimse.scu import DestinationLost, PreparedInstance, StoreSCU, SubOp
 from bastion.dimse.suboperations import delivered
 from bastion.errors import BastionError
 from bastion.model.records import InstanceRecord
-from bastion.settings import ForwardRule
+from bastion.model.remotes import ForwardRule
 
 if TYPE_CHECKING:
     from bastion.archive import Archive

@@ -26,7 +26,7 @@ from bastion.model.levels import QueryLevel
 from bastion.model.matching import Condition, MatchType, matches
 from bastion.model.part10 import file_meta_elements
 from bastion.model.records import JsonDataset
-from bastion.settings import ForwardRule
+from bastion.model.remotes import ForwardRule
 
 log = logging.getLogger("bastion.forward")
 

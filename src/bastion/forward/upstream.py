@@ -31,7 +31,8 @@ from typing import Any
 from bastion.dicomweb.multipart import parse_multipart
 from bastion.dimse.tls import client_context
 from bastion.errors import BastionError
-from bastion.settings import RemoteAE, Settings
+from bastion.model.remotes import RemoteAE
+from bastion.settings import Settings
 
 log = logging.getLogger("bastion.forward.upstream")
 
