@@ -14,11 +14,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bastion.model.remotes import AE_TITLE
+
 #: The DIMSE services a peer may be granted: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET and Storage Commitment's
 #: N-ACTION (PS3.7 9, 10; PS3.4 J).
 DIMSE_SERVICES = ("echo", "store", "find", "move", "get", "commit")
 _PEER_KEYS = frozenset({"host", "services", "move_destinations", "tls_subject"})
-_AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control characters
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -143,6 +144,6 @@ def _strings(value: Any) -> list[str]:
 
 
 def _check_aet(aet: str) -> str:
-    if not _AET_RE.match(aet) or not aet.strip():
+    if not AE_TITLE.match(aet) or not aet.strip():
         raise ValueError(f"{aet!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return aet.strip()

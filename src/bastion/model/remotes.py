@@ -20,7 +20,9 @@ from bastion.errors import SettingsError
 if TYPE_CHECKING:
     from bastion.model.matching import Condition
 
-_AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control chars
+#: An AE title as PS3.5 6.2 allows it (no backslash, no control characters); checked by :func:`check_aet` and
+#: :mod:`bastion.model.peers`.
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,6 @@ class ForwardRule:
 
 def check_aet(aet: str) -> str:
     """Return ``aet`` if it is a valid AE title (PS3.5 6.2, AE), else raise."""
-    if not _AET_RE.match(aet) or not aet.strip():
+    if not AE_TITLE.match(aet) or not aet.strip():
         raise SettingsError(f"{aet!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return aet.strip()
