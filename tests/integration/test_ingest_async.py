@@ -245,3 +245,23 @@ def test_a_store_failing_its_checks_does_not_make_the_loop_wait_for_its_flush(
         helper.join(30)
     assert turns[0] >= 20, f"the loop turned {turns[0]} times while the flush was held"
     assert archive.index.statistics().instances == 0
+
+
+def test_a_duplicate_answer_naming_the_copy_just_stored_keeps_it(archive: Archive, objects: list[bytes],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index answers DUPLICATE for the very copy it recorded (a record whose outcome it could not tell, found
+    recorded when asked again: the PostgreSQL index's one-statement record after a lost connection): the copy is
+    the one the index names, and stays. Any other duplicate's copy is removed."""
+    record_async = archive.index.record_async
+
+    async def recorded_then_duplicate(*args: object, **kwargs: object) -> tuple[StoreStatus, int | None]:
+        await record_async(*args, **kwargs)  # type: ignore[arg-type]
+        return StoreStatus.DUPLICATE, None
+
+    monkeypatch.setattr(archive.index, "record_async", recorded_then_duplicate)
+    result = asyncio.run(archive.ingest.finish_async(_pending(archive, objects[0])))
+    assert result.status is StoreStatus.DUPLICATE
+    current = archive.index.current(result.record.sop_uid)
+    assert current is not None and current.blob_key == result.record.blob_key
+    assert archive.blobs.get(current.blob_key) == part10_bytes(objects[0])
+    assert len(_blob_files(archive)) == 1

@@ -84,6 +84,28 @@ def test_it_takes_the_instances_that_change_no_level_row(index: PostgresIndex,
     assert in_python == ["1.9.1", "1.9.4", "1.9.1", "1.9.2", "1.9.6", "1.9.12", "1.9.9", "1.9.13"]
 
 
+def test_only_instances_of_a_series_recorded_into_before_try_it(index: PostgresIndex,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first instance of a series (and a series of one image) is never the common case: it goes straight to
+    the Python record, without a call that could only decline."""
+    tried, declined = [], []
+    record_new = index._record_new
+
+    def counted(row: IndexRow) -> Any:
+        tried.append(row.instance.sop_uid)
+        outcome = record_new(row)
+        if outcome is None:
+            declined.append(row.instance.sop_uid)
+        return outcome
+
+    monkeypatch.setattr(index, "_record_new", counted)
+    for o in _story():
+        index.record(o)
+    assert tried == ["1.9.2", "1.9.3", "1.9.4", "1.9.5", "1.9.1", "1.9.2", "1.9.7", "1.9.8", "1.9.12", "1.9.10",
+                     "1.9.11", "1.9.14"]
+    assert declined == ["1.9.4", "1.9.1", "1.9.2", "1.9.12"]
+
+
 def _backend_waiting_for(study: str) -> int | None:
     """The pid of a backend waiting for study ``study``'s lock, if one is."""
     lock = "hashtextextended(%s, 0)"
@@ -137,9 +159,13 @@ def test_a_committed_call_is_found_by_its_entry(index: PostgresIndex, monkeypatc
     status, seq = index.record(stored)
     assert status is StoreStatus.STORED and seq is not None
     found, _ = index._write(lambda tx: pg_record.recorded_new(tx, IndexRow.of(stored), at))
-    assert found == seq
+    assert found == (True, seq)
     missing, _ = index._write(lambda tx: pg_record.recorded_new(tx, IndexRow.of(obj("1.9.3", number=3)), at))
-    assert missing is None
+    assert missing == (False, None)
+    with admin() as conn:  # a new change log since (an online rebuild): the instance's row still says it committed
+        conn.execute(f"DELETE FROM {index._where.schema}.changes")
+    found, _ = index._write(lambda tx: pg_record.recorded_new(tx, IndexRow.of(stored), at))
+    assert found == (True, None)
 
 
 def test_a_lost_call_whose_outcome_the_index_cannot_tell_is_commit_outcome_unknown(index: PostgresIndex) -> None:

@@ -178,6 +178,10 @@ RECORD_NEW = "SELECT record_new_instance(" + ", ".join(["%s"] * 19) + ")"
 #: After a connection lost during :data:`RECORD_NEW`, with its study locked: the ``seq`` of the entry it wrote, if
 #: it committed (the entry's time, which the caller chose, finds it through the log's BRIN index).
 RECORDED_NEW = "SELECT seq FROM changes WHERE at = %s AND blob_key = %s AND kind = 'stored'"
+#: ... and whether the index holds the version it wrote, current or superseded since (the log may have been
+#: started again meanwhile, by an online rebuild).
+HOLDS_VERSION = ("SELECT 1 FROM instances WHERE sop_uid = %s AND blob_key = %s "
+                 "UNION ALL SELECT 1 FROM versions WHERE blob_key = %s")
 
 
 def record_new_params(row: IndexRow, schema: str, at: str) -> tuple[Any, ...]:
@@ -188,12 +192,16 @@ def record_new_params(row: IndexRow, schema: str, at: str) -> tuple[Any, ...]:
             row.patient_id, row.modality, LOG_LOCK, schema, at)
 
 
-def recorded_new(tx: Tx, row: IndexRow, at: str) -> int | None:
-    """Whether a :data:`RECORD_NEW` of ``row`` made at ``at`` committed: its entry's ``seq``, else None. The
-    study's lock is taken first, so a call still running on the server (its client gone) has ended."""
-    tx.lock_studies(row.instance.study_uid)
-    found = tx.execute(RECORDED_NEW, (at, row.instance.blob_key)).fetchone()
-    return None if found is None else int(found[0])
+def recorded_new(tx: Tx, row: IndexRow, at: str) -> tuple[bool, int | None]:
+    """Whether a :data:`RECORD_NEW` of ``row`` made at ``at`` committed, and its entry's ``seq`` (None if the log
+    was started again since). The study's lock is taken first, so a call still running on the server (its client
+    gone) has ended."""
+    inst = row.instance
+    tx.lock_studies(inst.study_uid)
+    found = tx.execute(RECORDED_NEW, (at, inst.blob_key)).fetchone()
+    if found is not None:
+        return True, int(found[0])
+    return tx.exists(HOLDS_VERSION, (inst.sop_uid, inst.blob_key, inst.blob_key)), None
 
 
 def record(tx: Tx, row: IndexRow, same_content: Callable[[str], bool] | None = None,

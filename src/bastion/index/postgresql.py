@@ -26,11 +26,13 @@ What differs:
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -74,6 +76,29 @@ _FETCH = 500
 #: A read-only transaction whose statements all see one snapshot (:meth:`PostgresIndex._read`).
 SNAPSHOT = "REPEATABLE READ, READ ONLY"
 _RETRIED = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
+#: How many series an index remembers having recorded into (:class:`RecentKeys`; a UID each).
+SERIES_REMEMBERED = 1024
+
+log = logging.getLogger("bastion.index")
+
+
+class RecentKeys:
+    """The last ``size`` keys added (the oldest go first); safe to use from several threads."""
+
+    def __init__(self, size: int) -> None:
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def known(self, key: str) -> bool:
+        return key in self._keys
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+            while len(self._keys) > self._size:
+                self._keys.popitem(last=False)
 
 #: The order of each level's results: :data:`bastion.index.levels_sql.ORDER` (SQLite's ``NOCASE`` is ``lower()``
 #: here, and SQLite sorts NULL first).
@@ -152,6 +177,10 @@ class PostgresIndex(Index):
         #: A ``seq`` up to which the log is known to be final (it only grows; a race that stores a smaller one
         #: loses nothing but a wait).
         self._settled = 0
+        #: The series this process recorded into lately: only their instances can be the one-statement record's
+        #: (the first of a series never is, and trying would cost a round trip).
+        self._series = RecentKeys(SERIES_REMEMBERED)
+        self._record_new_failed = False  # logged once
         try:
             self._settle()
         except BaseException:
@@ -233,38 +262,47 @@ class PostgresIndex(Index):
         row = IndexRow.of(obj)
         if durable is not None:
             durable()
-        seq = self._record_new(row)
-        if seq is not None:
-            return StoreStatus.STORED, seq
+        series = row.instance.series_uid
+        if self._series.known(series):
+            recorded = self._record_new(row)
+            if recorded is not None:
+                return recorded
         (status, slot), tx = self._write(lambda tx: pg_record.record(tx, row, same_content, keep_outdated))
+        self._series.add(series)
         return status, None if slot is None else tx.seqs[slot]
 
-    def _record_new(self, row: IndexRow) -> int | None:
-        """Record ``row`` by :data:`~bastion.index.pg_record.RECORD_NEW` if it is the common case: its entry's
-        ``seq``; None if it is not, or if the call failed (nothing was written: :meth:`record`'s transaction then
-        records it, retrying or reporting the error as it does). One statement is one round trip and no client-side
-        transaction. A connection lost during it leaves its outcome unknown: it is then read under the study's
-        lock on another connection, and if that cannot be done either, CommitOutcomeUnknown (the object must stay:
-        the index may name it)."""
-        at = now_iso()
+    def _record_new(self, row: IndexRow) -> tuple[StoreStatus, int | None] | None:
+        """Record ``row`` by :data:`~bastion.index.pg_record.RECORD_NEW` if it is the common case: STORED and its
+        entry's ``seq``; None if it is not, or if the call failed (nothing was written: :meth:`record`'s transaction
+        then records it, retrying or reporting the error as it does). One statement is one round trip and no
+        client-side transaction. A connection lost during it leaves its outcome unknown: it is then read under the
+        study's lock on another connection, and if that cannot be done either, CommitOutcomeUnknown (the object must
+        stay: the index may name it)."""
         conn = None
         try:
             with self._pool.connection() as conn:
+                at = now_iso()
                 found = conn.execute(pg_record.RECORD_NEW, pg_record.record_new_params(row, self._where.schema, at))
                 value = found.fetchone()
-            return None if value is None or value[0] is None else int(value[0])
+            return None if value is None or value[0] is None else (StoreStatus.STORED, int(value[0]))
         except psycopg.Error as exc:
-            if conn is None or not conn.broken:
+            if conn is None:  # no connection to be had: the transaction would wait as long again
+                raise self._failure(exc) from exc
+            if not conn.broken:
+                if not isinstance(exc, _RETRIED) and not self._record_new_failed:
+                    self._record_new_failed = True
+                    log.warning("PostgreSQL index at %s: the one-statement record failed (%s); such records go "
+                                "through the longer transaction", self._where.where, one_line(exc))
                 return None
             self._lost(conn, exc)
             lost = exc
         try:
-            seq, _ = self._write(lambda tx: pg_record.recorded_new(tx, row, at))
+            (committed, seq), _ = self._write(lambda tx: pg_record.recorded_new(tx, row, at))
         except IndexFailure as exc:
             raise CommitOutcomeUnknown(f"PostgreSQL index at {self._where.where}: the connection was lost during a "
                                        f"record, which may have happened, and the index cannot say: {one_line(lost)}; "
                                        f"{exc.message}") from exc
-        return seq
+        return (StoreStatus.STORED, seq) if committed else None
 
     async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None, *,
                            keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:

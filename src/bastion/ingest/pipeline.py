@@ -357,8 +357,12 @@ class Ingest:
         if status is StoreStatus.DUPLICATE:
             # The index found this SOP instance with the same content in the transaction that would have recorded
             # the copy (asking first cost every store a read transaction): the copy goes again, once it has made
-            # good any stored copy that is missing or corrupt.
-            current = self.index.current(record.sop_uid) or record
+            # good any stored copy that is missing or corrupt. Unless the index names this very copy (a record whose
+            # outcome it could not tell, recorded after all): then it stays.
+            found = self.index.current(record.sop_uid)
+            if found is not None and found.blob_key == record.blob_key:
+                return StoreResult(status, found, warnings=staged.warnings, patient_id=staged.obj.patient_id)
+            current = found or record
             try:
                 self._heal(current, lambda: self.blobs.open(record.blob_key))
             finally:

@@ -1,12 +1,13 @@
 -- depends: 0007_report_claims
--- The common case of recording a stored instance, in one statement (bastion/index/pg_record.py: record_new):
+-- The common case of recording a stored instance, in one statement (bastion/index/pg_record.py: RECORD_NEW, called
+-- by PostgresIndex._record_new):
 -- a SOP instance not yet indexed whose series, study and patient rows already hold what it would write, which
 -- is every instance of a series but its first. It runs the statements the Python record runs for that case,
 -- in the same order and under the same locks: the study's lock, the look-up, the instance's row, its series'
 -- count, then the change log's shared lock and its entry. Anything else (a new series, study or patient, changed
 -- attributes, a re-sent or superseding object, a new modality or SOP class in the study) returns NULL having
 -- written nothing, and the Python record records it. Its conditions are pg_record._add_instance's for writing
--- no level row: change both together (tests/contract compares the two).
+-- no level row: change both together (tests/unit/test_pg_record_new.py compares the two).
 --
 -- Each statement of a PL/pgSQL function reads a snapshot taken when it starts, so what is read after the lock
 -- is what the last writer of the study committed.
