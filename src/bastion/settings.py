@@ -187,6 +187,9 @@ class Settings:
     #: (:mod:`bastion.reporting.seal`): give an edge node and its centre the same file; empty: the archive's own key,
     #: kept in its blob store.
     report_key_file: str = ""
+    #: ``[report] encapsulated_pdf``: store each signed version's printable PDF in its study too, as a DICOM
+    #: Encapsulated PDF instance beside its SR (:mod:`bastion.reporting.encapsulated`).
+    report_encapsulated_pdf: bool = False
     #: ``[hl7] receivers``: where each signed report version goes as an HL7 v2.5.1 ORU^R01 over MLLP, ``HOST:PORT``
     #: each (:mod:`bastion.reporting.hl7`, docs/reporting.md); empty: none.
     hl7_receivers: tuple[str, ...] = ()

@@ -10,6 +10,7 @@ its title. Text is Unicode throughout: the font (``report_font``, DejaVu Sans by
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,14 @@ def _when(iso: str) -> str:
     return f"{iso[:10]} {iso[11:16]} UTC" if len(iso) >= 16 else iso
 
 
+def _instant(iso: str) -> datetime | None:
+    """An ISO 8601 time (``2026-12-07T07:14:07.123Z``) as a UTC datetime; None if it is not one."""
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return None
+
+
 class _Page(FPDF):
     def __init__(self, doc: dict[str, Any], site: str, font: str) -> None:
         super().__init__(orientation="P", unit="mm", format="A4")
@@ -53,6 +62,9 @@ class _Page(FPDF):
         self.set_auto_page_break(True, margin=18)
         self.set_title(f"{doc.get('template_title') or 'Report'}: {person(str(doc.get('patient_name', '')))}")
         self.set_creator("Bastion")
+        made = _instant(str(doc.get("signed_at") or doc.get("updated") or ""))
+        if made is not None:  # the version's own time: one version, the same bytes (its archived copy, a reprint)
+            self.creation_date = made
 
     def text_of(self, value: object) -> str:
         text = str(value)

@@ -46,7 +46,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _dicom_datetime(iso: str) -> tuple[str, str]:
+def dicom_datetime(iso: str) -> tuple[str, str]:
     """DA and TM of an ISO 8601 UTC time (``2026-12-07T07:14:07.123Z``)."""
     date, _, time = iso.partition("T")
     return date.replace("-", ""), time.rstrip("Z").replace(":", "")[:13]
@@ -61,7 +61,9 @@ PRIVATE_GROUP, PRIVATE_CREATOR, REPORT_ELEMENT, SEAL_ELEMENT = 0x0073, "BASTION 
 UID_NAMESPACE = uuid.UUID("6b3c2a3e-52a4-5c8e-9d0f-8a1b5e2f4c71")
 
 
-def _derived_uid(text: str) -> str:
+def derived_uid(text: str) -> str:
+    """The 2.25 UID of the name-based UUID of ``text`` in :data:`UID_NAMESPACE` (the reports' series and
+    instances)."""
     return "2.25." + str(uuid.uuid5(UID_NAMESPACE, text).int)
 
 
@@ -76,12 +78,12 @@ def is_report_series(uid: str) -> bool:
 
 def series_uid(report_id: str) -> str:
     """The report's SR series: one per report, the same for every version (a 2.25 UID derived from its id)."""
-    return _derived_uid(f"bastion-report-series:{report_id}")
+    return derived_uid(f"bastion-report-series:{report_id}")
 
 
 def sr_uid(report_id: str, version: int) -> str:
     """The SOP Instance UID of the SR that signs version ``version`` of the report (a 2.25 UID derived from both)."""
-    return _derived_uid(f"bastion-report-sr:{report_id}:{version}")
+    return derived_uid(f"bastion-report-sr:{report_id}:{version}")
 
 
 def carried_report(ds: Dataset, key: bytes) -> dict[str, Any] | None:
@@ -118,11 +120,7 @@ def build_sr(doc: dict[str, Any], study: dict[str, Any], key: bytes, institution
     key that seals the version carried."""
     sop_uid, signer, signed_at = doc["sr"][-1], str(doc["signed_by"]), str(doc["signed_at"])
     predecessor = doc["sr"][-2] if len(doc["sr"]) > 1 else None
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR, sop_uid
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    for keyword in STUDY_KEYWORDS:
-        setattr(ds, keyword, str(study.get(keyword, "")))
+    ds = in_study(BASIC_TEXT_SR, sop_uid, study)
     ds.Modality = "SR"
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid(doc["id"]), 9901, "Reports"
     ds.InstanceNumber = len(doc["sr"])
@@ -130,7 +128,7 @@ def build_sr(doc: dict[str, Any], study: dict[str, Any], key: bytes, institution
     if institution:
         ds.InstitutionName = institution
     ds.ReferencedPerformedProcedureStepSequence = []
-    date, time = _dicom_datetime(signed_at)
+    date, time = dicom_datetime(signed_at)
     ds.ContentDate, ds.ContentTime = date, time
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "VERIFIED"
@@ -173,8 +171,24 @@ def build_sr(doc: dict[str, Any], study: dict[str, Any], key: bytes, institution
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(REPORT_ELEMENT, "OB", encoded(doc))
     block.add_new(SEAL_ELEMENT, "OB", seal(key, encoded(doc)))
+    return part10(ds)
+
+
+def in_study(sop_class: UID, sop_uid: str, study: dict[str, Any]) -> Dataset:
+    """A new instance of ``sop_class`` (UTF-8) in the study whose attributes by keyword are ``study``: its patient's
+    and its own (:data:`STUDY_KEYWORDS`, as the index answers them)."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    for keyword in STUDY_KEYWORDS:
+        setattr(ds, keyword, str(study.get(keyword, "")))
+    return ds
+
+
+def part10(ds: Dataset) -> bytes:
+    """The Part 10 file of ``ds`` (Explicit VR Little Endian)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = BASIC_TEXT_SR, sop_uid
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     out = BytesIO()

@@ -32,6 +32,7 @@ from bastion.model.uids import is_identifiable_uid
 from bastion.reporting import report as rpt
 from bastion.reporting.dictation import Transcriber, open_transcriber
 from bastion.reporting.intake import ReportIntake
+from bastion.reporting.pdf import report_pdf
 from bastion.reporting.seal import ReportKey
 from bastion.reporting.signing import Signing
 from bastion.reporting.sr import STUDY_KEYWORDS
@@ -140,9 +141,14 @@ class ReportingApi:
         self.archive = archive
         self.store = ReportStore(archive.blobs, archive.index)
         key = ReportKey(archive.blobs, archive.settings.report_key_file)
+        settings = archive.settings
+        printable = None
+        if settings.report_encapsulated_pdf:
+            def printable(doc: dict[str, Any], facts: dict[str, str]) -> bytes:
+                return report_pdf(doc, facts, settings.site_name, settings.report_font)
         self.signing = Signing(self.store, ReportIntake(archive.blobs, archive.index, key),
                                lambda study: study_facts(archive, study),
-                               lambda data: archive.ingest.store_bytes(data, ORIGIN))
+                               lambda data: archive.ingest.store_bytes(data, ORIGIN), printable)
         self.templates: dict[str, Template] = load_templates(archive.settings.data)
         self._transcriber: Transcriber | None = None
         self._transcriber_lock = threading.Lock()
