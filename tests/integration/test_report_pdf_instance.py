@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydicom
 import pytest
 from conftest import BastionServer, Study, make_study
@@ -121,3 +122,24 @@ def test_off_by_default_nothing_but_the_sr(tmp_path: Path) -> None:
         assert rsp.status_code == 200 and len(rsp.json()) == 1
     finally:
         plain.stop()
+
+
+def test_the_pdf_is_bulk_data_in_the_metadata_as_viewers_fetch_it(server: BastionServer, tmp_path: Path) -> None:
+    """What a DICOMweb viewer does to show the document (OHIF's PDF viewport through dicomweb-client): the series'
+    metadata names EncapsulatedDocument by a BulkDataURI, which answers the PDF to ``Accept: multipart/related;
+    type="application/pdf"``."""
+    study = _study(server, tmp_path / "ct", "ACC-PDF-3")
+    report = _signed(server, study, "No acute abnormality.")
+    (found,) = _documents(server, study.study_uid)
+    series_uid = found["0020000E"]["Value"][0]
+    metadata = api(server, "GET", f"/dicom-web/studies/{study.study_uid}/series/{series_uid}/metadata").json()
+    (instance,) = metadata
+    assert instance["00420012"]["Value"] == ["application/pdf"]
+    uri = instance["00420011"]["BulkDataURI"]
+    rsp = httpx.get(uri if uri.startswith("http") else server.url(uri), timeout=60,
+                    headers={"Accept": 'multipart/related; type="application/pdf"'})
+    assert rsp.status_code == 200, rsp.text
+    boundary = rsp.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    body = rsp.content.split(f"--{boundary}".encode())[1].split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0]
+    printed = api(server, "GET", f"/api/reports/{report['id']}/pdf").content
+    assert body.startswith(b"%PDF-") and body[:len(printed)] == printed

@@ -1,6 +1,6 @@
 """A signed report's printable PDF as a DICOM Encapsulated PDF instance (PS3.3 A.45.1), stored in its study beside
-the SR when ``[report] encapsulated_pdf`` is on: viewers and archives that show documents but not SR (OHIF's PDF
-viewport among them) show the report as the ward prints it.
+the SR when ``[report] encapsulated_pdf`` is on, for viewers and archives that show DICOM documents but not SR: the
+report as the ward prints it.
 
 The instance (SOP Class 1.2.840.10008.5.1.4.1.1.104.1) carries the study's patient and study attributes as the SR
 does (PS3.3 C.7.1.1, C.7.2.1), a series of its own per report (Encapsulated Document Series, C.24.1: Modality DOC,
