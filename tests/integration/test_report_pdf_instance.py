@@ -1,7 +1,7 @@
 """``[report] encapsulated_pdf``: a signed report version's printable PDF stored in its study as a DICOM Encapsulated
-PDF instance beside its SR (docs/reporting.md, "The SR"), found by QIDO-RS and C-FIND and read back by WADO-RS; an
-amendment adds the next version's; a sign retried after its report write failed stores no second instance; off,
-nothing but the SR."""
+PDF instance beside its SR (docs/reporting.md, "The SR"), found by QIDO-RS and C-FIND, read back by WADO-RS and shown
+by the bundled OHIF viewer in Chromium; an amendment adds the next version's; a version always makes the same bytes
+(a sign retried stores a duplicate); off, nothing but the SR."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from conftest import BastionServer, Study, make_study
+from conftest import BastionServer, Study, browser_check_result, make_study, start_browser_check
 from pypdf import PdfReader
 from test_reporting import _wado_sr, api
 
@@ -143,3 +143,15 @@ def test_the_pdf_is_bulk_data_in_the_metadata_as_viewers_fetch_it(server: Bastio
     body = rsp.content.split(f"--{boundary}".encode())[1].split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0]
     printed = api(server, "GET", f"/api/reports/{report['id']}/pdf").content
     assert body.startswith(b"%PDF-") and body[:len(printed)] == printed
+
+
+def test_the_viewer_shows_the_report_pdf(server: BastionServer, tmp_path: Path) -> None:
+    """In Chromium, the bundled OHIF viewer lists the report's PDF series and shows it in its PDF viewport."""
+    study = _study(server, tmp_path / "ct", "ACC-PDF-4")
+    report = _signed(server, study, "Shown in the viewer.")
+    proc = start_browser_check("report_pdf_check.mjs", "--base", server.url(""), "--study", study.study_uid,
+                               "--out", tmp_path / "out")
+    result = browser_check_result(proc, timeout=180)
+    assert result["exit_code"] == 0, result
+    printed = api(server, "GET", f"/api/reports/{report['id']}/pdf").content
+    assert result["pdfHead"] == "%PDF-" and result["pdfBytes"] in (len(printed), len(printed) + 1), result
