@@ -14,8 +14,7 @@ from pgtest import admin, pg_url
 from test_crecord import _story
 
 from bastion.errors import CommitOutcomeUnknown
-from bastion.index import open_index, pg_record
-from bastion.index import postgresql as pg_index
+from bastion.index import open_index, pg_record, pg_transactions
 from bastion.index.postgresql import PostgresIndex
 from bastion.index.rows import IndexRow
 from bastion.model.records import StoreStatus
@@ -153,7 +152,7 @@ def test_a_committed_call_is_found_by_its_entry(index: PostgresIndex, monkeypatc
     """What the record reads after a lost connection: the entry of a call that committed, none for one that
     did not."""
     at = "2026-12-07T17:00:00.123456Z"
-    monkeypatch.setattr(pg_index, "now_iso", lambda: at)
+    monkeypatch.setattr(pg_transactions, "now_iso", lambda: at)
     index.record(obj("1.9.1", number=1))
     stored = obj("1.9.2", number=2)
     status, seq = index.record(stored)

@@ -13,7 +13,8 @@ What differs:
 * **Several writers.** Each write is one short transaction; the object's bytes are made durable before it starts
   (``durable``), so a transaction never waits for storage. Writers of one study take turns; the rest run side by
   side (:mod:`bastion.index.pg_record`). A transaction that meets a deadlock, a serialization failure or another
-  node's insert of the same row is run again, up to :data:`ATTEMPTS` times.
+  node's insert of the same row is run again, up to :data:`~bastion.index.pg_transactions.ATTEMPTS` times
+  (:mod:`bastion.index.pg_transactions`, which also holds the pool and the one-statement record).
 * **The change log.** ``seq`` comes from a sequence, so it is never reused; a new log (:meth:`clear`,
   :meth:`start_log_after`) moves the sequence past every ``seq`` handed out before. Transactions commit in
   another order than they took their ``seq``, so a reader returns entries only up to the first ``seq`` that is
@@ -26,37 +27,25 @@ What differs:
 from __future__ import annotations
 
 import contextlib
-import logging
-import random
 import re
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import Connection, Cursor, errors
-from psycopg_pool import ConnectionPool
+from psycopg import Cursor
 
-from bastion.errors import BastionError, CommitOutcomeUnknown, IndexFailure
+from bastion.errors import BastionError
 from bastion.index import hidden, pg_record, reports
 from bastion.index.base import Change, Index, LogPosition, LogRead, Statistics, Version, outcome_of_write
 from bastion.index.levels_sql import FIND_COLUMNS, FROM, INSTANCE_COLS, dataset_of
-from bastion.index.pg_schema import (
-    Location,
-    connect,
-    migrated_pool,
-    one_line,
-    other_connections,
-    parse_location,
-    read_log_floor,
-)
+from bastion.index.pg_schema import connect, other_connections, parse_location, read_log_floor
+from bastion.index.pg_transactions import SNAPSHOT, PgTransactions
 from bastion.index.reports import ReportQuery, ReportRow
-from bastion.index.rows import IndexRow, now_iso
+from bastion.index.rows import IndexRow
 from bastion.index.schema import TABLES
 from bastion.index.sqlcompile import POSTGRESQL, compile_conditions
 from bastion.index.sqlite_log import CHANGE_COLS
@@ -67,19 +56,11 @@ from bastion.model.records import InstanceRecord, JsonDataset, StoredObject, Sto
 
 T = TypeVar("T")
 
-#: How many times a write transaction is run before its deadlock or conflict is an IndexFailure.
-ATTEMPTS = 8
-#: The connections one index keeps to the server.
-POOL_MAX = 8
 #: Rows read at a time by a search whose conditions are partly matched in Python (it stops once a page is full).
 _FETCH = 500
-#: A read-only transaction whose statements all see one snapshot (:meth:`PostgresIndex._read`).
-SNAPSHOT = "REPEATABLE READ, READ ONLY"
-_RETRIED = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
 #: How many series an index remembers having recorded into (:class:`RecentKeys`; a UID each).
 SERIES_REMEMBERED = 1024
 
-log = logging.getLogger("bastion.index")
 
 
 class RecentKeys:
@@ -160,20 +141,11 @@ def _matching(level: QueryLevel, rows: Iterator[Sequence[Any]], residual: Sequen
                 return
 
 
-class PostgresIndex(Index):
+class PostgresIndex(PgTransactions, Index):
     """The index in a PostgreSQL database (one schema of it)."""
 
     def __init__(self, location: str) -> None:
-        self.location = location
-        self._where: Location = parse_location(location)
-        try:
-            self._pool: ConnectionPool[Connection[Any]] = migrated_pool(self._where, "bastion-index", POOL_MAX,
-                                                                        num_workers=2)
-        except psycopg.Error as exc:
-            raise IndexFailure(f"PostgreSQL index at {self._where.where}: schema migration failed: "
-                               f"{one_line(exc)}") from exc
-        #: The threads that :meth:`record_async` records in.
-        self._threads = ThreadPoolExecutor(POOL_MAX, thread_name_prefix="bastion-index-record")
+        super().__init__(location)
         #: A ``seq`` up to which the log is known to be final (it only grows; a race that stores a smaller one
         #: loses nothing but a wait).
         self._settled = 0
@@ -186,73 +158,6 @@ class PostgresIndex(Index):
         except BaseException:
             self.close()
             raise
-
-    # -- connections and transactions --------------------------------------------------------------------------
-    def _failure(self, exc: psycopg.Error, what: str = "") -> IndexFailure:
-        return IndexFailure(f"PostgreSQL index at {self._where.where}{what}: {one_line(exc)}")
-
-    def _lost(self, conn: Connection[Any] | None, exc: psycopg.Error) -> bool:
-        """True if ``exc`` came from a connection that is gone (the server restarted or failed over): the pool's
-        other idle connections are checked, and replaced where they are gone too."""
-        if conn is None or not conn.broken or not isinstance(exc, psycopg.OperationalError):
-            return False
-        self._pool.check()
-        return True
-
-    def _read(self, fn: Callable[[Cursor[Any]], T], isolation: str | None = None) -> T:
-        """``fn`` run with a cursor of a pooled connection: each statement on its own, or in one transaction of
-        ``isolation`` (:data:`SNAPSHOT`: all statements see one snapshot). On a connection found gone it runs once
-        more on another; a database error is an IndexFailure."""
-        for attempt in range(2):
-            conn = None
-            try:
-                with self._pool.connection() as conn, conn.cursor() as cur:
-                    if isolation is None:
-                        return fn(cur)
-                    with conn.transaction():
-                        cur.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
-                        return fn(cur)
-            except psycopg.Error as exc:
-                if attempt or not self._lost(conn, exc):
-                    raise self._failure(exc) from exc
-        raise AssertionError("unreachable")
-
-    def _write(self, fn: Callable[[pg_record.Tx], T]) -> tuple[T, pg_record.Tx]:
-        """Run ``fn`` in one transaction, its change-log entries inserted last: its value, and the transaction
-        (committed) with their ``seq``. The statements go in a pipeline: the server is waited for only where a
-        result is read (a record's lookup), and at the commit.
-
-        The transaction is rolled back whole and run again after a deadlock, a conflict with another writer, a
-        study lock out of order (then taken first) or a connection found gone before the commit (one lost during
-        the commit is an IndexFailure: the commit may have happened)."""
-        first: frozenset[str] = frozenset()
-        for attempt in range(ATTEMPTS):
-            last = attempt == ATTEMPTS - 1
-            conn, committing = None, False
-            try:
-                with self._pool.connection() as conn:
-                    with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                        tx = pg_record.Tx(cur, self._where.schema, first)
-                        value = fn(tx)
-                        tx.flush()
-                        committing = True
-                    tx.collect()
-                    return value, tx
-            except pg_record.LockOrder as exc:
-                first = first.union(exc.studies)
-                if last:
-                    raise IndexFailure(f"index write failed after {ATTEMPTS} attempts: {exc}") from exc
-            except _RETRIED as exc:
-                if last:
-                    raise self._failure(exc, f": write failed after {ATTEMPTS} attempts") from exc
-                time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # let the other writer finish
-            except psycopg.Error as exc:
-                if committing and conn is not None and conn.broken:
-                    raise CommitOutcomeUnknown(f"PostgreSQL index at {self._where.where}: the connection was lost "
-                                               f"during a commit, which may have happened: {one_line(exc)}") from exc
-                if last or committing or not self._lost(conn, exc):
-                    raise self._failure(exc, ": write failed") from exc
-        raise AssertionError("unreachable")
 
     # -- recording ----------------------------------------------------------------------------------------------
     def record(self, obj: StoredObject, durable: Callable[[], None] | None = None,
@@ -270,39 +175,6 @@ class PostgresIndex(Index):
         (status, slot), tx = self._write(lambda tx: pg_record.record(tx, row, same_content, keep_outdated))
         self._series.add(series)
         return status, None if slot is None else tx.seqs[slot]
-
-    def _record_new(self, row: IndexRow) -> tuple[StoreStatus, int | None] | None:
-        """Record ``row`` by :data:`~bastion.index.pg_record.RECORD_NEW` if it is the common case: STORED and its
-        entry's ``seq``; None if it is not, or if the call failed (nothing was written: :meth:`record`'s transaction
-        then records it, retrying or reporting the error as it does). One statement is one round trip and no
-        client-side transaction. A connection lost during it leaves its outcome unknown: it is then read under the
-        study's lock on another connection, and if that cannot be done either, CommitOutcomeUnknown (the object must
-        stay: the index may name it)."""
-        conn = None
-        try:
-            with self._pool.connection() as conn:
-                at = now_iso()
-                found = conn.execute(pg_record.RECORD_NEW, pg_record.record_new_params(row, self._where.schema, at))
-                value = found.fetchone()
-            return None if value is None or value[0] is None else (StoreStatus.STORED, int(value[0]))
-        except psycopg.Error as exc:
-            if conn is None:  # no connection to be had: the transaction would wait as long again
-                raise self._failure(exc) from exc
-            if not conn.broken:
-                if not isinstance(exc, _RETRIED) and not self._record_new_failed:
-                    self._record_new_failed = True
-                    log.warning("PostgreSQL index at %s: the one-statement record failed (%s); such records go "
-                                "through the longer transaction", self._where.where, one_line(exc))
-                return None
-            self._lost(conn, exc)
-            lost = exc
-        try:
-            (committed, seq), _ = self._write(lambda tx: pg_record.recorded_new(tx, row, at))
-        except IndexFailure as exc:
-            raise CommitOutcomeUnknown(f"PostgreSQL index at {self._where.where}: the connection was lost during a "
-                                       f"record, which may have happened, and the index cannot say: {one_line(lost)}; "
-                                       f"{exc.message}") from exc
-        return (StoreStatus.STORED, seq) if committed else None
 
     async def record_async(self, obj: StoredObject, same_content: Callable[[str], bool] | None = None, *,
                            keep_outdated: bool = True) -> tuple[StoreStatus, int | None]:
@@ -632,7 +504,3 @@ class PostgresIndex(Index):
                           versions=int(row[4]), stored_bytes=int(row[5]), last_change=last,
                           stored_last_minute=int(row[6]))
 
-    def close(self) -> None:
-        self.closed = True
-        self._threads.shutdown()
-        self._pool.close()
