@@ -22,6 +22,7 @@ from test_hl7 import Listener
 
 from bastion.blobs import open_blob_store
 from bastion.blobs.reportlog import version_key
+from bastion.reporting.hl7_sender import MARGIN_S
 from bastion.reporting.sr import build_sr, sr_uid
 
 pytestmark = pytest.mark.timeout(240)
@@ -120,8 +121,10 @@ def test_a_report_signed_on_an_edge_while_the_centre_is_down_is_final_at_the_cen
 
 def test_a_report_from_an_edge_goes_out_over_hl7_at_the_centre_when_it_arrives(tmp_path: Path) -> None:
     """A report signed on an edge while the centre was down reaches the centre's HL7 receiver once the edge's queue
-    delivers its SR. (The sender looks at reports changed since its last look, less a minute; the intake also
-    hands each report it keeps to the sender, for an outage longer than that minute, which this test is not.)"""
+    delivers its SR. The sender's regular look covers the reports changed since its last look, less a minute
+    (MARGIN_S), and its next deep look is ten minutes away: an outage longer than that minute is seen because the
+    intake hands each report it keeps to the sender, which this test tells apart by letting the report age past
+    the margin before its SR arrives."""
     listener = Listener(free_port()).start()
     pair = KeyedPair(tmp_path, centre={"BASTION_HL7_RECEIVERS": f"127.0.0.1:{listener.port}"})
     try:
@@ -131,10 +134,12 @@ def test_a_report_from_an_edge_goes_out_over_hl7_at_the_centre_when_it_arrives(t
         study = stored_study(edge, tmp_path / "ct")
         rid = draft(edge, study)["id"]
         assert api(edge, "POST", f"/api/reports/{rid}/sign", json={"user": "Dr^Edge"}).status_code == 200
+        signed = time.monotonic()
         edge.stop()  # so that the centre's sender has looked (its first look is at start) before the SR arrives
         central.start()
         wait_for("the centre's HL7 sender", lambda: "HL7: ORU^R01 of signed reports to" in central.log(), central)
         time.sleep(2)  # its first look (over an index holding one study) is done: the next deep look is 10 min away
+        time.sleep(max(0.0, signed + MARGIN_S + 2 - time.monotonic()))  # older than the regular look reaches back
         edge.start()
         wait_for("the report at the centre", lambda: reports_of(central, study.study_uid), central)
         [message] = wait_for("its ORU^R01 at the receiver", lambda: listener.messages(rid), central)
