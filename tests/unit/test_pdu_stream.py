@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from bastion.dimse.association import MESSAGE, RECV_BUFFER, SHARED_PDU_MAX, PDUStream
 from bastion.dimse.pdu import PDUError, PDURefused
+from bastion.dimse.stream import MESSAGE, RECV_BUFFER, SHARED_PDU_MAX, PDUStream
 
 
 def _pdu(kind: int, body: bytes) -> bytes:

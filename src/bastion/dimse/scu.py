@@ -5,7 +5,7 @@ Each SOP class is proposed in the syntaxes the instances were stored in, each in
 one context of Explicit and Implicit VR Little Endian; an instance goes in its stored syntax where that was
 accepted, else converted (:meth:`~bastion.query.retrieve.Retriever.open_for_dimse`), and one that cannot be
 converted (no codec here) fails alone with :class:`~bastion.errors.UnsupportedTransferSyntax`, before anything of
-it is sent. The socket has TCP_NODELAY (:class:`~bastion.dimse.association.PDUStream`); a ``tls://`` remote is
+it is sent. The socket has TCP_NODELAY (:class:`~bastion.dimse.stream.PDUStream`); a ``tls://`` remote is
 reached over DICOM TLS (:func:`open_stream`).
 
 An A-ABORT from the destination, its closing the connection, a PDU other than P-DATA-TF where a C-STORE-RSP
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.dimse import messages as m
-from bastion.dimse.association import AcceptedContext, Association, AssociationClosed, PDUStream
+from bastion.dimse.association import AcceptedContext, Association
 from bastion.dimse.pdu import (
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
@@ -35,6 +35,7 @@ from bastion.dimse.pdu import (
     decode_associate,
     encode_associate,
 )
+from bastion.dimse.stream import AssociationClosed, PDUStream
 from bastion.dimse.tls import TLSConfigError, client_context, describe
 from bastion.model.records import InstanceRecord
 from bastion.model.remotes import RemoteAE

@@ -15,17 +15,7 @@ from bastion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from bastion.archive import Archive
 from bastion.audit import AuditEvent, AuditKind, Outcome
 from bastion.dimse.access import AccessPolicy, Rejection, certificate_subject
-from bastion.dimse.association import (
-    MAX_ASSOCIATE_RQ,
-    MAX_INCOMING_PDU,
-    MESSAGE,
-    RESERVE,
-    Association,
-    AssociationClosed,
-    DatasetSink,
-    Message,
-    PDUStream,
-)
+from bastion.dimse.association import Association, DatasetSink, Message
 from bastion.dimse.commitment import UpstreamHolds
 from bastion.dimse.loadboard import LoadBoard
 from bastion.dimse.negotiation import negotiate
@@ -48,6 +38,14 @@ from bastion.dimse.pdu import (
     encode_release,
 )
 from bastion.dimse.services import Services, Session
+from bastion.dimse.stream import (
+    MAX_ASSOCIATE_RQ,
+    MAX_INCOMING_PDU,
+    MESSAGE,
+    RESERVE,
+    AssociationClosed,
+    PDUStream,
+)
 from bastion.dimse.tls import describe, server_context
 
 log = logging.getLogger("bastion.dimse")
