@@ -17,7 +17,7 @@ import backends
 import pytest
 from conftest import BASTION, run_bastion, unavailable
 
-from bastion.drills import harness
+from bastion.drills import harness, readback
 
 pytestmark = [pytest.mark.timeout(420),
               pytest.mark.skipif(backends.REMOTE, reason="the drills run their own server on the embedded backends")]
@@ -115,17 +115,17 @@ def test_the_measures_see_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         loader = harness.Loader(server.dicom_port, instances).start()
         loader.join(60)
         assert len(loader.acked) == 4, loader.statuses
-        assert harness.indexed_sops(server.base_url) == {i.sop for i in instances}
-        assert harness.check_all(server.base_url, instances) == (0, 0, [])
+        assert readback.indexed_sops(server.base_url) == {i.sop for i in instances}
+        assert readback.check_all(server.base_url, instances) == (0, 0, [])
         files = {f.sop: f.path for f in harness.store_files(tmp_path / "data" / "blobs")}
         changed, removed = files[instances[0].sop], files[instances[1].sop]
         data = bytearray(changed.read_bytes())
         data[-1] ^= 0xFF  # the last pixel byte
         changed.write_bytes(bytes(data))
         removed.unlink()
-        assert harness.retrieve(server.base_url, instances[0])[0] in ("corrupt", "failed")
-        assert harness.retrieve(server.base_url, instances[1])[0] == "failed"
-        failed, corrupt, _ = harness.check_all(server.base_url, instances)
+        assert readback.retrieve(server.base_url, instances[0])[0] in ("corrupt", "failed")
+        assert readback.retrieve(server.base_url, instances[1])[0] == "failed"
+        failed, corrupt, _ = readback.check_all(server.base_url, instances)
         assert failed + corrupt == 2
     finally:
         server.stop()

@@ -29,21 +29,17 @@ from bastion.drills.harness import (
     STUDY_SIZE,
     Instance,
     Loader,
-    Reader,
     ServerProcess,
     StoredFile,
     bastion_command,
-    check_all,
     file_digest,
     flip_byte,
-    http_get,
-    indexed_sops,
     intact_copies,
     make_instances,
-    qido_snapshot,
     store_files,
     stray_files,
 )
+from bastion.drills.readback import Reader, check_all, http_get, indexed_sops, qido_snapshot
 
 #: Bytes of one drill instance, about (pydicom's CT_small.dcm).
 INSTANCE_BYTES = 39_206
