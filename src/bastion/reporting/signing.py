@@ -55,11 +55,15 @@ class Signing:
     def _with_sr(self, signed: dict[str, Any]) -> dict[str, Any]:
         """Store the SR of version ``signed``; the version to keep: ``signed``, or the one an SR stored under its UID
         before carries (a sign that stored its SR and failed after)."""
-        facts = self.facts(str(signed["study"]))
-        kept = self.intake.carried(signed["sr"][-1])
-        if kept is None or kept["id"] != signed["id"] or kept["version"] != signed["version"]:
+        stored = self.intake.carried(signed["sr"][-1])
+        facts = None
+        if stored is not None and stored["id"] == signed["id"] and stored["version"] == signed["version"]:
+            kept = stored
+        else:
+            facts = self.facts(str(signed["study"]))
             self.ingest(build_sr(signed, facts, self.intake.key()))
             kept = signed
         if self.printable is not None:  # after the SR (a retry that finds the SR stored stores the same PDF again)
+            facts = facts or self.facts(str(signed["study"]))
             self.ingest(build_encapsulated_pdf(kept, facts, self.printable(kept, facts)))
         return kept
