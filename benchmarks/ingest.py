@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,9 +51,11 @@ import servers  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's; the venv's bin/ also holds pynetdicom's storescu of the same name
 CALLING_AET = "BENCHSCU"
-SERVERS = ("orthanc", "bastion", "storescp", "orthanc-pg", "bastion-pg", "bastion-2copies")
+SERVERS = ("orthanc", "bastion", "storescp", "orthanc-pg", "bastion-pg", "bastion-pg-landing", "bastion-2copies")
 #: The Orthanc a server's rate is compared with (``vs_orthanc``): the one on the same kind of storage.
-REFERENCE = {"bastion-pg": "orthanc-pg"}
+REFERENCE = {"bastion-pg": "orthanc-pg", "bastion-pg-landing": "orthanc-pg"}
+#: ``[landing] max_kb`` of ``bastion-pg-landing``.
+LANDING_KB = 1024
 #: The CPU parts of a cell (``cpu`` / ``idle``: the server's process group during the send / until idle; ``weed``
 #: and ``pg`` until idle; see :data:`servers.CPU_PARTS_NOTE`).
 CPU_COLUMNS = ("cpu", "idle", "weed", "pg")
@@ -144,16 +146,21 @@ def server_context(name: str, args: argparse.Namespace) -> contextlib.AbstractCo
         return servers.orthanc(base_dir=args.workdir, postgresql=name == "orthanc-pg")
     if name == "storescp":
         return servers.dcmtk_storescp(base_dir=args.workdir)
-    if name == "bastion-pg":
-        return servers.bastion_pg(args.s3, shlex.split(args.bastion_args), base_dir=args.workdir)
+    if name in ("bastion-pg", "bastion-pg-landing"):
+        return servers.bastion_pg(args.s3, shlex.split(args.bastion_args), base_dir=args.workdir, name=name,
+                                  landing_kb=LANDING_KB if name == "bastion-pg-landing" else 0)
     return servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir, name=name,
                            copies=2 if name == "bastion-2copies" else 1)
 
 
-def measure_cpu(meter: servers.CpuMeter, record: dict[str, list[float]]) -> dict[str, float]:
+def measure_cpu(meter: servers.CpuMeter, record: dict[str, list[float]],
+                landed: Callable[[], int] | None = None) -> dict[str, float]:
     """Once a send is over: the meter's parts then (``cpu``: the server's) and, once the server is idle again
-    (:meth:`servers.CpuMeter.wait_idle`), the server's (``idle``) and the others'; appended to ``record``."""
+    (:meth:`servers.CpuMeter.wait_idle`) with its landing empty (``landed``: every object moved into the bucket),
+    the server's (``idle``) and the others'; appended to ``record``."""
     sent = meter.read()
+    while landed is not None and landed():
+        time.sleep(0.5)
     meter.wait_idle("server")
     settled = meter.read()
     found = {"cpu": sent["server"], "idle": settled["server"],
@@ -176,11 +183,11 @@ def run_once(result: Result, files: list[Path], args: argparse.Namespace) -> Non
     quiet_disk(files)
     with server_context(result.server, args) as server, \
             tempfile.TemporaryDirectory(prefix="bench-scu-", dir=args.workdir) as logdir:
-        meter = servers.cpu_meter([server], args.s3 if result.server == "bastion-pg" else None)
+        meter = servers.cpu_meter([server], args.s3 if result.server.startswith("bastion-pg") else None)
         meter.start()
         elapsed, failures = send(server, split(files, result.associations), Path(logdir))
         held = servers.instance_count(server)
-        measure_cpu(meter, result.cpu_s)
+        measure_cpu(meter, result.cpu_s, server.landed)
     note_ended(meter, result)
     result.peak_rss_mb = max(result.peak_rss_mb, server.peak_rss_bytes / 1e6)
     result.seconds.append(elapsed)
@@ -246,7 +253,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", default="orthanc,bastion",
                         help="comma-separated: orthanc, bastion, storescp (DCMTK's storescp: the wire ceiling), "
-                             "orthanc-pg, bastion-pg (on PostgreSQL, Bastion's blobs in SeaweedFS)")
+                             "orthanc-pg, bastion-pg (on PostgreSQL, Bastion's blobs in SeaweedFS), "
+                             "bastion-pg-landing (the same, objects up to 1 MiB landing in PostgreSQL first)")
     parser.add_argument("--corpora", default="small,ct", help=f"comma-separated: {', '.join(corpus.KINDS)}")
     parser.add_argument("--count", type=int, default=1000, help="instances per corpus")
     parser.add_argument("--associations", default="1,4", help="comma-separated parallel association counts")
@@ -300,7 +308,7 @@ def settle(parent: Path) -> None:
 @contextlib.contextmanager
 def s3_for(args: argparse.Namespace) -> Iterator[servers.S3 | None]:
     """The run's SeaweedFS if a server needs one (``bastion-pg``), else None."""
-    if "bastion-pg" not in args.servers:
+    if not any(name.startswith("bastion-pg") for name in args.servers):
         yield None
         return
     with servers.seaweedfs() as s3:

@@ -161,6 +161,8 @@ class Server:
     sampler: PeakRssSampler = field(repr=False)
     #: The pids of the PostgreSQL backends serving this server's connections (None: it uses no PostgreSQL).
     pg_backends: Callable[[], list[int]] | None = field(default=None, repr=False)
+    #: How many objects wait in Bastion's landing for the bucket (None: no landing).
+    landed: Callable[[], int] | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -344,22 +346,39 @@ def bastion(extra_args: Sequence[str] = (), base_dir: Path | None = None, env: M
 
 @contextmanager
 def bastion_shared(index_url: str, blobs: str, s3: S3 | None, extra_args: Sequence[str] = (),
-                   base_dir: Path | None = None, node_id: str | None = None) -> Iterator[Server]:
-    """Run ``bastion serve`` (named ``bastion-pg``) on the PostgreSQL index ``index_url`` and the blob store
-    ``blobs`` (an ``s3://`` location of ``s3``, or a directory), as node ``node_id`` if given."""
+                   base_dir: Path | None = None, node_id: str | None = None, landing_kb: int = 0,
+                   name: str = "bastion-pg") -> Iterator[Server]:
+    """Run ``bastion serve`` (named ``name``) on the PostgreSQL index ``index_url`` and the blob store ``blobs``
+    (an ``s3://`` location of ``s3``, or a directory), as node ``node_id`` if given; ``landing_kb``: objects of up
+    to that many KiB land in PostgreSQL first (``[landing] max_kb``, :mod:`bastion.blobs.landing`)."""
     args = ["--index", index_url, "--blobs", blobs, *(["--node-id", node_id] if node_id else []), *extra_args]
-    with bastion(args, base_dir, s3.env if s3 else None, "bastion-pg") as server:
-        server.pg_backends = lambda: pg_backend_pids("application_name = %s", (_index_application(index_url),))
+    env = {**(s3.env if s3 else {}), **({"BASTION_LANDING_MAX_KB": str(landing_kb)} if landing_kb else {})}
+    with bastion(args, base_dir, env, name) as server:
+        apps = (_index_application(index_url), _index_application(index_url, "bastion-landing"))
+        server.pg_backends = lambda: pg_backend_pids("application_name IN (%s, %s)", apps)
+        if landing_kb:
+            server.landed = lambda: landed_objects(index_url)
         yield server
 
 
 @contextmanager
-def bastion_pg(s3: S3, extra_args: Sequence[str] = (), base_dir: Path | None = None) -> Iterator[Server]:
+def bastion_pg(s3: S3, extra_args: Sequence[str] = (), base_dir: Path | None = None, landing_kb: int = 0,
+               name: str = "bastion-pg") -> Iterator[Server]:
     """Bastion on a fresh PostgreSQL schema (:func:`pg_schema`, dropped afterwards) and a fresh prefix of
-    ``s3``'s bucket."""
+    ``s3``'s bucket (with the landing: see :func:`bastion_shared`)."""
     with pg_schema("bench_bastion") as url:
-        with bastion_shared(url, s3.location(), s3, extra_args, base_dir) as server:
+        with bastion_shared(url, s3.location(), s3, extra_args, base_dir, landing_kb=landing_kb, name=name) as server:
             yield server
+
+
+def landed_objects(index_url: str) -> int:
+    """How many objects wait in the landing of the Bastion index at ``index_url`` (:mod:`bastion.blobs.landing`)."""
+    from bastion.index.pg_schema import parse_location
+
+    where = parse_location(index_url)
+    with _admin_connect() as conn:
+        row = conn.execute(f'SELECT count(*) FROM "{where.schema}".blob_landing').fetchone()
+    return int(row[0]) if row else 0
 
 
 @contextmanager
@@ -436,11 +455,13 @@ def pg_schema(prefix: str, keep: bool = False) -> Iterator[str]:
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
-def _index_application(index_url: str) -> str:
-    """The application name of the connections of the Bastion index at ``index_url``."""
+def _index_application(index_url: str, prefix: str = "") -> str:
+    """The application name of the connections of the Bastion index at ``index_url`` (with ``prefix``: of those
+    named ``<prefix>:<schema>``, the landing's)."""
     from bastion.index.pg_schema import application_name, parse_location
 
-    return application_name(parse_location(index_url).schema)
+    schema = parse_location(index_url).schema
+    return f"{prefix}:{schema}"[:63] if prefix else application_name(schema)
 
 
 def pg_backend_pids(condition: str, params: Sequence[Any]) -> list[int]:

@@ -13,8 +13,13 @@ import uuid
 from collections.abc import Iterator
 
 import psycopg
+import pytest
 from conftest import unavailable
 from psycopg import sql
+
+from bastion.blobs.landing import LandingStore
+from bastion.blobs.s3 import S3BlobStore
+from bastion.index.pg_schema import migrated_pool, parse_location
 
 #: The database the tests' schemas are made in.
 POSTGRESQL = os.environ.get("BASTION_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -44,3 +49,18 @@ def pg_url() -> Iterator[str]:
     finally:
         with admin() as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_location() -> Iterator[str]:
+    """:func:`pg_url` as a fixture."""
+    with pg_url() as url:
+        yield url
+
+
+def landing_store(store: S3BlobStore, location: str, *, max_bytes: int = 1024 * 1024,
+                  total_bytes: int = 1 << 30) -> LandingStore:
+    """``store`` with the landing (:mod:`bastion.blobs.landing`) in the index schema at ``location`` in front."""
+    where = parse_location(location)
+    return LandingStore(store, migrated_pool(where, "test-landing", 4, application="test-landing"),
+                        max_bytes=max_bytes, total_bytes=total_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from bastion.audit import AUDIT_DIR, AuditLog
 from bastion.blobs.copies import Copies, open_copies
@@ -36,6 +37,10 @@ from bastion.model.records import is_node_id
 from bastion.query.find import Finder
 from bastion.query.retrieve import Retriever
 from bastion.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from bastion.blobs.base import BlobStore
+    from bastion.blobs.landing import LandingStore
 
 log = logging.getLogger("bastion")
 
@@ -194,13 +199,33 @@ def _check_index(settings: Settings) -> tuple[bool, str | None]:
     return True, None
 
 
+#: Connections per process to the landing (:func:`with_landing`).
+LANDING_CONNECTIONS = 6
+
+
 def open_blobs(settings: Settings, node_id: str | None = None) -> Copies:
     """The archive's blob stores (:class:`bastion.blobs.copies.Copies`), their findings logged in the data
     directory; ``node_id`` defaults to :func:`node_identity`."""
     settings.data.mkdir(parents=True, exist_ok=True)
     return open_copies(settings.blob_locations, settings.copies,
                        node_id=node_identity(settings) if node_id is None else node_id,
-                       findings=FindingLog(str(settings.data / FINDINGS_FILE)))
+                       findings=FindingLog(str(settings.data / FINDINGS_FILE)),
+                       wrap=functools.partial(with_landing, settings) if settings.landing_max_kb else None)
+
+
+def with_landing(settings: Settings, store: BlobStore) -> LandingStore:
+    """``store`` (the one S3 store, :func:`bastion.settings.load_settings` checks) with the landing in the PostgreSQL
+    index's database in front of it (:mod:`bastion.blobs.landing`); its schema migrated first."""
+    from bastion.blobs.landing import LandingStore
+    from bastion.blobs.s3 import S3BlobStore
+    from bastion.index.pg_schema import migrated_pool, parse_location
+
+    if not isinstance(store, S3BlobStore):
+        raise SettingsError(f"[landing] needs an S3 blob store, not {store.location}")
+    pool = migrated_pool(parse_location(settings.index_location), "bastion-landing", LANDING_CONNECTIONS,
+                         application=f"bastion-landing:{parse_location(settings.index_location).schema}")
+    return LandingStore(store, pool, max_bytes=settings.landing_max_kb * 1024,
+                        total_bytes=settings.landing_total_mb * 1024 * 1024)
 
 
 class FindingsToLog:

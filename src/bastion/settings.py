@@ -24,7 +24,7 @@ TOML example::
 Environment: ``BASTION_DATA``, ``BASTION_AET``, ``BASTION_HOST``, ``BASTION_DICOM_PORT``,
 ``BASTION_HTTP_PORT``, ``BASTION_MAX_PDU``, ``BASTION_INDEX`` (index location, default
 ``<data>/index.sqlite3``), ``BASTION_BLOBS`` (blob stores, comma-separated, default ``<data>/blobs``),
-``BASTION_COPIES_REQUIRED``,
+``BASTION_COPIES_REQUIRED``, ``BASTION_LANDING_MAX_KB``, ``BASTION_LANDING_TOTAL_MB``, ``BASTION_LANDING_DELAY_S``,
 ``BASTION_REMOTES`` (``AET@host:port,AET2@host:port``), ``BASTION_CORS_ORIGINS`` (comma list),
 ``BASTION_WORKERS`` (DICOM worker processes, default 2), ``BASTION_LOG_LEVEL``, and the limits
 ``BASTION_DICOM_ARTIM_TIMEOUT``, ``BASTION_DICOM_IDLE_TIMEOUT``, ``BASTION_MAX_ASSOCIATIONS``,
@@ -80,6 +80,14 @@ class Settings:
     blobs: tuple[str, ...] = ()
     #: Durable copies an object must have before its store is answered as successful (0: one in every blob store).
     copies_required: int = 0
+    #: ``[landing] max_kb``: objects of up to this many KiB are made durable in the PostgreSQL index's database and
+    #: moved into the S3 bucket afterwards (:mod:`bastion.blobs.landing`); 0: off. Needs a PostgreSQL index and
+    #: one S3 blob store.
+    landing_max_kb: int = 0
+    #: ``[landing] total_mb``: while the landing holds more, objects go straight to the bucket.
+    landing_total_mb: int = 4096
+    #: ``[landing] delay_s``: objects are moved once they have been landed this many seconds.
+    landing_delay_s: float = 10.0
     max_pdu: int = 1048576
     remotes: tuple[RemoteAE, ...] = ()
     cors_origins: tuple[str, ...] = ()
@@ -308,7 +316,7 @@ def _coerce(name: str, value: Any) -> Any:
             return _prefetch_query(value)
         if name == "upstream" and str(value).strip():
             return ForwardRule.parse({"name": UPSTREAM, "to": str(value).strip()}).to
-        if name in ("scrub_rate", "repair_interval", "reconcile_interval"):
+        if name in ("scrub_rate", "repair_interval", "reconcile_interval", "landing_delay_s"):
             number = float(value)
             if not number >= 0:
                 raise ValueError(f"{value!r} is not a number >= 0 (0: off)")
@@ -428,6 +436,17 @@ def _check_dimse(settings: Settings) -> None:
         raise SettingsError(f"tls_port and dicom_port are both {settings.tls_port}")
 
 
+def _check_landing(settings: Settings) -> None:
+    """The landing (``landing_max_kb``) needs a PostgreSQL index and one S3 blob store; sizes of 0 or more."""
+    if min(settings.landing_max_kb, settings.landing_total_mb) < 0:
+        raise SettingsError("[landing] max_kb and total_mb cannot be negative")
+    if settings.landing_max_kb and (not settings.index_location.startswith(("postgresql://", "postgres://"))
+                                    or len(settings.blob_locations) != 1
+                                    or not settings.blob_locations[0].startswith("s3://")):
+        raise SettingsError("[landing] max_kb needs a PostgreSQL index and one S3 blob store (the landing is in the "
+                            "index's database, in front of the bucket)")
+
+
 def _without_file_scheme(location: str) -> str:
     """A ``file://`` URL's path; any other location as it is."""
     return location[len("file://"):] if location.startswith("file://") else location
@@ -470,6 +489,7 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
     settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
     _check_auth(settings)
     _check_dimse(settings)
+    _check_landing(settings)
     if not 0 <= settings.copies_required <= len(settings.blob_locations):
         raise SettingsError(f"copies_required = {settings.copies_required}, but {len(settings.blob_locations)} "
                             "blob store(s) are configured")

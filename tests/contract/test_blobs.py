@@ -10,6 +10,7 @@ from pathlib import Path
 
 import blake3
 import pytest
+from pgtest import landing_store, pg_location  # noqa: F401 - a fresh schema, for the "landing" store
 from s3test import seaweed  # noqa: F401 - the session's SeaweedFS, for the "s3" store
 
 from bastion.blobs.base import BlobStore
@@ -21,14 +22,18 @@ from bastion.errors import BastionError, NotFound, StorageError
 pytestmark = pytest.mark.timeout(20)
 
 
-@pytest.fixture(params=["file", "file-python-write", "memory", "s3", "copies", "copies-s3"])
+@pytest.fixture(params=["file", "file-python-write", "memory", "s3", "landing", "copies", "copies-s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     """Each backend; the file store also with its Python file write (where the C one, ``_cwrite``, is absent);
-    the S3 store on a fresh prefix of a real SeaweedFS (:mod:`s3test`); several stores holding a copy each
+    the S3 store on a fresh prefix of a real SeaweedFS (:mod:`s3test`), also with the landing in a real PostgreSQL
+    in front (:mod:`bastion.blobs.landing`, objects of up to 64 KiB); several stores holding a copy each
     (:class:`~bastion.blobs.copies.Copies`): two file stores, and a file store beside an S3 one."""
     s: BlobStore
     if request.param == "s3":
         s = request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path))
+    elif request.param == "landing":
+        s = landing_store(request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path)),
+                          request.getfixturevalue("pg_location"), max_bytes=64 * 1024)
     elif request.param == "copies":
         s = Copies([FileBlobStore(str(tmp_path / "one")), FileBlobStore(str(tmp_path / "two"))])
     elif request.param == "copies-s3":

@@ -178,3 +178,23 @@ def test_several_blob_stores_from_file_environment_and_flags(tmp_path: Path) -> 
 def test_copies_required_beyond_the_stores_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="copies_required = 3, but 2 blob store"):
         load_settings(env={"BASTION_BLOBS": "/a,/b", "BASTION_COPIES_REQUIRED": "3"})
+
+
+def test_the_landing_needs_a_postgresql_index_and_one_s3_store(tmp_path: Path) -> None:
+    """``[landing]`` (bastion.blobs.landing) lives in the index's database in front of one bucket: anything else is
+    refused at start, in one line; a TOML table sets it."""
+    pg, s3 = "postgresql://bastion@db1/bastion", "s3://archive/prod?endpoint=http://127.0.0.1:8333"
+    cfg = tmp_path / "landing.toml"
+    cfg.write_text(f'index = "{pg}"\nblobs = ["{s3}"]\n[landing]\nmax_kb = 512\ntotal_mb = 100\ndelay_s = 0\n')
+    s = load_settings(cfg, env={})
+    assert (s.landing_max_kb, s.landing_total_mb, s.landing_delay_s) == (512, 100, 0.0)
+    assert load_settings(env={}).landing_max_kb == 0  # off by default
+    for env in ({"BASTION_LANDING_MAX_KB": "64"},  # SQLite and files
+                {"BASTION_LANDING_MAX_KB": "64", "BASTION_INDEX": pg},  # files
+                {"BASTION_LANDING_MAX_KB": "64", "BASTION_INDEX": pg, "BASTION_BLOBS": f"{s3},{tmp_path}"}):
+        with pytest.raises(SettingsError, match=r"\[landing\] max_kb needs a PostgreSQL index and one S3"):
+            load_settings(env=env)
+    with pytest.raises(SettingsError, match="cannot be negative"):
+        load_settings(env={"BASTION_LANDING_MAX_KB": "-1", "BASTION_INDEX": pg, "BASTION_BLOBS": s3})
+    with pytest.raises(SettingsError, match="landing_delay_s"):
+        load_settings(env={"BASTION_LANDING_DELAY_S": "-5"})

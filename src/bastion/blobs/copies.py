@@ -338,19 +338,29 @@ class Copies(BlobStore):
         return repaired
 
 
+def _wrapped(store: BlobStore, wrap: Callable[[BlobStore], BlobStore]) -> BlobStore:
+    try:
+        return wrap(store)
+    except BaseException:
+        store.close()
+        raise
+
+
 def open_copies(locations: Sequence[str], required: int | None = None, *, node_id: str = "",
-                findings: FindingLog | None = None) -> Copies:
+                findings: FindingLog | None = None, wrap: Callable[[BlobStore], BlobStore] | None = None) -> Copies:
     """:class:`Copies` over the blob stores at ``locations`` (:func:`bastion.blobs.base.open_blob_store` each).
 
     With several stores, one that cannot be opened (its disk failed, its bucket is unreachable) does not stop the
     archive: it is logged and stands as a :class:`LateStore`, tried again every :data:`RETRY_AFTER_S`, while the
     others serve. Raises as ``open_blob_store`` does when no store can be opened, or the only one cannot (the
-    others are closed again)."""
+    others are closed again). ``wrap``, if given, is applied to each store opened (the landing of one S3 store,
+    :mod:`bastion.blobs.landing`)."""
     stores: list[BlobStore] = []
     try:
         for location in locations:
             try:
-                stores.append(open_blob_store(location, node_id=node_id))
+                opened = open_blob_store(location, node_id=node_id)
+                stores.append(opened if wrap is None else _wrapped(opened, wrap))
             except (BastionError, OSError) as exc:
                 if len(locations) == 1:
                     raise

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,7 @@ from bastion.audit.chain import read_head
 from bastion.audit.events import lifecycle_event
 from bastion.audit.forward import AuditForwarder
 from bastion.blobs import s3fast
+from bastion.blobs.landing import LandingStore, run_mover
 from bastion.blobs.repair import MB, Repairer
 from bastion.dicomweb.metadata import start_warmer
 from bastion.dimse.loadboard import LoadBoard
@@ -296,6 +298,26 @@ def run_warmer(settings: Settings, parent: int) -> None:
     archive.close()
 
 
+def run_landing_mover(settings: Settings, parent: int) -> None:
+    """The landing mover process (``[landing] max_kb``): moves the objects landed in PostgreSQL into the S3 bucket
+    (:func:`bastion.blobs.landing.run_mover`), at the lowest CPU priority, as the metadata warmer."""
+    os.nice(19)
+    blobs = open_blobs(settings)
+    landing = blobs.stores[0]
+    assert isinstance(landing, LandingStore)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    mover = threading.Thread(target=run_mover, args=(landing, stop, settings.landing_delay_s),
+                             name="bastion-landing-mover", daemon=True)
+    mover.start()
+    while not stop.is_set() and os.getppid() == parent:
+        stop.wait(0.5)
+    stop.set()
+    mover.join()
+    blobs.close()
+
+
 def _fork(target: Any, *args: Any, close: tuple[int, ...] = ()) -> int:
     pid = os.fork()
     if pid == 0:
@@ -484,6 +506,8 @@ def run_serve(args: argparse.Namespace) -> int:
         roles[f"DICOM worker {w}"] = (lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w, tls_sock)),
                                       ())
     roles["metadata warmer"] = (run_warmer, (settings, parent))
+    if settings.landing_max_kb:
+        roles["landing mover"] = (run_landing_mover, (settings, parent))
     try:
         Supervisor(roles, close_in_children=(marker.fd,), switch=lambda began: switch_index(settings, began),
                    switch_wanted=lambda: read_state(settings.data).state == "switching").run()

@@ -239,10 +239,12 @@ def read_log_floor(location: Location) -> int:
 POOL_TIMEOUT_S = 10.0
 
 
-def migrated_pool(where: Location, name: str, max_size: int, **options: Any) -> ConnectionPool[psycopg.Connection[Any]]:
+def migrated_pool(where: Location, name: str, max_size: int, application: str | None = None,
+                  **options: Any) -> ConnectionPool[psycopg.Connection[Any]]:
     """The schema in ``where`` created or migrated (:func:`migrate`, on a connection of its own), then an open pool
-    of connections (1 to ``max_size``) whose search path is that schema; ``name`` prefixes the pool's name.
-    Raises what :func:`connect` does, and the migration's psycopg.Error."""
+    of connections (1 to ``max_size``) whose search path is that schema; ``name`` prefixes the pool's name;
+    ``application``: the connections' application name, where it is not the index's (:func:`application_name`,
+    which :func:`other_connections` counts). Raises what :func:`connect` does, and the migration's psycopg.Error."""
     conn = connect(where)
     try:
         migrate(conn, where)
@@ -253,7 +255,8 @@ def migrated_pool(where: Location, name: str, max_size: int, **options: Any) -> 
     def configure(conn: psycopg.Connection[Any]) -> None:
         set_search_path(conn, schema)
 
-    return ConnectionPool(where.conninfo, kwargs=connect_kwargs(where), min_size=1, max_size=max_size, open=True,
+    kwargs = connect_kwargs(where) | ({"application_name": application[:63]} if application else {})
+    return ConnectionPool(where.conninfo, kwargs=kwargs, min_size=1, max_size=max_size, open=True,
                           configure=configure, timeout=POOL_TIMEOUT_S, name=f"{name}-{uuid.uuid4().hex[:8]}",
                           **options)
 

@@ -59,7 +59,7 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 def copies_report(archive: Archive) -> dict[str, Any]:
     """The blob stores and their copies, for ``/api/statistics`` and ``/health``: each store's location, ``state``
     (``ok``; ``unreachable`` when it cannot be reached now; ``wanting`` while copies found missing, corrupt or not
-    written there wait for repair) and usage; the findings (:meth:`bastion.blobs.findings.FindingLog.summary`); where
+    written there wait for repair), usage and landing (None without one, :func:`_landing`); the findings (:meth:`bastion.blobs.findings.FindingLog.summary`); where
     the scrub is in its cycle (``<data>/scrub.json``; None with one store or before its first start)."""
     findings = archive.blobs.findings.summary()
     wanting = findings["outstanding_by_store"]
@@ -73,7 +73,7 @@ def copies_report(archive: Archive) -> dict[str, Any]:
             used = free = None
             state, reason = "unreachable", str(exc)
         stores.append({"location": store.location, "state": state, "reason": reason, "used_bytes": used,
-                       "free_bytes": free, "wanting": wanting.get(store.location, 0)})
+                       "free_bytes": free, "wanting": wanting.get(store.location, 0), "landing": _landing(store)})
     scrub = None
     if len(archive.blobs.stores) > 1 and os.path.exists(path := str(archive.settings.data / SCRUB_FILE)):
         scrubbed = ScrubState.load(path)
@@ -82,6 +82,18 @@ def copies_report(archive: Archive) -> dict[str, Any]:
                  "checked": scrubbed.checked, "bytes": scrubbed.bytes, "corrupt": scrubbed.corrupt,
                  "unreadable": scrubbed.unreadable, "repaired": scrubbed.repaired}
     return {"required": archive.blobs.required, "stores": stores, "findings": findings, "scrub": scrub}
+
+
+def _landing(store: object) -> dict[str, Any] | None:
+    """What the landing in front of ``store`` holds (:meth:`bastion.blobs.landing.LandingStore.landing_report`);
+    None without one, or ``{"error": ...}`` if PostgreSQL does not answer."""
+    report = getattr(store, "landing_report", None)
+    if report is None:
+        return None
+    try:
+        return dict(report())
+    except BastionError as exc:
+        return {"error": str(exc)}
 
 
 def copies_trouble(report: dict[str, Any]) -> str | None:
