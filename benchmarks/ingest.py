@@ -14,7 +14,10 @@ started within six minutes of an earlier one's end in the same ``--workdir`` wai
 
 On PostgreSQL (issue 21): ``orthanc-pg`` is Orthanc with its PostgreSQL plugins (index and storage in a fresh
 database per cell), ``bastion-pg`` Bastion on a fresh PostgreSQL schema and a fresh prefix of a SeaweedFS bucket
-(one ``weed mini`` started for the whole run); each is compared with the other (``vs_orthanc``). Every cell also
+(one ``weed mini`` started for the whole run), ``bastion-pg-landing`` the same with objects of up to 1 MiB landing
+in PostgreSQL first (``[landing] max_kb``, :mod:`bastion.blobs.landing`; its CPU until idle is read once every
+landed object is in the bucket; ``--landing-delay 0`` moves them while the send goes on); each is compared with
+``orthanc-pg`` (``vs_orthanc``). Every cell also
 reports CPU per instance (:data:`servers.CPU_PARTS_NOTE` says what is counted): after its send it waits until the
 server is idle again, at least 3 s.
 
@@ -22,7 +25,7 @@ Several copies (issue 22): ``bastion-2copies`` is Bastion with two blob stores (
 required before success), on the same disk here: what writing every object twice costs, against ``bastion``.
 
 Usage: ``python benchmarks/ingest.py [--servers orthanc,bastion] [--count 1000] [--repeat 3] [--json FILE]``
-``python benchmarks/ingest.py --servers orthanc-pg,bastion-pg --corpora small,ct --associations 1 --repeat 3``
+``python benchmarks/ingest.py --servers orthanc-pg,bastion-pg,bastion-pg-landing --corpora small,ct --associations 1 --repeat 3``
 ``python benchmarks/ingest.py --servers orthanc,bastion,bastion-2copies --corpora small,ct --associations 1,4 --repeat 3``
 """
 
@@ -148,7 +151,8 @@ def server_context(name: str, args: argparse.Namespace) -> contextlib.AbstractCo
         return servers.dcmtk_storescp(base_dir=args.workdir)
     if name in ("bastion-pg", "bastion-pg-landing"):
         return servers.bastion_pg(args.s3, shlex.split(args.bastion_args), base_dir=args.workdir, name=name,
-                                  landing_kb=LANDING_KB if name == "bastion-pg-landing" else 0)
+                                  landing_kb=LANDING_KB if name == "bastion-pg-landing" else 0,
+                                  landing_delay_s=args.landing_delay)
     return servers.bastion(shlex.split(args.bastion_args), base_dir=args.workdir, name=name,
                            copies=2 if name == "bastion-2copies" else 1)
 
@@ -269,6 +273,9 @@ def parse_args() -> argparse.Namespace:
         default=Path.home() / ".cache" / "bastion-benchmarks",
         help="where the generated corpora are kept between runs",
     )
+    parser.add_argument("--landing-delay", type=float, default=None,
+                        help="bastion-pg-landing's [landing] delay_s (default: Bastion's, 10 s); 0: objects are moved "
+                             "into the bucket while the send goes on")
     parser.add_argument("--workdir", type=Path, help="where the run's temporary directory goes (default: the system's)")
     args = parser.parse_args()
     args.servers = [s for s in args.servers.split(",") if s]

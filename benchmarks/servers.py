@@ -347,12 +347,14 @@ def bastion(extra_args: Sequence[str] = (), base_dir: Path | None = None, env: M
 @contextmanager
 def bastion_shared(index_url: str, blobs: str, s3: S3 | None, extra_args: Sequence[str] = (),
                    base_dir: Path | None = None, node_id: str | None = None, landing_kb: int = 0,
-                   name: str = "bastion-pg") -> Iterator[Server]:
+                   name: str = "bastion-pg", landing_delay_s: float | None = None) -> Iterator[Server]:
     """Run ``bastion serve`` (named ``name``) on the PostgreSQL index ``index_url`` and the blob store ``blobs``
     (an ``s3://`` location of ``s3``, or a directory), as node ``node_id`` if given; ``landing_kb``: objects of up
-    to that many KiB land in PostgreSQL first (``[landing] max_kb``, :mod:`bastion.blobs.landing`)."""
+    to that many KiB land in PostgreSQL first (``[landing] max_kb``, :mod:`bastion.blobs.landing`), and are moved
+    into the bucket ``landing_delay_s`` later (None: Bastion's default)."""
     args = ["--index", index_url, "--blobs", blobs, *(["--node-id", node_id] if node_id else []), *extra_args]
-    env = {**(s3.env if s3 else {}), **({"BASTION_LANDING_MAX_KB": str(landing_kb)} if landing_kb else {})}
+    env = {**(s3.env if s3 else {}), **({"BASTION_LANDING_MAX_KB": str(landing_kb)} if landing_kb else {}),
+           **({"BASTION_LANDING_DELAY_S": str(landing_delay_s)} if landing_delay_s is not None else {})}
     with bastion(args, base_dir, env, name) as server:
         apps = (_index_application(index_url), _index_application(index_url, "bastion-landing"))
         server.pg_backends = lambda: pg_backend_pids("application_name IN (%s, %s)", apps)
@@ -363,11 +365,12 @@ def bastion_shared(index_url: str, blobs: str, s3: S3 | None, extra_args: Sequen
 
 @contextmanager
 def bastion_pg(s3: S3, extra_args: Sequence[str] = (), base_dir: Path | None = None, landing_kb: int = 0,
-               name: str = "bastion-pg") -> Iterator[Server]:
+               name: str = "bastion-pg", landing_delay_s: float | None = None) -> Iterator[Server]:
     """Bastion on a fresh PostgreSQL schema (:func:`pg_schema`, dropped afterwards) and a fresh prefix of
     ``s3``'s bucket (with the landing: see :func:`bastion_shared`)."""
     with pg_schema("bench_bastion") as url:
-        with bastion_shared(url, s3.location(), s3, extra_args, base_dir, landing_kb=landing_kb, name=name) as server:
+        with bastion_shared(url, s3.location(), s3, extra_args, base_dir, landing_kb=landing_kb, name=name,
+                            landing_delay_s=landing_delay_s) as server:
             yield server
 
 

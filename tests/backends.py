@@ -88,26 +88,45 @@ def remote_environment(data: Path) -> dict[str, str]:
 
 
 def mirrored_objects(data: Path, name_prefix: str = "") -> list[Path]:
-    """The objects stored in the S3 prefix of the archive in ``data`` (those whose name starts with
-    ``name_prefix``), each downloaded to a file of the same key under ``<data>-s3-mirror``, for a test that reads
-    the stored bytes (a copy: changing it changes nothing stored). Names starting with ``.`` are left out."""
+    """The objects stored in the S3 prefix of the archive in ``data``, and in its landing in PostgreSQL
+    (:mod:`bastion.blobs.landing`), those whose name starts with ``name_prefix``, each copied to a file of the same
+    key under ``<data>-s3-mirror``, for a test that reads the stored bytes (a copy: changing it changes nothing
+    stored). Names starting with ``.`` are left out."""
     name = _name(data)
     with _lock:
         seaweed = _seaweed[0]
     client = seaweed.client()
     mirror = Path(f"{data}-s3-mirror")
     shutil.rmtree(mirror, ignore_errors=True)
-    found = []
+    found = {}
+    for key, data_bytes in _landed(name):  # before the bucket: an object moved meanwhile is then in the bucket
+        if key.rsplit("/", 1)[-1].startswith(name_prefix):
+            found[key] = data_bytes
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=seaweed.bucket, Prefix=f"{name}/"):
         for item in page.get("Contents", []):
             key = item["Key"][len(name) + 1:]
             if any(part.startswith(".") for part in key.split("/")) or not key.rsplit("/", 1)[-1].startswith(name_prefix):
                 continue
+            found[key] = None
             target = mirror / key
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(seaweed.bucket, item["Key"], str(target))
-            found.append(target)
-    return sorted(found)
+    for key, landed in found.items():
+        if landed is not None:
+            target = mirror / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(landed)
+    return sorted(mirror / key for key in found)
+
+
+def _landed(schema: str) -> list[tuple[str, bytes]]:
+    """The keys and bytes of the objects in the landing of the index in ``schema`` (none before it has one)."""
+    import psycopg
+
+    with psycopg.connect(POSTGRESQL, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".blob_landing',)).fetchone() == (None,):
+            return []
+        return [(key, bytes(data)) for key, data in conn.execute(f'SELECT key, data FROM "{schema}".blob_landing')]
 
 
 def unfinished_uploads(data: Path) -> list[str]:

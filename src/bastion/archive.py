@@ -210,20 +210,22 @@ def open_blobs(settings: Settings, node_id: str | None = None) -> Copies:
     return open_copies(settings.blob_locations, settings.copies,
                        node_id=node_identity(settings) if node_id is None else node_id,
                        findings=FindingLog(str(settings.data / FINDINGS_FILE)),
-                       wrap=functools.partial(with_landing, settings) if settings.landing_max_kb else None)
+                       wrap=functools.partial(with_landing, settings) if settings.has_landing else None)
 
 
 def with_landing(settings: Settings, store: BlobStore) -> LandingStore:
-    """``store`` (the one S3 store, :func:`bastion.settings.load_settings` checks) with the landing in the PostgreSQL
-    index's database in front of it (:mod:`bastion.blobs.landing`); its schema migrated first."""
+    """``store`` (the one S3 store, :attr:`Settings.has_landing`) with the landing in the PostgreSQL index's database
+    in front of it (:mod:`bastion.blobs.landing`), its schema migrated first: new objects land there with
+    ``[landing] max_kb`` set; without, it is read after the bucket (what another node or an earlier run landed)."""
     from bastion.blobs.landing import LandingStore
     from bastion.blobs.s3 import S3BlobStore
     from bastion.index.pg_schema import migrated_pool, parse_location
 
     if not isinstance(store, S3BlobStore):
         raise SettingsError(f"[landing] needs an S3 blob store, not {store.location}")
-    pool = migrated_pool(parse_location(settings.index_location), "bastion-landing", LANDING_CONNECTIONS,
-                         application=f"bastion-landing:{parse_location(settings.index_location).schema}")
+    where = parse_location(settings.index_location)
+    pool = migrated_pool(where, "bastion-landing", LANDING_CONNECTIONS, application=f"bastion-landing:{where.schema}",
+                         min_size=1 if settings.landing_max_kb else 0)
     return LandingStore(store, pool, max_bytes=settings.landing_max_kb * 1024,
                         total_bytes=settings.landing_total_mb * 1024 * 1024)
 

@@ -58,6 +58,9 @@ from bastion.model.remotes import ForwardRule, RemoteAE, check_aet
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+#: The largest ``[landing] max_kb``: objects up to this size are held in memory while they arrive
+#: (:data:`bastion.blobs.spooling.MEMORY_LIMIT`).
+LANDING_MAX_KB = 8192
 #: The name of the forwarding rule (and queue) that edge mode adds for ``upstream``.
 UPSTREAM = "upstream"
 #: The keys a ``[prefetch] query`` may hold (PS3.4 C.6.2.1.2 Study Root, STUDY level); a date takes ``-Nd`` /
@@ -80,9 +83,9 @@ class Settings:
     blobs: tuple[str, ...] = ()
     #: Durable copies an object must have before its store is answered as successful (0: one in every blob store).
     copies_required: int = 0
-    #: ``[landing] max_kb``: objects of up to this many KiB are made durable in the PostgreSQL index's database and
-    #: moved into the S3 bucket afterwards (:mod:`bastion.blobs.landing`); 0: off. Needs a PostgreSQL index and
-    #: one S3 blob store.
+    #: ``[landing] max_kb``: objects of up to this many KiB (at most :data:`LANDING_MAX_KB`) are made durable in the
+    #: PostgreSQL index's database and moved into the S3 bucket afterwards (:mod:`bastion.blobs.landing`); 0: none
+    #: (what has landed is still served and moved). Needs a PostgreSQL index and one S3 blob store.
     landing_max_kb: int = 0
     #: ``[landing] total_mb``: while the landing holds more, objects go straight to the bucket.
     landing_total_mb: int = 4096
@@ -271,6 +274,14 @@ class Settings:
         return self.blobs or (str(self.data / "blobs"),)
 
     @property
+    def has_landing(self) -> bool:
+        """Whether the blob store has the landing in front (:mod:`bastion.blobs.landing`): a PostgreSQL index and one
+        S3 store. Always then, whatever ``landing_max_kb`` (0: nothing new lands, but what another node or an earlier
+        run landed is served, deleted and moved)."""
+        return (self.index_location.startswith(("postgresql://", "postgres://")) and len(self.blob_locations) == 1
+                and self.blob_locations[0].startswith("s3://"))
+
+    @property
     def copies(self) -> int:
         """How many durable copies a store needs (``copies_required``, or every blob store)."""
         return self.copies_required or len(self.blob_locations)
@@ -438,11 +449,10 @@ def _check_dimse(settings: Settings) -> None:
 
 def _check_landing(settings: Settings) -> None:
     """The landing (``landing_max_kb``) needs a PostgreSQL index and one S3 blob store; sizes of 0 or more."""
-    if min(settings.landing_max_kb, settings.landing_total_mb) < 0:
-        raise SettingsError("[landing] max_kb and total_mb cannot be negative")
-    if settings.landing_max_kb and (not settings.index_location.startswith(("postgresql://", "postgres://"))
-                                    or len(settings.blob_locations) != 1
-                                    or not settings.blob_locations[0].startswith("s3://")):
+    if min(settings.landing_max_kb, settings.landing_total_mb) < 0 or settings.landing_max_kb > LANDING_MAX_KB:
+        raise SettingsError(f"[landing] max_kb must be 0 to {LANDING_MAX_KB} (objects held in memory), and total_mb "
+                            "0 or more")
+    if settings.landing_max_kb and not settings.has_landing:
         raise SettingsError("[landing] max_kb needs a PostgreSQL index and one S3 blob store (the landing is in the "
                             "index's database, in front of the bucket)")
 

@@ -217,6 +217,38 @@ def test_an_object_the_bucket_refuses_does_not_hold_up_the_others(landing: Landi
     assert landing.move() == 1 and bucket.exists(first)
 
 
+def test_a_node_that_lands_nothing_still_serves_deletes_and_moves_what_others_landed(
+        landing: LandingStore, bucket: S3BlobStore, pg_location: str) -> None:  # noqa: F811
+    """``max_kb = 0`` on one node (or turned off after objects landed): nothing new lands there, but it reads through
+    the landing (the bucket first), deletes there too, and its mover moves what is left."""
+    off = landing_store(bucket, pg_location, max_bytes=0)
+    kept, deleted = _commit(landing, os.urandom(3000), 1), _commit(landing, os.urandom(3000), 2)
+    assert off.get(kept) == landing.get(kept) and off.size(kept) == 3000
+    with off.open_verified(kept) as fh:
+        assert fh.read() == landing.get(kept)
+    off.delete(deleted)
+    assert not landing.exists(deleted)
+    straight = _commit(off, os.urandom(3000), 3)  # lands nothing itself
+    assert bucket.exists(straight)
+    assert off.move() == 1 and landing.backlog() == (0, 0) and bucket.exists(kept)
+    off._pool.close()
+
+
+def test_reads_and_commits_carry_on_through_the_bucket_while_postgresql_fails(
+        bucket: S3BlobStore, pg_location: str) -> None:  # noqa: F811
+    """PostgreSQL unreachable: an object in the bucket is still served, and a new small object goes to the bucket;
+    one only in the landing cannot be read (the error says why), rather than reported missing."""
+    store = landing_store(bucket, pg_location, max_bytes=64 * 1024)
+    large, small = _commit(store, os.urandom(100_000), 1), _commit(store, os.urandom(3000), 2)
+    store._pool.close()  # as a database that no longer answers
+    assert store.size(large) == 100_000 and len(store.get(large)) == 100_000
+    with pytest.raises(StorageError, match="the landing in PostgreSQL failed"):
+        store.get(small)
+    store._size_at = -1.0
+    written = _commit(store, os.urandom(3000), 3)
+    assert bucket.exists(written)
+
+
 # -- nodes -----------------------------------------------------------------------------------------------------
 def _identity(data: bytes) -> tuple[str, bytes]:
     """An object's SOP Instance UID and pixel data (the archive writes its own File Meta Information)."""
@@ -236,7 +268,7 @@ def _landing_rows(index_url: str) -> int:
 def test_objects_landed_by_a_killed_node_are_served_by_another_and_moved(
         tmp_path: Path, bastion_factory: Callable[..., BastionServer]) -> None:
     """Node A lands a study (its mover waits an hour) and is SIGKILLed: node B serves every instance, byte for
-    byte, from the landing; node C's mover (no delay) then moves them all into the bucket."""
+    byte, from the landing; node C, which lands nothing itself, moves them all into the bucket (no delay)."""
     shared = remote_environment(tmp_path / "shared") | {"BASTION_LANDING_MAX_KB": "1024"}
     a = bastion_factory(tmp_path / "a", settings=shared | {"BASTION_NODE_ID": "node-a",
                                                            "BASTION_LANDING_DELAY_S": "3600"})
@@ -245,12 +277,16 @@ def test_objects_landed_by_a_killed_node_are_served_by_another_and_moved(
     study = make_study(tmp_path / "study", series=2, per_series=6, patient_id="PID-LANDING")
     run_dcmtk("storescu", "-aec", "BASTION", "127.0.0.1", str(a.dicom_port), *study.files, timeout=120)
     assert _landing_rows(shared["BASTION_INDEX"]) == len(study.files)
-    (store,) = b.get_json("/api/statistics")["copies"]["stores"]  # what the admin page shows
-    assert store["landing"]["objects"] == len(study.files) and store["landing"]["oldest_s"] >= 0
+    deadline = time.monotonic() + 30  # what the admin page shows (looked up again every 5 s)
+    while (landing := b.get_json("/api/statistics")["copies"]["stores"][0]["landing"])["objects"] != len(study.files):
+        assert time.monotonic() < deadline, landing
+        time.sleep(0.5)
+    assert landing["oldest_s"] >= 0 and landing["max_bytes"] == 1024 * 1024
     a.kill9()
     served = wado_study(b, study.study_uid)
     assert sorted(map(_identity, served)) == sorted(_identity(f.read_bytes()) for f in study.files)
-    c = bastion_factory(tmp_path / "c", settings=shared | {"BASTION_NODE_ID": "node-c",
+    c = bastion_factory(tmp_path / "c", settings=shared | {"BASTION_NODE_ID": "node-c",  # lands nothing itself
+                                                           "BASTION_LANDING_MAX_KB": "0",
                                                            "BASTION_LANDING_DELAY_S": "0"})
     deadline = time.monotonic() + 60
     while _landing_rows(shared["BASTION_INDEX"]) and time.monotonic() < deadline:

@@ -194,7 +194,8 @@ def test_the_landing_needs_a_postgresql_index_and_one_s3_store(tmp_path: Path) -
                 {"BASTION_LANDING_MAX_KB": "64", "BASTION_INDEX": pg, "BASTION_BLOBS": f"{s3},{tmp_path}"}):
         with pytest.raises(SettingsError, match=r"\[landing\] max_kb needs a PostgreSQL index and one S3"):
             load_settings(env=env)
-    with pytest.raises(SettingsError, match="cannot be negative"):
-        load_settings(env={"BASTION_LANDING_MAX_KB": "-1", "BASTION_INDEX": pg, "BASTION_BLOBS": s3})
+    for bad in ("-1", "8193"):  # larger objects are spooled to disk, not held in memory
+        with pytest.raises(SettingsError, match=r"max_kb must be 0 to 8192"):
+            load_settings(env={"BASTION_LANDING_MAX_KB": bad, "BASTION_INDEX": pg, "BASTION_BLOBS": s3})
     with pytest.raises(SettingsError, match="landing_delay_s"):
         load_settings(env={"BASTION_LANDING_DELAY_S": "-5"})

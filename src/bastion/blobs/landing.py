@@ -3,24 +3,29 @@
 A C-STORE over one association waits for each object to be durable before it is answered, and a ``PutObject``
 is the slowest step of that on S3: 1.2-2.3 ms to a SeaweedFS on the same machine, tens of milliseconds to a
 cloud's. Where the index is on PostgreSQL (itself replicated synchronously, ``docs/deployment.md``), an object
-of up to ``max_bytes`` can be made as durable, and as reachable from every node, by one ``INSERT`` of its bytes
-into the index's database (the table ``blob_landing``, migration ``0009_blob_landing``). The landing mover
-(:func:`run_mover`, a background process on every node) then puts each landed object into the bucket under the
-same key and deletes its row; nodes share the work (``FOR UPDATE SKIP LOCKED``), and a node that dies mid-move
-leaves its rows to the others (its transaction is rolled back).
+of up to ``max_bytes`` (``[landing] max_kb``) can be made as durable, and as reachable from every node, by one
+``INSERT`` of its bytes into the index's database (the table ``blob_landing``, migration ``0009_blob_landing``).
+The landing mover (:func:`run_mover`, a thread of every node's background process) then puts each landed object
+into the bucket under the same key and deletes its row; nodes share the work (``FOR UPDATE SKIP LOCKED``), and a
+node that dies mid-move leaves its rows to the others (its transaction is rolled back).
 
-Guarantees of :class:`LandingStore`, the bucket's :class:`~bastion.blobs.s3.S3BlobStore` with a landing in front:
+:class:`LandingStore` is the bucket's :class:`~bastion.blobs.s3.S3BlobStore` with the landing in front, on every
+node whose index is on PostgreSQL and whose one blob store is S3, whatever ``max_bytes`` (0: nothing new lands,
+but what another node or an earlier run landed is still served, deleted and moved). Its guarantees:
 
 * A commit that returned is durable: the object is in the bucket, or its row is committed in PostgreSQL.
-* Every read finds a committed object wherever it is: the landing is read first, then the bucket. The mover
-  puts an object into the bucket before it deletes its row, so an object whose row is gone is in the bucket.
+* Every read finds a committed object wherever it is (:meth:`LandingStore._either`): the landing first where
+  objects land, else the bucket first. The mover puts an object into the bucket before it deletes its row, so an
+  object whose row is gone is in the bucket.
 * Deleting removes the row first, then the bucket's object: the row's delete waits for a mover holding it, which
-  has put the object by then, so a deleted object is never put back.
+  has put the object by then, so a deleted object is not put back (unless a put that the mover gave up on, its
+  process killed or its request timed out, still completes in the bucket afterwards: an unindexed object then).
 * Keys are written once, as in the bucket: a key landed twice holds the same bytes (keys carry the digest).
-* Objects larger than ``max_bytes`` (or not held in memory), and all objects while the landing holds more than
-  ``total_bytes``, go straight to the bucket as before: the landing never grows without bound when the bucket is
-  unreachable for long. ``bastion index rebuild`` reads the landing too (:meth:`LandingStore.keys`), and leaves
-  it as it is.
+* Objects larger than ``max_bytes`` (or not held in memory) go straight to the bucket as before, and so do all
+  objects while the landing holds ``total_bytes`` or more (the bucket unreachable for long), or while PostgreSQL
+  refuses them. ``bastion index rebuild`` reads the landing too (:meth:`LandingStore.keys`), and leaves it as it
+  is.
+* Landing objects has threads of its own: a bucket that hangs holds up no landing.
 """
 
 from __future__ import annotations
@@ -30,23 +35,29 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, cast
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO, TypeVar, cast
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from bastion.blobs.base import BlobStore
+from bastion.blobs.base import BlobStore, Commit, CommitInThread
 from bastion.blobs.s3 import S3BlobStore, S3Writer
-from bastion.errors import StorageError
+from bastion.errors import CorruptObject, NotFound, StorageError
 from bastion.model import digest as content_digest
 from bastion.model.records import parse_object_key
 
 log = logging.getLogger("bastion.blobs")
 
-#: Objects one pass of the mover takes (and holds locked while it puts them).
+#: Objects one pass of the mover takes (and holds locked, in one transaction, while it puts them).
 MOVE_BATCH = 64
-#: How often the landing's size is looked up again (for ``total_bytes``).
+#: Objects one mover puts into the bucket at a time.
+MOVE_THREADS = 4
+#: Threads per process that land objects (as :data:`bastion.blobs.s3.COMMIT_THREADS` upload them).
+COMMIT_THREADS = 8
+#: How often the landing's size is looked up again (for ``total_bytes``), and its report (``/health``).
 SIZE_EVERY_S = 1.0
+REPORT_EVERY_S = 5.0
 #: How long the mover waits after a pass that moved nothing, or failed.
 IDLE_S = 1.0
 FAILED_S = 5.0
@@ -54,6 +65,7 @@ FAILED_S = 5.0
 PASS_OVER_S = 60.0
 
 Pool = ConnectionPool[psycopg.Connection[Any]]
+T = TypeVar("T")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -62,18 +74,32 @@ def _one_line(exc: BaseException) -> str:
 
 class LandingWriter(S3Writer):
     """:class:`~bastion.blobs.s3.S3Writer` whose commit lands an object of up to the store's ``max_bytes``, held
-    in memory, in PostgreSQL instead of putting it into the bucket."""
+    in memory, in PostgreSQL (on the landing's own commit threads) instead of putting it into the bucket."""
 
     def __init__(self, store: LandingStore) -> None:
         super().__init__(store.store)
         self._landing = store
 
-    def _upload(self, key: str) -> Callable[[], None]:
+    def _landing_commit(self, key: str) -> Callable[[], None] | None:
+        """The commit that lands this object under ``key``; None if it goes to the bucket."""
         buf, landing = self._buf, self._landing
-        upload = super()._upload(key)  # checks the key, and takes the object from the writer
-        if buf is None or len(buf) > landing.max_bytes:
-            return upload
-        return lambda: landing.land(key, buf) if landing.has_room() else upload()  # on the commit's thread
+        if buf is None or not landing.max_bytes or len(buf) > landing.max_bytes:
+            return None
+        upload = self._upload(key)  # checks the key, and takes the object from the writer
+        return lambda: landing.land_or_upload(key, buf, upload)
+
+    def commit(self, key: str) -> None:
+        run = self._landing_commit(key)
+        if run is None:
+            super().commit(key)
+        else:
+            run()
+
+    def start_commit(self, key: str) -> Commit:
+        run = self._landing_commit(key)
+        if run is None:
+            return super().start_commit(key)
+        return CommitInThread(self._landing.committer().submit(run))
 
 
 class LandingStore(BlobStore):
@@ -88,9 +114,13 @@ class LandingStore(BlobStore):
         self._pool = pool
         self._size_at = -SIZE_EVERY_S
         self._room = True
+        self._land_failing = False
         self._lock = threading.Lock()
-        #: Keys the mover passes over until a time (:meth:`move`).
+        self._committer: ThreadPoolExecutor | None = None
+        self._report: tuple[float, dict[str, Any]] | None = None
+        #: Keys the mover passes over until a time (:meth:`move`), and its threads.
         self._passed_over: dict[str, float] = {}
+        self._mover_threads: ThreadPoolExecutor | None = None
 
     # -- the landing ------------------------------------------------------------------------------------------
     def _sql(self, what: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -122,6 +152,31 @@ class LandingStore(BlobStore):
                     self._room = room
         return self._room
 
+    def committer(self) -> ThreadPoolExecutor:
+        """The threads that land objects (not the bucket's: a bucket that hangs holds up no landing)."""
+        with self._lock:
+            if self._committer is None:
+                self._committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="bastion-landing")
+            return self._committer
+
+    def land_or_upload(self, key: str, data: bytearray, upload: Callable[[], None]) -> None:
+        """:meth:`land` ``data`` as ``key``, or ``upload`` it into the bucket while the landing is full, or if
+        PostgreSQL fails (the same key and bytes either way; that failure logged when it starts)."""
+        if not self.has_room():
+            upload()
+            return
+        try:
+            self.land(key, data)
+        except StorageError as exc:
+            if not self._land_failing:
+                log.warning("%s: objects go straight to the bucket until it answers again", exc)
+            self._land_failing = True
+            upload()
+            return
+        if self._land_failing:
+            log.info("the landing in PostgreSQL answers again: small objects land in it")
+        self._land_failing = False
+
     def land(self, key: str, data: bytearray) -> None:
         """Make ``data`` durable as ``key`` in the landing (one statement). A key landed already must hold the
         same bytes (StorageError otherwise, and the row is left as it was)."""
@@ -135,67 +190,105 @@ class LandingStore(BlobStore):
         if not same:  # moved meanwhile: the bucket has it, or refuses other bytes
             self.store.put(key, bytes(data))
 
-    def _landed(self, key: str) -> bytes | None:
-        rows = self._sql(f"cannot read {key}", "SELECT data FROM blob_landing WHERE key = %s", (key,))
-        return bytes(rows[0][0]) if rows else None
+    def _landed(self, key: str, column: str = "data") -> Any:
+        """``column`` of ``key``'s row in the landing; None if it has none. StorageError if PostgreSQL fails."""
+        rows = self._sql(f"cannot read {key}", f"SELECT {column} FROM blob_landing WHERE key = %s", (key,))
+        return rows[0][0] if rows else None
+
+    def _either(self, key: str, bucket: Callable[[], T], landed: Callable[[Any], T], column: str = "data") -> T:
+        """``key`` read where it is: the landing first where objects land (else the bucket first; the landing
+        then holds only what another node or an earlier run landed), then the other. The mover puts an object into
+        the bucket before it deletes its row, so a read in that order never misses a committed object; one found
+        in neither place is looked for in the first again (it moved meanwhile). If PostgreSQL fails, the bucket's
+        answer stands, unless it has no such object (the failure is raised then)."""
+        if self.max_bytes:
+            try:
+                found = self._landed(key, column)
+            except StorageError as exc:
+                try:
+                    return bucket()
+                except NotFound:
+                    raise exc from None
+            return bucket() if found is None else landed(found)
+        try:
+            return bucket()
+        except NotFound:
+            found = self._landed(key, column)
+            return bucket() if found is None else landed(found)
 
     def backlog(self) -> tuple[int, int]:
-        """``(objects, bytes)`` in the landing, waiting for the mover."""
-        report = self.landing_report()
-        return report["objects"], report["bytes"]
+        """``(objects, bytes)`` in the landing now, waiting for the mover."""
+        (count, size), = self._sql("landing backlog", "SELECT count(*), coalesce(sum(length(data)), 0) "
+                                   "FROM blob_landing")
+        return int(count), int(size)
 
     def landing_report(self) -> dict[str, Any]:
-        """What the landing holds, for ``/api/statistics``: ``objects``, ``bytes``, ``oldest_s`` (seconds since the
-        oldest landed; None when empty), and the settings ``max_bytes`` and ``total_bytes``."""
-        (count, size, oldest), = self._sql("landing backlog", "SELECT count(*), coalesce(sum(length(data)), 0), "
-                                           "extract(epoch FROM now() - min(landed_at)) FROM blob_landing")
-        return {"objects": int(count), "bytes": int(size), "oldest_s": None if oldest is None else float(oldest),
-                "max_bytes": self.max_bytes, "total_bytes": self.total_bytes}
+        """What the landing holds, for ``/api/statistics`` and ``/health`` (looked up at most every
+        :data:`REPORT_EVERY_S`): ``objects``, ``bytes``, ``oldest_s`` (seconds since the oldest landed; None when
+        empty), and the settings ``max_bytes`` and ``total_bytes``."""
+        now = time.monotonic()
+        if self._report is None or now - self._report[0] >= REPORT_EVERY_S:
+            (count, size, oldest), = self._sql("landing backlog", "SELECT count(*), coalesce(sum(length(data)), 0), "
+                                               "extract(epoch FROM now() - min(landed_at)) FROM blob_landing")
+            self._report = now, {"objects": int(count), "bytes": int(size),
+                                 "oldest_s": None if oldest is None else float(oldest),
+                                 "max_bytes": self.max_bytes, "total_bytes": self.total_bytes}
+        return dict(self._report[1])
 
     def move(self, older_than_s: float = 0.0, limit: int = MOVE_BATCH) -> int:
         """One pass of the mover: put up to ``limit`` objects landed ``older_than_s`` ago or more into the bucket
-        (oldest first, rows another node holds skipped), then delete their rows, in one transaction. Returns how
-        many were moved. A row whose bytes do not match the digest its key names is left, logged and passed over
-        for :data:`PASS_OVER_S`; so is one the bucket refuses while it takes others (the rest are not held up
-        behind it). StorageError if the bucket refused every object of the pass, or PostgreSQL failed."""
-        moved: list[str] = []
-        refused: StorageError | None = None
-        refused_keys: list[str] = []
+        (oldest first, :data:`MOVE_THREADS` at a time; rows another node holds skipped), then delete their rows,
+        in one transaction. Returns how many were moved. A row whose bytes do not match the digest its key names
+        is left, logged and passed over for :data:`PASS_OVER_S`; so is one the bucket refuses while it takes
+        others (the rest are not held up behind it). StorageError if the bucket refused every object of the pass,
+        or PostgreSQL failed."""
         now = time.monotonic()
+        self._passed_over = {k: t for k, t in self._passed_over.items() if t > now}
         try:
             with self._pool.connection() as conn, conn.transaction():
                 rows = conn.execute("SELECT key, data FROM blob_landing "
-                                    "WHERE landed_at <= now() - make_interval(secs => %s) "
+                                    "WHERE landed_at <= now() - make_interval(secs => %s) AND NOT key = ANY(%s) "
                                     "ORDER BY landed_at LIMIT %s FOR UPDATE SKIP LOCKED",
-                                    (older_than_s, limit)).fetchall()
-                rows = [(key, data) for key, data in rows if self._passed_over.get(key, 0.0) <= now]
-                for key, data in rows:
-                    parts = parse_object_key(key)
-                    if parts is not None and content_digest.of_bytes_like(data, parts["digest"]) != parts["digest"]:
-                        log.error("landed object %s: its bytes do not match its digest; left in the landing", key)
-                        self._passed_over[key] = now + PASS_OVER_S
-                        continue
-                    try:
-                        if parts is None:
-                            self.store.put(key, bytes(data))
-                        else:  # its digest checked just now: not hashed again
-                            self.store.upload(key, self.store.full_key(key), bytearray(data), len(data),
-                                              parts["digest"])
-                    except StorageError as exc:
-                        refused, refused_keys = exc, [*refused_keys, key]
-                        continue
-                    moved.append(key)
+                                    (older_than_s, list(self._passed_over), limit)).fetchall()
+                outcomes = list(self._movers().map(lambda row: self._put(*row), rows)) if rows else []
+                moved = [key for (key, _), failure in zip(rows, outcomes, strict=True) if failure is None]
                 if moved:
                     conn.execute("DELETE FROM blob_landing WHERE key = ANY(%s)", (moved,))
         except psycopg.Error as exc:
             raise StorageError(f"moving landed objects: PostgreSQL failed: {_one_line(exc)}") from exc
-        if refused is not None:
-            if not moved:  # the bucket refused them all: it, not an object, is wanting
-                raise refused
-            log.warning("landing mover: %s (left in the landing, tried again in %.0f s)", refused, PASS_OVER_S)
-            self._passed_over.update(dict.fromkeys(refused_keys, now + PASS_OVER_S))
-        self._passed_over = {k: t for k, t in self._passed_over.items() if t > now}
+        refused = [(key, failure) for (key, _), failure in zip(rows, outcomes, strict=True)
+                   if isinstance(failure, StorageError) and not isinstance(failure, CorruptObject)]
+        for key, failure in zip((key for key, _ in rows), outcomes, strict=True):
+            if isinstance(failure, CorruptObject) or (failure is not None and moved):
+                self._passed_over[key] = now + PASS_OVER_S
+        if refused and not moved:  # the bucket refused them all: it, not an object, is wanting
+            raise refused[0][1]
+        if refused:
+            log.warning("landing mover: %s (and %d more): left in the landing, tried again in %.0f s",
+                        refused[0][1], len(refused) - 1, PASS_OVER_S)
         return len(moved)
+
+    def _movers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._mover_threads is None:
+                self._mover_threads = ThreadPoolExecutor(MOVE_THREADS, thread_name_prefix="bastion-landing-move")
+            return self._mover_threads
+
+    def _put(self, key: str, data: bytes) -> Exception | None:
+        """Put landed ``key`` into the bucket; None if done, else why not (logged if its bytes are wrong)."""
+        parts = parse_object_key(key)
+        try:
+            if parts is None:
+                self.store.put(key, bytes(data))
+                return None
+            if content_digest.of_bytes_like(data, parts["digest"]) != parts["digest"]:
+                log.error("landed object %s: its bytes do not match its digest; left in the landing", key)
+                return CorruptObject(f"object {key}: its bytes do not match its digest")
+            # its digest checked just now: not hashed again
+            self.store.upload(key, self.store.full_key(key), bytearray(data), len(data), parts["digest"])
+        except StorageError as exc:
+            return exc
+        return None
 
     # -- BlobStore ----------------------------------------------------------------------------------------------
     def writer(self) -> LandingWriter:
@@ -205,18 +298,13 @@ class LandingStore(BlobStore):
         return self.store.put_once(key, data)  # objects keyed by name, not content (reports): the bucket's rule
 
     def open(self, key: str) -> BinaryIO:
-        data = self._landed(key)
-        if data is not None:
-            return cast(BinaryIO, io.BytesIO(data))
-        return self.store.open(key)
+        return self._either(key, lambda: self.store.open(key), lambda data: cast(BinaryIO, io.BytesIO(data)))
 
     def get(self, key: str) -> bytes:
-        data = self._landed(key)
-        return data if data is not None else self.store.get(key)
+        return self._either(key, lambda: self.store.get(key), bytes)
 
     def size(self, key: str) -> int:
-        rows = self._sql(f"cannot read {key}", "SELECT length(data) FROM blob_landing WHERE key = %s", (key,))
-        return int(rows[0][0]) if rows else self.store.size(key)
+        return self._either(key, lambda: self.store.size(key), int, "length(data)")
 
     def delete(self, key: str) -> None:
         self._sql(f"cannot delete {key}", "DELETE FROM blob_landing WHERE key = %s", (key,))
@@ -229,7 +317,7 @@ class LandingStore(BlobStore):
     def set_aside(self, key: str) -> str | None:
         data = self._landed(key)
         if data is not None:  # into the bucket first, where objects are set aside
-            self.store.put(key, data)
+            self.store.put(key, bytes(data))
             self._sql(f"cannot set {key} aside", "DELETE FROM blob_landing WHERE key = %s", (key,))
         return self.store.set_aside(key)
 
@@ -257,6 +345,9 @@ class LandingStore(BlobStore):
 
     def close(self) -> None:
         try:
+            for threads in (self._committer, self._mover_threads):
+                if threads is not None:
+                    threads.shutdown(wait=True)
             self.store.close()
         finally:
             self._pool.close()

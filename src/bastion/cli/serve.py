@@ -279,7 +279,9 @@ async def serve_worker(settings: Settings, sock: socket.socket, parent: int, boa
 
 
 def run_warmer(settings: Settings, parent: int) -> None:
-    """The metadata warmer process: follows the change log at the lowest CPU priority.
+    """The background process: the metadata warmer, which follows the change log, and where the blob store has
+    the landing (:attr:`Settings.has_landing`) the landing mover (:func:`bastion.blobs.landing.run_mover`), at the
+    lowest CPU priority.
 
     Building WADO-RS metadata parses whole headers; in its own niced process it never holds
     the GIL of, nor competes on equal terms with, the processes answering C-STORE; while objects keep
@@ -289,33 +291,21 @@ def run_warmer(settings: Settings, parent: int) -> None:
     archive = Archive.open(settings, primary=False)
     shared = is_postgresql(settings.index_location)  # other nodes may share it: each warms what it stored
     warmer = start_warmer(archive.index, archive.retriever, settings.data, archive.node_id if shared else None)
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
-    while not stop["now"] and os.getppid() == parent:
-        time.sleep(0.5)
-    warmer.stop()
-    archive.close()
-
-
-def run_landing_mover(settings: Settings, parent: int) -> None:
-    """The landing mover process (``[landing] max_kb``): moves the objects landed in PostgreSQL into the S3 bucket
-    (:func:`bastion.blobs.landing.run_mover`), at the lowest CPU priority, as the metadata warmer."""
-    os.nice(19)
-    blobs = open_blobs(settings)
-    landing = blobs.stores[0]
-    assert isinstance(landing, LandingStore)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    mover = threading.Thread(target=run_mover, args=(landing, stop, settings.landing_delay_s),
-                             name="bastion-landing-mover", daemon=True)
-    mover.start()
+    mover = None
+    if isinstance(landing := archive.blobs.stores[0], LandingStore):
+        mover = threading.Thread(target=run_mover, args=(landing, stop, settings.landing_delay_s),
+                                 name="bastion-landing-mover", daemon=True)
+        mover.start()
     while not stop.is_set() and os.getppid() == parent:
         stop.wait(0.5)
     stop.set()
-    mover.join()
-    blobs.close()
+    if mover is not None:
+        mover.join(10)
+    warmer.stop()
+    archive.close()
 
 
 def _fork(target: Any, *args: Any, close: tuple[int, ...] = ()) -> int:
@@ -506,8 +496,6 @@ def run_serve(args: argparse.Namespace) -> int:
         roles[f"DICOM worker {w}"] = (lambda w=w: asyncio.run(serve_worker(settings, sock, parent, board, w, tls_sock)),
                                       ())
     roles["metadata warmer"] = (run_warmer, (settings, parent))
-    if settings.landing_max_kb:
-        roles["landing mover"] = (run_landing_mover, (settings, parent))
     try:
         Supervisor(roles, close_in_children=(marker.fd,), switch=lambda began: switch_index(settings, began),
                    switch_wanted=lambda: read_state(settings.data).state == "switching").run()

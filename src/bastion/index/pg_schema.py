@@ -239,10 +239,10 @@ def read_log_floor(location: Location) -> int:
 POOL_TIMEOUT_S = 10.0
 
 
-def migrated_pool(where: Location, name: str, max_size: int, application: str | None = None,
+def migrated_pool(where: Location, name: str, max_size: int, application: str | None = None, min_size: int = 1,
                   **options: Any) -> ConnectionPool[psycopg.Connection[Any]]:
     """The schema in ``where`` created or migrated (:func:`migrate`, on a connection of its own), then an open pool
-    of connections (1 to ``max_size``) whose search path is that schema; ``name`` prefixes the pool's name;
+    of connections (``min_size`` to ``max_size``) whose search path is that schema; ``name`` prefixes its name;
     ``application``: the connections' application name, where it is not the index's (:func:`application_name`,
     which :func:`other_connections` counts). Raises what :func:`connect` does, and the migration's psycopg.Error."""
     conn = connect(where)
@@ -256,7 +256,7 @@ def migrated_pool(where: Location, name: str, max_size: int, application: str | 
         set_search_path(conn, schema)
 
     kwargs = connect_kwargs(where) | ({"application_name": application[:63]} if application else {})
-    return ConnectionPool(where.conninfo, kwargs=kwargs, min_size=1, max_size=max_size, open=True,
+    return ConnectionPool(where.conninfo, kwargs=kwargs, min_size=min_size, max_size=max_size, open=True,
                           configure=configure, timeout=POOL_TIMEOUT_S, name=f"{name}-{uuid.uuid4().hex[:8]}",
                           **options)
 

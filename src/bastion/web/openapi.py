@@ -217,7 +217,7 @@ _STATISTICS = {
                 "stores": {"type": "array", "items": {
                     "type": "object",
                     "additionalProperties": False,
-                    "required": ["location", "state", "reason", "used_bytes", "free_bytes", "wanting"],
+                    "required": ["location", "state", "reason", "used_bytes", "free_bytes", "wanting", "landing"],
                     "properties": {
                         "location": {"type": "string"},
                         "state": {"type": "string", "enum": ["ok", "wanting", "unreachable"],
@@ -227,7 +227,19 @@ _STATISTICS = {
                         "reason": {"type": "string"},
                         "used_bytes": {"type": ["integer", "null"], "minimum": 0},
                         "free_bytes": {"type": ["integer", "null"], "minimum": 0},
-                        "wanting": {**_INT, "description": "Copies in this store waiting for repair."}}}},
+                        "wanting": {**_INT, "description": "Copies in this store waiting for repair."},
+                        "landing": {
+                            "type": ["object", "null"],
+                            "description": "The landing in front of an S3 store (docs/deployment.md): objects durable "
+                                           "in PostgreSQL that wait to be moved into the bucket, looked up at most "
+                                           "every 5 s; null without one; `error` alone if PostgreSQL did not answer.",
+                            "additionalProperties": False,
+                            "properties": {
+                                "objects": _INT, "bytes": _INT,
+                                "oldest_s": {**_NUMBER_OR_NULL, "description": "Seconds since the oldest landed."},
+                                "max_bytes": {**_INT, "description": "`[landing] max_kb` in bytes (0: none lands)."},
+                                "total_bytes": {**_INT, "description": "`[landing] total_mb` in bytes."},
+                                "error": {"type": "string"}}}}}},
                 "scrub": {
                     "type": ["object", "null"],
                     "description": "Where the scrub (every copy re-hashed, within `scrub_days`) is: null with one "
