@@ -150,9 +150,12 @@ def test_a_full_landing_sends_objects_straight_to_the_bucket(bucket: S3BlobStore
 
 def test_a_landed_copy_that_does_not_match_its_digest_is_never_served_nor_moved(
         landing: LandingStore, bucket: S3BlobStore, pg_location: str, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
-    key = _commit(landing, os.urandom(4000), 1)
+    data = os.urandom(4000)
+    key = _commit(landing, data, 1)
     with landing._pool.connection() as conn:
         conn.execute("UPDATE blob_landing SET data = %s WHERE key = %s", (os.urandom(4000), key))
+    with pytest.raises(CorruptObject, match="the landing holds other bytes under that key"):
+        _commit(landing, data, 1)  # the same object again: refused, not put into the bucket beside it
     with pytest.raises(CorruptObject):
         landing.open_verified(key)
     assert landing.problem_with(key) == "corrupt"

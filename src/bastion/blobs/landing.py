@@ -142,13 +142,12 @@ class LandingStore(BlobStore):
                     try:
                         size = self._sql("landing size",  # the bytes held, not the table's (it keeps freed space)
                                          "SELECT coalesce(sum(length(data)), 0) FROM blob_landing")[0][0]
-                    except StorageError as exc:
-                        log.warning("%s", exc)
-                        size = self.total_bytes  # unknown: the bucket takes the objects meanwhile
-                    room = int(size) < self.total_bytes
-                    if room != self._room:
-                        log.warning("the landing in PostgreSQL holds %d bytes: objects %s", size,
-                                    "land in it again" if room else "go straight to the bucket until it is emptied")
+                        room, why = int(size) < self.total_bytes, f"the landing in PostgreSQL holds {size} bytes"
+                    except StorageError as exc:  # unknown: the bucket takes the objects meanwhile
+                        room, why = False, str(exc)
+                    if room != self._room:  # logged when it changes, not every second
+                        log.warning("%s: objects %s", why,
+                                    "land in it again" if room else "go straight to the bucket meanwhile")
                     self._room = room
         return self._room
 
@@ -167,6 +166,8 @@ class LandingStore(BlobStore):
             return
         try:
             self.land(key, data)
+        except CorruptObject:
+            raise  # the landing holds other bytes under this key: not the bucket's to settle
         except StorageError as exc:
             if not self._land_failing:
                 log.warning("%s: objects go straight to the bucket until it answers again", exc)
@@ -179,14 +180,14 @@ class LandingStore(BlobStore):
 
     def land(self, key: str, data: bytearray) -> None:
         """Make ``data`` durable as ``key`` in the landing (one statement). A key landed already must hold the
-        same bytes (StorageError otherwise, and the row is left as it was)."""
+        same bytes (CorruptObject otherwise, and the row is left as it was); StorageError if PostgreSQL fails."""
         what = f"cannot commit {key}"
         if self._sql(what, "INSERT INTO blob_landing (key, data) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING "
                            "RETURNING 1", (key, data)):
             return
         same = self._sql(what, "SELECT data = %s FROM blob_landing WHERE key = %s", (data, key))
         if same and not same[0][0]:
-            raise StorageError(f"{what}: the landing holds other bytes under that key")
+            raise CorruptObject(f"{what}: the landing holds other bytes under that key")
         if not same:  # moved meanwhile: the bucket has it, or refuses other bytes
             self.store.put(key, bytes(data))
 
