@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import blake3
 import pytest
-from pgtest import landing_store, pg_location  # noqa: F401 - a fresh schema, for the "landing" store
+from pgtest import landing_store, pg_url
 from s3test import seaweed  # noqa: F401 - the session's SeaweedFS, for the "s3" store
 
 from bastion.blobs.base import BlobStore
@@ -28,12 +29,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]
     the S3 store on a fresh prefix of a real SeaweedFS (:mod:`s3test`), also with the landing in a real PostgreSQL
     in front (:mod:`bastion.blobs.landing`, objects of up to 64 KiB); several stores holding a copy each
     (:class:`~bastion.blobs.copies.Copies`): two file stores, and a file store beside an S3 one."""
+    stack = contextlib.ExitStack()
     s: BlobStore
     if request.param == "s3":
         s = request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path))
-    elif request.param == "landing":
-        s = landing_store(request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path)),
-                          request.getfixturevalue("pg_location"), max_bytes=64 * 1024)
+    elif request.param == "landing":  # its schema dropped at the end (pg_url: no fixture, for the modules
+        # that take this one up: test_deleted_studies, test_reports)
+        location = stack.enter_context(pg_url())
+        s = landing_store(request.getfixturevalue("seaweed").store(spool_dir=str(tmp_path)), location,
+                          max_bytes=64 * 1024)
     elif request.param == "copies":
         s = Copies([FileBlobStore(str(tmp_path / "one")), FileBlobStore(str(tmp_path / "two"))])
     elif request.param == "copies-s3":
@@ -43,8 +47,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]
         s = MemoryBlobStore()
     else:
         s = FileBlobStore(str(tmp_path / "blobs"), **({"cwrite": None} if request.param == "file-python-write" else {}))
-    yield s
-    s.close()
+    with stack:
+        yield s
+        s.close()
 
 
 def test_new_store_is_empty(store: BlobStore) -> None:
